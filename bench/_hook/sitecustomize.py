@@ -1,0 +1,181 @@
+"""Benchmark-only instrumentation, loaded by the hub and agent processes a benchmark starts.
+
+bench/_common.py puts this directory on PYTHONPATH (with BENCH_ROLE=hub or agent) only when
+a benchmark is asked to trace or to try an alternative; src/ is never changed. Settings:
+
+- BENCH_TRACE=FILE: append "event key unix-time" lines at points of the dispatch path.
+- BENCH_UVLOOP=1: run asyncio.run() on uvloop (an experiment for the suggested change).
+- BENCH_NODELAY=1: set TCP_NODELAY on accepted connections too (asyncio skips it for a
+  listening socket made with proto 0, as outpost.protocol.ports.bind makes it).
+- BENCH_CPROFILE=FILE: cProfile the main thread, written at exit.
+"""
+
+from __future__ import annotations
+
+import os
+
+_ROLE = os.environ.get("BENCH_ROLE", "")
+
+if _ROLE:
+    import atexit
+    import importlib.abc
+    import sys
+    import time
+    from typing import Any
+
+    _trace_path = os.environ.get("BENCH_TRACE")
+    _trace = open(_trace_path, "a", buffering=1) if _trace_path else None  # noqa: SIM115
+
+    def mark(event: str, key: str = "-") -> None:
+        if _trace is not None:
+            _trace.write(f"{event} {key} {time.time():.6f}\n")
+
+    if os.environ.get("BENCH_UVLOOP"):
+        import asyncio
+
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    if os.environ.get("BENCH_NODELAY"):
+        import asyncio.base_events
+        import socket
+
+        def _nodelay(sock: socket.socket) -> None:
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and \
+                    sock.type == socket.SOCK_STREAM:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        asyncio.base_events._set_nodelay = _nodelay  # type: ignore[attr-defined]
+
+    if os.environ.get("BENCH_CPROFILE"):
+        import cProfile
+
+        _prof = cProfile.Profile()
+        _prof.enable()
+
+        def _dump() -> None:
+            _prof.disable()
+            _prof.dump_stats(os.environ["BENCH_CPROFILE"])
+
+        atexit.register(_dump)
+
+    def _ids(items: Any) -> str:
+        try:
+            return ",".join(str(i.get("id")) for i in items) or "-"
+        except Exception:  # the shape of a return value is not ours to police
+            return "?"
+
+    def _patch_hub_jobs(mod: Any) -> None:
+        start, claim = mod.start, mod.claim
+
+        async def traced_start(*a: Any, **kw: Any) -> Any:
+            mark("hub.start.begin")
+            job = await start(*a, **kw)
+            mark("hub.start.end", job["id"])
+            return job
+
+        async def traced_claim(*a: Any, **kw: Any) -> Any:
+            mark("hub.jclaim.begin")
+            items = await claim(*a, **kw)
+            mark("hub.jclaim.end", _ids(items))
+            return items
+
+        mod.start, mod.claim = traced_start, traced_claim
+
+    def _patch_dispatcher(mod: Any) -> None:
+        cls = mod.Dispatcher
+        wake, dclaim, poll = cls.wake, cls.claim, cls.poll
+
+        def traced_wake(self: Any, *keys: str) -> None:
+            mark("hub.wake")
+            wake(self, *keys)
+
+        async def traced_dclaim(self: Any, *a: Any, **kw: Any) -> Any:
+            mark("hub.claim.begin")
+            items = await dclaim(self, *a, **kw)
+            mark("hub.claim.end", _ids(items))
+            return items
+
+        async def traced_poll(self: Any, *a: Any, **kw: Any) -> Any:
+            items = await poll(self, *a, **kw)
+            mark("hub.poll.return", _ids(items))
+            return items
+
+        cls.wake, cls.claim, cls.poll = traced_wake, traced_dclaim, traced_poll
+
+    def _patch_transport(mod: Any) -> None:
+        request = mod.HubClient.request
+
+        async def traced_request(self: Any, method: str, path: str, *a: Any, **kw: Any) -> Any:
+            what = path.split("?")[0].rsplit("/", 1)[-1]
+            mark(f"agent.req.{what}.begin")
+            answer = await request(self, method, path, *a, **kw)
+            items = answer.get("items") if isinstance(answer, dict) else None
+            mark(f"agent.req.{what}.end", _ids(items) if items is not None else "-")
+            return answer
+
+        mod.HubClient.request = traced_request
+
+    def _patch_runner(mod: Any) -> None:
+        import asyncio
+
+        run = mod.JobRun.run
+        spawn = asyncio.create_subprocess_exec
+
+        async def traced_run(self: Any) -> Any:
+            mark("agent.run.begin", self.id)
+            try:
+                return await run(self)
+            finally:
+                mark("agent.run.end", self.id)
+
+        async def traced_spawn(*a: Any, **kw: Any) -> Any:
+            key = (kw.get("env") or {}).get("OUTPOST_JOB_ID", "-")
+            mark("agent.spawn.begin", key)
+            proc = await spawn(*a, **kw)
+            mark("agent.spawn.end", key)
+            return proc
+
+        mod.JobRun.run = traced_run
+        mod.asyncio = _AsyncioProxy(asyncio, traced_spawn)
+
+    class _AsyncioProxy:
+        """The runner's view of asyncio with create_subprocess_exec traced."""
+
+        def __init__(self, real: Any, spawn: Any) -> None:
+            self._real, self.create_subprocess_exec = real, spawn
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._real, name)
+
+    _PATCHES = {
+        "outpost.hub.jobs": _patch_hub_jobs,
+        "outpost.hub.dispatcher": _patch_dispatcher,
+        "outpost.agent.transport": _patch_transport,
+        "outpost.agent.runner": _patch_runner,
+    }
+
+    class _Finder(importlib.abc.MetaPathFinder):
+        """After one of the modules above executes, patch it (before anyone uses it)."""
+
+        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+            if name not in _PATCHES or _trace is None:
+                return None
+            for finder in sys.meta_path:
+                if finder is self:
+                    continue
+                spec = getattr(finder, "find_spec", lambda *_: None)(name, path, target)
+                if spec is not None and spec.loader is not None:
+                    loader = spec.loader
+                    original = loader.exec_module
+
+                    def exec_module(module: Any, _orig: Any = original) -> None:
+                        _orig(module)
+                        _PATCHES[name](module)
+
+                    loader.exec_module = exec_module  # type: ignore[method-assign]
+                    return spec
+            return None
+
+    sys.meta_path.insert(0, _Finder())

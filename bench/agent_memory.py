@@ -1,0 +1,62 @@
+"""Resident memory of an idle registered agent after a minute of heartbeats.
+
+Starts a real hub (SQLite) and a real agent heartbeating every second, samples the agent's
+RSS once a second, and prints the figures. Target: at most 40 MB.
+
+    python bench/agent_memory.py [--seconds 60] [--interval 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support import init_hub, registered_agent, wait_until  # noqa: E402
+
+MB = 1024 * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--interval", type=float, default=1.0, help="heartbeat interval")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the agent, to compare settings")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}").start()
+        agent = registered_agent(hub, root, "bench", heartbeat_interval=args.interval)
+        agent.env.update(dict(e.split("=", 1) for e in args.env))
+        try:
+            agent.start()
+            wait_until(lambda: hub.machines()["bench"]["status"] == "Healthy", 30)
+            assert agent.proc is not None
+            proc = psutil.Process(agent.proc.pid)
+            samples = []
+            end = time.monotonic() + args.seconds
+            while time.monotonic() < end:
+                samples.append(proc.memory_info().rss)
+                time.sleep(1)
+            uss = proc.memory_full_info().uss
+            beats = hub.api("GET", "/v1/heartbeats").json()[0]
+        finally:
+            agent.stop()
+            hub.stop()
+    print(f"agent idle memory over {args.seconds:.0f} s of heartbeats every {args.interval:g} s")
+    print(f"  rss at start    {samples[0] / MB:6.1f} MB")
+    print(f"  rss at end      {samples[-1] / MB:6.1f} MB")
+    print(f"  rss peak        {max(samples) / MB:6.1f} MB")
+    print(f"  uss at end      {uss / MB:6.1f} MB")
+    print(f"  last heartbeat  {beats['seconds_ago']} s before the end, status {beats['status']}")
+    print(f"  target          40.0 MB: {'met' if max(samples) <= 40 * MB else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

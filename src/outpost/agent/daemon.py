@@ -1,0 +1,371 @@
+"""The agent daemon: heartbeats, long-polls for work, answers on its status socket.
+
+Signal handlers only set flags. SIGTERM or SIGINT stops gracefully (the in-flight heartbeat
+may finish within the grace period); a second SIGINT forces. Every background task is
+supervised: if one fails unexpectedly it is logged and started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from outpost import __version__
+from outpost.protocol.errors import HubRefused, OutpostError, TransportError
+
+from . import facts
+from .config import AgentConfig
+from .pressure import Pressure
+from .registration import client_for
+from .runner import JobRun, Uploader, end_leftover, leftover_spools
+from .state import Registration, StateDir
+from .transport import Backoff, Clock, HubClient
+
+log = logging.getLogger("outpost.agent")
+
+GRACE_SECONDS = 5.0
+
+
+class Agent:
+    def __init__(self, state: StateDir, config: AgentConfig, clock: Clock,
+                 config_path: Path | None = None) -> None:
+        self.state = state
+        self.config = config.effective()
+        self.clock = clock
+        self.config_path = config_path
+        self.started = time.time()
+        self.stop_requested = asyncio.Event()
+        self.forced = False
+        self.last_ack: float | None = None
+        self.last_error: dict[str, Any] | None = None
+        self.registration: Registration | None = None
+        self.client: HubClient | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.jobs: dict[str, JobRun] = {}
+        self._job_tasks: dict[str, asyncio.Task[None]] = {}
+        self._deliveries: set[asyncio.Task[Any]] = set()
+        self.spool_dir = state.root / "spool"
+        self.pressure = Pressure(self.config.max_cpu_percent, self.config.max_memory_percent,
+                                 self.config.pressure_seconds)
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def run(self) -> None:
+        other = self.state.running_pid()
+        if other is not None and other != os.getpid():
+            raise OutpostError("agent_already_running",
+                               f"Another agent (pid {other}) already runs with state "
+                               f"directory {self.state.root}.", pid=other)
+        reg = self.state.registration()
+        if reg is None:
+            raise OutpostError("not_registered", f"No registration in {self.state.root}.")
+        self.registration = reg
+        self.client = client_for(self.state, reg, self.clock, self.config.proxy,
+                                 self.config.hub_urls or None, self.config.request_timeout,
+                                 self.config.connections)
+        self.state.write_pid()
+        server = await self._status_server()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        log.info("agent %s started: machine %s (%s), group %s, hub %s", __version__, reg.name,
+                 reg.machine_id, reg.group, ", ".join(self.client.urls))
+        try:
+            self._recover()
+            self._start("heartbeat", self._heartbeat_loop)
+            self._start("poll", self._poll_loop)
+            await self.stop_requested.wait()
+            log.info("stopping")
+            await self._shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            server.close()
+            await self.client.aclose()
+            self.state.remove_pid()
+            if not self.state.socket_address.startswith("\0"):
+                Path(self.state.socket_address).unlink(missing_ok=True)
+            log.info("stopped")
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    def _on_sigint(self) -> None:
+        if self.stop_requested.is_set():
+            self.forced = True
+            log.warning("second interrupt: stopping now")
+            for task in self._tasks.values():
+                task.cancel()
+        self.request_stop()
+
+    async def _shutdown(self) -> None:
+        # Nothing the agent does yet needs draining: an interrupted long-poll or heartbeat
+        # is simply sent again by the next agent. Jobs (later) drain within GRACE_SECONDS.
+        # Running jobs are ended (their whole process group) rather than left orphaned.
+        tasks = [*self._tasks.values(), *self._job_tasks.values(), *self._deliveries]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=GRACE_SECONDS)
+
+    def _start(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        async def supervised() -> None:
+            backoff = Backoff(cap=30)
+            while not self.stop_requested.is_set():
+                try:
+                    await body()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    delay = backoff.next()
+                    log.exception("task %s failed; starting it again in %.1f s", name, delay)
+                    await asyncio.sleep(delay)
+
+        self._tasks[name] = asyncio.create_task(supervised(), name=name)
+
+    # --- talking to the hub --------------------------------------------------------------
+    def _note_failure(self, exc: OutpostError) -> None:
+        kind = exc.kind if isinstance(exc, TransportError) else exc.reason
+        self.last_error = {"at": time.time(), "code": exc.code, "kind": kind,
+                           "message": exc.message, "fix": exc.fix}
+
+    async def _call(self, method: str, path: str, payload: Any = None,
+                    timeout: float | None = None) -> Any:
+        assert self.client is not None
+        return await self.client.request(method, path, payload, timeout=timeout)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_requested.wait(), seconds)
+
+    async def _heartbeat_loop(self) -> None:
+        backoff = Backoff(cap=min(self.config.backoff_max, max(self.config.heartbeat_interval,
+                                                                 1.0)))
+        interval = self.config.heartbeat_interval
+        facts.heartbeat(self.state.root, self.started, interval)  # prime cpu_percent
+        while not self.stop_requested.is_set():
+            beat = facts.heartbeat(self.state.root, self.started, interval, len(self.jobs),
+                                   self.not_taking_work())
+            beat["jobs"] = [{"id": run.id, "attempt": run.attempt}
+                            for run in self.jobs.values()]
+            try:
+                ack = await self._call("POST", "/v1/agent/heartbeat", beat)
+            except OutpostError as exc:
+                self._note_failure(exc)
+                delay = self._log_failure("heartbeat", exc, backoff)
+                await self._sleep(min(delay, interval))
+                continue
+            if backoff.failures:
+                log.info("heartbeat acknowledged again by %s", self.client.url
+                         if self.client else "?")
+            backoff.reset()
+            log.debug("heartbeat acknowledged by %s", self.client.url if self.client else "?")
+            self.last_ack = time.time()
+            self.last_error = None
+            for job_id in ack.get("abandon") or []:
+                run = self.jobs.get(job_id)
+                if run is not None:
+                    log.warning("job %s: the hub gave this attempt up (its lease expired); "
+                                "ending it", job_id)
+                    self._spawn(run.control("abandon", "the hub gave this attempt up after "
+                                            "its lease expired"), f"abandon-{job_id}")
+            await self._sleep(interval)
+
+    def _log_failure(self, what: str, exc: OutpostError, backoff: Backoff) -> float:
+        delay = backoff.next()
+        if isinstance(exc, TransportError):
+            log.warning("%s failed: hub unreachable (%s): %s; retrying in %.1f s",
+                        what, exc.kind, exc.message, delay)
+        elif isinstance(exc, HubRefused):
+            log.error("%s refused by the hub: %s %s. Fix: %s; retrying in %.1f s",
+                      what, exc.code, exc.message, exc.fix, delay)
+        else:
+            log.error("%s failed: %s %s. Fix: %s; retrying in %.1f s",
+                      what, exc.code, exc.message, exc.fix, delay)
+        return delay
+
+    async def _poll_loop(self) -> None:
+        backoff = Backoff(cap=self.config.backoff_max)
+        wait = self.config.poll_timeout
+        while not self.stop_requested.is_set():
+            # The hub counts the jobs it sees this machine hold against the capacity, and
+            # wakes this poll when one of them ends, so the poll is always open.
+            busy = self.pressure.reason() is not None
+            capacity = 0 if busy else self.config.max_concurrent_jobs
+            hold = min(wait, 5.0) if busy else wait  # look at the pressure again soon
+            try:
+                answer = await self._call(
+                    "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}",
+                    timeout=hold + self.config.request_timeout)
+            except OutpostError as exc:
+                self._note_failure(exc)
+                await self._sleep(self._log_failure("poll", exc, backoff))
+                continue
+            backoff.reset()
+            for item in answer.get("items", []):
+                await self._handle(item)
+
+    def not_taking_work(self) -> str | None:
+        """Why the agent claims no new job now (shown in the machine list), or None."""
+        why = self.pressure.reason()
+        if why:
+            return why
+        if len(self.jobs) >= self.config.max_concurrent_jobs:
+            return f"running {len(self.jobs)} jobs, its maximum (max_concurrent_jobs)"
+        return None
+
+    def _spawn(self, work: Awaitable[Any], name: str) -> None:
+        """A short task that must not be lost: kept, and its failure logged."""
+        async def body() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed", name)
+
+        task = asyncio.create_task(body(), name=name)
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    def _recover(self) -> None:
+        """Deliver what a previous run of the agent spooled and did not get to the hub.
+
+        An attempt it left running is ended first (its process group too); the hub treats
+        that as a failed activation and queues the job again (HW-1).
+        """
+        for spool in leftover_spools(self.spool_dir):
+            try:
+                end_leftover(spool)
+                meta = spool.meta()
+            except (OSError, ValueError) as exc:
+                log.error("spool %s is unreadable (%s); moving it aside", spool.path, exc)
+                spool.path.rename(spool.path.with_suffix(".corrupt"))
+                continue
+            log.info("job %s: delivering attempt %s spooled by the last run", meta["job_id"],
+                     meta["attempt"])
+            uploader = Uploader(spool, meta["job_id"], int(meta["attempt"]), self._call)
+            self._spawn(uploader.run(announce=False), f"deliver-{meta['job_id']}")
+
+    def _start_job(self, payload: dict[str, Any]) -> None:
+        assert self.client is not None and self.registration is not None
+        run = JobRun(payload, self.state.root / "jobs", self.spool_dir, self._call,
+                     self.client.url, self.registration.ca_pem)
+        self.jobs[run.id] = run
+
+        async def body() -> None:
+            try:
+                await run.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("job %s failed inside the agent", run.id)
+            finally:
+                self.jobs.pop(run.id, None)
+                self._job_tasks.pop(run.id, None)
+
+        log.info("job %s: running %s version %s (attempt %s)", run.id, payload.get("runbook"),
+                 payload.get("version"), run.attempt)
+        self._job_tasks[run.id] = asyncio.create_task(body(), name=f"job-{run.id}")
+
+    async def _handle(self, item: dict[str, Any]) -> None:
+        if item.get("kind") == "job":
+            self._start_job(item["payload"])
+            return
+        received = time.time()
+        if item.get("kind") == "ping":
+            result: dict[str, Any] = {"received_at": received}
+        elif item.get("kind") == "job_control":
+            payload = item["payload"]
+            run = self.jobs.get(payload.get("job_id", ""))
+            if run is not None and run.attempt == payload.get("attempt"):
+                log.info("job %s: %s requested", run.id, payload.get("action"))
+                self._spawn(run.control(str(payload.get("action"))), f"control-{run.id}")
+                result = {"applied": True}
+            else:
+                result = {"applied": False, "why": "the agent does not run that attempt"}
+        else:
+            result = {"error": f"this agent does not handle work of kind '{item.get('kind')}'"}
+        try:
+            await self._call("POST", f"/v1/agent/work/{item['id']}/done", {"result": result})
+        except OutpostError as exc:
+            self._note_failure(exc)
+            log.warning("could not report work item %s: %s", item.get("id"), exc.message)
+
+    # --- local status --------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        reg = self.registration
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started,
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "version": __version__,
+            "state_dir": str(self.state.root),
+            "config_path": str(self.config_path) if self.config_path else None,
+            "hub_url": self.client.url if self.client else None,
+            "hub_urls": self.client.urls if self.client else [],
+            "account_id": reg.account_id if reg else None,
+            "group": reg.group if reg else None,
+            "machine_id": reg.machine_id if reg else None,
+            "machine_name": reg.name if reg else None,
+            "heartbeat_interval": self.config.heartbeat_interval,
+            "constrained": self.config.constrained,
+            "max_concurrent_jobs": self.config.max_concurrent_jobs,
+            "last_heartbeat_ack_at": self.last_ack,
+            "last_error": self.last_error,
+            "running_jobs": len(self.jobs),
+            "jobs": [{"id": run.id, "attempt": run.attempt, "runbook": run.job.get("runbook"),
+                      "pid": run.proc.pid if run.proc else None}
+                     for run in self.jobs.values()],
+            "not_taking_work": self.not_taking_work(),
+            "processes": [{"pid": os.getpid(), "role": "agent", "started_at": self.started}]
+            + [{"pid": run.proc.pid, "role": f"job {job_id}"}
+               for job_id, run in self.jobs.items() if run.proc is not None],
+        }
+
+    async def _status_server(self) -> asyncio.AbstractServer:
+        address = self.state.socket_address
+        if not address.startswith("\0"):
+            Path(address).unlink(missing_ok=True)
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                writer.write(json.dumps(self.status()).encode() + b"\n")
+                await writer.drain()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_unix_server(answer, path=address)
+        if not address.startswith("\0"):
+            os.chmod(address, 0o600)
+        return server
+
+
+def read_status(state: StateDir, timeout: float = 3.0) -> dict[str, Any] | None:
+    """The running agent's status from its socket, or None when nothing answers."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(state.socket_address)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data: dict[str, Any] = json.loads(b"".join(chunks))
+        return data
+    except (OSError, ValueError):
+        return None
+    finally:
+        sock.close()

@@ -1,0 +1,454 @@
+"""Running one job attempt: its own directory, session and process group, a minimal
+environment, and an on-disk spool between the runbook's pipes and the hub.
+
+stdout is the Output stream and stderr the Error stream, read concurrently so neither pipe
+can fill and stall the runbook. A stdout line starting ``WARNING:``, ``VERBOSE:``, ``DEBUG:``
+or ``PROGRESS:`` (any case) goes to that stream. Every record is written to the attempt's
+spool file (and handed to the kernel) before more output is read; one uploader per attempt
+sends the spool in order (running, records, finished), so a hub that cannot be reached, or
+an agent killed and started again, loses nothing. The hub keeps each (job, sequence) once,
+so what is sent twice is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from outpost.protocol.errors import HubRefused, OutpostError
+
+from . import helper
+from .transport import Backoff
+
+log = logging.getLogger("outpost.agent.job")
+
+Call = Callable[..., Awaitable[Any]]
+PREFIXES = {"warning:": "Warning", "verbose:": "Verbose", "debug:": "Debug",
+            "progress:": "Progress"}
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+GRACE_SECONDS = 5.0
+CHUNK = 64 * 1024
+LINE_MAX = 1024 * 1024  # a longer line is cut into records of this size
+BATCH_BYTES = 256 * 1024  # records per upload request, by their size on disk
+_EXT = {"bash": ".sh", "sh": ".sh", "python": ".py", "pwsh": ".ps1"}
+
+
+def command(kind: str, script: str) -> list[str]:
+    """The command line for a runbook type; a missing interpreter is named."""
+    if kind == "pwsh":
+        pwsh = shutil.which("pwsh", path=SAFE_PATH) or shutil.which("pwsh")
+        if pwsh is None:
+            raise OutpostError(
+                "interpreter_missing",
+                "PowerShell (pwsh) is not installed on this machine, so this pwsh runbook "
+                "cannot run.", fix="Install PowerShell 7 ('pwsh') on the machines of this "
+                "group, or publish the runbook as bash, sh or python.", interpreter="pwsh")
+        return [pwsh, "-NoProfile", "-NonInteractive", "-File", script]
+    if kind == "python":
+        python = shutil.which("python3", path=SAFE_PATH) or sys.executable
+        return [python, script]
+    shell = shutil.which(kind, path=SAFE_PATH)
+    if shell is None:
+        raise OutpostError("interpreter_missing", f"'{kind}' is not installed on this machine.",
+                           fix=f"Install {kind}, or publish the runbook with another --type.",
+                           interpreter=kind)
+    return [shell, script]
+
+
+def environment(job_id: str, workdir: Path, values: dict[str, Any]) -> dict[str, str]:
+    """Only what the runbook needs: never the agent's key, config or hub credentials."""
+    env = {"PATH": SAFE_PATH, "HOME": str(workdir), "TMPDIR": str(workdir),
+           "LANG": "C.UTF-8", "OUTPOST_JOB_ID": job_id}
+    for name, value in values.items():
+        if isinstance(value, bool):
+            env[name] = "true" if value else "false"
+        elif isinstance(value, str):
+            env[name] = value
+        else:
+            env[name] = json.dumps(value)
+    return env
+
+
+def run_as_identity(user: str | None) -> tuple[int, int] | None:
+    """(uid, gid) to drop to for the group's run-as user, None to stay as the agent (HW-1a)."""
+    if not user:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise OutpostError(
+            "run_as_unknown", f"The run-as user '{user}' of this group does not exist on "
+            "this machine.", user=user) from None
+    if entry.pw_uid == os.geteuid():
+        return None
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        raise OutpostError(
+            "run_as_unavailable", f"The agent runs as '{me}', not as root, so it cannot run "
+            f"runbooks as '{user}'.", user=user, agent_user=me)
+    return entry.pw_uid, entry.pw_gid
+
+
+def classify(line: str) -> tuple[str, str]:
+    lowered = line[:10].lower()
+    for prefix, stream in PREFIXES.items():
+        if lowered.startswith(prefix):
+            return stream, line[len(prefix):].lstrip()
+    return "Output", line
+
+
+def describe_exit(returncode: int) -> tuple[int | None, int | None, str]:
+    """(exit code, signal, reason). 4294967295 is -1 seen as an unsigned 32-bit number."""
+    if returncode < 0:
+        sig = -returncode
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return None, sig, f"killed by {name}"
+    if returncode == 0:
+        return 0, None, "exit code 0"
+    note = " (-1 seen as unsigned: 4294967295)" if returncode == 255 else ""
+    return returncode, None, f"exit code {returncode}{note}"
+
+
+class Spool:
+    """One attempt's records on disk: one JSON object a line, and last an ``end`` line.
+
+    Beside it, ``.json`` holds what is needed to upload it after a restart and to find the
+    attempt's process group if it outlived the agent.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta_path = path.with_suffix(".json")
+        self._fh: Any = None
+
+    @classmethod
+    def create(cls, root: Path, job_id: str, attempt: int, meta: dict[str, Any]) -> Spool:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        spool = cls(root / f"{job_id}.{attempt}.jsonl")
+        spool.write_meta(meta)
+        spool._fh = spool.path.open("ab")
+        return spool
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        tmp = self.meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.meta_path)
+
+    def meta(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.meta_path.read_text())
+        return data
+
+    def append(self, lines: list[bytes]) -> None:
+        """Write and hand to the kernel: a killed agent loses none of it."""
+        if self._fh is None:
+            self._fh = self.path.open("ab")
+        self._fh.write(b"".join(lines))
+        self._fh.flush()
+
+    def end(self, outcome: dict[str, Any]) -> None:
+        self.append([json.dumps({"end": outcome}).encode() + b"\n"])
+        self.close()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def read(self, offset: int) -> tuple[list[bytes], dict[str, Any] | None, int]:
+        """Complete record lines from ``offset`` (about BATCH_BYTES), the end if reached, and
+        the offset after them."""
+        with self.path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read(BATCH_BYTES)
+            if len(data) == BATCH_BYTES:
+                data += fh.readline()  # finish the last line
+        cut = data.rfind(b"\n") + 1
+        lines = data[:cut].splitlines()
+        end = None
+        if lines and lines[-1].startswith(b'{"end"'):
+            end = json.loads(lines.pop())["end"]
+        return lines, end, offset + cut
+
+    def remove(self) -> None:
+        self.close()
+        for path in (self.path, self.meta_path):
+            path.unlink(missing_ok=True)
+
+
+class Uploader:
+    """Sends one attempt's spool to the hub in order: running, the records, finished."""
+
+    def __init__(self, spool: Spool, job_id: str, attempt: int, call: Call) -> None:
+        self.spool = spool
+        self.job_id = job_id
+        self.attempt = attempt
+        self.call = call
+        self.more = asyncio.Event()
+        self.started = asyncio.Event()  # the process started: say so before any record
+
+    async def send(self, path: str, payload: Any) -> Any:
+        """Deliver one report, retrying with backoff; a refusal (4xx) is not retried."""
+        backoff = Backoff(cap=10)
+        while True:
+            try:
+                return await self.call("POST", f"/v1/agent/jobs/{self.job_id}/{path}", payload)
+            except OutpostError as exc:
+                if isinstance(exc, HubRefused) and exc.status < 500:
+                    raise
+                delay = backoff.next()
+                log.warning("job %s: %s not delivered (%s); again in %.1f s", self.job_id,
+                            path, exc.message, delay)
+                await asyncio.sleep(delay)
+
+    async def run(self, announce: bool = True) -> dict[str, Any]:
+        """Upload until the end line is delivered; returns the hub's answer to it."""
+        if announce:
+            await self.started.wait()
+            await self.send("running", {"attempt": self.attempt})
+        offset = 0
+        prefix = b'{"attempt":%d,"records":[' % self.attempt
+        while True:
+            self.more.clear()
+            lines, end, offset_after = self.spool.read(offset)  # page cache: no wait
+            if lines:
+                await self.send("records", prefix + b",".join(lines) + b"]}")
+            offset = offset_after
+            if end is not None:
+                answer: dict[str, Any] = await self.send("finished",
+                                                         {"attempt": self.attempt, **end})
+                self.spool.remove()
+                return answer
+            if not lines:
+                await self.more.wait()
+
+
+class JobRun:
+    def __init__(self, job: dict[str, Any], jobs_dir: Path, spool_dir: Path, call: Call,
+                 hub_url: str = "", ca_pem: str = "") -> None:
+        self.job = job
+        self.id: str = job["job_id"]
+        self.attempt: int = int(job.get("attempt") or 1)
+        self.seq: int = int(job.get("seq_base") or 0)
+        self.jobs_dir = jobs_dir
+        self.workdir = jobs_dir / self.id
+        self.hub_url = hub_url
+        self.ca_pem = ca_pem
+        self.spool = Spool.create(spool_dir, self.id, self.attempt, {
+            "job_id": self.id, "attempt": self.attempt, "created_at": time.time()})
+        self.uploader = Uploader(self.spool, self.id, self.attempt, call)
+        self.call = call
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ended_by: str | None = None  # timeout, stopped or lost: the agent ended it
+        self.why = ""
+        self._pending: list[bytes] = []
+        self._requested: str | None = None  # a control action that came before the process
+
+    # --- records -------------------------------------------------------------------------
+    def emit(self, stream: str, text: str) -> None:
+        if stream == "Verbose" and not self.job.get("log_verbose"):
+            return
+        if stream == "Progress" and not self.job.get("log_progress"):
+            return
+        self._pending.append(json.dumps(
+            {"seq": self.seq, "stream": stream, "text": text, "at": round(time.time(), 6)},
+            ensure_ascii=False).encode() + b"\n")
+        self.seq += 1
+
+    def _commit(self) -> None:
+        if self._pending:
+            self.spool.append(self._pending)
+            self._pending = []
+            self.uploader.more.set()
+
+    def _lines(self, lines: list[bytes], stderr: bool) -> None:
+        for raw in lines:
+            text = raw.decode("utf-8", "replace").rstrip("\r")
+            if stderr:
+                self.emit("Error", text)
+            else:
+                self.emit(*classify(text))
+        self._commit()
+
+    async def _read(self, pipe: asyncio.StreamReader, stderr: bool) -> None:
+        rest = b""
+        while True:
+            chunk = await pipe.read(CHUNK)
+            if not chunk:
+                if rest:
+                    self._lines([rest], stderr)
+                return
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            while len(rest) >= LINE_MAX:
+                lines.append(rest[:LINE_MAX])
+                rest = rest[LINE_MAX:]
+            if lines:
+                self._lines(lines, stderr)
+
+    # --- the process group ---------------------------------------------------------------
+    def _signal_group(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+    async def _end_group(self) -> None:
+        """TERM the whole process group, give it a grace period, then KILL."""
+        assert self.proc is not None
+        self._signal_group(signal.SIGTERM)
+        self._signal_group(signal.SIGCONT)  # a paused group must wake to take the TERM
+        try:
+            await asyncio.wait_for(self.proc.wait(), GRACE_SECONDS)
+        except TimeoutError:
+            self._signal_group(signal.SIGKILL)
+            await self.proc.wait()
+
+    async def control(self, action: str, why: str = "") -> None:
+        """stop, suspend, resume (the operator's) or abandon (the hub gave the attempt up)."""
+        if self.proc is None:
+            self._requested = action
+            return
+        if action in ("stop", "abandon"):
+            self.ended_by, self.why = ("stopped", "stopped by the operator") \
+                if action == "stop" else ("lost", why)
+            await self._end_group()
+        elif action == "suspend":
+            self._signal_group(signal.SIGSTOP)
+            await self.uploader.send("paused", {"attempt": self.attempt})
+        elif action == "resume":
+            self._signal_group(signal.SIGCONT)
+            await self.uploader.send("running", {"attempt": self.attempt})
+
+    # --- the attempt ---------------------------------------------------------------------
+    def _spawn_args(self) -> tuple[list[str], Path, dict[str, str], tuple[int, int] | None]:
+        identity = run_as_identity(self.job.get("run_as"))
+        kind = self.job["type"]
+        name = f"runbook{_EXT.get(kind, '')}"
+        argv = command(kind, name)  # relative to the working directory: see below
+        if identity is None:
+            workdir = self.workdir
+            workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            # The state directory (and the machine key in it) stays closed to the run-as
+            # user, so its working directory is made outside it, owned by that user.
+            workdir = Path(tempfile.mkdtemp(prefix=f"outpost-job-{self.id[:8]}-"))
+        self.workdir = workdir
+        (workdir / name).write_text(self.job["content"])
+        env = environment(self.id, workdir, self.job.get("params") or {})
+        env.update(helper.prepare(workdir, self.job, self.hub_url, self.ca_pem))
+        if identity is not None:
+            for path in [workdir, *workdir.rglob("*")]:
+                os.chown(path, *identity, follow_symlinks=False)
+        return argv, workdir, env, identity
+
+    async def run(self) -> dict[str, Any]:
+        """Run the attempt to its end and deliver everything; returns the hub's last answer."""
+        uploading = asyncio.create_task(self.uploader.run(), name=f"upload-{self.id}")
+        try:
+            outcome = await self._execute()
+        except asyncio.CancelledError:
+            # The agent is stopping: leave no process behind, and leave the end in the
+            # spool for the next start to report (the hub retries the job elsewhere).
+            if self.proc is not None and self.proc.returncode is None:
+                self.ended_by, self.why = "lost", "the agent was stopped while the job ran"
+                self._signal_group(signal.SIGKILL)
+            self._commit()
+            self.spool.end({"exit_code": None, "signal": None, "cause": "lost",
+                            "reason": "the agent was stopped while the job ran"})
+            uploading.cancel()
+            raise
+        finally:
+            self.uploader.started.set()
+            self._cleanup()
+        self._commit()
+        self.spool.end(outcome)
+        self.uploader.more.set()
+        return await uploading
+
+    async def _execute(self) -> dict[str, Any]:
+        try:
+            argv, workdir, env, identity = self._spawn_args()
+        except OutpostError as exc:
+            # Nothing ran: the runbook cannot start here (HW-1a, a missing interpreter).
+            self.emit("Error", exc.message)
+            return {"exit_code": None, "signal": None, "cause": "exit", "reason": exc.message}
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            user=identity[0] if identity else None, group=identity[1] if identity else None,
+            extra_groups=[] if identity else None)
+        self.spool.write_meta({**self.spool.meta(), "pgid": self.proc.pid,
+                               "started_at": time.time()})
+        self.uploader.started.set()
+        if self._requested:
+            asyncio.create_task(self.control(self._requested), name=f"control-{self.id}")
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        readers = asyncio.gather(self._read(self.proc.stdout, False),
+                                 self._read(self.proc.stderr, True))
+        timeout = self.job.get("timeout")
+        try:
+            await asyncio.wait_for(asyncio.shield(readers), timeout)
+        except TimeoutError:
+            self.ended_by, self.why = "timeout", f"timed out after {timeout:g} s"
+            await self._end_group()
+            await readers
+        returncode = await self.proc.wait()
+        exit_code, sig, reason = describe_exit(returncode)
+        if self.ended_by is not None:
+            return {"exit_code": exit_code, "signal": sig, "cause": self.ended_by,
+                    "reason": f"{self.why}; {reason}"}
+        if sig is not None:  # a signal the agent did not send: the sandbox died (HW-1)
+            return {"exit_code": None, "signal": sig, "cause": "killed",
+                    "reason": f"the runbook's process was {reason}, not by the agent"}
+        return {"exit_code": exit_code, "signal": None, "cause": "exit", "reason": reason}
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def leftover_spools(spool_dir: Path) -> list[Spool]:
+    """Spools of attempts that a previous run of the agent did not finish delivering."""
+    if not spool_dir.is_dir():
+        return []
+    return [Spool(path) for path in sorted(spool_dir.glob("*.jsonl"))]
+
+
+def end_leftover(spool: Spool) -> None:
+    """After a restart: end an attempt the last agent left running, and its process group.
+
+    The group is killed only if its leader is the process the agent started (same pid and
+    start time), never a process that took the number since.
+    """
+    import psutil
+
+    content = spool.path.read_bytes()
+    if content.rstrip(b"\n").rsplit(b"\n", 1)[-1].startswith(b'{"end"'):
+        return  # it ended; only its delivery was cut short
+    meta = spool.meta() if spool.meta_path.exists() else {}
+    pgid = meta.get("pgid")
+    if pgid:
+        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+            proc = psutil.Process(pgid)
+            if abs(proc.create_time() - float(meta.get("started_at", 0))) < 5:
+                os.killpg(pgid, signal.SIGKILL)
+    if content and not content.endswith(b"\n"):
+        # A torn last line: the agent died inside a write. What was whole is kept.
+        with spool.path.open("r+b") as fh:
+            fh.truncate(content.rfind(b"\n") + 1)
+    spool.end({"exit_code": None, "signal": None, "cause": "lost",
+               "reason": "the agent stopped unexpectedly while the job ran"})

@@ -1,0 +1,253 @@
+"""The agent's one outbound HTTPS conversation with the hub.
+
+This is the seam to httpx: every exception of the HTTP stack is translated here, once, into
+``TransportError`` with a kind (dns, refused, timeout, tls, proxy, other) or into
+``HubRefused`` with the hub's error body. The hub's CA is pinned: only certificates issued
+by the CA whose fingerprint was given at registration are trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import socket
+import ssl
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from nacl.signing import SigningKey
+
+from outpost import __version__
+from outpost.protocol import signing
+from outpost.protocol.errors import HubRefused, OutpostError, TransportError
+
+
+class Clock:
+    """The agent's notion of now; tests skew it through ``offset`` instead of the system."""
+
+    def __init__(self, offset_seconds: float = 0.0) -> None:
+        self.offset = timedelta(seconds=offset_seconds)
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc) + self.offset
+
+    def stamp(self) -> str:
+        return signing.format_time(self.now())
+
+
+def normalise_fingerprint(text: str) -> str:
+    return text.strip().lower().replace(":", "").removeprefix("sha256=")
+
+
+def pem_fingerprint(pem: str) -> str:
+    """SHA-256 of the certificate's DER; raises ValueError for anything but one PEM cert."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.strip())).hexdigest()
+
+
+def ssl_context(ca_pem: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=ca_pem)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def issuer_seen(url: str) -> str:
+    """The issuer of the certificate a server presents, read without trusting it."""
+    # Only on this error path: cryptography's X.509 module costs memory the daemon keeps.
+    from cryptography import x509
+
+    parts = urlsplit(url)
+    try:
+        pem = ssl.get_server_certificate((parts.hostname or "", parts.port or 443), timeout=5)
+        return x509.load_pem_x509_certificate(pem.encode()).issuer.rfc4514_string()
+    except (OSError, ValueError) as exc:
+        return f"unknown ({exc})"
+
+
+def untrusted_issuer(url: str, expected: str) -> OutpostError:
+    issuer = issuer_seen(url)
+    return OutpostError(
+        "tls_untrusted_issuer",
+        f"The certificate presented by the hub at {url} was not issued by the expected "
+        f"authority: it was issued by '{issuer}', and this agent trusts only the CA with "
+        f"SHA-256 fingerprint {expected}. A proxy may be intercepting TLS.",
+        url=url, issuer=issuer, expected_fingerprint=expected,
+    )
+
+
+def classify(exc: Exception) -> tuple[str, str]:
+    """(kind, detail) for an exception of the HTTP stack."""
+    if isinstance(exc, httpx.ProxyError):
+        return "proxy", str(exc) or "the proxy refused the connection"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout", type(exc).__name__
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for item in chain:
+        if isinstance(item, socket.gaierror):
+            return "dns", str(item)
+        if isinstance(item, ssl.SSLError):
+            return "tls", str(item)
+        if isinstance(item, ConnectionRefusedError):
+            return "refused", str(item)
+    text = str(exc)
+    lowered = text.lower()
+    if "name or service not known" in lowered or "nodename nor servname" in lowered \
+            or "temporary failure in name resolution" in lowered:
+        return "dns", text
+    if "certificate" in lowered or "ssl" in lowered:
+        return "tls", text
+    if "connection refused" in lowered or "connect call failed" in lowered:
+        return "refused", text
+    if "proxy" in lowered:
+        return "proxy", text
+    return "other", text or type(exc).__name__
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, base: float = 0.5, cap: float = 60.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next(self) -> float:
+        self.failures += 1
+        ceiling = min(self.cap, self.base * 2 ** min(self.failures, 20))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class HubClient:
+    """Signed requests to the hub, trying each URL in order (ED-4 fail-over)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        ca_pem: str | None,
+        *,
+        clock: Clock | None = None,
+        proxy: str | None = None,
+        timeout: float = 15.0,
+        machine_id: str | None = None,
+        machine_key: SigningKey | None = None,
+        ca_fingerprint: str = "",
+        connections: int = 4,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one hub URL is needed")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.clock = clock or Clock()
+        self.machine_id = machine_id
+        self.machine_key = machine_key
+        self.ca_fingerprint = ca_fingerprint
+        self.active = 0  # index of the URL that answered last
+        verify: ssl.SSLContext | bool = ssl_context(ca_pem) if ca_pem else False
+        self._client = httpx.AsyncClient(
+            verify=verify, proxy=proxy, trust_env=True, timeout=timeout,
+            limits=httpx.Limits(max_connections=connections,
+                                max_keepalive_connections=connections),
+            headers={"User-Agent": f"outpost-agent/{__version__}",
+                     signing.H_AGENT_VERSION: __version__},
+        )
+
+    @property
+    def url(self) -> str:
+        return self.urls[self.active]
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _sign(self, method: str, path: str, body: bytes,
+              account: tuple[str, bytes] | None) -> dict[str, str]:
+        stamp = self.clock.stamp()
+        if account is not None:
+            account_id, key = account
+            return {signing.H_ACCOUNT: account_id, signing.H_DATE: stamp,
+                    signing.H_SIGNATURE: signing.sign_account(key, method, path, stamp, body)}
+        if self.machine_key is None or self.machine_id is None:
+            return {}
+        nonce = signing.new_nonce()
+        return {signing.H_MACHINE: self.machine_id, signing.H_DATE: stamp,
+                signing.H_NONCE: nonce,
+                signing.H_SIGNATURE: signing.sign_machine(self.machine_key, method, path, stamp,
+                                                          nonce, body)}
+
+    async def request(
+        self, method: str, path: str, payload: Any = None, *,
+        account: tuple[str, bytes] | None = None, timeout: float | None = None,
+    ) -> Any:
+        """Send one signed request; on a transport failure try the next URL in order.
+
+        ``payload`` is sent as JSON; bytes are taken as JSON already encoded (the spool's
+        records go out as they lie on disk).
+        """
+        if isinstance(payload, bytes):
+            body = payload
+        else:
+            body = b"" if payload is None else json.dumps(payload).encode()
+        last: TransportError | None = None
+        order = [self.active] + [i for i in range(len(self.urls)) if i != self.active]
+        for index in order:
+            base = self.urls[index]
+            headers = self._sign(method, path, body, account)
+            if body:
+                headers["Content-Type"] = "application/json"
+            try:
+                response = await self._client.request(
+                    method, base + path, content=body, headers=headers,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+            except httpx.HTTPError as exc:
+                kind, detail = classify(exc)
+                if kind == "tls" and "certificate verify failed" in detail and \
+                        self.ca_fingerprint:
+                    # A blocking look at the certificate: off the event loop.
+                    raise await asyncio.to_thread(untrusted_issuer, base,
+                                                  self.ca_fingerprint) from exc
+                last = TransportError(kind, base, detail)
+                continue
+            self.active = index
+            return self._decode(response)
+        assert last is not None
+        raise last
+
+    @staticmethod
+    def _decode(response: httpx.Response) -> Any:
+        try:
+            data = response.json() if response.content else {}
+        except ValueError:
+            data = None  # not JSON: a proxy's or captive portal's page is no answer, even a 200
+        if response.is_success and isinstance(data, dict):
+            return data
+        if not isinstance(data, dict) or "code" not in data:
+            data = {"code": "E3006", "message": f"HTTP {response.status_code}: "
+                    f"{response.text[:200]}"}
+        raise HubRefused(response.status_code, data)
+
+
+async def fetch_ca(url: str, expected_fingerprint: str, proxy: str | None = None,
+                   timeout: float = 15.0) -> str:
+    """The hub's CA certificate, accepted only if its fingerprint is the pinned one."""
+    expected = normalise_fingerprint(expected_fingerprint)
+    async with httpx.AsyncClient(verify=False, proxy=proxy, trust_env=True,
+                                 timeout=timeout) as client:
+        try:
+            response = await client.get(url.rstrip("/") + "/v1/ca")
+        except httpx.HTTPError as exc:
+            kind, detail = classify(exc)
+            raise TransportError(kind, url, detail) from exc
+    pem = response.text if response.is_success else ""
+    try:
+        seen = pem_fingerprint(pem) if pem else ""
+    except ValueError:
+        seen = ""
+    if seen != expected:
+        raise await asyncio.to_thread(untrusted_issuer, url, expected)
+    return pem

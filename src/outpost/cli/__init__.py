@@ -1,0 +1,1 @@
+"""The ``outpost`` command line."""

@@ -1,0 +1,152 @@
+"""``outpost agent ...``: register this machine, run the daemon, show its status."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from outpost.agent import registration as reg_mod
+from outpost.agent.daemon import read_status
+from outpost.agent.state import StateDir
+from outpost.agent.transport import Clock
+from outpost.protocol.errors import OutpostError
+
+from .options import ClockSkew, Json, StateDirOpt, state_dir
+from .output import EXIT_NOT_RUNNING, ago, out, print_json
+
+app = typer.Typer(no_args_is_help=True, help="The agent on a managed machine.")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="Agent config file (YAML) [default: STATE_DIR/agent.yaml if present].")]
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise OutpostError("invalid_request", f"Label '{item}' is not KEY=VALUE.",
+                               fix="Write labels as --label KEY=VALUE.")
+        labels[key] = value
+    return labels
+
+
+def _config_path(state: StateDir, path: Path | None) -> Path | None:
+    if path is not None:
+        return path
+    default = state.root / "agent.yaml"
+    return default if default.exists() else None
+
+
+@app.command()
+def register(
+    hub: Annotated[str, typer.Option(help="The hub's URL.")],
+    account_id: Annotated[str, typer.Option(help="The account to join.")],
+    account_key: Annotated[str, typer.Option(
+        envvar="OUTPOST_ACCOUNT_KEY", help="The account's primary or secondary key "
+        "(or set OUTPOST_ACCOUNT_KEY to keep it out of the shell history).")],
+    group: Annotated[str, typer.Option(help="The group of machines to join.")],
+    ca_fingerprint: Annotated[str, typer.Option(help="SHA-256 of the hub's CA.")],
+    name: Annotated[Optional[str], typer.Option(
+        help="Machine name, 1 to 64 characters [default: the host name].")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE; repeatable.")] = None,
+    state_dir_: StateDirOpt = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing registration.")] = False,
+    proxy: Annotated[Optional[str], typer.Option(
+        help="HTTP(S) proxy URL [default: HTTPS_PROXY from the environment].")] = None,
+    json: Json = False,
+    clock_skew: ClockSkew = 0.0,
+) -> None:
+    """Register this machine with a hub (once). The private key never leaves the machine."""
+    state = state_dir(state_dir_)
+    opts = reg_mod.RegisterOptions(
+        hub=hub, account_id=account_id, account_key=account_key, group=group,
+        ca_fingerprint=ca_fingerprint, name=socket.gethostname() if name is None else name,
+        labels=_labels(label or []), force=force, proxy=proxy)
+    reg = asyncio.run(reg_mod.register(state, opts, Clock(clock_skew)))
+    if json:
+        print_json({"machine_id": reg.machine_id, "account_id": reg.account_id,
+                    "name": reg.name, "group": reg.group, "hub": hub,
+                    "state_dir": str(state.root)})
+        return
+    out.print(f"Registered '{reg.name}' (machine {reg.machine_id}) in group '{reg.group}' "
+              f"of account {reg.account_id}.")
+    out.print(f"Start the agent: outpost agent run --state-dir {state.root}")
+
+
+@app.command()
+def deregister(state_dir_: StateDirOpt = None, json: Json = False,
+               clock_skew: ClockSkew = 0.0) -> None:
+    """Remove this machine's registration, on the hub and here."""
+    state = state_dir(state_dir_)
+    reg, at_hub = asyncio.run(reg_mod.deregister(state, Clock(clock_skew)))
+    if json:
+        print_json({"machine_id": reg.machine_id, "name": reg.name, "removed_at_hub": at_hub})
+        return
+    out.print(f"Removed the registration of '{reg.name}' from {state.root}.")
+    if not at_hub:
+        out.print("The hub could not be told; remove the machine there with "
+                  f"'outpost machine remove {reg.name}'.")
+
+
+@app.command()
+def run(state_dir_: StateDirOpt = None, config: ConfigOpt = None,
+        clock_skew: ClockSkew = 0.0) -> None:
+    """Run the agent daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
+    args = [sys.executable, "-m", "outpost.cli.agentd"]
+    if state_dir_ is not None:
+        args += ["--state-dir", str(state_dir_)]
+    if config is not None:
+        args += ["--config", str(config)]
+    env = dict(os.environ)
+    if clock_skew:
+        env["OUTPOST_TEST_CLOCK_SKEW"] = str(clock_skew)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Same pid, without the CLI's libraries in memory (see outpost.cli.agentd).
+    os.execve(sys.executable, args, env)
+
+
+@app.command()
+def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
+    """Show whether the agent runs, its processes, hub, and last heartbeat."""
+    state = state_dir(state_dir_)
+    info = read_status(state)
+    if info is None:
+        pid = state.running_pid()
+        start = f"outpost agent run --state-dir {state.root}"
+        if json:
+            print_json({"running": False, "pid": pid, "state_dir": str(state.root),
+                        "start_command": start, "code": "E2003"})
+        elif pid:
+            out.print(f"The agent process {pid} exists but does not answer on its status "
+                      f"socket. Restart it: kill {pid}; {start}")
+        else:
+            out.print(f"The Outpost agent is not running (state dir {state.root}).")
+            out.print(f"Start it with: {start}")
+            out.print("or, as a service: systemctl start outpost-agent")
+        raise typer.Exit(EXIT_NOT_RUNNING)
+    info["running"] = True
+    if json:
+        print_json(info)
+        return
+    out.print(f"Agent {info['version']} running, pid {info['pid']}, up "
+              f"{info['uptime_seconds']:.0f}s")
+    out.print(f"  machine:        {info['machine_name']} ({info['machine_id']})")
+    out.print(f"  account/group:  {info['account_id']} / {info['group']}")
+    out.print(f"  hub:            {info['hub_url']}")
+    out.print(f"  state dir:      {info['state_dir']}")
+    out.print(f"  config:         {info['config_path'] or '(defaults)'}")
+    out.print(f"  last heartbeat: {ago(info['last_heartbeat_ack_at'])} (acknowledged)")
+    error = info.get("last_error")
+    out.print(f"  last error:     {error['code']} {error['message']}" if error
+              else "  last error:     none")
+    out.print("  processes:")
+    for proc in info["processes"]:
+        out.print(f"    {proc['pid']:>7}  {proc['role']}")

@@ -1,0 +1,78 @@
+"""The agent daemon's own entry point: ``python -m outpost.cli.agentd``.
+
+``outpost agent run`` replaces itself with this process (same pid) so the long-running
+daemon does not carry the interactive CLI's libraries (typer, click, rich): the agent's
+resident memory has a 40 MB budget. Only argparse and the agent's own modules load here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+
+# httpx imports its optional command-line module (and with it click, rich and pygments)
+# whenever click is installed. The daemon never uses it; a None entry makes that import
+# fail the way httpx expects when its CLI extra is absent.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+from outpost.protocol.errors import OutpostError, describe  # noqa: E402
+
+EXIT_USAGE = 2
+
+
+def _setup_logging(log_path: Path, level: str, rotate: tuple[int, int]) -> None:
+    root = logging.getLogger("outpost")
+    root.setLevel(level.upper())
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    rotating = logging.handlers.RotatingFileHandler(log_path, maxBytes=rotate[0],
+                                                    backupCount=rotate[1])
+    rotating.setFormatter(fmt)
+    root.handlers = [stream, rotating]
+
+
+def run(state_dir: Path | None, config_path: Path | None, clock_skew: float) -> None:
+    import asyncio
+
+    from outpost.agent import config as agent_config
+    from outpost.agent.daemon import Agent
+    from outpost.agent.state import StateDir, default_state_dir
+    from outpost.agent.transport import Clock
+
+    state = StateDir(state_dir or default_state_dir())
+    if config_path is None and (state.root / "agent.yaml").exists():
+        config_path = state.root / "agent.yaml"
+    cfg = agent_config.load(config_path)
+    # ED-1/EX-9: OUTPOST_LOG wins over the config file's log_level.
+    level = os.environ.get("OUTPOST_LOG", cfg.log_level).lower()
+    if level not in agent_config.LOG_LEVELS:
+        raise OutpostError("config_invalid", f"OUTPOST_LOG={level} is not a log level.",
+                           fix=f"Use one of {', '.join(agent_config.LOG_LEVELS)}.")
+    state.ensure()
+    _setup_logging(state.log_path, level, cfg.log_bytes)
+    asyncio.run(Agent(state, cfg, Clock(clock_skew), config_path).run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="outpost agent run",
+                                     description="Run the Outpost agent daemon.")
+    parser.add_argument("--state-dir", type=Path, default=None)
+    parser.add_argument("--config", type=Path, default=None)
+    args = parser.parse_args()
+    skew = os.environ.get("OUTPOST_TEST_CLOCK_SKEW", "0")  # test hook: the agent's clock only
+    try:
+        run(args.state_dir, args.config, float(skew or 0))
+    except OutpostError as exc:
+        sys.stderr.write("\n".join(describe(exc)) + "\n")
+        sys.exit(EXIT_USAGE if exc.reason in ("config_invalid", "config_tab") else 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The operator's connection to the hub's REST API, with the hub's CA pinned."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from outpost.protocol.errors import HubRefused, OutpostError, TransportError
+
+
+@dataclass
+class Target:
+    url: str
+    token: str
+    ca_pem: str
+
+
+def _fingerprint(pem: str) -> str:
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _classify(exc: httpx.HTTPError) -> str:
+    # Imported lazily: the agent's transport holds the one classification of failures.
+    from outpost.agent.transport import classify
+
+    return classify(exc)[0]
+
+
+def resolve(hub: str | None, token: str | None, ca_fingerprint: str | None,
+            data_dir: Path | None) -> Target:
+    """Where the hub is and how to trust it: flags and variables first, then --data-dir."""
+    ca_pem = ""
+    if data_dir is not None:
+        import yaml
+
+        config_path = data_dir / "hub.yaml"
+        if not config_path.exists():
+            raise OutpostError("hub_not_initialised",
+                               f"The hub data directory {data_dir} is not initialised.",
+                               fix=f"Run 'outpost hub init --data-dir {data_dir}' first.")
+        config = yaml.safe_load(config_path.read_text()) or {}
+        hub = hub or config.get("url")
+        ca_pem = (data_dir / "ca.pem").read_text()
+        if not token:
+            token = (data_dir / "admin.token").read_text().strip()
+    if not hub or not token:
+        raise OutpostError("hub_cli_unconfigured")
+    if not ca_pem:
+        if not ca_fingerprint:
+            raise OutpostError(
+                "hub_cli_unconfigured",
+                "The hub's CA fingerprint is needed to trust the hub.",
+                fix="Pass --ca-fingerprint (or set OUTPOST_CA_FINGERPRINT) with the value "
+                    "'outpost hub init' printed.")
+        ca_pem = fetch_ca(hub, ca_fingerprint)
+    return Target(hub.rstrip("/"), token, ca_pem)
+
+
+def fetch_ca(url: str, fingerprint: str) -> str:
+    expected = fingerprint.strip().lower().replace(":", "")
+    try:
+        response = httpx.get(url.rstrip("/") + "/v1/ca", verify=False, timeout=10)
+    except httpx.HTTPError as exc:
+        raise TransportError(_classify(exc), url, str(exc)) from exc
+    pem = response.text
+    try:
+        seen = _fingerprint(pem)
+    except ValueError:
+        seen = ""
+    if seen != expected:
+        raise OutpostError(
+            "tls_untrusted_issuer",
+            f"The hub at {url} did not present the CA with fingerprint {expected}. "
+            "A proxy may be intercepting TLS.",
+            url=url, expected_fingerprint=expected)
+    return pem
+
+
+class Api:
+    def __init__(self, target: Target, timeout: float = 30.0) -> None:
+        ctx = ssl.create_default_context(cadata=target.ca_pem)
+        self.target = target
+        self._client = httpx.Client(
+            base_url=target.url, verify=ctx, timeout=timeout,
+            headers={"Authorization": f"Bearer {target.token}"})
+
+    def call(self, method: str, path: str, json: Any = None,
+             params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        try:
+            response = self._client.request(
+                method, path, json=json, params=params,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        except httpx.HTTPError as exc:
+            raise TransportError(_classify(exc), self.target.url, str(exc)) from exc
+        try:
+            data = response.json() if response.content else {}
+        except ValueError:
+            data = {"code": "E3006", "message": f"HTTP {response.status_code}"}
+        if response.is_success:
+            return data
+        raise HubRefused(response.status_code, data if isinstance(data, dict) else {})
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.call("GET", path, **kw)
+
+    def post(self, path: str, json: Any = None, **kw: Any) -> Any:
+        return self.call("POST", path, json=json, **kw)
+
+    def put(self, path: str, json: Any = None) -> Any:
+        return self.call("PUT", path, json=json)
+
+    def delete(self, path: str) -> Any:
+        return self.call("DELETE", path)

@@ -1,0 +1,192 @@
+"""``outpost account ...`` and ``outpost machine ...``: the operator's view of the fleet."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+from urllib.parse import quote
+
+import typer
+
+from outpost.protocol.errors import OutpostError
+
+from .options import CaFingerprint, DataDir, Hub, Json, Token, api
+from .output import ago, machine_table, out, print_json, table
+
+accounts = typer.Typer(no_args_is_help=True, help="Accounts and their registration keys.")
+machines = typer.Typer(no_args_is_help=True, help="The machines of the fleet.")
+
+
+@accounts.command("create")
+def account_create(name: str, hub: Hub = None, token: Token = None,
+                   ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+                   json: Json = False) -> None:
+    """Create an account (admin token). Prints its keys and API token once."""
+    made = api(hub, token, ca_fingerprint, data_dir).post("/v1/accounts", {"name": name})
+    if json:
+        print_json(made)
+        return
+    out.print(f"Account '{made['name']}' created.")
+    for key in ("id", "primary_key", "secondary_key", "token"):
+        out.print(f"  {key + ':':15} {made[key]}")
+
+
+@accounts.command("list")
+def account_list(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+                 data_dir: DataDir = None, json: Json = False) -> None:
+    """List the accounts this token may see."""
+    rows = api(hub, token, ca_fingerprint, data_dir).get("/v1/accounts")
+    if json:
+        print_json(rows)
+        return
+    table(["ID", "NAME", "CREATED"], [[r["id"], r["name"],
+                                       time.strftime("%Y-%m-%d %H:%M",
+                                                     time.gmtime(r["created_at"]))]
+                                      for r in rows])
+
+
+@accounts.command("keys")
+def account_keys(
+    account_id: str,
+    regenerate: Annotated[Optional[str], typer.Option(
+        help="Replace the 'primary' or 'secondary' key; the other stays valid.")] = None,
+    hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+    data_dir: DataDir = None, json: Json = False,
+) -> None:
+    """Show an account's two registration keys, or regenerate one of them."""
+    client = api(hub, token, ca_fingerprint, data_dir)
+    path = f"/v1/accounts/{quote(account_id, safe='')}/keys"
+    if regenerate is not None:
+        if regenerate not in ("primary", "secondary"):
+            raise OutpostError("invalid_request", f"Unknown key '{regenerate}'.",
+                               fix="Use --regenerate primary or --regenerate secondary.")
+        keys = client.post(f"{path}/{regenerate}/regenerate")
+    else:
+        keys = client.get(path)
+    if json:
+        print_json(keys)
+        return
+    out.print(f"Account {keys['id']} ({keys['name']})")
+    out.print(f"  primary:   {keys['primary_key']}")
+    out.print(f"  secondary: {keys['secondary_key']}")
+
+
+@machines.command("list")
+def machine_list(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+                 data_dir: DataDir = None, json: Json = False) -> None:
+    """Name, group, labels, agent version, status and last heartbeat of every machine."""
+    rows = api(hub, token, ca_fingerprint, data_dir).get("/v1/machines")
+    if json:
+        print_json(rows)
+        return
+    machine_table(rows)
+
+
+@machines.command("show")
+def machine_show(name: str, hub: Hub = None, token: Token = None,
+                 ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+                 json: Json = False) -> None:
+    """Everything the hub knows of one machine."""
+    row = api(hub, token, ca_fingerprint, data_dir).get(f"/v1/machines/{quote(name, safe='')}")
+    if json:
+        print_json(row)
+        return
+    for key, value in row.items():
+        out.print(f"{key + ':':20} {value}")
+
+
+@machines.command("heartbeats")
+def machine_heartbeats(hub: Hub = None, token: Token = None,
+                       ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+                       json: Json = False) -> None:
+    """The last heartbeat the hub received from each machine (HW-9)."""
+    rows = api(hub, token, ca_fingerprint, data_dir).get("/v1/heartbeats")
+    if json:
+        print_json(rows)
+        return
+    table(["NAME", "STATUS", "LAST HEARTBEAT", "LOAD", "MEM %", "DISK FREE"], [
+        [r["name"], r["status"], ago(r["last_heartbeat_at"]),
+         _fixed((r["heartbeat"] or {}).get("load1")),
+         (r["heartbeat"] or {}).get("memory_percent", ""),
+         _size((r["heartbeat"] or {}).get("disk_free_bytes"))] for r in rows])
+
+
+def _fixed(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return ""
+
+
+@machines.command("remove")
+def machine_remove(name: str, hub: Hub = None, token: Token = None,
+                   ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+                   json: Json = False) -> None:
+    """Remove a machine from the hub; its agent is refused from then on."""
+    done = api(hub, token, ca_fingerprint, data_dir).delete(f"/v1/machines/{quote(name, safe='')}")
+    if json:
+        print_json(done)
+        return
+    out.print(f"Machine '{done['name']}' removed.")
+
+
+@machines.command("ping")
+def machine_ping(name: str,
+                 timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+                 hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+                 data_dir: DataDir = None, json: Json = False) -> None:
+    """Send a work item to a machine and time its agent's answer."""
+    done = api(hub, token, ca_fingerprint, data_dir).post(
+        f"/v1/machines/{quote(name, safe='')}/ping", params={"timeout": timeout},
+        timeout=timeout + 10)
+    if json:
+        print_json(done)
+        return
+    out.print(f"{done['machine']} answered in {done['round_trip_ms']:.1f} ms")
+
+
+groups = typer.Typer(no_args_is_help=True, help="Groups of machines and their settings.")
+
+
+@groups.command("list")
+def group_list(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+               data_dir: DataDir = None, json: Json = False) -> None:
+    """The account's groups: how many machines each has, and its run-as user."""
+    rows = api(hub, token, ca_fingerprint, data_dir).get("/v1/groups")
+    if json:
+        print_json(rows)
+        return
+    if not rows:
+        out.print("No groups yet: a group appears when a machine registers into it.")
+        return
+    table(["GROUP", "MACHINES", "RUN AS"],
+          [[r["name"], r["machines"], r["run_as"] or "(the agent's user)"] for r in rows])
+
+
+@groups.command("set")
+def group_set(
+    name: str,
+    run_as: Annotated[Optional[str], typer.Option(
+        help="Run the group's runbooks as this user (the agent must run as root).")] = None,
+    no_run_as: Annotated[bool, typer.Option(
+        "--no-run-as", help="Run them as the agent's own user again.")] = False,
+    hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+    data_dir: DataDir = None, json: Json = False,
+) -> None:
+    """Change a group's settings; jobs claimed from now on use them."""
+    if (run_as is None) == (not no_run_as):
+        raise typer.BadParameter("give exactly one of --run-as USER or --no-run-as")
+    done = api(hub, token, ca_fingerprint, data_dir).put(
+        f"/v1/groups/{quote(name, safe='')}", {"run_as": run_as})
+    if json:
+        print_json(done)
+        return
+    out.print(f"Group '{done['name']}' runs its runbooks as "
+              f"{done['run_as'] or 'the agent' + chr(39) + 's user'}.", markup=False)

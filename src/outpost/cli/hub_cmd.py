@@ -1,0 +1,102 @@
+"""``outpost hub ...``: create and run a hub."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from outpost.protocol.errors import OutpostError
+
+from .options import Json
+from .output import err, out, print_json
+
+app = typer.Typer(no_args_is_help=True, help="Create and run the hub (the control plane).")
+
+DataDirReq = Annotated[Path, typer.Option("--data-dir", help="The hub's data directory.")]
+
+
+def _need_hub_extra() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import sqlalchemy  # noqa: F401
+    except ImportError as exc:
+        raise OutpostError(
+            "invalid_request", "The hub's dependencies are not installed.",
+            fix="Install them with: pip install 'outpost[hub]'") from exc
+
+
+def register_line(url: str, account_id: str, key: str, fingerprint: str,
+                  group: str = "default") -> str:
+    return ("outpost agent register " + " ".join(shlex.quote(p) for p in (
+        "--hub", url, "--account-id", account_id, "--account-key", key, "--group", group,
+        "--ca-fingerprint", fingerprint)))
+
+
+@app.command()
+def init(
+    data_dir: DataDirReq,
+    hostname: Annotated[Optional[list[str]], typer.Option(
+        "--hostname", help="A name agents use to reach the hub; repeat for several. "
+        "Goes into the TLS certificate beside localhost and 127.0.0.1.")] = None,
+    bind: Annotated[str, typer.Option(help="HOST:PORT the hub will listen on.")]
+    = "127.0.0.1:8443",
+    database_url: Annotated[str, typer.Option(
+        help="Database URL [default: SQLite in the data directory].")] = "",
+    json: Json = False,
+) -> None:
+    """Create the hub's config, database, CA and TLS certificate, first account and admin
+    token. On an initialised directory nothing changes."""
+    _need_hub_extra()
+    from outpost.hub import config as hub_config
+    from outpost.hub import db
+
+    result = hub_config.init(data_dir, hostname or [], bind=bind, database_url=database_url)
+    if result.created:
+        cfg = hub_config.load_config(hub_config.HubPaths(data_dir))
+        db.migrate_sync(cfg.database_url)
+    if json:
+        print_json(result.to_json())
+        if not result.created:
+            err.print(f"{data_dir} is already initialised; nothing was changed.")
+        return
+    if result.created:
+        out.print(f"Hub initialised in {data_dir}.")
+    else:
+        out.print(f"{data_dir} is already initialised; nothing was changed.")
+    out.print(f"  URL:            {result.url}")
+    out.print(f"  CA fingerprint: {result.ca_fingerprint}")
+    out.print(f"  Account id:     {result.account_id}")
+    out.print(f"  Admin token:    {result.admin_token}  (kept in {data_dir / 'admin.token'})")
+    out.print(f"\nStart the hub:\n  outpost hub run --data-dir {shlex.quote(str(data_dir))}")
+    out.print("\nRegister a machine (run this on the machine):")
+    out.print("  " + register_line(result.url, result.account_id, result.primary_key,
+                                   result.ca_fingerprint), soft_wrap=True)
+
+
+@app.command()
+def run(
+    data_dir: DataDirReq,
+    bind: Annotated[Optional[str], typer.Option(help="HOST:PORT to listen on.")] = None,
+    database_url: Annotated[Optional[str], typer.Option(
+        help="postgresql://user@host/db or sqlite:///path; migrations run at start.")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate chain.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key.")] = None,
+    min_agent_version: Annotated[Optional[str], typer.Option(
+        help="Refuse agents older than this version.")] = None,
+    heartbeat_interval: Annotated[Optional[float], typer.Option(
+        help="Heartbeat interval assumed for newly registered machines, seconds.")] = None,
+) -> None:
+    """Serve the hub over HTTPS until interrupted."""
+    _need_hub_extra()
+    from outpost.hub.server import RunOptions
+    from outpost.hub.server import run as serve
+
+    if (tls_cert is None) != (tls_key is None):
+        raise OutpostError("invalid_request", "--tls-cert and --tls-key go together.",
+                           fix="Pass both, or neither to use the generated certificate.")
+    serve(RunOptions(data_dir=data_dir, bind=bind, database_url=database_url,
+                     tls_cert=tls_cert, tls_key=tls_key, min_agent_version=min_agent_version,
+                     heartbeat_interval=heartbeat_interval))

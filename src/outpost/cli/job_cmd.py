@@ -1,0 +1,196 @@
+"""``outpost job ...``: start runbooks on a group, watch them, read their output."""
+
+from __future__ import annotations
+
+import time
+from json import dumps
+from typing import Annotated, Any, Optional
+from urllib.parse import quote
+
+import typer
+
+from outpost.protocol.params import split_assignments
+
+from .client import Api
+from .options import CaFingerprint, DataDir, Hub, Json, Token, api
+from .output import EXIT_FAILED, ago, out, print_json, table
+
+app = typer.Typer(no_args_is_help=True, help="Jobs: runbooks running on machines.")
+FINAL = ("Completed", "Failed", "Stopped", "Suspended")
+STREAMS = ("Output", "Error", "Warning", "Verbose", "Progress", "Debug")
+
+
+def _duration(seconds: str) -> float:
+    """'90', '90s', '5m', '2h' -> seconds."""
+    text = seconds.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 0)
+    try:
+        return float(text[:-1]) * scale if scale else float(text)
+    except ValueError:
+        raise typer.BadParameter(f"'{seconds}' is not a duration like 90s, 5m or 2h") from None
+
+
+def _print_records(records: list[dict[str, Any]], json: bool) -> None:
+    for r in records:
+        if json:  # live: one compact JSON object per line
+            out.print(dumps(r), markup=False, highlight=False, soft_wrap=True)
+        elif r["stream"] == "Output":
+            out.print(r["text"], markup=False, highlight=False)
+        else:
+            out.print(f"{r['stream'].upper()}: {r['text']}", markup=False, highlight=False)
+
+
+def _follow(client: Api, job_id: str, show_output: bool, json: bool) -> dict[str, Any]:
+    """Wait until the job ends, printing its records as they arrive when asked to."""
+    after, delay = -1, 0.02
+    while True:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}")
+        if show_output:
+            records = client.get(f"/v1/jobs/{job_id}/output", params={"after": after})
+            _print_records(records, json)
+            if records:
+                after, delay = records[-1]["seq"], 0.02
+        if job["status"] in FINAL:
+            if show_output:  # what arrived between the two reads
+                _print_records(client.get(f"/v1/jobs/{job_id}/output",
+                                          params={"after": after}), json)
+            return job
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+@app.command()
+def start(
+    runbook: str,
+    group: Annotated[str, typer.Option(help="The group whose machines may run it.")],
+    param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE; repeatable.")] = None,
+    version: Annotated[Optional[int], typer.Option(min=1, help="Runbook version "
+                                                   "[default: the latest].")] = None,
+    timeout: Annotated[Optional[str], typer.Option(help="End the job after this long "
+                                                   "(90s, 5m, 2h).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends; exit 0 "
+                                       "only if it Completed.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="Like --wait, printing the "
+                                         "output live.")] = False,
+    hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+    data_dir: DataDir = None, json: Json = False,
+) -> None:
+    """Queue RUNBOOK on a machine of GROUP and print the job id."""
+    client = api(hub, token, ca_fingerprint, data_dir)
+    body: dict[str, Any] = {"runbook": runbook, "group": group,
+                            "params": split_assignments(param or [])}
+    if version is not None:
+        body["version"] = version
+    if timeout is not None:
+        body["timeout"] = _duration(timeout)
+    job = client.post("/v1/jobs", body)
+    if not (wait or follow):
+        if json:
+            print_json(job)
+        else:
+            out.print(job["id"])
+        return
+    if not json and not follow:
+        out.print(job["id"])
+    job = _follow(client, job["id"], follow, json and follow)
+    if json and not follow:
+        print_json(job)
+    elif not json:
+        out.print(f"Job {job['id']} {job['status']} ({job['reason'] or ''}).", markup=False)
+    if job["status"] != "Completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("list")
+def list_(status: Annotated[Optional[str], typer.Option(help="Only jobs in this state.")]
+          = None, hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+          data_dir: DataDir = None, json: Json = False) -> None:
+    """The newest jobs of the account."""
+    rows = api(hub, token, ca_fingerprint, data_dir).get(
+        "/v1/jobs", params={"status": status} if status else None)
+    if json:
+        print_json(rows)
+        return
+    if not rows:
+        out.print("No jobs.")
+        return
+    table(["ID", "RUNBOOK", "GROUP", "STATUS", "CREATED", "REASON"], [
+        [r["id"], f"{r['runbook_name']} v{r['runbook_version']}", r["group_name"],
+         r["status"], ago(r["created_at"]), r["reason"]] for r in rows])
+
+
+@app.command()
+def show(job_id: str, hub: Hub = None, token: Token = None,
+         ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+         json: Json = False) -> None:
+    """A job's state, parameters and every activation attempt."""
+    job = api(hub, token, ca_fingerprint, data_dir).get(f"/v1/jobs/{quote(job_id, safe='')}")
+    if json:
+        print_json(job)
+        return
+    out.print(f"Job {job['id']}: {job['status']}", markup=False)
+    out.print(f"  runbook:  {job['runbook_name']} version {job['runbook_version']}",
+              markup=False)
+    out.print(f"  group:    {job['group_name']}   params: {job['params']}", markup=False)
+    out.print(f"  result:   {job['reason'] or '-'}", markup=False)
+    table(["#", "MACHINE", "STARTED", "ENDED", "EXIT", "SIGNAL", "REASON"], [
+        [a["number"], a["machine_id"], ago(a["started_at"]),
+         ago(a["ended_at"]) if a["ended_at"] else "-", a["exit_code"], a["signal"],
+         a["reason"] or "-"] for a in job["attempts"]],
+        title="attempts")
+
+
+def _control(action: str, job_id: str, hub: Hub, token: Token,
+             ca_fingerprint: CaFingerprint, data_dir: DataDir, json: bool) -> None:
+    job = api(hub, token, ca_fingerprint, data_dir).post(
+        f"/v1/jobs/{quote(job_id, safe='')}/{action}")
+    if json:
+        print_json(job)
+    else:
+        out.print(f"Job {job['id']}: {job['status']} ({job['reason'] or '-'}).", markup=False)
+
+
+@app.command()
+def stop(job_id: str, hub: Hub = None, token: Token = None,
+         ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+         json: Json = False) -> None:
+    """Stop a job: its whole process group gets TERM, then KILL after a grace period."""
+    _control("stop", job_id, hub, token, ca_fingerprint, data_dir, json)
+
+
+@app.command()
+def suspend(job_id: str, hub: Hub = None, token: Token = None,
+            ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+            json: Json = False) -> None:
+    """Pause a job: a queued one is held back, a running one's processes are paused."""
+    _control("suspend", job_id, hub, token, ca_fingerprint, data_dir, json)
+
+
+@app.command()
+def resume(job_id: str, hub: Hub = None, token: Token = None,
+           ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+           json: Json = False) -> None:
+    """Resume a Suspended job: paused processes go on; otherwise it is queued afresh."""
+    _control("resume", job_id, hub, token, ca_fingerprint, data_dir, json)
+
+
+@app.command()
+def output(job_id: str,
+           stream: Annotated[Optional[list[str]], typer.Option(
+               help=f"Only these streams ({', '.join(STREAMS)}); repeatable.")] = None,
+           follow: Annotated[bool, typer.Option("--follow", "-f",
+                                                help="Keep printing until the job ends.")]
+           = False,
+           hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+           data_dir: DataDir = None, json: Json = False) -> None:
+    """A job's output records, in order."""
+    client = api(hub, token, ca_fingerprint, data_dir)
+    path = f"/v1/jobs/{quote(job_id, safe='')}"
+    if follow:
+        _follow(client, job_id, True, json)
+        return
+    records = client.get(f"{path}/output", params={"stream": stream} if stream else None)
+    if json:
+        print_json(records)
+        return
+    _print_records(records, json)

@@ -1,0 +1,119 @@
+"""The ``outpost`` command: one entry point for operators and machines.
+
+Exit codes: 0 done; 1 the operation failed; 2 bad input or configuration; 3 the agent is not
+running (``agent status``); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+try:  # typer >= 0.16 carries its own copy of click and no longer installs click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer, built on click
+    from click import ClickException  # type: ignore[assignment]
+
+from outpost import __version__
+from outpost.protocol import errors
+
+from . import agent_cmd, fleet_cmd, hub_cmd, job_cmd, runbook_cmd
+from . import asset_cmd
+from . import schedule_cmd, webhook_cmd
+from .output import EXIT_FAILED, EXIT_USAGE, exit_code, out, render_error
+
+app = typer.Typer(
+    no_args_is_help=True,
+    # Rich tracebacks show local variables, which may hold keys and tokens.
+    pretty_exceptions_enable=False,
+    help="Outpost: run work on machines you cannot reach directly.",
+)
+app.add_typer(hub_cmd.app, name="hub")
+app.add_typer(agent_cmd.app, name="agent")
+app.add_typer(fleet_cmd.accounts, name="account")
+app.add_typer(fleet_cmd.machines, name="machine")
+app.add_typer(fleet_cmd.groups, name="group")
+app.add_typer(runbook_cmd.app, name="runbook")
+app.add_typer(job_cmd.app, name="job")
+app.add_typer(asset_cmd.app, name="asset")
+app.add_typer(schedule_cmd.app, name="schedule")
+app.add_typer(webhook_cmd.app, name="webhook")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"outpost {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Outpost: run work on machines you cannot reach directly."""
+
+
+@app.command()
+def explain(text: Annotated[list[str], typer.Argument(
+        help="An error code (E1003, 151076) or a piece of an error message.")]) -> None:
+    """Print the message, causes and fixes for an error code or a pasted error text."""
+    query = " ".join(text)
+    found = errors.find(query)
+    if not found:
+        out.print(f"No catalog entry matches '{query}'. Try the code alone (for example "
+                  "E1003) or a shorter piece of the message.")
+        raise typer.Exit(1)
+    for entry in found:
+        out.print(f"[bold]{entry.code}[/bold] {entry.name}"
+                  + (f"  (scenario {entry.scenario})" if entry.scenario else ""))
+        out.print(f"  message: {entry.message}", markup=False)
+        out.print("  causes:")
+        for cause in entry.causes:
+            out.print(f"    - {cause}", markup=False)
+        out.print("  fixes:")
+        for fix in entry.fixes:
+            out.print(f"    - {fix}", markup=False)
+        out.print("")
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(help="Where the hub and the agent keep state.")]
+    = Path(".outpost"),
+    bind: Annotated[str, typer.Option(help="HOST:PORT for the hub.")] = "127.0.0.1:8443",
+) -> None:
+    """Start a hub and a local agent (group 'local') and show the fleet; Ctrl-C stops both.
+    Running it again reuses what is there."""
+    from .up import up as run_up
+
+    raise typer.Exit(run_up(data_dir, bind))
+
+
+def main() -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        result = app(prog_name="outpost", standalone_mode=False)
+    except errors.OutpostError as exc:
+        render_error(exc)
+        sys.exit(exit_code(exc))
+    except typer.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE if exc.exit_code == 2 else exc.exit_code)
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for who asks
+        if os.environ.get("OUTPOST_DEBUG"):
+            raise
+        render_error(errors.OutpostError(
+            "internal_error", f"outpost failed unexpectedly: {type(exc).__name__}: {exc}",
+            fix="Run the command again with OUTPOST_DEBUG=1 to see where, and report it."))
+        sys.exit(EXIT_FAILED)
+    sys.exit(result if isinstance(result, int) else 0)

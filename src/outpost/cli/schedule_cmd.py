@@ -1,0 +1,182 @@
+"""``outpost schedule ...``: start runbooks at the times of a cron expression."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, Optional
+from urllib.parse import quote
+
+import typer
+
+from outpost.protocol.errors import OutpostError
+from outpost.protocol.params import split_assignments
+
+from .options import CaFingerprint, DataDir, Hub, Json, Token, api
+from .output import EXIT_USAGE, out, print_json, render_error, table
+
+app = typer.Typer(no_args_is_help=True, help="Schedules: start a runbook on a group at the "
+                  "times of a cron expression, once per due time.")
+
+# Refusals of what the operator typed: exit 2 like every other bad input.
+BAD_INPUT = {"cron_invalid", "timezone_unknown", "spread_invalid", "expiry_invalid",
+             "webhook_param_missing"}
+
+
+@contextmanager
+def bad_input_exits_2() -> Iterator[None]:
+    try:
+        yield
+    except OutpostError as exc:
+        if exc.reason not in BAD_INPUT:
+            raise
+        render_error(exc)
+        raise typer.Exit(EXIT_USAGE) from exc
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1h2m5s', 1.5 -> '1.5s', 0 -> '0s' (milliseconds only below a minute)."""
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    whole, parts = round(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size:
+            parts.append(f"{whole // size}{unit}")
+            whole %= size
+    return "".join(parts)
+
+
+def until(moment: float | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = moment - time.time()
+    if seconds < 1:
+        return "due now"
+    # Seconds matter only for the next hour.
+    return f"in {duration(round(seconds) if seconds < 3600 else round(seconds / 60) * 60)}"
+
+
+def _local(iso: str | None) -> str:
+    """'2030-01-31T02:30:00.000+01:00' -> '2030-01-31 02:30:00' (the schedule's zone)."""
+    return iso[:19].replace("T", " ") if iso else "never"
+
+
+def _spread(s: dict[str, Any]) -> str:
+    if not s["spread_seconds"]:
+        return "-"
+    return f"{duration(s['spread_seconds'])} (offset {duration(s['offset_seconds'])})"
+
+
+def _next(s: dict[str, Any]) -> str:
+    if not s["enabled"]:
+        return "disabled"
+    return f"{_local(s['next_run'])} ({until(s['next_run_at'])})"
+
+
+def _path(name: str) -> str:
+    return f"/v1/schedules/{quote(name, safe='')}"
+
+
+@app.command()
+def create(
+    name: str,
+    runbook: Annotated[str, typer.Option(help="The runbook to start (its latest version "
+                                         "at each run).")],
+    group: Annotated[str, typer.Option(help="The group whose machines may run it.")],
+    cron: Annotated[str, typer.Option(help="When: 'MIN HOUR DAY MONTH WEEKDAY', 6 fields "
+                                      "with seconds first, or @hourly, @daily, @weekly...")],
+    timezone: Annotated[str, typer.Option(help="IANA time zone the cron times are read "
+                                          "in, e.g. Europe/Berlin.")] = "UTC",
+    spread: Annotated[str, typer.Option(help="Start each run at a stable offset within "
+                                        "this window (10m, 1h30m), so a fleet does not "
+                                        "fire at one second (EX-7).")] = "0",
+    param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE; repeatable.")]
+    = None,
+    hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+    data_dir: DataDir = None, json: Json = False,
+) -> None:
+    """Start RUNBOOK on a machine of GROUP at every time CRON names, once per due time."""
+    body = {"name": name, "runbook": runbook, "group": group, "cron": cron,
+            "timezone": timezone, "spread": spread, "params": split_assignments(param or [])}
+    with bad_input_exits_2():
+        made = api(hub, token, ca_fingerprint, data_dir).post("/v1/schedules", body)
+    if json:
+        print_json(made)
+        return
+    out.print(f"Created schedule {made['name']}: {made['runbook_name']} on group "
+              f"{made['group_name']}, cron '{made['cron']}' ({made['timezone']}), spread "
+              f"{_spread(made)}.", markup=False)
+    out.print(f"  next run: {_next(made)}", markup=False)
+
+
+@app.command("list")
+def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+          data_dir: DataDir = None, json: Json = False) -> None:
+    """Every schedule of the account with its next run."""
+    rows = api(hub, token, ca_fingerprint, data_dir).get("/v1/schedules")
+    if json:
+        print_json(rows)
+        return
+    if not rows:
+        out.print("No schedules in this account.")
+        return
+    table(["NAME", "RUNBOOK", "GROUP", "CRON (TIME ZONE)", "SPREAD", "NEXT RUN", "LAST RUN"],
+          [[s["name"], s["runbook_name"], s["group_name"], f"{s['cron']} ({s['timezone']})",
+            _spread(s), _next(s), _local(s["last_run"])] for s in rows])
+
+
+@app.command()
+def show(name: str, hub: Hub = None, token: Token = None,
+         ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+         json: Json = False) -> None:
+    """A schedule, its next run, and its newest runs with their jobs."""
+    s = api(hub, token, ca_fingerprint, data_dir).get(_path(name))
+    if json:
+        print_json(s)
+        return
+    out.print(f"Schedule {s['name']}: {s['runbook_name']} on group {s['group_name']}",
+              markup=False)
+    out.print(f"  cron:      {s['cron']} ({s['timezone']})", markup=False)
+    out.print(f"  spread:    {_spread(s)}", markup=False)
+    out.print(f"  params:    {s['params'] or '-'}", markup=False)
+    out.print(f"  next run:  {_next(s)}", markup=False)
+    out.print(f"  last run:  {_local(s['last_run'])}", markup=False)
+    if not s["runs"]:
+        out.print("  no runs yet")
+        return
+    table(["DUE", "JOB", "STATUS", "MISSED BEFORE IT", "ERROR"], [
+        [_local(r["due"]), r["job_id"] or "-", r["job_status"] or "-", r["missed"] or "",
+         r["error"] or ""] for r in s["runs"]], title="newest runs")
+
+
+@app.command()
+def remove(name: str, hub: Hub = None, token: Token = None,
+           ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None) -> None:
+    """Remove a schedule; jobs it started are kept."""
+    api(hub, token, ca_fingerprint, data_dir).delete(_path(name))
+    out.print(f"Removed schedule {name}.", markup=False)
+
+
+@app.command()
+def enable(name: str, hub: Hub = None, token: Token = None,
+           ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+           json: Json = False) -> None:
+    """Enable a schedule from now on; runs that fell due while disabled are not started."""
+    s = api(hub, token, ca_fingerprint, data_dir).post(_path(name) + "/enable")
+    if json:
+        print_json(s)
+        return
+    out.print(f"Enabled schedule {s['name']}; next run {_next(s)}.", markup=False)
+
+
+@app.command()
+def disable(name: str, hub: Hub = None, token: Token = None,
+            ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+            json: Json = False) -> None:
+    """Stop starting runs until the schedule is enabled again."""
+    s = api(hub, token, ca_fingerprint, data_dir).post(_path(name) + "/disable")
+    if json:
+        print_json(s)
+        return
+    out.print(f"Disabled schedule {s['name']}.", markup=False)

@@ -1,0 +1,138 @@
+"""``outpost up``: a hub and a local agent on this machine, in one command."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from outpost.agent import registration as reg_mod
+from outpost.agent.state import StateDir
+from outpost.agent.transport import Clock
+from outpost.protocol.errors import OutpostError
+
+from .client import Api, Target
+from .output import machine_table, out
+
+GROUP = "local"
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    # A session of their own: a Ctrl-C in the terminal reaches only 'up', which then stops
+    # the agent before the hub, so the agent's last words reach a running hub.
+    with log.open("ab") as fh:
+        return subprocess.Popen([sys.executable, "-m", "outpost", *args], stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_for(check: Any, proc: subprocess.Popen[bytes], log: Path, what: str,
+              timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise OutpostError("invalid_request", f"The {what} exited with code "
+                               f"{proc.returncode}:\n{_tail(log)}",
+                               fix=f"Read {log} for the whole log.")
+        try:
+            result = check()
+            if result:
+                return result
+        except OutpostError:
+            pass
+        time.sleep(0.1)
+    raise OutpostError("invalid_request", f"The {what} did not become ready in {timeout:.0f} s."
+                       f"\n{_tail(log)}", fix=f"Read {log} for the whole log.")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _machine_name() -> str:
+    name = socket.gethostname()
+    return name if 0 < len(name) <= 64 else "local"
+
+
+def up(data_dir: Path, bind: str, hold: bool = True) -> int:
+    from outpost.hub import config as hub_config
+    from outpost.hub import db
+
+    started = time.monotonic()
+    data_dir = data_dir.resolve()
+    init = hub_config.init(data_dir, [], bind=bind)
+    paths = hub_config.HubPaths(data_dir)
+    config = hub_config.load_config(paths)
+    if init.created:
+        db.migrate_sync(config.database_url)
+        out.print(f"Initialised a hub in {data_dir}")
+    else:
+        out.print(f"Using the hub in {data_dir}")
+    hub = agent = None
+    try:
+        hub = _spawn(["hub", "run", "--data-dir", str(data_dir)], data_dir / "hub.log")
+        api = Api(Target(config.url, init.admin_token, paths.ca_cert.read_text()), timeout=5)
+        _wait_for(lambda: api.get("/healthz"), hub, data_dir / "hub.log", "hub", 30)
+        state = StateDir(data_dir / "agent")
+        reg = None
+        try:
+            reg = state.registration()
+        except Exception:
+            reg = None
+        if reg is None:
+            opts = reg_mod.RegisterOptions(
+                hub=config.url, account_id=init.account_id, account_key=init.primary_key,
+                group=GROUP, ca_fingerprint=init.ca_fingerprint, name=_machine_name(),
+                force=True)
+            reg = asyncio.run(reg_mod.register(state, opts, Clock()))
+            out.print(f"Registered this machine as '{reg.name}' in group '{GROUP}'")
+        agent = _spawn(["agent", "run", "--state-dir", str(state.root)],
+                       data_dir / "agent.log")
+
+        def healthy() -> list[dict[str, Any]] | None:
+            rows: list[dict[str, Any]] = api.get("/v1/machines")
+            mine = [r for r in rows if r["id"] == reg.machine_id]
+            return rows if mine and mine[0]["status"] == "Healthy" else None
+
+        rows = _wait_for(healthy, agent, data_dir / "agent.log", "agent", 30)
+        out.print(f"\nOutpost is up ({time.monotonic() - started:.1f} s).")
+        out.print(f"  Hub URL:        {config.url}")
+        out.print(f"  Admin token:    {init.admin_token}")
+        out.print(f"  CA fingerprint: {init.ca_fingerprint}")
+        out.print(f"  Logs:           {data_dir / 'hub.log'}, {data_dir / 'agent.log'}\n")
+        machine_table(rows)
+        out.print(f"\nTry: outpost machine list --data-dir {data_dir}")
+        if not hold:
+            return 0
+        out.print("Press Ctrl-C to stop.")
+        sys.stdout.flush()
+        while hub.poll() is None and agent.poll() is None:
+            time.sleep(0.2)
+        who = "hub" if hub.poll() is not None else "agent"
+        out.print(f"The {who} stopped unexpectedly; see {data_dir / (who + '.log')}")
+        return 1
+    except KeyboardInterrupt:
+        out.print("\nStopping the agent and the hub...")
+        return 0
+    finally:
+        _stop(agent)
+        _stop(hub)

@@ -1,0 +1,78 @@
+"""``outpost webhook ...``: secret addresses whose POST starts a runbook job."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Optional
+from urllib.parse import quote
+
+import typer
+
+from outpost.protocol.params import split_assignments
+
+from .options import CaFingerprint, DataDir, Hub, Json, Token, api
+from .output import ago, err, out, print_json, table
+from .schedule_cmd import bad_input_exits_2
+
+app = typer.Typer(no_args_is_help=True, help="Webhooks: a secret URL whose POST starts a "
+                  "runbook job with the request body as its parameter 'body'.")
+
+
+def _expires(w: dict[str, Any]) -> str:
+    if w["expires_at"] is None:
+        return "never"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(w["expires_at"]))
+    return f"{stamp} (expired)" if w["expired"] else stamp
+
+
+@app.command()
+def create(
+    name: str,
+    runbook: Annotated[str, typer.Option(help="The runbook to start; it must declare the "
+                                         "parameter 'body' (string or json).")],
+    group: Annotated[str, typer.Option(help="The group whose machines may run it.")],
+    expires: Annotated[Optional[str], typer.Option(
+        help="ISO 8601 date or date and time after which the URL answers 404 "
+             "(2030-01-31, 2030-01-31T18:00+01:00; UTC without a zone).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(
+        help="NAME=VALUE given to every job; repeatable.")] = None,
+    hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+    data_dir: DataDir = None, json: Json = False,
+) -> None:
+    """Make a webhook and print its secret URL. The URL is shown this once: keep it."""
+    body: dict[str, Any] = {"name": name, "runbook": runbook, "group": group,
+                            "params": split_assignments(param or []), "expires": expires}
+    with bad_input_exits_2():
+        made = api(hub, token, ca_fingerprint, data_dir).post("/v1/webhooks", body)
+    if json:
+        print_json(made)
+        return
+    out.print(made["url"], markup=False, highlight=False)
+    err.print(f"Created webhook {made['name']}: a POST to the URL above starts "
+              f"{made['runbook_name']} on group {made['group_name']} with the request body "
+              f"as 'body'; expires {_expires(made)}. The URL is its only key and is not "
+              "shown again.", markup=False)
+
+
+@app.command("list")
+def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+          data_dir: DataDir = None, json: Json = False) -> None:
+    """Every webhook of the account (never their secret URLs)."""
+    rows = api(hub, token, ca_fingerprint, data_dir).get("/v1/webhooks")
+    if json:
+        print_json(rows)
+        return
+    if not rows:
+        out.print("No webhooks in this account.")
+        return
+    table(["NAME", "RUNBOOK", "GROUP", "EXPIRES", "LAST USED", "LAST JOB"], [
+        [w["name"], w["runbook_name"], w["group_name"], _expires(w), ago(w["last_used_at"]),
+         w["last_job_id"] or "-"] for w in rows])
+
+
+@app.command()
+def remove(name: str, hub: Hub = None, token: Token = None,
+           ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None) -> None:
+    """Remove a webhook; its URL answers 404 from now on."""
+    api(hub, token, ca_fingerprint, data_dir).delete(f"/v1/webhooks/{quote(name, safe='')}")
+    out.print(f"Removed webhook {name}.", markup=False)

@@ -1,0 +1,119 @@
+"""Routes for assets: the operator's API, and the API a running job calls with its token."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request, Response
+from pydantic import BaseModel, Field
+
+from outpost.protocol.errors import OutpostError
+
+from . import accounts, assets, auth, job_identity
+
+if TYPE_CHECKING:
+    from .app import Hub
+
+log = logging.getLogger("outpost.hub.assets")
+
+
+class VariableSet(BaseModel):
+    value: str
+    secret: bool = Field(default=False, description="Never shown by list or show.")
+    description: str = Field(default="", max_length=1000)
+
+
+class CredentialSet(BaseModel):
+    username: str = Field(min_length=1)
+    secret: str
+    description: str = Field(default="", max_length=1000)
+
+
+class CertificateImport(BaseModel):
+    data: str = Field(description="The PEM or PFX (PKCS#12) file, base64.")
+    password: str | None = Field(default=None, description="The PFX or private key password.")
+    description: str = Field(default="", max_length=1000)
+
+
+async def _operator(request: Request, authorization: Annotated[str | None, Header()] = None
+                    ) -> accounts.Principal:
+    return await auth.operator(request.app.state.hub.engine, authorization)
+
+
+async def _job(request: Request, authorization: Annotated[str | None, Header()] = None
+               ) -> job_identity.JobIdentity:
+    hub = request.app.state.hub
+    return await job_identity.verify(hub.engine, hub.vault, authorization)
+
+
+Op = Annotated[accounts.Principal, Depends(_operator)]
+Job = Annotated[job_identity.JobIdentity, Depends(_job)]
+
+
+def add_routes(app: FastAPI, hub: Hub) -> None:
+    # --- operators ----------------------------------------------------------------------
+    @app.get("/v1/assets", tags=["assets"])
+    async def asset_list(principal: Op) -> list[dict[str, Any]]:
+        """Every asset of the account: kind, name, thumbprint; never a value."""
+        return await assets.listing(hub.engine, principal.account_id)
+
+    @app.put("/v1/assets/variables/{name}", tags=["assets"])
+    async def variable_set(principal: Op, name: str, body: VariableSet) -> dict[str, Any]:
+        return await assets.set_variable(hub.engine, hub.vault, principal.account_id, name,
+                                         body.value, secret=body.secret,
+                                         description=body.description)
+
+    @app.put("/v1/assets/credentials/{name}", tags=["assets"])
+    async def credential_set(principal: Op, name: str, body: CredentialSet) -> dict[str, Any]:
+        return await assets.set_credential(hub.engine, hub.vault, principal.account_id, name,
+                                           body.username, body.secret,
+                                           description=body.description)
+
+    @app.put("/v1/assets/certificates/{name}", tags=["assets"])
+    async def certificate_import(principal: Op, name: str,
+                                 body: CertificateImport) -> dict[str, Any]:
+        """Import a PEM or PFX file; the answer shows its SHA-1 thumbprint."""
+        try:
+            data = base64.b64decode(body.data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise OutpostError("invalid_request", "The certificate data is not valid base64.",
+                               fix="Send the file's bytes base64-encoded in 'data'.") from exc
+        return await assets.import_certificate(hub.engine, hub.vault, principal.account_id,
+                                               name, data, body.password,
+                                               description=body.description)
+
+    @app.get("/v1/assets/{kind}/{name}", tags=["assets"])
+    async def asset_show(principal: Op, kind: str, name: str) -> dict[str, Any]:
+        """One asset's metadata; a plain variable's value and a credential's user name."""
+        return await assets.show(hub.engine, principal.account_id, assets.kind_of(kind), name,
+                                 vault=hub.vault)
+
+    @app.delete("/v1/assets/{kind}/{name}", tags=["assets"])
+    async def asset_remove(principal: Op, kind: str, name: str) -> dict[str, Any]:
+        return await assets.remove(hub.engine, principal.account_id, assets.kind_of(kind),
+                                   name)
+
+    # --- running jobs (bearer: the job token) -------------------------------------------
+    @app.get("/v1/job/identity", tags=["job identity"])
+    async def job_whoami(ident: Job) -> dict[str, Any]:
+        """The job the token speaks for."""
+        return {"job_id": ident.job_id, "account_id": ident.account_id,
+                "runbook": ident.runbook, "machine_id": ident.machine_id,
+                "activation": ident.activation}
+
+    @app.get("/v1/job/assets/{kind}/{name}", tags=["job identity"])
+    async def job_asset(ident: Job, kind: str, name: str, response: Response
+                        ) -> dict[str, Any]:
+        """An asset of the job's account, with its value."""
+        try:
+            found = await assets.fetch(hub.engine, hub.vault, ident.account_id,
+                                       assets.kind_of(kind), name)
+        except OutpostError as exc:
+            log.warning("job %s asked for %s '%s': %s", ident.job_id, kind, name, exc.message)
+            raise
+        response.headers["Cache-Control"] = "no-store"
+        log.info("job %s read %s '%s'", ident.job_id, found["kind"], found["name"])
+        return found

@@ -1,0 +1,128 @@
+"""Who is calling: an agent registering (account HMAC), an agent (machine Ed25519
+signature with timestamp and nonce), or an operator (bearer API token)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from collections.abc import MutableMapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outpost import __version__
+from outpost.protocol import signing, versions
+from outpost.protocol.errors import OutpostError
+
+from . import accounts, machines
+from .db import nonces
+from .vault import Vault
+
+
+def raw_path(scope: MutableMapping[str, Any]) -> str:
+    path: str = scope.get("raw_path", scope["path"].encode()).decode()
+    query: bytes = scope.get("query_string", b"")
+    return path + ("?" + query.decode() if query else "")
+
+
+def check_version(agent_version: str | None, minimum: str) -> None:
+    """HW-5: an older agent is told plainly which version it needs."""
+    if not agent_version:
+        return
+    try:
+        old = versions.older_than(agent_version, minimum)
+    except ValueError:
+        old = True
+    if old:
+        raise OutpostError(
+            "agent_outdated",
+            f"The agent is out of date (The specified class does not exist): this hub needs "
+            f"agent version {minimum} or newer, and this machine runs {agent_version}.",
+            fix=f"Upgrade the agent on this machine to {minimum} or newer "
+                f"(the hub runs {__version__}), then restart it.",
+            agent_version=agent_version, min_agent_version=minimum,
+        )
+
+
+def _stamp_time(stamp: str) -> datetime:
+    try:
+        return signing.parse_time(stamp)
+    except (ValueError, TypeError):
+        return datetime.fromtimestamp(0, timezone.utc)
+
+
+async def registration(
+    engine: AsyncEngine, vault: Vault, headers: Any, method: str, path: str, body: bytes
+) -> str:
+    """The account id of a correctly signed registration; 403 with a reason otherwise."""
+    account_id: str = headers.get(signing.H_ACCOUNT, "")
+    stamp = headers.get(signing.H_DATE, "")
+    signature = headers.get(signing.H_SIGNATURE, "")
+    keys = await accounts.signing_keys(engine, vault, account_id) if account_id else None
+    if keys is None:
+        raise OutpostError("unknown_account", account_id=account_id)
+    if not signing.verify_account(keys, signature, method, path, stamp, body):
+        raise OutpostError("bad_signature", account_id=account_id)
+    now = datetime.now(timezone.utc)
+    client = _stamp_time(stamp)
+    skew = (client - now).total_seconds()
+    if abs(skew) > signing.MAX_SKEW_SECONDS:
+        raise OutpostError(
+            "clock_skew",
+            fix=f"The machine's clock reads {signing.format_time(client)} and the hub's "
+                f"{signing.format_time(now)} ({abs(skew):.0f} s apart; at most "
+                f"{signing.MAX_SKEW_SECONDS} s is allowed). Synchronise the machine's clock "
+                f"with NTP and register again.",
+            client_time=signing.format_time(client), hub_time=signing.format_time(now),
+            skew_seconds=round(skew, 3),
+        )
+    return account_id
+
+
+async def machine(
+    engine: AsyncEngine, headers: Any, method: str, path: str, body: bytes
+) -> Any:
+    """The machine row of a correctly signed, fresh, first-seen agent request."""
+    machine_id = headers.get(signing.H_MACHINE, "")
+    stamp = headers.get(signing.H_DATE, "")
+    nonce = headers.get(signing.H_NONCE, "")
+    signature = headers.get(signing.H_SIGNATURE, "")
+    row = await machines.by_id(engine, machine_id) if machine_id else None
+    if row is None or not signing.verify_machine(
+        signing.unb64(row.public_key), signature, method, path, stamp, nonce, body
+    ):
+        raise OutpostError("machine_unknown", machine_id=machine_id)
+    now = datetime.now(timezone.utc)
+    skew = (_stamp_time(stamp) - now).total_seconds()
+    if abs(skew) > signing.MAX_SKEW_SECONDS:
+        raise OutpostError("stale_request", skew_seconds=round(skew, 3),
+                           hub_time=signing.format_time(now))
+    if not nonce or len(nonce) > 64:
+        raise OutpostError("replayed_request", fix="Send a fresh nonce of at most 64 characters.")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(nonces.insert().values(
+                machine_id=row.id, nonce=nonce, seen_at=time.time()))
+    except IntegrityError as exc:
+        raise OutpostError("replayed_request", machine_id=row.id) from exc
+    return row
+
+
+async def prune_nonces(engine: AsyncEngine) -> int:
+    """Nonces older than twice the window can no longer pass the timestamp check."""
+    cutoff = time.time() - 2 * signing.MAX_SKEW_SECONDS
+    async with engine.begin() as conn:
+        result = await conn.execute(sa.delete(nonces).where(nonces.c.seen_at < cutoff))
+    return int(result.rowcount or 0)
+
+
+async def operator(engine: AsyncEngine, authorization: str | None) -> accounts.Principal:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise OutpostError("unauthorized")
+    principal = await accounts.principal_for(engine, token.strip())
+    if principal is None:
+        raise OutpostError("unauthorized")
+    return principal

@@ -1,0 +1,204 @@
+"""The hub's data directory: its layout, its config file, and ``outpost hub init``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from outpost.protocol.errors import OutpostError
+from outpost.protocol.signing import b64
+
+from . import pki
+from .vault import Vault, new_account_key, new_token, token_hash
+
+DEFAULT_BIND = "127.0.0.1:8443"
+
+
+class HubConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bind: str = DEFAULT_BIND
+    url: str = f"https://{DEFAULT_BIND}"
+    database_url: str = ""
+    hostnames: list[str] = Field(default_factory=list)
+    # HW-5: agents older than this are refused with a plain message.
+    min_agent_version: str = "0.1.0"
+    heartbeat_interval: float = 30.0
+    # Longest time a long-poll is held before it answers with no work.
+    poll_timeout: float = 25.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class HubPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "hub.yaml"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "hub.db"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "server.key"
+
+    @property
+    def master_key(self) -> Path:
+        return self.root / "master.key"
+
+    @property
+    def admin_token(self) -> Path:
+        return self.root / "admin.token"
+
+    @property
+    def seed(self) -> Path:
+        return self.root / "seed.yaml"
+
+    def initialised(self) -> bool:
+        return self.config.exists() and self.master_key.exists()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def load_config(paths: HubPaths) -> HubConfig:
+    if not paths.initialised():
+        raise OutpostError(
+            "hub_not_initialised",
+            f"The hub data directory {paths.root} is not initialised.",
+            fix=f"Run 'outpost hub init --data-dir {paths.root}' first.",
+        )
+    try:
+        raw = yaml.safe_load(paths.config.read_text()) or {}
+        return HubConfig.model_validate(raw)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise OutpostError(
+            "config_invalid", f"The hub configuration {paths.config} is invalid: {exc}",
+            fix=f"Correct {paths.config}.",
+        ) from exc
+
+
+def vault_for(paths: HubPaths) -> Vault:
+    return Vault(paths.master_key.read_bytes())
+
+
+@dataclass
+class InitResult:
+    created: bool
+    url: str
+    ca_fingerprint: str
+    account_id: str
+    primary_key: str
+    secondary_key: str
+    admin_token: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "ca_fingerprint": self.ca_fingerprint,
+            "account_id": self.account_id,
+            "primary_key": self.primary_key,
+            "secondary_key": self.secondary_key,
+            "admin_token": self.admin_token,
+        }
+
+
+def ca_fingerprint(paths: HubPaths) -> str:
+    from cryptography import x509
+
+    return pki.fingerprint(x509.load_pem_x509_certificate(paths.ca_cert.read_bytes()))
+
+
+def read_seed(paths: HubPaths) -> dict[str, Any]:
+    """The first account, kept beside the config so any fresh database can be seeded.
+
+    The account keys are sealed by the vault and the admin token is kept only as a hash.
+    """
+    data: dict[str, Any] = yaml.safe_load(paths.seed.read_text())
+    return data
+
+
+def init(
+    root: Path, hostnames: list[str], bind: str = DEFAULT_BIND, database_url: str = ""
+) -> InitResult:
+    """Create a hub data directory; on one that exists, change nothing and report it."""
+    paths = HubPaths(root)
+    if paths.initialised():
+        config = load_config(paths)
+        seed = read_seed(paths)
+        vault = vault_for(paths)
+        return InitResult(
+            created=False,
+            url=config.url,
+            ca_fingerprint=ca_fingerprint(paths),
+            account_id=seed["account_id"],
+            primary_key=vault.open(seed["primary_key"], "account-key").decode(),
+            secondary_key=vault.open(seed["secondary_key"], "account-key").decode(),
+            admin_token=paths.admin_token.read_text().strip(),
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
+    host = bind.rsplit(":", 1)[0]
+    port = bind.rsplit(":", 1)[1]
+    url_host = hostnames[0] if hostnames else ("localhost" if host in ("0.0.0.0", "127.0.0.1",
+                                                                       "::", "") else host)
+    config = HubConfig(
+        bind=bind,
+        url=f"https://{url_host}:{port}",
+        database_url=database_url or f"sqlite:///{paths.database}",
+        hostnames=hostnames,
+    )
+    pki.create_ca(f"Outpost hub CA {uuid.uuid4().hex[:8]}", paths.ca_cert, paths.ca_key)
+    pki.create_server_cert(paths.ca_cert, paths.ca_key, hostnames, paths.server_cert,
+                           paths.server_key)
+    _write_private(paths.master_key, secrets.token_bytes(32))
+    vault = vault_for(paths)
+    account_id = str(uuid.uuid4())
+    primary, secondary = new_account_key(), new_account_key()
+    admin = new_token()
+    _write_private(paths.admin_token, (admin + "\n").encode())
+    _write_private(paths.seed, yaml.safe_dump({
+        "account_id": account_id,
+        "account_name": "default",
+        "primary_key": vault.seal(primary.encode(), "account-key"),
+        "secondary_key": vault.seal(secondary.encode(), "account-key"),
+        "admin_token_hash": token_hash(admin),
+        "created_at": time.time(),
+    }).encode())
+    # Written last: its presence marks the directory as initialised.
+    paths.config.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    return InitResult(True, config.url, ca_fingerprint(paths), account_id, primary, secondary,
+                      admin)
+
+
+def random_id() -> str:
+    return str(uuid.uuid4())
+
+
+__all__ = ["HubConfig", "HubPaths", "InitResult", "init", "load_config", "b64"]

@@ -1,0 +1,157 @@
+"""Work dispatch: long-poll wake-ups and the atomic claim.
+
+A poller registers its wake-up before it looks for work, so an item created between the look
+and the wait is never missed. Wake-ups are in-process; with several hub replicas a poller that
+is not woken still finds the work at its next look (every ``RECHECK`` seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import jobs
+from .config import random_id
+from .db import work_items
+
+RECHECK = 5.0
+
+
+class Dispatcher:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._done: dict[str, asyncio.Event] = {}
+        self.closing = False
+
+    def close(self) -> None:
+        """Answer every waiting long-poll now (with no work) so shutdown is not held up."""
+        self.closing = True
+        for waiters in self._waiters.values():
+            for ev in waiters:
+                ev.set()
+
+    @staticmethod
+    def _keys(account_id: str, group: str, machine_id: str) -> tuple[str, str]:
+        return f"m:{machine_id}", f"g:{account_id}:{group}"
+
+    def wake(self, *keys: str) -> None:
+        for key in keys:
+            for ev in self._waiters.get(key, ()):
+                ev.set()
+
+    async def submit(self, account_id: str, kind: str, payload: dict[str, Any], *,
+                     machine_id: str | None = None, group: str | None = None) -> str:
+        item_id = random_id()
+        async with self._engine.begin() as conn:
+            await conn.execute(work_items.insert().values(
+                id=item_id, account_id=account_id, machine_id=machine_id, group_name=group,
+                kind=kind, payload=payload, created_at=time.time(),
+            ))
+        self.wake(f"m:{machine_id}" if machine_id else f"g:{account_id}:{group}")
+        return item_id
+
+    async def claim(self, machine: Any, limit: int, capacity: int = 0) -> list[dict[str, Any]]:
+        """Claim open items for this machine in one statement: no item goes to two pollers."""
+        pick = (
+            sa.select(work_items.c.id)
+            .where(
+                work_items.c.account_id == machine.account_id,
+                work_items.c.claimed_by.is_(None),
+                sa.or_(work_items.c.machine_id == machine.id,
+                       sa.and_(work_items.c.machine_id.is_(None),
+                               work_items.c.group_name == machine.group_name)),
+            )
+            .order_by(work_items.c.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            work_items.update()
+            .where(work_items.c.id.in_(pick.scalar_subquery()), work_items.c.claimed_by.is_(None))
+            .values(claimed_by=machine.id, claimed_at=time.time())
+            .returning(work_items.c.id, work_items.c.kind, work_items.c.payload,
+                       work_items.c.created_at)
+        )
+        async with self._engine.begin() as conn:
+            rows = (await conn.execute(stmt)).all()
+            claimed = [dict(row._mapping) for row in sorted(rows, key=lambda r: r.created_at)]
+            claimed += await jobs.claim(conn, machine, capacity)
+        return claimed
+
+    async def poll(self, machine: Any, timeout: float, limit: int = 16, capacity: int = 0,
+                   gone: Callable[[], Awaitable[bool]] | None = None) -> list[dict[str, Any]]:
+        """Work for the machine, waiting up to ``timeout`` seconds for some to appear.
+
+        ``gone`` tells whether the poller hung up: an agent killed while it waited must not
+        claim work it can never receive (the job would wait out a lease for nothing).
+        """
+        ev = asyncio.Event()
+        keys = self._keys(machine.account_id, machine.group_name, machine.id)
+        for key in keys:
+            self._waiters[key].add(ev)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if gone is not None and await gone():
+                    return []
+                items = await self.claim(machine, limit, capacity)
+                if items:
+                    return items
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.closing:
+                    return []
+                try:
+                    await asyncio.wait_for(ev.wait(), min(remaining, RECHECK))
+                except TimeoutError:
+                    pass
+                ev.clear()
+        finally:
+            for key in keys:
+                self._waiters[key].discard(ev)
+                if not self._waiters[key]:
+                    del self._waiters[key]
+
+    async def complete(self, machine_id: str, item_id: str, result: dict[str, Any]) -> bool:
+        async with self._engine.begin() as conn:
+            done = await conn.execute(
+                work_items.update()
+                .where(work_items.c.id == item_id, work_items.c.claimed_by == machine_id)
+                .values(done_at=time.time(), result=result))
+        ev = self._done.get(item_id)
+        if ev:
+            ev.set()
+        return bool(done.rowcount)
+
+    async def withdraw(self, item_id: str) -> None:
+        """Remove an item nobody finished, so a late agent does not answer a stale request."""
+        async with self._engine.begin() as conn:
+            await conn.execute(work_items.delete().where(work_items.c.id == item_id,
+                                                         work_items.c.done_at.is_(None)))
+
+    async def wait_done(self, item_id: str, timeout: float) -> dict[str, Any] | None:
+        """The finished item, or None if it did not finish within ``timeout`` seconds."""
+        ev = self._done.setdefault(item_id, asyncio.Event())
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                async with self._engine.connect() as conn:
+                    row = (await conn.execute(
+                        sa.select(work_items).where(work_items.c.id == item_id))).first()
+                if row is not None and row.done_at is not None:
+                    return dict(row._mapping)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(ev.wait(), min(remaining, 1.0))
+                except TimeoutError:
+                    pass
+        finally:
+            self._done.pop(item_id, None)

@@ -1,0 +1,422 @@
+"""Jobs: a runbook version run on one machine of a group, with its attempts and output.
+
+States and transitions (docs/jobs.md)::
+
+    Queued -> Activating (claimed under a lease) -> Running -> Completed | Failed
+    Activating/Running -- failed activation (lease expired, agent lost the job, sandbox
+        killed by a signal the agent did not send) --> Queued, or Suspended on the third
+    stop:    Queued/Suspended -> Stopped;  on a machine -> Stopping -> Stopped
+    suspend: Queued -> Suspended;  on a machine -> Suspending -> Suspended (paused there)
+    resume:  paused on a machine -> Resuming -> Running;  not on a machine -> Queued
+
+Output records are kept once per (job, sequence), so an agent that sends a batch again after
+a lost answer duplicates nothing. Each attempt numbers its records from
+``(attempt - 1) << 32``, so the records of every attempt of a job sort in one sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from outpost.protocol import params
+from outpost.protocol.errors import OutpostError
+
+from . import runbooks
+from .config import random_id
+from .db import groups, job_attempts, job_records, jobs, machines
+from .db import runbooks as runbook_table
+from .machines import GROUP_RE
+
+STATES = ("New", "Queued", "Activating", "Running", "Completed", "Failed", "Stopping",
+          "Stopped", "Suspending", "Suspended", "Resuming")
+FINAL = ("Completed", "Failed", "Stopped")
+STREAMS = ("Output", "Error", "Warning", "Verbose", "Progress", "Debug")
+# A job is held by a machine in these states; its lease is renewed by the machine's heartbeat.
+HELD = ("Activating", "Running", "Stopping", "Suspending", "Suspended", "Resuming")
+# A lease lasts this many heartbeat intervals (the machine turns Unresponsive at the same
+# point), and never less than LEASE_MIN seconds.
+LEASE_BEATS = 3
+LEASE_MIN = 5.0
+MAX_ACTIVATIONS = 3
+ACTIVATE_FAILED = ("The job action 'Activate' cannot be run, because the process stopped "
+                   "unexpectedly. The job action was attempted three times.")
+SEQ_SHIFT = 32
+
+
+async def start(engine: AsyncEngine, account_id: str, runbook: str, group: str,
+                given: dict[str, Any], version: int | None = None,
+                timeout: float | None = None) -> dict[str, Any]:
+    """Check everything, then queue: a bad parameter is refused before anything is stored."""
+    values = await prepare(engine, account_id, runbook, group, given, version, timeout)
+    async with engine.begin() as conn:
+        await insert(conn, values)
+    return await get(engine, account_id, values["id"])
+
+
+async def prepare(engine: AsyncEngine, account_id: str, runbook: str, group: str,
+                  given: dict[str, Any], version: int | None = None,
+                  timeout: float | None = None) -> dict[str, Any]:
+    """The row of a new job, checked (group, timeout, runbook, parameters) but not stored.
+
+    Schedules and webhooks call this, then ``insert`` in a transaction of their own.
+    """
+    if not GROUP_RE.match(group):
+        raise OutpostError("invalid_request", f"Invalid group name '{group}'.")
+    if timeout is not None and not 0 < timeout <= 7 * 86400:
+        raise OutpostError("invalid_request", f"Timeout {timeout:g} s is out of range.",
+                           fix="Give a timeout between 1 second and 7 days.")
+    book = await runbooks.get(engine, account_id, runbook, version)
+    values = params.check(book["params"], given)
+    return {"id": random_id(), "account_id": account_id, "runbook_name": book["name"],
+            "runbook_version": book["version"], "group_name": group, "params": values,
+            "status": "Queued", "timeout_seconds": timeout, "created_at": time.time(),
+            "activations": 0, "attempt": 0}
+
+
+async def insert(conn: AsyncConnection, values: dict[str, Any]) -> None:
+    """Queue a prepared job. The caller wakes the group's pollers after its commit."""
+    await conn.execute(jobs.insert().values(**values))
+
+
+def lease_seconds(machine: Any) -> float:
+    return max(LEASE_BEATS * float(machine.heartbeat_interval or 30), LEASE_MIN)
+
+
+async def claim(conn: AsyncConnection, machine: Any, capacity: int) -> list[dict[str, Any]]:
+    """Claim queued jobs of the machine's group in one statement, under a lease.
+
+    ``capacity`` is how many jobs the agent runs at most; the jobs this machine already holds
+    count against it, so a slot is free only once its job's end has reached the hub.
+    """
+    if capacity <= 0:
+        return []
+    held = await conn.scalar(sa.select(sa.func.count()).select_from(jobs).where(
+        jobs.c.machine_id == machine.id, jobs.c.status.in_(HELD)))
+    free = capacity - int(held or 0)
+    if free <= 0:
+        return []
+    now = time.time()
+    pick = (sa.select(jobs.c.id)
+            .where(jobs.c.account_id == machine.account_id,
+                   jobs.c.group_name == machine.group_name, jobs.c.status == "Queued")
+            .order_by(jobs.c.created_at).limit(free)
+            .with_for_update(skip_locked=True))
+    rows = (await conn.execute(
+        jobs.update().where(jobs.c.id.in_(pick.scalar_subquery()), jobs.c.status == "Queued")
+        .values(status="Activating", machine_id=machine.id,
+                lease_expires_at=now + lease_seconds(machine),
+                activations=jobs.c.activations + 1, attempt=jobs.c.attempt + 1)
+        .returning(jobs))).all()
+    if not rows:
+        return []
+    rows.sort(key=lambda r: r.created_at)
+    await conn.execute(job_attempts.insert(), [
+        {"id": random_id(), "job_id": r.id, "number": r.attempt, "machine_id": machine.id,
+         "started_at": now} for r in rows])
+    rb = runbook_table.c
+    books = {(b.name, b.version): b for b in (await conn.execute(sa.select(
+        rb.name, rb.version, rb.type, rb.content, rb.log_verbose, rb.log_progress).where(
+        rb.account_id == machine.account_id,
+        sa.tuple_(rb.name, rb.version).in_([(r.runbook_name, r.runbook_version)
+                                            for r in rows])))).all()}
+    run_as = await conn.scalar(sa.select(groups.c.run_as).where(
+        groups.c.account_id == machine.account_id, groups.c.name == machine.group_name))
+    claimed = []
+    for row in rows:
+        book = books[(row.runbook_name, row.runbook_version)]
+        claimed.append({"id": row.id, "kind": "job", "created_at": row.created_at, "payload": {
+            "job_id": row.id, "attempt": row.attempt, "runbook": row.runbook_name,
+            "version": row.runbook_version, "type": book.type, "content": book.content,
+            "params": row.params, "timeout": row.timeout_seconds,
+            "log_verbose": book.log_verbose, "log_progress": book.log_progress,
+            "run_as": run_as, "seq_base": (row.attempt - 1) << SEQ_SHIFT}})
+    return claimed
+
+
+async def _attempt(conn: AsyncConnection, machine_id: str, job_id: str, attempt: int) -> Any:
+    """The job, if ``attempt`` of it was made by this machine; else not found."""
+    row = (await conn.execute(
+        sa.select(jobs).join(job_attempts, job_attempts.c.job_id == jobs.c.id).where(
+            jobs.c.id == job_id, job_attempts.c.number == attempt,
+            job_attempts.c.machine_id == machine_id))).first()
+    if row is None:
+        raise OutpostError("not_found", f"No attempt {attempt} of job '{job_id}' was made by "
+                           "this machine.")
+    return row
+
+
+def _current(row: Any, machine_id: str, attempt: int) -> bool:
+    return bool(row.machine_id == machine_id and row.attempt == attempt
+                and row.status in HELD)
+
+
+async def running(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int) -> str:
+    """The runbook's process started (or resumed after a pause)."""
+    async with engine.begin() as conn:
+        row = await _attempt(conn, machine_id, job_id, attempt)
+        if not _current(row, machine_id, attempt):
+            return str(row.status)
+        if row.status == "Activating":
+            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+                status="Running", started_at=time.time()))
+            return "Running"
+        if row.status == "Resuming":
+            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+                status="Running"))
+            return "Running"
+        return str(row.status)
+
+
+async def paused(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int) -> str:
+    """The agent stopped the runbook's process group (SIGSTOP) as asked."""
+    async with engine.begin() as conn:
+        row = await _attempt(conn, machine_id, job_id, attempt)
+        if _current(row, machine_id, attempt) and row.status == "Suspending":
+            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+                status="Suspended", reason="suspended by the operator"))
+            return "Suspended"
+        return str(row.status)
+
+
+async def add_records(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int,
+                      records: list[dict[str, Any]]) -> int:
+    """Store records not seen before; returns how many were new.
+
+    Records of an attempt that has ended are still taken from the machine that made it: an
+    agent that was cut off or restarted uploads what it spooled, and nothing is lost.
+    """
+    if not records:
+        return 0
+    base = (attempt - 1) << SEQ_SHIFT
+    rows: list[dict[str, Any]] = [
+        {"job_id": job_id, "seq": int(r["seq"]), "stream": str(r["stream"]),
+         "text": str(r["text"]), "at": float(r["at"])} for r in records]
+    for row in rows:
+        if row["stream"] not in STREAMS:
+            raise OutpostError("invalid_request", f"Unknown stream '{row['stream']}'.")
+        if not base <= row["seq"] < base + (1 << SEQ_SHIFT):
+            raise OutpostError("invalid_request", f"Record {row['seq']} is outside the "
+                               f"numbers of attempt {attempt}.")
+    async with engine.begin() as conn:
+        await _attempt(conn, machine_id, job_id, attempt)
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt: Any = pg_insert(job_records).on_conflict_do_nothing()
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(job_records).on_conflict_do_nothing()
+        result = await conn.execute(stmt, rows)
+    return int(result.rowcount or 0)
+
+
+async def _close_attempt(conn: AsyncConnection, job_id: str, attempt: int, now: float,
+                         exit_code: int | None, signal: int | None, reason: str) -> None:
+    await conn.execute(job_attempts.update().where(
+        job_attempts.c.job_id == job_id, job_attempts.c.number == attempt,
+        job_attempts.c.ended_at.is_(None)).values(
+        ended_at=now, exit_code=exit_code, signal=signal, reason=reason))
+
+
+async def _activation_failed(conn: AsyncConnection, row: Any, now: float, reason: str,
+                             exit_code: int | None = None, signal: int | None = None) -> str:
+    """HW-1: back to the queue for any machine of the group; the third failure suspends."""
+    await _close_attempt(conn, row.id, row.attempt, now, exit_code, signal, reason)
+    if row.activations >= MAX_ACTIVATIONS:
+        status, why = "Suspended", ACTIVATE_FAILED
+    else:
+        status, why = "Queued", f"activation {row.activations} failed: {reason}"
+    await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
+        status=status, reason=why, machine_id=None, lease_expires_at=None))
+    return status
+
+
+async def finish(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int,
+                 exit_code: int | None, signal: int | None, reason: str,
+                 cause: str = "exit") -> str:
+    """The attempt's process ended; returns the job's state after it.
+
+    ``cause`` says who ended it: ``exit`` (the runbook, by itself), ``timeout``, ``stopped``
+    (the agent, asked by the operator), ``killed`` (a signal the agent did not send: the
+    sandbox died) or ``lost`` (the agent restarted while the job ran). The last two are
+    failed activations; a runbook that exits non-zero is Failed and never retried.
+    """
+    now = time.time()
+    async with engine.begin() as conn:
+        row = await _attempt(conn, machine_id, job_id, attempt)
+        if not _current(row, machine_id, attempt):
+            return str(row.status)  # a repeated report, or the lease expired before it
+        if row.status == "Stopping" or cause == "stopped":
+            status = "Stopped"
+        elif row.status == "Suspending" and cause != "exit":
+            # Asked to pause, and the process went away first: nothing is left to resume,
+            # so resuming queues it afresh.
+            status = "Suspended"
+        elif cause in ("killed", "lost"):
+            return await _activation_failed(conn, row, now, reason, exit_code, signal)
+        else:
+            status = "Completed" if exit_code == 0 and signal is None else "Failed"
+        await _close_attempt(conn, job_id, attempt, now, exit_code, signal, reason)
+        await conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+            status=status, ended_at=now if status in FINAL else None, exit_code=exit_code,
+            signal=signal, reason=reason, lease_expires_at=None,
+            machine_id=row.machine_id if status not in ("Suspended",) else None))
+    return status
+
+
+async def renew(engine: AsyncEngine, machine: Any,
+                held: list[tuple[str, int]]) -> list[str]:
+    """Renew the leases of the jobs a heartbeat says the agent runs.
+
+    Returns the jobs the agent should let go of: those it runs on an attempt the hub has
+    given up (its lease expired while it was cut off, or the job was removed).
+    """
+    if not held:
+        return []
+    now = time.time()
+    async with engine.begin() as conn:
+        rows = (await conn.execute(sa.select(jobs.c.id, jobs.c.attempt, jobs.c.status,
+                                             jobs.c.machine_id).where(
+            jobs.c.id.in_([job_id for job_id, _ in held])))).all()
+        current = {r.id for r in rows if r.machine_id == machine.id and r.status in HELD}
+        keep = [job_id for job_id, attempt in held if job_id in current and any(
+            r.id == job_id and r.attempt == attempt for r in rows)]
+        if keep:
+            await conn.execute(jobs.update().where(
+                jobs.c.id.in_(keep), jobs.c.machine_id == machine.id).values(
+                lease_expires_at=now + lease_seconds(machine)))
+    return [job_id for job_id, _ in held if job_id not in keep]
+
+
+async def extend_leases(engine: AsyncEngine) -> None:
+    """At hub start: every held job gets a full lease from now.
+
+    While the hub was down no machine could renew a lease; without this the first reap
+    after a restart would fail the activation of every job that ran through the outage.
+    """
+    interval = sa.select(machines.c.heartbeat_interval).where(
+        machines.c.id == jobs.c.machine_id).scalar_subquery()
+    length = sa.func.coalesce(interval, 30.0) * LEASE_BEATS
+    async with engine.begin() as conn:
+        await conn.execute(jobs.update().where(jobs.c.status.in_(HELD)).values(
+            lease_expires_at=time.time() + sa.case((length < LEASE_MIN, LEASE_MIN),
+                                                   else_=length)))
+
+
+async def reap(engine: AsyncEngine) -> list[tuple[str, str]]:
+    """End every lease that expired; returns the (account, group) pairs to wake."""
+    now = time.time()
+    woken = []
+    async with engine.begin() as conn:
+        rows = (await conn.execute(sa.select(jobs).where(
+            jobs.c.status.in_(HELD), jobs.c.lease_expires_at < now)
+            .with_for_update(skip_locked=True))).all()
+        for row in rows:
+            reason = "lease expired: the machine stopped renewing it (no heartbeat)"
+            if row.status == "Stopping":
+                await _close_attempt(conn, row.id, row.attempt, now, None, None, reason)
+                await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
+                    status="Stopped", ended_at=now, lease_expires_at=None,
+                    reason="stopped; the machine was lost before it confirmed"))
+            elif row.status in ("Suspending", "Suspended", "Resuming"):
+                await _close_attempt(conn, row.id, row.attempt, now, None, None, reason)
+                await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
+                    status="Suspended", machine_id=None, lease_expires_at=None,
+                    reason="suspended; the machine that held it was lost"))
+            elif await _activation_failed(conn, row, now, reason) == "Queued":
+                woken.append((row.account_id, row.group_name))
+    return woken
+
+
+async def control(engine: AsyncEngine, account_id: str, job_id: str,
+                  action: str) -> tuple[dict[str, Any], str | None]:
+    """stop, suspend or resume; returns the job and the machine to tell, if one holds it."""
+    async with engine.begin() as conn:
+        row = (await conn.execute(sa.select(jobs).where(
+            jobs.c.id == job_id, jobs.c.account_id == account_id))).first()
+        if row is None:
+            raise OutpostError("not_found", f"No job '{job_id}' in this account.",
+                               fix="See 'outpost job list'.")
+        now = time.time()
+        on_machine = row.machine_id is not None and row.status in HELD
+        values: dict[str, Any]
+        if action == "stop" and row.status in ("New", "Queued", "Suspended") \
+                and not on_machine:
+            values = {"status": "Stopped", "ended_at": now, "reason": "stopped by the operator"}
+        elif action == "stop" and on_machine and row.status != "Stopping":
+            values = {"status": "Stopping", "reason": "stop requested by the operator"}
+        elif action == "suspend" and row.status in ("New", "Queued"):
+            values = {"status": "Suspended", "reason": "suspended by the operator"}
+        elif action == "suspend" and row.status in ("Activating", "Running", "Resuming"):
+            values = {"status": "Suspending", "reason": "suspend requested by the operator"}
+        elif action == "resume" and row.status == "Suspended" and on_machine:
+            values = {"status": "Resuming", "reason": "resume requested by the operator"}
+        elif action == "resume" and row.status == "Suspended":
+            # A fresh start: the count of failed activations begins again (HW-1); attempts
+            # keep their numbers.
+            values = {"status": "Queued", "activations": 0, "reason": "resumed by the operator"}
+        else:
+            allowed = {"stop": "New, Queued, Activating, Running, Suspending, Suspended or "
+                               "Resuming", "suspend": "Queued, Activating, Running or Resuming",
+                       "resume": "Suspended"}[action]
+            raise OutpostError("job_state_conflict", f"Job '{job_id}' is {row.status}; "
+                               f"'{action}' applies to a job that is {allowed}.",
+                               job=job_id, status=row.status, action=action)
+        await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+    tell = row.machine_id if on_machine and values["status"] in (
+        "Stopping", "Suspending", "Resuming") else None
+    return await get(engine, account_id, job_id), tell
+
+
+def _view(row: Any) -> dict[str, Any]:
+    return {k: row._mapping[k] for k in (
+        "id", "runbook_name", "runbook_version", "group_name", "params", "status",
+        "timeout_seconds", "created_at", "started_at", "ended_at", "machine_id",
+        "activations", "attempt", "exit_code", "signal", "reason")}
+
+
+async def get(engine: AsyncEngine, account_id: str, job_id: str) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(jobs).where(
+            jobs.c.id == job_id, jobs.c.account_id == account_id))).first()
+        if row is None:
+            raise OutpostError("not_found", f"No job '{job_id}' in this account.",
+                               fix="See 'outpost job list'.")
+        tried = (await conn.execute(sa.select(job_attempts).where(
+            job_attempts.c.job_id == job_id).order_by(job_attempts.c.number))).all()
+    view = _view(row)
+    view["attempts"] = [{k: a._mapping[k] for k in (
+        "number", "machine_id", "started_at", "ended_at", "exit_code", "signal", "reason")}
+        for a in tried]
+    return view
+
+
+async def listing(engine: AsyncEngine, account_id: str, status: str | None = None,
+                  limit: int = 200) -> list[dict[str, Any]]:
+    if status is not None and status not in STATES:
+        raise OutpostError("invalid_request", f"Unknown job status '{status}'.",
+                           fix=f"Use one of {', '.join(STATES)}.")
+    query = sa.select(jobs).where(jobs.c.account_id == account_id)
+    if status:
+        query = query.where(jobs.c.status == status)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(
+            query.order_by(jobs.c.created_at.desc()).limit(limit))).all()
+    return [_view(r) for r in rows]
+
+
+async def records(engine: AsyncEngine, account_id: str, job_id: str, after: int = -1,
+                  streams: list[str] | None = None) -> list[dict[str, Any]]:
+    await get(engine, account_id, job_id)  # existence and account
+    query = sa.select(job_records).where(job_records.c.job_id == job_id,
+                                         job_records.c.seq > after)
+    if streams:
+        query = query.where(job_records.c.stream.in_(streams))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query.order_by(job_records.c.seq))).all()
+    return [{"seq": r.seq, "stream": r.stream, "text": r.text, "at": r.at} for r in rows]

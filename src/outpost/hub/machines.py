@@ -1,0 +1,175 @@
+"""Machines: registration, heartbeats, and what the fleet views show."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outpost.protocol.errors import ALREADY_REGISTERED_TEXT, OutpostError
+from outpost.protocol.models import Heartbeat, RegisterRequest
+
+from .config import random_id
+from .db import accounts, machines, nonces, work_items
+
+GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Healthy until 3 heartbeats are missed, Unresponsive until 10 are, then Disconnected.
+UNRESPONSIVE_AFTER = 3
+DISCONNECTED_AFTER = 10
+
+
+def check_name(name: str) -> None:
+    """ED-7: the same rule and text as the edge runtime's host name check."""
+    if not name or len(name) > 64:
+        raise OutpostError("invalid_hostname", name=name, length=len(name))
+
+
+def status(row: Any, now: float) -> str:
+    interval = max(float(row.heartbeat_interval), 0.001)
+    last = row.last_heartbeat_at
+    if last is None:
+        elapsed = now - row.registered_at
+        if elapsed < UNRESPONSIVE_AFTER * interval:
+            return "Pending"
+    else:
+        elapsed = now - last
+    if elapsed >= DISCONNECTED_AFTER * interval:
+        return "Disconnected"
+    if elapsed >= UNRESPONSIVE_AFTER * interval:
+        return "Unresponsive"
+    return "Healthy" if last is not None else "Pending"
+
+
+async def register(
+    engine: AsyncEngine, account_id: str, request: RegisterRequest, heartbeat_interval: float
+) -> dict[str, Any]:
+    check_name(request.name)
+    if not GROUP_RE.match(request.group):
+        raise OutpostError(
+            "invalid_request", f"Invalid group name '{request.group}'.",
+            fix="Use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+        )
+    now = time.time()
+    async with engine.begin() as conn:
+        existing = (await conn.execute(
+            sa.select(machines.c.id, machines.c.group_name).where(
+                machines.c.account_id == account_id, machines.c.name == request.name))).first()
+        if existing is not None:
+            if not request.force:
+                account_name = await conn.scalar(
+                    sa.select(accounts.c.name).where(accounts.c.id == account_id))
+                raise OutpostError(
+                    "already_registered",
+                    f"{ALREADY_REGISTERED_TEXT}: '{request.name}' in account {account_id} "
+                    f"({account_name}), group '{existing.group_name}'.",
+                    account_id=account_id, account_name=account_name,
+                    group=existing.group_name, name=request.name,
+                )
+            await _delete(conn, existing.id)
+        machine_id = random_id()
+        await conn.execute(machines.insert().values(
+            id=machine_id, account_id=account_id, name=request.name,
+            group_name=request.group, labels=request.labels, public_key=request.public_key,
+            facts=request.facts.model_dump(), agent_version=request.facts.agent_version,
+            registered_at=now, last_heartbeat_at=None, heartbeat_interval=heartbeat_interval,
+            heartbeat=None,
+        ))
+    return {"machine_id": machine_id, "account_id": account_id, "name": request.name,
+            "group": request.group, "hub_time": now, "heartbeat_interval": heartbeat_interval}
+
+
+async def _delete(conn: Any, machine_id: str) -> None:
+    await conn.execute(nonces.delete().where(nonces.c.machine_id == machine_id))
+    await conn.execute(work_items.delete().where(work_items.c.machine_id == machine_id))
+    await conn.execute(machines.delete().where(machines.c.id == machine_id))
+
+
+async def deregister(engine: AsyncEngine, machine_id: str) -> None:
+    async with engine.begin() as conn:
+        await _delete(conn, machine_id)
+
+
+async def by_id(engine: AsyncEngine, machine_id: str) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(
+            sa.select(machines).where(machines.c.id == machine_id))).first()
+
+
+async def record_heartbeat(engine: AsyncEngine, machine_id: str, beat: Heartbeat) -> float:
+    now = time.time()
+    async with engine.begin() as conn:
+        await conn.execute(machines.update().where(machines.c.id == machine_id).values(
+            last_heartbeat_at=now, heartbeat=beat.model_dump(),
+            heartbeat_interval=beat.heartbeat_interval, agent_version=beat.agent_version,
+        ))
+    return now
+
+
+def view(row: Any, now: float) -> dict[str, Any]:
+    beat = row.heartbeat or {}
+    return {
+        "id": row.id,
+        "name": row.name,
+        "group": row.group_name,
+        "labels": row.labels,
+        "agent_version": row.agent_version,
+        "status": status(row, now),
+        "last_heartbeat_at": row.last_heartbeat_at,
+        "registered_at": row.registered_at,
+        "heartbeat_interval": row.heartbeat_interval,
+        "facts": row.facts,
+        "not_taking_work": beat.get("not_taking_work"),
+    }
+
+
+async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
+    now = time.time()
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(machines).where(machines.c.account_id == account_id)
+            .order_by(machines.c.name))
+        return [view(row, now) for row in rows]
+
+
+async def find(engine: AsyncEngine, account_id: str, name_or_id: str) -> Any:
+    """A machine of this account by name or id; another account's machine is not found."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(machines).where(
+            machines.c.account_id == account_id,
+            sa.or_(machines.c.name == name_or_id, machines.c.id == name_or_id)))).first()
+    if row is None:
+        raise OutpostError("not_found", f"No machine named '{name_or_id}' in this account.",
+                           fix="See 'outpost machine list' for the machines of this account.")
+    return row
+
+
+async def heartbeats(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
+    """HW-9: the last heartbeat of each machine, as the hub received it."""
+    now = time.time()
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(machines).where(machines.c.account_id == account_id)
+            .order_by(machines.c.name))
+        return [{
+            "name": row.name,
+            "status": status(row, now),
+            "last_heartbeat_at": row.last_heartbeat_at,
+            "seconds_ago": None if row.last_heartbeat_at is None
+            else round(now - row.last_heartbeat_at, 3),
+            "heartbeat": row.heartbeat,
+        } for row in rows]
+
+
+async def counts_by_status(engine: AsyncEngine) -> dict[str, int]:
+    now = time.time()
+    counts: dict[str, int] = {}
+    async with engine.connect() as conn:
+        for row in await conn.execute(sa.select(machines.c.heartbeat_interval,
+                                                machines.c.last_heartbeat_at,
+                                                machines.c.registered_at)):
+            key = status(row, now)
+            counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,112 @@
+"""Runbooks: each publish stores a new version; jobs name a runbook and optionally a version."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outpost.protocol import params
+from outpost.protocol.errors import OutpostError
+
+from .config import random_id
+from .db import runbooks
+
+TYPES = ("bash", "sh", "python", "pwsh")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_BYTES = 1024 * 1024
+_EXTENSIONS = {".sh": "sh", ".bash": "bash", ".py": "python", ".ps1": "pwsh"}
+_SHEBANGS = (("pwsh", "pwsh"), ("powershell", "pwsh"), ("python", "python"),
+             ("bash", "bash"), ("/sh", "sh"), (" sh", "sh"))
+
+
+def guess_type(filename: str, content: str) -> str:
+    """The runbook type from the shebang, else the file's extension."""
+    first = content.split("\n", 1)[0]
+    if first.startswith("#!"):
+        for needle, kind in _SHEBANGS:
+            if needle in first:
+                return kind
+    for ext, kind in _EXTENSIONS.items():
+        if filename.lower().endswith(ext):
+            return kind
+    raise OutpostError("runbook_type_unknown",
+                       f"Cannot tell the type of '{filename}': no known extension or shebang.",
+                       filename=filename)
+
+
+async def publish(engine: AsyncEngine, account_id: str, name: str, content: str, *,
+                  kind: str | None, filename: str, description: str, param_specs: list[str],
+                  log_verbose: bool, log_progress: bool) -> dict[str, Any]:
+    if not NAME_RE.match(name):
+        raise OutpostError("invalid_request", f"Invalid runbook name '{name}'.",
+                           fix="Use 1 to 128 letters, digits, '.', '_' or '-'.")
+    if len(content.encode()) > MAX_BYTES:
+        raise OutpostError("runbook_too_large", size=len(content.encode()), limit=MAX_BYTES)
+    if kind is not None and kind not in TYPES:
+        raise OutpostError("invalid_request", f"Unknown runbook type '{kind}'.",
+                           fix=f"Use one of {', '.join(TYPES)}.")
+    kind = kind or guess_type(filename or name, content)
+    declared = params.parse_specs(param_specs)
+    for _attempt in range(5):  # two publishers racing for the next version number
+        try:
+            async with engine.begin() as conn:
+                latest = await conn.scalar(sa.select(sa.func.max(runbooks.c.version)).where(
+                    runbooks.c.account_id == account_id, runbooks.c.name == name))
+                version = (latest or 0) + 1
+                await conn.execute(runbooks.insert().values(
+                    id=random_id(), account_id=account_id, name=name, version=version,
+                    type=kind, content=content,
+                    sha256=hashlib.sha256(content.encode()).hexdigest(),
+                    description=description, params=declared, log_verbose=log_verbose,
+                    log_progress=log_progress, created_at=time.time()))
+            return await get(engine, account_id, name, version)
+        except IntegrityError:
+            continue
+    raise OutpostError("conflict", f"Could not store a new version of '{name}'; try again.")
+
+
+def _view(row: Any, content: bool) -> dict[str, Any]:
+    data = {"name": row.name, "version": row.version, "type": row.type,
+            "description": row.description, "params": row.params, "sha256": row.sha256,
+            "log_verbose": row.log_verbose, "log_progress": row.log_progress,
+            "created_at": row.created_at}
+    if content:
+        data["content"] = row.content
+    return data
+
+
+async def get(engine: AsyncEngine, account_id: str, name: str,
+              version: int | None = None) -> dict[str, Any]:
+    """One version (the latest when none is given) with its content."""
+    query = sa.select(runbooks).where(runbooks.c.account_id == account_id,
+                                      runbooks.c.name == name)
+    query = (query.where(runbooks.c.version == version) if version is not None
+             else query.order_by(runbooks.c.version.desc()).limit(1))
+    async with engine.connect() as conn:
+        row = (await conn.execute(query)).first()
+    if row is None:
+        which = f" version {version}" if version is not None else ""
+        raise OutpostError("not_found", f"No runbook '{name}'{which} in this account.",
+                           fix="See 'outpost runbook list'.")
+    return _view(row, content=True)
+
+
+async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
+    """The latest version of each runbook, with how many versions it has."""
+    latest = (sa.select(runbooks.c.name, sa.func.max(runbooks.c.version).label("latest"),
+                        sa.func.count().label("versions"))
+              .where(runbooks.c.account_id == account_id)
+              .group_by(runbooks.c.name).subquery())
+    query = (sa.select(runbooks, latest.c.versions)
+             .join(latest, sa.and_(runbooks.c.name == latest.c.name,
+                                   runbooks.c.version == latest.c.latest))
+             .where(runbooks.c.account_id == account_id).order_by(runbooks.c.name))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [{**_view(row, content=False), "versions": row.versions} for row in rows]

@@ -1,0 +1,373 @@
+"""Schedules: a runbook started on a group at the times of a cron expression.
+
+A schedule row holds its next due time, ``next_run_at``: a cron time plus the schedule's
+offset within its spread (EX-7). The scheduler loop runs in every hub process. It fires a due
+schedule with one conditional ``UPDATE ... SET next_run_at = new WHERE id = ? AND
+next_run_at = old`` and inserts the job and the run's record in the same transaction. A
+second hub process, or a hub killed half-way and started again, therefore never starts one
+run twice: whoever loses the race updates no row and inserts nothing, and the primary key of
+``schedule_runs`` (schedule, due time) refuses a second record as a last line of defence.
+
+Runs missed while no hub was running: only the most recent one is started, as soon as a hub
+is back; older ones are skipped, and the run that fires records how many (``missed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import re
+import time
+from datetime import datetime
+from functools import cache
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+import sqlalchemy as sa
+from croniter import CroniterBadDateError, croniter
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outpost.protocol.errors import OutpostError
+
+from . import jobs
+from .config import random_id
+from .db import jobs as job_table
+from .db import schedule_runs, schedules
+from .dispatcher import Dispatcher
+from .runbooks import NAME_RE
+
+log = logging.getLogger("outpost.hub.schedules")
+
+MAX_SPREAD = 7 * 86400.0
+MAX_SLEEP = 1.0  # how long the loop may miss a schedule created by another hub process
+MISSED_COUNT_CAP = 1000  # counting skipped runs costs a cron step each
+RETRY_AFTER = 30.0  # a schedule whose firing failed unexpectedly waits this long
+_KEYWORDS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+# Jenkins-style hashed (H) and random (R) fields: --spread is the supported way to stagger.
+_RANDOM_FIELD = re.compile(r"(?<![A-Za-z])[HR](?![A-Za-z])", re.IGNORECASE)
+_ZONE_NAME = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@cache
+def _zone_names() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA time zone ``name``, or E6002."""
+    if len(name) <= 64 and _ZONE_NAME.match(name) and name in _zone_names():
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            pass
+    raise OutpostError("timezone_unknown", f"Unknown time zone '{name}'.",
+                       timezone=name[:64])
+
+
+def parse_spread(value: str | float) -> float:
+    """``'90'``, ``'90s'``, ``'10m'``, ``'1h30m'``, ``'2d'`` or a number -> seconds; else E6003."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        else:
+            parts = _DURATION_PART.findall(text)
+            if parts and "".join(n + u for n, u in parts) == text:
+                seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds is None or not math.isfinite(seconds) or not 0 <= seconds <= MAX_SPREAD:
+        raise OutpostError("spread_invalid", f"Spread '{value}' is not a duration from 0 to 7d.",
+                           spread=str(value)[:64])
+    return seconds
+
+
+def offset_for(schedule_id: str, spread: float) -> float:
+    """A stable place in [0, spread) for this schedule, in whole milliseconds (EX-7).
+
+    It comes from a hash of the schedule's id, so it is the same on every hub process and
+    after every restart, and schedules made for the same cron time fall apart.
+    """
+    if spread <= 0:
+        return 0.0
+    digest = hashlib.sha256(schedule_id.encode()).digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2.0**64
+    return math.floor(fraction * spread * 1000) / 1000
+
+
+class Cron:
+    """A checked cron expression in a time zone: 5 fields, 6 with seconds first, or a
+    keyword such as ``@daily``. Cron times are whole seconds since the epoch."""
+
+    def __init__(self, expr: str, tz_name: str) -> None:
+        self.expr = " ".join(expr.split())
+        self.tz = zone(tz_name)
+        self._check()
+
+    def _invalid(self, why: str) -> OutpostError:
+        return OutpostError("cron_invalid", f"Cron expression '{self.expr[:128]}': {why}.",
+                            cron=self.expr[:128])
+
+    def _check(self) -> None:
+        if not self.expr or len(self.expr) > 128:
+            raise self._invalid("give 1 to 128 characters")
+        if self.expr.startswith("@"):
+            if self.expr.lower() not in _KEYWORDS:
+                raise self._invalid(f"unknown keyword; use one of {', '.join(_KEYWORDS)}")
+            self.expr = self.expr.lower()
+        else:
+            fields = len(self.expr.split())
+            if fields not in (5, 6):
+                raise self._invalid(
+                    f"it has {fields} fields; give 5 (minute hour day month weekday) or 6 "
+                    "(second minute hour day month weekday)")
+            if _RANDOM_FIELD.search(self.expr):
+                raise self._invalid("random and hashed fields (R, H) are not supported; use "
+                                    "--spread to stagger runs")
+        try:
+            self.after(time.time())
+        except CroniterBadDateError as exc:
+            raise self._invalid("it matches no date in the next 50 years") from exc
+        # croniter reports a bad field as a ValueError subclass; the others guard odd input
+        # reaching its parser.
+        except (ValueError, KeyError, IndexError, TypeError, OverflowError) as exc:
+            raise self._invalid(str(exc).rstrip(".") or type(exc).__name__) from exc
+
+    def _iter(self, moment: float) -> Any:
+        return croniter(self.expr, datetime.fromtimestamp(moment, self.tz),
+                        second_at_beginning=True)
+
+    def after(self, moment: float) -> float:
+        """The first cron time strictly after ``moment``.
+
+        When clocks go back, croniter yields a wall-clock time of the repeated hour twice;
+        the second is skipped so a daily 02:30 runs once that night.
+        """
+        it = self._iter(moment)
+        nxt: datetime = it.get_next(datetime)
+        wall = datetime.fromtimestamp(moment, self.tz).replace(tzinfo=None)
+        if nxt.replace(tzinfo=None) == wall:
+            nxt = it.get_next(datetime)
+        return float(round(nxt.timestamp()))
+
+    def latest(self, moment: float) -> float:
+        """The last cron time at or before ``moment``."""
+        prev: datetime = self._iter(moment).get_prev(datetime)
+        found = float(round(prev.timestamp()))
+        following = self.after(found)
+        return following if following <= moment else found
+
+
+def _iso(moment: float | None, tz: ZoneInfo) -> str | None:
+    if moment is None:
+        return None
+    return datetime.fromtimestamp(moment, tz).isoformat(timespec="milliseconds")
+
+
+def _view(row: Any) -> dict[str, Any]:
+    tz = ZoneInfo(row.timezone)
+    return {"id": row.id, "name": row.name, "runbook_name": row.runbook_name,
+            "group_name": row.group_name, "params": row.params, "cron": row.cron,
+            "timezone": row.timezone, "spread_seconds": row.spread_seconds,
+            "offset_seconds": row.offset_seconds, "enabled": bool(row.enabled),
+            "next_run_at": row.next_run_at if row.enabled else None,
+            "next_run": _iso(row.next_run_at, tz) if row.enabled else None,
+            "last_run_at": row.last_run_at, "last_run": _iso(row.last_run_at, tz),
+            "created_at": row.created_at}
+
+
+async def create(engine: AsyncEngine, account_id: str, name: str, runbook: str, group: str,
+                 cron: str, tz_name: str, spread: str | float,
+                 given: dict[str, Any]) -> dict[str, Any]:
+    """Check everything (name, cron, zone, spread, runbook, group, parameters), then store."""
+    if not NAME_RE.match(name):
+        raise OutpostError("invalid_request", f"Invalid schedule name '{name[:128]}'.",
+                           fix="Use 1 to 128 letters, digits, '.', '_' or '-'.")
+    expr = Cron(cron, tz_name)
+    spread_seconds = parse_spread(spread)
+    # The job is checked now so a bad parameter is refused at once; each run checks again
+    # against the runbook's latest version.
+    await jobs.prepare(engine, account_id, runbook, group, given)
+    schedule_id = random_id()
+    offset = offset_for(schedule_id, spread_seconds)
+    now = time.time()
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(schedules.insert().values(
+                id=schedule_id, account_id=account_id, name=name, runbook_name=runbook,
+                group_name=group, params=given, cron=expr.expr, timezone=tz_name,
+                spread_seconds=spread_seconds, offset_seconds=offset, enabled=True,
+                next_run_at=expr.after(now - offset) + offset, created_at=now))
+    except IntegrityError as exc:
+        raise OutpostError("conflict", f"A schedule named '{name}' already exists.",
+                           fix="Choose another name, or remove it first with "
+                               f"'outpost schedule remove {name}'.") from exc
+    log.info("schedule %s created in account %s (cron '%s' %s, spread %g s)", name,
+             account_id, expr.expr, tz_name, spread_seconds)
+    return await get(engine, account_id, name)
+
+
+async def _row(engine: AsyncEngine, account_id: str, name: str) -> Any:
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(schedules).where(
+            schedules.c.account_id == account_id, schedules.c.name == name))).first()
+    if row is None:
+        raise OutpostError("not_found", f"No schedule '{name}' in this account.",
+                           fix="See 'outpost schedule list'.")
+    return row
+
+
+async def get(engine: AsyncEngine, account_id: str, name: str,
+              runs: int = 20) -> dict[str, Any]:
+    """One schedule with its newest runs (each with its job's state)."""
+    row = await _row(engine, account_id, name)
+    r = schedule_runs.c
+    async with engine.connect() as conn:
+        found = (await conn.execute(
+            sa.select(r.due_at, r.fired_at, r.job_id, r.missed, r.error, job_table.c.status)
+            .outerjoin(job_table, job_table.c.id == r.job_id)
+            .where(r.schedule_id == row.id).order_by(r.due_at.desc()).limit(runs))).all()
+    view = _view(row)
+    tz = ZoneInfo(row.timezone)
+    view["runs"] = [{"due_at": x.due_at, "due": _iso(x.due_at, tz), "fired_at": x.fired_at,
+                     "job_id": x.job_id, "job_status": x.status, "missed": x.missed,
+                     "error": x.error} for x in found]
+    return view
+
+
+async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(sa.select(schedules).where(
+            schedules.c.account_id == account_id).order_by(schedules.c.name))).all()
+    return [_view(row) for row in rows]
+
+
+async def remove(engine: AsyncEngine, account_id: str, name: str) -> None:
+    row = await _row(engine, account_id, name)
+    async with engine.begin() as conn:
+        await conn.execute(schedules.delete().where(schedules.c.id == row.id))
+    log.info("schedule %s removed from account %s", name, account_id)
+
+
+async def set_enabled(engine: AsyncEngine, account_id: str, name: str,
+                      enabled: bool) -> dict[str, Any]:
+    """Disable, or enable again from now on (runs due while disabled are not started)."""
+    row = await _row(engine, account_id, name)
+    values: dict[str, Any] = {"enabled": enabled}
+    if enabled and not row.enabled:
+        expr = Cron(row.cron, row.timezone)
+        values["next_run_at"] = expr.after(time.time() - row.offset_seconds) + row.offset_seconds
+    async with engine.begin() as conn:
+        await conn.execute(schedules.update().where(schedules.c.id == row.id).values(**values))
+    return await get(engine, account_id, name)
+
+
+class Scheduler:
+    """The loop that starts due runs; every hub process runs one (see the module doc)."""
+
+    def __init__(self, engine: AsyncEngine, dispatcher: Dispatcher) -> None:
+        self._engine = engine
+        self._dispatcher = dispatcher
+        self._wake = asyncio.Event()
+        self._retry_at: dict[str, float] = {}
+
+    def wake(self) -> None:
+        """Look again now: a schedule was created or enabled in this process."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Fire due schedules, then sleep until the next is due (at most ``MAX_SLEEP``)."""
+        while True:
+            delay = await self.fire_due()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def fire_due(self, batch: int = 200) -> float:
+        """Start every due run; returns how long the loop may sleep."""
+        now = time.time()
+        async with self._engine.connect() as conn:
+            due = (await conn.execute(
+                sa.select(schedules).where(schedules.c.enabled.is_(True),
+                                           schedules.c.next_run_at <= now)
+                .order_by(schedules.c.next_run_at).limit(batch))).all()
+        for row in due:
+            if self._retry_at.get(row.id, 0.0) > now:
+                continue
+            try:
+                await self._fire(row)
+                self._retry_at.pop(row.id, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # One broken schedule must not hold up the others, nor flood the log.
+                self._retry_at[row.id] = time.time() + RETRY_AFTER
+                log.exception("schedule %s (%s) could not be fired; retrying in %.0f s",
+                              row.name, row.id, RETRY_AFTER)
+        if len(due) == batch:
+            return 0.0
+        async with self._engine.connect() as conn:
+            soonest = await conn.scalar(
+                sa.select(sa.func.min(schedules.c.next_run_at)).where(
+                    schedules.c.enabled.is_(True), schedules.c.next_run_at > now))
+        if soonest is None:
+            return MAX_SLEEP
+        return min(MAX_SLEEP, max(0.0, float(soonest) - time.time()))
+
+    async def _fire(self, row: Any) -> bool:
+        """Start the run ``row`` is due for, unless another process did; True if started."""
+        expr = Cron(row.cron, row.timezone)
+        offset = float(row.offset_seconds)
+        now = time.time()
+        cron_at = float(round(row.next_run_at - offset))
+        following = expr.after(cron_at)
+        missed = 0
+        if following + offset <= now:
+            # The hub was down (or far behind) over several due times: start the newest.
+            newest = expr.latest(now - offset)
+            probe = cron_at
+            while probe < newest and missed < MISSED_COUNT_CAP:
+                missed += 1
+                probe = expr.after(probe)
+            cron_at, following = newest, expr.after(newest)
+        due_at = cron_at + offset
+        job: dict[str, Any] | None = None
+        error = None
+        try:
+            job = await jobs.prepare(self._engine, row.account_id, row.runbook_name,
+                                     row.group_name, dict(row.params))
+        except OutpostError as exc:  # the runbook was removed, or its parameters changed
+            error = f"{exc.code} {exc.message}"
+        async with self._engine.begin() as conn:
+            moved = await conn.execute(schedules.update().where(
+                schedules.c.id == row.id, schedules.c.enabled.is_(True),
+                schedules.c.next_run_at == row.next_run_at,
+            ).values(next_run_at=following + offset, last_run_at=due_at))
+            if moved.rowcount != 1:
+                return False  # another hub process fired it, or it was changed meanwhile
+            if job is not None:
+                await jobs.insert(conn, job)
+            await conn.execute(schedule_runs.insert().values(
+                schedule_id=row.id, due_at=due_at, fired_at=time.time(),
+                job_id=job["id"] if job else None, missed=missed, error=error))
+        if job is None:
+            log.warning("schedule %s (account %s) could not start its run due %s: %s",
+                        row.name, row.account_id, _iso(due_at, expr.tz), error)
+            return False
+        self._dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
+        if missed:
+            log.warning("schedule %s (account %s) missed %d%s run(s) while no hub was "
+                        "running; started only the one due %s", row.name, row.account_id,
+                        missed, "+" if missed >= MISSED_COUNT_CAP else "",
+                        _iso(due_at, expr.tz))
+        log.info("schedule %s started job %s (due %s)", row.name, job["id"],
+                 _iso(due_at, expr.tz))
+        return True

@@ -1,0 +1,93 @@
+"""Running the hub: migrations, seeding, TLS, and uvicorn on a socket bound up front."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from outpost.protocol import ports
+from outpost.protocol.errors import OutpostError
+
+from . import accounts, db
+from .app import Hub, create_app
+from .config import HubPaths, load_config, read_seed
+
+
+@dataclass
+class RunOptions:
+    data_dir: Path
+    bind: str | None = None
+    database_url: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    min_agent_version: str | None = None
+    heartbeat_interval: float | None = None
+
+
+async def prepare(paths: HubPaths, database_url: str) -> Hub:
+    config = load_config(paths)
+    engine = db.make_engine(database_url)
+    try:
+        await db.migrate(engine)
+        await accounts.seed(engine, read_seed(paths))
+    except OSError as exc:
+        await engine.dispose()
+        raise OutpostError("database_unavailable",
+                           f"The hub's database could not be reached: {exc}") from exc
+    except Exception as exc:
+        await engine.dispose()
+        if type(exc).__module__.startswith(("sqlalchemy", "asyncpg", "sqlite3")):
+            raise OutpostError("database_unavailable",
+                               f"The hub's database could not be reached: {exc}") from exc
+        raise
+    return Hub(paths, config, engine)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, hub: Hub, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.hub = hub
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Long-polls would otherwise hold the graceful shutdown for their whole wait.
+        self.hub.dispatcher.close()
+        await super().shutdown(sockets)
+
+
+def run(options: RunOptions) -> None:
+    paths = HubPaths(options.data_dir)
+    config = load_config(paths)
+    if options.min_agent_version:
+        config.min_agent_version = options.min_agent_version
+    if options.heartbeat_interval:
+        config.heartbeat_interval = options.heartbeat_interval
+    bind = options.bind or config.bind
+    database_url = options.database_url or config.database_url
+    cert = options.tls_cert or paths.server_cert
+    key = options.tls_key or paths.server_key
+    sock = ports.bind(bind)
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    async def main() -> None:
+        hub = await prepare(paths, database_url)
+        hub.config = config
+        server = _Server(hub, uvicorn.Config(
+            create_app(hub), ssl_certfile=str(cert), ssl_keyfile=str(key),
+            log_level="warning", access_log=False, lifespan="on",
+            timeout_graceful_shutdown=3, timeout_keep_alive=75,
+        ))
+        logging.getLogger("outpost.hub").info("hub listening on https://%s (database %s)",
+                                              bind, database_url.split("@")[-1])
+        await server.serve(sockets=[sock])
+
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()

@@ -1,0 +1,498 @@
+"""The error catalog and the exception tree.
+
+Every error the hub or the agent reports carries a stable code from ``CATALOG``. The code,
+message, causes and fixes are what ``outpost explain`` prints, and what the hub puts in the
+body of every error response.
+
+Exception tree::
+
+    OutpostError            an expected failure with a catalog code (bad input, a refusal,
+     |                      an unreachable hub); ``except OutpostError`` is safe
+     +-- HubRefused         the hub answered with an error body (carries status and reason)
+     +-- TransportError     the hub could not be reached (carries the kind of failure)
+
+Misuse of the programming interface raises ``TypeError``/``ValueError`` as usual and is never
+an ``OutpostError``, so catching ``OutpostError`` never hides a bug.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Entry:
+    code: str
+    name: str
+    message: str
+    causes: tuple[str, ...]
+    fixes: tuple[str, ...]
+    http_status: int = 400
+    scenario: str | None = None
+
+
+FORBIDDEN_TEXT = "Forbidden: You don't have permission to access / on this server."
+ALREADY_REGISTERED_TEXT = "Machine is already registered"
+INVALID_HOSTNAME_TEXT = (
+    "invalid hostname. Hostname cannot be empty or greater than 64 characters"
+)
+
+_ENTRIES: tuple[Entry, ...] = (
+    # --- registration and request authentication (1xxx) -----------------------------------
+    Entry(
+        "E1001", "unknown_account", FORBIDDEN_TEXT,
+        ("The account id given to 'outpost agent register' does not exist on this hub.",
+         "The account was deleted, or the id was copied from another hub."),
+        ("Copy the account id from 'outpost account list' (or the output of "
+         "'outpost hub init') and register again.",),
+        403, "HW-4"),
+    Entry(
+        "E1002", "bad_signature", FORBIDDEN_TEXT,
+        ("The account key used to sign the registration is wrong: mistyped, truncated, "
+         "or regenerated since it was copied.",),
+        ("Show the current keys with 'outpost account keys ACCOUNT_ID' and register again "
+         "with the primary or the secondary key.",),
+        403, "HW-4"),
+    Entry(
+        "E1003", "clock_skew", FORBIDDEN_TEXT,
+        ("The machine's clock and the hub's clock are more than 15 minutes apart, so the "
+         "signed request is treated as stale.",),
+        ("Synchronise the machine's clock (for example 'timedatectl set-ntp true' or "
+         "'chronyc makestep') and register again.",),
+        403, "HW-4"),
+    Entry(
+        "E1004", "already_registered", ALREADY_REGISTERED_TEXT,
+        ("This state directory already holds a registration, or the account already has a "
+         "machine of this name.",),
+        ("Run 'outpost agent deregister' first, or pass --force to replace the registration.",
+         "Pick another name with --name if this is a different machine."),
+        409, "HW-10"),
+    Entry(
+        "E1005", "invalid_hostname", INVALID_HOSTNAME_TEXT,
+        ("The machine name is empty or longer than 64 characters. The default name is the "
+         "host name, so a long host name gives a long machine name.",),
+        ("Pass a name of 1 to 64 characters with --name.",),
+        422, "ED-7"),
+    Entry(
+        "E1006", "tls_untrusted_issuer",
+        "The certificate presented by the hub was not issued by the expected authority. "
+        "A proxy may be intercepting TLS.",
+        ("A proxy between this machine and the hub is intercepting TLS and presents its "
+         "own certificate.",
+         "The hub's certificate authority was replaced after this machine registered.",
+         "The URL points at a different server than the hub."),
+        ("Let the hub's address bypass TLS inspection on the proxy (or use a proxy that "
+         "tunnels with CONNECT without intercepting).",
+         "If the hub's CA really changed, register again with the new --ca-fingerprint "
+         "(shown by 'outpost hub init' on the hub)."),
+        495, "HW-7"),
+    Entry(
+        "E1007", "agent_outdated",
+        "The agent is out of date (The specified class does not exist).",
+        ("The hub requires a newer agent version than the one installed on this machine.",),
+        ("Upgrade the agent on this machine ('pip install --upgrade outpost') to the "
+         "version the hub names, then restart it.",),
+        426, "HW-5"),
+    Entry(
+        "E1008", "machine_unknown",
+        "The hub does not know this machine or could not verify its signature.",
+        ("The machine was removed on the hub ('outpost machine remove') or deregistered.",
+         "The machine key in the state directory was replaced."),
+        ("Register the machine again: 'outpost agent register ... --force'.",),
+        401, None),
+    Entry(
+        "E1009", "replayed_request",
+        "The request was refused because its nonce was already used.",
+        ("A copy of an earlier signed request was sent again (a replay), or a proxy "
+         "retried a request on its own.",),
+        ("Nothing to do when it happens once; the agent signs every request afresh. If it "
+         "repeats, look for a proxy that replays requests.",),
+        401, None),
+    Entry(
+        "E1010", "stale_request",
+        "The request was refused because its timestamp is outside the hub's window.",
+        ("The machine's clock is more than 15 minutes away from the hub's.",),
+        ("Synchronise the machine's clock with NTP.",),
+        401, "HW-4"),
+    Entry(
+        "E1011", "not_registered",
+        "This machine is not registered with a hub.",
+        ("No registration exists in the agent's state directory.",),
+        ("Run the 'outpost agent register ...' line printed by 'outpost hub init'.",
+         "If the agent uses a non-default state directory, pass the same --state-dir."),
+        400, None),
+    Entry(
+        "E1012", "account_key_invalid",
+        "The account key is not valid base64 of 32 bytes.",
+        ("The key was truncated or mangled when it was copied.",),
+        ("Copy the key again from 'outpost account keys ACCOUNT_ID'.",),
+        400, "HW-4"),
+    Entry(
+        "E1013", "machine_key_corrupt", "The machine key is corrupt.",
+        ("The file machine.key in the state directory was truncated or overwritten. The key "
+         "never leaves the machine, so the hub cannot send it again.",),
+        ("Register this machine again: 'outpost agent register ... --force'.",),
+        400, "HW-9"),
+    # --- agent daemon and machine (2xxx) ------------------------------------------------
+    Entry(
+        "E2001", "config_invalid", "The agent configuration file is invalid.",
+        ("The YAML does not parse, or a setting has a wrong type or value.",),
+        ("Fix the file at the line and column named in the message, then start the agent "
+         "again.",),
+        400, "ED-2"),
+    Entry(
+        "E2002", "config_tab", "The configuration file contains a tab in its indentation.",
+        ("YAML does not allow tabs for indentation.",),
+        ("Replace the tab with spaces at the line and column named in the message.",),
+        400, "ED-2"),
+    Entry(
+        "E2003", "agent_not_running", "The Outpost agent is not running.",
+        ("The agent service was stopped, crashed, or was never started on this machine.",),
+        ("Start it: 'systemctl start outpost-agent' or 'outpost agent run --state-dir DIR'.",),
+        503, "HW-3"),
+    Entry(
+        "E2004", "hub_unreachable", "The hub could not be reached.",
+        ("dns: the hub's host name does not resolve from this machine.",
+         "refused: nothing listens at the hub's address and port, or a firewall rejects it.",
+         "timeout: a firewall drops the traffic, or the hub is overloaded.",
+         "tls: the TLS handshake failed.",
+         "proxy: the configured HTTP(S) proxy refused or failed the connection."),
+        ("Check the hub URL in the agent's registration and config.",
+         "Allow outbound HTTPS to the hub, or set 'proxy:' in the agent config or "
+         "HTTPS_PROXY in its environment.",
+         "Run 'outpost check' on the machine for a step-by-step diagnosis."),
+        503, "ED-4"),
+    Entry(
+        "E2005", "port_allocated", "Bind for {address} failed: port is already allocated",
+        ("Another process already listens on that address and port.",),
+        ("Stop the process named in the message, or choose another port with --bind.",),
+        409, "ED-5"),
+    Entry(
+        "E2006", "agent_already_running", "Another agent already runs with this state directory.",
+        ("An agent process holds the pidfile in this state directory.",),
+        ("Stop it first ('outpost agent status' shows its pid), or use another --state-dir.",),
+        409, None),
+    # --- hub and API (3xxx) --------------------------------------------------------------
+    Entry(
+        "E3001", "unauthorized", "The API token is missing or not valid.",
+        ("No token was given, it was mistyped, or it was revoked.",),
+        ("Pass --token or set OUTPOST_TOKEN; on the hub's machine, --data-dir DIR finds the "
+         "admin token itself.",),
+        401, None),
+    Entry(
+        "E3002", "not_found", "Not found.",
+        ("The object does not exist in the token's account.",),
+        ("List what exists ('outpost machine list', 'outpost account list') and check the "
+         "name or id.",),
+        404, None),
+    Entry(
+        "E3003", "invalid_request", "The request is not valid.",
+        ("A field is missing or has a wrong type or value.",),
+        ("Correct the field named in the details and send the request again.",),
+        422, None),
+    Entry(
+        "E3004", "admin_required", "This action needs the hub's admin token.",
+        ("Only the admin token may create and list accounts.",),
+        ("Use the admin token printed by 'outpost hub init'.",),
+        403, None),
+    Entry(
+        "E3005", "hub_not_initialised", "The hub data directory is not initialised.",
+        ("'outpost hub init' was never run for this directory.",),
+        ("Run 'outpost hub init --data-dir DIR' first.",),
+        400, None),
+    Entry(
+        "E3006", "internal_error", "The hub failed while handling the request.",
+        ("A bug in the hub, or its database failed in an unexpected way.",),
+        ("Look at the hub's log for the request id given in the details, and report it.",),
+        500, None),
+    Entry(
+        "E3007", "database_unavailable", "The hub's database could not be reached.",
+        ("The database server is down, the URL is wrong, or the file is not writable.",),
+        ("Check --database-url and that the database server accepts connections.",),
+        503, None),
+    Entry(
+        "E3008", "hub_cli_unconfigured", "No hub to talk to.",
+        ("Neither --hub/--token nor OUTPOST_HUB/OUTPOST_TOKEN nor --data-dir was given.",),
+        ("Pass --data-dir DIR on the hub's machine, or --hub URL --token T "
+         "--ca-fingerprint F (or the OUTPOST_* variables) elsewhere.",),
+        400, None),
+    Entry(
+        "E3009", "conflict", "The request conflicts with what exists.",
+        ("An object of that name already exists.",),
+        ("Choose another name, or remove the existing object first.",),
+        409, None),
+    Entry(
+        "E3010", "ping_timeout", "The machine did not answer the ping in time.",
+        ("The machine's agent is stopped, cannot reach the hub, or is overloaded.",),
+        ("Check the machine's status with 'outpost machine list' and, on the machine, "
+         "'outpost agent status'; start the agent if it is not running.",),
+        504, None),
+)
+
+_ENTRIES += (
+    # --- runbooks and jobs (4xxx) ----------------------------------------------------------
+    Entry(
+        "E4001", "runbook_type_unknown", "The runbook's type could not be told.",
+        ("The file has no known extension (.sh, .bash, .py, .ps1) and no shebang line.",),
+        ("Pass --type bash, sh, python or pwsh.",),
+        422, None),
+    Entry(
+        "E4002", "param_spec_invalid", "A parameter declaration is not valid.",
+        ("A --param declaration is not NAME:TYPE[=DEFAULT], names an unknown type, or its "
+         "default does not fit its type.",),
+        ("Declare parameters as NAME:TYPE[=DEFAULT] with TYPE string, int, bool or json.",),
+        422, None),
+    Entry(
+        "E4003", "param_invalid", "A job parameter is not valid.",
+        ("A value does not fit the parameter's declared type, or the runbook has no "
+         "parameter of that name.",),
+        ("Check 'outpost runbook show NAME' for the parameters and their types.",),
+        422, None),
+    Entry(
+        "E4004", "param_missing", "A required job parameter is missing.",
+        ("The runbook declares the parameter without a default, and the job did not give it.",),
+        ("Pass it with --param NAME=VALUE.",),
+        422, None),
+    Entry(
+        "E4005", "runbook_too_large", "The runbook is larger than the hub accepts.",
+        ("Runbook files are limited to 1 MiB.",),
+        ("Keep data out of the runbook: fetch it at run time, or pass it as a parameter.",),
+        413, None),
+    Entry(
+        "E4006", "interpreter_missing", "The runbook's interpreter is not installed.",
+        ("The runbook's type needs a program (pwsh, bash, sh, python3) that this machine "
+         "does not have.",),
+        ("Install the interpreter on the machines of the group, or publish the runbook "
+         "with another --type.",),
+        422, None),
+    Entry(
+        "E4007", "run_as_unknown", "The group's run-as user does not exist on this machine.",
+        ("The group names a run-as user ('outpost group set GROUP --run-as USER') that was "
+         "never created on this machine, or was removed.",),
+        ("Create the user on the machine (for example 'useradd --system USER'), or change "
+         "the group's user with 'outpost group set GROUP --run-as USER'.",
+         "Clear it with 'outpost group set GROUP --no-run-as' to run as the agent's user."),
+        422, "HW-1a"),
+    Entry(
+        "E4008", "run_as_unavailable",
+        "The agent cannot run runbooks as the group's run-as user.",
+        ("Switching to another user needs root, and the agent does not run as root.",),
+        ("Run the agent as root (the shipped systemd unit does), or clear the group's "
+         "run-as user with 'outpost group set GROUP --no-run-as'.",),
+        422, "HW-1a"),
+    Entry(
+        "E4009", "job_state_conflict", "The job is not in a state that allows this action.",
+        ("stop, suspend and resume each apply to some states only: a job that has ended "
+         "cannot be stopped, and only a Suspended job can be resumed.",),
+        ("See the job's state with 'outpost job show ID'.",),
+        409, None),
+)
+
+CERTIFICATE_MISSING_TEXT = "No certificate was found in the certificate store with thumbprint"
+
+_ENTRIES += (
+    # --- assets and the job identity (5xxx) ------------------------------------------------
+    Entry(
+        "E5001", "certificate_not_found", CERTIFICATE_MISSING_TEXT + " {thumbprint}",
+        ("The job asked for a certificate asset that this account does not hold: the "
+         "thumbprint or name is mistyped, or the certificate was never imported or was "
+         "removed.",
+         "The certificate was imported into another account than the job's."),
+        ("Import it into the job's account: 'outpost asset certificate import NAME FILE', "
+         "then check the thumbprint with 'outpost asset list'.",),
+        404, "HW-2"),
+    Entry(
+        "E5002", "job_token_invalid",
+        "The job token is not valid, or its job is no longer running.",
+        ("The job ended (Completed, Failed or stopped); its token ended with it.",
+         "The token was copied out of its job and used elsewhere, or altered.",
+         "The job was activated again, which gives it a new token."),
+        ("Call the hub from inside the running job, through the runbook helper, which reads "
+         "the job's current token.",),
+        401, "HW-2"),
+    Entry(
+        "E5003", "certificate_invalid", "The certificate could not be read.",
+        ("The file is neither a PEM certificate nor a PFX (PKCS#12) file, or it is damaged.",
+         "The PEM file holds a private key that does not belong to its certificate."),
+        ("Import a PEM file (the certificate, and optionally its unencrypted private key) or "
+         "a PFX file with its password (--password-stdin).",),
+        422, "HW-2"),
+    Entry(
+        "E5004", "certificate_password",
+        "The certificate file could not be opened with the password given.",
+        ("The PFX file or the PEM private key is protected by a password, and the password "
+         "is wrong or was not given.",
+         "The PFX file is damaged."),
+        ("Pass the file's password on standard input with --password-stdin, for example "
+         "'outpost asset certificate import NAME FILE --password-stdin < password.txt'.",),
+        422, "HW-2"),
+    Entry(
+        "E5005", "asset_too_large", "The asset is larger than the hub accepts.",
+        ("Variables and credentials are limited to 64 KiB, certificate files to 1 MiB.",),
+        ("Keep large data out of assets: store it where the runbook can fetch it, and keep "
+         "its address or key in an asset.",),
+        413, None),
+)
+
+_ENTRIES += (
+    # --- schedules and webhooks (6xxx) -----------------------------------------------------
+    Entry(
+        "E6001", "cron_invalid", "The cron expression is not valid.",
+        ("The expression does not have 5 fields (minute hour day month weekday) or 6 with "
+         "seconds first, a field is out of range, or it never matches a date (31 February).",
+         "It uses random or hashed fields (R, H), which a schedule does not take."),
+        ("Write it as 'MINUTE HOUR DAY MONTH WEEKDAY' (for example '30 2 * * *'), or "
+         "'SECOND MINUTE HOUR DAY MONTH WEEKDAY'; to stagger runs, use --spread.",),
+        422, None),
+    Entry(
+        "E6002", "timezone_unknown", "The time zone is not known.",
+        ("The name is not an IANA time zone (such as Europe/Berlin or UTC), or the hub's "
+         "machine lacks the time zone database.",),
+        ("Give an IANA time zone name with --timezone, for example Europe/Berlin, "
+         "America/New_York or UTC.",),
+        422, None),
+    Entry(
+        "E6003", "spread_invalid", "The spread is not a valid duration.",
+        ("--spread is not a duration such as 30s, 10m, 1h30m or 2h, or it is longer than "
+         "7 days.",),
+        ("Give a duration from 0 to 7d, for example --spread 10m.",),
+        422, "EX-7"),
+    Entry(
+        "E6004", "expiry_invalid", "The expiry is not a valid future date.",
+        ("--expires is not an ISO 8601 date or date and time (2030-01-31, "
+         "2030-01-31T18:00:00+01:00), or it is already past.",),
+        ("Give a future date or date and time in ISO 8601 form; without a zone it is UTC.",),
+        422, None),
+    Entry(
+        "E6005", "webhook_param_missing",
+        "The runbook does not take the request body of a webhook.",
+        ("A webhook passes the body of each request as the runbook parameter 'body', and "
+         "the runbook does not declare it as a string or json parameter.",),
+        ("Publish the runbook again with --param body:string (or body:json, or with a "
+         "default such as body:string=), then create the webhook.",),
+        422, None),
+    Entry(
+        "E6006", "webhook_not_found", "No webhook answers at this address.",
+        ("The webhook's address is mistyped or incomplete, the webhook was removed, or it "
+         "has expired.",),
+        ("Ask the operator for the webhook's current address ('outpost webhook list' shows "
+         "the webhooks and when they expire; a new one is made with "
+         "'outpost webhook create').",),
+        404, None),
+    Entry(
+        "E6007", "webhook_body_too_large", "The request body is larger than a webhook accepts.",
+        ("A webhook's request body is limited to 64 KiB.",),
+        ("Send less: put large data where the runbook can fetch it, and send its address.",),
+        413, None),
+)
+
+CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
+BY_NAME: dict[str, Entry] = {e.name: e for e in _ENTRIES}
+
+
+def entry(name_or_code: str) -> Entry:
+    """The catalog entry for a name (``clock_skew``) or a code (``E1003``)."""
+    if name_or_code in BY_NAME:
+        return BY_NAME[name_or_code]
+    return CATALOG[name_or_code]
+
+
+def find(text: str) -> list[Entry]:
+    """Entries matching a code, a name, or a piece of pasted error text (any case)."""
+    needle = " ".join(text.strip().lower().split())
+    if not needle:
+        return []
+    exact = [e for e in _ENTRIES if needle in (e.code.lower(), e.name.lower())]
+    if exact:
+        return exact
+    hits = []
+    for e in _ENTRIES:
+        hay = " ".join((e.code, e.name, e.message, *e.causes, *e.fixes)).lower()
+        if needle in hay or needle in e.message.lower():
+            hits.append(e)
+    # A pasted message often carries more than the catalog text (a prefix, details, the
+    # values that fill the message's {placeholders}).
+    if not hits:
+        hits = [e for e in _ENTRIES if _pattern(e).search(needle)]
+    return hits
+
+
+def _pattern(e: Entry) -> re.Pattern[str]:
+    pieces = re.split(r"\{[a-z_]+\}", " ".join(e.message.lower().rstrip(".").split()))
+    return re.compile(".+?".join(re.escape(p) for p in pieces))
+
+
+class OutpostError(Exception):
+    """An expected failure with a stable catalog code."""
+
+    def __init__(
+        self, key: str, message: str | None = None, /, *, fix: str | None = None,
+        **details: Any,
+    ) -> None:
+        self.entry = entry(key)
+        self.message = message or self.entry.message
+        self.fix = fix or self.entry.fixes[0]
+        self.details: dict[str, Any] = details
+        super().__init__(self.message)
+
+    @property
+    def code(self) -> str:
+        return self.entry.code
+
+    @property
+    def reason(self) -> str:
+        return self.entry.name
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "reason": self.reason,
+            "message": self.message,
+            "fix": self.fix,
+            "details": self.details,
+        }
+
+
+def describe(exc: OutpostError) -> list[str]:
+    """The lines a command prints for an error: message, code, cause, fix, details."""
+    lines = [f"error: {exc.message}", f"  code:   {exc.code} ({exc.reason})"]
+    if exc.entry.causes:
+        lines.append(f"  cause:  {exc.entry.causes[0]}")
+    lines.append(f"  fix:    {exc.fix}")
+    shown = {k: v for k, v in exc.details.items()
+             if v not in (None, "", [], {}) and k != "problems"}
+    if shown:
+        lines.append("  details: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    for problem in exc.details.get("problems", [])[:10]:
+        lines.append(f"  - {problem.get('field')}: {problem.get('problem')}")
+    lines.append(f"  more:   outpost explain {exc.code}")
+    return lines
+
+
+class HubRefused(OutpostError):
+    """The hub answered with an error body."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        code = str(body.get("code", "E3006"))
+        name = CATALOG[code].name if code in CATALOG else "internal_error"
+        details = body.get("details")
+        # A body from a proxy or an older hub may carry anything here.
+        details = ({k: v for k, v in details.items() if k != "fix"}
+                   if isinstance(details, dict) else {})
+        super().__init__(name, str(body.get("message") or ""), fix=body.get("fix"), **details)
+        self.status = status
+        self.body = body
+
+
+class TransportError(OutpostError):
+    """The hub could not be reached; ``kind`` is dns, refused, timeout, tls, proxy or other."""
+
+    def __init__(self, kind: str, url: str, detail: str) -> None:
+        super().__init__(
+            "hub_unreachable",
+            f"The hub could not be reached at {url} ({kind}): {detail}",
+            kind=kind, url=url,
+        )
+        self.kind = kind

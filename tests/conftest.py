@@ -1,0 +1,101 @@
+"""Fixtures: a real hub process on SQLite or PostgreSQL, and real agent processes.
+
+PostgreSQL tests use the server at 127.0.0.1:5432 (user postgres, trust auth), each in a
+database created for it and dropped after. Where no PostgreSQL answers they skip with the
+reason, except under CI=true, where a missing PostgreSQL fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import PG_ADMIN, Agent, Hub, init_hub
+
+for _name in [k for k in os.environ if k.startswith("OUTPOST_")]:
+    del os.environ[_name]
+
+_pg_error: str | None = None
+_pg_checked = False
+
+
+def _postgres_problem() -> str | None:
+    global _pg_error, _pg_checked
+    if not _pg_checked:
+        _pg_checked = True
+        try:
+            import psycopg
+
+            with psycopg.connect(PG_ADMIN, connect_timeout=3):
+                pass
+        except Exception as exc:
+            _pg_error = f"PostgreSQL at 127.0.0.1:5432 did not answer: {exc}"
+    return _pg_error
+
+
+def require_postgres() -> None:
+    problem = _postgres_problem()
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{problem} (CI=true: the PostgreSQL tests may not be skipped)")
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A freshly created PostgreSQL database, dropped after the test."""
+    require_postgres()
+    import psycopg
+
+    name = f"outpost_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite:///{tmp_path / 'hub-under-test.db'}"
+
+
+@pytest.fixture
+def hub_dir(tmp_path: Path) -> Path:
+    return tmp_path / "hub"
+
+
+@pytest.fixture
+def new_hub(hub_dir: Path, database_url: str) -> Iterator[Hub]:
+    """An initialised hub, not started yet (the test may add arguments first)."""
+    hub = init_hub(hub_dir, database_url)
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+@pytest.fixture
+def hub(new_hub: Hub) -> Hub:
+    """A running hub on the database of the test's parameter."""
+    return new_hub.start()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    """Agents started by the test go here and are stopped after it."""
+    started: list[Agent] = []
+    try:
+        yield started
+    finally:
+        for agent in started:
+            agent.stop()

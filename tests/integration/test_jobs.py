@@ -1,0 +1,126 @@
+"""Jobs end to end: a real hub, a real agent, real subprocesses, on both databases."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from tests.support import Agent, Hub, registered_agent, wait_until
+
+
+def _publish(hub: Hub, tmp_path: Path, name: str, body: str, *extra: str) -> None:
+    script = tmp_path / f"{name}.sh"
+    script.write_text("#!/bin/bash\n" + body)
+    done = hub.cli("runbook", "publish", name, str(script), *extra)
+    assert done.returncode == 0, done.stderr
+
+
+def _healthy_agent(hub: Hub, tmp_path: Path, agents: list[Agent], name: str = "w1",
+                   **config: object) -> Agent:
+    agent = registered_agent(hub, tmp_path, name, **config)
+    agents.append(agent.start())
+    wait_until(lambda: hub.machines()[name]["status"] == "Healthy", 15, what=f"{name} healthy")
+    return agent
+
+
+def test_a_job_runs_and_its_streams_arrive_in_order(hub: Hub, agents: list[Agent],
+                                                    tmp_path: Path) -> None:
+    _publish(hub, tmp_path, "hello", 'echo "hello $who"\necho oops >&2\necho "WARNING: careful"\n'
+             'echo "verbose: dropped"\nfor i in $(seq 1 200); do echo "line $i"; done\n'
+             'echo "job=$OUTPOST_JOB_ID count=$count"\n',
+             "--param", "who", "--param", "count:int=3")
+    _healthy_agent(hub, tmp_path, agents)
+    done = hub.cli("job", "start", "hello", "--group", "web", "--param", "who=world", "--wait",
+                   "--json")
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["status"] == "Completed" and job["exit_code"] == 0
+    assert job["params"] == {"who": "world", "count": 3}
+    assert [a["reason"] for a in job["attempts"]] == ["exit code 0"]
+
+    records = json.loads(hub.cli("job", "output", job["id"], "--json").stdout)
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    texts = [(r["stream"], r["text"]) for r in records]
+    assert texts[0] == ("Output", "hello world")
+    assert ("Error", "oops") in texts and ("Warning", "careful") in texts
+    assert not any(s == "Verbose" for s, _ in texts)  # --log-verbose was not set
+    # stdout and stderr are two pipes: order holds within each stream.
+    outputs = [t for s, t in texts if s == "Output"]
+    assert outputs == ["hello world", *[f"line {i}" for i in range(1, 201)],
+                       f"job={job['id']} count=3"]
+
+    only_errors = hub.cli("job", "output", job["id"], "--stream", "Error")
+    assert only_errors.stdout.strip() == "ERROR: oops"
+
+
+def test_bad_parameters_are_refused_before_anything_is_queued(hub: Hub, tmp_path: Path) -> None:
+    _publish(hub, tmp_path, "p", "true\n", "--param", "n:int")
+    missing = hub.cli("job", "start", "p", "--group", "web")
+    assert missing.returncode == 2 and "E4004" in missing.stderr and "'n'" in missing.stderr
+    wrong = hub.cli("job", "start", "p", "--group", "web", "--param", "n=lots")
+    assert wrong.returncode == 2 and "E4003" in wrong.stderr and "'n'" in wrong.stderr
+    assert json.loads(hub.cli("job", "list", "--json").stdout) == []
+
+
+def test_failure_timeout_and_the_sandbox(hub: Hub, agents: list[Agent],
+                                         tmp_path: Path) -> None:
+    agent = _healthy_agent(hub, tmp_path, agents)
+    _publish(hub, tmp_path, "fail", "exit 3\n")
+    _publish(hub, tmp_path, "sleepy", "sleep 30 &\nsleep 30\n")
+    _publish(hub, tmp_path, "snoop", "env\npwd\n")
+
+    failed = hub.cli("job", "start", "fail", "--group", "web", "--wait", "--json")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["status"] == "Failed"
+    assert json.loads(failed.stdout)["exit_code"] == 3
+
+    started = time.monotonic()
+    slow = hub.cli("job", "start", "sleepy", "--group", "web", "--timeout", "1s", "--wait",
+                   "--json")
+    assert slow.returncode == 1 and time.monotonic() - started < 15
+    job = json.loads(slow.stdout)
+    assert job["status"] == "Failed" and job["reason"].startswith("timed out after 1 s")
+    assert job["signal"] == 15  # TERM reached the whole process group
+
+    snoop = hub.cli("job", "start", "snoop", "--group", "web", "--wait", "--json")
+    job = json.loads(snoop.stdout)
+    output = hub.cli("job", "output", job["id"]).stdout
+    # The environment holds the job id and nothing of the agent's. (A root agent keeps its
+    # key out of a runbook's reach with the group's run-as user: tests/faults/test_hw1.py.)
+    key = (agent.state_dir / "machine.key").read_text().splitlines()[1]
+    assert key not in output
+    env_names = {line.split("=", 1)[0] for line in output.splitlines() if "=" in line}
+    assert "OUTPOST_JOB_ID" in env_names
+    # Beside the job id only the helper's paths (docs/assets.md): no token, no key.
+    assert {n for n in env_names if n.startswith("OUTPOST_")} <= {
+        "OUTPOST_JOB_ID", "OUTPOST_HELPER_DIR", "OUTPOST_HUB_URL"}
+    assert str(agent.state_dir / "jobs" / job["id"]) in output  # its own working directory
+
+
+def test_every_job_runs_exactly_once_across_four_agents(hub: Hub, agents: list[Agent],
+                                                        tmp_path: Path) -> None:
+    """The claim is one atomic statement: 4 agents of a group, 200 jobs, no job twice."""
+    ledger = tmp_path / "ledger"
+    ledger.touch()
+    os.chmod(tmp_path, 0o755)
+    _publish(hub, tmp_path, "tally", f'echo "$OUTPOST_JOB_ID" >> "{ledger}"\n')
+    for i in range(4):
+        _healthy_agent(hub, tmp_path, agents, f"w{i}", max_concurrent_jobs=4)
+    ids = set()
+    with hub.client(hub.admin_token) as client:
+        for _ in range(200):
+            response = client.post("/v1/jobs", json={"runbook": "tally", "group": "web"})
+            assert response.status_code == 201, response.text
+            ids.add(response.json()["id"])
+
+    def all_done() -> bool:
+        jobs = hub.api("GET", "/v1/jobs").json()
+        return len(jobs) == 200 and all(j["status"] == "Completed" for j in jobs)
+
+    wait_until(all_done, 120, 0.5, what="200 jobs to complete")
+    lines = ledger.read_text().split()
+    assert sorted(lines) == sorted(ids)  # each id exactly once
+    machines = {j["machine_id"] for j in hub.api("GET", "/v1/jobs").json()}
+    assert len(machines) > 1  # the group's agents shared the work

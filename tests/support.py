@@ -1,0 +1,244 @@
+"""Helpers for tests that run real hub and agent processes over real HTTPS."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+OUTPOST = [sys.executable, "-m", "outpost"]
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("OUTPOST_") and k.lower() not in (
+               "http_proxy", "https_proxy", "all_proxy", "no_proxy")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*OUTPOST, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or clean_env(), input=input)
+
+
+def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
+               what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+            last = result
+        except Exception as exc:  # the thing waited for may not answer yet
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM,
+                 timeout: float = 10.0) -> int | None:
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@dataclass
+class Hub:
+    data_dir: Path
+    port: int
+    database_url: str
+    init: dict[str, Any]
+    proc: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.init["ca_fingerprint"])
+
+    @property
+    def account_id(self) -> str:
+        return str(self.init["account_id"])
+
+    @property
+    def primary_key(self) -> str:
+        return str(self.init["primary_key"])
+
+    @property
+    def admin_token(self) -> str:
+        return str(self.init["admin_token"])
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "hub-test.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout: float = 30.0) -> Hub:
+        args = [*OUTPOST, "hub", "run", "--data-dir", str(self.data_dir), "--bind",
+                f"127.0.0.1:{self.port}", "--database-url", self.database_url, *self.extra_args]
+        with self.log_path.open("ab") as fh:
+            self.proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT,
+                                         env=clean_env())
+        wait_until(self._ready, timeout, 0.05, f"the hub on port {self.port}:\n{self.log()}")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"the hub exited with {self.proc.returncode}:\n{self.log()}")
+        with self.client() as client:
+            return client.get("/healthz", timeout=2).status_code == 200
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        return stop_process(self.proc, sig)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.data_dir / "ca.pem"))
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, verify=self.ssl_context(), headers=headers,
+                            timeout=30)
+
+    def api(self, method: str, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
+        with self.client(token or self.admin_token) as client:
+            return client.request(method, path, **kw)
+
+    def cli(self, *args: str, token: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """An operator command against this hub, connected by URL, token and fingerprint."""
+        return run_cli(*args, "--hub", self.url, "--token", token or self.admin_token,
+                       "--ca-fingerprint", self.fingerprint, timeout=timeout)
+
+    def register_args(self, state_dir: Path, name: str, group: str = "web",
+                      key: str | None = None) -> list[str]:
+        return ["agent", "register", "--hub", self.url, "--account-id", self.account_id,
+                "--account-key", key or self.primary_key, "--group", group,
+                "--ca-fingerprint", self.fingerprint, "--name", name,
+                "--state-dir", str(state_dir)]
+
+    def machines(self, token: str | None = None) -> dict[str, dict[str, Any]]:
+        response = self.api("GET", "/v1/machines", token)
+        assert response.status_code == 200, response.text
+        return {m["name"]: m for m in response.json()}
+
+
+def init_hub(data_dir: Path, database_url: str, port: int | None = None,
+             extra_args: list[str] | None = None) -> Hub:
+    port = port or free_port()
+    result = run_cli("hub", "init", "--data-dir", str(data_dir), "--bind",
+                     f"127.0.0.1:{port}", "--json")
+    assert result.returncode == 0, result.stderr
+    return Hub(data_dir, port, database_url, json.loads(result.stdout),
+               extra_args=extra_args or [])
+
+
+@dataclass
+class Agent:
+    state_dir: Path
+    name: str
+    config: dict[str, Any] = field(default_factory=lambda: {"heartbeat_interval": 1})
+    proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "agent-test.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def write_config(self) -> Path:
+        import yaml
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / "agent.yaml"
+        path.write_text(yaml.safe_dump(self.config))
+        return path
+
+    def start(self) -> Agent:
+        config = self.write_config()
+        with self.log_path.open("ab") as fh:
+            self.proc = subprocess.Popen(
+                [*OUTPOST, "agent", "run", "--state-dir", str(self.state_dir), "--config",
+                 str(config)], stdout=fh, stderr=subprocess.STDOUT,
+                env=clean_env(**self.env))
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        return stop_process(self.proc, sig)
+
+    def status(self) -> dict[str, Any] | None:
+        result = run_cli("agent", "status", "--state-dir", str(self.state_dir), "--json")
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def register(hub: Hub, state_dir: Path, name: str, group: str = "web",
+             *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(*hub.register_args(state_dir, name, group), *extra)
+
+
+def registered_agent(hub: Hub, tmp: Path, name: str, group: str = "web",
+                     **config: Any) -> Agent:
+    state = tmp / f"agent-{name}"
+    result = register(hub, state, name, group)
+    assert result.returncode == 0, result.stderr
+    agent = Agent(state, name)
+    agent.config.update(config)
+    return agent
+
+
+def shell(cmd: str) -> str:
+    return shlex.quote(cmd)
+
+
+def query(database_url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of one SQL query against a hub's database, SQLite or PostgreSQL."""
+    if database_url.startswith("sqlite:///"):
+        import sqlite3
+
+        conn = sqlite3.connect(database_url[len("sqlite:///"):])
+        try:
+            return list(conn.execute(sql).fetchall())
+        finally:
+            conn.close()
+    import psycopg
+
+    with psycopg.connect(database_url) as pg:
+        return list(pg.execute(sql).fetchall())  # type: ignore[arg-type]

@@ -1,0 +1,65 @@
+"""Runbook parameter declarations and the checks a job's values go through."""
+
+from __future__ import annotations
+
+import pytest
+
+from outpost.protocol import params
+from outpost.protocol.errors import OutpostError
+
+
+def test_specs_declare_type_default_and_requirement() -> None:
+    specs = params.parse_specs(["target", "count:int=3", "dry:bool=yes", "cfg:json={\"a\": 1}"])
+    assert specs == [
+        {"name": "target", "type": "string", "required": True, "default": None},
+        {"name": "count", "type": "int", "required": False, "default": 3},
+        {"name": "dry", "type": "bool", "required": False, "default": True},
+        {"name": "cfg", "type": "json", "required": False, "default": {"a": 1}},
+    ]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("1bad:int", "not a valid name"),
+    ("x:float", "unknown type 'float'"),
+    ("n:int=ten", "'ten' is not an integer"),
+    ("b:bool=maybe", "not true or false"),
+    ("j:json={", "not valid JSON"),
+])
+def test_bad_specs_are_refused_with_the_reason(spec: str, words: str) -> None:
+    with pytest.raises(OutpostError) as caught:
+        params.parse_spec(spec)
+    assert caught.value.code == "E4002"
+    assert words in caught.value.message and spec in caught.value.message
+
+
+def test_a_parameter_declared_twice_is_refused() -> None:
+    with pytest.raises(OutpostError, match="declared twice"):
+        params.parse_specs(["a", "a:int=1"])
+
+
+def test_values_are_converted_and_defaults_filled() -> None:
+    specs = params.parse_specs(["target", "count:int=3", "dry:bool=false", "cfg:json=null"])
+    assert params.check(specs, {"target": "web", "count": "7", "cfg": "[1, 2]"}) == {
+        "target": "web", "count": 7, "dry": False, "cfg": [1, 2]}
+
+
+@pytest.mark.parametrize("given, code, name", [
+    ({}, "E4004", "target"),
+    ({"target": "x", "count": "many"}, "E4003", "count"),
+    ({"target": "x", "count": True}, "E4003", "count"),
+    ({"target": "x", "other": "1"}, "E4003", "other"),
+])
+def test_a_bad_or_missing_value_names_the_parameter(given: dict[str, object], code: str,
+                                                    name: str) -> None:
+    specs = params.parse_specs(["target", "count:int=3"])
+    with pytest.raises(OutpostError) as caught:
+        params.check(specs, given)
+    assert caught.value.code == code
+    assert caught.value.details["parameter"] == name
+    assert f"'{name}'" in caught.value.message
+
+
+def test_assignments_split_on_the_first_equals_sign() -> None:
+    assert params.split_assignments(["a=1", "b=x=y", "c="]) == {"a": "1", "b": "x=y", "c": ""}
+    with pytest.raises(OutpostError, match="not NAME=VALUE"):
+        params.split_assignments(["novalue"])
