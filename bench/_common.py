@@ -77,7 +77,9 @@ class Hooks:
     trace: Path | None = None
     uvloop: set[str] = field(default_factory=set)  # roles: "hub", "agent"
     nodelay: set[str] = field(default_factory=set)  # roles: "hub", "agent"
+    sniffio: set[str] = field(default_factory=set)  # roles: "hub", "agent"
     cprofile: Path | None = None  # a directory: hub.prof and agent.prof
+    sqlite_pool: int = 0  # the hub's SQLite connections (0: as src/ makes them)
 
     def env(self, role: str) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -87,6 +89,10 @@ class Hooks:
             env["BENCH_UVLOOP"] = "1"
         if role in self.nodelay:
             env["BENCH_NODELAY"] = "1"
+        if role in self.sniffio:
+            env["BENCH_SNIFFIO"] = "1"
+        if self.sqlite_pool and role == "hub":
+            env["BENCH_SQLITE_POOL"] = str(self.sqlite_pool)
         if self.cprofile:
             env["BENCH_CPROFILE"] = str(self.cprofile / f"{role}.prof")
         if env:

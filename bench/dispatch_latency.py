@@ -12,7 +12,8 @@ Targets: p50 <= 15 ms, p99 <= 60 ms, on SQLite and on PostgreSQL.
 A variant is "default" (the code as it is) or a "+"-joined set of bench/_hook settings for
 both the hub and the agent: "trace" stamps the hub's claim and the agent's spawn and prints
 where the milliseconds go; "nodelay" sets TCP_NODELAY on the hub's accepted connections and
-"uvloop" runs both on uvloop (experiments for suggested changes; src/ is not changed).
+"uvloop" runs both on uvloop, "pool1" gives the hub one SQLite connection, "sniffio"
+gives both a stand-in sniffio module (experiments for suggested changes; src/ unchanged).
 Several --variant run one after another, each on a fresh hub, agent and database; the
 ratios are to the first. Exits 0 even when a target is missed.
 """
@@ -48,7 +49,7 @@ from bench._common import (  # noqa: E402
 
 FINAL = ("Completed", "Failed", "Stopped")
 P50_TARGET, P99_TARGET = 15.0, 60.0
-SETTINGS = ("default", "trace", "nodelay", "uvloop")
+SETTINGS = ("default", "trace", "nodelay", "uvloop", "pool1", "sniffio")
 
 
 def variant_name(text: str) -> str:
@@ -67,6 +68,10 @@ def hooks_for(variant: str, root: Path) -> Hooks:
         hooks.uvloop = {"hub", "agent"}
     if "nodelay" in parts:
         hooks.nodelay = {"hub", "agent"}
+    if "pool1" in parts:
+        hooks.sqlite_pool = 1
+    if "sniffio" in parts:
+        hooks.sniffio = {"hub", "agent"}
     return hooks
 
 

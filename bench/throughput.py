@@ -14,7 +14,10 @@ For each phase it also prints the CPU seconds the hub, the agent and the runbook
 job (psutil). Target: >= 300 jobs/s on SQLite. Exits 0 even when the target is missed.
 
     python bench/throughput.py [--jobs 2000] [--concurrency 8] [--database sqlite|postgres]
-        [--submitters 4] [--variant default|nodelay|uvloop|nodelay+uvloop] [--py-spy DIR]
+        [--submitters 4] [--variant default|nodelay|pool1|uvloop|nodelay+pool1 ...]
+        [--py-spy DIR]
+
+Variants are those of bench/dispatch_latency.py (bench/_hook experiments; src/ unchanged).
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.dispatch_latency import hooks_for, variant_name  # noqa: E402
 from bench._common import (  # noqa: E402
     Cpu,
-    Hooks,
     Stack,
     TimeBound,
     cancel_time_bound,
@@ -121,9 +124,7 @@ def phase(st: Stack, name: str, jobs: int, submitters: int, pause_agent: bool,
 
 def measure(kind: str, variant: str, jobs: int, concurrency: int, submitters: int,
             spy_dir: Path | None) -> list[dict[str, Any]]:
-    both = {"hub", "agent"}
-    hooks = Hooks(uvloop=both if "uvloop" in variant else set(),
-                  nodelay=both if "nodelay" in variant else set())
+    hooks = hooks_for(variant, Path())
     with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmp:
         root = Path(tmp)
         with database(kind, root) as url, \
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="sqlite")
     parser.add_argument("--submitters", type=int, default=4)
     parser.add_argument("--variant", action="append",
-                        choices=("default", "nodelay", "uvloop", "nodelay+uvloop"),
+                        type=variant_name,
                         default=None)
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR")
     parser.add_argument("--max-seconds", type=float, default=1800.0)

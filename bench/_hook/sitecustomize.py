@@ -8,6 +8,11 @@ a benchmark is asked to trace or to try an alternative; src/ is never changed. S
 - BENCH_NODELAY=1: set TCP_NODELAY on accepted connections too (asyncio skips it for a
   listening socket made with proto 0, as outpost.protocol.ports.bind makes it).
 - BENCH_CPROFILE=FILE: cProfile the main thread, written at exit.
+- BENCH_SNIFFIO=1: provide a stand-in 'sniffio' module (asyncio only). httpcore imports
+  sniffio on every lock and cancellation shield; when it is not installed each of those is
+  a failed import that searches sys.path.
+- BENCH_SQLITE_POOL=N: give the hub's SQLite engine a pool of N connections (no overflow);
+  1 means one connection, so writers never wait on SQLite's busy handler.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ if _ROLE:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    if os.environ.get("BENCH_SNIFFIO"):
+        import types
+
+        _sniffio = types.ModuleType("sniffio")
+        _sniffio.current_async_library = lambda: "asyncio"  # type: ignore[attr-defined]
+        sys.modules.setdefault("sniffio", _sniffio)
 
     if os.environ.get("BENCH_NODELAY"):
         import asyncio.base_events
@@ -149,18 +161,33 @@ if _ROLE:
         def __getattr__(self, name: str) -> Any:
             return getattr(self._real, name)
 
-    _PATCHES = {
-        "outpost.hub.jobs": _patch_hub_jobs,
-        "outpost.hub.dispatcher": _patch_dispatcher,
-        "outpost.agent.transport": _patch_transport,
-        "outpost.agent.runner": _patch_runner,
-    }
+    def _patch_db(mod: Any) -> None:
+        size = int(os.environ["BENCH_SQLITE_POOL"])
+        create = mod.create_async_engine
+
+        def sized(url: Any, **kw: Any) -> Any:
+            if str(url).startswith("sqlite"):
+                kw.update(pool_size=size, max_overflow=0)
+            return create(url, **kw)
+
+        mod.create_async_engine = sized
+
+    _PATCHES: dict[str, Any] = {}
+    if _trace is not None:
+        _PATCHES.update({
+            "outpost.hub.jobs": _patch_hub_jobs,
+            "outpost.hub.dispatcher": _patch_dispatcher,
+            "outpost.agent.transport": _patch_transport,
+            "outpost.agent.runner": _patch_runner,
+        })
+    if os.environ.get("BENCH_SQLITE_POOL"):
+        _PATCHES["outpost.hub.db"] = _patch_db
 
     class _Finder(importlib.abc.MetaPathFinder):
         """After one of the modules above executes, patch it (before anyone uses it)."""
 
         def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-            if name not in _PATCHES or _trace is None:
+            if name not in _PATCHES:
                 return None
             for finder in sys.meta_path:
                 if finder is self:

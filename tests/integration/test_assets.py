@@ -12,6 +12,7 @@ import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,7 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from outpost.agent import helper
+from outpost.protocol.errors import CATALOG
 from tests.support import Agent, Hub, clean_env, registered_agent, run_cli, wait_until
 
 MISSING = "No certificate was found in the certificate store with thumbprint"
@@ -75,7 +80,7 @@ def _json(result: subprocess.CompletedProcess[str]) -> Any:
 
 # --- the operator's view ------------------------------------------------------------------
 
-def test_assets_through_the_cli_and_bad_input(hub: Hub, tmp_path: Path) -> None:
+def test_assets_through_the_cli(hub: Hub, tmp_path: Path) -> None:
     hidden = f"hidden-{uuid.uuid4().hex}"
     password = f"pw-{uuid.uuid4().hex}"
     done = _cli(hub, "asset", "variable", "set", "region", "eu-west", "--description", "where")
@@ -102,8 +107,8 @@ def test_assets_through_the_cli_and_bad_input(hub: Hub, tmp_path: Path) -> None:
                 "--password-stdin", "--json", input=password + "\n")
     assert _json(done)["thumbprint"] == _thumbprint(other)
 
-    listed = _cli(hub, "asset", "list", "--json")
-    rows = {(r["kind"], r["name"]): r for r in _json(listed)}
+    listed = hub.api("GET", "/v1/assets")
+    rows = {(r["kind"], r["name"]): r for r in listed.json()}
     assert set(rows) == {("variable", "region"), ("variable", "api-key"),
                          ("credential", "db"), ("certificate", "web"),
                          ("certificate", "signing")}
@@ -111,14 +116,14 @@ def test_assets_through_the_cli_and_bad_input(hub: Hub, tmp_path: Path) -> None:
     assert rows[("variable", "api-key")]["secret"] is True
     table = _cli(hub, "asset", "list")
     assert _thumbprint(other) in table.stdout and "region" in table.stdout
-    for text in (listed.stdout, table.stdout):
+    for text in (listed.text, table.stdout):
         assert hidden not in text and password not in text and "PRIVATE KEY" not in text
     for kind, name in rows:
         shown_json = hub.api("GET", f"/v1/assets/{kind}s/{name}").text
         assert hidden not in shown_json and password not in shown_json
         assert "PRIVATE KEY" not in shown_json
 
-    assert "value:      eu-west" in _cli(hub, "asset", "show", "variable", "region").stdout
+    assert hub.api("GET", "/v1/assets/variables/region").json()["value"] == "eu-west"
     shown = _cli(hub, "asset", "show", "credential", "db")
     assert "user name:  app" in shown.stdout and password not in shown.stdout
     assert hub.api("GET", "/v1/assets/variables/api-key").json()["value"] is None
@@ -135,7 +140,14 @@ def test_assets_through_the_cli_and_bad_input(hub: Hub, tmp_path: Path) -> None:
     err = _refused(_cli(hub, "asset", "show", "certificate", "00" * 20), "E5001", 1)
     assert f"{MISSING} {'00' * 20}" in err
 
-    # Bad input: each gets its code (exit 2 in the CLI), and nothing is stored.
+
+def test_bad_certificates_and_input_get_clean_errors(hub: Hub, tmp_path: Path) -> None:
+    """Each gets its catalog code (exit 2 in the CLI), and nothing is stored."""
+    cert, _ = _certificate("web.example")
+    other, other_key = _certificate("signing.example")
+    pfx = tmp_path / "signing.pfx"
+    pfx.write_bytes(pkcs12.serialize_key_and_certificates(
+        b"signing", other_key, other, None, serialization.BestAvailableEncryption(b"right")))
     bad = tmp_path / "bad.pem"
     bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
     _refused(_cli(hub, "asset", "certificate", "import", "bad", str(bad)), "E5003", 2)
@@ -156,10 +168,16 @@ def test_assets_through_the_cli_and_bad_input(hub: Hub, tmp_path: Path) -> None:
             ("PUT", "/v1/assets/credentials/c", {"secret": "x"}, 422, "E3003")):
         response = hub.api(method, path, json=body)
         assert (response.status_code, response.json()["code"]) == (status, code), response.text
+    for path, raw in (("variables/v", b'{"value": "\\ud800"}'),
+                      ("credentials/c", b'{"username": "u", "secret": "s\\udfff"}'),
+                      ("variables/v", b'{"value": "v", "description": "\\ud800"}')):
+        response = hub.api("PUT", f"/v1/assets/{path}", content=raw,
+                           headers={"Content-Type": "application/json"})
+        assert (response.status_code, response.json()["code"]) == (422, "E3003"), response.text
     response = hub.api("PUT", "/v1/assets/variables/big", json={"value": "x" * 70000})
     assert response.status_code == 413 and response.json()["code"] == "E5005"
     names = {r["name"] for r in hub.api("GET", "/v1/assets").json()}
-    assert not names & {"bad", "big", "raw", "c", "no spaces"}
+    assert not names & {"bad", "big", "raw", "c", "v", "no spaces"}
 
 
 def test_another_accounts_assets_answer_404(hub: Hub) -> None:
@@ -192,6 +210,34 @@ def test_another_accounts_assets_answer_404(hub: Hub) -> None:
     for bearer in (hub.admin_token, token, f"ojt_{uuid.uuid4()}.bogus", "ojt_"):
         response = hub.api("GET", "/v1/job/assets/variables/shared", bearer)
         assert response.status_code == 401 and response.json()["code"] == "E5002"
+
+
+segments = st.text(min_size=1, max_size=60).filter(lambda s: s not in (".", ".."))
+bodies = st.fixed_dictionaries({}, optional={
+    "value": st.none() | st.integers() | st.text(max_size=30),
+    "secret": st.none() | st.text(max_size=5) | st.booleans(),
+    "username": st.none() | st.text(max_size=10), "description": st.text(max_size=20),
+    "data": st.text(max_size=40) | st.binary(max_size=60).map(
+        lambda b: base64.b64encode(b).decode()),
+    "password": st.none() | st.text(max_size=10)})
+
+
+@settings(max_examples=30, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kind=st.sampled_from(["variables", "credentials", "certificates"]) | segments,
+       name=segments, body=bodies)
+def test_generated_asset_requests_get_clean_errors(hub: Hub, kind: str, name: str,
+                                                   body: dict[str, Any]) -> None:
+    path = f"/v1/assets/{quote(kind, safe='')}/{quote(name, safe='')}"
+    with hub.client(hub.admin_token) as client:
+        for method, url, payload in (("PUT", path, body), ("GET", path, None),
+                                     ("DELETE", path, None),
+                                     ("GET", "/v1/job/" + path[4:], None)):
+            response = client.request(method, url, json=payload)
+            if response.status_code < 300:
+                continue
+            assert response.status_code < 500, (method, url, response.text)
+            assert response.json()["code"] in CATALOG and response.json()["fix"]
 
 
 def test_the_helper_directory_keeps_the_token_out_of_the_environment(tmp_path: Path) -> None:

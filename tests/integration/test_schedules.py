@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from outpost.protocol.errors import CATALOG
 from tests.support import (Agent, Hub, clean_env, free_port, query, registered_agent, run_cli,
                            wait_until)
 
@@ -247,15 +255,24 @@ def test_each_due_run_starts_once_across_a_killed_hub(hub: Hub, tmp_path: Path) 
 
 def test_two_hub_processes_on_one_database_start_each_run_once(hub: Hub,
                                                                tmp_path: Path) -> None:
-    second = Hub(hub.data_dir, free_port(), hub.database_url, hub.init).start()
+    # A copy of the data directory: the same keys and database, its own log file.
+    shutil.copytree(hub.data_dir, tmp_path / "hub2", ignore=shutil.ignore_patterns("*.log"))
+    second = Hub(tmp_path / "hub2", free_port(), hub.database_url, hub.init).start()
     try:
         _publish(hub, tmp_path, "tock", "true\n")
         made = _create(hub, "tock", "tock", "* * * * * *")
-        wait_until(lambda: len(_runs(hub, made["id"])) >= 5, 12, 0.1, "five runs")
+
+        def both_fired() -> bool:
+            # Each process started some runs, so they really raced for the others.
+            return len(_runs(hub, made["id"])) >= 5 and all(
+                "schedule tock started job" in h.log() for h in (hub, second))
+
+        wait_until(both_fired, 15, 0.2, "runs started by both hub processes")
         _api(hub, "POST", "/v1/schedules/tock/disable")
     finally:
         second.stop()
     _assert_each_due_time_once(hub, made["id"], "tock")
+    assert "could not be fired" not in second.log() and "Traceback" not in second.log()
 
 
 def test_spread_gives_each_schedule_a_stable_offset(hub: Hub, tmp_path: Path) -> None:
@@ -306,3 +323,43 @@ def test_another_accounts_schedules_answer_404(hub: Hub, tmp_path: Path) -> None
 
     [mine] = _api(hub, "GET", "/v1/schedules")
     assert mine["name"] == "mine" and mine["enabled"] is True
+
+
+# Generated bad input: every answer is a catalog error below 500, never a traceback.
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3),
+    max_leaves=8)
+_crons = st.lists(st.text("0123456789*/,-?LW#HRa@ MONJAN", max_size=6), min_size=1,
+                  max_size=7).map(" ".join)
+_bodies = st.fixed_dictionaries({"name": st.just("s"), "runbook": st.just("p"),
+                                 "group": st.just("web")}, optional={
+    "cron": _crons | _values, "timezone": _values | st.sampled_from(["UTC", "Europe/Berlin"]),
+    "spread": _values | st.sampled_from(["10m", "1h30m", "7d"]), "params": _values,
+    "expires": _values | st.sampled_from(["2001-01-01", "3000-01-01T00:00:00+01:00"])})
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "40")), deadline=None,
+          database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# A newline never matches a route, so such a path gets the hub's general 404 (E3002).
+@given(body=_bodies, secret=st.text(min_size=1, max_size=60).filter(
+    lambda s: s not in (".", "..") and "\n" not in s))
+def test_generated_schedule_and_webhook_requests(hub: Hub, body: dict[str, Any],
+                                                 secret: str) -> None:
+    with hub.client(hub.admin_token) as client:
+        published = client.post("/v1/runbooks", json={
+            "name": "p", "content": "#!/bin/sh\ntrue\n", "params": ["body:string=", "n:int=1"]})
+        assert published.status_code == 201, published.text
+        for path in ("/v1/schedules", "/v1/webhooks"):
+            response = client.post(path, json=body)
+            if response.status_code == 201:  # generated and valid: remove it again
+                assert client.delete(f"{path}/s").status_code == 200
+                continue
+            assert response.status_code < 500, (path, body, response.text)
+            assert response.json()["code"] in CATALOG, response.text
+    with httpx.Client(verify=hub.ssl_context(), timeout=30) as anonymous:
+        hook = anonymous.post(f"{hub.url}/v1/hooks/{quote(secret, safe='')}", content=b"{}")
+    assert hook.status_code == 404 and hook.json()["code"] == "E6006", hook.text

@@ -62,6 +62,11 @@ def test_up_shows_a_healthy_machine_and_stops_cleanly(tmp_path: Path) -> None:
     assert row.split()[0]  # the machine's name
     elapsed = float(text.split("Outpost is up (")[1].split(" s)")[0])
     assert elapsed > 0
+    # The sample runbook ran on the local agent and its output is shown, streams and all.
+    assert "(runbook 'hello'): Completed" in text
+    assert any(line.strip().startswith("Hello from ") for line in lines)
+    assert "  PROGRESS: 50% half way" in lines
+    assert "  WARNING: this is what a warning record looks like" in lines
 
     listing = run_cli("machine", "list", "--data-dir", str(data_dir), "--json")
     assert listing.returncode == 0, listing.stderr
@@ -85,5 +90,8 @@ def test_up_shows_a_healthy_machine_and_stops_cleanly(tmp_path: Path) -> None:
         again = json.loads(run_cli("machine", "list", "--data-dir", str(data_dir),
                                    "--json").stdout)
         assert [m["id"] for m in again] == [m["id"] for m in machines]
+        runbooks = json.loads(run_cli("runbook", "list", "--data-dir", str(data_dir),
+                                      "--json").stdout)
+        assert [(r["name"], r["version"]) for r in runbooks] == [("hello", 1)]  # not twice
     finally:
         assert _interrupt(proc)[0] == 0

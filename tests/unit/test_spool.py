@@ -14,7 +14,7 @@ def _line(seq: int, text: str = "x") -> bytes:
 
 
 def test_reads_come_in_batches_of_whole_lines_and_stop_at_the_end(tmp_path: Path) -> None:
-    spool = Spool.create(tmp_path, "job", 1, {"job_id": "job", "attempt": 1})
+    spool = Spool.create(tmp_path, "job", 1)
     spool.append([_line(i, "y" * 100) for i in range(5000)])
     spool.end({"exit_code": 0, "signal": None, "cause": "exit", "reason": "exit code 0"})
     offset, seqs, end = 0, [], None
@@ -27,7 +27,7 @@ def test_reads_come_in_batches_of_whole_lines_and_stop_at_the_end(tmp_path: Path
 
 
 def test_a_half_written_record_is_cut_and_the_attempt_ended_as_lost(tmp_path: Path) -> None:
-    spool = Spool.create(tmp_path, "job", 2, {"job_id": "job", "attempt": 2})
+    spool = Spool.create(tmp_path, "job", 2)
     spool.append([_line(0), _line(1), b'{"seq": 2, "str'])  # the agent died mid-write
     spool.close()
     (found,) = leftover_spools(tmp_path)
@@ -38,7 +38,7 @@ def test_a_half_written_record_is_cut_and_the_attempt_ended_as_lost(tmp_path: Pa
 
 
 def test_an_ended_attempt_is_left_as_it_is(tmp_path: Path) -> None:
-    spool = Spool.create(tmp_path, "job", 1, {"job_id": "job", "attempt": 1})
+    spool = Spool.create(tmp_path, "job", 1)
     spool.append([_line(0)])
     spool.end({"exit_code": 3, "signal": None, "cause": "exit", "reason": "exit code 3"})
     before = spool.path.read_bytes()
@@ -49,8 +49,8 @@ def test_an_ended_attempt_is_left_as_it_is(tmp_path: Path) -> None:
 def test_a_process_that_took_the_pid_since_is_not_killed(tmp_path: Path) -> None:
     import os
 
-    spool = Spool.create(tmp_path, "job", 1, {"job_id": "job", "attempt": 1,
-                                              "pgid": os.getpid(), "started_at": 1.0})
+    spool = Spool.create(tmp_path, "job", 1)
+    spool.write_meta({"job_id": "job", "attempt": 1, "pgid": os.getpid(), "started_at": 1.0})
     spool.close()
     end_leftover(Spool(spool.path))  # this test's own pid, started long after 1970
     _, end, _ = Spool(spool.path).read(0)

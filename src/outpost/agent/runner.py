@@ -42,6 +42,7 @@ GRACE_SECONDS = 5.0
 CHUNK = 64 * 1024
 LINE_MAX = 1024 * 1024  # a longer line is cut into records of this size
 BATCH_BYTES = 256 * 1024  # records per upload request, by their size on disk
+FIRST_REPORT_WAIT = 0.02  # a job this quick is reported in one request
 _EXT = {"bash": ".sh", "sh": ".sh", "python": ".py", "pwsh": ".ps1"}
 
 
@@ -137,10 +138,9 @@ class Spool:
         self._fh: Any = None
 
     @classmethod
-    def create(cls, root: Path, job_id: str, attempt: int, meta: dict[str, Any]) -> Spool:
+    def create(cls, root: Path, job_id: str, attempt: int) -> Spool:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         spool = cls(root / f"{job_id}.{attempt}.jsonl")
-        spool.write_meta(meta)
         spool._fh = spool.path.open("ab")
         return spool
 
@@ -150,7 +150,12 @@ class Spool:
         os.replace(tmp, self.meta_path)
 
     def meta(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.meta_path.read_text())
+        """The meta file's content; the job and attempt also come from the file's name, so
+        a spool whose process never started (no meta yet) is still delivered."""
+        job_id, _, attempt = self.path.stem.rpartition(".")
+        data: dict[str, Any] = {"job_id": job_id, "attempt": int(attempt)}
+        if self.meta_path.exists():
+            data.update(json.loads(self.meta_path.read_text()))
         return data
 
     def append(self, lines: list[bytes]) -> None:
@@ -191,7 +196,9 @@ class Spool:
 
 
 class Uploader:
-    """Sends one attempt's spool to the hub in order: running, the records, finished."""
+    """Sends one attempt's spool to the hub in order, each request a report of what is new:
+    that the process started, the records, the end. A job that ends within
+    FIRST_REPORT_WAIT is reported whole in one request."""
 
     def __init__(self, spool: Spool, job_id: str, attempt: int, call: Call) -> None:
         self.spool = spool
@@ -199,7 +206,9 @@ class Uploader:
         self.attempt = attempt
         self.call = call
         self.more = asyncio.Event()
-        self.started = asyncio.Event()  # the process started: say so before any record
+        self.ended = asyncio.Event()
+        self.started = asyncio.Event()  # set when the process started, or could not
+        self.spawned = False
 
     async def send(self, path: str, payload: Any) -> Any:
         """Deliver one report, retrying with backoff; a refusal (4xx) is not retried."""
@@ -216,24 +225,26 @@ class Uploader:
                 await asyncio.sleep(delay)
 
     async def run(self, announce: bool = True) -> dict[str, Any]:
-        """Upload until the end line is delivered; returns the hub's answer to it."""
+        """Report until the end is delivered; returns the hub's answer to it."""
         if announce:
             await self.started.wait()
-            await self.send("running", {"attempt": self.attempt})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), FIRST_REPORT_WAIT)
+        started = announce and self.spawned
         offset = 0
-        prefix = b'{"attempt":%d,"records":[' % self.attempt
         while True:
             self.more.clear()
             lines, end, offset_after = self.spool.read(offset)  # page cache: no wait
-            if lines:
-                await self.send("records", prefix + b",".join(lines) + b"]}")
-            offset = offset_after
-            if end is not None:
-                answer: dict[str, Any] = await self.send("finished",
-                                                         {"attempt": self.attempt, **end})
-                self.spool.remove()
-                return answer
-            if not lines:
+            if lines or end is not None or started:
+                body = b'{"attempt":%d,"started":%s,"end":%s,"records":[%s]}' % (
+                    self.attempt, b"true" if started else b"false",
+                    json.dumps(end).encode(), b",".join(lines))
+                answer: dict[str, Any] = await self.send("report", body)
+                started, offset = False, offset_after
+                if end is not None:
+                    self.spool.remove()
+                    return answer
+            else:
                 await self.more.wait()
 
 
@@ -248,8 +259,7 @@ class JobRun:
         self.workdir = jobs_dir / self.id
         self.hub_url = hub_url
         self.ca_pem = ca_pem
-        self.spool = Spool.create(spool_dir, self.id, self.attempt, {
-            "job_id": self.id, "attempt": self.attempt, "created_at": time.time()})
+        self.spool = Spool.create(spool_dir, self.id, self.attempt)
         self.uploader = Uploader(self.spool, self.id, self.attempt, call)
         self.call = call
         self.proc: asyncio.subprocess.Process | None = None
@@ -331,7 +341,7 @@ class JobRun:
             await self.uploader.send("paused", {"attempt": self.attempt})
         elif action == "resume":
             self._signal_group(signal.SIGCONT)
-            await self.uploader.send("running", {"attempt": self.attempt})
+            await self.uploader.send("report", {"attempt": self.attempt, "started": True})
 
     # --- the attempt ---------------------------------------------------------------------
     def _spawn_args(self) -> tuple[list[str], Path, dict[str, str], tuple[int, int] | None]:
@@ -376,6 +386,7 @@ class JobRun:
             self._cleanup()
         self._commit()
         self.spool.end(outcome)
+        self.uploader.ended.set()
         self.uploader.more.set()
         return await uploading
 
@@ -392,8 +403,9 @@ class JobRun:
             start_new_session=True,
             user=identity[0] if identity else None, group=identity[1] if identity else None,
             extra_groups=[] if identity else None)
-        self.spool.write_meta({**self.spool.meta(), "pgid": self.proc.pid,
-                               "started_at": time.time()})
+        self.spool.write_meta({"job_id": self.id, "attempt": self.attempt,
+                               "pgid": self.proc.pid, "started_at": time.time()})
+        self.uploader.spawned = True
         self.uploader.started.set()
         if self._requested:
             asyncio.create_task(self.control(self._requested), name=f"control-{self.id}")
@@ -439,7 +451,7 @@ def end_leftover(spool: Spool) -> None:
     content = spool.path.read_bytes()
     if content.rstrip(b"\n").rsplit(b"\n", 1)[-1].startswith(b'{"end"'):
         return  # it ended; only its delivery was cut short
-    meta = spool.meta() if spool.meta_path.exists() else {}
+    meta = spool.meta()
     pgid = meta.get("pgid")
     if pgid:
         with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):

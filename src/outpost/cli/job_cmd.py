@@ -103,11 +103,16 @@ def start(
 
 @app.command("list")
 def list_(status: Annotated[Optional[str], typer.Option(help="Only jobs in this state.")]
-          = None, hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+          = None,
+          limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")]
+          = 200,
+          hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
           data_dir: DataDir = None, json: Json = False) -> None:
-    """The newest jobs of the account."""
-    rows = api(hub, token, ca_fingerprint, data_dir).get(
-        "/v1/jobs", params={"status": status} if status else None)
+    """The newest jobs of the account, newest first."""
+    query: dict[str, Any] = {"limit": limit}
+    if status:
+        query["status"] = status
+    rows = api(hub, token, ca_fingerprint, data_dir).get("/v1/jobs", params=query)
     if json:
         print_json(rows)
         return

@@ -73,6 +73,36 @@ def _machine_name() -> str:
     return name if 0 < len(name) <= 64 else "local"
 
 
+SAMPLE = """#!/bin/bash
+# The sample runbook that 'outpost up' publishes and runs once on the local agent.
+echo "Hello from $(hostname), job $OUTPOST_JOB_ID"
+echo "PROGRESS: 50% half way"
+echo "Running as $(id -un) in $PWD"
+echo "WARNING: this is what a warning record looks like"
+"""
+
+
+def _sample_job(api: Api) -> None:
+    """Publish the sample runbook (once) and run it, so a new user sees a job end to end."""
+    published = {r["name"] for r in api.get("/v1/runbooks")}
+    if "hello" not in published:
+        api.post("/v1/runbooks", {"name": "hello", "content": SAMPLE, "type": "bash",
+                                  "description": "The sample runbook of 'outpost up'.",
+                                  "log_progress": True})
+    started = time.monotonic()
+    job = api.post("/v1/jobs", {"runbook": "hello", "group": GROUP, "timeout": 60})
+    deadline = started + 30
+    while job["status"] not in ("Completed", "Failed", "Stopped", "Suspended") and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = api.get(f"/v1/jobs/{job['id']}")
+    out.print(f"\nSample job {job['id']} (runbook 'hello'): {job['status']} in "
+              f"{time.monotonic() - started:.2f} s", markup=False)
+    for record in api.get(f"/v1/jobs/{job['id']}/output"):
+        prefix = "" if record["stream"] == "Output" else record["stream"].upper() + ": "
+        out.print(f"  {prefix}{record['text']}", markup=False, highlight=False)
+
+
 def up(data_dir: Path, bind: str, hold: bool = True) -> int:
     from outpost.hub import config as hub_config
     from outpost.hub import db
@@ -120,6 +150,7 @@ def up(data_dir: Path, bind: str, hold: bool = True) -> int:
         out.print(f"  CA fingerprint: {init.ca_fingerprint}")
         out.print(f"  Logs:           {data_dir / 'hub.log'}, {data_dir / 'agent.log'}\n")
         machine_table(rows)
+        _sample_job(api)
         out.print(f"\nTry: outpost machine list --data-dir {data_dir}")
         if not hold:
             return 0

@@ -88,15 +88,18 @@ class JobAttempt(BaseModel):
     attempt: int = Field(ge=1)
 
 
-class JobRecords(JobAttempt):
-    records: list[dict[str, Any]] = Field(max_length=10000)
-
-
-class JobFinished(JobAttempt):
+class JobEnd(BaseModel):
     exit_code: int | None = None
     signal: int | None = None
     reason: str = Field(default="", max_length=2000)
     cause: Literal["exit", "timeout", "stopped", "killed", "lost"] = "exit"
+
+
+class JobReport(JobAttempt):
+    started: bool = Field(default=False, description="The runbook's process started (or "
+                                                      "went on after a pause).")
+    records: list[dict[str, Any]] = Field(default_factory=list, max_length=10000)
+    end: JobEnd | None = None
 
 
 class GroupSettings(BaseModel):
@@ -319,39 +322,25 @@ def create_app(hub: Hub) -> FastAPI:
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
 
-    @app.post("/v1/agent/jobs/{job_id}/running", tags=["agent"])
-    async def job_running(request: Request, job_id: str) -> dict[str, Any]:
-        row, body = await _agent_body(request, JobAttempt)
-        return {"id": job_id, "status": await jobs.running(hub.engine, row.id, job_id,
-                                                           body.attempt)}
+    @app.post("/v1/agent/jobs/{job_id}/report", tags=["agent"])
+    async def job_report(request: Request, job_id: str) -> dict[str, Any]:
+        """One attempt's news, in order: its process started, output records, its end."""
+        row, body = await _agent_body(request, JobReport)
+        status = await jobs.report(
+            hub.engine, row.id, job_id, body.attempt, started=body.started,
+            records=body.records, end=body.end.model_dump() if body.end else None)
+        if body.end is not None:
+            # The machine's slot is free: its waiting long-poll claims again at once.
+            hub.dispatcher.wake(f"m:{row.id}")
+            if status == "Queued":  # a failed activation: any machine of the group retries
+                hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
+        return {"id": job_id, "status": status}
 
     @app.post("/v1/agent/jobs/{job_id}/paused", tags=["agent"])
     async def job_paused(request: Request, job_id: str) -> dict[str, Any]:
         row, body = await _agent_body(request, JobAttempt)
         return {"id": job_id, "status": await jobs.paused(hub.engine, row.id, job_id,
                                                           body.attempt)}
-
-    @app.post("/v1/agent/jobs/{job_id}/records", tags=["agent"])
-    async def job_records(request: Request, job_id: str) -> dict[str, Any]:
-        row, body = await _agent_body(request, JobRecords)
-        try:
-            added = await jobs.add_records(hub.engine, row.id, job_id, body.attempt,
-                                           body.records)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise OutpostError("invalid_request", f"Malformed output record: {exc}",
-                               fix="Send records with seq, stream, text and at.") from exc
-        return {"id": job_id, "added": added}
-
-    @app.post("/v1/agent/jobs/{job_id}/finished", tags=["agent"])
-    async def job_finished(request: Request, job_id: str) -> dict[str, Any]:
-        row, body = await _agent_body(request, JobFinished)
-        status = await jobs.finish(hub.engine, row.id, job_id, body.attempt, body.exit_code,
-                                   body.signal, body.reason, body.cause)
-        # The machine's slot is free: its waiting long-poll claims again at once.
-        hub.dispatcher.wake(f"m:{row.id}")
-        if status == "Queued":  # a failed activation: any machine of the group may retry
-            hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
-        return {"id": job_id, "status": status}
 
     @app.post("/v1/agent/work/{item_id}/done", tags=["agent"])
     async def work_done(request: Request, item_id: str) -> dict[str, Any]:
@@ -473,8 +462,11 @@ def create_app(hub: Hub) -> FastAPI:
         return await groups.configure(hub.engine, principal.account_id, name, body.run_as)
 
     @app.get("/v1/jobs", tags=["jobs"])
-    async def job_list(principal: Op, status: str | None = None) -> list[dict[str, Any]]:
-        return await jobs.listing(hub.engine, principal.account_id, status)
+    async def job_list(principal: Op, status: str | None = None,
+                       limit: Annotated[int, Query(ge=1, le=10000)] = 200
+                       ) -> list[dict[str, Any]]:
+        """The newest jobs first."""
+        return await jobs.listing(hub.engine, principal.account_id, status, limit)
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def job_show(principal: Op, job_id: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from sqlalchemy.exc import IntegrityError
@@ -67,6 +68,17 @@ def _context(account_id: str, kind: str, name: str) -> str:
     return f"asset:{account_id}:{kind}:{name}"
 
 
+def _check_text(**fields: str | None) -> None:
+    # JSON may carry a lone surrogate (\ud800), which is no character and cannot be stored.
+    for field, text in fields.items():
+        try:
+            (text or "").encode()
+        except UnicodeEncodeError as exc:
+            raise OutpostError("invalid_request", f"The {field} is not valid Unicode (it "
+                               f"holds a lone surrogate).", fix=f"Send the {field} as "
+                               "valid UTF-8 text.", field=field) from exc
+
+
 def _check_size(what: str, value: str) -> None:
     size = len(value.encode())
     if size > VALUE_LIMIT:
@@ -97,7 +109,7 @@ def _spki(public_key: Any) -> bytes:
 def _pem_parts(data: bytes, password: bytes | None) -> tuple[list[x509.Certificate], Any]:
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise OutpostError("certificate_invalid", "The PEM file holds no readable "
                            "certificate.") from exc
     if b"PRIVATE KEY-----" not in data:
@@ -109,7 +121,7 @@ def _pem_parts(data: bytes, password: bytes | None) -> tuple[list[x509.Certifica
             raise OutpostError("certificate_password", "The private key in the PEM file is "
                                "encrypted, and no password was given.") from exc
         key = serialization.load_pem_private_key(data, None)  # a password it did not need
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         if password is not None and "password" in str(exc).lower():
             raise OutpostError("certificate_password") from exc
         raise OutpostError("certificate_invalid", "The private key in the PEM file could "
@@ -120,7 +132,7 @@ def _pem_parts(data: bytes, password: bytes | None) -> tuple[list[x509.Certifica
 def _pfx_parts(data: bytes, password: bytes | None) -> tuple[list[x509.Certificate], Any]:
     try:
         key, cert, chain = pkcs12.load_key_and_certificates(data, password)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         # "Invalid password or PKCS12 data": the file is PKCS#12, the password did not open it.
         if "password" in str(exc).lower():
             which = "is wrong" if password else "was not given"
@@ -203,6 +215,7 @@ async def _store(engine: AsyncEngine, vault: Vault, account_id: str, kind: str, 
 async def set_variable(engine: AsyncEngine, vault: Vault, account_id: str, name: str,
                        value: str, *, secret: bool = False,
                        description: str = "") -> dict[str, Any]:
+    _check_text(value=value, description=description)
     _check_size("variable's value", value)
     return await _store(engine, vault, account_id, "variable", name, {"value": value},
                         secret=secret, description=description)
@@ -211,6 +224,7 @@ async def set_variable(engine: AsyncEngine, vault: Vault, account_id: str, name:
 async def set_credential(engine: AsyncEngine, vault: Vault, account_id: str, name: str,
                          username: str, secret: str, *,
                          description: str = "") -> dict[str, Any]:
+    _check_text(username=username, secret=secret, description=description)
     _check_size("credential", username + secret)
     return await _store(engine, vault, account_id, "credential", name,
                         {"username": username, "secret": secret}, secret=True,
@@ -221,6 +235,7 @@ async def import_certificate(engine: AsyncEngine, vault: Vault, account_id: str,
                              data: bytes, password: str | None = None, *,
                              description: str = "") -> dict[str, Any]:
     check_name(name)
+    _check_text(password=password, description=description)
     cert = read_certificate(data, password.encode() if password is not None else None)
     return await _store(
         engine, vault, account_id, "certificate", name,

@@ -154,21 +154,63 @@ def _current(row: Any, machine_id: str, attempt: int) -> bool:
                 and row.status in HELD)
 
 
-async def running(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int) -> str:
-    """The runbook's process started (or resumed after a pause)."""
+async def report(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int, *,
+                 started: bool = False, records: list[dict[str, Any]] | None = None,
+                 end: dict[str, Any] | None = None) -> str:
+    """What an agent reports of one attempt, in one transaction: that its process started,
+    output records, and its end. Returns the job's state after it.
+
+    Records of an attempt that has ended are still taken from the machine that made it: an
+    agent that was cut off or restarted delivers what it spooled, and nothing is lost.
+    """
+    rows = _record_rows(job_id, attempt, records or [])
     async with engine.begin() as conn:
         row = await _attempt(conn, machine_id, job_id, attempt)
-        if not _current(row, machine_id, attempt):
-            return str(row.status)
-        if row.status == "Activating":
-            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(
-                status="Running", started_at=time.time()))
-            return "Running"
-        if row.status == "Resuming":
-            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(
-                status="Running"))
-            return "Running"
-        return str(row.status)
+        status = str(row.status)
+        if started and _current(row, machine_id, attempt) and status in (
+                "Activating", "Resuming"):
+            values: dict[str, Any] = {"status": "Running"}
+            if status == "Activating":
+                values["started_at"] = time.time()
+            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+            status = "Running"
+        if rows:
+            await conn.execute(_insert_new(conn), rows)
+        if end is not None and _current(row, machine_id, attempt):
+            # (a repeated end, or one after the lease expired, changes nothing)
+            status = await _finish(conn, row, status, **end)
+    return status
+
+
+def _record_rows(job_id: str, attempt: int, records: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    base = (attempt - 1) << SEQ_SHIFT
+    try:
+        rows: list[dict[str, Any]] = [
+            {"job_id": job_id, "seq": int(r["seq"]), "stream": str(r["stream"]),
+             "text": str(r["text"]), "at": float(r["at"])} for r in records]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OutpostError("invalid_request", f"Malformed output record: {exc!r}",
+                           fix="Send records with seq, stream, text and at.") from exc
+    for row in rows:
+        if row["stream"] not in STREAMS:
+            raise OutpostError("invalid_request", f"Unknown stream '{row['stream']}'.",
+                               fix=f"Use one of {', '.join(STREAMS)}.")
+        if not base <= row["seq"] < base + (1 << SEQ_SHIFT):
+            raise OutpostError("invalid_request", f"Record {row['seq']} is outside the "
+                               f"numbers of attempt {attempt}.")
+    return rows
+
+
+def _insert_new(conn: AsyncConnection) -> Any:
+    """INSERT that skips a (job, seq) already stored: a batch sent twice adds nothing."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(job_records).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(job_records).on_conflict_do_nothing()
 
 
 async def paused(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int) -> str:
@@ -180,39 +222,6 @@ async def paused(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int
                 status="Suspended", reason="suspended by the operator"))
             return "Suspended"
         return str(row.status)
-
-
-async def add_records(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int,
-                      records: list[dict[str, Any]]) -> int:
-    """Store records not seen before; returns how many were new.
-
-    Records of an attempt that has ended are still taken from the machine that made it: an
-    agent that was cut off or restarted uploads what it spooled, and nothing is lost.
-    """
-    if not records:
-        return 0
-    base = (attempt - 1) << SEQ_SHIFT
-    rows: list[dict[str, Any]] = [
-        {"job_id": job_id, "seq": int(r["seq"]), "stream": str(r["stream"]),
-         "text": str(r["text"]), "at": float(r["at"])} for r in records]
-    for row in rows:
-        if row["stream"] not in STREAMS:
-            raise OutpostError("invalid_request", f"Unknown stream '{row['stream']}'.")
-        if not base <= row["seq"] < base + (1 << SEQ_SHIFT):
-            raise OutpostError("invalid_request", f"Record {row['seq']} is outside the "
-                               f"numbers of attempt {attempt}.")
-    async with engine.begin() as conn:
-        await _attempt(conn, machine_id, job_id, attempt)
-        if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            stmt: Any = pg_insert(job_records).on_conflict_do_nothing()
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(job_records).on_conflict_do_nothing()
-        result = await conn.execute(stmt, rows)
-    return int(result.rowcount or 0)
 
 
 async def _close_attempt(conn: AsyncConnection, job_id: str, attempt: int, now: float,
@@ -236,9 +245,8 @@ async def _activation_failed(conn: AsyncConnection, row: Any, now: float, reason
     return status
 
 
-async def finish(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int,
-                 exit_code: int | None, signal: int | None, reason: str,
-                 cause: str = "exit") -> str:
+async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int | None,
+                  signal: int | None, reason: str, cause: str = "exit") -> str:
     """The attempt's process ended; returns the job's state after it.
 
     ``cause`` says who ended it: ``exit`` (the runbook, by itself), ``timeout``, ``stopped``
@@ -247,26 +255,22 @@ async def finish(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int
     failed activations; a runbook that exits non-zero is Failed and never retried.
     """
     now = time.time()
-    async with engine.begin() as conn:
-        row = await _attempt(conn, machine_id, job_id, attempt)
-        if not _current(row, machine_id, attempt):
-            return str(row.status)  # a repeated report, or the lease expired before it
-        if row.status == "Stopping" or cause == "stopped":
-            status = "Stopped"
-        elif row.status == "Suspending" and cause != "exit":
-            # Asked to pause, and the process went away first: nothing is left to resume,
-            # so resuming queues it afresh.
-            status = "Suspended"
-        elif cause in ("killed", "lost"):
-            return await _activation_failed(conn, row, now, reason, exit_code, signal)
-        else:
-            status = "Completed" if exit_code == 0 and signal is None else "Failed"
-        await _close_attempt(conn, job_id, attempt, now, exit_code, signal, reason)
-        await conn.execute(jobs.update().where(jobs.c.id == job_id).values(
-            status=status, ended_at=now if status in FINAL else None, exit_code=exit_code,
-            signal=signal, reason=reason, lease_expires_at=None,
-            machine_id=row.machine_id if status not in ("Suspended",) else None))
-    return status
+    if status == "Stopping" or cause == "stopped":
+        final = "Stopped"
+    elif status == "Suspending" and cause != "exit":
+        # Asked to pause, and the process went away first: nothing is left to resume, so
+        # resuming queues it afresh.
+        final = "Suspended"
+    elif cause in ("killed", "lost"):
+        return await _activation_failed(conn, row, now, reason, exit_code, signal)
+    else:
+        final = "Completed" if exit_code == 0 and signal is None else "Failed"
+    await _close_attempt(conn, row.id, row.attempt, now, exit_code, signal, reason)
+    await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
+        status=final, ended_at=now if final in FINAL else None, exit_code=exit_code,
+        signal=signal, reason=reason, lease_expires_at=None,
+        machine_id=None if final == "Suspended" else row.machine_id))
+    return final
 
 
 async def renew(engine: AsyncEngine, machine: Any,
@@ -280,17 +284,23 @@ async def renew(engine: AsyncEngine, machine: Any,
         return []
     now = time.time()
     async with engine.begin() as conn:
-        rows = (await conn.execute(sa.select(jobs.c.id, jobs.c.attempt, jobs.c.status,
-                                             jobs.c.machine_id).where(
-            jobs.c.id.in_([job_id for job_id, _ in held])))).all()
-        current = {r.id for r in rows if r.machine_id == machine.id and r.status in HELD}
-        keep = [job_id for job_id, attempt in held if job_id in current and any(
-            r.id == job_id and r.attempt == attempt for r in rows)]
+        rows = {r.id: r for r in (await conn.execute(
+            sa.select(jobs.c.id, jobs.c.attempt, jobs.c.status, jobs.c.machine_id).where(
+                jobs.c.id.in_([job_id for job_id, _ in held])))).all()}
+        keep, drop = [], []
+        for job_id, attempt in held:
+            row = rows.get(job_id)
+            if row is not None and row.attempt == attempt and row.machine_id == machine.id:
+                if row.status in HELD:
+                    keep.append(job_id)
+                # else it has just ended: its report crossed this heartbeat
+            else:
+                drop.append(job_id)  # reaped, retried elsewhere, or gone
         if keep:
             await conn.execute(jobs.update().where(
                 jobs.c.id.in_(keep), jobs.c.machine_id == machine.id).values(
                 lease_expires_at=now + lease_seconds(machine)))
-    return [job_id for job_id, _ in held if job_id not in keep]
+    return drop
 
 
 async def extend_leases(engine: AsyncEngine) -> None:

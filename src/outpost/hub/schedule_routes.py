@@ -119,7 +119,8 @@ def add_routes(app: FastAPI, hub: Hub) -> Scheduler:
         await webhooks.remove(hub.engine, principal.account_id, name)
         return {"name": name, "removed": True}
 
-    @app.post(webhooks.PATH + "{secret}", tags=["webhooks"], status_code=202)
+    # ":path" so that any address under the prefix gets the webhook's own 404.
+    @app.post(webhooks.PATH + "{secret:path}", tags=["webhooks"], status_code=202)
     async def webhook_call(request: Request, secret: str) -> dict[str, Any]:
         """Start the webhook's job with the request body as its parameter ``body``.
 

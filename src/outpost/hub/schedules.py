@@ -299,9 +299,11 @@ class Scheduler:
                 sa.select(schedules).where(schedules.c.enabled.is_(True),
                                            schedules.c.next_run_at <= now)
                 .order_by(schedules.c.next_run_at).limit(batch))).all()
+        tried = 0
         for row in due:
             if self._retry_at.get(row.id, 0.0) > now:
                 continue
+            tried += 1
             try:
                 await self._fire(row)
                 self._retry_at.pop(row.id, None)
@@ -312,8 +314,8 @@ class Scheduler:
                 self._retry_at[row.id] = time.time() + RETRY_AFTER
                 log.exception("schedule %s (%s) could not be fired; retrying in %.0f s",
                               row.name, row.id, RETRY_AFTER)
-        if len(due) == batch:
-            return 0.0
+        if len(due) == batch and tried:
+            return 0.0  # more are due
         async with self._engine.connect() as conn:
             soonest = await conn.scalar(
                 sa.select(sa.func.min(schedules.c.next_run_at)).where(
