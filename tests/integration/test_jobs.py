@@ -124,3 +124,17 @@ def test_every_job_runs_exactly_once_across_four_agents(hub: Hub, agents: list[A
     assert sorted(lines) == sorted(ids)  # each id exactly once
     machines = {j["machine_id"] for j in hub.api("GET", "/v1/jobs?limit=1000").json()}
     assert len(machines) > 1  # the group's agents shared the work
+
+
+def test_large_output_is_read_in_pages(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+    """25,000 records: the API answers a page at a time, and the CLI reads every page."""
+    _publish(hub, tmp_path, "many", "seq 1 25000\n")
+    _healthy_agent(hub, tmp_path, agents)
+    done = hub.cli("job", "start", "many", "--group", "web", "--wait", "--json")
+    job_id = json.loads(done.stdout)["id"]
+    page = hub.api("GET", f"/v1/jobs/{job_id}/output?after=99&limit=50").json()
+    assert [r["text"] for r in page] == [str(i) for i in range(101, 151)]
+    printed = hub.cli("job", "output", job_id).stdout.split()
+    assert printed == [str(i) for i in range(1, 25001)]
+    followed = hub.cli("job", "output", job_id, "--follow", "--json").stdout.splitlines()
+    assert [json.loads(line)["seq"] for line in followed] == list(range(25000))

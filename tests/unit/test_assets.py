@@ -116,7 +116,7 @@ def test_asset_kinds_and_names() -> None:
     assets.check_name("db.prod_1-a")
 
 
-def test_a_job_token_mac_covers_the_job_and_its_activation() -> None:
+def test_a_job_token_mac_covers_the_job_and_its_attempt() -> None:
     key = Vault(b"k" * 32).derive_key(job_identity.KEY_LABEL)
     assert key != Vault(b"m" * 32).derive_key(job_identity.KEY_LABEL)
     expected = base64.urlsafe_b64encode(

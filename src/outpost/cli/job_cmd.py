@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from json import dumps
+from collections.abc import Iterator
 from typing import Annotated, Any, Optional
 from urllib.parse import quote
 
@@ -18,6 +19,7 @@ from .output import EXIT_FAILED, ago, out, print_json, table
 app = typer.Typer(no_args_is_help=True, help="Jobs: runbooks running on machines.")
 FINAL = ("Completed", "Failed", "Stopped", "Suspended")
 STREAMS = ("Output", "Error", "Warning", "Verbose", "Progress", "Debug")
+PAGE = 10000  # records a request
 
 
 def _duration(seconds: str) -> float:
@@ -40,20 +42,35 @@ def _print_records(records: list[dict[str, Any]], json: bool) -> None:
             out.print(f"{r['stream'].upper()}: {r['text']}", markup=False, highlight=False)
 
 
+def _pages(client: Api, job_id: str, after: int,
+           streams: list[str] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Every record after ``after`` that the hub has now, a page at a time."""
+    while True:
+        params: dict[str, Any] = {"after": after, "limit": PAGE}
+        if streams:
+            params["stream"] = streams
+        page: list[dict[str, Any]] = client.get(
+            f"/v1/jobs/{quote(job_id, safe='')}/output", params=params)
+        if page:
+            yield page
+            after = page[-1]["seq"]
+        if len(page) < PAGE:
+            return
+
+
 def _follow(client: Api, job_id: str, show_output: bool, json: bool) -> dict[str, Any]:
     """Wait until the job ends, printing its records as they arrive when asked to."""
     after, delay = -1, 0.02
     while True:
-        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}")
+        job: dict[str, Any] = client.get(f"/v1/jobs/{quote(job_id, safe='')}")
         if show_output:
-            records = client.get(f"/v1/jobs/{job_id}/output", params={"after": after})
-            _print_records(records, json)
-            if records:
-                after, delay = records[-1]["seq"], 0.02
+            for page in _pages(client, job_id, after):
+                _print_records(page, json)
+                after, delay = page[-1]["seq"], 0.02
         if job["status"] in FINAL:
             if show_output:  # what arrived between the two reads
-                _print_records(client.get(f"/v1/jobs/{job_id}/output",
-                                          params={"after": after}), json)
+                for page in _pages(client, job_id, after):
+                    _print_records(page, json)
             return job
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
@@ -190,12 +207,11 @@ def output(job_id: str,
            data_dir: DataDir = None, json: Json = False) -> None:
     """A job's output records, in order."""
     client = api(hub, token, ca_fingerprint, data_dir)
-    path = f"/v1/jobs/{quote(job_id, safe='')}"
     if follow:
         _follow(client, job_id, True, json)
         return
-    records = client.get(f"{path}/output", params={"stream": stream} if stream else None)
     if json:
-        print_json(records)
+        print_json([r for page in _pages(client, job_id, -1, stream) for r in page])
         return
-    _print_records(records, json)
+    for page in _pages(client, job_id, -1, stream):
+        _print_records(page, json)

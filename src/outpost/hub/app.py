@@ -475,9 +475,12 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/v1/jobs/{job_id}/output", tags=["jobs"])
     async def job_output(principal: Op, job_id: str,
                          after: Annotated[int, Query(ge=-1)] = -1,
-                         stream: Annotated[list[str] | None, Query()] = None
+                         stream: Annotated[list[str] | None, Query()] = None,
+                         limit: Annotated[int, Query(ge=1, le=50000)] = 10000
                          ) -> list[dict[str, Any]]:
-        return await jobs.records(hub.engine, principal.account_id, job_id, after, stream)
+        """A page of the job's output records after sequence ``after``, in order."""
+        return await jobs.records(hub.engine, principal.account_id, job_id, after, stream,
+                                  limit)
 
     asset_routes.add_routes(app, hub)
     scheduler = schedule_routes.add_routes(app, hub)

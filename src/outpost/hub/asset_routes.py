@@ -102,7 +102,7 @@ def add_routes(app: FastAPI, hub: Hub) -> None:
         """The job the token speaks for."""
         return {"job_id": ident.job_id, "account_id": ident.account_id,
                 "runbook": ident.runbook, "machine_id": ident.machine_id,
-                "activation": ident.activation}
+                "attempt": ident.attempt}
 
     @app.get("/v1/job/assets/{kind}/{name}", tags=["job identity"])
     async def job_asset(ident: Job, kind: str, name: str, response: Response

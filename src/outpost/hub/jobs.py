@@ -421,12 +421,15 @@ async def listing(engine: AsyncEngine, account_id: str, status: str | None = Non
 
 
 async def records(engine: AsyncEngine, account_id: str, job_id: str, after: int = -1,
-                  streams: list[str] | None = None) -> list[dict[str, Any]]:
+                  streams: list[str] | None = None, limit: int = 10000
+                  ) -> list[dict[str, Any]]:
+    """Up to ``limit`` records after sequence ``after``, in order (a page: ask again with the
+    last one's ``seq`` for the next)."""
     await get(engine, account_id, job_id)  # existence and account
     query = sa.select(job_records).where(job_records.c.job_id == job_id,
                                          job_records.c.seq > after)
     if streams:
         query = query.where(job_records.c.stream.in_(streams))
     async with engine.connect() as conn:
-        rows = (await conn.execute(query.order_by(job_records.c.seq))).all()
+        rows = (await conn.execute(query.order_by(job_records.c.seq).limit(limit))).all()
     return [{"seq": r.seq, "stream": r.stream, "text": r.text, "at": r.at} for r in rows]
