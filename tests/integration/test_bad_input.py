@@ -110,3 +110,23 @@ def test_nul_characters_are_bad_input_not_a_crash(hub: Hub) -> None:
             assert response.json()["code"] == "E3003"
             assert "NUL" in response.json()["message"]
         assert client.get("/v1/machines/a%00b").status_code in (404, 422)
+
+
+def test_lone_surrogates_are_bad_input_not_a_crash(hub: Hub) -> None:
+    """JSON can escape half of a UTF-16 pair ("\\ud800"); that is no Unicode text."""
+    with hub.client(hub.admin_token) as client:
+        assert client.post("/v1/runbooks", json={"name": "p", "type": "sh", "content": "true",
+                                                 "params": ["who"]}).status_code == 201
+        for path, raw in (
+                ("/v1/runbooks", b'{"name": "x", "type": "sh", "content": "a\\ud800b"}'),
+                ("/v1/runbooks", b'{"name": "\\udfff", "type": "sh", "content": "a"}'),
+                ("/v1/accounts", b'{"name": "\\ud800"}'),
+                ("/v1/jobs", b'{"runbook": "p", "group": "web", "params": {"who": "\\ud800"}}'),
+                ("/v1/assets/variables/v", b'{"value": "\\ud800"}')):
+            method = "PUT" if path.startswith("/v1/assets") else "POST"
+            response = client.request(method, path, content=raw,
+                                      headers={"Content-Type": "application/json"})
+            _assert_clean(response)
+            assert response.status_code == 422, (path, response.text)
+        assert client.get("/healthz").status_code == 200  # the connection survived
+        assert client.get("/v1/jobs").json() == []  # nothing half-stored

@@ -23,7 +23,9 @@ _USAGE_REASONS = {"config_invalid", "config_tab", "invalid_hostname", "account_k
                   "invalid_request", "hub_cli_unconfigured", "hub_not_initialised",
                   "runbook_type_unknown", "param_spec_invalid", "param_invalid",
                   "param_missing", "runbook_too_large", "certificate_invalid",
-                  "certificate_password", "asset_too_large"}
+                  "certificate_password", "asset_too_large", "cron_invalid",
+                  "timezone_unknown", "spread_invalid", "expiry_invalid",
+                  "webhook_param_missing"}
 
 
 def exit_code(exc: OutpostError) -> int:

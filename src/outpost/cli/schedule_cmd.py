@@ -3,38 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any, Optional
 from urllib.parse import quote
 
 import typer
 
-from outpost.protocol.errors import OutpostError
 from outpost.protocol.params import split_assignments
 
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
-from .output import EXIT_USAGE, out, print_json, render_error, table
+from .output import out, print_json, table
 
 app = typer.Typer(no_args_is_help=True, help="Schedules: start a runbook on a group at the "
                   "times of a cron expression, once per due time.")
 
 # Refusals of what the operator typed: exit 2 like every other bad input.
-BAD_INPUT = {"cron_invalid", "timezone_unknown", "spread_invalid", "expiry_invalid",
-             "webhook_param_missing"}
-
-
-@contextmanager
-def bad_input_exits_2() -> Iterator[None]:
-    try:
-        yield
-    except OutpostError as exc:
-        if exc.reason not in BAD_INPUT:
-            raise
-        render_error(exc)
-        raise typer.Exit(EXIT_USAGE) from exc
-
-
 def duration(seconds: float) -> str:
     """3725 -> '1h2m5s', 1.5 -> '1.5s', 0 -> '0s' (milliseconds only below a minute)."""
     if seconds < 60:
@@ -99,8 +81,7 @@ def create(
     """Start RUNBOOK on a machine of GROUP at every time CRON names, once per due time."""
     body = {"name": name, "runbook": runbook, "group": group, "cron": cron,
             "timezone": timezone, "spread": spread, "params": split_assignments(param or [])}
-    with bad_input_exits_2():
-        made = api(hub, token, ca_fingerprint, data_dir).post("/v1/schedules", body)
+    made = api(hub, token, ca_fingerprint, data_dir).post("/v1/schedules", body)
     if json:
         print_json(made)
         return

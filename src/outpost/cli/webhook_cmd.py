@@ -12,7 +12,6 @@ from outpost.protocol.params import split_assignments
 
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
 from .output import ago, err, out, print_json, table
-from .schedule_cmd import bad_input_exits_2
 
 app = typer.Typer(no_args_is_help=True, help="Webhooks: a secret URL whose POST starts a "
                   "runbook job with the request body as its parameter 'body'.")
@@ -42,8 +41,7 @@ def create(
     """Make a webhook and print its secret URL. The URL is shown this once: keep it."""
     body: dict[str, Any] = {"name": name, "runbook": runbook, "group": group,
                             "params": split_assignments(param or []), "expires": expires}
-    with bad_input_exits_2():
-        made = api(hub, token, ca_fingerprint, data_dir).post("/v1/webhooks", body)
+    made = api(hub, token, ca_fingerprint, data_dir).post("/v1/webhooks", body)
     if json:
         print_json(made)
         return

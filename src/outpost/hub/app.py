@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -163,6 +165,73 @@ class CountRequests:
         await self.app(scope, receive, counted)
 
 
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+class ValidUnicode:
+    """Refuses a JSON body that escapes half of a UTF-16 pair (``"\\ud800"``).
+
+    Such a string is no Unicode text: neither database can store it, no answer that quotes
+    it can be encoded, and a field typed ``Any`` would let it through to both. One check
+    here covers every route; a body without a ``\\uD8..`` to ``\\uDF..`` escape (nearly
+    all) costs one regular-expression scan.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, receive, send)  # the client left: let the app see it
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if _SURROGATE.search(body):
+            try:
+                bad = _has_lone_surrogate(json.loads(body))
+            except ValueError:
+                bad = False  # not JSON: the route says what is wrong with it
+            if bad:
+                err = OutpostError(
+                    "invalid_request", "A text value contains a lone UTF-16 surrogate (such "
+                    "as \\ud800), which is not a valid Unicode character.",
+                    fix="Send valid Unicode text: encode files as UTF-8, and escape a "
+                        "character outside the basic plane as a surrogate pair.")
+                await JSONResponse(err.to_body(), status_code=422)(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def create_app(hub: Hub) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -189,6 +258,7 @@ def create_app(hub: Hub) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     app.state.hub = hub
 
+    app.add_middleware(ValidUnicode)
     app.add_middleware(CountRequests, counter=hub.requests)
 
     @app.exception_handler(OutpostError)
