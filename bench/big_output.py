@@ -31,10 +31,12 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import (  # noqa: E402
     MB,
+    Cpu,
     Hooks,
     TimeBound,
     cancel_time_bound,
     database,
+    load,
     publish,
     stack,
     time_bound,
@@ -99,6 +101,7 @@ def measure(kind: str, megabytes: float, page_wait: float) -> dict[str, Any]:
                 time.sleep(1.0)  # a baseline of idle samples
                 idle = agent_mem.peak()
                 started = time.monotonic()
+                cpu = Cpu(st)
                 response = client.post("/v1/jobs", json={"runbook": "big", "group": "web"})
                 assert response.status_code == 201, response.text
                 job_id = response.json()["id"]
@@ -130,6 +133,7 @@ def measure(kind: str, megabytes: float, page_wait: float) -> dict[str, Any]:
                     if not page:
                         time.sleep(page_wait)
                 finished = time.monotonic() - started
+                used = cpu.used()
                 job = client.get(f"/v1/jobs/{job_id}").json()
             agent_mem.halt.set()
             hub_mem.halt.set()
@@ -141,7 +145,8 @@ def measure(kind: str, megabytes: float, page_wait: float) -> dict[str, Any]:
             "reason": job.get("reason"), "pages": pages, "biggest_page": biggest_page,
             "all_arrived_s": finished, "job_run_s": run_s, "idle_mb": idle,
             "agent_peak_mb": agent_mem.peak(), "hub_peak_mb": hub_mem.peak(),
-            "agent_samples": agent_mem.samples, "arrival": arrival}
+            "agent_samples": agent_mem.samples, "arrival": arrival, "cpu": used,
+            "load": load()}
 
 
 def report(r: dict[str, Any]) -> None:
@@ -161,6 +166,8 @@ def report(r: dict[str, Any]) -> None:
     if rss:
         print(f"  agent RSS median        {statistics.median(rss):8.1f} MB over "
               f"{len(rss)} samples")
+    h, a, c = r["cpu"]
+    print(f"  cpu seconds             hub {h:.1f}, agent {a:.1f}, runbook {c:.1f}; {r['load']}")
     print(f"  hub RSS peak            {r['hub_peak_mb']:8.1f} MB (for information)")
     marks = r["arrival"]
     if marks:

@@ -27,6 +27,10 @@ def main() -> None:
     parser.add_argument("file", type=Path)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--match", default="")
+    parser.add_argument("--idle", default="EpollSelector.select,_connection_worker_thread,"
+                        "Condition.wait,_worker (concurrent,_do_waitpid,Thread.join",
+                        help="comma-separated leaf frames counted as idle and left out "
+                        "(py-spy --nonblocking cannot always tell a waiting thread)")
     args = parser.parse_args()
     inclusive: Counter[str] = Counter()
     exclusive: Counter[str] = Counter()
@@ -37,14 +41,14 @@ def main() -> None:
             continue
         stack, count = m.group(1), int(m.group(2))
         frames = [frame_name(f) for f in stack.split(";") if f]
-        if not frames:
+        if not frames or any(i and i in frames[-1] for i in args.idle.split(",")):
             continue
         total += count
         exclusive[frames[-1]] += count
         for name in set(frames):
             if args.match in name:
                 inclusive[name] += count
-    print(f"{args.file.name}: {total} samples")
+    print(f"{args.file.name}: {total} samples, idle ones left out")
     print("inclusive (on the stack)")
     for name, n in inclusive.most_common(args.top):
         print(f"  {100 * n / total:5.1f}%  {name[:150]}")

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.dispatch_latency import hooks_for, variant_name  # noqa: E402
+from bench.dispatch_latency import agent_config_for, hooks_for, variant_name  # noqa: E402
 from bench._common import (  # noqa: E402
     Cpu,
     Stack,
@@ -128,7 +128,8 @@ def measure(kind: str, variant: str, jobs: int, concurrency: int, submitters: in
     with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmp:
         root = Path(tmp)
         with database(kind, root) as url, \
-                stack(root, url, hooks, max_concurrent_jobs=concurrency) as st:
+                stack(root, url, hooks, max_concurrent_jobs=concurrency,
+                      **agent_config_for(variant)) as st:
             publish(st.hub, "noop", "true\n")
             phase(st, "warm-up", min(100, jobs), submitters, False, None, "")
             tag = f"{kind}-{variant}"
