@@ -243,3 +243,58 @@ def test_default_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert state_mod.default_state_dir() == tmp_path / "home" / ".local" / "state" / "outpost"
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert state_mod.default_state_dir() == Path("/var/lib/outpost")
+
+
+# --- the cache and its report (HW-9) ---------------------------------------------------------
+def test_cache_report_names_each_file_and_its_condition(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    assert {r["name"]: r["state"] for r in state.cache_report()} == {
+        "machine.key": "missing", "identity.json": "missing", "registration.json": "missing",
+        "hub.json": "missing"}
+    state.new_key()
+    state.save_registration(_registration())
+    state.save_hub_cache({"min_agent_version": "0.1.0"})
+    report = {r["name"]: r for r in state.cache_report()}
+    assert {n: r["state"] for n, r in report.items()} == dict.fromkeys(report, "ok")
+    assert report["machine.key"]["refetchable"] is False
+    assert report["registration.json"]["kind"] == "cache"
+    assert state.identity() == {k: getattr(_registration(), k) for k in state_mod.IDENTITY_FIELDS}
+
+    state.hub_cache_path.write_bytes(b"\x00garbage")
+    text = state.registration_path.read_text()
+    state.registration_path.write_text(text.replace('"web-1"', '"web-2"'))  # valid JSON
+    state.key_path.write_text(state.key_path.read_text()[:20])
+    report = {r["name"]: r for r in state.cache_report()}
+    assert report["hub.json"]["state"] == "corrupt"
+    assert "checksum mismatch" in report["registration.json"]["detail"]
+    assert report["machine.key"]["state"] == "corrupt"
+    assert "register" in report["machine.key"]["detail"] or "corrupt" in report[
+        "machine.key"]["detail"]
+    assert report["identity.json"]["state"] == "ok"
+
+
+def test_quarantine_and_clear_cache_keep_key_and_identity(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.new_key()
+    state.save_registration(_registration())
+    state.identity_path.unlink()  # a state directory written before identity.json existed
+    state.save_hub_cache({"min_agent_version": "0.1.0"})
+    moved = state.quarantine(state.hub_cache_path)
+    again = state.quarantine(state.registration_path.rename(state.hub_cache_path))
+    assert moved != again and moved.name.startswith("hub.json.corrupt-")
+    assert state.corrupt_copies() == sorted([moved, again])
+    state.save_registration(_registration())
+    state.identity_path.unlink()
+    removed = state.clear_cache()
+    assert removed == [state.registration_path]
+    assert state.key_path.exists() and state.identity()["machine_id"] == "m-123"  # type: ignore[index]
+
+
+def test_clear_cache_refuses_when_nothing_holds_the_identity(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.save_registration(_registration())
+    state.identity_path.unlink()
+    state.registration_path.write_bytes(b"{}")
+    with pytest.raises(CorruptFile):
+        state.clear_cache()
+    assert state.registration_path.exists()

@@ -1,7 +1,14 @@
-"""The agent's state directory: machine key, registration, pidfile and status socket.
+"""The agent's state directory: machine key, identity, cache, pidfile and status socket.
 
 Cached files are written atomically (a temporary file, fsync, rename) with a SHA-256 of their
-content, so a torn or corrupted file is detected instead of being trusted.
+content, so a torn or corrupted file is detected instead of being trusted (HW-9). The files
+fall in three kinds:
+
+- ``machine.key``: the private key. It never leaves the machine, so nothing can restore it.
+- ``identity.json``: what the hub cannot tell the agent (its machine id, the hub URLs, the
+  pinned CA's fingerprint). Rebuilt from ``registration.json`` when that is intact.
+- the cache (``registration.json``, ``hub.json``): everything the hub can send again. A
+  corrupt cache file is moved aside as ``NAME.corrupt-TIMESTAMP`` and fetched again.
 """
 
 from __future__ import annotations
@@ -60,6 +67,13 @@ class CorruptFile(Exception):
     """A cached file failed its checksum or did not parse."""
 
 
+# The fields of a registration the hub cannot send again (see the module docstring).
+IDENTITY_FIELDS = ("machine_id", "account_id", "name", "group", "hub_urls", "ca_fingerprint",
+                   "registered_at")
+# The files the hub can send again: removed by ``reset-cache``, healed when corrupt.
+CACHE_FILES = ("registration.json", "hub.json")
+
+
 def write_checked(path: Path, data: dict[str, Any]) -> None:
     body = json.dumps(data, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(body.encode()).hexdigest()
@@ -107,6 +121,14 @@ class StateDir:
     @property
     def registration_path(self) -> Path:
         return self.root / "registration.json"
+
+    @property
+    def identity_path(self) -> Path:
+        return self.root / "identity.json"
+
+    @property
+    def hub_cache_path(self) -> Path:
+        return self.root / "hub.json"
 
     @property
     def pidfile(self) -> Path:
@@ -172,12 +194,119 @@ class StateDir:
             raise CorruptFile(f"{self.registration_path}: {exc}") from exc
 
     def save_registration(self, reg: Registration) -> None:
+        """Write the registration cache, and the identity when it is missing or differs."""
         self.ensure()
         write_checked(self.registration_path, reg.to_dict())
+        wanted = {name: getattr(reg, name) for name in IDENTITY_FIELDS}
+        try:
+            current = self.identity()
+        except CorruptFile:
+            current = None
+        if current != wanted:
+            write_checked(self.identity_path, wanted)
+
+    def identity(self) -> dict[str, Any] | None:
+        """The identity (IDENTITY_FIELDS), None when absent; raises CorruptFile."""
+        if not self.identity_path.exists():
+            return None
+        data = read_checked(self.identity_path)
+        if set(data) != set(IDENTITY_FIELDS):
+            raise CorruptFile(f"{self.identity_path}: fields {sorted(data)} are not an identity")
+        return data
 
     def clear_registration(self) -> None:
-        for path in (self.registration_path, self.key_path):
+        for path in (self.registration_path, self.identity_path, self.hub_cache_path,
+                     self.key_path):
             path.unlink(missing_ok=True)
+
+    # --- the cache (HW-9) ----------------------------------------------------------------
+    def hub_cache(self) -> dict[str, Any] | None:
+        """What the hub last said in a heartbeat answer (hub.json); raises CorruptFile."""
+        if not self.hub_cache_path.exists():
+            return None
+        return read_checked(self.hub_cache_path)
+
+    def save_hub_cache(self, data: dict[str, Any]) -> None:
+        self.ensure()
+        write_checked(self.hub_cache_path, data)
+
+    def quarantine(self, path: Path) -> Path:
+        """Move a corrupt file aside as ``NAME.corrupt-TIMESTAMP``; returns the new path."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        os.replace(path, target)
+        return target
+
+    def _condition(self, name: str) -> tuple[str, str]:
+        path = self.root / name
+        if not path.exists():
+            return "missing", "absent"
+        try:
+            if name == "machine.key":
+                self.load_key()
+            elif name == "identity.json":
+                self.identity()
+            elif name == "registration.json":
+                self.registration()
+            else:
+                read_checked(path)
+        except CorruptFile as exc:
+            return "corrupt", str(exc)
+        except OutpostError as exc:
+            return "corrupt", exc.message
+        except OSError as exc:
+            return "corrupt", f"{path}: cannot be read: {exc}"
+        return "ok", "checksum verified" if name != "machine.key" else "a well-formed key"
+
+    def cache_report(self) -> list[dict[str, Any]]:
+        """Each file of the agent's state with its condition, for ``outpost check`` (HW-9).
+
+        One dict per file: ``name``, ``path``, ``kind`` (``key``, ``identity`` or ``cache``),
+        ``state`` (``ok``, ``corrupt`` or ``missing``), ``detail``, and ``refetchable``:
+        whether the agent fetches or rebuilds it by itself. A missing ``hub.json`` before
+        the first heartbeat, or a missing registration with its identity intact, is normal.
+        """
+        files = (("machine.key", "key", False), ("identity.json", "identity", True),
+                 ("registration.json", "cache", True), ("hub.json", "cache", True))
+        report = []
+        for name, kind, refetchable in files:
+            state, detail = self._condition(name)
+            report.append({"name": name, "path": str(self.root / name), "kind": kind,
+                           "state": state, "detail": detail, "refetchable": refetchable})
+        return report
+
+    def corrupt_copies(self) -> list[Path]:
+        """Files moved aside as corrupt (``NAME.corrupt-TIMESTAMP``), by name and time."""
+        if not self.root.is_dir():
+            return []
+        return sorted(self.root.glob("*.corrupt-*"))
+
+    def clear_cache(self) -> list[Path]:
+        """Remove the cache files (never the key or the identity); returns what it removed.
+
+        The identity is written first from the registration when it is missing, so that an
+        older state directory keeps what the hub cannot send again. Raises CorruptFile when
+        neither the identity nor the registration is intact: then nothing is removed.
+        """
+        try:
+            identity = self.identity()
+        except CorruptFile:
+            identity = None
+        if identity is None:
+            reg = self.registration()  # raises CorruptFile: nothing to keep the identity from
+            if reg is not None:
+                self.save_registration(reg)
+        removed = []
+        for name in CACHE_FILES:
+            path = self.root / name
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+        return removed
 
     # --- pidfile -------------------------------------------------------------------------
     def running_pid(self) -> int | None:
