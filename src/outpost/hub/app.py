@@ -357,6 +357,15 @@ def create_app(hub: Hub) -> FastAPI:
         await machines.deregister(hub.engine, row.id)
         return {"machine_id": row.id, "deregistered": True}
 
+    @app.get("/v1/agent/registration", tags=["agent"])
+    async def registration(request: Request) -> dict[str, Any]:
+        """This machine's registration as the hub holds it: an agent whose cached copy is
+        corrupt fetches it again (HW-9)."""
+        row, _ = await signed_machine(request)
+        return {"machine_id": row.id, "account_id": row.account_id, "name": row.name,
+                "group": row.group_name, "labels": row.labels,
+                "registered_at": row.registered_at}
+
     @app.post("/v1/agent/heartbeat", tags=["agent"])
     async def heartbeat(request: Request) -> dict[str, Any]:
         row, body = await signed_machine(request)
