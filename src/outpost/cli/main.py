@@ -24,7 +24,7 @@ from outpost.protocol import errors
 
 from . import agent_cmd, fleet_cmd, hub_cmd, job_cmd, runbook_cmd
 from . import asset_cmd
-from . import schedule_cmd, webhook_cmd
+from . import check_cmd, schedule_cmd, webhook_cmd
 from .output import EXIT_FAILED, EXIT_USAGE, exit_code, out, render_error
 
 app = typer.Typer(
@@ -43,6 +43,9 @@ app.add_typer(job_cmd.app, name="job")
 app.add_typer(asset_cmd.app, name="asset")
 app.add_typer(schedule_cmd.app, name="schedule")
 app.add_typer(webhook_cmd.app, name="webhook")
+app.command("check")(check_cmd.check)
+app.command("check-list")(check_cmd.check_list)
+hub_cmd.app.command("check")(check_cmd.hub_check)
 
 
 def _version(value: bool) -> None:

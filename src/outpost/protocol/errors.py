@@ -388,6 +388,71 @@ _ENTRIES += (
         413, None),
 )
 
+_ENTRIES += (
+    # --- diagnosis: outpost check and outpost hub check (7001-7049) ----------------------
+    Entry(
+        "E7001", "registration_corrupt", "The registration file is corrupt.",
+        ("registration.json in the state directory failed its checksum or does not parse: "
+         "it was truncated by a full disk or a crash, or edited by hand.",),
+        ("Register this machine again: 'outpost agent register ... --force'.",),
+        400, "HW-9"),
+    Entry(
+        "E7002", "cache_file_corrupt", "A file in the agent's state cache is corrupt.",
+        ("A checksummed file in the state directory failed its checksum or does not parse.",),
+        ("Run 'outpost agent reset-cache' (or stop the agent, delete the file named in the "
+         "message, and start the agent): the agent fetches it again from the hub.",),
+        400, "HW-9"),
+    Entry(
+        "E7003", "heartbeat_missing", "The hub has not acknowledged a heartbeat recently.",
+        ("The agent cannot reach the hub, the hub refuses its heartbeats, or the agent is "
+         "stuck.",),
+        ("Look at the agent's last error ('outpost agent status') and fix what it names; "
+         "the checks above this one usually say which.",),
+        503, "HW-9"),
+    Entry(
+        "E7004", "hardware_below_minimum",
+        "The machine is below the minimum hardware (2 CPUs, 4 GB of memory).",
+        ("The machine, or the CPU set and memory limit it is given, is smaller than the "
+         "agent's documented minimum; jobs may run slowly and time out.",),
+        ("Give the machine (or its container) at least 2 CPUs and 4 GB of memory, or lower "
+         "'max_concurrent_jobs' in the agent config.",),
+        400, "HW-1b"),
+    Entry(
+        "E7005", "machine_under_pressure", "The machine is under CPU or memory pressure.",
+        ("CPU or memory use stays above the agent's threshold, so the agent takes no new "
+         "job until it falls.",),
+        ("Find what uses the CPU or memory (top, ps) and stop or move it; or raise "
+         "'max_cpu_percent' / 'max_memory_percent' in the agent config.",),
+        503, "HW-1b"),
+    Entry(
+        "E7006", "disk_low", "The disk is almost full.",
+        ("Little free space is left on the file system that holds the directory named in "
+         "the message.",),
+        ("Free space on that file system, or move the directory to a larger one.",),
+        507, None),
+    Entry(
+        "E7007", "migrations_pending", "The database schema is not the one this hub expects.",
+        ("The database was created by an older hub and not migrated yet, or by a newer "
+         "hub than this one.",),
+        ("Start the hub ('outpost hub run'): it migrates the database at start. A database "
+         "migrated by a newer hub needs that hub version.",),
+        503, None),
+    Entry(
+        "E7008", "hub_certificate_expiring", "The hub's TLS certificate expires soon.",
+        ("The certificate's validity ends within 30 days.",),
+        ("Issue a new certificate before it expires (move server.pem and server.key aside "
+         "and run 'outpost hub init' on a copy, or pass --tls-cert/--tls-key to 'hub run'), "
+         "then restart the hub.",),
+        400, None),
+    Entry(
+        "E7009", "hub_certificate_invalid", "The hub's TLS certificate is not valid.",
+        ("The certificate has expired, is not valid yet, does not match its key, or was not "
+         "issued by the hub's CA.",),
+        ("Issue a new certificate from the hub's CA, or pass the right --tls-cert/--tls-key "
+         "to 'outpost hub run'.",),
+        400, None),
+)
+
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 BY_NAME: dict[str, Entry] = {e.name: e for e in _ENTRIES}
 
