@@ -10,6 +10,8 @@ import yaml
 
 from outpost.protocol.errors import OutpostError
 
+from .logs import parse_duration
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -34,7 +36,13 @@ class AgentConfig:
     max_cpu_percent: float = 95.0
     max_memory_percent: float = 95.0
     pressure_seconds: float = 30.0
-
+    # ED-1/EX-9: how long a job's log stays on the machine after it last changed (seconds;
+    # the file may say 7d, 12h, 30m).
+    job_log_retention: float = 7 * 86400.0
+    # The agent log rotates at this size and keeps this many old files; unset: 5 MB and 3
+    # (1 MB and 1 when constrained).
+    log_max_bytes: int | None = None
+    log_backups: int | None = None
 
     def effective(self) -> AgentConfig:
         """The settings the daemon runs with: constrained mode (ED-8) lowers the limits a
@@ -51,7 +59,9 @@ class AgentConfig:
     @property
     def log_bytes(self) -> tuple[int, int]:
         """(size at which the log rotates, how many rotated logs to keep)."""
-        return (1 * 2**20, 1) if self.constrained else (5 * 2**20, 3)
+        size, keep = (1 * 2**20, 1) if self.constrained else (5 * 2**20, 3)
+        return (self.log_max_bytes or size, keep if self.log_backups is None
+                else self.log_backups)
 
 
 # Range checks: setting -> (lowest, highest).
@@ -64,6 +74,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_cpu_percent": (0.0, 100.0),
     "max_memory_percent": (0.0, 100.0),
     "pressure_seconds": (0.0, 3600.0),
+    "job_log_retention": (0.0, 366 * 86400.0),
+    "log_max_bytes": (1024, 2**30),
+    "log_backups": (1, 100),
 }
 _TYPES = {f.name: f.type for f in fields(AgentConfig)}
 
@@ -71,6 +84,17 @@ _TYPES = {f.name: f.type for f in fields(AgentConfig)}
 def _check(key: str, value: Any) -> Any:
     """The value converted to the setting's type, or ValueError saying what is wrong."""
     kind = _TYPES[key]
+    if key == "job_log_retention":
+        try:
+            value = parse_duration(value)
+        except ValueError:
+            raise ValueError("must be a duration such as 7d, 12h, 30m or a number of "
+                             "seconds") from None
+        kind = "float"
+    elif kind == "int | None":
+        if value is None:
+            return None
+        kind = "int"
     if kind == "list[str]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError("must be a list of URLs")

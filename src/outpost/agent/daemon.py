@@ -21,7 +21,7 @@ from typing import Any
 from outpost import __version__
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
 
-from . import facts
+from . import facts, joblogs
 from .config import AgentConfig
 from .pressure import Pressure
 from .registration import client_for
@@ -81,6 +81,8 @@ class Agent:
             self._recover()
             self._start("heartbeat", self._heartbeat_loop)
             self._start("poll", self._poll_loop)
+            self._start("prune-job-logs", lambda: joblogs.prune_forever(
+                self.state.root, self.config.job_log_retention, self.stop_requested))
             await self.stop_requested.wait()
             log.info("stopping")
             await self._shutdown()

@@ -29,7 +29,7 @@ from typing import Any
 
 from outpost.protocol.errors import HubRefused, OutpostError
 
-from . import helper
+from . import helper, joblogs
 from .transport import Backoff
 
 log = logging.getLogger("outpost.agent.job")
@@ -190,7 +190,9 @@ class Spool:
         return lines, end, offset + cut
 
     def remove(self) -> None:
+        """The hub has it all: the records move to the job's kept log (joblogs.py)."""
         self.close()
+        joblogs.keep(self.path)
         for path in (self.path, self.meta_path):
             path.unlink(missing_ok=True)
 

@@ -150,3 +150,10 @@ def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
     out.print("  processes:")
     for proc in info["processes"]:
         out.print(f"    {proc['pid']:>7}  {proc['role']}")
+
+
+# ED-1, EX-9: the agent's logs, each job's kept log, and the support bundle.
+from . import agent_logs_cmd  # noqa: E402
+
+app.command("logs")(agent_logs_cmd.logs)
+app.command("support-bundle")(agent_logs_cmd.support_bundle)

@@ -8,8 +8,6 @@ resident memory has a 40 MB budget. Only argparse and the agent's own modules lo
 from __future__ import annotations
 
 import argparse
-import logging
-import logging.handlers
 import os
 import sys
 from pathlib import Path
@@ -24,22 +22,11 @@ from outpost.protocol.errors import OutpostError, describe  # noqa: E402
 EXIT_USAGE = 2
 
 
-def _setup_logging(log_path: Path, level: str, rotate: tuple[int, int]) -> None:
-    root = logging.getLogger("outpost")
-    root.setLevel(level.upper())
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(fmt)
-    rotating = logging.handlers.RotatingFileHandler(log_path, maxBytes=rotate[0],
-                                                    backupCount=rotate[1])
-    rotating.setFormatter(fmt)
-    root.handlers = [stream, rotating]
-
-
 def run(state_dir: Path | None, config_path: Path | None, clock_skew: float) -> None:
     import asyncio
 
     from outpost.agent import config as agent_config
+    from outpost.agent import joblogs, logs
     from outpost.agent.daemon import Agent
     from outpost.agent.state import StateDir, default_state_dir
     from outpost.agent.transport import Clock
@@ -49,12 +36,10 @@ def run(state_dir: Path | None, config_path: Path | None, clock_skew: float) -> 
         config_path = state.root / "agent.yaml"
     cfg = agent_config.load(config_path)
     # ED-1/EX-9: OUTPOST_LOG wins over the config file's log_level.
-    level = os.environ.get("OUTPOST_LOG", cfg.log_level).lower()
-    if level not in agent_config.LOG_LEVELS:
-        raise OutpostError("config_invalid", f"OUTPOST_LOG={level} is not a log level.",
-                           fix=f"Use one of {', '.join(agent_config.LOG_LEVELS)}.")
+    level = logs.resolve_level(cfg.log_level, os.environ.get("OUTPOST_LOG"))
     state.ensure()
-    _setup_logging(state.log_path, level, cfg.log_bytes)
+    logs.setup(state.root, level, cfg.effective().log_bytes,
+               job_sink=joblogs.JobLineHandler(state.root))
     asyncio.run(Agent(state, cfg, Clock(clock_skew), config_path).run())
 
 
@@ -69,7 +54,11 @@ def main() -> None:
         run(args.state_dir, args.config, float(skew or 0))
     except OutpostError as exc:
         sys.stderr.write("\n".join(describe(exc)) + "\n")
-        sys.exit(EXIT_USAGE if exc.reason in ("config_invalid", "config_tab") else 1)
+        # Exit 2 where starting again cannot help (the service unit does not restart on
+        # it): a bad config, or a state directory only registering again mends (HW-9).
+        sys.exit(EXIT_USAGE if exc.reason in ("config_invalid", "config_tab",
+                                              "log_level_invalid", "machine_key_corrupt",
+                                              "registration_corrupt") else 1)
     except KeyboardInterrupt:
         sys.exit(130)
 

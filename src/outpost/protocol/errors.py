@@ -31,10 +31,15 @@ class Entry:
     fixes: tuple[str, ...]
     http_status: int = 400
     scenario: str | None = None
+    # Other codes that name this entry exactly, such as a numeric code that a seed's
+    # service shows for the same failure; 'outpost explain' finds the entry by them.
+    aliases: tuple[str, ...] = ()
 
 
 FORBIDDEN_TEXT = "Forbidden: You don't have permission to access / on this server."
 ALREADY_REGISTERED_TEXT = "Machine is already registered"
+ACTIVATE_FAILED_TEXT = ("The job action 'Activate' cannot be run, because the process stopped "
+                        "unexpectedly. The job action was attempted three times.")
 INVALID_HOSTNAME_TEXT = (
     "invalid hostname. Hostname cannot be empty or greater than 64 characters"
 )
@@ -288,6 +293,26 @@ _ENTRIES += (
          "cannot be stopped, and only a Suspended job can be resumed.",),
         ("See the job's state with 'outpost job show ID'.",),
         409, None),
+    # Job outcomes, not HTTP answers: here so that 'outpost explain' finds what a job's
+    # status says (the status is the one HTTP-like number: 409, a state the job is in).
+    Entry(
+        "E4010", "activation_failed", ACTIVATE_FAILED_TEXT,
+        ("The job's sandbox or the agent running it died (killed, out of memory, the "
+         "machine restarted), or the agent stopped renewing the job's lease (it lost the "
+         "hub or was stuck), three times in a row, so the job was Suspended.",),
+        ("See each attempt's machine and reason with 'outpost job show ID' (exit code, "
+         "signal or lease expiry), fix that machine ('outpost check' on it), then "
+         "'outpost job resume ID'.",),
+        409, "HW-1"),
+    Entry(
+        "E4011", "runbook_failed", "The runbook exited with a non-zero exit code.",
+        ("A command in the runbook failed, or the runbook called exit with a non-zero "
+         "code; the job is Failed and is not retried.",
+         "Exit code 255 (4294967295 where it is shown as an unsigned 32-bit number) is -1: "
+         "often the interpreter or the run-as account could not start the runbook."),
+        ("Read the job's Error stream: 'outpost job output ID --stream Error'.",
+         "For a run-as account, check it exists on the machine ('outpost group list')."),
+        409, "HW-1a"),
 )
 
 CERTIFICATE_MISSING_TEXT = "No certificate was found in the certificate store with thumbprint"
@@ -453,6 +478,39 @@ _ENTRIES += (
         400, None),
 )
 
+_ENTRIES += (
+    # --- the agent's logs and support bundle (E7050-E7069) --------------------------------
+    Entry(
+        "E7050", "log_level_invalid", "The log level is not known.",
+        ("OUTPOST_LOG, the config's log_level or --level is not one of debug, info, "
+         "warning, error.",),
+        ("Use one of debug, info, warning, error; for example OUTPOST_LOG=debug, then "
+         "restart the agent.",),
+        400, "ED-1"),
+    Entry(
+        "E7051", "duration_invalid", "The duration is not valid.",
+        ("A duration such as --since is not a number of seconds or a value like 90s, 10m, "
+         "2h, 1d or 1h30m.",),
+        ("Give a duration like 10m, 2h or 1d, for example 'outpost agent logs --since 2h'.",),
+        400, None),
+    Entry(
+        "E7052", "job_log_not_found", "No log of this job is kept on this machine.",
+        ("Another machine of the group ran the job.",
+         "The job ended longer ago than the agent's job_log_retention (7 days by default), "
+         "so its log was removed.",
+         "The agent keeps its state in another directory than the one given."),
+        ("See the job's output on the hub: 'outpost job output ID'; 'outpost job show ID' "
+         "names the machine of every attempt.",
+         "List the job logs this machine keeps: 'outpost agent logs --jobs'."),
+        404, "EX-9"),
+    Entry(
+        "E7053", "bundle_failed", "The support bundle could not be written.",
+        ("The output file's directory does not exist or is not writable, or the disk is "
+         "full.",),
+        ("Write it elsewhere with -o FILE (a directory you can write to, with free space).",),
+        500, "EX-9"),
+)
+
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 BY_NAME: dict[str, Entry] = {e.name: e for e in _ENTRIES}
 
@@ -466,16 +524,17 @@ def entry(name_or_code: str) -> Entry:
 
 def find(text: str) -> list[Entry]:
     """Entries matching a code, a name, or a piece of pasted error text (any case)."""
-    needle = " ".join(text.strip().lower().split())
+    needle = _normal(text)
     if not needle:
         return []
-    exact = [e for e in _ENTRIES if needle in (e.code.lower(), e.name.lower())]
+    exact = [e for e in _ENTRIES
+             if needle in (e.code.lower(), e.name.lower(), *(a.lower() for a in e.aliases))]
     if exact:
         return exact
     hits = []
     for e in _ENTRIES:
-        hay = " ".join((e.code, e.name, e.message, *e.causes, *e.fixes)).lower()
-        if needle in hay or needle in e.message.lower():
+        hay = _normal(" ".join((e.code, e.name, e.message, *e.causes, *e.fixes)))
+        if needle in hay:
             hits.append(e)
     # A pasted message often carries more than the catalog text (a prefix, details, the
     # values that fill the message's {placeholders}).
@@ -484,8 +543,17 @@ def find(text: str) -> list[Entry]:
     return hits
 
 
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
+                         "`": "'"})
+
+
+def _normal(text: str) -> str:
+    """Lower case, one space between words, plain quotes: how a pasted text is compared."""
+    return " ".join(text.translate(_QUOTES).lower().split())
+
+
 def _pattern(e: Entry) -> re.Pattern[str]:
-    pieces = re.split(r"\{[a-z_]+\}", " ".join(e.message.lower().rstrip(".").split()))
+    pieces = re.split(r"\{[a-z_]+\}", _normal(e.message).rstrip("."))
     return re.compile(".+?".join(re.escape(p) for p in pieces))
 
 

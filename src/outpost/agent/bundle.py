@@ -1,0 +1,302 @@
+"""``outpost agent support-bundle``: one tar.gz with what support needs, secrets removed (EX-9).
+
+Members, under one folder named after the machine and the time::
+
+    README.txt              what is here and what was removed
+    status.json             the agent's status, or that it is not running
+    config.yaml             the config file as written, redacted
+    config-effective.json   the settings the agent runs with (defaults filled in), redacted
+    registration.json       machine id, account, group, hub URLs, pinned CA (no key)
+    check.json              'outpost check --output json' results (or why there are none)
+    versions.json           Outpost, Python, the OS, and the key packages
+    environment.json        the variables that change the agent's behaviour, redacted
+    state-dir.json          the state directory's files: names, sizes, modes (no content)
+    joblogs.json            the index of the job logs kept on the machine (no output)
+    logs/agent.log[.N]      the agent's log files, every line redacted
+
+Secrets never leave: the machine key is not read into the bundle at all; values of any
+setting, field or variable named like a key, token, secret or password become
+``[redacted]``, as do passwords in URLs, bearer tokens, private key blocks, and, anywhere in
+any member, the literal values of the secrets found on the machine (the machine key's seed,
+proxy passwords, the account key or API token in the environment).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import re
+import socket
+import stat
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from outpost import __version__
+from outpost.protocol.errors import OutpostError
+
+from . import config as agent_config
+from . import joblogs, logs
+from .state import StateDir
+
+REDACTED = "[redacted]"
+PACKAGES = ("httpx", "httpcore", "cryptography", "PyNaCl", "pydantic", "PyYAML", "typer",
+            "rich", "psutil", "fastapi", "uvicorn", "SQLAlchemy", "alembic", "asyncpg",
+            "aiosqlite")
+# Variables that change what the agent does; anything else in the environment stays out.
+ENV_NAMES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY", "https_proxy",
+             "http_proxy", "all_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR",
+             "REQUESTS_CA_BUNDLE", "LANG", "LC_ALL", "TZ", "PATH", "USER", "HOME",
+             "XDG_STATE_HOME", "INVOCATION_ID")
+SECRET_NAME = re.compile(r"key|token|secret|passw|pwd|credential|signature|authorization|"
+                         r"cookie|private", re.I)
+_URL_USER = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s@\"'<>]+@", re.I)
+_ASSIGNED = re.compile(
+    r"([\w.-]*(?:key|token|secret|passw(?:or)?d?|pwd|credential|signature|authorization)"
+    r"[\w.-]*)(\"?'?\s*[:=]\s*\"?'?)(?!\[redacted\])([^\s\"',;&}]+)", re.I)
+_BEARER = re.compile(r"\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}", re.I)
+_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*(?:PRIVATE KEY|SEED)-----.*?-----END [A-Z0-9 ]*-----",
+                  re.S)
+
+
+class Redactor:
+    """Removes secrets from text and from data. ``known`` holds literal secret values found
+    on the machine; they are replaced wherever they appear, whatever surrounds them."""
+
+    def __init__(self, known: list[str] | None = None) -> None:
+        # The longest first, so a secret that contains another is replaced whole; values
+        # this short would match ordinary text and are not secrets of ours anyway.
+        self.known = sorted({k for k in known or [] if len(k) >= 6}, key=len, reverse=True)
+
+    def text(self, value: str) -> str:
+        for secret in self.known:
+            value = value.replace(secret, REDACTED)
+        value = _PEM.sub(REDACTED, value)
+        value = _URL_USER.sub(lambda m: f"{m.group(1)}{REDACTED}@", value)
+        value = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
+        return _ASSIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", value)
+
+    def data(self, value: Any, name: str = "") -> Any:
+        if name and SECRET_NAME.search(name) and value not in (None, "", False, [], {}):
+            return REDACTED
+        if isinstance(value, dict):
+            return {k: self.data(v, str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.data(v) for v in value]
+        if isinstance(value, str):
+            return self.text(value)
+        return value
+
+    def log_line(self, line: str) -> str:
+        """One line of the agent log: a JSON record is redacted field by field."""
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return self.text(line)
+        if not isinstance(record, dict):
+            return self.text(line)
+        return json.dumps(self.data(record), ensure_ascii=False)
+
+
+def known_secrets(state: StateDir, config_text: str | None,
+                  environ: dict[str, str]) -> list[str]:
+    """Secret values on this machine, to be removed wherever they turn up."""
+    found: list[str] = []
+    try:  # the machine key's seed, as stored and as raw text, never its file
+        lines = [ln.strip() for ln in state.key_path.read_text().splitlines() if ln.strip()]
+        found += [ln for ln in lines if not ln.startswith("-----")]
+    except (OSError, UnicodeDecodeError):
+        pass
+    texts = [config_text or ""]
+    for name, value in environ.items():
+        if SECRET_NAME.search(name):
+            found.append(value)
+        texts.append(value)
+    for text in texts:  # passwords and users in URLs (proxies, hub URLs)
+        for match in re.finditer(r"[a-z][a-z0-9+.-]*://[^\s\"']+", text, re.I):
+            parts = urlsplit(match.group(0))
+            found += [p for p in (parts.password, parts.username) if p]
+    return found
+
+
+def _versions() -> dict[str, Any]:
+    packages: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    os_release: dict[str, str] = {}
+    try:
+        os_release = platform.freedesktop_os_release()
+    except OSError:
+        pass
+    return {"outpost": __version__, "python": sys.version, "executable": sys.executable,
+            "platform": platform.platform(), "machine": platform.machine(),
+            "os": {k: os_release[k] for k in ("NAME", "VERSION", "ID", "VERSION_ID")
+                   if k in os_release},
+            "packages": packages}
+
+
+def _state_listing(root: Path) -> list[dict[str, Any]]:
+    rows = []
+    if root.is_dir():
+        for path in sorted(root.rglob("*")):
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            rows.append({"path": str(path.relative_to(root)), "bytes": st.st_size,
+                         "mode": stat.filemode(st.st_mode), "modified": logs.iso(st.st_mtime)})
+    return rows
+
+
+def _status(state: StateDir) -> dict[str, Any]:
+    from .daemon import read_status
+
+    info = read_status(state)
+    if info is None:
+        pid = state.running_pid()
+        return {"running": False, "pid": pid, "state_dir": str(state.root),
+                "note": "The agent is not running" + (
+                    f" (process {pid} exists but does not answer on its status socket)"
+                    if pid else "") + "; start it with "
+                f"'outpost agent run --state-dir {state.root}'."}
+    info["running"] = True
+    return info
+
+
+def _checks(state: StateDir, config_path: Path | None) -> dict[str, Any]:
+    try:
+        from outpost.agent import checks as agent_checks
+        from outpost.protocol import checks as engine
+    except ImportError as exc:
+        return {"note": f"'outpost check' is not available in this version ({exc})."}
+    ctx = agent_checks.AgentContext(state, config_path)
+    try:
+        results = agent_checks.run(ctx)
+    except Exception as exc:  # the bundle is most needed when things are broken
+        return {"note": f"the checks could not run: {type(exc).__name__}: {exc}"}
+    return {"state_dir": str(state.root), "config_path": str(config_path or "") or None,
+            "version": __version__, "exit_code": engine.exit_status(results),
+            "counts": engine.counts(results), "checks": [r.to_json() for r in results]}
+
+
+def _config(config_path: Path | None, red: Redactor) -> tuple[str, dict[str, Any]]:
+    if config_path is None:
+        return "# no config file: the agent runs with the defaults\n", {
+            "config_path": None, "settings": asdict(agent_config.AgentConfig())}
+    try:
+        text = config_path.read_text(errors="replace")
+    except OSError as exc:
+        return f"# {config_path}: cannot be read: {exc}\n", {"config_path": str(config_path)}
+    try:
+        raw = yaml.safe_load(text)
+        shown = yaml.safe_dump(red.data(raw), sort_keys=False) if isinstance(raw, dict) \
+            else red.text(text)
+    except yaml.YAMLError:
+        shown = "\n".join(red.text(line) for line in text.splitlines()) + "\n"
+    effective: dict[str, Any] = {"config_path": str(config_path)}
+    try:
+        effective["settings"] = red.data(asdict(agent_config.load(config_path)))
+    except OutpostError as exc:
+        effective["error"] = {"code": exc.code, "message": red.text(exc.message)}
+    return f"# {config_path}\n{shown}", effective
+
+
+def default_name(now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "machine"
+    return f"outpost-support-{host}-{stamp}"
+
+
+def write(state: StateDir, output: Path, config_path: Path | None,
+          environ: dict[str, str], progress: Callable[[str], None] = lambda _: None,
+          run_checks: bool = True) -> dict[str, Any]:
+    """Write the bundle to ``output``; returns its path, size and member names."""
+    config_text: str | None = None
+    if config_path is not None:
+        try:
+            config_text = config_path.read_text(errors="replace")
+        except OSError:
+            config_text = None
+    red = Redactor(known_secrets(state, config_text, environ))
+    folder = output.name.removesuffix(".tar.gz").removesuffix(".tgz") or default_name()
+    members: list[tuple[str, bytes]] = []
+
+    def add(name: str, content: str | dict[str, Any] | list[Any]) -> None:
+        if not isinstance(content, str):
+            content = json.dumps(red.data(content), indent=2, default=str) + "\n"
+        # A last pass over the whole member: a known secret anywhere is removed.
+        members.append((f"{folder}/{name}", red.text(content).encode()))
+
+    progress("status")
+    add("status.json", _status(state))
+    progress("config")
+    shown, effective = _config(config_path, red)
+    add("config.yaml", shown)
+    add("config-effective.json", effective)
+    try:
+        reg = state.registration()
+        add("registration.json", reg.to_dict() if reg else {"registered": False})
+    except Exception as exc:  # a corrupt registration is exactly what support must see
+        add("registration.json", {"error": f"{type(exc).__name__}: {exc}"})
+    if run_checks:
+        progress("checks (they try the network; a few seconds)")
+        add("check.json", _checks(state, config_path))
+    else:
+        add("check.json", {"note": "the checks were not run (--no-checks)."})
+    progress("versions and environment")
+    add("versions.json", _versions())
+    add("environment.json", {k: environ[k] for k in ENV_NAMES if k in environ}
+        | {k: v for k, v in environ.items() if k.startswith("OUTPOST_")})
+    add("state-dir.json", _state_listing(state.root))
+    retention = effective.get("settings", {}).get("job_log_retention") \
+        or agent_config.AgentConfig().job_log_retention
+    add("joblogs.json", {"retention_seconds": retention,
+                         "jobs": joblogs.index(state.root, float(retention))})
+    progress("logs")
+    for path in logs.log_files(state.root):
+        try:
+            raw = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        add(f"logs/{path.name}", "".join(red.log_line(line) + "\n"
+                                         for line in raw.splitlines()))
+    add("README.txt", _readme(folder, [name for name, _ in members]))
+    progress("writing")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w:gz") as tar:
+            now = time.time()
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), int(now), 0o600
+                tar.addfile(info, io.BytesIO(data))
+    except OSError as exc:
+        raise OutpostError("bundle_failed", f"Cannot write the support bundle to {output}: "
+                           f"{exc.strerror or exc}.", path=str(output)) from exc
+    return {"path": str(output.resolve()), "bytes": output.stat().st_size,
+            "members": [name for name, _ in members]}
+
+
+def _readme(folder: str, names: list[str]) -> str:
+    listed = "\n".join(f"  {name.removeprefix(folder + '/')}" for name in names)
+    return (f"Outpost support bundle, written {logs.iso(time.time())} by outpost "
+            f"{__version__}.\n\nMembers:\n{listed}\n  README.txt\n\n"
+            "Secrets were removed before anything was written: the machine key is not "
+            "included; values named like a key, token, secret or password, passwords in "
+            f"URLs and bearer tokens read {REDACTED}. Job output is not included, only the "
+            "index of the job logs kept on the machine ('outpost agent logs --job ID' "
+            "shows one there).\n")

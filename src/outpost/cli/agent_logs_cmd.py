@@ -1,0 +1,202 @@
+"""``outpost agent logs`` and ``outpost agent support-bundle`` (ED-1, EX-9): thin commands
+over agent/logs.py, agent/joblogs.py and agent/bundle.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from outpost.agent import config as agent_config
+from outpost.agent import joblogs
+from outpost.agent import logs as agent_logs
+from outpost.agent.state import StateDir
+from outpost.protocol.errors import OutpostError
+
+from .options import Json, StateDirOpt, state_dir
+from .output import err, out, print_json, table
+
+FOLLOW_INTERVAL = 0.2
+
+
+def _since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return time.time() - agent_logs.parse_duration(value)
+    except ValueError:
+        raise OutpostError("duration_invalid", f"--since '{value}' is not a duration.",
+                           fix="Give a duration like 30s, 10m, 2h or 1d, for example "
+                               "--since 2h.", value=value[:64]) from None
+
+
+def _level(value: str | None) -> str | None:
+    if value is None:
+        return None
+    name = value.strip().lower()
+    name = "warning" if name == "warn" else name
+    if name not in agent_logs.LEVELS:
+        raise OutpostError("log_level_invalid", f"--level {value} is not a log level.",
+                           fix=f"Use one of {', '.join(agent_logs.LEVELS)}.",
+                           value=value[:32], setting="--level")
+    return name
+
+
+def _retention(state: StateDir, config: Path | None) -> float:
+    from .agent_cmd import _config_path
+
+    try:
+        return agent_config.load(_config_path(state, config)).job_log_retention
+    except OutpostError:  # a broken config must not hide the logs
+        return agent_config.AgentConfig().job_log_retention
+
+
+def _emit(records: Iterable[dict[str, Any]], json: bool) -> None:
+    render = agent_logs.json_line if json else agent_logs.text_line
+    for record in records:
+        sys.stdout.write(render(record) + "\n")
+    sys.stdout.flush()
+
+
+def _job_log(state: StateDir, job: str, keep: agent_logs.Filter, lines: int | None,
+             follow: bool, json: bool) -> None:
+    found = joblogs.records(state.root, job)
+    if found is None:
+        raise OutpostError("job_log_not_found",
+                           f"No log of job {job} is kept in {state.root}.", job=job[:128])
+    shown = [r for r in found if keep(r)]
+    _emit(shown[-lines:] if lines else shown, json)
+    if not follow:
+        return
+    seen = {_identity(r) for r in found}
+    while True:  # a job's log is small: read it again and print what is new
+        time.sleep(FOLLOW_INTERVAL * 2)
+        fresh = [r for r in joblogs.records(state.root, job) or [] if _identity(r) not in seen]
+        seen.update(_identity(r) for r in fresh)
+        _emit([r for r in fresh if keep(r)], json)
+
+
+def _identity(record: dict[str, Any]) -> tuple[Any, ...]:
+    if "stream" in record:
+        return ("out", record.get("attempt"), record.get("seq"), record.get("stream"))
+    return ("log", record.get("time"), record.get("message"))
+
+
+def logs(
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Keep printing new lines as they are written, across log "
+        "rotations, until Ctrl-C.")] = False,
+    job: Annotated[Optional[str], typer.Option(
+        "--job", help="Show one job's log kept on this machine: the agent's lines about it "
+        "and each attempt's output.")] = None,
+    jobs: Annotated[bool, typer.Option(
+        "--jobs", help="List the job logs kept on this machine and when each is removed.")]
+    = False,
+    since: Annotated[Optional[str], typer.Option(
+        "--since", help="Only lines of the last DURATION: 30s, 10m, 2h, 1d.")] = None,
+    level: Annotated[Optional[str], typer.Option(
+        "--level", help="Only lines at this level or above: debug, info, warning, error.")]
+    = None,
+    lines: Annotated[Optional[int], typer.Option(
+        "--lines", "-n", min=1, help="Only the last N lines (before following).")] = None,
+    state_dir_: StateDirOpt = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="Agent config file, for job_log_retention [default: "
+        "STATE_DIR/agent.yaml if present].")] = None,
+    json: Json = False,
+) -> None:
+    """Show the agent's log (STATE_DIR/agent.log and its rotated files, oldest first), one
+    readable line per record; --json prints each record as one JSON object a line.
+
+    The level the agent logs at is the config's log_level; OUTPOST_LOG=debug in the agent's
+    environment wins (restart it). Examples: 'outpost agent logs -f',
+    'outpost agent logs --since 10m --level warning', 'outpost agent logs --job ID'.
+    """
+    state = state_dir(state_dir_)
+    keep = agent_logs.Filter(since=_since(since), level=_level(level))
+    try:
+        if jobs:
+            _job_index(state, config, json)
+        elif job is not None:
+            _job_log(state, job, keep, lines, follow, json)
+        else:
+            _agent_log(state, keep, lines, follow, json)
+    except KeyboardInterrupt:  # how -f ends
+        sys.stdout.flush()
+
+
+def _agent_log(state: StateDir, keep: agent_logs.Filter, lines: int | None, follow: bool,
+               json: bool) -> None:
+    files = agent_logs.log_files(state.root)
+    if not files and not follow:
+        err.print(f"No agent log in {state.root} yet: the agent writes "
+                  f"{state.root / agent_logs.LOG_NAME} while it runs "
+                  f"('outpost agent run --state-dir {state.root}').", markup=False)
+        return
+    records, position = agent_logs.read(files, keep, lines)
+    _emit(records, json)
+    if follow:
+        for record in agent_logs.follow(state.root, keep, lambda: False, position,
+                                        FOLLOW_INTERVAL):
+            _emit([record], json)
+
+
+def _job_index(state: StateDir, config: Path | None, json: bool) -> None:
+    rows = joblogs.index(state.root, _retention(state, config))
+    for row in rows:
+        row.pop("updated_ts", None)
+    if json:
+        print_json(rows)
+        return
+    if not rows:
+        out.print(f"No job logs are kept in {state.root}.")
+        return
+    table(["JOB", "ATTEMPTS", "BYTES", "UPDATED", "REMOVED AFTER"],
+          [[r["job"], ",".join(map(str, r["attempts"])), r["bytes"], r["updated_at"],
+            r["expires_at"]] for r in rows])
+
+
+def support_bundle(
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="The archive to write [default: "
+        "./outpost-support-HOST-TIME.tar.gz].")] = None,
+    state_dir_: StateDirOpt = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="Agent config file [default: STATE_DIR/agent.yaml if present].")]
+    = None,
+    checks: Annotated[bool, typer.Option(
+        "--checks/--no-checks", help="Run 'outpost check' and include its results (it "
+        "tries the network, a few seconds).")] = True,
+    json: Json = False,
+) -> None:
+    """Write one tar.gz for support: the agent's logs, status, config, check results,
+    versions, environment and the index of job logs, with every secret removed (the
+    machine key is never included; keys, tokens, passwords and passwords in URLs read
+    [redacted]). Prints the file's path and size."""
+    from outpost.agent import bundle
+
+    from .agent_cmd import _config_path
+
+    state = state_dir(state_dir_)
+    target = output or Path.cwd() / f"{bundle.default_name()}.tar.gz"
+
+    def progress(step: str) -> None:
+        if not json:
+            err.print(f"collecting: {step}", markup=False, style="dim")
+
+    done = bundle.write(state, target, _config_path(state, config), dict(os.environ),
+                        progress, run_checks=checks)
+    if json:
+        print_json(done)
+        return
+    out.print(f"Wrote {done['path']} ({_size(done['bytes'])}, {len(done['members'])} files; "
+              "secrets removed).", markup=False)
+
+
+def _size(count: int) -> str:
+    return f"{count / 1024:.1f} KiB" if count < 2**20 else f"{count / 2**20:.1f} MiB"
