@@ -18,13 +18,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from nacl.signing import SigningKey
+
 from outpost import __version__
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
 
-from . import facts, joblogs
+from . import cache, facts, joblogs
 from .config import AgentConfig
 from .pressure import Pressure
-from .registration import client_for
 from .runner import JobRun, Uploader, end_leftover, leftover_spools
 from .state import Registration, StateDir
 from .transport import Backoff, Clock, HubClient
@@ -48,6 +49,7 @@ class Agent:
         self.last_error: dict[str, Any] | None = None
         self.registration: Registration | None = None
         self.client: HubClient | None = None
+        self.cache: cache.Cache | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.jobs: dict[str, JobRun] = {}
         self._job_tasks: dict[str, asyncio.Task[None]] = {}
@@ -63,21 +65,16 @@ class Agent:
             raise OutpostError("agent_already_running",
                                f"Another agent (pid {other}) already runs with state "
                                f"directory {self.state.root}.", pid=other)
-        reg = self.state.registration()
-        if reg is None:
-            raise OutpostError("not_registered", f"No registration in {self.state.root}.")
-        self.registration = reg
-        self.client = client_for(self.state, reg, self.clock, self.config.proxy,
-                                 self.config.hub_urls or None, self.config.request_timeout,
-                                 self.config.connections)
+        key = self.state.load_key()  # E1013: the one file nothing can fetch again
+        reg, identity = cache.load_at_start(self.state)  # HW-9: corrupt files set aside
         self.state.write_pid()
         server = await self._status_server()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self._on_sigint)
-        log.info("agent %s started: machine %s (%s), group %s, hub %s", __version__, reg.name,
-                 reg.machine_id, reg.group, ", ".join(self.client.urls))
         try:
+            if not await self._connect(key, reg, identity):
+                return  # stopped before any hub answered
             self._recover()
             self._start("heartbeat", self._heartbeat_loop)
             self._start("poll", self._poll_loop)
@@ -90,7 +87,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             server.close()
-            await self.client.aclose()
+            if self.client is not None:
+                await self.client.aclose()
             self.state.remove_pid()
             if not self.state.socket_address.startswith("\0"):
                 Path(self.state.socket_address).unlink(missing_ok=True)
@@ -134,6 +132,40 @@ class Agent:
         self._tasks[name] = asyncio.create_task(supervised(), name=name)
 
     # --- talking to the hub --------------------------------------------------------------
+    async def _connect(self, key: SigningKey, reg: Registration | None,
+                       identity: dict[str, Any]) -> bool:
+        """Set up the hub client; a registration lost to corruption is fetched again first,
+        retried with backoff while no hub answers (HW-9, ED-4). False if stopped meanwhile."""
+        urls = self.config.hub_urls or list(identity["hub_urls"])
+        backoff = Backoff(cap=self.config.backoff_max)
+        while reg is None:
+            try:
+                reg = await cache.fetch_registration(identity, key, self.clock, urls,
+                                                     self.config.proxy,
+                                                     self.config.request_timeout)
+            except OutpostError as exc:
+                self._note_failure(exc)
+                await self._sleep(self._log_failure("fetching the registration", exc,
+                                                    backoff))
+                if self.stop_requested.is_set():
+                    return False
+                continue
+            self.state.save_registration(reg)
+            log.warning("registration.json fetched again from the hub and written")
+        self.registration = reg
+        self.cache = cache.Cache(self.state, key, reg)
+        self.client = HubClient(urls, reg.ca_pem, clock=self.clock, proxy=self.config.proxy,
+                                timeout=self.config.request_timeout,
+                                connections=self.config.connections,
+                                machine_id=reg.machine_id, machine_key=key,
+                                ca_fingerprint=reg.ca_fingerprint)
+        last = self.cache.last_hub_url
+        if last in self.client.urls:
+            self.client.active = self.client.urls.index(last)  # the hub that answered last
+        log.info("agent %s started: machine %s (%s), group %s, hub %s", __version__, reg.name,
+                 reg.machine_id, reg.group, ", ".join(self.client.urls))
+        return True
+
     def _note_failure(self, exc: OutpostError) -> None:
         kind = exc.kind if isinstance(exc, TransportError) else exc.reason
         self.last_error = {"at": time.time(), "code": exc.code, "kind": kind,
@@ -172,6 +204,8 @@ class Agent:
             log.debug("heartbeat acknowledged by %s", self.client.url if self.client else "?")
             self.last_ack = time.time()
             self.last_error = None
+            if self.cache is not None and self.client is not None:
+                await self.cache.check(self.client, ack)  # HW-9: heal what went bad on disk
             for job_id in ack.get("abandon") or []:
                 run = self.jobs.get(job_id)
                 if run is not None:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from outpost.protocol import signing
-from outpost.protocol.errors import ALREADY_REGISTERED_TEXT, OutpostError
+from outpost.protocol.errors import ALREADY_REGISTERED_TEXT, OutpostError, TransportError
 
 from nacl.signing import SigningKey
 
@@ -63,7 +63,8 @@ async def register(state: StateDir, opts: RegisterOptions, clock: Clock) -> Regi
             account_id=existing.account_id, group=existing.group, name=existing.name,
         )
     fingerprint = normalise_fingerprint(opts.ca_fingerprint)
-    ca_pem = await fetch_ca(opts.hub, fingerprint, opts.proxy)
+    urls = list(dict.fromkeys([opts.hub, *opts.extra_hubs]))
+    ca_pem = await _first_ca(urls, fingerprint, opts.proxy)
     # The new key and registration are written only once the hub has accepted them, so a
     # refused attempt leaves the state directory as it was.
     key = SigningKey.generate()
@@ -71,7 +72,7 @@ async def register(state: StateDir, opts: RegisterOptions, clock: Clock) -> Regi
     request = {"name": opts.name, "group": opts.group, "labels": opts.labels,
                "public_key": signing.b64(public), "facts": machine_facts(),
                "force": opts.force}
-    client = HubClient([opts.hub], ca_pem, clock=clock, proxy=opts.proxy,
+    client = HubClient(urls, ca_pem, clock=clock, proxy=opts.proxy,
                        ca_fingerprint=fingerprint)
     try:
         answer = await client.request("POST", "/v1/agent/register", request,
@@ -86,11 +87,24 @@ async def register(state: StateDir, opts: RegisterOptions, clock: Clock) -> Regi
     state.save_key(key)
     reg = Registration(
         machine_id=answer["machine_id"], account_id=answer["account_id"], name=answer["name"],
-        group=answer["group"], hub_urls=[opts.hub, *opts.extra_hubs], ca_pem=ca_pem,
+        group=answer["group"], hub_urls=urls, ca_pem=ca_pem,
         ca_fingerprint=fingerprint, labels=opts.labels, registered_at=time.time(),
     )
     state.save_registration(reg)
     return reg
+
+
+async def _first_ca(urls: list[str], fingerprint: str, proxy: str | None) -> str:
+    """The pinned CA from the first hub URL that answers (ED-4); the last failure if none."""
+    last: TransportError | None = None
+    for url in urls:
+        try:
+            return await fetch_ca(url, fingerprint, proxy)
+        except TransportError as exc:
+            log.warning("hub %s unreachable (%s): %s", url, exc.kind, exc.message)
+            last = exc
+    assert last is not None
+    raise last
 
 
 def client_for(state: StateDir, reg: Registration, clock: Clock, proxy: str | None = None,

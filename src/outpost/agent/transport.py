@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import socket
 import ssl
@@ -24,6 +25,8 @@ from nacl.signing import SigningKey
 from outpost import __version__
 from outpost.protocol import signing
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
+
+log = logging.getLogger("outpost.agent.transport")
 
 
 class Clock:
@@ -212,7 +215,13 @@ class HubClient:
                     raise await asyncio.to_thread(untrusted_issuer, base,
                                                   self.ca_fingerprint) from exc
                 last = TransportError(kind, base, detail)
+                if len(order) > 1:  # ED-4: each hub tried is named with its kind of failure
+                    log.warning("hub %s unreachable (%s): %s%s", base, kind, detail,
+                                "; trying the next hub URL" if index != order[-1] else "")
                 continue
+            if index != self.active:
+                log.warning("now talking to hub %s (%s did not answer)", base,
+                            self.urls[self.active])
             self.active = index
             return self._decode(response)
         assert last is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -46,7 +47,8 @@ def _config_path(state: StateDir, path: Path | None) -> Path | None:
 
 @app.command()
 def register(
-    hub: Annotated[str, typer.Option(help="The hub's URL.")],
+    hub: Annotated[list[str], typer.Option(
+        help="The hub's URL; repeat it for several hubs, tried in this order (ED-4).")],
     account_id: Annotated[str, typer.Option(help="The account to join.")],
     account_key: Annotated[str, typer.Option(
         envvar="OUTPOST_ACCOUNT_KEY", help="The account's primary or secondary key "
@@ -66,13 +68,15 @@ def register(
     """Register this machine with a hub (once). The private key never leaves the machine."""
     state = state_dir(state_dir_)
     opts = reg_mod.RegisterOptions(
-        hub=hub, account_id=account_id, account_key=account_key, group=group,
-        ca_fingerprint=ca_fingerprint, name=socket.gethostname() if name is None else name,
+        hub=hub[0], extra_hubs=hub[1:], account_id=account_id, account_key=account_key,
+        group=group, ca_fingerprint=ca_fingerprint,
+        name=socket.gethostname() if name is None else name,
         labels=_labels(label or []), force=force, proxy=proxy)
     reg = asyncio.run(reg_mod.register(state, opts, Clock(clock_skew)))
     if json:
         print_json({"machine_id": reg.machine_id, "account_id": reg.account_id,
-                    "name": reg.name, "group": reg.group, "hub": hub,
+                    "name": reg.name, "group": reg.group, "hub": hub[0],
+                    "hub_urls": reg.hub_urls,
                     "state_dir": str(state.root)})
         return
     out.print(f"Registered '{reg.name}' (machine {reg.machine_id}) in group '{reg.group}' "
@@ -157,3 +161,77 @@ from . import agent_logs_cmd  # noqa: E402
 
 app.command("logs")(agent_logs_cmd.logs)
 app.command("support-bundle")(agent_logs_cmd.support_bundle)
+
+
+@app.command("reset-cache")
+def reset_cache(
+    state_dir_: StateDirOpt = None,
+    start: Annotated[bool, typer.Option(
+        "--start/--no-start", help="Start the agent again if it was running.")] = True,
+    json: Json = False,
+) -> None:
+    """Stop the agent, clear its cache, start it again (HW-9's manual fix).
+
+    The cache is what the hub can send again (registration.json, hub.json); the machine key
+    and identity.json are never removed. A systemd unit is stopped and started with
+    systemctl; an agent started by hand is started again detached, with the same command.
+    """
+    from outpost.agent import service
+
+    state = state_dir(state_dir_)
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if not json:
+            out.print(line)
+
+    running = service.inspect(state)
+    if running is not None and "up" in running.parent_cmdline \
+            and any("outpost" in arg for arg in running.parent_cmdline):
+        raise OutpostError(
+            "agent_already_running", f"The agent (pid {running.pid}) runs under 'outpost up' "
+            f"({running.parent}), which stops the hub too when its agent stops.",
+            fix="Stop 'outpost up' (Ctrl-C), run 'outpost agent reset-cache' again, then "
+                "'outpost up'.")
+    start_command = f"outpost agent run --state-dir {state.root}"
+    if running is None:
+        say(f"The agent is not running (state dir {state.root}).")
+    else:
+        say(f"The agent runs as pid {running.pid}, started by {running.how}.")
+        service.stop(running, say)
+    removed = service.clear(state, say)
+    started = False
+    if running is not None and start:
+        if state.running_pid() is not None:
+            say(f"The agent was already started again (pid {state.running_pid()}), by "
+                f"{running.how}.")
+        else:
+            service.start_again(running, say)
+            started = True
+    else:
+        say(f"Start the agent with: {start_command}"
+            + (f"  (or: {' '.join(running.systemctl('start'))})"
+               if running is not None and running.unit else ""))
+    if started:
+        # The fresh agent answers on its status socket once it runs; its first heartbeat
+        # fetches the cache again.
+        deadline = time.monotonic() + 20
+        info = None
+        while info is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            info = read_status(state, timeout=1.0)
+        if info is None:
+            say(f"The agent did not answer within 20 s; see {state.root / 'agent.log'} and "
+                f"'outpost agent status --state-dir {state.root}'.")
+            if json:
+                print_json({"removed": [p.name for p in removed], "was_running": True,
+                            "started": False, "lines": lines})
+            raise typer.Exit(1)
+        say(f"The agent runs again (pid {info['pid']}).")
+    if json:
+        print_json({"removed": [p.name for p in removed],
+                    "was_running": running is not None,
+                    "started_by": running.how if running else None,
+                    "started": started, "start_command": None if started else start_command,
+                    "lines": lines})
