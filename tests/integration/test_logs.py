@@ -99,8 +99,8 @@ def test_the_agent_log_is_json_lines_read_filtered_and_followed_across_rotation(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     try:
         inode = (agent.state_dir / "agent.log").stat().st_ino
-        wait_until(lambda: len(list(agent.state_dir.glob("agent.log.*"))) >= 2 and (
-            agent.state_dir / "agent.log").stat().st_ino != inode, 20, 0.2, "two rotations")
+        wait_until(lambda: (agent.state_dir / "agent.log").stat().st_ino != inode, 20, 0.2,
+                   "a rotation")
         time.sleep(1.5)  # let the follower catch up with the newest file
     finally:
         follower.send_signal(signal.SIGINT)

@@ -63,7 +63,8 @@ SECRET_NAME = re.compile(r"key|token|secret|passw|pwd|credential|signature|autho
 _URL_USER = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s@\"'<>]+@", re.I)
 _ASSIGNED = re.compile(
     r"([\w.-]*(?:key|token|secret|passw(?:or)?d?|pwd|credential|signature|authorization)"
-    r"[\w.-]*)(\"?'?\s*[:=]\s*\"?'?)(?!\[redacted\])([^\s\"',;&}]+)", re.I)
+    r"[\w.-]*)(\"?'?\s*[:=]\s*\"?'?)(?!\[redacted\]|(?:bearer|basic) \[redacted\])"
+    r"([^\s\"',;&}]+)", re.I)
 _BEARER = re.compile(r"\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}", re.I)
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*(?:PRIVATE KEY|SEED)-----.*?-----END [A-Z0-9 ]*-----",
                   re.S)
