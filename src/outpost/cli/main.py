@@ -25,7 +25,7 @@ from outpost.protocol import errors
 from . import agent_cmd, fleet_cmd, hub_cmd, job_cmd, runbook_cmd
 from . import asset_cmd
 from . import check_cmd, schedule_cmd, webhook_cmd
-from .output import EXIT_FAILED, EXIT_USAGE, exit_code, out, render_error
+from .output import EXIT_FAILED, EXIT_USAGE, exit_code, out, print_json, render_error
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -64,10 +64,24 @@ def root(
 
 @app.command()
 def explain(text: Annotated[list[str], typer.Argument(
-        help="An error code (E1003, 151076) or a piece of an error message.")]) -> None:
-    """Print the message, causes and fixes for an error code or a pasted error text."""
+        help="An error code (E1003), a name (clock_skew) or a piece of an error message, "
+        "in any case; quote it or not.")],
+        json: Annotated[bool, typer.Option("--json", help="Print the matching entries as "
+                                           "JSON.")] = False) -> None:
+    """Print the message, causes and fixes for an error code or a pasted error text.
+
+    Examples: 'outpost explain E1003', 'outpost explain attempted three times',
+    'outpost explain "port is already allocated"'."""
     query = " ".join(text)
     found = errors.find(query)
+    if json:
+        print_json([{"code": e.code, "name": e.name, "message": e.message,
+                     "causes": list(e.causes), "fixes": list(e.fixes),
+                     "http_status": e.http_status, "scenario": e.scenario,
+                     "aliases": list(e.aliases)} for e in found])
+        if not found:
+            raise typer.Exit(1)
+        return
     if not found:
         out.print(f"No catalog entry matches '{query}'. Try the code alone (for example "
                   "E1003) or a shorter piece of the message.")

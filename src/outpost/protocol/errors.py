@@ -533,13 +533,24 @@ def find(text: str) -> list[Entry]:
         return exact
     hits = []
     for e in _ENTRIES:
-        hay = _normal(" ".join((e.code, e.name, e.message, *e.causes, *e.fixes)))
+        hay = _normal(" ".join((e.code, e.name, e.name.replace("_", " "), e.message,
+                                *e.causes, *e.fixes)))
         if needle in hay:
             hits.append(e)
     # A pasted message often carries more than the catalog text (a prefix, details, the
     # values that fill the message's {placeholders}).
     if not hits:
         hits = [e for e in _ENTRIES if _pattern(e).search(needle)]
+    if not hits:  # a code or a long number inside other text: "... failed (151076)"
+        for token in re.findall(r"\b(?:e\d{4}|\d{5,})\b", needle):
+            hits += [e for e in _ENTRIES if e not in hits and (
+                token in (e.code.lower(), *(a.lower() for a in e.aliases))
+                or token in _normal(" ".join((e.message, *e.causes))))]
+    if not hits:  # the words in another order or with other punctuation: "unreachable (dns)"
+        words = set(re.findall(r"[a-z0-9]+", needle))
+        if len(words) >= 2:
+            hits = [e for e in _ENTRIES if words <= set(re.findall(r"[a-z0-9]+", _normal(
+                " ".join((e.name.replace("_", " "), e.message, *e.causes, *e.fixes)))))]
     return hits
 
 
