@@ -43,7 +43,7 @@ from . import config as agent_config
 from .config import AgentConfig
 from .daemon import read_status
 from .registration import check_name, client_for
-from .state import CorruptFile, Registration, StateDir, read_checked
+from .state import CorruptFile, Registration, StateDir
 from .transport import Clock, classify, ssl_context, untrusted_issuer
 
 # HW-1b: the documented minimum. "4 GB" machines report a little less to the OS.
@@ -374,30 +374,28 @@ def agent_version(ctx: AgentContext) -> Outcome:
     return ok(f"{__version__} (the hub needs {minimum} or newer)", **data)
 
 
-def cached_files(state: StateDir) -> list[Path]:
-    """Every checksummed file the agent keeps in its state directory."""
-    return sorted(p for p in state.root.glob("*.json") if p.is_file())
-
-
 @checks.add("cache", "State cache is intact (HW-9)",
-            "the checksum of every cached file in the state directory", scenarios=("HW-9",))
+            "machine.key, identity.json and every cached file (checksums)",
+            scenarios=("HW-9",))
 def cache(ctx: AgentContext) -> Outcome:
-    files = cached_files(ctx.state)
-    corrupt: dict[str, str] = {}
-    for path in files:
-        try:
-            read_checked(path)
-        except CorruptFile as exc:
-            corrupt[path.name] = str(exc).removeprefix(f"{path}: ")
-        except OSError as exc:
-            corrupt[path.name] = f"unreadable: {exc}"
-    aside = sorted(p.name for p in ctx.state.root.glob("*.corrupt-*"))
-    data: dict[str, Any] = {"files": [p.name for p in files], "corrupt": corrupt,
+    report = ctx.state.cache_report() if ctx.state.root.is_dir() else []
+    aside = [p.name for p in ctx.state.corrupt_copies()]
+    data: dict[str, Any] = {"files": {f["name"]: f["state"] for f in report},
                             "moved_aside": aside}
+    corrupt = [f for f in report if f["state"] == "corrupt"]
+    lost = [f for f in corrupt if not f["refetchable"]]
+    if lost:  # the machine key: nothing can send it again
+        return error("machine_key_corrupt", "; ".join(f["detail"] for f in lost),
+                     "Register this machine again: 'outpost agent register ... --force'.",
+                     **data)
     if corrupt:
-        listed = ", ".join(f"{name} ({why})" for name, why in corrupt.items())
-        return error("cache_file_corrupt", f"corrupt in {ctx.state.root}: {listed}", **data)
-    text = f"{len(files)} checksummed file(s) intact" + (
+        listed = "; ".join(f"{f['name']}: {f['detail']}" for f in corrupt)
+        return error("cache_file_corrupt", f"corrupt: {listed}",
+                     "A running agent moves a corrupt cache file aside and fetches it again "
+                     "from the hub; if it stays corrupt, run 'outpost agent reset-cache'.",
+                     **data)
+    present = [f["name"] for f in report if f["state"] == "ok"]
+    text = (f"intact: {', '.join(present)}" if present else "no cached files yet") + (
         f"; moved aside earlier: {', '.join(aside)}" if aside else "")
     return ok(text, **data)
 
@@ -472,6 +470,9 @@ def pressure(ctx: AgentContext) -> Outcome:
                            reason=reason)
         if reason:
             return ok(f"no pressure (the agent is full: {reason})")
+        return ok(f"the agent takes work: neither CPU ({cfg.max_cpu_percent:g}%) nor "
+                  f"memory ({cfg.max_memory_percent:g}%) has stayed above its threshold "
+                  f"for {cfg.pressure_seconds:g} s")
     # No agent to ask: three samples over 1.5 s, and only pressure in all of them counts.
     samples = [(psutil.cpu_percent(interval=0.5), psutil.virtual_memory().percent)
                for _ in range(3)]
