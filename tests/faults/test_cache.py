@@ -216,7 +216,12 @@ def test_reset_cache_of_a_stopped_agent_says_how_to_start_it(
     assert (agent.state_dir / "machine.key").exists()
     assert (agent.state_dir / "identity.json").exists()
 
-    # The agent starts on the identity alone and fetches its registration.
+    # The identity still counts as a registration...
+    again = run_cli(*sqlite_hub.register_args(agent.state_dir, "c2-other"))
+    assert again.returncode == 1
+    assert "Machine is already registered" in again.stdout + again.stderr
+    assert "'c2'" in again.stdout + again.stderr
+    # ...and the agent starts on the identity alone and fetches its registration.
     agent.start()
     try:
         beats_after(sqlite_hub, "c2", 0)

@@ -55,12 +55,17 @@ async def register(state: StateDir, opts: RegisterOptions, clock: Clock) -> Regi
         existing = state.registration()
     except CorruptFile:
         existing = None
-    if existing is not None and not opts.force:
+    try:
+        # After 'reset-cache' only the identity is left; it still holds a registration.
+        held = existing.to_dict() if existing is not None else state.identity()
+    except CorruptFile:
+        held = None
+    if held is not None and not opts.force:
         raise OutpostError(
             "already_registered",
-            f"{ALREADY_REGISTERED_TEXT}: this machine is registered as '{existing.name}' in "
-            f"account {existing.account_id}, group '{existing.group}' (state dir {state.root}).",
-            account_id=existing.account_id, group=existing.group, name=existing.name,
+            f"{ALREADY_REGISTERED_TEXT}: this machine is registered as '{held['name']}' in "
+            f"account {held['account_id']}, group '{held['group']}' (state dir {state.root}).",
+            account_id=held["account_id"], group=held["group"], name=held["name"],
         )
     fingerprint = normalise_fingerprint(opts.ca_fingerprint)
     urls = list(dict.fromkeys([opts.hub, *opts.extra_hubs]))
