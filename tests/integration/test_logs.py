@@ -124,7 +124,7 @@ def _publish(hub: Hub, tmp_path: Path, name: str, body: str) -> None:
 
 def test_a_jobs_log_is_kept_on_the_machine_then_pruned(sqlite_hub: Hub, agents: list[Agent],
                                                       tmp_path: Path) -> None:
-    agent = registered_agent(sqlite_hub, tmp_path, "logs2", job_log_retention="12s")
+    agent = registered_agent(sqlite_hub, tmp_path, "logs2")  # kept 7 days by default
     agents.append(agent.start())
     _healthy(sqlite_hub, agent)
     _publish(sqlite_hub, tmp_path, "greet", 'echo "hello from $OUTPOST_JOB_ID"\n'
@@ -152,13 +152,43 @@ def test_a_jobs_log_is_kept_on_the_machine_then_pruned(sqlite_hub: Hub, agents: 
     assert [(row["job"], row["attempts"]) for row in index] == [(job_id, [1])]
     assert index[0]["bytes"] > 0 and index[0]["expires_at"]
 
-    # After job_log_retention without a change, the agent removes it by itself.
-    wait_until(lambda: not kept.exists(), 25, 0.2, "the job log to be pruned")
+    # -f follows a running job's log (from the spool) to its end.
+    _publish(sqlite_hub, tmp_path, "ticker", 'for i in 1 2 3; do echo "tick $i"; sleep 0.7; '
+             'done\n')
+    started = sqlite_hub.cli("job", "start", "ticker", "--group", "web", "--json")
+    ticker = json.loads(started.stdout)["id"]
+    wait_until(lambda: list((agent.state_dir / "spool").glob(f"{ticker}.*.jsonl")), 15, 0.05,
+               "the ticker job to start")
+    follower = subprocess.Popen(
+        [*OUTPOST, "agent", "logs", "--job", ticker, "-f", "--json", "--state-dir",
+         str(agent.state_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=clean_env())
+    try:
+        wait_until(lambda: (agent.state_dir / "joblogs" / ticker / "1.jsonl").exists(), 20,
+                   0.1, "the ticker job to end and be delivered")
+        time.sleep(1.5)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        out, err = follower.communicate(timeout=10)
+    assert follower.returncode == 0, err
+    followed = [json.loads(line) for line in out.splitlines()]
+    assert [r["message"] for r in followed if r.get("stream") == "Output"] == [
+        "tick 1", "tick 2", "tick 3"]
+    assert followed[-1]["stream"] == "End" and followed[-1]["end"]["exit_code"] == 0
+
+    index = json.loads(_logs(agent, "--jobs", "--json").stdout)
+    assert 6.9 * 86400 < _ts({"time": index[0]["expires_at"]}) - time.time() < 7 * 86400
+
+    # With a retention they have outlived, the agent removes them by itself.
+    agent.stop()
+    agent.config["job_log_retention"] = "2s"
+    agent.start()
+    wait_until(lambda: not kept.exists(), 20, 0.2, "the job log to be pruned")
     gone = _logs(agent, "--job", job_id)
     assert gone.returncode == 1
     assert "E7052" in gone.stderr and job_id in gone.stderr
     assert "outpost job output ID" in gone.stderr and "Traceback" not in gone.stderr
-    assert "removed the logs of 1 job(s)" in agent.log()
+    assert "removed the logs of 2 job(s) older than 2s" in agent.log()
     assert json.loads(_logs(agent, "--jobs", "--json").stdout) == []
 
 
