@@ -196,7 +196,11 @@ def test_agent_stopped_names_the_start_command(stopped: Path, mhub: Hub) -> None
 def test_registration_removed_or_corrupt(stopped: Path, tmp_path: Path) -> None:
     state = copy_state(stopped, tmp_path / "a")
     (state / "registration.json").unlink()
-    (state / "identity.json").unlink(missing_ok=True)
+    code, res = check(state)  # as 'agent reset-cache' leaves it: the identity stays
+    assert code == 1
+    assert_problem(res["registration"], "error", "E7001", "missing", "identity.json")
+    assert "fetches the registration again" in res["registration"]["fix"]
+    (state / "identity.json").unlink()
     code, res = check(state)
     assert code == 1
     assert_problem(res["registration"], "error", "E1011", "No registration")

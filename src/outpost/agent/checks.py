@@ -156,6 +156,13 @@ def registration(ctx: AgentContext) -> Outcome:
                      "Run 'outpost agent reset-cache' if this agent version can fetch it "
                      "again; otherwise register again with 'outpost agent register ... "
                      "--force'.", path=str(path))
+    if reg is None and ctx.state.identity_path.exists():
+        # After 'agent reset-cache': the identity stays, the agent fetches the rest again.
+        return error("registration_corrupt",
+                     f"{path} is missing but {ctx.state.identity_path.name} is present (the "
+                     f"cache was cleared); the checks that talk to the hub need it",
+                     f"Start the agent ('outpost agent run --state-dir {ctx.state.root}'): "
+                     f"it fetches the registration again from the hub.", path=str(path))
     if reg is None:
         return error("not_registered", f"No registration in {ctx.state.root}",
                      "Run the 'outpost agent register ...' line that 'outpost hub init' "
