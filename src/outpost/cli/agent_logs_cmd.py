@@ -110,12 +110,13 @@ def logs(
         "STATE_DIR/agent.yaml if present].")] = None,
     json: Json = False,
 ) -> None:
-    """Show the agent's log (STATE_DIR/agent.log and its rotated files, oldest first), one
-    readable line per record; --json prints each record as one JSON object a line.
+    """Show the agent's log, or one job's log kept on this machine (ED-1).
 
-    The level the agent logs at is the config's log_level; OUTPOST_LOG=debug in the agent's
-    environment wins (restart it). Examples: 'outpost agent logs -f',
-    'outpost agent logs --since 10m --level warning', 'outpost agent logs --job ID'.
+    Reads STATE_DIR/agent.log and its rotated files, oldest first, one readable line per
+    record; --json prints each record as one JSON object a line. The level the agent logs
+    at is the config's log_level; OUTPOST_LOG=debug in the agent's environment wins
+    (restart it). Examples: 'outpost agent logs -f', 'outpost agent logs --since 10m
+    --level warning', 'outpost agent logs --job ID'.
     """
     state = state_dir(state_dir_)
     keep = agent_logs.Filter(since=_since(since), level=_level(level))
@@ -174,10 +175,11 @@ def support_bundle(
         "tries the network, a few seconds).")] = True,
     json: Json = False,
 ) -> None:
-    """Write one tar.gz for support: the agent's logs, status, config, check results,
-    versions, environment and the index of job logs, with every secret removed (the
-    machine key is never included; keys, tokens, passwords and passwords in URLs read
-    [redacted]). Prints the file's path and size."""
+    """Write one tar.gz for support, every secret removed (EX-9).
+
+    It holds the agent's logs, status, config, check results, versions, environment and
+    the index of job logs. The machine key is never included; keys, tokens, passwords and
+    passwords in URLs read \\[redacted]. Prints the file's path and size."""
     from outpost.agent import bundle
 
     from .agent_cmd import _config_path
