@@ -80,6 +80,7 @@ class Hooks:
     sniffio: set[str] = field(default_factory=set)  # roles: "hub", "agent"
     cprofile: Path | None = None  # a directory: hub.prof and agent.prof
     sqlite_pool: int = 0  # the hub's SQLite connections (0: as src/ makes them)
+    sqltime: Path | None = None  # a file: the hub's SQL statements, counted and timed
 
     def env(self, role: str) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -93,6 +94,8 @@ class Hooks:
             env["BENCH_SNIFFIO"] = "1"
         if self.sqlite_pool and role == "hub":
             env["BENCH_SQLITE_POOL"] = str(self.sqlite_pool)
+        if self.sqltime and role == "hub":
+            env["BENCH_SQLTIME"] = str(self.sqltime)
         if self.cprofile:
             env["BENCH_CPROFILE"] = str(self.cprofile / f"{role}.prof")
         if env:

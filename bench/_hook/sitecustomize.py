@@ -11,6 +11,7 @@ a benchmark is asked to trace or to try an alternative; src/ is never changed. S
 - BENCH_SNIFFIO=1: provide a stand-in 'sniffio' module (asyncio only). httpcore imports
   sniffio on every lock and cancellation shield; when it is not installed each of those is
   a failed import that searches sys.path.
+- BENCH_SQLTIME=FILE: count the hub's SQL statements and their time, written every 2 s.
 - BENCH_SQLITE_POOL=N: give the hub's SQLite engine a pool of N connections (no overflow);
   1 means one connection, so writers never wait on SQLite's busy handler.
 """
@@ -172,7 +173,48 @@ if _ROLE:
 
         mod.create_async_engine = sized
 
+    def _patch_sqltime(mod: Any) -> None:
+        """Count each SQL statement and its wall time; write the table every 2 s."""
+        import threading
+        from collections import defaultdict
+
+        from sqlalchemy import event
+
+        make = mod.make_engine
+        stats: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        path = os.environ["BENCH_SQLTIME"]
+
+        def dump() -> None:
+            while True:
+                time.sleep(2)
+                rows = sorted(stats.items(), key=lambda kv: -kv[1][1])
+                with open(path, "w") as fh:
+                    for text, (n, total) in rows:
+                        fh.write(f"{n:8d} {total * 1e3:10.1f} ms  {text[:160]}\n")
+
+        threading.Thread(target=dump, daemon=True).start()
+
+        def timed(url: Any) -> Any:
+            engine = make(url)
+
+            @event.listens_for(engine.sync_engine, "before_cursor_execute")
+            def before(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+                conn.info.setdefault("bench_t", []).append(time.perf_counter())
+
+            @event.listens_for(engine.sync_engine, "after_cursor_execute")
+            def after(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+                began = conn.info["bench_t"].pop()
+                entry = stats[" ".join(statement.split())]
+                entry[0] += 1
+                entry[1] += time.perf_counter() - began
+
+            return engine
+
+        mod.make_engine = timed
+
     _PATCHES: dict[str, Any] = {}
+    if os.environ.get("BENCH_SQLTIME"):
+        _PATCHES["outpost.hub.db"] = _patch_sqltime
     if _trace is not None:
         _PATCHES.update({
             "outpost.hub.jobs": _patch_hub_jobs,

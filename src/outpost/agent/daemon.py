@@ -25,8 +25,8 @@ from outpost.protocol.errors import HubRefused, OutpostError, TransportError
 
 from . import cache, facts, joblogs
 from .config import AgentConfig
-from .pressure import Pressure
-from .runner import JobRun, Uploader, end_leftover, leftover_spools
+from .pressure import Pressure, own_cpu_seconds
+from .runner import JobRun, Uploader, end_leftover, leftover_spools, watch_children_with_pidfd
 from .state import Registration, StateDir
 from .transport import Backoff, Clock, HubClient
 
@@ -56,7 +56,7 @@ class Agent:
         self._deliveries: set[asyncio.Task[Any]] = set()
         self.spool_dir = state.root / "spool"
         self.pressure = Pressure(self.config.max_cpu_percent, self.config.max_memory_percent,
-                                 self.config.pressure_seconds)
+                                 self.config.pressure_seconds, own_cpu_seconds(self._leaders))
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -70,6 +70,7 @@ class Agent:
         self.state.write_pid()
         server = await self._status_server()
         loop = asyncio.get_running_loop()
+        watch_children_with_pidfd(loop)
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self._on_sigint)
         try:
@@ -271,6 +272,11 @@ class Agent:
         task = asyncio.create_task(body(), name=name)
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
+
+    def _leaders(self) -> list[int]:
+        """The process leaders of the runbooks running now."""
+        return [run.proc.pid for run in self.jobs.values()
+                if run.proc is not None and run.proc.returncode is None]
 
     def _recover(self) -> None:
         """Deliver what a previous run of the agent spooled and did not get to the hub.

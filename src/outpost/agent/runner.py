@@ -46,6 +46,22 @@ FIRST_REPORT_WAIT = 0.02  # a job this quick is reported in one request
 _EXT = {"bash": ".sh", "sh": ".sh", "python": ".py", "pwsh": ".ps1"}
 
 
+def watch_children_with_pidfd(loop: asyncio.AbstractEventLoop) -> bool:
+    """On Python 3.11, learn of a runbook's exit through a pidfd in the event loop instead
+    of a thread per child waiting in waitpid() (3.12 and later do this by themselves).
+    Returns whether it is in use; where pidfds cannot be opened the default stays."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    return True
+
+
 def command(kind: str, script: str) -> list[str]:
     """The command line for a runbook type; a missing interpreter is named."""
     if kind == "pwsh":
@@ -145,17 +161,17 @@ class Spool:
         return spool
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        tmp = self.meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self.meta_path)
+        # Written in place, not renamed into place: a torn meta file (the agent killed in
+        # this write) reads as no meta, and the spool is still delivered (see meta()).
+        self.meta_path.write_bytes(json.dumps(meta).encode())
 
     def meta(self) -> dict[str, Any]:
         """The meta file's content; the job and attempt also come from the file's name, so
         a spool whose process never started (no meta yet) is still delivered."""
         job_id, _, attempt = self.path.stem.rpartition(".")
         data: dict[str, Any] = {"job_id": job_id, "attempt": int(attempt)}
-        if self.meta_path.exists():
-            data.update(json.loads(self.meta_path.read_text()))
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            data.update(json.loads(self.meta_path.read_bytes()))
         return data
 
     def append(self, lines: list[bytes]) -> None:
@@ -353,7 +369,8 @@ class JobRun:
         argv = command(kind, name)  # relative to the working directory: see below
         if identity is None:
             workdir = self.workdir
-            workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            shutil.rmtree(workdir, ignore_errors=True)  # an earlier attempt's, cut short
+            workdir.mkdir(parents=True, mode=0o700)
         else:
             # The state directory (and the machine key in it) stays closed to the run-as
             # user, so its working directory is made outside it, owned by that user.

@@ -124,9 +124,28 @@ async def signing_keys(engine: AsyncEngine, vault: Vault, account_id: str) -> li
             for sealed in (row.primary_key, row.secondary_key)]
 
 
+# A valid token's principal is kept for PRINCIPAL_SECONDS, so an operator's request costs
+# no read of the tokens table. Tokens are never revoked today; whatever revokes one must
+# clear its entry here (and accept that another hub keeps it for PRINCIPAL_SECONDS).
+# Unknown tokens are not kept: a caller cannot fill this with guesses.
+PRINCIPAL_SECONDS = 30.0
+_principals: dict[str, tuple[float, Principal]] = {}
+
+
 async def principal_for(engine: AsyncEngine, token: str) -> Principal | None:
+    digest = token_hash(token)
+    now = time.monotonic()
+    hit = _principals.get(digest)
+    if hit is not None and now - hit[0] < PRINCIPAL_SECONDS:
+        return hit[1]
     async with engine.connect() as conn:
         row = (await conn.execute(
             sa.select(tokens.c.account_id, tokens.c.admin).where(
-                tokens.c.hash == token_hash(token)))).first()
-    return Principal(row.account_id, bool(row.admin)) if row else None
+                tokens.c.hash == digest))).first()
+    if row is None:
+        return None
+    if len(_principals) > 1000:
+        _principals.clear()
+    principal = Principal(row.account_id, bool(row.admin))
+    _principals[digest] = (now, principal)
+    return principal

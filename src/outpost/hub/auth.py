@@ -89,7 +89,7 @@ async def machine(
     stamp = headers.get(signing.H_DATE, "")
     nonce = headers.get(signing.H_NONCE, "")
     signature = headers.get(signing.H_SIGNATURE, "")
-    row = await machines.by_id(engine, machine_id) if machine_id else None
+    row = await machines.by_id(engine, machine_id, cached=True) if machine_id else None
     if row is None or not signing.verify_machine(
         signing.unb64(row.public_key), signature, method, path, stamp, nonce, body
     ):

@@ -181,7 +181,14 @@ def is_sqlite(url: str) -> bool:
 def make_engine(url: str) -> AsyncEngine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # One connection: SQLite has one writer at a time, and with several connections a
+        # writer that finds the lock taken sleeps in SQLite's busy handler (tens of
+        # milliseconds each time under load) where here it waits its turn in the event
+        # loop. Statements take well under a millisecond, so readers lose little by queueing
+        # too (bench/throughput.py, variant pool1: 1.2x the jobs per second, 0.82x the hub
+        # CPU per job). Nothing may hold a connection while it waits for another.
+        engine = create_async_engine(url, connect_args={"timeout": 30}, pool_size=1,
+                                     max_overflow=0)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -54,10 +54,14 @@ async def add_tokens(engine: AsyncEngine, vault: Vault, items: list[dict[str, An
                if item.get("kind") == "job" and isinstance(item.get("payload"), dict)]
     if not claimed:
         return
-    async with engine.connect() as conn:
-        rows = (await conn.execute(sa.select(jobs.c.id, jobs.c.attempt).where(
-            jobs.c.id.in_([p["job_id"] for p in claimed])))).all()
-    attempts = {row.id: row.attempt for row in rows}
+    # A claim names the attempt it made; only an item without one is looked up.
+    attempts = {p["job_id"]: int(p["attempt"]) for p in claimed if p.get("attempt")}
+    unknown = [p["job_id"] for p in claimed if p["job_id"] not in attempts]
+    if unknown:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.select(jobs.c.id, jobs.c.attempt).where(
+                jobs.c.id.in_(unknown)))).all()
+        attempts.update({row.id: row.attempt for row in rows})
     key = vault.derive_key(KEY_LABEL)
     for payload in claimed:
         job_id = payload["job_id"]

@@ -82,6 +82,7 @@ async def register(
 
 
 async def _delete(conn: Any, machine_id: str) -> None:
+    _known.pop(machine_id, None)
     await conn.execute(nonces.delete().where(nonces.c.machine_id == machine_id))
     await conn.execute(work_items.delete().where(work_items.c.machine_id == machine_id))
     await conn.execute(machines.delete().where(machines.c.id == machine_id))
@@ -92,14 +93,37 @@ async def deregister(engine: AsyncEngine, machine_id: str) -> None:
         await _delete(conn, machine_id)
 
 
-async def by_id(engine: AsyncEngine, machine_id: str) -> Any:
+# Every agent request is signed with its machine's key: the row that holds the key is kept
+# here for KNOWN_SECONDS, so an agent's request costs no read of it. A machine id is never
+# reused and its key, name, group and labels never change (registering again makes a new
+# id); a heartbeat may change its interval and version, so this hub forgets the entry then
+# (record_heartbeat). A removal is seen at once by this hub (_delete), and by another hub on
+# the same database within KNOWN_SECONDS.
+KNOWN_SECONDS = 5.0
+_known: dict[str, tuple[float, Any]] = {}
+
+
+async def by_id(engine: AsyncEngine, machine_id: str, cached: bool = False) -> Any:
+    now = time.monotonic()
+    if cached:
+        hit = _known.get(machine_id)
+        if hit is not None and now - hit[0] < KNOWN_SECONDS:
+            return hit[1]
     async with engine.connect() as conn:
-        return (await conn.execute(
+        row = (await conn.execute(
             sa.select(machines).where(machines.c.id == machine_id))).first()
+    if row is None:
+        _known.pop(machine_id, None)
+    else:
+        if len(_known) > 10_000:
+            _known.clear()
+        _known[machine_id] = (now, row)
+    return row
 
 
 async def record_heartbeat(engine: AsyncEngine, machine_id: str, beat: Heartbeat) -> float:
     now = time.time()
+    _known.pop(machine_id, None)  # the interval and version it reports may have changed
     async with engine.begin() as conn:
         await conn.execute(machines.update().where(machines.c.id == machine_id).values(
             last_heartbeat_at=now, heartbeat=beat.model_dump(),
