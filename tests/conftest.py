@@ -91,6 +91,16 @@ def hub(new_hub: Hub) -> Hub:
 
 
 @pytest.fixture
+def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
+    """A running hub on SQLite only, for tests of what happens on the machine."""
+    hub = init_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}")
+    try:
+        yield hub.start()
+    finally:
+        hub.stop()
+
+
+@pytest.fixture
 def agents() -> Iterator[list[Agent]]:
     """Agents started by the test go here and are stopped after it."""
     started: list[Agent] = []

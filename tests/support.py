@@ -242,3 +242,8 @@ def query(database_url: str, sql: str) -> list[tuple[Any, ...]]:
 
     with psycopg.connect(database_url) as pg:
         return list(pg.execute(sql).fetchall())  # type: ignore[arg-type]
+
+
+def last_beat(hub: Hub, name: str) -> float:
+    """When the hub last heard a heartbeat from machine ``name`` (0 if never)."""
+    return float(hub.machines()[name]["last_heartbeat_at"] or 0)

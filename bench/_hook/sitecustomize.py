@@ -7,7 +7,7 @@ a benchmark is asked to trace or to try an alternative; src/ is never changed. S
 - BENCH_UVLOOP=1: run asyncio.run() on uvloop (an experiment for the suggested change).
 - BENCH_NODELAY=1: set TCP_NODELAY on accepted connections too (asyncio skips it for a
   listening socket made with proto 0, as outpost.protocol.ports.bind makes it).
-- BENCH_CPROFILE=FILE: cProfile the main thread, written at exit.
+- BENCH_CPROFILE=FILE: cProfile the main thread, written at exit and on SIGUSR1.
 - BENCH_SNIFFIO=1: provide a stand-in 'sniffio' module (asyncio only). httpcore imports
   sniffio on every lock and cancellation shield; when it is not installed each of those is
   a failed import that searches sys.path.
@@ -72,6 +72,18 @@ if _ROLE:
             _prof.dump_stats(os.environ["BENCH_CPROFILE"])
 
         atexit.register(_dump)
+
+        def _dump_now(*_: Any) -> None:
+            # The hub's server re-raises SIGTERM after its shutdown, so atexit never runs
+            # there: SIGUSR1 writes the profile so far (signal handlers run in the main
+            # thread, the one profiled).
+            _prof.disable()
+            _prof.dump_stats(os.environ["BENCH_CPROFILE"])
+            _prof.enable()
+
+        import signal
+
+        signal.signal(signal.SIGUSR1, _dump_now)
 
     def _ids(items: Any) -> str:
         try:

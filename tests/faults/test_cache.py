@@ -12,26 +12,12 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from outpost.agent.state import StateDir, read_checked
-from tests.support import Agent, Hub, init_hub, registered_agent, run_cli, wait_until
-
-
-@pytest.fixture
-def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
-    hub = init_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}")
-    try:
-        yield hub.start()
-    finally:
-        hub.stop()
-
-
-def last_beat(hub: Hub, name: str) -> float:
-    return float(hub.machines()[name]["last_heartbeat_at"] or 0)
+from tests.support import last_beat, Agent, Hub, registered_agent, run_cli, wait_until
 
 
 def beats_after(hub: Hub, name: str, moment: float, timeout: float = 30) -> None:

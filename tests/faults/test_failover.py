@@ -7,33 +7,18 @@ fail-over test is a real closed port on this machine.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 from tests.support import (
+    last_beat,
     Agent,
     Hub,
     free_port,
-    init_hub,
     registered_agent,
     run_cli,
     wait_until,
 )
-
-
-@pytest.fixture
-def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
-    hub = init_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}")
-    try:
-        yield hub.start()
-    finally:
-        hub.stop()
-
-
-def last_beat(hub: Hub, name: str) -> float:
-    return float(hub.machines()[name]["last_heartbeat_at"] or 0)
 
 
 def test_an_agent_started_while_the_hub_is_down_connects_when_it_comes_up(

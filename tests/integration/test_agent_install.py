@@ -13,12 +13,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import Hub, clean_env, init_hub, stop_process, wait_until
+from tests.support import Hub, clean_env, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,15 +40,6 @@ def _hub_modules() -> list[str]:
         name = requirement.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip()
         names.add({"prometheus-client": "prometheus_client"}.get(name.lower(), name.lower()))
     return sorted(names)
-
-
-@pytest.fixture
-def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
-    hub = init_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}")
-    try:
-        yield hub.start()
-    finally:
-        hub.stop()
 
 
 @pytest.fixture

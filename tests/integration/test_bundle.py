@@ -9,10 +9,8 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 from outpost.protocol.signing import unb64
 from tests.support import (
@@ -20,7 +18,6 @@ from tests.support import (
     Hub,
     clean_env,
     free_port,
-    init_hub,
     registered_agent,
     run_cli,
     wait_until,
@@ -36,15 +33,6 @@ ENV_SECRETS = {
 }
 LOG_SECRETS = ["LogBearerT0ken-xyz987", "LogAcctKey-12345678", "LogPr0xyPass-carol",
                "LogFieldPassw0rd-1", "LegacyT0ken-zzz999"]
-
-
-@pytest.fixture
-def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
-    hub = init_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}")
-    try:
-        yield hub.start()
-    finally:
-        hub.stop()
 
 
 def _members(path: Path) -> dict[str, bytes]:

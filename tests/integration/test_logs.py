@@ -9,32 +9,20 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from tests.support import (
     OUTPOST,
     Agent,
     Hub,
     clean_env,
-    init_hub,
     registered_agent,
     run_cli,
     wait_until,
 )
-
-
-@pytest.fixture
-def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
-    hub = init_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}")
-    try:
-        yield hub.start()
-    finally:
-        hub.stop()
 
 
 def _logs(agent: Agent, *args: str) -> subprocess.CompletedProcess[str]:
