@@ -155,7 +155,8 @@ class Spool:
 
     @classmethod
     def create(cls, root: Path, job_id: str, attempt: int) -> Spool:
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not root.is_dir():
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
         spool = cls(root / f"{job_id}.{attempt}.jsonl")
         spool._fh = spool.path.open("ab")
         return spool

@@ -14,6 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from . import sqlite_inline
+
 # The migrations in migrations/versions copy these definitions on purpose: a migration is a
 # frozen snapshot. tests/integration/test_schema.py fails if the two drift apart.
 metadata = sa.MetaData()
@@ -187,8 +189,13 @@ def make_engine(url: str) -> AsyncEngine:
         # loop. Statements take well under a millisecond, so readers lose little by queueing
         # too (bench/throughput.py, variant pool1: 1.2x the jobs per second, 0.82x the hub
         # CPU per job). Nothing may hold a connection while it waits for another.
-        engine = create_async_engine(url, connect_args={"timeout": 30}, pool_size=1,
-                                     max_overflow=0)
+        # Statements run in the event loop's thread (sqlite_inline.py); the busy timeout is
+        # how long one may wait for another process that writes the file (a second hub by
+        # mistake, a backup), and the loop waits with it, so it is short.
+        path = sa.engine.make_url(url).database or ":memory:"
+        engine = create_async_engine(
+            url, pool_size=1, max_overflow=0,
+            async_creator=lambda: sqlite_inline.connect(path, timeout=5))
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
