@@ -119,12 +119,8 @@ async def claim(conn: AsyncConnection, machine: Any, capacity: int) -> list[dict
     await conn.execute(job_attempts.insert(), [
         {"id": random_id(), "job_id": r.id, "number": r.attempt, "machine_id": machine.id,
          "started_at": now} for r in rows])
-    rb = runbook_table.c
-    books = {(b.name, b.version): b for b in (await conn.execute(sa.select(
-        rb.name, rb.version, rb.type, rb.content, rb.log_verbose, rb.log_progress).where(
-        rb.account_id == machine.account_id,
-        sa.tuple_(rb.name, rb.version).in_([(r.runbook_name, r.runbook_version)
-                                            for r in rows])))).all()}
+    books = await _books(conn, machine.account_id,
+                         {(r.runbook_name, r.runbook_version) for r in rows})
     run_as = await conn.scalar(sa.select(groups.c.run_as).where(
         groups.c.account_id == machine.account_id, groups.c.name == machine.group_name))
     claimed = []
@@ -137,6 +133,36 @@ async def claim(conn: AsyncConnection, machine: Any, capacity: int) -> list[dict
             "log_verbose": book.log_verbose, "log_progress": book.log_progress,
             "run_as": run_as, "seq_base": (row.attempt - 1) << SEQ_SHIFT}})
     return claimed
+
+
+# A runbook version never changes once published (a new version is a new row) and is never
+# deleted, so what a claim sends of it is kept here after the first read, up to
+# _BOOKS_BYTES of content (then the cache starts again empty).
+_BOOKS_BYTES = 16 * 1024 * 1024
+_books_seen: dict[tuple[str, str, int], Any] = {}
+_books_size = [0]
+
+
+async def _books(conn: AsyncConnection, account_id: str,
+                 wanted: set[tuple[str, int]]) -> dict[tuple[str, int], Any]:
+    """The type, content and stream switches of each runbook version (name, version)."""
+    found = {key: _books_seen[(account_id, *key)] for key in wanted
+             if (account_id, *key) in _books_seen}
+    missing = [key for key in wanted if key not in found]
+    if missing:
+        rb = runbook_table.c
+        for b in (await conn.execute(sa.select(
+                rb.name, rb.version, rb.type, rb.content, rb.log_verbose, rb.log_progress
+        ).where(rb.account_id == account_id,
+                sa.tuple_(rb.name, rb.version).in_(missing)))).all():
+            found[(b.name, b.version)] = b
+            size = len(b.content)
+            if _books_size[0] + size > _BOOKS_BYTES:
+                _books_seen.clear()
+                _books_size[0] = 0
+            _books_seen[(account_id, b.name, b.version)] = b
+            _books_size[0] += size
+    return found
 
 
 async def _attempt(conn: AsyncConnection, machine_id: str, job_id: str, attempt: int) -> Any:
