@@ -25,8 +25,9 @@ class _Handler(socketserver.BaseRequestHandler):
         line = head.split(b"\r\n", 1)[0].decode()
         method, target, _ = line.split(" ", 2)
         if method != "CONNECT" or self.server.refuse:
-            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            # Recorded before the answer: the client may act on the 403 at once.
             self.server.refused.append(target)
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
             return
         host, port = target.rsplit(":", 1)
         upstream = socket.create_connection((host, int(port)), timeout=10)

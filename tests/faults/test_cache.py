@@ -101,9 +101,10 @@ def test_an_agent_started_on_a_corrupt_registration_fetches_it_again(
     assert (fresh.machine_id, fresh.name, fresh.group, fresh.ca_pem, fresh.hub_urls) == \
         (good.machine_id, good.name, good.group, good.ca_pem, good.hub_urls)
     assert "registration.json fetched again from the hub" in agent.log()
-    assert {r["name"]: r["state"] for r in state.cache_report()} == {
+    # hub.json is written from the heartbeat's answer, a moment after the hub records it.
+    wait_until(lambda: {r["name"]: r["state"] for r in state.cache_report()} == {
         "machine.key": "ok", "identity.json": "ok", "registration.json": "ok",
-        "hub.json": "ok"}
+        "hub.json": "ok"}, 15, what="every cached file intact again")
 
 
 def test_a_corrupt_machine_key_refuses_to_start_and_says_how_to_register(
