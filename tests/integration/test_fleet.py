@@ -252,7 +252,10 @@ def test_ping_wakes_the_long_poll(hub: Hub, agents: list[Agent], tmp_path: Path)
         started = time.monotonic()
         answer = _json(hub.cli("machine", "ping", "m1", "--json"))
         elapsed = time.monotonic() - started
-        assert elapsed < 2.0, elapsed
+        # The poll waits 25 s: an answer well within that was woken, not timed out. The wall
+        # time includes starting the CLI, which takes seconds on a loaded 2-core machine;
+        # the hub's own round trip is the tight measure.
+        assert elapsed < 10.0, elapsed
         assert answer["machine"] == "m1"
         assert 0 <= answer["round_trip_ms"] < 1000, answer
         assert answer["agent_received_at"] is not None
