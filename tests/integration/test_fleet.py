@@ -268,7 +268,7 @@ def test_ping_wakes_the_long_poll(hub: Hub, agents: list[Agent], tmp_path: Path)
     assert agent.stop() == 0
     started = time.monotonic()
     result = hub.cli("machine", "ping", "m1", "--timeout", "1")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10  # 1 s of waiting, plus starting the CLI
     err = _refused(result, "E3010")
     assert "m1" in err
     response = hub.api("POST", "/v1/machines/m1/ping", params={"timeout": 1})
