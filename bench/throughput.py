@@ -6,6 +6,8 @@ hub and agent, each over --jobs jobs:
 
 - end to end: --submitters concurrent httpx clients submit the batch while the agent runs;
   time from the first submit to the last job Completed (the figure with the target);
+  with --batch N above 1 each request queues N jobs through POST /v1/jobs/batch instead
+  of one through POST /v1/jobs;
 - execution only: the agent is paused (SIGSTOP) while the batch is submitted, then resumed;
   time from the resume to the last job Completed (what the hub and agent can do when
   submitting is not competing for the 2 cores).
@@ -14,7 +16,7 @@ For each phase it also prints the CPU seconds the hub, the agent and the runbook
 job (psutil). Target: >= 300 jobs/s on SQLite. Exits 0 even when the target is missed.
 
     python bench/throughput.py [--jobs 2000] [--concurrency 8] [--database sqlite|postgres]
-        [--submitters 4] [--variant default|nodelay|pool1|uvloop|nodelay+pool1 ...]
+        [--submitters 4] [--batch 1] [--variant default|nodelay|pool1|uvloop|nodelay+pool1 ...]
         [--py-spy DIR]
 
 Variants are those of bench/dispatch_latency.py (bench/_hook experiments; src/ unchanged).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import signal
 import sys
@@ -55,19 +58,28 @@ from bench._common import (  # noqa: E402
 TARGET = 300.0
 
 
+BATCH = 1  # jobs a submit request carries (--batch); above 1 through POST /v1/jobs/batch
+
+
 async def submit(st: Stack, count: int, submitters: int) -> tuple[list[str], float, float]:
-    """Submit ``count`` jobs over ``submitters`` connections: (ids, first sent, last answered)."""
+    """Submit ``count`` jobs over ``submitters`` connections, ``BATCH`` a request:
+    (ids, first sent, last answered)."""
     ids: list[str] = []
     todo = iter(range(count))
     first: list[float] = []
+    job = {"runbook": "noop", "group": "web"}
 
     async def worker(client: httpx.AsyncClient) -> None:
-        for _ in todo:
+        while chunk := list(itertools.islice(todo, BATCH)):
             first.append(time.time())
-            response = await client.post("/v1/jobs", json={"runbook": "noop", "group": "web"})
+            if BATCH == 1:
+                response = await client.post("/v1/jobs", json=job)
+            else:
+                response = await client.post("/v1/jobs/batch", json={"jobs": [job] * len(chunk)})
             if response.status_code != 201:
                 raise RuntimeError(f"submit refused: {response.status_code} {response.text}")
-            ids.append(response.json()["id"])
+            answer = response.json()
+            ids.extend([answer["id"]] if BATCH == 1 else [j["id"] for j in answer["jobs"]])
 
     async with httpx.AsyncClient(base_url=st.hub.url, verify=st.hub.ssl_context(),
                                  headers={"Authorization": f"Bearer {st.hub.admin_token}"},
@@ -143,12 +155,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="sqlite")
     parser.add_argument("--submitters", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1, metavar="N",
+                        help="jobs a submit request carries, 1 to 1000 (above 1: "
+                             "POST /v1/jobs/batch)")
     parser.add_argument("--variant", action="append",
                         type=variant_name,
                         default=None)
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR")
     parser.add_argument("--max-seconds", type=float, default=1800.0)
     args = parser.parse_args()
+    if not 1 <= args.batch <= 1000:
+        parser.error("--batch must be between 1 and 1000")
+    global BATCH
+    BATCH = args.batch
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     variants = args.variant or ["default"]
     time_bound(args.max_seconds)

@@ -26,6 +26,7 @@ from outpost.protocol.errors import HubRefused, OutpostError, TransportError
 from . import cache, facts, joblogs
 from .config import AgentConfig
 from .pressure import Pressure, own_cpu_seconds
+from .reporter import Reporter
 from .runner import JobRun, Uploader, end_leftover, leftover_spools, watch_children_with_pidfd
 from .state import Registration, StateDir
 from .transport import Backoff, Clock, HubClient
@@ -57,6 +58,7 @@ class Agent:
         self.spool_dir = state.root / "spool"
         self.pressure = Pressure(self.config.max_cpu_percent, self.config.max_memory_percent,
                                  self.config.pressure_seconds, own_cpu_seconds(self._leaders))
+        self.reporter = Reporter(self._call, self._capacity, self._take)
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -115,6 +117,7 @@ class Agent:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=GRACE_SECONDS)
+        await self.reporter.close()
 
     def _start(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
         async def supervised() -> None:
@@ -234,9 +237,10 @@ class Agent:
         wait = self.config.poll_timeout
         while not self.stop_requested.is_set():
             # The hub counts the jobs it sees this machine hold against the capacity, and
-            # wakes this poll when one of them ends, so the poll is always open.
-            busy = self.pressure.reason() is not None
-            capacity = 0 if busy else self.config.max_concurrent_jobs
+            # wakes this poll when one of them ends (unless the report of that end claimed
+            # the freed slot itself), so the poll is always open.
+            capacity = self._capacity()
+            busy = capacity == 0
             hold = min(wait, 5.0) if busy else wait  # look at the pressure again soon
             try:
                 answer = await self._call(
@@ -249,6 +253,15 @@ class Agent:
             backoff.reset()
             for item in answer.get("items", []):
                 await self._handle(item)
+
+    def _capacity(self) -> int:
+        """How many jobs to run at once now: none while the machine is under pressure."""
+        return 0 if self.pressure.reason() is not None else self.config.max_concurrent_jobs
+
+    async def _take(self, items: list[dict[str, Any]]) -> None:
+        """Work the hub claimed for this machine in an answer to its reports."""
+        for item in items:
+            await self._handle(item)
 
     def not_taking_work(self) -> str | None:
         """Why the agent claims no new job now (shown in the machine list), or None."""
@@ -294,13 +307,14 @@ class Agent:
                 continue
             log.info("job %s: delivering attempt %s spooled by the last run", meta["job_id"],
                      meta["attempt"])
-            uploader = Uploader(spool, meta["job_id"], int(meta["attempt"]), self._call)
+            uploader = Uploader(spool, meta["job_id"], int(meta["attempt"]), self._call,
+                                self.reporter)
             self._spawn(uploader.run(announce=False), f"deliver-{meta['job_id']}")
 
     def _start_job(self, payload: dict[str, Any]) -> None:
         assert self.client is not None and self.registration is not None
         run = JobRun(payload, self.state.root / "jobs", self.spool_dir, self._call,
-                     self.client.url, self.registration.ca_pem)
+                     self.client.url, self.registration.ca_pem, self.reporter)
         self.jobs[run.id] = run
 
         async def body() -> None:

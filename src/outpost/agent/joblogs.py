@@ -4,9 +4,9 @@
 
 - ``agent.jsonl``: the agent's log lines about the job (started, control requests, delivery
   trouble), in the agent log's JSON format;
-- ``ATTEMPT.jsonl``: each attempt's output records and its end, exactly as spooled. When
-  the hub has an attempt's spool, the file is moved here (a rename: nothing is copied)
-  instead of being deleted.
+- ``ATTEMPT.jsonl``: each attempt's output records and its end, exactly as spooled (after
+  the spool's meta line, which is not shown). When the hub has an attempt's spool, the
+  file is moved here (a rename: nothing is copied) instead of being deleted.
 
 A job's directory is removed by the agent once it has not changed for
 ``job_log_retention`` (7 days by default). Until an attempt is delivered its records are in
@@ -93,8 +93,8 @@ def _output(path: Path, job_id: str, attempt: int) -> list[dict[str, Any]]:
             item = json.loads(raw)
         except ValueError:
             continue  # empty, or a line torn by a crash
-        if not isinstance(item, dict):
-            continue
+        if not isinstance(item, dict) or "meta" in item:
+            continue  # the meta line is the agent's (runner.Spool), not output
         if "end" in item:
             end = item["end"] or {}
             records.append({"time": logs.iso(ended_at), "ts": ended_at, "job": job_id,

@@ -30,6 +30,7 @@ from typing import Any
 from outpost.protocol.errors import HubRefused, OutpostError
 
 from . import helper, joblogs
+from .reporter import Reporter
 from .transport import Backoff
 
 log = logging.getLogger("outpost.agent.job")
@@ -144,13 +145,16 @@ def describe_exit(returncode: int) -> tuple[int | None, int | None, str]:
 class Spool:
     """One attempt's records on disk: one JSON object a line, and last an ``end`` line.
 
-    Beside it, ``.json`` holds what is needed to upload it after a restart and to find the
-    attempt's process group if it outlived the agent.
+    The first line, ``{"meta": {...}}``, holds what is needed to upload it after a restart
+    and to find the attempt's process group if it outlived the agent: written when the
+    process has started, before any record (an attempt that could not start has none). It
+    is never uploaded. An older agent kept it beside the spool in ``.json`` (``meta_path``),
+    which is still read, so its spools are delivered after an upgrade.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.meta_path = path.with_suffix(".json")
+        self.meta_path = path.with_suffix(".json")  # an older agent's meta file
         self._fh: Any = None
 
     @classmethod
@@ -162,17 +166,25 @@ class Spool:
         return spool
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        # Written in place, not renamed into place: a torn meta file (the agent killed in
-        # this write) reads as no meta, and the spool is still delivered (see meta()).
-        self.meta_path.write_bytes(json.dumps(meta).encode())
+        """The spool's first line, before any record, in one write. A torn meta line (the
+        agent killed in this write) reads as no meta, and the spool is still delivered:
+        end_leftover cuts the torn line, and see meta()."""
+        self.append([json.dumps({"meta": meta}).encode() + b"\n"])
 
     def meta(self) -> dict[str, Any]:
-        """The meta file's content; the job and attempt also come from the file's name, so
-        a spool whose process never started (no meta yet) is still delivered."""
+        """The meta line's content (or an older agent's meta file's); the job and attempt
+        also come from the file's name, so a spool whose process never started (no meta)
+        is still delivered."""
         job_id, _, attempt = self.path.stem.rpartition(".")
         data: dict[str, Any] = {"job_id": job_id, "attempt": int(attempt)}
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            data.update(json.loads(self.meta_path.read_bytes()))
+        first = b""
+        with contextlib.suppress(FileNotFoundError), self.path.open("rb") as fh:
+            first = fh.readline(META_MAX)
+        found = _meta_of(first) if first.endswith(b"\n") else None
+        if found is None:
+            with contextlib.suppress(FileNotFoundError):
+                found = _meta_of(self.meta_path.read_bytes(), wrapped=False)
+        data.update(found or {})
         return data
 
     def append(self, lines: list[bytes]) -> None:
@@ -201,6 +213,8 @@ class Spool:
                 data += fh.readline()  # finish the last line
         cut = data.rfind(b"\n") + 1
         lines = data[:cut].splitlines()
+        if offset == 0 and lines and lines[0].startswith(META_LINE):
+            del lines[0]  # the meta line, which is the agent's, not a record
         end = None
         if lines and lines[-1].startswith(b'{"end"'):
             end = json.loads(lines.pop())["end"]
@@ -214,16 +228,36 @@ class Spool:
             path.unlink(missing_ok=True)
 
 
+META_LINE = b'{"meta"'
+META_MAX = 64 * 1024  # a first line longer than this is a record, not the meta line
+
+
+def _meta_of(raw: bytes, wrapped: bool = True) -> dict[str, Any] | None:
+    """The meta in a meta line (or, not ``wrapped``, an older agent's meta file); None when
+    it is not one, or torn."""
+    if wrapped and not raw.startswith(META_LINE):
+        return None
+    try:
+        item = json.loads(raw)
+    except ValueError:
+        return None
+    if wrapped:
+        item = item.get("meta") if isinstance(item, dict) else None
+    return item if isinstance(item, dict) else None
+
+
 class Uploader:
     """Sends one attempt's spool to the hub in order, each request a report of what is new:
     that the process started, the records, the end. A job that ends within
     FIRST_REPORT_WAIT is reported whole in one request."""
 
-    def __init__(self, spool: Spool, job_id: str, attempt: int, call: Call) -> None:
+    def __init__(self, spool: Spool, job_id: str, attempt: int, call: Call,
+                 reporter: Reporter | None = None) -> None:
         self.spool = spool
         self.job_id = job_id
         self.attempt = attempt
         self.call = call
+        self.reporter = reporter  # reports go through it, batched with other attempts'
         self.more = asyncio.Event()
         self.ended = asyncio.Event()
         self.started = asyncio.Event()  # set when the process started, or could not
@@ -258,7 +292,11 @@ class Uploader:
                 body = b'{"attempt":%d,"started":%s,"end":%s,"records":[%s]}' % (
                     self.attempt, b"true" if started else b"false",
                     json.dumps(end).encode(), b",".join(lines))
-                answer: dict[str, Any] = await self.send("report", body)
+                if self.reporter is not None:
+                    answer: dict[str, Any] = await self.reporter.report(
+                        self.job_id, body, end is not None)
+                else:
+                    answer = await self.send("report", body)
                 started, offset = False, offset_after
                 if end is not None:
                     self.spool.remove()
@@ -269,7 +307,8 @@ class Uploader:
 
 class JobRun:
     def __init__(self, job: dict[str, Any], jobs_dir: Path, spool_dir: Path, call: Call,
-                 hub_url: str = "", ca_pem: str = "") -> None:
+                 hub_url: str = "", ca_pem: str = "",
+                 reporter: Reporter | None = None) -> None:
         self.job = job
         self.id: str = job["job_id"]
         self.attempt: int = int(job.get("attempt") or 1)
@@ -279,7 +318,7 @@ class JobRun:
         self.hub_url = hub_url
         self.ca_pem = ca_pem
         self.spool = Spool.create(spool_dir, self.id, self.attempt)
-        self.uploader = Uploader(self.spool, self.id, self.attempt, call)
+        self.uploader = Uploader(self.spool, self.id, self.attempt, call, reporter)
         self.call = call
         self.proc: asyncio.subprocess.Process | None = None
         self.ended_by: str | None = None  # timeout, stopped or lost: the agent ended it
@@ -379,7 +418,11 @@ class JobRun:
         self.workdir = workdir
         (workdir / name).write_text(self.job["content"])
         env = environment(self.id, workdir, self.job.get("params") or {})
-        env.update(helper.prepare(workdir, self.job, self.hub_url, self.ca_pem))
+        # The helper files every job gets alike are hard links to one copy in STATE/helper/,
+        # except for a run-as job: its files are chowned below, and a shared one must not be.
+        shared = helper.shared_files(self.jobs_dir.parent / helper.SHARED_DIR) \
+            if identity is None else None
+        env.update(helper.prepare(workdir, self.job, self.hub_url, self.ca_pem, shared))
         if identity is not None:
             for path in [workdir, *workdir.rglob("*")]:
                 os.chown(path, *identity, follow_symlinks=False)

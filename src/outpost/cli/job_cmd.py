@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import typer
 
+from outpost.protocol.models import BATCH_MAX
 from outpost.protocol.params import split_assignments
 
 from .client import Api
@@ -85,14 +86,21 @@ def start(
                                                    "[default: the latest].")] = None,
     timeout: Annotated[Optional[str], typer.Option(help="End the job after this long "
                                                    "(90s, 5m, 2h).")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends; exit 0 "
-                                       "only if it Completed.")] = False,
+    count: Annotated[int, typer.Option(min=1, max=BATCH_MAX, help="Queue this many such "
+                                       "jobs in one request, all or none; prints one id a "
+                                       "line.")] = 1,
+    wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends (all of "
+                                       "them, with --count); exit 0 only if each Completed.")]
+    = False,
     follow: Annotated[bool, typer.Option("--follow", help="Like --wait, printing the "
-                                         "output live.")] = False,
+                                         "output live (one job only).")] = False,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
     """Queue RUNBOOK on a machine of GROUP and print the job id."""
+    if follow and count > 1:
+        raise typer.BadParameter(f"--follow shows one job's output; to wait for all {count} "
+                                 "jobs use --wait.")
     client = api(hub, token, ca_fingerprint, data_dir)
     body: dict[str, Any] = {"runbook": runbook, "group": group,
                             "params": split_assignments(param or [])}
@@ -100,6 +108,9 @@ def start(
         body["version"] = version
     if timeout is not None:
         body["timeout"] = _duration(timeout)
+    if count > 1:
+        _start_many(client, body, count, wait, json)
+        return
     job = client.post("/v1/jobs", body)
     if not (wait or follow):
         if json:
@@ -115,6 +126,31 @@ def start(
     elif not json:
         out.print(f"Job {job['id']} {job['status']} ({job['reason'] or ''}).", markup=False)
     if job["status"] != "Completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _start_many(client: Api, body: dict[str, Any], count: int, wait: bool,
+                json: bool) -> None:
+    """``job start --count N``: one batch request; with ``wait``, every job's end."""
+    queued: list[dict[str, Any]] = client.post("/v1/jobs/batch",
+                                               {"jobs": [body] * count})["jobs"]
+    if json and not wait:
+        print_json(queued)
+        return
+    if not json:
+        for job in queued:
+            out.print(job["id"])
+    if not wait:
+        return
+    # One job at a time: those that ended meanwhile cost one request each.
+    ended = [_follow(client, job["id"], False, False) for job in queued]
+    if json:
+        print_json(ended)
+    else:
+        for job in ended:
+            out.print(f"Job {job['id']} {job['status']} ({job['reason'] or ''}).",
+                      markup=False)
+    if any(job["status"] != "Completed" for job in ended):
         raise typer.Exit(EXIT_FAILED)
 
 

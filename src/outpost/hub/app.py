@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outpost import __version__
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.models import Heartbeat, RegisterRequest
+from outpost.protocol.models import Heartbeat, JobBatch, RegisterRequest
 
 from . import accounts, auth, groups, jobs, machines, runbooks
 from . import asset_routes, job_identity
@@ -34,6 +34,7 @@ from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 
 log = logging.getLogger("outpost.hub")
+REPORTS_MAX = 256  # attempts' reports in one POST /v1/agent/reports
 # The *_created series double every counter and tell an operator nothing here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -102,6 +103,17 @@ class JobReport(JobAttempt):
                                                       "went on after a pause).")
     records: list[dict[str, Any]] = Field(default_factory=list, max_length=10000)
     end: JobEnd | None = None
+
+
+class JobReportItem(JobReport):
+    job_id: str = Field(min_length=1, max_length=128)
+
+
+class JobReports(BaseModel):
+    reports: list[JobReportItem] = Field(min_length=1, max_length=REPORTS_MAX)
+    claim: int = Field(default=0, ge=0, le=256, description=(
+        "How many jobs the agent runs at once (0 while it takes none). When a report ends "
+        "an attempt, the answer carries the jobs claimed for the slots that freed up."))
 
 
 class GroupSettings(BaseModel):
@@ -415,6 +427,24 @@ def create_app(hub: Hub) -> FastAPI:
                 hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
         return {"id": job_id, "status": status}
 
+    @app.post("/v1/agent/reports", tags=["agent"])
+    async def job_reports(request: Request) -> dict[str, Any]:
+        """Several attempts' reports in one transaction (each as ``/jobs/{id}/report``
+        takes it), and in the answer the jobs claimed for the slots they freed: an agent
+        that runs many short jobs needs neither a request per job nor a long-poll answer
+        per freed slot."""
+        row, body = await _agent_body(request, JobReports)
+        results, items = await jobs.report_many(
+            hub.engine, row, [r.model_dump() for r in body.reports], body.claim)
+        if any(r.end is not None for r in body.reports) and not items:
+            # Nothing was claimed here (no capacity given, or no job queued): the waiting
+            # long-poll looks again, for work items too.
+            hub.dispatcher.wake(f"m:{row.id}")
+        if any(r.get("status") == "Queued" for r in results):
+            hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
+        await job_identity.add_tokens(hub.engine, hub.vault, items)
+        return {"results": results, "items": items}
+
     @app.post("/v1/agent/jobs/{job_id}/paused", tags=["agent"])
     async def job_paused(request: Request, job_id: str) -> dict[str, Any]:
         row, body = await _agent_body(request, JobAttempt)
@@ -517,6 +547,29 @@ def create_app(hub: Hub) -> FastAPI:
                                body.params, body.version, body.timeout)
         hub.dispatcher.wake(f"g:{principal.account_id}:{body.group}")
         return job
+
+    @app.post("/v1/jobs/batch", tags=["jobs"], status_code=201)
+    async def job_start_batch(principal: Op, body: JobBatch) -> dict[str, Any]:
+        """Queue 1 to 1000 jobs, all or none: every entry is checked as ``POST /v1/jobs``
+        checks one before anything is stored, and the first bad one refuses the batch."""
+        def entries() -> Iterator[dict[str, Any]]:
+            # Read as start_many goes, so the first bad entry is named whatever is wrong.
+            for index, entry in enumerate(body.jobs):
+                try:
+                    start = JobStart.model_validate(entry)
+                except ValidationError as exc:
+                    problems = [{"field": ".".join(str(p) for p in e.get("loc", ())) or "?",
+                                 "problem": e["msg"]} for e in exc.errors()]
+                    raise OutpostError(
+                        "invalid_request", f"jobs[{index}]: The request is not valid: "
+                        f"{problems[0]['field']}: {problems[0]['problem']}.",
+                        index=index, problems=problems) from exc
+                yield start.model_dump()
+
+        views = await jobs.start_many(hub.engine, principal.account_id, entries())
+        for group in dict.fromkeys(view["group_name"] for view in views):
+            hub.dispatcher.wake(f"g:{principal.account_id}:{group}")
+        return {"jobs": views}
 
     @app.post("/v1/jobs/{job_id}/{action}", tags=["jobs"])
     async def job_control(principal: Op, job_id: str,

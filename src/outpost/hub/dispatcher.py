@@ -71,10 +71,11 @@ class Dispatcher:
             .order_by(work_items.c.created_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
+            .cte("pick").prefix_with("MATERIALIZED", dialect="postgresql")  # see jobs.claim
         )
         stmt = (
             work_items.update()
-            .where(work_items.c.id.in_(pick.scalar_subquery()), work_items.c.claimed_by.is_(None))
+            .where(work_items.c.id.in_(sa.select(pick.c.id)), work_items.c.claimed_by.is_(None))
             .values(claimed_by=machine.id, claimed_at=time.time())
             .returning(work_items.c.id, work_items.c.kind, work_items.c.payload,
                        work_items.c.created_at)

@@ -17,6 +17,7 @@ a lost answer duplicates nothing. Each attempt numbers its records from
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -57,6 +58,56 @@ async def start(engine: AsyncEngine, account_id: str, runbook: str, group: str,
     view = {key: values.get(key) for key in VIEW_KEYS}
     view["attempts"] = []
     return view
+
+
+async def start_many(engine: AsyncEngine, account_id: str,
+                     entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Queue every entry or none: each is checked as ``start`` checks one, before anything is
+    stored, then all are inserted in one transaction. Returns their views in order.
+
+    An entry holds ``runbook``, ``group``, ``params`` and optionally ``version`` and
+    ``timeout``. The first bad entry refuses the batch with the error ``start`` would give,
+    its message prefixed ``jobs[INDEX]: ``. Entries are read one at a time, so a caller
+    that checks each as it is read refuses at the first bad one too. Each distinct
+    (runbook, version) is read once. The caller wakes each group's pollers afterwards.
+    """
+    books: dict[tuple[str, int | None], dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    for index, entry in enumerate(entries):
+        group, timeout = entry["group"], entry.get("timeout")
+        key = (entry["runbook"], entry.get("version"))
+        try:  # the checks of ``prepare``, in its order
+            if not GROUP_RE.match(group):
+                raise OutpostError("invalid_request", f"Invalid group name '{group}'.")
+            if timeout is not None and not 0 < timeout <= 7 * 86400:
+                raise OutpostError("invalid_request", f"Timeout {timeout:g} s is out of range.",
+                                   fix="Give a timeout between 1 second and 7 days.")
+            if key not in books:
+                books[key] = await runbooks.get(engine, account_id, *key)
+            book = books[key]
+            values = params.check(book["params"], entry.get("params") or {})
+        except OutpostError as exc:
+            raise OutpostError(exc.reason, f"jobs[{index}]: {exc.message}", fix=exc.fix,
+                               **{**exc.details, "index": index}) from exc
+        # Claims take the oldest first: entries keep their order even within one clock tick.
+        created = time.time()
+        if rows and created <= rows[-1]["created_at"]:
+            created = rows[-1]["created_at"] + 1e-6
+        rows.append({"id": random_id(), "account_id": account_id,
+                     "runbook_name": book["name"], "runbook_version": book["version"],
+                     "group_name": group, "params": values, "status": "Queued",
+                     "timeout_seconds": timeout, "created_at": created, "activations": 0,
+                     "attempt": 0})
+    if not rows:
+        return []
+    async with engine.begin() as conn:
+        await conn.execute(jobs.insert(), rows)
+    views = []
+    for values in rows:
+        view = {key: values.get(key) for key in VIEW_KEYS}
+        view["attempts"] = []
+        views.append(view)
+    return views
 
 
 async def prepare(engine: AsyncEngine, account_id: str, runbook: str, group: str,
@@ -106,9 +157,13 @@ async def claim(conn: AsyncConnection, machine: Any, capacity: int) -> list[dict
             .where(jobs.c.account_id == machine.account_id,
                    jobs.c.group_name == machine.group_name, jobs.c.status == "Queued")
             .order_by(jobs.c.created_at).limit(free)
-            .with_for_update(skip_locked=True))
+            .with_for_update(skip_locked=True)
+            .cte("pick").prefix_with("MATERIALIZED", dialect="postgresql"))
+    # The pick is a materialized CTE, run once: as a subquery PostgreSQL may run it again
+    # for each row it updates, and FOR UPDATE then sees the rows just claimed as no longer
+    # Queued and picks further ones, so a claim could take more than ``free`` jobs.
     rows = (await conn.execute(
-        jobs.update().where(jobs.c.id.in_(pick.scalar_subquery()), jobs.c.status == "Queued")
+        jobs.update().where(jobs.c.id.in_(sa.select(pick.c.id)), jobs.c.status == "Queued")
         .values(status="Activating", machine_id=machine.id,
                 lease_expires_at=now + lease_seconds(machine),
                 activations=jobs.c.activations + 1, attempt=jobs.c.attempt + 1)
@@ -172,9 +227,13 @@ async def _attempt(conn: AsyncConnection, machine_id: str, job_id: str, attempt:
             jobs.c.id == job_id, job_attempts.c.number == attempt,
             job_attempts.c.machine_id == machine_id))).first()
     if row is None:
-        raise OutpostError("not_found", f"No attempt {attempt} of job '{job_id}' was made by "
-                           "this machine.")
+        raise _no_attempt(job_id, attempt)
     return row
+
+
+def _no_attempt(job_id: str, attempt: int) -> OutpostError:
+    return OutpostError("not_found", f"No attempt {attempt} of job '{job_id}' was made by "
+                        "this machine.")
 
 
 def _current(row: Any, machine_id: str, attempt: int) -> bool:
@@ -193,20 +252,135 @@ async def report(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int
     """
     rows = _record_rows(job_id, attempt, records or [])
     async with engine.begin() as conn:
-        row = await _attempt(conn, machine_id, job_id, attempt)
-        status = str(row.status)
-        if started and _current(row, machine_id, attempt) and status in (
-                "Activating", "Resuming"):
-            values: dict[str, Any] = {"status": "Running"}
-            if status == "Activating":
-                values["started_at"] = time.time()
-            await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
-            status = "Running"
-        if rows:
-            await conn.execute(_insert_new(conn), rows)
-        if end is not None and _current(row, machine_id, attempt):
-            # (a repeated end, or one after the lease expired, changes nothing)
-            status = await _finish(conn, row, status, **end)
+        return await _apply(conn, machine_id, job_id, attempt, started, rows, end)
+
+
+async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str, Any]],
+                      capacity: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Several attempts' reports in one transaction, each as ``report`` takes it; then, if
+    any of them ended an attempt and ``capacity`` is given, a claim for the freed slots.
+
+    Returns one result per report, in order (``{"id", "status"}``, or ``{"id", "error"}``
+    for a report that is refused: the others still count), and the claimed jobs. The
+    statements are one per kind of change for the whole batch, not one per report.
+    """
+    results: list[dict[str, Any]] = [{} for _ in reports]
+    checked = []
+    for index, item in enumerate(reports):
+        try:
+            rows = _record_rows(item["job_id"], item["attempt"], item.get("records") or [])
+        except OutpostError as exc:
+            results[index] = {"id": item["job_id"], "error": exc.to_body()}
+            continue
+        checked.append((index, item, rows))
+    ended = False
+    async with engine.begin() as conn:
+        made = await _attempts(conn, machine.id, [item["job_id"] for _, item, _ in checked])
+        now = time.time()
+        running: list[dict[str, Any]] = []
+        records: list[dict[str, Any]] = []
+        closing: list[dict[str, Any]] = []
+        finishing: list[dict[str, Any]] = []
+        for index, item, rows in checked:
+            job_id, attempt, end = item["job_id"], item["attempt"], item.get("end")
+            row = made.get((job_id, attempt))
+            if row is None:
+                results[index] = {"id": job_id, "error": _no_attempt(job_id, attempt).to_body()}
+                continue
+            status = str(row.status)
+            current = _current(row, machine.id, attempt)
+            started_at = row.started_at
+            if item.get("started") and current and status in ("Activating", "Resuming"):
+                if status == "Activating":
+                    started_at = now
+                status = "Running"
+                if end is None:
+                    running.append({"b_id": job_id, "b_started": started_at})
+            records += rows
+            if end is not None and current:
+                ended = True
+                final = _outcome(status, end.get("exit_code"), end.get("signal"),
+                                 end.get("cause", "exit"))
+                if final is None:  # a failed activation: rare, so one at a time
+                    if started_at != row.started_at:
+                        await conn.execute(_MARK_RUNNING, [{"b_id": job_id,
+                                                            "b_started": started_at}])
+                    status = await _activation_failed(
+                        conn, row, now, end.get("reason", ""), end.get("exit_code"),
+                        end.get("signal"))
+                else:
+                    closing.append({"b_job": job_id, "b_number": attempt, "b_ended": now,
+                                    "b_exit": end.get("exit_code"), "b_signal": end.get("signal"),
+                                    "b_reason": end.get("reason", "")})
+                    finishing.append(_ended_values(row, final, now, end, started_at))
+                    status = final
+            elif end is not None:
+                ended = True
+            results[index] = {"id": job_id, "status": status}
+        if running:
+            await conn.execute(_MARK_RUNNING, running)
+        if records:
+            await conn.execute(_insert_new(conn), records)
+        if closing:
+            await conn.execute(_CLOSE_ATTEMPT, closing)
+            await conn.execute(_FINISH_JOB, finishing)
+        claimed = await claim(conn, machine, capacity) if ended and capacity > 0 else []
+    return results, claimed
+
+
+_MARK_RUNNING = jobs.update().where(jobs.c.id == sa.bindparam("b_id")).values(
+    status="Running", started_at=sa.bindparam("b_started"))
+_CLOSE_ATTEMPT = job_attempts.update().where(
+    job_attempts.c.job_id == sa.bindparam("b_job"),
+    job_attempts.c.number == sa.bindparam("b_number"),
+    job_attempts.c.ended_at.is_(None)).values(
+    ended_at=sa.bindparam("b_ended"), exit_code=sa.bindparam("b_exit"),
+    signal=sa.bindparam("b_signal"), reason=sa.bindparam("b_reason"))
+_FINISH_JOB = jobs.update().where(jobs.c.id == sa.bindparam("b_id")).values(
+    status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
+    ended_at=sa.bindparam("b_ended"), exit_code=sa.bindparam("b_exit"),
+    signal=sa.bindparam("b_signal"), reason=sa.bindparam("b_reason"), lease_expires_at=None,
+    machine_id=sa.bindparam("b_machine"))
+
+
+def _ended_values(row: Any, final: str, now: float, end: dict[str, Any],
+                  started_at: float | None) -> dict[str, Any]:
+    """The parameters of _FINISH_JOB for an attempt that ended the job in ``final``."""
+    return {"b_id": row.id, "b_status": final, "b_started": started_at,
+            "b_ended": now if final in FINAL else None, "b_exit": end.get("exit_code"),
+            "b_signal": end.get("signal"), "b_reason": end.get("reason", ""),
+            "b_machine": None if final == "Suspended" else row.machine_id}
+
+
+async def _attempts(conn: AsyncConnection, machine_id: str, job_ids: list[str]
+                    ) -> dict[tuple[str, int], Any]:
+    """The jobs, by (job id, attempt number), of every attempt this machine made of them."""
+    if not job_ids:
+        return {}
+    rows = (await conn.execute(
+        sa.select(jobs, job_attempts.c.number)
+        .join(job_attempts, job_attempts.c.job_id == jobs.c.id)
+        .where(jobs.c.id.in_(set(job_ids)), job_attempts.c.machine_id == machine_id))).all()
+    return {(r.id, r.number): r for r in rows}
+
+
+async def _apply(conn: AsyncConnection, machine_id: str, job_id: str, attempt: int,
+                 started: bool, rows: list[dict[str, Any]],
+                 end: dict[str, Any] | None) -> str:
+    row = await _attempt(conn, machine_id, job_id, attempt)
+    status = str(row.status)
+    if started and _current(row, machine_id, attempt) and status in (
+            "Activating", "Resuming"):
+        values: dict[str, Any] = {"status": "Running"}
+        if status == "Activating":
+            values["started_at"] = time.time()
+        await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        status = "Running"
+    if rows:
+        await conn.execute(_insert_new(conn), rows)
+    if end is not None and _current(row, machine_id, attempt):
+        # (a repeated end, or one after the lease expired, changes nothing)
+        status = await _finish(conn, row, status, **end)
     return status
 
 
@@ -273,6 +447,20 @@ async def _activation_failed(conn: AsyncConnection, row: Any, now: float, reason
     return status
 
 
+def _outcome(status: str, exit_code: int | None, signal: int | None,
+             cause: str = "exit") -> str | None:
+    """The state an attempt's end leaves the job in; None for a failed activation."""
+    if status == "Stopping" or cause == "stopped":
+        return "Stopped"
+    if status == "Suspending" and cause != "exit":
+        # Asked to pause, and the process went away first: nothing is left to resume, so
+        # resuming queues it afresh.
+        return "Suspended"
+    if cause in ("killed", "lost"):
+        return None
+    return "Completed" if exit_code == 0 and signal is None else "Failed"
+
+
 async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int | None,
                   signal: int | None, reason: str, cause: str = "exit") -> str:
     """The attempt's process ended; returns the job's state after it.
@@ -283,16 +471,9 @@ async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int |
     failed activations; a runbook that exits non-zero is Failed and never retried.
     """
     now = time.time()
-    if status == "Stopping" or cause == "stopped":
-        final = "Stopped"
-    elif status == "Suspending" and cause != "exit":
-        # Asked to pause, and the process went away first: nothing is left to resume, so
-        # resuming queues it afresh.
-        final = "Suspended"
-    elif cause in ("killed", "lost"):
+    final = _outcome(status, exit_code, signal, cause)
+    if final is None:
         return await _activation_failed(conn, row, now, reason, exit_code, signal)
-    else:
-        final = "Completed" if exit_code == 0 and signal is None else "Failed"
     await _close_attempt(conn, row.id, row.attempt, now, exit_code, signal, reason)
     await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
         status=final, ended_at=now if final in FINAL else None, exit_code=exit_code,

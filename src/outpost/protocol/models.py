@@ -78,6 +78,22 @@ class PollResult(Wire):
     items: list[WorkItem] = Field(default_factory=list)
 
 
+BATCH_MAX = 1000
+
+
+class JobBatch(BaseModel):
+    """``POST /v1/jobs/batch``: jobs queued all or none.
+
+    Each entry is what ``POST /v1/jobs`` takes; the hub checks it with that route's own
+    model, so an error names its entry (``jobs[INDEX]: ...``).
+    """
+
+    jobs: list[dict[str, Any]] = Field(
+        min_length=1, max_length=BATCH_MAX,
+        description=f"1 to {BATCH_MAX} job starts, each as POST /v1/jobs takes it "
+                    "(runbook, group, params, version, timeout).")
+
+
 class ErrorBody(Wire):
     code: str
     reason: str

@@ -1,0 +1,145 @@
+"""POST /v1/agent/reports: many attempts' reports in one signed request, and the claim of
+the freed slots in its answer. A real hub on both databases; the machine is registered
+for real and its requests are signed with its own key (no agent daemon, so the test decides
+exactly what is reported)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from outpost.agent.registration import client_for
+from outpost.agent.state import StateDir
+from outpost.agent.transport import Clock
+from outpost.protocol.errors import HubRefused
+from tests.support import Hub, register
+
+
+def _machine_calls(hub: Hub, tmp_path: Path) -> Any:
+    state = StateDir(tmp_path / "agent-m1")
+    assert register(hub, state.root, "m1").returncode == 0
+    reg = state.registration()
+    assert reg is not None
+
+    def call(method: str, path: str, payload: Any = None) -> Any:
+        async def once() -> Any:
+            client = client_for(state, reg, Clock())
+            try:
+                return await client.request(method, path, payload)
+            finally:
+                await client.aclose()
+        return asyncio.run(once())
+    return call
+
+
+def _start(hub: Hub, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        answer = hub.api("POST", "/v1/jobs", json={"runbook": "noop", "group": "web"})
+        assert answer.status_code == 201, answer.text
+        ids.append(answer.json()["id"])
+    return ids
+
+
+def _record(seq: int, text: str, stream: str = "Output") -> dict[str, Any]:
+    return {"seq": seq, "stream": stream, "text": text, "at": 1.0}
+
+
+def test_reports_in_one_request_and_the_freed_slot_claimed_in_the_answer(
+        hub: Hub, tmp_path: Path) -> None:
+    (tmp_path / "noop.sh").write_text("true\n")
+    assert hub.cli("runbook", "publish", "noop", str(tmp_path / "noop.sh")).returncode == 0
+    call = _machine_calls(hub, tmp_path)
+    first, second, third = _start(hub, 3)
+
+    claimed = call("POST", "/v1/agent/poll?wait=0&capacity=2")["items"]
+    assert [i["payload"]["job_id"] for i in claimed] == [first, second]
+    assert all(i["payload"]["job_token"] for i in claimed)
+
+    batch = {"claim": 2, "reports": [
+        {"job_id": first, "attempt": 1, "started": True,
+         "records": [_record(0, "one"), _record(1, "two", "Error")],
+         "end": {"exit_code": 0, "signal": None, "reason": "exit code 0", "cause": "exit"}},
+        {"job_id": second, "attempt": 1, "started": True, "records": [_record(0, "half")]},
+        {"job_id": "no-such-job", "attempt": 1, "records": []},
+        {"job_id": second, "attempt": 1, "records": [_record(1, "bad", "Nope")]},
+    ]}
+    answer = call("POST", "/v1/agent/reports", batch)
+    results = answer["results"]
+    assert results[0] == {"id": first, "status": "Completed"}
+    assert results[1] == {"id": second, "status": "Running"}
+    # A refused report refuses only itself, with the code the one-job endpoint gives.
+    assert results[2]["error"]["reason"] == "not_found"
+    assert "no-such-job" in results[2]["error"]["message"]
+    assert results[3]["error"]["reason"] == "invalid_request"
+    assert "Nope" in results[3]["error"]["message"]
+    # One slot freed (the second job still holds the other): the third job comes back in
+    # the answer, with its token, as a long-poll answer would bring it.
+    assert [i["payload"]["job_id"] for i in answer["items"]] == [third]
+    assert answer["items"][0]["payload"]["job_token"]
+
+    # The same batch again (an answer lost on the way): nothing is kept twice, nothing
+    # changes, and nothing more is claimed.
+    again = call("POST", "/v1/agent/reports", batch)
+    assert again["results"][0] == {"id": first, "status": "Completed"}
+    assert again["items"] == []
+    output = hub.api("GET", f"/v1/jobs/{first}/output").json()
+    assert [(r["seq"], r["stream"], r["text"]) for r in output] == [
+        (0, "Output", "one"), (1, "Error", "two")]
+    assert [r["text"] for r in hub.api("GET", f"/v1/jobs/{second}/output").json()] == ["half"]
+
+    shown = hub.api("GET", f"/v1/jobs/{first}").json()
+    assert shown["status"] == "Completed" and shown["started_at"] is not None
+    assert [(a["number"], a["reason"]) for a in shown["attempts"]] == [(1, "exit code 0")]
+
+    # Without a claim (an agent under pressure asks for none), an end claims nothing.
+    for job_id in (second, third):
+        done = call("POST", "/v1/agent/reports", {"claim": 0, "reports": [
+            {"job_id": job_id, "attempt": 1, "started": True,
+             "end": {"exit_code": 3, "reason": "exit code 3"}}]})
+        assert done["results"] == [{"id": job_id, "status": "Failed"}]
+        assert done["items"] == []
+
+
+def test_a_killed_sandbox_in_a_batch_is_a_failed_activation(hub: Hub, tmp_path: Path) -> None:
+    (tmp_path / "noop.sh").write_text("true\n")
+    assert hub.cli("runbook", "publish", "noop", str(tmp_path / "noop.sh")).returncode == 0
+    call = _machine_calls(hub, tmp_path)
+    killed, fine = _start(hub, 2)
+    call("POST", "/v1/agent/poll?wait=0&capacity=2")
+    answer = call("POST", "/v1/agent/reports", {"claim": 1, "reports": [
+        {"job_id": killed, "attempt": 1, "started": True,
+         "end": {"exit_code": None, "signal": 9, "cause": "killed",
+                 "reason": "the runbook's process was killed by SIGKILL, not by the agent"}},
+        {"job_id": fine, "attempt": 1, "started": True,
+         "end": {"exit_code": 0, "reason": "exit code 0"}}]})
+    assert answer["results"] == [{"id": killed, "status": "Queued"},
+                                 {"id": fine, "status": "Completed"}]
+    # The failed activation went back to the queue, and the freed slot took it again.
+    assert [(i["payload"]["job_id"], i["payload"]["attempt"]) for i in answer["items"]] == [
+        (killed, 2)]
+    shown = hub.api("GET", f"/v1/jobs/{killed}").json()
+    # (a claim counts an activation: the failed one, and the one under way)
+    assert shown["activations"] == 2 and shown["status"] == "Activating"
+    assert shown["attempts"][0]["signal"] == 9
+
+
+@pytest.mark.parametrize("body, what", [
+    ({"reports": []}, "reports"),
+    ({"reports": [{"job_id": "j", "attempt": 1}] * 257}, "reports"),
+    ({"reports": [{"job_id": "j", "attempt": 0}]}, "attempt"),
+    ({"claim": -1, "reports": [{"job_id": "j", "attempt": 1}]}, "claim"),
+    ({"reports": "all of them"}, "reports"),
+])
+def test_a_malformed_batch_is_refused_whole_and_clearly(sqlite_hub: Hub, tmp_path: Path,
+                                                        body: dict[str, Any], what: str) -> None:
+    call = _machine_calls(sqlite_hub, tmp_path)
+    with pytest.raises(HubRefused) as refused:
+        call("POST", "/v1/agent/reports", body)
+    assert refused.value.status == 422
+    assert what in json.dumps(refused.value.body)
+    assert "Traceback" not in json.dumps(refused.value.body)
