@@ -5,20 +5,24 @@ code (``runner.JobRun``, ``helper``, ``runner.Spool``, ``joblogs``), only no pro
 started and nothing is sent:
 
     JobRun(...)             the spool file (Spool.create)
-    a log line about it     joblogs/JOB/agent.jsonl (joblogs.JobLineHandler)
+    a log line about it     a line of the spool (joblogs.JobLineHandler)
     JobRun._spawn_args()    the working directory, the runbook file, the helper directory
     spool.write_meta()      what a restarted agent needs (pgid, start time)
     one record, cleanup     a record appended; the working directory removed (rmtree)
     spool.end(), read(0)    the end line; the uploader's read
-    spool.remove()          the spool moved to joblogs/JOB/1.jsonl (joblogs.keep)
+    spool.remove()          the spool moved to joblogs/JOB.1.jsonl (joblogs.keep)
 
 Variants, run in alternating blocks in one process so the machine's load hits both alike:
 
 - ``current``: the code in ``src/`` as it is;
-- ``legacy``: the same, with the two pieces this benchmark was written for put back as they
+- ``legacy``: the same, with the pieces this benchmark was written for put back as they
   were before (``legacy_prepare``: every helper file written into each job's directory;
-  ``LegacySpool``: the spool's meta in a ``.json`` file beside the spool). 12 new files and
-  directories a job, against 8 now (the three shared helper files are hard links).
+  ``LegacySpool``: the spool's meta in a ``.json`` file beside the spool; the job log as in
+  ``dirlogs``). 12 new files and directories a job, against 6 now (the three shared helper
+  files are hard links, and the job's log is its spool);
+- ``dirlogs``: the code in ``src/`` with only the job log as it was before its flat layout
+  (``DirJobLineHandler``, ``dir_keep``): a directory ``joblogs/JOB/`` and an ``agent.jsonl`` in
+  it made for each job, the spool moved into the directory. 2 inodes a job more than now.
 
 Each variant has its own state directory under ``--dir`` (default: a new directory in
 /tmp, where the throughput benchmark's state lives; removed afterwards unless --keep).
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from outpost.agent import helper, joblogs, runner  # noqa: E402
+from outpost.agent import helper, joblogs, logs, runner  # noqa: E402
 
 CA = "-----BEGIN CERTIFICATE-----\n" + "QUJD" * 300 + "\n-----END CERTIFICATE-----\n"
 OUTCOME = {"exit_code": 0, "signal": None, "cause": "exit", "reason": "exit code 0"}
@@ -81,17 +85,51 @@ class LegacySpool(runner.Spool):
             path.unlink(missing_ok=True)
 
 
+# --- the job log as it was before its flat layout ------------------------------------------
+class DirJobLineHandler(logging.Handler):
+    """joblogs.JobLineHandler as it was: each line appended to ``joblogs/JOB/agent.jsonl``,
+    the directory and the file made for each job."""
+
+    def __init__(self, state_root: Path) -> None:
+        super().__init__()
+        self.root = state_root / joblogs.DIR
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job_id = logs.job_of(record)
+        if not job_id or not joblogs.safe_id(job_id):
+            return
+        line = json.dumps(logs.as_dict(record), ensure_ascii=False, default=str)
+        folder = self.root / job_id
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with (folder / "agent.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+def dir_keep(spool_path: Path) -> None:
+    """joblogs.keep as it was: the spool moved to ``joblogs/JOB/N.jsonl``."""
+    job_id, _, attempt = spool_path.stem.rpartition(".")
+    target = spool_path.parent.parent / joblogs.DIR / job_id
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.replace(spool_path, target / f"{attempt}.jsonl")
+
+
+def line_handler(name: str, state: Path) -> logging.Handler:
+    return joblogs.JobLineHandler(state) if name == "current" else DirJobLineHandler(state)
+
+
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
     if name == "current":
         yield
         return
-    saved = helper.prepare, runner.Spool
-    helper.prepare, runner.Spool = legacy_prepare, LegacySpool  # type: ignore[assignment,misc]
+    saved = helper.prepare, runner.Spool, joblogs.keep
+    joblogs.keep = dir_keep  # type: ignore[assignment]
+    if name == "legacy":
+        helper.prepare, runner.Spool = legacy_prepare, LegacySpool  # type: ignore[assignment,misc]
     try:
         yield
     finally:
-        helper.prepare, runner.Spool = saved  # type: ignore[misc]
+        helper.prepare, runner.Spool, joblogs.keep = saved  # type: ignore[misc]
 
 
 # --- one job -------------------------------------------------------------------------------
@@ -118,11 +156,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per variant")
     parser.add_argument("--block", type=int, default=100, help="jobs per variant in a row")
-    parser.add_argument("--variant", action="append", choices=["current", "legacy"])
+    parser.add_argument("--variant", action="append",
+                        choices=["current", "dirlogs", "legacy"])
     parser.add_argument("--dir", type=Path, default=None, help="where the state dirs go")
     parser.add_argument("--keep", action="store_true", help="keep the state dirs")
     args = parser.parse_args()
-    variants = args.variant or ["legacy", "current"]
+    variants = args.variant or ["legacy", "dirlogs", "current"]
     base = Path(tempfile.mkdtemp(prefix="outpost-bench-files-", dir=args.dir or "/tmp"))
     try:
         states = {name: base / name for name in variants}
@@ -132,7 +171,7 @@ def main() -> int:
             log = logging.getLogger(f"bench.agent_job_files.{name}")
             log.propagate = False
             log.setLevel(logging.INFO)
-            log.addHandler(joblogs.JobLineHandler(state))
+            log.addHandler(line_handler(name, state))
             loggers[name] = log
         for name in variants:  # warm-up: imports, the helper's sources, directories
             with variant(name):
@@ -158,10 +197,11 @@ def main() -> int:
             means[name] = statistics.fmean(blocks[name])
             print(f"{name:<10}{means[name]:>13.0f}{statistics.median(blocks[name]):>14.0f}"
                   f"{min(blocks[name]):>12.0f}")
-        if "legacy" in means and "current" in means:
-            medians = {name: statistics.median(blocks[name]) for name in variants}
-            print(f"current / legacy: {means['current'] / means['legacy']:.2f} (mean), "
-                  f"{medians['current'] / medians['legacy']:.2f} (median block)")
+        medians = {name: statistics.median(blocks[name]) for name in variants}
+        for other in ("dirlogs", "legacy"):
+            if other in means and "current" in means:
+                print(f"current / {other}: {means['current'] / means[other]:.2f} (mean), "
+                      f"{medians['current'] / medians[other]:.2f} (median block)")
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -119,8 +119,15 @@ def test_a_jobs_log_is_kept_on_the_machine_then_pruned(sqlite_hub: Hub, agents: 
              'echo "oops" >&2\nexit 3\n')
     done = sqlite_hub.cli("job", "start", "greet", "--group", "web", "--wait", "--json")
     job_id = json.loads(done.stdout)["id"]
-    kept = agent.state_dir / "joblogs" / job_id
-    wait_until(kept.is_dir, 10, 0.1, "the job's log to be kept")
+    kept = agent.state_dir / "joblogs" / f"{job_id}.1.jsonl"  # the spool, moved there
+    wait_until(kept.is_file, 10, 0.1, "the job's log to be kept")
+    # No file or directory is made for a job's log but its spool (joblogs/ is made once).
+    assert [p.name for p in (agent.state_dir / "joblogs").iterdir()] == [kept.name]
+    assert b'{"agent"' in kept.read_bytes()  # the agent's own lines about it are in it
+    # ... and never sent to the hub as output.
+    output = sqlite_hub.api("GET", f"/v1/jobs/{job_id}/output").json()
+    assert [(r["stream"], r["text"]) for r in output] == [
+        ("Output", f"hello from {job_id}"), ("Error", "oops")]
 
     shown = _logs(agent, "--job", job_id)
     assert shown.returncode == 0, shown.stderr
@@ -152,8 +159,8 @@ def test_a_jobs_log_is_kept_on_the_machine_then_pruned(sqlite_hub: Hub, agents: 
          str(agent.state_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=clean_env())
     try:
-        wait_until(lambda: (agent.state_dir / "joblogs" / ticker / "1.jsonl").exists(), 20,
-                   0.1, "the ticker job to end and be delivered")
+        wait_until(lambda: (agent.state_dir / "joblogs" / f"{ticker}.1.jsonl").exists(),
+                   20, 0.1, "the ticker job to end and be delivered")
         time.sleep(1.5)
     finally:
         follower.send_signal(signal.SIGINT)

@@ -194,9 +194,9 @@ def test_a_run_as_job_gets_copies_and_no_shared_file_changes_owner(
     passed: list[Any] = []
     real = helper.prepare
 
-    def spy(*args: Any) -> dict[str, str]:
+    def spy(*args: Any, **kwargs: Any) -> dict[str, str]:
         passed.append(args[4] if len(args) > 4 else None)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(helper, "prepare", spy)
     if os.geteuid() == 0:

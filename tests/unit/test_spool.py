@@ -126,7 +126,7 @@ def test_an_older_agents_meta_file_is_still_read_and_removed(tmp_path: Path) -> 
     assert end is not None and end["cause"] == "lost"
     found.remove()
     assert list(spool_dir.iterdir()) == []
-    assert (tmp_path / "joblogs" / "job" / "3.jsonl").exists()
+    assert (tmp_path / "joblogs" / "job.3.jsonl").exists()
 
 
 def test_end_leftover_kills_the_group_named_by_the_meta_line(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_the_meta_line_is_never_uploaded_nor_shown_as_output(tmp_path: Path) -> 
     asyncio.run(runner.Uploader(spool, "job", 1, call).run(announce=False))
     assert len(sent) == 1 and sent[0]["end"] == END
     assert [r["text"] for r in sent[0]["records"]] == ["hello"]
-    kept = tmp_path / "joblogs" / "job" / "1.jsonl"
+    kept = tmp_path / "joblogs" / "job.1.jsonl"
     assert kept.read_bytes().startswith(b'{"meta"')  # the spool, moved as it is
     shown = joblogs.records(tmp_path, "job") or []
     assert [(r["stream"], r["message"]) for r in shown] == [

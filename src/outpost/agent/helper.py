@@ -29,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import workdirs
+
 log = logging.getLogger("outpost.agent.helper")
 
 DIR_NAME = ".outpost"
@@ -38,12 +40,17 @@ CA_FILE = "ca.pem"
 CONFIG_FILE = "helper.json"
 MODULE_FILE = "outpost_runbook.py"
 SHELL_FILE = "outpost.sh"
+FILES = frozenset({TOKEN_FILE, CA_FILE, CONFIG_FILE, MODULE_FILE, SHELL_FILE})
 _PYTHON_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _write(path: Path, text: str) -> None:
-    """Write a new file that only the job's user can read, created with that mode (the
-    directory is new and private, so nothing else can have made the name first)."""
+def _write(path: Path, text: str, fresh: bool = True) -> None:
+    """Write a file that only the job's user can read. A ``fresh`` one is created with that
+    mode (the directory is new and private, so nothing else can have made the name first);
+    otherwise the file a reused directory holds is written over (workdirs.py)."""
+    if not fresh:
+        workdirs.overwrite(path, text.encode())
+        return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
@@ -166,9 +173,15 @@ def shared_files(root: Path) -> SharedFiles:
     return SharedFiles(root)
 
 
-def _place(path: Path, text: str, shared: SharedFiles | None) -> None:
-    """A hard link to the shared copy of the file, or a copy of its own."""
+def _place(path: Path, text: str, shared: SharedFiles | None, fresh: bool = True) -> None:
+    """A hard link to the shared copy of the file, or a copy of its own. In a reused
+    directory a link to the current shared copy is kept as it is."""
     source = shared.path(path.name, text) if shared is not None else None
+    if not fresh:
+        if source is not None and _same_file(path, source):
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     if source is not None:
         assert shared is not None
         try:
@@ -179,8 +192,15 @@ def _place(path: Path, text: str, shared: SharedFiles | None) -> None:
     _write(path, text)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
+
+
 def prepare(workdir: Path, job: dict[str, Any], hub_url: str, ca_pem: str,
-            shared: SharedFiles | None = None) -> dict[str, str]:
+            shared: SharedFiles | None = None, fresh: bool = True) -> dict[str, str]:
     """Write the helper's files into the job directory; return the variables to add.
 
     With ``shared``, the module, the shell helper and the CA are hard links to its copies
@@ -188,14 +208,19 @@ def prepare(workdir: Path, job: dict[str, Any], hub_url: str, ca_pem: str,
     another user: a shared file must keep its owner.
     """
     folder = workdir / DIR_NAME
-    folder.mkdir(mode=0o700)
+    if fresh:
+        folder.mkdir(mode=0o700)
     module, shell = _sources()
-    _place(folder / MODULE_FILE, module, shared)
-    _place(folder / SHELL_FILE, shell, shared)
-    _place(folder / CA_FILE, ca_pem, shared)
-    _write(folder / CONFIG_FILE, json.dumps({"hub_url": hub_url, "job_id": job["job_id"]}))
+    _place(folder / MODULE_FILE, module, shared, fresh)
+    _place(folder / SHELL_FILE, shell, shared, fresh)
+    _place(folder / CA_FILE, ca_pem, shared, fresh)
+    _write(folder / CONFIG_FILE, json.dumps({"hub_url": hub_url, "job_id": job["job_id"]}),
+           fresh)
     token = job.get("job_token")
     if token:
-        _write(folder / TOKEN_FILE, str(token) + "\n")
+        _write(folder / TOKEN_FILE, str(token) + "\n", fresh)
+    elif not fresh:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / TOKEN_FILE)
     return {"OUTPOST_HELPER_DIR": str(folder), "OUTPOST_HUB_URL": hub_url,
             "PYTHONPATH": str(folder)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from typing import Any
 
 from outpost.protocol.errors import HubRefused, OutpostError
 
-from . import helper, joblogs
+from . import helper, joblogs, process, workdirs
 from .reporter import Reporter
 from .transport import Backoff
 
@@ -45,6 +46,12 @@ LINE_MAX = 1024 * 1024  # a longer line is cut into records of this size
 BATCH_BYTES = 256 * 1024  # records per upload request, by their size on disk
 FIRST_REPORT_WAIT = 0.02  # a job this quick is reported in one request
 _EXT = {"bash": ".sh", "sh": ".sh", "python": ".py", "pwsh": ".ps1"}
+
+
+@functools.cache
+def _lean() -> bool:
+    """Runbooks are started and watched by process.py where pidfds work."""
+    return process.available()
 
 
 def watch_children_with_pidfd(loop: asyncio.AbstractEventLoop) -> bool:
@@ -145,11 +152,15 @@ def describe_exit(returncode: int) -> tuple[int | None, int | None, str]:
 class Spool:
     """One attempt's records on disk: one JSON object a line, and last an ``end`` line.
 
-    The first line, ``{"meta": {...}}``, holds what is needed to upload it after a restart
+    The meta line, ``{"meta": {...}}``, holds what is needed to upload it after a restart
     and to find the attempt's process group if it outlived the agent: written when the
     process has started, before any record (an attempt that could not start has none). It
     is never uploaded. An older agent kept it beside the spool in ``.json`` (``meta_path``),
     which is still read, so its spools are delivered after an upgrade.
+
+    While the attempt runs, the agent's own log lines about the job are lines of its spool
+    too, ``{"agent": {...}}`` (joblogs.py), before the meta line as well as among the
+    records, never after the end: they are never uploaded either.
     """
 
     def __init__(self, path: Path) -> None:
@@ -163,10 +174,20 @@ class Spool:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
         spool = cls(root / f"{job_id}.{attempt}.jsonl")
         spool._fh = spool.path.open("ab")
+        joblogs.attach(spool.path, spool.agent_lines)  # until the end: see end()
         return spool
 
+    def agent_lines(self, data: bytes) -> bool:
+        """The agent's whole log lines about the job (joblogs.py), through the spool's own
+        file object so they and the records stay whole lines; False once it is closed."""
+        if self._fh is None:
+            return False
+        self._fh.write(data)
+        self._fh.flush()
+        return True
+
     def write_meta(self, meta: dict[str, Any]) -> None:
-        """The spool's first line, before any record, in one write. A torn meta line (the
+        """The spool's meta line, before any record, in one write. A torn meta line (the
         agent killed in this write) reads as no meta, and the spool is still delivered:
         end_leftover cuts the torn line, and see meta()."""
         self.append([json.dumps({"meta": meta}).encode() + b"\n"])
@@ -179,7 +200,12 @@ class Spool:
         data: dict[str, Any] = {"job_id": job_id, "attempt": int(attempt)}
         first = b""
         with contextlib.suppress(FileNotFoundError), self.path.open("rb") as fh:
-            first = fh.readline(META_MAX)
+            for _ in range(AGENT_LINES_FIRST):  # the agent's lines logged before the meta
+                first = fh.readline(META_MAX)
+                if not first.startswith(joblogs.AGENT_LINE):
+                    break
+                while first and not first.endswith(b"\n"):  # the rest of a long one
+                    first = fh.readline(META_MAX)
         found = _meta_of(first) if first.endswith(b"\n") else None
         if found is None:
             with contextlib.suppress(FileNotFoundError):
@@ -195,7 +221,11 @@ class Spool:
         self._fh.flush()
 
     def end(self, outcome: dict[str, Any]) -> None:
-        self.append([json.dumps({"end": outcome}).encode() + b"\n"])
+        """The last line: no agent line comes after it (joblogs.detach). Its ``at`` (not
+        uploaded) dates the end in the job's kept log, to which lines are added later."""
+        joblogs.detach(self.path)
+        self.append([json.dumps({"end": outcome, "at": round(time.time(), 6)}).encode()
+                     + b"\n"])
         self.close()
 
     def close(self) -> None:
@@ -205,16 +235,18 @@ class Spool:
 
     def read(self, offset: int) -> tuple[list[bytes], dict[str, Any] | None, int]:
         """Complete record lines from ``offset`` (about BATCH_BYTES), the end if reached, and
-        the offset after them."""
+        the offset after them. The meta line and the agent's lines are not records: skipped
+        wherever they are."""
         with self.path.open("rb") as fh:
             fh.seek(offset)
             data = fh.read(BATCH_BYTES)
             if len(data) == BATCH_BYTES:
                 data += fh.readline()  # finish the last line
         cut = data.rfind(b"\n") + 1
-        lines = data[:cut].splitlines()
-        if offset == 0 and lines and lines[0].startswith(META_LINE):
-            del lines[0]  # the meta line, which is the agent's, not a record
+        data = data[:cut]
+        lines = data.splitlines()
+        if joblogs.AGENT_LINE in data or META_LINE in data:  # (never inside a record line)
+            lines = [line for line in lines if not line.startswith(_NOT_RECORDS)]
         end = None
         if lines and lines[-1].startswith(b'{"end"'):
             end = json.loads(lines.pop())["end"]
@@ -223,13 +255,16 @@ class Spool:
     def remove(self) -> None:
         """The hub has it all: the records move to the job's kept log (joblogs.py)."""
         self.close()
+        joblogs.detach(self.path)
         joblogs.keep(self.path)
         for path in (self.path, self.meta_path):
             path.unlink(missing_ok=True)
 
 
 META_LINE = b'{"meta"'
-META_MAX = 64 * 1024  # a first line longer than this is a record, not the meta line
+META_MAX = 64 * 1024  # a line longer than this is a record, not the meta line
+AGENT_LINES_FIRST = 256  # at most this many of the agent's lines are read past for the meta
+_NOT_RECORDS = (META_LINE, joblogs.AGENT_LINE)
 
 
 def _meta_of(raw: bytes, wrapped: bool = True) -> dict[str, Any] | None:
@@ -301,6 +336,8 @@ class Uploader:
                 if end is not None:
                     self.spool.remove()
                     return answer
+            elif offset_after > offset:
+                offset = offset_after  # past lines that are not records (the agent's)
             else:
                 await self.more.wait()
 
@@ -320,7 +357,8 @@ class JobRun:
         self.spool = Spool.create(spool_dir, self.id, self.attempt)
         self.uploader = Uploader(self.spool, self.id, self.attempt, call, reporter)
         self.call = call
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | process.Process | None = None
+        self._reusable = False  # its working directory may be given back (workdirs.py)
         self.ended_by: str | None = None  # timeout, stopped or lost: the agent ended it
         self.why = ""
         self._pending: list[bytes] = []
@@ -352,7 +390,7 @@ class JobRun:
                 self.emit(*classify(text))
         self._commit()
 
-    async def _read(self, pipe: asyncio.StreamReader, stderr: bool) -> None:
+    async def _read(self, pipe: asyncio.StreamReader | process.Pipe, stderr: bool) -> None:
         rest = b""
         while True:
             chunk = await pipe.read(CHUNK)
@@ -407,22 +445,35 @@ class JobRun:
         kind = self.job["type"]
         name = f"runbook{_EXT.get(kind, '')}"
         argv = command(kind, name)  # relative to the working directory: see below
+        reused = False
         if identity is None:
             workdir = self.workdir
-            shutil.rmtree(workdir, ignore_errors=True)  # an earlier attempt's, cut short
-            workdir.mkdir(parents=True, mode=0o700)
+            # A directory an earlier job gave back, if there is one (workdirs.py).
+            reused = workdirs.pool(self.jobs_dir).take(workdir)
+            if not reused:
+                shutil.rmtree(workdir, ignore_errors=True)  # an earlier attempt's, cut short
+                workdir.mkdir(parents=True, mode=0o700)
         else:
             # The state directory (and the machine key in it) stays closed to the run-as
             # user, so its working directory is made outside it, owned by that user.
             workdir = Path(tempfile.mkdtemp(prefix=f"outpost-job-{self.id[:8]}-"))
         self.workdir = workdir
-        (workdir / name).write_text(self.job["content"])
+        self._reusable = identity is None
+        script = workdir / name
+        if reused:
+            with os.scandir(workdir) as entries:
+                for entry in entries:  # the last job's runbook file, emptied
+                    if entry.name.startswith("runbook") and entry.name != name:
+                        os.rename(entry.path, script)
+        # Only for the job's user; a reused directory's runbook file is written over.
+        workdirs.overwrite(script, self.job["content"].encode())
         env = environment(self.id, workdir, self.job.get("params") or {})
         # The helper files every job gets alike are hard links to one copy in STATE/helper/,
         # except for a run-as job: its files are chowned below, and a shared one must not be.
         shared = helper.shared_files(self.jobs_dir.parent / helper.SHARED_DIR) \
             if identity is None else None
-        env.update(helper.prepare(workdir, self.job, self.hub_url, self.ca_pem, shared))
+        env.update(helper.prepare(workdir, self.job, self.hub_url, self.ca_pem, shared,
+                                  fresh=not reused))
         if identity is not None:
             for path in [workdir, *workdir.rglob("*")]:
                 os.chown(path, *identity, follow_symlinks=False)
@@ -460,12 +511,16 @@ class JobRun:
             # Nothing ran: the runbook cannot start here (HW-1a, a missing interpreter).
             self.emit("Error", exc.message)
             return {"exit_code": None, "signal": None, "cause": "exit", "reason": exc.message}
-        self.proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            user=identity[0] if identity else None, group=identity[1] if identity else None,
-            extra_groups=[] if identity else None)
+        if _lean():
+            self.proc = process.Process(argv, workdir, env, identity)
+        else:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                user=identity[0] if identity else None,
+                group=identity[1] if identity else None,
+                extra_groups=[] if identity else None)
         self.spool.write_meta({"job_id": self.id, "attempt": self.attempt,
                                "pgid": self.proc.pid, "started_at": time.time()})
         self.uploader.spawned = True
@@ -492,8 +547,32 @@ class JobRun:
                     "reason": f"the runbook's process was {reason}, not by the agent"}
         return {"exit_code": exit_code, "signal": None, "cause": "exit", "reason": reason}
 
+    def _group_alive(self) -> bool:
+        """Whether a process of the runbook's group is left (or its leader never exited)."""
+        if self.proc is None:
+            return False
+        if self.proc.returncode is None:
+            return True
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
     def _cleanup(self) -> None:
+        if isinstance(self.proc, process.Process):
+            self.proc.close()
+        # Given back for the next job if the runbook left it as it got it and nothing of
+        # the job is still running, in it or anywhere (workdirs.py).
+        if self._reusable and not self._group_alive() and workdirs.pool(
+                self.jobs_dir).give_back(self.workdir, helper.DIR_NAME, helper.FILES,
+                                         helper.TOKEN_FILE):
+            return
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 
 
 def leftover_spools(spool_dir: Path) -> list[Spool]:
@@ -512,7 +591,12 @@ def end_leftover(spool: Spool) -> None:
     import psutil
 
     content = spool.path.read_bytes()
-    if content.rstrip(b"\n").rsplit(b"\n", 1)[-1].startswith(b'{"end"'):
+    whole = content.rfind(b"\n") + 1
+    if whole < len(content):
+        # A torn last line: the agent died inside a write. What was whole is kept.
+        with spool.path.open("r+b") as fh:
+            fh.truncate(whole)
+    if _ended(content[:whole]):
         return  # it ended; only its delivery was cut short
     meta = spool.meta()
     pgid = meta.get("pgid")
@@ -521,9 +605,16 @@ def end_leftover(spool: Spool) -> None:
             proc = psutil.Process(pgid)
             if abs(proc.create_time() - float(meta.get("started_at", 0))) < 5:
                 os.killpg(pgid, signal.SIGKILL)
-    if content and not content.endswith(b"\n"):
-        # A torn last line: the agent died inside a write. What was whole is kept.
-        with spool.path.open("r+b") as fh:
-            fh.truncate(content.rfind(b"\n") + 1)
     spool.end({"exit_code": None, "signal": None, "cause": "lost",
                "reason": "the agent stopped unexpectedly while the job ran"})
+
+
+def _ended(content: bytes) -> bool:
+    """Whether the last line of a spool's whole lines that is not the agent's is its end."""
+    stop = len(content.rstrip(b"\n"))
+    while stop > 0:
+        start = content.rfind(b"\n", 0, stop) + 1
+        if not content.startswith(joblogs.AGENT_LINE, start):
+            return content.startswith(b'{"end"', start)
+        stop = start - 1
+    return False
