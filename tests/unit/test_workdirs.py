@@ -93,6 +93,7 @@ def test_spares_of_an_earlier_run_are_not_trusted(tmp_path: Path) -> None:
 
 def test_at_most_keep_spares(tmp_path: Path) -> None:
     pool = workdirs.Workdirs(tmp_path / "jobs", keep=2)
+    pool._started = True  # (the spares below are this run's own)
     made = []
     for i in range(3):
         workdir = tmp_path / "jobs" / f"j{i}"
@@ -102,7 +103,6 @@ def test_at_most_keep_spares(tmp_path: Path) -> None:
         made.append(pool.give_back(workdir, helper.DIR_NAME, helper.FILES, helper.TOKEN_FILE))
     assert made == [True, True, False]
     target = tmp_path / "jobs" / "next"
-    pool._started = True  # (these spares are this run's own)
     assert pool.take(target) and pool.take(tmp_path / "jobs" / "other")
     assert not pool.take(tmp_path / "jobs" / "third")
     assert (target / "runbook.sh").read_bytes().strip(b"\0") == b""

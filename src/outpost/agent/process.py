@@ -82,35 +82,51 @@ class Pipe:
             os.close(self._fd)
 
 
+class Started:
+    """A runbook process just started by ``spawn``, not watched yet; ``Process`` watches it
+    from the event loop."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], stdout: int, stderr: int) -> None:
+        self.popen = popen
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+def spawn(argv: list[str], cwd: Path, env: dict[str, str],
+          identity: tuple[int, int] | None) -> Started:
+    r_out, w_out = os.pipe2(os.O_CLOEXEC)
+    r_err, w_err = os.pipe2(os.O_CLOEXEC)
+    try:
+        popen = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=w_out,
+            stderr=w_err, start_new_session=True,
+            user=identity[0] if identity else None,
+            group=identity[1] if identity else None,
+            extra_groups=[] if identity else None)
+    except BaseException:
+        os.close(r_out)
+        os.close(r_err)
+        raise
+    finally:
+        os.close(w_out)
+        os.close(w_err)
+    return Started(popen, r_out, r_err)
+
+
 class Process:
     """What the runner uses of a started runbook: ``pid``, ``returncode`` (negative for a
-    signal), ``stdout`` and ``stderr`` (``read``), ``wait()`` and ``close()``."""
+    signal), ``stdout`` and ``stderr`` (``read``), ``wait()`` and ``close()``. Made in the
+    event loop's thread."""
 
-    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str],
-                 identity: tuple[int, int] | None) -> None:
+    def __init__(self, started: Started) -> None:
         loop = asyncio.get_running_loop()
-        r_out, w_out = os.pipe2(os.O_CLOEXEC)
-        r_err, w_err = os.pipe2(os.O_CLOEXEC)
-        try:
-            self._popen = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=w_out,
-                stderr=w_err, start_new_session=True,
-                user=identity[0] if identity else None,
-                group=identity[1] if identity else None,
-                extra_groups=[] if identity else None)
-        except BaseException:
-            os.close(r_out)
-            os.close(r_err)
-            raise
-        finally:
-            os.close(w_out)
-            os.close(w_err)
+        self._popen = started.popen
         self.pid = self._popen.pid
         self.returncode: int | None = None
         self._loop = loop
         self._exited: asyncio.Future[int] = loop.create_future()
-        self.stdout = Pipe(r_out, loop)
-        self.stderr = Pipe(r_err, loop)
+        self.stdout = Pipe(started.stdout, loop)
+        self.stderr = Pipe(started.stderr, loop)
         self._pidfd: int | None = os.pidfd_open(self.pid)
         loop.add_reader(self._pidfd, self._reap)
 

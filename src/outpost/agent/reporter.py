@@ -1,8 +1,9 @@
 """One channel for every attempt's reports: many reports in one request.
 
 Each attempt's uploader (runner.py) hands its next report to the ``Reporter`` and waits for
-the hub's answer to it. The reporter sends what has gathered while the previous request was
-out, up to REPORTS_MAX reports or BATCH_BYTES, as one ``POST /v1/agent/reports``; when a
+the hub's answer to it. The reporter sends what has gathered while its previous requests
+were out (at most IN_FLIGHT at once), up to REPORTS_MAX reports or BATCH_BYTES, as one
+``POST /v1/agent/reports``; when a
 report in it ends an attempt, the request also asks for work for the slots that freed up, and
 the hub answers with the jobs it claimed (the long-poll stays for everything else). So an
 agent that runs many short jobs makes about one request per batch of ends, not a report and
@@ -31,6 +32,9 @@ log = logging.getLogger("outpost.agent.job")
 
 Call = Callable[..., Awaitable[Any]]
 REPORTS_MAX = 64
+# Requests out at once: while one is on its way, the reports that gather go in the next, so
+# an attempt's end waits for the hub's answer to its own batch only.
+IN_FLIGHT = 2
 BATCH_BYTES = 1024 * 1024
 PATH = "/v1/agent/reports"
 
@@ -47,7 +51,7 @@ class _Pending:
 
 
 class Reporter:
-    """Gathers reports and sends them in batches, one request at a time.
+    """Gathers reports and sends them in batches, at most IN_FLIGHT requests at a time.
 
     ``capacity`` tells how many jobs the agent takes at once now (0 while it takes none);
     ``take`` is given the work items the hub claimed in an answer.
@@ -61,7 +65,7 @@ class Reporter:
         self.batched = True  # False once the hub has shown it lacks the endpoint
         self._queue: list[_Pending] = []
         self._more = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def report(self, job_id: str, body: bytes, ends: bool) -> dict[str, Any]:
         """Deliver one attempt's report (a JSON object with ``attempt``, ``started``,
@@ -72,15 +76,18 @@ class Reporter:
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(job_id, body, ends, answer))
         self._more.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="reporter")
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._run(), name=f"reporter-{n}")
+                           for n in range(IN_FLIGHT)]
         return await answer
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._tasks = []
 
     async def _single(self, job_id: str, body: bytes) -> dict[str, Any]:
         backoff = Backoff(cap=10)

@@ -504,16 +504,21 @@ class JobRun:
         self.uploader.more.set()
         return await uploading
 
+    def _prepare_and_spawn(self) -> process.Started:
+        argv, workdir, env, identity = self._spawn_args()
+        return process.spawn(argv, workdir, env, identity)
+
     async def _execute(self) -> dict[str, Any]:
         try:
-            argv, workdir, env, identity = self._spawn_args()
+            if _lean():
+                self.proc = process.Process(self._prepare_and_spawn())
+            else:
+                argv, workdir, env, identity = self._spawn_args()
         except OutpostError as exc:
             # Nothing ran: the runbook cannot start here (HW-1a, a missing interpreter).
             self.emit("Error", exc.message)
             return {"exit_code": None, "signal": None, "cause": "exit", "reason": exc.message}
-        if _lean():
-            self.proc = process.Process(argv, workdir, env, identity)
-        else:
+        if self.proc is None:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

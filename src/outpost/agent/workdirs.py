@@ -107,7 +107,7 @@ class Workdirs:
         directory with some of ``helper_files``; the runbook file and the helper's
         ``secret`` file are emptied. Returns whether it was kept; the caller removes it
         otherwise."""
-        if len(self._spares) >= self.keep or not _private_dir(workdir):
+        if len(self._spares) >= self.keep or not self._started or not _private_dir(workdir):
             return False
         try:
             with os.scandir(workdir) as it:

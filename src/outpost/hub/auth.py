@@ -103,11 +103,14 @@ async def machine(
         raise OutpostError("replayed_request", fix="Send a fresh nonce of at most 64 characters.")
     try:
         async with engine.begin() as conn:
-            await conn.execute(nonces.insert().values(
-                machine_id=row.id, nonce=nonce, seen_at=time.time()))
+            await conn.execute(_NEW_NONCE, {"machine_id": row.id, "nonce": nonce,
+                                            "seen_at": time.time()})
     except IntegrityError as exc:
         raise OutpostError("replayed_request", machine_id=row.id) from exc
     return row
+
+
+_NEW_NONCE = nonces.insert()
 
 
 async def prune_nonces(engine: AsyncEngine) -> int:

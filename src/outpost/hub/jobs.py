@@ -139,6 +139,30 @@ def lease_seconds(machine: Any) -> float:
     return max(LEASE_BEATS * float(machine.heartbeat_interval or 30), LEASE_MIN)
 
 
+# The statements of the hot paths (claim, reports) are built once, with bound parameters:
+# building a statement and generating its cache key cost more than SQLite takes to run it.
+_HELD_BY = sa.select(sa.func.count()).select_from(jobs).where(
+    jobs.c.machine_id == sa.bindparam("b_machine"), jobs.c.status.in_(HELD))
+# The pick is a materialized CTE, run once: as a subquery PostgreSQL may run it again for
+# each row it updates, and FOR UPDATE then sees the rows just claimed as no longer Queued and
+# picks further ones, so a claim could take more than the free slots.
+_PICK = (sa.select(jobs.c.id)
+         .where(jobs.c.account_id == sa.bindparam("b_account"),
+                jobs.c.group_name == sa.bindparam("b_group"), jobs.c.status == "Queued")
+         .order_by(jobs.c.created_at).limit(sa.bindparam("b_free"))
+         .with_for_update(skip_locked=True)
+         .cte("pick").prefix_with("MATERIALIZED", dialect="postgresql"))
+_CLAIM = (jobs.update()
+          .where(jobs.c.id.in_(sa.select(_PICK.c.id)), jobs.c.status == "Queued")
+          .values(status="Activating", machine_id=sa.bindparam("b_machine"),
+                  lease_expires_at=sa.bindparam("b_lease"),
+                  activations=jobs.c.activations + 1, attempt=jobs.c.attempt + 1)
+          .returning(jobs))
+_NEW_ATTEMPT = job_attempts.insert()
+_RUN_AS = sa.select(groups.c.run_as).where(groups.c.account_id == sa.bindparam("b_account"),
+                                           groups.c.name == sa.bindparam("b_group"))
+
+
 async def claim(conn: AsyncConnection, machine: Any, capacity: int) -> list[dict[str, Any]]:
     """Claim queued jobs of the machine's group in one statement, under a lease.
 
@@ -147,37 +171,24 @@ async def claim(conn: AsyncConnection, machine: Any, capacity: int) -> list[dict
     """
     if capacity <= 0:
         return []
-    held = await conn.scalar(sa.select(sa.func.count()).select_from(jobs).where(
-        jobs.c.machine_id == machine.id, jobs.c.status.in_(HELD)))
+    held = await conn.scalar(_HELD_BY, {"b_machine": machine.id})
     free = capacity - int(held or 0)
     if free <= 0:
         return []
     now = time.time()
-    pick = (sa.select(jobs.c.id)
-            .where(jobs.c.account_id == machine.account_id,
-                   jobs.c.group_name == machine.group_name, jobs.c.status == "Queued")
-            .order_by(jobs.c.created_at).limit(free)
-            .with_for_update(skip_locked=True)
-            .cte("pick").prefix_with("MATERIALIZED", dialect="postgresql"))
-    # The pick is a materialized CTE, run once: as a subquery PostgreSQL may run it again
-    # for each row it updates, and FOR UPDATE then sees the rows just claimed as no longer
-    # Queued and picks further ones, so a claim could take more than ``free`` jobs.
-    rows = (await conn.execute(
-        jobs.update().where(jobs.c.id.in_(sa.select(pick.c.id)), jobs.c.status == "Queued")
-        .values(status="Activating", machine_id=machine.id,
-                lease_expires_at=now + lease_seconds(machine),
-                activations=jobs.c.activations + 1, attempt=jobs.c.attempt + 1)
-        .returning(jobs))).all()
+    rows = (await conn.execute(_CLAIM, {
+        "b_account": machine.account_id, "b_group": machine.group_name, "b_free": free,
+        "b_machine": machine.id, "b_lease": now + lease_seconds(machine)})).all()
     if not rows:
         return []
     rows.sort(key=lambda r: r.created_at)
-    await conn.execute(job_attempts.insert(), [
+    await conn.execute(_NEW_ATTEMPT, [
         {"id": random_id(), "job_id": r.id, "number": r.attempt, "machine_id": machine.id,
          "started_at": now} for r in rows])
     books = await _books(conn, machine.account_id,
                          {(r.runbook_name, r.runbook_version) for r in rows})
-    run_as = await conn.scalar(sa.select(groups.c.run_as).where(
-        groups.c.account_id == machine.account_id, groups.c.name == machine.group_name))
+    run_as = await conn.scalar(_RUN_AS, {"b_account": machine.account_id,
+                                         "b_group": machine.group_name})
     claimed = []
     for row in rows:
         book = books[(row.runbook_name, row.runbook_version)]
@@ -357,11 +368,15 @@ async def _attempts(conn: AsyncConnection, machine_id: str, job_ids: list[str]
     """The jobs, by (job id, attempt number), of every attempt this machine made of them."""
     if not job_ids:
         return {}
-    rows = (await conn.execute(
-        sa.select(jobs, job_attempts.c.number)
-        .join(job_attempts, job_attempts.c.job_id == jobs.c.id)
-        .where(jobs.c.id.in_(set(job_ids)), job_attempts.c.machine_id == machine_id))).all()
+    rows = (await conn.execute(_ATTEMPTS, {"b_ids": sorted(set(job_ids)),
+                                           "b_machine": machine_id})).all()
     return {(r.id, r.number): r for r in rows}
+
+
+_ATTEMPTS = (sa.select(jobs, job_attempts.c.number)
+             .join(job_attempts, job_attempts.c.job_id == jobs.c.id)
+             .where(jobs.c.id.in_(sa.bindparam("b_ids", expanding=True)),
+                    job_attempts.c.machine_id == sa.bindparam("b_machine")))
 
 
 async def _apply(conn: AsyncConnection, machine_id: str, job_id: str, attempt: int,
@@ -406,13 +421,20 @@ def _record_rows(job_id: str, attempt: int, records: list[dict[str, Any]]
 
 def _insert_new(conn: AsyncConnection) -> Any:
     """INSERT that skips a (job, seq) already stored: a batch sent twice adds nothing."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+    name = conn.dialect.name
+    if name not in _INSERT_NEW:
+        if name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        return pg_insert(job_records).on_conflict_do_nothing()
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+            _INSERT_NEW[name] = pg_insert(job_records).on_conflict_do_nothing()
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-    return sqlite_insert(job_records).on_conflict_do_nothing()
+            _INSERT_NEW[name] = sqlite_insert(job_records).on_conflict_do_nothing()
+    return _INSERT_NEW[name]
+
+
+_INSERT_NEW: dict[str, Any] = {}
 
 
 async def paused(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int) -> str:
