@@ -18,8 +18,9 @@ Variants, run in alternating blocks in one process so the machine's load hits bo
 - ``legacy``: the same, with the pieces this benchmark was written for put back as they
   were before (``legacy_prepare``: every helper file written into each job's directory;
   ``LegacySpool``: the spool's meta in a ``.json`` file beside the spool; the job log as in
-  ``dirlogs``). 12 new files and directories a job, against 6 now (the three shared helper
-  files are hard links, and the job's log is its spool);
+  ``dirlogs``; no working directory used again). 12 new files and directories a job,
+  against 1 now (the spool: the three shared helper files are hard links, the job's log is
+  its spool, and the working directory with its files is one an earlier job gave back);
 - ``dirlogs``: the code in ``src/`` with only the job log as it was before its flat layout
   (``DirJobLineHandler``, ``dir_keep``): a directory ``joblogs/JOB/`` and an ``agent.jsonl`` in
   it made for each job, the spool moved into the directory. 2 inodes a job more than now.
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from outpost.agent import helper, joblogs, logs, runner  # noqa: E402
+from outpost.agent import helper, joblogs, logs, runner, workdirs  # noqa: E402
 
 CA = "-----BEGIN CERTIFICATE-----\n" + "QUJD" * 300 + "\n-----END CERTIFICATE-----\n"
 OUTCOME = {"exit_code": 0, "signal": None, "cause": "exit", "reason": "exit code 0"}
@@ -124,12 +125,15 @@ def variant(name: str) -> Iterator[None]:
         return
     saved = helper.prepare, runner.Spool, joblogs.keep
     joblogs.keep = dir_keep  # type: ignore[assignment]
+    pool = workdirs.pool
     if name == "legacy":
         helper.prepare, runner.Spool = legacy_prepare, LegacySpool  # type: ignore[assignment,misc]
+        workdirs.pool = lambda jobs_dir: workdirs.Workdirs(jobs_dir, keep=0)  # type: ignore
     try:
         yield
     finally:
         helper.prepare, runner.Spool, joblogs.keep = saved  # type: ignore[misc]
+        workdirs.pool = pool  # type: ignore[assignment]
 
 
 # --- one job -------------------------------------------------------------------------------
