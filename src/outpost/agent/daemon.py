@@ -255,8 +255,11 @@ class Agent:
                 await self._handle(item)
 
     def _capacity(self) -> int:
-        """How many jobs to run at once now: none while the machine is under pressure."""
-        return 0 if self.pressure.reason() is not None else self.config.max_concurrent_jobs
+        """How many jobs to run at once now: none while the machine is under pressure, or
+        while the agent is stopping."""
+        if self.stop_requested.is_set() or self.pressure.reason() is not None:
+            return 0
+        return self.config.max_concurrent_jobs
 
     async def _take(self, items: list[dict[str, Any]]) -> None:
         """Work the hub claimed for this machine in an answer to its reports."""
