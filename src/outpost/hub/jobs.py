@@ -375,7 +375,7 @@ async def _attempts(conn: AsyncConnection, machine_id: str, job_ids: list[str]
 
 _ATTEMPTS = (sa.select(jobs, job_attempts.c.number)
              .join(job_attempts, job_attempts.c.job_id == jobs.c.id)
-             .where(jobs.c.id.in_(sa.bindparam("b_ids", expanding=True)),
+             .where(job_attempts.c.job_id.in_(sa.bindparam("b_ids", expanding=True)),
                     job_attempts.c.machine_id == sa.bindparam("b_machine")))
 
 
