@@ -224,6 +224,23 @@ def registered_agent(hub: Hub, tmp: Path, name: str, group: str = "web",
     return agent
 
 
+def publish_script(hub: Hub, tmp_path: Path, name: str, body: str, *extra: str) -> None:
+    """Publish a bash runbook through the CLI (``extra``: more publish options)."""
+    script = tmp_path / f"{name}.sh"
+    script.write_text("#!/bin/bash\n" + body)
+    done = hub.cli("runbook", "publish", name, str(script), *extra)
+    assert done.returncode == 0, done.stderr
+
+
+def healthy_agent(hub: Hub, tmp_path: Path, agents: list[Agent], name: str = "w1",
+                  **config: Any) -> Agent:
+    """A registered agent, started (and added to ``agents`` to be stopped) and Healthy."""
+    agent = registered_agent(hub, tmp_path, name, **config)
+    agents.append(agent.start())
+    wait_until(lambda: hub.machines()[name]["status"] == "Healthy", 15, what=f"{name} healthy")
+    return agent
+
+
 def shell(cmd: str) -> str:
     return shlex.quote(cmd)
 

@@ -7,22 +7,11 @@ import os
 import time
 from pathlib import Path
 
-from tests.support import Agent, Hub, registered_agent, wait_until
+from tests.support import Agent, Hub, healthy_agent, publish_script, wait_until
 
 
-def _publish(hub: Hub, tmp_path: Path, name: str, body: str, *extra: str) -> None:
-    script = tmp_path / f"{name}.sh"
-    script.write_text("#!/bin/bash\n" + body)
-    done = hub.cli("runbook", "publish", name, str(script), *extra)
-    assert done.returncode == 0, done.stderr
-
-
-def _healthy_agent(hub: Hub, tmp_path: Path, agents: list[Agent], name: str = "w1",
-                   **config: object) -> Agent:
-    agent = registered_agent(hub, tmp_path, name, **config)
-    agents.append(agent.start())
-    wait_until(lambda: hub.machines()[name]["status"] == "Healthy", 15, what=f"{name} healthy")
-    return agent
+_publish = publish_script
+_healthy_agent = healthy_agent
 
 
 def test_a_job_runs_and_its_streams_arrive_in_order(hub: Hub, agents: list[Agent],
