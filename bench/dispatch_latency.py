@@ -46,6 +46,7 @@ from bench._common import (  # noqa: E402
     stack,
     time_bound,
     verdict,
+    where,
 )
 
 FINAL = ("Completed", "Failed", "Stopped")
@@ -135,8 +136,8 @@ def run_one(client: Any, stamps: Path, warm: bool, stalls: list[dict[str, Any]],
 
 
 def measure(db_kind: str, variant: str, jobs: int, warmup: int,
-            spy_dir: Path | None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmp:
+            spy_dir: Path | None, directory: Path | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="outpost-bench-", dir=directory) as tmp:
         root = Path(tmp)
         stamps = root / "stamps"
         stamps.mkdir()
@@ -302,7 +303,12 @@ def main() -> None:
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                         help="sample the hub and the agent with py-spy into DIR")
     parser.add_argument("--max-seconds", type=float, default=1800.0)
+    parser.add_argument("--dir", type=Path, default=None, metavar="DIR",
+                        help="where the run's state goes (default: the temporary directory)")
     args = parser.parse_args()
+    if args.dir is not None and not args.dir.is_dir():
+        parser.error(f"--dir {args.dir}: not a directory")
+    print(where(args.dir))
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     variants = args.variant or ["default"]
     time_bound(args.max_seconds)
@@ -310,7 +316,7 @@ def main() -> None:
     try:
         for kind in kinds:
             for variant in variants:
-                run = measure(kind, variant, args.jobs, args.warmup, args.py_spy)
+                run = measure(kind, variant, args.jobs, args.warmup, args.py_spy, args.dir)
                 report(run)
                 runs.append(run)
     except TimeBound as exc:

@@ -3,8 +3,9 @@
 ``STATE/joblogs/`` (made once, 0700) holds one file per attempt: ``JOB.N.jsonl`` is attempt
 N's spool, moved there (a rename: nothing is copied) once the hub has it all: its meta line
 (the agent's, not shown), its output records and its end. No file or directory is made for
-a job's log: making an inode costs up to a millisecond of kernel time on a VM's ext4, which
-bounded how many jobs a second the agent could run.
+a job's log: making an inode costs up to a millisecond of kernel time where ext4's inode
+tables near the directory are crowded, which bounded how many jobs a second the agent could
+run (docs/architecture.md, "The agent's side").
 
 The agent's own log lines about a job (started, control requests, delivery trouble) are
 lines of the job's files too, ``{"agent": {...}}`` holding the record as the agent's log
