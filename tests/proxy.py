@@ -1,4 +1,5 @@
-"""A small HTTP CONNECT proxy on loopback for tests: tunnels without intercepting TLS."""
+"""A small HTTP CONNECT proxy on loopback for tests: tunnels without intercepting TLS, and
+can lose the server's answers on the way (``swallow``)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ class _Handler(socketserver.BaseRequestHandler):
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is upstream and self.server.swallow:
+                        # An answer lost on the way: the server sent it, the client never
+                        # gets it, and the connection breaks.
+                        self.server.swallowed += 1
+                        return
                     (upstream if sock is client else client).sendall(data)
         except OSError:
             return
@@ -59,6 +65,8 @@ class _Proxy(socketserver.ThreadingTCPServer):
         self.stopping = False
         self.tunnels: list[str] = []
         self.refused: list[str] = []
+        self.swallow = False  # drop what the server sends, then break the tunnel
+        self.swallowed = 0
 
     @property
     def url(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import jobs
+from . import jobs, machines
 from .config import random_id
 from .db import work_items
 
@@ -99,9 +99,17 @@ class Dispatcher:
             self._waiters[key].add(ev)
         try:
             deadline = time.monotonic() + timeout
+            first = True
             while True:
                 if gone is not None and await gone():
                     return []
+                if not first:
+                    # The row as it is now: a heartbeat since the poll began may have changed
+                    # the interval that a claim's lease is measured in.
+                    machine = await machines.by_id(self._engine, machine.id, cached=True)
+                    if machine is None:  # removed while it waited
+                        return []
+                first = False
                 items = await self.claim(machine, limit, capacity)
                 if items:
                     return items

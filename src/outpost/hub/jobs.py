@@ -549,17 +549,54 @@ async def extend_leases(engine: AsyncEngine) -> None:
                                                    else_=length)))
 
 
+# An attempt whose claim the machine never received (the answer that carried it was lost)
+NOT_RECEIVED = ("the machine never received it: its heartbeats went on without listing the "
+                "job (the answer that carried it was lost); queued again, not counted as a "
+                "failed activation")
+# ... is not counted at most this many times a job, so a job an agent always drops without
+# a word still ends Suspended rather than circling for ever.
+NOT_RECEIVED_MAX = 3
+
+
+async def _never_received(conn: AsyncConnection, row: Any) -> bool:
+    """Whether an Activating job whose lease expired never reached its machine.
+
+    The machine's agent lists every job it holds in each heartbeat, from the moment it gets
+    the claim. If it went on heartbeating for a whole interval after the claim and no
+    heartbeat listed the job (none renewed the lease), the claim never arrived: not a failed
+    activation. A machine that stopped heartbeating (killed, cut off) still fails it."""
+    if row.status != "Activating" or row.m_beat is None:
+        return False
+    claimed = await conn.scalar(sa.select(job_attempts.c.started_at).where(
+        job_attempts.c.job_id == row.id, job_attempts.c.number == row.attempt))
+    if claimed is None or row.m_beat < claimed + float(row.m_interval or 30):
+        return False
+    earlier = await conn.scalar(sa.select(sa.func.count()).select_from(job_attempts).where(
+        job_attempts.c.job_id == row.id, job_attempts.c.reason == NOT_RECEIVED))
+    return int(earlier or 0) < NOT_RECEIVED_MAX
+
+
 async def reap(engine: AsyncEngine) -> list[tuple[str, str]]:
     """End every lease that expired; returns the (account, group) pairs to wake."""
     now = time.time()
     woken = []
     async with engine.begin() as conn:
-        rows = (await conn.execute(sa.select(jobs).where(
-            jobs.c.status.in_(HELD), jobs.c.lease_expires_at < now)
-            .with_for_update(skip_locked=True))).all()
+        rows = (await conn.execute(
+            sa.select(jobs, machines.c.last_heartbeat_at.label("m_beat"),
+                      machines.c.heartbeat_interval.label("m_interval"))
+            .select_from(jobs.outerjoin(machines, machines.c.id == jobs.c.machine_id))
+            .where(jobs.c.status.in_(HELD), jobs.c.lease_expires_at < now)
+            .with_for_update(of=jobs, skip_locked=True))).all()
         for row in rows:
             reason = "lease expired: the machine stopped renewing it (no heartbeat)"
-            if row.status == "Stopping":
+            if await _never_received(conn, row):
+                await _close_attempt(conn, row.id, row.attempt, now, None, None, NOT_RECEIVED)
+                await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
+                    status="Queued", machine_id=None, lease_expires_at=None,
+                    activations=jobs.c.activations - 1,
+                    reason=f"attempt {row.attempt}: {NOT_RECEIVED}"))
+                woken.append((row.account_id, row.group_name))
+            elif row.status == "Stopping":
                 await _close_attempt(conn, row.id, row.attempt, now, None, None, reason)
                 await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
                     status="Stopped", ended_at=now, lease_expires_at=None,
