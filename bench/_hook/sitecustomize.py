@@ -165,6 +165,18 @@ if _ROLE:
         mod.JobRun.run = traced_run
         mod.asyncio = _AsyncioProxy(asyncio, traced_spawn)
 
+        # Where pidfds work the runner starts runbooks with process.spawn (synchronous).
+        real_spawn = mod.process.spawn
+
+        def traced_pspawn(argv: Any, cwd: Any, env: Any, identity: Any) -> Any:
+            key = (env or {}).get("OUTPOST_JOB_ID", "-")
+            mark("agent.spawn.begin", key)
+            started = real_spawn(argv, cwd, env, identity)
+            mark("agent.spawn.end", key)
+            return started
+
+        mod.process.spawn = traced_pspawn
+
     class _AsyncioProxy:
         """The runner's view of asyncio with create_subprocess_exec traced."""
 
