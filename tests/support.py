@@ -224,6 +224,34 @@ def registered_agent(hub: Hub, tmp: Path, name: str, group: str = "web",
     return agent
 
 
+def machine_calls(hub: Hub, state_root: Path, name: str = "m1"
+                  ) -> Callable[..., Any]:
+    """Register machine ``name`` for real and return ``call(method, path, payload=None)``,
+    which sends one request signed with its own key (no agent daemon: the test decides
+    exactly what the machine says)."""
+    import asyncio
+
+    from outpost.agent.registration import client_for
+    from outpost.agent.state import StateDir
+    from outpost.agent.transport import Clock
+
+    state = StateDir(state_root)
+    done = register(hub, state.root, name)
+    assert done.returncode == 0, done.stderr
+    reg = state.registration()
+    assert reg is not None
+
+    def call(method: str, path: str, payload: Any = None) -> Any:
+        async def once() -> Any:
+            client = client_for(state, reg, Clock())
+            try:
+                return await client.request(method, path, payload)
+            finally:
+                await client.aclose()
+        return asyncio.run(once())
+    return call
+
+
 def publish_script(hub: Hub, tmp_path: Path, name: str, body: str, *extra: str) -> None:
     """Publish a bash runbook through the CLI (``extra``: more publish options)."""
     script = tmp_path / f"{name}.sh"

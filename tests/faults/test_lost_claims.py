@@ -13,17 +13,21 @@ decides exactly which answers are lost and when heartbeats are sent.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
-from outpost.agent.registration import client_for
-from outpost.agent.state import StateDir
-from outpost.agent.transport import Clock
 from outpost.hub.jobs import NOT_RECEIVED, NOT_RECEIVED_MAX
 from tests.proxy import connect_proxy
-from tests.support import Agent, Hub, publish_script, query, register, wait_until
+from tests.support import (
+    Agent,
+    Hub,
+    machine_calls,
+    publish_script,
+    query,
+    register,
+    wait_until,
+)
 
 
 def _job(hub: Hub, job_id: str) -> dict[str, Any]:
@@ -75,19 +79,7 @@ def test_an_answer_lost_in_a_proxy_costs_the_job_no_activation(
 def test_only_a_machine_that_heartbeats_on_is_excused_and_only_so_often(
         hub: Hub, tmp_path: Path) -> None:
     publish_script(hub, tmp_path, "noop", "true\n")
-    state = StateDir(tmp_path / "agent-m1")
-    assert register(hub, state.root, "m1").returncode == 0
-    reg = state.registration()
-    assert reg is not None
-
-    def call(method: str, path: str, payload: Any = None) -> Any:
-        async def once() -> Any:
-            client = client_for(state, reg, Clock())
-            try:
-                return await client.request(method, path, payload)
-            finally:
-                await client.aclose()
-        return asyncio.run(once())
+    call = machine_calls(hub, tmp_path / "agent-m1")
 
     def beat() -> None:  # a machine that holds no job, every 0.5 s (its interval is 1 s)
         call("POST", "/v1/agent/heartbeat", {"agent_version": "9.9.9", "heartbeat_interval": 1,

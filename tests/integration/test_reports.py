@@ -5,35 +5,14 @@ exactly what is reported)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from outpost.agent.registration import client_for
-from outpost.agent.state import StateDir
-from outpost.agent.transport import Clock
 from outpost.protocol.errors import HubRefused
-from tests.support import Hub, register
-
-
-def _machine_calls(hub: Hub, tmp_path: Path) -> Any:
-    state = StateDir(tmp_path / "agent-m1")
-    assert register(hub, state.root, "m1").returncode == 0
-    reg = state.registration()
-    assert reg is not None
-
-    def call(method: str, path: str, payload: Any = None) -> Any:
-        async def once() -> Any:
-            client = client_for(state, reg, Clock())
-            try:
-                return await client.request(method, path, payload)
-            finally:
-                await client.aclose()
-        return asyncio.run(once())
-    return call
+from tests.support import Hub, machine_calls
 
 
 def _start(hub: Hub, count: int) -> list[str]:
@@ -53,7 +32,7 @@ def test_reports_in_one_request_and_the_freed_slot_claimed_in_the_answer(
         hub: Hub, tmp_path: Path) -> None:
     (tmp_path / "noop.sh").write_text("true\n")
     assert hub.cli("runbook", "publish", "noop", str(tmp_path / "noop.sh")).returncode == 0
-    call = _machine_calls(hub, tmp_path)
+    call = machine_calls(hub, tmp_path / "agent-m1")
     first, second, third = _start(hub, 3)
 
     claimed = call("POST", "/v1/agent/poll?wait=0&capacity=2")["items"]
@@ -108,7 +87,7 @@ def test_reports_in_one_request_and_the_freed_slot_claimed_in_the_answer(
 def test_a_killed_sandbox_in_a_batch_is_a_failed_activation(hub: Hub, tmp_path: Path) -> None:
     (tmp_path / "noop.sh").write_text("true\n")
     assert hub.cli("runbook", "publish", "noop", str(tmp_path / "noop.sh")).returncode == 0
-    call = _machine_calls(hub, tmp_path)
+    call = machine_calls(hub, tmp_path / "agent-m1")
     killed, fine = _start(hub, 2)
     call("POST", "/v1/agent/poll?wait=0&capacity=2")
     answer = call("POST", "/v1/agent/reports", {"claim": 1, "reports": [
@@ -137,7 +116,7 @@ def test_a_killed_sandbox_in_a_batch_is_a_failed_activation(hub: Hub, tmp_path: 
 ])
 def test_a_malformed_batch_is_refused_whole_and_clearly(sqlite_hub: Hub, tmp_path: Path,
                                                         body: dict[str, Any], what: str) -> None:
-    call = _machine_calls(sqlite_hub, tmp_path)
+    call = machine_calls(sqlite_hub, tmp_path / "agent-m1")
     with pytest.raises(HubRefused) as refused:
         call("POST", "/v1/agent/reports", body)
     assert refused.value.status == 422
