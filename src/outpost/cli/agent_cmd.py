@@ -24,7 +24,7 @@ from .output import EXIT_NOT_RUNNING, ago, out, print_json
 app = typer.Typer(no_args_is_help=True, help="The agent on a managed machine.")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", help="Agent config file (YAML) [default: STATE_DIR/agent.yaml if present].")]
+    "--config", help="Agent config file in YAML (default: STATE_DIR/agent.yaml if present).")]
 
 
 def _labels(items: list[str]) -> dict[str, str]:
@@ -56,12 +56,12 @@ def register(
     group: Annotated[str, typer.Option(help="The group of machines to join.")],
     ca_fingerprint: Annotated[str, typer.Option(help="SHA-256 of the hub's CA.")],
     name: Annotated[Optional[str], typer.Option(
-        help="Machine name, 1 to 64 characters [default: the host name].")] = None,
+        help="Machine name, 1 to 64 characters (default: the host name).")] = None,
     label: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE; repeatable.")] = None,
     state_dir_: StateDirOpt = None,
     force: Annotated[bool, typer.Option(help="Replace an existing registration.")] = False,
     proxy: Annotated[Optional[str], typer.Option(
-        help="HTTP(S) proxy URL [default: HTTPS_PROXY from the environment].")] = None,
+        help="HTTP(S) proxy URL (default: HTTPS_PROXY from the environment).")] = None,
     json: Json = False,
     clock_skew: ClockSkew = 0.0,
 ) -> None:

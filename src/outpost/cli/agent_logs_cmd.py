@@ -106,8 +106,8 @@ def logs(
         "--lines", "-n", min=1, help="Only the last N lines (before following).")] = None,
     state_dir_: StateDirOpt = None,
     config: Annotated[Optional[Path], typer.Option(
-        "--config", help="Agent config file, for job_log_retention [default: "
-        "STATE_DIR/agent.yaml if present].")] = None,
+        "--config", help="Agent config file, for job_log_retention (default: "
+        "STATE_DIR/agent.yaml if present).")] = None,
     json: Json = False,
 ) -> None:
     """Show the agent's log, or one job's log kept on this machine (ED-1).
@@ -164,11 +164,11 @@ def _job_index(state: StateDir, config: Path | None, json: bool) -> None:
 
 def support_bundle(
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="The archive to write [default: "
-        "./outpost-support-HOST-TIME.tar.gz].")] = None,
+        "--output", "-o", help="The archive to write (default: "
+        "./outpost-support-HOST-TIME.tar.gz).")] = None,
     state_dir_: StateDirOpt = None,
     config: Annotated[Optional[Path], typer.Option(
-        "--config", help="Agent config file [default: STATE_DIR/agent.yaml if present].")]
+        "--config", help="Agent config file (default: STATE_DIR/agent.yaml if present).")]
     = None,
     checks: Annotated[bool, typer.Option(
         "--checks/--no-checks", help="Run 'outpost check' and include its results (it "

@@ -32,7 +32,7 @@ VerboseOpt = Annotated[bool, typer.Option(
 StrictOpt = Annotated[bool, typer.Option(
     "--warnings-as-errors", help="Exit 1 on a warning too (for monitoring and CI).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", help="Agent config file (YAML) [default: STATE_DIR/agent.yaml if present].")]
+    "--config", help="Agent config file in YAML (default: STATE_DIR/agent.yaml if present).")]
 
 MARKS = {engine.OK: "[green][ OK ][/]", engine.WARNING: "[yellow][WARN][/]",
          engine.ERROR: "[bold red][FAIL][/]", engine.SKIPPED: "[dim][SKIP][/]"}

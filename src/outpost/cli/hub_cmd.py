@@ -44,7 +44,7 @@ def init(
     bind: Annotated[str, typer.Option(help="HOST:PORT the hub will listen on.")]
     = "127.0.0.1:8443",
     database_url: Annotated[str, typer.Option(
-        help="Database URL [default: SQLite in the data directory].")] = "",
+        help="Database URL (default: SQLite in the data directory).")] = "",
     json: Json = False,
 ) -> None:
     """Create the hub's config, database, CA and TLS certificate, first account and admin

@@ -83,7 +83,7 @@ def start(
     group: Annotated[str, typer.Option(help="The group whose machines may run it.")],
     param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE; repeatable.")] = None,
     version: Annotated[Optional[int], typer.Option(min=1, help="Runbook version "
-                                                   "[default: the latest].")] = None,
+                                                   "(default: the latest).")] = None,
     timeout: Annotated[Optional[str], typer.Option(help="End the job after this long "
                                                    "(90s, 5m, 2h).")] = None,
     count: Annotated[int, typer.Option(min=1, max=BATCH_MAX, help="Queue this many such "

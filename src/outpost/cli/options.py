@@ -24,8 +24,8 @@ DataDir = Annotated[Optional[Path], typer.Option(
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 StateDirOpt = Annotated[Optional[Path], typer.Option(
     "--state-dir", envvar="OUTPOST_STATE_DIR",
-    help="The agent's state directory [default: /var/lib/outpost as root, "
-         "~/.local/state/outpost otherwise].")]
+    help="The agent's state directory (default: /var/lib/outpost as root, "
+         "~/.local/state/outpost otherwise).")]
 # A test hook: skews the agent's clock by this many seconds, never the system's.
 ClockSkew = Annotated[float, typer.Option("--clock-skew", envvar="OUTPOST_TEST_CLOCK_SKEW",
                                           hidden=True)]

@@ -16,7 +16,7 @@ from .output import out, print_json, table
 
 app = typer.Typer(no_args_is_help=True, help="Runbooks: versioned scripts with typed parameters.")
 
-Version = Annotated[Optional[int], typer.Option(help="A version [default: the latest].",
+Version = Annotated[Optional[int], typer.Option(help="A version (default: the latest).",
                                                 min=1)]
 
 
@@ -35,7 +35,7 @@ def publish(
     name: str,
     file: Annotated[Path, typer.Argument(help="The script to publish.")],
     type_: Annotated[Optional[str], typer.Option(
-        "--type", help="bash, sh, python or pwsh [default: from the extension or shebang].")]
+        "--type", help="bash, sh, python or pwsh (default: from the extension or shebang).")]
     = None,
     description: Annotated[str, typer.Option(help="What the runbook does.")] = "",
     param: Annotated[Optional[list[str]], typer.Option(
