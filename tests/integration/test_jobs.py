@@ -127,3 +127,34 @@ def test_large_output_is_read_in_pages(hub: Hub, agents: list[Agent], tmp_path: 
     assert printed == [str(i) for i in range(1, 25001)]
     followed = hub.cli("job", "output", job_id, "--follow", "--json").stdout.splitlines()
     assert [json.loads(line)["seq"] for line in followed] == list(range(25000))
+
+
+def test_a_job_queued_where_no_machine_can_take_it_says_so(hub: Hub, agents: list[Agent],
+                                                           tmp_path: Path) -> None:
+    """`job start` warns (stderr, exit 0) when the group has no machine, or none Healthy;
+    `job show` says why the job waits, and names the machine of each attempt."""
+    _publish(hub, tmp_path, "hi", "echo hi\n")
+    empty = hub.cli("job", "start", "hi", "--group", "nobody-here")
+    assert empty.returncode == 0, empty.stderr
+    job_id = empty.stdout.strip()
+    assert "warning: No machine is registered in group 'nobody-here'" in empty.stderr
+    shown = json.loads(hub.cli("job", "show", job_id, "--json").stdout)
+    assert shown["status"] == "Queued"
+    assert shown["waiting_for"].startswith("No machine is registered in group 'nobody-here'")
+    assert "waiting:  No machine is registered" in hub.cli("job", "show", job_id).stdout
+
+    agent = _healthy_agent(hub, tmp_path, agents, "w9")
+    done = hub.cli("job", "start", "hi", "--group", "web", "--wait", "--json")
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+    job = json.loads(done.stdout)
+    assert [a["machine"] for a in job["attempts"]] == ["w9"]
+    assert "waiting_for" not in job
+    assert " w9 " in hub.cli("job", "show", job["id"]).stdout
+
+    agent.stop()  # registered, but no longer heartbeating
+    machines_down = wait_until(lambda: hub.machines()["w9"]["status"] != "Healthy", 30,
+                               what="w9 to stop being Healthy")
+    assert machines_down
+    late = hub.cli("job", "start", "hi", "--group", "web", "--count", "2")
+    assert late.returncode == 0, late.stderr
+    assert "warning: No machine of group 'web' is Healthy (w9 " in late.stderr

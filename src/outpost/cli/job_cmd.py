@@ -15,7 +15,7 @@ from outpost.protocol.params import split_assignments
 
 from .client import Api
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
-from .output import EXIT_FAILED, ago, out, print_json, table
+from .output import EXIT_FAILED, ago, err, out, print_json, table
 
 app = typer.Typer(no_args_is_help=True, help="Jobs: runbooks running on machines.")
 FINAL = ("Completed", "Failed", "Stopped", "Suspended")
@@ -112,6 +112,7 @@ def start(
         _start_many(client, body, count, wait, json)
         return
     job = client.post("/v1/jobs", body)
+    _warn_if_waiting(client, job)
     if not (wait or follow):
         if json:
             print_json(job)
@@ -129,11 +130,22 @@ def start(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _warn_if_waiting(client: Api, job: dict[str, Any]) -> None:
+    """On stderr: the job was queued where no Healthy machine can take it yet."""
+    if job.get("status") != "Queued":
+        return
+    waiting = client.get(f"/v1/jobs/{quote(job['id'], safe='')}").get("waiting_for")
+    if waiting:
+        err.print(f"warning: {waiting}", markup=False)
+
+
 def _start_many(client: Api, body: dict[str, Any], count: int, wait: bool,
                 json: bool) -> None:
     """``job start --count N``: one batch request; with ``wait``, every job's end."""
     queued: list[dict[str, Any]] = client.post("/v1/jobs/batch",
                                                {"jobs": [body] * count})["jobs"]
+    if queued:  # all went to one group: the first tells for all
+        _warn_if_waiting(client, queued[0])
     if json and not wait:
         print_json(queued)
         return
@@ -191,8 +203,10 @@ def show(job_id: str, hub: Hub = None, token: Token = None,
               markup=False)
     out.print(f"  group:    {job['group_name']}   params: {job['params']}", markup=False)
     out.print(f"  result:   {job['reason'] or '-'}", markup=False)
+    if job.get("waiting_for"):
+        out.print(f"  waiting:  {job['waiting_for']}", markup=False)
     table(["#", "MACHINE", "STARTED", "ENDED", "EXIT", "SIGNAL", "REASON"], [
-        [a["number"], a["machine_id"], ago(a["started_at"]),
+        [a["number"], a.get("machine") or a["machine_id"], ago(a["started_at"]),
          ago(a["ended_at"]) if a["ended_at"] else "-", a["exit_code"], a["signal"],
          a["reason"] or "-"] for a in job["attempts"]],
         title="attempts")

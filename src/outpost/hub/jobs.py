@@ -31,6 +31,7 @@ from .config import random_id
 from .db import groups, job_attempts, job_records, jobs, machines
 from .db import runbooks as runbook_table
 from .machines import GROUP_RE
+from .machines import status as machine_status
 
 STATES = ("New", "Queued", "Activating", "Running", "Completed", "Failed", "Stopping",
           "Stopped", "Suspending", "Suspended", "Resuming")
@@ -667,13 +668,37 @@ async def get(engine: AsyncEngine, account_id: str, job_id: str) -> dict[str, An
         if row is None:
             raise OutpostError("not_found", f"No job '{job_id}' in this account.",
                                fix="See 'outpost job list'.")
-        tried = (await conn.execute(sa.select(job_attempts).where(
-            job_attempts.c.job_id == job_id).order_by(job_attempts.c.number))).all()
+        tried = (await conn.execute(
+            sa.select(job_attempts, machines.c.name.label("machine"))
+            .select_from(job_attempts.outerjoin(
+                machines, machines.c.id == job_attempts.c.machine_id))
+            .where(job_attempts.c.job_id == job_id).order_by(job_attempts.c.number))).all()
+        waiting = await _waiting_for(conn, row) if row.status == "Queued" else None
     view = _view(row)
     view["attempts"] = [{k: a._mapping[k] for k in (
-        "number", "machine_id", "started_at", "ended_at", "exit_code", "signal", "reason")}
-        for a in tried]
+        "number", "machine_id", "machine", "started_at", "ended_at", "exit_code", "signal",
+        "reason")} for a in tried]
+    if waiting:
+        view["waiting_for"] = waiting
     return view
+
+
+async def _waiting_for(conn: AsyncConnection, row: Any) -> str | None:
+    """Why a queued job may wait long: its group has no machine, or none is Healthy."""
+    members = (await conn.execute(sa.select(machines).where(
+        machines.c.account_id == row.account_id,
+        machines.c.group_name == row.group_name))).all()
+    group = row.group_name
+    if not members:
+        return (f"No machine is registered in group '{group}': the job waits until one is "
+                f"('outpost agent register ... --group {group}').")
+    now = time.time()
+    states = {m.name: machine_status(m, now) for m in members}
+    if "Healthy" in states.values():
+        return None
+    shown = ", ".join(f"{name} {state}" for name, state in sorted(states.items())[:5])
+    return (f"No machine of group '{group}' is Healthy ({shown}): the job waits until one "
+            f"heartbeats ('outpost machine list').")
 
 
 async def listing(engine: AsyncEngine, account_id: str, status: str | None = None,
