@@ -95,3 +95,54 @@ def test_up_shows_a_healthy_machine_and_stops_cleanly(tmp_path: Path) -> None:
         assert [(r["name"], r["version"]) for r in runbooks] == [("hello", 1)]  # not twice
     finally:
         assert _interrupt(proc)[0] == 0
+
+
+def test_up_on_a_taken_port_says_why_the_hub_could_not_start(tmp_path: Path) -> None:
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        done = run_cli("up", "--data-dir", str(tmp_path / ".outpost"), "--bind",
+                       f"127.0.0.1:{port}", timeout=90)
+    finally:
+        holder.close()
+    assert done.returncode == 1, done.stdout + done.stderr  # failed, as the hub's own exit
+    err = done.stderr
+    assert "error: The hub could not start: Bind for 127.0.0.1:" in err
+    assert "code:   E2005 (port_allocated)" in err  # the hub's own code, not a generic one
+    assert "fix:    Stop python" in err and "Traceback" not in err
+
+
+def _children(proc: subprocess.Popen[str]) -> list[int]:
+    """The pids of the hub and the agent that 'up' started."""
+    import psutil
+
+    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+
+
+def test_sigterm_or_kill_9_of_up_stops_its_hub_and_agent(tmp_path: Path) -> None:
+    data_dir, port = tmp_path / ".outpost", free_port()
+    proc, _ = _up(data_dir, port)
+    children = _children(proc)
+    assert len(children) == 2, children
+    proc.terminate()  # SIGTERM: as Ctrl-C, the agent then the hub
+    code, rest = proc.wait(30), proc.stdout.read() if proc.stdout else ""
+    if proc.stdout:
+        proc.stdout.close()
+    assert code == 0, rest
+    assert "Stopping the agent and the hub" in rest
+    wait_until(lambda: not any(_alive(pid) for pid in children), 15,
+               what="the hub and agent to stop with 'up'")
+
+    proc, _ = _up(data_dir, port)
+    children = _children(proc)
+    assert len(children) == 2, children
+    proc.kill()  # SIGKILL: 'up' cannot stop them; the kernel tells them it died
+    proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+    wait_until(lambda: not any(_alive(pid) for pid in children), 15,
+               what="the hub and agent to stop after kill -9 of 'up'")

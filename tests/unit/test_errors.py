@@ -181,3 +181,17 @@ def test_transport_error_names_kind_and_url() -> None:
 def test_outpost_error_is_not_raised_for_programming_errors() -> None:
     assert not issubclass(TypeError, OutpostError)
     assert not issubclass(OutpostError, (TypeError, ValueError, KeyError))
+
+
+def test_a_transport_error_shows_the_cause_and_fix_of_its_kind() -> None:
+    tls = describe(TransportError("tls", "https://hub:8443", "certificate verify failed"))
+    assert "  cause:  tls: the TLS handshake failed." in tls
+    assert any(line.startswith("  fix:    Check that the URL names the hub you mean")
+               for line in tls)
+    refused = describe(TransportError("refused", "https://hub:8443", "connection refused"))
+    assert any(line.startswith("  cause:  refused: nothing listens") for line in refused)
+    dns = describe(TransportError("dns", "https://nowhere.invalid", "not known"))
+    assert any(line.startswith("  cause:  dns: the hub's host name") for line in dns)
+    other = describe(TransportError("other", "https://hub:8443", "Server disconnected"))
+    cause = next(line for line in other if line.startswith("  cause:"))
+    assert "other: none of the usual causes" in cause and "dns" not in cause

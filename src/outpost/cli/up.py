@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import subprocess
@@ -14,12 +15,22 @@ from typing import Any
 from outpost.agent import registration as reg_mod
 from outpost.agent.state import StateDir
 from outpost.agent.transport import Clock
-from outpost.protocol.errors import OutpostError
+from outpost.protocol.errors import CATALOG, OutpostError
 
 from .client import Api, Target
 from .output import machine_table, out
 
 GROUP = "local"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when 'up' dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: Ctrl-C and SIGTERM still stop them
+        pass
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -28,7 +39,31 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as fh:
         return subprocess.Popen([sys.executable, "-m", "outpost", *args], stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    """SIGTERM and SIGHUP stop 'up' as Ctrl-C does: the agent, then the hub."""
+    raise KeyboardInterrupt
+
+
+_CODE_LINE = re.compile(r"^\s*code:\s+(E\d{4}) \((\w+)\)")
+
+
+def _exited(what: str, returncode: int | None, log: Path) -> OutpostError:
+    """The child's own error when its log ends with one ('error: ...', 'code: ...', 'fix:
+    ...'), so 'up' says why the hub could not start; else that it exited, and how."""
+    tail = _tail(log, 40).splitlines()
+    for i in range(len(tail) - 1, 0, -1):
+        found = _CODE_LINE.match(tail[i])
+        if found and tail[i - 1].startswith("error: ") and found.group(1) in CATALOG:
+            fixes = [line.split("fix:", 1)[1].strip() for line in tail[i:i + 4]
+                     if line.strip().startswith("fix:")]
+            return OutpostError(found.group(2), f"The {what} could not start: "
+                                f"{tail[i - 1][len('error: '):]}",
+                                fix=(fixes[0] if fixes else None), log=str(log))
+    return OutpostError("internal_error", f"The {what} exited with code {returncode}:\n"
+                        + "\n".join(tail[-15:]), fix=f"Read {log} for the whole log.")
 
 
 def _tail(log: Path, lines: int = 15) -> str:
@@ -43,9 +78,7 @@ def _wait_for(check: Any, proc: subprocess.Popen[bytes], log: Path, what: str,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise OutpostError("invalid_request", f"The {what} exited with code "
-                               f"{proc.returncode}:\n{_tail(log)}",
-                               fix=f"Read {log} for the whole log.")
+            raise _exited(what, proc.returncode, log)
         try:
             result = check()
             if result:
@@ -118,6 +151,7 @@ def up(data_dir: Path, bind: str, hold: bool = True) -> int:
     else:
         out.print(f"Using the hub in {data_dir}")
     hub = agent = None
+    previous = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         hub = _spawn(["hub", "run", "--data-dir", str(data_dir)], data_dir / "hub.log")
         api = Api(Target(config.url, init.admin_token, paths.ca_cert.read_text()), timeout=5)
@@ -167,3 +201,5 @@ def up(data_dir: Path, bind: str, hold: bool = True) -> int:
     finally:
         _stop(agent)
         _stop(hub)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -599,11 +599,25 @@ class OutpostError(Exception):
         }
 
 
+def _cause(exc: OutpostError) -> str:
+    """The entry's cause for this error: where causes are by kind ("tls: ..."), the one of
+    the error's ``kind``; else the first."""
+    kind = exc.details.get("kind")
+    if isinstance(kind, str) and kind:
+        for cause in exc.entry.causes:
+            if cause.startswith(f"{kind}: "):
+                return cause
+        if all(re.match(r"\w+: ", cause) for cause in exc.entry.causes):
+            return (f"{kind}: none of the usual causes; the message says what failed "
+                    f"('outpost explain {exc.entry.code}' lists them).")
+    return exc.entry.causes[0]
+
+
 def describe(exc: OutpostError) -> list[str]:
     """The lines a command prints for an error: message, code, cause, fix, details."""
     lines = [f"error: {exc.message}", f"  code:   {exc.code} ({exc.reason})"]
     if exc.entry.causes:
-        lines.append(f"  cause:  {exc.entry.causes[0]}")
+        lines.append(f"  cause:  {_cause(exc)}")
     lines.append(f"  fix:    {exc.fix}")
     shown = {k: v for k, v in exc.details.items()
              if v not in (None, "", [], {}) and k != "problems"}
@@ -630,6 +644,15 @@ class HubRefused(OutpostError):
         self.body = body
 
 
+_TRANSPORT_FIXES = {
+    "tls": "Check that the URL names the hub you mean and that its certificate chains to the "
+           "CA you trust (its --ca-fingerprint, or --data-dir of that hub) and has not "
+           "expired; 'outpost check' on an agent's machine tells which.",
+    "refused": "Check that the hub runs and listens at that address and port ('outpost hub "
+               "check' on the hub's machine), and that the URL's port is the one it binds.",
+}
+
+
 class TransportError(OutpostError):
     """The hub could not be reached; ``kind`` is dns, refused, timeout, tls, proxy or other."""
 
@@ -637,6 +660,6 @@ class TransportError(OutpostError):
         super().__init__(
             "hub_unreachable",
             f"The hub could not be reached at {url} ({kind}): {detail}",
-            kind=kind, url=url,
+            fix=_TRANSPORT_FIXES.get(kind), kind=kind, url=url,
         )
         self.kind = kind
