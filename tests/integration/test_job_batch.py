@@ -240,3 +240,18 @@ def test_job_start_count_refuses_follow_and_counts_out_of_range(sqlite_hub: Hub,
         assert refused.returncode == 2 and "--count" in refused.stderr, refused.stderr
     assert "Traceback" not in follow.stderr + refused.stderr
     assert _stored(hub) == 0
+
+
+def test_a_bad_group_name_says_what_a_good_one_is(hub: Hub) -> None:
+    single = hub.api("POST", "/v1/jobs", json={"runbook": "r", "group": "bad group!"})
+    assert single.status_code == 422, single.text
+    body = single.json()
+    assert body["code"] == "E3003" and body["message"] == "Invalid group name 'bad group!'."
+    assert body["fix"].startswith("Use 1 to 64 letters, digits")
+    batch = hub.api("POST", "/v1/jobs/batch", json={"jobs": [
+        {"runbook": "r", "group": "web"}, {"runbook": "r", "group": "-x"}]})
+    assert batch.status_code == 422, batch.text
+    body = batch.json()
+    assert body["message"] == "jobs[1]: Invalid group name '-x'."
+    assert body["fix"].startswith("Use 1 to 64 letters, digits")
+    assert body["details"] == {"group": "-x", "index": 1}

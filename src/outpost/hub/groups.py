@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outpost.protocol.errors import OutpostError
 
 from .db import groups, machines
-from .machines import GROUP_RE
+from .machines import check_group
 
 # What useradd accepts by default: a lower-case letter or '_' first, at most 32 characters.
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
@@ -24,9 +24,7 @@ USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
 
 async def configure(engine: AsyncEngine, account_id: str, name: str,
                     run_as: str | None) -> dict[str, Any]:
-    if not GROUP_RE.match(name):
-        raise OutpostError("invalid_request", f"Invalid group name '{name}'.",
-                           fix="Use 1 to 64 letters, digits, '.', '_' or '-'.")
+    check_group(name)
     if run_as is not None and not USER_RE.match(run_as):
         raise OutpostError("invalid_request", f"'{run_as}' is not a valid user name.",
                            fix="Give a user name such as 'runbooks' (lower-case letters, "

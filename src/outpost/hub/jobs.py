@@ -30,7 +30,7 @@ from . import runbooks
 from .config import random_id
 from .db import groups, job_attempts, job_records, jobs, machines
 from .db import runbooks as runbook_table
-from .machines import GROUP_RE
+from .machines import check_group
 from .machines import status as machine_status
 
 STATES = ("New", "Queued", "Activating", "Running", "Completed", "Failed", "Stopping",
@@ -78,8 +78,7 @@ async def start_many(engine: AsyncEngine, account_id: str,
         group, timeout = entry["group"], entry.get("timeout")
         key = (entry["runbook"], entry.get("version"))
         try:  # the checks of ``prepare``, in its order
-            if not GROUP_RE.match(group):
-                raise OutpostError("invalid_request", f"Invalid group name '{group}'.")
+            check_group(group)
             if timeout is not None and not 0 < timeout <= 7 * 86400:
                 raise OutpostError("invalid_request", f"Timeout {timeout:g} s is out of range.",
                                    fix="Give a timeout between 1 second and 7 days.")
@@ -118,8 +117,7 @@ async def prepare(engine: AsyncEngine, account_id: str, runbook: str, group: str
 
     Schedules and webhooks call this, then ``insert`` in a transaction of their own.
     """
-    if not GROUP_RE.match(group):
-        raise OutpostError("invalid_request", f"Invalid group name '{group}'.")
+    check_group(group)
     if timeout is not None and not 0 < timeout <= 7 * 86400:
         raise OutpostError("invalid_request", f"Timeout {timeout:g} s is out of range.",
                            fix="Give a timeout between 1 second and 7 days.")

@@ -27,6 +27,15 @@ def check_name(name: str) -> None:
         raise OutpostError("invalid_hostname", name=name, length=len(name))
 
 
+def check_group(group: str) -> None:
+    """A group name: 1 to 64 letters, digits, '.', '_' or '-', the first a letter or digit."""
+    if not GROUP_RE.match(group):
+        raise OutpostError(
+            "invalid_request", f"Invalid group name '{group}'.",
+            fix="Use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+            group=group)
+
+
 def status(row: Any, now: float) -> str:
     interval = max(float(row.heartbeat_interval), 0.001)
     last = row.last_heartbeat_at
@@ -47,11 +56,7 @@ async def register(
     engine: AsyncEngine, account_id: str, request: RegisterRequest, heartbeat_interval: float
 ) -> dict[str, Any]:
     check_name(request.name)
-    if not GROUP_RE.match(request.group):
-        raise OutpostError(
-            "invalid_request", f"Invalid group name '{request.group}'.",
-            fix="Use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
-        )
+    check_group(request.group)
     now = time.time()
     async with engine.begin() as conn:
         existing = (await conn.execute(
