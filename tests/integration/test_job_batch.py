@@ -242,7 +242,8 @@ def test_job_start_count_refuses_follow_and_counts_out_of_range(sqlite_hub: Hub,
     assert _stored(hub) == 0
 
 
-def test_a_bad_group_name_says_what_a_good_one_is(hub: Hub) -> None:
+def test_a_bad_group_name_says_what_a_good_one_is(hub: Hub, tmp_path: Path) -> None:
+    publish_script(hub, tmp_path, "r", "true\n")
     single = hub.api("POST", "/v1/jobs", json={"runbook": "r", "group": "bad group!"})
     assert single.status_code == 422, single.text
     body = single.json()
