@@ -116,6 +116,13 @@ def test_assets_through_the_cli(hub: Hub, tmp_path: Path) -> None:
     assert rows[("variable", "api-key")]["secret"] is True
     table = _cli(hub, "asset", "list")
     assert _thumbprint(other) in table.stdout and "region" in table.stdout
+    certificates = _json(_cli(hub, "asset", "certificate", "list", "--json"))
+    assert sorted(c["name"] for c in certificates) == ["signing", "web"]
+    variables = _cli(hub, "asset", "variable", "list")
+    assert "region" in variables.stdout and "api-key" in variables.stdout
+    assert "signing" not in variables.stdout and " db " not in variables.stdout
+    assert [c["name"] for c in _json(_cli(hub, "asset", "credential", "list", "--json"))] \
+        == ["db"]
     for text in (listed.text, table.stdout):
         assert hidden not in text and password not in text and "PRIVATE KEY" not in text
     for kind, name in rows:

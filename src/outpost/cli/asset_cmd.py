@@ -146,20 +146,50 @@ def certificate_import(
     out.print(f"  expires:    {_expiry(stored['not_after'])}", markup=False)
 
 
-@app.command("list")
-def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
-          data_dir: DataDir = None, json: Json = False) -> None:
-    """Every asset of the account, without values."""
+def _list(kind: str | None, hub: str | None, token: str | None,
+          ca_fingerprint: str | None, data_dir: Path | None, json: bool) -> None:
     rows = api(hub, token, ca_fingerprint, data_dir).get("/v1/assets")
+    if kind is not None:
+        rows = [r for r in rows if r["kind"] == kind]
     if json:
         print_json(rows)
         return
     if not rows:
-        out.print("No assets are stored in this account.")
+        out.print(f"No {kind or 'asset'}s are stored in this account.")
         return
     table(["KIND", "NAME", "SECRET", "THUMBPRINT", "EXPIRES", "DESCRIPTION"], [
         [r["kind"], r["name"], "yes" if r["secret"] else "no", r["thumbprint"],
          _expiry(r["not_after"]), r["description"]] for r in rows])
+
+
+@app.command("list")
+def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+          data_dir: DataDir = None, json: Json = False) -> None:
+    """Every asset of the account, without values."""
+    _list(None, hub, token, ca_fingerprint, data_dir, json)
+
+
+@variable.command("list")
+def variable_list(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+                  data_dir: DataDir = None, json: Json = False) -> None:
+    """The account's variables, without values."""
+    _list("variable", hub, token, ca_fingerprint, data_dir, json)
+
+
+@credential.command("list")
+def credential_list(hub: Hub = None, token: Token = None,
+                    ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+                    json: Json = False) -> None:
+    """The account's credentials, without secrets."""
+    _list("credential", hub, token, ca_fingerprint, data_dir, json)
+
+
+@certificate.command("list")
+def certificate_list(hub: Hub = None, token: Token = None,
+                     ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+                     json: Json = False) -> None:
+    """The account's certificates: thumbprints and expiry, never a key."""
+    _list("certificate", hub, token, ca_fingerprint, data_dir, json)
 
 
 @app.command()
