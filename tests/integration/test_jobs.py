@@ -158,3 +158,39 @@ def test_a_job_queued_where_no_machine_can_take_it_says_so(hub: Hub, agents: lis
     late = hub.cli("job", "start", "hi", "--group", "web", "--count", "2")
     assert late.returncode == 0, late.stderr
     assert "warning: No machine of group 'web' is Healthy (w9 " in late.stderr
+
+
+def test_follow_rides_out_a_hub_restart(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+    """`job start --follow` waits for a hub that restarts mid-job: every line once, in
+    order, and exit 0; the agent keeps running the job meanwhile."""
+    import subprocess
+
+    from tests.support import OUTPOST, clean_env
+
+    flag = tmp_path / "go-on"
+    os.chmod(tmp_path, 0o755)
+    _publish(hub, tmp_path, "slow", 'echo first\n'
+             f'for i in $(seq 1 300); do [ -e "{flag}" ] && break; sleep 0.1; done\n'
+             'echo second\n')
+    _healthy_agent(hub, tmp_path, agents, backoff_max=1)
+    follow = subprocess.Popen(
+        [*OUTPOST, "job", "start", "slow", "--group", "web", "--follow", "--hub", hub.url,
+         "--token", hub.admin_token, "--ca-fingerprint", hub.fingerprint],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        assert follow.stdout is not None
+        assert follow.stdout.readline().strip() == "first"
+        hub.stop()  # mid-job: the CLI and the agent both lose it
+        time.sleep(2)
+        hub.start()
+        flag.touch()
+        out, err = follow.communicate(timeout=90)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    assert follow.returncode == 0, err
+    lines = out.splitlines()  # "first" was read above: nothing is printed twice
+    assert lines[0] == "second" and len(lines) == 2, out
+    assert lines[1].startswith("Job ") and " Completed (exit code 0)." in lines[1]
+    assert "warning: lost the hub" in err and "the hub answers again" in err

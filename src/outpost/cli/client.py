@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
+
+from .output import err
 
 
 @dataclass
@@ -25,6 +28,12 @@ class Target:
 def _fingerprint(pem: str) -> str:
     cert = x509.load_pem_x509_certificate(pem.encode())
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+# A waiting command rides out this many seconds in a row without the hub, when the failure
+# is one a restart or a network cut gives (not a wrong address, CA or token).
+RIDE_OUT = 120.0
+AWAY_KINDS = ("refused", "timeout", "other")
 
 
 def _classify(exc: httpx.HTTPError) -> str:
@@ -88,6 +97,7 @@ class Api:
     def __init__(self, target: Target, timeout: float = 30.0) -> None:
         ctx = ssl.create_default_context(cadata=target.ca_pem)
         self.target = target
+        self._lost_since: float | None = None
         self._client = httpx.Client(
             base_url=target.url, verify=ctx, timeout=timeout,
             headers={"Authorization": f"Bearer {target.token}"})
@@ -110,6 +120,35 @@ class Api:
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.call("GET", path, **kw)
+
+    def get_riding_out(self, path: str, **kw: Any) -> Any:
+        """``get`` for a command that waits (``--wait``, ``--follow``): while the hub is away
+        (restarting, or the network between is down) it tries again, with backoff, for up to
+        RIDE_OUT seconds in a row, saying so once on stderr. A wrong address, CA or token
+        still fails at once."""
+        delay = 0.2
+        while True:
+            try:
+                answer = self.get(path, **kw)
+            except (TransportError, HubRefused) as exc:
+                away = (isinstance(exc, TransportError) and exc.kind in AWAY_KINDS) or \
+                    (isinstance(exc, HubRefused) and exc.status in (502, 503, 504))
+                now = time.monotonic()
+                if not away or (self._lost_since is not None
+                                and now - self._lost_since > RIDE_OUT):
+                    raise
+                if self._lost_since is None:
+                    self._lost_since = now
+                    err.print(f"warning: lost the hub ({exc.message}); trying again for up "
+                              f"to {RIDE_OUT:.0f} s", markup=False)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if self._lost_since is not None:
+                err.print(f"the hub answers again (after {time.monotonic() - self._lost_since:.1f}"
+                          " s)", markup=False)
+                self._lost_since = None
+            return answer
 
     def post(self, path: str, json: Any = None, **kw: Any) -> Any:
         return self.call("POST", path, json=json, **kw)

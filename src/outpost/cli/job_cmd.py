@@ -43,14 +43,16 @@ def _print_records(records: list[dict[str, Any]], json: bool) -> None:
             out.print(f"{r['stream'].upper()}: {r['text']}", markup=False, highlight=False)
 
 
-def _pages(client: Api, job_id: str, after: int,
-           streams: list[str] | None = None) -> Iterator[list[dict[str, Any]]]:
-    """Every record after ``after`` that the hub has now, a page at a time."""
+def _pages(client: Api, job_id: str, after: int, streams: list[str] | None = None,
+           patient: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """Every record after ``after`` that the hub has now, a page at a time (``patient``:
+    riding out the hub's absence, as a waiting command does)."""
+    get = client.get_riding_out if patient else client.get
     while True:
         params: dict[str, Any] = {"after": after, "limit": PAGE}
         if streams:
             params["stream"] = streams
-        page: list[dict[str, Any]] = client.get(
+        page: list[dict[str, Any]] = get(
             f"/v1/jobs/{quote(job_id, safe='')}/output", params=params)
         if page:
             yield page
@@ -60,17 +62,18 @@ def _pages(client: Api, job_id: str, after: int,
 
 
 def _follow(client: Api, job_id: str, show_output: bool, json: bool) -> dict[str, Any]:
-    """Wait until the job ends, printing its records as they arrive when asked to."""
+    """Wait until the job ends, printing its records as they arrive when asked to; a hub
+    that restarts meanwhile is waited for (Api.get_riding_out)."""
     after, delay = -1, 0.02
     while True:
-        job: dict[str, Any] = client.get(f"/v1/jobs/{quote(job_id, safe='')}")
+        job: dict[str, Any] = client.get_riding_out(f"/v1/jobs/{quote(job_id, safe='')}")
         if show_output:
-            for page in _pages(client, job_id, after):
+            for page in _pages(client, job_id, after, patient=True):
                 _print_records(page, json)
                 after, delay = page[-1]["seq"], 0.02
         if job["status"] in FINAL:
             if show_output:  # what arrived between the two reads
-                for page in _pages(client, job_id, after):
+                for page in _pages(client, job_id, after, patient=True):
                     _print_records(page, json)
             return job
         time.sleep(delay)
