@@ -75,29 +75,17 @@ async def start_many(engine: AsyncEngine, account_id: str,
     books: dict[tuple[str, int | None], dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     for index, entry in enumerate(entries):
-        group, timeout = entry["group"], entry.get("timeout")
-        key = (entry["runbook"], entry.get("version"))
-        try:  # the checks of ``prepare``, in its order
-            check_group(group)
-            if timeout is not None and not 0 < timeout <= 7 * 86400:
-                raise OutpostError("invalid_request", f"Timeout {timeout:g} s is out of range.",
-                                   fix="Give a timeout between 1 second and 7 days.")
-            if key not in books:
-                books[key] = await runbooks.get(engine, account_id, *key)
-            book = books[key]
-            values = params.check(book["params"], entry.get("params") or {})
+        try:
+            row = await prepare(engine, account_id, entry["runbook"], entry["group"],
+                                entry.get("params") or {}, entry.get("version"),
+                                entry.get("timeout"), books)
         except OutpostError as exc:
             raise OutpostError(exc.reason, f"jobs[{index}]: {exc.message}", fix=exc.fix,
                                **{**exc.details, "index": index}) from exc
         # Claims take the oldest first: entries keep their order even within one clock tick.
-        created = time.time()
-        if rows and created <= rows[-1]["created_at"]:
-            created = rows[-1]["created_at"] + 1e-6
-        rows.append({"id": random_id(), "account_id": account_id,
-                     "runbook_name": book["name"], "runbook_version": book["version"],
-                     "group_name": group, "params": values, "status": "Queued",
-                     "timeout_seconds": timeout, "created_at": created, "activations": 0,
-                     "attempt": 0})
+        if rows and row["created_at"] <= rows[-1]["created_at"]:
+            row["created_at"] = rows[-1]["created_at"] + 1e-6
+        rows.append(row)
     if not rows:
         return []
     async with engine.begin() as conn:
@@ -112,16 +100,22 @@ async def start_many(engine: AsyncEngine, account_id: str,
 
 async def prepare(engine: AsyncEngine, account_id: str, runbook: str, group: str,
                   given: dict[str, Any], version: int | None = None,
-                  timeout: float | None = None) -> dict[str, Any]:
+                  timeout: float | None = None,
+                  books: dict[tuple[str, int | None], dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
     """The row of a new job, checked (group, timeout, runbook, parameters) but not stored.
 
     Schedules and webhooks call this, then ``insert`` in a transaction of their own.
+    ``books`` keeps the runbook versions read, for a caller preparing many (``start_many``).
     """
     check_group(group)
     if timeout is not None and not 0 < timeout <= 7 * 86400:
         raise OutpostError("invalid_request", f"Timeout {timeout:g} s is out of range.",
                            fix="Give a timeout between 1 second and 7 days.")
-    book = await runbooks.get(engine, account_id, runbook, version)
+    books = {} if books is None else books
+    if (runbook, version) not in books:
+        books[(runbook, version)] = await runbooks.get(engine, account_id, runbook, version)
+    book = books[(runbook, version)]
     values = params.check(book["params"], given)
     return {"id": random_id(), "account_id": account_id, "runbook_name": book["name"],
             "runbook_version": book["version"], "group_name": group, "params": values,
