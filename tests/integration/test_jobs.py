@@ -42,6 +42,15 @@ def test_a_job_runs_and_its_streams_arrive_in_order(hub: Hub, agents: list[Agent
 
     only_errors = hub.cli("job", "output", job["id"], "--stream", "Error")
     assert only_errors.stdout.strip() == "ERROR: oops"
+    # Stream names in any case; --follow keeps to the streams asked for; a wrong name is
+    # refused, naming the streams there are.
+    assert hub.cli("job", "output", job["id"], "--stream", "error").stdout.strip() == \
+        "ERROR: oops"
+    followed = hub.cli("job", "output", job["id"], "--stream", "WARNING", "--follow")
+    assert followed.returncode == 0 and followed.stdout.strip() == "WARNING: careful"
+    wrong = hub.cli("job", "output", job["id"], "--stream", "Nope")
+    assert wrong.returncode == 2 and "Unknown stream 'Nope'" in wrong.stderr, wrong.stderr
+    assert "Output, Error, Warning, Verbose, Progress, Debug" in wrong.stderr
 
 
 def test_bad_parameters_are_refused_before_anything_is_queued(hub: Hub, tmp_path: Path) -> None:

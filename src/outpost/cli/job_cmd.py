@@ -61,19 +61,20 @@ def _pages(client: Api, job_id: str, after: int, streams: list[str] | None = Non
             return
 
 
-def _follow(client: Api, job_id: str, show_output: bool, json: bool) -> dict[str, Any]:
+def _follow(client: Api, job_id: str, show_output: bool, json: bool,
+            streams: list[str] | None = None) -> dict[str, Any]:
     """Wait until the job ends, printing its records as they arrive when asked to; a hub
     that restarts meanwhile is waited for (Api.get_riding_out)."""
     after, delay = -1, 0.02
     while True:
         job: dict[str, Any] = client.get_riding_out(f"/v1/jobs/{quote(job_id, safe='')}")
         if show_output:
-            for page in _pages(client, job_id, after, patient=True):
+            for page in _pages(client, job_id, after, streams, patient=True):
                 _print_records(page, json)
                 after, delay = page[-1]["seq"], 0.02
         if job["status"] in FINAL:
             if show_output:  # what arrived between the two reads
-                for page in _pages(client, job_id, after, patient=True):
+                for page in _pages(client, job_id, after, streams, patient=True):
                     _print_records(page, json)
             return job
         time.sleep(delay)
@@ -252,7 +253,8 @@ def resume(job_id: str, hub: Hub = None, token: Token = None,
 @app.command()
 def output(job_id: str,
            stream: Annotated[Optional[list[str]], typer.Option(
-               help=f"Only these streams ({', '.join(STREAMS)}); repeatable.")] = None,
+               help=f"Only these streams ({', '.join(STREAMS)}; any case); repeatable.")]
+           = None,
            follow: Annotated[bool, typer.Option("--follow", "-f",
                                                 help="Keep printing until the job ends.")]
            = False,
@@ -261,7 +263,7 @@ def output(job_id: str,
     """A job's output records, in order."""
     client = api(hub, token, ca_fingerprint, data_dir)
     if follow:
-        _follow(client, job_id, True, json)
+        _follow(client, job_id, True, json, stream)
         return
     if json:
         print_json([r for page in _pages(client, job_id, -1, stream) for r in page])

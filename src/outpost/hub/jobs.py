@@ -707,12 +707,27 @@ async def listing(engine: AsyncEngine, account_id: str, status: str | None = Non
     return [_view(r) for r in rows]
 
 
+def stream_name(name: str) -> str:
+    """A stream's name as stored, from any case ("error" is Error); else E3003."""
+    for stream in STREAMS:
+        if stream.lower() == name.strip().lower():
+            return stream
+    raise OutpostError("invalid_request", f"Unknown stream '{name}'.",
+                       fix=f"Use one of {', '.join(STREAMS)} (in any case).", stream=name)
+
+
 async def records(engine: AsyncEngine, account_id: str, job_id: str, after: int = -1,
                   streams: list[str] | None = None, limit: int = 10000
                   ) -> list[dict[str, Any]]:
     """Up to ``limit`` records after sequence ``after``, in order (a page: ask again with the
     last one's ``seq`` for the next)."""
-    await get(engine, account_id, job_id)  # existence and account
+    if streams:
+        streams = [stream_name(s) for s in streams]
+    async with engine.connect() as conn:  # existence and account
+        if await conn.scalar(sa.select(jobs.c.id).where(
+                jobs.c.id == job_id, jobs.c.account_id == account_id)) is None:
+            raise OutpostError("not_found", f"No job '{job_id}' in this account.",
+                               fix="See 'outpost job list'.")
     query = sa.select(job_records).where(job_records.c.job_id == job_id,
                                          job_records.c.seq > after)
     if streams:
