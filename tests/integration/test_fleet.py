@@ -149,6 +149,12 @@ def test_removed_machine_is_refused(hub: Hub, agents: list[Agent], tmp_path: Pat
     agents.append(agent.start())
     assert register(hub, tmp_path / "agent-m2", "m2").returncode == 0
     _healthy(hub, "m1")
+    shown = hub.cli("machine", "show", "m1")
+    assert shown.returncode == 0, shown.stderr
+    # Times as an operator reads them, not seconds since 1970.
+    assert re.search(r"last_heartbeat_at: +20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+s ago\)",
+                     shown.stdout), shown.stdout
+    assert re.search(r"registered_at: +20\d\d-", shown.stdout)
 
     removed = hub.cli("machine", "remove", "m1")
     assert removed.returncode == 0, removed.stderr

@@ -51,6 +51,11 @@ def test_a_job_runs_and_its_streams_arrive_in_order(hub: Hub, agents: list[Agent
     wrong = hub.cli("job", "output", job["id"], "--stream", "Nope")
     assert wrong.returncode == 2 and "Unknown stream 'Nope'" in wrong.stderr, wrong.stderr
     assert "Output, Error, Warning, Verbose, Progress, Debug" in wrong.stderr
+    # Job states too, in any case.
+    listed = json.loads(hub.cli("job", "list", "--status", "completed", "--json").stdout)
+    assert [j["id"] for j in listed] == [job["id"]]
+    unknown = hub.cli("job", "list", "--status", "done")
+    assert unknown.returncode == 2 and "Unknown job status 'done'" in unknown.stderr
 
 
 def test_bad_parameters_are_refused_before_anything_is_queued(hub: Hub, tmp_path: Path) -> None:

@@ -92,7 +92,18 @@ def machine_show(name: str, hub: Hub = None, token: Token = None,
         print_json(row)
         return
     for key, value in row.items():
-        out.print(f"{key + ':':20} {value}")
+        if key.endswith("_at") and isinstance(value, (int, float)):
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+            value = f"{stamp} ({ago(value)})"
+        elif key == "heartbeat_interval":
+            value = f"{value:g} s"
+        elif key == "facts" and isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+        elif key == "labels" and isinstance(value, dict):
+            value = ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+        elif value is None:
+            value = "-"
+        out.print(f"{key + ':':20} {value}", markup=False)
 
 
 @machines.command("heartbeats")

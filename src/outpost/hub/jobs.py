@@ -695,9 +695,12 @@ async def _waiting_for(conn: AsyncConnection, row: Any) -> str | None:
 
 async def listing(engine: AsyncEngine, account_id: str, status: str | None = None,
                   limit: int = 200) -> list[dict[str, Any]]:
-    if status is not None and status not in STATES:
-        raise OutpostError("invalid_request", f"Unknown job status '{status}'.",
-                           fix=f"Use one of {', '.join(STATES)}.")
+    if status is not None:  # in any case, as a stream's name
+        known = {state.lower(): state for state in STATES}
+        if status.strip().lower() not in known:
+            raise OutpostError("invalid_request", f"Unknown job status '{status}'.",
+                               fix=f"Use one of {', '.join(STATES)} (in any case).")
+        status = known[status.strip().lower()]
     query = sa.select(jobs).where(jobs.c.account_id == account_id)
     if status:
         query = query.where(jobs.c.status == status)
