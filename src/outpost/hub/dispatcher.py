@@ -23,6 +23,31 @@ from .db import work_items
 RECHECK = 5.0
 
 
+# Built once with bound parameters: every long-poll claims with it. The pick is a
+# materialized CTE for the reason jobs._PICK is.
+_PICK_ITEMS = (
+    sa.select(work_items.c.id)
+    .where(
+        work_items.c.account_id == sa.bindparam("b_account"),
+        work_items.c.claimed_by.is_(None),
+        sa.or_(work_items.c.machine_id == sa.bindparam("b_machine"),
+               sa.and_(work_items.c.machine_id.is_(None),
+                       work_items.c.group_name == sa.bindparam("b_group"))),
+    )
+    .order_by(work_items.c.created_at)
+    .limit(sa.bindparam("b_limit"))
+    .with_for_update(skip_locked=True)
+    .cte("pick").prefix_with("MATERIALIZED", dialect="postgresql")
+)
+_CLAIM_ITEMS = (
+    work_items.update()
+    .where(work_items.c.id.in_(sa.select(_PICK_ITEMS.c.id)), work_items.c.claimed_by.is_(None))
+    .values(claimed_by=sa.bindparam("b_machine"), claimed_at=sa.bindparam("b_now"))
+    .returning(work_items.c.id, work_items.c.kind, work_items.c.payload,
+               work_items.c.created_at)
+)
+
+
 class Dispatcher:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -59,29 +84,10 @@ class Dispatcher:
 
     async def claim(self, machine: Any, limit: int, capacity: int = 0) -> list[dict[str, Any]]:
         """Claim open items for this machine in one statement: no item goes to two pollers."""
-        pick = (
-            sa.select(work_items.c.id)
-            .where(
-                work_items.c.account_id == machine.account_id,
-                work_items.c.claimed_by.is_(None),
-                sa.or_(work_items.c.machine_id == machine.id,
-                       sa.and_(work_items.c.machine_id.is_(None),
-                               work_items.c.group_name == machine.group_name)),
-            )
-            .order_by(work_items.c.created_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("pick").prefix_with("MATERIALIZED", dialect="postgresql")  # see jobs.claim
-        )
-        stmt = (
-            work_items.update()
-            .where(work_items.c.id.in_(sa.select(pick.c.id)), work_items.c.claimed_by.is_(None))
-            .values(claimed_by=machine.id, claimed_at=time.time())
-            .returning(work_items.c.id, work_items.c.kind, work_items.c.payload,
-                       work_items.c.created_at)
-        )
         async with self._engine.begin() as conn:
-            rows = (await conn.execute(stmt)).all()
+            rows = (await conn.execute(_CLAIM_ITEMS, {
+                "b_account": machine.account_id, "b_machine": machine.id,
+                "b_group": machine.group_name, "b_limit": limit, "b_now": time.time()})).all()
             claimed = [dict(row._mapping) for row in sorted(rows, key=lambda r: r.created_at)]
             claimed += await jobs.claim(conn, machine, capacity)
         return claimed

@@ -123,9 +123,12 @@ async def prepare(engine: AsyncEngine, account_id: str, runbook: str, group: str
             "activations": 0, "attempt": 0}
 
 
+_INSERT = jobs.insert()
+
+
 async def insert(conn: AsyncConnection, values: dict[str, Any]) -> None:
     """Queue a prepared job. The caller wakes the group's pollers after its commit."""
-    await conn.execute(jobs.insert().values(**values))
+    await conn.execute(_INSERT, values)
 
 
 def lease_seconds(machine: Any) -> float:

@@ -81,15 +81,22 @@ def _view(row: Any, content: bool) -> dict[str, Any]:
     return data
 
 
+# Built once with bound parameters (every job start reads its runbook): building a statement
+# and its cache key cost more than SQLite takes to run it.
+_OF_NAME = sa.select(runbooks).where(runbooks.c.account_id == sa.bindparam("b_account"),
+                                     runbooks.c.name == sa.bindparam("b_name"))
+_VERSION = _OF_NAME.where(runbooks.c.version == sa.bindparam("b_version"))
+_LATEST = _OF_NAME.order_by(runbooks.c.version.desc()).limit(1)
+
+
 async def get(engine: AsyncEngine, account_id: str, name: str,
               version: int | None = None) -> dict[str, Any]:
     """One version (the latest when none is given) with its content."""
-    query = sa.select(runbooks).where(runbooks.c.account_id == account_id,
-                                      runbooks.c.name == name)
-    query = (query.where(runbooks.c.version == version) if version is not None
-             else query.order_by(runbooks.c.version.desc()).limit(1))
+    query, bound = ((_VERSION, {"b_version": version}) if version is not None
+                    else (_LATEST, {}))
     async with engine.connect() as conn:
-        row = (await conn.execute(query)).first()
+        row = (await conn.execute(query, {"b_account": account_id, "b_name": name,
+                                          **bound})).first()
     if row is None:
         which = f" version {version}" if version is not None else ""
         raise OutpostError("not_found", f"No runbook '{name}'{which} in this account.",
