@@ -198,8 +198,12 @@ def main() -> None:
                 print(f"  {load()}")
                 print(f"  {where(args.dir)}")
                 rate = phases[0]["rate"]
-                print(f"  target >= {TARGET:g} jobs/s end to end on SQLite: "
-                      f"{verdict(rate >= TARGET)} ({rate:.1f})")
+                if kind == "sqlite":
+                    print(f"  target >= {TARGET:g} jobs/s end to end on SQLite: "
+                          f"{verdict(rate >= TARGET)} ({rate:.1f})")
+                else:
+                    print(f"  ({rate:.1f} jobs/s end to end; the target, {TARGET:g}, is for "
+                          "SQLite)")
     except TimeBound as exc:
         print(f"\n{exc}; figures above are complete runs only")
     finally:
