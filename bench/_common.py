@@ -173,6 +173,41 @@ def publish(hub: Hub, name: str, content: str, kind: str = "bash") -> None:
     assert response.status_code == 201, response.text
 
 
+async def submit_noops(st: Stack, count: int, clients: int, batch: int = 1
+                       ) -> tuple[list[str], float, float]:
+    """Queue ``count`` jobs of the published runbook ``noop`` on group ``web`` from
+    ``clients`` concurrent httpx connections, ``batch`` a request (above 1 through
+    POST /v1/jobs/batch): (their ids, first sent, last answered)."""
+    import asyncio
+    import itertools
+
+    import httpx
+
+    ids: list[str] = []
+    todo = iter(range(count))
+    first: list[float] = []
+    job = {"runbook": "noop", "group": "web"}
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while chunk := list(itertools.islice(todo, batch)):
+            first.append(time.time())
+            if batch == 1:
+                response = await client.post("/v1/jobs", json=job)
+            else:
+                response = await client.post("/v1/jobs/batch", json={"jobs": [job] * len(chunk)})
+            if response.status_code != 201:
+                raise RuntimeError(f"submit refused: {response.status_code} {response.text}")
+            answer = response.json()
+            ids.extend([answer["id"]] if batch == 1 else [j["id"] for j in answer["jobs"]])
+
+    async with httpx.AsyncClient(base_url=st.hub.url, verify=st.hub.ssl_context(),
+                                 headers={"Authorization": f"Bearer {st.hub.admin_token}"},
+                                 timeout=60, limits=httpx.Limits(max_connections=clients)
+                                 ) as client:
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+    return ids, min(first), time.time()
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100) of a non-empty list."""
     ordered = sorted(values)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import signal
 import sys
@@ -22,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,31 +35,12 @@ from bench._common import (  # noqa: E402
     publish,
     py_spy,
     stack,
+    submit_noops,
     time_bound,
     where,
 )
 
 CLIENTS = 4
-
-
-async def submit(st: Stack, count: int, batch: int) -> None:
-    todo = iter(range(count))
-    job = {"runbook": "noop", "group": "web"}
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while chunk := list(itertools.islice(todo, batch)):
-            if batch == 1:
-                response = await client.post("/v1/jobs", json=job)
-            else:
-                response = await client.post("/v1/jobs/batch", json={"jobs": [job] * len(chunk)})
-            if response.status_code != 201:
-                raise RuntimeError(f"submit refused: {response.status_code} {response.text}")
-
-    async with httpx.AsyncClient(base_url=st.hub.url, verify=st.hub.ssl_context(),
-                                 headers={"Authorization": f"Bearer {st.hub.admin_token}"},
-                                 timeout=60, limits=httpx.Limits(max_connections=CLIENTS)
-                                 ) as client:
-        await asyncio.gather(*(worker(client) for _ in range(CLIENTS)))
 
 
 def measure(st: Stack, count: int, batch: int, spy_dir: Path | None, tag: str
@@ -71,7 +50,7 @@ def measure(st: Stack, count: int, batch: int, spy_dir: Path | None, tag: str
     spy = py_spy(st.hub_pid, spy_dir / f"submit-{tag}-hub.txt", 3600) if spy_dir else None
     before, started = hub.cpu_times(), time.monotonic()
     try:
-        asyncio.run(submit(st, count, batch))
+        asyncio.run(submit_noops(st, count, CLIENTS, batch))
     finally:
         finish_py_spy(spy)
     after, wall = hub.cpu_times(), time.monotonic() - started

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import signal
 import sys
@@ -40,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.dispatch_latency import agent_config_for, hooks_for, variant_name  # noqa: E402
@@ -56,6 +54,7 @@ from bench._common import (  # noqa: E402
     py_spy,
     query,
     stack,
+    submit_noops,
     time_bound,
     verdict,
     where,
@@ -65,34 +64,6 @@ TARGET = 300.0
 
 
 BATCH = 1  # jobs a submit request carries (--batch); above 1 through POST /v1/jobs/batch
-
-
-async def submit(st: Stack, count: int, submitters: int) -> tuple[list[str], float, float]:
-    """Submit ``count`` jobs over ``submitters`` connections, ``BATCH`` a request:
-    (ids, first sent, last answered)."""
-    ids: list[str] = []
-    todo = iter(range(count))
-    first: list[float] = []
-    job = {"runbook": "noop", "group": "web"}
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while chunk := list(itertools.islice(todo, BATCH)):
-            first.append(time.time())
-            if BATCH == 1:
-                response = await client.post("/v1/jobs", json=job)
-            else:
-                response = await client.post("/v1/jobs/batch", json={"jobs": [job] * len(chunk)})
-            if response.status_code != 201:
-                raise RuntimeError(f"submit refused: {response.status_code} {response.text}")
-            answer = response.json()
-            ids.extend([answer["id"]] if BATCH == 1 else [j["id"] for j in answer["jobs"]])
-
-    async with httpx.AsyncClient(base_url=st.hub.url, verify=st.hub.ssl_context(),
-                                 headers={"Authorization": f"Bearer {st.hub.admin_token}"},
-                                 timeout=60, limits=httpx.Limits(max_connections=submitters)
-                                 ) as client:
-        await asyncio.gather(*(worker(client) for _ in range(submitters)))
-    return ids, min(first), time.time()
 
 
 def ended(url: str, ids: list[str], timeout: float) -> tuple[float, dict[str, int]]:
@@ -123,7 +94,7 @@ def phase(st: Stack, name: str, jobs: int, submitters: int, pause_agent: bool,
         if pause_agent:
             os.kill(st.agent_pid, signal.SIGSTOP)
         try:
-            ids, first, submitted = asyncio.run(submit(st, jobs, submitters))
+            ids, first, submitted = asyncio.run(submit_noops(st, jobs, submitters, BATCH))
         finally:
             if pause_agent:
                 os.kill(st.agent_pid, signal.SIGCONT)
