@@ -134,7 +134,7 @@ def test_sigterm_or_kill_9_of_up_stops_its_hub_and_agent(tmp_path: Path) -> None
         proc.stdout.close()
     assert code == 0, rest
     assert "Stopping the agent and the hub" in rest
-    wait_until(lambda: not any(_alive(pid) for pid in children), 15,
+    wait_until(lambda: not any(_alive(pid) for pid in children), 30,
                what="the hub and agent to stop with 'up'")
 
     proc, _ = _up(data_dir, port)
@@ -144,5 +144,5 @@ def test_sigterm_or_kill_9_of_up_stops_its_hub_and_agent(tmp_path: Path) -> None
     proc.wait()
     if proc.stdout:
         proc.stdout.close()
-    wait_until(lambda: not any(_alive(pid) for pid in children), 15,
+    wait_until(lambda: not any(_alive(pid) for pid in children), 30,
                what="the hub and agent to stop after kill -9 of 'up'")
