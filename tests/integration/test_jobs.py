@@ -164,6 +164,12 @@ def test_a_job_queued_where_no_machine_can_take_it_says_so(hub: Hub, agents: lis
     assert [a["machine"] for a in job["attempts"]] == ["w9"]
     assert "waiting_for" not in job
     assert " w9 " in hub.cli("job", "show", job["id"]).stdout
+    # --follow --json: the records as JSON lines, then the job's end as one more line.
+    followed = hub.cli("job", "start", "hi", "--group", "web", "--follow", "--json")
+    assert followed.returncode == 0, followed.stderr
+    lines = [json.loads(line) for line in followed.stdout.splitlines()]
+    assert [line["text"] for line in lines[:-1]] == ["hi"]
+    assert lines[-1]["job"]["status"] == "Completed" and lines[-1]["job"]["exit_code"] == 0
 
     agent.stop()  # registered, but no longer heartbeating
     machines_down = wait_until(lambda: hub.machines()["w9"]["status"] != "Healthy", 30,

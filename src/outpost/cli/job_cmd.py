@@ -128,6 +128,8 @@ def start(
     job = _follow(client, job["id"], follow, json and follow)
     if json and not follow:
         print_json(job)
+    elif json:  # the records were JSON lines: the job's end is one more, {"job": ...}
+        out.print(dumps({"job": job}), markup=False, highlight=False, soft_wrap=True)
     elif not json:
         out.print(f"Job {job['id']} {job['status']} ({job['reason'] or ''}).", markup=False)
     if job["status"] != "Completed":
