@@ -37,6 +37,7 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     # A session of their own: a Ctrl-C in the terminal reaches only 'up', which then stops
     # the agent before the hub, so the agent's last words reach a running hub.
     with log.open("ab") as fh:
+        _RUN_STARTS[log] = fh.tell()  # what an earlier run wrote is not this run's error
         return subprocess.Popen([sys.executable, "-m", "outpost", *args], stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent)
@@ -66,11 +67,18 @@ def _exited(what: str, returncode: int | None, log: Path) -> OutpostError:
                         + "\n".join(tail[-15:]), fix=f"Read {log} for the whole log.")
 
 
+_RUN_STARTS: dict[Path, int] = {}  # each log's size when this run's process started
+
+
 def _tail(log: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines this run's process wrote to ``log``."""
     try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        with log.open("rb") as fh:
+            fh.seek(_RUN_STARTS.get(log, 0))
+            text = fh.read().decode(errors="replace")
     except OSError:
         return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _wait_for(check: Any, proc: subprocess.Popen[bytes], log: Path, what: str,
