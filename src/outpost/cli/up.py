@@ -207,7 +207,13 @@ def up(data_dir: Path, bind: str, hold: bool = True) -> int:
         out.print("\nStopping the agent and the hub...")
         return 0
     finally:
-        _stop(agent)
-        _stop(hub)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        # A second Ctrl-C or SIGTERM (a supervisor that signals the whole process group)
+        # must not cut the stopping short: they wait until both have stopped.
+        quiet = {sig: signal.signal(sig, signal.SIG_IGN)
+                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            _stop(agent)
+            _stop(hub)
+        finally:
+            for sig, handler in {**quiet, **previous}.items():
+                signal.signal(sig, handler)
