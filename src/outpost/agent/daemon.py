@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from nacl.signing import SigningKey
 
@@ -316,8 +317,12 @@ class Agent:
 
     def _start_job(self, payload: dict[str, Any]) -> None:
         assert self.client is not None and self.registration is not None
-        run = JobRun(payload, self.state.root / "jobs", self.spool_dir, self._call,
-                     self.client.url, self.registration.ca_pem, self.reporter)
+        try:
+            run = JobRun(payload, self.state.root / "jobs", self.spool_dir, self._call,
+                         self.client.url, self.registration.ca_pem, self.reporter)
+        except OSError as exc:  # no spool, no job: the disk is full, or the directory gone
+            self._cannot_spool(payload, exc)
+            return
         self.jobs[run.id] = run
 
         async def body() -> None:
@@ -334,6 +339,19 @@ class Agent:
         log.info("job %s: running %s version %s (attempt %s)", run.id, payload.get("runbook"),
                  payload.get("version"), run.attempt)
         self._job_tasks[run.id] = asyncio.create_task(body(), name=f"job-{run.id}")
+
+    def _cannot_spool(self, payload: dict[str, Any], exc: OSError) -> None:
+        """A claimed job whose spool cannot be made is given back at once as a failed
+        activation (the machine's fault: the hub queues it again), rather than left to
+        wait out its lease."""
+        job_id, attempt = str(payload.get("job_id")), int(payload.get("attempt") or 1)
+        why = (f"the agent could not make the job's spool in {self.spool_dir} "
+               f"({exc.strerror or exc}); free space on the machine")
+        log.error("job %s: %s", job_id, why)
+        end = {"exit_code": None, "signal": None, "cause": "lost", "reason": why}
+        self._spawn(self._call("POST", f"/v1/agent/jobs/{quote(job_id, safe='')}/report",
+                               {"attempt": attempt, "started": False, "end": end,
+                                "records": []}), f"give back {job_id}")
 
     async def _handle(self, item: dict[str, Any]) -> None:
         if item.get("kind") == "job":

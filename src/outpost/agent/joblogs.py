@@ -74,13 +74,16 @@ def parse_name(name: str) -> tuple[str, int] | None:
 
 
 def _append(path: Path, lines: Iterable[bytes]) -> bool:
-    """Append whole lines in one write; False when the file is not there (never made)."""
+    """Append whole lines in one write; False when the file is not there (never made) or
+    the disk refuses them."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
         os.write(fd, b"".join(lines))
+    except OSError:  # a full disk: held in memory instead, as a line with no file is
+        return False
     finally:
         os.close(fd)
     return True

@@ -179,12 +179,33 @@ class Spool:
 
     def agent_lines(self, data: bytes) -> bool:
         """The agent's whole log lines about the job (joblogs.py), through the spool's own
-        file object so they and the records stay whole lines; False once it is closed."""
+        file object so they and the records stay whole lines; False once it is closed, or
+        when the disk refuses them (they are then held in memory)."""
         if self._fh is None:
             return False
-        self._fh.write(data)
-        self._fh.flush()
+        try:
+            self._write(data)
+        except OSError:
+            return False
         return True
+
+    def _write(self, data: bytes) -> None:
+        """Append and hand to the kernel. A write the disk refuses (full, quota) leaves no
+        torn line behind: the file is cut back to where it was, so whatever is written next
+        starts a line, and the error is raised."""
+        fh = self._fh
+        assert fh is not None
+        before = fh.tell()  # append mode: the file's end
+        try:
+            fh.write(data)
+            fh.flush()
+        except OSError:
+            self._fh = None
+            with contextlib.suppress(OSError):
+                fh.close()  # its flush may fail again: what it held is dropped
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, before)
+            raise
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         """The spool's meta line, before any record, in one write. A torn meta line (the
@@ -214,11 +235,11 @@ class Spool:
         return data
 
     def append(self, lines: list[bytes]) -> None:
-        """Write and hand to the kernel: a killed agent loses none of it."""
+        """Write and hand to the kernel: a killed agent loses none of it. OSError when the
+        disk refuses it (see _write)."""
         if self._fh is None:
             self._fh = self.path.open("ab")
-        self._fh.write(b"".join(lines))
-        self._fh.flush()
+        self._write(b"".join(lines))
 
     def end(self, outcome: dict[str, Any]) -> None:
         """The last line: no agent line comes after it (joblogs.detach). Its ``at`` (not
@@ -297,6 +318,9 @@ class Uploader:
         self.ended = asyncio.Event()
         self.started = asyncio.Event()  # set when the process started, or could not
         self.spawned = False
+        # The attempt's end when the spool could not take it (a full disk): sent once
+        # everything the spool holds has been.
+        self.unspooled_end: dict[str, Any] | None = None
 
     async def send(self, path: str, payload: Any) -> Any:
         """Deliver one report, retrying with backoff; a refusal (4xx) is not retried."""
@@ -323,6 +347,9 @@ class Uploader:
         while True:
             self.more.clear()
             lines, end, offset_after = self.spool.read(offset)  # page cache: no wait
+            if end is None and not lines and offset_after == offset \
+                    and self.unspooled_end is not None:
+                end = self.unspooled_end
             if lines or end is not None or started:
                 body = b'{"attempt":%d,"started":%s,"end":%s,"records":[%s]}' % (
                     self.attempt, b"true" if started else b"false",
@@ -363,6 +390,7 @@ class JobRun:
         self.why = ""
         self._pending: list[bytes] = []
         self._requested: str | None = None  # a control action that came before the process
+        self._ending: asyncio.Task[None] | None = None  # _spool_refused's end of the group
 
     # --- records -------------------------------------------------------------------------
     def emit(self, stream: str, text: str) -> None:
@@ -377,9 +405,31 @@ class JobRun:
 
     def _commit(self) -> None:
         if self._pending:
-            self.spool.append(self._pending)
+            try:
+                self.spool.append(self._pending)
+            except OSError as exc:
+                self._spool_refused(exc)
+                return
             self._pending = []
             self.uploader.more.set()
+
+    def _spool_refused(self, exc: OSError) -> None:
+        """The spool cannot take the job's output (the disk is full): records the agent
+        cannot keep must not be taken at all, so the attempt ends here, its process group
+        with it, as a failed activation (the machine's fault, not the runbook's: the hub
+        queues the job again). The output still coming is read and dropped, so the runbook
+        is never left blocked on a full pipe."""
+        self._pending = []
+        if self.ended_by is not None:
+            return
+        self.ended_by = "lost"
+        self.why = (f"the agent could not write the job's output to its spool in "
+                    f"{self.spool.path.parent} ({exc.strerror or exc}); free space on the "
+                    "machine")
+        log.error("job %s: %s", self.id, self.why)
+        if self.proc is not None:
+            self._ending = asyncio.get_running_loop().create_task(
+                self._end_group(), name=f"end-{self.id}")
 
     def _lines(self, lines: list[bytes], stderr: bool) -> None:
         for raw in lines:
@@ -491,15 +541,21 @@ class JobRun:
                 self.ended_by, self.why = "lost", "the agent was stopped while the job ran"
                 self._signal_group(signal.SIGKILL)
             self._commit()
-            self.spool.end({"exit_code": None, "signal": None, "cause": "lost",
-                            "reason": "the agent was stopped while the job ran"})
+            with contextlib.suppress(OSError):  # a full disk: the hub's lease decides
+                self.spool.end({"exit_code": None, "signal": None, "cause": "lost",
+                                "reason": "the agent was stopped while the job ran"})
             uploading.cancel()
             raise
         finally:
             self.uploader.started.set()
             self._cleanup()
         self._commit()
-        self.spool.end(outcome)
+        try:
+            self.spool.end(outcome)
+        except OSError as exc:
+            log.error("job %s: the end of attempt %s could not be spooled (%s); it is sent "
+                      "from memory", self.id, self.attempt, exc.strerror or exc)
+            self.uploader.unspooled_end = outcome
         self.uploader.ended.set()
         self.uploader.more.set()
         return await uploading
@@ -518,6 +574,14 @@ class JobRun:
             # Nothing ran: the runbook cannot start here (HW-1a, a missing interpreter).
             self.emit("Error", exc.message)
             return {"exit_code": None, "signal": None, "cause": "exit", "reason": exc.message}
+        except OSError as exc:
+            # Nothing ran, and not for the runbook's sake: its directory could not be made
+            # or written (a full disk) or the process not started. A failed activation: the
+            # hub queues the job again, for any machine of the group.
+            why = (f"the agent could not prepare or start the job in {self.workdir} "
+                   f"({exc.strerror or exc}); see 'outpost check' on the machine")
+            log.error("job %s: %s", self.id, why)
+            return {"exit_code": None, "signal": None, "cause": "lost", "reason": why}
         if self.proc is None:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -526,8 +590,11 @@ class JobRun:
                 user=identity[0] if identity else None,
                 group=identity[1] if identity else None,
                 extra_groups=[] if identity else None)
-        self.spool.write_meta({"job_id": self.id, "attempt": self.attempt,
-                               "pgid": self.proc.pid, "started_at": time.time()})
+        try:
+            self.spool.write_meta({"job_id": self.id, "attempt": self.attempt,
+                                   "pgid": self.proc.pid, "started_at": time.time()})
+        except OSError as exc:
+            self._spool_refused(exc)
         self.uploader.spawned = True
         self.uploader.started.set()
         if self._requested:

@@ -1,0 +1,104 @@
+"""A machine whose disk fills while a job runs (the agent's state on a small tmpfs).
+
+The spool is where the agent keeps a job's output before the hub has it; when the disk
+refuses it, the attempt ends as a failed activation naming the disk (the machine's fault, not
+the runbook's), its process group with it, and the agent goes on. Before, the job stayed
+Running with its runbook blocked on a full pipe, and the agent logged a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support import Agent, Hub, publish_script, register, wait_until
+
+ACTIVATE_FAILED = ("The job action 'Activate' cannot be run, because the process stopped "
+                   "unexpectedly. The job action was attempted three times.")
+
+
+def _job(hub: Hub, job_id: str) -> dict:  # type: ignore[type-arg]
+    answer = hub.api("GET", f"/v1/jobs/{job_id}")
+    assert answer.status_code == 200, answer.text
+    return answer.json()  # type: ignore[no-any-return]
+
+
+def _runbooks_under(path: Path) -> list[int]:
+    """Processes whose working directory is under ``path`` (a runbook left behind)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if str(proc.cwd()).startswith(str(path)):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_full_disk_ends_the_attempt_and_the_job_resumes_once_freed(
+        hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    agent: Agent | None = None
+    try:
+        flag = tmp_path / "small-output"
+        os.chmod(tmp_path, 0o755)
+        # About 12 MB of output, three times the disk; once the flag exists, one line.
+        publish_script(hub, tmp_path, "flood",
+                       f'if [ -e "{flag}" ]; then echo fits; exit 0; fi\n'
+                       'for i in $(seq 1 120000); do\n'
+                       '  echo "line $i ....................................................'
+                       '......................................"\n'
+                       'done\n')
+        state = mount / "agent"
+        assert register(hub, state, "small", "tiny").returncode == 0
+        agent = Agent(state, "small", {"heartbeat_interval": 1, "backoff_max": 1})
+        agents.append(agent.start())
+        wait_until(lambda: hub.machines()["small"]["status"] == "Healthy", 15,
+                   what="the agent on the small disk to be Healthy")
+
+        answer = hub.api("POST", "/v1/jobs", json={"runbook": "flood", "group": "tiny"})
+        assert answer.status_code == 201, answer.text
+        job_id = answer.json()["id"]
+        suspended = wait_until(lambda: (j := _job(hub, job_id))["status"] == "Suspended" and j,
+                               60, 0.2, what="three failed activations on the full disk")
+        assert suspended["reason"] == ACTIVATE_FAILED
+        reasons = [a["reason"] for a in suspended["attempts"]]
+        assert len(reasons) == 3, reasons
+        for reason in reasons:  # the disk named each time, the machine's fault
+            assert "No space left on device" in reason and "free space" in reason, reasons
+        assert "could not write the job's output to its spool" in reasons[0]
+        # No runbook left blocked on a pipe nobody reads; the agent is still there.
+        wait_until(lambda: not _runbooks_under(mount), 15, what="no runbook left running")
+        assert agent.proc is not None and agent.proc.poll() is None
+        assert hub.machines()["small"]["status"] == "Healthy"
+        assert "failed inside the agent" not in agent.log()
+
+        # The operator frees the disk (the kept logs of the failed attempts) and resumes.
+        for kept in (state / "joblogs").glob("*.jsonl"):
+            kept.unlink()
+        flag.touch()
+        assert hub.cli("job", "resume", job_id).returncode == 0
+        completed = wait_until(lambda: (j := _job(hub, job_id))["status"] == "Completed" and j,
+                               30, 0.2, what="the resumed job to complete")
+        assert completed["attempts"][-1]["reason"] == "exit code 0"
+        last = completed["attempts"][-1]["number"]  # its records: from (attempt - 1) << 32
+        out = hub.api("GET", f"/v1/jobs/{job_id}/output?after={((last - 1) << 32) - 1}").json()
+        assert [r["text"] for r in out] == ["fits"]
+        # What the full disk's attempts did send arrived whole and in order.
+        first = hub.api("GET", f"/v1/jobs/{job_id}/output?limit=50").json()
+        assert [r["text"].split()[1] for r in first] == [str(i) for i in range(1, 51)]
+    finally:
+        if agent is not None:
+            agent.stop()
+        time.sleep(0.2)
+        subprocess.run(["umount", "-l", str(mount)], check=False)
