@@ -3,7 +3,8 @@
 The spool is where the agent keeps a job's output before the hub has it; when the disk
 refuses it, the attempt ends as a failed activation naming the disk (the machine's fault, not
 the runbook's), its process group with it, and the agent goes on. Before, the job stayed
-Running with its runbook blocked on a full pipe, and the agent logged a traceback.
+Running with its runbook blocked on a full pipe, and the agent logged a traceback. With
+``min_free_disk_mb`` the machine then takes no more work until the disk is freed.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def test_a_full_disk_ends_the_attempt_and_the_job_resumes_once_freed(
                        'done\n')
         state = mount / "agent"
         assert register(hub, state, "small", "tiny").returncode == 0
-        agent = Agent(state, "small", {"heartbeat_interval": 1, "backoff_max": 1})
+        # First without the disk floor: the job is taken and fails on the disk each time.
+        agent = Agent(state, "small", {"heartbeat_interval": 1, "backoff_max": 1,
+                                       "min_free_disk_mb": 0})
         agents.append(agent.start())
         wait_until(lambda: hub.machines()["small"]["status"] == "Healthy", 15,
                    what="the agent on the small disk to be Healthy")
@@ -83,13 +86,36 @@ def test_a_full_disk_ends_the_attempt_and_the_job_resumes_once_freed(
         assert hub.machines()["small"]["status"] == "Healthy"
         assert "failed inside the agent" not in agent.log()
 
-        # The operator frees the disk (the kept logs of the failed attempts) and resumes.
+        # With a floor of 1 MB: once the disk fills, the machine takes no more work and
+        # says why; the job waits in the queue instead of failing again.
+        agent.stop()
+        for kept in (state / "joblogs").glob("*.jsonl"):
+            kept.unlink()
+        agent.config["min_free_disk_mb"] = 1
+        agent.start()
+        assert hub.cli("job", "resume", job_id).returncode == 0
+        try:
+            queued = wait_until(
+                lambda: (j := _job(hub, job_id))["status"] == "Queued"
+                and len(j["attempts"]) == 4 and j, 30, 0.2,
+                what="the fourth attempt to fail on the disk")
+        except AssertionError:
+            print(_job(hub, job_id), hub.machines()["small"], agent.log()[-3000:])
+            raise
+        assert "could not write the job's output" in queued["attempts"][-1]["reason"]
+        wait_until(lambda: "min_free_disk_mb (1 MB)" in str(
+            hub.machines()["small"].get("not_taking_work")), 15,
+            what="the machine to say its disk is short")
+        time.sleep(3)  # it stays queued: no fifth attempt on this disk
+        assert len(_job(hub, job_id)["attempts"]) == 4
+        assert _job(hub, job_id)["status"] == "Queued"
+
+        # The operator frees the disk: the machine takes work again and the job completes.
         for kept in (state / "joblogs").glob("*.jsonl"):
             kept.unlink()
         flag.touch()
-        assert hub.cli("job", "resume", job_id).returncode == 0
         completed = wait_until(lambda: (j := _job(hub, job_id))["status"] == "Completed" and j,
-                               30, 0.2, what="the resumed job to complete")
+                               30, 0.2, what="the job to complete once the disk is freed")
         assert completed["attempts"][-1]["reason"] == "exit code 0"
         last = completed["attempts"][-1]["number"]  # its records: from (attempt - 1) << 32
         out = hub.api("GET", f"/v1/jobs/{job_id}/output?after={((last - 1) << 32) - 1}").json()

@@ -36,6 +36,9 @@ class AgentConfig:
     max_cpu_percent: float = 95.0
     max_memory_percent: float = 95.0
     pressure_seconds: float = 30.0
+    # Claim no job while the state directory's disk has less free than this (MB): a job
+    # whose output the spool cannot keep only fails there (0: never).
+    min_free_disk_mb: float = 64.0
     # ED-1/EX-9: how long a job's log stays on the machine after it last changed (seconds;
     # the file may say 7d, 12h, 30m).
     job_log_retention: float = 7 * 86400.0
@@ -74,6 +77,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_cpu_percent": (0.0, 100.0),
     "max_memory_percent": (0.0, 100.0),
     "pressure_seconds": (0.0, 3600.0),
+    "min_free_disk_mb": (0.0, 1024.0 * 1024.0),
     "job_log_retention": (0.0, 366 * 86400.0),
     "log_max_bytes": (1024, 2**30),
     "log_backups": (1, 100),

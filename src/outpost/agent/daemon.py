@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,9 @@ class Agent:
         self._job_tasks: dict[str, asyncio.Task[None]] = {}
         self._deliveries: set[asyncio.Task[Any]] = set()
         self.spool_dir = state.root / "spool"
+        # The long-poll in flight and the capacity it offered (see _recheck_poll).
+        self._poll: tuple[asyncio.Future[Any] | None, int] = (None, 0)
+        self._poll_withdrawn = False
         self.pressure = Pressure(self.config.max_cpu_percent, self.config.max_memory_percent,
                                  self.config.pressure_seconds, own_cpu_seconds(self._leaders))
         self.reporter = Reporter(self._call, self._capacity, self._take)
@@ -243,10 +247,18 @@ class Agent:
             capacity = self._capacity()
             busy = capacity == 0
             hold = min(wait, 5.0) if busy else wait  # look at the pressure again soon
+            request = asyncio.ensure_future(self._call(
+                "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}",
+                timeout=hold + self.config.request_timeout))
+            self._poll = (request, capacity)
             try:
-                answer = await self._call(
-                    "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}",
-                    timeout=hold + self.config.request_timeout)
+                answer = await request
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self._poll_withdrawn and not (current and current.cancelling()):
+                    self._poll_withdrawn = False  # _recheck_poll: ask again, with 0
+                    continue
+                raise
             except OutpostError as exc:
                 self._note_failure(exc)
                 await self._sleep(self._log_failure("poll", exc, backoff))
@@ -256,11 +268,38 @@ class Agent:
                 await self._handle(item)
 
     def _capacity(self) -> int:
-        """How many jobs to run at once now: none while the machine is under pressure, or
-        while the agent is stopping."""
-        if self.stop_requested.is_set() or self.pressure.reason() is not None:
+        """How many jobs to run at once now: none while the machine is under pressure or its
+        disk is short, or while the agent is stopping."""
+        if self.stop_requested.is_set() or self.pressure.reason() is not None \
+                or self._disk_short() is not None:
             return 0
         return self.config.max_concurrent_jobs
+
+    def _recheck_poll(self) -> None:
+        """The capacity fell to 0 (a job found the disk full): the open long-poll still
+        offers the old one, and the hub would claim with it when a slot frees. It is
+        withdrawn (the hub claims nothing for a poll whose agent hung up) and asked again."""
+        request, offered = self._poll
+        if offered > 0 and request is not None and not request.done() \
+                and self._capacity() == 0:
+            self._poll_withdrawn = True
+            request.cancel()
+
+    def _disk_short(self) -> str | None:
+        """Why the state directory's disk cannot take a job's output now, or None. Read
+        each time (a statvfs, microseconds): right after a job filled the disk, the claim
+        in its end's report must already see it."""
+        floor = self.config.min_free_disk_mb
+        if floor <= 0:
+            return None
+        try:
+            free = shutil.disk_usage(self.state.root).free / 2**20
+        except OSError:
+            return None
+        if free >= floor:
+            return None
+        return (f"the disk of {self.state.root} has {free:.1f} MB free, under "
+                f"min_free_disk_mb ({floor:g} MB)")
 
     async def _take(self, items: list[dict[str, Any]]) -> None:
         """Work the hub claimed for this machine in an answer to its reports."""
@@ -269,7 +308,7 @@ class Agent:
 
     def not_taking_work(self) -> str | None:
         """Why the agent claims no new job now (shown in the machine list), or None."""
-        why = self.pressure.reason()
+        why = self.pressure.reason() or self._disk_short()
         if why:
             return why
         if len(self.jobs) >= self.config.max_concurrent_jobs:
@@ -324,6 +363,7 @@ class Agent:
             self._cannot_spool(payload, exc)
             return
         self.jobs[run.id] = run
+        run.disk_refused = self._recheck_poll
 
         async def body() -> None:
             try:

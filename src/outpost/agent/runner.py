@@ -391,6 +391,9 @@ class JobRun:
         self._pending: list[bytes] = []
         self._requested: str | None = None  # a control action that came before the process
         self._ending: asyncio.Task[None] | None = None  # _spool_refused's end of the group
+        # Called when the disk refuses the job's output, so that the agent claims no more
+        # work before this attempt's end reaches the hub (the daemon's _recheck_poll).
+        self.disk_refused: Callable[[], None] | None = None
 
     # --- records -------------------------------------------------------------------------
     def emit(self, stream: str, text: str) -> None:
@@ -427,6 +430,8 @@ class JobRun:
                     f"{self.spool.path.parent} ({exc.strerror or exc}); free space on the "
                     "machine")
         log.error("job %s: %s", self.id, self.why)
+        if self.disk_refused is not None:
+            self.disk_refused()
         if self.proc is not None:
             self._ending = asyncio.get_running_loop().create_task(
                 self._end_group(), name=f"end-{self.id}")
