@@ -199,6 +199,7 @@ class Agent:
                                    self.not_taking_work())
             beat["jobs"] = [{"id": run.id, "attempt": run.attempt}
                             for run in self.jobs.values()]
+            self._recheck_poll()  # pressure or a short disk since the poll was opened
             try:
                 ack = await self._call("POST", "/v1/agent/heartbeat", beat)
             except OutpostError as exc:
@@ -276,9 +277,10 @@ class Agent:
         return self.config.max_concurrent_jobs
 
     def _recheck_poll(self) -> None:
-        """The capacity fell to 0 (a job found the disk full): the open long-poll still
-        offers the old one, and the hub would claim with it when a slot frees. It is
-        withdrawn (the hub claims nothing for a poll whose agent hung up) and asked again."""
+        """The capacity fell to 0 (a job found the disk full, or at a heartbeat the machine
+        is under pressure): the open long-poll still offers the old one, and the hub would
+        claim with it when a slot frees. It is withdrawn (the hub claims nothing for a poll
+        whose agent hung up) and asked again."""
         request, offered = self._poll
         if offered > 0 and request is not None and not request.done() \
                 and self._capacity() == 0:
