@@ -35,6 +35,7 @@ from tests.support import (
     init_hub,
     registered_agent,
     run_cli,
+    small_tmpfs,
     stop_process,
     wait_until,
 )
@@ -423,18 +424,10 @@ def test_status_socket_held_by_another_process(stopped: Path, tmp_path: Path) ->
 
 
 def test_full_disk_under_the_state_dir(stopped: Path, tmp_path: Path) -> None:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "1m") as mount:
         state = mount / "state"
         shutil.copytree(stopped, state, ignore=shutil.ignore_patterns("agent.*", "*.log"))
         code, res = check(state)
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
     assert code == 1
     assert_problem(res["disk"], "error", "E7006", "MB free")
 

@@ -10,14 +10,12 @@ Running with its runbook blocked on a full pipe, and the agent logged a tracebac
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import psutil
-import pytest
 
-from tests.support import Agent, Hub, publish_script, register, wait_until
+from tests.support import Agent, Hub, publish_script, register, small_tmpfs, wait_until
 
 ACTIVATE_FAILED = ("The job action 'Activate' cannot be run, because the process stopped "
                    "unexpectedly. The job action was attempted three times.")
@@ -43,88 +41,82 @@ def _runbooks_under(path: Path) -> list[int]:
 
 def test_a_full_disk_ends_the_attempt_and_the_job_resumes_once_freed(
         hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
     agent: Agent | None = None
-    try:
-        flag = tmp_path / "small-output"
-        os.chmod(tmp_path, 0o755)
-        # About 12 MB of output, three times the disk; once the flag exists, one line.
-        publish_script(hub, tmp_path, "flood",
-                       f'if [ -e "{flag}" ]; then echo fits; exit 0; fi\n'
-                       'for i in $(seq 1 120000); do\n'
-                       '  echo "line $i ....................................................'
-                       '......................................"\n'
-                       'done\n')
-        state = mount / "agent"
-        assert register(hub, state, "small", "tiny").returncode == 0
-        # First without the disk floor: the job is taken and fails on the disk each time.
-        agent = Agent(state, "small", {"heartbeat_interval": 1, "backoff_max": 1,
-                                       "min_free_disk_mb": 0})
-        agents.append(agent.start())
-        wait_until(lambda: hub.machines()["small"]["status"] == "Healthy", 15,
-                   what="the agent on the small disk to be Healthy")
-
-        answer = hub.api("POST", "/v1/jobs", json={"runbook": "flood", "group": "tiny"})
-        assert answer.status_code == 201, answer.text
-        job_id = answer.json()["id"]
-        suspended = wait_until(lambda: (j := _job(hub, job_id))["status"] == "Suspended" and j,
-                               60, 0.2, what="three failed activations on the full disk")
-        assert suspended["reason"] == ACTIVATE_FAILED
-        reasons = [a["reason"] for a in suspended["attempts"]]
-        assert len(reasons) == 3, reasons
-        for reason in reasons:  # the disk named each time, the machine's fault
-            assert "No space left on device" in reason and "free space" in reason, reasons
-        assert "could not write the job's output to its spool" in reasons[0]
-        # No runbook left blocked on a pipe nobody reads; the agent is still there.
-        wait_until(lambda: not _runbooks_under(mount), 15, what="no runbook left running")
-        assert agent.proc is not None and agent.proc.poll() is None
-        assert hub.machines()["small"]["status"] == "Healthy"
-        assert "failed inside the agent" not in agent.log()
-
-        # With a floor of 1 MB: once the disk fills, the machine takes no more work and
-        # says why; the job waits in the queue instead of failing again.
-        agent.stop()
-        for kept in (state / "joblogs").glob("*.jsonl"):
-            kept.unlink()
-        agent.config["min_free_disk_mb"] = 1
-        agent.start()
-        assert hub.cli("job", "resume", job_id).returncode == 0
+    with small_tmpfs(tmp_path / "small", "4m") as mount:
         try:
-            queued = wait_until(
-                lambda: (j := _job(hub, job_id))["status"] == "Queued"
-                and len(j["attempts"]) == 4 and j, 30, 0.2,
-                what="the fourth attempt to fail on the disk")
-        except AssertionError:
-            print(_job(hub, job_id), hub.machines()["small"], agent.log()[-3000:])
-            raise
-        assert "could not write the job's output" in queued["attempts"][-1]["reason"]
-        wait_until(lambda: "min_free_disk_mb (1 MB)" in str(
-            hub.machines()["small"].get("not_taking_work")), 15,
-            what="the machine to say its disk is short")
-        time.sleep(3)  # it stays queued: no fifth attempt on this disk
-        assert len(_job(hub, job_id)["attempts"]) == 4
-        assert _job(hub, job_id)["status"] == "Queued"
+            flag = tmp_path / "small-output"
+            os.chmod(tmp_path, 0o755)
+            # About 12 MB of output, three times the disk; once the flag exists, one line.
+            publish_script(hub, tmp_path, "flood",
+                           f'if [ -e "{flag}" ]; then echo fits; exit 0; fi\n'
+                           'for i in $(seq 1 120000); do\n'
+                           '  echo "line $i ....................................................'
+                           '......................................"\n'
+                           'done\n')
+            state = mount / "agent"
+            assert register(hub, state, "small", "tiny").returncode == 0
+            # First without the disk floor: the job is taken and fails on the disk each time.
+            agent = Agent(state, "small", {"heartbeat_interval": 1, "backoff_max": 1,
+                                           "min_free_disk_mb": 0})
+            agents.append(agent.start())
+            wait_until(lambda: hub.machines()["small"]["status"] == "Healthy", 15,
+                       what="the agent on the small disk to be Healthy")
 
-        # The operator frees the disk: the machine takes work again and the job completes.
-        for kept in (state / "joblogs").glob("*.jsonl"):
-            kept.unlink()
-        flag.touch()
-        completed = wait_until(lambda: (j := _job(hub, job_id))["status"] == "Completed" and j,
-                               30, 0.2, what="the job to complete once the disk is freed")
-        assert completed["attempts"][-1]["reason"] == "exit code 0"
-        last = completed["attempts"][-1]["number"]  # its records: from (attempt - 1) << 32
-        out = hub.api("GET", f"/v1/jobs/{job_id}/output?after={((last - 1) << 32) - 1}").json()
-        assert [r["text"] for r in out] == ["fits"]
-        # What the full disk's attempts did send arrived whole and in order.
-        first = hub.api("GET", f"/v1/jobs/{job_id}/output?limit=50").json()
-        assert [r["text"].split()[1] for r in first] == [str(i) for i in range(1, 51)]
-    finally:
-        if agent is not None:
+            answer = hub.api("POST", "/v1/jobs", json={"runbook": "flood", "group": "tiny"})
+            assert answer.status_code == 201, answer.text
+            job_id = answer.json()["id"]
+            suspended = wait_until(lambda: (j := _job(hub, job_id))["status"] == "Suspended" and j,
+                                   60, 0.2, what="three failed activations on the full disk")
+            assert suspended["reason"] == ACTIVATE_FAILED
+            reasons = [a["reason"] for a in suspended["attempts"]]
+            assert len(reasons) == 3, reasons
+            for reason in reasons:  # the disk named each time, the machine's fault
+                assert "No space left on device" in reason and "free space" in reason, reasons
+            assert "could not write the job's output to its spool" in reasons[0]
+            # No runbook left blocked on a pipe nobody reads; the agent is still there.
+            wait_until(lambda: not _runbooks_under(mount), 15, what="no runbook left running")
+            assert agent.proc is not None and agent.proc.poll() is None
+            assert hub.machines()["small"]["status"] == "Healthy"
+            assert "failed inside the agent" not in agent.log()
+
+            # With a floor of 1 MB: once the disk fills, the machine takes no more work and
+            # says why; the job waits in the queue instead of failing again.
             agent.stop()
-        time.sleep(0.2)
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+            for kept in (state / "joblogs").glob("*.jsonl"):
+                kept.unlink()
+            agent.config["min_free_disk_mb"] = 1
+            agent.start()
+            assert hub.cli("job", "resume", job_id).returncode == 0
+            try:
+                queued = wait_until(
+                    lambda: (j := _job(hub, job_id))["status"] == "Queued"
+                    and len(j["attempts"]) == 4 and j, 30, 0.2,
+                    what="the fourth attempt to fail on the disk")
+            except AssertionError:
+                print(_job(hub, job_id), hub.machines()["small"], agent.log()[-3000:])
+                raise
+            assert "could not write the job's output" in queued["attempts"][-1]["reason"]
+            wait_until(lambda: "min_free_disk_mb (1 MB)" in str(
+                hub.machines()["small"].get("not_taking_work")), 15,
+                what="the machine to say its disk is short")
+            time.sleep(3)  # it stays queued: no fifth attempt on this disk
+            assert len(_job(hub, job_id)["attempts"]) == 4
+            assert _job(hub, job_id)["status"] == "Queued"
+
+            # The operator frees the disk: the machine takes work again and the job completes.
+            for kept in (state / "joblogs").glob("*.jsonl"):
+                kept.unlink()
+            flag.touch()
+            completed = wait_until(lambda: (j := _job(hub, job_id))["status"] == "Completed" and j,
+                                   30, 0.2, what="the job to complete once the disk is freed")
+            assert completed["attempts"][-1]["reason"] == "exit code 0"
+            last = completed["attempts"][-1]["number"]  # its records: from (attempt - 1) << 32
+            out = hub.api("GET", f"/v1/jobs/{job_id}/output?after={((last - 1) << 32) - 1}").json()
+            assert [r["text"] for r in out] == ["fits"]
+            # What the full disk's attempts did send arrived whole and in order.
+            first = hub.api("GET", f"/v1/jobs/{job_id}/output?limit=50").json()
+            assert [r["text"].split()[1] for r in first] == [str(i) for i in range(1, 51)]
+        finally:
+            if agent is not None:
+                agent.stop()
+            time.sleep(0.2)

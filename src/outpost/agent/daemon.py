@@ -55,7 +55,7 @@ class Agent:
         self.cache: cache.Cache | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.jobs: dict[str, JobRun] = {}
-        self._job_tasks: dict[str, asyncio.Task[None]] = {}
+        self._job_tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (job, attempt)
         self._deliveries: set[asyncio.Task[Any]] = set()
         self.spool_dir = state.root / "spool"
         # The long-poll in flight and the capacity it offered (see _recheck_poll).
@@ -197,8 +197,9 @@ class Agent:
         while not self.stop_requested.is_set():
             beat = facts.heartbeat(self.state.root, self.started, interval, len(self.jobs),
                                    self.not_taking_work())
-            beat["jobs"] = [{"id": run.id, "attempt": run.attempt}
-                            for run in self.jobs.values()]
+            listed = {run.id: run.attempt for run in self.jobs.values()}
+            beat["jobs"] = [{"id": job_id, "attempt": attempt}
+                            for job_id, attempt in listed.items()]
             self._recheck_poll()  # pressure or a short disk since the poll was opened
             try:
                 ack = await self._call("POST", "/v1/agent/heartbeat", beat)
@@ -218,7 +219,9 @@ class Agent:
                 await self.cache.check(self.client, ack)  # HW-9: heal what went bad on disk
             for job_id in ack.get("abandon") or []:
                 run = self.jobs.get(job_id)
-                if run is not None:
+                # Only the attempt this heartbeat listed: the job's next attempt may have
+                # started here since (its previous one ended and the hub gave it back).
+                if run is not None and run.attempt == listed.get(job_id):
                     log.warning("job %s: the hub gave this attempt up (its lease expired); "
                                 "ending it", job_id)
                     self._spawn(run.control("abandon", "the hub gave this attempt up after "
@@ -375,12 +378,16 @@ class Agent:
             except Exception:
                 log.exception("job %s failed inside the agent", run.id)
             finally:
-                self.jobs.pop(run.id, None)
-                self._job_tasks.pop(run.id, None)
+                # The job's next attempt may already run here (claimed in the answer to this
+                # one's end): only this attempt's entries go.
+                if self.jobs.get(run.id) is run:
+                    del self.jobs[run.id]
+                self._job_tasks.pop((run.id, run.attempt), None)
 
         log.info("job %s: running %s version %s (attempt %s)", run.id, payload.get("runbook"),
                  payload.get("version"), run.attempt)
-        self._job_tasks[run.id] = asyncio.create_task(body(), name=f"job-{run.id}")
+        self._job_tasks[(run.id, run.attempt)] = asyncio.create_task(body(),
+                                                                     name=f"job-{run.id}")
 
     def _cannot_spool(self, payload: dict[str, Any], exc: OSError) -> None:
         """A claimed job whose spool cannot be made is given back at once as a failed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -583,8 +584,10 @@ class JobRun:
             # Nothing ran, and not for the runbook's sake: its directory could not be made
             # or written (a full disk) or the process not started. A failed activation: the
             # hub queues the job again, for any machine of the group.
+            fix = ("free space on the machine" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                   else "see 'outpost check' on the machine")
             why = (f"the agent could not prepare or start the job in {self.workdir} "
-                   f"({exc.strerror or exc}); see 'outpost check' on the machine")
+                   f"({exc.strerror or exc}); {fix}")
             log.error("job %s: %s", self.id, why)
             return {"exit_code": None, "signal": None, "cause": "lost", "reason": why}
         if self.proc is None:
