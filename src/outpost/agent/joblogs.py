@@ -221,8 +221,8 @@ def _read(path: Path, job_id: str, attempt: int
             item = json.loads(raw)
         except ValueError:
             continue  # empty, or a line torn by a crash
-        if not isinstance(item, dict) or "meta" in item:
-            continue  # the meta line is the agent's (runner.Spool), not output
+        if not isinstance(item, dict) or "meta" in item or "raw" in item:
+            continue  # the meta and progress lines are the agent's (runner.Spool), not output
         if "agent" in item:
             line = item["agent"]
             if isinstance(line, dict):

@@ -1,13 +1,15 @@
 """Running one job attempt: its own directory, session and process group, a minimal
 environment, and an on-disk spool between the runbook's pipes and the hub.
 
-stdout is the Output stream and stderr the Error stream, read concurrently so neither pipe
-can fill and stall the runbook. A stdout line starting ``WARNING:``, ``VERBOSE:``, ``DEBUG:``
-or ``PROGRESS:`` (any case) goes to that stream. Every record is written to the attempt's
-spool file (and handed to the kernel) before more output is read; one uploader per attempt
-sends the spool in order (running, records, finished), so a hub that cannot be reached, or
-an agent killed and started again, loses nothing. The hub keeps each (job, sequence) once,
-so what is sent twice is harmless.
+stdout is the Output stream and stderr the Error stream. The runbook writes them to two files
+that the agent tails (process.py), so what it wrote survives the agent. A stdout line starting
+``WARNING:``, ``VERBOSE:``, ``DEBUG:`` or ``PROGRESS:`` (any case) goes to that stream. Every
+record is written to the attempt's spool file (and handed to the kernel) with a progress line
+saying how far into each output file the records go; one uploader per attempt sends the
+spool in order (running, records, finished). An agent killed and started again reads the
+output files on from the last progress line (``end_leftover``), and a hub that cannot be
+reached waits for the spool: nothing is lost. The hub keeps each (job, sequence) once, so
+what is sent twice is harmless.
 """
 
 from __future__ import annotations
@@ -150,6 +152,53 @@ def describe_exit(returncode: int) -> tuple[int | None, int | None, str]:
     return returncode, None, f"exit code {returncode}{note}"
 
 
+class Lines:
+    """Cuts one output stream's bytes into lines (a longer one than LINE_MAX into pieces),
+    and counts how much of its file the lines given out cover."""
+
+    def __init__(self, consumed: int = 0) -> None:
+        self.rest = b""
+        self.consumed = consumed  # bytes of the file before ``rest``: given out as lines
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        lines = (self.rest + chunk).split(b"\n")
+        before = len(self.rest)
+        self.rest = lines.pop()
+        while len(self.rest) >= LINE_MAX:
+            lines.append(self.rest[:LINE_MAX])
+            self.rest = self.rest[LINE_MAX:]
+        self.consumed += before + len(chunk) - len(self.rest)
+        return lines
+
+    def flush(self) -> list[bytes]:
+        """The last line, without its newline, at the stream's end."""
+        last, self.rest = self.rest, b""
+        self.consumed += len(last)
+        return [last] if last else []
+
+
+def line_records(lines: list[bytes], stderr: bool, seq: int, verbose: bool, progress: bool,
+                 at: float) -> tuple[list[bytes], int]:
+    """The spool's record lines for a stream's lines, numbered from ``seq``; and the next
+    number. Verbose and progress lines are kept only if the job asks for them."""
+    out = []
+    for raw in lines:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        stream, text = ("Error", text) if stderr else classify(text)
+        if (stream == "Verbose" and not verbose) or (stream == "Progress" and not progress):
+            continue
+        out.append(json.dumps({"seq": seq, "stream": stream, "text": text, "at": at},
+                              ensure_ascii=False).encode() + b"\n")
+        seq += 1
+    return out, seq
+
+
+def progress_line(out: Lines, err: Lines, seq: int) -> bytes:
+    """How far the spool's records go into each output file, and the next record's number:
+    where an agent started again reads on (``end_leftover``). Never uploaded."""
+    return b'{"raw":[%d,%d],"seq":%d}\n' % (out.consumed, err.consumed, seq)
+
+
 class Spool:
     """One attempt's records on disk: one JSON object a line, and last an ``end`` line.
 
@@ -267,7 +316,8 @@ class Spool:
         cut = data.rfind(b"\n") + 1
         data = data[:cut]
         lines = data.splitlines()
-        if joblogs.AGENT_LINE in data or META_LINE in data:  # (never inside a record line)
+        if joblogs.AGENT_LINE in data or META_LINE in data or RAW_LINE in data:
+            # (never inside a record line, whose text is quoted)
             lines = [line for line in lines if not line.startswith(_NOT_RECORDS)]
         end = None
         if lines and lines[-1].startswith(b'{"end"'):
@@ -284,9 +334,10 @@ class Spool:
 
 
 META_LINE = b'{"meta"'
+RAW_LINE = b'{"raw"'
 META_MAX = 64 * 1024  # a line longer than this is a record, not the meta line
 AGENT_LINES_FIRST = 256  # at most this many of the agent's lines are read past for the meta
-_NOT_RECORDS = (META_LINE, joblogs.AGENT_LINE)
+_NOT_RECORDS = (META_LINE, joblogs.AGENT_LINE, RAW_LINE)
 
 
 def _meta_of(raw: bytes, wrapped: bool = True) -> dict[str, Any] | None:
@@ -390,6 +441,10 @@ class JobRun:
         self.ended_by: str | None = None  # timeout, stopped or lost: the agent ended it
         self.why = ""
         self._pending: list[bytes] = []
+        # How far the records go into the runbook's stdout and stderr files (None while it
+        # writes to pipes: where pidfds do not work).
+        self._outputs: tuple[Lines, Lines] | None = None
+        self._output: int | None = None  # its pair of output files (process.Outputs)
         self._requested: str | None = None  # a control action that came before the process
         self._ending: asyncio.Task[None] | None = None  # _spool_refused's end of the group
         # Called when the disk refuses the job's output, so that the agent claims no more
@@ -409,6 +464,8 @@ class JobRun:
 
     def _commit(self) -> None:
         if self._pending:
+            if self._outputs is not None:
+                self._pending.append(progress_line(*self._outputs, self.seq))
             try:
                 self.spool.append(self._pending)
             except OSError as exc:
@@ -438,29 +495,30 @@ class JobRun:
                 self._end_group(), name=f"end-{self.id}")
 
     def _lines(self, lines: list[bytes], stderr: bool) -> None:
-        for raw in lines:
-            text = raw.decode("utf-8", "replace").rstrip("\r")
-            if stderr:
-                self.emit("Error", text)
-            else:
-                self.emit(*classify(text))
+        records, self.seq = line_records(
+            lines, stderr, self.seq, bool(self.job.get("log_verbose")),
+            bool(self.job.get("log_progress")), round(time.time(), 6))
+        self._pending += records
         self._commit()
 
-    async def _read(self, pipe: asyncio.StreamReader | process.Pipe, stderr: bool) -> None:
-        rest = b""
+    async def _read(self, pipe: asyncio.StreamReader | process.Tail, stderr: bool) -> None:
+        cut = self._outputs[stderr] if self._outputs is not None else Lines()
         while True:
             chunk = await pipe.read(CHUNK)
-            if not chunk:
-                if rest:
-                    self._lines([rest], stderr)
-                return
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            while len(rest) >= LINE_MAX:
-                lines.append(rest[:LINE_MAX])
-                rest = rest[LINE_MAX:]
+            lines = cut.feed(chunk) if chunk else cut.flush()
             if lines:
                 self._lines(lines, stderr)
+            if not chunk:
+                return
+
+    def _drain(self) -> None:
+        """Into the spool: what the runbook wrote that was not read (the agent is stopping)."""
+        if self._outputs is not None and self._output is not None:
+            out, err = self._outputs
+            paths = process.outputs(self.spool.path.parent).paths(self._output)
+            self.seq = drain_output(self.spool, paths, out.consumed, err.consumed, self.seq,
+                                    bool(self.job.get("log_verbose")),
+                                    bool(self.job.get("log_progress")))
 
     # --- the process group ---------------------------------------------------------------
     def _signal_group(self, sig: int) -> None:
@@ -548,6 +606,7 @@ class JobRun:
                 self._signal_group(signal.SIGKILL)
             self._commit()
             with contextlib.suppress(OSError):  # a full disk: the hub's lease decides
+                self._drain()
                 self.spool.end({"exit_code": None, "signal": None, "cause": "lost",
                                 "reason": "the agent was stopped while the job ran"})
             uploading.cancel()
@@ -562,13 +621,34 @@ class JobRun:
             log.error("job %s: the end of attempt %s could not be spooled (%s); it is sent "
                       "from memory", self.id, self.attempt, exc.strerror or exc)
             self.uploader.unspooled_end = outcome
+        # The records hold what the runbook wrote, or the disk refused it (then the attempt
+        # failed for it, and its files must not keep the space).
+        self._give_back_output()
         self.uploader.ended.set()
         self.uploader.more.set()
         return await uploading
 
     def _prepare_and_spawn(self) -> process.Started:
         argv, workdir, env, identity = self._spawn_args()
-        return process.spawn(argv, workdir, env, identity)
+        outputs = process.outputs(self.spool.path.parent)
+        self._output = outputs.take()
+        try:
+            started = process.spawn(argv, workdir, env, identity,
+                                     *outputs.paths(self._output))
+        except BaseException:
+            self._give_back_output()
+            raise
+        self._outputs = (Lines(), Lines())
+        return started
+
+    def _give_back_output(self) -> None:
+        if self._output is None:
+            return
+        proc = self.proc
+        reuse = not isinstance(proc, process.Process) or (
+            proc.stdout.clean and proc.stderr.clean)
+        process.outputs(self.spool.path.parent).give_back(self._output, reuse)
+        self._output = None
 
     async def _execute(self) -> dict[str, Any]:
         try:
@@ -600,7 +680,10 @@ class JobRun:
                 extra_groups=[] if identity else None)
         try:
             self.spool.write_meta({"job_id": self.id, "attempt": self.attempt,
-                                   "pgid": self.proc.pid, "started_at": time.time()})
+                                   "pgid": self.proc.pid, "started_at": time.time(),
+                                   "output": self._output,
+                                   "log_verbose": bool(self.job.get("log_verbose")),
+                                   "log_progress": bool(self.job.get("log_progress"))})
         except OSError as exc:
             self._spool_refused(exc)
         self.uploader.spawned = True
@@ -685,8 +768,67 @@ def end_leftover(spool: Spool) -> None:
             proc = psutil.Process(pgid)
             if abs(proc.create_time() - float(meta.get("started_at", 0))) < 5:
                 os.killpg(pgid, signal.SIGKILL)
+                _wait_gone(pgid)
+    # What the runbook wrote after the last records the dead agent spooled, up to its end.
+    out, err, seq = _progress(content[:whole]) or (0, 0, (int(meta["attempt"]) - 1) << 32)
+    if isinstance(meta.get("output"), int):  # (an agent before output files had pipes)
+        paths = process.outputs(spool.path.parent).paths(meta["output"])
+        drain_output(spool, paths, out, err, seq, bool(meta.get("log_verbose")),
+                     bool(meta.get("log_progress")))
     spool.end({"exit_code": None, "signal": None, "cause": "lost",
                "reason": "the agent stopped unexpectedly while the job ran"})
+
+
+def _wait_gone(pgid: int, timeout: float = 2.0) -> None:
+    """Until no process of the group is left (they were sent SIGKILL), for at most
+    ``timeout``: what they wrote is then all in their files."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+
+
+def _progress(content: bytes) -> tuple[int, int, int] | None:
+    """The last progress line's (stdout offset, stderr offset, next record number)."""
+    at = content.rfind(b"\n" + RAW_LINE) + 1
+    if at == 0 and not content.startswith(RAW_LINE):
+        return None
+    try:
+        item = json.loads(content[at:content.index(b"\n", at)])
+        out, err = item["raw"]
+        return int(out), int(err), int(item["seq"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def drain_output(spool: Spool, paths: tuple[Path, Path], out_at: int, err_at: int, seq: int,
+                 verbose: bool, progress: bool) -> int:
+    """Into the spool: what the runbook wrote to its output files past ``out_at`` and
+    ``err_at`` while no agent read them, as records numbered from ``seq``, dated when the
+    file was last written; returns the next number. stdout's lines come before stderr's:
+    which came first is not known."""
+    cuts = (Lines(out_at), Lines(err_at))
+    for stderr, path in enumerate(paths):
+        cut = cuts[stderr]
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError:
+            continue
+        with fh:
+            at = round(os.fstat(fh.fileno()).st_mtime, 6)
+            fh.seek(cut.consumed)
+            while True:
+                chunk = fh.read(BATCH_BYTES)
+                lines = cut.feed(chunk) if chunk else cut.flush()
+                records, seq = line_records(lines, bool(stderr), seq, verbose, progress, at)
+                if records:
+                    spool.append([*records, progress_line(*cuts, seq)])
+                if not chunk:
+                    break
+    return seq
 
 
 def _ended(content: bytes) -> bool:
