@@ -35,7 +35,7 @@ from outpost.protocol.errors import OutpostError
 from . import jobs
 from .config import random_id
 from .db import jobs as job_table
-from .db import schedule_runs, schedules
+from .db import DatabaseUnavailable, schedule_runs, schedules
 from .dispatcher import Dispatcher
 from .runbooks import NAME_RE
 
@@ -307,8 +307,8 @@ class Scheduler:
             try:
                 await self._fire(row)
                 self._retry_at.pop(row.id, None)
-            except asyncio.CancelledError:
-                raise
+            except (asyncio.CancelledError, DatabaseUnavailable):
+                raise  # an outage holds up every schedule alike: the loop's supervisor waits
             except Exception:
                 # One broken schedule must not hold up the others, nor flood the log.
                 self._retry_at[row.id] = time.time() + RETRY_AFTER
