@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -27,6 +28,7 @@ from tests.support import (
     Agent,
     Hub,
     clean_env,
+    free_port,
     healthy_agent,
     init_hub,
     machine_calls,
@@ -144,6 +146,44 @@ def test_an_outage_under_running_jobs_runs_each_job_once(
     assert "Traceback" not in log, log[-6000:]
     assert log.count("database unavailable") == 1, log[-6000:]
     assert log.count("database reachable again") == 1, log[-6000:]
+
+
+def test_a_replica_cut_off_from_the_database_hands_its_machines_to_another(
+        pg_hub: Hub, postgres_url: str, proxy: TcpProxy, agents: list[Agent],
+        tmp_path: Path) -> None:
+    """Two hub processes on one PostgreSQL; only the first loses it. The second saw no
+    outage and judges leases as usual, so the agent (given both URLs) must renew through it:
+    a 503 E3007 moves it to the next hub URL as a refused connection does."""
+    first = pg_hub
+    shutil.copytree(first.data_dir, tmp_path / "hub2", ignore=shutil.ignore_patterns("*.log"))
+    second = Hub(tmp_path / "hub2", free_port(), postgres_url, first.init).start()
+    try:
+        markers = tmp_path / "markers"
+        markers.touch()
+        os.chmod(tmp_path, 0o755)
+        os.chmod(markers, 0o666)
+        publish_script(second, tmp_path, "mark", f'echo "$OUTPOST_JOB_ID" >> "{markers}"\n'
+                       'sleep 4\n')
+        agent = healthy_agent(first, tmp_path, agents, "w1", max_concurrent_jobs=JOBS,
+                              backoff_max=2, hub_urls=[first.url, second.url])
+        answer = second.api("POST", "/v1/jobs/batch",
+                            json={"jobs": [{"runbook": "mark", "group": "web"}] * JOBS})
+        assert answer.status_code == 201, answer.text
+        ids = [job["id"] for job in answer.json()["jobs"]]
+        wait_until(lambda: all(j["status"] == "Running" for j in _jobs(second, ids)), 20,
+                   what="every job to run")
+        with proxy.outage():
+            time.sleep(12)  # more than two leases (5 s)
+            _assert_unavailable(first.api("GET", "/v1/jobs"))
+        ended = wait_until(lambda: _all_completed(second, ids), 30, 0.2,
+                           what="every job to complete")
+    finally:
+        second.stop()
+    ran = markers.read_text().split()
+    twice = sorted({job_id for job_id in ran if ran.count(job_id) > 1})
+    assert not twice, f"{len(twice)} of {JOBS} jobs ran more than once"
+    assert all(len(job["attempts"]) == 1 for job in ended)
+    assert "cannot reach its database (E3007); trying the next hub URL" in agent.log()
 
 
 def _waiting_cli(hub: Hub, *args: str) -> subprocess.Popen[str]:
