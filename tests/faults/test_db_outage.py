@@ -126,6 +126,7 @@ def test_an_outage_under_running_jobs_runs_each_job_once(
     except AssertionError:
         print(hub.log()[-6000:])
         raise
+    assert ended is not None
     ran = markers.read_text().split()
     twice = sorted({job_id for job_id in ran if ran.count(job_id) > 1})
     assert not twice, f"{len(twice)} of {JOBS} jobs ran more than once"
@@ -179,6 +180,7 @@ def test_a_replica_cut_off_from_the_database_hands_its_machines_to_another(
                            what="every job to complete")
     finally:
         second.stop()
+    assert ended is not None
     ran = markers.read_text().split()
     twice = sorted({job_id for job_id in ran if ran.count(job_id) > 1})
     assert not twice, f"{len(twice)} of {JOBS} jobs ran more than once"
