@@ -33,6 +33,7 @@ from tests.support import (
     init_hub,
     machine_calls,
     publish_script,
+    query,
     wait_until,
 )
 from tests.tcp_proxy import TcpProxy, tcp_proxy
@@ -95,6 +96,10 @@ def test_an_outage_under_running_jobs_runs_each_job_once(
     os.chmod(markers, 0o666)
     publish_script(hub, tmp_path, "mark", f'echo "$OUTPOST_JOB_ID" >> "{markers}"\n'
                    'echo started\nsleep 4\necho done\n')
+    publish_script(hub, tmp_path, "noop", "true\n")
+    answer = hub.api("POST", "/v1/schedules", json={  # a background task of its own
+        "name": "tick", "runbook": "noop", "group": "nowhere", "cron": "* * * * * *"})
+    assert answer.status_code == 201, answer.text
     healthy_agent(hub, tmp_path, agents, "w1", max_concurrent_jobs=JOBS, backoff_max=2)
     call = machine_calls(hub, tmp_path / "agent-m2", "m2")  # speaks for itself below
     answer = hub.api("POST", "/v1/jobs/batch",
@@ -119,6 +124,7 @@ def test_an_outage_under_running_jobs_runs_each_job_once(
         time.sleep(max(0.0, OUTAGE - (time.monotonic() - cut_at)))
     finally:
         proxy.restore()
+    back = time.time()
 
     try:
         ended = wait_until(lambda: _all_completed(hub, ids), 30, 0.2,
@@ -142,6 +148,8 @@ def test_an_outage_under_running_jobs_runs_each_job_once(
     # once, without a traceback.
     done = hub.cli("job", "start", "mark", "--group", "web", "--wait")
     assert done.returncode == 0, done.stderr
+    wait_until(lambda: query(hub.database_url, "SELECT count(*) FROM schedule_runs WHERE "
+                             f"fired_at > {back}")[0][0] > 0, 15, what="the scheduler again")
     assert _failures(hub) > before
     log = hub.log()
     assert "Traceback" not in log, log[-6000:]

@@ -366,8 +366,9 @@ class Scheduler:
             return False
         self._dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
         if missed:
-            log.warning("schedule %s (account %s) missed %d%s run(s) while no hub was "
-                        "running; started only the one due %s", row.name, row.account_id,
+            log.warning("schedule %s (account %s) missed %d%s run(s) while no hub could "
+                        "start them (none running, or its database unreachable); started "
+                        "only the one due %s", row.name, row.account_id,
                         missed, "+" if missed >= MISSED_COUNT_CAP else "",
                         _iso(due_at, expr.tz))
         log.info("schedule %s started job %s (due %s)", row.name, job["id"],
