@@ -121,6 +121,7 @@ def test_an_outage_under_running_jobs_runs_each_job_once(
                                                  "heartbeat_interval": 1, "jobs": []})
         assert refused.value.status == 503 and refused.value.code == "E3007"
         assert hub.api("GET", "/healthz").status_code == 200  # the hub itself is up
+        assert _failures(hub) > before  # /metrics answers, and counts the outage
         time.sleep(max(0.0, OUTAGE - (time.monotonic() - cut_at)))
     finally:
         proxy.restore()
