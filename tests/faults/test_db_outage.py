@@ -10,9 +10,11 @@ write lock that another process holds longer than the hub's busy timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -156,6 +158,36 @@ def test_an_outage_under_running_jobs_runs_each_job_once(
     assert "Traceback" not in log, log[-6000:]
     assert log.count("database unavailable") == 1, log[-6000:]
     assert log.count("database reachable again") == 1, log[-6000:]
+
+
+def test_an_agent_that_died_in_the_outage_loses_its_job_a_lease_after_it(
+        pg_hub: Hub, proxy: TcpProxy, agents: list[Agent], tmp_path: Path) -> None:
+    """HW-1 still holds: the lease is judged only once the hub could write for a whole
+    lease, and then the silent machine's attempt is a failed activation."""
+    hub = pg_hub
+    publish_script(hub, tmp_path, "long", 'echo "pid $$"\nsleep 30\n')
+    agent = healthy_agent(hub, tmp_path, agents, "w1", backoff_max=2)
+    job_id = hub.api("POST", "/v1/jobs", json={"runbook": "long", "group": "web"}).json()["id"]
+    wait_until(lambda: _jobs(hub, [job_id])[0]["status"] == "Running", 15, what="the job")
+    pid = int(wait_until(lambda: hub.api("GET", f"/v1/jobs/{job_id}/output").json(), 10,
+                         what="its pid")[0]["text"][4:])
+    try:
+        with proxy.outage():
+            assert agent.proc is not None
+            agent.proc.kill()  # kill -9 while the hub cannot write
+            agent.proc.wait()
+            time.sleep(8)  # more than a lease (5 s)
+        back = time.monotonic()
+        time.sleep(2)
+        assert _jobs(hub, [job_id])[0]["status"] == "Running"  # a full lease from the return
+        job = wait_until(lambda: (j := _jobs(hub, [job_id])[0])["status"] == "Queued" and j,
+                         15, 0.2, what="the lease to expire")
+        assert time.monotonic() - back >= 4.5
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert job["attempts"][0]["reason"].startswith("lease expired"), job["attempts"]
+    assert job["reason"].startswith("activation 1 failed")
 
 
 def test_a_replica_cut_off_from_the_database_hands_its_machines_to_another(
