@@ -78,6 +78,7 @@ def test_sockets_refused_reset_and_unresolved() -> None:
     assert outage_kind(TimeoutError()) == "timeout"
     assert outage_kind(socket.gaierror(-2, "Name or service not known")) == "dns"
     assert outage_kind(OSError(113, "No route to host")) == "unreachable"
+    assert outage_kind(FileNotFoundError(2, "No such file or directory")) is None
 
 
 class _PgError(Exception):

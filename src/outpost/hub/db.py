@@ -13,6 +13,7 @@ them by kind and logs one line when an outage begins and one when it ends.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import sqlite3
@@ -219,6 +220,9 @@ _SQLITE_KINDS = {5: "locked", 6: "locked", 3: "unreadable", 8: "unreadable",
 # PostgreSQL's SQLSTATEs for a connection that failed (class 08), a server going down or
 # starting (57P01-57P03) and one with no connection slot left (53300).
 _PG_KINDS = {"57P01": "shutdown", "57P02": "shutdown", "57P03": "shutdown", "53300": "busy"}
+# A socket's errors on the way to the server (a file's errors, say, are no outage).
+_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN,
+                errno.ETIMEDOUT, errno.EADDRNOTAVAIL}
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -268,7 +272,7 @@ def outage_kind(exc: BaseException) -> str | None:
             return "timeout"
         if isinstance(item, socket.gaierror):
             return "dns"
-        if isinstance(item, OSError) and item.errno is not None:
+        if isinstance(item, OSError) and item.errno in _UNREACHABLE:
             return "unreachable"
         if type(item).__module__.startswith("asyncpg") and \
                 "connection is closed" in str(item):
