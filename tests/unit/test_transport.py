@@ -296,6 +296,35 @@ def test_an_error_answer_does_not_fail_over(mock_hub: list[Handler]) -> None:
     assert exc.details == {"min_agent_version": "99.0"}
 
 
+def test_a_hub_cut_off_from_its_database_fails_over(mock_hub: list[Handler]) -> None:
+    """503 E3007: that hub cannot write (renew a lease, keep a record); another may."""
+    hosts: list[str] = []
+    down = {"code": "E3007", "reason": "database_unavailable", "message": "(refused)",
+            "fix": "Wait.", "details": {"kind": "refused"}}
+
+    def hub(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if request.url.host == "a" or hosts.count("b") > 1:
+            return httpx.Response(503, json=down)
+        return httpx.Response(200, json={"host": request.url.host})
+
+    mock_hub.append(hub)
+    client = HubClient(["https://a", "https://b"], None)
+
+    async def go() -> Any:
+        first = await client.request("POST", "/v1/agent/heartbeat", {})
+        try:
+            await client.request("POST", "/v1/agent/heartbeat", {})
+        finally:
+            await client.aclose()
+        return first
+
+    with pytest.raises(HubRefused) as caught:  # both cut off: the first refusal is told
+        assert asyncio.run(go()) == {"host": "b"}
+    assert hosts == ["a", "b", "b", "a"] and client.url == "https://b"
+    assert (caught.value.status, caught.value.code) == (503, "E3007")
+
+
 @pytest.mark.parametrize(("status", "content"), [
     (502, b"<html>Bad Gateway</html>"),
     (500, b'["not", "an", "error", "body"]'),

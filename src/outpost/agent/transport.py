@@ -187,7 +187,8 @@ class HubClient:
         self, method: str, path: str, payload: Any = None, *,
         account: tuple[str, bytes] | None = None, timeout: float | None = None,
     ) -> Any:
-        """Send one signed request; on a transport failure try the next URL in order.
+        """Send one signed request; on a transport failure, or a 503 E3007 from a hub that
+        cannot reach its database, try the next URL in order.
 
         ``payload`` is sent as JSON; bytes are taken as JSON already encoded (the spool's
         records go out as they lie on disk).
@@ -197,6 +198,7 @@ class HubClient:
         else:
             body = b"" if payload is None else json.dumps(payload).encode()
         last: TransportError | None = None
+        cut_off: httpx.Response | None = None  # a hub that answered 503 E3007
         order = [self.active] + [i for i in range(len(self.urls)) if i != self.active]
         for index in order:
             base = self.urls[index]
@@ -219,11 +221,20 @@ class HubClient:
                     log.warning("hub %s unreachable (%s): %s%s", base, kind, detail,
                                 "; trying the next hub URL" if index != order[-1] else "")
                 continue
+            if len(order) > 1 and _database_down(response):
+                # A replica cut off from the database: another may reach it, and this
+                # machine's leases are renewed only through a hub that can write.
+                log.warning("hub %s cannot reach its database (E3007)%s", base,
+                            "; trying the next hub URL" if index != order[-1] else "")
+                cut_off = cut_off or response
+                continue
             if index != self.active:
                 log.warning("now talking to hub %s (%s did not answer)", base,
                             self.urls[self.active])
             self.active = index
             return self._decode(response)
+        if cut_off is not None:
+            return self._decode(cut_off)  # raises: the database is the matter, not the network
         assert last is not None
         raise last
 
@@ -239,6 +250,15 @@ class HubClient:
             data = {"code": "E3006", "message": f"HTTP {response.status_code}: "
                     f"{response.text[:200]}"}
         raise HubRefused(response.status_code, data)
+
+
+def _database_down(response: httpx.Response) -> bool:
+    if response.status_code != 503:
+        return False
+    try:
+        return bool(response.json().get("code") == "E3007")
+    except (ValueError, AttributeError):
+        return False
 
 
 async def fetch_ca(url: str, expected_fingerprint: str, proxy: str | None = None,

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import typer
 
+from outpost.protocol.errors import HubRefused, TransportError
 from outpost.protocol.models import BATCH_MAX
 from outpost.protocol.params import split_assignments
 
@@ -140,7 +141,12 @@ def _warn_if_waiting(client: Api, job: dict[str, Any]) -> None:
     """On stderr: the job was queued where no Healthy machine can take it yet."""
     if job.get("status") != "Queued":
         return
-    waiting = client.get(f"/v1/jobs/{quote(job['id'], safe='')}").get("waiting_for")
+    try:
+        waiting = client.get(f"/v1/jobs/{quote(job['id'], safe='')}").get("waiting_for")
+    except (HubRefused, TransportError) as exc:
+        if isinstance(exc, HubRefused) and exc.status < 500:
+            raise
+        return  # the job is queued: a hub (or its database) gone since only costs the hint
     if waiting:
         err.print(f"warning: {waiting}", markup=False)
 

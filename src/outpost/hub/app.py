@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client import disable_created_metrics, generate_latest
 from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,7 +27,7 @@ from outpost import __version__
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.models import Heartbeat, JobBatch, RegisterRequest
 
-from . import accounts, auth, groups, jobs, machines, runbooks
+from . import accounts, auth, db, groups, jobs, machines, runbooks
 from . import asset_routes, job_identity
 from . import schedule_routes
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
@@ -61,6 +61,10 @@ class Hub:
                                 ["reason"], registry=self.registry)
         self.machines = Gauge("outpost_machines", "Machines by status", ["status"],
                               registry=self.registry)
+        failures = Counter("outpost_database_failures", "Database outages met (answered 503 "
+                           "E3007), by kind", ["kind"], registry=self.registry)
+        if isinstance(engine, db.Engine):
+            engine.health.listeners.append(lambda kind: failures.labels(kind).inc())
 
 
 class AccountCreate(BaseModel):
@@ -140,16 +144,21 @@ Op = Annotated[accounts.Principal, Depends(operator)]
 def _error_response(hub: Hub | None, exc: OutpostError) -> JSONResponse:
     if hub is not None and exc.entry.http_status in (401, 403):
         hub.refusals.labels(exc.reason).inc()
-    return JSONResponse(exc.to_body(), status_code=exc.entry.http_status)
+    headers = ({"Retry-After": str(exc.retry_after)}
+               if isinstance(exc, db.DatabaseUnavailable) else None)
+    return JSONResponse(exc.to_body(), status_code=exc.entry.http_status, headers=headers)
 
 
 async def _supervise(name: str, period: float, work: Any) -> None:
-    """Run ``work`` every ``period`` seconds; a failure is logged and the loop goes on."""
+    """Run ``work`` every ``period`` seconds; a failure is logged and the loop goes on (a
+    database outage is logged once, by the engine's health, not at every turn)."""
     while True:
         try:
             await work()
         except asyncio.CancelledError:
             raise
+        except db.DatabaseUnavailable as exc:
+            log.debug("background task %s: %s", name, exc.detail)
         except Exception:
             log.exception("background task %s failed; retrying in %.0f s", name, period)
         await asyncio.sleep(period)
@@ -247,7 +256,13 @@ class ValidUnicode:
 def create_app(hub: Hub) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await jobs.extend_leases(hub.engine)
+        reaper = jobs.Reaper(hub.engine)
+
+        async def reap() -> None:
+            """HW-1: an expired lease is a failed activation; wake the group for the retry."""
+            for account_id, group in await reaper():
+                hub.dispatcher.wake(f"g:{account_id}:{group}")
+
         tasks = [asyncio.create_task(_supervise(name, period, work), name=name)
                  for name, period, work in (
                      ("prune-nonces", 60.0, lambda: auth.prune_nonces(hub.engine)),
@@ -260,11 +275,6 @@ def create_app(hub: Hub) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await hub.engine.dispose()
-
-    async def reap() -> None:
-        """HW-1: an expired lease is a failed activation; wake the group for the retry."""
-        for account_id, group in await jobs.reap(hub.engine):
-            hub.dispatcher.wake(f"g:{account_id}:{group}")
 
     app = FastAPI(title="Outpost hub", version=__version__, lifespan=lifespan,
                   docs_url="/docs", redoc_url=None)
@@ -296,11 +306,6 @@ def create_app(hub: Hub) -> FastAPI:
             err = OutpostError("invalid_request", f"{exc.detail}", status=exc.status_code)
             return JSONResponse(err.to_body(), status_code=exc.status_code)
         return _error_response(hub, err)
-
-    @app.exception_handler(OperationalError)
-    async def db_down(_request: Request, exc: OperationalError) -> JSONResponse:
-        log.error("database error: %s", exc)
-        return _error_response(hub, OutpostError("database_unavailable"))
 
     @app.exception_handler(DBAPIError)
     async def db_refused(request: Request, exc: DBAPIError) -> JSONResponse:
@@ -334,9 +339,13 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.get("/metrics", tags=["hub"], response_class=PlainTextResponse)
     async def metrics() -> Response:
-        counts = await machines.counts_by_status(hub.engine)
-        for state in ("Pending", "Healthy", "Unresponsive", "Disconnected"):
-            hub.machines.labels(state).set(counts.get(state, 0))
+        try:
+            counts = await machines.counts_by_status(hub.engine)
+        except db.DatabaseUnavailable:
+            pass  # the rest still tells, and the outage is in outpost_database_failures
+        else:
+            for state in ("Pending", "Healthy", "Unresponsive", "Disconnected"):
+                hub.machines.labels(state).set(counts.get(state, 0))
         return Response(generate_latest(hub.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/ca", tags=["hub"], response_class=PlainTextResponse)

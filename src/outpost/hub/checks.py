@@ -119,6 +119,10 @@ async def database(ctx: HubContext) -> Outcome:
     except TimeoutError:
         return error("database_unavailable", f"{ctx.database_shown} did not answer within "
                      f"{CONNECT_TIMEOUT:g} s", database=ctx.database_shown)
+    except db.DatabaseUnavailable as exc:
+        return error("database_unavailable",
+                     f"The hub's database could not be reached ({ctx.database_shown}): "
+                     f"{exc.detail}", database=ctx.database_shown)
     except Exception as exc:  # the drivers' errors are many; each is "cannot reach it"
         if isinstance(exc, OutpostError):
             raise

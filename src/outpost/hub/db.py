@@ -2,19 +2,35 @@
 
 Times are stored as float seconds since the epoch: the same type and the same comparisons on
 both databases, and no time-zone conversion on the hot paths.
+
+The engine is the seam to the drivers. A database that cannot be reached or refuses for a
+while (a connection refused or reset, a server shutting down, a SQLite file locked by another
+process or unreadable) raises ``DatabaseUnavailable`` (E3007, 503 with Retry-After) whatever
+the driver's exception was; every other error passes unchanged. ``Engine.health`` counts
+them by kind and logs one line when an outage begins and one when it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import socket
+import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from outpost.protocol.errors import OutpostError
 
 from . import sqlite_inline
+
+log = logging.getLogger("outpost.hub.db")
 
 # The migrations in migrations/versions copy these definitions on purpose: a migration is a
 # frozen snapshot. tests/integration/test_schema.py fails if the two drift apart.
@@ -180,7 +196,179 @@ def is_sqlite(url: str) -> bool:
     return normalise_url(url).startswith("sqlite")
 
 
-def make_engine(url: str) -> AsyncEngine:
+class DatabaseUnavailable(OutpostError):
+    """The database could not be reached, or refused for a while: E3007, answered 503 with
+    Retry-After. ``kind`` names the failure (refused, reset, closed, timeout, dns,
+    unreachable, shutdown, busy, pool, locked, unreadable, full); ``detail`` is the driver's
+    own text, for the hub's log (not sent: it may name the database's address)."""
+
+    retry_after = 2  # seconds: a client that waits for the hub asks again this soon
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__("database_unavailable", f"The hub's database could not be reached "
+                         f"({kind}); try again in a few seconds.", kind=kind)
+        self.kind = kind
+        self.detail = detail
+
+
+# SQLite's primary result codes (the low byte of sqlite_errorcode) that a file locked by
+# another process, or one the hub cannot open, read or grow, gives; they pass when the other
+# process lets go or the operator frees the disk or fixes the permissions. CORRUPT and NOTADB
+# do not pass: they stay errors.
+_SQLITE_KINDS = {5: "locked", 6: "locked", 3: "unreadable", 8: "unreadable",
+                 10: "unreadable", 14: "unreadable", 13: "full"}
+# PostgreSQL's SQLSTATEs for a connection that failed (class 08), a server going down or
+# starting (57P01-57P03) and one with no connection slot left (53300).
+_PG_KINDS = {"57P01": "shutdown", "57P02": "shutdown", "57P03": "shutdown", "53300": "busy"}
+# A socket's errors on the way to the server (a file's errors, say, are no outage).
+_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN,
+                errno.ETIMEDOUT, errno.EADDRNOTAVAIL}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception, what SQLAlchemy wrapped, and what each was raised from."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo and len(seen) < 8:
+        item = todo.pop(0)
+        if item is None or any(item is s for s in seen):
+            continue
+        seen.append(item)
+        todo += [getattr(item, "orig", None), item.__cause__, item.__context__]
+    return seen
+
+
+def outage_kind(exc: BaseException) -> str | None:
+    """The kind of outage ``exc`` (from a driver, through SQLAlchemy or not) says the database
+    is in; None when it is not one (a constraint, a bad statement, a bug)."""
+    if isinstance(exc, OutpostError) and not isinstance(exc, DatabaseUnavailable):
+        return None  # the hub's own answer (a refusal, a conflict), whatever it came from
+    for item in _chain(exc):
+        if isinstance(item, DatabaseUnavailable):
+            return item.kind
+        if isinstance(item, sa.exc.DBAPIError) and item.connection_invalidated:
+            return "reset"
+        if isinstance(item, sa.exc.TimeoutError):  # no pooled connection came free in time
+            return "pool"
+        if isinstance(item, sqlite3.Error):
+            code = getattr(item, "sqlite_errorcode", None)
+            kind = _SQLITE_KINDS.get(code & 0xFF) if isinstance(code, int) else None
+            if kind is None and "database is locked" in str(item):
+                kind = "locked"
+            if kind is not None:
+                return kind
+            continue
+        state = getattr(item, "sqlstate", None)
+        if isinstance(state, str):
+            if state.startswith("08"):
+                return "closed"
+            if state in _PG_KINDS:
+                return _PG_KINDS[state]
+        if isinstance(item, ConnectionRefusedError):
+            return "refused"
+        if isinstance(item, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+            return "reset"
+        if isinstance(item, TimeoutError):
+            return "timeout"
+        if isinstance(item, socket.gaierror):
+            return "dns"
+        if isinstance(item, OSError) and item.errno in _UNREACHABLE:
+            return "unreachable"
+        if type(item).__module__.startswith("asyncpg") and \
+                "connection is closed" in str(item):
+            return "closed"
+    return None
+
+
+class Health:
+    """What this hub process has seen of its database: outages counted by kind, and one log
+    line as an outage begins and one as it ends (not one a failed request)."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.by_kind: dict[str, int] = {}
+        self.down_since: float | None = None  # time.monotonic() of the outage's first failure
+        self.listeners: list[Callable[[str], None]] = []
+
+    def failed(self, exc: DatabaseUnavailable) -> None:
+        self.failures += 1
+        self.by_kind[exc.kind] = self.by_kind.get(exc.kind, 0) + 1
+        for listener in self.listeners:
+            listener(exc.kind)
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.error("database unavailable (%s): %s; requests that need it answer 503 "
+                      "E3007 until it is back", exc.kind, exc.detail)
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            log.warning("database reachable again after %.1f s",
+                        time.monotonic() - self.down_since)
+            self.down_since = None
+
+
+def _detail(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _translated(engine: AsyncEngine, exc: BaseException) -> DatabaseUnavailable | None:
+    kind = outage_kind(exc)
+    if kind is None:
+        return None
+    unavailable = exc if isinstance(exc, DatabaseUnavailable) else \
+        DatabaseUnavailable(kind, _detail(exc))
+    if isinstance(engine, Engine) and unavailable is not exc:
+        engine.health.failed(unavailable)
+    return unavailable
+
+
+class Connection(AsyncConnection):
+    """An ``AsyncConnection`` whose failures to reach the database, on connecting, in the
+    ``async with`` body, or on commit, rollback or close, come out as DatabaseUnavailable."""
+
+    __slots__ = ()
+
+    async def start(self, is_ctxmanager: bool = False) -> AsyncConnection:
+        try:
+            return await super().start(is_ctxmanager)
+        except Exception as exc:
+            unavailable = _translated(self.engine, exc)
+            if unavailable is None or unavailable is exc:
+                raise
+            raise unavailable from exc
+
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        try:
+            await super().__aexit__(type_, value, traceback)
+        except Exception as exc:
+            if value is None:  # the body went well, the close did not
+                value = exc
+        if value is None:
+            if isinstance(self.engine, Engine):
+                self.engine.health.ok()
+            return
+        unavailable = _translated(self.engine, value)
+        if unavailable is not None and unavailable is not value:
+            raise unavailable from value
+        if type_ is None:
+            raise value  # the close failed for another reason
+
+
+class Engine(AsyncEngine):
+    """The hub's engine: connections translate the drivers' outages (Connection), and
+    ``health`` tells what this process has seen of them."""
+
+    __slots__ = ("health",)
+    _connection_cls = Connection
+
+    def __init__(self, sync_engine: sa.Engine) -> None:
+        super().__init__(sync_engine)
+        self.health = Health()
+
+
+def make_engine(url: str) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         # One connection: SQLite has one writer at a time, and with several connections a
@@ -193,9 +381,9 @@ def make_engine(url: str) -> AsyncEngine:
         # how long one may wait for another process that writes the file (a second hub by
         # mistake, a backup), and the loop waits with it, so it is short.
         path = sa.engine.make_url(url).database or ":memory:"
-        engine = create_async_engine(
+        engine = Engine(create_async_engine(
             url, pool_size=1, max_overflow=0,
-            async_creator=lambda: sqlite_inline.connect(path, timeout=5))
+            async_creator=lambda: sqlite_inline.connect(path, timeout=5)).sync_engine)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -208,7 +396,10 @@ def make_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # A connection attempt that gets no answer (a server or network that drops packets
+    # rather than refusing) fails after 10 s, not asyncpg's 60.
+    return Engine(create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True,
+                                      connect_args={"timeout": 10}).sync_engine)
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -35,7 +35,7 @@ from outpost.protocol.errors import OutpostError
 from . import jobs
 from .config import random_id
 from .db import jobs as job_table
-from .db import schedule_runs, schedules
+from .db import DatabaseUnavailable, schedule_runs, schedules
 from .dispatcher import Dispatcher
 from .runbooks import NAME_RE
 
@@ -307,8 +307,8 @@ class Scheduler:
             try:
                 await self._fire(row)
                 self._retry_at.pop(row.id, None)
-            except asyncio.CancelledError:
-                raise
+            except (asyncio.CancelledError, DatabaseUnavailable):
+                raise  # an outage holds up every schedule alike: the loop's supervisor waits
             except Exception:
                 # One broken schedule must not hold up the others, nor flood the log.
                 self._retry_at[row.id] = time.time() + RETRY_AFTER
@@ -366,8 +366,9 @@ class Scheduler:
             return False
         self._dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
         if missed:
-            log.warning("schedule %s (account %s) missed %d%s run(s) while no hub was "
-                        "running; started only the one due %s", row.name, row.account_id,
+            log.warning("schedule %s (account %s) missed %d%s run(s) while no hub could "
+                        "start them (none running, or its database unreachable); started "
+                        "only the one due %s", row.name, row.account_id,
                         missed, "+" if missed >= MISSED_COUNT_CAP else "",
                         _iso(due_at, expr.tz))
         log.info("schedule %s started job %s (due %s)", row.name, job["id"],

@@ -35,6 +35,10 @@ async def prepare(paths: HubPaths, database_url: str) -> Hub:
     try:
         await db.migrate(engine)
         await accounts.seed(engine, read_seed(paths))
+    except db.DatabaseUnavailable as exc:
+        await engine.dispose()
+        raise OutpostError("database_unavailable", f"The hub's database could not be "
+                           f"reached ({exc.kind}): {exc.detail}") from exc
     except OSError as exc:
         await engine.dispose()
         raise OutpostError("database_unavailable",

@@ -10,6 +10,9 @@ Exception tree::
      |                      an unreachable hub); ``except OutpostError`` is safe
      +-- HubRefused         the hub answered with an error body (carries status and reason)
      +-- TransportError     the hub could not be reached (carries the kind of failure)
+     +-- hub.db.DatabaseUnavailable
+                            the hub's database could not be reached, for a while (E3007,
+                            answered 503 with Retry-After; carries the kind of failure)
 
 Misuse of the programming interface raises ``TypeError``/``ValueError`` as usual and is never
 an ``OutpostError``, so catching ``OutpostError`` never hides a bug.
@@ -214,8 +217,29 @@ _ENTRIES: tuple[Entry, ...] = (
         500, None),
     Entry(
         "E3007", "database_unavailable", "The hub's database could not be reached.",
-        ("The database server is down, the URL is wrong, or the file is not writable.",),
-        ("Check --database-url and that the database server accepts connections.",),
+        ("The database server is down or restarting, the network to it is cut, or "
+         "--database-url names the wrong host, port or file.",
+         "refused: nothing accepts connections at the database's address: the server is "
+         "down or restarting, or a firewall or proxy on the way refuses.",
+         "reset: the connection to the database broke (the server restarted, or a network "
+         "device or proxy dropped it).",
+         "closed: the database server closed the connection, or it failed (PostgreSQL's "
+         "SQLSTATE class 08).",
+         "shutdown: the PostgreSQL server is shutting down or starting up (57P01 to 57P03).",
+         "busy: the PostgreSQL server has no connection slot left (53300).",
+         "timeout: the database did not answer in time: a network that drops packets, or a "
+         "server that is stuck.",
+         "pool: every connection of the hub's pool stayed in use for 30 s: the database "
+         "answers slowly.",
+         "locked: another process (a backup, a second hub on the same file) held the SQLite "
+         "file's write lock for longer than the hub's busy timeout (5 s).",
+         "unreadable: the hub cannot open, read or write its SQLite file (permissions, a "
+         "missing directory, an I/O error).",
+         "full: the disk that holds the SQLite file is full."),
+        ("Nothing, if it passes: the hub answers 503 with Retry-After meanwhile, agents and "
+         "waiting commands try again, and no running job is failed or run twice for it. If "
+         "it lasts, check --database-url and that the database accepts connections "
+         "('outpost hub check').",),
         503, None),
     Entry(
         "E3008", "hub_cli_unconfigured", "No hub to talk to.",
