@@ -292,3 +292,27 @@ def test_a_locked_sqlite_file_answers_503_until_it_is_released(sqlite_hub: Hub,
     assert answer.status_code == 201, answer.text
     assert _failures(hub) >= 1
     assert "Traceback" not in hub.log()
+
+
+def test_an_idle_agent_takes_work_at_once_after_an_outage(
+        pg_hub: Hub, proxy: TcpProxy, agents: list[Agent], tmp_path: Path) -> None:
+    """Its long-poll failed through the outage and backed off (up to backoff_max, 60 s);
+    the first heartbeat the hub acknowledges afterwards sends it again at once."""
+    hub = pg_hub
+    publish_script(hub, tmp_path, "quick", "echo hi\n")
+    healthy_agent(hub, tmp_path, agents, "w1", heartbeat_interval=1)
+    proxy.cut()
+    try:
+        time.sleep(30)  # the poll's backoff reaches 16-32 s
+    finally:
+        proxy.restore()
+    wait_until(lambda: hub.api("GET", "/v1/jobs").status_code == 200, 15,
+               what="the hub to reach its database again")
+    time.sleep(2)  # a heartbeat or two acknowledged
+    submitted = time.monotonic()
+    answer = hub.api("POST", "/v1/jobs", json={"runbook": "quick", "group": "web"})
+    assert answer.status_code == 201, answer.text
+    job_id = answer.json()["id"]
+    wait_until(lambda: hub.api("GET", f"/v1/jobs/{job_id}").json()["status"] == "Completed",
+               20, what="the job to complete")
+    assert time.monotonic() - submitted < 4, "the poll was still backing off"

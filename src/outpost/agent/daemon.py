@@ -61,6 +61,10 @@ class Agent:
         # The long-poll in flight and the capacity it offered (see _recheck_poll).
         self._poll: tuple[asyncio.Future[Any] | None, int] = (None, 0)
         self._poll_withdrawn = False
+        # Set by each heartbeat the hub acknowledges: a poll waiting out its backoff after
+        # failures asks again at once (the hub, or its database, is back), so work queued
+        # after an outage starts in milliseconds, not after a backoff of up to backoff_max.
+        self._hub_answered = asyncio.Event()
         self.pressure = Pressure(self.config.max_cpu_percent, self.config.max_memory_percent,
                                  self.config.pressure_seconds, own_cpu_seconds(self._leaders))
         self.reporter = Reporter(self._call, self._capacity, self._take)
@@ -185,9 +189,15 @@ class Agent:
         assert self.client is not None
         return await self.client.request(method, path, payload, timeout=timeout)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop_requested.wait(), seconds)
+    async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        """``seconds``, or until the agent stops or ``wake`` is set."""
+        waits = [asyncio.ensure_future(event.wait())
+                 for event in (self.stop_requested, wake) if event is not None]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def _heartbeat_loop(self) -> None:
         backoff = Backoff(cap=min(self.config.backoff_max, max(self.config.heartbeat_interval,
@@ -212,6 +222,7 @@ class Agent:
                 log.info("heartbeat acknowledged again by %s", self.client.url
                          if self.client else "?")
             backoff.reset()
+            self._hub_answered.set()
             log.debug("heartbeat acknowledged by %s", self.client.url if self.client else "?")
             self.last_ack = time.time()
             self.last_error = None
@@ -265,7 +276,9 @@ class Agent:
                 raise
             except OutpostError as exc:
                 self._note_failure(exc)
-                await self._sleep(self._log_failure("poll", exc, backoff))
+                delay = self._log_failure("poll", exc, backoff)
+                self._hub_answered.clear()
+                await self._sleep(delay, self._hub_answered)
                 continue
             backoff.reset()
             for item in answer.get("items", []):
