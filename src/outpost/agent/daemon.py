@@ -246,10 +246,10 @@ class Agent:
                         what, exc.kind, exc.message, delay)
         elif isinstance(exc, HubRefused):
             log.error("%s refused by the hub: %s %s. Fix: %s; retrying in %.1f s",
-                      what, exc.code, exc.message, exc.fix, delay)
+                      what, exc.code, exc.message.rstrip("."), exc.fix.rstrip("."), delay)
         else:
             log.error("%s failed: %s %s. Fix: %s; retrying in %.1f s",
-                      what, exc.code, exc.message, exc.fix, delay)
+                      what, exc.code, exc.message.rstrip("."), exc.fix.rstrip("."), delay)
         return delay
 
     async def _poll_loop(self) -> None:
