@@ -13,6 +13,7 @@ import typer
 from outpost.protocol.models import BATCH_MAX
 from outpost.protocol.params import split_assignments
 
+from . import signals
 from .client import Api
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
 from .output import EXIT_FAILED, ago, err, out, print_json, table
@@ -112,6 +113,8 @@ def start(
         body["version"] = version
     if timeout is not None:
         body["timeout"] = _duration(timeout)
+    if wait or follow:
+        signals.daemon(term_interrupts=True)
     if count > 1:
         _start_many(client, body, count, wait, json)
         return
@@ -265,6 +268,7 @@ def output(job_id: str,
     """A job's output records, in order."""
     client = api(hub, token, ca_fingerprint, data_dir)
     if follow:
+        signals.daemon(term_interrupts=True)
         _follow(client, job_id, True, json, stream)
         return
     if json:
