@@ -111,7 +111,8 @@ _ENTRIES: tuple[Entry, ...] = (
         "E1009", "replayed_request",
         "The request was refused because its nonce was already used.",
         ("A copy of an earlier signed request was sent again (a replay), or a proxy "
-         "retried a request on its own.",),
+         "retried a request on its own.",
+         "A registration without a nonce, from an agent older than the hub."),
         ("Nothing to do when it happens once; the agent signs every request afresh. If it "
          "repeats, look for a proxy that replays requests.",),
         401, None),
