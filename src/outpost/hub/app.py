@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client import disable_created_metrics, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,9 +23,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outpost import __version__
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.models import Heartbeat, JobBatch, RegisterRequest
+from outpost.protocol.models import INT32_MAX, INT64_MAX, Heartbeat, JobBatch
+from outpost.protocol.models import RegisterRequest, Wire
 
-from . import accounts, auth, groups, jobs, machines, runbooks
+from . import accounts, auth, edge, groups, jobs, machines, runbooks
 from . import asset_routes, job_identity
 from . import schedule_routes
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
@@ -35,6 +34,7 @@ from .dispatcher import Dispatcher
 
 log = logging.getLogger("outpost.hub")
 REPORTS_MAX = 256  # attempts' reports in one POST /v1/agent/reports
+TIMEOUT_MAX = 366 * 86400.0
 # The *_created series double every counter and tell an operator nothing here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -63,11 +63,11 @@ class Hub:
                               registry=self.registry)
 
 
-class AccountCreate(BaseModel):
+class AccountCreate(Wire):
     name: str = Field(min_length=1, max_length=128)
 
 
-class RunbookPublish(BaseModel):
+class RunbookPublish(Wire):
     name: str = Field(min_length=1, max_length=128)
     content: str
     type: str | None = None
@@ -79,21 +79,22 @@ class RunbookPublish(BaseModel):
     log_progress: bool = False
 
 
-class JobStart(BaseModel):
+class JobStart(Wire):
     runbook: str = Field(min_length=1, max_length=128)
     group: str = Field(min_length=1, max_length=64)
     params: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1)
-    timeout: float | None = Field(default=None, gt=0)
+    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    timeout: float | None = Field(default=None, gt=0, le=TIMEOUT_MAX,
+                                  description="Seconds, at most 366 days.")
 
 
-class JobAttempt(BaseModel):
-    attempt: int = Field(ge=1)
+class JobAttempt(Wire):
+    attempt: int = Field(ge=1, le=INT32_MAX)
 
 
-class JobEnd(BaseModel):
-    exit_code: int | None = None
-    signal: int | None = None
+class JobEnd(Wire):
+    exit_code: int | None = Field(default=None, ge=-INT32_MAX - 1, le=INT32_MAX)
+    signal: int | None = Field(default=None, ge=0, le=INT32_MAX)
     reason: str = Field(default="", max_length=2000)
     cause: Literal["exit", "timeout", "stopped", "killed", "lost"] = "exit"
 
@@ -109,20 +110,20 @@ class JobReportItem(JobReport):
     job_id: str = Field(min_length=1, max_length=128)
 
 
-class JobReports(BaseModel):
+class JobReports(Wire):
     reports: list[JobReportItem] = Field(min_length=1, max_length=REPORTS_MAX)
     claim: int = Field(default=0, ge=0, le=256, description=(
         "How many jobs the agent runs at once (0 while it takes none). When a report ends "
         "an attempt, the answer carries the jobs claimed for the slots that freed up."))
 
 
-class GroupSettings(BaseModel):
+class GroupSettings(Wire):
     run_as: str | None = Field(default=None, max_length=64,
                                description="The user a root agent runs the group's runbooks "
                                            "as; null for the agent's own user.")
 
 
-class WorkDone(BaseModel):
+class WorkDone(Wire):
     result: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -177,73 +178,6 @@ class CountRequests:
         await self.app(scope, receive, counted)
 
 
-_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_lone_surrogate(v) for v in value)
-    return False
-
-
-class ValidUnicode:
-    """Refuses a JSON body that escapes half of a UTF-16 pair (``"\\ud800"``).
-
-    Such a string is no Unicode text: neither database can store it, no answer that quotes
-    it can be encoded, and a field typed ``Any`` would let it through to both. One check
-    here covers every route; a body without a ``\\uD8..`` to ``\\uDF..`` escape (nearly
-    all) costs one regular-expression scan.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, receive, send)  # the client left: let the app see it
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        if _SURROGATE.search(body):
-            try:
-                bad = _has_lone_surrogate(json.loads(body))
-            except ValueError:
-                bad = False  # not JSON: the route says what is wrong with it
-            if bad:
-                err = OutpostError(
-                    "invalid_request", "A text value contains a lone UTF-16 surrogate (such "
-                    "as \\ud800), which is not a valid Unicode character.",
-                    fix="Send valid Unicode text: encode files as UTF-8, and escape a "
-                        "character outside the basic plane as a surrogate pair.")
-                await JSONResponse(err.to_body(), status_code=422)(scope, receive, send)
-                return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
 def create_app(hub: Hub) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -270,7 +204,9 @@ def create_app(hub: Hub) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     app.state.hub = hub
 
-    app.add_middleware(ValidUnicode)
+    app.add_middleware(edge.Edge, limits=lambda: hub.config.body_limits,
+                       checks=auth.caller_checks(hub.engine, hub.vault),
+                       render=lambda exc: _error_response(hub, exc))
     app.add_middleware(CountRequests, counter=hub.requests)
 
     @app.exception_handler(OutpostError)
@@ -406,6 +342,15 @@ def create_app(hub: Hub) -> FastAPI:
         await job_identity.add_tokens(hub.engine, hub.vault, items)
         return {"items": items}
 
+    def _bound_records(count: int) -> None:
+        most = hub.config.body_limits.report_records
+        if count > most:
+            raise OutpostError(
+                "body_too_large", f"The request carries {count} output records; the hub "
+                f"takes at most {most} in one request.", fix="Send the records in several "
+                "requests (the agent sends at most about 1 MiB at a time), or raise "
+                "body_limits.report_records in the hub's hub.yaml.", records=count, limit=most)
+
     async def _agent_body(request: Request, model: type[Any]) -> tuple[Any, Any]:
         row, body = await signed_machine(request)
         try:
@@ -417,6 +362,7 @@ def create_app(hub: Hub) -> FastAPI:
     async def job_report(request: Request, job_id: str) -> dict[str, Any]:
         """One attempt's news, in order: its process started, output records, its end."""
         row, body = await _agent_body(request, JobReport)
+        _bound_records(len(body.records))
         status = await jobs.report(
             hub.engine, row.id, job_id, body.attempt, started=body.started,
             records=body.records, end=body.end.model_dump() if body.end else None)
@@ -434,6 +380,7 @@ def create_app(hub: Hub) -> FastAPI:
         that runs many short jobs needs neither a request per job nor a long-poll answer
         per freed slot."""
         row, body = await _agent_body(request, JobReports)
+        _bound_records(sum(len(r.records) for r in body.reports))
         results, items = await jobs.report_many(
             hub.engine, row, [r.model_dump() for r in body.reports], body.claim)
         if any(r.end is not None for r in body.reports) and not items:
@@ -536,7 +483,7 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.get("/v1/runbooks/{name}", tags=["runbooks"])
     async def runbook_show(principal: Op, name: str,
-                           version: Annotated[int | None, Query(ge=1)] = None
+                           version: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None
                            ) -> dict[str, Any]:
         return await runbooks.get(hub.engine, principal.account_id, name, version)
 
@@ -606,7 +553,7 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/output", tags=["jobs"])
     async def job_output(principal: Op, job_id: str,
-                         after: Annotated[int, Query(ge=-1)] = -1,
+                         after: Annotated[int, Query(ge=-1, le=INT64_MAX)] = -1,
                          stream: Annotated[list[str] | None, Query()] = None,
                          limit: Annotated[int, Query(ge=1, le=50000)] = 10000
                          ) -> list[dict[str, Any]]:

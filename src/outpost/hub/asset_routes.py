@@ -8,9 +8,10 @@ import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from outpost.protocol.errors import OutpostError
+from outpost.protocol.models import Wire
 
 from . import accounts, assets, auth, job_identity
 
@@ -20,19 +21,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("outpost.hub.assets")
 
 
-class VariableSet(BaseModel):
+class VariableSet(Wire):
     value: str
     secret: bool = Field(default=False, description="Never shown by list or show.")
     description: str = Field(default="", max_length=1000)
 
 
-class CredentialSet(BaseModel):
+class CredentialSet(Wire):
     username: str = Field(min_length=1)
     secret: str
     description: str = Field(default="", max_length=1000)
 
 
-class CertificateImport(BaseModel):
+class CertificateImport(Wire):
     data: str = Field(description="The PEM or PFX (PKCS#12) file, base64.")
     password: str | None = Field(default=None, description="The PFX or private key password.")
     description: str = Field(default="", max_length=1000)

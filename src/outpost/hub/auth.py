@@ -16,7 +16,7 @@ from outpost import __version__
 from outpost.protocol import signing, versions
 from outpost.protocol.errors import OutpostError
 
-from . import accounts, machines
+from . import accounts, machines, webhooks
 from .db import nonces
 from .vault import Vault
 
@@ -137,6 +137,31 @@ async def prune_nonces(engine: AsyncEngine) -> int:
     async with engine.begin() as conn:
         result = await conn.execute(sa.delete(nonces).where(nonces.c.seen_at < cutoff))
     return int(result.rowcount or 0)
+
+
+def caller_checks(engine: AsyncEngine, vault: Vault) -> dict[str, Any]:
+    """For the edge: that a request's caller exists, from its headers alone, so an unknown
+    caller is refused before its body is read (the signature, which needs the body, is
+    checked by the route)."""
+
+    async def operator_exists(_scope: Any, headers: Any) -> None:
+        await operator(engine, headers.get("authorization"))
+
+    async def machine_exists(_scope: Any, headers: Any) -> None:
+        machine_id = headers.get(signing.H_MACHINE, "")
+        if not machine_id or await machines.by_id(engine, machine_id, cached=True) is None:
+            raise OutpostError("machine_unknown", machine_id=machine_id)
+
+    async def account_exists(_scope: Any, headers: Any) -> None:
+        account_id = headers.get(signing.H_ACCOUNT, "")
+        if not account_id or await accounts.signing_keys(engine, vault, account_id) is None:
+            raise OutpostError("unknown_account", account_id=account_id)
+
+    async def webhook_exists(scope: Any, _headers: Any) -> None:
+        await webhooks.find(engine, scope["path"][len(webhooks.PATH):])
+
+    return {"operator": operator_exists, "machine": machine_exists,
+            "account": account_exists, "webhook": webhook_exists}
 
 
 async def operator(engine: AsyncEngine, authorization: str | None) -> accounts.Principal:

@@ -21,10 +21,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outpost.protocol import params
 from outpost.protocol.errors import ACTIVATE_FAILED_TEXT, OutpostError
+from outpost.protocol.models import OutputRecord
 
 from . import runbooks
 from .config import random_id
@@ -395,16 +397,25 @@ async def _apply(conn: AsyncConnection, machine_id: str, job_id: str, attempt: i
     return status
 
 
+_RECORDS = TypeAdapter(list[OutputRecord])
+
+
 def _record_rows(job_id: str, attempt: int, records: list[dict[str, Any]]
                  ) -> list[dict[str, Any]]:
     base = (attempt - 1) << SEQ_SHIFT
     try:
-        rows: list[dict[str, Any]] = [
-            {"job_id": job_id, "seq": int(r["seq"]), "stream": str(r["stream"]),
-             "text": str(r["text"]), "at": float(r["at"])} for r in records]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise OutpostError("invalid_request", f"Malformed output record: {exc!r}",
-                           fix="Send records with seq, stream, text and at.") from exc
+        valid = _RECORDS.validate_python(records)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = first.get("loc", ())
+        field = f"records[{loc[0]}]" + "".join(f".{p}" for p in loc[1:]) if loc else "records"
+        raise OutpostError("invalid_request", f"Malformed output record: {field}: "
+                           f"{first['msg']}.", fix="Send records with seq, stream, text (at "
+                           "most 1 MiB) and at (seconds since the epoch).",
+                           field=field) from exc
+    rows: list[dict[str, Any]] = [
+        {"job_id": job_id, "seq": r.seq, "stream": r.stream, "text": r.text, "at": r.at}
+        for r in valid]
     for row in rows:
         if row["stream"] not in STREAMS:
             raise OutpostError("invalid_request", f"Unknown stream '{row['stream']}'.",

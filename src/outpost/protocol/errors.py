@@ -235,6 +235,18 @@ _ENTRIES: tuple[Entry, ...] = (
         ("Check the machine's status with 'outpost machine list' and, on the machine, "
          "'outpost agent status'; start the agent if it is not running.",),
         504, None),
+    Entry(
+        "E3011", "body_too_large", "The request body is larger than the hub accepts.",
+        ("The body passed its route's limit, declared in Content-Length or counted as it "
+         "arrived: by default 64 KiB for a registration, 2 MiB for an operator's write, "
+         "1 MiB for an agent's request and 8 MiB for an agent's job reports.",
+         "An agent's reports carried more output records in one request than the hub takes "
+         "(50,000 by default)."),
+        ("Send less in one request: split a batch of jobs, or put large data where the "
+         "runbook can fetch it and send its address.",
+         "If such bodies are expected, raise the route's limit under body_limits in the "
+         "hub's hub.yaml (docs/hub.md) and restart the hub."),
+        413, None),
 )
 
 _ENTRIES += (
