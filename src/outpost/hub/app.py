@@ -381,8 +381,11 @@ def create_app(hub: Hub) -> FastAPI:
         per freed slot."""
         row, body = await _agent_body(request, JobReports)
         _bound_records(sum(len(r.records) for r in body.reports))
-        results, items = await jobs.report_many(
-            hub.engine, row, [r.model_dump() for r in body.reports], body.claim)
+        # Not model_dump(): it would copy every record again.
+        results, items = await jobs.report_many(hub.engine, row, [
+            {"job_id": r.job_id, "attempt": r.attempt, "started": r.started,
+             "records": r.records, "end": r.end.model_dump() if r.end else None}
+            for r in body.reports], body.claim)
         if any(r.end is not None for r in body.reports) and not items:
             # Nothing was claimed here (no capacity given, or no job queued): the waiting
             # long-poll looks again, for work items too.

@@ -40,7 +40,7 @@ class BodyLimits(BaseModel):
         "an agent's heartbeats, polls and other requests"))
     reports: int = Field(default=8 * MIB, ge=1 * MIB, description=(
         "an agent's job reports (it sends about 1 MiB at a time, a record at most 1 MiB)"))
-    report_records: int = Field(default=50_000, ge=1000, description=(
+    report_records: int = Field(default=20_000, ge=1000, description=(
         "output records in one reports request"))
 
 

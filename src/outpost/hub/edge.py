@@ -8,7 +8,10 @@ hang-up from a long-poll) does, in order:
 2. **The body's size, before it is read.** Each route has a limit (``body_limits`` in
    ``hub.yaml``): a declared ``Content-Length`` over it is refused at once with 413, and a
    chunked body is counted as it arrives and refused once it passes the limit. Nothing is
-   read beyond the limit, and the refusal closes the connection.
+   kept beyond the limit. The server throws away what still comes of the body after the
+   answer, so a client that sends its whole body before it reads (most do) still reads the
+   refusal; a body declared larger than DRAIN_MAX is not worth that, and the connection is
+   closed instead.
 3. **Who is calling, before the body is read.** The signature needs the body, but the
    caller's headers and that their principal exists do not: an unknown operator token,
    machine, account or webhook address is refused before a byte of the body is read. When
@@ -57,6 +60,11 @@ class Rule:
     caller: str  # "operator", "machine", "account", "webhook" or "" (anyone)
 
 
+# Up to this size a refused body is left for the server to read and throw away after the
+# answer (uvicorn discards a finished request's body), so the client can read the answer;
+# a larger one closes the connection, and the client may see a reset instead.
+DRAIN_MAX = 64 * 1024 * 1024
+
 _REPORTS = re.compile(r"^/v1/agent/(?:reports|jobs/[^/]+/report)$")
 
 
@@ -90,11 +98,22 @@ def too_large(rule: Rule, size: int | None) -> OutpostError:
         route_kind=rule.kind, **details)
 
 
-# Escapes worth a closer look: NUL, half of a UTF-16 pair, the constants Python's json reads
-# but JSON does not allow, and numbers too large for a float (1e999 reads as Infinity): a
-# NaN stored in a JSON column fails PostgreSQL, and no answer quoting it is JSON.
-_SUSPECT = re.compile(rb"\\u0000|\\u[dD][89a-fA-F][0-9a-fA-F]{2}|NaN|Infinity"
-                      rb"|(?<![\w-])-?\d+(?:\.\d+)?[eE]\+?\d{3}")
+# What needs a closer look: NUL and half of a UTF-16 pair (escaped, as JSON must), the
+# constants Python's json reads but JSON does not allow, and numbers too large for a float
+# (1e999 reads as Infinity): a NaN stored in a JSON column fails PostgreSQL, and no answer
+# quoting it is JSON. Literal searches first: a regular expression scans a few MB a
+# second slower than ``in``, and a report may be megabytes.
+_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+_BIG_NUMBER = re.compile(rb"[:\[,]\s*-?\d+(?:\.\d+)?[eE]\+?\d{3}")
+
+
+def _suspect(body: bytes, reports: bool) -> bool:
+    if b"\\u" in body and _ESCAPE.search(body):
+        return True
+    if b"NaN" in body or b"Infinity" in body:
+        return True
+    # A report's numbers are all typed fields, each refused there when not finite.
+    return not reports and (b"e" in body or b"E" in body) and bool(_BIG_NUMBER.search(body))
 
 
 class _Constant:
@@ -145,13 +164,13 @@ _RECORD_TEXT = re.compile(r"^body(?:\.reports\.\d+)?\.records\.\d+\.text$")
 def text_problem(body: bytes, path: str) -> OutpostError | None:
     """A refusal for JSON text the hub will not take, or None (also for a body that is not
     JSON: the route says what is wrong with it)."""
-    if not _SUSPECT.search(body):
+    reports = bool(_REPORTS.match(path))
+    if not _suspect(body, reports):
         return None
     try:
         parsed = json.loads(body, parse_constant=_Constant, parse_float=_number)
     except ValueError:
         return None
-    reports = bool(_REPORTS.match(path))
     found = _problem(parsed, "body", lambda at: reports and bool(_RECORD_TEXT.match(at)))
     if found is None:
         return None
@@ -200,9 +219,9 @@ class Edge:
         self.render = render
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, err: OutpostError,
-                      close: bool) -> None:
+                      declared: int | None = None) -> None:
         response = self.render(err)
-        if close:  # the body was not read: the connection cannot carry another request
+        if declared is not None and declared > DRAIN_MAX:
             response.headers["Connection"] = "close"
         await response(scope, receive, send)
 
@@ -217,11 +236,11 @@ class Edge:
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         has_body = bool(declared) or chunked
         if refused is not None:
-            await self._refuse(scope, receive, send, refused, has_body)
+            await self._refuse(scope, receive, send, refused, declared)
             return
         rule = rule_for(scope["path"], self.limits())
         if declared is not None and declared > rule.limit:
-            await self._refuse(scope, receive, send, too_large(rule, declared), True)
+            await self._refuse(scope, receive, send, too_large(rule, declared), declared)
             return
         if not has_body:
             await self.app(scope, receive, send)
@@ -231,7 +250,7 @@ class Edge:
             try:
                 await check(scope, headers)
             except OutpostError as exc:
-                await self._refuse(scope, receive, send, exc, True)
+                await self._refuse(scope, receive, send, exc)
                 return
             except Exception:  # noqa: BLE001 - the route checks again and says what failed
                 pass
@@ -247,14 +266,14 @@ class Edge:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > rule.limit:
-                await self._refuse(scope, receive, send, too_large(rule, None), True)
+                await self._refuse(scope, receive, send, too_large(rule, None))
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
         refused = text_problem(body, scope["path"])
         if refused is not None:
-            await self._refuse(scope, receive, send, refused, False)
+            await self._refuse(scope, receive, send, refused)
             return
         replayed = False
 

@@ -241,7 +241,7 @@ _ENTRIES: tuple[Entry, ...] = (
          "arrived: by default 64 KiB for a registration, 2 MiB for an operator's write, "
          "1 MiB for an agent's request and 8 MiB for an agent's job reports.",
          "An agent's reports carried more output records in one request than the hub takes "
-         "(50,000 by default)."),
+         "(20,000 by default)."),
         ("Send less in one request: split a batch of jobs, or put large data where the "
          "runbook can fetch it and send its address.",
          "If such bodies are expected, raise the route's limit under body_limits in the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 # Ranges at the edge: a number the database cannot hold (an INTEGER column is 32 bits on
 # PostgreSQL, 64 on SQLite) or JSON cannot carry (NaN, Infinity) is refused as bad input
@@ -106,13 +106,6 @@ class OutputRecord(Wire):
     text: str = Field(max_length=RECORD_TEXT_MAX)
     at: float = Field(ge=0, description="When it was written, seconds since the epoch.")
 
-    @field_validator("text")
-    @classmethod
-    def _no_nul(cls, text: str) -> str:
-        # A runbook may print NUL, which PostgreSQL cannot store in text. Refusing the
-        # report would lose the job's output; it is kept with U+FFFD in its place instead,
-        # on both databases (every other text field refuses NUL: see hub/edge.py).
-        return text.replace("\x00", "\ufffd")
 
 
 BATCH_MAX = 1000
