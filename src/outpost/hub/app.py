@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outpost import __version__
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.models import INT32_MAX, INT64_MAX, Heartbeat, JobBatch
+from outpost.protocol.models import INT32_MAX, INT64_MAX, ErrorBody, Heartbeat, JobBatch
 from outpost.protocol.models import RegisterRequest, Wire
 
 from . import accounts, auth, edge, groups, jobs, machines, runbooks
@@ -34,9 +34,31 @@ from .dispatcher import Dispatcher
 
 log = logging.getLogger("outpost.hub")
 REPORTS_MAX = 256  # attempts' reports in one POST /v1/agent/reports
-TIMEOUT_MAX = 366 * 86400.0
 # The *_created series double every counter and tell an operator nothing here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+_STATUS_TEXT = {
+    400: "The body is not JSON (E3003).",
+    401: "No valid token, machine signature or job token; a replayed request (E3001, E1008, "
+         "E1009, E1010, E5002).",
+    403: "Not allowed to this caller, or a refused registration (E3004, E1001-E1003).",
+    404: "No such object in the caller's account, or no such path (E3002, E6006).",
+    409: "Conflicts with what exists or with the job's state (E3009, E4009, E1004).",
+    413: "The body is larger than the route takes (E3011, E4005, E5005, E6007).",
+    422: "A field is missing, of the wrong type or out of range; the message names it "
+         "(E3003 and the other 4xx codes of errors.md).",
+    426: "The agent is older than the hub's min_agent_version (E1007).",
+    503: "The hub's database cannot be reached (E3007).",
+    504: "The machine did not answer in time (E3010).",
+}
+COMMON_ERRORS = (400, 401, 403, 404, 409, 413, 422, 503)
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error answers: every one is an ErrorBody."""
+    return {status: {"model": ErrorBody, "description": _STATUS_TEXT[status]}
+            for status in statuses}
 
 
 class Hub:
@@ -84,8 +106,8 @@ class JobStart(Wire):
     group: str = Field(min_length=1, max_length=64)
     params: dict[str, Any] = Field(default_factory=dict)
     version: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    timeout: float | None = Field(default=None, gt=0, le=TIMEOUT_MAX,
-                                  description="Seconds, at most 366 days.")
+    timeout: float | None = Field(default=None, gt=0,
+                                  description="Seconds, at most 7 days.")
 
 
 class JobAttempt(Wire):
@@ -142,6 +164,21 @@ def _error_response(hub: Hub | None, exc: OutpostError) -> JSONResponse:
     if hub is not None and exc.entry.http_status in (401, 403):
         hub.refusals.labels(exc.reason).inc()
     return JSONResponse(exc.to_body(), status_code=exc.entry.http_status)
+
+
+def _methods_of(request: Request) -> list[str]:
+    """The methods of every route of this path; only the literal routes' where one is
+    literal (POST /v1/jobs/batch, not GET /v1/jobs/{job_id} with job_id 'batch')."""
+    path = request.scope["path"]
+    literal: set[str] = set()
+    methods: set[str] = set()
+    for route in request.app.routes:
+        pattern, taken = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if pattern is not None and taken and pattern.match(path):
+            methods |= set(taken)
+            if getattr(route, "path", None) == path:
+                literal |= set(taken)
+    return sorted(literal or methods)
 
 
 async def _supervise(name: str, period: float, work: Any) -> None:
@@ -201,7 +238,7 @@ def create_app(hub: Hub) -> FastAPI:
             hub.dispatcher.wake(f"g:{account_id}:{group}")
 
     app = FastAPI(title="Outpost hub", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url="/docs", redoc_url=None, responses=errors(*COMMON_ERRORS))
     app.state.hub = hub
 
     app.add_middleware(edge.Edge, limits=lambda: hub.config.body_limits,
@@ -224,13 +261,26 @@ def create_app(hub: Hub) -> FastAPI:
         return _error_response(hub, err)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             err = OutpostError("not_found", "No such API path.",
                                fix="See /openapi.json for the paths this hub serves.")
-        else:
-            err = OutpostError("invalid_request", f"{exc.detail}", status=exc.status_code)
-            return JSONResponse(err.to_body(), status_code=exc.status_code)
+        elif exc.status_code == 405:
+            # Allow (RFC 9110) names every method of the path: the router's own header names
+            # only those of the first route that matched it.
+            allowed = ", ".join(_methods_of(request))
+            exc.headers = {**(exc.headers or {}), "Allow": allowed}
+            err = OutpostError("method_not_allowed", f"{request.method} is not allowed on "
+                               f"{request.url.path}; it takes {allowed or 'other methods'}.",
+                               fix=f"Send {allowed or 'a method /openapi.json names'} instead.",
+                               allowed=allowed)
+            return JSONResponse(err.to_body(), status_code=405, headers=exc.headers)
+        else:  # 400: FastAPI could not read the body as JSON
+            err = OutpostError("invalid_request", f"The request body could not be read: "
+                               f"{exc.detail}.", fix="Send a JSON object, encoded as UTF-8, with "
+                               "Content-Type: application/json.", status=exc.status_code)
+            return JSONResponse(err.to_body(), status_code=exc.status_code,
+                                headers=exc.headers)
         return _error_response(hub, err)
 
     @app.exception_handler(OperationalError)
@@ -282,7 +332,7 @@ def create_app(hub: Hub) -> FastAPI:
                                                       hub.ca_fingerprint})
 
     # --- agents -------------------------------------------------------------------------
-    @app.post("/v1/agent/register", tags=["agent"], status_code=201)
+    @app.post("/v1/agent/register", tags=["agent"], status_code=201, responses=errors(426))
     async def register(request: Request) -> dict[str, Any]:
         body = await request.body()
         account_id = await auth.registration(hub.engine, hub.vault, request.headers,
@@ -299,13 +349,13 @@ def create_app(hub: Hub) -> FastAPI:
                  req.group)
         return result
 
-    @app.post("/v1/agent/deregister", tags=["agent"])
+    @app.post("/v1/agent/deregister", tags=["agent"], responses=errors(426))
     async def deregister(request: Request) -> dict[str, Any]:
         row, _ = await signed_machine(request)
         await machines.deregister(hub.engine, row.id)
         return {"machine_id": row.id, "deregistered": True}
 
-    @app.get("/v1/agent/registration", tags=["agent"])
+    @app.get("/v1/agent/registration", tags=["agent"], responses=errors(426))
     async def registration(request: Request) -> dict[str, Any]:
         """This machine's registration as the hub holds it: an agent whose cached copy is
         corrupt fetches it again (HW-9)."""
@@ -314,7 +364,7 @@ def create_app(hub: Hub) -> FastAPI:
                 "group": row.group_name, "labels": row.labels,
                 "registered_at": row.registered_at}
 
-    @app.post("/v1/agent/heartbeat", tags=["agent"])
+    @app.post("/v1/agent/heartbeat", tags=["agent"], responses=errors(426))
     async def heartbeat(request: Request) -> dict[str, Any]:
         row, body = await signed_machine(request)
         try:
@@ -327,7 +377,7 @@ def create_app(hub: Hub) -> FastAPI:
         return {"hub_time": now, "min_agent_version": hub.config.min_agent_version,
                 "machine_id": row.id, "abandon": abandon}
 
-    @app.post("/v1/agent/poll", tags=["agent"])
+    @app.post("/v1/agent/poll", tags=["agent"], responses=errors(426))
     async def poll(request: Request,
                    wait: Annotated[float, Query(ge=0, le=300)] = 25.0,
                    capacity: Annotated[int, Query(ge=0, le=256)] = 0) -> dict[str, Any]:
@@ -358,7 +408,7 @@ def create_app(hub: Hub) -> FastAPI:
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
 
-    @app.post("/v1/agent/jobs/{job_id}/report", tags=["agent"])
+    @app.post("/v1/agent/jobs/{job_id}/report", tags=["agent"], responses=errors(426))
     async def job_report(request: Request, job_id: str) -> dict[str, Any]:
         """One attempt's news, in order: its process started, output records, its end."""
         row, body = await _agent_body(request, JobReport)
@@ -373,7 +423,7 @@ def create_app(hub: Hub) -> FastAPI:
                 hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
         return {"id": job_id, "status": status}
 
-    @app.post("/v1/agent/reports", tags=["agent"])
+    @app.post("/v1/agent/reports", tags=["agent"], responses=errors(426))
     async def job_reports(request: Request) -> dict[str, Any]:
         """Several attempts' reports in one transaction (each as ``/jobs/{id}/report``
         takes it), and in the answer the jobs claimed for the slots they freed: an agent
@@ -395,13 +445,13 @@ def create_app(hub: Hub) -> FastAPI:
         await job_identity.add_tokens(hub.engine, hub.vault, items)
         return {"results": results, "items": items}
 
-    @app.post("/v1/agent/jobs/{job_id}/paused", tags=["agent"])
+    @app.post("/v1/agent/jobs/{job_id}/paused", tags=["agent"], responses=errors(426))
     async def job_paused(request: Request, job_id: str) -> dict[str, Any]:
         row, body = await _agent_body(request, JobAttempt)
         return {"id": job_id, "status": await jobs.paused(hub.engine, row.id, job_id,
                                                           body.attempt)}
 
-    @app.post("/v1/agent/work/{item_id}/done", tags=["agent"])
+    @app.post("/v1/agent/work/{item_id}/done", tags=["agent"], responses=errors(426))
     async def work_done(request: Request, item_id: str) -> dict[str, Any]:
         row, body = await signed_machine(request)
         try:
@@ -454,7 +504,7 @@ def create_app(hub: Hub) -> FastAPI:
         await machines.deregister(hub.engine, row.id)
         return {"name": row.name, "removed": True}
 
-    @app.post("/v1/machines/{name}/ping", tags=["operator"])
+    @app.post("/v1/machines/{name}/ping", tags=["operator"], responses=errors(504))
     async def machine_ping(principal: Op, name: str,
                            timeout: Annotated[float, Query(gt=0, le=120)] = 10.0
                            ) -> dict[str, Any]:
@@ -521,9 +571,8 @@ def create_app(hub: Hub) -> FastAPI:
             hub.dispatcher.wake(f"g:{principal.account_id}:{group}")
         return {"jobs": views}
 
-    @app.post("/v1/jobs/{job_id}/{action}", tags=["jobs"])
-    async def job_control(principal: Op, job_id: str,
-                          action: Literal["stop", "suspend", "resume"]) -> dict[str, Any]:
+    async def job_control(principal: accounts.Principal, job_id: str,
+                          action: str) -> dict[str, Any]:
         """Stop, suspend or resume a job; a machine that holds it is told at once."""
         job, machine_id = await jobs.control(hub.engine, principal.account_id, job_id, action)
         if machine_id is not None:
@@ -533,6 +582,23 @@ def create_app(hub: Hub) -> FastAPI:
         elif job["status"] == "Queued":
             hub.dispatcher.wake(f"g:{principal.account_id}:{job['group_name']}")
         return job
+
+    # A route per action rather than /{action}: POST /v1/jobs/ID/output must answer 405
+    # (that path takes GET), not 422 for an unknown action.
+    @app.post("/v1/jobs/{job_id}/stop", tags=["jobs"])
+    async def job_stop(principal: Op, job_id: str) -> dict[str, Any]:
+        """Stop a job: its process group is ended on the machine that runs it."""
+        return await job_control(principal, job_id, "stop")
+
+    @app.post("/v1/jobs/{job_id}/suspend", tags=["jobs"])
+    async def job_suspend(principal: Op, job_id: str) -> dict[str, Any]:
+        """Suspend a job: its process group is paused where it runs, or it waits queued."""
+        return await job_control(principal, job_id, "suspend")
+
+    @app.post("/v1/jobs/{job_id}/resume", tags=["jobs"])
+    async def job_resume(principal: Op, job_id: str) -> dict[str, Any]:
+        """Resume a suspended job."""
+        return await job_control(principal, job_id, "resume")
 
     @app.get("/v1/groups", tags=["groups"])
     async def group_list(principal: Op) -> list[dict[str, Any]]:
@@ -552,6 +618,8 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def job_show(principal: Op, job_id: str) -> dict[str, Any]:
+        if job_id == "batch":  # POST /v1/jobs/batch's path: another method answers 405
+            raise StarletteHTTPException(405)
         return await jobs.get(hub.engine, principal.account_id, job_id)
 
     @app.get("/v1/jobs/{job_id}/output", tags=["jobs"])

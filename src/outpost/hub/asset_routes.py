@@ -54,6 +54,23 @@ Op = Annotated[accounts.Principal, Depends(_operator)]
 Job = Annotated[job_identity.JobIdentity, Depends(_job)]
 
 
+def _kind_routes(app: FastAPI, hub: Hub, plural: str) -> None:
+    kind = plural.removesuffix("s")
+
+    async def show(principal: Op, name: str) -> dict[str, Any]:
+        return await assets.show(hub.engine, principal.account_id, kind, name, vault=hub.vault)
+
+    async def remove(principal: Op, name: str) -> dict[str, Any]:
+        return await assets.remove(hub.engine, principal.account_id, kind, name)
+
+    app.add_api_route(f"/v1/assets/{plural}/{{name}}", show, methods=["GET"], tags=["assets"],
+                      name=f"{kind}_show", summary=f"One {kind}'s metadata",
+                      description="A plain variable's value and a credential's user name; "
+                                  "never a secret.")
+    app.add_api_route(f"/v1/assets/{plural}/{{name}}", remove, methods=["DELETE"],
+                      tags=["assets"], name=f"{kind}_remove", summary=f"Remove a {kind}")
+
+
 def add_routes(app: FastAPI, hub: Hub) -> None:
     # --- operators ----------------------------------------------------------------------
     @app.get("/v1/assets", tags=["assets"])
@@ -86,13 +103,18 @@ def add_routes(app: FastAPI, hub: Hub) -> None:
                                                name, data, body.password,
                                                description=body.description)
 
-    @app.get("/v1/assets/{kind}/{name}", tags=["assets"])
+    for plural in ("variables", "credentials", "certificates"):
+        _kind_routes(app, hub, plural)
+
+    # Any spelling of the kind (variable, Variables): kept out of the schema, which lists
+    # each kind's own path with all its methods (an undeclared method answers 405 there).
+    @app.get("/v1/assets/{kind}/{name}", tags=["assets"], include_in_schema=False)
     async def asset_show(principal: Op, kind: str, name: str) -> dict[str, Any]:
         """One asset's metadata; a plain variable's value and a credential's user name."""
         return await assets.show(hub.engine, principal.account_id, assets.kind_of(kind), name,
                                  vault=hub.vault)
 
-    @app.delete("/v1/assets/{kind}/{name}", tags=["assets"])
+    @app.delete("/v1/assets/{kind}/{name}", tags=["assets"], include_in_schema=False)
     async def asset_remove(principal: Op, kind: str, name: str) -> dict[str, Any]:
         return await assets.remove(hub.engine, principal.account_id, assets.kind_of(kind),
                                    name)

@@ -247,6 +247,12 @@ _ENTRIES: tuple[Entry, ...] = (
          "If such bodies are expected, raise the route's limit under body_limits in the "
          "hub's hub.yaml (docs/hub.md) and restart the hub."),
         413, None),
+    Entry(
+        "E3012", "method_not_allowed", "The method is not allowed on this path.",
+        ("The path exists but does not take this method: each path takes only the methods "
+         "/openapi.json lists for it.",),
+        ("Send one of the methods the answer's Allow header names.",),
+        405, None),
 )
 
 _ENTRIES += (
