@@ -15,7 +15,8 @@ hang-up from a long-poll) does, in order:
 3. **Who is calling, before the body is read.** The signature needs the body, but the
    caller's headers and that their principal exists do not: an unknown operator token,
    machine, account or webhook address is refused before a byte of the body is read. When
-   that look-up itself fails (the database is down) the route decides, as it would anyway.
+   that look-up itself fails (the database is down) the route decides, as it would anyway,
+   so such an answer comes from the one error-handler table.
 4. **JSON text the hub will not store.** A body is scanned for the escapes that need a
    closer look (``\\u0000``, a lone UTF-16 surrogate such as ``\\ud800``, the non-JSON
    constants ``NaN`` and ``Infinity``); only a body that has one is parsed, and the first
@@ -250,9 +251,12 @@ class Edge:
             try:
                 await check(scope, headers)
             except OutpostError as exc:
-                await self._refuse(scope, receive, send, exc)
-                return
-            except Exception:  # noqa: BLE001 - the route checks again and says what failed
+                if exc.entry.http_status in (401, 403, 404):
+                    await self._refuse(scope, receive, send, exc)
+                    return
+                # Anything else (the database unreachable): the route checks again, reads
+                # at most the limit, and its error handlers answer as they do everywhere.
+            except Exception:  # noqa: BLE001 - as above
                 pass
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)  # no route reads a body here
