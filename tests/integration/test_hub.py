@@ -197,7 +197,9 @@ def test_bad_input_answers_json_with_code(hub: Hub) -> None:
             admin.post(f"/v1/accounts/{hub.account_id}/keys/tertiary/regenerate"), 422,
             "E3003")
         _assert_error_body(anon.get("/v1/machines"), 401, "E3001")
-        _assert_error_body(admin.put("/v1/machines"), 405, "E3003")
+        refused = admin.put("/v1/machines")
+        _assert_error_body(refused, 405, "E3012")
+        assert refused.headers["allow"] == "GET", refused.headers
 
     # The hub is still well and logged no crash.
     assert hub.api("GET", "/healthz").status_code == 200

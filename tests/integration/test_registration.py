@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -103,8 +104,10 @@ def _account_signed_register(hub: Hub, name: str) -> httpx.Response:
     path = "/v1/agent/register"
     stamp = signing.format_time(datetime.now(UTC))
     key = signing.unb64(hub.primary_key)
+    nonce = signing.new_nonce()
     headers = {signing.H_ACCOUNT: hub.account_id, signing.H_DATE: stamp,
-               signing.H_SIGNATURE: signing.sign_account(key, "POST", path, stamp, body),
+               signing.H_NONCE: nonce,
+               signing.H_SIGNATURE: signing.sign_account(key, "POST", path, stamp, body, nonce),
                "Content-Type": "application/json"}
     with hub.client() as client:
         return client.post(path, content=body, headers=headers)
@@ -357,3 +360,98 @@ def test_outdated_agent_is_refused_with_the_versions(new_hub: Hub, tmp_path: Pat
     assert f"this machine runs {__version__}" in err, err
     assert new_hub.machines() == {}
 
+
+
+# --- a captured registration sent again -------------------------------------------------------
+
+class _Recorder:
+    """A TLS reverse proxy in front of the hub, with the hub's own certificate (the agent
+    pins the hub's CA, which signed it): it passes every request on and keeps a copy."""
+
+    def __init__(self, hub: Hub) -> None:
+        import http.server
+        import threading
+
+        recorder = self
+        self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _pass(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                recorder.seen.append((self.command, self.path, headers, body))
+                with hub.client() as client:
+                    answer = client.request(self.command, self.path, content=body,
+                                            headers=headers)
+                self.send_response(answer.status_code)
+                for name in ("Content-Type", "X-Outpost-CA-Fingerprint"):
+                    if name in answer.headers:
+                        self.send_header(name, answer.headers[name])
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = _pass
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(hub.data_dir / "server.pem", hub.data_dir / "server.key")
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://localhost:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_replayed_registration_is_refused(hub: Hub, tmp_path: Path) -> None:
+    """A registration captured on the wire and sent again two seconds later is refused with
+    E1009: it neither gives the machine a new id nor locks the real agent out."""
+    recorder = _Recorder(hub)  # the agent keeps talking through it
+    state = tmp_path / "state-replayed"
+    agent = Agent(state, "replayed")
+    try:
+        args = hub.register_args(state, "replayed")
+        args[args.index("--hub") + 1] = recorder.url
+        done = run_cli(*args, "--force")
+        assert done.returncode == 0, done.stderr
+        machine_id = hub.machines()["replayed"]["id"]
+        captured = [seen for seen in recorder.seen if seen[1] == "/v1/agent/register"]
+        assert len(captured) == 1, recorder.seen
+        method, path, headers, body = captured[0]
+        assert signing.H_NONCE in headers, headers
+
+        time.sleep(2)
+        with hub.client() as client:
+            replayed = client.request(method, path, content=body, headers=headers)
+        assert replayed.status_code == 401, replayed.text
+        answer = replayed.json()
+        assert answer["code"] == "E1009" and answer["reason"] == "replayed_request", answer
+        assert answer["fix"], answer
+        assert hub.machines()["replayed"]["id"] == machine_id  # no new id
+
+        # The real agent still works: its heartbeats are taken.
+        agent.start()
+        wait_until(lambda: hub.machines()["replayed"]["status"] == "Healthy", 20,
+                   what=f"the agent Healthy\n{agent.log()}")
+    finally:
+        agent.stop()
+        recorder.close()
+
+    # A registration without any nonce (an older agent) is refused the same way, saying so.
+    unsigned = {k: v for k, v in headers.items() if k.lower() != signing.H_NONCE.lower()}
+    stamp = signing.format_time(datetime.now(UTC))
+    unsigned[signing.H_DATE] = stamp
+    unsigned[signing.H_SIGNATURE] = signing.sign_account(
+        signing.unb64(hub.primary_key), "POST", path, stamp, body)
+    with hub.client() as client:
+        old = client.post(path, content=body, headers=unsigned)
+    assert old.status_code == 401 and old.json()["code"] == "E1009", old.text
+    assert "no nonce" in old.json()["message"] and "Upgrade" in old.json()["fix"], old.text
+    assert hub.machines()["replayed"]["id"] == machine_id

@@ -237,9 +237,13 @@ def test_registration_is_signed_with_the_account_key(mock_hub: list[Handler]) ->
                  account=("acc-1", key)) == {"machine_id": "m"}
     h = seen[0].headers
     assert h[signing.H_ACCOUNT] == "acc-1"
-    assert signing.H_MACHINE not in h and signing.H_NONCE not in h
+    assert signing.H_MACHINE not in h
+    assert 16 <= len(h[signing.H_NONCE]) <= 64  # a registration's replay is refused too
     assert signing.verify_account([key], h[signing.H_SIGNATURE], "POST", "/v1/agent/register",
-                                  h[signing.H_DATE], seen[0].content)
+                                  h[signing.H_DATE], seen[0].content, h[signing.H_NONCE])
+    assert not signing.verify_account([key], h[signing.H_SIGNATURE], "POST",
+                                      "/v1/agent/register", h[signing.H_DATE],
+                                      seen[0].content)  # the nonce is signed
 
 
 def test_fail_over_to_the_next_url_and_stay_there(mock_hub: list[Handler]) -> None:

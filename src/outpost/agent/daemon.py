@@ -8,7 +8,6 @@ supervised: if one fails unexpectedly it is logged and started again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os

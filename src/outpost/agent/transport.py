@@ -171,13 +171,15 @@ class HubClient:
     def _sign(self, method: str, path: str, body: bytes,
               account: tuple[str, bytes] | None) -> dict[str, str]:
         stamp = self.clock.stamp()
+        nonce = signing.new_nonce()
         if account is not None:
             account_id, key = account
             return {signing.H_ACCOUNT: account_id, signing.H_DATE: stamp,
-                    signing.H_SIGNATURE: signing.sign_account(key, method, path, stamp, body)}
+                    signing.H_NONCE: nonce,
+                    signing.H_SIGNATURE: signing.sign_account(key, method, path, stamp, body,
+                                                              nonce)}
         if self.machine_key is None or self.machine_id is None:
             return {}
-        nonce = signing.new_nonce()
         return {signing.H_MACHINE: self.machine_id, signing.H_DATE: stamp,
                 signing.H_NONCE: nonce,
                 signing.H_SIGNATURE: signing.sign_machine(self.machine_key, method, path, stamp,

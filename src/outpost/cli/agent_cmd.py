@@ -18,6 +18,7 @@ from outpost.agent.state import StateDir
 from outpost.agent.transport import Clock
 from outpost.protocol.errors import OutpostError
 
+from . import signals
 from .options import ClockSkew, Json, StateDirOpt, state_dir
 from .output import EXIT_NOT_RUNNING, ago, out, print_json
 
@@ -113,6 +114,7 @@ def run(state_dir_: StateDirOpt = None, config: ConfigOpt = None,
         env["OUTPOST_TEST_CLOCK_SKEW"] = str(clock_skew)
     sys.stdout.flush()
     sys.stderr.flush()
+    signals.daemon()  # SIGPIPE stays ignored across exec; agentd sets the rest again
     # Same pid, without the CLI's libraries in memory (see outpost.cli.agentd).
     os.execve(sys.executable, args, env)
 

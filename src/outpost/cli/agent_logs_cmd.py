@@ -18,6 +18,7 @@ from outpost.agent import logs as agent_logs
 from outpost.agent.state import StateDir
 from outpost.protocol.errors import OutpostError
 
+from . import signals
 from .options import Json, StateDirOpt, state_dir
 from .output import err, out, print_json, table
 
@@ -119,6 +120,8 @@ def logs(
     --level warning', 'outpost agent logs --job ID'.
     """
     state = state_dir(state_dir_)
+    if follow:
+        signals.daemon(term_interrupts=True)
     keep = agent_logs.Filter(since=_since(since), level=_level(level))
     try:
         if jobs:
@@ -128,7 +131,12 @@ def logs(
         else:
             _agent_log(state, keep, lines, follow, json)
     except KeyboardInterrupt:  # how -f ends
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError as exc:
+            raise signals.ReaderGone from exc
+    except BrokenPipeError as exc:  # -f ignores SIGPIPE (see signals)
+        raise signals.ReaderGone from exc
 
 
 def _agent_log(state: StateDir, keep: agent_logs.Filter, lines: int | None, follow: bool,

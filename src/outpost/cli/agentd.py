@@ -17,6 +17,7 @@ from pathlib import Path
 # fail the way httpx expects when its CLI extra is absent.
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
+from outpost.cli import signals  # noqa: E402
 from outpost.protocol.errors import OutpostError, describe  # noqa: E402
 
 EXIT_USAGE = 2
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--state-dir", type=Path, default=None)
     parser.add_argument("--config", type=Path, default=None)
     args = parser.parse_args()
+    # The daemon's loop sets its own SIGINT and SIGTERM handlers once it runs.
+    signals.daemon()
     skew = os.environ.get("OUTPOST_TEST_CLOCK_SKEW", "0")  # test hook: the agent's clock only
     try:
         run(args.state_dir, args.config, float(skew or 0))

@@ -10,6 +10,7 @@ import typer
 
 from outpost.protocol.errors import OutpostError
 
+from . import signals
 from .options import Json
 from .output import err, out, print_json
 
@@ -97,6 +98,8 @@ def run(
     if (tls_cert is None) != (tls_key is None):
         raise OutpostError("invalid_request", "--tls-cert and --tls-key go together.",
                            fix="Pass both, or neither to use the generated certificate.")
+    # uvicorn sets SIGINT and SIGTERM handlers of its own once it serves.
+    signals.daemon()
     serve(RunOptions(data_dir=data_dir, bind=bind, database_url=database_url,
                      tls_cert=tls_cert, tls_key=tls_key, min_agent_version=min_agent_version,
                      heartbeat_interval=heartbeat_interval))

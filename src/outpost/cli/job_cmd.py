@@ -14,6 +14,7 @@ from outpost.protocol.errors import HubRefused, TransportError
 from outpost.protocol.models import BATCH_MAX
 from outpost.protocol.params import split_assignments
 
+from . import signals
 from .client import Api
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
 from .output import EXIT_FAILED, ago, err, out, print_json, table
@@ -113,6 +114,8 @@ def start(
         body["version"] = version
     if timeout is not None:
         body["timeout"] = _duration(timeout)
+    if wait or follow:
+        signals.daemon(term_interrupts=True)
     if count > 1:
         _start_many(client, body, count, wait, json)
         return
@@ -271,6 +274,7 @@ def output(job_id: str,
     """A job's output records, in order."""
     client = api(hub, token, ca_fingerprint, data_dir)
     if follow:
+        signals.daemon(term_interrupts=True)
         _follow(client, job_id, True, json, stream)
         return
     if json:

@@ -1,13 +1,13 @@
 """The ``outpost`` command: one entry point for operators and machines.
 
 Exit codes: 0 done; 1 the operation failed; 2 bad input or configuration; 3 the agent is not
-running (``agent status``); 130 interrupted.
+running (``agent status``); 130 interrupted; 141 the reader of its output went away (as
+SIGPIPE's default action would end it).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,7 +24,7 @@ from outpost.protocol import errors
 
 from . import agent_cmd, fleet_cmd, hub_cmd, job_cmd, runbook_cmd
 from . import asset_cmd
-from . import check_cmd, schedule_cmd, webhook_cmd
+from . import check_cmd, schedule_cmd, signals, webhook_cmd
 from .output import EXIT_FAILED, EXIT_USAGE, exit_code, out, print_json, render_error
 
 app = typer.Typer(
@@ -109,11 +109,13 @@ def up(
     Running it again reuses what is there."""
     from .up import up as run_up
 
+    signals.daemon()
     raise typer.Exit(run_up(data_dir, bind))
 
 
 def main() -> None:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # Printing commands keep SIGPIPE's default; daemons and followers call signals.daemon().
+    signals.printing()
     try:
         result = app(prog_name="outpost", standalone_mode=False)
     except errors.OutpostError as exc:
@@ -123,6 +125,8 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
+    except signals.ReaderGone:  # a follower (SIGPIPE ignored) whose reader went away
+        sys.exit(signals.reader_gone())
     except ClickException as exc:
         exc.show()
         sys.exit(EXIT_USAGE if exc.exit_code == 2 else exc.exit_code)

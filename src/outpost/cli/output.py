@@ -12,7 +12,18 @@ from rich.table import Table
 
 from outpost.protocol.errors import OutpostError, describe
 
-out = Console(highlight=False, soft_wrap=True)
+from .signals import ReaderGone
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # Rich (and click, for a BrokenPipeError) would exit 1, "failed"; a reader that
+        # went away is SIGPIPE's case, which main() ends as SIGPIPE would (see signals).
+        self.quiet = True
+        raise ReaderGone
+
+
+out = _Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # Exit codes: 0 done, 1 the operation failed, 2 bad input or config, 3 agent not running.
@@ -35,7 +46,11 @@ def exit_code(exc: OutpostError) -> int:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    try:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise ReaderGone from exc
 
 
 def render_error(exc: OutpostError) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client import disable_created_metrics, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,9 +23,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outpost import __version__
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.models import Heartbeat, JobBatch, RegisterRequest
+from outpost.protocol.models import INT32_MAX, INT64_MAX, ErrorBody, Heartbeat, JobBatch
+from outpost.protocol.models import RegisterRequest, Wire
 
-from . import accounts, auth, db, groups, jobs, machines, runbooks
+from . import accounts, auth, db, edge, groups, jobs, machines, runbooks
 from . import asset_routes, job_identity
 from . import schedule_routes
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
@@ -37,6 +36,29 @@ log = logging.getLogger("outpost.hub")
 REPORTS_MAX = 256  # attempts' reports in one POST /v1/agent/reports
 # The *_created series double every counter and tell an operator nothing here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+_STATUS_TEXT = {
+    400: "The body is not JSON (E3003).",
+    401: "No valid token, machine signature or job token; a replayed request (E3001, E1008, "
+         "E1009, E1010, E5002).",
+    403: "Not allowed to this caller, or a refused registration (E3004, E1001-E1003).",
+    404: "No such object in the caller's account, or no such path (E3002, E6006).",
+    409: "Conflicts with what exists or with the job's state (E3009, E4009, E1004).",
+    413: "The body is larger than the route takes (E3011, E4005, E5005, E6007).",
+    422: "A field is missing, of the wrong type or out of range; the message names it "
+         "(E3003 and the other 4xx codes of errors.md).",
+    426: "The agent is older than the hub's min_agent_version (E1007).",
+    503: "The hub's database cannot be reached (E3007).",
+    504: "The machine did not answer in time (E3010).",
+}
+COMMON_ERRORS = (400, 401, 403, 404, 409, 413, 422, 503)
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error answers: every one is an ErrorBody."""
+    return {status: {"model": ErrorBody, "description": _STATUS_TEXT[status]}
+            for status in statuses}
 
 
 class Hub:
@@ -67,11 +89,11 @@ class Hub:
             engine.health.listeners.append(lambda kind: failures.labels(kind).inc())
 
 
-class AccountCreate(BaseModel):
+class AccountCreate(Wire):
     name: str = Field(min_length=1, max_length=128)
 
 
-class RunbookPublish(BaseModel):
+class RunbookPublish(Wire):
     name: str = Field(min_length=1, max_length=128)
     content: str
     type: str | None = None
@@ -83,21 +105,22 @@ class RunbookPublish(BaseModel):
     log_progress: bool = False
 
 
-class JobStart(BaseModel):
+class JobStart(Wire):
     runbook: str = Field(min_length=1, max_length=128)
     group: str = Field(min_length=1, max_length=64)
     params: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1)
-    timeout: float | None = Field(default=None, gt=0)
+    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    timeout: float | None = Field(default=None, gt=0,
+                                  description="Seconds, at most 7 days.")
 
 
-class JobAttempt(BaseModel):
-    attempt: int = Field(ge=1)
+class JobAttempt(Wire):
+    attempt: int = Field(ge=1, le=INT32_MAX)
 
 
-class JobEnd(BaseModel):
-    exit_code: int | None = None
-    signal: int | None = None
+class JobEnd(Wire):
+    exit_code: int | None = Field(default=None, ge=-INT32_MAX - 1, le=INT32_MAX)
+    signal: int | None = Field(default=None, ge=0, le=INT32_MAX)
     reason: str = Field(default="", max_length=2000)
     cause: Literal["exit", "timeout", "stopped", "killed", "lost"] = "exit"
 
@@ -113,20 +136,20 @@ class JobReportItem(JobReport):
     job_id: str = Field(min_length=1, max_length=128)
 
 
-class JobReports(BaseModel):
+class JobReports(Wire):
     reports: list[JobReportItem] = Field(min_length=1, max_length=REPORTS_MAX)
     claim: int = Field(default=0, ge=0, le=256, description=(
         "How many jobs the agent runs at once (0 while it takes none). When a report ends "
         "an attempt, the answer carries the jobs claimed for the slots that freed up."))
 
 
-class GroupSettings(BaseModel):
+class GroupSettings(Wire):
     run_as: str | None = Field(default=None, max_length=64,
                                description="The user a root agent runs the group's runbooks "
                                            "as; null for the agent's own user.")
 
 
-class WorkDone(BaseModel):
+class WorkDone(Wire):
     result: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -147,6 +170,21 @@ def _error_response(hub: Hub | None, exc: OutpostError) -> JSONResponse:
     headers = ({"Retry-After": str(exc.retry_after)}
                if isinstance(exc, db.DatabaseUnavailable) else None)
     return JSONResponse(exc.to_body(), status_code=exc.entry.http_status, headers=headers)
+
+
+def _methods_of(request: Request) -> list[str]:
+    """The methods of every route of this path; only the literal routes' where one is
+    literal (POST /v1/jobs/batch, not GET /v1/jobs/{job_id} with job_id 'batch')."""
+    path = request.scope["path"]
+    literal: set[str] = set()
+    methods: set[str] = set()
+    for route in request.app.routes:
+        pattern, taken = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if pattern is not None and taken and pattern.match(path):
+            methods |= set(taken)
+            if getattr(route, "path", None) == path:
+                literal |= set(taken)
+    return sorted(literal or methods)
 
 
 async def _supervise(name: str, period: float, work: Any) -> None:
@@ -186,73 +224,6 @@ class CountRequests:
         await self.app(scope, receive, counted)
 
 
-_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_lone_surrogate(v) for v in value)
-    return False
-
-
-class ValidUnicode:
-    """Refuses a JSON body that escapes half of a UTF-16 pair (``"\\ud800"``).
-
-    Such a string is no Unicode text: neither database can store it, no answer that quotes
-    it can be encoded, and a field typed ``Any`` would let it through to both. One check
-    here covers every route; a body without a ``\\uD8..`` to ``\\uDF..`` escape (nearly
-    all) costs one regular-expression scan.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, receive, send)  # the client left: let the app see it
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        if _SURROGATE.search(body):
-            try:
-                bad = _has_lone_surrogate(json.loads(body))
-            except ValueError:
-                bad = False  # not JSON: the route says what is wrong with it
-            if bad:
-                err = OutpostError(
-                    "invalid_request", "A text value contains a lone UTF-16 surrogate (such "
-                    "as \\ud800), which is not a valid Unicode character.",
-                    fix="Send valid Unicode text: encode files as UTF-8, and escape a "
-                        "character outside the basic plane as a surrogate pair.")
-                await JSONResponse(err.to_body(), status_code=422)(scope, receive, send)
-                return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
 def create_app(hub: Hub) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -277,10 +248,12 @@ def create_app(hub: Hub) -> FastAPI:
             await hub.engine.dispose()
 
     app = FastAPI(title="Outpost hub", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url="/docs", redoc_url=None, responses=errors(*COMMON_ERRORS))
     app.state.hub = hub
 
-    app.add_middleware(ValidUnicode)
+    app.add_middleware(edge.Edge, limits=lambda: hub.config.body_limits,
+                       checks=auth.caller_checks(hub.engine, hub.vault),
+                       render=lambda exc: _error_response(hub, exc))
     app.add_middleware(CountRequests, counter=hub.requests)
 
     @app.exception_handler(OutpostError)
@@ -298,13 +271,26 @@ def create_app(hub: Hub) -> FastAPI:
         return _error_response(hub, err)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             err = OutpostError("not_found", "No such API path.",
                                fix="See /openapi.json for the paths this hub serves.")
-        else:
-            err = OutpostError("invalid_request", f"{exc.detail}", status=exc.status_code)
-            return JSONResponse(err.to_body(), status_code=exc.status_code)
+        elif exc.status_code == 405:
+            # Allow (RFC 9110) names every method of the path: the router's own header names
+            # only those of the first route that matched it.
+            allowed = ", ".join(_methods_of(request))
+            exc.headers = {**(exc.headers or {}), "Allow": allowed}
+            err = OutpostError("method_not_allowed", f"{request.method} is not allowed on "
+                               f"{request.url.path}; it takes {allowed or 'other methods'}.",
+                               fix=f"Send {allowed or 'a method /openapi.json names'} instead.",
+                               allowed=allowed)
+            return JSONResponse(err.to_body(), status_code=405, headers=exc.headers)
+        else:  # 400: FastAPI could not read the body as JSON
+            err = OutpostError("invalid_request", f"The request body could not be read: "
+                               f"{exc.detail}.", fix="Send a JSON object, encoded as UTF-8, with "
+                               "Content-Type: application/json.", status=exc.status_code)
+            return JSONResponse(err.to_body(), status_code=exc.status_code,
+                                headers=exc.headers)
         return _error_response(hub, err)
 
     @app.exception_handler(DBAPIError)
@@ -355,7 +341,7 @@ def create_app(hub: Hub) -> FastAPI:
                                                       hub.ca_fingerprint})
 
     # --- agents -------------------------------------------------------------------------
-    @app.post("/v1/agent/register", tags=["agent"], status_code=201)
+    @app.post("/v1/agent/register", tags=["agent"], status_code=201, responses=errors(426))
     async def register(request: Request) -> dict[str, Any]:
         body = await request.body()
         account_id = await auth.registration(hub.engine, hub.vault, request.headers,
@@ -372,13 +358,13 @@ def create_app(hub: Hub) -> FastAPI:
                  req.group)
         return result
 
-    @app.post("/v1/agent/deregister", tags=["agent"])
+    @app.post("/v1/agent/deregister", tags=["agent"], responses=errors(426))
     async def deregister(request: Request) -> dict[str, Any]:
         row, _ = await signed_machine(request)
         await machines.deregister(hub.engine, row.id)
         return {"machine_id": row.id, "deregistered": True}
 
-    @app.get("/v1/agent/registration", tags=["agent"])
+    @app.get("/v1/agent/registration", tags=["agent"], responses=errors(426))
     async def registration(request: Request) -> dict[str, Any]:
         """This machine's registration as the hub holds it: an agent whose cached copy is
         corrupt fetches it again (HW-9)."""
@@ -387,7 +373,7 @@ def create_app(hub: Hub) -> FastAPI:
                 "group": row.group_name, "labels": row.labels,
                 "registered_at": row.registered_at}
 
-    @app.post("/v1/agent/heartbeat", tags=["agent"])
+    @app.post("/v1/agent/heartbeat", tags=["agent"], responses=errors(426))
     async def heartbeat(request: Request) -> dict[str, Any]:
         row, body = await signed_machine(request)
         try:
@@ -400,7 +386,7 @@ def create_app(hub: Hub) -> FastAPI:
         return {"hub_time": now, "min_agent_version": hub.config.min_agent_version,
                 "machine_id": row.id, "abandon": abandon}
 
-    @app.post("/v1/agent/poll", tags=["agent"])
+    @app.post("/v1/agent/poll", tags=["agent"], responses=errors(426))
     async def poll(request: Request,
                    wait: Annotated[float, Query(ge=0, le=300)] = 25.0,
                    capacity: Annotated[int, Query(ge=0, le=256)] = 0) -> dict[str, Any]:
@@ -415,6 +401,15 @@ def create_app(hub: Hub) -> FastAPI:
         await job_identity.add_tokens(hub.engine, hub.vault, items)
         return {"items": items}
 
+    def _bound_records(count: int) -> None:
+        most = hub.config.body_limits.report_records
+        if count > most:
+            raise OutpostError(
+                "body_too_large", f"The request carries {count} output records; the hub "
+                f"takes at most {most} in one request.", fix="Send the records in several "
+                "requests (the agent sends at most about 1 MiB at a time), or raise "
+                "body_limits.report_records in the hub's hub.yaml.", records=count, limit=most)
+
     async def _agent_body(request: Request, model: type[Any]) -> tuple[Any, Any]:
         row, body = await signed_machine(request)
         try:
@@ -422,10 +417,11 @@ def create_app(hub: Hub) -> FastAPI:
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
 
-    @app.post("/v1/agent/jobs/{job_id}/report", tags=["agent"])
+    @app.post("/v1/agent/jobs/{job_id}/report", tags=["agent"], responses=errors(426))
     async def job_report(request: Request, job_id: str) -> dict[str, Any]:
         """One attempt's news, in order: its process started, output records, its end."""
         row, body = await _agent_body(request, JobReport)
+        _bound_records(len(body.records))
         status = await jobs.report(
             hub.engine, row.id, job_id, body.attempt, started=body.started,
             records=body.records, end=body.end.model_dump() if body.end else None)
@@ -436,15 +432,19 @@ def create_app(hub: Hub) -> FastAPI:
                 hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
         return {"id": job_id, "status": status}
 
-    @app.post("/v1/agent/reports", tags=["agent"])
+    @app.post("/v1/agent/reports", tags=["agent"], responses=errors(426))
     async def job_reports(request: Request) -> dict[str, Any]:
         """Several attempts' reports in one transaction (each as ``/jobs/{id}/report``
         takes it), and in the answer the jobs claimed for the slots they freed: an agent
         that runs many short jobs needs neither a request per job nor a long-poll answer
         per freed slot."""
         row, body = await _agent_body(request, JobReports)
-        results, items = await jobs.report_many(
-            hub.engine, row, [r.model_dump() for r in body.reports], body.claim)
+        _bound_records(sum(len(r.records) for r in body.reports))
+        # Not model_dump(): it would copy every record again.
+        results, items = await jobs.report_many(hub.engine, row, [
+            {"job_id": r.job_id, "attempt": r.attempt, "started": r.started,
+             "records": r.records, "end": r.end.model_dump() if r.end else None}
+            for r in body.reports], body.claim)
         if any(r.end is not None for r in body.reports) and not items:
             # Nothing was claimed here (no capacity given, or no job queued): the waiting
             # long-poll looks again, for work items too.
@@ -454,13 +454,13 @@ def create_app(hub: Hub) -> FastAPI:
         await job_identity.add_tokens(hub.engine, hub.vault, items)
         return {"results": results, "items": items}
 
-    @app.post("/v1/agent/jobs/{job_id}/paused", tags=["agent"])
+    @app.post("/v1/agent/jobs/{job_id}/paused", tags=["agent"], responses=errors(426))
     async def job_paused(request: Request, job_id: str) -> dict[str, Any]:
         row, body = await _agent_body(request, JobAttempt)
         return {"id": job_id, "status": await jobs.paused(hub.engine, row.id, job_id,
                                                           body.attempt)}
 
-    @app.post("/v1/agent/work/{item_id}/done", tags=["agent"])
+    @app.post("/v1/agent/work/{item_id}/done", tags=["agent"], responses=errors(426))
     async def work_done(request: Request, item_id: str) -> dict[str, Any]:
         row, body = await signed_machine(request)
         try:
@@ -513,7 +513,7 @@ def create_app(hub: Hub) -> FastAPI:
         await machines.deregister(hub.engine, row.id)
         return {"name": row.name, "removed": True}
 
-    @app.post("/v1/machines/{name}/ping", tags=["operator"])
+    @app.post("/v1/machines/{name}/ping", tags=["operator"], responses=errors(504))
     async def machine_ping(principal: Op, name: str,
                            timeout: Annotated[float, Query(gt=0, le=120)] = 10.0
                            ) -> dict[str, Any]:
@@ -545,7 +545,7 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.get("/v1/runbooks/{name}", tags=["runbooks"])
     async def runbook_show(principal: Op, name: str,
-                           version: Annotated[int | None, Query(ge=1)] = None
+                           version: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None
                            ) -> dict[str, Any]:
         return await runbooks.get(hub.engine, principal.account_id, name, version)
 
@@ -580,9 +580,8 @@ def create_app(hub: Hub) -> FastAPI:
             hub.dispatcher.wake(f"g:{principal.account_id}:{group}")
         return {"jobs": views}
 
-    @app.post("/v1/jobs/{job_id}/{action}", tags=["jobs"])
-    async def job_control(principal: Op, job_id: str,
-                          action: Literal["stop", "suspend", "resume"]) -> dict[str, Any]:
+    async def job_control(principal: accounts.Principal, job_id: str,
+                          action: str) -> dict[str, Any]:
         """Stop, suspend or resume a job; a machine that holds it is told at once."""
         job, machine_id = await jobs.control(hub.engine, principal.account_id, job_id, action)
         if machine_id is not None:
@@ -592,6 +591,23 @@ def create_app(hub: Hub) -> FastAPI:
         elif job["status"] == "Queued":
             hub.dispatcher.wake(f"g:{principal.account_id}:{job['group_name']}")
         return job
+
+    # A route per action rather than /{action}: POST /v1/jobs/ID/output must answer 405
+    # (that path takes GET), not 422 for an unknown action.
+    @app.post("/v1/jobs/{job_id}/stop", tags=["jobs"])
+    async def job_stop(principal: Op, job_id: str) -> dict[str, Any]:
+        """Stop a job: its process group is ended on the machine that runs it."""
+        return await job_control(principal, job_id, "stop")
+
+    @app.post("/v1/jobs/{job_id}/suspend", tags=["jobs"])
+    async def job_suspend(principal: Op, job_id: str) -> dict[str, Any]:
+        """Suspend a job: its process group is paused where it runs, or it waits queued."""
+        return await job_control(principal, job_id, "suspend")
+
+    @app.post("/v1/jobs/{job_id}/resume", tags=["jobs"])
+    async def job_resume(principal: Op, job_id: str) -> dict[str, Any]:
+        """Resume a suspended job."""
+        return await job_control(principal, job_id, "resume")
 
     @app.get("/v1/groups", tags=["groups"])
     async def group_list(principal: Op) -> list[dict[str, Any]]:
@@ -611,11 +627,13 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def job_show(principal: Op, job_id: str) -> dict[str, Any]:
+        if job_id == "batch":  # POST /v1/jobs/batch's path: another method answers 405
+            raise StarletteHTTPException(405)
         return await jobs.get(hub.engine, principal.account_id, job_id)
 
     @app.get("/v1/jobs/{job_id}/output", tags=["jobs"])
     async def job_output(principal: Op, job_id: str,
-                         after: Annotated[int, Query(ge=-1)] = -1,
+                         after: Annotated[int, Query(ge=-1, le=INT64_MAX)] = -1,
                          stream: Annotated[list[str] | None, Query()] = None,
                          limit: Annotated[int, Query(ge=1, le=50000)] = 10000
                          ) -> list[dict[str, Any]]:

@@ -8,9 +8,10 @@ import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from outpost.protocol.errors import OutpostError
+from outpost.protocol.models import Wire
 
 from . import accounts, assets, auth, job_identity
 
@@ -20,19 +21,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("outpost.hub.assets")
 
 
-class VariableSet(BaseModel):
+class VariableSet(Wire):
     value: str
     secret: bool = Field(default=False, description="Never shown by list or show.")
     description: str = Field(default="", max_length=1000)
 
 
-class CredentialSet(BaseModel):
+class CredentialSet(Wire):
     username: str = Field(min_length=1)
     secret: str
     description: str = Field(default="", max_length=1000)
 
 
-class CertificateImport(BaseModel):
+class CertificateImport(Wire):
     data: str = Field(description="The PEM or PFX (PKCS#12) file, base64.")
     password: str | None = Field(default=None, description="The PFX or private key password.")
     description: str = Field(default="", max_length=1000)
@@ -51,6 +52,23 @@ async def _job(request: Request, authorization: Annotated[str | None, Header()] 
 
 Op = Annotated[accounts.Principal, Depends(_operator)]
 Job = Annotated[job_identity.JobIdentity, Depends(_job)]
+
+
+def _kind_routes(app: FastAPI, hub: Hub, plural: str) -> None:
+    kind = plural.removesuffix("s")
+
+    async def show(principal: Op, name: str) -> dict[str, Any]:
+        return await assets.show(hub.engine, principal.account_id, kind, name, vault=hub.vault)
+
+    async def remove(principal: Op, name: str) -> dict[str, Any]:
+        return await assets.remove(hub.engine, principal.account_id, kind, name)
+
+    app.add_api_route(f"/v1/assets/{plural}/{{name}}", show, methods=["GET"], tags=["assets"],
+                      name=f"{kind}_show", summary=f"One {kind}'s metadata",
+                      description="A plain variable's value and a credential's user name; "
+                                  "never a secret.")
+    app.add_api_route(f"/v1/assets/{plural}/{{name}}", remove, methods=["DELETE"],
+                      tags=["assets"], name=f"{kind}_remove", summary=f"Remove a {kind}")
 
 
 def add_routes(app: FastAPI, hub: Hub) -> None:
@@ -85,13 +103,18 @@ def add_routes(app: FastAPI, hub: Hub) -> None:
                                                name, data, body.password,
                                                description=body.description)
 
-    @app.get("/v1/assets/{kind}/{name}", tags=["assets"])
+    for plural in ("variables", "credentials", "certificates"):
+        _kind_routes(app, hub, plural)
+
+    # Any spelling of the kind (variable, Variables): kept out of the schema, which lists
+    # each kind's own path with all its methods (an undeclared method answers 405 there).
+    @app.get("/v1/assets/{kind}/{name}", tags=["assets"], include_in_schema=False)
     async def asset_show(principal: Op, kind: str, name: str) -> dict[str, Any]:
         """One asset's metadata; a plain variable's value and a credential's user name."""
         return await assets.show(hub.engine, principal.account_id, assets.kind_of(kind), name,
                                  vault=hub.vault)
 
-    @app.delete("/v1/assets/{kind}/{name}", tags=["assets"])
+    @app.delete("/v1/assets/{kind}/{name}", tags=["assets"], include_in_schema=False)
     async def asset_remove(principal: Op, kind: str, name: str) -> dict[str, Any]:
         return await assets.remove(hub.engine, principal.account_id, assets.kind_of(kind),
                                    name)

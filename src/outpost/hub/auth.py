@@ -16,7 +16,7 @@ from outpost import __version__
 from outpost.protocol import signing, versions
 from outpost.protocol.errors import OutpostError
 
-from . import accounts, machines
+from . import accounts, machines, webhooks
 from .db import nonces
 from .vault import Vault
 
@@ -59,11 +59,12 @@ async def registration(
     """The account id of a correctly signed registration; 403 with a reason otherwise."""
     account_id: str = headers.get(signing.H_ACCOUNT, "")
     stamp = headers.get(signing.H_DATE, "")
+    nonce = headers.get(signing.H_NONCE, "")
     signature = headers.get(signing.H_SIGNATURE, "")
     keys = await accounts.signing_keys(engine, vault, account_id) if account_id else None
     if keys is None:
         raise OutpostError("unknown_account", account_id=account_id)
-    if not signing.verify_account(keys, signature, method, path, stamp, body):
+    if not signing.verify_account(keys, signature, method, path, stamp, body, nonce):
         raise OutpostError("bad_signature", account_id=account_id)
     now = datetime.now(timezone.utc)
     client = _stamp_time(stamp)
@@ -78,7 +79,29 @@ async def registration(
             client_time=signing.format_time(client), hub_time=signing.format_time(now),
             skew_seconds=round(skew, 3),
         )
+    if not nonce:
+        raise OutpostError(
+            "replayed_request", f"The registration carries no nonce ({signing.H_NONCE}): "
+            "the hub refuses registrations it could not tell from a replay.",
+            fix=f"Upgrade the agent on this machine to {__version__} or newer, which signs "
+                "a nonce with every registration, and register again.",
+            account_id=account_id)
+    # The nonce store's key is the signer: a machine id, or here the account id (both
+    # random UUIDs, so an account's nonces and a machine's never meet).
+    await _first_seen(engine, account_id, nonce, account_id=account_id)
     return account_id
+
+
+async def _first_seen(engine: AsyncEngine, signer: str, nonce: str, **details: str) -> None:
+    """Store the nonce; E1009 if this signer sent it before (within twice the window)."""
+    if len(nonce) > 64:
+        raise OutpostError("replayed_request", fix="Send a fresh nonce of at most 64 characters.")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(_NEW_NONCE, {"machine_id": signer, "nonce": nonce,
+                                            "seen_at": time.time()})
+    except IntegrityError as exc:
+        raise OutpostError("replayed_request", **details) from exc
 
 
 async def machine(
@@ -99,14 +122,9 @@ async def machine(
     if abs(skew) > signing.MAX_SKEW_SECONDS:
         raise OutpostError("stale_request", skew_seconds=round(skew, 3),
                            hub_time=signing.format_time(now))
-    if not nonce or len(nonce) > 64:
+    if not nonce:
         raise OutpostError("replayed_request", fix="Send a fresh nonce of at most 64 characters.")
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(_NEW_NONCE, {"machine_id": row.id, "nonce": nonce,
-                                            "seen_at": time.time()})
-    except IntegrityError as exc:
-        raise OutpostError("replayed_request", machine_id=row.id) from exc
+    await _first_seen(engine, row.id, nonce, machine_id=row.id)
     return row
 
 
@@ -119,6 +137,31 @@ async def prune_nonces(engine: AsyncEngine) -> int:
     async with engine.begin() as conn:
         result = await conn.execute(sa.delete(nonces).where(nonces.c.seen_at < cutoff))
     return int(result.rowcount or 0)
+
+
+def caller_checks(engine: AsyncEngine, vault: Vault) -> dict[str, Any]:
+    """For the edge: that a request's caller exists, from its headers alone, so an unknown
+    caller is refused before its body is read (the signature, which needs the body, is
+    checked by the route)."""
+
+    async def operator_exists(_scope: Any, headers: Any) -> None:
+        await operator(engine, headers.get("authorization"))
+
+    async def machine_exists(_scope: Any, headers: Any) -> None:
+        machine_id = headers.get(signing.H_MACHINE, "")
+        if not machine_id or await machines.by_id(engine, machine_id, cached=True) is None:
+            raise OutpostError("machine_unknown", machine_id=machine_id)
+
+    async def account_exists(_scope: Any, headers: Any) -> None:
+        account_id = headers.get(signing.H_ACCOUNT, "")
+        if not account_id or await accounts.signing_keys(engine, vault, account_id) is None:
+            raise OutpostError("unknown_account", account_id=account_id)
+
+    async def webhook_exists(scope: Any, _headers: Any) -> None:
+        await webhooks.find(engine, scope["path"][len(webhooks.PATH):])
+
+    return {"operator": operator_exists, "machine": machine_exists,
+            "account": account_exists, "webhook": webhook_exists}
 
 
 async def operator(engine: AsyncEngine, authorization: str | None) -> accounts.Principal:

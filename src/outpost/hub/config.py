@@ -22,6 +22,28 @@ from .vault import Vault, new_account_key, new_token, token_hash
 DEFAULT_BIND = "127.0.0.1:8443"
 
 
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class BodyLimits(BaseModel):
+    """The largest request body each kind of route takes, in bytes; a larger one is refused
+    with 413 before it is read (see hub/edge.py and docs/hub.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registration: int = Field(default=64 * KIB, ge=4 * KIB, description=(
+        "POST /v1/agent/register, and routes that take no body"))
+    operator: int = Field(default=2 * MIB, ge=64 * KIB, description=(
+        "operator writes: runbooks (their content at most 1 MiB), jobs, assets, schedules"))
+    agent: int = Field(default=1 * MIB, ge=64 * KIB, description=(
+        "an agent's heartbeats, polls and other requests"))
+    reports: int = Field(default=8 * MIB, ge=1 * MIB, description=(
+        "an agent's job reports (it sends about 1 MiB at a time, a record at most 1 MiB)"))
+    report_records: int = Field(default=20_000, ge=1000, description=(
+        "output records in one reports request"))
+
+
 class HubConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -35,6 +57,7 @@ class HubConfig(BaseModel):
     # Longest time a long-poll is held before it answers with no work.
     poll_timeout: float = 25.0
     log_level: str = "info"
+    body_limits: BodyLimits = Field(default_factory=BodyLimits)
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,18 @@ a lost answer duplicates nothing. Each attempt numbers its records from
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outpost.protocol import params
 from outpost.protocol.errors import ACTIVATE_FAILED_TEXT, OutpostError
+from outpost.protocol.models import INT64_MAX, RECORD_TEXT_MAX, OutputRecord
 
 from . import runbooks
 from .config import random_id
@@ -257,7 +260,7 @@ async def report(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int
     Records of an attempt that has ended are still taken from the machine that made it: an
     agent that was cut off or restarted delivers what it spooled, and nothing is lost.
     """
-    rows = _record_rows(job_id, attempt, records or [])
+    rows = await _record_rows(job_id, attempt, records or [])
     async with engine.begin() as conn:
         return await _apply(conn, machine_id, job_id, attempt, started, rows, end)
 
@@ -275,7 +278,8 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
     checked = []
     for index, item in enumerate(reports):
         try:
-            rows = _record_rows(item["job_id"], item["attempt"], item.get("records") or [])
+            rows = await _record_rows(item["job_id"], item["attempt"],
+                                      item.get("records") or [])
         except OutpostError as exc:
             results[index] = {"id": item["job_id"], "error": exc.to_body()}
             continue
@@ -326,8 +330,7 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
             results[index] = {"id": job_id, "status": status}
         if running:
             await conn.execute(_MARK_RUNNING, running)
-        if records:
-            await conn.execute(_insert_new(conn), records)
+        await _insert_records(conn, records)
         if closing:
             await conn.execute(_CLOSE_ATTEMPT, closing)
             await conn.execute(_FINISH_JOB, finishing)
@@ -387,32 +390,76 @@ async def _apply(conn: AsyncConnection, machine_id: str, job_id: str, attempt: i
             values["started_at"] = time.time()
         await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         status = "Running"
-    if rows:
-        await conn.execute(_insert_new(conn), rows)
+    await _insert_records(conn, rows)
     if end is not None and _current(row, machine_id, attempt):
         # (a repeated end, or one after the lease expired, changes nothing)
         status = await _finish(conn, row, status, **end)
     return status
 
 
-def _record_rows(job_id: str, attempt: int, records: list[dict[str, Any]]
-                 ) -> list[dict[str, Any]]:
-    base = (attempt - 1) << SEQ_SHIFT
+_RECORD = TypeAdapter(OutputRecord)
+
+
+def _record_row(job_id: str, base: int, index: int, record: Any) -> dict[str, Any]:
+    """One record as a row. The common case (exact types within range) is checked here in
+    a few comparisons: a request may carry tens of thousands of records, and validating each
+    through the model cost several times as much. Anything else goes through the model,
+    which coerces what it may (``"5"``) and names the field that is wrong."""
     try:
-        rows: list[dict[str, Any]] = [
-            {"job_id": job_id, "seq": int(r["seq"]), "stream": str(r["stream"]),
-             "text": str(r["text"]), "at": float(r["at"])} for r in records]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise OutpostError("invalid_request", f"Malformed output record: {exc!r}",
-                           fix="Send records with seq, stream, text and at.") from exc
-    for row in rows:
-        if row["stream"] not in STREAMS:
-            raise OutpostError("invalid_request", f"Unknown stream '{row['stream']}'.",
-                               fix=f"Use one of {', '.join(STREAMS)}.")
-        if not base <= row["seq"] < base + (1 << SEQ_SHIFT):
-            raise OutpostError("invalid_request", f"Record {row['seq']} is outside the "
-                               f"numbers of attempt {attempt}.")
+        seq, stream, text, at = record["seq"], record["stream"], record["text"], record["at"]
+    except (KeyError, TypeError):
+        seq = stream = text = at = None
+    if not (type(seq) is int and 0 <= seq <= INT64_MAX and type(stream) is str
+            and type(text) is str and len(text) <= RECORD_TEXT_MAX
+            and type(at) in (float, int) and 0 <= at <= INT64_MAX):
+        try:
+            valid = _RECORD.validate_python(record)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = "".join(f".{p}" for p in first.get("loc", ()))
+            raise OutpostError("invalid_request", f"Malformed output record: records[{index}]"
+                               f"{field}: {first['msg']}.", fix="Send records with seq, stream, "
+                               "text (at most 1 MiB) and at (seconds since the epoch).",
+                               field=f"records[{index}]{field}") from exc
+        seq, stream, text, at = valid.seq, valid.stream, valid.text, valid.at
+    if stream not in STREAMS:
+        raise OutpostError("invalid_request", f"Unknown stream '{stream[:32]}'.",
+                           fix=f"Use one of {', '.join(STREAMS)}.")
+    if not base <= seq < base + (1 << SEQ_SHIFT):
+        raise OutpostError("invalid_request", f"Record {seq} is outside the numbers of "
+                           f"attempt {(base >> SEQ_SHIFT) + 1}.")
+    if "\x00" in text:
+        # A runbook may print NUL, which PostgreSQL cannot store in text. Refusing the report
+        # would lose the job's output: it is kept with U+FFFD in its place, on both
+        # databases (every other text field refuses NUL: see hub/edge.py).
+        text = text.replace("\x00", "\ufffd")
+    return {"job_id": job_id, "seq": seq, "stream": stream, "text": text, "at": float(at)}
+
+
+async def _record_rows(job_id: str, attempt: int, records: list[Any]) -> list[dict[str, Any]]:
+    """The records as rows, checked; other requests run between slices of them (see
+    _insert_records)."""
+    base = (attempt - 1) << SEQ_SHIFT
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(records), RECORDS_AT_ONCE):
+        if start:
+            await asyncio.sleep(0)
+        rows += [_record_row(job_id, base, index, record)
+                 for index, record in enumerate(records[start:start + RECORDS_AT_ONCE], start)]
     return rows
+
+
+RECORDS_AT_ONCE = 2000
+
+
+async def _insert_records(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Insert output records a slice at a time, letting other requests run in between: on
+    SQLite each statement runs in the event loop's thread (hub/sqlite_inline.py), and the
+    tens of thousands of records one request may carry would hold every other request up."""
+    for start in range(0, len(rows), RECORDS_AT_ONCE):
+        if start:
+            await asyncio.sleep(0)
+        await conn.execute(_insert_new(conn), rows[start:start + RECORDS_AT_ONCE])
 
 
 def _insert_new(conn: AsyncConnection) -> Any:

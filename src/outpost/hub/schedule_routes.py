@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from outpost.protocol.errors import OutpostError
+from outpost.protocol.models import Wire
 
 from . import accounts, auth, schedules, webhooks
 from .schedules import Scheduler
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from .app import Hub
 
 
-class ScheduleCreate(BaseModel):
+class ScheduleCreate(Wire):
     name: str = Field(min_length=1, max_length=128)
     runbook: str = Field(min_length=1, max_length=128)
     group: str = Field(min_length=1, max_length=64)
@@ -32,7 +33,7 @@ class ScheduleCreate(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class WebhookCreate(BaseModel):
+class WebhookCreate(Wire):
     name: str = Field(min_length=1, max_length=128)
     runbook: str = Field(min_length=1, max_length=128)
     group: str = Field(min_length=1, max_length=64)

@@ -114,7 +114,8 @@ _ENTRIES: tuple[Entry, ...] = (
         "E1009", "replayed_request",
         "The request was refused because its nonce was already used.",
         ("A copy of an earlier signed request was sent again (a replay), or a proxy "
-         "retried a request on its own.",),
+         "retried a request on its own.",
+         "A registration without a nonce, from an agent older than the hub."),
         ("Nothing to do when it happens once; the agent signs every request afresh. If it "
          "repeats, look for a proxy that replays requests.",),
         401, None),
@@ -258,6 +259,24 @@ _ENTRIES: tuple[Entry, ...] = (
         ("Check the machine's status with 'outpost machine list' and, on the machine, "
          "'outpost agent status'; start the agent if it is not running.",),
         504, None),
+    Entry(
+        "E3011", "body_too_large", "The request body is larger than the hub accepts.",
+        ("The body passed its route's limit, declared in Content-Length or counted as it "
+         "arrived: by default 64 KiB for a registration, 2 MiB for an operator's write, "
+         "1 MiB for an agent's request and 8 MiB for an agent's job reports.",
+         "An agent's reports carried more output records in one request than the hub takes "
+         "(20,000 by default)."),
+        ("Send less in one request: split a batch of jobs, or put large data where the "
+         "runbook can fetch it and send its address.",
+         "If such bodies are expected, raise the route's limit under body_limits in the "
+         "hub's hub.yaml (docs/hub.md) and restart the hub."),
+        413, None),
+    Entry(
+        "E3012", "method_not_allowed", "The method is not allowed on this path.",
+        ("The path exists but does not take this method: each path takes only the methods "
+         "/openapi.json lists for it.",),
+        ("Send one of the methods the answer's Allow header names.",),
+        405, None),
 )
 
 _ENTRIES += (

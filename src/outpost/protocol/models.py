@@ -3,30 +3,49 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+# Ranges at the edge: a number the database cannot hold (an INTEGER column is 32 bits on
+# PostgreSQL, 64 on SQLite) or JSON cannot carry (NaN, Infinity) is refused as bad input
+# with the field named, never left to fail in the database or in the answer.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+LABELS_MAX = 64
+LABEL_KEY_MAX = 64
+LABEL_VALUE_MAX = 256
+# The agent cuts a longer output line into records of 1 MiB (agent/runner.py LINE_MAX).
+RECORD_TEXT_MAX = 1024 * 1024
 
 
 class Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class MachineFacts(Wire):
-    hostname: str = ""
-    os: str = ""
-    os_release: str = ""
-    arch: str = ""
-    agent_version: str = ""
-    cpu_count: int = 0
-    memory_bytes: int = 0
+    hostname: str = Field(default="", max_length=1024)
+    os: str = Field(default="", max_length=256)
+    os_release: str = Field(default="", max_length=1024)
+    arch: str = Field(default="", max_length=256)
+    agent_version: str = Field(default="", max_length=64)
+    cpu_count: int = Field(default=0, ge=0, le=INT32_MAX)
+    memory_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
+
+
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=LABEL_KEY_MAX)]
+LabelValue = Annotated[str, StringConstraints(max_length=LABEL_VALUE_MAX)]
 
 
 class RegisterRequest(Wire):
-    name: str
+    name: str = Field(max_length=4096, description="1 to 64 characters (E1005 otherwise)")
     group: str = Field(min_length=1, max_length=64)
-    labels: dict[str, str] = Field(default_factory=dict)
-    public_key: str = Field(description="Ed25519 public key, raw 32 bytes, base64")
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=LABELS_MAX,
+        description=f"At most {LABELS_MAX}: names of 1 to {LABEL_KEY_MAX} characters, "
+                    f"values of at most {LABEL_VALUE_MAX}.")
+    public_key: str = Field(max_length=256, description="Ed25519 public key, raw 32 bytes, "
+                                                        "base64")
     facts: MachineFacts = Field(default_factory=MachineFacts)
     force: bool = False
 
@@ -41,22 +60,23 @@ class RegisterResponse(Wire):
 
 
 class HeldJob(Wire):
-    id: str
-    attempt: int
+    id: str = Field(max_length=128)
+    attempt: int = Field(ge=1, le=INT32_MAX)
 
 
 class Heartbeat(Wire):
-    agent_version: str
+    agent_version: str = Field(max_length=64)
     uptime_seconds: float = 0
     load1: float = 0
     cpu_percent: float = 0
     memory_percent: float = 0
-    memory_used_bytes: int = 0
-    disk_free_bytes: int = 0
+    memory_used_bytes: int = Field(default=0, ge=-INT64_MAX, le=INT64_MAX)
+    disk_free_bytes: int = Field(default=0, ge=-INT64_MAX, le=INT64_MAX)
     disk_percent: float = 0
-    heartbeat_interval: float = 30
-    running_jobs: int = 0
-    not_taking_work: str | None = None
+    heartbeat_interval: float = Field(default=30, gt=0, le=86400,
+                                      description="Seconds, more than 0 and at most a day.")
+    running_jobs: int = Field(default=0, ge=0, le=INT32_MAX)
+    not_taking_work: str | None = Field(default=None, max_length=2000)
     jobs: list[HeldJob] = Field(default_factory=list, max_length=1024,
                                 description="The jobs the agent runs; their leases renew.")
 
@@ -78,10 +98,20 @@ class PollResult(Wire):
     items: list[WorkItem] = Field(default_factory=list)
 
 
+class OutputRecord(Wire):
+    """One output record of a job attempt, as the agent reports it."""
+
+    seq: int = Field(ge=0, le=INT64_MAX)
+    stream: str = Field(max_length=16)
+    text: str = Field(max_length=RECORD_TEXT_MAX)
+    at: float = Field(ge=0, description="When it was written, seconds since the epoch.")
+
+
+
 BATCH_MAX = 1000
 
 
-class JobBatch(BaseModel):
+class JobBatch(Wire):
     """``POST /v1/jobs/batch``: jobs queued all or none.
 
     Each entry is what ``POST /v1/jobs`` takes; the hub checks it with that route's own

@@ -5,8 +5,10 @@ copies to the machine once). Every later request is signed with the machine's Ed
 whose private half never leaves the machine, so no bearer secret of the agent crosses the
 wire after registration.
 
-Both signatures cover the method, the path with its query, a timestamp and the SHA-256 of the
-body; the machine signature also covers a nonce so the hub can refuse a replay.
+Both signatures cover the method, the path with its query, a timestamp, a nonce and the
+SHA-256 of the body. The hub keeps every nonce it has seen for the timestamp window, so it
+refuses a replay of either: a registration replayed with ``force`` would otherwise give the
+machine a new id and lock the real agent out.
 """
 
 from __future__ import annotations
@@ -59,15 +61,18 @@ def canonical(method: str, path: str, stamp: str, body: bytes, nonce: str = "") 
     return "\n".join((method.upper(), path, stamp, nonce, digest)).encode()
 
 
-def sign_account(key: bytes, method: str, path: str, stamp: str, body: bytes) -> str:
-    return b64(hmac.new(key, canonical(method, path, stamp, body), hashlib.sha256).digest())
+def sign_account(key: bytes, method: str, path: str, stamp: str, body: bytes,
+                 nonce: str = "") -> str:
+    return b64(hmac.new(key, canonical(method, path, stamp, body, nonce),
+                        hashlib.sha256).digest())
 
 
 def verify_account(
-    keys: list[bytes], signature: str, method: str, path: str, stamp: str, body: bytes
+    keys: list[bytes], signature: str, method: str, path: str, stamp: str, body: bytes,
+    nonce: str = "",
 ) -> bool:
     """True when the signature matches under any of the account's valid keys."""
-    message = canonical(method, path, stamp, body)
+    message = canonical(method, path, stamp, body, nonce)
     for key in keys:
         expected = b64(hmac.new(key, message, hashlib.sha256).digest())
         # Bytes: compare_digest raises TypeError for str with non-ASCII characters.
