@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = 64 * 1024
@@ -93,7 +94,10 @@ class Started:
 
 
 def spawn(argv: list[str], cwd: Path, env: dict[str, str],
-          identity: tuple[int, int] | None) -> Started:
+          identity: tuple[int, int] | None,
+          preexec: Callable[[], None] | None = None) -> Started:
+    """Start the runbook; ``preexec`` runs in the child after the change of user, before
+    exec (sandbox.py: join the job's control group, or set its rlimits)."""
     r_out, w_out = os.pipe2(os.O_CLOEXEC)
     r_err, w_err = os.pipe2(os.O_CLOEXEC)
     try:
@@ -102,7 +106,7 @@ def spawn(argv: list[str], cwd: Path, env: dict[str, str],
             stderr=w_err, start_new_session=True,
             user=identity[0] if identity else None,
             group=identity[1] if identity else None,
-            extra_groups=[] if identity else None)
+            extra_groups=[] if identity else None, preexec_fn=preexec)
     except BaseException:
         os.close(r_out)
         os.close(r_err)

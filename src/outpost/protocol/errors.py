@@ -313,6 +313,24 @@ _ENTRIES += (
         ("Read the job's Error stream: 'outpost job output ID --stream Error'.",
          "For a run-as account, check it exists on the machine ('outpost group list')."),
         409, "HW-1a"),
+    Entry(
+        "E4012", "job_users_unavailable",
+        "The agent cannot make or use its unprivileged job users.",
+        ("An agent running as root runs runbooks as the users outpost-job1 to outpost-jobN "
+         "(one per job slot) and makes them with useradd when they are missing; useradd "
+         "is not installed, failed, or a user of that name has uid 0.",),
+        ("Make the users yourself ('useradd --system --user-group --no-create-home --shell "
+         "/usr/sbin/nologin outpost-job1', and so on up to max_concurrent_jobs), or set "
+         "'job_users: false' in the agent's config to run runbooks as root (not advised).",),
+        500, None),
+    Entry(
+        "E4013", "job_out_of_memory", "The job was killed for going over its memory limit.",
+        ("The runbook's processes together used more memory than the job's limit (the "
+         "group's --memory-mb, else the agent's job_memory_mb, 512 MiB by default); the "
+         "kernel killed one of them. The job is Failed and is not retried.",),
+        ("Raise the group's limit ('outpost group set GROUP --memory-mb 2048') or make the "
+         "runbook use less memory.",),
+        409, None),
 )
 
 CERTIFICATE_MISSING_TEXT = "No certificate was found in the certificate store with thumbprint"
