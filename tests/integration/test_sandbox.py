@@ -7,6 +7,7 @@ themselves, not a private temporary directory of the test's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -166,15 +167,14 @@ def test_a_job_over_its_memory_limit_fails_naming_the_limit(
     assert status is not None and status["sandbox"]["limits_by"].startswith("cgroup v"), status
 
 
-def _job_processes() -> int:
-    """Processes of the job users now."""
-    import pwd
-
-    uids = {e.pw_uid for e in pwd.getpwall() if e.pw_name.startswith("outpost-job")}
+def _job_processes(agent: Agent) -> int:
+    """Processes in the agent's jobs' groups now (other tests' agents share the machine
+    and its job users, not these groups)."""
+    tag = "outpost-" + hashlib.sha256(str(agent.state_dir.resolve()).encode()).hexdigest()[:10]
     count = 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            count += os.stat(f"/proc/{pid}").st_uid in uids
+            count += f"/{tag}/" in Path(f"/proc/{pid}/cgroup").read_text()
         except OSError:
             pass
     return count
@@ -210,7 +210,7 @@ exit 0
     job_id = _start(hub, "bomb")
     most = 0
     while time.monotonic() - started < 90:
-        most = max(most, _job_processes())
+        most = max(most, _job_processes(agent))
         job = json.loads(hub.cli("job", "show", job_id, "--json").stdout)
         if job["status"] in ("Completed", "Failed", "Stopped"):
             break
@@ -222,7 +222,7 @@ exit 0
     assert agent.status() is not None
     # Nothing of the job is left: the detached sleep and the bomb went with the group.
     wait_until(lambda: not _detached_left(), 10, what="the detached sleep killed")
-    wait_until(lambda: _job_processes() == 0, 10, what="the bomb's processes killed")
+    wait_until(lambda: _job_processes(agent) == 0, 10, what="the bomb's processes killed")
     # And the agent still runs jobs.
     publish_script(hub, tmp_path, "after", "echo fine\n")
     done = hub.cli("job", "start", "after", "--group", "web", "--wait", "--json")

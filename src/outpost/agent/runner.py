@@ -600,12 +600,11 @@ class JobRun:
 
     def _prepare_and_spawn(self) -> process.Started:
         argv, workdir, env, identity = self._spawn_args()
-        preexec = self.lease.preexec() if self.lease is not None else None
-        try:
-            return process.spawn(argv, workdir, env, identity, preexec)
-        finally:
-            if self.lease is not None:
-                self.lease.spawned()
+        if self.lease is None:
+            return process.spawn(argv, workdir, env, identity)
+        # Born in the job's group, as the job's user (sandbox.py).
+        return self.lease.spawn(argv, lambda argv, identity, preexec: process.spawn(
+            argv, workdir, env, identity, preexec))
 
     async def _execute(self) -> dict[str, Any]:
         try:
@@ -628,7 +627,9 @@ class JobRun:
             log.error("job %s: %s", self.id, why)
             return {"exit_code": None, "signal": None, "cause": "lost", "reason": why}
         if self.proc is None:
-            preexec = self.lease.preexec() if self.lease is not None else None
+            preexec = None
+            if self.lease is not None:  # a fork: the child joins the group itself
+                argv, identity, preexec = self.lease.forked(argv)
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
