@@ -95,6 +95,10 @@ class Group:
         self.dirs = dirs  # controller -> directory (v2: every controller -> the same one)
         self._applied: Limits | None = None
         self._procs = sorted({d / "cgroup.procs" for d in dirs.values()})
+        # A process is in every v1 hierarchy at once: one listing (pids') shows them all.
+        self._listing = dirs["pids"] / "cgroup.procs"
+        self._fds: list[int] = []  # the procs files, kept open (open_procs)
+        self._oom_seen: int | None = None
 
     @property
     def path(self) -> Path:
@@ -124,18 +128,21 @@ class Group:
         self._applied = limits
 
     def open_procs(self) -> list[int]:
-        """Descriptors of the group's ``cgroup.procs`` files, for ``join`` in the child.
-        Opened by the agent, so the job's user, which could not open them, can write them
-        (the kernel checks the opener's rights)."""
-        fds: list[int] = []
-        try:
-            for path in self._procs:
-                fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
-        except OSError:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return fds
+        """Descriptors of the group's ``cgroup.procs`` files, for ``join`` in a child and
+        for ``Hierarchy.enter``; opened once and kept. Opened by the agent, so the job's
+        user, which could not open them, can write them (the kernel checks the opener's
+        rights)."""
+        if not self._fds:
+            fds: list[int] = []
+            try:
+                for path in self._procs:
+                    fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            except OSError:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self._fds = fds
+        return self._fds
 
     def oom_kills(self) -> int:
         """How many processes the kernel has killed in the group for its memory limit."""
@@ -143,11 +150,21 @@ class Group:
             return _counter(_read(self.dirs["memory"] / "memory.events"), "oom_kill")
         return _counter(_read(self.dirs["memory"] / "memory.oom_control"), "oom_kill")
 
+    def oom_baseline(self) -> int:
+        """The count before a job: the one seen after the last job (only the slot's jobs
+        add to it), read once."""
+        if self._oom_seen is None:
+            self._oom_seen = self.oom_kills()
+        return self._oom_seen
+
+    def oom_since(self, before: int) -> bool:
+        """Whether the kernel killed a process for the memory limit since ``before``."""
+        self._oom_seen = self.oom_kills()
+        return self._oom_seen > before
+
     def members(self) -> list[int]:
         """The processes in the group; never the agent (in it only while it starts a job)."""
-        found: set[int] = set()
-        for path in self._procs:
-            found.update(_pids(path))
+        found = set(_pids(self._listing))
         found.discard(os.getpid())
         return sorted(found)
 
@@ -166,6 +183,10 @@ class Group:
         return not self.members()
 
     def remove(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
         for d in sorted(set(self.dirs.values())):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
@@ -184,15 +205,17 @@ class Hierarchy:
         self.version = version
         self.bases = bases
         self.home = home  # the agent's own group(s), where it goes back after ``enter``
+        self._home_fds: list[int] = []
 
     def enter(self, group: Group) -> None:
         """Move the agent into ``group``: a process it starts now is born there."""
-        for path in group._procs:
-            _write(path, "0")
+        join(group.open_procs())
 
     def leave(self) -> None:
-        for path in self.home:
-            _write(path / "cgroup.procs", "0")
+        if not self._home_fds:
+            self._home_fds = [os.open(p / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+                              for p in self.home]
+        join(self._home_fds)
 
     def describe(self) -> str:
         where = sorted({str(p) for p in self.bases.values()})

@@ -630,17 +630,13 @@ class JobRun:
             preexec = None
             if self.lease is not None:  # a fork: the child joins the group itself
                 argv, identity, preexec = self.lease.forked(argv)
-            try:
-                self.proc = await asyncio.create_subprocess_exec(
-                    *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                    start_new_session=True,
-                    user=identity[0] if identity else None,
-                    group=identity[1] if identity else None,
-                    extra_groups=[] if identity else None, preexec_fn=preexec)
-            finally:
-                if self.lease is not None:
-                    self.lease.spawned()
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                user=identity[0] if identity else None,
+                group=identity[1] if identity else None,
+                extra_groups=[] if identity else None, preexec_fn=preexec)
         try:
             self.spool.write_meta({"job_id": self.id, "attempt": self.attempt,
                                    "pgid": self.proc.pid, "started_at": time.time()})

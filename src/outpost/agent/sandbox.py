@@ -120,7 +120,6 @@ class Lease:
         self.run_as = run_as  # what 'job show' says the attempt ran as
         self.limits = limits
         self.job_user = job_user  # the slot's user, when the job runs as it
-        self._fds: list[int] = []
         self._oom_before = 0
         self._released = False
 
@@ -139,7 +138,7 @@ class Lease:
             argv = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                     "--inh-caps=-all", "--", *argv]
         group.apply(self.limits)
-        self._oom_before = group.oom_kills()
+        self._oom_before = group.oom_baseline()
         hierarchy.enter(group)
         try:
             return start(argv, None, None)
@@ -151,20 +150,17 @@ class Lease:
                           self.slot.index, exc.strerror or exc)
 
     def _forked(self, argv: list[str], start: Start[T]) -> T:
-        try:
-            return start(*self.forked(argv))
-        finally:
-            self.spawned()
+        return start(*self.forked(argv))
 
     def forked(self, argv: list[str]
                ) -> tuple[list[str], tuple[int, int] | None, Callable[[], None] | None]:
         """(argv, identity, preexec) for a start by fork: the child joins the group (or
-        sets its rlimits) between fork and exec. ``spawned`` must follow."""
+        sets its rlimits) between fork and exec."""
         group = self.slot.group
         if group is not None:
             group.apply(self.limits)
-            self._oom_before = group.oom_kills()
-            fds = self._fds = group.open_procs()
+            self._oom_before = group.oom_baseline()
+            fds = group.open_procs()
             return argv, self.identity, lambda: cgroups.join(fds)
         limits = self.sandbox.rlimits(self.limits, self.job_user is not None)
         if not limits:
@@ -175,25 +171,19 @@ class Lease:
                 resource.setrlimit(kind, (value, value))
         return argv, self.identity, set_rlimits
 
-    def spawned(self) -> None:
-        """The child has exec'd (or failed to): the group's descriptors are closed."""
-        for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds = []
-
     def out_of_memory(self) -> bool:
         group = self.slot.group
         return group is not None and bool(self.limits.memory_mb) \
-            and group.oom_kills() > self._oom_before
+            and group.oom_since(self._oom_before)
 
     def finish(self) -> bool:
         """The job has ended: kill what is left of it in its group. Whether nothing of it
         can be running any more (no group: not known, False)."""
-        self.spawned()
         group = self.slot.group
         if group is None:
             return False
+        with contextlib.suppress(OSError):
+            group.oom_since(self._oom_before)  # the next job's baseline
         try:
             emptied = group.empty()
         except OSError as exc:
@@ -208,7 +198,6 @@ class Lease:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.spawned()
             self.sandbox.give(self.slot)
 
 
