@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ log = logging.getLogger("outpost.agent.cgroups")
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 CPU_PERIOD_US = 100_000
-EMPTY_ROUNDS = 200  # kill rounds before a group that keeps refilling is left for later
+EMPTY_SECONDS = 0.5  # killing what a job left: at most this long, then it is left for later
 
 
 class Unavailable(Exception):
@@ -173,14 +174,20 @@ class Group:
         if self.version == 2 and (self.path / "cgroup.kill").exists():
             with contextlib.suppress(OSError):
                 _write(self.path / "cgroup.kill", "1")
-        for _ in range(EMPTY_ROUNDS):
+        deadline = time.monotonic() + EMPTY_SECONDS
+        rounds = 0
+        while True:
             pids = self.members()
             if not pids:
                 return True
+            if time.monotonic() > deadline:
+                return False
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-        return not self.members()
+            rounds += 1
+            if rounds > 3:  # killed, and not gone yet: give them a moment to exit
+                time.sleep(0.002)
 
     def remove(self) -> None:
         for fd in self._fds:

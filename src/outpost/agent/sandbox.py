@@ -257,7 +257,13 @@ class Sandbox:
         return Slot(index, user, group)
 
     def close(self) -> None:
-        """At the agent's stop: the slots' groups are removed (emptied first)."""
+        """At the agent's stop: the slots' groups are removed (emptied first), and the
+        spare working directories (the next start would not trust them); a jobs directory
+        under the temporary directory goes altogether."""
+        if self.jobs_root is not None:
+            temporary = self.jobs_root.parent == Path(tempfile.gettempdir())
+            shutil.rmtree(self.jobs_root if temporary else self.jobs_root / ".spare",
+                          ignore_errors=True)
         for slot in self.slots:
             if slot.group is not None:
                 with contextlib.suppress(OSError):
