@@ -603,8 +603,10 @@ class JobRun:
         if self.lease is None:
             return process.spawn(argv, workdir, env, identity)
         # Born in the job's group, as the job's user (sandbox.py).
-        return self.lease.spawn(argv, lambda argv, identity, preexec: process.spawn(
+        started = self.lease.spawn(argv, lambda argv, identity, preexec: process.spawn(
             argv, workdir, env, identity, preexec))
+        self.lease.started(started.popen.pid)
+        return started
 
     async def _execute(self) -> dict[str, Any]:
         try:

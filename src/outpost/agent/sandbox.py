@@ -121,6 +121,7 @@ class Lease:
         self.limits = limits
         self.job_user = job_user  # the slot's user, when the job runs as it
         self._oom_before = 0
+        self._stepped = False  # the agent stepped into the group to start the process
         self._released = False
 
     def spawn(self, argv: list[str], start: Start[T]) -> T:
@@ -139,6 +140,7 @@ class Lease:
                     "--inh-caps=-all", "--", *argv]
         group.apply(self.limits)
         self._oom_before = group.oom_baseline()
+        self._stepped = True
         hierarchy.enter(group)
         try:
             return start(argv, None, None)
@@ -148,6 +150,16 @@ class Lease:
             except OSError as exc:  # the agent must not stay where jobs are limited
                 log.error("the agent could not leave the group of slot %s (%s)",
                           self.slot.index, exc.strerror or exc)
+
+    def started(self, pid: int) -> None:
+        """The process ``spawn`` started: it joins what the agent did not step into."""
+        group, hierarchy = self.slot.group, self.sandbox.hierarchy
+        if group is not None and hierarchy is not None and self._stepped:
+            try:
+                hierarchy.adopt(group, pid)
+            except OSError as exc:
+                log.warning("slot %s: the job's process could not join %s (%s)",
+                            self.slot.index, group.path, exc.strerror or exc)
 
     def _forked(self, argv: list[str], start: Start[T]) -> T:
         return start(*self.forked(argv))
