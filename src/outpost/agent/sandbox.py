@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from outpost.protocol.errors import OutpostError
+
 from . import cgroups
 from .cgroups import Limits
 from .jobusers import JobUser, JobUsers
@@ -239,7 +241,14 @@ class Sandbox:
         OutpostError (E4012) when job users are wanted and cannot be had."""
         if self.use_users:
             self.users.ensure(self._count)
-            self.jobs_root = jobs_root(self.state_root)
+            try:
+                self.jobs_root = jobs_root(self.state_root)
+            except OSError as exc:
+                raise OutpostError(
+                    "job_users_unavailable", f"The agent cannot make the directory its job "
+                    f"users work in ({exc.filename}: {exc.strerror or exc}).",
+                    fix="Free space or fix the permissions there, or start the agent with "
+                        "another --state-dir.") from exc
         if os.geteuid() == 0:
             self.setpriv = shutil.which("setpriv", path=SAFE_PATH)
         try:
