@@ -25,6 +25,7 @@ point them at a directory tree that stands in for the kernel's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -195,9 +196,16 @@ class Group:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = self._enter_fds = []
+        deadline = time.monotonic() + EMPTY_SECONDS
         for d in sorted(set(self.dirs.values())):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
+            while True:  # busy while the last killed are still exiting
+                try:
+                    os.rmdir(d)
+                except OSError as exc:
+                    if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                        continue
+                break
 
 
 def join(fds: list[int]) -> None:
