@@ -494,6 +494,19 @@ _ENTRIES += (
         ("Issue a new certificate from the hub's CA, or pass the right --tls-cert/--tls-key "
          "to 'outpost hub run'.",),
         400, None),
+    Entry(
+        "E7010", "sandbox_weak", "Runbooks here run with less isolation than the sandbox "
+        "gives.",
+        ("The agent runs as root and runs runbooks as root ('job_users: false' in its "
+         "config), so a runbook can read the machine key, the agent's state and, where the "
+         "hub runs on the same machine, its keys.",
+         "No cgroup hierarchy can be written (an agent that is not root, a container that "
+         "does not delegate one), so jobs get rlimits: no CPU limit, and processes a job "
+         "detaches outlive it."),
+        ("Remove 'job_users: false' from the agent's config and restart it.",
+         "Run the agent as root with a writable /sys/fs/cgroup (for systemd, the shipped "
+         "unit, or Delegate=yes)."),
+        409, None),
 )
 
 _ENTRIES += (
