@@ -185,6 +185,9 @@ class Agent:
             self.client.active = self.client.urls.index(last)  # the hub that answered last
         log.info("agent %s started: machine %s (%s), group %s, hub %s", __version__, reg.name,
                  reg.machine_id, reg.group, ", ".join(self.client.urls))
+        log.info("sandbox: runbooks run as %s; job limits by %s; defaults %s",
+                 self.sandbox.describe_users(), self.sandbox.describe_limits(),
+                 self.sandbox.defaults.text())
         return True
 
     def _note_failure(self, exc: OutpostError) -> None:

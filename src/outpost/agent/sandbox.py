@@ -259,12 +259,9 @@ class Sandbox:
         except PermissionError as exc:
             self.why_no_cgroups = f"not allowed to make groups ({exc.strerror})"
         if self.hierarchy is None:
-            log.info("jobs are limited with rlimits (no cgroups: %s)", self.why_no_cgroups)
             self._base_processes = _own_processes()
         for index in range(1, self._count + 1):
             self.slots.append(self._slot(index))
-        log.info("job sandbox: runbooks run as %s; limits by %s; defaults %s",
-                 self.describe_users(), self.describe_limits(), self.defaults.text())
 
     def _slot(self, index: int) -> Slot:
         group = None
