@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PG_ADMIN, Agent, Hub, init_hub
+from tests.support import PG_ADMIN, Agent, Hub, init_hub, shared_dir
 
 for _name in [k for k in os.environ if k.startswith("OUTPOST_")]:
     del os.environ[_name]
@@ -98,6 +98,13 @@ def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
         yield hub.start()
     finally:
         hub.stop()
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory the test and its runbooks (run as job users) may both write."""
+    with shared_dir() as path:
+        yield path
 
 
 @pytest.fixture

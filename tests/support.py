@@ -254,6 +254,22 @@ def machine_calls(hub: Hub, state_root: Path, name: str = "m1"
 
 
 @contextmanager
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may write (1777, under /var/tmp), removed after: a root agent
+    runs runbooks as its unprivileged job users, who cannot reach the test's private
+    temporary directory, so what a test and its runbooks share goes here."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="outpost-test-shared-", dir="/var/tmp"))
+    os.chmod(path, 0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
 def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` (such as "1m") mounted at ``mount`` for the test, unmounted after;
     the test is skipped, saying why, where mounting is not allowed."""

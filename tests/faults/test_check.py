@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -124,14 +125,14 @@ def test_healthy_machine_passes_every_check(hub: Hub, agents: list[Agent],
     code, res = check(agent.state_dir, "--warnings-as-errors")
     counts = res.pop("counts")
     assert {k: v["result"] for k, v in res.items()} == {k: "ok" for k in res}, res
-    assert code == 0 and counts["ok"] == len(res) == 16
+    assert code == 0 and counts["ok"] == len(res) == 17
     assert "directly" in res["tcp"]["details"]
     assert res["signed-request"]["details"].startswith("accepted as 'healthy'")
 
     text = run_cli("check", "--state-dir", str(agent.state_dir))
     assert text.returncode == 0, text.stdout + text.stderr
-    assert text.stdout.count("[ OK ]") == 16
-    assert "16 ok, 0 warnings, 0 errors, 0 skipped" in text.stdout
+    assert text.stdout.count("[ OK ]") == 17
+    assert "17 ok, 0 warnings, 0 errors, 0 skipped" in text.stdout
 
     code, hres = hub_check(hub.data_dir, "--database-url", hub.database_url)
     assert code == 0 and all(r["result"] == "ok" for r in hres.values()), hres
@@ -145,7 +146,7 @@ def test_check_list_names_every_check() -> None:
     listing = json.loads(done.stdout)
     assert [c["id"] for c in listing][:4] == ["config", "machine-name", "agent-running",
                                               "registration"]
-    assert all(c["looks_at"] for c in listing) and len(listing) == 16
+    assert all(c["looks_at"] for c in listing) and len(listing) == 17
     hub = json.loads(run_cli("check-list", "--hub", "--json").stdout)
     assert "migrations" in [c["id"] for c in hub]
 
@@ -399,6 +400,21 @@ def test_too_few_cpus_is_a_warning(running: Agent) -> None:
     assert code == 0, res
     code, _ = check(running.state_dir, "--warnings-as-errors", prefix=("taskset", "-c", "0"))
     assert code == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="job users are a root agent's")
+def test_a_root_agent_that_runs_runbooks_as_root_is_a_warning(
+        mhub: Hub, tmp_path: Path) -> None:
+    agent = registered_agent(mhub, tmp_path, "as-root", job_users=False)
+    agent.start()
+    try:
+        wait_until(lambda: (agent.status() or {}).get("last_heartbeat_ack_at"), 20,
+                   what="a first acknowledged heartbeat")
+        code, res = check(agent.state_dir)
+        assert_problem(res["sandbox"], "warning", "E7010", "runbooks run as root")
+        assert code == 0, res
+    finally:
+        agent.stop()
 
 
 # --- local resources: ports and disk ---------------------------------------------------------

@@ -41,12 +41,11 @@ def _runbooks_under(path: Path) -> list[int]:
 
 
 def test_a_full_disk_ends_the_attempt_and_the_job_resumes_once_freed(
-        hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+        hub: Hub, agents: list[Agent], tmp_path: Path, shared: Path) -> None:
     agent: Agent | None = None
     with small_tmpfs(tmp_path / "small", "4m") as mount:
         try:
-            flag = tmp_path / "small-output"
-            os.chmod(tmp_path, 0o755)
+            flag = shared / "small-output"
             # About 12 MB of output, three times the disk; once the flag exists, one line.
             publish_script(hub, tmp_path, "flood",
                            f'if [ -e "{flag}" ]; then echo fits; exit 0; fi\n'

@@ -87,11 +87,10 @@ def test_a_sandbox_killed_three_times_suspends_the_job(hub: Hub, agents: list[Ag
 
 
 def test_a_killed_agent_loses_its_lease_and_another_machine_runs_the_job(
-        hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+        hub: Hub, agents: list[Agent], tmp_path: Path, shared: Path) -> None:
     """HW-1: kill -9 the agent mid-job; the lease expires and a healthy machine of the group
     runs it. The restarted agent ends the runbook its predecessor left behind."""
-    flag = tmp_path / "first-try"
-    os.chmod(tmp_path, 0o755)
+    flag = shared / "first-try"
     publish(hub, tmp_path, "once", f'if [ -e "{flag}" ]; then echo second; exit 0; fi\n'
             f'touch "{flag}"\necho "pid $$"\nsleep 120\n')
     first = healthy(hub, tmp_path, agents, "w1")
@@ -181,7 +180,8 @@ def test_run_as_user_of_the_group(hub: Hub, agents: list[Agent], tmp_path: Path)
             f'cat "{agent.state_dir}/machine.key" && echo KEY-READ || echo key-refused\n')
     assert hub.cli("group", "set", "web", "--run-as", "nobody").returncode == 0
     listed = json.loads(hub.cli("group", "list", "--json").stdout)
-    assert {"name": "web", "machines": 1, "run_as": "nobody"} in listed
+    assert {"name": "web", "machines": 1, "run_as": "nobody", "memory_mb": None,
+            "cpus": None, "max_processes": None} in listed
 
     done = hub.cli("job", "start", "whoami", "--group", "web", "--wait", "--json")
     assert done.returncode == 0, done.stderr

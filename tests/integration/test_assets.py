@@ -322,7 +322,8 @@ outpost_progress 100
 
 
 def test_a_job_reads_assets_with_its_own_identity_and_nothing_leaks(
-        hub: Hub, agents: list[Agent], tmp_path: Path, database_url: str) -> None:
+        hub: Hub, agents: list[Agent], tmp_path: Path, database_url: str,
+        shared: Path) -> None:
     value, secret = f"v-{uuid.uuid4().hex}", f"s-{uuid.uuid4().hex}"
     cert, key = _certificate("job.example")
     key_pem = _key_pem(key)
@@ -340,7 +341,7 @@ def test_a_job_reads_assets_with_its_own_identity_and_nothing_leaks(
     _publish(hub, tmp_path, "uses-assets", "uses-assets.sh", BASH_RUNBOOK, "--param", "steal",
              "--log-progress")
     agent = _healthy_agent(hub, tmp_path, agents)
-    stolen = tmp_path / "stolen.token"
+    stolen = shared / "stolen.token"
     job, records = _run(hub, "uses-assets", f"steal={stolen}")
     assert job["status"] == "Completed", (job, records)
 

@@ -30,10 +30,10 @@ def _batch(hub: Hub, entries: Any) -> Any:
 
 
 def test_a_batch_of_200_is_queued_in_order_and_each_job_runs_once(
-        hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
-    ledger = tmp_path / "ledger"
+        hub: Hub, agents: list[Agent], tmp_path: Path, shared: Path) -> None:
+    ledger = shared / "ledger"
     ledger.touch()
-    os.chmod(tmp_path, 0o755)
+    os.chmod(ledger, 0o666)  # appended to by every job user
     _publish(hub, tmp_path, "tally", f'echo "$OUTPOST_JOB_ID $n" >> "{ledger}"\n',
              "--param", "n:int")
     for name in ("w1", "w2"):

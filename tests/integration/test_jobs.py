@@ -91,7 +91,7 @@ def test_failure_timeout_and_the_sandbox(hub: Hub, agents: list[Agent],
     job = json.loads(snoop.stdout)
     output = hub.cli("job", "output", job["id"]).stdout
     # The environment holds the job id and nothing of the agent's. (A root agent keeps its
-    # key out of a runbook's reach with the group's run-as user: tests/faults/test_hw1.py.)
+    # key out of a runbook's reach with its job users: tests/integration/test_sandbox.py.)
     key = (agent.state_dir / "machine.key").read_text().splitlines()[1]
     assert key not in output
     env_names = {line.split("=", 1)[0] for line in output.splitlines() if "=" in line}
@@ -99,15 +99,18 @@ def test_failure_timeout_and_the_sandbox(hub: Hub, agents: list[Agent],
     # Beside the job id only the helper's paths (docs/assets.md): no token, no key.
     assert {n for n in env_names if n.startswith("OUTPOST_")} <= {
         "OUTPOST_JOB_ID", "OUTPOST_HELPER_DIR", "OUTPOST_HUB_URL"}
-    assert str(agent.state_dir / "jobs" / job["id"]) in output  # its own working directory
+    status = agent.status()
+    assert status is not None
+    jobs_dir = status["sandbox"]["jobs_dir"] or str(agent.state_dir / "jobs")
+    assert f"{jobs_dir}/{job['id']}" in output  # its own working directory
 
 
 def test_every_job_runs_exactly_once_across_four_agents(hub: Hub, agents: list[Agent],
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path, shared: Path) -> None:
     """The claim is one atomic statement: 4 agents of a group, 500 jobs, no job twice."""
-    ledger = tmp_path / "ledger"
+    ledger = shared / "ledger"
     ledger.touch()
-    os.chmod(tmp_path, 0o755)
+    os.chmod(ledger, 0o666)  # appended to by every job user
     _publish(hub, tmp_path, "tally", f'echo "$OUTPOST_JOB_ID" >> "{ledger}"\n')
     for i in range(4):
         _healthy_agent(hub, tmp_path, agents, f"w{i}", max_concurrent_jobs=4)
@@ -180,15 +183,15 @@ def test_a_job_queued_where_no_machine_can_take_it_says_so(hub: Hub, agents: lis
     assert "warning: No machine of group 'web' is Healthy (w9 " in late.stderr
 
 
-def test_follow_rides_out_a_hub_restart(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+def test_follow_rides_out_a_hub_restart(hub: Hub, agents: list[Agent], tmp_path: Path,
+                                        shared: Path) -> None:
     """`job start --follow` waits for a hub that restarts mid-job: every line once, in
     order, and exit 0; the agent keeps running the job meanwhile."""
     import subprocess
 
     from tests.support import OUTPOST, clean_env
 
-    flag = tmp_path / "go-on"
-    os.chmod(tmp_path, 0o755)
+    flag = shared / "go-on"
     _publish(hub, tmp_path, "slow", 'echo first\n'
              f'for i in $(seq 1 300); do [ -e "{flag}" ] && break; sleep 0.1; done\n'
              'echo second\n')

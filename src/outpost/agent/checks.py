@@ -552,6 +552,26 @@ def ports(ctx: AgentContext) -> Outcome:
                  holder=who)
 
 
+@checks.add("sandbox", "Runbooks run as unprivileged users, within limits",
+            "the running agent's job users and what limits jobs (cgroup v2, v1 or rlimits)",
+            needs=("agent-running",))
+def sandbox(ctx: AgentContext) -> Outcome:
+    found = (ctx.status or {}).get("sandbox")
+    if not found:
+        return ok("the agent does not say (an older version)")
+    users, limits = str(found["run_as"]), str(found["limits_by"])
+    data = {"run_as": users, "limits_by": limits, "default_limits": found["default_limits"]}
+    text = f"runbooks run as {users}; job limits: {limits}"
+    if os.geteuid() == 0 and users.startswith("root (the agent's user)"):
+        return warning("sandbox_weak", f"{text}: runbooks run as root, as the agent does",
+                       "Remove 'job_users: false' from the agent's config and restart it.",
+                       **data)
+    if limits.startswith("rlimits"):
+        return warning("sandbox_weak", f"{text}: no CPU limit, and processes a job detaches "
+                       "outlive it", None, **data)
+    return ok(text, **data)
+
+
 def run(ctx: AgentContext,
         on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Every agent check in order (blocking; the CLI's entry point)."""

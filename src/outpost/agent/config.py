@@ -46,6 +46,14 @@ class AgentConfig:
     # (1 MB and 1 when constrained).
     log_max_bytes: int | None = None
     log_backups: int | None = None
+    # An agent running as root runs runbooks as one unprivileged user per job slot
+    # (outpost-job1..N, made at its first start); false runs them as root (not advised).
+    job_users: bool = True
+    # A job's limits where its group sets none (0: no limit): memory in MiB, CPUs,
+    # processes (sandbox.py).
+    job_memory_mb: int = 512
+    job_cpus: float = 1.0
+    job_processes: int = 256
 
     def effective(self) -> AgentConfig:
         """The settings the daemon runs with: constrained mode (ED-8) lowers the limits a
@@ -81,6 +89,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "job_log_retention": (0.0, 366 * 86400.0),
     "log_max_bytes": (1024, 2**30),
     "log_backups": (1, 100),
+    "job_memory_mb": (0, 2**22),
+    "job_cpus": (0.0, 1024.0),
+    "job_processes": (0, 2**22),
 }
 _TYPES = {f.name: f.type for f in fields(AgentConfig)}
 

@@ -25,10 +25,12 @@ from outpost import __version__
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
 
 from . import cache, facts, joblogs
+from .cgroups import Limits
 from .config import AgentConfig
 from .pressure import Pressure, own_cpu_seconds
 from .reporter import Reporter
 from .runner import JobRun, Uploader, end_leftover, leftover_spools, watch_children_with_pidfd
+from .sandbox import Sandbox
 from .state import Registration, StateDir
 from .transport import Backoff, Clock, HubClient
 
@@ -67,6 +69,9 @@ class Agent:
         self.pressure = Pressure(self.config.max_cpu_percent, self.config.max_memory_percent,
                                  self.config.pressure_seconds, own_cpu_seconds(self._leaders))
         self.reporter = Reporter(self._call, self._capacity, self._take)
+        self.sandbox = Sandbox(state.root, self.config.max_concurrent_jobs,
+                               Limits(self.config.job_memory_mb, self.config.job_cpus,
+                                      self.config.job_processes), self.config.job_users)
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -78,6 +83,12 @@ class Agent:
         key = self.state.load_key()  # E1013: the one file nothing can fetch again
         reg, identity = cache.load_at_start(self.state)  # HW-9: corrupt files set aside
         self.state.write_pid()
+        self.state.keep_private()
+        try:
+            self.sandbox.start()  # E4012: no job runs as root for want of its users
+        except BaseException:
+            self.state.remove_pid()
+            raise
         server = await self._status_server()
         loop = asyncio.get_running_loop()
         watch_children_with_pidfd(loop)
@@ -98,6 +109,7 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             server.close()
+            self.sandbox.close()
             if self.client is not None:
                 await self.client.aclose()
             self.state.remove_pid()
@@ -176,6 +188,9 @@ class Agent:
             self.client.active = self.client.urls.index(last)  # the hub that answered last
         log.info("agent %s started: machine %s (%s), group %s, hub %s", __version__, reg.name,
                  reg.machine_id, reg.group, ", ".join(self.client.urls))
+        log.info("sandbox: runbooks run as %s; job limits by %s; defaults %s",
+                 self.sandbox.describe_users(), self.sandbox.describe_limits(),
+                 self.sandbox.defaults.text())
         return True
 
     def _note_failure(self, exc: OutpostError) -> None:
@@ -374,8 +389,10 @@ class Agent:
     def _start_job(self, payload: dict[str, Any]) -> None:
         assert self.client is not None and self.registration is not None
         try:
+            self.sandbox.group_name = self.registration.group
             run = JobRun(payload, self.state.root / "jobs", self.spool_dir, self._call,
-                         self.client.url, self.registration.ca_pem, self.reporter)
+                         self.client.url, self.registration.ca_pem, self.reporter,
+                         self.sandbox)
         except OSError as exc:  # no spool, no job: the disk is full, or the directory gone
             self._cannot_spool(payload, exc)
             return
@@ -464,6 +481,7 @@ class Agent:
                       "pid": run.proc.pid if run.proc else None}
                      for run in self.jobs.values()],
             "not_taking_work": self.not_taking_work(),
+            "sandbox": self.sandbox.status(),
             "processes": [{"pid": os.getpid(), "role": "agent", "started_at": self.started}]
             + [{"pid": run.proc.pid, "role": f"job {job_id}"}
                for job_id, run in self.jobs.items() if run.proc is not None],

@@ -9,7 +9,10 @@ The module, the shell helper and the CA are the same for every job of an agent: 
 keeps one copy of each in ``STATE/helper/`` (0700, files 0600; see SharedFiles) and gives a
 job a hard link to it, a new name for the same file, so a job costs two new files here
 (``helper.json``, ``job.token``) instead of five. A job run as another user gets copies of
-its own, since its files are handed to that user.
+its own, since its files are handed to that user. A job slot's user (sandbox.py) links to
+a copy kept in the jobs directory (``JOBS/.helper/``) whose files are readable by everyone
+(0644) and writable by root only: they hold nothing secret (the module, the shell helper,
+the hub's CA certificate), and the job's user cannot change them through its link.
 """
 
 from __future__ import annotations
@@ -95,8 +98,9 @@ class SharedFiles:
     then written again before another job gets it.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, mode: int = 0o600) -> None:
         self.root = root
+        self.mode = mode
         self._known: dict[str, tuple[str, tuple[int, int, int, int]]] = {}
         self._ready = False
         self._warned = False
@@ -131,7 +135,7 @@ class SharedFiles:
             return None
         with os.fdopen(fd) as fh:  # the encoding _write and _replace write with
             st = os.fstat(fd)
-            if (not stat.S_ISREG(st.st_mode) or st.st_mode & 0o7777 != 0o600
+            if (not stat.S_ISREG(st.st_mode) or st.st_mode & 0o7777 != self.mode
                     or st.st_uid != os.geteuid()):
                 return None
             try:
@@ -151,7 +155,7 @@ class SharedFiles:
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)
                 fh.flush()
-                os.fchmod(fh.fileno(), 0o600)
+                os.fchmod(fh.fileno(), self.mode)
                 st = os.fstat(fh.fileno())
             os.replace(temp, path)
         except BaseException:
@@ -168,9 +172,9 @@ class SharedFiles:
 
 
 @functools.cache
-def shared_files(root: Path) -> SharedFiles:
+def shared_files(root: Path, mode: int = 0o600) -> SharedFiles:
     """The one SharedFiles of a directory in this process."""
-    return SharedFiles(root)
+    return SharedFiles(root, mode)
 
 
 def _place(path: Path, text: str, shared: SharedFiles | None, fresh: bool = True) -> None:

@@ -23,9 +23,10 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import os
 import functools
+import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = 64 * 1024
@@ -163,9 +164,12 @@ def outputs(root: Path) -> Outputs:
 
 
 def spawn(argv: list[str], cwd: Path, env: dict[str, str],
-          identity: tuple[int, int] | None, out: Path, err: Path) -> Started:
+          identity: tuple[int, int] | None, out: Path, err: Path,
+          preexec: Callable[[], None] | None = None) -> Started:
     """Start the runbook with its stdout in ``out`` and its stderr in ``err`` (emptied, or
-    made: the agent's, 0600; the runbook writes through what it inherits, never by name)."""
+    made: the agent's, 0600; the runbook writes through what it inherits, never by name).
+    ``preexec`` runs in the child after the change of user, before exec (sandbox.py: join
+    the job's control group, or set its rlimits)."""
     made = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     w_out = os.open(out, made, 0o600)
     w_err = r_out = -1
@@ -184,7 +188,7 @@ def spawn(argv: list[str], cwd: Path, env: dict[str, str],
             stderr=w_err, start_new_session=True,
             user=identity[0] if identity else None,
             group=identity[1] if identity else None,
-            extra_groups=[] if identity else None)
+            extra_groups=[] if identity else None, preexec_fn=preexec)
     except BaseException:
         os.close(r_out)
         os.close(r_err)

@@ -33,8 +33,9 @@ from typing import Any
 
 from outpost.protocol.errors import HubRefused, OutpostError
 
-from . import helper, joblogs, process, workdirs
+from . import cgroups, helper, joblogs, process, workdirs
 from .reporter import Reporter
+from .sandbox import HELPER_DIR, Lease, Sandbox
 from .transport import Backoff
 
 log = logging.getLogger("outpost.agent.job")
@@ -424,8 +425,13 @@ class Uploader:
 class JobRun:
     def __init__(self, job: dict[str, Any], jobs_dir: Path, spool_dir: Path, call: Call,
                  hub_url: str = "", ca_pem: str = "",
-                 reporter: Reporter | None = None) -> None:
+                 reporter: Reporter | None = None, sandbox: Sandbox | None = None) -> None:
         self.job = job
+        # Who the job runs as and within what limits (sandbox.py); None: as the agent,
+        # unlimited.
+        self.sandbox = sandbox
+        self.lease: Lease | None = None
+        self.run_as: str | None = None  # what 'job show' says this attempt ran as
         self.id: str = job["job_id"]
         self.attempt: int = int(job.get("attempt") or 1)
         self.seq: int = int(job.get("seq_base") or 0)
@@ -556,14 +562,25 @@ class JobRun:
     # --- the attempt ---------------------------------------------------------------------
     def _spawn_args(self) -> tuple[list[str], Path, dict[str, str], tuple[int, int] | None]:
         identity = run_as_identity(self.job.get("run_as"))
+        if self.sandbox is not None:
+            self.lease = self.sandbox.lease(self.job, identity)
+            identity = self.lease.identity
+            self.run_as = self.lease.run_as
+        job_user = self.lease.job_user if self.lease is not None else None
         kind = self.job["type"]
         name = f"runbook{_EXT.get(kind, '')}"
         argv = command(kind, name)  # relative to the working directory: see below
         reused = False
-        if identity is None:
-            workdir = self.workdir
-            # A directory an earlier job gave back, if there is one (workdirs.py).
-            reused = workdirs.pool(self.jobs_dir).take(workdir)
+        if identity is None or job_user is not None:
+            # A directory an earlier job of the same user gave back, if there is one
+            # (workdirs.py); a job user's lie in the jobs directory, outside the state's.
+            if job_user is not None:
+                assert self.sandbox is not None and self.sandbox.jobs_root is not None
+                workdir = self.sandbox.jobs_root / self.id
+                reused = workdirs.pool(self.sandbox.jobs_root).take(workdir, job_user.uid)
+            else:
+                workdir = self.workdir
+                reused = workdirs.pool(self.jobs_dir).take(workdir)
             if not reused:
                 shutil.rmtree(workdir, ignore_errors=True)  # an earlier attempt's, cut short
                 workdir.mkdir(parents=True, mode=0o700)
@@ -572,7 +589,7 @@ class JobRun:
             # user, so its working directory is made outside it, owned by that user.
             workdir = Path(tempfile.mkdtemp(prefix=f"outpost-job-{self.id[:8]}-"))
         self.workdir = workdir
-        self._reusable = identity is None
+        self._reusable = identity is None or job_user is not None
         script = workdir / name
         if reused:
             with os.scandir(workdir) as entries:
@@ -582,13 +599,25 @@ class JobRun:
         # Only for the job's user; a reused directory's runbook file is written over.
         workdirs.overwrite(script, self.job["content"].encode())
         env = environment(self.id, workdir, self.job.get("params") or {})
-        # The helper files every job gets alike are hard links to one copy in STATE/helper/,
-        # except for a run-as job: its files are chowned below, and a shared one must not be.
-        shared = helper.shared_files(self.jobs_dir.parent / helper.SHARED_DIR) \
-            if identity is None else None
+        # The helper files every job gets alike are hard links to one copy in STATE/helper/
+        # (a job user's: JOBS/.helper/, readable by all), except for a group's run-as
+        # user's: its files are chowned below, and a shared one must not be.
+        shared = None
+        if job_user is not None:
+            assert self.sandbox is not None and self.sandbox.jobs_root is not None
+            shared = helper.shared_files(self.sandbox.jobs_root / HELPER_DIR, 0o644)
+        elif identity is None:
+            shared = helper.shared_files(self.jobs_dir.parent / helper.SHARED_DIR)
         env.update(helper.prepare(workdir, self.job, self.hub_url, self.ca_pem, shared,
                                   fresh=not reused))
-        if identity is not None:
+        if job_user is not None:
+            # Its own files only: the shared links stay root's.
+            folder = workdir / helper.DIR_NAME
+            for path in (workdir, folder, script, folder / helper.CONFIG_FILE,
+                         folder / helper.TOKEN_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(path, job_user.uid, job_user.gid, follow_symlinks=False)
+        elif identity is not None:
             for path in [workdir, *workdir.rglob("*")]:
                 os.chown(path, *identity, follow_symlinks=False)
         return argv, workdir, env, identity
@@ -608,12 +637,15 @@ class JobRun:
             with contextlib.suppress(OSError):  # a full disk: the hub's lease decides
                 self._drain()
                 self.spool.end({"exit_code": None, "signal": None, "cause": "lost",
-                                "reason": "the agent was stopped while the job ran"})
+                                "reason": "the agent was stopped while the job ran",
+                                "run_as": self.run_as})
             uploading.cancel()
             raise
         finally:
             self.uploader.started.set()
             self._cleanup()
+        if self.run_as:
+            outcome["run_as"] = self.run_as
         self._commit()
         try:
             self.spool.end(outcome)
@@ -632,9 +664,15 @@ class JobRun:
         argv, workdir, env, identity = self._spawn_args()
         outputs = process.outputs(self.spool.path.parent)
         self._output = outputs.take()
+        out, err = outputs.paths(self._output)
         try:
-            started = process.spawn(argv, workdir, env, identity,
-                                     *outputs.paths(self._output))
+            if self.lease is None:
+                started = process.spawn(argv, workdir, env, identity, out, err)
+            else:
+                # Born in the job's group, as the job's user (sandbox.py).
+                started = self.lease.spawn(argv, lambda argv, identity, preexec: process.spawn(
+                    argv, workdir, env, identity, out, err, preexec))
+                self.lease.started(started.popen.pid)
         except BaseException:
             self._give_back_output()
             raise
@@ -671,13 +709,16 @@ class JobRun:
             log.error("job %s: %s", self.id, why)
             return {"exit_code": None, "signal": None, "cause": "lost", "reason": why}
         if self.proc is None:
+            preexec = None
+            if self.lease is not None:  # a fork: the child joins the group itself
+                argv, identity, preexec = self.lease.forked(argv)
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=workdir, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
                 user=identity[0] if identity else None,
                 group=identity[1] if identity else None,
-                extra_groups=[] if identity else None)
+                extra_groups=[] if identity else None, preexec_fn=preexec)
         try:
             self.spool.write_meta({"job_id": self.id, "attempt": self.attempt,
                                    "pgid": self.proc.pid, "started_at": time.time(),
@@ -702,6 +743,14 @@ class JobRun:
             await readers
         returncode = await self.proc.wait()
         exit_code, sig, reason = describe_exit(returncode)
+        if returncode != 0 and self.lease is not None and self.lease.out_of_memory():
+            # The kernel killed a process of the job's group for its memory limit: the
+            # runbook's own failure, named with the limit (not a bare SIGKILL, which the
+            # hub would take for the sandbox dying and retry).
+            limit = cgroups.mib(self.lease.limits.memory_mb)
+            why = f"{self.why}; " if self.ended_by is not None else ""
+            return {"exit_code": exit_code, "signal": sig, "cause": "exit",
+                    "reason": f"{why}out of memory (limit {limit}); {reason}"}
         if self.ended_by is not None:
             return {"exit_code": exit_code, "signal": sig, "cause": self.ended_by,
                     "reason": f"{self.why}; {reason}"}
@@ -727,13 +776,27 @@ class JobRun:
     def _cleanup(self) -> None:
         if isinstance(self.proc, process.Process):
             self.proc.close()
-        # Given back for the next job if the runbook left it as it got it and nothing of
-        # the job is still running, in it or anywhere (workdirs.py).
-        if self._reusable and not self._group_alive() and workdirs.pool(
-                self.jobs_dir).give_back(self.workdir, helper.DIR_NAME, helper.FILES,
-                                         helper.TOKEN_FILE):
-            return
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        lease, self.lease = self.lease, None
+        try:
+            # Whatever the job left running in its group is killed (sandbox.py).
+            emptied = lease.finish() if lease is not None else False
+            # Given back for the next job of its user if the runbook left it as it got it
+            # and nothing of the job is still running, in it or anywhere (workdirs.py).
+            if lease is not None and lease.job_user is not None:
+                assert self.sandbox is not None and self.sandbox.jobs_root is not None
+                if self._reusable and emptied and workdirs.pool(
+                        self.sandbox.jobs_root).give_back(
+                        self.workdir, helper.DIR_NAME, helper.FILES, helper.TOKEN_FILE,
+                        lease.job_user.uid):
+                    return
+            elif self._reusable and not self._group_alive() and workdirs.pool(
+                    self.jobs_dir).give_back(self.workdir, helper.DIR_NAME, helper.FILES,
+                                             helper.TOKEN_FILE):
+                return
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        finally:
+            if lease is not None:
+                lease.release()
 
 
 

@@ -150,6 +150,15 @@ class StateDir:
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    def keep_private(self) -> None:
+        """Mode 0700, whoever made the directory: runbooks run as other users (sandbox.py)
+        and must not read the key, the identity, the config or the spool in it."""
+        try:
+            if os.stat(self.root).st_uid == os.geteuid():
+                os.chmod(self.root, 0o700)
+        except OSError:
+            pass
+
     # --- machine key ---------------------------------------------------------------------
     def new_key(self) -> SigningKey:
         """A new Ed25519 key, stored as its 32-byte seed (mode 0600)."""

@@ -9,8 +9,11 @@ got it gives it back: the runbook file and the token are emptied in place (no ru
 content and no token stays on disk after the job), and the directory is renamed into
 ``JOBS/.spare/``; the next job renames it to its own name and writes into the files that
 are there. A directory that holds anything else, or whose mode or owner changed, is removed
-as before. Only jobs that run as the agent's own user use them: a run-as job's directory is
-made for that user outside the state directory.
+as before. A spare goes only to a job of the user it belongs to: the agent's own, or one job
+slot's user (sandbox.py), whose directories lie in the jobs directory, and only once nothing
+of that user's last job can still run (its group emptied); the runbook file and the token
+must then have no other name (a hard link the job made elsewhere would show the next job's
+runbook and token there). A group's run-as user's directory is never kept.
 """
 
 from __future__ import annotations
@@ -30,13 +33,22 @@ def _plain_file(entry: os.DirEntry[str]) -> bool:
     return entry.is_file(follow_symlinks=False)
 
 
-def _private_dir(path: Path) -> bool:
+def _private_dir(path: Path, uid: int) -> bool:
     try:
         st = os.lstat(path)
     except OSError:
         return False
     return (stat.S_ISDIR(st.st_mode) and st.st_mode & 0o7777 == 0o700
-            and st.st_uid == os.geteuid())
+            and st.st_uid == uid)
+
+
+def _single(entry: os.DirEntry[str] | Path) -> bool:
+    """A plain file with no other name."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
 
 def _wipe(path: Path) -> None:
@@ -74,7 +86,7 @@ class Workdirs:
         self.jobs_dir = jobs_dir
         self.spare_dir = jobs_dir / SPARE
         self.keep = keep
-        self._spares: list[Path] = []
+        self._spares: dict[int, list[Path]] = {}  # by owner
         self._count = 0
         self._started = False
 
@@ -83,44 +95,51 @@ class Workdirs:
         self._started = True
         shutil.rmtree(self.spare_dir, ignore_errors=True)
 
-    def take(self, workdir: Path) -> bool:
-        """Put a spare directory at ``workdir``; False if there is none."""
+    def take(self, workdir: Path, uid: int | None = None) -> bool:
+        """Put a spare directory of user ``uid`` (the agent's by default) at ``workdir``;
+        False if there is none."""
         if not self._started:
             self._start()
-        if self._spares and os.path.lexists(workdir):
+        uid = os.geteuid() if uid is None else uid
+        spares = self._spares.get(uid, [])
+        if spares and os.path.lexists(workdir):
             shutil.rmtree(workdir, ignore_errors=True)  # an earlier attempt's, cut short
-        while self._spares:
-            spare = self._spares.pop()
+        while spares:
+            spare = spares.pop()
             try:
                 os.rename(spare, workdir)
             except OSError:
                 shutil.rmtree(spare, ignore_errors=True)
                 continue
-            if _private_dir(workdir):
+            if _private_dir(workdir, uid):
                 return True
             shutil.rmtree(workdir, ignore_errors=True)
         return False
 
     def give_back(self, workdir: Path, helper_dir: str, helper_files: frozenset[str],
-                  secret: str) -> bool:
+                  secret: str, uid: int | None = None) -> bool:
         """Keep ``workdir`` as a spare if it holds only a runbook file and the helper
         directory with some of ``helper_files``; the runbook file and the helper's
-        ``secret`` file are emptied. Returns whether it was kept; the caller removes it
-        otherwise."""
-        if len(self._spares) >= self.keep or not self._started or not _private_dir(workdir):
+        ``secret`` file are emptied. ``uid``: the user it must belong to (the agent's by
+        default). Returns whether it was kept; the caller removes it otherwise."""
+        uid = os.geteuid() if uid is None else uid
+        kept = sum(len(v) for v in self._spares.values())
+        if kept >= self.keep or not self._started or not _private_dir(workdir, uid):
             return False
         try:
             with os.scandir(workdir) as it:
                 top = list(it)
-            runbooks = [e for e in top if e.name.startswith("runbook") and _plain_file(e)]
+            runbooks = [e for e in top if e.name.startswith("runbook") and _single(e)]
             if len(top) != 2 or len(runbooks) != 1:
                 return False
             folder = workdir / helper_dir
-            if not _private_dir(folder):
+            if not _private_dir(folder, uid):
                 return False
             with os.scandir(folder) as it:
                 inner = list(it)
             if not all(_plain_file(e) and e.name in helper_files for e in inner):
+                return False
+            if any(e.name == secret and not _single(e) for e in inner):
                 return False
             _wipe(Path(runbooks[0].path))
             with contextlib.suppress(FileNotFoundError):
@@ -132,7 +151,7 @@ class Workdirs:
             os.rename(workdir, spare)
         except OSError:
             return False
-        self._spares.append(spare)
+        self._spares.setdefault(uid, []).append(spare)
         return True
 
 

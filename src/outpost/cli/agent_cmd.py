@@ -149,6 +149,10 @@ def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
     out.print(f"  hub:            {info['hub_url']}")
     out.print(f"  state dir:      {info['state_dir']}")
     out.print(f"  config:         {info['config_path'] or '(defaults)'}")
+    sandbox = info.get("sandbox")
+    if sandbox:
+        out.print(f"  runbooks run as: {sandbox['run_as']}", markup=False)
+        out.print(f"  job limits:     {sandbox['limits_by']}", markup=False)
     out.print(f"  last heartbeat: {ago(info['last_heartbeat_ack_at'])} (acknowledged)")
     error = info.get("last_error")
     out.print(f"  last error:     {error['code']} {error['message']}" if error

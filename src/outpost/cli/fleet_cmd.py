@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 from urllib.parse import quote
 
 import typer
@@ -177,27 +177,55 @@ def group_list(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerpri
     if not rows:
         out.print("No groups yet: a group appears when a machine registers into it.")
         return
-    table(["GROUP", "MACHINES", "RUN AS"],
-          [[r["name"], r["machines"], r["run_as"] or "(the agent's user)"] for r in rows])
+    table(["GROUP", "MACHINES", "RUN AS", "LIMITS"],
+          [[r["name"], r["machines"], r["run_as"] or "(the agent's job users)",
+            _limits_text(r)] for r in rows])
+
+
+def _limits_text(row: dict[str, Any]) -> str:
+    parts = [f"memory {row['memory_mb']} MiB" if row.get("memory_mb") else "",
+             f"{row['cpus']:g} CPU" if row.get("cpus") else "",
+             f"{row['max_processes']} processes" if row.get("max_processes") else ""]
+    return ", ".join(p for p in parts if p) or "(the agent's defaults)"
 
 
 @groups.command("set")
 def group_set(
     name: str,
     run_as: Annotated[Optional[str], typer.Option(
-        help="Run the group's runbooks as this user (the agent must run as root).")] = None,
+        help="Run the group's runbooks as this user, 'root' included (the agent must run "
+             "as root).")] = None,
     no_run_as: Annotated[bool, typer.Option(
-        "--no-run-as", help="Run them as the agent's own user again.")] = False,
+        "--no-run-as", help="Run them as the agent's job users again (one unprivileged "
+                            "user per job slot; the agent's own user when it is not "
+                            "root).")] = False,
+    memory_mb: Annotated[Optional[int], typer.Option(
+        min=0, help="Each job's memory limit in MiB (0: the agent's default, 512).")] = None,
+    cpus: Annotated[Optional[float], typer.Option(
+        min=0, help="Each job's CPU limit in CPUs (0: the agent's default, 1).")] = None,
+    processes: Annotated[Optional[int], typer.Option(
+        min=0, help="Each job's process limit (0: the agent's default, 256).")] = None,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
     """Change a group's settings; jobs claimed from now on use them."""
-    if (run_as is None) == (not no_run_as):
-        raise typer.BadParameter("give exactly one of --run-as USER or --no-run-as")
+    if run_as is not None and no_run_as:
+        raise typer.BadParameter("give --run-as USER or --no-run-as, not both")
+    changes: dict[str, Any] = {}
+    if run_as is not None or no_run_as:
+        changes["run_as"] = run_as
+    for key, value in (("memory_mb", memory_mb), ("cpus", cpus),
+                       ("max_processes", processes)):
+        if value is not None:
+            changes[key] = value
+    if not changes:
+        raise typer.BadParameter("give --run-as USER, --no-run-as, --memory-mb, --cpus or "
+                                 "--processes")
     done = api(hub, token, ca_fingerprint, data_dir).put(
-        f"/v1/groups/{quote(name, safe='')}", {"run_as": run_as})
+        f"/v1/groups/{quote(name, safe='')}", changes)
     if json:
         print_json(done)
         return
     out.print(f"Group '{done['name']}' runs its runbooks as "
-              f"{done['run_as'] or 'the agent' + chr(39) + 's user'}.", markup=False)
+              f"{done['run_as'] or 'the agent' + chr(39) + 's job users'}; limits: "
+              f"{_limits_text(done)}.", markup=False)

@@ -225,6 +225,9 @@ def show(job_id: str, hub: Hub = None, token: Token = None,
          ago(a["ended_at"]) if a["ended_at"] else "-", a["exit_code"], a["signal"],
          a["reason"] or "-"] for a in job["attempts"]],
         title="attempts")
+    for a in job["attempts"]:
+        if a.get("run_as"):
+            out.print(f"  attempt {a['number']} run as: {a['run_as']}", markup=False)
 
 
 def _control(action: str, job_id: str, hub: Hub, token: Token,

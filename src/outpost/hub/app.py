@@ -123,6 +123,9 @@ class JobEnd(Wire):
     signal: int | None = Field(default=None, ge=0, le=INT32_MAX)
     reason: str = Field(default="", max_length=2000)
     cause: Literal["exit", "timeout", "stopped", "killed", "lost"] = "exit"
+    run_as: str | None = Field(default=None, max_length=200, description=(
+        "Who the runbook ran as, said by the agent ('outpost-job3', 'root (group web asks "
+        "for root)')."))
 
 
 class JobReport(JobAttempt):
@@ -144,9 +147,18 @@ class JobReports(Wire):
 
 
 class GroupSettings(Wire):
+    """Only the settings given are changed."""
+
     run_as: str | None = Field(default=None, max_length=64,
                                description="The user a root agent runs the group's runbooks "
-                                           "as; null for the agent's own user.")
+                                           "as ('root' included); null for the agent's job "
+                                           "users (or its own user when it is not root).")
+    memory_mb: int | None = Field(default=None, ge=0, le=2**22, description=(
+        "Each job's memory limit in MiB; 0 or null: the agent's default (job_memory_mb)."))
+    cpus: float | None = Field(default=None, ge=0, le=1024, description=(
+        "Each job's CPU limit in CPUs; 0 or null: the agent's default (job_cpus)."))
+    max_processes: int | None = Field(default=None, ge=0, le=2**22, description=(
+        "Each job's process limit; 0 or null: the agent's default (job_processes)."))
 
 
 class WorkDone(Wire):
@@ -616,7 +628,8 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.put("/v1/groups/{name}", tags=["groups"])
     async def group_set(principal: Op, name: str, body: GroupSettings) -> dict[str, Any]:
-        return await groups.configure(hub.engine, principal.account_id, name, body.run_as)
+        return await groups.configure(hub.engine, principal.account_id, name,
+                                      body.model_dump(include=body.model_fields_set))
 
     @app.get("/v1/jobs", tags=["jobs"])
     async def job_list(principal: Op, status: str | None = None,

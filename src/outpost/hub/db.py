@@ -156,6 +156,9 @@ job_attempts = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("signal", sa.Integer),
     sa.Column("reason", sa.Text),
+    # Who the runbook ran as, as the agent said ('outpost-job3', 'root (group web asks
+    # for root)'); None for an agent that does not say.
+    sa.Column("run_as", sa.String(200)),
 )
 
 groups = sa.Table(
@@ -165,6 +168,10 @@ groups = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     # The user a root agent runs this group's runbooks as (HW-1a); None: the agent's user.
     sa.Column("run_as", sa.String(64)),
+    # The group's jobs' limits (None: the agent's defaults): memory (MiB), CPUs, processes.
+    sa.Column("memory_mb", sa.Integer),
+    sa.Column("cpus", sa.Float),
+    sa.Column("max_processes", sa.Integer),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
 

@@ -1,7 +1,8 @@
 """Groups: the machines that share a group name, and the group's settings.
 
-A group exists as soon as a machine registers into it; settings (the run-as user, HW-1a) are
-stored only for groups that have them.
+A group exists as soon as a machine registers into it; settings (the run-as user, HW-1a, and
+the jobs' resource limits) are stored only for groups that have them. A change sets only the
+settings it names.
 """
 
 from __future__ import annotations
@@ -22,22 +23,34 @@ from .machines import check_group
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
 
 
+SETTINGS = ("run_as", "memory_mb", "cpus", "max_processes")
+
+
+def _row(row: Any) -> dict[str, Any]:
+    return {k: (getattr(row, k) if row is not None else None) for k in SETTINGS}
+
+
 async def configure(engine: AsyncEngine, account_id: str, name: str,
-                    run_as: str | None) -> dict[str, Any]:
+                    changes: dict[str, Any]) -> dict[str, Any]:
+    """Set the settings in ``changes`` (a limit of 0 or None: the agent's default)."""
     check_group(name)
+    run_as = changes.get("run_as")
     if run_as is not None and not USER_RE.match(run_as):
         raise OutpostError("invalid_request", f"'{run_as}' is not a valid user name.",
                            fix="Give a user name such as 'runbooks' (lower-case letters, "
                                "digits, '_', '-', '.'; at most 32 characters).")
+    values = {k: (v or None) for k, v in changes.items() if k in SETTINGS}
     now = time.time()
     async with engine.begin() as conn:
         changed = await conn.execute(groups.update().where(
             groups.c.account_id == account_id, groups.c.name == name).values(
-            run_as=run_as, updated_at=now))
+            **values, updated_at=now))
         if not changed.rowcount:
             await conn.execute(groups.insert().values(account_id=account_id, name=name,
-                                                      run_as=run_as, updated_at=now))
-    return {"name": name, "run_as": run_as}
+                                                      **values, updated_at=now))
+        row = (await conn.execute(sa.select(groups).where(
+            groups.c.account_id == account_id, groups.c.name == name))).first()
+    return {"name": name, **_row(row)}
 
 
 async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
@@ -48,6 +61,5 @@ async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
             .group_by(machines.c.group_name))).tuples().all())
         settings = {r.name: r for r in (await conn.execute(
             sa.select(groups).where(groups.c.account_id == account_id))).all()}
-    return [{"name": name, "machines": counts.get(name, 0),
-             "run_as": settings[name].run_as if name in settings else None}
+    return [{"name": name, "machines": counts.get(name, 0), **_row(settings.get(name))}
             for name in sorted(set(counts) | set(settings))]

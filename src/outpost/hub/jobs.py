@@ -158,8 +158,9 @@ _CLAIM = (jobs.update()
                   activations=jobs.c.activations + 1, attempt=jobs.c.attempt + 1)
           .returning(jobs))
 _NEW_ATTEMPT = job_attempts.insert()
-_RUN_AS = sa.select(groups.c.run_as).where(groups.c.account_id == sa.bindparam("b_account"),
-                                           groups.c.name == sa.bindparam("b_group"))
+_SETTINGS = sa.select(groups.c.run_as, groups.c.memory_mb, groups.c.cpus,
+                      groups.c.max_processes).where(
+    groups.c.account_id == sa.bindparam("b_account"), groups.c.name == sa.bindparam("b_group"))
 
 
 async def claim(conn: AsyncConnection, machine: Any, capacity: int) -> list[dict[str, Any]]:
@@ -186,8 +187,12 @@ async def claim(conn: AsyncConnection, machine: Any, capacity: int) -> list[dict
          "started_at": now} for r in rows])
     books = await _books(conn, machine.account_id,
                          {(r.runbook_name, r.runbook_version) for r in rows})
-    run_as = await conn.scalar(_RUN_AS, {"b_account": machine.account_id,
-                                         "b_group": machine.group_name})
+    settings = (await conn.execute(_SETTINGS, {"b_account": machine.account_id,
+                                               "b_group": machine.group_name})).first()
+    run_as = settings.run_as if settings is not None else None
+    # The group's limits; the agent's defaults stand in for those it does not set.
+    limits = {"memory_mb": settings.memory_mb, "cpus": settings.cpus,
+              "processes": settings.max_processes} if settings is not None else None
     claimed = []
     for row in rows:
         book = books[(row.runbook_name, row.runbook_version)]
@@ -196,7 +201,8 @@ async def claim(conn: AsyncConnection, machine: Any, capacity: int) -> list[dict
             "version": row.runbook_version, "type": book.type, "content": book.content,
             "params": row.params, "timeout": row.timeout_seconds,
             "log_verbose": book.log_verbose, "log_progress": book.log_progress,
-            "run_as": run_as, "seq_base": (row.attempt - 1) << SEQ_SHIFT}})
+            "run_as": run_as, "limits": limits,
+            "seq_base": (row.attempt - 1) << SEQ_SHIFT}})
     return claimed
 
 
@@ -318,11 +324,12 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
                                                             "b_started": started_at}])
                     status = await _activation_failed(
                         conn, row, now, end.get("reason", ""), end.get("exit_code"),
-                        end.get("signal"))
+                        end.get("signal"), end.get("run_as"))
                 else:
                     closing.append({"b_job": job_id, "b_number": attempt, "b_ended": now,
                                     "b_exit": end.get("exit_code"), "b_signal": end.get("signal"),
-                                    "b_reason": end.get("reason", "")})
+                                    "b_reason": end.get("reason", ""),
+                                    "b_run_as": end.get("run_as")})
                     finishing.append(_ended_values(row, final, now, end, started_at))
                     status = final
             elif end is not None:
@@ -345,7 +352,8 @@ _CLOSE_ATTEMPT = job_attempts.update().where(
     job_attempts.c.number == sa.bindparam("b_number"),
     job_attempts.c.ended_at.is_(None)).values(
     ended_at=sa.bindparam("b_ended"), exit_code=sa.bindparam("b_exit"),
-    signal=sa.bindparam("b_signal"), reason=sa.bindparam("b_reason"))
+    signal=sa.bindparam("b_signal"), reason=sa.bindparam("b_reason"),
+    run_as=sa.bindparam("b_run_as"))
 _FINISH_JOB = jobs.update().where(jobs.c.id == sa.bindparam("b_id")).values(
     status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
     ended_at=sa.bindparam("b_ended"), exit_code=sa.bindparam("b_exit"),
@@ -492,17 +500,19 @@ async def paused(engine: AsyncEngine, machine_id: str, job_id: str, attempt: int
 
 
 async def _close_attempt(conn: AsyncConnection, job_id: str, attempt: int, now: float,
-                         exit_code: int | None, signal: int | None, reason: str) -> None:
+                         exit_code: int | None, signal: int | None, reason: str,
+                         run_as: str | None = None) -> None:
     await conn.execute(job_attempts.update().where(
         job_attempts.c.job_id == job_id, job_attempts.c.number == attempt,
         job_attempts.c.ended_at.is_(None)).values(
-        ended_at=now, exit_code=exit_code, signal=signal, reason=reason))
+        ended_at=now, exit_code=exit_code, signal=signal, reason=reason, run_as=run_as))
 
 
 async def _activation_failed(conn: AsyncConnection, row: Any, now: float, reason: str,
-                             exit_code: int | None = None, signal: int | None = None) -> str:
+                             exit_code: int | None = None, signal: int | None = None,
+                             run_as: str | None = None) -> str:
     """HW-1: back to the queue for any machine of the group; the third failure suspends."""
-    await _close_attempt(conn, row.id, row.attempt, now, exit_code, signal, reason)
+    await _close_attempt(conn, row.id, row.attempt, now, exit_code, signal, reason, run_as)
     if row.activations >= MAX_ACTIVATIONS:
         status, why = "Suspended", ACTIVATE_FAILED
     else:
@@ -527,7 +537,8 @@ def _outcome(status: str, exit_code: int | None, signal: int | None,
 
 
 async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int | None,
-                  signal: int | None, reason: str, cause: str = "exit") -> str:
+                  signal: int | None, reason: str, cause: str = "exit",
+                  run_as: str | None = None) -> str:
     """The attempt's process ended; returns the job's state after it.
 
     ``cause`` says who ended it: ``exit`` (the runbook, by itself), ``timeout``, ``stopped``
@@ -538,8 +549,8 @@ async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int |
     now = time.time()
     final = _outcome(status, exit_code, signal, cause)
     if final is None:
-        return await _activation_failed(conn, row, now, reason, exit_code, signal)
-    await _close_attempt(conn, row.id, row.attempt, now, exit_code, signal, reason)
+        return await _activation_failed(conn, row, now, reason, exit_code, signal, run_as)
+    await _close_attempt(conn, row.id, row.attempt, now, exit_code, signal, reason, run_as)
     await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
         status=final, ended_at=now if final in FINAL else None, exit_code=exit_code,
         signal=signal, reason=reason, lease_expires_at=None,
@@ -751,7 +762,7 @@ async def get(engine: AsyncEngine, account_id: str, job_id: str) -> dict[str, An
     view = _view(row)
     view["attempts"] = [{k: a._mapping[k] for k in (
         "number", "machine_id", "machine", "started_at", "ended_at", "exit_code", "signal",
-        "reason")} for a in tried]
+        "reason", "run_as")} for a in tried]
     if waiting:
         view["waiting_for"] = waiting
     return view

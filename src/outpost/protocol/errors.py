@@ -356,6 +356,24 @@ _ENTRIES += (
         ("Read the job's Error stream: 'outpost job output ID --stream Error'.",
          "For a run-as account, check it exists on the machine ('outpost group list')."),
         409, "HW-1a"),
+    Entry(
+        "E4012", "job_users_unavailable",
+        "The agent cannot make or use its unprivileged job users.",
+        ("An agent running as root runs runbooks as the users outpost-job1 to outpost-jobN "
+         "(one per job slot) and makes them with useradd when they are missing; useradd "
+         "is not installed, failed, or a user of that name has uid 0.",),
+        ("Make the users yourself ('useradd --system --user-group --no-create-home --shell "
+         "/usr/sbin/nologin outpost-job1', and so on up to max_concurrent_jobs), or set "
+         "'job_users: false' in the agent's config to run runbooks as root (not advised).",),
+        500, None),
+    Entry(
+        "E4013", "job_out_of_memory", "The job was killed for going over its memory limit.",
+        ("The runbook's processes together used more memory than the job's limit (the "
+         "group's --memory-mb, else the agent's job_memory_mb, 512 MiB by default); the "
+         "kernel killed one of them. The job is Failed and is not retried.",),
+        ("Raise the group's limit ('outpost group set GROUP --memory-mb 2048') or make the "
+         "runbook use less memory.",),
+        409, None),
 )
 
 CERTIFICATE_MISSING_TEXT = "No certificate was found in the certificate store with thumbprint"
@@ -519,6 +537,19 @@ _ENTRIES += (
         ("Issue a new certificate from the hub's CA, or pass the right --tls-cert/--tls-key "
          "to 'outpost hub run'.",),
         400, None),
+    Entry(
+        "E7010", "sandbox_weak", "Runbooks here run with less isolation than the sandbox "
+        "gives.",
+        ("The agent runs as root and runs runbooks as root ('job_users: false' in its "
+         "config), so a runbook can read the machine key, the agent's state and, where the "
+         "hub runs on the same machine, its keys.",
+         "No cgroup hierarchy can be written (an agent that is not root, a container that "
+         "does not delegate one), so jobs get rlimits: no CPU limit, and processes a job "
+         "detaches outlive it."),
+        ("Remove 'job_users: false' from the agent's config and restart it.",
+         "Run the agent as root with a writable /sys/fs/cgroup (for systemd, the shipped "
+         "unit, or Delegate=yes)."),
+        409, None),
 )
 
 _ENTRIES += (
