@@ -22,6 +22,7 @@ ratios are to the first. Exits 0 even when a target is missed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -141,6 +142,9 @@ def measure(db_kind: str, variant: str, jobs: int, warmup: int,
         root = Path(tmp)
         stamps = root / "stamps"
         stamps.mkdir()
+        # A root agent runs the runbook as a job user (docs/security.md): it must reach here.
+        os.chmod(root, 0o711)
+        os.chmod(stamps, 0o1777)
         hooks = hooks_for(variant, root)
         with database(db_kind, root) as url, \
                 stack(root, url, hooks, **agent_config_for(variant)) as st:
