@@ -326,3 +326,15 @@ def query(database_url: str, sql: str) -> list[tuple[Any, ...]]:
 def last_beat(hub: Hub, name: str) -> float:
     """When the hub last heard a heartbeat from machine ``name`` (0 if never)."""
     return float(hub.machines()[name]["last_heartbeat_at"] or 0)
+
+
+def claimed_job(hub: Hub, call: Any) -> str:
+    """A no-op job queued on ``hub`` and claimed by the machine that ``call`` speaks for
+    (machine_calls)."""
+    assert hub.api("POST", "/v1/runbooks", json={"name": "noop", "type": "bash",
+                                                 "content": "true"}).status_code == 201
+    job = hub.api("POST", "/v1/jobs", json={"runbook": "noop", "group": "web"})
+    assert job.status_code == 201, job.text
+    items = call("POST", "/v1/agent/poll?wait=0&capacity=1")["items"]
+    assert [i["payload"]["job_id"] for i in items] == [job.json()["id"]]
+    return str(job.json()["id"])

@@ -22,7 +22,7 @@ import pytest
 from outpost import __version__
 from outpost.protocol.errors import HubRefused
 
-from tests.support import Hub, machine_calls
+from tests.support import Hub, claimed_job, machine_calls
 
 MIB = 1024 * 1024
 RECORD_TEXT_MAX = MIB  # the longest record text, in characters (as the agent cuts lines)
@@ -189,16 +189,6 @@ def test_big_unauthenticated_posts_do_not_grow_the_hub(sqlite_hub: Hub) -> None:
         assert client.get("/healthz").status_code == 200
 
 
-def _claimed_job(hub: Hub, call: Any) -> str:
-    assert hub.api("POST", "/v1/runbooks", json={"name": "noop", "type": "bash",
-                                                 "content": "true"}).status_code == 201
-    job = hub.api("POST", "/v1/jobs", json={"runbook": "noop", "group": "web"})
-    assert job.status_code == 201, job.text
-    items = call("POST", "/v1/agent/poll?wait=0&capacity=1")["items"]
-    assert [i["payload"]["job_id"] for i in items] == [job.json()["id"]]
-    return str(job.json()["id"])
-
-
 def _records(count: int, start: int = 0, text: str = "y" * 80) -> list[dict[str, Any]]:
     return [{"seq": n, "stream": "Output", "text": f"{n} {text}", "at": 1.0}
             for n in range(start, start + count)]
@@ -207,7 +197,7 @@ def _records(count: int, start: int = 0, text: str = "y" * 80) -> list[dict[str,
 def test_records_and_labels_are_bounded(sqlite_hub: Hub, tmp_path: Path) -> None:
     hub = sqlite_hub
     call = machine_calls(hub, tmp_path / "agent-m1")
-    job_id = _claimed_job(hub, call)
+    job_id = claimed_job(hub, call)
     report = f"/v1/agent/jobs/{job_id}/report"
 
     # One record of 50 MB: refused as a body, unread.
@@ -286,7 +276,7 @@ def test_healthz_answers_while_a_large_report_is_stored(sqlite_hub: Hub, tmp_pat
     lock."""
     hub = sqlite_hub
     call = machine_calls(hub, tmp_path / "agent-m1")
-    job_id = _claimed_job(hub, call)
+    job_id = claimed_job(hub, call)
     body = json.dumps({"reports": [{"job_id": job_id, "attempt": 1,
                                     "records": _records(10_000, start=n * 10_000)}
                                    for n in range(2)]}).encode()

@@ -12,7 +12,7 @@ import pytest
 
 from outpost import __version__
 from outpost.protocol.errors import HubRefused
-from tests.support import Hub, machine_calls
+from tests.support import Hub, claimed_job, machine_calls
 
 BIG = 2**70
 
@@ -26,16 +26,6 @@ def _refused(call: Any, method: str, path: str, payload: Any) -> dict[str, Any]:
     return body
 
 
-def _claimed_job(hub: Hub, call: Any) -> str:
-    assert hub.api("POST", "/v1/runbooks", json={"name": "noop", "type": "bash",
-                                                 "content": "true"}).status_code == 201
-    job = hub.api("POST", "/v1/jobs", json={"runbook": "noop", "group": "web"})
-    assert job.status_code == 201, job.text
-    items = call("POST", "/v1/agent/poll?wait=0&capacity=1")["items"]
-    assert [i["payload"]["job_id"] for i in items] == [job.json()["id"]]
-    return str(job.json()["id"])
-
-
 def _beat(**fields: Any) -> bytes:
     # Written by hand: json.dumps would not write NaN the way a careless client does.
     parts = [f'"agent_version": "{__version__}"'] + [f'"{k}": {v}' for k, v in fields.items()]
@@ -44,7 +34,7 @@ def _beat(**fields: Any) -> bytes:
 
 def test_out_of_range_numbers_name_their_field(hub: Hub, tmp_path: Path) -> None:
     call = machine_calls(hub, tmp_path / "agent-m1")
-    job_id = _claimed_job(hub, call)
+    job_id = claimed_job(hub, call)
     report = f"/v1/agent/jobs/{job_id}/report"
 
     for value in ("NaN", "Infinity", "-Infinity", "-1", "0", "1e999"):
@@ -135,7 +125,7 @@ def test_nul_in_text_is_refused_on_both_databases(hub: Hub, tmp_path: Path) -> N
         assert client.get("/v1/assets").json() == []
 
     call = machine_calls(hub, tmp_path / "agent-m1")
-    job_id = _claimed_job(hub, call)
+    job_id = claimed_job(hub, call)
     answer = call("POST", f"/v1/agent/jobs/{job_id}/report", {"attempt": 1, "records": [
         {"seq": 0, "stream": "Output", "text": "a\x00b", "at": 1.0}]})
     assert answer["status"] == "Activating", answer
