@@ -376,7 +376,7 @@ def agent_version(ctx: AgentContext) -> Outcome:
                      f"The agent is out of date (The specified class does not exist): the hub "
                      f"needs agent version {minimum} or newer, and this machine runs "
                      f"{__version__}",
-                     f"Upgrade the agent ('pip install --upgrade outpost') to {minimum} or "
+                     f"Upgrade the agent ('pip install --upgrade outpost-fleet') to {minimum} or "
                      f"newer, then restart it.", **data)
     return ok(f"{__version__} (the hub needs {minimum} or newer)", **data)
 

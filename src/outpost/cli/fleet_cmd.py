@@ -229,3 +229,9 @@ def group_set(
     out.print(f"Group '{done['name']}' runs its runbooks as "
               f"{done['run_as'] or 'the agent' + chr(39) + 's job users'}; limits: "
               f"{_limits_text(done)}.", markup=False)
+
+
+# The line that installs the agent on a new machine (cli/install_cmd.py).
+from . import install_cmd  # noqa: E402
+
+machines.command("install-line")(install_cmd.install_line)

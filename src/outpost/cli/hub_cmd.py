@@ -26,7 +26,7 @@ def _need_hub_extra() -> None:
     except ImportError as exc:
         raise OutpostError(
             "invalid_request", "The hub's dependencies are not installed.",
-            fix="Install them with: pip install 'outpost[hub]'") from exc
+            fix="Install them with: pip install 'outpost-fleet[hub]'") from exc
 
 
 def register_line(url: str, account_id: str, key: str, fingerprint: str,
@@ -72,9 +72,21 @@ def init(
     out.print(f"  Account id:     {result.account_id}")
     out.print(f"  Admin token:    {result.admin_token}  (kept in {data_dir / 'admin.token'})")
     out.print(f"\nStart the hub:\n  outpost hub run --data-dir {shlex.quote(str(data_dir))}")
-    out.print("\nRegister a machine (run this on the machine):")
-    out.print("  " + register_line(result.url, result.account_id, result.primary_key,
-                                   result.ca_fingerprint), soft_wrap=True)
+    _print_install_line(result.url, result.ca_fingerprint, result.account_id,
+                        result.primary_key)
+
+
+def _print_install_line(url: str, fingerprint: str, account_id: str, key: str) -> None:
+    from outpost.hub.install import install_line
+
+    out.print("\nInstall the agent on a machine and register it in group 'default' (run this "
+              "there, as root for a system service; it needs python3 3.11+ and curl):")
+    out.print("  " + install_line(url, fingerprint, account_id, "default", account_key=key),
+              markup=False, highlight=False, soft_wrap=True)
+    out.print("Other groups: outpost machine install-line --group GROUP. Where the agent is "
+              "installed already (pip install outpost-fleet), register with:")
+    out.print("  " + register_line(url, account_id, key, fingerprint), markup=False,
+              highlight=False, soft_wrap=True)
 
 
 @app.command()

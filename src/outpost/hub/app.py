@@ -28,7 +28,7 @@ from outpost.protocol.models import RegisterRequest, Wire
 
 from . import accounts, auth, db, edge, groups, jobs, machines, runbooks
 from . import asset_routes, job_identity
-from . import schedule_routes
+from . import agent_dist_routes, schedule_routes
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 
@@ -656,4 +656,5 @@ def create_app(hub: Hub) -> FastAPI:
 
     asset_routes.add_routes(app, hub)
     scheduler = schedule_routes.add_routes(app, hub)
+    agent_dist_routes.add_routes(app, hub)
     return app

@@ -100,8 +100,9 @@ _ENTRIES: tuple[Entry, ...] = (
         "E1007", "agent_outdated",
         "The agent is out of date (The specified class does not exist).",
         ("The hub requires a newer agent version than the one installed on this machine.",),
-        ("Upgrade the agent on this machine ('pip install --upgrade outpost') to the "
-         "version the hub names, then restart it.",),
+        ("Upgrade the agent on this machine to the version the hub names ('pip install "
+         "--upgrade outpost-fleet' in its venv, or run the install line of 'outpost machine "
+         "install-line' again), then restart it.",),
         426, "HW-5"),
     Entry(
         "E1008", "machine_unknown",
@@ -583,6 +584,45 @@ _ENTRIES += (
          "full.",),
         ("Write it elsewhere with -o FILE (a directory you can write to, with free space).",),
         500, "EX-9"),
+    # --- the agent the hub hands out, and the hub's own TLS certificate (E8020-E8029) -----
+    Entry(
+        "E8020", "agent_wheel_unavailable", "The hub cannot build the agent's wheel.",
+        ("The hub runs from a source tree on sys.path, without the outpost-fleet "
+         "distribution installed, so it has no metadata to build the wheel from.",
+         "The installed package's files are incomplete."),
+        ("Install the hub with pip ('pip install outpost-fleet[hub]', or 'pip install -e "
+         ".[hub]' in a checkout) and restart it.",),
+        503, None),
+    Entry(
+        "E8021", "tls_files_unreadable", "The TLS certificate or key cannot be read.",
+        ("The file does not exist or this user may not read it.",
+         "The file is not PEM: a DER file, a PKCS#12 bundle, or a key with a passphrase."),
+        ("Pass PEM files: the certificate chain (server first, then its issuers up to the "
+         "root CA) with --tls-cert, its unencrypted private key with --tls-key.",),
+        400, None),
+    Entry(
+        "E8022", "tls_key_mismatch", "The TLS private key does not belong to the certificate.",
+        ("--tls-key names the key of another certificate (an older one, or another host's).",),
+        ("Pass the key the certificate was issued for (its public key is the certificate's).",),
+        400, None),
+    Entry(
+        "E8023", "tls_hostname_not_covered",
+        "The TLS certificate does not cover the hub's host names.",
+        ("The certificate's subject alternative names do not include every --hostname, or "
+         "the host of the hub's URL; agents would refuse the connection.",),
+        ("Pass the host names the certificate covers with --hostname, or have a certificate "
+         "issued that names them.",),
+        400, None),
+    Entry(
+        "E8024", "tls_chain_incomplete",
+        "The TLS certificate file does not end with the CA that agents should pin.",
+        ("The file holds the server certificate alone, or stops at an intermediate CA: "
+         "agents pin the root CA at the end of the chain, so it must be there.",
+         "A certificate in the file was not issued by the one after it (the order is wrong "
+         "or a certificate is missing)."),
+        ("Append the issuing CA certificates, ending with the root CA, to the file (server "
+         "certificate first): cat server.pem intermediate.pem root.pem > chain.pem.",),
+        400, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
