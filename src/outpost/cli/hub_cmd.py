@@ -46,6 +46,12 @@ def init(
     = "127.0.0.1:8443",
     database_url: Annotated[str, typer.Option(
         help="Database URL (default: SQLite in the data directory).")] = "",
+    tls_cert: Annotated[Optional[Path], typer.Option(
+        help="Serve this PEM certificate chain instead of making a CA: the server's "
+        "certificate first, then its issuers, ending with the root CA that agents pin.")]
+    = None,
+    tls_key: Annotated[Optional[Path], typer.Option(
+        help="The PEM private key of --tls-cert (without a passphrase).")] = None,
     json: Json = False,
 ) -> None:
     """Create the hub's config, database, CA and TLS certificate, first account and admin
@@ -54,7 +60,11 @@ def init(
     from outpost.hub import config as hub_config
     from outpost.hub import db
 
-    result = hub_config.init(data_dir, hostname or [], bind=bind, database_url=database_url)
+    if (tls_cert is None) != (tls_key is None):
+        raise OutpostError("invalid_request", "--tls-cert and --tls-key go together.",
+                           fix="Pass both, or neither to have the hub make its own CA.")
+    result = hub_config.init(data_dir, hostname or [], bind=bind, database_url=database_url,
+                             tls_cert=tls_cert, tls_key=tls_key)
     if result.created:
         cfg = hub_config.load_config(hub_config.HubPaths(data_dir))
         db.migrate_sync(cfg.database_url)
@@ -69,6 +79,9 @@ def init(
         out.print(f"{data_dir} is already initialised; nothing was changed.")
     out.print(f"  URL:            {result.url}")
     out.print(f"  CA fingerprint: {result.ca_fingerprint}")
+    if tls_cert is not None and result.created:
+        out.print(f"  TLS:            {tls_cert} (the fingerprint is its chain's root CA, "
+                  "which agents pin)")
     out.print(f"  Account id:     {result.account_id}")
     out.print(f"  Admin token:    {result.admin_token}  (kept in {data_dir / 'admin.token'})")
     out.print(f"\nStart the hub:\n  outpost hub run --data-dir {shlex.quote(str(data_dir))}")

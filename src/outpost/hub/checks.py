@@ -172,9 +172,11 @@ def tls_certificate(ctx: HubContext) -> Outcome:
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
 
-    path = ctx.tls_cert or ctx.paths.server_cert
+    listener = ctx.config.listener_files(ctx.paths)[0] if ctx.config else None
+    path = ctx.tls_cert or listener or ctx.paths.server_cert
     try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        chain = x509.load_pem_x509_certificates(path.read_bytes())
+        cert = chain[0]
         ca = x509.load_pem_x509_certificate(ctx.paths.ca_cert.read_bytes())
     except (OSError, ValueError) as exc:
         return error("hub_certificate_invalid", f"cannot read {path}: {exc}")
@@ -183,9 +185,19 @@ def tls_certificate(ctx: HubContext) -> Outcome:
     days = (not_after - now).total_seconds() / 86400
     data: dict[str, Any] = {"path": str(path), "subject": cert.subject.rfc4514_string(),
                             "not_after": not_after.isoformat(), "days_left": round(days, 1)}
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+
+    def issued_by_ca(index: int) -> bool:
+        """chain[0] issued by chain[1] ... by chain[index], which the CA issued."""
+        try:
+            for link, issuer in zip(chain[:index], chain[1:index + 1], strict=True):
+                link.verify_directly_issued_by(issuer)
+            chain[index].verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+
+    # A chain given to 'hub init --tls-cert' may pass through intermediates to its root.
+    if not any(issued_by_ca(i) for i in range(len(chain))):
         return error("hub_certificate_invalid",
                      f"{path} was issued by '{cert.issuer.rfc4514_string()}', not by the "
                      f"hub's CA ({ca.subject.rfc4514_string()}) that agents pin; they will "

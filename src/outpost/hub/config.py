@@ -58,6 +58,17 @@ class HubConfig(BaseModel):
     poll_timeout: float = 25.0
     log_level: str = "info"
     body_limits: BodyLimits = Field(default_factory=BodyLimits)
+    # A certificate chain and key given to 'hub init --tls-cert/--tls-key' for the public
+    # listener, used in place of server.pem and server.key; ca.pem then holds the chain's
+    # root CA, which agents pin (docs/hub.md, "Your own certificate").
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def listener_files(self, paths: HubPaths) -> tuple[Path, Path]:
+        """The certificate chain and key the hub serves HTTPS with."""
+        if self.tls_cert:
+            return Path(self.tls_cert), Path(self.tls_key)
+        return paths.server_cert, paths.server_key
 
 
 @dataclass(frozen=True)
@@ -168,9 +179,15 @@ def read_seed(paths: HubPaths) -> dict[str, Any]:
 
 
 def init(
-    root: Path, hostnames: list[str], bind: str = DEFAULT_BIND, database_url: str = ""
+    root: Path, hostnames: list[str], bind: str = DEFAULT_BIND, database_url: str = "",
+    tls_cert: Path | None = None, tls_key: Path | None = None,
 ) -> InitResult:
-    """Create a hub data directory; on one that exists, change nothing and report it."""
+    """Create a hub data directory; on one that exists, change nothing and report it.
+
+    With ``tls_cert`` and ``tls_key`` the hub serves that chain (checked first: the key
+    matches, the names are covered, the chain ends with a root CA) and ca.pem is its root
+    CA; otherwise the hub makes a CA of its own and a server certificate from it.
+    """
     paths = HubPaths(root)
     if paths.initialised():
         config = load_config(paths)
@@ -185,8 +202,6 @@ def init(
             secondary_key=vault.open(seed["secondary_key"], "account-key").decode(),
             admin_token=paths.admin_token.read_text().strip(),
         )
-    root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o700)
     host = bind.rsplit(":", 1)[0]
     port = bind.rsplit(":", 1)[1]
     url_host = hostnames[0] if hostnames else ("localhost" if host in ("0.0.0.0", "127.0.0.1",
@@ -197,9 +212,22 @@ def init(
         database_url=database_url or f"sqlite:///{paths.database}",
         hostnames=hostnames,
     )
-    pki.create_ca(f"Outpost hub CA {uuid.uuid4().hex[:8]}", paths.ca_cert, paths.ca_key)
-    pki.create_server_cert(paths.ca_cert, paths.ca_key, hostnames, paths.server_cert,
-                           paths.server_key)
+    root_ca = None
+    if tls_cert is not None and tls_key is not None:
+        # Checked before anything is written: a refused chain leaves no half-made directory.
+        root_ca = pki.provided_chain(tls_cert, tls_key, list(dict.fromkeys(
+            [url_host.strip("[]"), *hostnames])))
+        config.tls_cert, config.tls_key = str(tls_cert.resolve()), str(tls_key.resolve())
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
+    if root_ca is not None:
+        from cryptography.hazmat.primitives import serialization
+
+        paths.ca_cert.write_bytes(root_ca.public_bytes(serialization.Encoding.PEM))
+    else:
+        pki.create_ca(f"Outpost hub CA {uuid.uuid4().hex[:8]}", paths.ca_cert, paths.ca_key)
+        pki.create_server_cert(paths.ca_cert, paths.ca_key, hostnames, paths.server_cert,
+                               paths.server_key)
     _write_private(paths.master_key, secrets.token_bytes(32))
     vault = vault_for(paths)
     account_id = str(uuid.uuid4())

@@ -104,3 +104,82 @@ def create_server_cert(
         + ca_cert.public_bytes(serialization.Encoding.PEM)
     )
     return cert
+
+
+def _covers(cert: x509.Certificate, host: str) -> bool:
+    """Whether the certificate's subject alternative names cover ``host`` (RFC 6125: a
+    wildcard stands for one whole left-most label)."""
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        return address in names.get_values_for_type(x509.IPAddress)
+    host = host.lower().rstrip(".")
+    for pattern in names.get_values_for_type(x509.DNSName):
+        pattern = pattern.lower().rstrip(".")
+        if pattern == host:
+            return True
+        if pattern.startswith("*.") and "." in host and host.split(".", 1)[1] == pattern[2:]:
+            return True
+    return False
+
+
+def provided_chain(cert_path: Path, key_path: Path, hosts: list[str]) -> x509.Certificate:
+    """Check a certificate chain and key given for the hub's listener; the CA agents pin.
+
+    The file holds the server's certificate first, then each issuer, ending with the root
+    CA; that root is what agents pin (an intermediate is renewed more often, and Python's
+    TLS checks a chain up to a self-signed root). Raises OutpostError E8021-E8024.
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    from outpost.protocol.errors import OutpostError
+
+    try:
+        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise OutpostError("tls_files_unreadable", f"Cannot read the certificate chain "
+                           f"{cert_path}: {exc}", path=str(cert_path)) from exc
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise OutpostError("tls_files_unreadable", f"Cannot read the private key {key_path} "
+                           f"(PEM, without a passphrase): {exc}", path=str(key_path)) from exc
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, spki) != chain[0].public_key().public_bytes(der, spki):
+        raise OutpostError("tls_key_mismatch", f"The private key {key_path} does not belong to "
+                           f"the certificate {chain[0].subject.rfc4514_string()} in "
+                           f"{cert_path}.", cert=str(cert_path), key=str(key_path))
+    missing = [host for host in hosts if not _covers(chain[0], host)]
+    if missing:
+        raise OutpostError("tls_hostname_not_covered", f"The certificate in {cert_path} does "
+                           f"not cover {', '.join(missing)}; agents would refuse it.",
+                           missing=missing)
+    for cert, issuer in zip(chain[:-1], chain[1:], strict=True):
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise OutpostError("tls_chain_incomplete", f"In {cert_path}, "
+                               f"'{cert.subject.rfc4514_string()}' was not issued by the "
+                               f"certificate after it, '{issuer.subject.rfc4514_string()}'.",
+                               path=str(cert_path)) from exc
+    root = chain[-1]
+    try:
+        constraints = root.extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca = constraints.ca
+        root.verify_directly_issued_by(root)
+        self_signed = len(chain) > 1
+    except (x509.ExtensionNotFound, ValueError, TypeError, InvalidSignature):
+        is_ca = self_signed = False
+    if not (is_ca and self_signed):
+        raise OutpostError("tls_chain_incomplete", f"{cert_path} ends with "
+                           f"'{root.subject.rfc4514_string()}', which is not a root CA: "
+                           "agents pin the root CA at the end of the chain.",
+                           path=str(cert_path))
+    return root

@@ -73,8 +73,8 @@ def run(options: RunOptions) -> None:
         config.heartbeat_interval = options.heartbeat_interval
     bind = options.bind or config.bind
     database_url = options.database_url or config.database_url
-    cert = options.tls_cert or paths.server_cert
-    key = options.tls_key or paths.server_key
+    cert, key = config.listener_files(paths)
+    cert, key = options.tls_cert or cert, options.tls_key or key
     sock = ports.bind(bind)
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
