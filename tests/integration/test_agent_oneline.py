@@ -211,3 +211,17 @@ def test_the_hub_serves_one_deterministic_wheel_of_outpost_fleet(sqlite_hub: Hub
     assert script.status_code == 200
     assert script.text.startswith("#!/bin/sh")
     assert f"WHEEL='{name}'" in script.text
+
+
+def test_hub_init_prints_the_install_line_whole(tmp_path: Path) -> None:
+    data = tmp_path / "hub"
+    result = run_cli("hub", "init", "--data-dir", str(data), "--hostname", "hub.example",
+                     env=clean_env(COLUMNS="80"))
+    assert result.returncode == 0, result.stderr
+    init = json.loads(run_cli("hub", "init", "--data-dir", str(data), "--json").stdout)
+    line = install.install_line("https://hub.example:8443", init["ca_fingerprint"],
+                                init["account_id"], "default",
+                                account_key=init["primary_key"])
+    # One line, unwrapped at 80 columns, so that it can be copied as it is.
+    assert line in [s.strip() for s in result.stdout.splitlines()], result.stdout
+    assert "outpost machine install-line --group GROUP" in result.stdout
