@@ -124,7 +124,7 @@ def test_the_printed_line_installs_registers_and_starts_the_agent(
     took = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr
     assert "dependencies from " + str(wheelhouse) in done.stdout
-    assert "registering with" in done.stdout
+    assert "registered 'oneline' in group 'edge'" in done.stdout
     assert took < 120, f"the install took {took:.0f} s"
 
     def healthy() -> bool:

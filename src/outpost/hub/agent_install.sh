@@ -114,8 +114,11 @@ else
     say "registering with $hub in group '$group'"
     eval "set -- ${name:+--name $(quote "$name")} $labels"
     "$outpost" agent register --hub "$hub" --account-id "$account_id" --group "$group" \
-            --ca-fingerprint "$fingerprint" --state-dir "$state" "$@" \
-        || fail "registration failed (see the message above); nothing else was changed"
+            --ca-fingerprint "$fingerprint" --state-dir "$state" --json "$@" >"$tmp/reg.json" \
+        || fail "registration failed (see the message above); the agent is installed, run this line again once it is fixed"
+    say "$("$venv/bin/python" -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print("registered %r in group %r (machine %s)" % (r["name"], r["group"], r["machine_id"]))' \
+        "$tmp/reg.json")"
 fi
 unset OUTPOST_ACCOUNT_KEY
 run_command="$(quote "$outpost") agent run --state-dir $(quote "$state")"
