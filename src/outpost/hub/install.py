@@ -196,11 +196,13 @@ def _fingerprint(text: str) -> str:
 # two arguments) are the hub URL and the fingerprint; the rest are the script's options.
 _FETCH = (
     'h=$0 f=$1; shift; d=$(mktemp -d) || exit 1; '
-    'curl -fsSk "$h/v1/ca" -o "$d/ca.pem" || { echo "outpost: cannot reach $h" >&2; exit 1; }; '
+    'curl -fsSk "$h/v1/ca" -o "$d/ca.pem" || '
+    '{ echo "outpost: cannot reach $h" >&2; rm -rf "$d"; exit 1; }; '
     '[ "$(sed /-----/d "$d/ca.pem" | base64 -d | sha256sum | cut -c1-64)" = "$f" ] || '
     '{ echo "outpost: $h did not present the CA with fingerprint $f; nothing was '
     'installed" >&2; rm -rf "$d"; exit 1; }; '
-    f'curl -fsS --cacert "$d/ca.pem" "$h{SCRIPT_PATH}" -o "$d/install.sh" && '
+    f'curl -fsS --cacert "$d/ca.pem" "$h{SCRIPT_PATH}" -o "$d/install.sh" || '
+    f'{{ echo "outpost: cannot download $h{SCRIPT_PATH}" >&2; rm -rf "$d"; exit 1; }}; '
     'sh "$d/install.sh" --hub "$h" --ca-file "$d/ca.pem" --ca-fingerprint "$f" "$@"; '
     'r=$?; rm -rf "$d"; exit $r'
 )
