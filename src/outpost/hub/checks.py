@@ -166,7 +166,8 @@ async def migrations(ctx: HubContext) -> Outcome:
 
 
 @checks.add("tls-certificate", "TLS certificate is valid",
-            "server.pem (or --tls-cert): issued by the hub's CA, dates, days to expiry",
+            "server.pem (or hub.yaml's tls_cert, or --tls-cert): chains to the hub's CA, "
+            "dates, days to expiry",
             needs=("hub-config",))
 def tls_certificate(ctx: HubContext) -> Outcome:
     from cryptography import x509
