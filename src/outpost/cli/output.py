@@ -36,7 +36,9 @@ _USAGE_REASONS = {"config_invalid", "config_tab", "invalid_hostname", "account_k
                   "param_missing", "runbook_too_large", "certificate_invalid",
                   "certificate_password", "asset_too_large", "cron_invalid",
                   "timezone_unknown", "spread_invalid", "expiry_invalid",
-                  "webhook_param_missing", "log_level_invalid", "duration_invalid"}
+                  "webhook_param_missing", "log_level_invalid", "duration_invalid",
+                  "fingerprint_malformed", "profile_unknown", "profiles_file_invalid",
+                  "profile_token_missing", "profile_name_invalid"}
 
 
 def exit_code(exc: OutpostError) -> int:

@@ -123,14 +123,32 @@ def _refuse(data_dir: Path, hub_pid: int | None, agent_pid: int | None,
     _save_profile(profile_name, init.url, init.ca_fingerprint, init.admin_token, data_dir)
     hub = f"hub pid {hub_pid} at {init.url}" if hub_pid else f"no hub running at {init.url}"
     agent = f"agent pid {agent_pid}" if agent_pid else "no agent running"
-    pids = " ".join(str(p) for p in (hub_pid, agent_pid) if p)
+    owner = _up_pid(hub_pid or agent_pid)
+    started_by = f"; started by 'outpost up', pid {owner}" if owner else ""
+    pids = str(owner) if owner else " ".join(str(p) for p in (hub_pid, agent_pid) if p)
     cli = cli_command()
     raise OutpostError(
-        "outpost_already_up", f"Outpost is already up in {data_dir} ({hub}, {agent}).",
+        "outpost_already_up",
+        f"Outpost is already up in {data_dir} ({hub}, {agent}{started_by}).",
         fix=f"Use it: its profile '{profile_name}' is current now, so '{cli} machine list' "
             f"talks to it. To start it afresh, stop it first (Ctrl-C where it runs, or "
             f"'kill {pids}'), or pass another --data-dir.",
-        data_dir=str(data_dir), url=init.url, hub_pid=hub_pid, agent_pid=agent_pid)
+        data_dir=str(data_dir), url=init.url, hub_pid=hub_pid, agent_pid=agent_pid,
+        up_pid=owner)
+
+
+def _up_pid(child: int | None) -> int | None:
+    """The pid of the 'outpost up' that started process ``child``, if one did."""
+    import psutil
+
+    try:
+        parent = psutil.Process(child).parent() if child else None
+        if parent is not None and "up" in parent.cmdline() and \
+                any("outpost" in a for a in parent.cmdline()):
+            return int(parent.pid)
+    except psutil.Error:
+        pass
+    return None
 
 
 def _machine_name() -> str:

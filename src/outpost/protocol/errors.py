@@ -589,7 +589,7 @@ _ENTRIES += (
     # --- the CLI's profiles, fingerprints and 'outpost up' (E8001-E8019) ----------------
     Entry(
         "E8001", "fingerprint_malformed",
-        "The CA fingerprint '{value}' is malformed: {problem}.",
+        "The CA fingerprint {value} is malformed: {problem}.",
         ("The value given as --ca-fingerprint (or OUTPOST_CA_FINGERPRINT, or in a profile) "
          "is not a SHA-256 fingerprint: 64 hexadecimal digits, with or without colons and "
          "an optional 'sha256=' or 'SHA256:' prefix. It was mistyped or cut short when "

@@ -26,7 +26,7 @@ def parse(text: str) -> str:
     if not digits:
         problem = "it is empty"
     elif not _HEX.fullmatch(digits):
-        bad = sorted({c for c in digits if c not in "0123456789abcdef"})
+        bad = list(dict.fromkeys(c for c in value.lower() if c not in "0123456789abcdef:- "))
         problem = "it holds characters that are not hexadecimal digits (" + \
             " ".join(repr(c) for c in bad[:5]) + ")"
     elif len(digits) != LENGTH:
@@ -35,7 +35,5 @@ def parse(text: str) -> str:
         return digits
     shown = text.strip()
     shown = shown if len(shown) <= 100 else shown[:97] + "..."
-    raise OutpostError("fingerprint_malformed",
-                       entry("fingerprint_malformed").message.format(value=shown,
-                                                                     problem=problem),
-                       value=shown)
+    raise OutpostError("fingerprint_malformed", entry("fingerprint_malformed").message.format(
+        value=f"'{shown}'" if shown else "(empty)", problem=problem), value=shown)
