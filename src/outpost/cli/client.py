@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from outpost.protocol import fingerprint
-from outpost.protocol.errors import HubRefused, OutpostError, TransportError
+from outpost.protocol.errors import HubRefused, OutpostError, TransportError, entry
 
 from .output import err
 from .profiles import Profile
@@ -86,11 +86,7 @@ def resolve(hub: str | None, token: str | None, ca_fingerprint: str | None,
     return Target(hub.rstrip("/"), token, ca_pem)
 
 
-UNCONFIGURED_FIX = (
-    "Start one here with 'outpost up' (it makes its profile current), pick a profile with "
-    "'outpost profile use NAME' ('outpost profile list' shows them), pass --data-dir DIR on "
-    "the hub's machine, or pass --hub URL --token T --ca-fingerprint F (or set "
-    "OUTPOST_HUB, OUTPOST_TOKEN and OUTPOST_CA_FINGERPRINT).")
+UNCONFIGURED_FIX = entry("hub_cli_unconfigured").fixes[0]
 
 
 def _same_hub(url: str, urls: list[str]) -> bool:

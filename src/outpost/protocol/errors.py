@@ -244,9 +244,12 @@ _ENTRIES: tuple[Entry, ...] = (
         503, None),
     Entry(
         "E3008", "hub_cli_unconfigured", "No hub to talk to.",
-        ("Neither --hub/--token nor OUTPOST_HUB/OUTPOST_TOKEN nor --data-dir was given.",),
-        ("Pass --data-dir DIR on the hub's machine, or --hub URL --token T "
-         "--ca-fingerprint F (or the OUTPOST_* variables) elsewhere.",),
+        ("Neither --hub/--token nor OUTPOST_HUB/OUTPOST_TOKEN nor --data-dir was given, and "
+         "no profile is current (or the one picked has no hub).",),
+        ("Start one here with 'outpost up' (it makes its profile current), pick a profile "
+         "with 'outpost profile use NAME' ('outpost profile list' shows them), pass "
+         "--data-dir DIR on the hub's machine, or --hub URL --token T --ca-fingerprint F "
+         "(or the OUTPOST_* variables) elsewhere.",),
         400, None),
     Entry(
         "E3009", "conflict", "The request conflicts with what exists.",
