@@ -106,6 +106,16 @@ def test_up_shows_a_healthy_machine_and_stops_cleanly(tmp_path: Path) -> None:
     assert not (data_dir / "agent" / "agent.pid").exists()
     gone = run_cli("machine", "list", "--data-dir", str(data_dir))
     assert gone.returncode == 1 and "(refused)" in gone.stderr
+    # 'agent run' with no --state-dir runs the profile's agent (here without its hub).
+    with subprocess.Popen([*OUTPOST, "agent", "run"], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL) as agent:
+        try:
+            wait_until(lambda: (data_dir / "agent" / "agent.pid").exists(), 20,
+                       what="the profile's agent to start")
+            assert int((data_dir / "agent" / "agent.pid").read_text().split()[0]) == agent.pid
+        finally:
+            agent.terminate()
+            agent.wait(20)
 
     # Again: the same hub, account and registration are reused.
     proc, lines = _up(data_dir, port, env)
