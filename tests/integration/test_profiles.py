@@ -151,3 +151,23 @@ def test_agent_register_refuses_a_malformed_fingerprint(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "E8001" in done.stderr and "'z'" in done.stderr
     assert "proxy" not in done.stderr.lower() and "E2004" not in done.stderr
+
+
+def test_profile_add_for_a_hub_elsewhere(sqlite_hub: Hub) -> None:
+    env = clean_env(XDG_CONFIG_HOME=config_home())
+    base = ["profile", "add", "remote", "--hub", sqlite_hub.url, "--token-stdin"]
+    wrong = run_cli(*base, "--ca-fingerprint", f"sha256={sqlite_hub.fingerprint}",
+                    input="not-the-token\n", env=env)
+    assert wrong.returncode == 1 and "E3001" in wrong.stderr, wrong.stderr
+    malformed = run_cli(*base, "--ca-fingerprint", "xyz", input=sqlite_hub.admin_token,
+                        env=env)
+    assert malformed.returncode == 2 and "E8001" in malformed.stderr
+    assert json.loads(run_cli("profile", "list", "--json", env=env).stdout) == []
+
+    added = run_cli(*base, "--ca-fingerprint", f"SHA256:{sqlite_hub.fingerprint.upper()}",
+                    input=sqlite_hub.admin_token + "\n", env=env)
+    assert added.returncode == 0, added.stderr
+    assert sqlite_hub.admin_token not in added.stdout + added.stderr
+    assert "Profile 'remote' saved and current" in added.stdout
+    listing = run_cli("machine", "list", "--json", env=env)
+    assert listing.returncode == 0 and json.loads(listing.stdout) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -77,6 +79,52 @@ def show(name: Annotated[Optional[str], typer.Argument(
         print_json(profile.to_json(name == store.current))
         return
     _show(profile, name == store.current)
+
+
+@app.command()
+def add(
+    name: Name,
+    hub: Annotated[str, typer.Option("--hub", help="The hub's URL, e.g. "
+                                     "https://hub.example:8443.")],
+    ca_fingerprint: Annotated[str, typer.Option(
+        "--ca-fingerprint", help="SHA-256 fingerprint of the hub's CA, as 'outpost hub init' "
+        "printed it (AB:CD:..., abcd... or sha256=abcd...).")],
+    token_stdin: Annotated[bool, typer.Option(
+        "--token-stdin", help="Read the API token from standard input (else a hidden prompt "
+        "asks for it), so that it appears in no command line.")] = False,
+    state_dir_: Annotated[Optional[Path], typer.Option(
+        "--state-dir", help="The state directory of this machine's agent, for 'outpost "
+        "agent status', 'agent logs' and 'check' with this profile.")] = None,
+    check: Annotated[bool, typer.Option(
+        "--check/--no-check", help="Try the hub with the pinned CA and the token before "
+        "saving.")] = True,
+    use_it: Annotated[bool, typer.Option("--use/--no-use", help="Make it the current "
+                                         "profile.")] = True,
+    json: Json = False,
+) -> None:
+    """Add (or replace) a profile for a hub elsewhere; the token goes to a 0600 file."""
+    from outpost.protocol import fingerprint
+
+    from .client import Api, resolve
+
+    profile = Profile(name=name, hub_urls=[hub.rstrip("/")],
+                      ca_fingerprint=fingerprint.parse(ca_fingerprint),
+                      state_dir=state_dir_.resolve() if state_dir_ else None)
+    if token_stdin or (sys.stdin is not None and not sys.stdin.isatty()):
+        token = sys.stdin.readline().strip()
+    else:
+        token = str(typer.prompt("API token", hide_input=True)).strip()
+    if not token:
+        raise typer.BadParameter("The token is empty.", param_hint="token")
+    if check:
+        Api(resolve(profile.url, token, profile.ca_fingerprint, None)).get("/v1/machines")
+    store = Profiles.load()
+    store.put(profile, token=token, make_current=use_it)
+    if json:
+        print_json(profile.to_json(store.current == profile.name))
+        return
+    out.print(f"Profile '{profile.name}' saved{' and current' if use_it else ''}: "
+              f"{profile.url}, token kept in {profile.token_file}.", markup=False)
 
 
 @app.command()
