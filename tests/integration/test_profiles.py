@@ -129,6 +129,9 @@ def test_flags_and_variables_come_before_the_profile(sqlite_hub: Hub) -> None:
 
 def test_a_mistyped_ca_fingerprint_is_malformed_not_a_proxy(sqlite_hub: Hub) -> None:
     base = ["machine", "list", "--hub", sqlite_hub.url, "--token", sqlite_hub.admin_token]
+    colons = run_cli(*base, "--ca-fingerprint", "AB:CD:EF")
+    assert "The CA fingerprint 'AB:CD:EF' is malformed: it has 6 hexadecimal digits where a " \
+        "SHA-256 has 64." in colons.stderr, colons.stderr  # as typed, not as an emoji code
     for bad in ("xyz", sqlite_hub.fingerprint[:-2], sqlite_hub.fingerprint + "00"):
         done = run_cli(*base, "--ca-fingerprint", bad)
         assert done.returncode == 2, done.stderr

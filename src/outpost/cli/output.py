@@ -23,8 +23,9 @@ class _Console(Console):
         raise ReaderGone
 
 
-out = _Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No emoji codes: a fingerprint such as 'AB:CD:...' would print as 'AB\U0001f4bf...'.
+out = _Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 # Exit codes: 0 done, 1 the operation failed, 2 bad input or config, 3 agent not running.
 EXIT_FAILED = 1

@@ -88,7 +88,7 @@ def add(
                                      "https://hub.example:8443.")],
     ca_fingerprint: Annotated[str, typer.Option(
         "--ca-fingerprint", help="SHA-256 fingerprint of the hub's CA, as 'outpost hub init' "
-        "printed it (AB:CD:..., abcd... or sha256=abcd...).")],
+        "printed it: 64 hex digits, with or without colons or a sha256= prefix.")],
     token_stdin: Annotated[bool, typer.Option(
         "--token-stdin", help="Read the API token from standard input (else a hidden prompt "
         "asks for it), so that it appears in no command line.")] = False,
