@@ -270,7 +270,6 @@ def up(data_dir: Path, bind: str, hold: bool = True, profile_name: str = "local"
         if hub_pid or agent_pid:
             _refuse(data_dir, hub_pid, agent_pid, profile_name)
     init = hub_config.init(data_dir, [], bind=bind)
-    paths = hub_config.HubPaths(data_dir)
     config = hub_config.load_config(paths)
     if init.created:
         db.migrate_sync(config.database_url)

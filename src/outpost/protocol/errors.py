@@ -616,7 +616,8 @@ _ENTRIES += (
     Entry(
         "E8004", "profile_token_missing", "The token of profile '{name}' is missing.",
         ("The token file the profile refers to was removed or cannot be read.",),
-        ("Run 'outpost up' or 'outpost hub init' again where the hub is, or pass --token.",),
+        ("Write the profile again: 'outpost up' or 'outpost hub init' where the hub is, or "
+         "'outpost profile add NAME ...' elsewhere; or pass --token.",),
         400, None),
     Entry(
         "E8005", "outpost_already_up", "Outpost is already up in {data_dir}.",
