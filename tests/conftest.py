@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PG_ADMIN, Agent, Hub, init_hub, shared_dir
+from tests.support import PG_ADMIN, Agent, Hub, config_home, init_hub, shared_dir
 
 for _name in [k for k in os.environ if k.startswith("OUTPOST_")]:
     del os.environ[_name]
+# Commands run in this process (CliRunner) keep their profiles away from ~/.config too.
+os.environ["XDG_CONFIG_HOME"] = config_home()
 
 _pg_error: str | None = None
 _pg_checked = False

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,11 +34,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_CONFIG_ROOT: Path | None = None
+
+
+def config_home() -> str:
+    """A fresh XDG_CONFIG_HOME (not created until a command writes a profile there). Pass it
+    to several calls, ``clean_env(XDG_CONFIG_HOME=home)``, for them to share profiles."""
+    global _CONFIG_ROOT
+    if _CONFIG_ROOT is None:
+        _CONFIG_ROOT = Path(tempfile.mkdtemp(prefix="outpost-test-config-"))
+        atexit.register(shutil.rmtree, _CONFIG_ROOT, True)
+    return str(_CONFIG_ROOT / uuid.uuid4().hex)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a command under test: no OUTPOST_* variable, no proxy, and its own
+    empty config directory (never the user's ~/.config), unless ``extra`` names one."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("OUTPOST_") and k.lower() not in (
                "http_proxy", "https_proxy", "all_proxy", "no_proxy")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["XDG_CONFIG_HOME"] = config_home()
     env.update(extra)
     return env
 

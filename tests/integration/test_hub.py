@@ -23,7 +23,7 @@ from tests.support import Hub, register, run_cli
 
 PRIVATE_FILES = ("ca.key", "server.key", "master.key", "admin.token")
 INIT_KEYS = {"url", "ca_fingerprint", "account_id", "primary_key", "secondary_key",
-             "admin_token"}
+             "admin_token", "profile"}
 TABLES = {"accounts", "tokens", "machines", "nonces", "work_items"}
 
 
@@ -54,6 +54,7 @@ def test_init_json_files_certificate_and_keys(tmp_path: Path) -> None:
     init = json.loads(result.stdout)
     assert set(init) == INIT_KEYS, init
     assert init["url"] == "https://hub.example:8443"
+    assert init["profile"] == "hub.example"  # the CLI profile it wrote, named after the host
 
     for name in ("hub.yaml", "ca.pem", "server.pem", *PRIVATE_FILES):
         assert (data / name).is_file(), name

@@ -106,12 +106,6 @@ def test_clock_offset_skews_only_the_agent_clock() -> None:
     assert signing.parse_time(stamp).utcoffset() == dt.timedelta(0)
 
 
-@pytest.mark.parametrize("text", ["AB:CD:EF", "sha256=abcdef", "SHA256=AB:CD:EF",
-                                  "  abcdef\n"])
-def test_normalise_fingerprint(text: str) -> None:
-    assert transport.normalise_fingerprint(text) == "abcdef"
-
-
 def _self_signed_pem() -> str:
     key = generate_private_key(SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])

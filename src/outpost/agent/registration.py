@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from outpost.protocol import fingerprint as fingerprints
 from outpost.protocol import signing
 from outpost.protocol.errors import ALREADY_REGISTERED_TEXT, OutpostError, TransportError
 
@@ -13,7 +14,7 @@ from nacl.signing import SigningKey
 
 from .facts import machine_facts
 from .state import CorruptFile, Registration, StateDir
-from .transport import Clock, HubClient, fetch_ca, normalise_fingerprint
+from .transport import Clock, HubClient, fetch_ca
 
 log = logging.getLogger("outpost.agent")
 
@@ -51,6 +52,7 @@ async def register(state: StateDir, opts: RegisterOptions, clock: Clock) -> Regi
             raise ValueError("wrong length")
     except ValueError as exc:
         raise OutpostError("account_key_invalid") from exc
+    fingerprint = fingerprints.parse(opts.ca_fingerprint)
     try:
         existing = state.registration()
     except CorruptFile:
@@ -67,7 +69,6 @@ async def register(state: StateDir, opts: RegisterOptions, clock: Clock) -> Regi
             f"account {held['account_id']}, group '{held['group']}' (state dir {state.root}).",
             account_id=held["account_id"], group=held["group"], name=held["name"],
         )
-    fingerprint = normalise_fingerprint(opts.ca_fingerprint)
     urls = list(dict.fromkeys([opts.hub, *opts.extra_hubs]))
     ca_pem = await _first_ca(urls, fingerprint, opts.proxy)
     # The new key and registration are written only once the hub has accepted them, so a

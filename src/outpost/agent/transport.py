@@ -23,7 +23,7 @@ import httpx
 from nacl.signing import SigningKey
 
 from outpost import __version__
-from outpost.protocol import signing
+from outpost.protocol import fingerprint, signing
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
 
 log = logging.getLogger("outpost.agent.transport")
@@ -40,10 +40,6 @@ class Clock:
 
     def stamp(self) -> str:
         return signing.format_time(self.now())
-
-
-def normalise_fingerprint(text: str) -> str:
-    return text.strip().lower().replace(":", "").removeprefix("sha256=")
 
 
 def pem_fingerprint(pem: str) -> str:
@@ -266,7 +262,7 @@ def _database_down(response: httpx.Response) -> bool:
 async def fetch_ca(url: str, expected_fingerprint: str, proxy: str | None = None,
                    timeout: float = 15.0) -> str:
     """The hub's CA certificate, accepted only if its fingerprint is the pinned one."""
-    expected = normalise_fingerprint(expected_fingerprint)
+    expected = fingerprint.parse(expected_fingerprint)
     async with httpx.AsyncClient(verify=False, proxy=proxy, trust_env=True,
                                  timeout=timeout) as client:
         try:

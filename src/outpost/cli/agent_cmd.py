@@ -19,7 +19,7 @@ from outpost.agent.transport import Clock
 from outpost.protocol.errors import OutpostError
 
 from . import signals
-from .options import ClockSkew, Json, StateDirOpt, state_dir
+from .options import ClockSkew, Json, StateDirOpt, profile_state_dir, state_dir
 from .output import EXIT_NOT_RUNNING, ago, out, print_json
 
 app = typer.Typer(no_args_is_help=True, help="The agent on a managed machine.")
@@ -105,6 +105,7 @@ def run(state_dir_: StateDirOpt = None, config: ConfigOpt = None,
         clock_skew: ClockSkew = 0.0) -> None:
     """Run the agent daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
     args = [sys.executable, "-m", "outpost.cli.agentd"]
+    state_dir_ = state_dir_ or profile_state_dir()  # the one 'outpost up' made, if current
     if state_dir_ is not None:
         args += ["--state-dir", str(state_dir_)]
     if config is not None:

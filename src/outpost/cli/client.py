@@ -13,9 +13,11 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from outpost.protocol.errors import HubRefused, OutpostError, TransportError
+from outpost.protocol import fingerprint
+from outpost.protocol.errors import HubRefused, OutpostError, TransportError, entry
 
 from .output import err
+from .profiles import Profile
 
 
 @dataclass
@@ -44,9 +46,14 @@ def _classify(exc: httpx.HTTPError) -> str:
 
 
 def resolve(hub: str | None, token: str | None, ca_fingerprint: str | None,
-            data_dir: Path | None) -> Target:
-    """Where the hub is and how to trust it: flags and variables first, then --data-dir."""
+            data_dir: Path | None, profile: Profile | None = None) -> Target:
+    """Where the hub is and how to trust it. Each piece from the first that gives it:
+    flags (and their OUTPOST_HUB/OUTPOST_TOKEN/OUTPOST_CA_FINGERPRINT variables), then
+    --data-dir, then ``profile``. A profile is not used at all with --data-dir, nor when
+    --hub names a hub that is not the profile's: its token must not go to another hub."""
     ca_pem = ""
+    if ca_fingerprint:  # a mistyped value is refused before anything is sent
+        ca_fingerprint = fingerprint.parse(ca_fingerprint)
     if data_dir is not None:
         import yaml
 
@@ -60,21 +67,47 @@ def resolve(hub: str | None, token: str | None, ca_fingerprint: str | None,
         ca_pem = (data_dir / "ca.pem").read_text()
         if not token:
             token = (data_dir / "admin.token").read_text().strip()
+    elif profile is not None and (not hub or _same_hub(hub, profile.hub_urls)):
+        hub = hub or profile.url
+        token = token or profile.token()
+        if not ca_fingerprint:
+            ca_pem = _local_ca(profile)
+            ca_fingerprint = fingerprint.parse(profile.ca_fingerprint)
     if not hub or not token:
-        raise OutpostError("hub_cli_unconfigured")
+        raise OutpostError("hub_cli_unconfigured", fix=UNCONFIGURED_FIX)
     if not ca_pem:
         if not ca_fingerprint:
             raise OutpostError(
                 "hub_cli_unconfigured",
                 "The hub's CA fingerprint is needed to trust the hub.",
                 fix="Pass --ca-fingerprint (or set OUTPOST_CA_FINGERPRINT) with the value "
-                    "'outpost hub init' printed.")
+                    "'outpost hub init' printed, or use a profile ('outpost profile list').")
         ca_pem = fetch_ca(hub, ca_fingerprint)
     return Target(hub.rstrip("/"), token, ca_pem)
 
 
-def fetch_ca(url: str, fingerprint: str) -> str:
-    expected = fingerprint.strip().lower().replace(":", "")
+UNCONFIGURED_FIX = entry("hub_cli_unconfigured").fixes[0]
+
+
+def _same_hub(url: str, urls: list[str]) -> bool:
+    return url.rstrip("/") in {u.rstrip("/") for u in urls}
+
+
+def _local_ca(profile: Profile) -> str:
+    """The CA from the profile's hub data directory when it is on this machine and is the
+    pinned one: no need to fetch it."""
+    if profile.data_dir is None:
+        return ""
+    try:
+        pem = (profile.data_dir / "ca.pem").read_text()
+        same = _fingerprint(pem) == fingerprint.parse(profile.ca_fingerprint)
+    except (OSError, ValueError):
+        return ""
+    return pem if same else ""
+
+
+def fetch_ca(url: str, expected_fingerprint: str) -> str:
+    expected = fingerprint.parse(expected_fingerprint)
     try:
         response = httpx.get(url.rstrip("/") + "/v1/ca", verify=False, timeout=10)
     except httpx.HTTPError as exc:

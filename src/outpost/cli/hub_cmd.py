@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -13,6 +14,7 @@ from outpost.protocol.errors import OutpostError
 from . import signals
 from .options import Json
 from .output import err, out, print_json
+from .profiles import Profile, Profiles
 
 app = typer.Typer(no_args_is_help=True, help="Create and run the hub (the control plane).")
 
@@ -36,6 +38,19 @@ def register_line(url: str, account_id: str, key: str, fingerprint: str,
         "--ca-fingerprint", fingerprint)))
 
 
+def _save_profile(name: str | None, result: Any, data_dir: Path) -> Profile:
+    """The CLI profile of this hub, current from now on (see ``profiles``)."""
+    from urllib.parse import urlsplit
+
+    if name is None:
+        host = urlsplit(result.url).hostname or ""
+        name = "default" if host == "localhost" or not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}", host) or re.fullmatch(r"[\d.]+", host) else host
+    return Profiles.load().put(Profile(name=name, hub_urls=[result.url],
+                                       ca_fingerprint=result.ca_fingerprint,
+                                       data_dir=data_dir.resolve()), token=result.admin_token)
+
+
 @app.command()
 def init(
     data_dir: DataDirReq,
@@ -52,10 +67,15 @@ def init(
     = None,
     tls_key: Annotated[Optional[Path], typer.Option(
         help="The PEM private key of --tls-cert (without a passphrase).")] = None,
+    profile_name: Annotated[Optional[str], typer.Option(
+        "--profile-name", help="The CLI profile to write and make current (default: the "
+        "hub's host name as in its URL, or 'default' for localhost or an IP address).")]
+    = None,
     json: Json = False,
 ) -> None:
     """Create the hub's config, database, CA and TLS certificate, first account and admin
-    token. On an initialised directory nothing changes."""
+    token, and a CLI profile for this hub (current from now on). On an initialised directory
+    nothing changes but the profile."""
     _need_hub_extra()
     from outpost.hub import config as hub_config
     from outpost.hub import db
@@ -68,8 +88,9 @@ def init(
     if result.created:
         cfg = hub_config.load_config(hub_config.HubPaths(data_dir))
         db.migrate_sync(cfg.database_url)
+    profile = _save_profile(profile_name, result, data_dir)
     if json:
-        print_json(result.to_json())
+        print_json({**result.to_json(), "profile": profile.name})
         if not result.created:
             err.print(f"{data_dir} is already initialised; nothing was changed.")
         return
@@ -84,6 +105,8 @@ def init(
                   "which agents pin)")
     out.print(f"  Account id:     {result.account_id}")
     out.print(f"  Admin token:    {result.admin_token}  (kept in {data_dir / 'admin.token'})")
+    out.print(f"  Profile:        '{profile.name}', now current (the CLI talks to this hub "
+              "without options)")
     out.print(f"\nStart the hub:\n  outpost hub run --data-dir {shlex.quote(str(data_dir))}")
     _print_install_line(result.url, result.ca_fingerprint, result.account_id,
                         result.primary_key)

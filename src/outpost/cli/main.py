@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -24,7 +24,7 @@ from outpost.protocol import errors
 
 from . import agent_cmd, fleet_cmd, hub_cmd, job_cmd, runbook_cmd
 from . import asset_cmd
-from . import check_cmd, schedule_cmd, signals, webhook_cmd
+from . import check_cmd, profile_cmd, profiles, schedule_cmd, signals, webhook_cmd
 from .output import EXIT_FAILED, EXIT_USAGE, exit_code, out, print_json, render_error
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ app.add_typer(job_cmd.app, name="job")
 app.add_typer(asset_cmd.app, name="asset")
 app.add_typer(schedule_cmd.app, name="schedule")
 app.add_typer(webhook_cmd.app, name="webhook")
+app.add_typer(profile_cmd.app, name="profile")
 app.command("check")(check_cmd.check)
 app.command("check-list")(check_cmd.check_list)
 hub_cmd.app.command("check")(check_cmd.hub_check)
@@ -58,8 +59,44 @@ def _version(value: bool) -> None:
 def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    profile: Annotated[Optional[str], typer.Option(
+        "--profile", envvar="OUTPOST_PROFILE", metavar="NAME",
+        help="The profile to use (see 'outpost profile list'); may also come anywhere "
+             "after the command, as in 'outpost job list --profile prod'. Default: the "
+             "current profile. Explicit flags, the OUTPOST_HUB/OUTPOST_TOKEN/"
+             "OUTPOST_CA_FINGERPRINT/OUTPOST_STATE_DIR variables and --data-dir come "
+             "before any profile.")] = None,
 ) -> None:
-    """Outpost: run work on machines you cannot reach directly."""
+    """Outpost: run work on machines you cannot reach directly.
+
+    After 'outpost up' (or 'outpost hub init'), commands talk to that hub and agent through
+    its profile, with no further options."""
+    if profile and profiles.chosen() is None:  # a --profile later on the line wins
+        profiles.choose(profile)
+
+
+def take_profile(argv: list[str]) -> tuple[list[str], str | None]:
+    """``argv`` without ``--profile NAME``/``--profile=NAME`` (before ``--``), and the
+    last NAME given: the option is global, so it may come after the command, as kubectl's
+    ``--context`` does, with no command declaring it."""
+    rest: list[str] = []
+    name = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg == "--profile" and i + 1 < len(argv):
+            name = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--profile="):
+            name = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, name
 
 
 @app.command()
@@ -104,20 +141,26 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Where the hub and the agent keep state.")]
     = Path(".outpost"),
     bind: Annotated[str, typer.Option(help="HOST:PORT for the hub.")] = "127.0.0.1:8443",
+    profile_name: Annotated[str, typer.Option(
+        "--profile-name", help="The profile that 'up' writes and makes current, so later "
+        "commands find this hub and agent with no options.")] = "local",
 ) -> None:
     """Start a hub and a local agent (group 'local') and show the fleet; Ctrl-C stops both.
-    Running it again reuses what is there."""
+    Running it again reuses what is there; while it still runs, a second 'up' on the same
+    directory only makes its profile current and says so (E8005)."""
     from .up import up as run_up
 
     signals.daemon()
-    raise typer.Exit(run_up(data_dir, bind))
+    raise typer.Exit(run_up(data_dir, bind, profile_name=profile_name))
 
 
 def main() -> None:
     # Printing commands keep SIGPIPE's default; daemons and followers call signals.daemon().
     signals.printing()
+    argv, profile = take_profile(sys.argv[1:])
+    profiles.choose(profile)
     try:
-        result = app(prog_name="outpost", standalone_mode=False)
+        result = app(args=argv, prog_name="outpost", standalone_mode=False)
     except errors.OutpostError as exc:
         render_error(exc)
         sys.exit(exit_code(exc))

@@ -23,8 +23,9 @@ class _Console(Console):
         raise ReaderGone
 
 
-out = _Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No emoji codes: a fingerprint such as 'AB:CD:...' would print as 'AB\U0001f4bf...'.
+out = _Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 # Exit codes: 0 done, 1 the operation failed, 2 bad input or config, 3 agent not running.
 EXIT_FAILED = 1
@@ -38,7 +39,9 @@ _USAGE_REASONS = {"config_invalid", "config_tab", "invalid_hostname", "account_k
                   "timezone_unknown", "spread_invalid", "expiry_invalid",
                   "webhook_param_missing", "log_level_invalid", "duration_invalid",
                   "tls_files_unreadable", "tls_key_mismatch", "tls_hostname_not_covered",
-                  "tls_chain_incomplete"}
+                  "tls_chain_incomplete",
+                  "fingerprint_malformed", "profile_unknown", "profiles_file_invalid",
+                  "profile_token_missing", "profile_name_invalid"}
 
 
 def exit_code(exc: OutpostError) -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +22,7 @@ from outpost.protocol.errors import CATALOG, OutpostError
 
 from .client import Api, Target
 from .output import machine_table, out
+from .profiles import Profile, Profiles
 
 GROUP = "local"
 
@@ -109,6 +113,44 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
         proc.wait()
 
 
+def _refuse(data_dir: Path, hub_pid: int | None, agent_pid: int | None,
+            profile_name: str) -> None:
+    """Outpost already runs on ``data_dir``: make its profile current, so the CLI talks to
+    it, and say so (E8005) without starting anything."""
+    from outpost.hub import config as hub_config
+
+    init = hub_config.init(data_dir, [])  # an initialised directory: only read
+    _save_profile(profile_name, init.url, init.ca_fingerprint, init.admin_token, data_dir)
+    hub = f"hub pid {hub_pid} at {init.url}" if hub_pid else f"no hub running at {init.url}"
+    agent = f"agent pid {agent_pid}" if agent_pid else "no agent running"
+    owner = _up_pid(hub_pid or agent_pid)
+    started_by = f"; started by 'outpost up', pid {owner}" if owner else ""
+    pids = str(owner) if owner else " ".join(str(p) for p in (hub_pid, agent_pid) if p)
+    cli = cli_command()
+    raise OutpostError(
+        "outpost_already_up",
+        f"Outpost is already up in {data_dir} ({hub}, {agent}{started_by}).",
+        fix=f"Use it: its profile '{profile_name}' is current now, so '{cli} machine list' "
+            f"talks to it. To start it afresh, stop it first (Ctrl-C where it runs, or "
+            f"'kill {pids}'), or pass another --data-dir.",
+        data_dir=str(data_dir), url=init.url, hub_pid=hub_pid, agent_pid=agent_pid,
+        up_pid=owner)
+
+
+def _up_pid(child: int | None) -> int | None:
+    """The pid of the 'outpost up' that started process ``child``, if one did."""
+    import psutil
+
+    try:
+        parent = psutil.Process(child).parent() if child else None
+        if parent is not None and "up" in parent.cmdline() and \
+                any("outpost" in a for a in parent.cmdline()):
+            return int(parent.pid)
+    except psutil.Error:
+        pass
+    return None
+
+
 def _machine_name() -> str:
     name = socket.gethostname()
     return name if 0 < len(name) <= 64 else "local"
@@ -144,20 +186,109 @@ def _sample_job(api: Api) -> None:
         out.print(f"  {prefix}{record['text']}", markup=False, highlight=False)
 
 
-def up(data_dir: Path, bind: str, hold: bool = True) -> int:
+def cli_command() -> str:
+    """``outpost`` as the user can run it from here: the bare name when that is on PATH and
+    is this installation, else the absolute path of this installation's script (a venv that
+    is not activated), else this interpreter with ``-m outpost``."""
+    script = Path(sys.executable).parent / "outpost"
+    found = shutil.which("outpost")
+    if script.is_file():
+        if found is not None and Path(found).resolve() == script.resolve():
+            return "outpost"
+        return shlex.quote(str(script))
+    return "outpost" if found else f"{shlex.quote(sys.executable)} -m outpost"
+
+
+def install_line(url: str, ca_fingerprint: str, account_id: str, account_key: str) -> str:
+    """The one line that installs an agent on another machine and registers it in group
+    'default' (the hub's ``GET /v1/agent/install.sh``, fetched with its CA pinned)."""
+    from outpost.hub.install import install_line as line
+
+    return line(url, ca_fingerprint, account_id, "default", account_key=account_key)
+
+
+def _loopback(url: str) -> bool:
+    from ipaddress import ip_address
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hub_pid(data_dir: Path) -> int | None:
+    """The pid of a running ``outpost hub run`` whose --data-dir is ``data_dir``: the hub
+    keeps no pidfile, so its command line (as 'up' or a person started it) tells."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        args = proc.info.get("cmdline") or []
+        if proc.info["pid"] == os.getpid() or not any("outpost" in a for a in args):
+            continue
+        for i, arg in enumerate(args[:-1]):
+            if arg == "hub" and args[i + 1] == "run":
+                break
+        else:
+            continue
+        given = None
+        for i, arg in enumerate(args):
+            if arg == "--data-dir" and i + 1 < len(args):
+                given = args[i + 1]
+            elif arg.startswith("--data-dir="):
+                given = arg.split("=", 1)[1]
+        if given is None:
+            continue
+        path = Path(given)
+        if not path.is_absolute():
+            path = Path(proc.info.get("cwd") or "/") / path
+        try:
+            if path.resolve() == data_dir:
+                return int(proc.info["pid"])
+        except OSError:
+            continue
+    return None
+
+
+def _already_up(data_dir: Path) -> tuple[int | None, int | None]:
+    """(hub pid, agent pid) of a hub and an agent already running on ``data_dir``."""
+    return _hub_pid(data_dir), StateDir(data_dir / "agent").running_pid()
+
+
+def _save_profile(name: str, url: str, ca_fingerprint: str, token: str,
+                  data_dir: Path) -> Profile:
+    return Profiles.load().put(Profile(
+        name=name, hub_urls=[url], ca_fingerprint=ca_fingerprint, data_dir=data_dir,
+        state_dir=data_dir / "agent"), token=token)
+
+
+def up(data_dir: Path, bind: str, hold: bool = True, profile_name: str = "local") -> int:
     from outpost.hub import config as hub_config
     from outpost.hub import db
 
+    from .profiles import check_name
+
     started = time.monotonic()
     data_dir = data_dir.resolve()
-    init = hub_config.init(data_dir, [], bind=bind)
+    check_name(profile_name)
     paths = hub_config.HubPaths(data_dir)
+    if paths.initialised():
+        # Before anything starts: a second hub would fail to bind while the first one
+        # answered its health check, and a second agent would stop on E2006 (the first
+        # one holds the pidfile) only after the banner.
+        hub_pid, agent_pid = _already_up(data_dir)
+        if hub_pid or agent_pid:
+            _refuse(data_dir, hub_pid, agent_pid, profile_name)
+    init = hub_config.init(data_dir, [], bind=bind)
     config = hub_config.load_config(paths)
     if init.created:
         db.migrate_sync(config.database_url)
         out.print(f"Initialised a hub in {data_dir}")
     else:
         out.print(f"Using the hub in {data_dir}")
+    profile = _save_profile(profile_name, config.url, init.ca_fingerprint, init.admin_token,
+                            data_dir)
     hub = agent = None
     previous = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -187,13 +318,28 @@ def up(data_dir: Path, bind: str, hold: bool = True) -> int:
 
         rows = _wait_for(healthy, agent, data_dir / "agent.log", "agent", 30)
         out.print(f"\nOutpost is up ({time.monotonic() - started:.1f} s).")
-        out.print(f"  Hub URL:        {config.url}")
-        out.print(f"  Admin token:    {init.admin_token}")
-        out.print(f"  CA fingerprint: {init.ca_fingerprint}")
-        out.print(f"  Logs:           {data_dir / 'hub.log'}, {data_dir / 'agent.log'}\n")
+        out.print(f"  Hub URL:        {config.url}", markup=False)
+        out.print(f"  CA fingerprint: {init.ca_fingerprint}", markup=False)
+        out.print(f"  Profile:        '{profile.name}' (current; its admin token is kept in "
+                  f"{profile.token_file})", markup=False)
+        out.print(f"  Logs:           {data_dir / 'hub.log'}, {data_dir / 'agent.log'}\n",
+                  markup=False)
         machine_table(rows)
         _sample_job(api)
-        out.print(f"\nTry: outpost machine list --data-dir {data_dir}")
+        cli = cli_command()
+        out.print(f"\nTry: {cli} machine list", markup=False)
+        out.print(f"     {cli} job start hello --group {GROUP} --wait", markup=False)
+        out.print(f"     {cli} agent status", markup=False)
+        out.print("\nAdd another machine (run this on it, as root for a system service):",
+                  markup=False)
+        out.print("  " + install_line(config.url, init.ca_fingerprint, init.account_id,
+                                      init.primary_key),
+                  markup=False, highlight=False, soft_wrap=True)
+        if _loopback(config.url):
+            out.print(f"  (this hub listens on {bind} only, so the line works on this "
+                      "machine alone; for a fleet, make a hub that other machines can reach: "
+                      "'outpost hub init --hostname NAME --bind 0.0.0.0:8443', README "
+                      "'Use it across machines')", markup=False)
         if not hold:
             return 0
         out.print("Press Ctrl-C to stop.")

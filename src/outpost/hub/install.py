@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from outpost.protocol.errors import OutpostError
+from outpost.protocol.fingerprint import parse as parse_fingerprint
 
 DIST_NAME = "outpost-fleet"
 # The names under which the hub serves what it hands out.
@@ -182,14 +183,6 @@ def install_script(wheel: str) -> str:
     return template.replace("@WHEEL@", wheel)
 
 
-def _fingerprint(text: str) -> str:
-    value = text.strip().lower().replace(":", "").removeprefix("sha256=")
-    if not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise OutpostError("invalid_request", f"'{text}' is not a SHA-256 fingerprint.",
-                           fix="Pass the 64 hex digits 'outpost hub init' prints.")
-    return value
-
-
 # The line's first part, run by sh: fetch the CA without trusting it, refuse unless its
 # SHA-256 is the pinned one (sed, base64 and sha256sum: coreutils, no openssl needed), then
 # fetch the script over TLS verified against that CA and run it. $0 and $1 (sh -c's first
@@ -217,7 +210,7 @@ def install_line(url: str, fingerprint: str, account_id: str, group: str,
     is in no URL and in no process's arguments); without, the operator exports it first.
     ``extra`` holds more options of the script (``--wheelhouse DIR``, ``--no-service``...).
     """
-    pinned = _fingerprint(fingerprint)
+    pinned = parse_fingerprint(fingerprint)
     args = [url.rstrip("/"), pinned, "--account-id", account_id, "--group", group]
     if name:
         args += ["--name", name]

@@ -245,9 +245,12 @@ _ENTRIES: tuple[Entry, ...] = (
         503, None),
     Entry(
         "E3008", "hub_cli_unconfigured", "No hub to talk to.",
-        ("Neither --hub/--token nor OUTPOST_HUB/OUTPOST_TOKEN nor --data-dir was given.",),
-        ("Pass --data-dir DIR on the hub's machine, or --hub URL --token T "
-         "--ca-fingerprint F (or the OUTPOST_* variables) elsewhere.",),
+        ("Neither --hub/--token nor OUTPOST_HUB/OUTPOST_TOKEN nor --data-dir was given, and "
+         "no profile is current (or the one picked has no hub).",),
+        ("Start one here with 'outpost up' (it makes its profile current), pick a profile "
+         "with 'outpost profile use NAME' ('outpost profile list' shows them), pass "
+         "--data-dir DIR on the hub's machine, or --hub URL --token T --ca-fingerprint F "
+         "(or the OUTPOST_* variables) elsewhere.",),
         400, None),
     Entry(
         "E3009", "conflict", "The request conflicts with what exists.",
@@ -622,6 +625,53 @@ _ENTRIES += (
          "or a certificate is missing)."),
         ("Append the issuing CA certificates, ending with the root CA, to the file (server "
          "certificate first): cat server.pem intermediate.pem root.pem > chain.pem.",),
+        400, None),
+)
+
+_ENTRIES += (
+    # --- the CLI's profiles, fingerprints and 'outpost up' (E8001-E8019) ----------------
+    Entry(
+        "E8001", "fingerprint_malformed",
+        "The CA fingerprint {value} is malformed: {problem}.",
+        ("The value given as --ca-fingerprint (or OUTPOST_CA_FINGERPRINT, or in a profile) "
+         "is not a SHA-256 fingerprint: 64 hexadecimal digits, with or without colons and "
+         "an optional 'sha256=' or 'SHA256:' prefix. It was mistyped or cut short when "
+         "copied.",),
+        ("Copy the fingerprint again from the output of 'outpost hub init' (or 'outpost "
+         "profile show' on a machine that has the hub's profile); 'AB:CD:...', 'abcd...' and "
+         "'sha256=abcd...' are all accepted.",),
+        400, None),
+    Entry(
+        "E8002", "profile_unknown", "No profile named '{name}'.",
+        ("The name given with --profile or OUTPOST_PROFILE, or to 'outpost profile "
+         "use/show/remove', is not in the profiles file: mistyped, or removed.",),
+        ("List the profiles with 'outpost profile list' and pick one of them.",),
+        404, None),
+    Entry(
+        "E8003", "profiles_file_invalid", "The profiles file {path} cannot be read: {problem}.",
+        ("The file was edited by hand and is no longer valid YAML of the expected shape, "
+         "or it cannot be read by this user.",),
+        ("Fix or remove the file; 'outpost up' and 'outpost hub init' write it again.",),
+        400, None),
+    Entry(
+        "E8004", "profile_token_missing", "The token of profile '{name}' is missing.",
+        ("The token file the profile refers to was removed or cannot be read.",),
+        ("Write the profile again: 'outpost up' or 'outpost hub init' where the hub is, or "
+         "'outpost profile add NAME ...' elsewhere; or pass --token.",),
+        400, None),
+    Entry(
+        "E8005", "outpost_already_up", "Outpost is already up in {data_dir}.",
+        ("Another 'outpost up' (or a 'hub run' and an 'agent run' on this directory) already "
+         "runs the hub and the agent of this directory.",),
+        ("Use the running one: its profile is now current, so 'outpost machine list' talks "
+         "to it; stop it first (Ctrl-C where it runs, or kill the pids shown) to start again.",
+         "Pass another --data-dir to start a second, separate Outpost."),
+        409, None),
+    Entry(
+        "E8006", "profile_name_invalid", "The profile name '{name}' is not valid.",
+        ("A profile name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
+         "or a digit.",),
+        ("Choose a name such as 'local', 'prod' or 'hub-eu-1'.",),
         400, None),
 )
 
