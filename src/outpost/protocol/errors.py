@@ -440,12 +440,6 @@ _ENTRIES += (
          "America/New_York or UTC.",),
         422, None),
     Entry(
-        "E6003", "spread_invalid", "The spread is not a valid duration.",
-        ("--spread is not a duration such as 30s, 10m, 1h30m or 2h, or it is longer than "
-         "7 days.",),
-        ("Give a duration from 0 to 7d, for example --spread 10m.",),
-        422, "EX-7"),
-    Entry(
         "E6004", "expiry_invalid", "The expiry is not a valid future date.",
         ("--expires is not an ISO 8601 date or date and time (2030-01-31, "
          "2030-01-31T18:00:00+01:00), or it is already past.",),
@@ -563,10 +557,14 @@ _ENTRIES += (
         400, "ED-1"),
     Entry(
         "E7051", "duration_invalid", "The duration is not valid.",
-        ("A duration such as --since is not a number of seconds or a value like 90s, 10m, "
-         "2h, 1d or 1h30m.",),
-        ("Give a duration like 10m, 2h or 1d, for example 'outpost agent logs --since 2h'.",),
-        400, None),
+        ("A duration (--timeout, --spread, --since, 'machine ping --timeout', the API's "
+         "timeout and spread fields, the config's job_log_retention) is not a number of "
+         "seconds or a value like 90s, 250ms, 5m, 10min, 2h, 1d or 1h30m.",
+         "The duration is outside the range the setting allows: a job's timeout and a "
+         "schedule's spread are at most 7 days."),
+        ("Give a duration like 10m, 2h or 1d, for example 'outpost job start ... --timeout "
+         "5m'; the message names the setting and the range.",),
+        422, "EX-7", ("E6003",)),
     Entry(
         "E7052", "job_log_not_found", "No log of this job is kept on this machine.",
         ("Another machine of the group ran the job.",
@@ -585,14 +583,49 @@ _ENTRIES += (
         500, "EX-9"),
 )
 
+_ENTRIES += (
+    # --- consistent commands: job id prefixes, runbook removal, parameters (E8040-E8059) --
+    Entry(
+        "E8040", "job_id_ambiguous", "The job id prefix '{prefix}' matches several jobs.",
+        ("A job may be named by the start of its id, as git names commits, and more than "
+         "one job of the account begins with what was given.",),
+        ("Give more characters of the id; 'outpost job list' shows the jobs, "
+         "'--json' their full ids.",),
+        409, None),
+    Entry(
+        "E8041", "runbook_in_use", "The runbook '{name}' is in use and was not removed.",
+        ("A schedule or a webhook starts this runbook; removing it would make them fail.",),
+        ("Remove the schedules and webhooks the message names ('outpost schedule remove "
+         "NAME', 'outpost webhook remove NAME'), then remove the runbook.",),
+        409, None),
+    Entry(
+        "E8042", "param_duplicate", "The parameter '{name}' is given more than once.",
+        ("--param NAME=VALUE names the same parameter twice, so it is not clear which value "
+         "is meant.",),
+        ("Give each parameter once.",),
+        422, None),
+    Entry(
+        "E8043", "value_empty", "The value read from standard input is empty.",
+        ("Standard input was empty (a pipe from a command that printed nothing, or "
+         "'< /dev/null'), so the variable would be stored empty by mistake.",),
+        ("Check the command that feeds standard input; to store an empty value on "
+         "purpose, pass --allow-empty.",),
+        422, None),
+)
+
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 BY_NAME: dict[str, Entry] = {e.name: e for e in _ENTRIES}
+# Codes retired into another entry (E6003, spread_invalid, is now E7051): an older hub may
+# still answer with them.
+BY_ALIAS: dict[str, Entry] = {a: e for e in _ENTRIES for a in e.aliases if a.startswith("E")}
 
 
 def entry(name_or_code: str) -> Entry:
     """The catalog entry for a name (``clock_skew``) or a code (``E1003``)."""
     if name_or_code in BY_NAME:
         return BY_NAME[name_or_code]
+    if name_or_code in BY_ALIAS:
+        return BY_ALIAS[name_or_code]
     return CATALOG[name_or_code]
 
 
@@ -708,7 +741,8 @@ class HubRefused(OutpostError):
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         code = str(body.get("code", "E3006"))
-        name = CATALOG[code].name if code in CATALOG else "internal_error"
+        known = CATALOG.get(code) or BY_ALIAS.get(code)
+        name = known.name if known else "internal_error"
         details = body.get("details")
         # A body from a proxy or an older hub may carry anything here.
         details = ({k: v for k, v in details.items() if k != "fix"}
