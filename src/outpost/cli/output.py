@@ -35,8 +35,9 @@ _USAGE_REASONS = {"config_invalid", "config_tab", "invalid_hostname", "account_k
                   "runbook_type_unknown", "param_spec_invalid", "param_invalid",
                   "param_missing", "runbook_too_large", "certificate_invalid",
                   "certificate_password", "asset_too_large", "cron_invalid",
-                  "timezone_unknown", "spread_invalid", "expiry_invalid",
-                  "webhook_param_missing", "log_level_invalid", "duration_invalid"}
+                  "timezone_unknown", "expiry_invalid", "webhook_param_missing",
+                  "log_level_invalid", "duration_invalid", "param_duplicate", "value_empty",
+                  "job_id_ambiguous"}
 
 
 def exit_code(exc: OutpostError) -> int:
