@@ -594,9 +594,11 @@ _ENTRIES += (
         409, None),
     Entry(
         "E8041", "runbook_in_use", "The runbook '{name}' is in use and was not removed.",
-        ("A schedule or a webhook starts this runbook; removing it would make them fail.",),
+        ("A schedule or a webhook starts this runbook, or a job of it has not ended "
+         "(queued, running or suspended); removing it would make them fail.",),
         ("Remove the schedules and webhooks the message names ('outpost schedule remove "
-         "NAME', 'outpost webhook remove NAME'), then remove the runbook.",),
+         "NAME', 'outpost webhook remove NAME') and stop or wait for its jobs, then remove "
+         "the runbook.",),
         409, None),
     Entry(
         "E8042", "param_duplicate", "The parameter '{name}' is given more than once.",
