@@ -175,9 +175,9 @@ def test_bad_input_is_refused_with_its_code_and_nothing_is_stored(hub: Hub,
         ({"timezone": "../../etc/passwd"}, "E6002", "Unknown time zone"),
         # NUL in any text is refused at the edge, naming the field (one rule on both databases).
         ({"timezone": "UTC\u0000"}, "E3003", "body.timezone: the text contains the NUL"),
-        ({"spread": "ten minutes"}, "E6003", "ten minutes"),
-        ({"spread": "8d"}, "E6003", "from 0 to 7d"),
-        ({"spread": -5}, "E6003", "from 0 to 7d"),
+        ({"spread": "ten minutes"}, "E7051", "ten minutes"),
+        ({"spread": "8d"}, "E7051", "0s to 7d"),
+        ({"spread": -5}, "E7051", "not a duration"),
         ({"runbook": "nope"}, "E3002", "No runbook 'nope'"),
         ({"params": {"n": "lots"}}, "E4003", "'n'"),
         ({"params": {"n": 1, "bogus": 1}}, "E4003", "Unknown parameter 'bogus'"),
@@ -198,7 +198,7 @@ def test_bad_input_is_refused_with_its_code_and_nothing_is_stored(hub: Hub,
 
     assert "out of range" in _refused(create("--cron", "61 * * * *"), "E6001", 2)
     _refused(create("--cron", "@hourly", "--timezone", "Mars/Olympus"), "E6002", 2)
-    _refused(create("--cron", "@hourly", "--spread", "ten minutes"), "E6003", 2)
+    _refused(create("--cron", "@hourly", "--spread", "ten minutes"), "E7051", 2)
     _refused(hub.cli("schedule", "create", "s", "--runbook", "nope", "--group", "web",
                      "--cron", "@hourly"), "E3002", 1)
     _refused(create("--cron", "@hourly", "--param", "n=lots"), "E4003", 2)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 
@@ -632,7 +633,10 @@ def entry(name_or_code: str) -> Entry:
 
 
 def find(text: str) -> list[Entry]:
-    """Entries matching a code, a name, or a piece of pasted error text (any case)."""
+    """Entries matching a code, a name, or a piece of pasted error text (any case), the
+    likeliest first: a code in the text, then the entries whose message (as the catalog or
+    the code that raises it words it, values aside) is in the text, the most specific
+    first, then those whose message, causes or fixes hold the text."""
     needle = _normal(text)
     if not needle:
         return []
@@ -640,20 +644,26 @@ def find(text: str) -> list[Entry]:
              if needle in (e.code.lower(), e.name.lower(), *(a.lower() for a in e.aliases))]
     if exact:
         return exact
-    hits = []
+    hits: list[Entry] = []
+    for token in re.findall(r"\be\d{4}\b", needle):  # "code: E3002" in a pasted block
+        hits += [e for e in _ENTRIES if e not in hits and token in (
+            e.code.lower(), *(a.lower() for a in e.aliases))]
+    best: dict[str, tuple[int, bool]] = {}
+    for e, pattern, letters in _matchers():
+        if pattern.search(needle):
+            score = (letters, pattern.fullmatch(needle) is not None)
+            best[e.code] = max(best.get(e.code, score), score)
+    hits += [CATALOG[code] for code in sorted(best, key=lambda c: best[c], reverse=True)
+             if CATALOG[code] not in hits]
     for e in _ENTRIES:
         hay = _normal(" ".join((e.code, e.name, e.name.replace("_", " "), e.message,
                                 *e.causes, *e.fixes)))
-        if needle in hay:
+        if needle in hay and e not in hits:
             hits.append(e)
-    # A pasted message often carries more than the catalog text (a prefix, details, the
-    # values that fill the message's {placeholders}).
-    if not hits:
-        hits = [e for e in _ENTRIES if _pattern(e).search(needle)]
-    if not hits:  # a code or a long number inside other text: "... failed (151076)"
-        for token in re.findall(r"\b(?:e\d{4}|\d{5,})\b", needle):
+    if not hits:  # a long number inside other text: "... failed (151076)"
+        for token in re.findall(r"\b\d{5,}\b", needle):
             hits += [e for e in _ENTRIES if e not in hits and (
-                token in (e.code.lower(), *(a.lower() for a in e.aliases))
+                token in (a.lower() for a in e.aliases)
                 or token in _normal(" ".join((e.message, *e.causes))))]
     if not hits:  # the words in another order or with other punctuation: "unreachable (dns)"
         words = set(re.findall(r"[a-z0-9]+", needle))
@@ -665,6 +675,9 @@ def find(text: str) -> list[Entry]:
 
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
                          "`": "'"})
+# A template with fewer letters than this outside its values ("{}:{}:{}: {}", a file name,
+# line and column before a problem) would match nearly any text: it is left out.
+MATCH_MIN_LETTERS = 8
 
 
 def _normal(text: str) -> str:
@@ -672,9 +685,41 @@ def _normal(text: str) -> str:
     return " ".join(text.translate(_QUOTES).lower().split())
 
 
-def _pattern(e: Entry) -> re.Pattern[str]:
-    pieces = re.split(r"\{[a-z_]+\}", _normal(e.message).rstrip("."))
-    return re.compile(".+?".join(re.escape(p) for p in pieces))
+def _pieces(template: str) -> list[str]:
+    """The literal text of a message template around its values: ``{name}`` in the
+    catalog, ``{}`` in messages.py, where ``{{`` and ``}}`` are literal braces."""
+    pieces, current = [], ""
+    for token in re.split(r"(\{\{|\}\}|\{[a-z_]*\})", template):
+        if token in ("{{", "}}"):
+            current += token[0]
+        elif re.fullmatch(r"\{[a-z_]*\}", token):
+            pieces.append(current)
+            current = ""
+        else:
+            current += token
+    return [*pieces, current]
+
+
+def pattern(template: str) -> tuple[re.Pattern[str], int]:
+    """A template as a regular expression over normalised text (a value may be anything,
+    a trailing period is optional), and how many letters it has outside its values."""
+    pieces = _pieces(template)
+    pieces[-1] = pieces[-1].rstrip().rstrip(".")
+    letters = sum(c.isalpha() for piece in pieces for c in piece)
+    return re.compile(".*?".join(re.escape(_normal(p)) for p in pieces)), letters
+
+
+@cache
+def _matchers() -> list[tuple[Entry, re.Pattern[str], int]]:
+    from .messages import TEMPLATES
+
+    found = []
+    for e, template in [*((e, e.message) for e in _ENTRIES),
+                        *((BY_NAME[n], t) for n, t in TEMPLATES if n in BY_NAME)]:
+        regex, letters = pattern(template)
+        if letters >= MATCH_MIN_LETTERS:
+            found.append((e, regex, letters))
+    return found
 
 
 class OutpostError(Exception):
