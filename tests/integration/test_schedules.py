@@ -201,7 +201,9 @@ def test_bad_input_is_refused_with_its_code_and_nothing_is_stored(hub: Hub,
     _refused(create("--cron", "@hourly", "--spread", "ten minutes"), "E7051", 2)
     _refused(hub.cli("schedule", "create", "s", "--runbook", "nope", "--group", "web",
                      "--cron", "@hourly"), "E3002", 1)
-    _refused(create("--cron", "@hourly", "--param", "n=lots"), "E4003", 2)
+    _refused(hub.cli("schedule", "create", "s", "--runbook", "p", "--group", "web",
+                     "--cron", "@hourly", "--param", "n=lots"), "E4003", 2)
+    _refused(create("--cron", "@hourly", "--param", "n=2"), "E8042", 2)
     assert _json(hub.cli("schedule", "list", "--json")) == []
     assert query(hub.database_url, "SELECT count(*) FROM schedules") == [(0,)]
 
@@ -230,7 +232,9 @@ def test_a_schedule_starts_its_jobs_on_a_real_agent(hub: Hub, agents: list[Agent
         assert job["machine_id"] == machine_id
         assert job["created_at"] >= run["due_at"]  # never before its time
     shown = _wide(hub, "schedule", "show", "every-second")
-    assert completed[0]["job_id"] in shown.stdout and "Completed" in shown.stdout
+    # The table shows the start of each job id (any unique start is accepted back).
+    assert completed[0]["job_id"][:8] in shown.stdout and "Completed" in shown.stdout
+    assert completed[0]["job_id"] not in shown.stdout
     last = _show(hub, "every-second")
     assert last["last_run_at"] == max(r["due_at"] for r in last["runs"])
     _assert_each_due_time_once(hub, made["id"], "tick")
@@ -353,7 +357,8 @@ def test_generated_schedule_and_webhook_requests(hub: Hub, body: dict[str, Any],
     with hub.client(hub.admin_token) as client:
         published = client.post("/v1/runbooks", json={
             "name": "p", "content": "#!/bin/sh\ntrue\n", "params": ["body:string=", "n:int=1"]})
-        assert published.status_code == 201, published.text
+        # The first example stores version 1; the same content again stores nothing (200).
+        assert published.status_code in (200, 201), published.text
         for path in ("/v1/schedules", "/v1/webhooks"):
             response = client.post(path, json=body)
             if response.status_code == 201:  # generated and valid: remove it again

@@ -548,7 +548,9 @@ def create_app(hub: Hub) -> FastAPI:
         return {"machine": row.name, "round_trip_ms": round((done["done_at"] - started) * 1e3, 2),
                 "agent_received_at": done["result"].get("received_at")}
 
-    @app.post("/v1/runbooks", tags=["runbooks"], status_code=201)
+    @app.post("/v1/runbooks", tags=["runbooks"], status_code=201, responses={
+        200: {"description": "The same as the latest version: nothing was stored "
+                             "(\"unchanged\": true)."}})
     async def runbook_publish(principal: Op, body: RunbookPublish,
                               response: Response) -> dict[str, Any]:
         """Store a new version of a runbook (201). The same content, type, description,
