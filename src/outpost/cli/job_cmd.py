@@ -132,8 +132,8 @@ def start(
         _start_many(client, body, count, wait, json)
         return
     job = client.post("/v1/jobs", body)
-    if not _warn(job.get("warnings")):
-        _warn_if_waiting(client, job)
+    _warn(job.get("warnings"))
+    _warn_if_waiting(client, job)
     if not (wait or follow):
         if json:
             print_json(job)
@@ -153,11 +153,10 @@ def start(
         raise typer.Exit(EXIT_FAILED)
 
 
-def _warn(warnings: list[str] | None) -> bool:
+def _warn(warnings: list[str] | None) -> None:
     """The hub's warnings on stderr (a group no machine has joined, with a did-you-mean)."""
     for line in warnings or []:
         err.print(f"warning: {line}", markup=False)
-    return bool(warnings)
 
 
 def _warn_if_waiting(client: Api, job: dict[str, Any]) -> None:
@@ -179,7 +178,8 @@ def _start_many(client: Api, body: dict[str, Any], count: int, wait: bool,
     """``job start --count N``: one batch request; with ``wait``, every job's end."""
     answer = client.post("/v1/jobs/batch", {"jobs": [body] * count})
     queued: list[dict[str, Any]] = answer["jobs"]
-    if queued and not _warn(answer.get("warnings")):  # one group: the first tells for all
+    _warn(answer.get("warnings"))
+    if queued:  # all went to one group: the first tells for all
         _warn_if_waiting(client, queued[0])
     if json and not wait:
         print_json(queued)

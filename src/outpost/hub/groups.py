@@ -69,15 +69,13 @@ async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
 
 async def unknown_group_warnings(engine: AsyncEngine, account_id: str,
                                  names: Iterable[str]) -> list[str]:
-    """For each group no machine has joined and no setting names: a warning (the job still
-    queues, as a machine may join later), with the nearest known group if one is near."""
+    """For each group no machine has joined and no setting names, and that is near a known
+    one: "no group 'lcoal'; did you mean 'local'?" (the job still queues: a machine may join
+    later; that it waits is said by the job's ``waiting_for``)."""
     known = [g["name"] for g in await listing(engine, account_id)]
     warnings = []
     for name in dict.fromkeys(names):
-        if name in known:
-            continue
-        hint = did_you_mean(name, known)
-        warnings.append(f"no group '{name}'" + (f"; {hint}" if hint else ".")
-                        + f" The job is queued and waits until a machine joins '{name}'.")
+        hint = did_you_mean(name, known) if name not in known else ""
+        if hint:
+            warnings.append(f"no group '{name}'; {hint}")
     return warnings
-
