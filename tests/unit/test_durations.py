@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from outpost.hub.schedules import parse_spread
@@ -57,3 +59,13 @@ def test_the_cli_refuses_a_bad_timeout_with_the_code_not_a_usage_error() -> None
                    "--token", "t")
     assert done.returncode == 2 and "E7051" in done.stderr, done.stderr
     assert "--spread '10x' is not a duration" in done.stderr
+
+
+def test_every_other_duration_option_takes_the_same_forms(tmp_path: Path) -> None:
+    done = run_cli("hub", "run", "--data-dir", str(tmp_path), "--heartbeat-interval", "5x")
+    assert done.returncode == 2 and "--heartbeat-interval '5x' is not a duration" in done.stderr
+    assert "E7051" in done.stderr
+    done = run_cli("agent", "logs", "--state-dir", str(tmp_path), "--since", "5x")
+    assert done.returncode == 2 and "--since '5x' is not a duration" in done.stderr
+    done = run_cli("agent", "logs", "--state-dir", str(tmp_path), "--since", "10min")
+    assert done.returncode == 0, done.stderr  # no log yet: said on stderr, exit 0
