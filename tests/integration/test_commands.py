@@ -82,6 +82,10 @@ def test_unknown_group_and_runbook_say_did_you_mean(sqlite_hub: Hub, tmp_path: P
     code, out, err = _cli(hub, "job", "start", "greet", "--group", "lcoal")
     assert code == 0, err
     assert "warning: no group 'lcoal'; did you mean 'local'?" in err
+    answer = hub.api("POST", "/v1/jobs", json={"runbook": "greet", "group": "lcoal"}).json()
+    assert answer["warnings"] == ["no group 'lcoal'; did you mean 'local'?"]
+    assert hub.api("POST", "/v1/jobs", json={"runbook": "greet", "group": "local"}
+                   ).json()["warnings"] == []
     job = hub.api("GET", f"/v1/jobs/{out.strip()}").json()
     assert job["status"] == "Queued" and job["group_name"] == "lcoal"  # queued all the same
     code, out, err = _cli(hub, "job", "start", "greet", "--group", "lcoal", "--count", "2")

@@ -588,7 +588,7 @@ def create_app(hub: Hub) -> FastAPI:
         hub.dispatcher.wake(f"g:{principal.account_id}:{body.group}")
         warnings = await groups.unknown_group_warnings(hub.engine, principal.account_id,
                                                        [body.group])
-        return {**job, "warnings": warnings} if warnings else job
+        return {**job, "warnings": warnings}
 
     @app.post("/v1/jobs/batch", tags=["jobs"], status_code=201)
     async def job_start_batch(principal: Op, body: JobBatch) -> dict[str, Any]:
@@ -614,7 +614,7 @@ def create_app(hub: Hub) -> FastAPI:
             hub.dispatcher.wake(f"g:{principal.account_id}:{group}")
         warnings = await groups.unknown_group_warnings(hub.engine, principal.account_id,
                                                        named)
-        return {"jobs": views, "warnings": warnings} if warnings else {"jobs": views}
+        return {"jobs": views, "warnings": warnings}
 
     async def job_control(principal: accounts.Principal, job_id: str,
                           action: str) -> dict[str, Any]:
