@@ -5,12 +5,15 @@ a command added without --json or -f fails here."""
 from __future__ import annotations
 
 import enum
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import typer.main
 
 from outpost.cli.main import app
+from tests.support import run_cli
 
 
 def _leaves(command: Any, path: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
@@ -86,3 +89,13 @@ def test_output_json_stays_an_alias_of_json() -> None:
 
 def test_no_data_names_real_commands() -> None:
     assert set(NO_DATA) <= set(LEAVES)
+
+
+def test_check_json_is_check_output_json(tmp_path: Path) -> None:
+    """The alias prints the same document (an unregistered state directory: no network)."""
+    by_json = run_cli("check", "--json", "--state-dir", str(tmp_path))
+    by_output = run_cli("check", "--output", "json", "--state-dir", str(tmp_path))
+    assert by_json.returncode == by_output.returncode == 1, by_json.stderr
+    first, second = json.loads(by_json.stdout), json.loads(by_output.stdout)
+    assert [c["id"] for c in first["checks"]] == [c["id"] for c in second["checks"]]
+    assert first["counts"] == second["counts"]
