@@ -49,7 +49,7 @@ def _assert_clean(response: Any) -> None:
 def test_generated_runbook_bodies(hub: Hub, body: Any) -> None:
     with hub.client(hub.admin_token) as client:
         response = client.post("/v1/runbooks", json=body)
-    if response.status_code == 201:  # a generated body that happens to be valid
+    if response.status_code in (200, 201):  # a generated body that happens to be valid
         return
     _assert_clean(response)
 

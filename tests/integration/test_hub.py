@@ -187,7 +187,7 @@ def test_bad_input_answers_json_with_code(hub: Hub) -> None:
                                   "E3003")
         assert "name" in body["message"], body
         body = _assert_error_body(admin.post("/v1/machines/nope/ping?timeout=abc"), 422,
-                                  "E3003")
+                                  "E7051")
         assert "timeout" in body["message"], body
 
         _assert_error_body(admin.get("/v1/no/such/path"), 404, "E3002")

@@ -130,7 +130,8 @@ def test_a_bad_entry_refuses_the_whole_batch(hub: Hub, tmp_path: Path) -> None:
                 {"runbook": "nope", "group": "web"},  # E3002
                 {"runbook": "p", "group": "web", "version": 9, "params": {"n": 1}},  # E3002
                 {"runbook": "p", "group": "w b", "params": {"n": 1}},  # E3003
-                {"runbook": "p", "group": "web", "timeout": 1e9, "params": {"n": 1}}):
+                {"runbook": "p", "group": "web", "timeout": 1e9, "params": {"n": 1}},
+                {"runbook": "p", "group": "web", "timeout": 0, "params": {"n": 1}}):  # E7051
         single = hub.api("POST", "/v1/jobs", json=bad)
         batch = _batch(hub, [good] * 7 + [bad] + [good] * 4)
         assert single.status_code >= 400 and batch.status_code == single.status_code, bad
@@ -144,9 +145,9 @@ def test_a_bad_entry_refuses_the_whole_batch(hub: Hub, tmp_path: Path) -> None:
     assert batch.status_code == single.status_code < 500
     assert batch.json()["code"] == single.json()["code"]
     # A request-shape error in an entry names it the same way.
-    shape = _batch(hub, [good] * 7 + [{"runbook": "p", "group": "web", "timeout": 0}])
+    shape = _batch(hub, [good] * 7 + [{"runbook": "p", "group": "web", "version": 0}])
     assert shape.status_code == 422 and shape.json()["code"] == "E3003"
-    assert shape.json()["message"].startswith("jobs[7]: The request is not valid: timeout:")
+    assert shape.json()["message"].startswith("jobs[7]: The request is not valid: version:")
     # The first bad entry is the one named, whichever check finds it.
     mixed = _batch(hub, [good, {"runbook": "nope", "group": "web"}, {"group": "web"}])
     assert mixed.json()["message"].startswith("jobs[1]: No runbook 'nope'")

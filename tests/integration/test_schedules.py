@@ -175,9 +175,9 @@ def test_bad_input_is_refused_with_its_code_and_nothing_is_stored(hub: Hub,
         ({"timezone": "../../etc/passwd"}, "E6002", "Unknown time zone"),
         # NUL in any text is refused at the edge, naming the field (one rule on both databases).
         ({"timezone": "UTC\u0000"}, "E3003", "body.timezone: the text contains the NUL"),
-        ({"spread": "ten minutes"}, "E6003", "ten minutes"),
-        ({"spread": "8d"}, "E6003", "from 0 to 7d"),
-        ({"spread": -5}, "E6003", "from 0 to 7d"),
+        ({"spread": "ten minutes"}, "E7051", "ten minutes"),
+        ({"spread": "8d"}, "E7051", "0s to 7d"),
+        ({"spread": -5}, "E7051", "not a duration"),
         ({"runbook": "nope"}, "E3002", "No runbook 'nope'"),
         ({"params": {"n": "lots"}}, "E4003", "'n'"),
         ({"params": {"n": 1, "bogus": 1}}, "E4003", "Unknown parameter 'bogus'"),
@@ -198,10 +198,12 @@ def test_bad_input_is_refused_with_its_code_and_nothing_is_stored(hub: Hub,
 
     assert "out of range" in _refused(create("--cron", "61 * * * *"), "E6001", 2)
     _refused(create("--cron", "@hourly", "--timezone", "Mars/Olympus"), "E6002", 2)
-    _refused(create("--cron", "@hourly", "--spread", "ten minutes"), "E6003", 2)
+    _refused(create("--cron", "@hourly", "--spread", "ten minutes"), "E7051", 2)
     _refused(hub.cli("schedule", "create", "s", "--runbook", "nope", "--group", "web",
                      "--cron", "@hourly"), "E3002", 1)
-    _refused(create("--cron", "@hourly", "--param", "n=lots"), "E4003", 2)
+    _refused(hub.cli("schedule", "create", "s", "--runbook", "p", "--group", "web",
+                     "--cron", "@hourly", "--param", "n=lots"), "E4003", 2)
+    _refused(create("--cron", "@hourly", "--param", "n=2"), "E8042", 2)
     assert _json(hub.cli("schedule", "list", "--json")) == []
     assert query(hub.database_url, "SELECT count(*) FROM schedules") == [(0,)]
 
@@ -230,7 +232,9 @@ def test_a_schedule_starts_its_jobs_on_a_real_agent(hub: Hub, agents: list[Agent
         assert job["machine_id"] == machine_id
         assert job["created_at"] >= run["due_at"]  # never before its time
     shown = _wide(hub, "schedule", "show", "every-second")
-    assert completed[0]["job_id"] in shown.stdout and "Completed" in shown.stdout
+    # The table shows the start of each job id (any unique start is accepted back).
+    assert completed[0]["job_id"][:8] in shown.stdout and "Completed" in shown.stdout
+    assert completed[0]["job_id"] not in shown.stdout
     last = _show(hub, "every-second")
     assert last["last_run_at"] == max(r["due_at"] for r in last["runs"])
     _assert_each_due_time_once(hub, made["id"], "tick")
@@ -353,7 +357,8 @@ def test_generated_schedule_and_webhook_requests(hub: Hub, body: dict[str, Any],
     with hub.client(hub.admin_token) as client:
         published = client.post("/v1/runbooks", json={
             "name": "p", "content": "#!/bin/sh\ntrue\n", "params": ["body:string=", "n:int=1"]})
-        assert published.status_code == 201, published.text
+        # The first example stores version 1; the same content again stores nothing (200).
+        assert published.status_code in (200, 201), published.text
         for path in ("/v1/schedules", "/v1/webhooks"):
             response = client.post(path, json=body)
             if response.status_code == 201:  # generated and valid: remove it again

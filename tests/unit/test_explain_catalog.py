@@ -75,3 +75,77 @@ def test_the_hub_suspends_with_the_catalog_text() -> None:
 
 def test_a_code_inside_other_text_is_found() -> None:
     assert [e.code for e in find("request failed (code E2004) at 10:00")] == ["E2004"]
+
+
+# --- every error line Outpost prints is explained back to its entry, first ----------------
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from outpost.protocol.messages import TEMPLATES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = "sample-7"
+
+
+def _render(template: str) -> str:
+    """The message as a user sees it: each value filled in, literal braces as braces."""
+    pieces = errors._pieces(template)
+    return SAMPLE.join(pieces)
+
+
+def test_the_raised_messages_are_current() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gen_error_docs
+    finally:
+        sys.path.pop(0)
+    assert (ROOT / "src/outpost/protocol/messages.py").read_text() == \
+        gen_error_docs.render_messages(), "run python scripts/gen_error_docs.py"
+    assert len(TEMPLATES) > 100
+
+
+@pytest.mark.parametrize("code", list(CATALOG))
+def test_every_catalog_message_rendered_is_explained_first(code: str) -> None:
+    rendered = _render(CATALOG[code].message)
+    # Entries that share their text (HW-4's three causes of one 403) come first together.
+    same = [e.code for e in CATALOG.values() if e.message == CATALOG[code].message]
+    for pasted in (rendered, f"error: {rendered}", rendered.upper()):
+        found = [e.code for e in find(pasted)]
+        assert code in found[:len(same)], (pasted, found[:3])
+
+
+# Messages that are nearly all values: a file, line and column before a problem the parser
+# words; a command line and what it said. 'outpost explain' finds them by the code the
+# CLI prints under them ("code: E2001").
+TOO_BARE = {("config_invalid", "{}:{}:{}: {}"), ("config_invalid", "{}:{}:{}: {}: {}"),
+            ("internal_error", "'{}' failed: {}")}
+
+
+@pytest.mark.parametrize(("name", "template"), TEMPLATES,
+                         ids=[f"{n}:{t[:40]}" for n, t in TEMPLATES])
+def test_every_message_the_code_raises_is_explained_first(name: str, template: str) -> None:
+    if (name, template) in TOO_BARE:
+        assert errors.pattern(template)[1] < errors.MATCH_MIN_LETTERS
+        rendered = _render(template)
+        assert find(f"error: {rendered}\n  code:   {BY_CODE[name]} ({name})")[0].name == name
+        return
+    rendered = _render(template)
+    for pasted in (rendered, f"error: {rendered}", rendered.swapcase()):
+        found = [e.name for e in find(pasted)]
+        assert found and found[0] == name, (pasted, found[:3])
+
+
+BY_CODE = {e.name: e.code for e in CATALOG.values()}
+
+
+@pytest.mark.parametrize(("text", "code"), [
+    ("No runbook 'gret' in this account.", "E3002"),
+    ("Cron expression '61 * * *': it has 4 fields", "E6001"),
+    ("error: Parameter 'x' is given twice (--param x=1 and --param x=2).", "E8042"),
+    ("--timeout '5x' is not a duration.", "E7051"),
+    ("Job id prefix 'abcd' matches several jobs: abcd1 (greet, Queued), abcd2 (greet, "
+     "Queued).", "E8040"),
+])
+def test_the_lines_of_the_issue_are_explained(text: str, code: str) -> None:
+    assert find(text)[0].code == code, [e.code for e in find(text)][:3]

@@ -63,3 +63,25 @@ def test_assignments_split_on_the_first_equals_sign() -> None:
     assert params.split_assignments(["a=1", "b=x=y", "c="]) == {"a": "1", "b": "x=y", "c": ""}
     with pytest.raises(OutpostError, match="not NAME=VALUE"):
         params.split_assignments(["novalue"])
+
+
+def test_a_parameter_given_twice_is_refused_naming_it() -> None:
+    with pytest.raises(OutpostError) as caught:
+        params.split_assignments(["x=1", "y=2", "x=2"])
+    assert caught.value.code == "E8042" and caught.value.details["parameter"] == "x"
+    assert "'x' is given twice" in caught.value.message
+    # The same value twice is as unclear a command line.
+    with pytest.raises(OutpostError):
+        params.split_assignments(["x=1", "x=1"])
+    assert params.split_assignments(["x=1", "xy=2", "z=a=b"]) == {"x": "1", "xy": "2",
+                                                                  "z": "a=b"}
+
+
+def test_did_you_mean() -> None:
+    from outpost.protocol.names import did_you_mean, nearest
+
+    assert did_you_mean("lcoal", ["local", "web", "db"]) == "did you mean 'local'?"
+    assert nearest("WEB", ["local", "web"]) == "web"
+    assert nearest("gret", ["greet", "deploy"]) == "greet"
+    assert did_you_mean("zzzz", ["local", "web"]) == ""
+    assert nearest("local", ["local"]) is None

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from outpost.protocol import durations
 from outpost.protocol.errors import OutpostError
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -31,8 +32,6 @@ LOG_NAME = "agent.log"
 # Attributes every LogRecord has; whatever else a record carries is a field of the line.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _JOB_LINE = re.compile(r"job ([A-Za-z0-9][A-Za-z0-9_.-]{0,127})[: ]")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def resolve_level(configured: str, env_value: str | None) -> str:
@@ -50,25 +49,10 @@ def resolve_level(configured: str, env_value: str | None) -> str:
 
 
 def parse_duration(text: str | float) -> float:
-    """Seconds in ``90``, ``90s``, ``10m``, ``2h``, ``1d``, ``1w`` or ``1h30m``; ValueError
-    for anything else or a negative value."""
-    if isinstance(text, bool):
-        raise ValueError("not a duration")
-    if isinstance(text, (int, float)):
-        if text < 0:
-            raise ValueError("negative")
-        return float(text)
-    value = text.strip().lower().replace(" ", "")
-    if not value:
-        raise ValueError("empty")
-    try:
-        seconds = float(value)
-    except ValueError:
-        parts = _DURATION.findall(value)
-        if not parts or "".join(n + u for n, u in parts) != value:
-            raise ValueError(f"'{text}' is not a duration") from None
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds < 0 or seconds != seconds:  # negative or NaN
+    """Seconds in ``90``, ``90s``, ``10m``, ``10min``, ``2h``, ``1d``, ``1w`` or ``1h30m``
+    (protocol/durations.py); ValueError for anything else or a negative value."""
+    seconds = durations.seconds(text)
+    if seconds is None:
         raise ValueError(f"'{text}' is not a duration")
     return seconds
 

@@ -16,6 +16,7 @@ from outpost.agent import config as agent_config
 from outpost.agent import joblogs
 from outpost.agent import logs as agent_logs
 from outpost.agent.state import StateDir
+from outpost.protocol import durations
 from outpost.protocol.errors import OutpostError
 
 from . import signals
@@ -28,12 +29,7 @@ FOLLOW_INTERVAL = 0.2
 def _since(value: str | None) -> float | None:
     if value is None:
         return None
-    try:
-        return time.time() - agent_logs.parse_duration(value)
-    except ValueError:
-        raise OutpostError("duration_invalid", f"--since '{value}' is not a duration.",
-                           fix="Give a duration like 30s, 10m, 2h or 1d, for example "
-                               "--since 2h.", value=value[:64]) from None
+    return time.time() - durations.parse(value, "--since")
 
 
 def _level(value: str | None) -> str | None:
@@ -99,7 +95,7 @@ def logs(
         "--jobs", help="List the job logs kept on this machine and when each is removed.")]
     = False,
     since: Annotated[Optional[str], typer.Option(
-        "--since", help="Only lines of the last DURATION: 30s, 10m, 2h, 1d.")] = None,
+        "--since", help="Only lines of the last DURATION: 30s, 10m, 10min, 2h, 1d.")] = None,
     level: Annotated[Optional[str], typer.Option(
         "--level", help="Only lines at this level or above: debug, info, warning, error.")]
     = None,

@@ -84,12 +84,22 @@ def variable_set(
         help="Never show the value in list or show (it is sealed at rest either way).")]
     = False,
     description: Description = "",
+    allow_empty: Annotated[bool, typer.Option(
+        "--allow-empty", help="Store an empty value read from standard input or the prompt "
+        "(refused otherwise, as it is most often a mistake).")] = False,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
-    """Create or replace variable NAME."""
+    """Create or replace variable NAME. An empty value read from standard input is refused
+    unless --allow-empty; an empty VALUE argument ('') is stored as given."""
     if value is None or value == "-":
         value = _read_secret("Value", confirm=secret)
+        if value == "" and not allow_empty:
+            raise OutpostError("value_empty",
+                               f"The value of variable '{name}' read from standard input is "
+                               "empty; nothing was stored.",
+                               fix="Check what feeds standard input; to store an empty value "
+                                   "on purpose, pass --allow-empty.", variable=name)
     stored = api(hub, token, ca_fingerprint, data_dir).call(
         "PUT", _path("variable", name),
         json={"value": value, "secret": secret, "description": description})

@@ -25,7 +25,8 @@ class OutputFormat(str, enum.Enum):
 
 OutputOpt = Annotated[OutputFormat, typer.Option(
     "--output", "-o", help="text (a mark per check, counts at the end) or json (one object "
-    "with every check's id, result, details, fix and code).")]
+    "with every check's id, result, details, fix and code); --json is the same as "
+    "--output json.")]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Also show what each passing check found, the data behind "
     "every result, and the catalog's causes for each problem.")]
@@ -99,6 +100,7 @@ def check(
     state_dir_: StateDirOpt = None,
     config: ConfigOpt = None,
     output: OutputOpt = OutputFormat.text,
+    json: Json = False,
     verbose: VerboseOpt = False,
     warnings_as_errors: StrictOpt = False,
     clock_skew: ClockSkew = 0.0,
@@ -119,6 +121,7 @@ def check(
     from outpost.agent.transport import Clock
 
     ctx = agent_checks.AgentContext(state, config_path, Clock(clock_skew))
+    output = OutputFormat.json if json else output
     text = output is OutputFormat.text
     if text:
         out.print(f"Checking the Outpost agent in {state.root} (outpost {__version__})")
@@ -159,6 +162,7 @@ def hub_check(
         help="Check this certificate instead of the data directory's server.pem "
         "(as given to 'hub run --tls-cert').")] = None,
     output: OutputOpt = OutputFormat.text,
+    json: Json = False,
     verbose: VerboseOpt = False,
     warnings_as_errors: StrictOpt = False,
     clock_skew: ClockSkew = 0.0,
@@ -172,6 +176,7 @@ def hub_check(
     from outpost.hub import checks as hub_checks
 
     ctx = hub_checks.HubContext(data_dir, database_url, tls_cert, clock_skew)
+    output = OutputFormat.json if json else output
     text = output is OutputFormat.text
     if text:
         out.print(f"Checking the Outpost hub in {data_dir} (outpost {__version__})")

@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 import typer
 
+from outpost.protocol import durations
 from outpost.protocol.errors import OutpostError
 
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
@@ -15,6 +16,7 @@ from .output import ago, machine_table, out, print_json, table
 
 accounts = typer.Typer(no_args_is_help=True, help="Accounts and their registration keys.")
 machines = typer.Typer(no_args_is_help=True, help="The machines of the fleet.")
+PING_MAX = 120.0  # the hub's bound on a ping's wait
 
 
 @accounts.command("create")
@@ -150,13 +152,15 @@ def machine_remove(name: str, hub: Hub = None, token: Token = None,
 
 @machines.command("ping")
 def machine_ping(name: str,
-                 timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+                 timeout: Annotated[str, typer.Option(
+                     help="How long to wait: 10, 10s, 1m (at most 2m).")] = "10s",
                  hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
                  data_dir: DataDir = None, json: Json = False) -> None:
     """Send a work item to a machine and time its agent's answer."""
+    seconds = durations.parse(timeout, "--timeout", positive=True, maximum=PING_MAX)
     done = api(hub, token, ca_fingerprint, data_dir).post(
-        f"/v1/machines/{quote(name, safe='')}/ping", params={"timeout": timeout},
-        timeout=timeout + 10)
+        f"/v1/machines/{quote(name, safe='')}/ping", params={"timeout": seconds},
+        timeout=seconds + 10)
     if json:
         print_json(done)
         return

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from outpost.protocol import durations
 from outpost.protocol.errors import OutpostError
 
 from . import signals
@@ -135,8 +136,9 @@ def run(
     tls_key: Annotated[Optional[Path], typer.Option(help="PEM private key.")] = None,
     min_agent_version: Annotated[Optional[str], typer.Option(
         help="Refuse agents older than this version.")] = None,
-    heartbeat_interval: Annotated[Optional[float], typer.Option(
-        help="Heartbeat interval assumed for newly registered machines, seconds.")] = None,
+    heartbeat_interval: Annotated[Optional[str], typer.Option(
+        help="Heartbeat interval assumed for newly registered machines: 30, 30s, 1m.")]
+    = None,
 ) -> None:
     """Serve the hub over HTTPS until interrupted."""
     _need_hub_extra()
@@ -150,4 +152,6 @@ def run(
     signals.daemon()
     serve(RunOptions(data_dir=data_dir, bind=bind, database_url=database_url,
                      tls_cert=tls_cert, tls_key=tls_key, min_agent_version=min_agent_version,
-                     heartbeat_interval=heartbeat_interval))
+                     heartbeat_interval=None if heartbeat_interval is None else
+                     durations.parse(heartbeat_interval, "--heartbeat-interval",
+                                     positive=True, maximum=3600)))

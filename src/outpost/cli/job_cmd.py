@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import typer
 
+from outpost.protocol import durations
 from outpost.protocol.errors import HubRefused, TransportError
 from outpost.protocol.models import BATCH_MAX
 from outpost.protocol.params import split_assignments
@@ -23,16 +24,25 @@ app = typer.Typer(no_args_is_help=True, help="Jobs: runbooks running on machines
 FINAL = ("Completed", "Failed", "Stopped", "Suspended")
 STREAMS = ("Output", "Error", "Warning", "Verbose", "Progress", "Debug")
 PAGE = 10000  # records a request
+MAX_TIMEOUT = 7 * 86400.0
+FULL_ID = 36  # a job id is a UUID
+JobId = Annotated[str, typer.Argument(
+    help="The job's id, or any unique start of it (at least 4 characters).")]
 
 
-def _duration(seconds: str) -> float:
-    """'90', '90s', '5m', '2h' -> seconds."""
-    text = seconds.strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 0)
-    try:
-        return float(text[:-1]) * scale if scale else float(text)
-    except ValueError:
-        raise typer.BadParameter(f"'{seconds}' is not a duration like 90s, 5m or 2h") from None
+SHORT = 8  # characters of a job id shown in tables; any unique prefix is accepted back
+
+
+def short_ids(ids: list[str]) -> dict[str, str]:
+    """Each id cut to SHORT characters, longer where two of them share that prefix (as git
+    abbreviates commits), so every id in a table is unique and can be typed back."""
+    shown: dict[str, str] = {}
+    for full in ids:
+        size = SHORT
+        while size < len(full) and any(o != full and o[:size] == full[:size] for o in ids):
+            size += 1
+        shown[full] = full[:size]
+    return shown
 
 
 def _print_records(records: list[dict[str, Any]], json: bool) -> None:
@@ -91,15 +101,16 @@ def start(
     version: Annotated[Optional[int], typer.Option(min=1, help="Runbook version "
                                                    "(default: the latest).")] = None,
     timeout: Annotated[Optional[str], typer.Option(help="End the job after this long "
-                                                   "(90s, 5m, 2h).")] = None,
+                                                   "(90s, 5m, 10min, 1h30m; at most 7d).")]
+    = None,
     count: Annotated[int, typer.Option(min=1, max=BATCH_MAX, help="Queue this many such "
                                        "jobs in one request, all or none; prints one id a "
                                        "line.")] = 1,
     wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends (all of "
                                        "them, with --count); exit 0 only if each Completed.")]
     = False,
-    follow: Annotated[bool, typer.Option("--follow", help="Like --wait, printing the "
-                                         "output live (one job only).")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Like --wait, printing "
+                                         "the output live (one job only).")] = False,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
@@ -107,19 +118,21 @@ def start(
     if follow and count > 1:
         raise typer.BadParameter(f"--follow shows one job's output; to wait for all {count} "
                                  "jobs use --wait.")
-    client = api(hub, token, ca_fingerprint, data_dir)
     body: dict[str, Any] = {"runbook": runbook, "group": group,
                             "params": split_assignments(param or [])}
     if version is not None:
         body["version"] = version
     if timeout is not None:
-        body["timeout"] = _duration(timeout)
+        body["timeout"] = durations.parse(timeout, "--timeout", positive=True,
+                                          maximum=MAX_TIMEOUT)
+    client = api(hub, token, ca_fingerprint, data_dir)
     if wait or follow:
         signals.daemon(term_interrupts=True)
     if count > 1:
         _start_many(client, body, count, wait, json)
         return
     job = client.post("/v1/jobs", body)
+    _warn(job.get("warnings"))
     _warn_if_waiting(client, job)
     if not (wait or follow):
         if json:
@@ -140,6 +153,12 @@ def start(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _warn(warnings: list[str] | None) -> None:
+    """The hub's warnings on stderr (a group no machine has joined, with a did-you-mean)."""
+    for line in warnings or []:
+        err.print(f"warning: {line}", markup=False)
+
+
 def _warn_if_waiting(client: Api, job: dict[str, Any]) -> None:
     """On stderr: the job was queued where no Healthy machine can take it yet."""
     if job.get("status") != "Queued":
@@ -157,8 +176,9 @@ def _warn_if_waiting(client: Api, job: dict[str, Any]) -> None:
 def _start_many(client: Api, body: dict[str, Any], count: int, wait: bool,
                 json: bool) -> None:
     """``job start --count N``: one batch request; with ``wait``, every job's end."""
-    queued: list[dict[str, Any]] = client.post("/v1/jobs/batch",
-                                               {"jobs": [body] * count})["jobs"]
+    answer = client.post("/v1/jobs/batch", {"jobs": [body] * count})
+    queued: list[dict[str, Any]] = answer["jobs"]
+    _warn(answer.get("warnings"))
     if queued:  # all went to one group: the first tells for all
         _warn_if_waiting(client, queued[0])
     if json and not wait:
@@ -188,7 +208,8 @@ def list_(status: Annotated[Optional[str], typer.Option(help="Only jobs in this 
           = 200,
           hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
           data_dir: DataDir = None, json: Json = False) -> None:
-    """The newest jobs of the account, newest first."""
+    """The newest jobs of the account, newest first. The ID column shows the start of each
+    id (any unique start is accepted back); --json and 'job show' give the full ids."""
     query: dict[str, Any] = {"limit": limit}
     if status:
         query["status"] = status
@@ -199,13 +220,14 @@ def list_(status: Annotated[Optional[str], typer.Option(help="Only jobs in this 
     if not rows:
         out.print("No jobs.")
         return
+    short = short_ids([r["id"] for r in rows])
     table(["ID", "RUNBOOK", "GROUP", "STATUS", "CREATED", "REASON"], [
-        [r["id"], f"{r['runbook_name']} v{r['runbook_version']}", r["group_name"],
+        [short[r["id"]], f"{r['runbook_name']} v{r['runbook_version']}", r["group_name"],
          r["status"], ago(r["created_at"]), r["reason"]] for r in rows])
 
 
 @app.command()
-def show(job_id: str, hub: Hub = None, token: Token = None,
+def show(job_id: JobId, hub: Hub = None, token: Token = None,
          ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
          json: Json = False) -> None:
     """A job's state, parameters and every activation attempt."""
@@ -241,7 +263,7 @@ def _control(action: str, job_id: str, hub: Hub, token: Token,
 
 
 @app.command()
-def stop(job_id: str, hub: Hub = None, token: Token = None,
+def stop(job_id: JobId, hub: Hub = None, token: Token = None,
          ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
          json: Json = False) -> None:
     """Stop a job: its whole process group gets TERM, then KILL after a grace period."""
@@ -249,7 +271,7 @@ def stop(job_id: str, hub: Hub = None, token: Token = None,
 
 
 @app.command()
-def suspend(job_id: str, hub: Hub = None, token: Token = None,
+def suspend(job_id: JobId, hub: Hub = None, token: Token = None,
             ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
             json: Json = False) -> None:
     """Pause a job: a queued one is held back, a running one's processes are paused."""
@@ -257,7 +279,7 @@ def suspend(job_id: str, hub: Hub = None, token: Token = None,
 
 
 @app.command()
-def resume(job_id: str, hub: Hub = None, token: Token = None,
+def resume(job_id: JobId, hub: Hub = None, token: Token = None,
            ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
            json: Json = False) -> None:
     """Resume a Suspended job: paused processes go on; otherwise it is queued afresh."""
@@ -265,7 +287,7 @@ def resume(job_id: str, hub: Hub = None, token: Token = None,
 
 
 @app.command()
-def output(job_id: str,
+def output(job_id: JobId,
            stream: Annotated[Optional[list[str]], typer.Option(
                help=f"Only these streams ({', '.join(STREAMS)}; any case); repeatable.")]
            = None,
@@ -276,6 +298,8 @@ def output(job_id: str,
            data_dir: DataDir = None, json: Json = False) -> None:
     """A job's output records, in order."""
     client = api(hub, token, ca_fingerprint, data_dir)
+    if len(job_id) < FULL_ID:  # a prefix: the hub names the job once
+        job_id = client.get(f"/v1/jobs/{quote(job_id, safe='')}")["id"]
     if follow:
         signals.daemon(term_interrupts=True)
         _follow(client, job_id, True, json, stream)

@@ -48,7 +48,8 @@ def publish(
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
-    """Store FILE as a new version of runbook NAME."""
+    """Store FILE as a new version of runbook NAME; the same content, type, description,
+    parameters and switches as the latest version store nothing and say so."""
     try:
         content = file.read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -60,6 +61,11 @@ def publish(
         "log_progress": log_progress})
     if json:
         print_json({k: v for k, v in stored.items() if k != "content"})
+        return
+    if stored.get("unchanged"):
+        out.print(f"Unchanged: {stored['name']} version {stored['version']} already has this "
+                  "content, type, description, parameters and switches; no new version was "
+                  "stored.", markup=False)
         return
     out.print(f"Published {stored['name']} version {stored['version']} ({stored['type']}, "
               f"parameters: {_params(stored['params'])}).")
@@ -117,3 +123,18 @@ def get(name: str,
     rb = _fetch(name, version, hub, token, ca_fingerprint, data_dir)
     output.write_text(str(rb["content"]))
     out.print(f"Wrote {rb['name']} version {rb['version']} to {output}.")
+
+
+@app.command()
+def remove(name: str, hub: Hub = None, token: Token = None,
+           ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+           json: Json = False) -> None:
+    """Remove every version of runbook NAME. Refused while a schedule, a webhook or an
+    unfinished job uses it (they are named); jobs it ran keep their history and output."""
+    done = api(hub, token, ca_fingerprint, data_dir).delete(f"/v1/runbooks/{quote(name, safe='')}")
+    if json:
+        print_json(done)
+        return
+    out.print(f"Removed runbook {done['name']} ({done['versions']} version"
+              f"{'' if done['versions'] == 1 else 's'}).", markup=False)
+

@@ -8,15 +8,19 @@ from urllib.parse import quote
 
 import typer
 
+from outpost.protocol import durations
 from outpost.protocol.params import split_assignments
 
+from .job_cmd import short_ids
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
 from .output import out, print_json, table
 
 app = typer.Typer(no_args_is_help=True, help="Schedules: start a runbook on a group at the "
                   "times of a cron expression, once per due time.")
 
-# Refusals of what the operator typed: exit 2 like every other bad input.
+MAX_SPREAD = 7 * 86400.0
+
+
 def duration(seconds: float) -> str:
     """3725 -> '1h2m5s', 1.5 -> '1.5s', 0 -> '0s' (milliseconds only below a minute)."""
     if seconds < 60:
@@ -71,8 +75,8 @@ def create(
     timezone: Annotated[str, typer.Option(help="IANA time zone the cron times are read "
                                           "in, e.g. Europe/Berlin.")] = "UTC",
     spread: Annotated[str, typer.Option(help="Start each run at a stable offset within "
-                                        "this window (10m, 1h30m), so a fleet does not "
-                                        "fire at one second (EX-7).")] = "0",
+                                        "this window (10m, 10min, 1h30m; at most 7d), so a "
+                                        "fleet does not fire at one second (EX-7).")] = "0",
     param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE; repeatable.")]
     = None,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
@@ -80,7 +84,9 @@ def create(
 ) -> None:
     """Start RUNBOOK on a machine of GROUP at every time CRON names, once per due time."""
     body = {"name": name, "runbook": runbook, "group": group, "cron": cron,
-            "timezone": timezone, "spread": spread, "params": split_assignments(param or [])}
+            "timezone": timezone, "spread": durations.parse(spread, "--spread",
+                                                            maximum=MAX_SPREAD),
+            "params": split_assignments(param or [])}
     made = api(hub, token, ca_fingerprint, data_dir).post("/v1/schedules", body)
     if json:
         print_json(made)
@@ -126,16 +132,21 @@ def show(name: str, hub: Hub = None, token: Token = None,
     if not s["runs"]:
         out.print("  no runs yet")
         return
+    short = short_ids([r["job_id"] for r in s["runs"] if r["job_id"]])
     table(["DUE", "JOB", "STATUS", "MISSED BEFORE IT", "ERROR"], [
-        [_local(r["due"]), r["job_id"] or "-", r["job_status"] or "-", r["missed"] or "",
+        [_local(r["due"]), short.get(r["job_id"]) or "-", r["job_status"] or "-", r["missed"] or "",
          r["error"] or ""] for r in s["runs"]], title="newest runs")
 
 
 @app.command()
 def remove(name: str, hub: Hub = None, token: Token = None,
-           ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None) -> None:
+           ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+           json: Json = False) -> None:
     """Remove a schedule; jobs it started are kept."""
-    api(hub, token, ca_fingerprint, data_dir).delete(_path(name))
+    done = api(hub, token, ca_fingerprint, data_dir).delete(_path(name))
+    if json:
+        print_json(done)
+        return
     out.print(f"Removed schedule {name}.", markup=False)
 
 

@@ -10,6 +10,7 @@ import typer
 
 from outpost.protocol.params import split_assignments
 
+from .job_cmd import short_ids
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
 from .output import ago, err, out, print_json, table
 
@@ -63,14 +64,20 @@ def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = 
     if not rows:
         out.print("No webhooks in this account.")
         return
+    short = short_ids([w["last_job_id"] for w in rows if w["last_job_id"]])
     table(["NAME", "RUNBOOK", "GROUP", "EXPIRES", "LAST USED", "LAST JOB"], [
         [w["name"], w["runbook_name"], w["group_name"], _expires(w), ago(w["last_used_at"]),
-         w["last_job_id"] or "-"] for w in rows])
+         short.get(w["last_job_id"]) or "-"] for w in rows])
 
 
 @app.command()
 def remove(name: str, hub: Hub = None, token: Token = None,
-           ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None) -> None:
+           ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
+           json: Json = False) -> None:
     """Remove a webhook; its URL answers 404 from now on."""
-    api(hub, token, ca_fingerprint, data_dir).delete(f"/v1/webhooks/{quote(name, safe='')}")
+    done = api(hub, token, ca_fingerprint, data_dir).delete(
+        f"/v1/webhooks/{quote(name, safe='')}")
+    if json:
+        print_json(done)
+        return
     out.print(f"Removed webhook {name}.", markup=False)

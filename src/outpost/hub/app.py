@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outpost import __version__
+from outpost.protocol import durations
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.models import INT32_MAX, INT64_MAX, ErrorBody, Heartbeat, JobBatch
 from outpost.protocol.models import RegisterRequest, Wire
@@ -110,8 +111,9 @@ class JobStart(Wire):
     group: str = Field(min_length=1, max_length=64)
     params: dict[str, Any] = Field(default_factory=dict)
     version: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    timeout: float | None = Field(default=None, gt=0,
-                                  description="Seconds, at most 7 days.")
+    timeout: float | str | None = Field(
+        default=None, description="Seconds, or a duration such as 90s, 5m, 10min or 1h30m; "
+        "at most 7 days.")
 
 
 class JobAttempt(Wire):
@@ -527,33 +529,50 @@ def create_app(hub: Hub) -> FastAPI:
 
     @app.post("/v1/machines/{name}/ping", tags=["operator"], responses=errors(504))
     async def machine_ping(principal: Op, name: str,
-                           timeout: Annotated[float, Query(gt=0, le=120)] = 10.0
+                           timeout: Annotated[str, Query(
+                               max_length=64, description="A duration: 10, 10s, 1m; at "
+                               "most 2 minutes.")] = "10"
                            ) -> dict[str, Any]:
         """Send a work item to one machine and wait until its agent answers it."""
+        wait = durations.parse(timeout, "timeout", positive=True, maximum=120)
         row = await machines.find(hub.engine, principal.account_id, name)
         started = time.time()
         item_id = await hub.dispatcher.submit(row.account_id, "ping", {"sent_at": started},
                                               machine_id=row.id)
-        done = await hub.dispatcher.wait_done(item_id, timeout)
+        done = await hub.dispatcher.wait_done(item_id, wait)
         if done is None:
             await hub.dispatcher.withdraw(item_id)
             raise OutpostError("ping_timeout",
                                f"Machine '{row.name}' did not answer the ping within "
-                               f"{timeout:g} s.", machine=row.name)
+                               f"{wait:g} s.", machine=row.name)
         return {"machine": row.name, "round_trip_ms": round((done["done_at"] - started) * 1e3, 2),
                 "agent_received_at": done["result"].get("received_at")}
 
-    @app.post("/v1/runbooks", tags=["runbooks"], status_code=201)
-    async def runbook_publish(principal: Op, body: RunbookPublish) -> dict[str, Any]:
-        """Store a new version of a runbook."""
-        return await runbooks.publish(
+    @app.post("/v1/runbooks", tags=["runbooks"], status_code=201, responses={
+        200: {"description": "The same as the latest version: nothing was stored "
+                             "(\"unchanged\": true)."}})
+    async def runbook_publish(principal: Op, body: RunbookPublish,
+                              response: Response) -> dict[str, Any]:
+        """Store a new version of a runbook (201). The same content, type, description,
+        parameters and switches as the latest version store nothing: 200 with that version
+        and ``"unchanged": true``."""
+        stored = await runbooks.publish(
             hub.engine, principal.account_id, body.name, body.content, kind=body.type,
             filename=body.filename, description=body.description, param_specs=body.params,
             log_verbose=body.log_verbose, log_progress=body.log_progress)
+        if stored["unchanged"]:
+            response.status_code = 200
+        return stored
 
     @app.get("/v1/runbooks", tags=["runbooks"])
     async def runbook_list(principal: Op) -> list[dict[str, Any]]:
         return await runbooks.listing(hub.engine, principal.account_id)
+
+    @app.delete("/v1/runbooks/{name}", tags=["runbooks"])
+    async def runbook_remove(principal: Op, name: str) -> dict[str, Any]:
+        """Remove every version of a runbook; refused (409, E8041) while a schedule, a
+        webhook or an unfinished job uses it. Jobs it ran keep their history."""
+        return await runbooks.remove(hub.engine, principal.account_id, name)
 
     @app.get("/v1/runbooks/{name}", tags=["runbooks"])
     async def runbook_show(principal: Op, name: str,
@@ -567,7 +586,9 @@ def create_app(hub: Hub) -> FastAPI:
         job = await jobs.start(hub.engine, principal.account_id, body.runbook, body.group,
                                body.params, body.version, body.timeout)
         hub.dispatcher.wake(f"g:{principal.account_id}:{body.group}")
-        return job
+        warnings = await groups.unknown_group_warnings(hub.engine, principal.account_id,
+                                                       [body.group])
+        return {**job, "warnings": warnings}
 
     @app.post("/v1/jobs/batch", tags=["jobs"], status_code=201)
     async def job_start_batch(principal: Op, body: JobBatch) -> dict[str, Any]:
@@ -588,13 +609,17 @@ def create_app(hub: Hub) -> FastAPI:
                 yield start.model_dump()
 
         views = await jobs.start_many(hub.engine, principal.account_id, entries())
-        for group in dict.fromkeys(view["group_name"] for view in views):
+        named = list(dict.fromkeys(view["group_name"] for view in views))
+        for group in named:
             hub.dispatcher.wake(f"g:{principal.account_id}:{group}")
-        return {"jobs": views}
+        warnings = await groups.unknown_group_warnings(hub.engine, principal.account_id,
+                                                       named)
+        return {"jobs": views, "warnings": warnings}
 
     async def job_control(principal: accounts.Principal, job_id: str,
                           action: str) -> dict[str, Any]:
         """Stop, suspend or resume a job; a machine that holds it is told at once."""
+        job_id = await jobs.resolve(hub.engine, principal.account_id, job_id)
         job, machine_id = await jobs.control(hub.engine, principal.account_id, job_id, action)
         if machine_id is not None:
             await hub.dispatcher.submit(principal.account_id, "job_control",
@@ -642,6 +667,7 @@ def create_app(hub: Hub) -> FastAPI:
     async def job_show(principal: Op, job_id: str) -> dict[str, Any]:
         if job_id == "batch":  # POST /v1/jobs/batch's path: another method answers 405
             raise StarletteHTTPException(405)
+        job_id = await jobs.resolve(hub.engine, principal.account_id, job_id)
         return await jobs.get(hub.engine, principal.account_id, job_id)
 
     @app.get("/v1/jobs/{job_id}/output", tags=["jobs"])
@@ -651,6 +677,7 @@ def create_app(hub: Hub) -> FastAPI:
                          limit: Annotated[int, Query(ge=1, le=50000)] = 10000
                          ) -> list[dict[str, Any]]:
         """A page of the job's output records after sequence ``after``, in order."""
+        job_id = await jobs.resolve(hub.engine, principal.account_id, job_id)
         return await jobs.records(hub.engine, principal.account_id, job_id, after, stream,
                                   limit)
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outpost.protocol.errors import OutpostError
+from outpost.protocol.names import did_you_mean
 
 from .db import groups, machines
 from .machines import check_group
@@ -63,3 +65,17 @@ async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
             sa.select(groups).where(groups.c.account_id == account_id))).all()}
     return [{"name": name, "machines": counts.get(name, 0), **_row(settings.get(name))}
             for name in sorted(set(counts) | set(settings))]
+
+
+async def unknown_group_warnings(engine: AsyncEngine, account_id: str,
+                                 names: Iterable[str]) -> list[str]:
+    """For each group no machine has joined and no setting names, and that is near a known
+    one: "no group 'lcoal'; did you mean 'local'?" (the job still queues: a machine may join
+    later; that it waits is said by the job's ``waiting_for``)."""
+    known = [g["name"] for g in await listing(engine, account_id)]
+    warnings = []
+    for name in dict.fromkeys(names):
+        hint = did_you_mean(name, known) if name not in known else ""
+        if hint:
+            warnings.append(f"no group '{name}'; {hint}")
+    return warnings

@@ -17,6 +17,7 @@ a lost answer duplicates nothing. Each attempt numbers its records from
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from outpost.protocol import params
+from outpost.protocol import durations, params
 from outpost.protocol.errors import ACTIVATE_FAILED_TEXT, OutpostError
 from outpost.protocol.models import INT64_MAX, RECORD_TEXT_MAX, OutputRecord
 
@@ -49,11 +50,13 @@ LEASE_MIN = 5.0
 MAX_ACTIVATIONS = 3
 ACTIVATE_FAILED = ACTIVATE_FAILED_TEXT  # HW-1, exactly as the seed shows it
 SEQ_SHIFT = 32
+MAX_TIMEOUT = 7 * 86400.0
+FULL_ID = 36  # random_id(): a UUID
 
 
 async def start(engine: AsyncEngine, account_id: str, runbook: str, group: str,
                 given: dict[str, Any], version: int | None = None,
-                timeout: float | None = None) -> dict[str, Any]:
+                timeout: float | str | None = None) -> dict[str, Any]:
     """Check everything, then queue: a bad parameter is refused before anything is stored."""
     values = await prepare(engine, account_id, runbook, group, given, version, timeout)
     async with engine.begin() as conn:
@@ -103,7 +106,7 @@ async def start_many(engine: AsyncEngine, account_id: str,
 
 async def prepare(engine: AsyncEngine, account_id: str, runbook: str, group: str,
                   given: dict[str, Any], version: int | None = None,
-                  timeout: float | None = None,
+                  timeout: float | str | None = None,
                   books: dict[tuple[str, int | None], dict[str, Any]] | None = None
                   ) -> dict[str, Any]:
     """The row of a new job, checked (group, timeout, runbook, parameters) but not stored.
@@ -112,9 +115,8 @@ async def prepare(engine: AsyncEngine, account_id: str, runbook: str, group: str
     ``books`` keeps the runbook versions read, for a caller preparing many (``start_many``).
     """
     check_group(group)
-    if timeout is not None and not 0 < timeout <= 7 * 86400:
-        raise OutpostError("invalid_request", f"Timeout {timeout:g} s is out of range.",
-                           fix="Give a timeout between 1 second and 7 days.")
+    if timeout is not None:
+        timeout = durations.parse(timeout, "timeout", maximum=MAX_TIMEOUT, positive=True)
     books = {} if books is None else books
     if (runbook, version) not in books:
         books[(runbook, version)] = await runbooks.get(engine, account_id, runbook, version)
@@ -735,6 +737,40 @@ async def control(engine: AsyncEngine, account_id: str, job_id: str,
     tell = row.machine_id if on_machine and values["status"] in (
         "Stopping", "Suspending", "Resuming") else None
     return await get(engine, account_id, job_id), tell
+
+
+PREFIX_MIN = 4  # the shortest start of a job id taken in place of the id
+_PREFIX = re.compile(r"^[0-9a-f-]+$")
+_CANDIDATES = 10  # how many jobs an ambiguous prefix names
+
+
+async def resolve(engine: AsyncEngine, account_id: str, job_id: str) -> str:
+    """The id of the account's job that ``job_id`` names: the id itself, or any unique start
+    of it of at least PREFIX_MIN characters (as git takes commits). A full id is returned
+    unread (the route reads it anyway); none matching is left for the route to refuse
+    (E3002), several matching are refused here (E8040) with the candidates."""
+    text = job_id.strip().lower()
+    if len(text) >= FULL_ID or not _PREFIX.match(text):
+        return job_id
+    if len(text) < PREFIX_MIN:
+        raise OutpostError("not_found", f"No job '{job_id}' in this account.",
+                           fix=f"Give at least {PREFIX_MIN} characters of the job's id "
+                               "('outpost job list').", job=job_id)
+    async with engine.connect() as conn:
+        found = (await conn.execute(
+            sa.select(jobs.c.id, jobs.c.runbook_name, jobs.c.status)
+            .where(jobs.c.account_id == account_id, jobs.c.id.like(text + "%"))
+            .order_by(jobs.c.created_at.desc()).limit(_CANDIDATES + 1))).all()
+    if len(found) == 1:
+        return str(found[0].id)
+    if not found:
+        return job_id
+    shown = ", ".join(f"{r.id} ({r.runbook_name}, {r.status})" for r in found[:_CANDIDATES])
+    more = " and more" if len(found) > _CANDIDATES else ""
+    raise OutpostError("job_id_ambiguous",
+                       f"Job id prefix '{job_id}' matches several jobs: {shown}{more}.",
+                       fix="Give more characters of the id.", prefix=job_id,
+                       candidates=[r.id for r in found[:_CANDIDATES]])
 
 
 VIEW_KEYS = ("id", "runbook_name", "runbook_version", "group_name", "params", "status",

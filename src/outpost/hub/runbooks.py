@@ -11,11 +11,11 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outpost.protocol import params
+from outpost.protocol import names, params
 from outpost.protocol.errors import OutpostError
 
 from .config import random_id
-from .db import runbooks
+from .db import jobs, runbooks, schedules, webhooks
 
 TYPES = ("bash", "sh", "python", "pwsh")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -53,19 +53,31 @@ async def publish(engine: AsyncEngine, account_id: str, name: str, content: str,
                            fix=f"Use one of {', '.join(TYPES)}.")
     kind = kind or guess_type(filename or name, content)
     declared = params.parse_specs(param_specs)
+    wanted = {"type": kind, "content": content, "description": description,
+              "params": declared, "log_verbose": log_verbose, "log_progress": log_progress}
     for _attempt in range(5):  # two publishers racing for the next version number
         try:
             async with engine.begin() as conn:
-                latest = await conn.scalar(sa.select(sa.func.max(runbooks.c.version)).where(
-                    runbooks.c.account_id == account_id, runbooks.c.name == name))
-                version = (latest or 0) + 1
+                last = (await conn.execute(_LATEST, {"b_account": account_id,
+                                                     "b_name": name})).first()
+                if last is not None and all(
+                        getattr(last, key) == value for key, value in wanted.items()):
+                    return {**_view(last, content=True), "unchanged": True}
+                # Numbers go on past every version a job ran, removed ones included, so a
+                # job's "name version N" always means one content (and the claim's cache of
+                # runbook versions, keyed so, is never stale).
+                latest = max(
+                    last.version if last is not None else 0,
+                    await conn.scalar(sa.select(sa.func.max(jobs.c.runbook_version)).where(
+                        jobs.c.account_id == account_id, jobs.c.runbook_name == name)) or 0)
+                version = latest + 1
                 await conn.execute(runbooks.insert().values(
                     id=random_id(), account_id=account_id, name=name, version=version,
                     type=kind, content=content,
                     sha256=hashlib.sha256(content.encode()).hexdigest(),
                     description=description, params=declared, log_verbose=log_verbose,
                     log_progress=log_progress, created_at=time.time()))
-            return await get(engine, account_id, name, version)
+            return {**await get(engine, account_id, name, version), "unchanged": False}
         except IntegrityError:
             continue
     raise OutpostError("conflict", f"Could not store a new version of '{name}'; try again.")
@@ -99,9 +111,21 @@ async def get(engine: AsyncEngine, account_id: str, name: str,
                                           **bound})).first()
     if row is None:
         which = f" version {version}" if version is not None else ""
+        hint = "See 'outpost runbook list'."
+        if version is None:
+            near = await _nearest(engine, account_id, name)
+            hint = f"Did you mean '{near}'? {hint}" if near else hint
         raise OutpostError("not_found", f"No runbook '{name}'{which} in this account.",
-                           fix="See 'outpost runbook list'.")
+                           fix=hint, runbook=name)
     return _view(row, content=True)
+
+
+async def _nearest(engine: AsyncEngine, account_id: str, name: str) -> str | None:
+    async with engine.connect() as conn:
+        known: list[str] = list((await conn.execute(
+            sa.select(runbooks.c.name).distinct().where(
+                runbooks.c.account_id == account_id))).scalars().all())
+    return names.nearest(name, known)
 
 
 async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
@@ -117,3 +141,38 @@ async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     return [{**_view(row, content=False), "versions": row.versions} for row in rows]
+
+
+_UNFINISHED = ("Completed", "Failed", "Stopped")
+
+
+async def remove(engine: AsyncEngine, account_id: str, name: str) -> dict[str, Any]:
+    """Remove every version of a runbook. Refused (E8041, naming them) while a schedule or a
+    webhook starts it or a job of it has not ended; the jobs it ran keep their history
+    (they name the runbook and version, and their output is their own)."""
+    async with engine.begin() as conn:
+        count = await conn.scalar(sa.select(sa.func.count()).select_from(runbooks).where(
+            runbooks.c.account_id == account_id, runbooks.c.name == name))
+        users: list[str] = []
+        for table, what in ((schedules, "schedule"), (webhooks, "webhook")):
+            found: list[str] = list((await conn.execute(sa.select(table.c.name).where(
+                table.c.account_id == account_id, table.c.runbook_name == name)
+                .order_by(table.c.name))).scalars().all())
+            users += [f"{what} '{n}'" for n in found]
+        active: list[str] = list((await conn.execute(sa.select(jobs.c.id).where(
+            jobs.c.account_id == account_id, jobs.c.runbook_name == name,
+            jobs.c.status.not_in(_UNFINISHED)).limit(5))).scalars().all())
+        users += [f"job {job_id}" for job_id in active]
+        if count and users:
+            raise OutpostError(
+                "runbook_in_use", f"Runbook '{name}' is used by {', '.join(users)}; it was "
+                "not removed.",
+                fix="Remove those schedules and webhooks (and stop or wait for those jobs) "
+                    "first, then remove the runbook.", runbook=name, used_by=users)
+        if count:
+            await conn.execute(runbooks.delete().where(runbooks.c.account_id == account_id,
+                                                       runbooks.c.name == name))
+    if not count:
+        await get(engine, account_id, name)  # not found, with its did-you-mean
+    return {"name": name, "removed": True, "versions": count}
+

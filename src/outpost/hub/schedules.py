@@ -30,6 +30,7 @@ from croniter import CroniterBadDateError, croniter
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from outpost.protocol import durations
 from outpost.protocol.errors import OutpostError
 
 from . import jobs
@@ -49,8 +50,6 @@ _KEYWORDS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight
 # Jenkins-style hashed (H) and random (R) fields: --spread is the supported way to stagger.
 _RANDOM_FIELD = re.compile(r"(?<![A-Za-z])[HR](?![A-Za-z])", re.IGNORECASE)
 _ZONE_NAME = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 @cache
@@ -70,22 +69,9 @@ def zone(name: str) -> ZoneInfo:
 
 
 def parse_spread(value: str | float) -> float:
-    """``'90'``, ``'90s'``, ``'10m'``, ``'1h30m'``, ``'2d'`` or a number -> seconds; else E6003."""
-    seconds: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            seconds = float(text)
-        else:
-            parts = _DURATION_PART.findall(text)
-            if parts and "".join(n + u for n, u in parts) == text:
-                seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds is None or not math.isfinite(seconds) or not 0 <= seconds <= MAX_SPREAD:
-        raise OutpostError("spread_invalid", f"Spread '{value}' is not a duration from 0 to 7d.",
-                           spread=str(value)[:64])
-    return seconds
+    """``'90'``, ``'10min'``, ``'1h30m'``, ``'2d'`` or a number -> seconds, at most 7 days;
+    else E7051 (protocol/durations.py, as every duration)."""
+    return durations.parse(value, "spread", maximum=MAX_SPREAD)
 
 
 def offset_for(schedule_id: str, spread: float) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 
@@ -444,12 +445,6 @@ _ENTRIES += (
          "America/New_York or UTC.",),
         422, None),
     Entry(
-        "E6003", "spread_invalid", "The spread is not a valid duration.",
-        ("--spread is not a duration such as 30s, 10m, 1h30m or 2h, or it is longer than "
-         "7 days.",),
-        ("Give a duration from 0 to 7d, for example --spread 10m.",),
-        422, "EX-7"),
-    Entry(
         "E6004", "expiry_invalid", "The expiry is not a valid future date.",
         ("--expires is not an ISO 8601 date or date and time (2030-01-31, "
          "2030-01-31T18:00:00+01:00), or it is already past.",),
@@ -567,10 +562,14 @@ _ENTRIES += (
         400, "ED-1"),
     Entry(
         "E7051", "duration_invalid", "The duration is not valid.",
-        ("A duration such as --since is not a number of seconds or a value like 90s, 10m, "
-         "2h, 1d or 1h30m.",),
-        ("Give a duration like 10m, 2h or 1d, for example 'outpost agent logs --since 2h'.",),
-        400, None),
+        ("A duration (--timeout, --spread, --since, 'machine ping --timeout', the API's "
+         "timeout and spread fields, the config's job_log_retention) is not a number of "
+         "seconds or a value like 90s, 250ms, 5m, 10min, 2h, 1d or 1h30m.",
+         "The duration is outside the range the setting allows: a job's timeout and a "
+         "schedule's spread are at most 7 days."),
+        ("Give a duration like 10m, 2h or 1d, for example 'outpost job start ... --timeout "
+         "5m'; the message names the setting and the range.",),
+        422, "EX-7", ("E6003",)),
     Entry(
         "E7052", "job_log_not_found", "No log of this job is kept on this machine.",
         ("Another machine of the group ran the job.",
@@ -675,19 +674,59 @@ _ENTRIES += (
         400, None),
 )
 
+_ENTRIES += (
+    # --- consistent commands: job id prefixes, runbook removal, parameters (E8040-E8059) --
+    Entry(
+        "E8040", "job_id_ambiguous", "The job id prefix '{prefix}' matches several jobs.",
+        ("A job may be named by the start of its id, as git names commits, and more than "
+         "one job of the account begins with what was given.",),
+        ("Give more characters of the id; 'outpost job list' shows the jobs, "
+         "'--json' their full ids.",),
+        409, None),
+    Entry(
+        "E8041", "runbook_in_use", "The runbook '{name}' is in use and was not removed.",
+        ("A schedule or a webhook starts this runbook, or a job of it has not ended "
+         "(queued, running or suspended); removing it would make them fail.",),
+        ("Remove the schedules and webhooks the message names ('outpost schedule remove "
+         "NAME', 'outpost webhook remove NAME') and stop or wait for its jobs, then remove "
+         "the runbook.",),
+        409, None),
+    Entry(
+        "E8042", "param_duplicate", "The parameter '{name}' is given more than once.",
+        ("--param NAME=VALUE names the same parameter twice, so it is not clear which value "
+         "is meant.",),
+        ("Give each parameter once.",),
+        422, None),
+    Entry(
+        "E8043", "value_empty", "The value read from standard input is empty.",
+        ("Standard input was empty (a pipe from a command that printed nothing, or "
+         "'< /dev/null'), so the variable would be stored empty by mistake.",),
+        ("Check the command that feeds standard input; to store an empty value on "
+         "purpose, pass --allow-empty.",),
+        422, None),
+)
+
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 BY_NAME: dict[str, Entry] = {e.name: e for e in _ENTRIES}
+# Codes retired into another entry (E6003, spread_invalid, is now E7051): an older hub may
+# still answer with them.
+BY_ALIAS: dict[str, Entry] = {a: e for e in _ENTRIES for a in e.aliases if a.startswith("E")}
 
 
 def entry(name_or_code: str) -> Entry:
     """The catalog entry for a name (``clock_skew``) or a code (``E1003``)."""
     if name_or_code in BY_NAME:
         return BY_NAME[name_or_code]
+    if name_or_code in BY_ALIAS:
+        return BY_ALIAS[name_or_code]
     return CATALOG[name_or_code]
 
 
 def find(text: str) -> list[Entry]:
-    """Entries matching a code, a name, or a piece of pasted error text (any case)."""
+    """Entries matching a code, a name, or a piece of pasted error text (any case), the
+    likeliest first: a code in the text, then the entries whose message (as the catalog or
+    the code that raises it words it, values aside) is in the text, the most specific
+    first, then those whose message, causes or fixes hold the text."""
     needle = _normal(text)
     if not needle:
         return []
@@ -695,20 +734,26 @@ def find(text: str) -> list[Entry]:
              if needle in (e.code.lower(), e.name.lower(), *(a.lower() for a in e.aliases))]
     if exact:
         return exact
-    hits = []
+    hits: list[Entry] = []
+    for token in re.findall(r"\be\d{4}\b", needle):  # "code: E3002" in a pasted block
+        hits += [e for e in _ENTRIES if e not in hits and token in (
+            e.code.lower(), *(a.lower() for a in e.aliases))]
+    best: dict[str, tuple[int, bool]] = {}
+    for e, pattern, letters in _matchers():
+        if pattern.search(needle):
+            score = (letters, pattern.fullmatch(needle) is not None)
+            best[e.code] = max(best.get(e.code, score), score)
+    hits += [CATALOG[code] for code in sorted(best, key=lambda c: best[c], reverse=True)
+             if CATALOG[code] not in hits]
     for e in _ENTRIES:
         hay = _normal(" ".join((e.code, e.name, e.name.replace("_", " "), e.message,
                                 *e.causes, *e.fixes)))
-        if needle in hay:
+        if needle in hay and e not in hits:
             hits.append(e)
-    # A pasted message often carries more than the catalog text (a prefix, details, the
-    # values that fill the message's {placeholders}).
-    if not hits:
-        hits = [e for e in _ENTRIES if _pattern(e).search(needle)]
-    if not hits:  # a code or a long number inside other text: "... failed (151076)"
-        for token in re.findall(r"\b(?:e\d{4}|\d{5,})\b", needle):
+    if not hits:  # a long number inside other text: "... failed (151076)"
+        for token in re.findall(r"\b\d{5,}\b", needle):
             hits += [e for e in _ENTRIES if e not in hits and (
-                token in (e.code.lower(), *(a.lower() for a in e.aliases))
+                token in (a.lower() for a in e.aliases)
                 or token in _normal(" ".join((e.message, *e.causes))))]
     if not hits:  # the words in another order or with other punctuation: "unreachable (dns)"
         words = set(re.findall(r"[a-z0-9]+", needle))
@@ -720,6 +765,9 @@ def find(text: str) -> list[Entry]:
 
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
                          "`": "'"})
+# A template with fewer letters than this outside its values ("{}:{}:{}: {}", a file name,
+# line and column before a problem) would match nearly any text: it is left out.
+MATCH_MIN_LETTERS = 8
 
 
 def _normal(text: str) -> str:
@@ -727,9 +775,41 @@ def _normal(text: str) -> str:
     return " ".join(text.translate(_QUOTES).lower().split())
 
 
-def _pattern(e: Entry) -> re.Pattern[str]:
-    pieces = re.split(r"\{[a-z_]+\}", _normal(e.message).rstrip("."))
-    return re.compile(".+?".join(re.escape(p) for p in pieces))
+def _pieces(template: str) -> list[str]:
+    """The literal text of a message template around its values: ``{name}`` in the
+    catalog, ``{}`` in messages.py, where ``{{`` and ``}}`` are literal braces."""
+    pieces, current = [], ""
+    for token in re.split(r"(\{\{|\}\}|\{[a-z_]*\})", template):
+        if token in ("{{", "}}"):
+            current += token[0]
+        elif re.fullmatch(r"\{[a-z_]*\}", token):
+            pieces.append(current)
+            current = ""
+        else:
+            current += token
+    return [*pieces, current]
+
+
+def pattern(template: str) -> tuple[re.Pattern[str], int]:
+    """A template as a regular expression over normalised text (a value may be anything,
+    a trailing period is optional), and how many letters it has outside its values."""
+    pieces = _pieces(template)
+    pieces[-1] = pieces[-1].rstrip().rstrip(".")
+    letters = sum(c.isalpha() for piece in pieces for c in piece)
+    return re.compile(".*?".join(re.escape(_normal(p)) for p in pieces)), letters
+
+
+@cache
+def _matchers() -> list[tuple[Entry, re.Pattern[str], int]]:
+    from .messages import TEMPLATES
+
+    found = []
+    for e, template in [*((e, e.message) for e in _ENTRIES),
+                        *((BY_NAME[n], t) for n, t in TEMPLATES if n in BY_NAME)]:
+        regex, letters = pattern(template)
+        if letters >= MATCH_MIN_LETTERS:
+            found.append((e, regex, letters))
+    return found
 
 
 class OutpostError(Exception):
@@ -798,7 +878,8 @@ class HubRefused(OutpostError):
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         code = str(body.get("code", "E3006"))
-        name = CATALOG[code].name if code in CATALOG else "internal_error"
+        known = CATALOG.get(code) or BY_ALIAS.get(code)
+        name = known.name if known else "internal_error"
         details = body.get("details")
         # A body from a proxy or an older hub may carry anything here.
         details = ({k: v for k, v in details.items() if k != "fix"}

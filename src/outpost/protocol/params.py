@@ -119,12 +119,18 @@ def check(specs: list[dict[str, Any]], given: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_assignments(items: list[str]) -> dict[str, str]:
-    """``["a=1", "b=x=y"]`` -> ``{"a": "1", "b": "x=y"}`` (for ``--param k=v``)."""
+    """``["a=1", "b=x=y"]`` -> ``{"a": "1", "b": "x=y"}`` (for ``--param k=v``); a name
+    given twice is refused (E8042) rather than the last value silently winning."""
     values: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise OutpostError("param_invalid", f"'{item}' is not NAME=VALUE.",
                                fix="Write parameters as --param NAME=VALUE.", parameter=item)
+        if key in values:
+            raise OutpostError("param_duplicate",
+                               f"Parameter '{key}' is given twice (--param {key}="
+                               f"{values[key]} and --param {item}).",
+                               fix=f"Give --param {key}=VALUE once.", parameter=key)
         values[key] = value
     return values
