@@ -8,11 +8,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client import disable_created_metrics, generate_latest
 from pydantic import Field, ValidationError
@@ -236,6 +239,29 @@ class CountRequests:
         await self.app(scope, receive, counted)
 
 
+DOCS_ASSETS = "/docs/assets"
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI's files served by the hub itself (from the fastapi-offline
+    package): FastAPI's default page loads them from a CDN, so a hub without internet showed
+    an empty page. ReDoc is off (``redoc_url=None``)."""
+    import fastapi_offline
+
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=static), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - API",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url=None)
+
+
 def create_app(hub: Hub) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -260,8 +286,9 @@ def create_app(hub: Hub) -> FastAPI:
             await hub.engine.dispose()
 
     app = FastAPI(title="Outpost hub", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None, responses=errors(*COMMON_ERRORS))
+                  docs_url=None, redoc_url=None, responses=errors(*COMMON_ERRORS))
     app.state.hub = hub
+    _serve_docs(app)
 
     app.add_middleware(edge.Edge, limits=lambda: hub.config.body_limits,
                        checks=auth.caller_checks(hub.engine, hub.vault),
