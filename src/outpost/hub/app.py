@@ -30,7 +30,7 @@ from outpost.protocol.models import INT32_MAX, INT64_MAX, ErrorBody, Heartbeat, 
 from outpost.protocol.models import RegisterRequest, Wire
 
 from . import accounts, auth, db, edge, groups, jobs, machines, runbooks
-from . import asset_routes, job_identity
+from . import asset_routes, job_identity, metrics
 from . import schedule_routes
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
@@ -90,6 +90,8 @@ class Hub:
                            "E3007), by kind", ["kind"], registry=self.registry)
         if isinstance(engine, db.Engine):
             engine.health.listeners.append(lambda kind: failures.labels(kind).inc())
+        self.job_metrics = metrics.JobMetrics(self.registry)
+        jobs.ended_listeners.append(self.job_metrics.ended)
 
 
 class AccountCreate(Wire):
@@ -371,6 +373,10 @@ def create_app(hub: Hub) -> FastAPI:
         else:
             for state in ("Pending", "Healthy", "Unresponsive", "Disconnected"):
                 hub.machines.labels(state).set(counts.get(state, 0))
+        try:
+            await hub.job_metrics.refresh(hub.engine)
+        except db.DatabaseUnavailable:
+            pass  # the jobs' gauges keep the last values read
         return Response(generate_latest(hub.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/ca", tags=["hub"], response_class=PlainTextResponse)
@@ -435,8 +441,10 @@ def create_app(hub: Hub) -> FastAPI:
         jobs the hub sees it holding count against it.
         """
         row, _ = await signed_machine(request)
-        items = await hub.dispatcher.poll(row, min(wait, hub.config.poll_timeout),
-                                          capacity=capacity, gone=request.is_disconnected)
+        with hub.job_metrics.long_polls.track_inprogress():
+            items = await hub.dispatcher.poll(row, min(wait, hub.config.poll_timeout),
+                                              capacity=capacity, gone=request.is_disconnected)
+        hub.job_metrics.claimed(items, time.time())
         await job_identity.add_tokens(hub.engine, hub.vault, items)
         return {"items": items}
 
@@ -464,6 +472,7 @@ def create_app(hub: Hub) -> FastAPI:
         status = await jobs.report(
             hub.engine, row.id, job_id, body.attempt, started=body.started,
             records=body.records, end=body.end.model_dump() if body.end else None)
+        hub.job_metrics.reported(1, len(body.records))
         if body.end is not None:
             # The machine's slot is free: its waiting long-poll claims again at once.
             hub.dispatcher.wake(f"m:{row.id}")
@@ -484,6 +493,9 @@ def create_app(hub: Hub) -> FastAPI:
             {"job_id": r.job_id, "attempt": r.attempt, "started": r.started,
              "records": r.records, "end": r.end.model_dump() if r.end else None}
             for r in body.reports], body.claim)
+        taken = [r for r, res in zip(body.reports, results, strict=True) if "error" not in res]
+        hub.job_metrics.reported(len(taken), sum(len(r.records) for r in taken))
+        hub.job_metrics.claimed(items, time.time())
         if any(r.end is not None for r in body.reports) and not items:
             # Nothing was claimed here (no capacity given, or no job queued): the waiting
             # long-poll looks again, for work items too.
