@@ -98,7 +98,7 @@ def test_a_record_names_its_job_and_fields() -> None:
     ("db_pwd", True), ("apiKey", True), ("Set-Cookie", True), ("private_key", True),
     ("PWD", False), ("OLDPWD", False), ("key_path", False), ("tokenizer", False),
     ("keyboard", False), ("state_dir", False), ("OUTPOST_TOKEN_DIR", False),
-    ("HTTPS_PROXY", False)])
+    ("HTTPS_PROXY", False), ("SSH_AUTH_SOCK", False)])
 def test_secret_names_are_whole_words_not_substrings(name: str, secret: bool) -> None:
     from outpost.agent.redact import is_secret_name
 

@@ -32,7 +32,8 @@ SECRET_WORDS = frozenset({
 NOT_SECRET_LAST = frozenset({
     "path", "paths", "file", "files", "dir", "directory", "name", "names", "id", "ids",
     "fingerprint", "expires", "at", "count", "type", "kind", "size", "bytes", "length",
-    "interval", "seconds", "version", "header", "set", "mode", "format",
+    "interval", "seconds", "version", "header", "set", "mode", "format", "sock", "socket",
+    "pid",
 })
 # The shell's working-directory variables: 'pwd' there is not a password.
 NOT_SECRET_NAMES = frozenset({"pwd", "oldpwd"})
@@ -57,7 +58,7 @@ _BEARER = re.compile(r"\b(bearer|basic)\s+(?:[A-Za-z0-9._~+/=-]{20,}|"
                      r"(?=[A-Za-z._~+/=-]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]{8,})", re.I)
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*(?:PRIVATE KEY|SEED)-----"
                   r"(?:.*?-----END [A-Z0-9 ]*-----|.*\Z)", re.S)
-_API_TOKEN = re.compile(r"\bopt_[A-Za-z0-9_-]{20,}")
+_API_TOKEN = re.compile(r"\bopt_[A-Za-z0-9_-]{40,}")
 _JOB_TOKEN = re.compile(r"\b(ojt_[A-Za-z0-9-]+\.)[A-Za-z0-9_-]{20,}")
 _HOOK = re.compile(r"(/v1/hooks/)[A-Za-z0-9_-]{16,}")
 # 32 bytes in standard base64 (the last character carries 2 bits, so it is one of 16).
