@@ -43,9 +43,9 @@ def _ended(hub: Hub, job_id: str) -> str:
     return wait_until(status, 30, 0.1, f"job {job_id} to end")
 
 
-def test_job_metrics_after_real_jobs(sqlite_hub: Hub, agents: list[Agent],
+def test_job_metrics_after_real_jobs(hub: Hub, agents: list[Agent],
                                      tmp_path: Path) -> None:
-    hub = sqlite_hub
+    # (the hub fixture runs it on SQLite and on PostgreSQL)
     publish_script(hub, tmp_path, "work", "echo one\necho two\nsleep 0.2\n")
     publish_script(hub, tmp_path, "broken", "echo oops >&2\nexit 3\n")
     healthy_agent(hub, tmp_path, agents)
