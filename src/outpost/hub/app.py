@@ -606,7 +606,7 @@ def create_app(hub: Hub) -> FastAPI:
                 "agent_received_at": done["result"].get("received_at")}
 
     @app.post("/v1/runbooks", tags=["runbooks"], status_code=201, response_model=None,
-              responses=ok(m.RunbookVersion, 201))
+              responses=ok(m.RunbookPublished, 201))
     async def runbook_publish(principal: Op, body: RunbookPublish) -> dict[str, Any]:
         """Store a new version of a runbook."""
         return await runbooks.publish(
@@ -627,7 +627,7 @@ def create_app(hub: Hub) -> FastAPI:
         return await runbooks.get(hub.engine, principal.account_id, name, version)
 
     @app.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=None,
-              responses=ok(m.JobDetail, 201))
+              responses=ok(m.JobStarted, 201))
     async def job_start(principal: Op, body: JobStart) -> dict[str, Any]:
         """Queue a job; parameters are checked first, so a bad one queues nothing."""
         job = await jobs.start(hub.engine, principal.account_id, body.runbook, body.group,

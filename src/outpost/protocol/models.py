@@ -229,6 +229,17 @@ class RunbookVersion(RunbookView):
     content: str
 
 
+class RunbookPublished(RunbookVersion):
+    unchanged: bool = Field(default=False, description="The same as the latest version: "
+                                                       "nothing was stored.")
+
+
+class RunbookRemoved(View):
+    name: str
+    removed: bool
+    versions: int
+
+
 class AttemptView(View):
     number: int
     machine_id: str
@@ -267,8 +278,14 @@ class JobDetail(JobView):
                                                               "long (only when it may).")
 
 
+class JobStarted(JobDetail):
+    warnings: list[str] = Field(default_factory=list, description="Hints such as a group "
+                                                                  "no machine has joined.")
+
+
 class JobBatchResult(View):
     jobs: list[JobDetail]
+    warnings: list[str] = Field(default_factory=list)
 
 
 class RecordView(View):
