@@ -38,7 +38,10 @@ def create(
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
-    """Make a webhook and print its secret URL. The URL is shown this once: keep it."""
+    """Make a webhook and print its secret URL. The URL is shown this once: keep it.
+
+    Standard output has the URL alone; standard error says how callers trust the hub's CA
+    (which signs its certificate) and a curl line that calls the URL."""
     body: dict[str, Any] = {"name": name, "runbook": runbook, "group": group,
                             "params": split_assignments(param or []), "expires": expires}
     client = api(hub, token, ca_fingerprint, data_dir)
