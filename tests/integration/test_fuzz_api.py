@@ -2,9 +2,11 @@
 real hub process over real TLS, as an operator (the admin token).
 
 Asserted for every operation, on generated valid and invalid requests: no 5xx; every status
-a route answers is declared in the schema; a method a path does not take answers 405 with an
-``Allow`` header naming exactly the methods it does take. Bounded in time (``--max-time``)
-and seeded, so CI sees the same run each time; set OUTPOST_FUZZ_SECONDS to hunt longer.
+a route answers is declared in the schema, and its body and content type are those the
+schema declares (the answer models, the error body); a method a path does not take answers
+405 with an ``Allow`` header naming exactly the methods it does take. Bounded in time
+(``--max-time``) and seeded, so CI sees the same run each time; set OUTPOST_FUZZ_SECONDS to
+hunt longer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 from tests.support import Hub, clean_env
 
 CHECKS = ("not_a_server_error", "status_code_conformance", "unsupported_method",
-          "allow_header_conformance")
+          "allow_header_conformance", "response_schema_conformance",
+          "content_type_conformance")
 
 
 def _st() -> str:

@@ -91,3 +91,24 @@ def test_a_record_names_its_job_and_fields() -> None:
     assert not logs.Filter(level="warning")(parsed)
     text = logs.text_line(parsed)
     assert " INFO " in text and "job=abc-123" in text and "attempt=2" in text
+
+
+@pytest.mark.parametrize(("name", "secret"), [
+    ("token", True), ("OUTPOST_ACCOUNT_KEY", True), ("X-Outpost-Signature", True),
+    ("db_pwd", True), ("apiKey", True), ("Set-Cookie", True), ("private_key", True),
+    ("PWD", False), ("OLDPWD", False), ("key_path", False), ("tokenizer", False),
+    ("keyboard", False), ("state_dir", False), ("OUTPOST_TOKEN_DIR", False),
+    ("HTTPS_PROXY", False), ("SSH_AUTH_SOCK", False)])
+def test_secret_names_are_whole_words_not_substrings(name: str, secret: bool) -> None:
+    from outpost.agent.redact import is_secret_name
+
+    assert is_secret_name(name) is secret
+
+
+def test_prose_and_paths_stay_and_product_shapes_go() -> None:
+    text = ("/srv/pwd/token-tests/secret-garden/state: bearer tokens read [redacted]; "
+            "opt_" + "A" * 43 + " ojt_job1." + "b" * 43 + " https://hub/v1/hooks/" + "c" * 43)
+    shown = Redactor().text(text)
+    assert shown.startswith("/srv/pwd/token-tests/secret-garden/state: bearer tokens read ")
+    assert "A" * 43 not in shown and "b" * 43 not in shown and "c" * 43 not in shown
+    assert "ojt_job1.[redacted]" in shown and "/v1/hooks/[redacted]" in shown

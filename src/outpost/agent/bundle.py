@@ -15,10 +15,13 @@ Members, under one folder named after the machine and the time::
     logs/agent.log[.N]      the agent's log files, every line redacted
 
 Secrets never leave: the machine key is not read into the bundle at all; values of any
-setting, field or variable named like a key, token, secret or password become
-``[redacted]``, as do passwords in URLs, bearer tokens, private key blocks, and, anywhere in
+setting, field or variable whose name is a secret's (``token``, ``account_key``,
+``password``, ``Authorization``...: whole words of the name, see ``redact.py``) become
+``[redacted]``, as do values shaped like secrets (passwords in URLs, bearer tokens, private
+key blocks, Outpost's API and job tokens, webhook addresses, account keys) and, anywhere in
 any member, the literal values of the secrets found on the machine (the machine key's seed,
-proxy passwords, the account key or API token in the environment).
+proxy passwords, the account key or API token in the environment). Ordinary words that
+merely contain such a name (``PWD``, a directory ``token-tests``) are kept, paths intact.
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ from outpost.protocol.errors import OutpostError
 
 from . import config as agent_config
 from . import joblogs, logs
+from .redact import REDACTED, Redactor, is_secret_name
 from .state import StateDir
 
-REDACTED = "[redacted]"
 PACKAGES = ("httpx", "httpcore", "cryptography", "PyNaCl", "pydantic", "PyYAML", "typer",
             "rich", "psutil", "fastapi", "uvicorn", "SQLAlchemy", "alembic", "asyncpg",
             "aiosqlite")
@@ -58,57 +61,6 @@ ENV_NAMES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY", "https_proxy"
              "http_proxy", "all_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR",
              "REQUESTS_CA_BUNDLE", "LANG", "LC_ALL", "TZ", "PATH", "USER", "HOME",
              "XDG_STATE_HOME", "INVOCATION_ID")
-SECRET_NAME = re.compile(r"key|token|secret|passw|pwd|credential|signature|authorization|"
-                         r"cookie|private", re.I)
-_URL_USER = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s@\"'<>]+@", re.I)
-_ASSIGNED = re.compile(
-    r"([\w.-]*(?:key|token|secret|passw(?:or)?d?|pwd|credential|signature|authorization)"
-    r"[\w.-]*)(\"?'?\s*[:=]\s*\"?'?)(?!\[redacted\]|(?:bearer|basic) \[redacted\])"
-    r"([^\s\"',;&}]+)", re.I)
-_BEARER = re.compile(r"\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}", re.I)
-_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*(?:PRIVATE KEY|SEED)-----.*?-----END [A-Z0-9 ]*-----",
-                  re.S)
-
-
-class Redactor:
-    """Removes secrets from text and from data. ``known`` holds literal secret values found
-    on the machine; they are replaced wherever they appear, whatever surrounds them."""
-
-    def __init__(self, known: list[str] | None = None) -> None:
-        # The longest first, so a secret that contains another is replaced whole; values
-        # this short would match ordinary text and are not secrets of ours anyway.
-        self.known = sorted({k for k in known or [] if len(k) >= 6}, key=len, reverse=True)
-
-    def text(self, value: str) -> str:
-        for secret in self.known:
-            value = value.replace(secret, REDACTED)
-        value = _PEM.sub(REDACTED, value)
-        value = _URL_USER.sub(lambda m: f"{m.group(1)}{REDACTED}@", value)
-        value = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
-        return _ASSIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", value)
-
-    def data(self, value: Any, name: str = "") -> Any:
-        if name and SECRET_NAME.search(name) and value not in (None, "", False, [], {}):
-            return REDACTED
-        if isinstance(value, dict):
-            return {k: self.data(v, str(k)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self.data(v) for v in value]
-        if isinstance(value, str):
-            return self.text(value)
-        return value
-
-    def log_line(self, line: str) -> str:
-        """One line of the agent log: a JSON record is redacted field by field."""
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return self.text(line)
-        if not isinstance(record, dict):
-            return self.text(line)
-        return json.dumps(self.data(record), ensure_ascii=False)
-
-
 def known_secrets(state: StateDir, config_text: str | None,
                   environ: dict[str, str]) -> list[str]:
     """Secret values on this machine, to be removed wherever they turn up."""
@@ -120,7 +72,7 @@ def known_secrets(state: StateDir, config_text: str | None,
         pass
     texts = [config_text or ""]
     for name, value in environ.items():
-        if SECRET_NAME.search(name):
+        if is_secret_name(name):
             found.append(value)
         texts.append(value)
     for text in texts:  # passwords and users in URLs (proxies, hub URLs)
@@ -272,8 +224,7 @@ def write(state: StateDir, output: Path, config_path: Path | None,
             raw = path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             continue
-        add(f"logs/{path.name}", "".join(red.log_line(line) + "\n"
-                                         for line in raw.splitlines()))
+        add(f"logs/{path.name}", red.log_text(raw))
     add("README.txt", _readme(folder, [name for name, _ in members]))
     progress("writing")
     try:
@@ -297,7 +248,9 @@ def _readme(folder: str, names: list[str]) -> str:
     return (f"Outpost support bundle, written {logs.iso(time.time())} by outpost "
             f"{__version__}.\n\nMembers:\n{listed}\n  README.txt\n\n"
             "Secrets were removed before anything was written: the machine key is not "
-            "included; values named like a key, token, secret or password, passwords in "
-            f"URLs and bearer tokens read {REDACTED}. Job output is not included, only the "
+            "included; the values of settings, fields and variables named as secrets (token, "
+            "password, account_key, Authorization...), passwords in URLs, credentials after "
+            f"Bearer or Basic, private key blocks and Outpost's tokens and keys read {REDACTED}. "
+            "Paths are left as they are. Job output is not included, only the "
             "index of the job logs kept on the machine ('outpost agent logs --job ID' "
             "shows one there).\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Annotated, Any, Optional
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import typer
 
@@ -39,10 +39,15 @@ def create(
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
-    """Make a webhook and print its secret URL. The URL is shown this once: keep it."""
+    """Make a webhook and print its secret URL. The URL is shown this once: keep it.
+
+    Standard output has the URL alone; standard error says how callers trust the hub's CA
+    (which signs its certificate) and a curl line that calls the URL."""
     body: dict[str, Any] = {"name": name, "runbook": runbook, "group": group,
                             "params": split_assignments(param or []), "expires": expires}
-    made = api(hub, token, ca_fingerprint, data_dir).post("/v1/webhooks", body)
+    client = api(hub, token, ca_fingerprint, data_dir)
+    target = client.target
+    made = client.post("/v1/webhooks", body)
     if json:
         print_json(made)
         return
@@ -51,6 +56,34 @@ def create(
               f"{made['runbook_name']} on group {made['group_name']} with the request body "
               f"as 'body'; expires {_expires(made)}. The URL is its only key and is not "
               "shown again.", markup=False)
+    err.print(caller_help(made["url"], _fingerprint(target.ca_pem)), markup=False,
+              highlight=False)
+
+
+def _fingerprint(pem: str) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    digest = x509.load_pem_x509_certificate(pem.encode()).fingerprint(hashes.SHA256())
+    return ":".join(f"{b:02X}" for b in digest)
+
+
+def caller_help(url: str, fingerprint: str) -> str:
+    """How a caller reaches the URL: the hub's certificate is signed by the hub's own CA,
+    which no system trusts, so a caller must be given that CA (the secret URL itself is left
+    out: it is printed once, on stdout)."""
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    return (
+        "Callers must trust the hub's CA (it signs the hub's certificate; no public CA "
+        "does). Give them the hub's ca.pem, or let them fetch it and check its fingerprint:\n"
+        f"  curl -sk {origin}/v1/ca -o outpost-ca.pem\n"
+        "  openssl x509 -in outpost-ca.pem -noout -fingerprint -sha256\n"
+        f"  # must print: sha256 Fingerprint={fingerprint}\n"
+        "Then call the webhook (URL is the address above; the body reaches the runbook as "
+        "'body'):\n"
+        "  curl --fail --cacert outpost-ca.pem -X POST -H 'Content-Type: application/json' "
+        "--data '{\"ref\": \"main\"}' \"$URL\"")
 
 
 @app.command("list")

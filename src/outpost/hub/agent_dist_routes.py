@@ -34,19 +34,22 @@ class _Wheel:
             return self.path
 
 
+class ShellScript(PlainTextResponse):
+    media_type = "text/x-shellscript"
+
+
 def add_routes(app: FastAPI, hub: Hub) -> None:
     wheel = _Wheel(hub.paths.root / "agent-dist")
     responses: dict[int | str, dict[str, object]] = {
         503: {"description": "The hub cannot build the agent's wheel (E8020)."}}
 
-    @app.get(install.SCRIPT_PATH, tags=["agent"], response_class=PlainTextResponse,
+    @app.get(install.SCRIPT_PATH, tags=["agent"], response_class=ShellScript,
              responses=responses)
     async def agent_install_script() -> Response:
         """The POSIX sh script that installs the agent, registers the machine and sets up
         its service; run it with the line 'outpost machine install-line' prints."""
         path = await wheel.get()
-        return PlainTextResponse(install.install_script(path.name),
-                                 media_type="text/x-shellscript")
+        return ShellScript(install.install_script(path.name))
 
     @app.get(install.WHEEL_ALIAS, tags=["agent"], response_class=FileResponse,
              responses=responses)

@@ -8,11 +8,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client import disable_created_metrics, generate_latest
 from pydantic import Field, ValidationError
@@ -26,9 +29,11 @@ from outpost.protocol import durations
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.models import INT32_MAX, INT64_MAX, ErrorBody, Heartbeat, JobBatch
 from outpost.protocol.models import RegisterRequest, Wire
+from outpost.protocol import models as m
 
 from . import accounts, auth, db, edge, groups, jobs, machines, runbooks
-from . import asset_routes, job_identity
+from . import asset_routes, job_identity, metrics, openapi
+from .openapi import ok
 from . import agent_dist_routes, schedule_routes
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
@@ -50,10 +55,12 @@ _STATUS_TEXT = {
     422: "A field is missing, of the wrong type or out of range; the message names it "
          "(E3003 and the other 4xx codes of errors.md).",
     426: "The agent is older than the hub's min_agent_version (E1007).",
+    500: "The hub failed while handling the request; details.request_id is in its log "
+         "(E3006).",
     503: "The hub's database cannot be reached (E3007).",
     504: "The machine did not answer in time (E3010).",
 }
-COMMON_ERRORS = (400, 401, 403, 404, 409, 413, 422, 503)
+COMMON_ERRORS = (400, 401, 403, 404, 409, 413, 422, 500, 503)
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -88,6 +95,8 @@ class Hub:
                            "E3007), by kind", ["kind"], registry=self.registry)
         if isinstance(engine, db.Engine):
             engine.health.listeners.append(lambda kind: failures.labels(kind).inc())
+        self.job_metrics = metrics.JobMetrics(self.registry)
+        jobs.ended_listeners.append(self.job_metrics.ended)
 
 
 class AccountCreate(Wire):
@@ -167,12 +176,11 @@ class WorkDone(Wire):
     result: dict[str, Any] = Field(default_factory=dict)
 
 
-async def operator(
-    request: Request, authorization: Annotated[str | None, Header()] = None,
-) -> accounts.Principal:
+async def operator(request: Request, _scheme: openapi.OperatorScheme = None
+                   ) -> accounts.Principal:
     """The account (and admin flag) of the bearer token; 401 otherwise."""
     hub: Hub = request.app.state.hub
-    return await auth.operator(hub.engine, authorization)
+    return await auth.operator(hub.engine, request.headers.get("authorization"))
 
 
 Op = Annotated[accounts.Principal, Depends(operator)]
@@ -238,6 +246,29 @@ class CountRequests:
         await self.app(scope, receive, counted)
 
 
+DOCS_ASSETS = "/docs/assets"
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI's files served by the hub itself (from the fastapi-offline
+    package): FastAPI's default page loads them from a CDN, so a hub without internet showed
+    an empty page. ReDoc is off (``redoc_url=None``)."""
+    import fastapi_offline
+
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=static), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - API",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url=None)
+
+
 def create_app(hub: Hub) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -262,8 +293,10 @@ def create_app(hub: Hub) -> FastAPI:
             await hub.engine.dispose()
 
     app = FastAPI(title="Outpost hub", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None, responses=errors(*COMMON_ERRORS))
+                  docs_url=None, redoc_url=None, responses=errors(*COMMON_ERRORS))
     app.state.hub = hub
+    _serve_docs(app)
+    openapi.json_errors(app)
 
     app.add_middleware(edge.Edge, limits=lambda: hub.config.body_limits,
                        checks=auth.caller_checks(hub.engine, hub.vault),
@@ -332,7 +365,7 @@ def create_app(hub: Hub) -> FastAPI:
         return row, body
 
     # --- public -------------------------------------------------------------------------
-    @app.get("/healthz", tags=["hub"])
+    @app.get("/healthz", tags=["hub"], response_model=None, responses=ok(m.Health))
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "hub_time": time.time(),
                 "min_agent_version": hub.config.min_agent_version}
@@ -346,6 +379,10 @@ def create_app(hub: Hub) -> FastAPI:
         else:
             for state in ("Pending", "Healthy", "Unresponsive", "Disconnected"):
                 hub.machines.labels(state).set(counts.get(state, 0))
+        try:
+            await hub.job_metrics.refresh(hub.engine)
+        except db.DatabaseUnavailable:
+            pass  # the jobs' gauges keep the last values read
         return Response(generate_latest(hub.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/ca", tags=["hub"], response_class=PlainTextResponse)
@@ -355,7 +392,8 @@ def create_app(hub: Hub) -> FastAPI:
                                                       hub.ca_fingerprint})
 
     # --- agents -------------------------------------------------------------------------
-    @app.post("/v1/agent/register", tags=["agent"], status_code=201, responses=errors(426))
+    @app.post("/v1/agent/register", tags=["agent"], status_code=201, responses=errors(426),
+              dependencies=[openapi.ACCOUNT_SIGNED])
     async def register(request: Request) -> dict[str, Any]:
         body = await request.body()
         account_id = await auth.registration(hub.engine, hub.vault, request.headers,
@@ -372,13 +410,15 @@ def create_app(hub: Hub) -> FastAPI:
                  req.group)
         return result
 
-    @app.post("/v1/agent/deregister", tags=["agent"], responses=errors(426))
+    @app.post("/v1/agent/deregister", tags=["agent"], responses=errors(426),
+              dependencies=[openapi.MACHINE_SIGNED])
     async def deregister(request: Request) -> dict[str, Any]:
         row, _ = await signed_machine(request)
         await machines.deregister(hub.engine, row.id)
         return {"machine_id": row.id, "deregistered": True}
 
-    @app.get("/v1/agent/registration", tags=["agent"], responses=errors(426))
+    @app.get("/v1/agent/registration", tags=["agent"], responses=errors(426),
+              dependencies=[openapi.MACHINE_SIGNED])
     async def registration(request: Request) -> dict[str, Any]:
         """This machine's registration as the hub holds it: an agent whose cached copy is
         corrupt fetches it again (HW-9)."""
@@ -387,7 +427,8 @@ def create_app(hub: Hub) -> FastAPI:
                 "group": row.group_name, "labels": row.labels,
                 "registered_at": row.registered_at}
 
-    @app.post("/v1/agent/heartbeat", tags=["agent"], responses=errors(426))
+    @app.post("/v1/agent/heartbeat", tags=["agent"], responses=errors(426),
+              dependencies=[openapi.MACHINE_SIGNED])
     async def heartbeat(request: Request) -> dict[str, Any]:
         row, body = await signed_machine(request)
         try:
@@ -400,7 +441,8 @@ def create_app(hub: Hub) -> FastAPI:
         return {"hub_time": now, "min_agent_version": hub.config.min_agent_version,
                 "machine_id": row.id, "abandon": abandon}
 
-    @app.post("/v1/agent/poll", tags=["agent"], responses=errors(426))
+    @app.post("/v1/agent/poll", tags=["agent"], responses=errors(426),
+              dependencies=[openapi.MACHINE_SIGNED])
     async def poll(request: Request,
                    wait: Annotated[float, Query(ge=0, le=300)] = 25.0,
                    capacity: Annotated[int, Query(ge=0, le=256)] = 0) -> dict[str, Any]:
@@ -410,8 +452,10 @@ def create_app(hub: Hub) -> FastAPI:
         jobs the hub sees it holding count against it.
         """
         row, _ = await signed_machine(request)
-        items = await hub.dispatcher.poll(row, min(wait, hub.config.poll_timeout),
-                                          capacity=capacity, gone=request.is_disconnected)
+        with hub.job_metrics.long_polls.track_inprogress():
+            items = await hub.dispatcher.poll(row, min(wait, hub.config.poll_timeout),
+                                              capacity=capacity, gone=request.is_disconnected)
+        hub.job_metrics.claimed(items, time.time())
         await job_identity.add_tokens(hub.engine, hub.vault, items)
         return {"items": items}
 
@@ -431,7 +475,8 @@ def create_app(hub: Hub) -> FastAPI:
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
 
-    @app.post("/v1/agent/jobs/{job_id}/report", tags=["agent"], responses=errors(426))
+    @app.post("/v1/agent/jobs/{job_id}/report", tags=["agent"], responses=errors(426),
+              dependencies=[openapi.MACHINE_SIGNED])
     async def job_report(request: Request, job_id: str) -> dict[str, Any]:
         """One attempt's news, in order: its process started, output records, its end."""
         row, body = await _agent_body(request, JobReport)
@@ -439,6 +484,7 @@ def create_app(hub: Hub) -> FastAPI:
         status = await jobs.report(
             hub.engine, row.id, job_id, body.attempt, started=body.started,
             records=body.records, end=body.end.model_dump() if body.end else None)
+        hub.job_metrics.reported(1, len(body.records))
         if body.end is not None:
             # The machine's slot is free: its waiting long-poll claims again at once.
             hub.dispatcher.wake(f"m:{row.id}")
@@ -446,7 +492,8 @@ def create_app(hub: Hub) -> FastAPI:
                 hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
         return {"id": job_id, "status": status}
 
-    @app.post("/v1/agent/reports", tags=["agent"], responses=errors(426))
+    @app.post("/v1/agent/reports", tags=["agent"], responses=errors(426),
+              dependencies=[openapi.MACHINE_SIGNED])
     async def job_reports(request: Request) -> dict[str, Any]:
         """Several attempts' reports in one transaction (each as ``/jobs/{id}/report``
         takes it), and in the answer the jobs claimed for the slots they freed: an agent
@@ -459,6 +506,9 @@ def create_app(hub: Hub) -> FastAPI:
             {"job_id": r.job_id, "attempt": r.attempt, "started": r.started,
              "records": r.records, "end": r.end.model_dump() if r.end else None}
             for r in body.reports], body.claim)
+        taken = [r for r, res in zip(body.reports, results, strict=True) if "error" not in res]
+        hub.job_metrics.reported(len(taken), sum(len(r.records) for r in taken))
+        hub.job_metrics.claimed(items, time.time())
         if any(r.end is not None for r in body.reports) and not items:
             # Nothing was claimed here (no capacity given, or no job queued): the waiting
             # long-poll looks again, for work items too.
@@ -468,13 +518,15 @@ def create_app(hub: Hub) -> FastAPI:
         await job_identity.add_tokens(hub.engine, hub.vault, items)
         return {"results": results, "items": items}
 
-    @app.post("/v1/agent/jobs/{job_id}/paused", tags=["agent"], responses=errors(426))
+    @app.post("/v1/agent/jobs/{job_id}/paused", tags=["agent"], responses=errors(426),
+              dependencies=[openapi.MACHINE_SIGNED])
     async def job_paused(request: Request, job_id: str) -> dict[str, Any]:
         row, body = await _agent_body(request, JobAttempt)
         return {"id": job_id, "status": await jobs.paused(hub.engine, row.id, job_id,
                                                           body.attempt)}
 
-    @app.post("/v1/agent/work/{item_id}/done", tags=["agent"], responses=errors(426))
+    @app.post("/v1/agent/work/{item_id}/done", tags=["agent"], responses=errors(426),
+              dependencies=[openapi.MACHINE_SIGNED])
     async def work_done(request: Request, item_id: str) -> dict[str, Any]:
         row, body = await signed_machine(request)
         try:
@@ -486,48 +538,58 @@ def create_app(hub: Hub) -> FastAPI:
         return {"id": item_id, "done": True}
 
     # --- operators ----------------------------------------------------------------------
-    @app.get("/v1/whoami", tags=["operator"])
+    @app.get("/v1/whoami", tags=["operator"], response_model=None,
+             responses=ok(m.Whoami))
     async def whoami(principal: Op) -> dict[str, Any]:
         return {"account_id": principal.account_id, "admin": principal.admin}
 
-    @app.get("/v1/accounts", tags=["operator"])
+    @app.get("/v1/accounts", tags=["operator"], response_model=None,
+             responses=ok(list[m.AccountView]))
     async def account_list(principal: Op) -> list[dict[str, Any]]:
         return await accounts.listing(hub.engine, principal)
 
-    @app.post("/v1/accounts", tags=["operator"], status_code=201)
+    @app.post("/v1/accounts", tags=["operator"], status_code=201, response_model=None,
+              responses=ok(m.AccountCreated, 201))
     async def account_create(principal: Op, body: AccountCreate) -> dict[str, str]:
         if not principal.admin:
             raise OutpostError("admin_required")
         return await accounts.create(hub.engine, hub.vault, body.name)
 
-    @app.get("/v1/accounts/{account_id}/keys", tags=["operator"])
+    @app.get("/v1/accounts/{account_id}/keys", tags=["operator"], response_model=None,
+             responses=ok(m.AccountKeys))
     async def account_keys(principal: Op, account_id: str) -> dict[str, str]:
         return await accounts.keys(hub.engine, hub.vault, principal, account_id)
 
-    @app.post("/v1/accounts/{account_id}/keys/{which}/regenerate", tags=["operator"])
+    @app.post("/v1/accounts/{account_id}/keys/{which}/regenerate", tags=["operator"],
+              response_model=None, responses=ok(m.AccountKeys))
     async def account_regenerate(principal: Op, account_id: str, which: str) -> dict[str, str]:
         return await accounts.regenerate(hub.engine, hub.vault, principal, account_id, which)
 
-    @app.get("/v1/machines", tags=["operator"])
+    @app.get("/v1/machines", tags=["operator"], response_model=None,
+             responses=ok(list[m.MachineView]))
     async def machine_list(principal: Op) -> list[dict[str, Any]]:
         return await machines.listing(hub.engine, principal.account_id)
 
-    @app.get("/v1/heartbeats", tags=["operator"])
+    @app.get("/v1/heartbeats", tags=["operator"], response_model=None,
+             responses=ok(list[m.MachineHeartbeat]))
     async def machine_heartbeats(principal: Op) -> list[dict[str, Any]]:
         return await machines.heartbeats(hub.engine, principal.account_id)
 
-    @app.get("/v1/machines/{name}", tags=["operator"])
+    @app.get("/v1/machines/{name}", tags=["operator"], response_model=None,
+             responses=ok(m.MachineView))
     async def machine_show(principal: Op, name: str) -> dict[str, Any]:
         row = await machines.find(hub.engine, principal.account_id, name)
         return machines.view(row, time.time())
 
-    @app.delete("/v1/machines/{name}", tags=["operator"])
+    @app.delete("/v1/machines/{name}", tags=["operator"], response_model=None,
+                responses=ok(m.MachineRemoved))
     async def machine_remove(principal: Op, name: str) -> dict[str, Any]:
         row = await machines.find(hub.engine, principal.account_id, name)
         await machines.deregister(hub.engine, row.id)
         return {"name": row.name, "removed": True}
 
-    @app.post("/v1/machines/{name}/ping", tags=["operator"], responses=errors(504))
+    @app.post("/v1/machines/{name}/ping", tags=["operator"], response_model=None,
+              responses=ok(m.PingResult) | errors(504))
     async def machine_ping(principal: Op, name: str,
                            timeout: Annotated[str, Query(
                                max_length=64, description="A duration: 10, 10s, 1m; at "
@@ -548,9 +610,10 @@ def create_app(hub: Hub) -> FastAPI:
         return {"machine": row.name, "round_trip_ms": round((done["done_at"] - started) * 1e3, 2),
                 "agent_received_at": done["result"].get("received_at")}
 
-    @app.post("/v1/runbooks", tags=["runbooks"], status_code=201, responses={
-        200: {"description": "The same as the latest version: nothing was stored "
-                             "(\"unchanged\": true)."}})
+    @app.post("/v1/runbooks", tags=["runbooks"], status_code=201, response_model=None,
+              responses=ok(m.RunbookPublished, 201, "A new version was stored.")
+              | ok(m.RunbookPublished, 200, "The same as the latest version: nothing was "
+                   "stored (\"unchanged\": true)."))
     async def runbook_publish(principal: Op, body: RunbookPublish,
                               response: Response) -> dict[str, Any]:
         """Store a new version of a runbook (201). The same content, type, description,
@@ -564,23 +627,27 @@ def create_app(hub: Hub) -> FastAPI:
             response.status_code = 200
         return stored
 
-    @app.get("/v1/runbooks", tags=["runbooks"])
+    @app.get("/v1/runbooks", tags=["runbooks"], response_model=None,
+             responses=ok(list[m.RunbookListed]))
     async def runbook_list(principal: Op) -> list[dict[str, Any]]:
         return await runbooks.listing(hub.engine, principal.account_id)
 
-    @app.delete("/v1/runbooks/{name}", tags=["runbooks"])
+    @app.delete("/v1/runbooks/{name}", tags=["runbooks"], response_model=None,
+                responses=ok(m.RunbookRemoved))
     async def runbook_remove(principal: Op, name: str) -> dict[str, Any]:
         """Remove every version of a runbook; refused (409, E8041) while a schedule, a
         webhook or an unfinished job uses it. Jobs it ran keep their history."""
         return await runbooks.remove(hub.engine, principal.account_id, name)
 
-    @app.get("/v1/runbooks/{name}", tags=["runbooks"])
+    @app.get("/v1/runbooks/{name}", tags=["runbooks"], response_model=None,
+             responses=ok(m.RunbookVersion))
     async def runbook_show(principal: Op, name: str,
                            version: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None
                            ) -> dict[str, Any]:
         return await runbooks.get(hub.engine, principal.account_id, name, version)
 
-    @app.post("/v1/jobs", tags=["jobs"], status_code=201)
+    @app.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=None,
+              responses=ok(m.JobStarted, 201))
     async def job_start(principal: Op, body: JobStart) -> dict[str, Any]:
         """Queue a job; parameters are checked first, so a bad one queues nothing."""
         job = await jobs.start(hub.engine, principal.account_id, body.runbook, body.group,
@@ -590,7 +657,8 @@ def create_app(hub: Hub) -> FastAPI:
                                                        [body.group])
         return {**job, "warnings": warnings}
 
-    @app.post("/v1/jobs/batch", tags=["jobs"], status_code=201)
+    @app.post("/v1/jobs/batch", tags=["jobs"], status_code=201, response_model=None,
+              responses=ok(m.JobBatchResult, 201))
     async def job_start_batch(principal: Op, body: JobBatch) -> dict[str, Any]:
         """Queue 1 to 1000 jobs, all or none: every entry is checked as ``POST /v1/jobs``
         checks one before anything is stored, and the first bad one refuses the batch."""
@@ -631,46 +699,54 @@ def create_app(hub: Hub) -> FastAPI:
 
     # A route per action rather than /{action}: POST /v1/jobs/ID/output must answer 405
     # (that path takes GET), not 422 for an unknown action.
-    @app.post("/v1/jobs/{job_id}/stop", tags=["jobs"])
+    @app.post("/v1/jobs/{job_id}/stop", tags=["jobs"], response_model=None,
+              responses=ok(m.JobDetail))
     async def job_stop(principal: Op, job_id: str) -> dict[str, Any]:
         """Stop a job: its process group is ended on the machine that runs it."""
         return await job_control(principal, job_id, "stop")
 
-    @app.post("/v1/jobs/{job_id}/suspend", tags=["jobs"])
+    @app.post("/v1/jobs/{job_id}/suspend", tags=["jobs"], response_model=None,
+              responses=ok(m.JobDetail))
     async def job_suspend(principal: Op, job_id: str) -> dict[str, Any]:
         """Suspend a job: its process group is paused where it runs, or it waits queued."""
         return await job_control(principal, job_id, "suspend")
 
-    @app.post("/v1/jobs/{job_id}/resume", tags=["jobs"])
+    @app.post("/v1/jobs/{job_id}/resume", tags=["jobs"], response_model=None,
+              responses=ok(m.JobDetail))
     async def job_resume(principal: Op, job_id: str) -> dict[str, Any]:
         """Resume a suspended job."""
         return await job_control(principal, job_id, "resume")
 
-    @app.get("/v1/groups", tags=["groups"])
+    @app.get("/v1/groups", tags=["groups"], response_model=None,
+             responses=ok(list[m.GroupListed]))
     async def group_list(principal: Op) -> list[dict[str, Any]]:
         """The account's groups: those with machines and those with settings."""
         return await groups.listing(hub.engine, principal.account_id)
 
-    @app.put("/v1/groups/{name}", tags=["groups"])
+    @app.put("/v1/groups/{name}", tags=["groups"], response_model=None,
+             responses=ok(m.GroupView))
     async def group_set(principal: Op, name: str, body: GroupSettings) -> dict[str, Any]:
         return await groups.configure(hub.engine, principal.account_id, name,
                                       body.model_dump(include=body.model_fields_set))
 
-    @app.get("/v1/jobs", tags=["jobs"])
+    @app.get("/v1/jobs", tags=["jobs"], response_model=None,
+             responses=ok(list[m.JobView]))
     async def job_list(principal: Op, status: str | None = None,
                        limit: Annotated[int, Query(ge=1, le=10000)] = 200
                        ) -> list[dict[str, Any]]:
         """The newest jobs first."""
         return await jobs.listing(hub.engine, principal.account_id, status, limit)
 
-    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=None,
+             responses=ok(m.JobDetail))
     async def job_show(principal: Op, job_id: str) -> dict[str, Any]:
         if job_id == "batch":  # POST /v1/jobs/batch's path: another method answers 405
             raise StarletteHTTPException(405)
         job_id = await jobs.resolve(hub.engine, principal.account_id, job_id)
         return await jobs.get(hub.engine, principal.account_id, job_id)
 
-    @app.get("/v1/jobs/{job_id}/output", tags=["jobs"])
+    @app.get("/v1/jobs/{job_id}/output", tags=["jobs"], response_model=None,
+             responses=ok(list[m.RecordView]))
     async def job_output(principal: Op, job_id: str,
                          after: Annotated[int, Query(ge=-1, le=INT64_MAX)] = -1,
                          stream: Annotated[list[str] | None, Query()] = None,

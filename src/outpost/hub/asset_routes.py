@@ -7,13 +7,15 @@ import binascii
 import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from pydantic import Field
 
 from outpost.protocol.errors import OutpostError
+from outpost.protocol import models as m
 from outpost.protocol.models import Wire
 
-from . import accounts, assets, auth, job_identity
+from . import accounts, assets, auth, job_identity, openapi
+from .openapi import ok
 
 if TYPE_CHECKING:
     from .app import Hub
@@ -39,15 +41,16 @@ class CertificateImport(Wire):
     description: str = Field(default="", max_length=1000)
 
 
-async def _operator(request: Request, authorization: Annotated[str | None, Header()] = None
+async def _operator(request: Request, _scheme: openapi.OperatorScheme = None
                     ) -> accounts.Principal:
-    return await auth.operator(request.app.state.hub.engine, authorization)
+    return await auth.operator(request.app.state.hub.engine,
+                               request.headers.get("authorization"))
 
 
-async def _job(request: Request, authorization: Annotated[str | None, Header()] = None
+async def _job(request: Request, _scheme: openapi.JobScheme = None
                ) -> job_identity.JobIdentity:
     hub = request.app.state.hub
-    return await job_identity.verify(hub.engine, hub.vault, authorization)
+    return await job_identity.verify(hub.engine, hub.vault, request.headers.get("authorization"))
 
 
 Op = Annotated[accounts.Principal, Depends(_operator)]
@@ -64,33 +67,39 @@ def _kind_routes(app: FastAPI, hub: Hub, plural: str) -> None:
         return await assets.remove(hub.engine, principal.account_id, kind, name)
 
     app.add_api_route(f"/v1/assets/{plural}/{{name}}", show, methods=["GET"], tags=["assets"],
+                      response_model=None, responses=ok(m.AssetShown),
                       name=f"{kind}_show", summary=f"One {kind}'s metadata",
                       description="A plain variable's value and a credential's user name; "
                                   "never a secret.")
     app.add_api_route(f"/v1/assets/{plural}/{{name}}", remove, methods=["DELETE"],
-                      tags=["assets"], name=f"{kind}_remove", summary=f"Remove a {kind}")
+                      tags=["assets"], name=f"{kind}_remove", summary=f"Remove a {kind}",
+                      response_model=None, responses=ok(m.AssetRemoved))
 
 
 def add_routes(app: FastAPI, hub: Hub) -> None:
     # --- operators ----------------------------------------------------------------------
-    @app.get("/v1/assets", tags=["assets"])
+    @app.get("/v1/assets", tags=["assets"], response_model=None,
+             responses=ok(list[m.AssetView]))
     async def asset_list(principal: Op) -> list[dict[str, Any]]:
         """Every asset of the account: kind, name, thumbprint; never a value."""
         return await assets.listing(hub.engine, principal.account_id)
 
-    @app.put("/v1/assets/variables/{name}", tags=["assets"])
+    @app.put("/v1/assets/variables/{name}", tags=["assets"], response_model=None,
+             responses=ok(m.AssetSaved))
     async def variable_set(principal: Op, name: str, body: VariableSet) -> dict[str, Any]:
         return await assets.set_variable(hub.engine, hub.vault, principal.account_id, name,
                                          body.value, secret=body.secret,
                                          description=body.description)
 
-    @app.put("/v1/assets/credentials/{name}", tags=["assets"])
+    @app.put("/v1/assets/credentials/{name}", tags=["assets"], response_model=None,
+             responses=ok(m.AssetSaved))
     async def credential_set(principal: Op, name: str, body: CredentialSet) -> dict[str, Any]:
         return await assets.set_credential(hub.engine, hub.vault, principal.account_id, name,
                                            body.username, body.secret,
                                            description=body.description)
 
-    @app.put("/v1/assets/certificates/{name}", tags=["assets"])
+    @app.put("/v1/assets/certificates/{name}", tags=["assets"], response_model=None,
+             responses=ok(m.AssetSaved))
     async def certificate_import(principal: Op, name: str,
                                  body: CertificateImport) -> dict[str, Any]:
         """Import a PEM or PFX file; the answer shows its SHA-1 thumbprint."""
@@ -120,14 +129,16 @@ def add_routes(app: FastAPI, hub: Hub) -> None:
                                    name)
 
     # --- running jobs (bearer: the job token) -------------------------------------------
-    @app.get("/v1/job/identity", tags=["job identity"])
+    @app.get("/v1/job/identity", tags=["job identity"], response_model=None,
+             responses=ok(m.JobIdentityView))
     async def job_whoami(ident: Job) -> dict[str, Any]:
         """The job the token speaks for."""
         return {"job_id": ident.job_id, "account_id": ident.account_id,
                 "runbook": ident.runbook, "machine_id": ident.machine_id,
                 "attempt": ident.attempt}
 
-    @app.get("/v1/job/assets/{kind}/{name}", tags=["job identity"])
+    @app.get("/v1/job/assets/{kind}/{name}", tags=["job identity"], response_model=None,
+             responses=ok(m.AssetValue))
     async def job_asset(ident: Job, kind: str, name: str, response: Response
                         ) -> dict[str, Any]:
         """An asset of the job's account, with its value."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -46,6 +46,16 @@ HELD = ("Activating", "Running", "Stopping", "Suspending", "Suspended", "Resumin
 # A lease lasts this many heartbeat intervals (the machine turns Unresponsive at the same
 # point), and never less than LEASE_MIN seconds.
 LEASE_BEATS = 3
+# Told of every job that reaches a final state: (status, started_at or None, ended_at). The
+# hub's metrics listen (metrics.py); a listener must be quick and must not raise.
+ended_listeners: list[Callable[[str, float | None, float], None]] = []
+
+
+def _tell_ended(status: str, started_at: float | None, ended_at: float) -> None:
+    for listener in ended_listeners:
+        listener(status, started_at, ended_at)
+
+
 LEASE_MIN = 5.0
 MAX_ACTIVATIONS = 3
 ACTIVATE_FAILED = ACTIVATE_FAILED_TEXT  # HW-1, exactly as the seed shows it
@@ -344,6 +354,9 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
             await conn.execute(_CLOSE_ATTEMPT, closing)
             await conn.execute(_FINISH_JOB, finishing)
         claimed = await claim(conn, machine, capacity) if ended and capacity > 0 else []
+    for values in finishing:
+        if values["b_ended"] is not None:
+            _tell_ended(values["b_status"], values["b_started"], values["b_ended"])
     return results, claimed
 
 
@@ -393,17 +406,18 @@ async def _apply(conn: AsyncConnection, machine_id: str, job_id: str, attempt: i
                  end: dict[str, Any] | None) -> str:
     row = await _attempt(conn, machine_id, job_id, attempt)
     status = str(row.status)
+    started_at = row.started_at
     if started and _current(row, machine_id, attempt) and status in (
             "Activating", "Resuming"):
         values: dict[str, Any] = {"status": "Running"}
         if status == "Activating":
-            values["started_at"] = time.time()
+            values["started_at"] = started_at = time.time()
         await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         status = "Running"
     await _insert_records(conn, rows)
     if end is not None and _current(row, machine_id, attempt):
         # (a repeated end, or one after the lease expired, changes nothing)
-        status = await _finish(conn, row, status, **end)
+        status = await _finish(conn, row, status, **end, started_at=started_at)
     return status
 
 
@@ -540,7 +554,7 @@ def _outcome(status: str, exit_code: int | None, signal: int | None,
 
 async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int | None,
                   signal: int | None, reason: str, cause: str = "exit",
-                  run_as: str | None = None) -> str:
+                  run_as: str | None = None, started_at: float | None = None) -> str:
     """The attempt's process ended; returns the job's state after it.
 
     ``cause`` says who ended it: ``exit`` (the runbook, by itself), ``timeout``, ``stopped``
@@ -557,6 +571,8 @@ async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int |
         status=final, ended_at=now if final in FINAL else None, exit_code=exit_code,
         signal=signal, reason=reason, lease_expires_at=None,
         machine_id=None if final == "Suspended" else row.machine_id))
+    if final in FINAL:
+        _tell_ended(final, started_at if started_at is not None else row.started_at, now)
     return final
 
 
@@ -689,6 +705,7 @@ async def _reap(conn: AsyncConnection, now: float) -> list[tuple[str, str]]:
             await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
                 status="Stopped", ended_at=now, lease_expires_at=None,
                 reason="stopped; the machine was lost before it confirmed"))
+            _tell_ended("Stopped", row.started_at, now)
         elif row.status in ("Suspending", "Suspended", "Resuming"):
             await _close_attempt(conn, row.id, row.attempt, now, None, None, reason)
             await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
@@ -734,6 +751,8 @@ async def control(engine: AsyncEngine, account_id: str, job_id: str,
                                f"'{action}' applies to a job that is {allowed}.",
                                job=job_id, status=row.status, action=action)
         await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+    if values["status"] == "Stopped":
+        _tell_ended("Stopped", row.started_at, now)
     tell = row.machine_id if on_machine and values["status"] in (
         "Stopping", "Suspending", "Resuming") else None
     return await get(engine, account_id, job_id), tell

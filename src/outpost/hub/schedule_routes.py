@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request
 from pydantic import Field
 
 from outpost.protocol.errors import OutpostError
+from outpost.protocol import models as m
 from outpost.protocol.models import Wire
 
-from . import accounts, auth, schedules, webhooks
+from . import accounts, auth, openapi, schedules, webhooks
+from .openapi import ok
 from .schedules import Scheduler
 
 if TYPE_CHECKING:
@@ -43,10 +45,11 @@ class WebhookCreate(Wire):
                                 "zone")
 
 
-async def _operator(request: Request, authorization: Annotated[str | None, Header()] = None
+async def _operator(request: Request, _scheme: openapi.OperatorScheme = None
                     ) -> accounts.Principal:
     """The account of the bearer token (the same check as every operator route)."""
-    return await auth.operator(request.app.state.hub.engine, authorization)
+    return await auth.operator(request.app.state.hub.engine,
+                               request.headers.get("authorization"))
 
 
 # Module-level, as FastAPI resolves these annotations from the module's names.
@@ -70,7 +73,8 @@ def add_routes(app: FastAPI, hub: Hub) -> Scheduler:
     scheduler = Scheduler(hub.engine, hub.dispatcher)
 
     # --- schedules ----------------------------------------------------------------------
-    @app.post("/v1/schedules", tags=["schedules"], status_code=201)
+    @app.post("/v1/schedules", tags=["schedules"], status_code=201, response_model=None,
+              responses=ok(m.ScheduleDetail, 201))
     async def schedule_create(principal: Op, body: ScheduleCreate) -> dict[str, Any]:
         """Start a runbook on a group at the times of a cron expression."""
         made = await schedules.create(
@@ -79,49 +83,58 @@ def add_routes(app: FastAPI, hub: Hub) -> Scheduler:
         scheduler.wake()
         return made
 
-    @app.get("/v1/schedules", tags=["schedules"])
+    @app.get("/v1/schedules", tags=["schedules"], response_model=None,
+             responses=ok(list[m.ScheduleView]))
     async def schedule_list(principal: Op) -> list[dict[str, Any]]:
         return await schedules.listing(hub.engine, principal.account_id)
 
-    @app.get("/v1/schedules/{name}", tags=["schedules"])
+    @app.get("/v1/schedules/{name}", tags=["schedules"], response_model=None,
+             responses=ok(m.ScheduleDetail))
     async def schedule_show(principal: Op, name: str) -> dict[str, Any]:
         """A schedule with its newest runs."""
         return await schedules.get(hub.engine, principal.account_id, name)
 
-    @app.delete("/v1/schedules/{name}", tags=["schedules"])
+    @app.delete("/v1/schedules/{name}", tags=["schedules"], response_model=None,
+                responses=ok(m.Removed))
     async def schedule_remove(principal: Op, name: str) -> dict[str, Any]:
         await schedules.remove(hub.engine, principal.account_id, name)
         return {"name": name, "removed": True}
 
-    @app.post("/v1/schedules/{name}/enable", tags=["schedules"])
+    @app.post("/v1/schedules/{name}/enable", tags=["schedules"], response_model=None,
+              responses=ok(m.ScheduleDetail))
     async def schedule_enable(principal: Op, name: str) -> dict[str, Any]:
         """Enable from now on; runs that fell due while disabled are not started."""
         found = await schedules.set_enabled(hub.engine, principal.account_id, name, True)
         scheduler.wake()
         return found
 
-    @app.post("/v1/schedules/{name}/disable", tags=["schedules"])
+    @app.post("/v1/schedules/{name}/disable", tags=["schedules"], response_model=None,
+              responses=ok(m.ScheduleDetail))
     async def schedule_disable(principal: Op, name: str) -> dict[str, Any]:
         return await schedules.set_enabled(hub.engine, principal.account_id, name, False)
 
     # --- webhooks -----------------------------------------------------------------------
-    @app.post("/v1/webhooks", tags=["webhooks"], status_code=201)
+    @app.post("/v1/webhooks", tags=["webhooks"], status_code=201, response_model=None,
+              responses=ok(m.WebhookCreated, 201))
     async def webhook_create(principal: Op, body: WebhookCreate) -> dict[str, Any]:
         """Make a webhook; its secret address is in ``url`` and is never shown again."""
         return await webhooks.create(hub.engine, principal.account_id, body.name, body.runbook,
                                      body.group, body.params, body.expires, hub.config.url)
 
-    @app.get("/v1/webhooks", tags=["webhooks"])
+    @app.get("/v1/webhooks", tags=["webhooks"], response_model=None,
+             responses=ok(list[m.WebhookView]))
     async def webhook_list(principal: Op) -> list[dict[str, Any]]:
         return await webhooks.listing(hub.engine, principal.account_id)
 
-    @app.delete("/v1/webhooks/{name}", tags=["webhooks"])
+    @app.delete("/v1/webhooks/{name}", tags=["webhooks"], response_model=None,
+                responses=ok(m.Removed))
     async def webhook_remove(principal: Op, name: str) -> dict[str, Any]:
         await webhooks.remove(hub.engine, principal.account_id, name)
         return {"name": name, "removed": True}
 
     # ":path" so that any address under the prefix gets the webhook's own 404.
-    @app.post(webhooks.PATH + "{secret:path}", tags=["webhooks"], status_code=202)
+    @app.post(webhooks.PATH + "{secret:path}", tags=["webhooks"], status_code=202,
+              response_model=None, responses=ok(m.WebhookCalled, 202))
     async def webhook_call(request: Request, secret: str) -> dict[str, Any]:
         """Start the webhook's job with the request body as its parameter ``body``.
 

@@ -125,8 +125,294 @@ class JobBatch(Wire):
 
 
 class ErrorBody(Wire):
-    code: str
-    reason: str
+    """Every error answer of the hub (4xx and 5xx), whatever the route."""
+
+    code: str = Field(description="The stable code, E1001 to E9999 (docs/errors.md).")
+    reason: str = Field(description="The code's name, such as clock_skew.")
     message: str
     fix: str
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: dict[str, Any] = Field(description="Facts of this error (names, limits, ids).")
+
+
+# --- What the operator API answers ---------------------------------------------------------
+# Declared in /openapi.json (each route's ``responses``); the routes return plain dicts, so a
+# field added to a view reaches clients at once, and tests/integration/test_openapi.py checks
+# real answers against these models (no field missing, none undeclared). Times are seconds
+# since the epoch.
+
+
+class View(BaseModel):
+    """An answer of the API: it may gain fields (clients ignore those they do not know)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Health(View):
+    status: str
+    version: str
+    hub_time: float
+    min_agent_version: str
+
+
+class Whoami(View):
+    account_id: str
+    admin: bool
+
+
+class AccountView(View):
+    id: str
+    name: str
+    created_at: float
+
+
+class AccountKeys(View):
+    id: str
+    name: str
+    primary_key: str = Field(description="Base64, 32 bytes: what agents register with.")
+    secondary_key: str
+
+
+class AccountCreated(AccountKeys):
+    token: str = Field(description="The account's first API token; shown this once.")
+
+
+class MachineView(View):
+    id: str
+    name: str
+    group: str
+    labels: dict[str, str]
+    agent_version: str
+    status: str = Field(description="Pending, Healthy, Unresponsive, Disconnected, ...")
+    last_heartbeat_at: float | None
+    registered_at: float
+    heartbeat_interval: float
+    facts: dict[str, Any]
+    not_taking_work: str | None
+
+
+class MachineHeartbeat(View):
+    name: str
+    status: str
+    last_heartbeat_at: float | None
+    seconds_ago: float | None
+    heartbeat: dict[str, Any] | None
+
+
+class MachineRemoved(View):
+    name: str
+    removed: bool
+
+
+class PingResult(View):
+    machine: str
+    round_trip_ms: float
+    agent_received_at: float | None
+
+
+class RunbookView(View):
+    name: str
+    version: int
+    type: str
+    description: str
+    params: list[Any] = Field(description="The parameters the runbook declares.")
+    sha256: str
+    log_verbose: bool
+    log_progress: bool
+    created_at: float
+
+
+class RunbookListed(RunbookView):
+    versions: int
+
+
+class RunbookVersion(RunbookView):
+    content: str
+
+
+class RunbookPublished(RunbookVersion):
+    unchanged: bool = Field(default=False, description="The same as the latest version: "
+                                                       "nothing was stored.")
+
+
+class RunbookRemoved(View):
+    name: str
+    removed: bool
+    versions: int
+
+
+class AttemptView(View):
+    number: int
+    machine_id: str
+    machine: str | None = Field(description="The machine's name; null once it is removed.")
+    started_at: float
+    ended_at: float | None
+    exit_code: int | None
+    signal: int | None
+    reason: str | None
+    run_as: str | None
+
+
+class JobView(View):
+    id: str
+    runbook_name: str
+    runbook_version: int
+    group_name: str
+    params: dict[str, Any]
+    status: str = Field(description="New, Queued, Activating, Running, Completed, Failed, "
+                                    "Stopping, Stopped, Suspending, Suspended or Resuming")
+    timeout_seconds: float | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    machine_id: str | None
+    activations: int
+    attempt: int
+    exit_code: int | None
+    signal: int | None
+    reason: str | None
+
+
+class JobDetail(JobView):
+    attempts: list[AttemptView]
+    waiting_for: str | None = Field(default=None, description="Why a queued job may wait "
+                                                              "long (only when it may).")
+
+
+class JobStarted(JobDetail):
+    warnings: list[str] = Field(default_factory=list, description="Hints such as a group "
+                                                                  "no machine has joined.")
+
+
+class JobBatchResult(View):
+    jobs: list[JobDetail]
+    warnings: list[str] = Field(default_factory=list)
+
+
+class RecordView(View):
+    seq: int
+    stream: str
+    text: str
+    at: float
+
+
+class GroupView(View):
+    name: str
+    run_as: str | None
+    memory_mb: int | None
+    cpus: float | None
+    max_processes: int | None
+
+
+class GroupListed(GroupView):
+    machines: int
+
+
+class AssetView(View):
+    kind: str
+    name: str
+    secret: bool
+    description: str
+    thumbprint: str | None
+    subject: str | None
+    not_after: float | None
+    has_private_key: bool
+    created_at: float
+    updated_at: float
+
+
+class AssetShown(AssetView):
+    value: str | None = Field(default=None, description="A plain variable's value (null for "
+                                                        "a secret one).")
+    username: str | None = Field(default=None, description="A credential's user name.")
+
+
+class AssetSaved(AssetShown):
+    replaced: bool
+
+
+class AssetRemoved(View):
+    kind: str
+    name: str
+    removed: bool
+
+
+class JobIdentityView(View):
+    job_id: str
+    account_id: str
+    runbook: str
+    machine_id: str | None
+    attempt: int
+
+
+class AssetValue(View):
+    """An asset with its value, for the job: a variable's ``value``, a credential's
+    ``username`` and ``secret``, a certificate's ``certificate`` and ``private_key`` PEM."""
+
+    kind: str
+    name: str
+    value: str | None = None
+    username: str | None = None
+    secret: str | None = None
+    thumbprint: str | None = None
+    subject: str | None = None
+    not_after: float | None = None
+    certificate: str | None = None
+    private_key: str | None = None
+
+
+class ScheduleRun(View):
+    due_at: float
+    due: str | None
+    fired_at: float | None
+    job_id: str | None
+    job_status: str | None
+    missed: bool
+    error: str | None
+
+
+class ScheduleView(View):
+    id: str
+    name: str
+    runbook_name: str
+    group_name: str
+    params: dict[str, Any]
+    cron: str
+    timezone: str
+    spread_seconds: float
+    offset_seconds: float
+    enabled: bool
+    next_run_at: float | None
+    next_run: str | None
+    last_run_at: float | None
+    last_run: str | None
+    created_at: float
+
+
+class ScheduleDetail(ScheduleView):
+    runs: list[ScheduleRun]
+
+
+class Removed(View):
+    name: str
+    removed: bool
+
+
+class WebhookView(View):
+    name: str
+    runbook_name: str
+    group_name: str
+    params: dict[str, Any]
+    expires_at: float | None
+    expired: bool
+    created_at: float
+    last_used_at: float | None
+    last_job_id: str | None
+
+
+class WebhookCreated(WebhookView):
+    url: str = Field(description="The secret address; shown this once.")
+
+
+class WebhookCalled(View):
+    job_id: str
+    status: str

@@ -1,0 +1,240 @@
+"""``/openapi.json`` describes the API as it is: who may call each operation (security
+schemes, not an optional ``authorization`` header), what each operator route answers (checked
+against real answers of a live hub, no field missing and none undeclared), and the real error
+body on every 4xx/5xx."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema_rs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.support import Agent, Hub, healthy_agent, publish_script, register, wait_until
+
+OPERATOR_SCHEMES = ({"operatorToken": []}, {"jobToken": []})
+
+
+def _strict(node: Any) -> Any:
+    """The schema with every object closed: an answer's field the model does not declare
+    fails validation (the models themselves stay open for clients)."""
+    if isinstance(node, dict):
+        node = {k: _strict(v) for k, v in node.items()}
+        if node.get("type") == "object" and "properties" in node:
+            node["additionalProperties"] = False
+        return node
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+class Checker:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        with hub.client() as client:
+            self.spec = client.get("/openapi.json").json()
+        self.components = _strict(self.spec["components"])
+        self.seen: set[tuple[str, str]] = set()
+
+    def operation(self, method: str, template: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.spec["paths"][template][method.lower()]
+        return found
+
+    def schema(self, method: str, template: str, status: int) -> dict[str, Any]:
+        responses = self.operation(method, template)["responses"]
+        assert str(status) in responses, (method, template, status, sorted(responses))
+        content = responses[str(status)]["content"]["application/json"]["schema"]
+        return {**_strict(content), "components": self.components}
+
+    def check(self, response: httpx.Response, method: str, template: str) -> Any:
+        body = response.json()
+        errors = [e.message for e in jsonschema_rs.validator_for(
+            self.schema(method, template, response.status_code)).iter_errors(body)]
+        assert not errors, (method, template, response.status_code, errors, body)
+        self.seen.add((method.lower(), template))
+        return body
+
+    def call(self, method: str, template: str, path: str | None = None, *, token: str | None = None,
+             status: int = 200, **kw: Any) -> Any:
+        response = self.hub.api(method, path or template, token, **kw)
+        assert response.status_code == status, (method, path, response.status_code,
+                                                response.text)
+        return self.check(response, method, template)
+
+
+def _certificate_b64() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "api.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=30)).sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    return base64.b64encode(pem).decode()
+
+
+def test_security_schemes_replace_the_authorization_header(sqlite_hub: Hub) -> None:
+    spec = Checker(sqlite_hub).spec
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["operatorToken"] == {**schemes["operatorToken"], "type": "http",
+                                        "scheme": "bearer"}
+    assert schemes["jobToken"]["type"] == "http" and schemes["jobToken"]["scheme"] == "bearer"
+    for name in ("machineSignature", "accountSignature"):
+        assert schemes[name]["type"] == "apiKey" and schemes[name]["in"] == "header"
+        assert schemes[name]["name"] == "X-Outpost-Signature"
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            headers = [p["name"].lower() for p in operation.get("parameters", [])
+                       if p["in"] == "header"]
+            assert "authorization" not in headers, (method, path)
+            security = operation.get("security")
+            if path == "/v1/agent/register":
+                assert security == [{"accountSignature": []}], (method, path)
+            elif path == "/v1/agent/install.sh" or path.endswith(".whl"):
+                assert not security, (method, path)  # public, like /v1/ca
+            elif path.startswith("/v1/agent/"):
+                assert security == [{"machineSignature": []}], (method, path)
+            elif path.startswith("/v1/job/"):
+                assert security == [{"jobToken": []}], (method, path)
+            elif path.startswith("/v1/hooks/") or not path.startswith("/v1/") \
+                    or path == "/v1/ca":
+                assert not security, (method, path)  # public
+            else:
+                assert security == [{"operatorToken": []}], (method, path)
+            # Every 4xx and 5xx is the real error body, in JSON, 500 included.
+            statuses = operation["responses"]
+            assert "500" in statuses and "401" in statuses, (method, path)
+            for status, response in statuses.items():
+                if status[0] in "45":
+                    assert response["content"] == {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/ErrorBody"}}}, (method, path, status)
+    error = spec["components"]["schemas"]["ErrorBody"]
+    assert set(error["required"]) == {"code", "reason", "message", "fix", "details"}
+
+
+def test_real_answers_match_the_declared_models(
+        hub: Hub, agents: list[Agent], tmp_path: Path, shared: Path) -> None:
+    # (on SQLite and on PostgreSQL: each database's types must give the declared ones)
+    api = Checker(hub)
+    publish_script(hub, tmp_path, "hello", "echo hello\necho oops >&2\n")
+    publish_script(hub, tmp_path, "hold", f'cp "$OUTPOST_HELPER_DIR/job.token" {shared}/t\n'
+                   "sleep 30\n")
+    publish_script(hub, tmp_path, "hook", 'echo "$body"\n', "--param", "body")
+    healthy_agent(hub, tmp_path, agents)
+    assert register(hub, tmp_path / "idle", "idle").returncode == 0
+
+    # Errors: the real body, validated as declared (closed: nothing more, nothing less).
+    api.check(hub.api("GET", "/v1/jobs/no-such-job"), "GET", "/v1/jobs/{job_id}")
+    with hub.client() as anonymous:
+        refused = anonymous.get("/v1/whoami")
+    assert refused.status_code == 401
+    api.check(refused, "GET", "/v1/whoami")
+    api.seen.clear()
+
+    api.call("GET", "/healthz")
+    api.call("GET", "/v1/whoami")
+    made = api.call("POST", "/v1/accounts", json={"name": "second"}, status=201)
+    api.call("GET", "/v1/accounts")
+    keys = "/v1/accounts/{account_id}/keys"
+    api.call("GET", keys, keys.format(account_id=made["id"]))
+    api.call("POST", keys + "/{which}/regenerate",
+             keys.format(account_id=made["id"]) + "/primary/regenerate")
+
+    api.call("GET", "/v1/machines")
+    api.call("GET", "/v1/heartbeats")
+    api.call("GET", "/v1/machines/{name}", "/v1/machines/w1")
+    api.call("POST", "/v1/machines/{name}/ping", "/v1/machines/w1/ping")
+    api.call("DELETE", "/v1/machines/{name}", "/v1/machines/idle")
+
+    api.call("POST", "/v1/runbooks", status=201, json={
+        "name": "api-made", "content": "#!/bin/bash\necho $who\n", "filename": "a.sh",
+        "params": ["who:string=World"], "description": "made through the API"})
+    again = api.call("POST", "/v1/runbooks", json={
+        "name": "api-made", "content": "#!/bin/bash\necho $who\n", "filename": "a.sh",
+        "params": ["who:string=World"], "description": "made through the API"})
+    assert again["unchanged"] is True  # 200: the same as the latest version
+    api.call("GET", "/v1/runbooks")
+    api.call("GET", "/v1/runbooks/{name}", "/v1/runbooks/api-made")
+    api.call("POST", "/v1/runbooks", status=201, json={
+        "name": "gone", "content": "#!/bin/bash\ntrue\n", "filename": "g.sh"})
+    removed = api.call("DELETE", "/v1/runbooks/{name}", "/v1/runbooks/gone")
+    assert removed["removed"] is True and removed["versions"] == 1
+
+    job = api.call("POST", "/v1/jobs", status=201, json={"runbook": "hello", "group": "web"})
+    api.call("POST", "/v1/jobs/batch", status=201, json={"jobs": [
+        {"runbook": "api-made", "group": "web", "params": {"who": "you"}}]})
+    wait_until(lambda: hub.api("GET", f"/v1/jobs/{job['id']}").json()["status"] == "Completed",
+               30, 0.1, "the job to complete")
+    api.call("GET", "/v1/jobs")
+    api.call("GET", "/v1/jobs/{job_id}", f"/v1/jobs/{job['id']}")
+    output = api.call("GET", "/v1/jobs/{job_id}/output", f"/v1/jobs/{job['id']}/output")
+    assert {r["text"] for r in output} >= {"hello", "oops"}
+    waiting = api.call("POST", "/v1/jobs", status=201,
+                       json={"runbook": "hello", "group": "nomachines"})
+    shown = api.call("GET", "/v1/jobs/{job_id}", f"/v1/jobs/{waiting['id']}")
+    assert shown["waiting_for"]  # declared, present when it may wait long
+    for action in ("suspend", "resume", "stop"):
+        api.call("POST", f"/v1/jobs/{{job_id}}/{action}", f"/v1/jobs/{waiting['id']}/{action}")
+
+    api.call("GET", "/v1/groups")
+    api.call("PUT", "/v1/groups/{name}", "/v1/groups/web", json={"memory_mb": 256})
+
+    api.call("PUT", "/v1/assets/variables/{name}", "/v1/assets/variables/v1",
+             json={"value": "x"})
+    api.call("PUT", "/v1/assets/credentials/{name}", "/v1/assets/credentials/c1",
+             json={"username": "u", "secret": "s"})
+    api.call("PUT", "/v1/assets/certificates/{name}", "/v1/assets/certificates/web",
+             json={"data": _certificate_b64()})
+    api.call("GET", "/v1/assets")
+    for plural, name in (("variables", "v1"), ("credentials", "c1"), ("certificates", "web")):
+        api.call("GET", f"/v1/assets/{plural}/{{name}}", f"/v1/assets/{plural}/{name}")
+
+    # A running job's own calls, with its token.
+    held = api.call("POST", "/v1/jobs", status=201, json={"runbook": "hold", "group": "web"})
+    token = wait_until(lambda: (shared / "t").exists() and (shared / "t").read_text().strip(),
+                       30, 0.1, "the job's token")
+    api.call("GET", "/v1/job/identity", token=token)
+    for kind, name in (("variable", "v1"), ("credential", "c1"), ("certificate", "web")):
+        api.call("GET", "/v1/job/assets/{kind}/{name}", f"/v1/job/assets/{kind}/{name}",
+                 token=token)
+    api.call("POST", "/v1/jobs/{job_id}/stop", f"/v1/jobs/{held['id']}/stop")
+    for plural, name in (("variables", "v1"), ("credentials", "c1"), ("certificates", "web")):
+        api.call("DELETE", f"/v1/assets/{plural}/{{name}}", f"/v1/assets/{plural}/{name}")
+
+    api.call("POST", "/v1/schedules", status=201, json={
+        "name": "nightly", "runbook": "hello", "group": "web", "cron": "0 3 * * *"})
+    api.call("GET", "/v1/schedules")
+    api.call("GET", "/v1/schedules/{name}", "/v1/schedules/nightly")
+    api.call("POST", "/v1/schedules/{name}/disable", "/v1/schedules/nightly/disable")
+    api.call("POST", "/v1/schedules/{name}/enable", "/v1/schedules/nightly/enable")
+    api.call("DELETE", "/v1/schedules/{name}", "/v1/schedules/nightly")
+
+    hook = api.call("POST", "/v1/webhooks", status=201,
+                    json={"name": "ci", "runbook": "hook", "group": "web"})
+    api.call("GET", "/v1/webhooks")
+    with httpx.Client(verify=hub.ssl_context(), timeout=30) as caller:
+        called = caller.post(hook["url"], content=json.dumps({"ref": "main"}))
+    assert called.status_code == 202, called.text
+    api.check(called, "POST", "/v1/hooks/{secret}")
+    api.call("DELETE", "/v1/webhooks/{name}", "/v1/webhooks/ci")
+
+    # Every operator and job operation was called, and answered as it says.
+    operator_ops = {(method, path) for path, ops in api.spec["paths"].items()
+                    for method, op in ops.items()
+                    if op.get("security") and op["security"][0] in OPERATOR_SCHEMES}
+    assert operator_ops - api.seen == set(), sorted(operator_ops - api.seen)
+    generic = [(m, p) for m, p in operator_ops
+               if "$ref" not in json.dumps(api.operation(m, p)["responses"][
+                   next(s for s in api.operation(m, p)["responses"] if s[0] == "2")])]
+    assert generic == [], generic  # each has a model, not a bare object
