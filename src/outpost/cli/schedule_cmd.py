@@ -11,7 +11,7 @@ import typer
 from outpost.protocol.params import split_assignments
 
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
-from .output import out, print_json, table
+from .output import out, print_json, say, table, value_text
 
 app = typer.Typer(no_args_is_help=True, help="Schedules: start a runbook on a group at the "
                   "times of a cron expression, once per due time.")
@@ -85,10 +85,12 @@ def create(
     if json:
         print_json(made)
         return
-    out.print(f"Created schedule {made['name']}: {made['runbook_name']} on group "
-              f"{made['group_name']}, cron '{made['cron']}' ({made['timezone']}), spread "
-              f"{_spread(made)}.", markup=False)
-    out.print(f"  next run: {_next(made)}", markup=False)
+    say(f"Created schedule {made['name']}: {made['runbook_name']} on group "
+        f"{made['group_name']}, cron '{made['cron']}' ({made['timezone']}), spread "
+        f"{_spread(made)}.")
+    if made.get("params"):
+        say(f"  params:   {value_text(made['params'])}")
+    say(f"  next run: {_next(made)}")
 
 
 @app.command("list")
@@ -102,9 +104,10 @@ def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = 
     if not rows:
         out.print("No schedules in this account.")
         return
-    table(["NAME", "RUNBOOK", "GROUP", "CRON (TIME ZONE)", "SPREAD", "NEXT RUN", "LAST RUN"],
+    table(["NAME", "RUNBOOK", "GROUP", "CRON (TIME ZONE)", "SPREAD", "PARAMS", "NEXT RUN",
+           "LAST RUN"],
           [[s["name"], s["runbook_name"], s["group_name"], f"{s['cron']} ({s['timezone']})",
-            _spread(s), _next(s), _local(s["last_run"])] for s in rows])
+            _spread(s), s["params"] or "-", _next(s), _local(s["last_run"])] for s in rows])
 
 
 @app.command()
@@ -116,13 +119,12 @@ def show(name: str, hub: Hub = None, token: Token = None,
     if json:
         print_json(s)
         return
-    out.print(f"Schedule {s['name']}: {s['runbook_name']} on group {s['group_name']}",
-              markup=False)
-    out.print(f"  cron:      {s['cron']} ({s['timezone']})", markup=False)
-    out.print(f"  spread:    {_spread(s)}", markup=False)
-    out.print(f"  params:    {s['params'] or '-'}", markup=False)
-    out.print(f"  next run:  {_next(s)}", markup=False)
-    out.print(f"  last run:  {_local(s['last_run'])}", markup=False)
+    say(f"Schedule {s['name']}: {s['runbook_name']} on group {s['group_name']}")
+    say(f"  cron:      {s['cron']} ({s['timezone']})")
+    say(f"  spread:    {_spread(s)}")
+    say(f"  params:    {value_text(s['params']) if s['params'] else '-'}")
+    say(f"  next run:  {_next(s)}")
+    say(f"  last run:  {_local(s['last_run'])}")
     if not s["runs"]:
         out.print("  no runs yet")
         return
@@ -136,7 +138,7 @@ def remove(name: str, hub: Hub = None, token: Token = None,
            ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None) -> None:
     """Remove a schedule; jobs it started are kept."""
     api(hub, token, ca_fingerprint, data_dir).delete(_path(name))
-    out.print(f"Removed schedule {name}.", markup=False)
+    say(f"Removed schedule {name}.")
 
 
 @app.command()

@@ -11,7 +11,7 @@ import typer
 from outpost.protocol.params import split_assignments
 
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
-from .output import ago, err, out, print_json, table
+from .output import ago, err, out, print_json, say, table
 
 app = typer.Typer(no_args_is_help=True, help="Webhooks: a secret URL whose POST starts a "
                   "runbook job with the request body as its parameter 'body'.")
@@ -73,4 +73,4 @@ def remove(name: str, hub: Hub = None, token: Token = None,
            ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None) -> None:
     """Remove a webhook; its URL answers 404 from now on."""
     api(hub, token, ca_fingerprint, data_dir).delete(f"/v1/webhooks/{quote(name, safe='')}")
-    out.print(f"Removed webhook {name}.", markup=False)
+    say(f"Removed webhook {name}.")

@@ -105,6 +105,8 @@ class OutputRecord(Wire):
     stream: str = Field(max_length=16)
     text: str = Field(max_length=RECORD_TEXT_MAX)
     at: float = Field(ge=0, description="When it was written, seconds since the epoch.")
+    continues: bool = Field(False, description="True on each piece of an output line longer "
+                            "than a record but its last: join the pieces to get the line.")
 
 
 
