@@ -79,6 +79,9 @@ def test_lines_count_what_they_gave_out() -> None:
     assert long.feed(b"x" * (runner.LINE_MAX + 5)) == [(b"x" * runner.LINE_MAX, True)]
     assert long.consumed == runner.LINE_MAX and long.rest == b"xxxxx"
     assert long.feed(b"\n") == [(b"xxxxx", False)]
+    exact = Lines()
+    assert exact.feed(b"y" * runner.LINE_MAX) == [(b"y" * runner.LINE_MAX, True)]
+    assert exact.feed(b"\n") == [(b"", False)]
 
 
 def test_the_pieces_of_a_long_line_keep_its_stream_and_say_they_continue() -> None:
@@ -90,6 +93,12 @@ def test_the_pieces_of_a_long_line_keep_its_stream_and_say_they_continue() -> No
     assert [(p["stream"], p.get("continues", False)) for p in pieces] == [
         ("Warning", True), ("Warning", False)]
     assert "".join(p["text"] for p in pieces) == "w" * runner.LINE_MAX
+    # Not cut inside a character: the pieces joined are the line.
+    cut = Lines()
+    line = ("é" * runner.LINE_MAX).encode() + b"\n"
+    records, _ = runner.line_records(cut.feed(line), False, 0, False, False, 1.0, cut)
+    assert "".join(json.loads(r)["text"] for r in records) == "é" * runner.LINE_MAX
+    assert all(len(json.loads(r)["text"].encode()) <= runner.LINE_MAX for r in records)
 
 
 def test_a_restarted_agent_reads_on_from_the_last_progress_line(tmp_path: Path) -> None:

@@ -169,13 +169,20 @@ class Lines:
         self.stream: str | None = None
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bool]]:
-        lines: list[tuple[bytes, bool]] = [(line, False) for line in
-                                           (self.rest + chunk).split(b"\n")]
+        whole = (self.rest + chunk).split(b"\n")
         before = len(self.rest)
-        self.rest = lines.pop()[0]
+        self.rest = whole.pop()
+        lines: list[tuple[bytes, bool]] = []
+        for line in whole:  # a line that ended in this chunk may be longer than LINE_MAX too
+            while len(line) > LINE_MAX:
+                at = _boundary(line)
+                lines.append((line[:at], True))
+                line = line[at:]
+            lines.append((line, False))
         while len(self.rest) >= LINE_MAX:
-            lines.append((self.rest[:LINE_MAX], True))
-            self.rest = self.rest[LINE_MAX:]
+            at = _boundary(self.rest)
+            lines.append((self.rest[:at], True))
+            self.rest = self.rest[at:]
         self.consumed += before + len(chunk) - len(self.rest)
         return lines
 
@@ -184,6 +191,17 @@ class Lines:
         last, self.rest = self.rest, b""
         self.consumed += len(last)
         return [(last, False)] if last or self.stream is not None else []
+
+
+def _boundary(line: bytes) -> int:
+    """Where to cut a line longer than LINE_MAX: at most LINE_MAX bytes, and not inside a
+    UTF-8 character (so the joined pieces are the line), unless the bytes are no UTF-8."""
+    if len(line) <= LINE_MAX:
+        return len(line)
+    at = LINE_MAX
+    while at > LINE_MAX - 3 and line[at] & 0xC0 == 0x80:
+        at -= 1
+    return at if line[at] & 0xC0 != 0x80 else LINE_MAX
 
 
 def line_records(lines: list[tuple[bytes, bool]], stderr: bool, seq: int, verbose: bool,
