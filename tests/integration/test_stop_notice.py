@@ -85,3 +85,33 @@ def test_an_absent_hub_does_not_hold_the_stop_up(hub: Hub, agents: list[Agent],
     assert "no hub answered its stop notice" in check.stdout, check.stdout
     hub.start()
     assert _machine(hub, "m1")["status"] != "Stopped"
+
+
+def test_a_job_running_at_a_graceful_stop_runs_again_as_before(
+        hub: Hub, agents: list[Agent], tmp_path: Path, shared: Path) -> None:
+    """The stop notice changes only the machine's status: the job the agent held is ended
+    and, once its lease runs out, queued again and run by the agent started again."""
+    from tests.support import publish_script
+
+    marker = shared / "first-attempt"
+    publish_script(hub, tmp_path, "twice", f'if [ -e "{marker}" ]; then echo second; '
+                   f'else touch "{marker}"; sleep 60; fi\n')
+    agent = healthy_agent(hub, tmp_path, agents, "m1")
+    started = hub.cli("job", "start", "twice", "--group", "web", "--json")
+    assert started.returncode == 0, started.stderr
+    job_id = json.loads(started.stdout)["id"]
+    wait_until(marker.exists, 15, 0.1, "the first attempt to start")
+
+    assert agent.stop(signal.SIGTERM) == 0, agent.log()
+    assert _machine(hub, "m1")["status"] == "Stopped"
+    agents.append(agent.start())
+
+    def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = json.loads(hub.cli("job", "show", job_id, "--json").stdout)
+        return job if job["status"] in ("Completed", "Failed", "Suspended") else None
+
+    job = wait_until(ended, 40, 0.2, "the job to end")
+    assert job["status"] == "Completed", job
+    assert len(job["attempts"]) == 2, job
+    output = hub.cli("job", "output", job_id)
+    assert output.stdout.strip() == "second", output.stdout
