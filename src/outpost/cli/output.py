@@ -178,7 +178,7 @@ class RecordPrinter:
     def print(self, records: list[dict[str, Any]]) -> None:
         for r in records:
             if self.json_lines:
-                out.print(json.dumps(r), markup=False, highlight=False, soft_wrap=True)
+                _write(json.dumps(r) + "\n")
                 continue
             stream, text = r["stream"], r["text"]
             if r.get("continues"):
@@ -186,14 +186,27 @@ class RecordPrinter:
                 continue
             held = self._held.pop(stream, None)
             self._line(stream, "".join(held) + text if held else text)
+        _write("", flush=True)
 
     def flush(self) -> None:
         """Lines whose last piece never came (the attempt was cut off): shown as they are."""
         for stream, held in self._held.items():
             self._line(stream, "".join(held))
         self._held = {}
+        _write("", flush=True)
 
     @staticmethod
     def _line(stream: str, text: str) -> None:
         shown = safe(text) if stream == "Output" else f"{stream.upper()}: {safe(text)}"
-        out.print(shown, markup=False, highlight=False)
+        _write(shown + "\n")
+
+
+def _write(text: str, flush: bool = False) -> None:
+    """Straight to stdout: a record's text as it is (tabs kept, a long line unwrapped, no
+    cost per character as in the console's rendering)."""
+    try:
+        sys.stdout.write(text)
+        if flush:
+            sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise ReaderGone from exc
