@@ -75,3 +75,27 @@ def test_a_line_longer_than_a_record_is_marked_and_joined(
     followed = hub.cli("job", "start", "long", "--group", "web", "--follow")
     assert followed.returncode == 0, followed.stderr
     assert followed.stdout.split("\n")[:3] == ["before", "x" * size, "after"]
+
+
+def test_values_are_shown_as_json_and_quoted_text_escaped(hub: Hub, agents: list[Agent],
+                                                          tmp_path: Path) -> None:
+    publish_script(hub, tmp_path, "hello", 'echo "Hello $name"\n', "--param",
+                   "name=World", "--param", "verbose:bool=false", "--param", 'cfg:json={"a": 1}',
+                   "--log-verbose")
+    shown = hub.cli("runbook", "show", "hello")
+    assert shown.returncode == 0, shown.stderr
+    assert 'parameters:   name:string="World" verbose:bool=false cfg:json={"a": 1}' \
+        in shown.stdout, shown.stdout
+    assert "log verbose:  true   log progress: false" in shown.stdout, shown.stdout
+
+    healthy_agent(hub, tmp_path, agents)
+    job_id = _run(hub, "hello")
+    job = hub.cli("job", "show", job_id)
+    assert 'params: {"name": "World", "verbose": false, "cfg": {"a": 1}}' in job.stdout, \
+        job.stdout
+
+    # An error that quotes what was typed (or what a hub or runbook said) is escaped too.
+    refused = hub.cli("job", "start", "\x1b[2Jnope", "--group", "web")
+    assert refused.returncode == 1
+    assert r"No runbook '\x1b[2Jnope'" in refused.stderr, refused.stderr
+    assert "\x1b" not in refused.stderr

@@ -20,7 +20,7 @@ from outpost.protocol.errors import OutpostError
 
 from . import signals
 from .options import ClockSkew, Json, StateDirOpt, state_dir
-from .output import EXIT_NOT_RUNNING, ago, out, print_json
+from .output import EXIT_NOT_RUNNING, ago, out, print_json, say
 
 app = typer.Typer(no_args_is_help=True, help="The agent on a managed machine.")
 
@@ -155,8 +155,8 @@ def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
         out.print(f"  job limits:     {sandbox['limits_by']}", markup=False)
     out.print(f"  last heartbeat: {ago(info['last_heartbeat_ack_at'])} (acknowledged)")
     error = info.get("last_error")
-    out.print(f"  last error:     {error['code']} {error['message']}" if error
-              else "  last error:     none")
+    say(f"  last error:     {error['code']} {error['message']}" if error
+        else "  last error:     none")
     out.print("  processes:")
     for proc in info["processes"]:
         out.print(f"    {proc['pid']:>7}  {proc['role']}")
