@@ -23,3 +23,18 @@ def test_values_are_json() -> None:
     assert value_text({"k": "\x1b[2J"}) == r'{"k": "\u001b[2J"}'
     assert cell("plain") == "plain" and cell(3) == "3" and cell(None) == ""
     assert cell(True) == "true" and cell(["x"]) == '["x"]'
+
+
+def test_record_printer_joins_pieces_per_stream_and_attempt(capsys: object) -> None:
+    from outpost.cli.output import RecordPrinter
+
+    printer = RecordPrinter(False)
+    printer.print([{"seq": 0, "stream": "Output", "text": "ab", "continues": True},
+                   {"seq": 1, "stream": "Error", "text": "\x1b!", "continues": False}])
+    printer.print([{"seq": 2, "stream": "Output", "text": "cd", "continues": False},
+                   {"seq": 3, "stream": "Output", "text": "cut", "continues": True},
+                   # the next attempt: the cut line is shown as it came
+                   {"seq": 1 << 32, "stream": "Output", "text": "again", "continues": False}])
+    printer.flush()
+    assert capsys.readouterr().out.splitlines() == [  # type: ignore[attr-defined]
+        r"ERROR: \x1b!", "abcd", "cut", "again"]

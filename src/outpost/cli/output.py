@@ -174,6 +174,7 @@ class RecordPrinter:
     def __init__(self, json_lines: bool) -> None:
         self.json_lines = json_lines
         self._held: dict[str, list[str]] = {}
+        self._attempt = 0
 
     def print(self, records: list[dict[str, Any]]) -> None:
         for r in records:
@@ -181,6 +182,10 @@ class RecordPrinter:
                 _write(json.dumps(r) + "\n")
                 continue
             stream, text = r["stream"], r["text"]
+            attempt = int(r.get("seq", 0)) >> 32  # records of attempt n from (n - 1) << 32
+            if attempt != self._attempt:  # a line the last attempt left unfinished ends here
+                self._attempt = attempt
+                self._end_held()
             if r.get("continues"):
                 self._held.setdefault(stream, []).append(text)
                 continue
@@ -190,10 +195,13 @@ class RecordPrinter:
 
     def flush(self) -> None:
         """Lines whose last piece never came (the attempt was cut off): shown as they are."""
+        self._end_held()
+        _write("", flush=True)
+
+    def _end_held(self) -> None:
         for stream, held in self._held.items():
             self._line(stream, "".join(held))
         self._held = {}
-        _write("", flush=True)
 
     @staticmethod
     def _line(stream: str, text: str) -> None:
