@@ -53,6 +53,11 @@ def test_sigterm_shows_stopped_at_once_and_a_heartbeat_heals_it(
     assert re.search(r"it was stopped \d+ s ago, and the hub at https://\S+ was told "
                      r"\(it shows the machine Stopped\)", check.stdout), check.stdout
 
+    status = run_cli("agent", "status", "--state-dir", str(agent.state_dir))
+    assert status.returncode == 3
+    assert re.search(r"It was stopped [0-9]+s ago; the hub at https://\S+ was told",
+                     status.stdout), status.stdout
+
     agents.append(agent.start())  # the next heartbeat makes it Healthy again
     wait_until(lambda: _machine(hub, "m1")["status"] == "Healthy", 10, 0.1, "m1 Healthy")
     assert _machine(hub, "m1")["stopped_at"] is None

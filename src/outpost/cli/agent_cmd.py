@@ -129,12 +129,19 @@ def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
         start = f"outpost agent run --state-dir {state.root}"
         if json:
             print_json({"running": False, "pid": pid, "state_dir": str(state.root),
-                        "start_command": start, "code": "E2003"})
+                        "start_command": start, "code": "E2003",
+                        "last_stop": state.last_stop()})
         elif pid:
             out.print(f"The agent process {pid} exists but does not answer on its status "
                       f"socket. Restart it: kill {pid}; {start}")
         else:
             out.print(f"The Outpost agent is not running (state dir {state.root}).")
+            stop = state.last_stop()
+            if stop is not None:  # a graceful stop, noted by the agent as it stopped
+                told = stop.get("hub_told")
+                say(f"It was stopped {ago(stop['at'])}; " + (
+                    f"the hub at {told} was told (the machine shows Stopped)." if told else
+                    "no hub answered its stop notice."))
             out.print(f"Start it with: {start}")
             out.print("or, as a service: systemctl start outpost-agent")
         raise typer.Exit(EXIT_NOT_RUNNING)
