@@ -372,3 +372,39 @@ def test_generated_schedule_and_webhook_requests(hub: Hub, body: dict[str, Any],
         assert hook.status_code == 422 and hook.json()["code"] == "E3003", hook.text
         return
     assert hook.status_code == 404 and hook.json()["code"] == "E6006", hook.text
+
+
+def test_schedule_parameters_are_typed_as_a_jobs_are(hub: Hub, agents: list[Agent],
+                                                      tmp_path: Path) -> None:
+    _publish(hub, tmp_path, "typed", 'echo "n=$n v=$v cfg=$cfg"\n', "--param", "n:int",
+             "--param", "v:bool=false", "--param", "cfg:json={}")
+    made = _json(hub.cli("schedule", "create", "typed", "--runbook", "typed", "--group", "web",
+                         "--cron", "* * * * * *", "--param", "n=5", "--param", "v=yes",
+                         "--param", 'cfg={"a": 1}', "--json"))
+    # Stored typed, as the job check made them: what was given, not the defaults.
+    assert made["params"] == {"n": 5, "v": True, "cfg": {"a": 1}}
+    [stored] = query(hub.database_url, "SELECT params FROM schedules WHERE name = 'typed'")
+    column = stored[0] if isinstance(stored[0], dict) else json.loads(stored[0])
+    assert column == {"n": 5, "v": True, "cfg": {"a": 1}}
+    shown = _wide(hub, "schedule", "show", "typed")
+    assert 'params:    {"n": 5, "v": true, "cfg": {"a": 1}}' in shown.stdout, shown.stdout
+
+    agents.append(registered_agent(hub, tmp_path, "w1").start())
+
+    def completed() -> dict[str, Any] | None:
+        runs = [r for r in _show(hub, "typed")["runs"] if r["job_status"] == "Completed"]
+        return runs[0] if runs else None
+
+    run = wait_until(completed, 20, 0.2, "a scheduled job to complete")
+    _api(hub, "POST", "/v1/schedules/typed/disable")
+    job = _api(hub, "GET", f"/v1/jobs/{run['job_id']}")
+    assert job["params"] == {"n": 5, "v": True, "cfg": {"a": 1}}
+    records = _api(hub, "GET", f"/v1/jobs/{run['job_id']}/output")
+    assert [r["text"] for r in records] == ['n=5 v=true cfg={"a": 1}']
+
+    # A bad value is refused at create with the code 'job start' gives it.
+    started = hub.cli("job", "start", "typed", "--group", "web", "--param", "n=five")
+    scheduled = hub.cli("schedule", "create", "bad", "--runbook", "typed", "--group", "web",
+                        "--cron", "@hourly", "--param", "n=five")
+    assert "Parameter 'n': 'five' is not an integer" in _refused(started, "E4003", 2)
+    assert "Parameter 'n': 'five' is not an integer" in _refused(scheduled, "E4003", 2)

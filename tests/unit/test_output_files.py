@@ -71,12 +71,34 @@ def test_streams_lines_and_progress_lines_in_the_spool(tmp_path: Path) -> None:
 
 def test_lines_count_what_they_gave_out() -> None:
     cut = Lines(10)
-    assert cut.feed(b"ab\ncd") == [b"ab"] and cut.consumed == 13
-    assert cut.feed(b"e\n\n") == [b"cde", b""] and cut.consumed == 18
-    assert cut.feed(b"tail") == [] and cut.flush() == [b"tail"] and cut.consumed == 22
+    assert cut.feed(b"ab\ncd") == [(b"ab", False)] and cut.consumed == 13
+    assert cut.feed(b"e\n\n") == [(b"cde", False), (b"", False)] and cut.consumed == 18
+    assert cut.feed(b"tail") == [] and cut.flush() == [(b"tail", False)] and cut.consumed == 22
     long = Lines()
-    assert long.feed(b"x" * (runner.LINE_MAX + 5)) == [b"x" * runner.LINE_MAX]
+    # A piece of a longer line is marked as continued; the line's last piece is not.
+    assert long.feed(b"x" * (runner.LINE_MAX + 5)) == [(b"x" * runner.LINE_MAX, True)]
     assert long.consumed == runner.LINE_MAX and long.rest == b"xxxxx"
+    assert long.feed(b"\n") == [(b"xxxxx", False)]
+    exact = Lines()
+    assert exact.feed(b"y" * runner.LINE_MAX) == [(b"y" * runner.LINE_MAX, True)]
+    assert exact.feed(b"\n") == [(b"", False)]
+
+
+def test_the_pieces_of_a_long_line_keep_its_stream_and_say_they_continue() -> None:
+    cut = Lines()
+    line = b"warning: " + b"w" * runner.LINE_MAX + b"\n"
+    records, seq = runner.line_records(cut.feed(line), False, 0, False, False, 1.0, cut)
+    pieces = [json.loads(r) for r in records]
+    assert seq == 2
+    assert [(p["stream"], p.get("continues", False)) for p in pieces] == [
+        ("Warning", True), ("Warning", False)]
+    assert "".join(p["text"] for p in pieces) == "w" * runner.LINE_MAX
+    # Not cut inside a character: the pieces joined are the line.
+    cut = Lines()
+    line = ("é" * runner.LINE_MAX).encode() + b"\n"
+    records, _ = runner.line_records(cut.feed(line), False, 0, False, False, 1.0, cut)
+    assert "".join(json.loads(r)["text"] for r in records) == "é" * runner.LINE_MAX
+    assert all(len(json.loads(r)["text"].encode()) <= runner.LINE_MAX for r in records)
 
 
 def test_a_restarted_agent_reads_on_from_the_last_progress_line(tmp_path: Path) -> None:

@@ -138,10 +138,19 @@ def agent_running(ctx: AgentContext) -> Outcome:
                      f"socket {ctx.state.socket_address!r}",
                      f"Restart it: kill {pid}; then {start} (or systemctl restart "
                      f"outpost-agent)", pid=pid)
+    stop = ctx.state.last_stop()
+    when = ""
+    if stop is not None:
+        seconds = max(0, round(time.time() - float(stop["at"])))
+        told = stop.get("hub_told")
+        when = (f": it was stopped {seconds} s ago, and "
+                + (f"the hub at {told} was told (it shows the machine Stopped)" if told else
+                   "no hub answered its stop notice (the hub shows the machine Unresponsive "
+                   "once heartbeats are missed)"))
     return error("agent_not_running",
-                 f"The Outpost agent is not running (state dir {ctx.state.root})",
+                 f"The Outpost agent is not running (state dir {ctx.state.root}){when}",
                  f"Start it: {start} (or, as a service: systemctl start outpost-agent)",
-                 start_command=start)
+                 start_command=start, stopped_at=stop["at"] if stop else None)
 
 
 @checks.add("registration", "Registration is present and readable",

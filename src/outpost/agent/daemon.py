@@ -37,6 +37,9 @@ from .transport import Backoff, Clock, HubClient
 log = logging.getLogger("outpost.agent")
 
 GRACE_SECONDS = 5.0
+# How long a graceful stop waits for the hub to take its stop notice: an absent hub must
+# not hold the stop up (it then learns of it from the missed heartbeats).
+STOP_NOTICE_SECONDS = 2.0
 
 
 class Agent:
@@ -105,6 +108,7 @@ class Agent:
             await self.stop_requested.wait()
             log.info("stopping")
             await self._shutdown()
+            await self._tell_hub_stopping()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -138,6 +142,23 @@ class Agent:
         if tasks:
             await asyncio.wait(tasks, timeout=GRACE_SECONDS)
         await self.reporter.close()
+
+    async def _tell_hub_stopping(self) -> None:
+        """A graceful stop: the hub shows the machine Stopped at once rather than Healthy
+        until heartbeats are missed. Sent after the heartbeat task ended, so no heartbeat of
+        this run follows it; kept in the state directory for 'outpost check'."""
+        told: str | None = None
+        try:
+            await asyncio.wait_for(
+                self._call("POST", "/v1/agent/stopping", {}, timeout=STOP_NOTICE_SECONDS),
+                STOP_NOTICE_SECONDS)
+            told = self.client.url if self.client else None
+            log.info("the hub was told this agent is stopping")
+        except (OutpostError, asyncio.TimeoutError) as exc:
+            why = exc.message if isinstance(exc, OutpostError) else "no answer in time"
+            log.warning("could not tell the hub this agent is stopping (%s): it shows the "
+                        "machine Unresponsive once heartbeats are missed", why)
+        self.state.save_stop(time.time(), told)
 
     def _start(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
         async def supervised() -> None:

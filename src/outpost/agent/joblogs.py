@@ -238,10 +238,13 @@ def _read(path: Path, job_id: str, attempt: int
             continue
         last_ts = float(item.get("at") or last_ts or mtime)
         stream = str(item.get("stream", "Output"))
-        records.append({"time": logs.iso(last_ts), "ts": last_ts, "job": job_id,
-                        "attempt": attempt, "seq": item.get("seq"), "stream": stream,
-                        "level": _LEVEL.get(stream, "INFO"), "logger": "job",
-                        "message": str(item.get("text", ""))})
+        record = {"time": logs.iso(last_ts), "ts": last_ts, "job": job_id,
+                  "attempt": attempt, "seq": item.get("seq"), "stream": stream,
+                  "level": _LEVEL.get(stream, "INFO"), "logger": "job",
+                  "message": str(item.get("text", ""))}
+        if item.get("continues"):  # a piece of a longer line, not its last (runner.Lines)
+            record["continues"] = True
+        records.append(record)
     return agent, records
 
 

@@ -155,41 +155,78 @@ def describe_exit(returncode: int) -> tuple[int | None, int | None, str]:
 
 class Lines:
     """Cuts one output stream's bytes into lines (a longer one than LINE_MAX into pieces),
-    and counts how much of its file the lines given out cover."""
+    and counts how much of its file the lines given out cover.
+
+    Each line is given out as (bytes, continues): ``continues`` is True for each piece of a
+    longer line but its last, so a client can join them (the record's ``continues``).
+    """
 
     def __init__(self, consumed: int = 0) -> None:
         self.rest = b""
         self.consumed = consumed  # bytes of the file before ``rest``: given out as lines
+        # The stream the line being cut was given by its first piece ("warning: ..."),
+        # kept for its later pieces; None between lines.
+        self.stream: str | None = None
 
-    def feed(self, chunk: bytes) -> list[bytes]:
-        lines = (self.rest + chunk).split(b"\n")
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bool]]:
+        whole = (self.rest + chunk).split(b"\n")
         before = len(self.rest)
-        self.rest = lines.pop()
+        self.rest = whole.pop()
+        lines: list[tuple[bytes, bool]] = []
+        for line in whole:  # a line that ended in this chunk may be longer than LINE_MAX too
+            while len(line) > LINE_MAX:
+                at = _boundary(line)
+                lines.append((line[:at], True))
+                line = line[at:]
+            lines.append((line, False))
         while len(self.rest) >= LINE_MAX:
-            lines.append(self.rest[:LINE_MAX])
-            self.rest = self.rest[LINE_MAX:]
+            at = _boundary(self.rest)
+            lines.append((self.rest[:at], True))
+            self.rest = self.rest[at:]
         self.consumed += before + len(chunk) - len(self.rest)
         return lines
 
-    def flush(self) -> list[bytes]:
+    def flush(self) -> list[tuple[bytes, bool]]:
         """The last line, without its newline, at the stream's end."""
         last, self.rest = self.rest, b""
         self.consumed += len(last)
-        return [last] if last else []
+        return [(last, False)] if last or self.stream is not None else []
 
 
-def line_records(lines: list[bytes], stderr: bool, seq: int, verbose: bool, progress: bool,
-                 at: float) -> tuple[list[bytes], int]:
+def _boundary(line: bytes) -> int:
+    """Where to cut a line longer than LINE_MAX: at most LINE_MAX bytes, and not inside a
+    UTF-8 character (so the joined pieces are the line), unless the bytes are no UTF-8."""
+    if len(line) <= LINE_MAX:
+        return len(line)
+    at = LINE_MAX
+    while at > LINE_MAX - 3 and line[at] & 0xC0 == 0x80:
+        at -= 1
+    return at if line[at] & 0xC0 != 0x80 else LINE_MAX
+
+
+def line_records(lines: list[tuple[bytes, bool]], stderr: bool, seq: int, verbose: bool,
+                 progress: bool, at: float, cut: Lines | None = None) -> tuple[list[bytes], int]:
     """The spool's record lines for a stream's lines, numbered from ``seq``; and the next
-    number. Verbose and progress lines are kept only if the job asks for them."""
+    number. Verbose and progress lines are kept only if the job asks for them. The pieces of
+    a long line after its first keep the first's stream (``cut`` remembers it across
+    calls) and carry ``"continues": true`` on all but the last."""
     out = []
-    for raw in lines:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        stream, text = ("Error", text) if stderr else classify(text)
+    for raw, continues in lines:
+        text = raw.decode("utf-8", "replace")
+        if not continues:
+            text = text.rstrip("\r")
+        if cut is not None and cut.stream is not None:
+            stream = cut.stream
+        else:
+            stream, text = ("Error", text) if stderr else classify(text)
+        if cut is not None:
+            cut.stream = stream if continues else None
         if (stream == "Verbose" and not verbose) or (stream == "Progress" and not progress):
             continue
-        out.append(json.dumps({"seq": seq, "stream": stream, "text": text, "at": at},
-                              ensure_ascii=False).encode() + b"\n")
+        record: dict[str, Any] = {"seq": seq, "stream": stream, "text": text, "at": at}
+        if continues:
+            record["continues"] = True
+        out.append(json.dumps(record, ensure_ascii=False).encode() + b"\n")
         seq += 1
     return out, seq
 
@@ -500,10 +537,10 @@ class JobRun:
             self._ending = asyncio.get_running_loop().create_task(
                 self._end_group(), name=f"end-{self.id}")
 
-    def _lines(self, lines: list[bytes], stderr: bool) -> None:
+    def _lines(self, lines: list[tuple[bytes, bool]], stderr: bool, cut: Lines) -> None:
         records, self.seq = line_records(
             lines, stderr, self.seq, bool(self.job.get("log_verbose")),
-            bool(self.job.get("log_progress")), round(time.time(), 6))
+            bool(self.job.get("log_progress")), round(time.time(), 6), cut)
         self._pending += records
         self._commit()
 
@@ -513,7 +550,7 @@ class JobRun:
             chunk = await pipe.read(CHUNK)
             lines = cut.feed(chunk) if chunk else cut.flush()
             if lines:
-                self._lines(lines, stderr)
+                self._lines(lines, stderr, cut)
             if not chunk:
                 return
 
@@ -886,7 +923,8 @@ def drain_output(spool: Spool, paths: tuple[Path, Path], out_at: int, err_at: in
             while True:
                 chunk = fh.read(BATCH_BYTES)
                 lines = cut.feed(chunk) if chunk else cut.flush()
-                records, seq = line_records(lines, bool(stderr), seq, verbose, progress, at)
+                records, seq = line_records(lines, bool(stderr), seq, verbose, progress, at,
+                                            cut)
                 if records:
                     spool.append([*records, progress_line(*cuts, seq)])
                 if not chunk:

@@ -337,6 +337,29 @@ class StateDir:
 
     def write_pid(self) -> None:
         atomic_write(self.pidfile, f"{os.getpid()} {time.time()}\n".encode(), 0o644)
+        self.stopfile.unlink(missing_ok=True)
+
+    # --- the last graceful stop ----------------------------------------------------------
+    @property
+    def stopfile(self) -> Path:
+        return self.root / "stopped.json"
+
+    def save_stop(self, at: float, hub_told: str | None) -> None:
+        """A graceful stop, and the hub that was told of it (None: none answered)."""
+        try:
+            atomic_write(self.stopfile, json.dumps({"at": at, "hub_told": hub_told}).encode(),
+                         0o644)
+        except OSError:
+            pass  # only 'outpost check' reads it: a full disk must not fail the stop
+
+    def last_stop(self) -> dict[str, Any] | None:
+        """The last graceful stop, if the agent has not started since."""
+        try:
+            data = json.loads(self.stopfile.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and isinstance(data.get("at"), (int, float)) \
+            else None
 
     def remove_pid(self) -> None:
         try:

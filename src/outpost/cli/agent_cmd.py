@@ -20,7 +20,7 @@ from outpost.protocol.errors import OutpostError
 
 from . import signals
 from .options import ClockSkew, Json, StateDirOpt, profile_state_dir, state_dir
-from .output import EXIT_NOT_RUNNING, ago, out, print_json
+from .output import EXIT_NOT_RUNNING, ago, out, print_json, say
 
 app = typer.Typer(no_args_is_help=True, help="The agent on a managed machine.")
 
@@ -130,12 +130,19 @@ def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
         start = f"outpost agent run --state-dir {state.root}"
         if json:
             print_json({"running": False, "pid": pid, "state_dir": str(state.root),
-                        "start_command": start, "code": "E2003"})
+                        "start_command": start, "code": "E2003",
+                        "last_stop": state.last_stop()})
         elif pid:
             out.print(f"The agent process {pid} exists but does not answer on its status "
                       f"socket. Restart it: kill {pid}; {start}")
         else:
             out.print(f"The Outpost agent is not running (state dir {state.root}).")
+            stop = state.last_stop()
+            if stop is not None:  # a graceful stop, noted by the agent as it stopped
+                told = stop.get("hub_told")
+                say(f"It was stopped {ago(stop['at'])}; " + (
+                    f"the hub at {told} was told (the machine shows Stopped)." if told else
+                    "no hub answered its stop notice."))
             out.print(f"Start it with: {start}")
             out.print("or, as a service: systemctl start outpost-agent")
         raise typer.Exit(EXIT_NOT_RUNNING)
@@ -156,8 +163,8 @@ def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
         out.print(f"  job limits:     {sandbox['limits_by']}", markup=False)
     out.print(f"  last heartbeat: {ago(info['last_heartbeat_ack_at'])} (acknowledged)")
     error = info.get("last_error")
-    out.print(f"  last error:     {error['code']} {error['message']}" if error
-              else "  last error:     none")
+    say(f"  last error:     {error['code']} {error['message']}" if error
+        else "  last error:     none")
     out.print("  processes:")
     for proc in info["processes"]:
         out.print(f"    {proc['pid']:>7}  {proc['role']}")

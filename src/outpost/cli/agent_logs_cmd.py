@@ -21,7 +21,7 @@ from outpost.protocol.errors import OutpostError
 
 from . import signals
 from .options import Json, StateDirOpt, state_dir
-from .output import err, out, print_json, table
+from .output import err, out, print_json, safe, table
 
 FOLLOW_INTERVAL = 0.2
 
@@ -53,10 +53,25 @@ def _retention(state: StateDir, config: Path | None) -> float:
         return agent_config.AgentConfig().job_log_retention
 
 
+_held: dict[tuple[Any, Any], list[str]] = {}  # pieces of a long output line, until its last
+
+
 def _emit(records: Iterable[dict[str, Any]], json: bool) -> None:
-    render = agent_logs.json_line if json else agent_logs.text_line
+    """--json: each record as it is. Text: a line each, the pieces of a job's long output
+    line joined, control characters escaped (output.safe)."""
     for record in records:
-        sys.stdout.write(render(record) + "\n")
+        if json:
+            sys.stdout.write(agent_logs.json_line(record) + "\n")
+            continue
+        if "stream" in record:
+            key = (record.get("attempt"), record["stream"])
+            if record.get("continues"):
+                _held.setdefault(key, []).append(str(record.get("message", "")))
+                continue
+            if key in _held:
+                record = {**record, "message": "".join(_held.pop(key))
+                          + str(record.get("message", ""))}
+        sys.stdout.write(safe(agent_logs.text_line(record)) + "\n")
     sys.stdout.flush()
 
 

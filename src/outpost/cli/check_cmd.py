@@ -15,7 +15,7 @@ from outpost.protocol import checks as engine
 from outpost.protocol.errors import CATALOG
 
 from .options import ClockSkew, Json, StateDirOpt, state_dir
-from .output import out, print_json, table
+from .output import cell, out, print_json, safe, table
 
 
 class OutputFormat(str, enum.Enum):
@@ -61,9 +61,9 @@ class _Printer:
     def __call__(self, res: engine.Result) -> None:
         out.print(f"{MARKS[res.result]} {res.id:<15} {res.title}")
         if res.result == engine.OK and not self.verbose:
-            out.print(f"       {res.details}", markup=False, style="dim")
+            out.print(f"       {safe(res.details)}", markup=False, style="dim")
             return
-        out.print(f"       {res.details}", markup=False)
+        out.print(f"       {safe(res.details)}", markup=False)
         if res.result in (engine.WARNING, engine.ERROR):
             item = CATALOG.get(res.code or "")
             for cause in _causes(item, res, self.verbose):
@@ -76,7 +76,7 @@ class _Printer:
                           markup=False)
         if self.verbose and res.data:
             for key, value in res.data.items():
-                out.print(f"       {key}: {value}", markup=False, style="dim")
+                out.print(f"       {key}: {cell(value)}", markup=False, style="dim")
 
 
 def _finish(results: list[engine.Result], output: OutputFormat, strict: bool,

@@ -12,7 +12,7 @@ from outpost.protocol import durations
 from outpost.protocol.errors import OutpostError
 
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
-from .output import ago, machine_table, out, print_json, table
+from .output import ago, cell, machine_status, machine_table, out, print_json, say, table
 
 accounts = typer.Typer(no_args_is_help=True, help="Accounts and their registration keys.")
 machines = typer.Typer(no_args_is_help=True, help="The machines of the fleet.")
@@ -94,18 +94,20 @@ def machine_show(name: str, hub: Hub = None, token: Token = None,
         print_json(row)
         return
     for key, value in row.items():
-        if key.endswith("_at") and isinstance(value, (int, float)):
+        if key == "status":
+            value = machine_status(row)
+        elif key.endswith("_at") and isinstance(value, (int, float)):
             stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
             value = f"{stamp} ({ago(value)})"
         elif key == "heartbeat_interval":
             value = f"{value:g} s"
         elif key == "facts" and isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+            value = ", ".join(f"{k}={cell(v)}" for k, v in sorted(value.items()))
         elif key == "labels" and isinstance(value, dict):
             value = ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
         elif value is None:
             value = "-"
-        out.print(f"{key + ':':20} {value}", markup=False)
+        say(f"{key + ':':20} {cell(value)}")
 
 
 @machines.command("heartbeats")
@@ -118,7 +120,7 @@ def machine_heartbeats(hub: Hub = None, token: Token = None,
         print_json(rows)
         return
     table(["NAME", "STATUS", "LAST HEARTBEAT", "LOAD", "MEM %", "DISK FREE"], [
-        [r["name"], r["status"], ago(r["last_heartbeat_at"]),
+        [r["name"], machine_status(r), ago(r["last_heartbeat_at"]),
          _fixed((r["heartbeat"] or {}).get("load1")),
          (r["heartbeat"] or {}).get("memory_percent", ""),
          _size((r["heartbeat"] or {}).get("disk_free_bytes"))] for r in rows])

@@ -18,7 +18,8 @@ from outpost.protocol.params import split_assignments
 from . import signals
 from .client import Api
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
-from .output import EXIT_FAILED, ago, err, out, print_json, table
+from .output import (EXIT_FAILED, RecordPrinter, ago, err, out, print_json, safe, say, table,
+                     value_text)
 
 app = typer.Typer(no_args_is_help=True, help="Jobs: runbooks running on machines.")
 FINAL = ("Completed", "Failed", "Stopped", "Suspended")
@@ -45,14 +46,9 @@ def short_ids(ids: list[str]) -> dict[str, str]:
     return shown
 
 
-def _print_records(records: list[dict[str, Any]], json: bool) -> None:
-    for r in records:
-        if json:  # live: one compact JSON object per line
-            out.print(dumps(r), markup=False, highlight=False, soft_wrap=True)
-        elif r["stream"] == "Output":
-            out.print(r["text"], markup=False, highlight=False)
-        else:
-            out.print(f"{r['stream'].upper()}: {r['text']}", markup=False, highlight=False)
+def _print_records(records: list[dict[str, Any]], json: bool,
+                   printer: RecordPrinter | None = None) -> None:
+    (printer or RecordPrinter(json)).print(records)
 
 
 def _pages(client: Api, job_id: str, after: int, streams: list[str] | None = None,
@@ -78,16 +74,18 @@ def _follow(client: Api, job_id: str, show_output: bool, json: bool,
     """Wait until the job ends, printing its records as they arrive when asked to; a hub
     that restarts meanwhile is waited for (Api.get_riding_out)."""
     after, delay = -1, 0.02
+    printer = RecordPrinter(json)  # joins a long line's pieces across pages
     while True:
         job: dict[str, Any] = client.get_riding_out(f"/v1/jobs/{quote(job_id, safe='')}")
         if show_output:
             for page in _pages(client, job_id, after, streams, patient=True):
-                _print_records(page, json)
+                _print_records(page, json, printer)
                 after, delay = page[-1]["seq"], 0.02
         if job["status"] in FINAL:
             if show_output:  # what arrived between the two reads
                 for page in _pages(client, job_id, after, streams, patient=True):
-                    _print_records(page, json)
+                    _print_records(page, json, printer)
+                printer.flush()
             return job
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
@@ -148,7 +146,7 @@ def start(
     elif json:  # the records were JSON lines: the job's end is one more, {"job": ...}
         out.print(dumps({"job": job}), markup=False, highlight=False, soft_wrap=True)
     elif not json:
-        out.print(f"Job {job['id']} {job['status']} ({job['reason'] or ''}).", markup=False)
+        say(f"Job {job['id']} {job['status']} ({job['reason'] or ''}).")
     if job["status"] != "Completed":
         raise typer.Exit(EXIT_FAILED)
 
@@ -170,7 +168,7 @@ def _warn_if_waiting(client: Api, job: dict[str, Any]) -> None:
             raise
         return  # the job is queued: a hub (or its database) gone since only costs the hint
     if waiting:
-        err.print(f"warning: {waiting}", markup=False)
+        err.print(f"warning: {safe(waiting)}", markup=False, highlight=False)
 
 
 def _start_many(client: Api, body: dict[str, Any], count: int, wait: bool,
@@ -195,8 +193,7 @@ def _start_many(client: Api, body: dict[str, Any], count: int, wait: bool,
         print_json(ended)
     else:
         for job in ended:
-            out.print(f"Job {job['id']} {job['status']} ({job['reason'] or ''}).",
-                      markup=False)
+            say(f"Job {job['id']} {job['status']} ({job['reason'] or ''}).")
     if any(job["status"] != "Completed" for job in ended):
         raise typer.Exit(EXIT_FAILED)
 
@@ -235,13 +232,12 @@ def show(job_id: JobId, hub: Hub = None, token: Token = None,
     if json:
         print_json(job)
         return
-    out.print(f"Job {job['id']}: {job['status']}", markup=False)
-    out.print(f"  runbook:  {job['runbook_name']} version {job['runbook_version']}",
-              markup=False)
-    out.print(f"  group:    {job['group_name']}   params: {job['params']}", markup=False)
-    out.print(f"  result:   {job['reason'] or '-'}", markup=False)
+    say(f"Job {job['id']}: {job['status']}")
+    say(f"  runbook:  {job['runbook_name']} version {job['runbook_version']}")
+    say(f"  group:    {job['group_name']}   params: {value_text(job['params'])}")
+    say(f"  result:   {job['reason'] or '-'}")
     if job.get("waiting_for"):
-        out.print(f"  waiting:  {job['waiting_for']}", markup=False)
+        say(f"  waiting:  {job['waiting_for']}")
     table(["#", "MACHINE", "STARTED", "ENDED", "EXIT", "SIGNAL", "REASON"], [
         [a["number"], a.get("machine") or a["machine_id"], ago(a["started_at"]),
          ago(a["ended_at"]) if a["ended_at"] else "-", a["exit_code"], a["signal"],
@@ -249,7 +245,7 @@ def show(job_id: JobId, hub: Hub = None, token: Token = None,
         title="attempts")
     for a in job["attempts"]:
         if a.get("run_as"):
-            out.print(f"  attempt {a['number']} run as: {a['run_as']}", markup=False)
+            say(f"  attempt {a['number']} run as: {a['run_as']}")
 
 
 def _control(action: str, job_id: str, hub: Hub, token: Token,
@@ -259,7 +255,7 @@ def _control(action: str, job_id: str, hub: Hub, token: Token,
     if json:
         print_json(job)
     else:
-        out.print(f"Job {job['id']}: {job['status']} ({job['reason'] or '-'}).", markup=False)
+        say(f"Job {job['id']}: {job['status']} ({job['reason'] or '-'}).")
 
 
 @app.command()
@@ -307,5 +303,7 @@ def output(job_id: JobId,
     if json:
         print_json([r for page in _pages(client, job_id, -1, stream) for r in page])
         return
+    printer = RecordPrinter(json)
     for page in _pages(client, job_id, -1, stream):
-        _print_records(page, json)
+        _print_records(page, json, printer)
+    printer.flush()

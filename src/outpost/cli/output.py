@@ -1,4 +1,12 @@
-"""Rendering for the CLI: tables, JSON, and errors with their code, cause and fix."""
+"""Rendering for the CLI: tables, JSON, and errors with their code, cause and fix.
+
+Text that a runbook, an agent or a caller controls (output records, names, error messages,
+parameter values) is printed through ``safe``: control characters are shown escaped
+(``\\x1b[31m``, ``\\x00``), so it cannot move the cursor, recolour or clear the operator's
+screen. Always in the text view, whether or not stdout is a terminal: a pipe into ``less -R``
+or a log later ``cat`` to a terminal replays the same sequences. ``--json`` keeps the text as
+it is (JSON escapes it).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from outpost.protocol.errors import OutpostError, describe
 
@@ -45,6 +54,44 @@ _USAGE_REASONS = {"config_invalid", "config_tab", "invalid_hostname", "account_k
                   "profile_token_missing", "profile_name_invalid"}
 
 
+# C0 controls but tab and newline, DEL, C1 controls (0x9b is a one-byte CSI on some
+# terminals), and the bidirectional overrides and isolates that reorder what follows them.
+_UNSAFE = [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0),
+           *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_ESCAPES = {code: (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            for code in _UNSAFE}
+_ESCAPES[0x0D] = "\\r"
+_ESCAPES_ONE_LINE = {**_ESCAPES, 0x0A: "\\n"}
+
+
+def safe(text: str, one_line: bool = False) -> str:
+    """``text`` with its control characters escaped, for the text view (``one_line``: the
+    newline too, for a table cell or a value on a labelled line)."""
+    return text.translate(_ESCAPES_ONE_LINE if one_line else _ESCAPES)
+
+
+def value_text(value: Any) -> str:
+    """A value as JSON (``true``, ``{"a": 1}``, ``"x"``), as the API carries it, never in
+    Python's syntax; safe for the terminal."""
+    return safe(json.dumps(value, ensure_ascii=False, default=str), one_line=True)
+
+
+def cell(value: Any) -> str:
+    """A table cell or a labelled value: text as it is, other values as JSON; safe."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return safe(value, one_line=True)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value_text(value)
+
+
+def say(text: str) -> None:
+    """One line of the text view holding names or messages from elsewhere: escaped."""
+    out.print(safe(text), markup=False, highlight=False)
+
+
 def exit_code(exc: OutpostError) -> int:
     if exc.reason == "agent_not_running":
         return EXIT_NOT_RUNNING
@@ -60,10 +107,12 @@ def print_json(data: Any) -> None:
 
 
 def render_error(exc: OutpostError) -> None:
+    # The message may quote a hub's, a runbook's or a caller's text: shown escaped.
     lines = describe(exc)
-    err.print(f"[bold red]error:[/] {exc.message}", markup=True)
+    err.print("[bold red]error:[/] ", markup=True, end="")
+    err.print(safe(exc.message), markup=False, highlight=False)
     for line in lines[1:]:
-        err.print(line, markup=False)
+        err.print(safe(line), markup=False, highlight=False)
 
 
 def ago(moment: float | None) -> str:
@@ -84,19 +133,26 @@ def table(columns: list[str], rows: list[list[Any]], title: str | None = None) -
     for col in columns:
         t.add_column(col, overflow="fold")
     for row in rows:
-        t.add_row(*["" if v is None else str(v) for v in row])
+        t.add_row(*[Text(cell(v)) for v in row])  # Text: no markup read from the values
     out.print(t)
 
 
 STATUS_STYLE = {"Healthy": "green", "Pending": "yellow", "Unresponsive": "yellow",
-                "Disconnected": "red"}
+                "Disconnected": "red", "Stopped": "yellow"}
+
+
+def machine_status(m: dict[str, Any]) -> str:
+    """``Stopped 5s ago`` for a machine whose agent said it stopped; else the status."""
+    if m.get("status") == "Stopped" and m.get("stopped_at") is not None:
+        return f"Stopped {ago(m['stopped_at'])}"
+    return str(m.get("status"))
 
 
 def machine_rows(machines: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for m in machines:
         labels = ",".join(f"{k}={v}" for k, v in sorted((m.get("labels") or {}).items()))
-        status = m["status"]
+        status = machine_status(m)
         if m.get("not_taking_work"):
             status += f" (not taking work: {m['not_taking_work']})"
         rows.append([m["name"], m["group"], labels, m["agent_version"], status,
@@ -110,3 +166,61 @@ def machine_table(machines: list[dict[str, Any]]) -> None:
         return
     table(["NAME", "GROUP", "LABELS", "VERSION", "STATUS", "LAST HEARTBEAT"],
           machine_rows(machines))
+
+
+class RecordPrinter:
+    """Prints a job's output records as they come, a page or a poll at a time.
+
+    ``--json``: each record as one compact JSON line, as the hub holds it (its text raw, and
+    ``continues`` on the pieces of a long line but the last). Text view: one line a line of
+    output, the pieces of a line longer than a record joined (held per stream until the
+    last piece comes), the stream named unless it is Output, control characters escaped.
+    """
+
+    def __init__(self, json_lines: bool) -> None:
+        self.json_lines = json_lines
+        self._held: dict[str, list[str]] = {}
+        self._attempt = 0
+
+    def print(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            if self.json_lines:
+                _write(json.dumps(r) + "\n")
+                continue
+            stream, text = r["stream"], r["text"]
+            attempt = int(r.get("seq", 0)) >> 32  # records of attempt n from (n - 1) << 32
+            if attempt != self._attempt:  # a line the last attempt left unfinished ends here
+                self._attempt = attempt
+                self._end_held()
+            if r.get("continues"):
+                self._held.setdefault(stream, []).append(text)
+                continue
+            held = self._held.pop(stream, None)
+            self._line(stream, "".join(held) + text if held else text)
+        _write("", flush=True)
+
+    def flush(self) -> None:
+        """Lines whose last piece never came (the attempt was cut off): shown as they are."""
+        self._end_held()
+        _write("", flush=True)
+
+    def _end_held(self) -> None:
+        for stream, held in self._held.items():
+            self._line(stream, "".join(held))
+        self._held = {}
+
+    @staticmethod
+    def _line(stream: str, text: str) -> None:
+        shown = safe(text) if stream == "Output" else f"{stream.upper()}: {safe(text)}"
+        _write(shown + "\n")
+
+
+def _write(text: str, flush: bool = False) -> None:
+    """Straight to stdout: a record's text as it is (tabs kept, a long line unwrapped, no
+    cost per character as in the console's rendering)."""
+    try:
+        sys.stdout.write(text)
+        if flush:
+            sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise ReaderGone from exc

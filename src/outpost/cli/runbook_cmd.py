@@ -12,7 +12,7 @@ import typer
 from outpost.protocol.errors import OutpostError
 
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
-from .output import out, print_json, table
+from .output import out, print_json, say, table, value_text
 
 app = typer.Typer(no_args_is_help=True, help="Runbooks: versioned scripts with typed parameters.")
 
@@ -25,7 +25,7 @@ def _params(specs: list[dict[str, object]]) -> str:
     for p in specs:
         text = f"{p['name']}:{p['type']}"
         if not p["required"]:
-            text += f"={p['default']}"
+            text += f"={value_text(p['default'])}"  # JSON: false, {"a": 1}
         parts.append(text)
     return " ".join(parts) or "-"
 
@@ -63,12 +63,12 @@ def publish(
         print_json({k: v for k, v in stored.items() if k != "content"})
         return
     if stored.get("unchanged"):
-        out.print(f"Unchanged: {stored['name']} version {stored['version']} already has this "
-                  "content, type, description, parameters and switches; no new version was "
-                  "stored.", markup=False)
+        say(f"Unchanged: {stored['name']} version {stored['version']} already has this "
+            "content, type, description, parameters and switches; no new version was "
+            "stored.")
         return
-    out.print(f"Published {stored['name']} version {stored['version']} ({stored['type']}, "
-              f"parameters: {_params(stored['params'])}).")
+    say(f"Published {stored['name']} version {stored['version']} ({stored['type']}, "
+        f"parameters: {_params(stored['params'])}).")
 
 
 @app.command("list")
@@ -105,13 +105,14 @@ def show(name: str, version: Version = None, hub: Hub = None, token: Token = Non
     if json:
         print_json(rb)
         return
-    out.print(f"{rb['name']} version {rb['version']} ({rb['type']})", markup=False)
+    say(f"{rb['name']} version {rb['version']} ({rb['type']})")
     if rb["description"]:
-        out.print(f"  {rb['description']}", markup=False)
-    out.print(f"  parameters:   {_params(rb['params'])}", markup=False)  # type: ignore[arg-type]
-    out.print(f"  log verbose:  {rb['log_verbose']}   log progress: {rb['log_progress']}")
-    out.print(f"  sha256:       {rb['sha256']}\n")
-    out.print(str(rb["content"]), markup=False, highlight=False)
+        say(f"  {rb['description']}")
+    say(f"  parameters:   {_params(rb['params'])}")  # type: ignore[arg-type]
+    say(f"  log verbose:  {value_text(rb['log_verbose'])}   "
+        f"log progress: {value_text(rb['log_progress'])}")
+    say(f"  sha256:       {rb['sha256']}\n")
+    say(str(rb["content"]))  # 'runbook get' writes it as it is
 
 
 @app.command()

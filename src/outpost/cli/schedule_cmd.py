@@ -13,7 +13,7 @@ from outpost.protocol.params import split_assignments
 
 from .job_cmd import short_ids
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
-from .output import out, print_json, table
+from .output import out, print_json, say, table, value_text
 
 app = typer.Typer(no_args_is_help=True, help="Schedules: start a runbook on a group at the "
                   "times of a cron expression, once per due time.")
@@ -91,10 +91,12 @@ def create(
     if json:
         print_json(made)
         return
-    out.print(f"Created schedule {made['name']}: {made['runbook_name']} on group "
-              f"{made['group_name']}, cron '{made['cron']}' ({made['timezone']}), spread "
-              f"{_spread(made)}.", markup=False)
-    out.print(f"  next run: {_next(made)}", markup=False)
+    say(f"Created schedule {made['name']}: {made['runbook_name']} on group "
+        f"{made['group_name']}, cron '{made['cron']}' ({made['timezone']}), spread "
+        f"{_spread(made)}.")
+    if made.get("params"):
+        say(f"  params:   {value_text(made['params'])}")
+    say(f"  next run: {_next(made)}")
 
 
 @app.command("list")
@@ -108,9 +110,10 @@ def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = 
     if not rows:
         out.print("No schedules in this account.")
         return
-    table(["NAME", "RUNBOOK", "GROUP", "CRON (TIME ZONE)", "SPREAD", "NEXT RUN", "LAST RUN"],
+    table(["NAME", "RUNBOOK", "GROUP", "CRON (TIME ZONE)", "SPREAD", "PARAMS", "NEXT RUN",
+           "LAST RUN"],
           [[s["name"], s["runbook_name"], s["group_name"], f"{s['cron']} ({s['timezone']})",
-            _spread(s), _next(s), _local(s["last_run"])] for s in rows])
+            _spread(s), s["params"] or "-", _next(s), _local(s["last_run"])] for s in rows])
 
 
 @app.command()
@@ -122,13 +125,12 @@ def show(name: str, hub: Hub = None, token: Token = None,
     if json:
         print_json(s)
         return
-    out.print(f"Schedule {s['name']}: {s['runbook_name']} on group {s['group_name']}",
-              markup=False)
-    out.print(f"  cron:      {s['cron']} ({s['timezone']})", markup=False)
-    out.print(f"  spread:    {_spread(s)}", markup=False)
-    out.print(f"  params:    {s['params'] or '-'}", markup=False)
-    out.print(f"  next run:  {_next(s)}", markup=False)
-    out.print(f"  last run:  {_local(s['last_run'])}", markup=False)
+    say(f"Schedule {s['name']}: {s['runbook_name']} on group {s['group_name']}")
+    say(f"  cron:      {s['cron']} ({s['timezone']})")
+    say(f"  spread:    {_spread(s)}")
+    say(f"  params:    {value_text(s['params']) if s['params'] else '-'}")
+    say(f"  next run:  {_next(s)}")
+    say(f"  last run:  {_local(s['last_run'])}")
     if not s["runs"]:
         out.print("  no runs yet")
         return
@@ -147,7 +149,7 @@ def remove(name: str, hub: Hub = None, token: Token = None,
     if json:
         print_json(done)
         return
-    out.print(f"Removed schedule {name}.", markup=False)
+    say(f"Removed schedule {name}.")
 
 
 @app.command()

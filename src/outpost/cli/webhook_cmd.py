@@ -12,7 +12,7 @@ from outpost.protocol.params import split_assignments
 
 from .job_cmd import short_ids
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
-from .output import ago, err, out, print_json, table
+from .output import ago, err, out, print_json, say, table
 
 app = typer.Typer(no_args_is_help=True, help="Webhooks: a secret URL whose POST starts a "
                   "runbook job with the request body as its parameter 'body'.")
@@ -113,4 +113,4 @@ def remove(name: str, hub: Hub = None, token: Token = None,
     if json:
         print_json(done)
         return
-    out.print(f"Removed webhook {name}.", markup=False)
+    say(f"Removed webhook {name}.")

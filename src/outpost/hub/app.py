@@ -377,7 +377,7 @@ def create_app(hub: Hub) -> FastAPI:
         except db.DatabaseUnavailable:
             pass  # the rest still tells, and the outage is in outpost_database_failures
         else:
-            for state in ("Pending", "Healthy", "Unresponsive", "Disconnected"):
+            for state in ("Pending", "Healthy", "Unresponsive", "Disconnected", "Stopped"):
                 hub.machines.labels(state).set(counts.get(state, 0))
         try:
             await hub.job_metrics.refresh(hub.engine)
@@ -440,6 +440,16 @@ def create_app(hub: Hub) -> FastAPI:
         hub.heartbeats.inc()
         return {"hub_time": now, "min_agent_version": hub.config.min_agent_version,
                 "machine_id": row.id, "abandon": abandon}
+
+    @app.post("/v1/agent/stopping", tags=["agent"], responses=errors(426),
+              dependencies=[openapi.MACHINE_SIGNED])
+    async def stopping(request: Request) -> dict[str, Any]:
+        """The agent is stopping gracefully: the machine shows Stopped until its next
+        heartbeat (a machine that dies silently turns Unresponsive after missed ones)."""
+        row, _ = await signed_machine(request)
+        now = await machines.record_stop(hub.engine, row.id)
+        log.info("machine %s (%s) is stopping", row.name, row.id)
+        return {"machine_id": row.id, "stopped_at": now}
 
     @app.post("/v1/agent/poll", tags=["agent"], responses=errors(426),
               dependencies=[openapi.MACHINE_SIGNED])

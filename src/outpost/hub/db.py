@@ -71,6 +71,8 @@ machines = sa.Table(
     sa.Column("last_heartbeat_at", sa.Float),
     sa.Column("heartbeat_interval", sa.Float, nullable=False),
     sa.Column("heartbeat", sa.JSON),
+    # When its agent said it was stopping (a graceful stop); cleared by its next heartbeat.
+    sa.Column("stopped_at", sa.Float),
     sa.UniqueConstraint("account_id", "name", name="uq_machines_account_name"),
 )
 
@@ -184,6 +186,8 @@ job_records = sa.Table(
     sa.Column("stream", sa.String(16), nullable=False),
     sa.Column("text", sa.Text, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
+    # True on each piece of a line longer than a record but its last (agent/runner.py).
+    sa.Column("continues", sa.Boolean(create_constraint=False)),
 )
 
 

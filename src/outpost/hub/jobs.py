@@ -431,11 +431,13 @@ def _record_row(job_id: str, base: int, index: int, record: Any) -> dict[str, An
     which coerces what it may (``"5"``) and names the field that is wrong."""
     try:
         seq, stream, text, at = record["seq"], record["stream"], record["text"], record["at"]
-    except (KeyError, TypeError):
-        seq = stream = text = at = None
+        continues = record.get("continues", False)
+    except (KeyError, TypeError, AttributeError):
+        seq = stream = text = at = continues = None
     if not (type(seq) is int and 0 <= seq <= INT64_MAX and type(stream) is str
             and type(text) is str and len(text) <= RECORD_TEXT_MAX
-            and type(at) in (float, int) and 0 <= at <= INT64_MAX):
+            and type(at) in (float, int) and 0 <= at <= INT64_MAX
+            and type(continues) is bool):
         try:
             valid = _RECORD.validate_python(record)
         except ValidationError as exc:
@@ -446,6 +448,7 @@ def _record_row(job_id: str, base: int, index: int, record: Any) -> dict[str, An
                                "text (at most 1 MiB) and at (seconds since the epoch).",
                                field=f"records[{index}]{field}") from exc
         seq, stream, text, at = valid.seq, valid.stream, valid.text, valid.at
+        continues = valid.continues
     if stream not in STREAMS:
         raise OutpostError("invalid_request", f"Unknown stream '{stream[:32]}'.",
                            fix=f"Use one of {', '.join(STREAMS)}.")
@@ -457,7 +460,8 @@ def _record_row(job_id: str, base: int, index: int, record: Any) -> dict[str, An
         # would lose the job's output: it is kept with U+FFFD in its place, on both
         # databases (every other text field refuses NUL: see hub/edge.py).
         text = text.replace("\x00", "\ufffd")
-    return {"job_id": job_id, "seq": seq, "stream": stream, "text": text, "at": float(at)}
+    return {"job_id": job_id, "seq": seq, "stream": stream, "text": text, "at": float(at),
+            "continues": continues}
 
 
 async def _record_rows(job_id: str, attempt: int, records: list[Any]) -> list[dict[str, Any]]:
@@ -885,4 +889,5 @@ async def records(engine: AsyncEngine, account_id: str, job_id: str, after: int 
         query = query.where(job_records.c.stream.in_(streams))
     async with engine.connect() as conn:
         rows = (await conn.execute(query.order_by(job_records.c.seq).limit(limit))).all()
-    return [{"seq": r.seq, "stream": r.stream, "text": r.text, "at": r.at} for r in rows]
+    return [{"seq": r.seq, "stream": r.stream, "text": r.text, "at": r.at,
+             "continues": bool(r.continues)} for r in rows]

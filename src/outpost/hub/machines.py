@@ -37,6 +37,9 @@ def check_group(group: str) -> None:
 
 
 def status(row: Any, now: float) -> str:
+    """The machine's status now: see docs/architecture.md, "Machine status"."""
+    if getattr(row, "stopped_at", None) is not None:
+        return "Stopped"  # its agent said so; its next heartbeat makes it Healthy again
     interval = max(float(row.heartbeat_interval), 0.001)
     last = row.last_heartbeat_at
     if last is None:
@@ -133,7 +136,19 @@ async def record_heartbeat(engine: AsyncEngine, machine_id: str, beat: Heartbeat
         await conn.execute(machines.update().where(machines.c.id == machine_id).values(
             last_heartbeat_at=now, heartbeat=beat.model_dump(),
             heartbeat_interval=beat.heartbeat_interval, agent_version=beat.agent_version,
+            stopped_at=None,
         ))
+    return now
+
+
+async def record_stop(engine: AsyncEngine, machine_id: str) -> float:
+    """The machine's agent is stopping gracefully: it shows Stopped from now until its next
+    heartbeat. Its jobs are left to their leases, as for a machine that went silent."""
+    now = time.time()
+    _known.pop(machine_id, None)
+    async with engine.begin() as conn:
+        await conn.execute(machines.update().where(machines.c.id == machine_id).values(
+            stopped_at=now))
     return now
 
 
@@ -146,6 +161,7 @@ def view(row: Any, now: float) -> dict[str, Any]:
         "labels": row.labels,
         "agent_version": row.agent_version,
         "status": status(row, now),
+        "stopped_at": row.stopped_at,
         "last_heartbeat_at": row.last_heartbeat_at,
         "registered_at": row.registered_at,
         "heartbeat_interval": row.heartbeat_interval,
@@ -185,6 +201,7 @@ async def heartbeats(engine: AsyncEngine, account_id: str) -> list[dict[str, Any
         return [{
             "name": row.name,
             "status": status(row, now),
+            "stopped_at": row.stopped_at,
             "last_heartbeat_at": row.last_heartbeat_at,
             "seconds_ago": None if row.last_heartbeat_at is None
             else round(now - row.last_heartbeat_at, 3),
@@ -198,7 +215,8 @@ async def counts_by_status(engine: AsyncEngine) -> dict[str, int]:
     async with engine.connect() as conn:
         for row in await conn.execute(sa.select(machines.c.heartbeat_interval,
                                                 machines.c.last_heartbeat_at,
-                                                machines.c.registered_at)):
+                                                machines.c.registered_at,
+                                                machines.c.stopped_at)):
             key = status(row, now)
             counts[key] = counts.get(key, 0) + 1
     return counts

@@ -177,9 +177,12 @@ async def create(engine: AsyncEngine, account_id: str, name: str, runbook: str, 
                            fix="Use 1 to 128 letters, digits, '.', '_' or '-'.")
     expr = Cron(cron, tz_name)
     spread_seconds = parse_spread(spread)
-    # The job is checked now so a bad parameter is refused at once; each run checks again
-    # against the runbook's latest version.
-    await jobs.prepare(engine, account_id, runbook, group, given)
+    # The job is checked now so a bad parameter is refused at once (the codes of 'job
+    # start'), and the parameters given are stored typed as that check made them ("5" for
+    # an int is 5); each run checks again against the runbook's latest version, whose
+    # defaults fill in what was not given.
+    job = await jobs.prepare(engine, account_id, runbook, group, given)
+    given = {name: job["params"][name] for name in given}
     schedule_id = random_id()
     offset = offset_for(schedule_id, spread_seconds)
     now = time.time()

@@ -81,8 +81,10 @@ async def create(engine: AsyncEngine, account_id: str, name: str, runbook: str, 
                            f"Runbook '{runbook}' does not declare the parameter "
                            f"'{BODY_PARAM}' as string or json.", runbook=runbook)
     # Everything else a job needs (group, the other parameters) is checked as for a job.
-    await jobs.prepare(engine, account_id, runbook, group,
-                       {**given, BODY_PARAM: _placeholder(spec["type"])})
+    # The parameters given are stored typed, as a schedule's are ("5" for an int is 5).
+    job = await jobs.prepare(engine, account_id, runbook, group,
+                             {**given, BODY_PARAM: _placeholder(spec["type"])})
+    given = {key: job["params"][key] for key in given}
     secret = secrets.token_urlsafe(32)
     try:
         async with engine.begin() as conn:

@@ -105,6 +105,8 @@ class OutputRecord(Wire):
     stream: str = Field(max_length=16)
     text: str = Field(max_length=RECORD_TEXT_MAX)
     at: float = Field(ge=0, description="When it was written, seconds since the epoch.")
+    continues: bool = Field(False, description="True on each piece of an output line longer "
+                            "than a record but its last: join the pieces to get the line.")
 
 
 
@@ -182,8 +184,11 @@ class MachineView(View):
     group: str
     labels: dict[str, str]
     agent_version: str
-    status: str = Field(description="Pending, Healthy, Unresponsive, Disconnected, ...")
+    status: str = Field(description="Pending, Healthy, Stopped, Unresponsive, Disconnected, "
+                                    "...")
     last_heartbeat_at: float | None
+    stopped_at: float | None = Field(None, description="When the agent said it was stopping "
+                                     "(a graceful stop); null once it heartbeats again.")
     registered_at: float
     heartbeat_interval: float
     facts: dict[str, Any]
@@ -194,6 +199,7 @@ class MachineHeartbeat(View):
     name: str
     status: str
     last_heartbeat_at: float | None
+    stopped_at: float | None = None
     seconds_ago: float | None
     heartbeat: dict[str, Any] | None
 
@@ -293,6 +299,8 @@ class RecordView(View):
     stream: str
     text: str
     at: float
+    continues: bool = Field(False, description="This piece of a line longer than a record "
+                            "goes on in the next record of its stream (join them).")
 
 
 class GroupView(View):
