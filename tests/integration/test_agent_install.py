@@ -38,7 +38,7 @@ def _hub_modules() -> list[str]:
     names = {"fastapi", "sqlalchemy"}
     for requirement in extra:
         name = requirement.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip()
-        names.add({"prometheus-client": "prometheus_client"}.get(name.lower(), name.lower()))
+        names.add(name.lower().replace("-", "_"))  # prometheus-client: prometheus_client
     return sorted(names)
 
 
