@@ -23,7 +23,6 @@ Which profile a command uses: ``--profile NAME`` (anywhere on the command line),
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,8 +31,10 @@ from typing import Any
 
 import yaml
 
+from outpost.agent.state import atomic_write
 from outpost.protocol import fingerprint
 from outpost.protocol.errors import OutpostError, entry
+from outpost.protocol.names import nearest
 
 FILE_NAME = "profiles.yaml"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -183,10 +184,10 @@ class Profiles:
         """The profile ``name``; E8002, with a "did you mean" when a name is close."""
         if name in self.profiles:
             return self.profiles[name]
-        close = difflib.get_close_matches(name, list(self.profiles), n=1, cutoff=0.6)
+        close = nearest(name, self.profiles)
         message = entry("profile_unknown").message.format(name=name)
         if close:
-            message += f" Did you mean '{close[0]}'?"
+            message += f" Did you mean '{close}'?"
         names = ", ".join(sorted(self.profiles))
         fix = (f"Pick one of: {names} ('outpost profile list' shows them)." if names else
                "There are no profiles yet: 'outpost up' or 'outpost hub init' writes one.")
@@ -247,15 +248,4 @@ def _private_dir(path: Path) -> None:
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode(), mode)
