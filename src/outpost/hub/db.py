@@ -371,12 +371,13 @@ class Engine(AsyncEngine):
     """The hub's engine: connections translate the drivers' outages (Connection), and
     ``health`` tells what this process has seen of them."""
 
-    __slots__ = ("health",)
+    __slots__ = ("health", "notifier")
     _connection_cls = Connection
 
     def __init__(self, sync_engine: sa.Engine) -> None:
         super().__init__(sync_engine)
         self.health = Health()
+        self.notifier: Any = None  # notify.Notifier, attached by the hub (notify.attach)
 
 
 def make_engine(url: str) -> Engine:

@@ -1,0 +1,60 @@
+"""One supervisor for background tasks, used by the hub and the agent.
+
+A supervised task is a coroutine function run in a loop: ``period`` says how long to wait
+between runs (a periodic task) or ``None`` when the body is itself a loop that should run
+once and only be started again if it fails. A failure is logged with the task's name and
+the body is started again after a backoff that doubles up to ``backoff_cap``; cancelling the
+supervisor (``stop``) cancels every task and waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+Body = Callable[[], Awaitable[None]]
+
+
+class Supervisor:
+    def __init__(self, log: logging.Logger,
+                 quiet: tuple[type[BaseException], ...] = ()) -> None:
+        """``quiet``: exception types logged at debug level only (the hub's database outage,
+        which the engine's health already logs once)."""
+        self._log = log
+        self._quiet = quiet
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, body: Body, *, period: float | None = None,
+              backoff_cap: float = 30.0) -> asyncio.Task[None]:
+        async def supervised() -> None:
+            delay = 0.0
+            while True:
+                try:
+                    await body()
+                except asyncio.CancelledError:
+                    raise
+                except self._quiet as exc:
+                    self._log.debug("task %s: %s", name, exc)
+                    delay = min(max(delay * 2, 0.5), backoff_cap)
+                except Exception:
+                    delay = min(max(delay * 2, 0.5), backoff_cap)
+                    self._log.exception("task %s failed; starting it again in %.1f s", name,
+                                        period if period is not None else delay)
+                else:
+                    if period is None:
+                        return
+                    delay = 0.0
+                wait = period if period is not None else delay * random.uniform(0.8, 1.2)
+                await asyncio.sleep(wait)
+
+        task = asyncio.create_task(supervised(), name=name)
+        self.tasks[name] = task
+        return task
+
+    async def stop(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
