@@ -32,9 +32,9 @@ from outpost.protocol.models import RegisterRequest, Wire
 from outpost.protocol import models as m
 
 from . import accounts, auth, db, edge, groups, jobs, machines, runbooks
-from . import asset_routes, job_identity, metrics, openapi
+from . import asset_routes, job_identity, leader, metrics, notify, openapi
 from .openapi import ok
-from . import agent_dist_routes, schedule_routes
+from . import agent_dist_routes, schedule_routes, token_routes
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 
@@ -77,6 +77,13 @@ class Hub:
         self.config = config
         self.engine = engine
         self.vault = vault_for(paths)
+        # Other replicas on the same database: their wake-ups and cache invalidations
+        # (notify.py), and which of them runs the scheduler (leader.py).
+        self.notifier = notify.create(engine)
+        notify.attach(engine, self.notifier)
+        accounts.follow(self.notifier)
+        machines.follow(self.notifier)
+        self.leadership = leader.Leadership(engine)
         self.dispatcher = Dispatcher(engine)
         self.ca_pem = paths.ca_cert.read_text()
         self.ca_fingerprint = ca_fingerprint(paths)
@@ -95,6 +102,8 @@ class Hub:
                            "E3007), by kind", ["kind"], registry=self.registry)
         if isinstance(engine, db.Engine):
             engine.health.listeners.append(lambda kind: failures.labels(kind).inc())
+        Gauge("outpost_scheduler_leader", "1 while this replica runs the scheduler",
+              registry=self.registry).set_function(lambda: float(self.leadership.leader))
         self.job_metrics = metrics.JobMetrics(self.registry)
         jobs.ended_listeners.append(self.job_metrics.ended)
 
@@ -284,12 +293,16 @@ def create_app(hub: Hub) -> FastAPI:
                      ("prune-nonces", 60.0, lambda: auth.prune_nonces(hub.engine)),
                      ("reap-leases", 1.0, reap),
                      ("scheduler", 5.0, scheduler.run))]
+        await hub.notifier.start()
+        hub.leadership.start()
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await hub.leadership.close()
+            await hub.notifier.close()
             await hub.engine.dispose()
 
     app = FastAPI(title="Outpost hub", version=__version__, lifespan=lifespan,
@@ -368,7 +381,8 @@ def create_app(hub: Hub) -> FastAPI:
     @app.get("/healthz", tags=["hub"], response_model=None, responses=ok(m.Health))
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "hub_time": time.time(),
-                "min_agent_version": hub.config.min_agent_version}
+                "min_agent_version": hub.config.min_agent_version,
+                "scheduler": hub.leadership.role, "notifications": hub.notifier.state}
 
     @app.get("/metrics", tags=["hub"], response_class=PlainTextResponse)
     async def metrics() -> Response:
@@ -768,6 +782,8 @@ def create_app(hub: Hub) -> FastAPI:
                                   limit)
 
     asset_routes.add_routes(app, hub)
+    token_routes.add_routes(app, hub)
     scheduler = schedule_routes.add_routes(app, hub)
+    scheduler.follow(hub.leadership)
     agent_dist_routes.add_routes(app, hub)
     return app

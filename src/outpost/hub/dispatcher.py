@@ -1,26 +1,26 @@
 """Work dispatch: long-poll wake-ups and the atomic claim.
 
 A poller registers its wake-up before it looks for work, so an item created between the look
-and the wait is never missed. Wake-ups are in-process; with several hub replicas a poller that
-is not woken still finds the work at its next look (every ``RECHECK`` seconds).
+and the wait is never missed. Wake-ups go through the hub's notifier (notify.py), to every
+replica on the same database; a poller that is not woken still finds the work at its next look
+(every ``RECHECK`` seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import jobs, machines
+from . import jobs, machines, notify
 from .config import random_id
 from .db import work_items
 
-RECHECK = 5.0
+RECHECK = notify.RECHECK
 
 
 # Built once with bound parameters: every long-poll claims with it. The pick is a
@@ -51,25 +51,20 @@ _CLAIM_ITEMS = (
 class Dispatcher:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
-        self._done: dict[str, asyncio.Event] = {}
         self.closing = False
 
     def close(self) -> None:
         """Answer every waiting long-poll now (with no work) so shutdown is not held up."""
         self.closing = True
-        for waiters in self._waiters.values():
-            for ev in waiters:
-                ev.set()
+        notify.of(self._engine).wake_all()
 
     @staticmethod
     def _keys(account_id: str, group: str, machine_id: str) -> tuple[str, str]:
-        return f"m:{machine_id}", f"g:{account_id}:{group}"
+        return notify.machine(machine_id), notify.group(account_id, group)
 
     def wake(self, *keys: str) -> None:
-        for key in keys:
-            for ev in self._waiters.get(key, ()):
-                ev.set()
+        """Wake ``keys`` on every replica, for a change already committed."""
+        notify.of(self._engine).wake_committed(*keys)
 
     async def submit(self, account_id: str, kind: str, payload: dict[str, Any], *,
                      machine_id: str | None = None, group: str | None = None) -> str:
@@ -99,11 +94,8 @@ class Dispatcher:
         ``gone`` tells whether the poller hung up: an agent killed while it waited must not
         claim work it can never receive (the job would wait out a lease for nothing).
         """
-        ev = asyncio.Event()
         keys = self._keys(machine.account_id, machine.group_name, machine.id)
-        for key in keys:
-            self._waiters[key].add(ev)
-        try:
+        with notify.of(self._engine).waiting(*keys) as ev:
             deadline = time.monotonic() + timeout
             first = True
             while True:
@@ -127,11 +119,6 @@ class Dispatcher:
                 except TimeoutError:
                     pass
                 ev.clear()
-        finally:
-            for key in keys:
-                self._waiters[key].discard(ev)
-                if not self._waiters[key]:
-                    del self._waiters[key]
 
     async def complete(self, machine_id: str, item_id: str, result: dict[str, Any]) -> bool:
         async with self._engine.begin() as conn:
@@ -139,9 +126,7 @@ class Dispatcher:
                 work_items.update()
                 .where(work_items.c.id == item_id, work_items.c.claimed_by == machine_id)
                 .values(done_at=time.time(), result=result))
-        ev = self._done.get(item_id)
-        if ev:
-            ev.set()
+        self.wake(notify.item(item_id))
         return bool(done.rowcount)
 
     async def withdraw(self, item_id: str) -> None:
@@ -152,9 +137,8 @@ class Dispatcher:
 
     async def wait_done(self, item_id: str, timeout: float) -> dict[str, Any] | None:
         """The finished item, or None if it did not finish within ``timeout`` seconds."""
-        ev = self._done.setdefault(item_id, asyncio.Event())
         deadline = time.monotonic() + timeout
-        try:
+        with notify.of(self._engine).waiting(notify.item(item_id)) as ev:
             while True:
                 async with self._engine.connect() as conn:
                     row = (await conn.execute(
@@ -168,5 +152,4 @@ class Dispatcher:
                     await asyncio.wait_for(ev.wait(), min(remaining, 1.0))
                 except TimeoutError:
                     pass
-        finally:
-            self._done.pop(item_id, None)
+                ev.clear()
