@@ -294,7 +294,7 @@ def create_app(hub: Hub) -> FastAPI:
                      ("reap-leases", 1.0, reap),
                      ("scheduler", 5.0, scheduler.run))]
         await hub.notifier.start()
-        hub.leadership.start()
+        await hub.leadership.start()
         try:
             yield
         finally:

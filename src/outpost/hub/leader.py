@@ -48,6 +48,7 @@ class Leadership:
         self._listeners: list[Callable[[], None]] = []
         self._supervisor = Supervisor(log)
         self._closing = False
+        self._tried = asyncio.Event()
 
     @property
     def leader(self) -> bool:
@@ -65,9 +66,17 @@ class Leadership:
         for listener in self._listeners:
             listener()
 
-    def start(self) -> None:
-        if self._pg:
-            self._supervisor.start("scheduler-leadership", self._run)
+    async def start(self, wait: float = 5.0) -> None:
+        """Keep trying to lead, in the background; wait (up to ``wait`` seconds) for the
+        first try, so a replica that answers already knows its role."""
+        if not self._pg:
+            return
+        self._supervisor.start("scheduler-leadership", self._run)
+        try:
+            await asyncio.wait_for(self._tried.wait(), wait)
+        except TimeoutError:
+            log.warning("could not try for the scheduler's leadership yet; retrying in the "
+                        "background")
 
     async def _run(self) -> None:
         import asyncpg  # type: ignore[import-untyped]
@@ -91,9 +100,12 @@ class Leadership:
         try:
             while not self._closing:
                 if not self.leader:
-                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY,
-                                           timeout=LEASE):
+                    took = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY,
+                                               timeout=LEASE)
+                    if took:
                         self._set("leader")
+                    self._tried.set()
+                    if took:
                         continue
                     await asyncio.sleep(LEASE * random.uniform(0.9, 1.0))
                 else:
