@@ -83,7 +83,7 @@ def test_a_job_submitted_on_one_replica_starts_at_once_on_an_agent_polling_anoth
             answered = time.time()
         assert made.status_code == 201, made.text
         job_id = made.json()["id"]
-        wait_until(lambda: _status(a, job_id) == "Completed", 10, what=f"job {job_id}")
+        wait_until(lambda j=job_id: _status(a, j) == "Completed", 10, what=f"job {job_id}")
         output = a.api("GET", f"/v1/jobs/{job_id}/output").json()
         latencies.append(float(output[0]["text"]) - answered)
     figures = ", ".join(f"{x * 1e3:.1f}" for x in latencies)
@@ -188,7 +188,8 @@ def test_schedule_failover_after_kill_9_of_the_leader_loses_and_doubles_no_run(
     print(f"\nleader killed; replica took over after {took:.2f} s; runs due at +"
           + ", +".join(f"{d - dues[0]:.0f}" for d in dues))
     assert len(set(dues)) == len(dues)  # no due time twice
-    assert all(later - earlier == 3 for earlier, later in zip(dues, dues[1:]))  # none lost
+    gaps = [later - earlier for earlier, later in zip(dues, dues[1:], strict=False)]
+    assert gaps == [3] * len(gaps)  # none lost
     assert all(missed == 0 for _due, _job, missed in fired)
     jobs = [job for _due, job, _missed in fired]
     assert None not in jobs and len(set(jobs)) == len(jobs)
