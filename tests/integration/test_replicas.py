@@ -306,3 +306,53 @@ def test_healthz_and_metrics_say_a_single_hub_leads(hub: Hub) -> None:
     assert health["notifications"] in ("in-process", "listening")
     metrics = hub.api("GET", "/metrics").text
     assert "outpost_scheduler_leader 1.0" in metrics
+
+
+def test_a_notification_is_delivered_at_commit_and_never_for_a_rollback(
+        postgres_url: str) -> None:
+    """The notifier itself, on a real database: two replicas' notifiers in one process."""
+    import asyncio
+
+    from outpost.hub import db, notify
+
+    async def scenario() -> None:
+        engine = db.make_engine(postgres_url)
+        other_engine = db.make_engine(postgres_url)
+        mine, other = notify.create(engine), notify.create(other_engine)
+        assert isinstance(mine, notify.PgNotifier) and isinstance(other, notify.PgNotifier)
+        notify.attach(engine, mine)
+        await mine.start()
+        await other.start()
+        forgotten: list[str] = []
+        other.on_invalidate("token", forgotten.append)
+        try:
+            key = notify.group("acct", "web")
+            with other.waiting(key) as woken:
+                async with engine.connect() as conn:
+                    await notify.wake(conn, key)
+                    await notify.invalidate(conn, "token", "t1")
+                    await conn.rollback()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), 0.5)
+                assert forgotten == []
+                async with engine.begin() as conn:
+                    await notify.wake(conn, key)
+                    await notify.invalidate(conn, "token", "t2")
+                    await asyncio.sleep(0.2)
+                    assert not woken.is_set()  # not before the commit
+                await asyncio.wait_for(woken.wait(), 1.0)
+                await asyncio.sleep(0.1)
+                assert forgotten == ["t2"]
+            # Without a transaction (the change already committed): this replica at once,
+            # the other through the listening connection.
+            with mine.waiting(key) as here, other.waiting(key) as there:
+                mine.wake_committed(key)
+                assert here.is_set()
+                await asyncio.wait_for(there.wait(), 1.0)
+        finally:
+            await mine.close()
+            await other.close()
+            await engine.dispose()
+            await other_engine.dispose()
+
+    asyncio.run(scenario())

@@ -180,7 +180,7 @@ class PgNotifier(Notifier):
         self._outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
         self._supervisor = Supervisor(log)
         self._connected = asyncio.Event()
-        self._conn: Any = None
+        self._listened = False  # since the last failure
         self.reconnects = 0
 
     @property
@@ -238,8 +238,7 @@ class PgNotifier(Notifier):
                 delay = 0.0
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
                     TimeoutError) as exc:
-                was = self._connected.is_set()
-                self._connected.clear()
+                was, self._listened = self._listened, False
                 if self.closing:
                     return
                 delay = min(max(delay * 2, 0.2), self.BACKOFF_CAP)
@@ -252,7 +251,6 @@ class PgNotifier(Notifier):
         conn = await asyncpg.connect(self._dsn, timeout=self.LISTEN_TIMEOUT,
                                      server_settings={"application_name":
                                                       self.application_name})
-        self._conn = conn
         try:
             await conn.add_listener(CHANNEL, self._on_notification)
             if self.reconnects:
@@ -263,6 +261,7 @@ class PgNotifier(Notifier):
             self.flush()
             self.wake_all()
             self._connected.set()
+            self._listened = True
             while not self.closing:
                 try:
                     payload = await asyncio.wait_for(self._outbox.get(), self.LIVENESS)
@@ -274,7 +273,6 @@ class PgNotifier(Notifier):
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
         finally:
             self._connected.clear()
-            self._conn = None
             if not conn.is_closed():
                 conn.terminate()
 
