@@ -29,7 +29,7 @@ from outpost.common.supervise import Supervisor
 log = logging.getLogger("outpost.hub.leader")
 
 Role = Literal["leader", "standby"]
-LEASE = 3.0  # how often a standby tries to take the lock
+LEASE = 2.0  # how often a standby tries to take the lock
 CHECK = 1.0  # how often the leader checks that its connection (and so its lock) is alive
 # pg_try_advisory_lock's bigint: "outpost" in ASCII, the one lock the scheduler takes.
 LOCK_KEY = int.from_bytes(b"outpost", "big")

@@ -43,6 +43,7 @@ ALL = "*"
 # lost notification causes).
 RECHECK = 5.0
 CHANNEL = "outpost"
+LOCAL_FALLBACK = 0.05  # seconds; see PgNotifier.publish_wake
 PAYLOAD_MAX = 7900  # PostgreSQL refuses a payload of 8000 bytes or more
 log = logging.getLogger("outpost.hub.notify")
 
@@ -190,6 +191,15 @@ class PgNotifier(Notifier):
     async def publish_wake(self, conn: AsyncConnection, keys: tuple[str, ...]) -> None:
         for payload in _payloads("w -", keys):
             await conn.execute(_NOTIFY, {"payload": payload})
+        if not self._connected.is_set():
+            # Not listening, so the notification will not come back to this replica: wake
+            # its own waiters a moment after (most commits are done by then; a waiter that
+            # looks too early finds the work at its next look, RECHECK).
+            asyncio.get_running_loop().call_later(LOCAL_FALLBACK, self._deliver_all, keys)
+
+    def _deliver_all(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self.deliver_wake(key)
 
     async def publish_invalidate(self, conn: AsyncConnection, kind: str, key: str) -> None:
         # Forgotten here at once too: a read between now and the commit may cache the old row
