@@ -212,9 +212,9 @@ class PgNotifier(Notifier):
             self.deliver_wake(key)
         if not self._connected.is_set():
             return  # the other replicas find it at their next look (RECHECK)
-        for payload in _payloads(f"w {self.origin}", keys):
+        for key in keys:
             try:
-                self._outbox.put_nowait(payload)
+                self._outbox.put_nowait(key)
             except asyncio.QueueFull:
                 return  # as above: a hint lost delays, never loses
 
@@ -274,13 +274,18 @@ class PgNotifier(Notifier):
             self._listened = True
             while not self.closing:
                 try:
-                    payload = await asyncio.wait_for(self._outbox.get(), self.LIVENESS)
+                    first = await asyncio.wait_for(self._outbox.get(), self.LIVENESS)
                 except TimeoutError:
                     if conn.is_closed():
                         raise OSError("the listening connection was closed") from None
                     await conn.fetchval("SELECT 1", timeout=self.LIVENESS * 5)
                     continue
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+                # What queued meanwhile goes in the same notifications, each key once.
+                keys = {first: None}
+                while not self._outbox.empty():
+                    keys[self._outbox.get_nowait()] = None
+                for payload in _payloads(f"w {self.origin}", tuple(keys)):
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
         finally:
             self._connected.clear()
             if not conn.is_closed():
