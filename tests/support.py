@@ -103,10 +103,18 @@ class Hub:
     init: dict[str, Any]
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    log_name: str = "hub-test.log"
 
     @property
     def url(self) -> str:
         return f"https://localhost:{self.port}"
+
+    def replica(self, port: int | None = None) -> Hub:
+        """Another hub process (not started yet) on the same database and data directory
+        (so the same CA, vault key and accounts), on a port of its own, with its own log."""
+        port = port or free_port()
+        return Hub(self.data_dir, port, self.database_url, self.init,
+                   extra_args=list(self.extra_args), log_name=f"hub-test-{port}.log")
 
     @property
     def fingerprint(self) -> str:
@@ -126,7 +134,7 @@ class Hub:
 
     @property
     def log_path(self) -> Path:
-        return self.data_dir / "hub-test.log"
+        return self.data_dir / self.log_name
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -245,11 +253,11 @@ def registered_agent(hub: Hub, tmp: Path, name: str, group: str = "web",
     return agent
 
 
-def machine_calls(hub: Hub, state_root: Path, name: str = "m1"
-                  ) -> Callable[..., Any]:
+def machine_calls(hub: Hub, state_root: Path, name: str = "m1",
+                  urls: list[str] | None = None) -> Callable[..., Any]:
     """Register machine ``name`` for real and return ``call(method, path, payload=None)``,
     which sends one request signed with its own key (no agent daemon: the test decides
-    exactly what the machine says)."""
+    exactly what the machine says) to ``hub``, or to ``urls`` (other replicas)."""
     import asyncio
 
     from outpost.agent.registration import client_for
@@ -264,7 +272,7 @@ def machine_calls(hub: Hub, state_root: Path, name: str = "m1"
 
     def call(method: str, path: str, payload: Any = None) -> Any:
         async def once() -> Any:
-            client = client_for(state, reg, Clock())
+            client = client_for(state, reg, Clock(), urls=urls)
             try:
                 return await client.request(method, path, payload)
             finally:
