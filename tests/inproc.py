@@ -99,7 +99,12 @@ class Machine:
     key: SigningKey
 
     async def call(self, method: str, path: str, payload: Any = None) -> httpx.Response:
-        body = b"" if payload is None else json.dumps(payload).encode()
+        """One request signed with the machine's key; ``payload`` is sent as JSON, or as it
+        is when it is bytes (JSON a careless client wrote, say)."""
+        if isinstance(payload, bytes):
+            body = payload
+        else:
+            body = b"" if payload is None else json.dumps(payload).encode()
         stamp = signing.format_time(_utcnow())
         nonce = signing.new_nonce()
         headers = {signing.H_MACHINE: self.id, signing.H_DATE: stamp,
@@ -167,7 +172,8 @@ class InprocHub:
     async def api(self, method: str, path: str, token: str | None = None,
                   **kw: Any) -> httpx.Response:
         """An operator call (the admin token unless ``token`` is given)."""
-        headers = {"Authorization": f"Bearer {token or self.admin_token}"}
+        headers = {"Authorization": f"Bearer {token or self.admin_token}",
+                   **kw.pop("headers", {})}
         return await self.http.request(method, path, headers=headers, **kw)
 
     async def ok(self, method: str, path: str, **kw: Any) -> Any:
