@@ -18,7 +18,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +131,7 @@ class Machine:
         return [i["payload"]["job_id"] for i in await self.poll(capacity)
                 if i["kind"] == "job"]
 
-    async def heartbeat(self, held: list[tuple[str, int]] = (),  # type: ignore[assignment]
+    async def heartbeat(self, held: Sequence[tuple[str, int]] = (),
                         interval: float = 1.0) -> dict[str, Any]:
         answer: dict[str, Any] = await self.ok("POST", "/v1/agent/heartbeat", {
             "agent_version": __version__, "heartbeat_interval": interval,
@@ -140,7 +140,7 @@ class Machine:
         return answer
 
     async def report(self, job_id: str, attempt: int = 1, *, started: bool = False,
-                     records: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                     records: Sequence[dict[str, Any]] = (),
                      end: dict[str, Any] | None = None) -> httpx.Response:
         payload: dict[str, Any] = {"attempt": attempt, "started": started,
                                    "records": list(records)}
