@@ -244,9 +244,22 @@ def register(hub: Hub, state_dir: Path, name: str, group: str = "web",
 
 def registered_agent(hub: Hub, tmp: Path, name: str, group: str = "web",
                      **config: Any) -> Agent:
+    """An agent registered (not started) in state directory ``tmp/agent-NAME``.
+
+    Registered by the function behind ``outpost agent register`` in this process, over the
+    hub's real HTTPS with its CA pinned: the command itself is tested through the CLI
+    (``register``), and here it would cost a Python process for every agent of the suite."""
+    import asyncio
+
+    from outpost.agent.registration import RegisterOptions
+    from outpost.agent.registration import register as register_machine
+    from outpost.agent.state import StateDir
+    from outpost.agent.transport import Clock
+
     state = tmp / f"agent-{name}"
-    result = register(hub, state, name, group)
-    assert result.returncode == 0, result.stderr
+    asyncio.run(register_machine(StateDir(state), RegisterOptions(
+        hub=hub.url, account_id=hub.account_id, account_key=hub.primary_key, group=group,
+        ca_fingerprint=hub.fingerprint, name=name), Clock()))
     agent = Agent(state, name)
     agent.config.update(config)
     return agent
