@@ -706,6 +706,26 @@ _ENTRIES += (
         422, None),
 )
 
+_ENTRIES += (
+    # --- the agent's work items (E8150-E8159) ------------------------------------------
+    Entry(
+        "E8150", "work_kind_unknown", "This agent does not handle work of kind '{kind}'.",
+        ("The hub handed this machine a kind of work item that its agent has no handler "
+         "for: the agent is older than the hub, or the extension or module that handles "
+         "that kind is not installed on the machine.",),
+        ("Upgrade the agent on the machine (run the install line of 'outpost machine "
+         "install-line' again), or install what handles that kind of work there.",),
+        422, None),
+    Entry(
+        "E8151", "work_payload_invalid",
+        "The work item {item} of kind '{kind}' is malformed: {problem}.",
+        ("The item's payload does not have the shape the agent expects for its kind: the "
+         "hub and the agent are of versions that disagree on it.",),
+        ("Run the same version of Outpost on the hub and the agent ('outpost --version' "
+         "on both); upgrade the older one.",),
+        422, None),
+)
+
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 BY_NAME: dict[str, Entry] = {e.name: e for e in _ENTRIES}
 # Codes retired into another entry (E6003, spread_invalid, is now E7051): an older hub may
