@@ -17,8 +17,9 @@ from outpost.protocol.models import RegisterRequest
 
 pytest.importorskip("fastapi")
 
-from outpost.hub import accounts, db, groups, jobs, machines, runbooks  # noqa: E402
+from outpost.hub import accounts, db, groups, job_identity, jobs, machines, runbooks  # noqa: E402
 from outpost.hub.dispatcher import Dispatcher  # noqa: E402
+from outpost.hub.vault import Vault  # noqa: E402
 
 ACCOUNT = "acct-test"
 
@@ -51,7 +52,10 @@ def test_items_the_hub_makes_parse_with_the_agent_models(tmp_path: Path) -> None
                                     machine_id=machine.id)
             await dispatcher.submit(ACCOUNT, "job_control", {
                 "job_id": job["id"], "attempt": 1, "action": "stop"}, machine_id=machine.id)
-            return await dispatcher.claim(machine, 16, capacity=1)
+            # As the long-poll's answer carries them: each job with its attempt's token.
+            items = await dispatcher.claim(machine, 16, capacity=1)
+            await job_identity.add_tokens(engine, Vault(b"m" * 32), items)
+            return items
         finally:
             await engine.dispose()
 
@@ -70,6 +74,7 @@ def test_items_the_hub_makes_parse_with_the_agent_models(tmp_path: Path) -> None
     assert set(kinds["job"]["payload"]) == set(wire.JobClaim.model_fields)
     assert claim.type == "bash" and claim.content == "echo hi\n" and claim.log_verbose
     assert claim.timeout == 30 and claim.run_as == "runbooks"
+    assert claim.job_token and claim.as_job()["job_token"] == claim.job_token
     assert claim.limits == wire.JobLimits(memory_mb=256, cpus=1.5, processes=64)
     assert claim.as_job()["limits"]["memory_mb"] == 256  # as the sandbox reads it
     control = wire.parse_item(kinds["job_control"]).payload

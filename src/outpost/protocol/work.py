@@ -75,6 +75,8 @@ class JobClaim(Wire):
     run_as: str | None = None
     limits: JobLimits | None = None
     seq_base: int = Field(default=0, ge=0, le=INT64_MAX)
+    job_token: str | None = Field(default=None, description="The attempt's own token, for "
+                                  "the runbook's calls to the hub (job_identity.py).")
 
     def as_job(self) -> dict[str, Any]:
         """The claim as the runner takes it (a dict, as the sandbox and helper files read
