@@ -88,7 +88,7 @@ def test_a_job_claim_starts_the_job_and_answers_nothing(tmp_path: Path) -> None:
     claim = {"job_id": "j1", "attempt": 1, "runbook": "hello", "version": 1, "type": "bash",
              "content": "echo hi", "params": {"N": 2}, "timeout": None,
              "log_verbose": False, "log_progress": False, "run_as": None, "limits": None,
-             "seq_base": 0}
+             "seq_base": 0, "job_token": "jt_j1.mac"}
     asyncio.run(work.registry.handle({"id": "j1", "kind": "job", "payload": claim},
                                      daemon.ctx))
     assert daemon.calls == []
