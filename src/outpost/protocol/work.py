@@ -146,9 +146,9 @@ def error_result(exc: OutpostError) -> dict[str, Any]:
 
 
 def _invalid(item: str, kind: str, exc: ValidationError) -> OutpostError:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first.get("loc", ())) or "item"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    problem = f"{where}: {first.get('msg', 'invalid')}{more}"
+    shown = [f"{'.'.join(str(part) for part in error.get('loc', ())) or 'item'}: "
+             f"{error.get('msg', 'invalid')}" for error in exc.errors()[:3]]
+    more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+    problem = "; ".join(shown) + more
     return OutpostError("work_payload_invalid", f"The work item {item} of kind '{kind}' is "
                         f"malformed: {problem}.", item=item, kind=kind, problem=problem)
