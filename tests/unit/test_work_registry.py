@@ -176,3 +176,29 @@ def test_an_answer_the_hub_does_not_take_is_noted_not_raised(tmp_path: Path) -> 
                                       "payload": {"sent_at": 1.0}}, daemon.ctx))
     assert daemon.failures == ["E2004"]  # hub unreachable: shown in 'outpost agent status'
     assert len(daemon.calls) == 1
+
+
+def test_a_handler_that_raises_is_answered_and_the_next_item_still_taken(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class Empty(Wire):
+        pass
+
+    async def broken(item: wire.WorkItem, ctx: work.Context) -> None:
+        raise KeyError("missing")
+
+    registry = work.Registry()
+    registry.register("broken", broken, payload=Empty)
+    registry.register("ping", work.registry._handlers["ping"].run, payload=wire.PingPayload)
+    daemon = Daemon(tmp_path)
+
+    async def scenario() -> None:
+        await registry.handle({"id": "b1", "kind": "broken", "payload": {}}, daemon.ctx)
+        await registry.handle({"id": "p1", "kind": "ping", "payload": {"sent_at": 1.0}},
+                              daemon.ctx)
+
+    with caplog.at_level(logging.ERROR, "outpost.agent.work"):
+        asyncio.run(scenario())
+    first, second = (body["result"] for _, _, body in daemon.calls)
+    assert first["error"]["code"] == "E8152" and "KeyError" in first["error"]["message"]
+    assert "received_at" in second
+    assert any(r.exc_info is not None for r in caplog.records)

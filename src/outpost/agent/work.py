@@ -14,7 +14,8 @@ kind with ``register(kind, handler, payload=Model)``, without touching the daemo
 An item of a kind nothing is registered for, or whose payload does not parse, is answered
 with an error result (E8150, E8151; logged once per kind) and never stops the daemon; a
 job claim that does not parse is reported back as a failed attempt instead, since job
-claims are not work items the hub waits on.
+claims are not work items the hub waits on. A handler that raises is logged with its
+traceback and its item answered with E8152; the items after it are still taken.
 """
 
 from __future__ import annotations
@@ -99,7 +100,15 @@ class Registry:
             else:
                 await answer(ctx, str(raw.get("id")), wire.error_result(exc))
             return
-        result = await handler.run(item, ctx)
+        try:
+            result = await handler.run(item, ctx)
+        except Exception as exc:  # a handler's bug must not cost the other items
+            log.exception("the handler of work of kind '%s' failed on item %s", kind, item.id)
+            failed = OutpostError(
+                "work_handler_failed", f"The agent's handler for work of kind '{kind}' "
+                f"failed: {type(exc).__name__}: {exc}.", kind=kind, item=item.id)
+            await answer(ctx, item.id, wire.error_result(failed))
+            return
         if result is not None:
             if isinstance(result, BaseModel):
                 result = result.model_dump(exclude_none=True)

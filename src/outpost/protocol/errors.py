@@ -724,6 +724,15 @@ _ENTRIES += (
         ("Run the same version of Outpost on the hub and the agent ('outpost --version' "
          "on both); upgrade the older one.",),
         422, None),
+    Entry(
+        "E8152", "work_handler_failed",
+        "The agent's handler for work of kind '{kind}' failed: {problem}.",
+        ("A bug in the handler of that kind (an extension's or a module's, or the agent's "
+         "own): it raised an error instead of answering. The agent went on with other "
+         "work.",),
+        ("Look at the agent's log on the machine ('outpost agent logs') for the traceback, "
+         "and report it to the handler's authors.",),
+        500, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
