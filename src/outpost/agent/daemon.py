@@ -2,7 +2,9 @@
 
 Signal handlers only set flags. SIGTERM or SIGINT stops gracefully (the in-flight heartbeat
 may finish within the grace period); a second SIGINT forces. Every background task is
-supervised: if one fails unexpectedly it is logged and started again.
+supervised (common/supervise.py): if one fails unexpectedly it is logged and started again
+after a backoff of at most 30 s. Work items go to the handler registered for their kind
+(work.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,9 +24,12 @@ from urllib.parse import quote
 from nacl.signing import SigningKey
 
 from outpost import __version__
+from outpost.common.supervise import Supervisor
+from outpost.protocol import work as wire
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
+from outpost.protocol.models import HeartbeatAck
 
-from . import cache, facts, joblogs
+from . import cache, facts, joblogs, work
 from .cgroups import Limits
 from .config import AgentConfig
 from .pressure import Pressure, own_cpu_seconds
@@ -44,7 +49,8 @@ STOP_NOTICE_SECONDS = 2.0
 
 class Agent:
     def __init__(self, state: StateDir, config: AgentConfig, clock: Clock,
-                 config_path: Path | None = None) -> None:
+                 config_path: Path | None = None,
+                 handlers: work.Registry | None = None) -> None:
         self.state = state
         self.config = config.effective()
         self.clock = clock
@@ -57,8 +63,12 @@ class Agent:
         self.registration: Registration | None = None
         self.client: HubClient | None = None
         self.cache: cache.Cache | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.supervisor = Supervisor(log)
         self.jobs: dict[str, JobRun] = {}
+        self.handlers = handlers or work.registry
+        self.work = work.Context(call=self._call, jobs=self.jobs, state=state,
+                                 spawn=self._spawn, start_job=self._start_job,
+                                 note_failure=self._note_failure)
         self._job_tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (job, attempt)
         self._deliveries: set[asyncio.Task[Any]] = set()
         self.spool_dir = state.root / "spool"
@@ -101,9 +111,9 @@ class Agent:
             if not await self._connect(key, reg, identity):
                 return  # stopped before any hub answered
             self._recover()
-            self._start("heartbeat", self._heartbeat_loop)
-            self._start("poll", self._poll_loop)
-            self._start("prune-job-logs", lambda: joblogs.prune_forever(
+            self.supervisor.start("heartbeat", self._heartbeat_loop)
+            self.supervisor.start("poll", self._poll_loop)
+            self.supervisor.start("prune-job-logs", lambda: joblogs.prune_forever(
                 self.state.root, self.config.job_log_retention, self.stop_requested))
             await self.stop_requested.wait()
             log.info("stopping")
@@ -128,7 +138,7 @@ class Agent:
         if self.stop_requested.is_set():
             self.forced = True
             log.warning("second interrupt: stopping now")
-            for task in self._tasks.values():
+            for task in self.supervisor.tasks.values():
                 task.cancel()
         self.request_stop()
 
@@ -136,7 +146,8 @@ class Agent:
         # Nothing the agent does yet needs draining: an interrupted long-poll or heartbeat
         # is simply sent again by the next agent. Jobs (later) drain within GRACE_SECONDS.
         # Running jobs are ended (their whole process group) rather than left orphaned.
-        tasks = [*self._tasks.values(), *self._job_tasks.values(), *self._deliveries]
+        tasks = [*self.supervisor.tasks.values(), *self._job_tasks.values(),
+                 *self._deliveries]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -159,22 +170,6 @@ class Agent:
             log.warning("could not tell the hub this agent is stopping (%s): it shows the "
                         "machine Unresponsive once heartbeats are missed", why)
         self.state.save_stop(time.time(), told)
-
-    def _start(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
-        async def supervised() -> None:
-            backoff = Backoff(cap=30)
-            while not self.stop_requested.is_set():
-                try:
-                    await body()
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    delay = backoff.next()
-                    log.exception("task %s failed; starting it again in %.1f s", name, delay)
-                    await asyncio.sleep(delay)
-
-        self._tasks[name] = asyncio.create_task(supervised(), name=name)
 
     # --- talking to the hub --------------------------------------------------------------
     async def _connect(self, key: SigningKey, reg: Registration | None,
@@ -247,7 +242,7 @@ class Agent:
                             for job_id, attempt in listed.items()]
             self._recheck_poll()  # pressure or a short disk since the poll was opened
             try:
-                ack = await self._call("POST", "/v1/agent/heartbeat", beat)
+                answer = await self._call("POST", "/v1/agent/heartbeat", beat)
             except OutpostError as exc:
                 self._note_failure(exc)
                 delay = self._log_failure("heartbeat", exc, backoff)
@@ -262,8 +257,8 @@ class Agent:
             self.last_ack = time.time()
             self.last_error = None
             if self.cache is not None and self.client is not None:
-                await self.cache.check(self.client, ack)  # HW-9: heal what went bad on disk
-            for job_id in ack.get("abandon") or []:
+                await self.cache.check(self.client, answer)  # HW-9: heal what went bad
+            for job_id in HeartbeatAck.model_validate(answer).abandon:
                 run = self.jobs.get(job_id)
                 # Only the attempt this heartbeat listed: the job's next attempt may have
                 # started here since (its previous one ended and the hub gave it back).
@@ -316,8 +311,8 @@ class Agent:
                 await self._sleep(delay, self._hub_answered)
                 continue
             backoff.reset()
-            for item in answer.get("items", []):
-                await self._handle(item)
+            for item in wire.PollAnswer.model_validate(answer).items:
+                await self.handlers.handle(item, self.work)
 
     def _capacity(self) -> int:
         """How many jobs to run at once now: none while the machine is under pressure or its
@@ -357,7 +352,7 @@ class Agent:
     async def _take(self, items: list[dict[str, Any]]) -> None:
         """Work the hub claimed for this machine in an answer to its reports."""
         for item in items:
-            await self._handle(item)
+            await self.handlers.handle(item, self.work)
 
     def not_taking_work(self) -> str | None:
         """Why the agent claims no new job now (shown in the machine list), or None."""
@@ -407,15 +402,16 @@ class Agent:
                                 self.reporter)
             self._spawn(uploader.run(announce=False), f"deliver-{meta['job_id']}")
 
-    def _start_job(self, payload: dict[str, Any]) -> None:
+    def _start_job(self, claim: wire.JobClaim) -> None:
+        """The ``job`` work kind's handler: run the claimed attempt (work.py)."""
         assert self.client is not None and self.registration is not None
         try:
             self.sandbox.group_name = self.registration.group
-            run = JobRun(payload, self.state.root / "jobs", self.spool_dir, self._call,
-                         self.client.url, self.registration.ca_pem, self.reporter,
-                         self.sandbox)
+            run = JobRun(claim.as_job(), self.state.root / "jobs", self.spool_dir,
+                         self._call, self.client.url, self.registration.ca_pem,
+                         self.reporter, self.sandbox)
         except OSError as exc:  # no spool, no job: the disk is full, or the directory gone
-            self._cannot_spool(payload, exc)
+            self._cannot_spool(claim, exc)
             return
         self.jobs[run.id] = run
         run.disk_refused = self._recheck_poll
@@ -434,16 +430,16 @@ class Agent:
                     del self.jobs[run.id]
                 self._job_tasks.pop((run.id, run.attempt), None)
 
-        log.info("job %s: running %s version %s (attempt %s)", run.id, payload.get("runbook"),
-                 payload.get("version"), run.attempt)
+        log.info("job %s: running %s version %s (attempt %s)", run.id, claim.runbook,
+                 claim.version, run.attempt)
         self._job_tasks[(run.id, run.attempt)] = asyncio.create_task(body(),
                                                                      name=f"job-{run.id}")
 
-    def _cannot_spool(self, payload: dict[str, Any], exc: OSError) -> None:
+    def _cannot_spool(self, claim: wire.JobClaim, exc: OSError) -> None:
         """A claimed job whose spool cannot be made is given back at once as a failed
         activation (the machine's fault: the hub queues it again), rather than left to
         wait out its lease."""
-        job_id, attempt = str(payload.get("job_id")), int(payload.get("attempt") or 1)
+        job_id, attempt = claim.job_id, claim.attempt
         why = (f"the agent could not make the job's spool in {self.spool_dir} "
                f"({exc.strerror or exc}); free space on the machine")
         log.error("job %s: %s", job_id, why)
@@ -451,30 +447,6 @@ class Agent:
         self._spawn(self._call("POST", f"/v1/agent/jobs/{quote(job_id, safe='')}/report",
                                {"attempt": attempt, "started": False, "end": end,
                                 "records": []}), f"give back {job_id}")
-
-    async def _handle(self, item: dict[str, Any]) -> None:
-        if item.get("kind") == "job":
-            self._start_job(item["payload"])
-            return
-        received = time.time()
-        if item.get("kind") == "ping":
-            result: dict[str, Any] = {"received_at": received}
-        elif item.get("kind") == "job_control":
-            payload = item["payload"]
-            run = self.jobs.get(payload.get("job_id", ""))
-            if run is not None and run.attempt == payload.get("attempt"):
-                log.info("job %s: %s requested", run.id, payload.get("action"))
-                self._spawn(run.control(str(payload.get("action"))), f"control-{run.id}")
-                result = {"applied": True}
-            else:
-                result = {"applied": False, "why": "the agent does not run that attempt"}
-        else:
-            result = {"error": f"this agent does not handle work of kind '{item.get('kind')}'"}
-        try:
-            await self._call("POST", f"/v1/agent/work/{item['id']}/done", {"result": result})
-        except OutpostError as exc:
-            self._note_failure(exc)
-            log.warning("could not report work item %s: %s", item.get("id"), exc.message)
 
     # --- local status --------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

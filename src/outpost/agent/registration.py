@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from outpost.protocol import fingerprint as fingerprints
 from outpost.protocol import signing
 from outpost.protocol.errors import ALREADY_REGISTERED_TEXT, OutpostError, TransportError
+from outpost.protocol.models import RegisterResponse
 
 from nacl.signing import SigningKey
 
@@ -81,19 +82,19 @@ async def register(state: StateDir, opts: RegisterOptions, clock: Clock) -> Regi
     client = HubClient(urls, ca_pem, clock=clock, proxy=opts.proxy,
                        ca_fingerprint=fingerprint)
     try:
-        answer = await client.request("POST", "/v1/agent/register", request,
-                                      account=(opts.account_id, key_bytes))
+        answer = RegisterResponse.model_validate(await client.request(
+            "POST", "/v1/agent/register", request, account=(opts.account_id, key_bytes)))
     finally:
         await client.aclose()
-    if existing is not None and existing.machine_id != answer["machine_id"] \
-            and existing.name != answer["name"]:
+    if existing is not None and existing.machine_id != answer.machine_id \
+            and existing.name != answer.name:
         # Replaced under another name: the hub still holds the old machine (under the same
         # name, --force already replaced it there).
         await _forget_at_hub(state, existing, clock, opts.proxy)
     state.save_key(key)
     reg = Registration(
-        machine_id=answer["machine_id"], account_id=answer["account_id"], name=answer["name"],
-        group=answer["group"], hub_urls=urls, ca_pem=ca_pem,
+        machine_id=answer.machine_id, account_id=answer.account_id, name=answer.name,
+        group=answer.group, hub_urls=urls, ca_pem=ca_pem,
         ca_fingerprint=fingerprint, labels=opts.labels, registered_at=time.time(),
     )
     state.save_registration(reg)

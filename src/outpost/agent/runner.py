@@ -33,7 +33,7 @@ from typing import Any
 
 from outpost.protocol.errors import HubRefused, OutpostError
 
-from . import cgroups, helper, joblogs, process, workdirs
+from . import cgroups, helper, joblogs, procgroup, process, workdirs
 from .reporter import Reporter
 from .sandbox import HELPER_DIR, Lease, Sandbox
 from .transport import Backoff
@@ -480,6 +480,8 @@ class JobRun:
         self.uploader = Uploader(self.spool, self.id, self.attempt, call, reporter)
         self.call = call
         self.proc: asyncio.subprocess.Process | process.Process | None = None
+        # The runbook's process group (procgroup.py): its leader is ``proc``.
+        self.group: procgroup.ProcessGroup | None = None
         self._reusable = False  # its working directory may be given back (workdirs.py)
         self.ended_by: str | None = None  # timeout, stopped or lost: the agent ended it
         self.why = ""
@@ -533,7 +535,7 @@ class JobRun:
         log.error("job %s: %s", self.id, self.why)
         if self.disk_refused is not None:
             self.disk_refused()
-        if self.proc is not None:
+        if self.group is not None:
             self._ending = asyncio.get_running_loop().create_task(
                 self._end_group(), name=f"end-{self.id}")
 
@@ -565,24 +567,17 @@ class JobRun:
 
     # --- the process group ---------------------------------------------------------------
     def _signal_group(self, sig: int) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, sig)
+        if self.group is not None:
+            self.group.signal(sig)
 
     async def _end_group(self) -> None:
-        """TERM the whole process group, give it a grace period, then KILL."""
-        assert self.proc is not None
-        self._signal_group(signal.SIGTERM)
-        self._signal_group(signal.SIGCONT)  # a paused group must wake to take the TERM
-        try:
-            await asyncio.wait_for(self.proc.wait(), GRACE_SECONDS)
-        except TimeoutError:
-            self._signal_group(signal.SIGKILL)
-            await self.proc.wait()
+        """TERM the whole process group, give it a grace period, then KILL what is left."""
+        assert self.group is not None
+        await self.group.stop(GRACE_SECONDS)
 
     async def control(self, action: str, why: str = "") -> None:
         """stop, suspend, resume (the operator's) or abandon (the hub gave the attempt up)."""
-        if self.proc is None:
+        if self.group is None:
             self._requested = action
             return
         if action in ("stop", "abandon"):
@@ -590,10 +585,10 @@ class JobRun:
                 if action == "stop" else ("lost", why)
             await self._end_group()
         elif action == "suspend":
-            self._signal_group(signal.SIGSTOP)
+            self.group.suspend()
             await self.uploader.send("paused", {"attempt": self.attempt})
         elif action == "resume":
-            self._signal_group(signal.SIGCONT)
+            self.group.resume()
             await self.uploader.send("report", {"attempt": self.attempt, "started": True})
 
     # --- the attempt ---------------------------------------------------------------------
@@ -667,7 +662,7 @@ class JobRun:
         except asyncio.CancelledError:
             # The agent is stopping: leave no process behind, and leave the end in the
             # spool for the next start to report (the hub retries the job elsewhere).
-            if self.proc is not None and self.proc.returncode is None:
+            if self.group is not None and self.group.returncode is None:
                 self.ended_by, self.why = "lost", "the agent was stopped while the job ran"
                 self._signal_group(signal.SIGKILL)
             self._commit()
@@ -756,6 +751,7 @@ class JobRun:
                 user=identity[0] if identity else None,
                 group=identity[1] if identity else None,
                 extra_groups=[] if identity else None, preexec_fn=preexec)
+        self.group = procgroup.ProcessGroup(self.proc)
         try:
             self.spool.write_meta({"job_id": self.id, "attempt": self.attempt,
                                    "pgid": self.proc.pid, "started_at": time.time(),
@@ -798,17 +794,7 @@ class JobRun:
 
     def _group_alive(self) -> bool:
         """Whether a process of the runbook's group is left (or its leader never exited)."""
-        if self.proc is None:
-            return False
-        if self.proc.returncode is None:
-            return True
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return self.group is not None and self.group.alive()
 
     def _cleanup(self) -> None:
         if isinstance(self.proc, process.Process):
@@ -868,7 +854,8 @@ def end_leftover(spool: Spool) -> None:
             proc = psutil.Process(pgid)
             if abs(proc.create_time() - float(meta.get("started_at", 0))) < 5:
                 os.killpg(pgid, signal.SIGKILL)
-                _wait_gone(pgid)
+                # What they wrote is then all in their files.
+                procgroup.wait_gone_blocking(pgid, 2.0)
     # What the runbook wrote after the last records the dead agent spooled, up to its end.
     out, err, seq = _progress(content[:whole]) or (0, 0, (int(meta["attempt"]) - 1) << 32)
     if isinstance(meta.get("output"), int):  # (an agent before output files had pipes)
@@ -877,18 +864,6 @@ def end_leftover(spool: Spool) -> None:
                      bool(meta.get("log_progress")))
     spool.end({"exit_code": None, "signal": None, "cause": "lost",
                "reason": "the agent stopped unexpectedly while the job ran"})
-
-
-def _wait_gone(pgid: int, timeout: float = 2.0) -> None:
-    """Until no process of the group is left (they were sent SIGKILL), for at most
-    ``timeout``: what they wrote is then all in their files."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.01)
 
 
 def _progress(content: bytes) -> tuple[int, int, int] | None:

@@ -46,7 +46,9 @@ class Supervisor:
                     if period is None:
                         return
                     delay = 0.0
-                wait = period if period is not None else delay * random.uniform(0.8, 1.2)
+                # Jittered, and never past the cap.
+                wait = period if period is not None \
+                    else min(delay * random.uniform(0.8, 1.2), backoff_cap)
                 await asyncio.sleep(wait)
 
         task = asyncio.create_task(supervised(), name=name)

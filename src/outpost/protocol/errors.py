@@ -739,6 +739,32 @@ _ENTRIES += (
          "or a digit.",),
         ("Choose a name such as 'ci', 'deploy-bot' or 'alice.laptop'.",),
         422, None),
+    # --- the agent's work items (E8150-E8159) ------------------------------------------
+    Entry(
+        "E8150", "work_kind_unknown", "This agent does not handle work of kind '{kind}'.",
+        ("The hub handed this machine a kind of work item that its agent has no handler "
+         "for: the agent is older than the hub, or the extension or module that handles "
+         "that kind is not installed on the machine.",),
+        ("Upgrade the agent on the machine (run the install line of 'outpost machine "
+         "install-line' again), or install what handles that kind of work there.",),
+        422, None),
+    Entry(
+        "E8151", "work_payload_invalid",
+        "The work item {item} of kind '{kind}' is malformed: {problem}.",
+        ("The item's payload does not have the shape the agent expects for its kind: the "
+         "hub and the agent are of versions that disagree on it.",),
+        ("Run the same version of Outpost on the hub and the agent ('outpost --version' "
+         "on both); upgrade the older one.",),
+        422, None),
+    Entry(
+        "E8152", "work_handler_failed",
+        "The agent's handler for work of kind '{kind}' failed: {problem}.",
+        ("A bug in the handler of that kind (an extension's or a module's, or the agent's "
+         "own): it raised an error instead of answering. The agent went on with other "
+         "work.",),
+        ("Look at the agent's log on the machine ('outpost agent logs') for the traceback, "
+         "and report it to the handler's authors.",),
+        500, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

@@ -153,4 +153,7 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ('tls_untrusted_issuer', 'The hub at {} did not present the CA with fingerprint {}. A proxy may be intercepting TLS.'),
     ('value_empty', "The value of variable '{}' read from standard input is empty; nothing was stored."),
     ('webhook_param_missing', "Runbook '{}' does not declare the parameter 'body' as string or json."),
+    ('work_handler_failed', "The agent's handler for work of kind '{}' failed: {}: {}."),
+    ('work_kind_unknown', "This agent does not handle work of kind '{}'."),
+    ('work_payload_invalid', "The work item {} of kind '{}' is malformed: {}."),
 )

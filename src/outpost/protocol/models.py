@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -55,7 +54,7 @@ class RegisterResponse(Wire):
     account_id: str
     name: str
     group: str
-    hub_time: datetime
+    hub_time: float = Field(description="Seconds since the epoch.")
     heartbeat_interval: float
 
 
@@ -82,20 +81,14 @@ class Heartbeat(Wire):
 
 
 class HeartbeatAck(Wire):
-    hub_time: datetime
-    min_agent_version: str
-    machine_id: str
+    """The hub's answer to a heartbeat."""
 
-
-class WorkItem(Wire):
-    id: str
-    kind: str
-    payload: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime
-
-
-class PollResult(Wire):
-    items: list[WorkItem] = Field(default_factory=list)
+    hub_time: float | None = None
+    min_agent_version: str = ""
+    machine_id: str = ""
+    abandon: list[str] = Field(default_factory=list, description="Jobs whose attempt on this "
+                               "machine the hub gave up (their lease expired): the agent "
+                               "ends them.")
 
 
 class OutputRecord(Wire):
