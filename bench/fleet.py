@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import random
 import resource
 import sys
@@ -534,7 +535,7 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
               f"{rate:.0f} registrations/s", flush=True)
         # Let every agent's first heartbeat and poll land before the window opens.
         settle = min(window / 2, 35.0)
-        time.sleep(settle)  # noqa: the fleet's own schedule, not a wait on a state
+        time.sleep(settle)  # the fleet runs on its own schedule: nothing to wait on
         fleet.reset()
         beats_before = sum(_metric(h, "outpost_heartbeats_total") for h in hubs)
         before = [_hub_sample(pid) for pid in pids]
@@ -542,7 +543,7 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
         latencies, lost = asyncio.run(_job_latency(hubs, probe, latency_jobs, 0.2))
         remaining = window - (time.monotonic() - started)
         if remaining > 0:
-            time.sleep(remaining)  # noqa: the measured window is a length of time
+            time.sleep(remaining)  # the measured window is a length of time
         after = [_hub_sample(pid) for pid in pids]
         beats_after = sum(_metric(h, "outpost_heartbeats_total") for h in hubs)
         stats = fleet.snapshot()
@@ -609,15 +610,31 @@ def _print(r: dict[str, Any], late: float) -> None:
 
 
 @contextlib.contextmanager
-def hubs(kind: str, root: Path, replicas: int, extra_args: list[str]) -> Iterator[list[Any]]:
-    from bench._common import _stop, database, init_hub, publish
+def hubs(kind: str, root: Path, replicas: int, extra_args: list[str],
+         profile: Path | None = None, src: Path | None = None) -> Iterator[list[Any]]:
+    """Running hubs on one fresh database: ``src`` runs another build's ``src`` directory,
+    ``profile`` a directory for the first hub's cProfile and SQL statement counts."""
+    from bench._common import Hooks, _stop, database, init_hub, publish
     from tests.support import Hub, free_port
 
+    env: dict[str, str] = {}
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        env = Hooks(cprofile=profile, sqltime=profile / "sql.txt").env("hub")
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(src), *filter(None, [env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")])])
     with database(kind, root) as url:
         first = init_hub(root / "hub", url, extra_args=extra_args)
         started: list[Any] = []
+        saved = dict(os.environ)
         try:
-            first.start()
+            os.environ.update(env)  # Hub.start passes the environment on
+            try:
+                first.start()
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
             started.append(first)
             for _ in range(replicas - 1):
                 other = Hub(first.data_dir, free_port(), url, first.init,
@@ -627,6 +644,11 @@ def hubs(kind: str, root: Path, replicas: int, extra_args: list[str]) -> Iterato
             publish(first, "noop", "true\n")
             yield started
         finally:
+            if profile is not None and started and started[0].proc.poll() is None:
+                import signal
+
+                started[0].proc.send_signal(signal.SIGUSR1)  # writes the profile so far
+                time.sleep(1)  # the hub writes it in its signal handler
             for hub in started:
                 _stop(hub.proc)
 
@@ -646,6 +668,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--late", type=float, default=LATE_SECONDS,
                         help="a heartbeat answered this many seconds after due is late")
     parser.add_argument("--max-seconds", type=float, default=1800.0)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="a directory: the hub's cProfile (hub.prof) and SQL counts")
+    parser.add_argument("--compare", type=Path, action="append", default=[],
+                        help="another build's src directory: each size runs on it too, "
+                             "alternating with this build (repeatable)")
     args = parser.parse_args(argv)
     if args.replicas > 1 and args.database != "postgres":
         parser.error("--replicas needs --database postgres")
@@ -655,21 +682,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.window:g} s; {load()}; descriptor limit {hard}", flush=True)
     time_bound(args.max_seconds)
     results = []
+    builds: list[tuple[str, Path | None]] = [("this build", None)]
+    builds += [(f"--compare {src}", src.resolve()) for src in args.compare]
     try:
         for size in sizes:
-            with tempfile.TemporaryDirectory(prefix="outpost-fleet-") as tmp, \
-                    hubs(args.database, Path(tmp), args.replicas, []) as running:
-                results.append(measure(running, size, args.window, args.latency_jobs,
-                                       args.replicas > 1, args.late))
+            for label, src in builds:
+                if len(builds) > 1:
+                    print(f"\n-- {label}", flush=True)
+                with tempfile.TemporaryDirectory(prefix="outpost-fleet-") as tmp, \
+                        hubs(args.database, Path(tmp), args.replicas, [],
+                             args.profile / f"{size}-{len(results)}" if args.profile else None,
+                             src) as running:
+                    result = measure(running, size, args.window, args.latency_jobs,
+                                     args.replicas > 1, args.late)
+                    result["build"] = label
+                    results.append(result)
     except TimeBound as exc:
         print(f"stopped: {exc}")
     finally:
         cancel_time_bound()
     if results:
-        print("\n| agents | hub CPU % | RSS MiB | fds | connections | heartbeats recv/exp "
+        print("\n| agents | build | hub CPU % | RSS MiB | fds | connections | heartbeats recv/exp "
               "| late | polls open | job start p50/p99 ms |")
         for r in results:
-            print(f"| {r['agents']} | {r['hub_cpu_percent']:.1f} | {r['hub_rss_mb']:.0f} | "
+            print(f"| {r['agents']} | {r['build']} | {r['hub_cpu_percent']:.1f} | "
+                  f"{r['hub_rss_mb']:.0f} | "
                   f"{r['hub_fds']} | {r['hub_connections']} | "
                   f"{r['heartbeats_received']:.0f}/{r['heartbeats_expected']:.0f} | "
                   f"{r['heartbeats_late']} | {r['polls_open']} | "
