@@ -1,0 +1,123 @@
+"""The writes a fleet causes, batched: heartbeats in one UPDATE per window, nonces by group
+commit, each answered only once stored, and a replayed nonce still refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from outpost.hub import auth, db, heartbeats, machines
+from outpost.protocol.errors import OutpostError
+from outpost.protocol.models import Heartbeat
+
+
+async def _engine_with_machines(database_url: str, count: int) -> Any:
+    engine = db.make_engine(database_url)
+    await db.migrate(engine)
+    async with engine.begin() as conn:
+        await conn.execute(db.accounts.insert().values(
+            id="acct", name="acct", primary_key="-", secondary_key="-", created_at=time.time()))
+        await conn.execute(db.machines.insert(), [{
+            "id": f"m{i:03d}", "account_id": "acct", "name": f"m{i:03d}", "group_name": "web",
+            "labels": {}, "public_key": "-", "facts": {}, "agent_version": "0",
+            "registered_at": time.time(), "heartbeat_interval": 30.0,
+            "stopped_at": time.time()} for i in range(count)])
+    return engine
+
+
+def _statements(engine: Any, prefix: str) -> list[int]:
+    """Rows of each execution of statements starting with ``prefix``, as they run."""
+    seen: list[int] = []
+
+    @sa.event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def count(_conn: Any, _cursor: Any, statement: str, params: Any, _ctx: Any,
+              many: bool) -> None:
+        if statement.lstrip().upper().startswith(prefix):
+            seen.append(len(params) if many else 1)
+
+    return seen
+
+
+def test_heartbeats_arriving_together_are_written_in_one_update_and_answered_once_stored(
+        database_url: str) -> None:
+    async def run() -> None:
+        engine = await _engine_with_machines(database_url, 200)
+        try:
+            updates = _statements(engine, "UPDATE MACHINES")
+            beat = Heartbeat(agent_version="9.9", heartbeat_interval=7.0)
+
+            async def one(i: int) -> tuple[float, float | None]:
+                at = await machines.record_heartbeat(engine, f"m{i:03d}", beat)
+                async with engine.connect() as conn:  # stored when answered
+                    stored = await conn.scalar(sa.select(db.machines.c.last_heartbeat_at)
+                                               .where(db.machines.c.id == f"m{i:03d}"))
+                return at, stored
+
+            answers = await asyncio.gather(*(one(i) for i in range(200)))
+            assert all(stored == at for at, stored in answers)
+            assert updates == [200]  # one UPDATE executed for the 200 rows
+            async with engine.connect() as conn:
+                rows = (await conn.execute(sa.select(db.machines))).all()
+            assert {(r.agent_version, r.heartbeat_interval, r.stopped_at) for r in rows} == {
+                ("9.9", 7.0, None)}
+            assert all(r.heartbeat["agent_version"] == "9.9" for r in rows)
+            # A lone heartbeat later is its own batch, and waits at most about the window.
+            started = time.monotonic()
+            await machines.record_heartbeat(engine, "m000", beat)
+            assert time.monotonic() - started < heartbeats.WINDOW + 1.0
+            assert updates == [200, 1]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def test_a_failed_batch_fails_every_heartbeat_in_it(tmp_path: Any) -> None:
+    async def run() -> list[BaseException | float]:
+        engine = await _engine_with_machines(f"sqlite:///{tmp_path / 'hub.db'}", 3)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("DROP TABLE machines"))
+            beat = Heartbeat(agent_version="1")
+            return await asyncio.gather(
+                *(machines.record_heartbeat(engine, f"m{i:03d}", beat) for i in range(3)),
+                return_exceptions=True)
+        finally:
+            await engine.dispose()
+
+    results = asyncio.run(run())
+    assert len(results) == 3 and all(isinstance(r, Exception) for r in results), results
+
+
+def test_nonces_are_stored_by_group_commit_and_a_replay_is_refused(database_url: str) -> None:
+    async def run() -> None:
+        engine = await _engine_with_machines(database_url, 1)
+        try:
+            inserts = _statements(engine, "INSERT INTO NONCES")
+            log = auth.nonce_log(engine)
+            firsts = await asyncio.gather(*(log.add("m000", f"n{i}") for i in range(100)))
+            assert firsts == [True] * 100
+            assert sum(inserts) == 100 and len(inserts) < 10, inserts  # batched
+            # Sent again, alone or together with new ones: refused, the new ones taken.
+            again = await asyncio.gather(log.add("m000", "n5"), log.add("m000", "new"),
+                                         log.add("m000", "n99"))
+            assert again == [False, True, False]
+            # The same nonce twice at once: exactly one is taken.
+            both = await asyncio.gather(log.add("m000", "twice"), log.add("m000", "twice"))
+            assert sorted(both) == [False, True]
+            # Another signer may use the same nonce.
+            assert await log.add("acct", "n5") is True
+            with pytest.raises(OutpostError) as refused:
+                await auth._first_seen(engine, "m000", "n7", machine_id="m000")
+            assert refused.value.code == "E1009"
+            async with engine.connect() as conn:
+                stored = await conn.scalar(sa.select(sa.func.count()).select_from(db.nonces))
+            assert stored == 103
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
