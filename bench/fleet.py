@@ -477,7 +477,7 @@ async def _job_latency(hubs: list[Any], probe: Fleet, count: int, interval: floa
                        ) -> tuple[list[float], int]:
     """Submit ``count`` jobs, one at a time, to the group that holds only the probe machine
     (through each hub in turn): milliseconds from the submit being sent to the claim reaching
-    the probe agent, and how many never arrived within 5 s."""
+    the probe agent, and how many never arrived within 10 s."""
     import httpx
 
     latencies: list[float] = []
@@ -494,7 +494,7 @@ async def _job_latency(hubs: list[Any], probe: Fleet, count: int, interval: floa
             if response.status_code != 201:
                 raise RuntimeError(f"submit refused: {response.status_code} {response.text}")
             job_id = response.json()["id"]
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 10
             claimed = None
             while time.monotonic() < deadline:
                 claims = probe.snapshot()["claims"]

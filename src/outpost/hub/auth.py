@@ -114,11 +114,13 @@ class NonceLog:
     """The nonces of signed requests, stored in batches (group commit).
 
     Every agent request stores its nonce before it is served: a write per request, the
-    largest stream of transactions a fleet causes. A nonce joins the batch being gathered;
-    a batch is written, in one transaction, as soon as the one before it has committed, so
-    a lone request waits for nothing and under load each transaction carries the nonces of
-    the requests that arrived meanwhile. A request is served only once its nonce is stored,
-    and a nonce already stored (or twice in one batch) is a replay, as before.
+    largest stream of transactions a fleet causes. A nonce joins the batch being gathered,
+    and a batch is written, in one transaction, after one turn of the event loop: a lone
+    request waits for nothing, and under load each transaction carries the nonces of every
+    request that reached this point in that turn. Batches are not queued behind each other:
+    one held up (a database that does not answer) holds up only its own requests. A request
+    is served only once its nonce is stored, and a nonce already stored (or twice in one
+    batch) is a replay, as before.
     """
 
     MOST = 500  # nonces in one transaction: two bound values each in one statement
@@ -126,7 +128,6 @@ class NonceLog:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._next: _Nonces | None = None
-        self._last: asyncio.Future[None] | None = None
         self.batches = 0  # transactions written, for tests and benchmarks
 
     async def add(self, signer: str, nonce: str) -> bool:
@@ -135,9 +136,9 @@ class NonceLog:
         if batch is None or len(batch.seen) >= self.MOST or batch.write is None \
                 or batch.write.get_loop() is not asyncio.get_running_loop():
             batch = self._next = _Nonces()
-            task = asyncio.ensure_future(self._write(batch, self._last))
+            task = asyncio.ensure_future(self._write(batch))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            batch.write = self._last = task
+            batch.write = task
         key = (signer, nonce)
         if key in batch.seen:
             return False
@@ -146,10 +147,7 @@ class NonceLog:
         await asyncio.shield(batch.write)
         return key in batch.fresh
 
-    async def _write(self, batch: _Nonces, before: asyncio.Future[None] | None) -> None:
-        if before is not None and not before.done() \
-                and before.get_loop() is asyncio.get_running_loop():
-            await asyncio.wait([before])
+    async def _write(self, batch: _Nonces) -> None:
         await asyncio.sleep(0)  # the requests ready now join this batch
         if self._next is batch:
             self._next = None
