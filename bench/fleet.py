@@ -462,8 +462,13 @@ def _hub_sample(pid: int) -> dict[str, float]:
 
 
 def _metric(hub: Any, name: str) -> float:
-    """A counter or gauge of the hub's /metrics, summed over its labels."""
-    text = hub.api("GET", "/metrics").text
+    """A counter or gauge of the hub's /metrics, summed over its labels (NaN when the hub
+    did not answer in time: an overloaded hub is a result too)."""
+    try:
+        text = hub.api("GET", "/metrics", timeout=120).text
+    except Exception as exc:  # noqa: BLE001 - printed, and the figure shows as nan
+        print(f"  (/metrics did not answer: {type(exc).__name__})")
+        return float("nan")
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
@@ -489,10 +494,17 @@ async def _job_latency(hubs: list[Any], probe: Fleet, count: int, interval: floa
         for i in range(count):
             client = clients[i % len(clients)]
             sent = time.time()
-            response = await client.post("/v1/jobs", json={"runbook": "noop",
-                                                           "group": "fleet-probe"})
+            try:
+                response = await client.post("/v1/jobs", json={"runbook": "noop",
+                                                               "group": "fleet-probe"})
+            except httpx.HTTPError as exc:
+                print(f"  (a submit failed: {type(exc).__name__})")
+                lost += 1
+                continue
             if response.status_code != 201:
-                raise RuntimeError(f"submit refused: {response.status_code} {response.text}")
+                print(f"  (a submit was refused: {response.status_code} {response.text[:200]})")
+                lost += 1
+                continue
             job_id = response.json()["id"]
             deadline = time.monotonic() + 10
             claimed = None
