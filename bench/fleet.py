@@ -594,6 +594,34 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
     return result
 
 
+def connection_memory(hub: Any, count: int) -> float:
+    """KiB of the hub's RSS per idle TLS keep-alive connection: ``count`` clients, each its
+    own connection, each one GET /healthz, all left open while the RSS is read."""
+    import httpx
+
+    async def run() -> float:
+        ctx = hub.ssl_context()
+        clients = [httpx.AsyncClient(verify=ctx, timeout=60) for _ in range(count)]
+        gate = asyncio.Semaphore(32)
+        before = _hub_sample(hub.proc.pid)["rss"]
+
+        async def one(client: httpx.AsyncClient) -> None:
+            async with gate:
+                await client.get(f"{hub.url}/healthz")
+
+        try:
+            await asyncio.gather(*(one(c) for c in clients))
+            after = _hub_sample(hub.proc.pid)
+        finally:
+            for client in clients:
+                await client.aclose()
+        print(f"  {after['connections']} connections open: RSS {before / 2**20:.0f} -> "
+              f"{after['rss'] / 2**20:.0f} MiB")
+        return (after["rss"] - before) / count / 1024
+
+    return asyncio.run(run())
+
+
 def _print(r: dict[str, Any], late: float) -> None:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f} ms"
@@ -685,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, action="append", default=[],
                         help="another build's src directory: each size runs on it too, "
                              "alternating with this build (repeatable)")
+    parser.add_argument("--tls-memory", type=int, default=0, metavar="N",
+                        help="instead of a fleet: the hub's RSS per idle TLS connection, "
+                             "with N connections open")
     args = parser.parse_args(argv)
     if args.replicas > 1 and args.database != "postgres":
         parser.error("--replicas needs --database postgres")
@@ -697,6 +728,14 @@ def main(argv: list[str] | None = None) -> int:
     builds: list[tuple[str, Path | None]] = [("this build", None)]
     builds += [(f"--compare {src}", src.resolve()) for src in args.compare]
     try:
+        if args.tls_memory:
+            for label, src in builds:
+                with tempfile.TemporaryDirectory(prefix="outpost-fleet-") as tmp, \
+                        hubs(args.database, Path(tmp), 1, [], None, src) as running:
+                    kib = connection_memory(running[0], args.tls_memory)
+                    print(f"{label}: {kib:.1f} KiB of hub RSS per idle TLS connection",
+                          flush=True)
+            sizes = []
         for size in sizes:
             for label, src in builds:
                 if len(builds) > 1:
