@@ -120,7 +120,8 @@ class NonceLog:
     request that reached this point in that turn. Batches are not queued behind each other:
     one held up (a database that does not answer) holds up only its own requests. A request
     is served only once its nonce is stored, and a nonce already stored (or twice in one
-    batch) is a replay, as before.
+    batch) is a replay, as before. The batch is inserted in one statement; when that meets a
+    nonce stored before, each of its nonces is inserted alone, so only the replay is refused.
     """
 
     MOST = 500  # nonces in one transaction: two bound values each in one statement
@@ -153,18 +154,14 @@ class NonceLog:
             self._next = None
         keys = list(batch.seen)
         try:
+            # A replay is rare: the batch is inserted as it is, in one statement, and only
+            # when that meets a nonce already stored is each tried alone.
             async with self._engine.begin() as conn:
-                known = {(r.machine_id, r.nonce) for r in await conn.execute(
-                    sa.select(nonces.c.machine_id, nonces.c.nonce).where(
-                        sa.tuple_(nonces.c.machine_id, nonces.c.nonce).in_(keys)))}
-                fresh = [k for k in keys if k not in known]
-                if fresh:
-                    await conn.execute(_NEW_NONCE, [
-                        {"machine_id": k[0], "nonce": k[1], "seen_at": batch.seen[k]}
-                        for k in fresh])
+                await conn.execute(_NEW_NONCE, [
+                    {"machine_id": k[0], "nonce": k[1], "seen_at": batch.seen[k]}
+                    for k in keys])
+            fresh = keys
         except IntegrityError:
-            # Another hub on the same database stored one of them between the look and the
-            # write: each alone, so that only the replayed one is refused.
             fresh = []
             for key in keys:
                 try:
@@ -172,7 +169,7 @@ class NonceLog:
                         await conn.execute(_NEW_NONCE, {"machine_id": key[0], "nonce": key[1],
                                                         "seen_at": batch.seen[key]})
                 except IntegrityError:
-                    continue
+                    continue  # stored before: this one is the replay
                 fresh.append(key)
         batch.fresh = set(fresh)
         self.batches += 1
