@@ -3,12 +3,9 @@ signature with timestamp and nonce), or an operator (bearer API token)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-import weakref
-from collections.abc import MutableMapping
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import MutableMapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -99,91 +96,12 @@ async def _first_seen(engine: AsyncEngine, signer: str, nonce: str, **details: s
     """Store the nonce; E1009 if this signer sent it before (within twice the window)."""
     if len(nonce) > 64:
         raise OutpostError("replayed_request", fix="Send a fresh nonce of at most 64 characters.")
-    if not await nonce_log(engine).add(signer, nonce):
-        raise OutpostError("replayed_request", **details)
-
-
-@dataclass
-class _Nonces:
-    seen: dict[tuple[str, str], float] = field(default_factory=dict)
-    fresh: set[tuple[str, str]] = field(default_factory=set)
-    write: asyncio.Future[None] | None = None
-
-
-class NonceLog:
-    """The nonces of signed requests, stored in batches (group commit).
-
-    Every agent request stores its nonce before it is served: a write per request, the
-    largest stream of transactions a fleet causes. A nonce joins the batch being gathered,
-    and a batch is written, in one transaction, after one turn of the event loop: a lone
-    request waits for nothing, and under load each transaction carries the nonces of every
-    request that reached this point in that turn. Batches are not queued behind each other:
-    one held up (a database that does not answer) holds up only its own requests. A request
-    is served only once its nonce is stored, and a nonce already stored (or twice in one
-    batch) is a replay, as before. The batch is inserted in one statement; when that meets a
-    nonce stored before, each of its nonces is inserted alone, so only the replay is refused.
-    """
-
-    MOST = 500  # nonces in one transaction: two bound values each in one statement
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._next: _Nonces | None = None
-        self.batches = 0  # transactions written, for tests and benchmarks
-
-    async def add(self, signer: str, nonce: str) -> bool:
-        """Store the nonce; False if this signer has sent it before."""
-        batch = self._next
-        if batch is None or len(batch.seen) >= self.MOST or batch.write is None \
-                or batch.write.get_loop() is not asyncio.get_running_loop():
-            batch = self._next = _Nonces()
-            task = asyncio.ensure_future(self._write(batch))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            batch.write = task
-        key = (signer, nonce)
-        if key in batch.seen:
-            return False
-        batch.seen[key] = time.time()
-        assert batch.write is not None
-        await asyncio.shield(batch.write)
-        return key in batch.fresh
-
-    async def _write(self, batch: _Nonces) -> None:
-        await asyncio.sleep(0)  # the requests ready now join this batch
-        if self._next is batch:
-            self._next = None
-        keys = list(batch.seen)
-        try:
-            # A replay is rare: the batch is inserted as it is, in one statement, and only
-            # when that meets a nonce already stored is each tried alone.
-            async with self._engine.begin() as conn:
-                await conn.execute(_NEW_NONCE, [
-                    {"machine_id": k[0], "nonce": k[1], "seen_at": batch.seen[k]}
-                    for k in keys])
-            fresh = keys
-        except IntegrityError:
-            fresh = []
-            for key in keys:
-                try:
-                    async with self._engine.begin() as conn:
-                        await conn.execute(_NEW_NONCE, {"machine_id": key[0], "nonce": key[1],
-                                                        "seen_at": batch.seen[key]})
-                except IntegrityError:
-                    continue  # stored before: this one is the replay
-                fresh.append(key)
-        batch.fresh = set(fresh)
-        self.batches += 1
-
-
-_logs: weakref.WeakKeyDictionary[AsyncEngine, NonceLog] = weakref.WeakKeyDictionary()
-
-
-def nonce_log(engine: AsyncEngine) -> NonceLog:
-    """The engine's nonce log (one per engine, made on first use)."""
-    found = _logs.get(engine)
-    if found is None:
-        found = _logs[engine] = NonceLog(engine)
-    return found
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(_NEW_NONCE, {"machine_id": signer, "nonce": nonce,
+                                            "seen_at": time.time()})
+    except IntegrityError as exc:
+        raise OutpostError("replayed_request", **details) from exc
 
 
 async def machine(
