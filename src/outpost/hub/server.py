@@ -62,8 +62,8 @@ FDS_SPARE = 200
 
 # asyncio's TLS transport gives every connection a 256 KiB read buffer, zero-filled and so
 # resident: 285 KiB an idle agent's connection, 2.8 GiB for 10,000. A TLS record carries at
-# most 16 KiB, so a 16 KiB buffer reads whole records; an idle connection then costs 46 KiB
-# (bench/fleet.py, bench/README.md "A fleet of agents").
+# most 16 KiB, so a 16 KiB buffer reads whole records; an idle connection then costs about
+# 49 KiB (bench/fleet.py --tls-memory; bench/README.md, "A fleet of agents").
 TLS_READ_BUFFER = 16 * 1024
 
 
@@ -131,8 +131,8 @@ def run(options: RunOptions) -> None:
             log_level="warning", access_log=False, lifespan="on",
             timeout_graceful_shutdown=3, timeout_keep_alive=75,
         ))
-        log.info("hub listening on https://%s (database %s)",
-                                              bind, database_url.split("@")[-1])
+        log.info("hub listening on https://%s (database %s)", bind,
+                 database_url.split("@")[-1])
         # What start-up made (modules, the app, SQLAlchemy's and pydantic's tables) lives
         # as long as the process: out of the collector's sight, a full collection walks only
         # what requests made since. It walked everything, for 190 ms with the event loop
