@@ -332,7 +332,9 @@ class Fleet:
     """``n`` simulated agents of group ``group`` in worker processes (``per_process`` agents
     each). ``start()`` begins registering them, ``wait_registered()`` waits until all have
     (or raises), ``snapshot()`` merges the workers' counters, ``stop()`` ends every worker.
-    A context manager: leaving it stops the workers, whatever happened."""
+    A context manager: leaving it stops the workers, whatever happened. Workers are spawned
+    (not forked), so a script that uses it runs its code under ``if __name__ ==
+    "__main__":``."""
 
     def __init__(self, hub_urls: str | list[str], ca_path: str | Path, account_id: str,
                  account_key: str, group: str, n: int, fail_ratio: float = 0.0, *,
