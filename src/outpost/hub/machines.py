@@ -15,6 +15,7 @@ from outpost.protocol.models import Heartbeat, RegisterRequest
 from . import notify
 from .config import random_id
 from .db import accounts, machines, nonces, work_items
+from .heartbeats import record as write_heartbeat
 
 GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Healthy until 3 heartbeats are missed, Unresponsive until 10 are, then Disconnected.
@@ -154,14 +155,20 @@ async def by_id(engine: AsyncEngine, machine_id: str, cached: bool = False) -> A
 
 
 async def record_heartbeat(engine: AsyncEngine, machine_id: str, beat: Heartbeat) -> float:
-    now = time.time()
-    _known.pop(machine_id, None)  # the interval and version it reports may have changed
-    async with engine.begin() as conn:
-        await conn.execute(machines.update().where(machines.c.id == machine_id).values(
-            last_heartbeat_at=now, heartbeat=beat.model_dump(),
-            heartbeat_interval=beat.heartbeat_interval, agent_version=beat.agent_version,
-            stopped_at=None,
-        ))
+    """Write the heartbeat (batched with others arriving at the same moment: heartbeats.py);
+    returns once it is durable, with the time it was received."""
+    now = await write_heartbeat(engine, machine_id, beat.model_dump(),
+                                beat.heartbeat_interval, beat.agent_version)
+    # The cached row stays good unless what it is used for changed: the interval (leases
+    # are measured in it), the version, or a stop the heartbeat ends. Forgetting it at
+    # every heartbeat cost each agent's next request a read of its row. Looked at once
+    # written, so a row read while the write was under way is not kept.
+    cached = _known.get(machine_id)
+    if cached is not None:
+        row = cached[1]
+        if (row.heartbeat_interval != beat.heartbeat_interval
+                or row.agent_version != beat.agent_version or row.stopped_at is not None):
+            _known.pop(machine_id, None)
     return now
 
 

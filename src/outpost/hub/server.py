@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import gc
 import logging
+import resource
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,41 @@ async def prepare(paths: HubPaths, database_url: str) -> Hub:
     return Hub(paths, config, engine)
 
 
+# Each agent holds up to two connections (its long-poll and its heartbeat's, both kept alive
+# between requests) and each is a descriptor: a fleet needs about two per agent.
+FDS_PER_AGENT = 2
+FDS_SPARE = 200
+
+# asyncio's TLS transport gives every connection a 256 KiB read buffer, zero-filled and so
+# resident: 285 KiB an idle agent's connection, 2.8 GiB for 10,000. A TLS record carries at
+# most 16 KiB, so a 16 KiB buffer reads whole records; an idle connection then costs about
+# 49 KiB (bench/fleet.py --tls-memory; bench/README.md, "A fleet of agents").
+TLS_READ_BUFFER = 16 * 1024
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open descriptors to the hard limit: (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return soft, soft
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
+def agents_for(fds: int) -> int:
+    """How many agents a descriptor limit serves."""
+    return max(0, (fds - FDS_SPARE) // FDS_PER_AGENT)
+
+
+def small_tls_buffers() -> None:
+    if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER:
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+
+
 class _Server(uvicorn.Server):
     def __init__(self, hub: Hub, config: uvicorn.Config) -> None:
         super().__init__(config)
@@ -80,6 +117,12 @@ def run(options: RunOptions) -> None:
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    log = logging.getLogger("outpost.hub")
+    before, after = raise_fd_limit()
+    log.info("open descriptors: limit %d%s, enough for about %d agents (%d each)", after,
+             f" (raised from {before})" if after != before else "", agents_for(after),
+             FDS_PER_AGENT)
+    small_tls_buffers()
 
     async def main() -> None:
         hub = await prepare(paths, database_url)
@@ -89,8 +132,8 @@ def run(options: RunOptions) -> None:
             log_level="warning", access_log=False, lifespan="on",
             timeout_graceful_shutdown=3, timeout_keep_alive=75,
         ))
-        logging.getLogger("outpost.hub").info("hub listening on https://%s (database %s)",
-                                              bind, database_url.split("@")[-1])
+        log.info("hub listening on https://%s (database %s)", bind,
+                 database_url.split("@")[-1])
         # What start-up made (modules, the app, SQLAlchemy's and pydantic's tables) lives
         # as long as the process: out of the collector's sight, a full collection walks only
         # what requests made since. It walked everything, for 190 ms with the event loop
