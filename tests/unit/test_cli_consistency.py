@@ -98,4 +98,8 @@ def test_check_json_is_check_output_json(tmp_path: Path) -> None:
     assert by_json.returncode == by_output.returncode == 1, by_json.stderr
     first, second = json.loads(by_json.stdout), json.loads(by_output.stdout)
     assert [c["id"] for c in first["checks"]] == [c["id"] for c in second["checks"]]
-    assert first["counts"] == second["counts"]
+    # The machine's CPU and memory pressure may change between the two runs (a loaded test
+    # machine); every other check reads the same state directory and must agree.
+    steady = [(c["id"], c["result"]) for c in first["checks"] if c["id"] != "pressure"]
+    assert steady == [(c["id"], c["result"]) for c in second["checks"] if c["id"] != "pressure"]
+    assert ("agent-running", "error") in steady
