@@ -32,7 +32,7 @@ from outpost.protocol.models import RegisterRequest, Wire
 from outpost.protocol import models as m
 
 from . import accounts, auth, db, edge, groups, jobs, machines, runbooks
-from . import asset_routes, job_identity, metrics, openapi
+from . import asset_routes, fanout_routes, job_identity, metrics, openapi
 from .openapi import ok
 from . import agent_dist_routes, schedule_routes
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
@@ -768,6 +768,7 @@ def create_app(hub: Hub) -> FastAPI:
                                   limit)
 
     asset_routes.add_routes(app, hub)
+    fanout_routes.add_routes(app, hub)
     scheduler = schedule_routes.add_routes(app, hub)
     agent_dist_routes.add_routes(app, hub)
     return app
