@@ -158,8 +158,9 @@ async def start(engine: AsyncEngine, account_id: str, values: dict[str, Any],
                 await notify.wake(conn, notify.machine(child["target_machine_id"]))
         left_out = [m.name for m in members if states[m.id] == "Stopped"]
         if left_out:
+            more = " and more" if len(left_out) > 20 else ""
             warnings.append(f"left out (Stopped: their agents said they were stopping): "
-                            f"{', '.join(left_out[:20])}{' and more' if len(left_out) > 20 else ''}")
+                            f"{', '.join(left_out[:20])}{more}")
         await _settle(conn, parent_id)  # the parent's reason counts its children
         view = await detail(conn, account_id, parent_id)
     assert view is not None
@@ -179,7 +180,7 @@ _COUNTS = (sa.select(jobs.c.status, sa.func.count()).where(
 
 async def _counts(conn: AsyncConnection, parent_id: str) -> dict[str, int]:
     rows = (await conn.execute(_COUNTS, {"b_parent": parent_id})).all()
-    return {str(status): int(n) for status, n in rows}
+    return {str(r[0]): int(r[1]) for r in rows}
 
 
 async def ended(conn: AsyncConnection, parent_ids: Iterable[str | None]) -> None:
@@ -265,9 +266,11 @@ async def _update_parent(conn: AsyncConnection, parent: Any, counts: dict[str, i
     await conn.execute(jobs.update().where(jobs.c.id == parent.id).values(**values))
 
 
-async def is_parent(conn: AsyncConnection, job_id: str) -> bool:
-    return await conn.scalar(sa.select(fanouts.c.job_id).where(
-        fanouts.c.job_id == job_id)) is not None
+async def is_parent(conn: AsyncConnection, account_id: str, job_id: str) -> bool:
+    """Whether the account's job ``job_id`` is the parent of a job on every machine."""
+    return await conn.scalar(sa.select(fanouts.c.job_id).select_from(
+        fanouts.join(jobs, jobs.c.id == fanouts.c.job_id)).where(
+        fanouts.c.job_id == job_id, jobs.c.account_id == account_id)) is not None
 
 
 async def stop(engine: AsyncEngine, account_id: str, parent_id: str) -> None:

@@ -30,7 +30,7 @@ from outpost.protocol import durations, params
 from outpost.protocol.errors import ACTIVATE_FAILED_TEXT, OutpostError
 from outpost.protocol.models import INT64_MAX, RECORD_TEXT_MAX, OutputRecord
 
-from . import runbooks
+from . import fanout, runbooks
 from .config import random_id
 from .db import groups, job_attempts, job_records, jobs, machines
 from .db import runbooks as runbook_table
@@ -159,7 +159,10 @@ _HELD_BY = sa.select(sa.func.count()).select_from(jobs).where(
 # picks further ones, so a claim could take more than the free slots.
 _PICK = (sa.select(jobs.c.id)
          .where(jobs.c.account_id == sa.bindparam("b_account"),
-                jobs.c.group_name == sa.bindparam("b_group"), jobs.c.status == "Queued")
+                jobs.c.group_name == sa.bindparam("b_group"), jobs.c.status == "Queued",
+                # a child of a job on every machine of a group is for its machine only
+                sa.or_(jobs.c.target_machine_id.is_(None),
+                       jobs.c.target_machine_id == sa.bindparam("b_machine")))
          .order_by(jobs.c.created_at).limit(sa.bindparam("b_free"))
          .with_for_update(skip_locked=True)
          .cte("pick").prefix_with("MATERIALIZED", dialect="postgresql"))
@@ -310,6 +313,7 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
         records: list[dict[str, Any]] = []
         closing: list[dict[str, Any]] = []
         finishing: list[dict[str, Any]] = []
+        parents: list[str | None] = []
         for index, item, rows in checked:
             job_id, attempt, end = item["job_id"], item["attempt"], item.get("end")
             row = made.get((job_id, attempt))
@@ -344,6 +348,8 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
                                     "b_run_as": end.get("run_as")})
                     finishing.append(_ended_values(row, final, now, end, started_at))
                     status = final
+                    if final in FINAL:
+                        parents.append(row.parent_id)
             elif end is not None:
                 ended = True
             results[index] = {"id": job_id, "status": status}
@@ -353,6 +359,7 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
         if closing:
             await conn.execute(_CLOSE_ATTEMPT, closing)
             await conn.execute(_FINISH_JOB, finishing)
+            await fanout.ended(conn, parents)
         claimed = await claim(conn, machine, capacity) if ended and capacity > 0 else []
     for values in finishing:
         if values["b_ended"] is not None:
@@ -576,6 +583,7 @@ async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int |
         signal=signal, reason=reason, lease_expires_at=None,
         machine_id=None if final == "Suspended" else row.machine_id))
     if final in FINAL:
+        await fanout.ended(conn, [row.parent_id])
         _tell_ended(final, started_at if started_at is not None else row.started_at, now)
     return final
 
@@ -615,7 +623,9 @@ async def _extend_leases(conn: AsyncConnection, now: float) -> None:
     interval = sa.select(machines.c.heartbeat_interval).where(
         machines.c.id == jobs.c.machine_id).scalar_subquery()
     length = sa.func.coalesce(interval, 30.0) * LEASE_BEATS
-    await conn.execute(jobs.update().where(jobs.c.status.in_(HELD)).values(
+    # (a job held by no machine, such as the parent of a job on every machine, has no lease)
+    await conn.execute(jobs.update().where(jobs.c.status.in_(HELD),
+                                           jobs.c.machine_id.isnot(None)).values(
         lease_expires_at=now + sa.case((length < LEASE_MIN, LEASE_MIN), else_=length)))
 
 
@@ -709,6 +719,7 @@ async def _reap(conn: AsyncConnection, now: float) -> list[tuple[str, str]]:
             await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
                 status="Stopped", ended_at=now, lease_expires_at=None,
                 reason="stopped; the machine was lost before it confirmed"))
+            await fanout.ended(conn, [row.parent_id])
             _tell_ended("Stopped", row.started_at, now)
         elif row.status in ("Suspending", "Suspended", "Resuming"):
             await _close_attempt(conn, row.id, row.attempt, now, None, None, reason)
@@ -723,6 +734,13 @@ async def _reap(conn: AsyncConnection, now: float) -> list[tuple[str, str]]:
 async def control(engine: AsyncEngine, account_id: str, job_id: str,
                   action: str) -> tuple[dict[str, Any], str | None]:
     """stop, suspend or resume; returns the job and the machine to tell, if one holds it."""
+    async with engine.connect() as conn:
+        parent = await fanout.is_parent(conn, account_id, job_id)
+    if parent:  # a job on every machine of a group: its children are told
+        if action != "stop":
+            raise OutpostError("fanout_control_unsupported", job=job_id, action=action)
+        await fanout.stop(engine, account_id, job_id)
+        return await get(engine, account_id, job_id), None
     async with engine.begin() as conn:
         row = (await conn.execute(sa.select(jobs).where(
             jobs.c.id == job_id, jobs.c.account_id == account_id))).first()
@@ -755,6 +773,8 @@ async def control(engine: AsyncEngine, account_id: str, job_id: str,
                                f"'{action}' applies to a job that is {allowed}.",
                                job=job_id, status=row.status, action=action)
         await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        if values["status"] == "Stopped":
+            await fanout.ended(conn, [row.parent_id])
     if values["status"] == "Stopped":
         _tell_ended("Stopped", row.started_at, now)
     tell = row.machine_id if on_machine and values["status"] in (
@@ -798,7 +818,7 @@ async def resolve(engine: AsyncEngine, account_id: str, job_id: str) -> str:
 
 VIEW_KEYS = ("id", "runbook_name", "runbook_version", "group_name", "params", "status",
              "timeout_seconds", "created_at", "started_at", "ended_at", "machine_id",
-             "activations", "attempt", "exit_code", "signal", "reason")
+             "activations", "attempt", "exit_code", "signal", "reason", "parent_id")
 
 
 def _view(row: Any) -> dict[str, Any]:
@@ -812,6 +832,9 @@ async def get(engine: AsyncEngine, account_id: str, job_id: str) -> dict[str, An
         if row is None:
             raise OutpostError("not_found", f"No job '{job_id}' in this account.",
                                fix="See 'outpost job list'.")
+        parent = await fanout.detail(conn, account_id, job_id)
+        if parent is not None:
+            return parent
         tried = (await conn.execute(
             sa.select(job_attempts, machines.c.name.label("machine"))
             .select_from(job_attempts.outerjoin(
@@ -853,7 +876,8 @@ async def listing(engine: AsyncEngine, account_id: str, status: str | None = Non
             raise OutpostError("invalid_request", f"Unknown job status '{status}'.",
                                fix=f"Use one of {', '.join(STATES)} (in any case).")
         status = known[status.strip().lower()]
-    query = sa.select(jobs).where(jobs.c.account_id == account_id)
+    # A job on every machine of a group is listed once, as its parent.
+    query = sa.select(jobs).where(jobs.c.account_id == account_id, jobs.c.parent_id.is_(None))
     if status:
         query = query.where(jobs.c.status == status)
     async with engine.connect() as conn:
