@@ -24,7 +24,7 @@ RECHECK = 5.0
 
 
 # Built once with bound parameters: every long-poll claims with it. The pick is a
-# materialized CTE for the reason jobs._PICK is.
+# materialized CTE for the reason jobs.claims._PICK is.
 _PICK_ITEMS = (
     sa.select(work_items.c.id)
     .where(

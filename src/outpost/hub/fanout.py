@@ -40,9 +40,9 @@ from outpost.protocol.errors import OutpostError
 from . import notify
 from .config import random_id
 from .db import fanouts, jobs, machines, work_items
+from .jobs.states import FINAL, VIEW_KEYS, _tell_ended
 from .machines import status as machine_status
 
-FINAL = ("Completed", "Failed", "Stopped")
 # A child on a machine in these states is stopped through its agent (as 'job stop' does).
 ON_MACHINE = ("Activating", "Running", "Suspending", "Suspended", "Resuming")
 # The order counts are shown in.
@@ -153,6 +153,7 @@ async def start(engine: AsyncEngine, account_id: str, values: dict[str, Any],
                 warnings.append(f"{why}; its child job {child['id']} is Stopped")
             children.append(child)
         await conn.execute(jobs.insert(), children)
+        _tell_stopped(sum(child["status"] == "Stopped" for child in children), now)
         for child in children:
             if child["status"] == "Queued":
                 await notify.wake(conn, notify.machine(child["target_machine_id"]))
@@ -216,9 +217,16 @@ async def _halt(conn: AsyncConnection, parent_id: str, why: str, now: float) -> 
     """No further child starts: the held ones end Stopped, saying why."""
     await conn.execute(fanouts.update().where(fanouts.c.job_id == parent_id).values(
         halted=why, halted_at=now))
-    await conn.execute(jobs.update().where(
+    done = await conn.execute(jobs.update().where(
         jobs.c.parent_id == parent_id, jobs.c.status == "New").values(
         status="Stopped", ended_at=now, reason=f"not started: {why}"))
+    _tell_stopped(done.rowcount, now)
+
+
+def _tell_stopped(count: int, now: float) -> None:
+    """The metrics count children that end Stopped without starting, as 'job stop' does."""
+    for _ in range(max(count, 0)):
+        _tell_ended("Stopped", None, now)
 
 
 async def _release(conn: AsyncConnection, parent_id: str, free: int) -> None:
@@ -288,16 +296,18 @@ async def stop(engine: AsyncEngine, account_id: str, parent_id: str) -> None:
         now = time.time()
         # The children's locks first, the parent's last (in _settle), as every child's end
         # takes them.
-        await conn.execute(jobs.update().where(
+        held_back = await conn.execute(jobs.update().where(
             jobs.c.parent_id == parent_id, jobs.c.status == "New").values(
             status="Stopped", ended_at=now,
             reason="not started: the operator stopped its parent job"))
-        await conn.execute(jobs.update().where(
+        _tell_stopped(held_back.rowcount, now)
+        queued = await conn.execute(jobs.update().where(
             jobs.c.parent_id == parent_id,
             sa.or_(jobs.c.status == "Queued",
                    sa.and_(jobs.c.status == "Suspended", jobs.c.machine_id.is_(None)))
         ).values(status="Stopped", ended_at=now,
                  reason="stopped by the operator, with its parent job"))
+        _tell_stopped(queued.rowcount, now)
         held = (await conn.execute(sa.select(jobs.c.id, jobs.c.attempt, jobs.c.machine_id)
                                    .where(jobs.c.parent_id == parent_id,
                                           jobs.c.status.in_(ON_MACHINE),
@@ -334,11 +344,6 @@ async def detail(conn: AsyncConnection, account_id: str, parent_id: str
     view["attempts"] = []
     view["fanout"] = await fanout_view(conn, parent)
     return view
-
-
-VIEW_KEYS = ("id", "runbook_name", "runbook_version", "group_name", "params", "status",
-             "timeout_seconds", "created_at", "started_at", "ended_at", "machine_id",
-             "activations", "attempt", "exit_code", "signal", "reason", "parent_id")
 
 
 async def fanout_view(conn: AsyncConnection, parent: Any) -> dict[str, Any]:
