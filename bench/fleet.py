@@ -1,0 +1,682 @@
+"""A fleet of simulated agents against a real hub, and what the hub costs per agent.
+
+Each simulated agent has its own Ed25519 machine key and talks to the hub as the real agent
+does, through the agent's own transport (``outpost.agent.transport.HubClient``: the signing
+of ``outpost.protocol.signing``, the pinned CA, one httpx client per agent): it registers
+through ``POST /v1/agent/register`` (signed with the account key), heartbeats at the
+interval the hub gave it (with jitter), keeps a long-poll open, and reports the start and
+end of each job it claims through ``POST /v1/agent/reports`` (exit 0, or 1 for a chosen
+fraction). Agents live in worker processes (``per_process`` each, 2,000 by default), each
+an asyncio loop.
+
+As a library (``Fleet``, for other benchmarks)::
+
+    with Fleet([hub.url], hub.data_dir / "ca.pem", hub.account_id, hub.primary_key,
+               group="web", n=1000, fail_ratio=0.1) as fleet:
+        fleet.wait_registered(timeout=300)
+        ...                       # submit jobs to group "web"
+        stats = fleet.snapshot()  # counters, heartbeat lateness, claims and ends per job
+
+As a benchmark::
+
+    .venv/bin/python -m bench.fleet --agents 1000,5000,10000 [--database sqlite|postgres]
+        [--replicas 2] [--max-seconds N]
+
+starts a real hub (or two on one PostgreSQL), and for each size registers the fleet
+(registrations/s), runs it for a measured window of at least two heartbeat intervals, and
+prints the hub's CPU, RSS, open connections and descriptors, heartbeats received against
+expected and how many were late, the long-polls open, and the job-start latency of one
+machine while the fleet runs.
+
+A heartbeat is *late* when its answer arrives more than ``late_seconds`` (1 s by default)
+after it was due: due is when the simulated agent's schedule says it should be sent, so a
+simulator that falls behind counts too; its own lag (sent minus due) is printed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import random
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PER_PROCESS = 2000
+LATE_SECONDS = 1.0
+
+
+@dataclass
+class FleetSpec:
+    """What one worker process simulates: agents ``start`` .. ``start + count - 1``."""
+
+    hub_urls: list[str]
+    ca_pem: str
+    account_id: str
+    account_key: str
+    group: str
+    prefix: str
+    start: int
+    count: int
+    fail_ratio: float = 0.0
+    job_seconds: float = 0.0
+    poll_wait: float = 25.0
+    heartbeat_interval: float | None = None  # None: the interval the hub answers with
+    late_seconds: float = LATE_SECONDS
+    register_concurrency: int = 32
+    split_urls: bool = False  # agent i talks first to hub_urls[i % len(hub_urls)]
+    seed: int = 0
+
+
+@dataclass
+class Stats:
+    """What a worker counted since its last reset (claims and ends: since it started)."""
+
+    agents: int = 0
+    registered: int = 0
+    register_errors: int = 0
+    register_seconds: float = 0.0
+    heartbeats_sent: int = 0
+    heartbeats_answered: int = 0
+    heartbeat_errors: int = 0
+    heartbeats_late: int = 0
+    heartbeat_lag_max: float = 0.0  # the simulator's own lag: sent minus due
+    heartbeat_answer: list[float] = field(default_factory=list)  # answered minus due
+    polls_open: int = 0
+    polls_answered: int = 0
+    poll_errors: int = 0
+    jobs_claimed: int = 0
+    jobs_ended: int = 0
+    jobs_failed: int = 0
+    report_errors: int = 0
+    work_items: int = 0
+    claims: dict[str, float] = field(default_factory=dict)  # job id -> claim arrived (epoch)
+    ends: dict[str, int] = field(default_factory=dict)  # job id -> exit code reported
+    errors: list[str] = field(default_factory=list)  # the first few, for the operator
+
+    def error(self, text: str) -> None:
+        if len(self.errors) < 10:
+            self.errors.append(text)
+
+    def reset(self) -> None:
+        self.heartbeats_sent = self.heartbeats_answered = self.heartbeat_errors = 0
+        self.heartbeats_late = self.polls_answered = self.poll_errors = 0
+        self.heartbeat_lag_max = 0.0
+        self.heartbeat_answer = []
+        self.errors = []
+
+
+# --- the worker process ------------------------------------------------------------------
+
+class SimAgent:
+    """One simulated agent: its own key and HubClient, a heartbeat loop and a poll loop."""
+
+    def __init__(self, spec: FleetSpec, index: int, stats: Stats, facts: dict[str, Any]
+                 ) -> None:
+        self.spec, self.index, self.stats, self.facts = spec, index, stats, facts
+        self.name = f"{spec.prefix}-{index:05d}"
+        urls = list(spec.hub_urls)
+        if spec.split_urls:
+            first = index % len(urls)
+            urls = urls[first:] + urls[:first]
+        self.urls = urls
+        self.client: Any = None
+        self.interval = 30.0
+        self.held: dict[str, int] = {}
+        self.rng = random.Random(spec.seed * 1_000_003 + index)
+        self.started = time.time()
+
+    async def register(self) -> None:
+        from nacl.signing import SigningKey
+
+        from outpost.agent.transport import HubClient
+        from outpost.protocol import signing
+
+        key = SigningKey.generate()
+        self.client = HubClient(self.urls, self.spec.ca_pem, timeout=60.0, connections=4)
+        request = {"name": self.name, "group": self.spec.group, "labels": {"sim": "1"},
+                   "public_key": signing.b64(bytes(key.verify_key)), "facts": self.facts,
+                   "force": True}
+        answer = await self.client.request(
+            "POST", "/v1/agent/register", request,
+            account=(self.spec.account_id, signing.unb64(self.spec.account_key)))
+        self.client.machine_id = answer["machine_id"]
+        self.client.machine_key = key
+        self.interval = self.spec.heartbeat_interval or float(answer["heartbeat_interval"])
+
+    async def heartbeats(self) -> None:
+        from outpost.protocol.errors import OutpostError
+
+        st = self.stats
+        due = time.time() + self.rng.uniform(0, self.interval)  # spread the fleet's beats
+        while True:
+            await asyncio.sleep(max(0.0, due - time.time()))
+            sent = time.time()
+            st.heartbeat_lag_max = max(st.heartbeat_lag_max, sent - due)
+            st.heartbeats_sent += 1
+            beat = {"agent_version": self.facts["agent_version"],
+                    "uptime_seconds": sent - self.started, "heartbeat_interval": self.interval,
+                    "running_jobs": len(self.held),
+                    "jobs": [{"id": j, "attempt": a} for j, a in self.held.items()]}
+            try:
+                await self.client.request("POST", "/v1/agent/heartbeat", beat)
+            except OutpostError as exc:
+                st.heartbeat_errors += 1
+                st.error(f"heartbeat {self.name}: {exc.code} {exc.message}")
+            else:
+                answered = time.time()
+                st.heartbeats_answered += 1
+                st.heartbeat_answer.append(answered - due)
+                if answered - due > self.spec.late_seconds:
+                    st.heartbeats_late += 1
+            # The real agent sleeps an interval after each answer; a schedule that does not
+            # drift keeps the expected count exact. Jitter: +-5 % of the interval.
+            due += self.interval * self.rng.uniform(0.95, 1.05)
+            if due < time.time():
+                due = time.time()
+
+    async def polls(self) -> None:
+        from outpost.protocol.errors import OutpostError
+
+        st = self.stats
+        while True:
+            st.polls_open += 1
+            try:
+                answer = await self.client.request(
+                    "POST", f"/v1/agent/poll?wait={self.spec.poll_wait:g}&capacity=1",
+                    timeout=self.spec.poll_wait + 30)
+            except OutpostError as exc:
+                st.poll_errors += 1
+                st.error(f"poll {self.name}: {exc.code} {exc.message}")
+                await asyncio.sleep(self.rng.uniform(1, 3))
+                continue
+            finally:
+                st.polls_open -= 1
+            st.polls_answered += 1
+            for item in answer.get("items", []):
+                if item.get("kind") == "job":
+                    await self.run_job(item["payload"])
+                else:
+                    await self.work_done(item)
+
+    async def run_job(self, payload: dict[str, Any]) -> None:
+        from outpost.protocol.errors import OutpostError
+
+        st = self.stats
+        job_id, attempt = str(payload["job_id"]), int(payload["attempt"])
+        st.claims[job_id] = time.time()
+        st.jobs_claimed += 1
+        self.held[job_id] = attempt
+        code = 1 if self.rng.random() < self.spec.fail_ratio else 0
+        try:
+            await self.client.request("POST", "/v1/agent/reports", {"reports": [
+                {"job_id": job_id, "attempt": attempt, "started": True}]})
+            if self.spec.job_seconds:
+                await asyncio.sleep(self.spec.job_seconds)
+            await self.client.request("POST", "/v1/agent/reports", {"reports": [
+                {"job_id": job_id, "attempt": attempt,
+                 "end": {"exit_code": code, "cause": "exit"}}]})
+        except OutpostError as exc:
+            st.report_errors += 1
+            st.error(f"report {self.name} {job_id}: {exc.code} {exc.message}")
+        else:
+            st.jobs_ended += 1
+            st.jobs_failed += code
+            st.ends[job_id] = code
+        finally:
+            self.held.pop(job_id, None)
+
+    async def work_done(self, item: dict[str, Any]) -> None:
+        from outpost.protocol.errors import OutpostError
+
+        self.stats.work_items += 1
+        result: dict[str, Any] = ({"received_at": time.time()} if item.get("kind") == "ping"
+                                  else {"error": "a simulated agent does not handle "
+                                        f"work of kind '{item.get('kind')}'"})
+        with contextlib.suppress(OutpostError):
+            await self.client.request("POST", f"/v1/agent/work/{item['id']}/done",
+                                      {"result": result})
+
+
+async def _worker_main(spec: FleetSpec, conn: multiprocessing.connection.Connection) -> None:
+    from outpost.agent.facts import machine_facts
+    from outpost.protocol.errors import OutpostError
+
+    stats = Stats(agents=spec.count)
+    facts = machine_facts()
+    agents = [SimAgent(spec, spec.start + i, stats, facts) for i in range(spec.count)]
+    tasks: list[asyncio.Task[None]] = []
+    gate = asyncio.Semaphore(spec.register_concurrency)
+    begun = time.monotonic()
+
+    async def enrol(agent: SimAgent) -> None:
+        for attempt in range(5):
+            async with gate:
+                try:
+                    await agent.register()
+                except OutpostError as exc:
+                    stats.error(f"register {agent.name}: {exc.code} {exc.message}")
+                    await asyncio.sleep(0.5 * (attempt + 1))
+                    continue
+            stats.registered += 1
+            tasks.append(asyncio.create_task(agent.heartbeats(), name=f"hb-{agent.name}"))
+            tasks.append(asyncio.create_task(agent.polls(), name=f"poll-{agent.name}"))
+            return
+        stats.register_errors += 1
+
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue[str] = asyncio.Queue()
+    loop.add_reader(conn.fileno(), lambda: commands.put_nowait(conn.recv()))
+    enrolling = asyncio.gather(*(enrol(a) for a in agents))
+
+    def registered() -> None:
+        stats.register_seconds = time.monotonic() - begun
+        conn.send(("registered", stats.registered, stats.register_errors,
+                   stats.register_seconds, list(stats.errors)))
+
+    enrolling.add_done_callback(lambda _t: registered())
+    try:
+        while True:
+            command = await commands.get()
+            if command == "snapshot":
+                conn.send(("snapshot", asdict(stats)))
+            elif command == "reset":
+                stats.reset()
+                conn.send(("reset",))
+            elif command == "stop":
+                break
+    finally:
+        loop.remove_reader(conn.fileno())
+        enrolling.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(enrolling, *tasks, return_exceptions=True)
+        await asyncio.gather(*(a.client.aclose() for a in agents if a.client is not None),
+                             return_exceptions=True)
+        conn.send(("stopped",))
+
+
+def _worker(spec: FleetSpec, conn: multiprocessing.connection.Connection) -> None:
+    _raise_fd_limit()
+    try:
+        import uvloop  # the hub's extra installs it; the simulator must not be the limit
+
+        uvloop.run(_worker_main(spec, conn))
+    except ImportError:
+        asyncio.run(_worker_main(spec, conn))
+
+
+def _raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# --- the API ---------------------------------------------------------------------------
+
+class Fleet:
+    """``n`` simulated agents of group ``group`` in worker processes (``per_process`` agents
+    each). ``start()`` begins registering them, ``wait_registered()`` waits until all have
+    (or raises), ``snapshot()`` merges the workers' counters, ``stop()`` ends every worker.
+    A context manager: leaving it stops the workers, whatever happened."""
+
+    def __init__(self, hub_urls: str | list[str], ca_path: str | Path, account_id: str,
+                 account_key: str, group: str, n: int, fail_ratio: float = 0.0, *,
+                 per_process: int = PER_PROCESS, prefix: str = "sim",
+                 job_seconds: float = 0.0, poll_wait: float = 25.0,
+                 heartbeat_interval: float | None = None, late_seconds: float = LATE_SECONDS,
+                 split_urls: bool = False, register_concurrency: int = 32) -> None:
+        urls = [hub_urls] if isinstance(hub_urls, str) else list(hub_urls)
+        ca_pem = Path(ca_path).read_text()
+        self.n = n
+        self.names = [f"{prefix}-{i:05d}" for i in range(n)]
+        self.specs = [
+            FleetSpec(urls, ca_pem, account_id, account_key, group, prefix, start,
+                      min(per_process, n - start), fail_ratio, job_seconds, poll_wait,
+                      heartbeat_interval, late_seconds, register_concurrency, split_urls,
+                      seed=start)
+            for start in range(0, n, per_process)]
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: list[Any] = []
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self.registered = 0
+        self.register_seconds = 0.0
+        self.register_errors: list[str] = []
+
+    def start(self) -> Fleet:
+        for spec in self.specs:
+            parent, child = self._ctx.Pipe()
+            proc = self._ctx.Process(target=_worker, args=(spec, child), daemon=True,
+                                     name=f"fleet-{spec.start}")
+            proc.start()
+            child.close()
+            self._procs.append(proc)
+            self._conns.append(parent)
+        return self
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def _expect(self, conn: multiprocessing.connection.Connection, kind: str,
+                timeout: float) -> tuple[Any, ...]:
+        if not conn.poll(timeout):
+            raise TimeoutError(f"a fleet worker did not answer '{kind}' within {timeout:g} s")
+        message: tuple[Any, ...] = conn.recv()
+        if message[0] != kind:
+            raise RuntimeError(f"a fleet worker answered {message[0]!r}, not {kind!r}")
+        return message
+
+    def wait_registered(self, timeout: float = 600.0) -> float:
+        """Wait until every worker has registered its agents: registrations per second.
+        Raises RuntimeError if some could not register."""
+        deadline = time.monotonic() + timeout
+        begun = time.monotonic()
+        total, failed, errors = 0, 0, []
+        for conn in self._conns:
+            _, ok, bad, _seconds, errs = self._expect(
+                conn, "registered", max(0.1, deadline - time.monotonic()))
+            total, failed = total + ok, failed + bad
+            errors += errs
+        self.register_seconds = time.monotonic() - begun
+        self.registered, self.register_errors = total, errors
+        if failed:
+            raise RuntimeError(f"{failed} of {self.n} simulated agents could not register: "
+                               + "; ".join(errors[:3]))
+        return total / max(self.register_seconds, 1e-9)
+
+    def _all(self, command: str, answer: str, timeout: float = 60.0) -> list[tuple[Any, ...]]:
+        for conn in self._conns:
+            conn.send(command)
+        return [self._expect(conn, answer, timeout) for conn in self._conns]
+
+    def reset(self) -> None:
+        """Start counting heartbeats and polls afresh (claims and ends are kept)."""
+        self._all("reset", "reset")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The workers' counters summed; lists and dicts joined; maxima taken."""
+        merged: dict[str, Any] = {}
+        for _, part in self._all("snapshot", "snapshot"):
+            for key, value in part.items():
+                if key not in merged:
+                    merged[key] = value
+                elif isinstance(value, list):
+                    merged[key] = merged[key] + value
+                elif isinstance(value, dict):
+                    merged[key] = {**merged[key], **value}
+                elif key.endswith("_max") or key == "register_seconds":
+                    merged[key] = max(merged[key], value)
+                else:
+                    merged[key] += value
+        return merged
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+        deadline = time.monotonic() + timeout
+        for proc in self._procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self._conns:
+            conn.close()
+        self._procs, self._conns = [], []
+
+    def __enter__(self) -> Fleet:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+# --- the benchmark ---------------------------------------------------------------------
+
+def _hub_sample(pid: int) -> dict[str, float]:
+    import psutil
+
+    proc = psutil.Process(pid)
+    with proc.oneshot():
+        cpu = proc.cpu_times()
+        return {"cpu": cpu.user + cpu.system, "rss": proc.memory_info().rss,
+                "fds": proc.num_fds(),
+                "connections": sum(1 for c in proc.net_connections("tcp")
+                                   if c.status == "ESTABLISHED"),
+                "at": time.monotonic()}
+
+
+def _metric(hub: Any, name: str) -> float:
+    """A counter or gauge of the hub's /metrics, summed over its labels."""
+    text = hub.api("GET", "/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            head, _, value = line.rpartition(" ")
+            if head == name or head.startswith(name + "{"):
+                total += float(value)
+    return total
+
+
+async def _job_latency(hubs: list[Any], probe: Fleet, count: int, interval: float
+                       ) -> tuple[list[float], int]:
+    """Submit ``count`` jobs, one at a time, to the group that holds only the probe machine
+    (through each hub in turn): milliseconds from the submit being sent to the claim reaching
+    the probe agent, and how many never arrived within 5 s."""
+    import httpx
+
+    latencies: list[float] = []
+    lost = 0
+    clients = [httpx.AsyncClient(base_url=h.url, verify=h.ssl_context(), timeout=30,
+                                 headers={"Authorization": f"Bearer {h.admin_token}"})
+               for h in hubs]
+    try:
+        for i in range(count):
+            client = clients[i % len(clients)]
+            sent = time.time()
+            response = await client.post("/v1/jobs", json={"runbook": "noop",
+                                                           "group": "fleet-probe"})
+            if response.status_code != 201:
+                raise RuntimeError(f"submit refused: {response.status_code} {response.text}")
+            job_id = response.json()["id"]
+            deadline = time.monotonic() + 5
+            claimed = None
+            while time.monotonic() < deadline:
+                claims = probe.snapshot()["claims"]
+                if job_id in claims:
+                    claimed = claims[job_id]
+                    break
+                await asyncio.sleep(0.005)
+            if claimed is None:
+                lost += 1
+            else:
+                latencies.append((claimed - sent) * 1e3)
+            await asyncio.sleep(interval)
+    finally:
+        for client in clients:
+            await client.aclose()
+    return latencies, lost
+
+
+def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
+            replicas_split: bool, late_seconds: float) -> dict[str, Any]:
+    from bench._common import load, percentile
+
+    ca = hubs[0].data_dir / "ca.pem"
+    urls = [h.url for h in hubs]
+    pids = [h.proc.pid for h in hubs]
+    result: dict[str, Any] = {"agents": size}
+    print(f"\n== {size} agents on {len(hubs)} hub(s); {load()}", flush=True)
+    idle = [_hub_sample(pid) for pid in pids]
+    with Fleet(urls, ca, hubs[0].account_id, hubs[0].primary_key, "fleet", size,
+               prefix=f"sim{size}", split_urls=replicas_split,
+               late_seconds=late_seconds) as fleet, \
+            Fleet(urls, ca, hubs[0].account_id, hubs[0].primary_key, "fleet-probe", 1,
+                  prefix=f"probe{size}", late_seconds=late_seconds) as probe:
+        rate = fleet.wait_registered(timeout=max(600.0, size / 5))
+        probe.wait_registered(timeout=60)
+        result["registrations_per_s"] = rate
+        print(f"  registered {fleet.registered} agents in {fleet.register_seconds:.1f} s: "
+              f"{rate:.0f} registrations/s", flush=True)
+        # Let every agent's first heartbeat and poll land before the window opens.
+        settle = min(window / 2, 35.0)
+        time.sleep(settle)  # noqa: the fleet's own schedule, not a wait on a state
+        fleet.reset()
+        beats_before = sum(_metric(h, "outpost_heartbeats_total") for h in hubs)
+        before = [_hub_sample(pid) for pid in pids]
+        started = time.monotonic()
+        latencies, lost = asyncio.run(_job_latency(hubs, probe, latency_jobs, 0.2))
+        remaining = window - (time.monotonic() - started)
+        if remaining > 0:
+            time.sleep(remaining)  # noqa: the measured window is a length of time
+        after = [_hub_sample(pid) for pid in pids]
+        beats_after = sum(_metric(h, "outpost_heartbeats_total") for h in hubs)
+        stats = fleet.snapshot()
+        polls_metric = sum(_metric(h, "outpost_long_polls_open") for h in hubs)
+    elapsed = after[0]["at"] - before[0]["at"]
+    interval = 30.0
+    cpu = sum(a["cpu"] - b["cpu"] for a, b in zip(after, before, strict=True)) / elapsed * 100
+    rss = sum(a["rss"] for a in after)
+    fds = sum(a["fds"] for a in after)
+    conns = sum(a["connections"] for a in after)
+    idle_rss = sum(s["rss"] for s in idle)
+    idle_fds = sum(s["fds"] for s in idle)
+    expected = size * elapsed / interval
+    answers = stats["heartbeat_answer"]
+    result.update({
+        "window_s": elapsed, "hub_cpu_percent": cpu, "hub_rss_mb": rss / 2**20,
+        "hub_fds": fds, "hub_connections": conns,
+        "heartbeats_expected": expected, "heartbeats_received": beats_after - beats_before,
+        "heartbeats_answered": stats["heartbeats_answered"],
+        "heartbeats_late": stats["heartbeats_late"],
+        "heartbeat_errors": stats["heartbeat_errors"],
+        "heartbeat_answer_p50_ms": percentile(answers, 50) * 1e3 if answers else None,
+        "heartbeat_answer_p99_ms": percentile(answers, 99) * 1e3 if answers else None,
+        "simulator_lag_max_s": stats["heartbeat_lag_max"],
+        "polls_open": stats["polls_open"], "polls_open_hub": polls_metric,
+        "poll_errors": stats["poll_errors"],
+        "job_start_p50_ms": percentile(latencies, 50) if latencies else None,
+        "job_start_p99_ms": percentile(latencies, 99) if latencies else None,
+        "job_start_lost": lost, "job_start_count": len(latencies),
+        "per_agent_cpu_percent": cpu / size,
+        "per_agent_rss_kib": (rss - idle_rss) / size / 1024,
+        "per_agent_fds": (fds - idle_fds) / size,
+        "errors": stats["errors"][:3],
+    })
+    _print(result, late_seconds)
+    return result
+
+
+def _print(r: dict[str, Any], late: float) -> None:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f} ms"
+
+    print(f"  window {r['window_s']:.0f} s: hub CPU {r['hub_cpu_percent']:.1f} % of one core, "
+          f"RSS {r['hub_rss_mb']:.0f} MiB, {r['hub_fds']} fds, "
+          f"{r['hub_connections']} established connections")
+    print(f"  heartbeats: expected {r['heartbeats_expected']:.0f}, received by the hub "
+          f"{r['heartbeats_received']:.0f}, answered {r['heartbeats_answered']}, late (> "
+          f"{late:g} s after due) {r['heartbeats_late']}, errors {r['heartbeat_errors']}; "
+          f"answer after due p50 {ms(r['heartbeat_answer_p50_ms'])}, p99 "
+          f"{ms(r['heartbeat_answer_p99_ms'])}; simulator lag max "
+          f"{r['simulator_lag_max_s']:.2f} s")
+    print(f"  long-polls open: {r['polls_open']} (the hub's gauge: "
+          f"{r['polls_open_hub']:.0f}), poll errors {r['poll_errors']}")
+    p99 = r["job_start_p99_ms"]
+    print(f"  job start (submit sent -> claim at the agent), {r['job_start_count']} jobs: "
+          f"p50 {ms(r['job_start_p50_ms'])}, p99 {ms(p99)} (target p99 < 100 ms: "
+          f"{'met' if p99 is not None and p99 < 100 else 'NOT met'}); "
+          f"never arrived: {r['job_start_lost']}")
+    print(f"  per agent: {r['per_agent_cpu_percent'] * 1000:.2f} milli-% CPU "
+          f"({r['per_agent_cpu_percent']:.4f} %), {r['per_agent_rss_kib']:.1f} KiB RSS, "
+          f"{r['per_agent_fds']:.2f} fds")
+    if r["errors"]:
+        print(f"  first errors: {r['errors']}")
+
+
+@contextlib.contextmanager
+def hubs(kind: str, root: Path, replicas: int, extra_args: list[str]) -> Iterator[list[Any]]:
+    from bench._common import _stop, database, init_hub, publish
+    from tests.support import Hub, free_port
+
+    with database(kind, root) as url:
+        first = init_hub(root / "hub", url, extra_args=extra_args)
+        started: list[Any] = []
+        try:
+            first.start()
+            started.append(first)
+            for _ in range(replicas - 1):
+                other = Hub(first.data_dir, free_port(), url, first.init,
+                            extra_args=extra_args)
+                other.start()
+                started.append(other)
+            publish(first, "noop", "true\n")
+            yield started
+        finally:
+            for hub in started:
+                _stop(hub.proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench._common import TimeBound, cancel_time_bound, load, time_bound
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", default="1000,5000,10000",
+                        help="fleet sizes, comma-separated (default 1000,5000,10000)")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="hubs on one PostgreSQL, agents split between them")
+    parser.add_argument("--window", type=float, default=65.0,
+                        help="measured seconds per size (at least two heartbeat intervals)")
+    parser.add_argument("--latency-jobs", type=int, default=60)
+    parser.add_argument("--late", type=float, default=LATE_SECONDS,
+                        help="a heartbeat answered this many seconds after due is late")
+    parser.add_argument("--max-seconds", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    if args.replicas > 1 and args.database != "postgres":
+        parser.error("--replicas needs --database postgres")
+    sizes = [int(s) for s in args.agents.split(",") if s.strip()]
+    hard = _raise_fd_limit()
+    print(f"fleet benchmark: sizes {sizes}, {args.database}, {args.replicas} hub(s), window "
+          f"{args.window:g} s; {load()}; descriptor limit {hard}", flush=True)
+    time_bound(args.max_seconds)
+    results = []
+    try:
+        for size in sizes:
+            with tempfile.TemporaryDirectory(prefix="outpost-fleet-") as tmp, \
+                    hubs(args.database, Path(tmp), args.replicas, []) as running:
+                results.append(measure(running, size, args.window, args.latency_jobs,
+                                       args.replicas > 1, args.late))
+    except TimeBound as exc:
+        print(f"stopped: {exc}")
+    finally:
+        cancel_time_bound()
+    if results:
+        print("\n| agents | hub CPU % | RSS MiB | fds | connections | heartbeats recv/exp "
+              "| late | polls open | job start p50/p99 ms |")
+        for r in results:
+            print(f"| {r['agents']} | {r['hub_cpu_percent']:.1f} | {r['hub_rss_mb']:.0f} | "
+                  f"{r['hub_fds']} | {r['hub_connections']} | "
+                  f"{r['heartbeats_received']:.0f}/{r['heartbeats_expected']:.0f} | "
+                  f"{r['heartbeats_late']} | {r['polls_open']} | "
+                  f"{r['job_start_p50_ms'] or 0:.1f}/{r['job_start_p99_ms'] or 0:.1f} |")
+    print(f"done; {load()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
