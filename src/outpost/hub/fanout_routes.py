@@ -6,19 +6,18 @@ routes. Only its start is a route of its own.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from pydantic import Field
 
 from outpost.protocol import models as m
 from outpost.protocol.models import INT32_MAX, Wire
 
-from . import accounts, auth, fanout, jobs, openapi
+from . import fanout, jobs
 from .openapi import ok
-
-if TYPE_CHECKING:
-    from .app import Hub
+from .routes.deps import Op
+from .state import Hub
 
 
 class FanoutStart(Wire):
@@ -36,15 +35,6 @@ class FanoutStart(Wire):
         default=None, description="Failed children that may pass: N (0 or more) or P% of "
         "the children; at the next failure no further child is started. Default: no "
         "limit.")
-
-
-async def _operator(request: Request, _scheme: openapi.OperatorScheme = None
-                    ) -> accounts.Principal:
-    return await auth.operator(request.app.state.hub.engine,
-                               request.headers.get("authorization"))
-
-
-Op = Annotated[accounts.Principal, Depends(_operator)]
 
 
 def add_routes(app: FastAPI, hub: Hub) -> None:

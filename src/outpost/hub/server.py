@@ -15,7 +15,8 @@ from outpost.protocol import ports
 from outpost.protocol.errors import OutpostError
 
 from . import accounts, db
-from .app import Hub, create_app
+from .app import create_app
+from .state import Hub
 from .config import HubPaths, load_config, read_seed
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -474,3 +474,43 @@ class WebhookCreated(WebhookView):
 class WebhookCalled(View):
     job_id: str
     status: str
+
+
+# --- agent -> hub messages
+REPORTS_MAX = 256  # attempts' reports in one POST /v1/agent/reports
+
+
+class JobAttempt(Wire):
+    attempt: int = Field(ge=1, le=INT32_MAX)
+
+
+class JobEnd(Wire):
+    exit_code: int | None = Field(default=None, ge=-INT32_MAX - 1, le=INT32_MAX)
+    signal: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    reason: str = Field(default="", max_length=2000)
+    cause: Literal["exit", "timeout", "stopped", "killed", "lost"] = "exit"
+    run_as: str | None = Field(default=None, max_length=200, description=(
+        "Who the runbook ran as, said by the agent ('outpost-job3', 'root (group web asks "
+        "for root)')."))
+
+
+class JobReport(JobAttempt):
+    started: bool = Field(default=False, description="The runbook's process started (or "
+                                                      "went on after a pause).")
+    records: list[dict[str, Any]] = Field(default_factory=list, max_length=10000)
+    end: JobEnd | None = None
+
+
+class JobReportItem(JobReport):
+    job_id: str = Field(min_length=1, max_length=128)
+
+
+class JobReports(Wire):
+    reports: list[JobReportItem] = Field(min_length=1, max_length=REPORTS_MAX)
+    claim: int = Field(default=0, ge=0, le=256, description=(
+        "How many jobs the agent runs at once (0 while it takes none). When a report ends "
+        "an attempt, the answer carries the jobs claimed for the slots that freed up."))
+
+
+class WorkDone(Wire):
+    result: dict[str, Any] = Field(default_factory=dict)

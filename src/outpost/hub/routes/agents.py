@@ -1,0 +1,174 @@
+"""The agents' API: registration, heartbeats, the long-poll for work, and reports of jobs.
+
+Every route but ``register`` (signed with the account key) is signed with the machine's
+key and checked by ``deps.Machine`` or ``deps.agent_body``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from outpost.protocol.errors import OutpostError
+from outpost.protocol.models import Heartbeat, JobAttempt, JobReport, JobReports
+from outpost.protocol.models import RegisterRequest, WorkDone
+
+from .. import auth, job_identity, jobs, machines, openapi
+from ..state import Hub
+from .deps import HubDep, Machine, agent_body, errors, parse, signed_machine
+
+log = logging.getLogger("outpost.hub")
+router = APIRouter()
+# What every machine-signed route declares (tag, the 426 answer, the signature scheme).
+SIGNED: dict[str, Any] = {"tags": ["agent"], "responses": errors(426),
+                          "dependencies": [openapi.MACHINE_SIGNED]}
+
+
+@router.post("/v1/agent/register", tags=["agent"], status_code=201, responses=errors(426),
+             dependencies=[openapi.ACCOUNT_SIGNED])
+async def register(request: Request, hub: HubDep) -> dict[str, Any]:
+    body = await request.body()
+    account_id = await auth.registration(hub.engine, hub.vault, request.headers,
+                                         request.method, auth.raw_path(request.scope), body)
+    req = parse(RegisterRequest, body)
+    auth.check_version(req.facts.agent_version, hub.config.min_agent_version)
+    result = await machines.register(hub.engine, account_id, req,
+                                     hub.config.heartbeat_interval)
+    hub.registrations.inc()
+    log.info("registered machine %s (%s) in group %s", req.name, result["machine_id"],
+             req.group)
+    return result
+
+
+@router.post("/v1/agent/deregister", **SIGNED)
+async def deregister(signed: Machine, hub: HubDep) -> dict[str, Any]:
+    await machines.deregister(hub.engine, signed.machine.id)
+    return {"machine_id": signed.machine.id, "deregistered": True}
+
+
+@router.get("/v1/agent/registration", **SIGNED)
+async def registration(signed: Machine) -> dict[str, Any]:
+    """This machine's registration as the hub holds it: an agent whose cached copy is
+    corrupt fetches it again (HW-9)."""
+    row = signed.machine
+    return {"machine_id": row.id, "account_id": row.account_id, "name": row.name,
+            "group": row.group_name, "labels": row.labels,
+            "registered_at": row.registered_at}
+
+
+@router.post("/v1/agent/heartbeat", **SIGNED)
+async def heartbeat(signed: Machine, hub: HubDep) -> dict[str, Any]:
+    row = signed.machine
+    beat = parse(Heartbeat, signed.body)
+    now = await machines.record_heartbeat(hub.engine, row.id, beat)
+    abandon = await jobs.renew(hub.engine, row, [(h.id, h.attempt) for h in beat.jobs])
+    hub.heartbeats.inc()
+    return {"hub_time": now, "min_agent_version": hub.config.min_agent_version,
+            "machine_id": row.id, "abandon": abandon}
+
+
+@router.post("/v1/agent/stopping", **SIGNED)
+async def stopping(signed: Machine, hub: HubDep) -> dict[str, Any]:
+    """The agent is stopping gracefully: the machine shows Stopped until its next
+    heartbeat (a machine that dies silently turns Unresponsive after missed ones)."""
+    row = signed.machine
+    now = await machines.record_stop(hub.engine, row.id)
+    log.info("machine %s (%s) is stopping", row.name, row.id)
+    return {"machine_id": row.id, "stopped_at": now}
+
+
+@router.post("/v1/agent/poll", **SIGNED)
+async def poll(request: Request, hub: HubDep,
+               wait: Annotated[float, Query(ge=0, le=300)] = 25.0,
+               capacity: Annotated[int, Query(ge=0, le=256)] = 0) -> dict[str, Any]:
+    """Hold until work for this machine appears.
+
+    ``capacity`` is how many jobs the agent runs at once (0 while it takes none); the
+    jobs the hub sees it holding count against it.
+    """
+    signed = await signed_machine(request)  # after the query's check (see deps.Machine)
+    with hub.job_metrics.long_polls.track_inprogress():
+        items = await hub.dispatcher.poll(signed.machine, min(wait, hub.config.poll_timeout),
+                                          capacity=capacity, gone=request.is_disconnected)
+    hub.job_metrics.claimed(items, time.time())
+    await job_identity.add_tokens(hub.engine, hub.vault, items)
+    return {"items": items}
+
+
+def _bound_records(hub: Hub, count: int) -> None:
+    most = hub.config.body_limits.report_records
+    if count > most:
+        raise OutpostError(
+            "body_too_large", f"The request carries {count} output records; the hub "
+            f"takes at most {most} in one request.", fix="Send the records in several "
+            "requests (the agent sends at most about 1 MiB at a time), or raise "
+            "body_limits.report_records in the hub's hub.yaml.", records=count, limit=most)
+
+
+@router.post("/v1/agent/jobs/{job_id}/report", **SIGNED)
+async def job_report(job_id: str, hub: HubDep,
+                     sent: Annotated[tuple[Any, JobReport], Depends(agent_body(JobReport))]
+                     ) -> dict[str, Any]:
+    """One attempt's news, in order: its process started, output records, its end."""
+    row, body = sent
+    _bound_records(hub, len(body.records))
+    status = await jobs.report(
+        hub.engine, row.id, job_id, body.attempt, started=body.started,
+        records=body.records, end=body.end.model_dump() if body.end else None)
+    hub.job_metrics.reported(1, len(body.records))
+    if body.end is not None:
+        # The machine's slot is free: its waiting long-poll claims again at once.
+        hub.dispatcher.wake(f"m:{row.id}")
+        if status == "Queued":  # a failed activation: any machine of the group retries
+            hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
+    return {"id": job_id, "status": status}
+
+
+@router.post("/v1/agent/reports", **SIGNED)
+async def job_reports(hub: HubDep,
+                      sent: Annotated[tuple[Any, JobReports], Depends(agent_body(JobReports))]
+                      ) -> dict[str, Any]:
+    """Several attempts' reports in one transaction (each as ``/jobs/{id}/report``
+    takes it), and in the answer the jobs claimed for the slots they freed: an agent
+    that runs many short jobs needs neither a request per job nor a long-poll answer
+    per freed slot."""
+    row, body = sent
+    _bound_records(hub, sum(len(r.records) for r in body.reports))
+    # Not model_dump(): it would copy every record again.
+    results, items = await jobs.report_many(hub.engine, row, [
+        {"job_id": r.job_id, "attempt": r.attempt, "started": r.started,
+         "records": r.records, "end": r.end.model_dump() if r.end else None}
+        for r in body.reports], body.claim)
+    taken = [r for r, res in zip(body.reports, results, strict=True) if "error" not in res]
+    hub.job_metrics.reported(len(taken), sum(len(r.records) for r in taken))
+    hub.job_metrics.claimed(items, time.time())
+    if any(r.end is not None for r in body.reports) and not items:
+        # Nothing was claimed here (no capacity given, or no job queued): the waiting
+        # long-poll looks again, for work items too.
+        hub.dispatcher.wake(f"m:{row.id}")
+    if any(r.get("status") == "Queued" for r in results):
+        hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
+    await job_identity.add_tokens(hub.engine, hub.vault, items)
+    return {"results": results, "items": items}
+
+
+@router.post("/v1/agent/jobs/{job_id}/paused", **SIGNED)
+async def job_paused(job_id: str, hub: HubDep,
+                     sent: Annotated[tuple[Any, JobAttempt], Depends(agent_body(JobAttempt))]
+                     ) -> dict[str, Any]:
+    row, body = sent
+    return {"id": job_id, "status": await jobs.paused(hub.engine, row.id, job_id,
+                                                      body.attempt)}
+
+
+@router.post("/v1/agent/work/{item_id}/done", **SIGNED)
+async def work_done(item_id: str, hub: HubDep,
+                    sent: Annotated[tuple[Any, WorkDone], Depends(agent_body(WorkDone))]
+                    ) -> dict[str, Any]:
+    row, done = sent
+    if not await hub.dispatcher.complete(row.id, item_id, done.result):
+        raise OutpostError("not_found", f"No work item '{item_id}' claimed by this machine.")
+    return {"id": item_id, "done": True}

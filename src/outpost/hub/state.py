@@ -1,0 +1,68 @@
+"""The hub's state for one process: what every request handler and background task shares.
+
+``Hub`` is made once (``server.prepare``) and reached by routers through
+``request.app.state.hub`` (``routes.deps.HubDep``), never through closures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import db, install, jobs, metrics
+from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
+from .dispatcher import Dispatcher
+from .schedules import Scheduler
+
+# The *_created series double every counter and tell an operator nothing here.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Wheel:
+    """The agent's wheel, built at the first request and kept for the process's life."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path: Path | None = None
+        self.lock = asyncio.Lock()
+
+    async def get(self) -> Path:
+        async with self.lock:
+            if self.path is None:
+                self.path = await asyncio.to_thread(install.cached_wheel, self.directory)
+            return self.path
+
+
+class Hub:
+    """Everything a request handler needs, created once per process."""
+
+    def __init__(self, paths: HubPaths, config: HubConfig, engine: AsyncEngine) -> None:
+        self.paths = paths
+        self.config = config
+        self.engine = engine
+        self.vault = vault_for(paths)
+        self.dispatcher = Dispatcher(engine)
+        self.scheduler = Scheduler(engine, self.dispatcher)
+        self.wheel = Wheel(paths.root / "agent-dist")
+        self.ca_pem = paths.ca_cert.read_text()
+        self.ca_fingerprint = ca_fingerprint(paths)
+        self.registry = CollectorRegistry()
+        self.requests = Counter("outpost_http_requests", "HTTP requests served",
+                                ["status"], registry=self.registry)
+        self.registrations = Counter("outpost_registrations", "Machines registered",
+                                     registry=self.registry)
+        self.heartbeats = Counter("outpost_heartbeats", "Heartbeats received",
+                                  registry=self.registry)
+        self.refusals = Counter("outpost_refusals", "Requests refused, by reason",
+                                ["reason"], registry=self.registry)
+        self.machines = Gauge("outpost_machines", "Machines by status", ["status"],
+                              registry=self.registry)
+        failures = Counter("outpost_database_failures", "Database outages met (answered 503 "
+                           "E3007), by kind", ["kind"], registry=self.registry)
+        if isinstance(engine, db.Engine):
+            engine.health.listeners.append(lambda kind: failures.labels(kind).inc())
+        self.job_metrics = metrics.JobMetrics(self.registry)
+        jobs.ended_listeners.append(self.job_metrics.ended)
