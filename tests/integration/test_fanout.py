@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from outpost.hub import db, fanout, jobs, runbooks
 from tests.support import Agent, Hub, healthy_agent, publish_script, wait_until
 
 # Waits for its go file (so the test can look before any child runs), stamps its start and
@@ -188,3 +192,66 @@ def test_bad_options_are_refused_with_their_codes(hub: Hub, tmp_path: Path) -> N
     answer = hub.api("POST", "/v1/fanouts", json={"runbook": "fleet", "group": "web",
                                                   "max_concurrency": "ten"})
     assert answer.status_code == 422 and answer.json()["code"] == "E8121", answer.text
+
+
+def test_children_that_end_at_once_release_each_slot_once_and_settle_the_parent(
+        database_url: str) -> None:
+    """12 machines, 6 at a time; each round's 6 children end in 6 transactions at once (on
+    PostgreSQL, in parallel): exactly the 6 held ones are released, each claimed by its own
+    machine only, and the last ends settle the parent."""
+    async def run() -> None:
+        engine = db.make_engine(database_url)
+        try:
+            await db.migrate(engine)
+            now = time.time()
+            async with engine.begin() as conn:
+                await conn.execute(db.accounts.insert().values(
+                    id="acct", name="acct", primary_key="-", secondary_key="-",
+                    created_at=now))
+                await conn.execute(db.machines.insert(), [
+                    {"id": f"m{i:02d}", "account_id": "acct", "name": f"m{i:02d}",
+                     "group_name": "web", "labels": {}, "public_key": "-", "facts": {},
+                     "agent_version": "1", "registered_at": now, "last_heartbeat_at": now,
+                     "heartbeat_interval": 30.0} for i in range(12)])
+            await runbooks.publish(engine, "acct", "r", "#!/bin/bash\ntrue\n", kind=None,
+                                   filename="r.sh", description="", param_specs=[],
+                                   log_verbose=False, log_progress=False)
+            values = await jobs.prepare(engine, "acct", "r", "web", {})
+            view = await fanout.start(engine, "acct", values, "50%", None)
+            child = {c["machine_id"]: c["job_id"] for c in view["fanout"]["breakdown"]}
+            assert [c["status"] for c in view["fanout"]["breakdown"]] == \
+                ["Queued"] * 6 + ["New"] * 6
+
+            def machine(i: int) -> Any:
+                return SimpleNamespace(id=f"m{i:02d}", account_id="acct", group_name="web",
+                                       heartbeat_interval=30.0)
+
+            async def claim(i: int) -> list[str]:
+                async with engine.begin() as conn:
+                    return [c["id"] for c in await jobs.claim(conn, machine(i), 4)]
+
+            async def end(i: int, code: int) -> str:
+                return await jobs.report(engine, f"m{i:02d}", child[f"m{i:02d}"], 1,
+                                         started=True, end={"exit_code": code, "signal": None,
+                                                            "reason": f"exit code {code}"})
+
+            assert await claim(8) == []  # its child is held back
+            for i in range(6):  # each claims its own child, and nothing else
+                assert await claim(i) == [child[f"m{i:02d}"]]
+            assert await asyncio.gather(*(end(i, 0) for i in range(6))) == ["Completed"] * 6
+            shown = await jobs.get(engine, "acct", values["id"])
+            assert shown["status"] == "Running"
+            assert shown["fanout"]["counts"] == {"Completed": 6, "Queued": 6}
+            for i in range(6, 12):
+                assert await claim(i) == [child[f"m{i:02d}"]]
+            ended = await asyncio.gather(*(end(i, 1 if i == 7 else 0) for i in range(6, 12)))
+            assert sorted(ended) == ["Completed"] * 5 + ["Failed"]
+            shown = await jobs.get(engine, "acct", values["id"])
+            assert shown["status"] == "Failed" and shown["ended_at"] is not None
+            assert shown["reason"] == "12 children: 11 Completed, 1 Failed"
+            listed = await jobs.listing(engine, "acct")
+            assert [j["id"] for j in listed] == [values["id"]]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())

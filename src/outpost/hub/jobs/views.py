@@ -23,9 +23,11 @@ async def get(engine: AsyncEngine, account_id: str, job_id: str) -> dict[str, An
         if row is None:
             raise OutpostError("not_found", f"No job '{job_id}' in this account.",
                                fix="See 'outpost job list'.")
-        parent = await fanout.detail(conn, account_id, job_id)
-        if parent is not None:
-            return parent
+        # (a parent never ran itself: no attempt, and never Queued)
+        if row.attempt == 0 and row.parent_id is None and row.status != "Queued":
+            parent = await fanout.detail(conn, account_id, job_id)
+            if parent is not None:
+                return parent
         tried = (await conn.execute(
             sa.select(job_attempts, machines.c.name.label("machine"))
             .select_from(job_attempts.outerjoin(
