@@ -167,6 +167,15 @@ def test_every_machine_runs_it_once_at_most_n_at_a_time_and_stops_as_told(
     again = hub.cli("job", "stop", parent["id"])
     assert again.returncode == 1 and "E4009" in again.stderr, again.stderr
 
+    # --- --wait: the parent's end; exit 1 since w5's child did not run -------------------
+    _ledger(shared, "d")
+    (shared / "go-d").touch()
+    waited = hub.cli("job", "start", "fleet", "--group", "web", "--all", "--param", "tag=d",
+                     "--wait")
+    assert waited.returncode == 1, waited.stderr
+    parent_id, line = waited.stdout.strip().splitlines()
+    assert line == (f"Job {parent_id} Failed (4 children: 3 Completed, 1 Stopped).")
+
 
 def test_bad_options_are_refused_with_their_codes(hub: Hub, tmp_path: Path) -> None:
     publish_script(hub, tmp_path, "fleet", "true\n")
