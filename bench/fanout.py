@@ -66,7 +66,7 @@ def run_one(hub: Any, fleet: Fleet, machines: int, concurrency: str,
             break
         if time.monotonic() > deadline:
             raise TimeoutError(f"the parent was still {status} after {timeout:g} s")
-        time.sleep(0.05)
+        time.sleep(0.25)
     wall = time.monotonic() - began
     cpu = sum(proc.cpu_times()[:2]) - cpu0
     shown = api.get(f"/v1/jobs/{parent['id']}").json()
