@@ -262,7 +262,7 @@ def breakdown(run: dict[str, Any]) -> None:
         return best
 
     steps = [
-        "POST answer arrives", "hub.start.end", "hub.wake", "hub.claim.begin",
+        "POST answer arrives", "hub.wake", "hub.start.end", "hub.claim.begin",
         "hub.jclaim.begin", "hub.jclaim.end", "hub.claim.end", "hub.poll.return",
         "agent.req.poll.end", "agent.run.begin", "agent.spawn.begin", "agent.spawn.end",
         "runbook stamp",
@@ -278,7 +278,8 @@ def breakdown(run: dict[str, Any]) -> None:
             t[e] = keyed.get((e, j))
         if t["hub.start.end"] is None or t["hub.jclaim.end"] is None:
             continue
-        t["hub.wake"] = first_after("hub.wake", t["hub.start.end"])
+        # The wake-up is sent inside the transaction that stores the job (hub/notify.py).
+        t["hub.wake"] = last_before("hub.wake", t["hub.start.end"])
         t["hub.claim.begin"] = last_before("hub.claim.begin", t["hub.jclaim.end"])
         t["hub.jclaim.begin"] = last_before("hub.jclaim.begin", t["hub.jclaim.end"])
         chain = [s for s in steps if s != "POST answer arrives"]

@@ -110,11 +110,14 @@ if _ROLE:
 
     def _patch_dispatcher(mod: Any) -> None:
         cls = mod.Dispatcher
-        wake, dclaim, poll = cls.wake, cls.claim, cls.poll
+        dclaim, poll = cls.claim, cls.poll
+        # Wake-ups go through the hub's notifier, inside the transaction that queued the job.
+        notifier = mod.notify.Notifier
+        wake = notifier.deliver_wake
 
-        def traced_wake(self: Any, *keys: str) -> None:
+        def traced_wake(self: Any, key: str) -> None:
             mark("hub.wake")
-            wake(self, *keys)
+            wake(self, key)
 
         async def traced_dclaim(self: Any, *a: Any, **kw: Any) -> Any:
             mark("hub.claim.begin")
@@ -127,7 +130,8 @@ if _ROLE:
             mark("hub.poll.return", _ids(items))
             return items
 
-        cls.wake, cls.claim, cls.poll = traced_wake, traced_dclaim, traced_poll
+        notifier.deliver_wake = traced_wake
+        cls.claim, cls.poll = traced_dclaim, traced_poll
 
     def _patch_transport(mod: Any) -> None:
         request = mod.HubClient.request

@@ -148,13 +148,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     reaper = jobs.Reaper(hub.engine)
 
     async def reap() -> None:
-        """HW-1: an expired lease is a failed activation; wake the group for the retry."""
-        for account_id, group in await reaper():
-            hub.dispatcher.wake(f"g:{account_id}:{group}")
+        await reaper()  # HW-1 (it wakes the groups of the jobs it queues again)
 
     async def prune_nonces() -> None:
         await auth.prune_nonces(hub.engine)
 
+    await hub.notifier.start()
     # A database outage is logged once, by the engine's health, not at every turn.
     tasks = Supervisor(log, quiet=(db.DatabaseUnavailable,))
     tasks.start("prune-nonces", prune_nonces, period=60.0)
@@ -163,6 +162,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await hub.notifier.close()
         await tasks.stop()
         await hub.engine.dispose()
 

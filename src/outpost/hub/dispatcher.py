@@ -1,22 +1,23 @@
-"""Work dispatch: long-poll wake-ups and the atomic claim.
+"""Work dispatch: the long-poll, the atomic claim, and work items (ping, job control).
 
-A poller registers its wake-up before it looks for work, so an item created between the look
-and the wait is never missed. Wake-ups are in-process; with several hub replicas a poller that
-is not woken still finds the work at its next look (every ``RECHECK`` seconds).
+A poller registers its wake-up (``notify.machine`` and ``notify.group`` keys, through the
+hub's notifier) before it looks for work, so an item created between the look and the wait
+is never missed. Whoever commits work wakes those keys inside its transaction (``submit``
+here, ``jobs.start`` and the rest in the jobs package); a poller that is not woken (a lost
+notification) still finds the work at its next look, every ``RECHECK`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import jobs, machines
+from . import jobs, machines, notify
 from .config import random_id
 from .db import work_items
 
@@ -49,27 +50,9 @@ _CLAIM_ITEMS = (
 
 
 class Dispatcher:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, notifier: notify.Notifier | None = None) -> None:
         self._engine = engine
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
-        self._done: dict[str, asyncio.Event] = {}
-        self.closing = False
-
-    def close(self) -> None:
-        """Answer every waiting long-poll now (with no work) so shutdown is not held up."""
-        self.closing = True
-        for waiters in self._waiters.values():
-            for ev in waiters:
-                ev.set()
-
-    @staticmethod
-    def _keys(account_id: str, group: str, machine_id: str) -> tuple[str, str]:
-        return f"m:{machine_id}", f"g:{account_id}:{group}"
-
-    def wake(self, *keys: str) -> None:
-        for key in keys:
-            for ev in self._waiters.get(key, ()):
-                ev.set()
+        self._notifier = notifier if notifier is not None else notify.of(engine)
 
     async def submit(self, account_id: str, kind: str, payload: dict[str, Any], *,
                      machine_id: str | None = None, group: str | None = None) -> str:
@@ -79,7 +62,8 @@ class Dispatcher:
                 id=item_id, account_id=account_id, machine_id=machine_id, group_name=group,
                 kind=kind, payload=payload, created_at=time.time(),
             ))
-        self.wake(f"m:{machine_id}" if machine_id else f"g:{account_id}:{group}")
+            await notify.wake(conn, notify.machine(machine_id) if machine_id
+                              else notify.group(account_id, group or ""))
         return item_id
 
     async def claim(self, machine: Any, limit: int, capacity: int = 0) -> list[dict[str, Any]]:
@@ -99,11 +83,8 @@ class Dispatcher:
         ``gone`` tells whether the poller hung up: an agent killed while it waited must not
         claim work it can never receive (the job would wait out a lease for nothing).
         """
-        ev = asyncio.Event()
-        keys = self._keys(machine.account_id, machine.group_name, machine.id)
-        for key in keys:
-            self._waiters[key].add(ev)
-        try:
+        with self._notifier.waiting(notify.machine(machine.id),
+                                    notify.group(machine.account_id, machine.group_name)) as ev:
             deadline = time.monotonic() + timeout
             first = True
             while True:
@@ -120,18 +101,13 @@ class Dispatcher:
                 if items:
                     return items
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.closing:
+                if remaining <= 0 or self._notifier.closing:
                     return []
                 try:
                     await asyncio.wait_for(ev.wait(), min(remaining, RECHECK))
                 except TimeoutError:
                     pass
                 ev.clear()
-        finally:
-            for key in keys:
-                self._waiters[key].discard(ev)
-                if not self._waiters[key]:
-                    del self._waiters[key]
 
     async def complete(self, machine_id: str, item_id: str, result: dict[str, Any]) -> bool:
         async with self._engine.begin() as conn:
@@ -139,9 +115,9 @@ class Dispatcher:
                 work_items.update()
                 .where(work_items.c.id == item_id, work_items.c.claimed_by == machine_id)
                 .values(done_at=time.time(), result=result))
-        ev = self._done.get(item_id)
-        if ev:
-            ev.set()
+            if done.rowcount:
+                # The caller waiting for the answer (machine ping) may be on another replica.
+                await notify.wake(conn, notify.item(item_id))
         return bool(done.rowcount)
 
     async def withdraw(self, item_id: str) -> None:
@@ -152,9 +128,8 @@ class Dispatcher:
 
     async def wait_done(self, item_id: str, timeout: float) -> dict[str, Any] | None:
         """The finished item, or None if it did not finish within ``timeout`` seconds."""
-        ev = self._done.setdefault(item_id, asyncio.Event())
         deadline = time.monotonic() + timeout
-        try:
+        with self._notifier.waiting(notify.item(item_id)) as ev:
             while True:
                 async with self._engine.connect() as conn:
                     row = (await conn.execute(
@@ -164,9 +139,11 @@ class Dispatcher:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
+                if self._notifier.closing:  # every waiter is answered: look once a second
+                    await asyncio.sleep(min(remaining, 1.0))
+                    continue
                 try:
                     await asyncio.wait_for(ev.wait(), min(remaining, 1.0))
                 except TimeoutError:
                     pass
-        finally:
-            self._done.pop(item_id, None)
+                ev.clear()

@@ -6,17 +6,15 @@ routes. Only its start is a route of its own.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncConnection
 from pydantic import Field
 
 from outpost.protocol import models as m
 from outpost.protocol.models import INT32_MAX, Wire
 
-from . import fanout, jobs, notify
+from . import fanout, jobs
 from .openapi import ok
 from .routes.deps import Op
 from .state import Hub
@@ -39,25 +37,7 @@ class FanoutStart(Wire):
         "limit.")
 
 
-class _DispatcherWakes(notify.Notifier):
-    """Until the hub's long-polls wait through its notifier (hub/notify.py), its wake-ups
-    reach them through the dispatcher: again a moment later too, since on PostgreSQL the
-    first may come before the transaction that queued the work has committed. Attached only
-    where the hub has no notifier of its own."""
-
-    def __init__(self, hub: Hub) -> None:
-        super().__init__()
-        self._hub = hub
-
-    async def publish_wake(self, conn: AsyncConnection, keys: tuple[str, ...]) -> None:
-        self._hub.dispatcher.wake(*keys)
-        asyncio.get_running_loop().call_later(0.05, self._hub.dispatcher.wake, *keys)
-
-
 def add_routes(app: FastAPI, hub: Hub) -> None:
-    if not isinstance(getattr(hub.engine, "notifier", None), notify.Notifier):
-        notify.attach(hub.engine, _DispatcherWakes(hub))
-
     @app.post("/v1/fanouts", tags=["jobs"], status_code=201, response_model=None,
               responses=ok(m.FanoutStarted, 201))
     async def fanout_start(principal: Op, body: FanoutStart) -> dict[str, Any]:

@@ -353,7 +353,6 @@ class Scheduler:
             log.warning("schedule %s (account %s) could not start its run due %s: %s",
                         row.name, row.account_id, _iso(due_at, expr.tz), error)
             return False
-        self._dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
         if missed:
             log.warning("schedule %s (account %s) missed %d%s run(s) while no hub could "
                         "start them (none running, or its database unreachable); started "

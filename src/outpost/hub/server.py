@@ -61,7 +61,7 @@ class _Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Long-polls would otherwise hold the graceful shutdown for their whole wait.
-        self.hub.dispatcher.close()
+        await self.hub.notifier.close()
         await super().shutdown(sockets)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import db, install, jobs, metrics
+from . import db, install, jobs, metrics, notify
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -44,7 +44,11 @@ class Hub:
         self.config = config
         self.engine = engine
         self.vault = vault_for(paths)
-        self.dispatcher = Dispatcher(engine)
+        # Wake-ups and cache invalidations between request handlers, background tasks and
+        # (through the database) other replicas: hub/notify.py.
+        self.notifier = notify.Notifier()
+        notify.attach(engine, self.notifier)
+        self.dispatcher = Dispatcher(engine, self.notifier)
         self.scheduler = Scheduler(engine, self.dispatcher)
         self.wheel = Wheel(paths.root / "agent-dist")
         self.ca_pem = paths.ca_cert.read_text()

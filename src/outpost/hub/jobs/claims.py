@@ -8,7 +8,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-
 from ..config import random_id
 from ..db import groups, job_attempts, jobs
 from ..db import runbooks as runbook_table
@@ -36,12 +35,14 @@ _PICK = (sa.select(jobs.c.id)
          .with_for_update(skip_locked=True)
          .cte("pick").prefix_with("MATERIALIZED", dialect="postgresql"))
 
+
 _CLAIM = (jobs.update()
           .where(jobs.c.id.in_(sa.select(_PICK.c.id)), jobs.c.status == "Queued")
           .values(status="Activating", machine_id=sa.bindparam("b_machine"),
                   lease_expires_at=sa.bindparam("b_lease"),
                   activations=jobs.c.activations + 1, attempt=jobs.c.attempt + 1)
           .returning(jobs))
+
 
 _NEW_ATTEMPT = job_attempts.insert()
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outpost.protocol.errors import OutpostError
 
-from .. import fanout
+from .. import fanout, notify
 from ..db import jobs
 from .states import FULL_ID, HELD, _tell_ended
 from .views import get
@@ -61,11 +61,14 @@ async def control(engine: AsyncEngine, account_id: str, job_id: str,
         await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         if values["status"] == "Stopped":
             await fanout.ended(conn, [row.parent_id])
+        if values["status"] == "Queued":
+            await notify.wake(conn, notify.group(account_id, row.group_name))
     if values["status"] == "Stopped":
         _tell_ended("Stopped", row.started_at, now)
     tell = row.machine_id if on_machine and values["status"] in (
         "Stopping", "Suspending", "Resuming") else None
     return await get(engine, account_id, job_id), tell
+
 
 PREFIX_MIN = 4  # the shortest start of a job id taken in place of the id
 

@@ -8,8 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-
-from .. import fanout
+from .. import fanout, notify
 from ..db import job_attempts, jobs, machines
 from .claims import lease_seconds
 from .reports import _activation_failed, _close_attempt
@@ -108,7 +107,8 @@ class Reaper:
         self._failures = 0  # the engine's failures as that pass began
 
     async def __call__(self) -> list[tuple[str, str]]:
-        """One pass; returns the (account, group) pairs to wake."""
+        """One pass; returns the (account, group) pairs whose jobs were queued again (their
+        pollers are woken at its commit)."""
         health = getattr(self.engine, "health", None)
         failures = health.failures if health is not None else 0
         async with self.engine.begin() as conn:
@@ -118,6 +118,9 @@ class Reaper:
                     or failures != self._failures:
                 await _extend_leases(conn, now)
             woken = await _reap(conn, now)
+            # HW-1: an expired lease is a failed activation; the group's pollers retry it.
+            for account_id, group in dict.fromkeys(woken):
+                await notify.wake(conn, notify.group(account_id, group))
         self._ended, self._failures = time.monotonic(), failures
         return woken
 

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.models import INT64_MAX, RECORD_TEXT_MAX, OutputRecord
 
-from .. import fanout
+from .. import fanout, notify
 from ..db import job_attempts, job_records, jobs
 from .claims import claim
 from .states import ACTIVATE_FAILED, FINAL, HELD, MAX_ACTIVATIONS, SEQ_SHIFT, STREAMS, _tell_ended
@@ -130,13 +130,24 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
             await conn.execute(_FINISH_JOB, finishing)
             await fanout.ended(conn, parents)
         claimed = await claim(conn, machine, capacity) if ended and capacity > 0 else []
+        keys = []
+        if ended and not claimed:
+            # Nothing was claimed here (no capacity given, or no job queued): the waiting
+            # long-poll looks again, for work items too.
+            keys.append(notify.machine(machine.id))
+        if any(result.get("status") == "Queued" for result in results):
+            keys.append(notify.group(machine.account_id, machine.group_name))
+        if keys:
+            await notify.wake(conn, *keys)
     for values in finishing:
         if values["b_ended"] is not None:
             _tell_ended(values["b_status"], values["b_started"], values["b_ended"])
     return results, claimed
 
+
 _MARK_RUNNING = jobs.update().where(jobs.c.id == sa.bindparam("b_id")).values(
     status="Running", started_at=sa.bindparam("b_started"))
+
 
 _CLOSE_ATTEMPT = job_attempts.update().where(
     job_attempts.c.job_id == sa.bindparam("b_job"),
@@ -145,6 +156,7 @@ _CLOSE_ATTEMPT = job_attempts.update().where(
     ended_at=sa.bindparam("b_ended"), exit_code=sa.bindparam("b_exit"),
     signal=sa.bindparam("b_signal"), reason=sa.bindparam("b_reason"),
     run_as=sa.bindparam("b_run_as"))
+
 
 _FINISH_JOB = jobs.update().where(jobs.c.id == sa.bindparam("b_id")).values(
     status=sa.bindparam("b_status"), started_at=sa.bindparam("b_started"),
@@ -171,6 +183,7 @@ async def _attempts(conn: AsyncConnection, machine_id: str, job_ids: list[str]
                                            "b_machine": machine_id})).all()
     return {(r.id, r.number): r for r in rows}
 
+
 _ATTEMPTS = (sa.select(jobs, job_attempts.c.number)
              .join(job_attempts, job_attempts.c.job_id == jobs.c.id)
              .where(job_attempts.c.job_id.in_(sa.bindparam("b_ids", expanding=True)),
@@ -194,7 +207,13 @@ async def _apply(conn: AsyncConnection, machine_id: str, job_id: str, attempt: i
     if end is not None and _current(row, machine_id, attempt):
         # (a repeated end, or one after the lease expired, changes nothing)
         status = await _finish(conn, row, status, **end, started_at=started_at)
+    if end is not None:
+        # The machine's slot is free: its waiting long-poll claims again at once; a failed
+        # activation is queued again for any machine of the group.
+        await notify.wake(conn, notify.machine(machine_id), *(
+            [notify.group(row.account_id, row.group_name)] if status == "Queued" else []))
     return status
+
 
 _RECORD = TypeAdapter(OutputRecord)
 
@@ -251,6 +270,7 @@ async def _record_rows(job_id: str, attempt: int, records: list[Any]) -> list[di
                  for index, record in enumerate(records[start:start + RECORDS_AT_ONCE], start)]
     return rows
 
+
 RECORDS_AT_ONCE = 2000
 
 
@@ -277,6 +297,7 @@ def _insert_new(conn: AsyncConnection) -> Any:
 
             _INSERT_NEW[name] = sqlite_insert(job_records).on_conflict_do_nothing()
     return _INSERT_NEW[name]
+
 
 _INSERT_NEW: dict[str, Any] = {}
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from outpost.protocol import durations, params
 from outpost.protocol.errors import OutpostError
 
-from .. import runbooks
+from .. import notify, runbooks
 from ..config import random_id
 from ..db import jobs
 from ..machines import check_group
@@ -40,7 +40,7 @@ async def start_many(engine: AsyncEngine, account_id: str,
     ``timeout``. The first bad entry refuses the batch with the error ``start`` would give,
     its message prefixed ``jobs[INDEX]: ``. Entries are read one at a time, so a caller
     that checks each as it is read refuses at the first bad one too. Each distinct
-    (runbook, version) is read once. The caller wakes each group's pollers afterwards.
+    (runbook, version) is read once. Each group's pollers are woken at the commit.
     """
     books: dict[tuple[str, int | None], dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -60,6 +60,8 @@ async def start_many(engine: AsyncEngine, account_id: str,
         return []
     async with engine.begin() as conn:
         await conn.execute(jobs.insert(), rows)
+        for group in dict.fromkeys(row["group_name"] for row in rows):
+            await notify.wake(conn, notify.group(account_id, group))
     views = []
     for values in rows:
         view = {key: values.get(key) for key in VIEW_KEYS}
@@ -91,9 +93,12 @@ async def prepare(engine: AsyncEngine, account_id: str, runbook: str, group: str
             "status": "Queued", "timeout_seconds": timeout, "created_at": time.time(),
             "activations": 0, "attempt": 0}
 
+
 _INSERT = jobs.insert()
 
 
 async def insert(conn: AsyncConnection, values: dict[str, Any]) -> None:
-    """Queue a prepared job. The caller wakes the group's pollers after its commit."""
+    """Queue a prepared job and wake its group's pollers (at the commit of ``conn``'s
+    transaction)."""
     await conn.execute(_INSERT, values)
+    await notify.wake(conn, notify.group(values["account_id"], values["group_name"]))

@@ -119,11 +119,6 @@ async def job_report(job_id: str, hub: HubDep,
         hub.engine, row.id, job_id, body.attempt, started=body.started,
         records=body.records, end=body.end.model_dump() if body.end else None)
     hub.job_metrics.reported(1, len(body.records))
-    if body.end is not None:
-        # The machine's slot is free: its waiting long-poll claims again at once.
-        hub.dispatcher.wake(f"m:{row.id}")
-        if status == "Queued":  # a failed activation: any machine of the group retries
-            hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
     return {"id": job_id, "status": status}
 
 
@@ -145,12 +140,6 @@ async def job_reports(hub: HubDep,
     taken = [r for r, res in zip(body.reports, results, strict=True) if "error" not in res]
     hub.job_metrics.reported(len(taken), sum(len(r.records) for r in taken))
     hub.job_metrics.claimed(items, time.time())
-    if any(r.end is not None for r in body.reports) and not items:
-        # Nothing was claimed here (no capacity given, or no job queued): the waiting
-        # long-poll looks again, for work items too.
-        hub.dispatcher.wake(f"m:{row.id}")
-    if any(r.get("status") == "Queued" for r in results):
-        hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
     await job_identity.add_tokens(hub.engine, hub.vault, items)
     return {"results": results, "items": items}
 

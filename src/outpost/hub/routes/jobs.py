@@ -37,7 +37,6 @@ async def job_start(principal: Op, hub: HubDep, body: JobStart) -> dict[str, Any
     """Queue a job; parameters are checked first, so a bad one queues nothing."""
     job = await jobs.start(hub.engine, principal.account_id, body.runbook, body.group,
                            body.params, body.version, body.timeout)
-    hub.dispatcher.wake(f"g:{principal.account_id}:{body.group}")
     warnings = await groups.unknown_group_warnings(hub.engine, principal.account_id,
                                                    [body.group])
     return {**job, "warnings": warnings}
@@ -64,8 +63,6 @@ async def job_start_batch(principal: Op, hub: HubDep, body: JobBatch) -> dict[st
 
     views = await jobs.start_many(hub.engine, principal.account_id, entries())
     named = list(dict.fromkeys(view["group_name"] for view in views))
-    for group in named:
-        hub.dispatcher.wake(f"g:{principal.account_id}:{group}")
     warnings = await groups.unknown_group_warnings(hub.engine, principal.account_id, named)
     return {"jobs": views, "warnings": warnings}
 
@@ -79,8 +76,6 @@ async def _control(hub: Hub, principal: accounts.Principal, job_id: str,
         await hub.dispatcher.submit(principal.account_id, "job_control",
                                     {"job_id": job_id, "attempt": job["attempt"],
                                      "action": action}, machine_id=machine_id)
-    elif job["status"] == "Queued":
-        hub.dispatcher.wake(f"g:{principal.account_id}:{job['group_name']}")
     return job
 
 

@@ -73,6 +73,4 @@ async def webhook_call(request: Request, hub: HubDep, secret: str) -> dict[str, 
     """
     row = await webhooks.find(hub.engine, secret)
     text = webhooks.decode_body(await _read_body(request, webhooks.MAX_BODY))
-    started = await webhooks.start(hub.engine, row, text)
-    hub.dispatcher.wake(f"g:{row.account_id}:{row.group_name}")
-    return started
+    return await webhooks.start(hub.engine, row, text)
