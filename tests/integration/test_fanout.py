@@ -17,11 +17,21 @@ from outpost.hub import db, fanout, jobs, runbooks
 from tests.support import Agent, Hub, healthy_agent, publish_script, wait_until
 
 # Waits for its go file (so the test can look before any child runs), stamps its start and
-# end, holds on when asked, and fails where the test left a fail file for its job id.
+# end (with pair=yes, the first waits until a second has started, so two are seen side by
+# side whenever the limit lets them), holds on when asked, and fails where the test left a
+# fail file for its job id.
 RUNBOOK = """\
 for i in $(seq 1 1200); do [ -e "{shared}/go-$tag" ] && break; sleep 0.05; done
 echo "start $OUTPOST_JOB_ID $(date +%s.%N)" >> "{shared}/ledger-$tag"
 sleep 0.3
+if [ "$pair" = yes ]; then
+  for i in $(seq 1 600); do
+    n=0
+    while read -r kind rest; do [ "$kind" = start ] && n=$((n + 1)); done \
+      < "{shared}/ledger-$tag"
+    [ "$n" -ge 2 ] && break; sleep 0.05
+  done
+fi
 if [ "$hold" = yes ]; then for i in $(seq 1 1200); do sleep 0.05; done; fi
 echo "end $OUTPOST_JOB_ID $(date +%s.%N)" >> "{shared}/ledger-$tag"
 if [ -e "{shared}/fail-$OUTPOST_JOB_ID" ]; then exit 3; fi
@@ -77,13 +87,13 @@ def _ended(hub: Hub, job_id: str) -> dict[str, Any]:
 def test_every_machine_runs_it_once_at_most_n_at_a_time_and_stops_as_told(
         hub: Hub, agents: list[Agent], tmp_path: Path, shared: Path) -> None:
     publish_script(hub, tmp_path, "fleet", RUNBOOK.format(shared=shared),
-                   "--param", "tag", "--param", "hold=no")
+                   "--param", "tag", "--param", "hold=no", "--param", "pair=no")
     for name in NAMES:
         healthy_agent(hub, tmp_path, agents, name, max_concurrent_jobs=4)
 
     # --- five machines, two at a time, the third one fails -------------------------------
     ledger = _ledger(shared, "a")
-    parent = _start(hub, "a", "--max-concurrency", "2")
+    parent = _start(hub, "a", "--max-concurrency", "2", "--param", "pair=yes")
     fan = parent["fanout"]
     assert parent["status"] == "Running" and parent["machine_id"] is None
     assert (fan["children"], fan["max_concurrency"], fan["concurrency_given"]) == (5, 2, "2")
