@@ -1,4 +1,5 @@
-"""Fixtures: a real hub process on SQLite or PostgreSQL, and real agent processes.
+"""Fixtures: a real hub process on SQLite or PostgreSQL, and real agent processes; and the
+fast tier's hub in this process (``fast_hub``, ``fast_hub_any``: tests/inproc.py).
 
 PostgreSQL tests use the server at 127.0.0.1:5432 (user postgres, trust auth), each in a
 database created for it and dropped after. Where no PostgreSQL answers they skip with the
@@ -8,12 +9,14 @@ reason, except under CI=true, where a missing PostgreSQL fails the run.
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.inproc import Clock, InprocHub, running_hub
 from tests.support import PG_ADMIN, Agent, Hub, config_home, init_hub, shared_dir
 
 for _name in [k for k in os.environ if k.startswith("OUTPOST_")]:
@@ -118,3 +121,31 @@ def agents() -> Iterator[list[Agent]]:
     finally:
         for agent in started:
             agent.stop()
+
+
+# --- the fast tier: the hub's app in this process (tests/inproc.py) ---------------------
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def fast_hub(tmp_path: Path, anyio_backend: str) -> AsyncIterator[InprocHub]:
+    """The hub's app in this process on a new SQLite database, its lifespan running."""
+    async with running_hub(tmp_path) as hub:
+        yield hub
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def fast_hub_any(request: pytest.FixtureRequest, tmp_path: Path,
+                       anyio_backend: str) -> AsyncIterator[InprocHub]:
+    """``fast_hub`` on SQLite, then on a new PostgreSQL database."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    async with running_hub(tmp_path, url) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Moves the process's ``time.time`` forward on ``advance(seconds)`` (leases, ages)."""
+    return Clock(lambda fake: monkeypatch.setattr(time, "time", fake))

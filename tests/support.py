@@ -103,10 +103,18 @@ class Hub:
     init: dict[str, Any]
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    log_name: str = "hub-test.log"
 
     @property
     def url(self) -> str:
         return f"https://localhost:{self.port}"
+
+    def replica(self, port: int | None = None) -> Hub:
+        """Another hub process (not started yet) on the same database and data directory
+        (so the same CA, vault key and accounts), on a port of its own, with its own log."""
+        port = port or free_port()
+        return Hub(self.data_dir, port, self.database_url, self.init,
+                   extra_args=list(self.extra_args), log_name=f"hub-test-{port}.log")
 
     @property
     def fingerprint(self) -> str:
@@ -126,7 +134,7 @@ class Hub:
 
     @property
     def log_path(self) -> Path:
-        return self.data_dir / "hub-test.log"
+        return self.data_dir / self.log_name
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -182,12 +190,19 @@ class Hub:
 
 def init_hub(data_dir: Path, database_url: str, port: int | None = None,
              extra_args: list[str] | None = None) -> Hub:
+    """An initialised hub data directory (not started), made by the function behind
+    ``outpost hub init`` in this process: the command itself is tested in test_hub.py, and
+    here it would cost a Python process (about 1 s of CPU) for every hub of the suite. Its
+    default SQLite database is migrated as the command does (``hub check`` reads it); the CLI
+    profile the command writes is left out (no test reads it through this helper)."""
+    from outpost.hub import config as hub_config
+    from outpost.hub import db
+
     port = port or free_port()
-    result = run_cli("hub", "init", "--data-dir", str(data_dir), "--bind",
-                     f"127.0.0.1:{port}", "--json")
-    assert result.returncode == 0, result.stderr
-    return Hub(data_dir, port, database_url, json.loads(result.stdout),
-               extra_args=extra_args or [])
+    result = hub_config.init(data_dir, [], bind=f"127.0.0.1:{port}")
+    assert result.created, f"{data_dir} was initialised already"
+    db.migrate_sync(hub_config.load_config(hub_config.HubPaths(data_dir)).database_url)
+    return Hub(data_dir, port, database_url, result.to_json(), extra_args=extra_args or [])
 
 
 @dataclass
@@ -237,19 +252,32 @@ def register(hub: Hub, state_dir: Path, name: str, group: str = "web",
 
 def registered_agent(hub: Hub, tmp: Path, name: str, group: str = "web",
                      **config: Any) -> Agent:
+    """An agent registered (not started) in state directory ``tmp/agent-NAME``.
+
+    Registered by the function behind ``outpost agent register`` in this process, over the
+    hub's real HTTPS with its CA pinned: the command itself is tested through the CLI
+    (``register``), and here it would cost a Python process for every agent of the suite."""
+    import asyncio
+
+    from outpost.agent.registration import RegisterOptions
+    from outpost.agent.registration import register as register_machine
+    from outpost.agent.state import StateDir
+    from outpost.agent.transport import Clock
+
     state = tmp / f"agent-{name}"
-    result = register(hub, state, name, group)
-    assert result.returncode == 0, result.stderr
+    asyncio.run(register_machine(StateDir(state), RegisterOptions(
+        hub=hub.url, account_id=hub.account_id, account_key=hub.primary_key, group=group,
+        ca_fingerprint=hub.fingerprint, name=name), Clock()))
     agent = Agent(state, name)
     agent.config.update(config)
     return agent
 
 
-def machine_calls(hub: Hub, state_root: Path, name: str = "m1"
-                  ) -> Callable[..., Any]:
+def machine_calls(hub: Hub, state_root: Path, name: str = "m1",
+                  urls: list[str] | None = None) -> Callable[..., Any]:
     """Register machine ``name`` for real and return ``call(method, path, payload=None)``,
     which sends one request signed with its own key (no agent daemon: the test decides
-    exactly what the machine says)."""
+    exactly what the machine says) to ``hub``, or to ``urls`` (other replicas)."""
     import asyncio
 
     from outpost.agent.registration import client_for
@@ -264,7 +292,7 @@ def machine_calls(hub: Hub, state_root: Path, name: str = "m1"
 
     def call(method: str, path: str, payload: Any = None) -> Any:
         async def once() -> Any:
-            client = client_for(state, reg, Clock())
+            client = client_for(state, reg, Clock(), urls=urls)
             try:
                 return await client.request(method, path, payload)
             finally:
@@ -307,11 +335,19 @@ def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
 
 
 def publish_script(hub: Hub, tmp_path: Path, name: str, body: str, *extra: str) -> None:
-    """Publish a bash runbook through the CLI (``extra``: more publish options)."""
+    """Publish a bash runbook: through the CLI with ``extra`` publish options, otherwise
+    with the request ``runbook publish`` sends (a test that needs a runbook need not pay
+    for a CLI process; the command itself is tested in test_runbooks.py)."""
     script = tmp_path / f"{name}.sh"
     script.write_text("#!/bin/bash\n" + body)
-    done = hub.cli("runbook", "publish", name, str(script), *extra)
-    assert done.returncode == 0, done.stderr
+    if extra:
+        done = hub.cli("runbook", "publish", name, str(script), *extra)
+        assert done.returncode == 0, done.stderr
+        return
+    stored = hub.api("POST", "/v1/runbooks", json={
+        "name": name, "content": script.read_text(), "type": None, "filename": script.name,
+        "description": "", "params": [], "log_verbose": False, "log_progress": False})
+    assert stored.status_code in (200, 201), stored.text
 
 
 def healthy_agent(hub: Hub, tmp_path: Path, agents: list[Agent], name: str = "w1",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -33,6 +34,7 @@ from tests.support import (
     free_port,
     healthy_agent,
     init_hub,
+    last_beat,
     machine_calls,
     publish_script,
     query,
@@ -300,15 +302,21 @@ def test_an_idle_agent_takes_work_at_once_after_an_outage(
     the first heartbeat the hub acknowledges afterwards sends it again at once."""
     hub = pg_hub
     publish_script(hub, tmp_path, "quick", "echo hi\n")
-    healthy_agent(hub, tmp_path, agents, "w1", heartbeat_interval=1)
+    # backoff_max 8: the outage lasts until the poll waits 4-8 s between tries, longer than
+    # the 4 s the job is given below, without waiting for the default's 30-60 s.
+    agent = healthy_agent(hub, tmp_path, agents, "w1", heartbeat_interval=1, backoff_max=8)
     proxy.cut()
     try:
-        time.sleep(30)  # the poll's backoff reaches 16-32 s
+        wait_until(lambda: max([float(d) for d in re.findall(
+            r"poll \S+ [^\n]*retrying in ([0-9.]+) s", agent.log())] or [0]) >= 4, 60,
+            what="the poll to back off for 4 s or more")
     finally:
         proxy.restore()
+    restored = time.time()
     wait_until(lambda: hub.api("GET", "/v1/jobs").status_code == 200, 15,
                what="the hub to reach its database again")
-    time.sleep(2)  # a heartbeat or two acknowledged
+    wait_until(lambda: last_beat(hub, "w1") > restored, 15,
+               what="a heartbeat acknowledged after the outage")
     submitted = time.monotonic()
     answer = hub.api("POST", "/v1/jobs", json={"runbook": "quick", "group": "web"})
     assert answer.status_code == 201, answer.text

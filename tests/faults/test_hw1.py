@@ -16,17 +16,13 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.support import Agent, Hub, registered_agent, wait_until
+from tests.support import Agent, Hub, publish_script, registered_agent, wait_until
 
 ACTIVATE_FAILED = ("The job action 'Activate' cannot be run, because the process stopped "
                    "unexpectedly. The job action was attempted three times.")
 
 
-def publish(hub: Hub, tmp_path: Path, name: str, body: str, *extra: str) -> None:
-    script = tmp_path / f"{name}.sh"
-    script.write_text("#!/bin/bash\n" + body)
-    done = hub.cli("runbook", "publish", name, str(script), *extra)
-    assert done.returncode == 0, done.stderr
+publish = publish_script
 
 
 def healthy(hub: Hub, tmp_path: Path, agents: list[Agent], name: str,

@@ -53,7 +53,8 @@ def test_an_answer_lost_in_a_proxy_costs_the_job_no_activation(
         agents.append(agent.start())
         wait_until(lambda: hub.machines()["w1"]["status"] == "Healthy", 15,
                    what="w1 healthy through the proxy")
-        time.sleep(1.5)  # the agent's long-poll is waiting at the hub
+        wait_until(lambda: _long_polls_open(hub) >= 1, 15,
+                   what="the agent's long-poll to be waiting at the hub")
 
         proxy.swallow = True  # whatever the hub answers now never reaches the agent
         answer = hub.api("POST", "/v1/jobs", json={"runbook": "hello", "group": "web"})
@@ -121,3 +122,10 @@ def test_only_a_machine_that_heartbeats_on_is_excused_and_only_so_often(
     assert now["reason"].startswith("activation 2 failed")
     assert _activations(hub, job_id) == 2
     assert [a["number"] for a in now["attempts"]] == list(range(1, number + 1))
+
+
+def _long_polls_open(hub: Hub) -> float:
+    """The hub's outpost_long_polls_open gauge: the long-polls it holds now."""
+    text = hub.api("GET", "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("outpost_long_polls_open"))

@@ -151,6 +151,10 @@ def test_real_answers_match_the_declared_models(
     api.call("POST", keys + "/{which}/regenerate",
              keys.format(account_id=made["id"]) + "/primary/regenerate")
 
+    api.call("POST", "/v1/tokens", status=201, json={"name": "ci"})
+    api.call("GET", "/v1/tokens")
+    api.call("DELETE", "/v1/tokens/{id_or_name}", "/v1/tokens/ci")
+
     api.call("GET", "/v1/machines")
     api.call("GET", "/v1/heartbeats")
     api.call("GET", "/v1/machines/{name}", "/v1/machines/w1")

@@ -154,6 +154,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await auth.prune_nonces(hub.engine)
 
     await hub.notifier.start()
+    await hub.leadership.start()
+    hub.scheduler.follow(hub.leadership)
     # A database outage is logged once, by the engine's health, not at every turn.
     tasks = Supervisor(log, quiet=(db.DatabaseUnavailable,))
     tasks.start("prune-nonces", prune_nonces, period=60.0)
@@ -164,6 +166,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await hub.notifier.close()
         await tasks.stop()
+        await hub.leadership.close()
         await hub.engine.dispose()
 
 

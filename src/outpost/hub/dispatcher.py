@@ -4,7 +4,8 @@ A poller registers its wake-up (``notify.machine`` and ``notify.group`` keys, th
 hub's notifier) before it looks for work, so an item created between the look and the wait
 is never missed. Whoever commits work wakes those keys inside its transaction (``submit``
 here, ``jobs.start`` and the rest in the jobs package); a poller that is not woken (a lost
-notification) still finds the work at its next look, every ``RECHECK`` seconds.
+notification) still finds the work at its next look, every ``RECHECK`` seconds. On
+PostgreSQL the notifier carries each wake-up to every replica on the database (notify.py).
 """
 
 from __future__ import annotations

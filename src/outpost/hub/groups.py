@@ -57,10 +57,10 @@ async def configure(engine: AsyncEngine, account_id: str, name: str,
 
 async def listing(engine: AsyncEngine, account_id: str) -> list[dict[str, Any]]:
     async with engine.connect() as conn:
-        counts: dict[str, int] = dict((await conn.execute(
+        counts: dict[str, int] = {row[0]: row[1] for row in (await conn.execute(
             sa.select(machines.c.group_name, sa.func.count())
             .where(machines.c.account_id == account_id)
-            .group_by(machines.c.group_name))).tuples().all())
+            .group_by(machines.c.group_name))).all()}
         settings = {r.name: r for r in (await conn.execute(
             sa.select(groups).where(groups.c.account_id == account_id))).all()}
     return [{"name": name, "machines": counts.get(name, 0), **_row(settings.get(name))}

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outpost.protocol.errors import ALREADY_REGISTERED_TEXT, OutpostError
 from outpost.protocol.models import Heartbeat, RegisterRequest
 
+from . import notify
 from .config import random_id
 from .db import accounts, machines, nonces, work_items
 
@@ -90,10 +91,13 @@ async def register(
 
 
 async def _delete(conn: Any, machine_id: str) -> None:
-    _known.pop(machine_id, None)
     await conn.execute(nonces.delete().where(nonces.c.machine_id == machine_id))
     await conn.execute(work_items.delete().where(work_items.c.machine_id == machine_id))
     await conn.execute(machines.delete().where(machines.c.id == machine_id))
+    # Every replica forgets the row (this one at once) and wakes the machine's long-poll,
+    # which then finds the machine gone.
+    await notify.invalidate(conn, "machine", machine_id)
+    await notify.wake(conn, notify.machine(machine_id))
 
 
 async def deregister(engine: AsyncEngine, machine_id: str) -> None:
@@ -105,10 +109,29 @@ async def deregister(engine: AsyncEngine, machine_id: str) -> None:
 # here for KNOWN_SECONDS, so an agent's request costs no read of it. A machine id is never
 # reused and its key, name, group and labels never change (registering again makes a new
 # id); a heartbeat may change its interval and version, so this hub forgets the entry then
-# (record_heartbeat). A removal is seen at once by this hub (_delete), and by another hub on
-# the same database within KNOWN_SECONDS.
+# (record_heartbeat). A removal is seen at once by every replica: _delete sends an
+# invalidation (notify, "machine") that each one's forget_machine receives; KNOWN_SECONDS
+# bounds what a lost notification costs.
 KNOWN_SECONDS = 5.0
 _known: dict[str, tuple[float, Any]] = {}
+# Counts forgets: a row read while one happened is not kept (it may be the row a removal
+# deleted, read just before its commit).
+_forgets = 0
+
+
+def forget_machine(machine_id: str) -> None:
+    """Drop a machine's cached row (``notify.ALL``: every one)."""
+    global _forgets
+    _forgets += 1
+    if machine_id == notify.ALL:
+        _known.clear()
+    else:
+        _known.pop(machine_id, None)
+
+
+def follow(notifier: notify.Notifier) -> None:
+    """Forget removed machines when any replica removes them."""
+    notifier.on_invalidate("machine", forget_machine)
 
 
 async def by_id(engine: AsyncEngine, machine_id: str, cached: bool = False) -> Any:
@@ -117,12 +140,13 @@ async def by_id(engine: AsyncEngine, machine_id: str, cached: bool = False) -> A
         hit = _known.get(machine_id)
         if hit is not None and now - hit[0] < KNOWN_SECONDS:
             return hit[1]
+    forgets = _forgets
     async with engine.connect() as conn:
         row = (await conn.execute(
             sa.select(machines).where(machines.c.id == machine_id))).first()
     if row is None:
         _known.pop(machine_id, None)
-    else:
+    elif forgets == _forgets:
         if len(_known) > 10_000:
             _known.clear()
         _known[machine_id] = (now, row)

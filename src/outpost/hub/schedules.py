@@ -1,7 +1,8 @@
 """Schedules: a runbook started on a group at the times of a cron expression.
 
 A schedule row holds its next due time, ``next_run_at``: a cron time plus the schedule's
-offset within its spread (EX-7). The scheduler loop runs in every hub process. It fires a due
+offset within its spread (EX-7). The scheduler loop runs in one hub process, the leader
+(leader.py: an advisory lock on PostgreSQL; the only process on SQLite). It fires a due
 schedule with one conditional ``UPDATE ... SET next_run_at = new WHERE id = ? AND
 next_run_at = old`` and inserts the job and the run's record in the same transaction. A
 second hub process, or a hub killed half-way and started again, therefore never starts one
@@ -38,6 +39,7 @@ from .config import random_id
 from .db import jobs as job_table
 from .db import DatabaseUnavailable, schedule_runs, schedules
 from .dispatcher import Dispatcher
+from .leader import Leadership
 from .runbooks import NAME_RE
 
 log = logging.getLogger("outpost.hub.schedules")
@@ -258,13 +260,24 @@ async def set_enabled(engine: AsyncEngine, account_id: str, name: str,
 
 
 class Scheduler:
-    """The loop that starts due runs; every hub process runs one (see the module doc)."""
+    """The loop that starts due runs; it fires only while this replica leads (see the module
+    doc). Without ``leadership`` it always fires."""
 
-    def __init__(self, engine: AsyncEngine, dispatcher: Dispatcher) -> None:
+    def __init__(self, engine: AsyncEngine, dispatcher: Dispatcher,
+                 leadership: Leadership | None = None) -> None:
         self._engine = engine
         self._dispatcher = dispatcher
         self._wake = asyncio.Event()
         self._retry_at: dict[str, float] = {}
+        self._leadership: Leadership | None = None
+        if leadership is not None:
+            self.follow(leadership)
+
+    def follow(self, leadership: Leadership) -> None:
+        """Fire only while ``leadership`` says this replica leads."""
+        self._leadership = leadership
+        leadership.on_change(self.wake)
+        self.wake()
 
     def wake(self) -> None:
         """Look again now: a schedule was created or enabled in this process."""
@@ -273,7 +286,10 @@ class Scheduler:
     async def run(self) -> None:
         """Fire due schedules, then sleep until the next is due (at most ``MAX_SLEEP``)."""
         while True:
-            delay = await self.fire_due()
+            if self._leadership is None or self._leadership.leader:
+                delay = await self.fire_due()
+            else:
+                delay = MAX_SLEEP  # a standby: woken when it becomes the leader
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:

@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import db, install, jobs, metrics, notify
+from . import accounts, db, install, jobs, leader, machines, metrics, notify
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -45,9 +45,13 @@ class Hub:
         self.engine = engine
         self.vault = vault_for(paths)
         # Wake-ups and cache invalidations between request handlers, background tasks and
-        # (through the database) other replicas: hub/notify.py.
-        self.notifier = notify.Notifier()
+        # (through the database) other replicas: hub/notify.py. Which replica runs the
+        # scheduler: hub/leader.py.
+        self.notifier = notify.create(engine)
         notify.attach(engine, self.notifier)
+        accounts.follow(self.notifier)
+        machines.follow(self.notifier)
+        self.leadership = leader.Leadership(engine)
         self.dispatcher = Dispatcher(engine, self.notifier)
         self.scheduler = Scheduler(engine, self.dispatcher)
         self.wheel = Wheel(paths.root / "agent-dist")
@@ -68,5 +72,7 @@ class Hub:
                            "E3007), by kind", ["kind"], registry=self.registry)
         if isinstance(engine, db.Engine):
             engine.health.listeners.append(lambda kind: failures.labels(kind).inc())
+        Gauge("outpost_scheduler_leader", "1 while this replica runs the scheduler",
+              registry=self.registry).set_function(lambda: float(self.leadership.leader))
         self.job_metrics = metrics.JobMetrics(self.registry)
         jobs.ended_listeners.append(self.job_metrics.ended)

@@ -751,6 +751,38 @@ _ENTRIES += (
         ("Suspend or resume a child by its id (shown by 'outpost job show PARENT'), or stop "
          "the whole run with 'outpost job stop PARENT'.",),
         409, None),
+    # --- API tokens and hub replicas (E8100-E8119) ----------------------------------------
+    Entry(
+        "E8100", "token_admin_forbidden", "Only an admin token can create an admin token.",
+        ("'outpost token create --admin' (or POST /v1/tokens with \"admin\": true) was sent "
+         "with a token that is not the hub's admin token.",),
+        ("Create a token without --admin, or ask the hub's administrator.",),
+        403, None),
+    Entry(
+        "E8101", "token_last_admin", "The token '{name}' is the last admin token and was "
+        "not revoked.",
+        ("Revoking it would leave nobody able to administer the hub.",),
+        ("Create another admin token first ('outpost token create NAME --admin'), use it, "
+         "then revoke this one.",),
+        409, None),
+    Entry(
+        "E8102", "token_last", "The token '{name}' is the account's last token and was not "
+        "revoked.",
+        ("Revoking it would leave the account without any way to call the hub.",),
+        ("Create another token first ('outpost token create NAME'), then revoke this one.",),
+        409, None),
+    Entry(
+        "E8103", "token_name_taken", "A token named '{name}' already exists in this account.",
+        ("Token names are unique within an account, so 'outpost token revoke NAME' means "
+         "one token.",),
+        ("Choose another name; 'outpost token list' shows the names in use.",),
+        409, None),
+    Entry(
+        "E8104", "token_name_invalid", "The token name '{name}' is not valid.",
+        ("A token name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
+         "or a digit.",),
+        ("Choose a name such as 'ci', 'deploy-bot' or 'alice.laptop'.",),
+        422, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

@@ -119,6 +119,7 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ('not_found', "No runbook '{}'{} in this account."),
     ('not_found', "No schedule '{}' in this account."),
     ('not_found', 'No such API path.'),
+    ('not_found', "No token named '{}' in this account."),
     ('not_found', "No webhook '{}' in this account."),
     ('not_found', "No work item '{}' claimed by this machine."),
     ('not_found', "No {} '{}' in this account."),

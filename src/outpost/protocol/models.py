@@ -154,6 +154,11 @@ class Health(View):
     version: str
     hub_time: float
     min_agent_version: str
+    scheduler: Literal["leader", "standby"] = Field(
+        description="Whether this replica runs the scheduler (one replica at a time).")
+    notifications: Literal["in-process", "listening", "reconnecting"] = Field(
+        description="How this replica hears of other replicas' changes: in-process on "
+        "SQLite; PostgreSQL LISTEN, or reconnecting to it.")
 
 
 class Whoami(View):
@@ -202,6 +207,22 @@ class MachineHeartbeat(View):
     stopped_at: float | None = None
     seconds_ago: float | None
     heartbeat: dict[str, Any] | None
+
+
+class TokenView(View):
+    id: str
+    name: str
+    admin: bool
+    created_at: float
+
+
+class TokenCreated(TokenView):
+    token: str = Field(description="The token itself; shown this once (the hub keeps only "
+                       "its SHA-256).")
+
+
+class TokenRevoked(TokenView):
+    revoked: bool
 
 
 class MachineRemoved(View):

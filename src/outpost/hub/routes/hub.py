@@ -32,7 +32,8 @@ DOCS_ASSETS = "/docs/assets"
 @router.get("/healthz", tags=["hub"], response_model=None, responses=ok(m.Health))
 async def healthz(hub: HubDep) -> dict[str, Any]:
     return {"status": "ok", "version": __version__, "hub_time": time.time(),
-            "min_agent_version": hub.config.min_agent_version}
+            "min_agent_version": hub.config.min_agent_version,
+            "scheduler": hub.leadership.role, "notifications": hub.notifier.state}
 
 
 @router.get("/metrics", tags=["hub"], response_class=PlainTextResponse)

@@ -1,41 +1,36 @@
-"""POST /v1/agent/reports: many attempts' reports in one signed request, and the claim of
-the freed slots in its answer. A real hub on both databases; the machine is registered
-for real and its requests are signed with its own key (no agent daemon, so the test decides
-exactly what is reported)."""
+"""Fast tier: POST /v1/agent/reports, many attempts' reports in one signed request, and the
+claim of the freed slots in its answer. The hub runs in this process on both databases; the
+machine is registered for real and its requests are signed with its own key (no agent
+daemon, so the test decides exactly what is reported)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from outpost.protocol.errors import HubRefused
-from tests.support import Hub, machine_calls
+from tests.inproc import FAST, InprocHub, Machine
 
-
-def _start(hub: Hub, count: int) -> list[str]:
-    ids = []
-    for _ in range(count):
-        answer = hub.api("POST", "/v1/jobs", json={"runbook": "noop", "group": "web"})
-        assert answer.status_code == 201, answer.text
-        ids.append(answer.json()["id"])
-    return ids
+pytestmark = FAST
 
 
 def _record(seq: int, text: str, stream: str = "Output") -> dict[str, Any]:
     return {"seq": seq, "stream": stream, "text": text, "at": 1.0}
 
 
-def test_reports_in_one_request_and_the_freed_slot_claimed_in_the_answer(
-        hub: Hub, tmp_path: Path) -> None:
-    (tmp_path / "noop.sh").write_text("true\n")
-    assert hub.cli("runbook", "publish", "noop", str(tmp_path / "noop.sh")).returncode == 0
-    call = machine_calls(hub, tmp_path / "agent-m1")
-    first, second, third = _start(hub, 3)
+async def _setup(hub: InprocHub, jobs: int) -> tuple[Machine, list[str]]:
+    await hub.runbook("noop", "true\n")
+    machine = await hub.machine("m1")
+    return machine, [await hub.start_job() for _ in range(jobs)]
 
-    claimed = call("POST", "/v1/agent/poll?wait=0&capacity=2")["items"]
+
+async def test_reports_in_one_request_and_the_freed_slot_claimed_in_the_answer(
+        fast_hub_any: InprocHub) -> None:
+    hub = fast_hub_any
+    call, (first, second, third) = await _setup(hub, 3)
+
+    claimed = await call.poll(capacity=2)
     assert [i["payload"]["job_id"] for i in claimed] == [first, second]
     assert all(i["payload"]["job_token"] for i in claimed)
 
@@ -47,7 +42,7 @@ def test_reports_in_one_request_and_the_freed_slot_claimed_in_the_answer(
         {"job_id": "no-such-job", "attempt": 1, "records": []},
         {"job_id": second, "attempt": 1, "records": [_record(1, "bad", "Nope")]},
     ]}
-    answer = call("POST", "/v1/agent/reports", batch)
+    answer = await call.ok("POST", "/v1/agent/reports", batch)
     results = answer["results"]
     assert results[0] == {"id": first, "status": "Completed"}
     assert results[1] == {"id": second, "status": "Running"}
@@ -63,34 +58,33 @@ def test_reports_in_one_request_and_the_freed_slot_claimed_in_the_answer(
 
     # The same batch again (an answer lost on the way): nothing is kept twice, nothing
     # changes, and nothing more is claimed.
-    again = call("POST", "/v1/agent/reports", batch)
+    again = await call.ok("POST", "/v1/agent/reports", batch)
     assert again["results"][0] == {"id": first, "status": "Completed"}
     assert again["items"] == []
-    output = hub.api("GET", f"/v1/jobs/{first}/output").json()
+    output = await hub.output(first)
     assert [(r["seq"], r["stream"], r["text"]) for r in output] == [
         (0, "Output", "one"), (1, "Error", "two")]
-    assert [r["text"] for r in hub.api("GET", f"/v1/jobs/{second}/output").json()] == ["half"]
+    assert [r["text"] for r in await hub.output(second)] == ["half"]
 
-    shown = hub.api("GET", f"/v1/jobs/{first}").json()
+    shown = await hub.job(first)
     assert shown["status"] == "Completed" and shown["started_at"] is not None
     assert [(a["number"], a["reason"]) for a in shown["attempts"]] == [(1, "exit code 0")]
 
     # Without a claim (an agent under pressure asks for none), an end claims nothing.
     for job_id in (second, third):
-        done = call("POST", "/v1/agent/reports", {"claim": 0, "reports": [
+        done = await call.ok("POST", "/v1/agent/reports", {"claim": 0, "reports": [
             {"job_id": job_id, "attempt": 1, "started": True,
              "end": {"exit_code": 3, "reason": "exit code 3"}}]})
         assert done["results"] == [{"id": job_id, "status": "Failed"}]
         assert done["items"] == []
 
 
-def test_a_killed_sandbox_in_a_batch_is_a_failed_activation(hub: Hub, tmp_path: Path) -> None:
-    (tmp_path / "noop.sh").write_text("true\n")
-    assert hub.cli("runbook", "publish", "noop", str(tmp_path / "noop.sh")).returncode == 0
-    call = machine_calls(hub, tmp_path / "agent-m1")
-    killed, fine = _start(hub, 2)
-    call("POST", "/v1/agent/poll?wait=0&capacity=2")
-    answer = call("POST", "/v1/agent/reports", {"claim": 1, "reports": [
+async def test_a_killed_sandbox_in_a_batch_is_a_failed_activation(
+        fast_hub_any: InprocHub) -> None:
+    hub = fast_hub_any
+    call, (killed, fine) = await _setup(hub, 2)
+    await call.poll(capacity=2)
+    answer = await call.ok("POST", "/v1/agent/reports", {"claim": 1, "reports": [
         {"job_id": killed, "attempt": 1, "started": True,
          "end": {"exit_code": None, "signal": 9, "cause": "killed",
                  "reason": "the runbook's process was killed by SIGKILL, not by the agent"}},
@@ -101,7 +95,7 @@ def test_a_killed_sandbox_in_a_batch_is_a_failed_activation(hub: Hub, tmp_path: 
     # The failed activation went back to the queue, and the freed slot took it again.
     assert [(i["payload"]["job_id"], i["payload"]["attempt"]) for i in answer["items"]] == [
         (killed, 2)]
-    shown = hub.api("GET", f"/v1/jobs/{killed}").json()
+    shown = await hub.job(killed)
     # (a claim counts an activation: the failed one, and the one under way)
     assert shown["activations"] == 2 and shown["status"] == "Activating"
     assert shown["attempts"][0]["signal"] == 9
@@ -114,11 +108,10 @@ def test_a_killed_sandbox_in_a_batch_is_a_failed_activation(hub: Hub, tmp_path: 
     ({"claim": -1, "reports": [{"job_id": "j", "attempt": 1}]}, "claim"),
     ({"reports": "all of them"}, "reports"),
 ])
-def test_a_malformed_batch_is_refused_whole_and_clearly(sqlite_hub: Hub, tmp_path: Path,
-                                                        body: dict[str, Any], what: str) -> None:
-    call = machine_calls(sqlite_hub, tmp_path / "agent-m1")
-    with pytest.raises(HubRefused) as refused:
-        call("POST", "/v1/agent/reports", body)
-    assert refused.value.status == 422
-    assert what in json.dumps(refused.value.body)
-    assert "Traceback" not in json.dumps(refused.value.body)
+async def test_a_malformed_batch_is_refused_whole_and_clearly(
+        fast_hub: InprocHub, body: dict[str, Any], what: str) -> None:
+    machine = await fast_hub.machine("m1")
+    refused = await machine.call("POST", "/v1/agent/reports", body)
+    assert refused.status_code == 422, refused.text
+    assert what in json.dumps(refused.json())
+    assert "Traceback" not in refused.text
