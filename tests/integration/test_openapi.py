@@ -184,6 +184,16 @@ def test_real_answers_match_the_declared_models(
     api.call("GET", "/v1/jobs/{job_id}", f"/v1/jobs/{job['id']}")
     output = api.call("GET", "/v1/jobs/{job_id}/output", f"/v1/jobs/{job['id']}/output")
     assert {r["text"] for r in output} >= {"hello", "oops"}
+    parent = api.call("POST", "/v1/fanouts", status=201, json={
+        "runbook": "hello", "group": "web", "max_concurrency": "50%", "max_errors": 0})
+    assert parent["fanout"]["breakdown"] and parent["warnings"] == []
+    wait_until(lambda: hub.api("GET", f"/v1/jobs/{parent['id']}").json()["status"] ==
+               "Completed", 30, 0.1, "the job on every machine to complete")
+    ended = api.call("GET", "/v1/jobs/{job_id}", f"/v1/jobs/{parent['id']}")
+    assert ended["fanout"]["counts"] == {"Completed": 1}
+    child = api.call("GET", "/v1/jobs/{job_id}",
+                     f"/v1/jobs/{ended['fanout']['breakdown'][0]['job_id']}")
+    assert child["parent_id"] == parent["id"]
     waiting = api.call("POST", "/v1/jobs", status=201,
                        json={"runbook": "hello", "group": "nomachines"})
     shown = api.call("GET", "/v1/jobs/{job_id}", f"/v1/jobs/{waiting['id']}")

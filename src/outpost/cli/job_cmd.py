@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Optional
 from urllib.parse import quote
 
+import click
 import typer
 
 from outpost.protocol import durations
-from outpost.protocol.errors import HubRefused, TransportError
+from outpost.protocol.errors import HubRefused, OutpostError, TransportError
 from outpost.protocol.models import BATCH_MAX
 from outpost.protocol.params import split_assignments
 
@@ -94,7 +95,8 @@ def _follow(client: Api, job_id: str, show_output: bool, json: bool,
 @app.command()
 def start(
     runbook: str,
-    group: Annotated[str, typer.Option(help="The group whose machines may run it.")],
+    group: Annotated[Optional[str], typer.Option(
+        help="The group whose machines may run it (required).")] = None,
     param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE; repeatable.")] = None,
     version: Annotated[Optional[int], typer.Option(min=1, help="Runbook version "
                                                    "(default: the latest).")] = None,
@@ -109,10 +111,24 @@ def start(
     = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Like --wait, printing "
                                          "the output live (one job only).")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Run it on every machine of the group: "
+                                       "one child job per machine (Stopped ones left out); "
+                                       "prints the parent job's id.")] = False,
+    max_concurrency: Annotated[Optional[str], typer.Option(
+        help="With --all: children on machines at once, N or P% of the group's machines "
+             "(at least 1). Default: all at once.")] = None,
+    max_errors: Annotated[Optional[str], typer.Option(
+        help="With --all: failed children that may pass, N or P% of the children; at the "
+             "next failure no further child starts (0: stop at the first). Default: no "
+             "limit.")] = None,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
-    """Queue RUNBOOK on a machine of GROUP and print the job id."""
+    """Queue RUNBOOK on a machine of GROUP and print the job id; with --all, on every
+    machine of GROUP, at most --max-concurrency at a time ('job show' shows each one)."""
+    _check_fanout_options(group, all_, count, follow, max_concurrency, max_errors)
+    if group is None:
+        raise click.MissingParameter(param_hint="'--group'", param_type="option")
     if follow and count > 1:
         raise typer.BadParameter(f"--follow shows one job's output; to wait for all {count} "
                                  "jobs use --wait.")
@@ -126,6 +142,10 @@ def start(
     client = api(hub, token, ca_fingerprint, data_dir)
     if wait or follow:
         signals.daemon(term_interrupts=True)
+    if all_:
+        _start_all(client, {**body, "max_concurrency": max_concurrency,
+                            "max_errors": max_errors}, wait, json)
+        return
     if count > 1:
         _start_many(client, body, count, wait, json)
         return
@@ -148,6 +168,46 @@ def start(
     elif not json:
         say(f"Job {job['id']} {job['status']} ({job['reason'] or ''}).")
     if job["status"] != "Completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _check_fanout_options(group: str | None, all_: bool, count: int, follow: bool,
+                          max_concurrency: str | None, max_errors: str | None) -> None:
+    """E8120 for --all without --group, or with --count or --follow; and for the rate
+    options without --all."""
+    problem = None
+    if all_ and group is None:
+        problem = "--all runs the job on every machine of a group: give --group G."
+    elif all_ and count > 1:
+        problem = "--all queues one job for each machine of the group; --count does not apply."
+    elif all_ and follow:
+        problem = ("--follow shows one job's output; to wait for every machine's child use "
+                   "--wait, then 'outpost job show PARENT'.")
+    elif not all_ and (max_concurrency is not None or max_errors is not None):
+        given = "--max-concurrency" if max_concurrency is not None else "--max-errors"
+        problem = f"{given} applies to a job on every machine of a group: add --all."
+    if problem:
+        raise OutpostError("fanout_options_invalid", problem)
+
+
+def _start_all(client: Api, body: dict[str, Any], wait: bool, json: bool) -> None:
+    """``job start --all``: the parent job, one child per machine; with ``wait``, its end."""
+    parent = client.post("/v1/fanouts", body)
+    _warn(parent.get("warnings"))
+    if not wait:
+        if json:
+            print_json(parent)
+        else:
+            out.print(parent["id"])
+        return
+    if not json:
+        out.print(parent["id"])
+    parent = _follow(client, parent["id"], False, False)
+    if json:
+        print_json(parent)
+    else:
+        say(f"Job {parent['id']} {parent['status']} ({parent['reason'] or ''}).")
+    if parent["status"] != "Completed":
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -238,6 +298,9 @@ def show(job_id: JobId, hub: Hub = None, token: Token = None,
     say(f"  result:   {job['reason'] or '-'}")
     if job.get("waiting_for"):
         say(f"  waiting:  {job['waiting_for']}")
+    if job.get("fanout"):
+        _show_fanout(job["fanout"])
+        return
     table(["#", "MACHINE", "STARTED", "ENDED", "EXIT", "SIGNAL", "REASON"], [
         [a["number"], a.get("machine") or a["machine_id"], ago(a["started_at"]),
          ago(a["ended_at"]) if a["ended_at"] else "-", a["exit_code"], a["signal"],
@@ -246,6 +309,26 @@ def show(job_id: JobId, hub: Hub = None, token: Token = None,
     for a in job["attempts"]:
         if a.get("run_as"):
             say(f"  attempt {a['number']} run as: {a['run_as']}")
+
+
+def _show_fanout(fan: dict[str, Any]) -> None:
+    """A job on every machine of a group: its rate control, counts and one line a machine."""
+    errors = "no limit" if fan["max_errors"] is None else \
+        f"{fan['max_errors']} may fail (--max-errors {fan['errors_given']})"
+    say(f"  machines: {fan['children']}, at most {fan['max_concurrency']} at a time "
+        f"(--max-concurrency {fan['concurrency_given']}); errors: {errors}")
+    if fan.get("halted"):
+        say(f"  halted:   {fan['halted']}")
+    counts = fan["counts"]
+    say("  children: " + (", ".join(f"{n} {s}" for s, n in sorted(
+        counts.items(), key=lambda item: (-item[1], item[0]))) or "none"))
+    rows = fan["breakdown"]
+    short = short_ids([r["job_id"] for r in rows])
+    table(["MACHINE", "JOB", "STATUS", "EXIT", "STARTED", "ENDED", "REASON"], [
+        [r["machine"] or r["machine_id"], short[r["job_id"]], r["status"], r["exit_code"],
+         ago(r["started_at"]) if r["started_at"] else "-",
+         ago(r["ended_at"]) if r["ended_at"] else "-", r["reason"] or "-"] for r in rows],
+        title="children")
 
 
 def _control(action: str, job_id: str, hub: Hub, token: Token,

@@ -141,9 +141,33 @@ jobs = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("signal", sa.Integer),
     sa.Column("reason", sa.Text),
+    # A child of a job on every machine of a group (hub/fanout.py): its parent, and the one
+    # machine that may claim it.
+    sa.Column("parent_id", sa.String(36)),
+    sa.Column("target_machine_id", sa.String(36)),
     sa.Index("ix_jobs_queue", "account_id", "group_name", "status", "created_at"),
+    sa.Index("ix_jobs_parent", "parent_id", "status"),
     sa.Index("ix_jobs_machine", "machine_id", "status"),
     sa.Index("ix_jobs_lease", "status", "lease_expires_at"),
+)
+
+# A job on every machine of a group: the parent's row in jobs holds the runbook and the
+# aggregate status; this holds its rate control (hub/fanout.py, docs/jobs.md).
+fanouts = sa.Table(
+    "fanouts", metadata,
+    sa.Column("job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("children", sa.Integer, nullable=False),
+    # Children on machines at once, as given ('10', '10%') and as worked out at submission.
+    sa.Column("concurrency_given", sa.String(16), nullable=False),
+    sa.Column("max_concurrency", sa.Integer, nullable=False),
+    # Failed children that may pass before dispatching stops; None: no limit.
+    sa.Column("errors_given", sa.String(16)),
+    sa.Column("max_errors", sa.Integer),
+    # Why no further child is started (the error threshold passed, the operator stopped it).
+    sa.Column("halted", sa.Text),
+    sa.Column("halted_at", sa.Float),
+    sa.Column("stopped_at", sa.Float),
 )
 
 job_attempts = sa.Table(

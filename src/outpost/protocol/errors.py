@@ -707,6 +707,50 @@ _ENTRIES += (
 )
 
 _ENTRIES += (
+    # --- a job on every machine of a group, with rate control (E8120-E8139) --------------
+    Entry(
+        "E8120", "fanout_options_invalid", "The options of 'job start --all' do not fit "
+        "together.",
+        ("--all runs the job on every machine of a group, so it needs --group.",
+         "--max-concurrency and --max-errors apply to a job on every machine (--all) only.",
+         "--count queues several jobs for any machine of a group; --all queues one for each "
+         "machine: the two do not combine."),
+        ("Give --group G with --all, and --max-concurrency/--max-errors only with --all "
+         "(for example 'outpost job start R --group web --all --max-concurrency 10%').",),
+        422, None),
+    Entry(
+        "E8121", "fanout_limit_invalid", "The value '{value}' of {option} is not valid.",
+        ("--max-concurrency takes a number of machines of at least 1 (N) or a percentage "
+         "of the group's machines from 1% to 100% (P%).",
+         "--max-errors takes a number of failed children that may pass (N, 0 or more: 0 "
+         "stops dispatching at the first failure) or a percentage of the children from 1% "
+         "to 100% (P%)."),
+        ("Give a whole number or a whole percentage, for example '--max-concurrency 10' or "
+         "'--max-concurrency 25%', '--max-errors 0' or '--max-errors 5%'.",),
+        422, None),
+    Entry(
+        "E8122", "fanout_group_empty", "No machine is registered in group '{group}'.",
+        ("A job on every machine of a group was asked for a group no machine has joined "
+         "(a misspelt group, or every machine of it removed).",),
+        ("See the groups and their machines with 'outpost group list' and 'outpost machine "
+         "list'; register a machine with 'outpost agent register ... --group G'.",),
+        422, None),
+    Entry(
+        "E8123", "fanout_no_machine_ready", "No machine of group '{group}' can take the "
+        "job now.",
+        ("Every machine of the group is Stopped (its agent said it was stopping), "
+         "Unresponsive or Disconnected, so no child job would start.",),
+        ("See why with 'outpost machine list'; start the agents ('systemctl start "
+         "outpost-agent'), wait for a heartbeat, then start the job again.",),
+        409, None),
+    Entry(
+        "E8124", "fanout_control_unsupported", "A job on every machine of a group can be "
+        "stopped, not suspended or resumed.",
+        ("'job suspend' and 'job resume' act on one job on one machine; the job named is "
+         "the parent of one child job per machine.",),
+        ("Suspend or resume a child by its id (shown by 'outpost job show PARENT'), or stop "
+         "the whole run with 'outpost job stop PARENT'.",),
+        409, None),
     # --- API tokens and hub replicas (E8100-E8119) ----------------------------------------
     Entry(
         "E8100", "token_admin_forbidden", "Only an admin token can create an admin token.",

@@ -290,12 +290,17 @@ class JobView(View):
     exit_code: int | None
     signal: int | None
     reason: str | None
+    parent_id: str | None = Field(default=None, description="On a child of a job on every "
+                                  "machine of a group: that parent job's id.")
 
 
 class JobDetail(JobView):
     attempts: list[AttemptView]
     waiting_for: str | None = Field(default=None, description="Why a queued job may wait "
                                                               "long (only when it may).")
+    fanout: FanoutView | None = Field(default=None, description="A job on every machine "
+                                      "of a group: its rate control and one child job per "
+                                      "machine (only on such a parent job).")
 
 
 class JobStarted(JobDetail):
@@ -306,6 +311,51 @@ class JobStarted(JobDetail):
 class JobBatchResult(View):
     jobs: list[JobDetail]
     warnings: list[str] = Field(default_factory=list)
+
+
+class FanoutChild(View):
+    """One machine's child job of a job on every machine of a group."""
+
+    machine_id: str
+    machine: str | None = Field(description="The machine's name; null once it is removed.")
+    machine_status: str | None = Field(description="The machine's status now (Healthy, "
+                                       "Unresponsive, ...); null once it is removed.")
+    job_id: str
+    status: str
+    exit_code: int | None
+    signal: int | None
+    started_at: float | None
+    ended_at: float | None
+    reason: str | None
+
+
+class FanoutView(View):
+    """The rate control and the per-machine breakdown of a job on every machine of a
+    group (``job start --all``)."""
+
+    children: int = Field(description="One child job per machine of the group at "
+                                      "submission (Stopped machines left out).")
+    concurrency_given: str = Field(description="--max-concurrency as given: N, P% or "
+                                               "'all'.")
+    max_concurrency: int = Field(description="Children on machines at once at most.")
+    errors_given: str | None = Field(description="--max-errors as given (N or P%); null: "
+                                                 "no limit.")
+    max_errors: int | None = Field(description="Failed children that may pass; dispatching "
+                                               "stops at the next one. Null: no limit.")
+    halted: str | None = Field(description="Why no further child is started (the error "
+                                           "threshold passed, the job was stopped).")
+    counts: dict[str, int] = Field(description="Children by status.")
+    breakdown: list[FanoutChild] = Field(description="One line per machine, in dispatch "
+                                                     "order.")
+
+
+class FanoutStarted(JobDetail):
+    warnings: list[str] = Field(default_factory=list, description="Machines left out or "
+                                                                  "not started, and why.")
+
+
+for _model in (JobDetail, JobStarted, JobBatchResult):
+    _model.model_rebuild()
 
 
 class RecordView(View):

@@ -27,7 +27,10 @@ _HELD_BY = sa.select(sa.func.count()).select_from(jobs).where(
 # picks further ones, so a claim could take more than the free slots.
 _PICK = (sa.select(jobs.c.id)
          .where(jobs.c.account_id == sa.bindparam("b_account"),
-                jobs.c.group_name == sa.bindparam("b_group"), jobs.c.status == "Queued")
+                jobs.c.group_name == sa.bindparam("b_group"), jobs.c.status == "Queued",
+                # a child of a job on every machine of a group is for its machine only
+                sa.or_(jobs.c.target_machine_id.is_(None),
+                       jobs.c.target_machine_id == sa.bindparam("b_machine")))
          .order_by(jobs.c.created_at).limit(sa.bindparam("b_free"))
          .with_for_update(skip_locked=True)
          .cte("pick").prefix_with("MATERIALIZED", dialect="postgresql"))

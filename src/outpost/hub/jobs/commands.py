@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outpost.protocol.errors import OutpostError
 
-from .. import notify
+from .. import fanout, notify
 from ..db import jobs
 from .states import FULL_ID, HELD, _tell_ended
 from .views import get
@@ -20,6 +20,13 @@ from .views import get
 async def control(engine: AsyncEngine, account_id: str, job_id: str,
                   action: str) -> tuple[dict[str, Any], str | None]:
     """stop, suspend or resume; returns the job and the machine to tell, if one holds it."""
+    async with engine.connect() as conn:
+        parent = await fanout.is_parent(conn, account_id, job_id)
+    if parent:  # a job on every machine of a group: its children are told
+        if action != "stop":
+            raise OutpostError("fanout_control_unsupported", job=job_id, action=action)
+        await fanout.stop(engine, account_id, job_id)
+        return await get(engine, account_id, job_id), None
     async with engine.begin() as conn:
         row = (await conn.execute(sa.select(jobs).where(
             jobs.c.id == job_id, jobs.c.account_id == account_id))).first()
@@ -52,6 +59,8 @@ async def control(engine: AsyncEngine, account_id: str, job_id: str,
                                f"'{action}' applies to a job that is {allowed}.",
                                job=job_id, status=row.status, action=action)
         await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        if values["status"] == "Stopped":
+            await fanout.ended(conn, [row.parent_id])
         if values["status"] == "Queued":
             await notify.wake(conn, notify.group(account_id, row.group_name))
     if values["status"] == "Stopped":

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .. import notify
+from .. import fanout, notify
 from ..db import job_attempts, jobs, machines
 from .claims import lease_seconds
 from .reports import _activation_failed, _close_attempt
@@ -50,7 +50,9 @@ async def _extend_leases(conn: AsyncConnection, now: float) -> None:
     interval = sa.select(machines.c.heartbeat_interval).where(
         machines.c.id == jobs.c.machine_id).scalar_subquery()
     length = sa.func.coalesce(interval, 30.0) * LEASE_BEATS
-    await conn.execute(jobs.update().where(jobs.c.status.in_(HELD)).values(
+    # (a job held by no machine, such as the parent of a job on every machine, has no lease)
+    await conn.execute(jobs.update().where(jobs.c.status.in_(HELD),
+                                           jobs.c.machine_id.isnot(None)).values(
         lease_expires_at=now + sa.case((length < LEASE_MIN, LEASE_MIN), else_=length)))
 
 # An attempt whose claim the machine never received (the answer that carried it was lost)
@@ -147,6 +149,7 @@ async def _reap(conn: AsyncConnection, now: float) -> list[tuple[str, str]]:
             await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
                 status="Stopped", ended_at=now, lease_expires_at=None,
                 reason="stopped; the machine was lost before it confirmed"))
+            await fanout.ended(conn, [row.parent_id])
             _tell_ended("Stopped", row.started_at, now)
         elif row.status in ("Suspending", "Suspended", "Resuming"):
             await _close_attempt(conn, row.id, row.attempt, now, None, None, reason)

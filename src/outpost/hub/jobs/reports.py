@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.models import INT64_MAX, RECORD_TEXT_MAX, OutputRecord
 
-from .. import notify
+from .. import fanout, notify
 from ..db import job_attempts, job_records, jobs
 from .claims import claim
 from .states import ACTIVATE_FAILED, FINAL, HELD, MAX_ACTIVATIONS, SEQ_SHIFT, STREAMS, _tell_ended
@@ -82,6 +82,7 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
         records: list[dict[str, Any]] = []
         closing: list[dict[str, Any]] = []
         finishing: list[dict[str, Any]] = []
+        parents: list[str | None] = []
         for index, item, rows in checked:
             job_id, attempt, end = item["job_id"], item["attempt"], item.get("end")
             row = made.get((job_id, attempt))
@@ -116,6 +117,8 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
                                     "b_run_as": end.get("run_as")})
                     finishing.append(_ended_values(row, final, now, end, started_at))
                     status = final
+                    if final in FINAL:
+                        parents.append(row.parent_id)
             elif end is not None:
                 ended = True
             results[index] = {"id": job_id, "status": status}
@@ -125,6 +128,7 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
         if closing:
             await conn.execute(_CLOSE_ATTEMPT, closing)
             await conn.execute(_FINISH_JOB, finishing)
+            await fanout.ended(conn, parents)
         claimed = await claim(conn, machine, capacity) if ended and capacity > 0 else []
         keys = []
         if ended and not claimed:
@@ -366,5 +370,6 @@ async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int |
         signal=signal, reason=reason, lease_expires_at=None,
         machine_id=None if final == "Suspended" else row.machine_id))
     if final in FINAL:
+        await fanout.ended(conn, [row.parent_id])
         _tell_ended(final, started_at if started_at is not None else row.started_at, now)
     return final

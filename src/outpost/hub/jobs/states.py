@@ -35,7 +35,7 @@ def _tell_ended(status: str, started_at: float | None, ended_at: float) -> None:
 
 VIEW_KEYS = ("id", "runbook_name", "runbook_version", "group_name", "params", "status",
              "timeout_seconds", "created_at", "started_at", "ended_at", "machine_id",
-             "activations", "attempt", "exit_code", "signal", "reason")
+             "activations", "attempt", "exit_code", "signal", "reason", "parent_id")
 
 
 def _view(row: Any) -> dict[str, Any]:

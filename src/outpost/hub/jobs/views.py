@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outpost.protocol.errors import OutpostError
 
+from .. import fanout
 from ..db import job_attempts, job_records, jobs, machines
 from ..machines import status as machine_status
 from .states import STATES, STREAMS, _view
@@ -22,6 +23,11 @@ async def get(engine: AsyncEngine, account_id: str, job_id: str) -> dict[str, An
         if row is None:
             raise OutpostError("not_found", f"No job '{job_id}' in this account.",
                                fix="See 'outpost job list'.")
+        # (a parent never ran itself: no attempt, and never Queued)
+        if row.attempt == 0 and row.parent_id is None and row.status != "Queued":
+            parent = await fanout.detail(conn, account_id, job_id)
+            if parent is not None:
+                return parent
         tried = (await conn.execute(
             sa.select(job_attempts, machines.c.name.label("machine"))
             .select_from(job_attempts.outerjoin(
@@ -63,7 +69,8 @@ async def listing(engine: AsyncEngine, account_id: str, status: str | None = Non
             raise OutpostError("invalid_request", f"Unknown job status '{status}'.",
                                fix=f"Use one of {', '.join(STATES)} (in any case).")
         status = known[status.strip().lower()]
-    query = sa.select(jobs).where(jobs.c.account_id == account_id)
+    # A job on every machine of a group is listed once, as its parent.
+    query = sa.select(jobs).where(jobs.c.account_id == account_id, jobs.c.parent_id.is_(None))
     if status:
         query = query.where(jobs.c.status == status)
     async with engine.connect() as conn:

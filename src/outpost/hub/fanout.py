@@ -1,0 +1,377 @@
+"""A job on every machine of a group, with rate control (``job start --all``).
+
+The parent is a row of ``jobs`` that no machine claims (it is never Queued, and it has no
+machine, so no lease is ever given to it): it holds the runbook, the parameters and the
+aggregate status. Its rate control is a row of ``fanouts``. Each machine of the group at
+submission gets a child: a row of ``jobs`` with ``parent_id`` and ``target_machine_id``,
+which only that machine claims. A child is one of::
+
+    Queued ... (the normal life of a job) ... Completed | Failed | Stopped
+    New:     held back; released to Queued when a child ends and a slot is free
+    Stopped: not started (the error threshold passed, the parent stopped, or the machine
+             was Unresponsive or Disconnected at submission), the reason saying which
+
+At most ``max_concurrency`` children are released and not ended at once. A child that ends
+calls :func:`ended` inside the transaction that ended it; that takes the parent's row lock
+(after the child's: every path takes the children's locks first, so none waits in a
+circle), stops dispatching once more than ``max_errors`` children Failed, otherwise
+releases the next held children and wakes their machines, and settles the parent's status:
+Running (Stopping once stopped) while a child has not ended; then Completed when every
+child Completed, Stopped when the operator stopped it, Failed otherwise.
+
+Two children that end at once on PostgreSQL each count the other's end only once it is
+committed; the parent's lock makes the second count after the first commits, so the last
+end always settles the parent and no slot is released twice.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from types import SimpleNamespace
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from outpost.protocol.errors import OutpostError
+
+from . import notify
+from .config import random_id
+from .db import fanouts, jobs, machines, work_items
+from .jobs.states import FINAL, VIEW_KEYS, _tell_ended
+from .machines import status as machine_status
+
+# A child on a machine in these states is stopped through its agent (as 'job stop' does).
+ON_MACHINE = ("Activating", "Running", "Suspending", "Suspended", "Resuming")
+# The order counts are shown in.
+ORDER = ("Completed", "Failed", "Stopped", "Stopping", "Running", "Activating", "Queued",
+         "Suspending", "Suspended", "Resuming", "New")
+_LIMIT = re.compile(r"^\s*(\d{1,9})\s*(%?)\s*$")
+
+
+def parse_limit(value: int | str | None, option: str, minimum: int
+                ) -> tuple[str, int | None, int | None]:
+    """``value`` of ``option`` as (the text given, a number, a percentage); None for
+    neither when nothing was given. A number is at least ``minimum``; a percentage is
+    1 to 100 (E8121)."""
+    if value is None:
+        return "all", None, None
+    text = str(value) if not isinstance(value, bool) else ""
+    found = _LIMIT.match(text)
+    if found is None:
+        raise _bad_limit(option, text or str(value), minimum)
+    number = int(found.group(1))
+    if found.group(2):
+        if not 1 <= number <= 100:
+            raise _bad_limit(option, text, minimum)
+        return f"{number}%", None, number
+    if number < minimum:
+        raise _bad_limit(option, text, minimum)
+    return str(number), number, None
+
+
+def _bad_limit(option: str, value: str, minimum: int) -> OutpostError:
+    at_least = "at least 1 (N)" if minimum >= 1 else "0 or more (N)"
+    return OutpostError(
+        "fanout_limit_invalid", f"The value '{value[:32]}' of {option} is not valid: give "
+        f"a whole number {at_least} or a percentage from 1% to 100% (P%).",
+        option=option, value=value[:32])
+
+
+def resolve(number: int | None, percent: int | None, children: int, *,
+            least: int) -> int | None:
+    """A limit in children: the number, or ``percent`` of ``children`` rounded down and
+    never below ``least``; None when neither was given."""
+    if number is not None:
+        return number
+    if percent is not None:
+        return max(least, children * percent // 100)
+    return None
+
+
+async def start(engine: AsyncEngine, account_id: str, values: dict[str, Any],
+                concurrency: int | str | None = None,
+                errors: int | str | None = None) -> dict[str, Any]:
+    """Create the parent (``values``: a row prepared by ``jobs.prepare``) and one child per
+    machine of its group, and release the first ``concurrency`` of them. Returns the
+    parent's view with ``fanout`` and ``warnings``.
+
+    Members are the group's machines now, Stopped ones (their agent said it was stopping)
+    left out. Unresponsive and Disconnected ones get a child that is not started (Stopped,
+    saying why; not counted as a failure), so one lost machine cannot hold a slot for ever:
+    the parent then ends Failed, since the runbook did not run everywhere.
+    """
+    given_c, number_c, percent_c = parse_limit(concurrency, "--max-concurrency", 1)
+    given_e, number_e, percent_e = parse_limit(errors, "--max-errors", 0)
+    group = values["group_name"]
+    async with engine.begin() as conn:
+        members = (await conn.execute(
+            sa.select(machines.c.id, machines.c.name, machines.c.stopped_at,
+                      machines.c.heartbeat_interval, machines.c.last_heartbeat_at,
+                      machines.c.registered_at)
+            .where(machines.c.account_id == account_id, machines.c.group_name == group)
+            .order_by(machines.c.name))).all()
+        if not members:
+            raise OutpostError("fanout_group_empty", f"No machine is registered in group "
+                               f"'{group}': there is no machine to run the job on.",
+                               group=group)
+        now = time.time()
+        states = {m.id: machine_status(m, now) for m in members}
+        ready = [m for m in members if states[m.id] in ("Healthy", "Pending")]
+        late = [m for m in members if states[m.id] in ("Unresponsive", "Disconnected")]
+        if not ready:
+            shown = ", ".join(f"{m.name} {states[m.id]}" for m in members[:10])
+            raise OutpostError("fanout_no_machine_ready", f"No machine of group '{group}' "
+                               f"can take the job now ({shown}).", group=group,
+                               machines={m.name: states[m.id] for m in members[:50]})
+        count = len(ready) + len(late)
+        max_concurrency = resolve(number_c, percent_c, count, least=1) or count
+        max_errors = resolve(number_e, percent_e, count, least=0)
+        parent_id = values["id"]
+        parent = {**values, "status": "Running", "started_at": now,
+                  "reason": f"{count} children, at most {max_concurrency} at a time"}
+        await conn.execute(jobs.insert(), parent)
+        await conn.execute(fanouts.insert().values(
+            job_id=parent_id, children=count, concurrency_given=given_c,
+            max_concurrency=max_concurrency, errors_given=None if errors is None else given_e,
+            max_errors=max_errors))
+        children, warnings = [], []
+        for index, member in enumerate(ready + late):
+            # One set of keys for every child: they are inserted in one statement.
+            child = {**values, "id": random_id(), "parent_id": parent_id,
+                     "target_machine_id": member.id, "created_at": now + index * 1e-6,
+                     "ended_at": None, "status": "New",
+                     "reason": f"waiting for a free slot (at most {max_concurrency} at a time)"}
+            if index < max_concurrency and states[member.id] in ("Healthy", "Pending"):
+                child.update(status="Queued", reason=None)
+            elif member in late:
+                why = (f"not started: machine {member.name} was {states[member.id]} at "
+                       f"submission")
+                child.update(status="Stopped", ended_at=now, reason=why)
+                warnings.append(f"{why}; its child job {child['id']} is Stopped")
+            children.append(child)
+        await conn.execute(jobs.insert(), children)
+        _tell_stopped(sum(child["status"] == "Stopped" for child in children), now)
+        for child in children:
+            if child["status"] == "Queued":
+                await notify.wake(conn, notify.machine(child["target_machine_id"]))
+        left_out = [m.name for m in members if states[m.id] == "Stopped"]
+        if left_out:
+            more = " and more" if len(left_out) > 20 else ""
+            warnings.append(f"left out (Stopped: their agents said they were stopping): "
+                            f"{', '.join(left_out[:20])}{more}")
+        await _settle(conn, parent_id)  # the parent's reason counts its children
+        view = await detail(conn, account_id, parent_id)
+    assert view is not None
+    view["warnings"] = warnings
+    return view
+
+
+_PARENT = (sa.select(jobs.c.id, jobs.c.status, jobs.c.account_id, jobs.c.started_at,
+                     fanouts.c.children, fanouts.c.max_concurrency, fanouts.c.concurrency_given,
+                     fanouts.c.max_errors, fanouts.c.errors_given, fanouts.c.halted,
+                     fanouts.c.stopped_at)
+           .select_from(jobs.join(fanouts, fanouts.c.job_id == jobs.c.id))
+           .where(jobs.c.id == sa.bindparam("b_parent")))
+_COUNTS = (sa.select(jobs.c.status, sa.func.count()).where(
+    jobs.c.parent_id == sa.bindparam("b_parent")).group_by(jobs.c.status))
+
+
+async def _counts(conn: AsyncConnection, parent_id: str) -> dict[str, int]:
+    rows = (await conn.execute(_COUNTS, {"b_parent": parent_id})).all()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+async def ended(conn: AsyncConnection, parent_ids: Iterable[str | None]) -> None:
+    """Children of these parents reached a final status in this transaction: release the
+    next held ones, or stop dispatching, and settle each parent (module docstring)."""
+    for parent_id in sorted({p for p in parent_ids if p}):
+        await _settle(conn, parent_id)
+
+
+async def _settle(conn: AsyncConnection, parent_id: str) -> None:
+    parent = (await conn.execute(_PARENT.with_for_update(of=jobs),
+                                 {"b_parent": parent_id})).first()
+    if parent is None or parent.status in FINAL:
+        return
+    now = time.time()
+    counts = await _counts(conn, parent_id)
+    if counts.get("New") and parent.halted is None:
+        failed = counts.get("Failed", 0)
+        if parent.max_errors is not None and failed > parent.max_errors:
+            why = (f"{failed} children failed, more than --max-errors {parent.errors_given} "
+                   f"lets pass ({parent.max_errors})")
+            await _halt(conn, parent_id, why, now)
+        else:
+            busy = sum(n for status, n in counts.items()
+                       if status not in FINAL and status != "New")
+            if parent.max_concurrency > busy:
+                await _release(conn, parent_id, parent.max_concurrency - busy)
+        counts = await _counts(conn, parent_id)
+    await _update_parent(conn, parent, counts, now)
+
+
+async def _halt(conn: AsyncConnection, parent_id: str, why: str, now: float) -> None:
+    """No further child starts: the held ones end Stopped, saying why."""
+    await conn.execute(fanouts.update().where(fanouts.c.job_id == parent_id).values(
+        halted=why, halted_at=now))
+    done = await conn.execute(jobs.update().where(
+        jobs.c.parent_id == parent_id, jobs.c.status == "New").values(
+        status="Stopped", ended_at=now, reason=f"not started: {why}"))
+    _tell_stopped(done.rowcount, now)
+
+
+def _tell_stopped(count: int, now: float) -> None:
+    """The metrics count children that end Stopped without starting, as 'job stop' does."""
+    for _ in range(max(count, 0)):
+        _tell_ended("Stopped", None, now)
+
+
+async def _release(conn: AsyncConnection, parent_id: str, free: int) -> None:
+    picked = (await conn.execute(
+        sa.select(jobs.c.id, jobs.c.target_machine_id)
+        .where(jobs.c.parent_id == parent_id, jobs.c.status == "New")
+        .order_by(jobs.c.created_at).limit(free)
+        .with_for_update(skip_locked=True))).all()
+    if not picked:
+        return
+    await conn.execute(jobs.update().where(
+        jobs.c.id.in_([p.id for p in picked]), jobs.c.status == "New").values(
+        status="Queued", reason=None))
+    for row in picked:
+        await notify.wake(conn, notify.machine(row.target_machine_id))
+
+
+def summary(counts: dict[str, int]) -> str:
+    """'3 Completed, 1 Failed, 2 waiting': children by status, held ones as waiting."""
+    shown = [f"{counts[s]} {'waiting' if s == 'New' else s}" for s in ORDER if counts.get(s)]
+    shown += [f"{n} {s}" for s, n in sorted(counts.items()) if s not in ORDER and n]
+    return ", ".join(shown) or "none"
+
+
+async def _update_parent(conn: AsyncConnection, parent: Any, counts: dict[str, int],
+                         now: float) -> None:
+    open_ = sum(n for status, n in counts.items() if status not in FINAL)
+    values: dict[str, Any]
+    if open_:
+        values = {"status": "Stopping" if parent.stopped_at is not None else "Running",
+                  "reason": f"{parent.children} children: {summary(counts)}"}
+    else:
+        if parent.stopped_at is not None:
+            status = "Stopped"
+        elif counts.get("Completed", 0) == parent.children:
+            status = "Completed"
+        else:
+            status = "Failed"
+        halted = (await conn.scalar(sa.select(fanouts.c.halted).where(
+            fanouts.c.job_id == parent.id)))
+        reason = f"{parent.children} children: {summary(counts)}"
+        if halted and parent.stopped_at is None:
+            reason += f"; dispatching stopped: {halted}"
+        values = {"status": status, "ended_at": now, "reason": reason}
+    await conn.execute(jobs.update().where(jobs.c.id == parent.id).values(**values))
+
+
+async def is_parent(conn: AsyncConnection, account_id: str, job_id: str) -> bool:
+    """Whether the account's job ``job_id`` is the parent of a job on every machine."""
+    return await conn.scalar(sa.select(fanouts.c.job_id).select_from(
+        fanouts.join(jobs, jobs.c.id == fanouts.c.job_id)).where(
+        fanouts.c.job_id == job_id, jobs.c.account_id == account_id)) is not None
+
+
+async def stop(engine: AsyncEngine, account_id: str, parent_id: str) -> None:
+    """Stop a parent: held and queued children end Stopped, the ones on machines are told
+    to stop (as 'job stop' tells one), and the parent is Stopping until they have ended."""
+    async with engine.begin() as conn:
+        parent = (await conn.execute(_PARENT, {"b_parent": parent_id})).first()
+        if parent is None or parent.account_id != account_id:
+            raise OutpostError("not_found", f"No job '{parent_id}' in this account.",
+                               fix="See 'outpost job list'.")
+        if parent.status in FINAL or parent.stopped_at is not None:
+            raise OutpostError("job_state_conflict", f"Job '{parent_id}' is {parent.status}; "
+                               "'stop' applies to a job on every machine of a group that is "
+                               "Running.", job=parent_id, status=parent.status, action="stop")
+        now = time.time()
+        # The children's locks first, the parent's last (in _settle), as every child's end
+        # takes them.
+        held_back = await conn.execute(jobs.update().where(
+            jobs.c.parent_id == parent_id, jobs.c.status == "New").values(
+            status="Stopped", ended_at=now,
+            reason="not started: the operator stopped its parent job"))
+        _tell_stopped(held_back.rowcount, now)
+        queued = await conn.execute(jobs.update().where(
+            jobs.c.parent_id == parent_id,
+            sa.or_(jobs.c.status == "Queued",
+                   sa.and_(jobs.c.status == "Suspended", jobs.c.machine_id.is_(None)))
+        ).values(status="Stopped", ended_at=now,
+                 reason="stopped by the operator, with its parent job"))
+        _tell_stopped(queued.rowcount, now)
+        held = (await conn.execute(sa.select(jobs.c.id, jobs.c.attempt, jobs.c.machine_id)
+                                   .where(jobs.c.parent_id == parent_id,
+                                          jobs.c.status.in_(ON_MACHINE),
+                                          jobs.c.machine_id.isnot(None)))).all()
+        if held:
+            await conn.execute(jobs.update().where(
+                jobs.c.id.in_([h.id for h in held]), jobs.c.status.in_(ON_MACHINE)).values(
+                status="Stopping", reason="stop requested by the operator, with its parent "
+                                          "job"))
+            await conn.execute(work_items.insert(), [
+                {"id": random_id(), "account_id": account_id, "machine_id": h.machine_id,
+                 "group_name": None, "kind": "job_control", "created_at": now,
+                 "payload": {"job_id": h.id, "attempt": h.attempt, "action": "stop"}}
+                for h in held])
+            for h in held:
+                await notify.wake(conn, notify.machine(h.machine_id))
+        await conn.execute(fanouts.update().where(fanouts.c.job_id == parent_id).values(
+            stopped_at=now, halted=sa.func.coalesce(fanouts.c.halted,
+                                                    "the operator stopped the job"),
+            halted_at=sa.func.coalesce(fanouts.c.halted_at, now)))
+        await _settle(conn, parent_id)
+
+
+async def detail(conn: AsyncConnection, account_id: str, parent_id: str
+                 ) -> dict[str, Any] | None:
+    """The parent's view with ``fanout`` (its rate control, counts and one line per
+    machine); None when the job is not such a parent."""
+    parent = (await conn.execute(sa.select(jobs, fanouts).select_from(
+        jobs.join(fanouts, fanouts.c.job_id == jobs.c.id)).where(
+        jobs.c.id == parent_id, jobs.c.account_id == account_id))).first()
+    if parent is None:
+        return None
+    view = {key: parent._mapping[key] for key in VIEW_KEYS}
+    view["attempts"] = []
+    view["fanout"] = await fanout_view(conn, parent)
+    return view
+
+
+async def fanout_view(conn: AsyncConnection, parent: Any) -> dict[str, Any]:
+    """``fanout`` of a parent's view; ``parent`` is its row joined with its fanouts row."""
+    rows = (await conn.execute(
+        sa.select(jobs.c.id, jobs.c.status, jobs.c.exit_code, jobs.c.signal,
+                  jobs.c.started_at, jobs.c.ended_at, jobs.c.reason,
+                  jobs.c.target_machine_id, machines.c.name, machines.c.stopped_at,
+                  machines.c.heartbeat_interval, machines.c.last_heartbeat_at,
+                  machines.c.registered_at)
+        .select_from(jobs.outerjoin(machines, machines.c.id == jobs.c.target_machine_id))
+        .where(jobs.c.parent_id == parent.id).order_by(jobs.c.created_at))).all()
+    now = time.time()
+    counts: dict[str, int] = {}
+    breakdown = []
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+        state = None
+        if r.name is not None:
+            state = machine_status(SimpleNamespace(
+                stopped_at=r.stopped_at, heartbeat_interval=r.heartbeat_interval,
+                last_heartbeat_at=r.last_heartbeat_at, registered_at=r.registered_at), now)
+        breakdown.append({"machine_id": r.target_machine_id, "machine": r.name,
+                          "machine_status": state, "job_id": r.id, "status": r.status,
+                          "exit_code": r.exit_code, "signal": r.signal,
+                          "started_at": r.started_at, "ended_at": r.ended_at,
+                          "reason": r.reason})
+    return {"children": parent.children, "concurrency_given": parent.concurrency_given,
+            "max_concurrency": parent.max_concurrency, "errors_given": parent.errors_given,
+            "max_errors": parent.max_errors, "halted": parent.halted, "counts": counts,
+            "breakdown": breakdown}

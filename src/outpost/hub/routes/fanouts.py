@@ -1,0 +1,51 @@
+"""A job on every machine of a group (``job start --all``; hub/fanout.py).
+
+The parent is a job: 'job show', 'job list' and 'job stop' reach it through the jobs' own
+routes. Only its start is a route of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import Field
+
+from outpost.protocol import models as m
+from outpost.protocol.models import INT32_MAX, Wire
+
+from .. import fanout, jobs
+from ..openapi import ok
+from .deps import HubDep, Op
+
+router = APIRouter()
+
+
+class FanoutStart(Wire):
+    runbook: str = Field(min_length=1, max_length=128)
+    group: str = Field(min_length=1, max_length=64)
+    params: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    timeout: float | str | None = Field(
+        default=None, description="Each child's timeout: seconds, or a duration such as "
+        "90s, 5m, 10min or 1h30m; at most 7 days.")
+    max_concurrency: int | str | None = Field(
+        default=None, description="Children on machines at once: N (1 or more) or P% of "
+        "the group's machines (1% to 100%, at least 1). Default: all at once.")
+    max_errors: int | str | None = Field(
+        default=None, description="Failed children that may pass: N (0 or more) or P% of "
+        "the children; at the next failure no further child is started. Default: no "
+        "limit.")
+
+
+@router.post("/v1/fanouts", tags=["jobs"], status_code=201, response_model=None,
+             responses=ok(m.FanoutStarted, 201))
+async def fanout_start(principal: Op, hub: HubDep, body: FanoutStart) -> dict[str, Any]:
+    """Run a runbook on every machine of a group: one child job per machine, at most
+    ``max_concurrency`` at a time, no further child started once more than ``max_errors``
+    have failed. The answer is the parent job; 'GET /v1/jobs/{id}' shows it with its
+    children."""
+    values = await jobs.prepare(hub.engine, principal.account_id, body.runbook, body.group,
+                                body.params, body.version, body.timeout)
+    return await fanout.start(hub.engine, principal.account_id, values, body.max_concurrency,
+                              body.max_errors)
