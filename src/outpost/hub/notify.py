@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 Kind = Literal["machine", "token", "runbook"]
@@ -57,6 +58,12 @@ class Notifier:
 
     # --- publishing (from domain code, inside its transaction) ---------------------------
     async def publish_wake(self, conn: AsyncConnection, keys: tuple[str, ...]) -> None:
+        if conn.in_transaction() and getattr(conn.engine, "notifier", None) is self:
+            # Delivered when the connection goes back to the pool, after the commit (see
+            # attach): a poller woken earlier looks before the work is visible (PostgreSQL)
+            # and then waits out its recheck.
+            conn.info.setdefault(_PENDING, []).extend(keys)
+            return
         for key in keys:
             self.deliver_wake(key)
 
@@ -107,8 +114,17 @@ def of(engine: Any) -> Notifier:
     return found if isinstance(found, Notifier) else _fallback
 
 
+_PENDING = "outpost_notify_pending"
+
+
 def attach(engine: AsyncEngine, notifier: Notifier) -> None:
     engine.notifier = notifier  # type: ignore[attr-defined]
+
+    def checked_in(_dbapi: Any, record: Any) -> None:
+        for key in record.info.pop(_PENDING, ()):
+            notifier.deliver_wake(key)
+
+    event.listen(engine.sync_engine.pool, "checkin", checked_in)
 
 
 async def wake(conn: AsyncConnection, *keys: str) -> None:
