@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outpost.common.supervise import Supervisor
@@ -43,7 +44,6 @@ ALL = "*"
 # lost notification causes).
 RECHECK = 5.0
 CHANNEL = "outpost"
-LOCAL_FALLBACK = 0.05  # seconds; see PgNotifier.publish_wake
 PAYLOAD_MAX = 7900  # PostgreSQL refuses a payload of 8000 bytes or more
 log = logging.getLogger("outpost.hub.notify")
 
@@ -93,6 +93,15 @@ class Notifier:
 
     # --- publishing (from domain code, inside its transaction) ---------------------------
     async def publish_wake(self, conn: AsyncConnection, keys: tuple[str, ...]) -> None:
+        self._wake_after_commit(conn, keys)
+
+    def _wake_after_commit(self, conn: AsyncConnection, keys: tuple[str, ...]) -> None:
+        if conn.in_transaction() and getattr(conn.engine, "notifier", None) is self:
+            # Delivered when the connection goes back to the pool, after the commit (see
+            # attach): a poller woken earlier looks before the work is visible (PostgreSQL)
+            # and then waits out its recheck.
+            conn.info.setdefault(_PENDING, []).extend(keys)
+            return
         for key in keys:
             self.deliver_wake(key)
 
@@ -192,14 +201,9 @@ class PgNotifier(Notifier):
         for payload in _payloads("w -", keys):
             await conn.execute(_NOTIFY, {"payload": payload})
         if not self._connected.is_set():
-            # Not listening, so the notification will not come back to this replica: wake
-            # its own waiters a moment after (most commits are done by then; a waiter that
-            # looks too early finds the work at its next look, RECHECK).
-            asyncio.get_running_loop().call_later(LOCAL_FALLBACK, self._deliver_all, keys)
-
-    def _deliver_all(self, keys: tuple[str, ...]) -> None:
-        for key in keys:
-            self.deliver_wake(key)
+            # Not listening, so the notification will not come back to this replica: its
+            # own waiters are woken after the commit, as in-process.
+            self._wake_after_commit(conn, keys)
 
     async def publish_invalidate(self, conn: AsyncConnection, kind: str, key: str) -> None:
         # Forgotten here at once too: a read between now and the commit may cache the old row
@@ -314,8 +318,17 @@ def of(engine: Any) -> Notifier:
     return found if isinstance(found, Notifier) else _fallback
 
 
+_PENDING = "outpost_notify_pending"
+
+
 def attach(engine: AsyncEngine, notifier: Notifier) -> None:
     engine.notifier = notifier  # type: ignore[attr-defined]
+
+    def checked_in(_dbapi: Any, record: Any) -> None:
+        for key in record.info.pop(_PENDING, ()):
+            notifier.deliver_wake(key)
+
+    event.listen(engine.sync_engine.pool, "checkin", checked_in)
 
 
 async def wake(conn: AsyncConnection, *keys: str) -> None:

@@ -17,6 +17,7 @@ from .states import HELD, LEASE_BEATS, LEASE_MIN, SEQ_SHIFT
 def lease_seconds(machine: Any) -> float:
     return max(LEASE_BEATS * float(machine.heartbeat_interval or 30), LEASE_MIN)
 
+
 # The statements of the hot paths (claim, reports) are built once, with bound parameters:
 # building a statement and generating its cache key cost more than SQLite takes to run it.
 _HELD_BY = sa.select(sa.func.count()).select_from(jobs).where(
