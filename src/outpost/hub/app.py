@@ -20,7 +20,7 @@ from outpost import __version__
 from outpost.common.supervise import Supervisor
 from outpost.protocol.errors import OutpostError
 
-from . import auth, db, edge, jobs, openapi, routes
+from . import auth, db, dispatcher, edge, jobs, openapi, routes
 from .routes.deps import COMMON_ERRORS, errors
 from .routes.hub import serve_docs
 from .state import Hub
@@ -157,9 +157,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await hub.leadership.start()
     hub.scheduler.follow(hub.leadership)
     # A database outage is logged once, by the engine's health, not at every turn.
-    tasks = Supervisor(log, quiet=(db.DatabaseUnavailable,))
+    tasks = hub.tasks = Supervisor(log, quiet=(db.DatabaseUnavailable,))
     tasks.start("prune-nonces", prune_nonces, period=60.0)
     tasks.start("reap-leases", reap, period=1.0)
+    # Work whose notification was lost (dispatcher.py): found within RECHECK seconds.
+    tasks.start("catch-up", hub.dispatcher.catch_up, period=dispatcher.RECHECK)
     tasks.start("scheduler", hub.scheduler.run, backoff_cap=5.0)
     try:
         yield

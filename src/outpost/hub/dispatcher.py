@@ -3,9 +3,16 @@
 A poller registers its wake-up (``notify.machine`` and ``notify.group`` keys, through the
 hub's notifier) before it looks for work, so an item created between the look and the wait
 is never missed. Whoever commits work wakes those keys inside its transaction (``submit``
-here, ``jobs.start`` and the rest in the jobs package); a poller that is not woken (a lost
-notification) still finds the work at its next look, every ``RECHECK`` seconds. On
-PostgreSQL the notifier carries each wake-up to every replica on the database (notify.py).
+here, ``jobs.start`` and the rest in the jobs package). On PostgreSQL the notifier carries
+each wake-up to every replica on the database (notify.py).
+
+A waiting poller does not look at the database again until it is woken. A notification
+that is lost (a listening connection that broke) is made good by one pass per replica every
+``RECHECK`` seconds (``catch_up``): it reads, per group and per machine, a summary of the
+open work, and wakes the local pollers of each whose summary changed since the pass before.
+Work that nobody could take at the last pass (every machine busy) wakes nobody again: what
+frees a slot wakes its machine itself. So a fleet of idle pollers costs the database one
+pass per replica, not one claim per poller every few seconds.
 """
 
 from __future__ import annotations
@@ -20,9 +27,26 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import jobs, machines, notify
 from .config import random_id
+from .db import jobs as jobs_table
 from .db import work_items
 
-RECHECK = 5.0
+RECHECK = notify.RECHECK
+
+# One summary per group with queued jobs, and per machine (or group) with open work items:
+# a change in any of them since the last pass means work a lost notification may hide.
+_QUEUED_BY_GROUP = (
+    sa.select(jobs_table.c.account_id, jobs_table.c.group_name, sa.func.count(),
+              sa.func.max(jobs_table.c.created_at), sa.func.sum(jobs_table.c.activations),
+              sa.func.sum(jobs_table.c.attempt))
+    .where(jobs_table.c.status == "Queued")
+    .group_by(jobs_table.c.account_id, jobs_table.c.group_name)
+)
+_OPEN_ITEMS = (
+    sa.select(work_items.c.account_id, work_items.c.machine_id, work_items.c.group_name,
+              sa.func.count(), sa.func.max(work_items.c.created_at))
+    .where(work_items.c.claimed_by.is_(None))
+    .group_by(work_items.c.account_id, work_items.c.machine_id, work_items.c.group_name)
+)
 
 
 # Built once with bound parameters: every long-poll claims with it. The pick is a
@@ -54,6 +78,25 @@ class Dispatcher:
     def __init__(self, engine: AsyncEngine, notifier: notify.Notifier | None = None) -> None:
         self._engine = engine
         self._notifier = notifier if notifier is not None else notify.of(engine)
+        self._open: dict[str, tuple[Any, ...]] = {}  # catch_up's summaries at its last pass
+        self.caught_up = 0
+
+    async def catch_up(self) -> None:
+        """Wake this replica's pollers of every group and machine whose open work changed
+        since the last pass (``caught_up``: how many keys the last pass woke)."""
+        summaries: dict[str, tuple[Any, ...]] = {}
+        async with self._engine.connect() as conn:
+            for row in await conn.execute(_QUEUED_BY_GROUP):
+                summaries[notify.group(row[0], row[1])] = tuple(row[2:])
+            for row in await conn.execute(_OPEN_ITEMS):
+                key = notify.machine(row[1]) if row[1] else notify.group(row[0], row[2])
+                summaries[key] = (*summaries.get(key, ()), *row[3:])
+        changed = [key for key, summary in summaries.items()
+                   if self._open.get(key) != summary]
+        self._open = summaries
+        for key in changed:
+            self._notifier.deliver_wake(key)
+        self.caught_up = len(changed)
 
     async def submit(self, account_id: str, kind: str, payload: dict[str, Any], *,
                      machine_id: str | None = None, group: str | None = None) -> str:
@@ -105,7 +148,7 @@ class Dispatcher:
                 if remaining <= 0 or self._notifier.closing:
                     return []
                 try:
-                    await asyncio.wait_for(ev.wait(), min(remaining, RECHECK))
+                    await asyncio.wait_for(ev.wait(), remaining)
                 except TimeoutError:
                     pass
                 ev.clear()

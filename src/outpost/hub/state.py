@@ -12,6 +12,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from outpost.common.supervise import Supervisor
+
 from . import accounts, db, install, jobs, leader, machines, metrics, notify
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
@@ -55,6 +57,7 @@ class Hub:
         self.dispatcher = Dispatcher(engine, self.notifier)
         self.scheduler = Scheduler(engine, self.dispatcher)
         self.wheel = Wheel(paths.root / "agent-dist")
+        self.tasks: Supervisor | None = None  # the background tasks, while the app runs
         self.ca_pem = paths.ca_cert.read_text()
         self.ca_fingerprint = ca_fingerprint(paths)
         self.registry = CollectorRegistry()

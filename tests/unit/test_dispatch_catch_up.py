@@ -1,0 +1,85 @@
+"""Fast tier: a waiting long-poll looks at the database again only when woken; a lost
+notification is made good by the hub's catch-up pass (dispatcher.catch_up)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from outpost.hub import notify
+from outpost.hub.dispatcher import Dispatcher
+from tests.inproc import FAST, InprocHub
+
+pytestmark = FAST
+
+
+def _stop_background_catch_up(hub: InprocHub) -> None:
+    """The test runs each pass itself, so none happens behind its back."""
+    assert hub.hub.tasks is not None
+    hub.hub.tasks.tasks["catch-up"].cancel()
+
+
+async def _waiting(hub: InprocHub, key: str) -> None:
+    for _ in range(200):
+        if hub.hub.notifier._waiters.get(key):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no poller waits on {key}")
+
+
+async def test_a_job_whose_wake_up_was_lost_is_found_by_the_next_pass(
+        fast_hub: InprocHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    _stop_background_catch_up(fast_hub)
+    await fast_hub.runbook()
+    machine = await fast_hub.machine("m1")
+    poll = asyncio.create_task(machine.poll(capacity=1, wait=20))
+    await _waiting(fast_hub, notify.group(fast_hub.init.account_id, "web"))
+
+    async def lost(_conn: Any, _keys: tuple[str, ...]) -> None:
+        return None
+
+    monkeypatch.setattr(fast_hub.hub.notifier, "publish_wake", lost)
+    job_id = await fast_hub.start_job()
+    monkeypatch.undo()
+    await asyncio.sleep(0.3)
+    assert not poll.done(), "the poller was woken although the wake-up was dropped"
+
+    await fast_hub.hub.dispatcher.catch_up()
+    assert fast_hub.hub.dispatcher.caught_up == 1
+    items = await asyncio.wait_for(poll, 5)
+    assert [item["id"] for item in items] == [job_id]
+    # Claimed: nothing is open any more, and the next pass wakes nobody.
+    await fast_hub.hub.dispatcher.catch_up()
+    assert fast_hub.hub.dispatcher.caught_up == 0
+
+
+async def test_work_nobody_could_take_wakes_nobody_again(
+        fast_hub: InprocHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    _stop_background_catch_up(fast_hub)
+    await fast_hub.runbook()
+    machine = await fast_hub.machine("m1")
+    await fast_hub.start_job()
+    claims = 0
+    claim = Dispatcher.claim
+
+    async def counted(self: Dispatcher, *args: Any, **kw: Any) -> list[dict[str, Any]]:
+        nonlocal claims
+        claims += 1
+        return await claim(self, *args, **kw)
+
+    monkeypatch.setattr(Dispatcher, "claim", counted)
+    # A machine with no free slot: it looks once and waits.
+    poll = asyncio.create_task(machine.poll(capacity=0, wait=20))
+    await _waiting(fast_hub, notify.machine(machine.id))
+    assert claims == 1
+    await fast_hub.hub.dispatcher.catch_up()  # the queued job is new to the pass: a look
+    await asyncio.sleep(0.1)
+    assert claims == 2
+    for _ in range(3):  # the same open work: no look at all
+        await fast_hub.hub.dispatcher.catch_up()
+        assert fast_hub.hub.dispatcher.caught_up == 0
+    await asyncio.sleep(0.1)
+    assert claims == 2
+    poll.cancel()
