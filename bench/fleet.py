@@ -319,8 +319,17 @@ def _worker(spec: FleetSpec, conn: multiprocessing.connection.Connection) -> Non
         asyncio.run(_worker_main(spec, conn))
 
 
+FD_WANTED = 65536  # 10,000 agents hold about 20,000 connections to one hub
+
+
 def _raise_fd_limit() -> int:
+    """Raise this process's descriptor limit (and, as root, the hard one, to FD_WANTED):
+    the hub started from here inherits it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < FD_WANTED and os.geteuid() == 0:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (FD_WANTED, FD_WANTED))
+            return FD_WANTED
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
