@@ -12,20 +12,16 @@ from fastapi import APIRouter
 from pydantic import Field
 
 from outpost.protocol import models as m
-from outpost.protocol.models import INT32_MAX, Wire
 
 from .. import fanout, jobs
 from ..openapi import ok
 from .deps import HubDep, Op
+from .jobs import JobStart
 
 router = APIRouter()
 
 
-class FanoutStart(Wire):
-    runbook: str = Field(min_length=1, max_length=128)
-    group: str = Field(min_length=1, max_length=64)
-    params: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
+class FanoutStart(JobStart):
     timeout: float | str | None = Field(
         default=None, description="Each child's timeout: seconds, or a duration such as "
         "90s, 5m, 10min or 1h30m; at most 7 days.")
