@@ -301,7 +301,9 @@ def test_outpost_log_overrides_the_config_log_level(hub: Hub, agents: list[Agent
 
     log = _in_log(loud, " DEBUG outpost.agent: ")
     assert " INFO outpost.agent: agent " in log  # the start line, below the config's level
-    assert '"level": "DEBUG"' in (loud.state_dir / "agent.log").read_text()  # JSON lines
+    # The JSON-lines file gets the same records (written a moment after the console's).
+    wait_until(lambda: '"level": "DEBUG"' in (loud.state_dir / "agent.log").read_text(), 10,
+               what="a DEBUG record in agent.log")
 
     # Without OUTPOST_LOG the config's level applies.
     _running(quiet)

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Annotated, Any, Optional
 from urllib.parse import quote
 
-import click
 import typer
 
 from outpost.protocol import durations
@@ -128,7 +127,8 @@ def start(
     machine of GROUP, at most --max-concurrency at a time ('job show' shows each one)."""
     _check_fanout_options(group, all_, count, follow, max_concurrency, max_errors)
     if group is None:
-        raise click.MissingParameter(param_hint="'--group'", param_type="option")
+        raise typer.BadParameter("Missing option: give the group whose machines may run it "
+                                 "(with --all, every machine of it).", param_hint="'--group'")
     if follow and count > 1:
         raise typer.BadParameter(f"--follow shows one job's output; to wait for all {count} "
                                  "jobs use --wait.")
