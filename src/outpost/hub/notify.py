@@ -4,17 +4,18 @@ Domain code calls :func:`wake` and :func:`invalidate` inside the transaction tha
 change; every hub replica on the same database then wakes its waiters and drops its cached
 entries. Keys are built here (:func:`machine`, :func:`group`, :func:`item`), never by hand.
 
-On SQLite (one hub process) delivery is in-process and immediate: the woken poller's claim
-queues behind the writer on the single connection, so it sees the committed row. On
-PostgreSQL (:class:`PgNotifier`) the notifier sends ``pg_notify`` in the transaction
-(delivered at commit, so a rolled-back change notifies nobody) and one listening connection
-per replica, opened apart from the pool, delivers it to that replica's waiters and cache
-listeners. When that connection is lost (a database restart) it is opened again with backoff,
-and every waiter is woken and every cache flushed, since anything could have been missed.
+In-process (SQLite: one hub process) a wake-up published inside a transaction is delivered
+when the connection goes back to the pool, after the commit (``attach`` sets the pool
+listener), so the woken poller sees the committed row. On PostgreSQL (:class:`PgNotifier`)
+the notifier sends ``pg_notify`` in the transaction (delivered at commit, so a rolled-back
+change notifies nobody) and one listening connection per replica, opened apart from the
+pool, delivers it to that replica's waiters and cache listeners. When that connection is
+lost (a database restart) it is opened again with backoff, and every waiter is woken and
+every cache flushed, since anything could have been missed.
 
-A notification is a hint, never the record: a waiter looks at the database again at least
-every :data:`RECHECK` seconds (the dispatcher's long-poll does), so a lost notification
-delays work by at most that long and never loses it.
+A notification is a hint, never the record: each replica's catch-up pass
+(``Dispatcher.catch_up``, every :data:`RECHECK` seconds) wakes the waiters of any open work
+that changed, so a lost notification delays work by at most that long and never loses it.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ KINDS: tuple[Kind, ...] = ("machine", "token", "runbook")
 # The key an invalidation listener receives when it must forget everything it holds (the
 # notifications of a while may have been missed).
 ALL = "*"
-# The longest a waiter goes without looking at the database again (the bound on the delay a
-# lost notification causes).
+# How often each replica's catch-up pass looks for open work whose wake-up may have been lost
+# (the bound on the delay a lost notification causes).
 RECHECK = 5.0
 CHANNEL = "outpost"
 PAYLOAD_MAX = 7900  # PostgreSQL refuses a payload of 8000 bytes or more
@@ -215,7 +216,7 @@ class PgNotifier(Notifier):
         for key in keys:
             self.deliver_wake(key)
         if not self._connected.is_set():
-            return  # the other replicas find it at their next look (RECHECK)
+            return  # the other replicas' catch-up passes find it (RECHECK)
         for key in keys:
             try:
                 self._outbox.put_nowait(key)
