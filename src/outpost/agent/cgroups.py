@@ -184,9 +184,13 @@ class Group:
                 return True
             if time.monotonic() > deadline:
                 return False
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+            # Stopped first, all of them, then killed: killed one by one, a shell whose child
+            # died before it would run on for a moment and report the child 'Killed' in the
+            # job's output (the pids are killed in number order, and numbers wrap).
+            for sig in (signal.SIGSTOP, signal.SIGKILL):
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
             rounds += 1
             if rounds > 3:  # killed, and not gone yet: give them a moment to exit
                 time.sleep(0.002)
