@@ -34,13 +34,21 @@ def running(hub: Hub, tmp_path: Path, agents: list[Agent], name: str = "c1") -> 
     return agent
 
 
+def _replace(path: Path, data: bytes) -> None:
+    """The damaged content in place at once: written in place, the agent could read the
+    file empty in between and report that instead of the damage under test."""
+    tmp = path.with_name(path.name + ".damage")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def garbage(path: Path) -> None:
-    path.write_bytes(os.urandom(64) + b"\x00\xff not json")
+    _replace(path, os.urandom(64) + b"\x00\xff not json")
 
 
 def truncate(path: Path) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+    _replace(path, data[: len(data) // 2])
 
 
 def flip(path: Path) -> None:
@@ -49,7 +57,7 @@ def flip(path: Path) -> None:
     at = data.index(b'"', data.index(b'"data"') + 8) + 1  # first string key inside "data"
     at = data.index(b'": "', at) + 4  # ... and its value's first character
     data[at] ^= 0x01
-    path.write_bytes(bytes(data))
+    _replace(path, bytes(data))
     json.loads(data)  # still JSON; only the checksum tells
 
 

@@ -148,10 +148,12 @@ def test_every_machine_runs_it_once_at_most_n_at_a_time_and_stops_as_told(
 
     # --- one machine lost (Unresponsive), one stopped: stop the parent mid-run ------------
     agents[4].stop(signal.SIGKILL)  # w5
-    agents[3].stop()  # w4: its agent says it is stopping
-    wait_until(lambda: hub.machines()["w5"]["status"] == "Unresponsive", 20,
+    # w4: its agent says it is stopping (a graceful stop: killed after 10 s, it could not)
+    assert agents[3].stop() == 0, agents[3].log()[-3000:]
+    wait_until(lambda: hub.machines()["w5"]["status"] == "Unresponsive", 30,
                what="w5 Unresponsive")
-    wait_until(lambda: hub.machines()["w4"]["status"] == "Stopped", 20, what="w4 Stopped")
+    wait_until(lambda: hub.machines()["w4"]["status"] == "Stopped", 30,
+               what=f"w4 Stopped\n{agents[3].log()[-3000:]}")
     _ledger(shared, "c")
     (shared / "go-c").touch()
     parent = _start(hub, "c", "--max-concurrency", "1", "--param", "hold=yes")
