@@ -811,6 +811,35 @@ _ENTRIES += (
         500, None),
 )
 
+_ENTRIES += (
+    # --- extension packages (E9000-E9029) -------------------------------------------------
+    Entry(
+        "E9000", "ext_package_invalid", "The extension package is not valid: {problem}.",
+        ("The file is not a gzip-compressed tar archive, or its manifest "
+         "(outpost-extension.json at the archive's root) is missing or does not validate, "
+         "or a file it names is not in the archive, or a member would unpack outside the "
+         "package (an absolute path, '..', a link, a device).",),
+        ("Fix what the message names and build the archive again (for example 'tar -czf "
+         "ext-1.0.0.tar.gz -C DIR .'); 'outpost extension publish' checks it the same way "
+         "the agent does.",),
+        422, "EX-8"),
+    Entry(
+        "E9001", "ext_package_digest", "The extension package {name} {version} does not "
+        "match its digest: expected SHA-256 {expected}, got {actual}.",
+        ("The package was changed or cut short between the hub and the machine (a proxy, "
+         "a full disk), or the hub's copy is damaged.",),
+        ("Publish the package again ('outpost extension publish FILE'); the agent keeps "
+         "the version it has and tries again at its next heartbeat.",),
+        422, "EX-8"),
+    Entry(
+        "E9002", "ext_package_too_large", "The extension package is larger than {limit}.",
+        ("An extension package is read whole before it is unpacked, so its size is "
+         "bounded.",),
+        ("Leave large data out of the package: let its install handler fetch or build "
+         "it.",),
+        413, None),
+)
+
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 BY_NAME: dict[str, Entry] = {e.name: e for e in _ENTRIES}
 # Codes retired into another entry (E6003, spread_invalid, is now E7051): an older hub may

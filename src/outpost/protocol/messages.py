@@ -50,6 +50,8 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ('duration_invalid', "{} '{}' is out of range: give {}{}."),
     ('expiry_invalid', "Expiry '{}' is already past."),
     ('expiry_invalid', "Expiry '{}' is not an ISO 8601 date."),
+    ('ext_package_invalid', 'The extension package is not valid: {}.'),
+    ('ext_package_too_large', 'The extension package is larger than {} MiB.'),
     ('fanout_group_empty', "No machine is registered in group '{}': there is no machine to run the job on."),
     ('fanout_limit_invalid', "The value '{}' of {} is not valid: give a whole number {} or a percentage from 1% to 100% (P%)."),
     ('fanout_no_machine_ready', "No machine of group '{}' can take the job now ({})."),

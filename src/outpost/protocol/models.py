@@ -89,6 +89,9 @@ class HeartbeatAck(Wire):
     abandon: list[str] = Field(default_factory=list, description="Jobs whose attempt on this "
                                "machine the hub gave up (their lease expired): the agent "
                                "ends them.")
+    extensions_etag: str = Field(default="", description="The etag of the extensions this "
+                                 "machine should have; when it differs from the agent's, "
+                                 "the agent fetches GET /v1/agent/extensions.")
 
 
 class OutputRecord(Wire):

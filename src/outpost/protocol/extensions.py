@@ -1,0 +1,211 @@
+"""Extensions: the package format, the desired state the hub hands an agent, and what the
+agent reports back. Shared by the hub (publish, goals) and the agent (download, reconcile).
+
+A package is a gzip-compressed tar archive holding ``outpost-extension.json`` (the
+``Manifest``) at its root and the files its handlers run. Its identity is its SHA-256: the
+hub records it at publish, the agent checks it before unpacking. ``packages.read`` (in
+``outpost.protocol.extpackage``) validates an archive completely, in memory, before anything
+is written, so a bad package is refused whole, naming the field or the file.
+
+The agent learns its goals through ``HeartbeatAck.extensions_etag``: when it differs from
+the etag of the goals it holds, it fetches ``GET /v1/agent/extensions`` (an
+``ExtensionGoals``), reconciles, and reports each extension's ``ExtensionStatus`` with
+``POST /v1/agent/extensions/status``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from .models import INT32_MAX, INT64_MAX, Wire
+
+MANIFEST_NAME = "outpost-extension.json"
+SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}([-+][A-Za-z0-9.-]{1,32})?$")
+# A package is read whole into memory at publish and by the agent before unpacking.
+PACKAGE_MAX_BYTES = 64 * 1024 * 1024
+PACKAGE_MAX_MEMBERS = 10_000
+UNPACKED_MAX_BYTES = 512 * 1024 * 1024
+
+# The handler commands, in the order an update runs them (disable old, update, uninstall
+# old, install new, enable new).
+HANDLERS = ("install", "enable", "disable", "update", "uninstall")
+HandlerName = Literal["install", "enable", "disable", "update", "uninstall"]
+DEFAULT_HANDLER_TIMEOUT = 300.0
+
+State = Literal["NotInstalled", "Installing", "Transitioning", "Ready", "NotReady", "Failed"]
+STATES: tuple[State, ...] = ("NotInstalled", "Installing", "Transitioning", "Ready",
+                             "NotReady", "Failed")
+# The steps an agent takes for an extension: the handler commands, and its own.
+Step = Literal["download", "verify", "unpack", "install", "enable", "disable", "update",
+               "uninstall", "rollback"]
+# What a handler writes to its status file.
+HandlerStatus = Literal["transitioning", "success", "warning", "error"]
+
+
+class Command(Wire):
+    """A program inside the package, run with its arguments."""
+
+    run: str = Field(min_length=1, max_length=1024,
+                     description="A path inside the package, relative to its root "
+                                 "(for example 'bin/enable').")
+    args: list[str] = Field(default_factory=list, max_length=256)
+    timeout_seconds: float = Field(default=DEFAULT_HANDLER_TIMEOUT, gt=0, le=86400)
+
+    @field_validator("run")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        parts = value.split("/")
+        if value.startswith("/") or ".." in parts or "\\" in value or "\x00" in value:
+            raise ValueError(f"'{value}' is not a path inside the package: give a relative "
+                             "path without '..'")
+        return value
+
+
+class Operation(Command):
+    """An operation asked of the extension on a machine (for backup: snapshot, restore)."""
+
+    start_timeout_seconds: float = Field(
+        default=600, gt=0, le=86400,
+        description="How long an asked operation may wait for the agent to start it "
+                    "(151076 after it).")
+    expected_seconds: float = Field(
+        default=3600, gt=0, le=7 * 86400,
+        description="How long it is expected to run; a new operation that finds it still "
+                    "running past this fails with 150066.")
+    pressure: bool = Field(
+        default=True, description="Wait while the machine's CPU or memory is over the "
+                                  "agent's pressure thresholds before starting.")
+
+
+class Limits(Wire):
+    """The extension's cgroup: None is the agent's default."""
+
+    memory_mb: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    cpus: float | None = Field(default=None, gt=0, le=1024)
+    processes: int | None = Field(default=None, ge=1, le=INT32_MAX)
+
+
+class Manifest(Wire):
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    name: str = Field(description="Lowercase letters, digits, '.', '_' and '-'; 1 to 64.")
+    version: str = Field(description="Numbers separated by dots, as 1.2.3.")
+    description: str = Field(default="", max_length=4096)
+    min_agent_version: str = Field(default="0.0.0", max_length=64)
+    handlers: dict[HandlerName, Command] = Field(
+        description="install, enable, disable, update, uninstall; enable and disable are "
+                    "required, a missing other one does nothing.")
+    operations: dict[str, Operation] = Field(default_factory=dict, max_length=64)
+    limits: Limits = Field(default_factory=Limits)
+    settings_schema: dict[str, Any] | None = Field(
+        default=None, description="A JSON Schema the public settings must satisfy.")
+    protected_settings_schema: dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"'{value}' is not an extension name: use 1 to 64 lowercase "
+                             "letters, digits, '.', '_' or '-', starting with a letter or "
+                             "digit")
+        return value
+
+    @field_validator("version", "min_agent_version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not VERSION_RE.match(value):
+            raise ValueError(f"'{value}' is not a version: use numbers separated by dots, "
+                             "as 1.2.3")
+        return value
+
+    @field_validator("handlers")
+    @classmethod
+    def _required(cls, value: dict[str, Command]) -> dict[str, Command]:
+        missing = [h for h in ("enable", "disable") if h not in value]
+        if missing:
+            raise ValueError(f"the handler(s) {', '.join(missing)} are required")
+        return value
+
+    @field_validator("operations")
+    @classmethod
+    def _operation_names(cls, value: dict[str, Operation]) -> dict[str, Operation]:
+        for name in value:
+            if not NAME_RE.match(name):
+                raise ValueError(f"'{name}' is not an operation name: use lowercase "
+                                 "letters, digits, '.', '_' or '-'")
+        return value
+
+
+class PackageInfo(Wire):
+    """A published package, as the hub lists it."""
+
+    name: str
+    version: str
+    sha256: str
+    size: int = Field(ge=0, le=INT64_MAX)
+    published_at: float
+    manifest: Manifest
+
+
+class ExtensionGoal(Wire):
+    """One extension a machine should have, as the hub resolved it for that machine."""
+
+    name: str
+    version: str
+    sha256: str
+    size: int = Field(ge=0, le=INT64_MAX)
+    enabled: bool = True
+    seq: int = Field(ge=0, le=INT64_MAX, description="The settings' sequence number: it "
+                     "grows with every change of the goal.")
+    settings: dict[str, Any] = Field(default_factory=dict)
+    protected: str | None = Field(default=None, description="The protected settings, a JSON "
+                                  "object sealed to the machine's key (base64 of a NaCl "
+                                  "sealed box to the Curve25519 form of its Ed25519 key).")
+    run_as: str | None = Field(default=None, max_length=64, description="The user its "
+                               "handlers run as when the operator asked for one "
+                               "('extension set --run-as'); None is the agent's own "
+                               "unprivileged extension user.")
+    retry: int = Field(default=0, ge=0, le=INT64_MAX, description="Grows with each "
+                       "'extension retry': a version that failed is tried again once it "
+                       "changed.")
+
+
+class ExtensionGoals(Wire):
+    etag: str
+    goals: list[ExtensionGoal] = Field(default_factory=list)
+
+
+class ExtensionStatus(Wire):
+    """What the agent reports of one extension."""
+
+    name: str = Field(max_length=64)
+    version: str | None = Field(default=None, max_length=64,
+                                description="The version installed now, if any.")
+    target_version: str | None = Field(default=None, max_length=64)
+    state: State
+    step: Step | None = Field(default=None, description="The step running now, or the one "
+                              "that failed.")
+    message: str = Field(default="", max_length=4000)
+    code: int | None = Field(default=None, ge=-INT32_MAX, le=INT32_MAX,
+                             description="The handler's own code from its status file.")
+    changed_at: float = Field(ge=0)
+    seq: int = Field(default=0, ge=0, le=INT64_MAX)
+    failed_versions: list[str] = Field(default_factory=list, max_length=64,
+                                       description="Versions not tried again until retried.")
+    last_ready_version: str | None = Field(default=None, max_length=64)
+
+
+class ExtensionStatusReport(Wire):
+    extensions: list[ExtensionStatus] = Field(default_factory=list, max_length=256)
+
+
+class HandlerStatusFile(Wire):
+    """What a handler writes to ``$OUTPOST_EXT_STATUS_DIR/<seq>.status`` (JSON)."""
+
+    status: HandlerStatus
+    code: int = Field(default=0, ge=-INT32_MAX, le=INT32_MAX)
+    message: str = Field(default="", max_length=4000)

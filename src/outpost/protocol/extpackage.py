@@ -1,0 +1,158 @@
+"""Reading and unpacking an extension package: the same checks at publish (the hub) and
+before unpacking (the agent), so a bad package never reaches a machine half-way.
+
+``read(data)`` validates the whole archive in memory and returns its ``Package``;
+``unpack(data, dest, expected_sha256)`` checks the digest, validates again, and writes the
+files into a fresh directory beside ``dest`` that is renamed into place only when complete
+(an existing ``dest`` is left as it was).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from pydantic import ValidationError
+
+from .errors import OutpostError
+from .extensions import (
+    MANIFEST_NAME, PACKAGE_MAX_BYTES, PACKAGE_MAX_MEMBERS, UNPACKED_MAX_BYTES, Manifest,
+)
+
+
+@dataclass(frozen=True)
+class Package:
+    manifest: Manifest
+    sha256: str
+    size: int
+    files: frozenset[str]  # regular files, as paths relative to the package's root
+    executables: frozenset[str]
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _bad(problem: str) -> OutpostError:
+    return OutpostError("ext_package_invalid", f"The extension package is not valid: "
+                        f"{problem}.", problem=problem)
+
+
+def _member_path(name: str) -> str:
+    """The member's path relative to the package root, or a refusal naming it."""
+    clean = name[2:] if name.startswith("./") else name
+    path = PurePosixPath(clean)
+    if (not clean or clean.startswith("/") or ".." in path.parts or "\\" in clean
+            or "\x00" in clean):
+        raise _bad(f"the member '{name}' would unpack outside the package")
+    return str(path) if str(path) != "." else ""
+
+
+def _field(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(the manifest)"
+    return f"{MANIFEST_NAME}: {where}: {first['msg']}"
+
+
+def read(data: bytes) -> Package:
+    """The package in ``data``, validated; E9000/E9002 naming what is wrong otherwise."""
+    if len(data) > PACKAGE_MAX_BYTES:
+        raise OutpostError("ext_package_too_large",
+                           f"The extension package is larger than "
+                           f"{PACKAGE_MAX_BYTES // (1024 * 1024)} MiB.",
+                           limit=PACKAGE_MAX_BYTES, size=len(data))
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise _bad(f"it is not a gzip-compressed tar archive ({exc})") from None
+    files: set[str] = set()
+    executables: set[str] = set()
+    manifest_bytes: bytes | None = None
+    total = 0
+    with archive:
+        try:
+            members = archive.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise _bad(f"the archive is damaged ({exc})") from None
+        if len(members) > PACKAGE_MAX_MEMBERS:
+            raise _bad(f"it holds {len(members)} members, more than {PACKAGE_MAX_MEMBERS}")
+        for member in members:
+            path = _member_path(member.name)
+            if member.isdir():
+                continue
+            if not member.isfile():
+                kind = "a link" if member.issym() or member.islnk() else "not a regular file"
+                raise _bad(f"the member '{member.name}' is {kind}; a package holds only "
+                           "regular files and directories")
+            if path in files:
+                raise _bad(f"the member '{member.name}' appears twice")
+            total += member.size
+            if total > UNPACKED_MAX_BYTES:
+                raise _bad(f"it unpacks to more than {UNPACKED_MAX_BYTES // (1024 * 1024)} MiB")
+            files.add(path)
+            if member.mode & 0o111:
+                executables.add(path)
+            if path == MANIFEST_NAME:
+                handle = archive.extractfile(member)
+                manifest_bytes = handle.read() if handle else b""
+    if manifest_bytes is None:
+        raise _bad(f"{MANIFEST_NAME} is missing at the archive's root")
+    try:
+        raw = json.loads(manifest_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"{MANIFEST_NAME} is not JSON ({exc})") from None
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise _bad(_field(exc)) from None
+    commands = [(f"handlers.{k}", c) for k, c in manifest.handlers.items()]
+    commands += [(f"operations.{k}", c) for k, c in manifest.operations.items()]
+    for field, command in commands:
+        run = str(PurePosixPath(command.run))
+        if run not in files:
+            raise _bad(f"{MANIFEST_NAME}: {field}.run: '{command.run}' is not a file in the "
+                       "package")
+        if run not in executables:
+            raise _bad(f"{MANIFEST_NAME}: {field}.run: '{command.run}' is not executable "
+                       "(chmod +x it before building the archive)")
+    return Package(manifest=manifest, sha256=digest(data), size=len(data),
+                   files=frozenset(files), executables=frozenset(executables))
+
+
+def unpack(data: bytes, dest: Path, expected_sha256: str | None = None) -> Package:
+    """Check, validate and unpack ``data`` into the new directory ``dest`` (which must not
+    exist); nothing is left behind when a check fails."""
+    if expected_sha256 is not None:
+        actual = digest(data)
+        if actual != expected_sha256:
+            raise OutpostError("ext_package_digest", expected=expected_sha256, actual=actual,
+                               name=dest.parent.name, version=dest.name)
+    package = read(data)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+            for member in archive.getmembers():
+                path = _member_path(member.name)
+                if member.isdir() or not path:
+                    continue
+                target = scratch / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = archive.extractfile(member)
+                assert source is not None  # a regular file, checked by read()
+                with open(target, "wb") as out:
+                    shutil.copyfileobj(source, out)
+                os.chmod(target, 0o755 if path in package.executables else 0o644)
+        os.chmod(scratch, 0o755)
+        os.rename(scratch, dest)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return package
