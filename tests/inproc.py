@@ -114,6 +114,10 @@ class Machine:
             headers["Content-Type"] = "application/json"
         return await self.hub.http.request(method, path, content=body, headers=headers)
 
+    async def replay(self, request: httpx.Request) -> httpx.Response:
+        """The very same signed request sent again (as a replaying attacker would)."""
+        return await self.hub.http.send(request)
+
     async def ok(self, method: str, path: str, payload: Any = None) -> Any:
         """The JSON answer of a call that must succeed."""
         response = await self.call(method, path, payload)

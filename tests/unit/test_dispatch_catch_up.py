@@ -83,3 +83,73 @@ async def test_work_nobody_could_take_wakes_nobody_again(
     await asyncio.sleep(0.1)
     assert claims == 2
     poll.cancel()
+
+
+async def test_a_poll_after_an_empty_one_skips_its_claim_until_a_wake_up(
+        fast_hub: InprocHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle fleet's long-polls cost no claim each: a poll whose machine and group heard
+    no wake-up since its machine last found nothing goes straight to waiting."""
+    _stop_background_catch_up(fast_hub)
+    await fast_hub.runbook()
+    machine = await fast_hub.machine("m1")
+    dispatcher = fast_hub.hub.dispatcher
+    claims = 0
+    claim = Dispatcher.claim
+
+    async def counted(self: Dispatcher, *args: Any, **kw: Any) -> list[dict[str, Any]]:
+        nonlocal claims
+        claims += 1
+        return await claim(self, *args, **kw)
+
+    monkeypatch.setattr(Dispatcher, "claim", counted)
+    assert await machine.poll(capacity=1) == []
+    assert claims == 1
+    for _ in range(3):
+        assert await machine.poll(capacity=1) == []
+    assert claims == 1 and dispatcher.skipped == 3
+
+    # Another capacity is another question: it looks.
+    assert await machine.poll(capacity=2) == []
+    assert claims == 2
+
+    # A job queued for its group wakes the group's key: the next poll looks, and takes it.
+    job_id = await fast_hub.start_job()
+    items = await machine.poll(capacity=2)
+    assert [item["id"] for item in items] == [job_id]
+    assert claims == 3
+
+    # Work addressed to the machine (a ping's work item) wakes the machine's key.
+    assert await machine.poll(capacity=2) == []  # its slot holds the job: nothing new
+    before = claims
+    await dispatcher.submit(fast_hub.init.account_id, "ping", {"sent_at": 0.0},
+                            machine_id=machine.id)
+    items = await machine.poll(capacity=2)
+    assert [item["kind"] for item in items] == ["ping"] and claims == before + 1
+
+    # Everything woken at once (a replica that reconnected): every poll looks again.
+    assert await machine.poll(capacity=2) == []
+    before = claims
+    fast_hub.hub.notifier.wake_all()
+    assert await machine.poll(capacity=2) == []
+    assert claims == before + 1
+
+
+async def test_a_wake_up_lost_between_polls_is_found_by_the_catch_up_pass(
+        fast_hub: InprocHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A skipped claim never hides work for longer than a lost notification does: the
+    catch-up pass wakes the group, which counts as a wake-up for the next poll."""
+    _stop_background_catch_up(fast_hub)
+    await fast_hub.runbook()
+    machine = await fast_hub.machine("m1")
+    assert await machine.poll(capacity=1) == []
+
+    async def lost(_conn: Any, _keys: tuple[str, ...]) -> None:
+        return None
+
+    monkeypatch.setattr(fast_hub.hub.notifier, "publish_wake", lost)
+    job_id = await fast_hub.start_job()
+    monkeypatch.undo()
+    assert await machine.poll(capacity=1) == [], "a poll looked although nothing woke it"
+    await fast_hub.hub.dispatcher.catch_up()
+    items = await machine.poll(capacity=1)
+    assert [item["id"] for item in items] == [job_id]

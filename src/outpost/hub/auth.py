@@ -4,6 +4,7 @@ signature with timestamp and nonce), or an operator (bearer API token)."""
 from __future__ import annotations
 
 import time
+import weakref
 from datetime import datetime, timezone
 from collections.abc import MutableMapping
 from typing import Any
@@ -17,6 +18,7 @@ from outpost.protocol import signing, versions
 from outpost.protocol.errors import OutpostError
 
 from . import accounts, machines, webhooks
+from .batching import Batch, Batcher
 from .db import nonces
 from .vault import Vault
 
@@ -92,22 +94,65 @@ async def registration(
     return account_id
 
 
-async def _first_seen(engine: AsyncEngine, signer: str, nonce: str, **details: str) -> None:
-    """Store the nonce; E1009 if this signer sent it before (within twice the window)."""
+class NonceWriter(Batcher[tuple[str, str]]):
+    """Nonces stored in batches: one transaction for the requests of a ``window``. A
+    batch that meets a nonce already stored stores its rows one by one to find which."""
+
+    async def write(self, batch: Batch[tuple[str, str]]) -> None:
+        rows = list(batch.rows.values())
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(_NEW_NONCE, rows)
+            return
+        except IntegrityError:
+            if len(rows) == 1:
+                batch.outcome[next(iter(batch.rows))] = OutpostError("replayed_request")
+                return
+        for key, row in batch.rows.items():
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.execute(_NEW_NONCE, row)
+            except IntegrityError:
+                batch.outcome[key] = OutpostError("replayed_request")
+
+
+# A heartbeat or a long-poll may wait this long for other requests' nonces to share its
+# transaction (what every other request stores at once, with whatever joined it so far).
+NONCE_WINDOW = 0.05
+_nonce_writers: weakref.WeakKeyDictionary[AsyncEngine, NonceWriter] = (
+    weakref.WeakKeyDictionary())
+
+
+def nonce_writer(engine: AsyncEngine) -> NonceWriter:
+    found = _nonce_writers.get(engine)
+    if found is None:
+        found = _nonce_writers[engine] = NonceWriter(engine, NONCE_WINDOW)
+    return found
+
+
+async def _first_seen(engine: AsyncEngine, signer: str, nonce: str, *, wait: bool = False,
+                      **details: str) -> None:
+    """Store the nonce; E1009 if this signer sent it before (within twice the window).
+    ``wait``: the request may wait for others to share the write (NONCE_WINDOW)."""
     if len(nonce) > 64:
         raise OutpostError("replayed_request", fix="Send a fresh nonce of at most 64 characters.")
+    writer = nonce_writer(engine)
+    key = (signer, nonce)
+    if writer.pending(key):
+        raise OutpostError("replayed_request", **details)
     try:
-        async with engine.begin() as conn:
-            await conn.execute(_NEW_NONCE, {"machine_id": signer, "nonce": nonce,
-                                            "seen_at": time.time()})
-    except IntegrityError as exc:
+        await writer.add(key, {"machine_id": signer, "nonce": nonce, "seen_at": time.time()},
+                         now=not wait)
+    except OutpostError as exc:
         raise OutpostError("replayed_request", **details) from exc
 
 
 async def machine(
-    engine: AsyncEngine, headers: Any, method: str, path: str, body: bytes
+    engine: AsyncEngine, headers: Any, method: str, path: str, body: bytes,
+    *, batched: bool = False
 ) -> Any:
-    """The machine row of a correctly signed, fresh, first-seen agent request."""
+    """The machine row of a correctly signed, fresh, first-seen agent request.
+    ``batched``: its nonce may wait for others' (a heartbeat's, a long-poll's)."""
     machine_id = headers.get(signing.H_MACHINE, "")
     stamp = headers.get(signing.H_DATE, "")
     nonce = headers.get(signing.H_NONCE, "")
@@ -124,7 +169,7 @@ async def machine(
                            hub_time=signing.format_time(now))
     if not nonce:
         raise OutpostError("replayed_request", fix="Send a fresh nonce of at most 64 characters.")
-    await _first_seen(engine, row.id, nonce, machine_id=row.id)
+    await _first_seen(engine, row.id, nonce, wait=batched, machine_id=row.id)
     return row
 
 

@@ -13,6 +13,14 @@ open work, and wakes the local pollers of each whose summary changed since the p
 Work that nobody could take at the last pass (every machine busy) wakes nobody again: what
 frees a slot wakes its machine itself. So a fleet of idle pollers costs the database one
 pass per replica, not one claim per poller every few seconds.
+
+Nor does a poll that follows an empty one claim again when nothing could have changed: the
+notifier counts the wake-ups of each key (``Notifier.mark``), and a poll whose machine and
+group keys heard none since that machine's last empty claim (same capacity, same group)
+goes straight to waiting. Whatever makes work claimable wakes one of those keys (a submit,
+a requeue, a freed slot, the catch-up pass), so the claim it skips would have found nothing.
+A PostgreSQL replica whose listening connection is down hears nothing reliably and always
+claims.
 """
 
 from __future__ import annotations
@@ -80,6 +88,11 @@ class Dispatcher:
         self._notifier = notifier if notifier is not None else notify.of(engine)
         self._open: dict[str, tuple[Any, ...]] = {}  # catch_up's summaries at its last pass
         self.caught_up = 0
+        # Per machine, what its last claim that found nothing saw: the notifier's mark of
+        # its keys, the capacity it asked with and its group. A poll that finds the same
+        # again skips its first claim (``skipped``): nothing it could take has appeared.
+        self._idle: dict[str, tuple[Any, ...]] = {}
+        self.skipped = 0
 
     async def catch_up(self) -> None:
         """Wake this replica's pollers of every group and machine whose open work changed
@@ -127,8 +140,8 @@ class Dispatcher:
         ``gone`` tells whether the poller hung up: an agent killed while it waited must not
         claim work it can never receive (the job would wait out a lease for nothing).
         """
-        with self._notifier.waiting(notify.machine(machine.id),
-                                    notify.group(machine.account_id, machine.group_name)) as ev:
+        keys = (notify.machine(machine.id), notify.group(machine.account_id, machine.group_name))
+        with self._notifier.waiting(*keys) as ev:
             deadline = time.monotonic() + timeout
             first = True
             while True:
@@ -140,10 +153,19 @@ class Dispatcher:
                     machine = await machines.by_id(self._engine, machine.id, cached=True)
                     if machine is None:  # removed while it waited
                         return []
+                # Taken before the claim: a wake-up during it makes the next poll look.
+                seen = (self._notifier.mark(*keys), capacity, machine.group_name)
+                if first and seen[0] is not None and self._idle.get(machine.id) == seen:
+                    self.skipped += 1
+                else:
+                    items = await self.claim(machine, limit, capacity)
+                    if items:
+                        self._idle.pop(machine.id, None)
+                        return items
+                    if len(self._idle) >= notify.Notifier.WAKES_KEPT:
+                        self._idle.clear()
+                    self._idle[machine.id] = seen
                 first = False
-                items = await self.claim(machine, limit, capacity)
-                if items:
-                    return items
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._notifier.closing:
                     return []

@@ -8,23 +8,20 @@ rows (executemany), in one transaction, ordered by machine id so that two hubs w
 overlapping batches on PostgreSQL take their row locks in the same order.
 
 The answer keeps its meaning: a heartbeat is answered once its batch has committed, so an
-acknowledged heartbeat is durable. A batch that fails fails every heartbeat in it (each
-caller gets the database's error, 503 E3007 for an outage), and their agents send again.
-The first heartbeat of a batch starts its write as a task that every heartbeat of the batch
-awaits (shielded: a caller that goes away does not cancel the others' write).
+acknowledged heartbeat is durable (batching.py). A batch that fails fails every heartbeat
+in it, and their agents send again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .batching import Batch, Batcher
 from .db import machines
 
 WINDOW = 0.1  # seconds a heartbeat may wait for others to share its transaction
@@ -41,45 +38,21 @@ _WRITE = (
 )
 
 
-@dataclass
-class _Batch:
-    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
-    write: asyncio.Future[None] | None = None
-
-
-class HeartbeatWriter:
+class HeartbeatWriter(Batcher[str]):
     """Coalesces the heartbeats of one engine into one transaction per ``window``."""
 
     def __init__(self, engine: AsyncEngine, window: float = WINDOW) -> None:
-        self._engine = engine
-        self.window = window
-        self._batch: _Batch | None = None
-        self.batches = 0  # transactions written, for tests and benchmarks
-        self.written = 0  # heartbeats written
+        super().__init__(engine, window)
 
     async def record(self, machine_id: str, values: dict[str, Any]) -> None:
         """Write this machine's heartbeat (``b_at``, ``b_beat``, ``b_interval``,
         ``b_version``); returns once it is committed."""
-        batch = self._batch
-        if batch is None or batch.write is None \
-                or batch.write.get_loop() is not asyncio.get_running_loop():
-            batch = self._batch = _Batch()
-            task = asyncio.ensure_future(self._write(batch))
-            # Retrieved here too, so a batch whose callers all went away logs nothing.
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            batch.write = task
-        batch.rows[machine_id] = {"b_id": machine_id, **values}  # the latest one wins
-        await asyncio.shield(batch.write)
+        await self.add(machine_id, {"b_id": machine_id, **values})
 
-    async def _write(self, batch: _Batch) -> None:
-        await asyncio.sleep(self.window)
-        if self._batch is batch:
-            self._batch = None  # heartbeats from now on go to the next batch
+    async def write(self, batch: Batch[str]) -> None:
         rows = [batch.rows[key] for key in sorted(batch.rows)]
-        async with self._engine.begin() as conn:
+        async with self.engine.begin() as conn:
             await conn.execute(_WRITE, rows)
-        self.batches += 1
-        self.written += len(rows)
 
 
 _writers: weakref.WeakKeyDictionary[AsyncEngine, HeartbeatWriter] = (

@@ -112,8 +112,11 @@ async def deregister(engine: AsyncEngine, machine_id: str) -> None:
 # id); a heartbeat may change its interval and version, so this hub forgets the entry then
 # (record_heartbeat). A removal is seen at once by every replica: _delete sends an
 # invalidation (notify, "machine") that each one's forget_machine receives; KNOWN_SECONDS
-# bounds what a lost notification costs.
-KNOWN_SECONDS = 5.0
+# bounds what a lost notification costs, and how long another replica may measure leases
+# in an interval the agent has changed. It is longer than an agent's requests are apart
+# (a heartbeat every 30 s, a long-poll every 25 s), or every request would read the row.
+KNOWN_SECONDS = 60.0
+KNOWN_MAX = 200_000
 _known: dict[str, tuple[float, Any]] = {}
 # Counts forgets: a row read while one happened is not kept (it may be the row a removal
 # deleted, read just before its commit).
@@ -148,7 +151,7 @@ async def by_id(engine: AsyncEngine, machine_id: str, cached: bool = False) -> A
     if row is None:
         _known.pop(machine_id, None)
     elif forgets == _forgets:
-        if len(_known) > 10_000:
+        if len(_known) > KNOWN_MAX:
             _known.clear()
         _known[machine_id] = (now, row)
     return row

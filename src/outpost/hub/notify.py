@@ -71,11 +71,36 @@ class Notifier:
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._listeners: dict[str, list[Callable[[str], None]]] = defaultdict(list)
         self.closing = False
+        # How many wake-ups each machine and group key had here, and how many times every
+        # key was (wake_all): a poller compares them (``mark``) to tell whether anything
+        # may have changed since it last looked and found nothing.
+        self._wakes: dict[str, int] = {}
+        self._epoch = 0
 
     # --- delivery (local) ---------------------------------------------------------------
     def deliver_wake(self, key: str) -> None:
+        if not key.startswith("i:"):
+            if len(self._wakes) >= self.WAKES_KEPT:
+                self._wakes.clear()
+                self._epoch += 1
+            self._wakes[key] = self._wakes.get(key, 0) + 1
         for ev in self._waiters.get(key, ()):
             ev.set()
+
+    WAKES_KEPT = 200_000
+
+    def mark(self, *keys: str) -> tuple[int, ...] | None:
+        """What this process has heard of ``keys`` so far: equal marks mean no wake-up of
+        them in between. None when it may not have heard everything (a replica whose
+        listening connection is down)."""
+        if not self.reliable:
+            return None
+        return (self._epoch, *(self._wakes.get(key, 0) for key in keys))
+
+    @property
+    def reliable(self) -> bool:
+        """Whether every wake-up of every replica reaches this process now."""
+        return True
 
     def deliver_invalidate(self, kind: str, key: str) -> None:
         for listener in self._listeners.get(kind, ()):
@@ -83,6 +108,7 @@ class Notifier:
 
     def wake_all(self) -> None:
         """Wake every waiter of this process (each looks at the database again)."""
+        self._epoch += 1
         for waiters in self._waiters.values():
             for ev in waiters:
                 ev.set()
@@ -197,6 +223,10 @@ class PgNotifier(Notifier):
     @property
     def state(self) -> str:
         return "listening" if self._connected.is_set() else "reconnecting"
+
+    @property
+    def reliable(self) -> bool:
+        return self._connected.is_set()
 
     async def publish_wake(self, conn: AsyncConnection, keys: tuple[str, ...]) -> None:
         for payload in _payloads("w -", keys):

@@ -84,13 +84,19 @@ class Signed(NamedTuple):
     body: bytes
 
 
+# Requests that wait anyway (a heartbeat's answer, a long-poll) store their nonces in
+# batches (auth.NONCE_WINDOW); the others store theirs at once.
+BATCHED_NONCES = frozenset({"/v1/agent/heartbeat", "/v1/agent/poll"})
+
+
 async def signed_machine(request: Request) -> Signed:
     """The machine whose key signed the request (method, raw path, body), and an agent not
     older than the hub's ``min_agent_version``."""
     hub = hub_of(request)
     body = await request.body()
     row = await auth.machine(hub.engine, request.headers, request.method,
-                             auth.raw_path(request.scope), body)
+                             auth.raw_path(request.scope), body,
+                             batched=request.scope["path"] in BATCHED_NONCES)
     auth.check_version(request.headers.get("x-outpost-agent-version"),
                        hub.config.min_agent_version)
     return Signed(row, body)
