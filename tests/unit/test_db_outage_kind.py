@@ -114,3 +114,32 @@ def test_the_hubs_own_answers_are_never_outages() -> None:
         assert outage_kind(exc) is None
     assert outage_kind(DatabaseUnavailable("locked", "database is locked")) == "locked"
     assert outage_kind(ValueError("bad")) is None
+
+
+@pytest.mark.anyio
+async def test_a_request_that_waits_out_the_pool_is_overload_not_an_outage(
+        tmp_path: Path) -> None:
+    """The hub's one SQLite connection held past the pool's timeout: the next request is
+    answered E3013 (503, Retry-After) and the engine's health records no outage."""
+    import asyncio
+
+    from outpost.hub.db import HubOverloaded, make_engine
+
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}")
+    engine.sync_engine.pool._timeout = 0.2  # type: ignore[attr-defined]
+    try:
+        async with engine.connect() as held:
+            await held.execute(sa.text("SELECT 1"))
+            with pytest.raises(HubOverloaded) as raised:
+                async with engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+        assert raised.value.code == "E3013" and raised.value.entry.http_status == 503
+        assert isinstance(raised.value, DatabaseUnavailable)  # answered with Retry-After
+        assert "waited 0 s for a database connection" in raised.value.message
+        assert engine.health.failures == 0 and engine.health.down_since is None
+        assert engine.health.by_kind == {"pool": 1}
+        async with engine.connect() as conn:  # and it serves again once the load passes
+            assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
+        await asyncio.sleep(0)
+    finally:
+        await engine.dispose()

@@ -246,6 +246,18 @@ class DatabaseUnavailable(OutpostError):
         self.detail = detail
 
 
+class HubOverloaded(DatabaseUnavailable):
+    """No pooled connection came free in time: the database answers, this process is the
+    limit (E3013, answered 503 with Retry-After like an outage, and not logged as one)."""
+
+    def __init__(self, waited: float, detail: str) -> None:
+        OutpostError.__init__(self, "hub_overloaded", waited=round(waited))
+        self.message = (f"The hub is overloaded: the request waited {waited:.0f} s for a "
+                        "database connection; try again in a few seconds.")
+        self.kind = "pool"
+        self.detail = detail
+
+
 # SQLite's primary result codes (the low byte of sqlite_errorcode) that a file locked by
 # another process, or one the hub cannot open, read or grow, gives; they pass when the other
 # process lets go or the operator frees the disk or fixes the permissions. CORRUPT and NOTADB
@@ -323,13 +335,24 @@ class Health:
         self.failures = 0
         self.by_kind: dict[str, int] = {}
         self.down_since: float | None = None  # time.monotonic() of the outage's first failure
+        self.overload_logged = -1e9
         self.listeners: list[Callable[[str], None]] = []
 
     def failed(self, exc: DatabaseUnavailable) -> None:
-        self.failures += 1
         self.by_kind[exc.kind] = self.by_kind.get(exc.kind, 0) + 1
         for listener in self.listeners:
             listener(exc.kind)
+        if isinstance(exc, HubOverloaded):
+            # Not an outage: the database answers, this process is the limit.
+            now = time.monotonic()
+            if now - self.overload_logged > 60:
+                self.overload_logged = now
+                log.warning("overloaded: a request waited %.0f s for a database connection "
+                            "and was answered 503 E3013 (more requests than this hub "
+                            "process serves; see docs/hub.md, 'A large fleet')",
+                            float(exc.details.get("waited", 0)))
+            return
+        self.failures += 1
         if self.down_since is None:
             self.down_since = time.monotonic()
             log.error("database unavailable (%s): %s; requests that need it answer 503 "
@@ -348,12 +371,20 @@ def _detail(exc: BaseException) -> str:
     return f"{type(orig).__name__}: {text[0] if text else ''}"[:300]
 
 
+def _pool_timeout(engine: AsyncEngine) -> float:
+    return float(getattr(engine.sync_engine.pool, "_timeout", 30.0))
+
+
 def _translated(engine: AsyncEngine, exc: BaseException) -> DatabaseUnavailable | None:
     kind = outage_kind(exc)
     if kind is None:
         return None
-    unavailable = exc if isinstance(exc, DatabaseUnavailable) else \
-        DatabaseUnavailable(kind, _detail(exc))
+    if isinstance(exc, DatabaseUnavailable):
+        unavailable = exc
+    elif kind == "pool":
+        unavailable = HubOverloaded(_pool_timeout(engine), _detail(exc))
+    else:
+        unavailable = DatabaseUnavailable(kind, _detail(exc))
     if isinstance(engine, Engine) and unavailable is not exc:
         engine.health.failed(unavailable)
     return unavailable

@@ -232,8 +232,6 @@ _ENTRIES: tuple[Entry, ...] = (
          "busy: the PostgreSQL server has no connection slot left (53300).",
          "timeout: the database did not answer in time: a network that drops packets, or a "
          "server that is stuck.",
-         "pool: every connection of the hub's pool stayed in use for 30 s: the database "
-         "answers slowly.",
          "locked: another process (a backup, a second hub on the same file) held the SQLite "
          "file's write lock for longer than the hub's busy timeout (5 s).",
          "unreadable: the hub cannot open, read or write its SQLite file (permissions, a "
@@ -243,6 +241,17 @@ _ENTRIES: tuple[Entry, ...] = (
          "waiting commands try again, and no running job is failed or run twice for it. If "
          "it lasts, check --database-url and that the database accepts connections "
          "('outpost hub check').",),
+        503, None),
+    Entry(
+        "E3013", "hub_overloaded", "The hub is overloaded: the request waited {waited} s for "
+        "a database connection; try again in a few seconds.",
+        ("More requests reach this hub process than it serves: every connection of its "
+         "pool stayed in use while the request waited (one connection on SQLite, 30 on "
+         "PostgreSQL). The database itself answers; the hub's one core is the limit. "
+         "/metrics counts these as outpost_database_failures_total{kind=\"pool\"}.",),
+        ("Nothing, if it passes: the hub answers 503 with Retry-After, and agents try "
+         "again after it. If it lasts, run more hub replicas on PostgreSQL (docs/hub.md, "
+         "'Several replicas') or give agents a longer heartbeat interval.",),
         503, None),
     Entry(
         "E3008", "hub_cli_unconfigured", "No hub to talk to.",
