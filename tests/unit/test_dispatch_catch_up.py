@@ -133,6 +133,12 @@ async def test_a_poll_after_an_empty_one_skips_its_claim_until_a_wake_up(
     assert await machine.poll(capacity=2) == []
     assert claims == before + 1
 
+    # A poll that waits out its time unwoken does not look again before it answers.
+    fast_hub.hub.notifier.wake_all()
+    before = claims
+    assert await machine.poll(capacity=2, wait=0.3) == []
+    assert claims == before + 1
+
 
 async def test_a_wake_up_lost_between_polls_is_found_by_the_catch_up_pass(
         fast_hub: InprocHub, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -172,7 +172,9 @@ class Dispatcher:
                 try:
                     await asyncio.wait_for(ev.wait(), remaining)
                 except TimeoutError:
-                    pass
+                    # Nothing woke it: nothing it could take appeared (a lost wake-up is the
+                    # catch-up pass's, which wakes).
+                    return []
                 ev.clear()
 
     async def complete(self, machine_id: str, item_id: str, result: dict[str, Any]) -> bool:

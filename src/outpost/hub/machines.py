@@ -113,8 +113,8 @@ async def deregister(engine: AsyncEngine, machine_id: str) -> None:
 # (record_heartbeat). A removal is seen at once by every replica: _delete sends an
 # invalidation (notify, "machine") that each one's forget_machine receives; KNOWN_SECONDS
 # bounds what a lost notification costs, and how long another replica may measure leases
-# in an interval the agent has changed. It is longer than an agent's requests are apart
-# (a heartbeat every 30 s, a long-poll every 25 s), or every request would read the row.
+# in an interval the agent has changed. A heartbeat that agrees with the cached row renews
+# it (record_heartbeat), so an agent that talks to one replica costs no read of its row.
 KNOWN_SECONDS = 60.0
 KNOWN_MAX = 200_000
 _known: dict[str, tuple[float, Any]] = {}
@@ -166,12 +166,16 @@ async def record_heartbeat(engine: AsyncEngine, machine_id: str, beat: Heartbeat
     # are measured in it), the version, or a stop the heartbeat ends. Forgetting it at
     # every heartbeat cost each agent's next request a read of its row. Looked at once
     # written, so a row read while the write was under way is not kept.
+    # A heartbeat that agrees with the cached row renews it: the agent has just said what
+    # its interval and version are, so the row is as good as one read now.
     cached = _known.get(machine_id)
     if cached is not None:
         row = cached[1]
         if (row.heartbeat_interval != beat.heartbeat_interval
                 or row.agent_version != beat.agent_version or row.stopped_at is not None):
             _known.pop(machine_id, None)
+        else:
+            _known[machine_id] = (time.monotonic(), row)
     return now
 
 
