@@ -10,6 +10,8 @@ The hub stores and sends plain dicts of these shapes (``dispatcher.submit``,
 - ``job_control``: ``{job_id, attempt, action}`` -> ``{applied, why}``
 - ``job``: a claimed job attempt (``JobClaim``); answered by the attempt's reports, not
   on the work item.
+- ``ext_op``: an extension operation (``ExtOpPayload``) -> ``{accepted}``; its progress and
+  end travel on their own routes (``ExtOpProgress``, ``ExtOpEnd``).
 
 An item of a kind the agent does not know, or whose payload does not parse, is answered
 with ``{"error": ErrorBody}`` (E8150, E8151) rather than dropped.
@@ -27,6 +29,7 @@ from .models import INT32_MAX, INT64_MAX, ErrorBody, Wire
 JOB = "job"
 PING = "ping"
 JOB_CONTROL = "job_control"
+EXT_OP = "ext_op"
 
 
 class PingPayload(Wire):
@@ -84,6 +87,56 @@ class JobClaim(Wire):
         return self.model_dump()
 
 
+class ExtOpPayload(Wire):
+    """An operation asked of an installed extension (for backup: snapshot, restore).
+
+    The agent answers at once that it took the item (``POST /v1/agent/ext-ops/{op_id}/
+    progress`` with state ``started`` or ``waiting`` and why), reports progress the same way,
+    and ends it with ``POST /v1/agent/ext-ops/{op_id}/end`` (an ``ExtOpEnd``). The work item
+    itself is answered with ``{"accepted": true}`` once the agent holds the operation.
+    """
+
+    op_id: str
+    extension: str = Field(max_length=64)
+    version: str | None = Field(default=None, max_length=64, description="The version the "
+                                "hub expects installed; None: whichever is Ready.")
+    operation: str = Field(max_length=64)
+    attempt: int = Field(default=1, ge=1, le=INT32_MAX)
+    params: dict[str, Any] = Field(default_factory=dict, description="The operation's own "
+                                   "parameters (public), on the command's standard input "
+                                   "with the extension's settings.")
+    deadline: float | None = Field(default=None, description="When the operation must have "
+                                   "ended, seconds since the epoch (the manifest's timeout "
+                                   "from its start, or the hub's).")
+
+
+ExtOpState = Literal["started", "waiting", "running"]
+
+
+class ExtOpProgress(Wire):
+    attempt: int = Field(ge=1, le=INT32_MAX)
+    state: ExtOpState
+    message: str = Field(default="", max_length=4000, description="For 'waiting': why "
+                         "(\"waiting: CPU 94 % over 90 % for 2 min\").")
+    at: float = Field(ge=0)
+
+
+class ExtOpEnd(Wire):
+    attempt: int = Field(ge=1, le=INT32_MAX)
+    status: Literal["succeeded", "failed"]
+    code: str | None = Field(default=None, max_length=32, description="A catalog code or "
+                             "the extension's own (its status file's code).")
+    message: str = Field(default="", max_length=4000)
+    transient: bool = Field(default=False, description="The failure may pass (the hub's "
+                            "store or the network): the hub retries with backoff (EX-12).")
+    output: str = Field(default="", max_length=64 * 1024, description="The tail of the "
+                        "operation's output.")
+    result: dict[str, Any] = Field(default_factory=dict, description="What the operation "
+                                   "returned (for a snapshot: id, size, files, duration, "
+                                   "waited).")
+    at: float = Field(ge=0)
+
+
 class WorkError(Wire):
     """The result of an item the agent could not take."""
 
@@ -91,7 +144,7 @@ class WorkError(Wire):
 
 
 PAYLOADS: dict[str, type[Wire]] = {
-    JOB: JobClaim, PING: PingPayload, JOB_CONTROL: JobControlPayload,
+    JOB: JobClaim, PING: PingPayload, JOB_CONTROL: JobControlPayload, EXT_OP: ExtOpPayload,
 }
 
 
