@@ -124,6 +124,13 @@ class Backoff:
         self.failures = 0
 
 
+# How long an idle connection is kept for the next request: longer than the heartbeat
+# interval (30 s), so each heartbeat reuses its connection rather than paying a TLS handshake
+# on both sides (httpx closes one idle for 5 s by default), and shorter than the hub's 75 s
+# (server.py), so the agent never sends on a connection the hub is closing.
+KEEPALIVE_SECONDS = 60.0
+
+
 class HubClient:
     """Signed requests to the hub, trying each URL in order (ED-4 fail-over)."""
 
@@ -152,7 +159,8 @@ class HubClient:
         self._client = httpx.AsyncClient(
             verify=verify, proxy=proxy, trust_env=True, timeout=timeout,
             limits=httpx.Limits(max_connections=connections,
-                                max_keepalive_connections=connections),
+                                max_keepalive_connections=connections,
+                                keepalive_expiry=KEEPALIVE_SECONDS),
             headers={"User-Agent": f"outpost-agent/{__version__}",
                      signing.H_AGENT_VERSION: __version__},
         )
@@ -186,7 +194,7 @@ class HubClient:
         account: tuple[str, bytes] | None = None, timeout: float | None = None,
     ) -> Any:
         """Send one signed request; on a transport failure, or a 503 E3007 from a hub that
-        cannot reach its database, try the next URL in order.
+        cannot reach its database (or E3013 from one too busy), try the next URL in order.
 
         ``payload`` is sent as JSON; bytes are taken as JSON already encoded (the spool's
         records go out as they lie on disk).
@@ -222,7 +230,8 @@ class HubClient:
             if len(order) > 1 and _database_down(response):
                 # A replica cut off from the database: another may reach it, and this
                 # machine's leases are renewed only through a hub that can write.
-                log.warning("hub %s cannot reach its database (E3007)%s", base,
+                log.warning("hub %s cannot serve the request (%s)%s", base,
+                            response.json().get("code"),
                             "; trying the next hub URL" if index != order[-1] else "")
                 cut_off = cut_off or response
                 continue
@@ -254,7 +263,9 @@ def _database_down(response: httpx.Response) -> bool:
     if response.status_code != 503:
         return False
     try:
-        return bool(response.json().get("code") == "E3007")
+        # E3007: cut off from its database; E3013: too busy to serve (another replica may
+        # not be).
+        return bool(response.json().get("code") in ("E3007", "E3013"))
     except (ValueError, AttributeError):
         return False
 
