@@ -230,8 +230,9 @@ class HubClient:
             if len(order) > 1 and _database_down(response):
                 # A replica cut off from the database: another may reach it, and this
                 # machine's leases are renewed only through a hub that can write.
-                log.warning("hub %s cannot serve the request (%s)%s", base,
-                            response.json().get("code"),
+                why = ("cannot reach its database (E3007)"
+                       if response.json().get("code") == "E3007" else "is overloaded (E3013)")
+                log.warning("hub %s %s%s", base, why,
                             "; trying the next hub URL" if index != order[-1] else "")
                 cut_off = cut_off or response
                 continue
