@@ -357,6 +357,6 @@ async def test_a_flush_of_every_cache_drops_the_goals_too(fast_hub: InprocHub) -
     ("1.9", "1.10"), ("1.0.0-rc1", "1.0.0"), ("1.0", "1.0.1"), ("2", "10.0"),
     ("1.0.0", "1.0.0+build2")])
 def test_versions_are_ordered_as_people_read_them(older: str, newer: str) -> None:
-    from outpost.hub.extensions import version_key
+    from outpost.hub.extension_goals import version_key
 
     assert version_key(older) < version_key(newer)
