@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import jsonschema
@@ -123,10 +124,17 @@ def goal_view(goal: Goal, newest: Published | None) -> dict[str, Any]:
 class Extensions:
     """Publishing, goals, and what agents fetch; one per hub process."""
 
+    # Packages served to agents, by SHA-256 (a digest names its bytes, whatever the
+    # account): a fleet that updates at once reads each package from the database once.
+    PACKAGES_HELD_BYTES = 256 * 1024 * 1024
+
     def __init__(self, engine: AsyncEngine, vault: Vault) -> None:
         self.engine = engine
         self.vault = vault
         self.cache = GoalCache(engine)
+        self._packages: OrderedDict[str, bytes] = OrderedDict()
+        self._packages_size = 0
+        self.package_reads = 0  # reads of a package's bytes from the database, for tests
 
     async def _changed(self, conn: AsyncConnection, account_id: str) -> None:
         """Inside the change's transaction: every replica drops the account's goals."""
@@ -428,11 +436,16 @@ class Extensions:
         """The bytes and SHA-256 of a package one of ``machine``'s goals names; E9009
         for any other (another account's included)."""
         goals = await self.cache.get(machine.account_id)
-        if not any(r.package.name == name and r.package.version == version
-                   for r in goals.resolve(machine)):
+        named = [r.package for r in goals.resolve(machine)
+                 if r.package.name == name and r.package.version == version]
+        if not named:
             raise OutpostError("ext_package_not_assigned", f"This machine has no goal "
                                f"naming extension {name} {version}.", name=name,
                                version=version)
+        held = self._packages.get(named[0].sha256)
+        if held is not None:
+            self._packages.move_to_end(named[0].sha256)
+            return held, named[0].sha256
         async with self.engine.connect() as conn:
             row = (await conn.execute(sa.select(
                 extension_packages.c.blob, extension_packages.c.sha256).where(
@@ -443,4 +456,16 @@ class Extensions:
             raise OutpostError("ext_package_not_assigned", f"This machine has no goal "
                                f"naming extension {name} {version}.", name=name,
                                version=version)
-        return bytes(row.blob), str(row.sha256)
+        self.package_reads += 1
+        data, sha256 = bytes(row.blob), str(row.sha256)
+        self._hold(sha256, data)
+        return data, sha256
+
+    def _hold(self, sha256: str, data: bytes) -> None:
+        if len(data) > self.PACKAGES_HELD_BYTES // 4 or sha256 in self._packages:
+            return
+        self._packages[sha256] = data
+        self._packages_size += len(data)
+        while self._packages_size > self.PACKAGES_HELD_BYTES:
+            _, dropped = self._packages.popitem(last=False)
+            self._packages_size -= len(dropped)
