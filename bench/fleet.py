@@ -138,6 +138,12 @@ class SimAgent:
         self.held: dict[str, int] = {}
         self.rng = random.Random(spec.seed * 1_000_003 + index)
         self.started = time.time()
+        try:  # the agent's turn-taking, where the build under test has it
+            from outpost.agent.turns import Turns
+        except ImportError:
+            self.turns: Any = None
+        else:
+            self.turns = Turns()
 
     async def register(self) -> None:
         from nacl.signing import SigningKey
@@ -162,6 +168,8 @@ class SimAgent:
 
         st = self.stats
         due = time.time() + self.rng.uniform(0, self.interval)  # spread the fleet's beats
+        if self.turns is not None:
+            self.turns.next_beat(due - time.time())
         while True:
             await asyncio.sleep(max(0.0, due - time.time()))
             sent = time.time()
@@ -171,6 +179,8 @@ class SimAgent:
                     "uptime_seconds": sent - self.started, "heartbeat_interval": self.interval,
                     "running_jobs": len(self.held),
                     "jobs": [{"id": j, "attempt": a} for j, a in self.held.items()]}
+            if self.turns is not None:
+                await self.turns.beat_turn()
             try:
                 await self.client.request("POST", "/v1/agent/heartbeat", beat)
             except OutpostError as exc:
@@ -187,17 +197,23 @@ class SimAgent:
             due += self.interval * self.rng.uniform(0.95, 1.05)
             if due < time.time():
                 due = time.time()
+            if self.turns is not None:
+                self.turns.next_beat(due - time.time())
 
     async def polls(self) -> None:
         from outpost.protocol.errors import OutpostError
 
         st = self.stats
         while True:
+            hold = self.spec.poll_wait
+            if self.turns is not None:  # as the agent: held until the next heartbeat
+                await self.turns.poll_turn()
+                hold = round(self.turns.hold(hold), 3)
             st.polls_open += 1
             try:
                 answer = await self.client.request(
-                    "POST", f"/v1/agent/poll?wait={self.spec.poll_wait:g}&capacity=1",
-                    timeout=self.spec.poll_wait + 30)
+                    "POST", f"/v1/agent/poll?wait={hold:g}&capacity=1",
+                    timeout=hold + 30)
             except OutpostError as exc:
                 st.poll_errors += 1
                 st.error(f"poll {self.name}: {exc.code} {exc.message}")
@@ -205,6 +221,8 @@ class SimAgent:
                 continue
             finally:
                 st.polls_open -= 1
+                if self.turns is not None:
+                    self.turns.poll_back()
             st.polls_answered += 1
             for item in answer.get("items", []):
                 if item.get("kind") == "job":

@@ -38,6 +38,7 @@ from .runner import JobRun, Uploader, end_leftover, leftover_spools, watch_child
 from .sandbox import Sandbox
 from .state import Registration, StateDir
 from .transport import Backoff, Clock, HubClient
+from .turns import Turns
 
 log = logging.getLogger("outpost.agent")
 
@@ -74,6 +75,7 @@ class Agent:
         self.spool_dir = state.root / "spool"
         # The long-poll in flight and the capacity it offered (see _recheck_poll).
         self._poll: tuple[asyncio.Future[Any] | None, int] = (None, 0)
+        self.turns = Turns()  # the heartbeat and the long-poll share one connection
         self._poll_withdrawn = False
         # Set by each heartbeat the hub acknowledges: a poll waiting out its backoff after
         # failures asks again at once (the hub, or its database, is back), so work queued
@@ -241,13 +243,16 @@ class Agent:
             beat["jobs"] = [{"id": job_id, "attempt": attempt}
                             for job_id, attempt in listed.items()]
             self._recheck_poll()  # pressure or a short disk since the poll was opened
+            await self.turns.beat_turn()  # on the connection the poll has just freed
             try:
                 answer = await self._call("POST", "/v1/agent/heartbeat", beat)
             except OutpostError as exc:
                 self._note_failure(exc)
-                delay = self._log_failure("heartbeat", exc, backoff)
-                await self._sleep(min(delay, interval))
+                delay = min(self._log_failure("heartbeat", exc, backoff), interval)
+                self.turns.next_beat(delay)
+                await self._sleep(delay)
                 continue
+            self.turns.next_beat(interval)
             if backoff.failures:
                 log.info("heartbeat acknowledged again by %s", self.client.url
                          if self.client else "?")
@@ -292,9 +297,13 @@ class Agent:
             capacity = self._capacity()
             busy = capacity == 0
             hold = min(wait, 5.0) if busy else wait  # look at the pressure again soon
+            # Held until the next heartbeat at most, which then takes this connection.
+            await self.turns.poll_turn()
+            hold = round(self.turns.hold(hold), 3)
             request = asyncio.ensure_future(self._call(
                 "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}",
                 timeout=hold + self.config.request_timeout))
+            request.add_done_callback(lambda _: self.turns.poll_back())
             self._poll = (request, capacity)
             try:
                 answer = await request

@@ -119,9 +119,10 @@ def run(options: RunOptions) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     log = logging.getLogger("outpost.hub")
     before, after = raise_fd_limit()
-    log.info("open descriptors: limit %d%s, enough for about %d agents (%d each)", after,
+    log.info("open descriptors: limit %d%s, enough for about %d agents (%d each while "
+             "they run jobs; about %d idle ones, which hold one)", after,
              f" (raised from {before})" if after != before else "", agents_for(after),
-             FDS_PER_AGENT)
+             FDS_PER_AGENT, agents_for(after) * FDS_PER_AGENT)
     small_tls_buffers()
 
     async def main() -> None:
