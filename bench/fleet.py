@@ -169,9 +169,17 @@ class SimAgent:
         st = self.stats
         due = time.time() + self.rng.uniform(0, self.interval)  # spread the fleet's beats
         if self.turns is not None:
-            self.turns.next_beat(due - time.time())
+            self.turns.next_beat(due - time.time(), self.interval)
         while True:
-            await asyncio.sleep(max(0.0, due - time.time()))
+            if self.turns is None:
+                await asyncio.sleep(max(0.0, due - time.time()))
+            else:  # or sooner, when the poll loop asks for it between two polls
+                try:
+                    await asyncio.wait_for(self.turns.early.wait(), max(0.0, due - time.time()))
+                except TimeoutError:
+                    pass
+                else:
+                    due = time.time()  # sent early: never late
             sent = time.time()
             st.heartbeat_lag_max = max(st.heartbeat_lag_max, sent - due)
             st.heartbeats_sent += 1
@@ -198,7 +206,7 @@ class SimAgent:
             if due < time.time():
                 due = time.time()
             if self.turns is not None:
-                self.turns.next_beat(due - time.time())
+                self.turns.next_beat(due - time.time(), self.interval)
 
     async def polls(self) -> None:
         from outpost.protocol.errors import OutpostError
@@ -206,9 +214,8 @@ class SimAgent:
         st = self.stats
         while True:
             hold = self.spec.poll_wait
-            if self.turns is not None:  # as the agent: held until the next heartbeat
-                await self.turns.poll_turn()
-                hold = round(self.turns.hold(hold), 3)
+            if self.turns is not None:  # as the agent: the heartbeat between two polls
+                hold = round(await self.turns.poll_turn(hold), 3)
             st.polls_open += 1
             try:
                 answer = await self.client.request(

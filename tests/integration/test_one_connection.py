@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.support import Agent, Hub, healthy_agent
 
@@ -17,14 +18,18 @@ def _connections(pid: int, port: int) -> int:
                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
 
 
+@pytest.mark.parametrize("interval,poll", [(2.0, 25.0), (2.5, 2.0)],
+                         ids=["polls-held-until-the-heartbeat", "heartbeats-sent-early"])
 def test_an_idle_agent_holds_one_connection_to_the_hub(
-        sqlite_hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+        sqlite_hub: Hub, agents: list[Agent], tmp_path: Path, interval: float,
+        poll: float) -> None:
     hub = sqlite_hub
-    agent = healthy_agent(hub, tmp_path, agents, "m1", heartbeat_interval=2.0)
+    agent = healthy_agent(hub, tmp_path, agents, "m1", heartbeat_interval=interval,
+                          poll_timeout=poll)
     assert agent.proc is not None
     before = hub.machines()["m1"]["last_heartbeat_at"]
     seen: list[int] = []
-    deadline = time.monotonic() + 8.0  # four heartbeats, each beside a long-poll
+    deadline = time.monotonic() + 8.0  # three heartbeats or more, each beside a long-poll
     while time.monotonic() < deadline:
         seen.append(_connections(agent.proc.pid, hub.port))
         time.sleep(0.05)

@@ -249,7 +249,7 @@ class Agent:
             except OutpostError as exc:
                 self._note_failure(exc)
                 delay = min(self._log_failure("heartbeat", exc, backoff), interval)
-                self.turns.next_beat(delay)
+                self.turns.next_beat(delay, interval)
                 await self._sleep(delay)
                 continue
             self.turns.next_beat(interval)
@@ -272,7 +272,8 @@ class Agent:
                                 "ending it", job_id)
                     self._spawn(run.control("abandon", "the hub gave this attempt up after "
                                             "its lease expired"), f"abandon-{job_id}")
-            await self._sleep(interval)
+            # Or sooner, when the poll loop asks for it between two polls (turns.py).
+            await self._sleep(interval, self.turns.early)
 
     def _log_failure(self, what: str, exc: OutpostError, backoff: Backoff) -> float:
         delay = backoff.next()
@@ -297,9 +298,8 @@ class Agent:
             capacity = self._capacity()
             busy = capacity == 0
             hold = min(wait, 5.0) if busy else wait  # look at the pressure again soon
-            # Held until the next heartbeat at most, which then takes this connection.
-            await self.turns.poll_turn()
-            hold = round(self.turns.hold(hold), 3)
+            # The heartbeat takes this connection between two polls (turns.py).
+            hold = round(await self.turns.poll_turn(hold), 3)
             request = asyncio.ensure_future(self._call(
                 "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}",
                 timeout=hold + self.config.request_timeout))
