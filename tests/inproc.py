@@ -199,9 +199,11 @@ class InprocHub:
         return answer
 
     async def machine(self, name: str, group: str = "web",
-                      labels: dict[str, str] | None = None) -> Machine:
+                      labels: dict[str, str] | None = None,
+                      account: dict[str, str] | None = None) -> Machine:
         """Register machine ``name`` through ``POST /v1/agent/register``, signed with the
-        account key as ``outpost agent register`` signs it."""
+        account key as ``outpost agent register`` signs it; in ``account`` (the answer of
+        ``POST /v1/accounts``) when given, else in the hub's first account."""
         from outpost.agent.facts import machine_facts
 
         key = SigningKey.generate()
@@ -210,8 +212,10 @@ class InprocHub:
                            "facts": machine_facts()}).encode()
         path, stamp, nonce = "/v1/agent/register", signing.format_time(_utcnow()), \
             signing.new_nonce()
-        account_key = signing.unb64(self.init.primary_key)
-        headers = {signing.H_ACCOUNT: self.init.account_id, signing.H_DATE: stamp,
+        account_key = signing.unb64(account["primary_key"] if account
+                                    else self.init.primary_key)
+        account_id = account["id"] if account else self.init.account_id
+        headers = {signing.H_ACCOUNT: account_id, signing.H_DATE: stamp,
                    signing.H_NONCE: nonce, signing.H_AGENT_VERSION: __version__,
                    "Content-Type": "application/json",
                    signing.H_SIGNATURE: signing.sign_account(account_key, "POST", path,

@@ -563,3 +563,72 @@ webhooks = sa.Table(
     sa.Column("last_job_id", sa.String(36)),
     sa.UniqueConstraint("account_id", "name", name="uq_webhooks_account_name"),
 )
+
+
+# --- extensions (docs/extensions.md) --------------------------------------------------------
+
+# A published package: its bytes, kept in the database that every replica shares. A version
+# is immutable (publishing it again with other bytes is refused).
+extension_packages = sa.Table(
+    "extension_packages", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("manifest", sa.JSON, nullable=False),
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+    sa.Column("published_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("account_id", "name", "version", name="uq_extension_packages_version"),
+)
+
+# What a group or a machine (by name) should have; a machine's goal overrides its group's
+# for the same extension. Protected settings are sealed by the vault.
+extension_goals = sa.Table(
+    "extension_goals", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("target_kind", sa.String(16), nullable=False),  # group or machine
+    sa.Column("target", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(64)),  # None: the newest published version
+    sa.Column("settings", sa.JSON, nullable=False),
+    sa.Column("protected", sa.Text),  # sealed by the vault
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("run_as", sa.String(64)),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("account_id", "name", "target_kind", "target",
+                        name="uq_extension_goals_target"),
+)
+
+# 'extension retry' on one machine: a failed version is tried again once this changes.
+extension_retries = sa.Table(
+    "extension_retries", metadata,
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("retry", sa.BigInteger, nullable=False),
+)
+
+# What each machine's agent last reported of each extension (the newest changed_at wins).
+extension_states = sa.Table(
+    "extension_states", metadata,
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64)),
+    sa.Column("target_version", sa.String(64)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("step", sa.String(16)),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("code", sa.Integer),
+    sa.Column("changed_at", sa.Float, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("failed_versions", sa.JSON, nullable=False),
+    sa.Column("last_ready_version", sa.String(64)),
+    sa.Column("reported_at", sa.Float, nullable=False),
+)

@@ -43,6 +43,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outpost.protocol.errors import OutpostError
+from outpost.protocol.extensions import PACKAGE_MAX_BYTES
 
 from .config import BodyLimits
 from .webhooks import MAX_BODY as WEBHOOK_BODY_MAX
@@ -79,6 +80,8 @@ def rule_for(path: str, limits: BodyLimits) -> Rule:
         return Rule("agent", limits.agent, "machine")
     if path.startswith(WEBHOOK_PATH):
         return Rule("webhook", WEBHOOK_BODY_MAX, "webhook")
+    if path == "/v1/extensions":  # a package, read whole (protocol.extensions)
+        return Rule("extension package", PACKAGE_MAX_BYTES, "operator")
     if path.startswith("/v1/job/"):  # a running job's token; these routes take no body
         return Rule("registration", limits.registration, "")
     if path.startswith("/v1/"):

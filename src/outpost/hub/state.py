@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outpost.common.supervise import Supervisor
 
-from . import accounts, db, install, jobs, leader, machines, metrics, notify
+from . import accounts, db, extensions, install, jobs, leader, machines, metrics, notify
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -53,6 +53,9 @@ class Hub:
         notify.attach(engine, self.notifier)
         accounts.follow(self.notifier)
         machines.follow(self.notifier)
+        # Extension packages and goals; each account's goals held for heartbeats' etags.
+        self.extensions = extensions.Extensions(engine, self.vault)
+        self.extensions.cache.follow(self.notifier)
         self.leadership = leader.Leadership(engine)
         self.dispatcher = Dispatcher(engine, self.notifier)
         self.scheduler = Scheduler(engine, self.dispatcher)

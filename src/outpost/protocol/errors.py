@@ -838,6 +838,74 @@ _ENTRIES += (
         ("Leave large data out of the package: let its install handler fetch or build "
          "it.",),
         413, None),
+    # --- extension packages on the hub, and desired state (E9003-E9029) -------------------
+    Entry(
+        "E9003", "ext_version_exists",
+        "Extension {name} {version} is already published with other content.",
+        ("A published version is immutable: the package sent has the same name and version "
+         "as one the account has, but a different SHA-256.",),
+        ("Raise the version in outpost-extension.json, build the archive again and publish "
+         "that; 'outpost extension versions NAME' lists what is published.",),
+        409, None),
+    Entry(
+        "E9004", "ext_not_found", "No extension '{name}' is published in this account.",
+        ("The name is misspelt, or the package was published in another account (each "
+         "account has its own extensions).",),
+        ("See 'outpost extension list' for the extensions of this account, or publish it "
+         "first ('outpost extension publish FILE').",),
+        404, None),
+    Entry(
+        "E9005", "ext_version_not_found", "Extension {name} has no version {version}.",
+        ("The version is misspelt or was never published in this account.",),
+        ("See 'outpost extension versions NAME', or leave --version out to use the newest "
+         "version.",),
+        404, None),
+    Entry(
+        "E9006", "ext_settings_invalid",
+        "The {field} of extension {name} {version} do not satisfy its schema: {problem}.",
+        ("The settings do not match the manifest's settings_schema (or "
+         "protected_settings_schema for protected settings): a field is missing, of the "
+         "wrong type or out of range.",),
+        ("Correct the field the message names in the settings file and run 'outpost "
+         "extension set' again; the schema is in the package's outpost-extension.json.",),
+        422, None),
+    Entry(
+        "E9007", "ext_target_unknown", "No {kind} '{target}' in this account.",
+        ("A goal names a group or machine this account does not have: no machine has "
+         "registered into that group yet, or the machine's name is misspelt.",),
+        ("See 'outpost machine list' and 'outpost group list'; register a machine into the "
+         "group first, or give an existing one.",),
+        404, None),
+    Entry(
+        "E9008", "ext_goal_not_found", "Extension {name} has no goal for {kind} '{target}'.",
+        ("Nothing was set for that extension on that group or machine (a machine may get "
+         "it through its group: remove or retry that goal instead).",),
+        ("See 'outpost extension show NAME' for the goals that exist.",),
+        404, None),
+    Entry(
+        "E9009", "ext_package_not_assigned",
+        "This machine has no goal naming extension {name} {version}.",
+        ("An agent asked for a package that none of its machine's goals names: the goal "
+         "changed since its last heartbeat, or the package is another account's.",),
+        ("Nothing to do on the machine: the agent fetches its goals again at its next "
+         "heartbeat and asks for what they name.",),
+        404, None),
+    Entry(
+        "E9010", "ext_settings_file_invalid", "The settings file {path} is not usable: "
+        "{problem}.",
+        ("The file given to --settings or --protected-settings cannot be read, or is not "
+         "a JSON or YAML object (a mapping of names to values).",),
+        ("Write the settings as one JSON object (or a YAML mapping) and pass the file "
+         "again.",),
+        422, None),
+    Entry(
+        "E9011", "ext_protected_unreadable",
+        "The protected settings of extension {name} for {kind} '{target}' cannot be opened.",
+        ("The hub's master key changed since they were stored (a restored database with "
+         "another data directory), or the row was copied from another goal.",),
+        ("Set them again: 'outpost extension set NAME --{kind} {target} "
+         "--protected-settings FILE'.",),
+        409, None),
 )
 
 _ENTRIES += (

@@ -67,7 +67,9 @@ async def heartbeat(signed: Machine, hub: HubDep) -> dict[str, Any]:
     abandon = await jobs.renew(hub.engine, row, [(h.id, h.attempt) for h in beat.jobs])
     hub.heartbeats.inc()
     return {"hub_time": now, "min_agent_version": hub.config.min_agent_version,
-            "machine_id": row.id, "abandon": abandon}
+            "machine_id": row.id, "abandon": abandon,
+            # From the account's goals held in memory: no read per heartbeat.
+            "extensions_etag": await hub.extensions.etag(row)}
 
 
 @router.post("/v1/agent/stopping", **SIGNED)
