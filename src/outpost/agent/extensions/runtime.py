@@ -14,7 +14,7 @@ An agent that is not root runs the commands as its own user and keeps the tree i
 goal names a user (``run_as``, the operator's choice); that user must reach the tree, and the
 state directory is the agent's alone (0700), so the tree is then a directory beside it,
 ``<state>-extensions/`` (root's, 0711: passable, not listable), or, when the state
-directory's parent is itself private, ``<tmp>/outpost-extensions-HASH/``. The status and
+directory's parent is itself private, ``/var/lib/outpost-extensions-HASH/``. The status and
 logs directories belong to the user the commands run as (0700).
 
 Each extension has a control group of its own, ``ext-NAME`` beside the job slots' groups
@@ -48,6 +48,7 @@ log = logging.getLogger("outpost.agent.extensions")
 
 EXT_USER = "outpost-ext"
 STATE_DIR = "extensions"  # <state>/extensions/: state.json
+LIB = Path("/var/lib")
 
 
 def shared_root(state_root: Path) -> Path:
@@ -56,8 +57,10 @@ def shared_root(state_root: Path) -> Path:
     if _reachable(state_root.parent):
         candidate = state_root.parent / f"{state_root.name}-extensions"
     else:
+        # Not the temporary directory, whose cleaners would take installed packages away.
         tag = hashlib.sha256(str(state_root).encode()).hexdigest()[:10]
-        candidate = Path(tempfile.gettempdir()) / f"outpost-extensions-{tag}"
+        base = LIB if _reachable(LIB) else Path(tempfile.gettempdir())
+        candidate = base / f"outpost-extensions-{tag}"
     with contextlib.suppress(FileExistsError):
         candidate.mkdir(mode=0o711)
     if not _safe_root(candidate):
