@@ -502,6 +502,7 @@ class Agent:
             "not_taking_work": self.not_taking_work(),
             "sandbox": self.sandbox.status(),
             "extensions": self.extensions.status() if self.extensions is not None else [],
+            "extensions_fetched_at": self.extensions.fetched_at if self.extensions else None,
             "processes": [{"pid": os.getpid(), "role": "agent", "started_at": self.started}]
             + [{"pid": run.proc.pid, "role": f"job {job_id}"}
                for job_id, run in self.jobs.items() if run.proc is not None],

@@ -140,6 +140,7 @@ class Reconciler:
         self.idle.set()
         self.reporter = Reporter(channel)
         self.retry_at: float | None = None
+        self.fetched_at: float | None = None  # the goals, last
         self._retry_delay = RETRY_MIN
         self._transient = False
         self._manifests: dict[tuple[str, str], Manifest] = {}
@@ -169,6 +170,7 @@ class Reconciler:
             except OutpostError as exc:
                 self._later(f"the goals could not be fetched ({exc.code} {exc.message})")
                 continue
+            self.fetched_at = self.clock()
             self.apply(goals)
 
     def apply(self, goals: ExtensionGoals) -> None:
