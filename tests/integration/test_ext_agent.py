@@ -190,6 +190,8 @@ def test_a_hung_enable_is_failed_at_its_timeout_and_removal_still_works(
         assert response.status_code == 200, response.text
         wait_until(lambda: ran(trace)[-1:] == [("uninstall", "1.0.0")], 30,
                    what=f"the uninstall\n{agent.log()[-2000:]}")
+        wait_until(lambda: (state(hub, "m2") or {}).get("state") in (None, "NotInstalled"),
+                   15, what=f"NotInstalled reported: {state(hub, 'm2')}")
     finally:
         for agent_ in agents:
             agent_.stop()

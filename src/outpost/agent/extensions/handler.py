@@ -166,14 +166,22 @@ async def run(spec: Spec) -> Outcome:
     started = time.monotonic()
     spec.output.write(spec.handler, f"--- {spec.handler} of {spec.name} {spec.version} "
                       f"(settings {spec.seq}) starts")
+    # The start is shielded from cancellation: cancelled while asyncio still connects its
+    # pipes, it would kill the leader alone and then wait for the pipes to close, which a
+    # child of the command holds open for as long as it runs.
+    starting = asyncio.ensure_future(asyncio.create_subprocess_exec(
+        *argv, cwd=spec.package_dir, env=environment(spec),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        user=spec.identity[0] if spec.identity else None,
+        group=spec.identity[1] if spec.identity else None,
+        extra_groups=[] if spec.identity else None, preexec_fn=_preexec(spec)))
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=spec.package_dir, env=environment(spec),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            user=spec.identity[0] if spec.identity else None,
-            group=spec.identity[1] if spec.identity else None,
-            extra_groups=[] if spec.identity else None, preexec_fn=_preexec(spec))
+        proc = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(OSError):
+            await _end(spec, ProcessGroup(await starting))
+        raise
     except OSError as exc:
         message = (f"the {spec.handler} command {spec.command.run} of {spec.name} "
                    f"{spec.version} could not be started: {exc.strerror or exc}")

@@ -231,9 +231,16 @@ class Runtime:
         self._groups.pop(name, None)
 
     def close(self) -> None:
-        """At the agent's stop: the descriptors of the groups are closed; the groups and
-        what runs in them stay (an extension's service outlives an agent restart)."""
+        """At the agent's stop: a group with processes stays, with them (an extension's
+        service outlives an agent restart); an empty one goes (made again when needed)."""
         for group in self._groups.values():
+            try:
+                empty = not group.members()
+            except OSError:
+                empty = False
+            if empty:
+                group.remove()
+                continue
             for fd in [*group._fds, *group._enter_fds]:
                 with contextlib.suppress(OSError):
                     os.close(fd)
