@@ -966,7 +966,7 @@ _ENTRIES += (
          "--system --user-group --no-create-home --shell /usr/sbin/nologin outpost-ext').",),
         409, None),
     Entry(
-        "E9036", "ext_protected_unreadable", "The protected settings of an extension cannot "
+        "E9036", "ext_protected_not_for_machine", "The protected settings of an extension cannot "
         "be read on this machine.",
         ("Protected settings are sealed to the machine's key: these were sealed to another "
          "machine's key (the machine was registered again since), or damaged.",),

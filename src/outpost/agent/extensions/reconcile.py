@@ -591,7 +591,7 @@ class Reconciler:
         if goal is None or not goal.protected:
             return None
         if self.key is None:
-            raise StepFailed("enable", coded("ext_protected_unreadable", "the protected "
+            raise StepFailed("enable", coded("ext_protected_not_for_machine", "the protected "
                              "settings cannot be read: the agent has no machine key"))
         try:
             sealed = base64.b64decode(goal.protected, validate=True)
@@ -599,11 +599,11 @@ class Reconciler:
             value = json.loads(plain)
         except (ValueError, CryptoError) as exc:
             raise StepFailed("enable", coded(
-                "ext_protected_unreadable", "the protected settings cannot be read with "
+                "ext_protected_not_for_machine", "the protected settings cannot be read with "
                 f"this machine's key ({type(exc).__name__}): they were sealed to another "
                 "machine, or damaged")) from None
         if not isinstance(value, dict):
-            raise StepFailed("enable", coded("ext_protected_unreadable", "the protected "
+            raise StepFailed("enable", coded("ext_protected_not_for_machine", "the protected "
                              "settings are not a JSON object"))
         return value
 
