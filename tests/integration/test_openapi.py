@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.extbuild import manifest, package
 from tests.support import Agent, Hub, healthy_agent, publish_script, register, wait_until
 
 OPERATOR_SCHEMES = ({"operatorToken": []}, {"jobToken": []})
@@ -225,6 +226,21 @@ def test_real_answers_match_the_declared_models(
     api.call("POST", "/v1/jobs/{job_id}/stop", f"/v1/jobs/{held['id']}/stop")
     for plural, name in (("variables", "v1"), ("credentials", "c1"), ("certificates", "web")):
         api.call("DELETE", f"/v1/assets/{plural}/{{name}}", f"/v1/assets/{plural}/{name}")
+
+    gzip = {"Content-Type": "application/gzip"}
+    data = package(manifest("hello", "1.0.0", settings_schema={"type": "object"}))
+    api.call("POST", "/v1/extensions", status=201, content=data, headers=gzip)
+    api.call("POST", "/v1/extensions", content=data, headers=gzip)  # 200: the same again
+    api.call("GET", "/v1/extensions")
+    api.call("GET", "/v1/extensions/{name}", "/v1/extensions/hello")
+    goal = "/v1/extensions/{name}/targets/{kind}/{target}"
+    api.call("PUT", goal, "/v1/extensions/hello/targets/group/web",
+             json={"settings": {"a": 1}, "protected_settings": {"b": 2}})
+    api.call("GET", "/v1/extensions/{name}/machines", "/v1/extensions/hello/machines")
+    api.call("GET", "/v1/machines/{machine}/extensions", "/v1/machines/w1/extensions")
+    api.call("POST", "/v1/machines/{machine}/extensions/{name}/retry",
+             "/v1/machines/w1/extensions/hello/retry")
+    api.call("DELETE", goal, "/v1/extensions/hello/targets/group/web")
 
     api.call("POST", "/v1/schedules", status=201, json={
         "name": "nightly", "runbook": "hello", "group": "web", "cron": "0 3 * * *"})

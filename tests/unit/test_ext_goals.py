@@ -338,3 +338,25 @@ async def test_another_account_reaches_none_of_it(fast_hub: InprocHub) -> None:
         refused = await put(hub, target("hello", kind, where), token=token)
         assert refused.json()["code"] == "E9007", refused.text
     assert len((await hub.ok("GET", "/v1/extensions/hello"))["goals"]) == 1
+
+
+async def test_a_flush_of_every_cache_drops_the_goals_too(fast_hub: InprocHub) -> None:
+    hub = fast_hub
+    await publish(hub)
+    m1 = await hub.machine("m1", "web")
+    await hub.ok("PUT", target("hello", "group", "web"), json={})
+    held = await etag(m1)
+    loads = hub.hub.extensions.cache.loads
+    assert await etag(m1) == held and hub.hub.extensions.cache.loads == loads
+    hub.hub.notifier.flush()  # as after the listening connection was lost (notify.py)
+    assert await etag(m1) == held
+    assert hub.hub.extensions.cache.loads == loads + 1
+
+
+@pytest.mark.parametrize(("older", "newer"), [
+    ("1.9", "1.10"), ("1.0.0-rc1", "1.0.0"), ("1.0", "1.0.1"), ("2", "10.0"),
+    ("1.0.0", "1.0.0+build2")])
+def test_versions_are_ordered_as_people_read_them(older: str, newer: str) -> None:
+    from outpost.hub.extensions import version_key
+
+    assert version_key(older) < version_key(newer)

@@ -136,10 +136,14 @@ class Api:
             headers={"Authorization": f"Bearer {target.token}"})
 
     def call(self, method: str, path: str, json: Any = None,
-             params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+             params: dict[str, Any] | None = None, timeout: float | None = None,
+             content: bytes | None = None, content_type: str | None = None) -> Any:
+        """One request: a JSON body (``json``), or raw bytes (``content``) of
+        ``content_type``."""
+        headers = {"Content-Type": content_type} if content_type else None
         try:
             response = self._client.request(
-                method, path, json=json, params=params,
+                method, path, json=json, params=params, content=content, headers=headers,
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
         except httpx.HTTPError as exc:
             raise TransportError(_classify(exc), self.target.url, str(exc)) from exc

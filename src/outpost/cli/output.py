@@ -52,7 +52,9 @@ _USAGE_REASONS = {"config_invalid", "config_tab", "invalid_hostname", "account_k
                   "tls_files_unreadable", "tls_key_mismatch", "tls_hostname_not_covered",
                   "tls_chain_incomplete",
                   "fingerprint_malformed", "profile_unknown", "profiles_file_invalid",
-                  "profile_token_missing", "profile_name_invalid"}
+                  "profile_token_missing", "profile_name_invalid",
+                  "ext_package_invalid", "ext_package_too_large", "ext_settings_invalid",
+                  "ext_settings_file_invalid"}
 
 
 # C0 controls but tab and newline, DEL, C1 controls (0x9b is a one-byte CSI on some

@@ -405,7 +405,8 @@ class Extensions:
             ).limit(1)) or await conn.scalar(sa.select(groups.c.name).where(
                 groups.c.account_id == account_id, groups.c.name == target))
         if name is None:
-            raise OutpostError("ext_target_unknown", f"No {kind} '{target}' in this account.",
+            raise OutpostError("ext_target_unknown", f"Cannot set an extension on {kind} "
+                               f"'{target}': this account has none by that name.",
                                kind=kind, target=target)
         return str(name)
 

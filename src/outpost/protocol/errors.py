@@ -870,7 +870,8 @@ _ENTRIES += (
          "extension set' again; the schema is in the package's outpost-extension.json.",),
         422, None),
     Entry(
-        "E9007", "ext_target_unknown", "No {kind} '{target}' in this account.",
+        "E9007", "ext_target_unknown",
+        "Cannot set an extension on {kind} '{target}': this account has none by that name.",
         ("A goal names a group or machine this account does not have: no machine has "
          "registered into that group yet, or the machine's name is misspelt.",),
         ("See 'outpost machine list' and 'outpost group list'; register a machine into the "

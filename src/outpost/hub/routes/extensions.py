@@ -130,8 +130,11 @@ class RetryDone(View):
              responses=ok(PackageInfo, 201, "Published.") | ok(
                  PackageInfo, 200, "That version was already published with the same "
                  "bytes; nothing changed."),
+             # Declared as octet-stream, which every client and fuzzer can send; the hub
+             # takes application/gzip too (PACKAGE_TYPES).
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/gzip": {"schema": {"type": "string", "format": "binary"}}}}})
+                 "application/octet-stream": {"schema": {"type": "string",
+                                                         "format": "binary"}}}}})
 async def extension_publish(principal: Op, hub: HubDep, request: Request,
                             response: Response) -> dict[str, Any]:
     """Publish an extension package: the .tar.gz file as the body (Content-Type
