@@ -201,6 +201,9 @@ class Reconciler:
             except Transient as exc:
                 self._transient = True
                 log.warning("extension %s: %s", name, exc)
+            except OutpostError as exc:  # the machine's trouble (E9039), not the version's
+                self._transient = True
+                log.error("extension %s: %s %s Fix: %s", name, exc.code, exc.message, exc.fix)
             except Exception:
                 log.exception("extension %s: the reconcile failed inside the agent", name)
                 self._transient = True
@@ -586,24 +589,24 @@ class Reconciler:
         self._manifests[(name, version)] = manifest
 
     # --- running a command -------------------------------------------------------------
-    def _protected(self, goal: ExtensionGoal | None) -> dict[str, Any] | None:
+    def _protected(self, goal: ExtensionGoal | None, step: Step) -> dict[str, Any] | None:
         """The goal's protected settings, decrypted in memory (never written anywhere)."""
         if goal is None or not goal.protected:
             return None
         if self.key is None:
-            raise StepFailed("enable", coded("ext_protected_not_for_machine", "the protected "
+            raise StepFailed(step, coded("ext_protected_not_for_machine", "the protected "
                              "settings cannot be read: the agent has no machine key"))
         try:
             sealed = base64.b64decode(goal.protected, validate=True)
             plain = SealedBox(self.key.to_curve25519_private_key()).decrypt(sealed)
             value = json.loads(plain)
         except (ValueError, CryptoError) as exc:
-            raise StepFailed("enable", coded(
+            raise StepFailed(step, coded(
                 "ext_protected_not_for_machine", "the protected settings cannot be read with "
                 f"this machine's key ({type(exc).__name__}): they were sealed to another "
                 "machine, or damaged")) from None
         if not isinstance(value, dict):
-            raise StepFailed("enable", coded("ext_protected_not_for_machine", "the protected "
+            raise StepFailed(step, coded("ext_protected_not_for_machine", "the protected "
                              "settings are not a JSON object"))
         return value
 
@@ -640,14 +643,17 @@ class Reconciler:
         if command is None:
             return None
         run_as = goal.run_as if goal is not None else rec.run_as
+        seq = goal.seq if goal is not None else rec.seq
         try:
             identity, _said = self.runtime.identity(run_as)
+            self.runtime.prepare(rec.name, identity)
+            settings = self._settings(rec.name, goal, seq)
         except OutpostError as exc:
             raise StepFailed(the_step, f"{exc.code}: {exc.message}") from None
-        protected = self._protected(goal)
-        seq = goal.seq if goal is not None else rec.seq
-        self.runtime.prepare(rec.name, identity)
-        settings = self._settings(rec.name, goal, seq)
+        except OSError as exc:
+            raise StepFailed(the_step, f"the extension's directories could not be prepared "
+                             f"({exc.filename}: {exc.strerror or exc})") from None
+        protected = self._protected(goal, the_step)
         group = self.runtime.group(rec.name)
         extra = {"OUTPOST_EXT_UPDATE_FROM": update_from} if update_from and \
             which == "update" else {}
