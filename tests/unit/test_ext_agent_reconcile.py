@@ -608,3 +608,97 @@ async def test_an_agent_stopped_mid_update_goes_on_from_the_step_it_was_in(
     assert machine.ran()[before:] == [("uninstall", "1.0.0"), ("install", "2.0.0"),
                                       ("enable", "2.0.0")]
     assert machine.record().version == "2.0.0" and machine.record().state == "Ready"
+
+
+# --- who runs it ---------------------------------------------------------------------------
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs handlers as other users: needs root")
+@in_loop
+async def test_a_goal_that_names_a_user_runs_the_handlers_as_that_user(
+        machine: Machine) -> None:
+    machine.publish("1.0.0")
+    goal = machine.goal("1.0.0")
+    goal.run_as = "nobody"
+    await converge(machine, goal)
+    assert machine.record().state == "Ready"
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert {int(line[2]) for line in machine.trace_lines()} == {nobody}
+    # Removed with the goal: the uninstall runs as the same user.
+    await converge(machine)
+    assert machine.ran()[-1] == ("uninstall", "1.0.0")
+    assert int(machine.trace_lines()[-1][2]) == nobody
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root agent runs handlers as others")
+@in_loop
+async def test_a_user_the_machine_lacks_fails_the_step_naming_it(machine: Machine) -> None:
+    machine.publish("1.0.0")
+    goal = machine.goal("1.0.0")
+    goal.run_as = "no-such-user-here"
+    await converge(machine, goal)
+    rec = machine.record()
+    assert (rec.state, rec.step) == ("Failed", "install")
+    assert rec.message.startswith("E9034: The user 'no-such-user-here'"), rec.message
+    assert machine.ran() == []
+
+
+# --- waking and reporting ------------------------------------------------------------------
+@in_loop
+async def test_only_a_new_etag_or_a_due_retry_wakes_the_reconciler(machine: Machine) -> None:
+    machine.publish("1.0.0")
+    r = machine.start()
+    assert not r.wake.is_set()  # nothing known: nothing to go on with at start
+    r.note_etag("")
+    assert not r.wake.is_set()  # no goals on the hub, none here
+    r.note_etag("e1")
+    assert r.wake.is_set()
+    r.wake.clear()
+    await converge(machine, machine.goal("1.0.0"), etag="e1")
+    assert r.store.etag == "e1"
+    r.note_etag("e1")
+    assert not r.wake.is_set()
+    r.retry_at = r.clock() + 60
+    r.note_etag("e1")
+    assert not r.wake.is_set()  # a retry not yet due
+    r.retry_at = r.clock() - 1
+    r.note_etag("e1")
+    assert r.wake.is_set() and r.retry_at is None
+
+
+@in_loop
+async def test_reports_are_coalesced_and_a_removal_is_told_once(machine: Machine) -> None:
+    machine.publish("1.0.0")
+    r = await converge(machine, machine.goal("1.0.0"))
+    await reported(machine, r)
+    # Many state changes, one report with the newest of each.
+    assert len(machine.hub.reports) == 1
+    [only] = machine.hub.reports[0].extensions
+    assert (only.state, only.version) == ("Ready", "1.0.0")
+    await converge(machine)
+    await reported(machine, r)
+    assert [s.state for s in machine.hub.reports[-1].extensions] == ["NotInstalled"]
+    r.reporter.dirty.set()
+    await reported(machine, r)
+    assert machine.hub.reports[-1].extensions == []
+
+
+# --- the support bundle --------------------------------------------------------------------
+@in_loop
+async def test_the_support_bundle_holds_the_states_and_logs_but_no_protected_value(
+        machine: Machine, tmp_path: Path) -> None:
+    from outpost.agent import bundle
+    from outpost.agent.state import StateDir
+
+    secret = f"bundle-secret-{uuid.uuid4().hex}"
+    machine.publish("1.0.0", {"enable": f"cat; echo; {OK}"})
+    await converge(machine, machine.goal("1.0.0", protected={"key": secret}))
+    out = tmp_path / "bundle.tar.gz"
+    bundle.write(StateDir(machine.state), out, None, {}, run_checks=False)
+    with tarfile.open(out) as tar:
+        members = {m.name.split("/", 1)[1]: tar.extractfile(m).read()  # type: ignore[union-attr]
+                   for m in tar.getmembers() if m.isfile()}
+    states = json.loads(members["extensions.json"])["extensions"]
+    assert [(s["name"], s["state"], s["version"]) for s in states] == \
+        [(NAME, "Ready", "1.0.0")]
+    log = members[f"logs/extensions/{NAME}.log"].decode()
+    assert "enable: --- success: all good" in log
+    assert all(secret.encode() not in data for data in members.values())
