@@ -702,3 +702,36 @@ async def test_the_support_bundle_holds_the_states_and_logs_but_no_protected_val
     log = members[f"logs/extensions/{NAME}.log"].decode()
     assert "enable: --- success: all good" in log
     assert all(secret.encode() not in data for data in members.values())
+
+
+@pytest.mark.parametrize(("done", "undo"), [
+    # stopped while installing the new version: the new one is uninstalled, the old one
+    # was uninstalled already
+    (["disable", "started:update", "update", "started:uninstall", "uninstall",
+      "started:install"], [("uninstall", "2.0.0")]),
+    # stopped after the update handler: nothing of the new one to undo; the old one is
+    # disabled already and still to uninstall
+    (["disable", "started:update", "update"], [("uninstall", "1.0.0")]),
+])
+@in_loop
+async def test_a_goal_removed_mid_update_undoes_each_version_as_far_as_it_got(
+        machine: Machine, done: list[str], undo: list[tuple[str, str]]) -> None:
+    from outpost.protocol import extpackage
+
+    machine.publish("1.0.0")
+    machine.publish("2.0.0")
+    await converge(machine, machine.goal("1.0.0"))
+    await machine.reconciler.close()  # type: ignore[union-attr]
+    path = machine.state / "extensions" / "state.json"
+    saved = json.loads(path.read_text())
+    extpackage.unpack(machine.hub.packages[(NAME, "2.0.0")], machine.tree / NAME / "2.0.0")
+    saved["extensions"][NAME].update(
+        enabled=False, state="Transitioning", step="install",
+        update={"old": "1.0.0", "new": "2.0.0", "done": done, "failed_step": None,
+                "failure": "", "failure_code": None})
+    path.write_text(json.dumps(saved))
+    machine.reconciler = None
+    before = len(machine.ran())
+    await converge(machine)
+    assert machine.ran()[before:] == undo
+    assert machine.record() is None and not (machine.tree / NAME).exists()

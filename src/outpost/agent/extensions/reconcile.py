@@ -141,6 +141,7 @@ class Reconciler:
         self.reporter = Reporter(channel)
         self.retry_at: float | None = None
         self.fetched_at: float | None = None  # the goals, last
+        self._closing = False
         self._retry_delay = RETRY_MIN
         self._transient = False
         self._manifests: dict[tuple[str, str], Manifest] = {}
@@ -216,7 +217,7 @@ class Reconciler:
         self.workers[name] = asyncio.create_task(body(), name=f"extension-{name}")
 
     def _check_idle(self) -> None:
-        if self.workers:
+        if self.workers or self._closing:
             return
         if self._transient:
             self._later("a step will be tried again")
@@ -233,6 +234,7 @@ class Reconciler:
         log.info("extensions: %s; trying again after about %.0f s", why, delay)
 
     async def close(self) -> None:
+        self._closing = True  # work cut short is not work done: the etag stays as it was
         for task in self.workers.values():
             task.cancel()
         if self.workers:
@@ -480,10 +482,14 @@ class Reconciler:
 
     # --- removal -----------------------------------------------------------------------
     async def _remove(self, rec: Record) -> None:
-        versions = [v for v in {rec.version, rec.update.new if rec.update else None} if v]
+        # Both versions of an update cut short, newest first; what each needs is decided
+        # before anything runs.
+        versions = [v for v in (rec.update.new if rec.update else None, rec.version) if v]
+        plans = [(version, self._teardown_steps(rec, version)) for version in versions]
         notes = []
-        for version in versions:
-            notes += await self._teardown(rec, version)
+        for version, steps in plans:
+            notes += await self._teardown(rec, version, steps)
+        rec.update = None
         await asyncio.to_thread(self.runtime.remove_group, rec.name)
         self.runtime.remove(rec.name)
         del self.store.records[rec.name]
@@ -495,23 +501,32 @@ class Reconciler:
                                           message=message[:4000], changed_at=self.clock(),
                                           seq=rec.seq))
 
-    async def _teardown(self, rec: Record, version: str) -> list[str]:
+    def _teardown_steps(self, rec: Record, version: str) -> list[HandlerName]:
+        """The handlers that undo ``version`` as far as it got."""
+        up = rec.update
+        undo: tuple[tuple[HandlerName, str], ...] = (("disable", "enable"),
+                                                     ("uninstall", "install"))
+        if up is not None and version == up.new:
+            started = {s.removeprefix("started:") for s in up.done}
+            return [h for h, s in undo if s in started]
+        if up is not None and version == up.old:  # what the update had not done yet
+            return [h for h, s in undo if h not in up.done
+                    and (h != "disable" or rec.enabled or rec.enabling)]
+        steps: list[HandlerName] = []
+        if rec.enabled or rec.enabling:
+            steps.append("disable")
+        if rec.stage in ("installing", "installed"):
+            steps.append("uninstall")
+        return steps
+
+    async def _teardown(self, rec: Record, version: str,
+                        steps: list[HandlerName] | None = None) -> list[str]:
         """Disable and uninstall ``version`` as far as it got; what failed, as notes (an
         uninstall goes on whatever its handlers do)."""
         notes = []
         goal = self.goals.get(rec.name)
-        steps: list[HandlerName] = []
-        up = rec.update
-        if up is not None and version == up.new:
-            started = {s.removeprefix("started:") for s in up.done}
-            undo: tuple[tuple[HandlerName, str], ...] = (("disable", "enable"),
-                                                         ("uninstall", "install"))
-            steps = [h for h, s in undo if s in started]
-        else:
-            if rec.enabled or rec.enabling:
-                steps.append("disable")
-            if rec.stage in ("installing", "installed"):
-                steps.append("uninstall")
+        if steps is None:
+            steps = self._teardown_steps(rec, version)
         for which in steps:
             try:
                 await self._command(rec, goal, version, which, "Transitioning")
