@@ -735,3 +735,17 @@ async def test_a_goal_removed_mid_update_undoes_each_version_as_far_as_it_got(
     await converge(machine)
     assert machine.ran()[before:] == undo
     assert machine.record() is None and not (machine.tree / NAME).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the handlers' user differs only under root")
+@in_loop
+async def test_an_agent_with_a_strict_umask_still_lets_the_extension_user_run_it(
+        machine: Machine) -> None:
+    machine.publish("1.0.0")
+    old = os.umask(0o077)
+    try:
+        await converge(machine, machine.goal("1.0.0"))
+    finally:
+        os.umask(old)
+    assert machine.record().state == "Ready", machine.record().message
+    assert machine.ran() == [("install", "1.0.0"), ("enable", "1.0.0")]

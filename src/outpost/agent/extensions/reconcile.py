@@ -30,6 +30,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -557,8 +558,6 @@ class Reconciler:
     async def _fetch(self, rec: Record, goal: ExtensionGoal) -> None:
         """The goal's package, downloaded, verified and unpacked into its own directory.
         Raises Transient (tried again later) or StepFailed (this version is bad)."""
-        from outpost.protocol import extpackage  # tarfile and friends: only when needed
-
         name, version = goal.name, goal.version
         if name == "state.json":
             raise StepFailed("unpack", "the name 'state.json' is reserved on the agent")
@@ -580,7 +579,7 @@ class Reconciler:
             raise Transient(text) from exc
         self.runtime.home(name)
         try:
-            package = await asyncio.to_thread(extpackage.unpack, data, dest, goal.sha256)
+            package = await asyncio.to_thread(_unpack, data, dest, goal.sha256)
         except OutpostError as exc:
             if exc.reason == "ext_package_digest":
                 text = f"{exc.code}: {exc.message} Nothing was unpacked; tried again later"
@@ -708,6 +707,18 @@ class Reconciler:
             shown["running"] = rec.name in self.workers
             rows.append(shown)
         return rows
+
+
+def _unpack(data: bytes, dest: Path, sha256: str) -> Any:
+    """``extpackage.unpack``, then every directory of the package made passable for the
+    handlers' user (unpack makes them with the agent's umask, which may be 077)."""
+    from outpost.protocol import extpackage
+
+    package = extpackage.unpack(data, dest, sha256)
+    for root, dirs, _files in os.walk(dest):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+    return package
 
 
 def read_states(state_root: Path) -> list[dict[str, Any]]:
