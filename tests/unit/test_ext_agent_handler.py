@@ -131,3 +131,28 @@ def test_the_environment_names_the_update_source_only_when_given(tmp_path: Path)
         f"OUTPOST_EXT_{k}" for k in ("NAME", "VERSION", "HANDLER", "SEQ", "CONFIG_DIR",
                                      "STATUS_DIR", "LOG_DIR")}
     assert os.environ.get("OUTPOST_EXT_NAME") is None
+
+
+def test_a_process_left_running_keeps_its_output_read_after_the_command_ends(
+        tmp_path: Path) -> None:
+    marker = tmp_path / "alive"
+
+    async def scenario() -> None:
+        body = (f'status() {{ {STATUS}; }}\n'
+                f'(sleep 5; echo "still here"; touch {marker}) &\n'
+                'status success 0 "service started"')
+        outcome = await handler.run(spec(tmp_path, body, name="enable"))
+        assert outcome.ok
+        assert len(handler._lingering) == 1, (tmp_path / "ext.log").read_text()
+        assert outcome.seconds < 4  # not held until the process it left is gone
+        deadline = time.monotonic() + 15
+        while not marker.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        while handler._lingering and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await handler.close_all()
+
+    asyncio.run(scenario())
+    # It wrote after the command had ended, and did not die of a closed pipe.
+    assert marker.exists()
+    assert "enable: still here" in (tmp_path / "ext.log").read_text()

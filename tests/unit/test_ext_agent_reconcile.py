@@ -241,7 +241,7 @@ async def test_install_and_enable_reach_ready_as_the_extension_user_in_its_cgrou
     await reported(machine, r)
     rec = machine.record()
     assert (rec.state, rec.version, rec.stage, rec.last_ready) == \
-        ("Ready", "1.0.0", "installed", "1.0.0")
+        ("Ready", "1.0.0", "installed", "1.0.0"), rec.message
     assert machine.ran() == [("install", "1.0.0"), ("enable", "1.0.0")]
     last = machine.hub.seen()[-1]
     assert (last.state, last.version, last.step) == ("Ready", "1.0.0", None)

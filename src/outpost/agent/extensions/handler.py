@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from outpost.protocol.extensions import Command, HandlerStatusFile
 
 from .. import cgroups
+from .. import procgroup
 from ..procgroup import ProcessGroup
 from .outlog import ExtensionLog
 
@@ -46,6 +47,9 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL for a command past its timeout
 STATUS_POLL = 0.1  # seconds between looks at the status file of a command that went on
 OUTPUT_DRAIN = 2.0  # seconds to read what is left in the output pipe after the group ends
+
+# Output of processes that commands left running, read until they close it (close_all).
+_lingering: set[asyncio.Task[None]] = set()
 
 Result = Literal["success", "warning", "error", "transitioning", "timeout", "cancelled"]
 
@@ -149,12 +153,46 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
         proc.stdin.close()
 
 
-async def _copy(stream: asyncio.StreamReader, spec: Spec) -> None:
-    while True:
-        line = await stream.readline()
-        if not line:
-            return
-        spec.output.write(spec.handler, line.decode("utf-8", "replace").rstrip("\n"))
+class _Leader:
+    """The command's process as its ProcessGroup's leader. asyncio's ``Process.wait``
+    returns only once the output pipes are closed too, which a process the command left
+    running may never do: the exit is seen in ``returncode`` (set when the child watcher
+    reaps it) instead."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def wait(self) -> int:
+        delay = procgroup.POLL_MIN
+        while self.proc.returncode is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, procgroup.POLL_MAX)
+        return self.proc.returncode
+
+
+async def _copy(proc: asyncio.subprocess.Process, spec: Spec) -> None:
+    """The command's output into the extension's log, until every process holding it is
+    gone (``proc`` is kept by this task: the pipes close when it is collected)."""
+    stream = proc.stdout
+    assert stream is not None
+    try:
+        while True:
+            line = await stream.readline()
+            if not line:
+                return
+            spec.output.write(spec.handler, line.decode("utf-8", "replace").rstrip("\n"))
+    finally:
+        # Closed here, in the event loop, rather than whenever the collector gets to it;
+        # only once the exit is known: before, closing would reap the process itself
+        # (Popen.poll) under the child watcher, which would then report it as 255.
+        transport = getattr(proc, "_transport", None)
+        if transport is not None and proc.returncode is not None:
+            transport.close()
 
 
 async def run(spec: Spec) -> Outcome:
@@ -180,17 +218,16 @@ async def run(spec: Spec) -> Outcome:
         proc = await asyncio.shield(starting)
     except asyncio.CancelledError:
         with contextlib.suppress(OSError):
-            await _end(spec, ProcessGroup(await starting))
+            await _end(spec, ProcessGroup(_Leader(await starting)))
         raise
     except OSError as exc:
         message = (f"the {spec.handler} command {spec.command.run} of {spec.name} "
                    f"{spec.version} could not be started: {exc.strerror or exc}")
         spec.output.write(spec.handler, f"--- {message}")
         return Outcome("error", message)
-    group = ProcessGroup(proc)
-    assert proc.stdout is not None
+    group = ProcessGroup(_Leader(proc))
     feeder = asyncio.create_task(_feed(proc, _stdin_payload(spec)), name="ext-stdin")
-    copier = asyncio.create_task(_copy(proc.stdout, spec), name="ext-output")
+    copier = asyncio.create_task(_copy(proc, spec), name="ext-output")
     try:
         outcome = await _wait(spec, group, started, timeout)
     except asyncio.CancelledError:
@@ -199,13 +236,30 @@ async def run(spec: Spec) -> Outcome:
         raise
     finally:
         feeder.cancel()
+        # What is left in the pipe: read for a moment, a shorter one when processes of the
+        # command's group are still there (they may hold it for as long as they run).
+        drain = OUTPUT_DRAIN if group.returncode is None or not group.members() else 0.2
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(copier), OUTPUT_DRAIN)
-        copier.cancel()
+            await asyncio.wait_for(asyncio.shield(copier), drain)
+        if not copier.done():
+            # A process the command left running (a service an enable started) still holds
+            # its output: read on, so that it does not die of a closed pipe when it writes.
+            _lingering.add(copier)
+            copier.add_done_callback(_lingering.discard)
     outcome.seconds = round(time.monotonic() - started, 3)
     spec.output.write(spec.handler, f"--- {outcome.result}: {outcome.message}"
                       if outcome.message else f"--- {outcome.result}")
     return outcome
+
+
+async def close_all() -> None:
+    """At the agent's stop: stop reading what commands' leftover processes print (their
+    pipes close with the agent in any case)."""
+    tasks = list(_lingering)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=5)
 
 
 async def _end(spec: Spec, group: ProcessGroup) -> None:

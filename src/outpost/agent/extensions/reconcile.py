@@ -240,6 +240,7 @@ class Reconciler:
             task.cancel()
         if self.workers:
             await asyncio.wait(list(self.workers.values()), timeout=10)
+        await handler.close_all()
         self.runtime.close()
 
     # --- one extension -----------------------------------------------------------------
