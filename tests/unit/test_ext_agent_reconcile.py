@@ -749,3 +749,22 @@ async def test_an_agent_with_a_strict_umask_still_lets_the_extension_user_run_it
         os.umask(old)
     assert machine.record().state == "Ready", machine.record().message
     assert machine.ran() == [("install", "1.0.0"), ("enable", "1.0.0")]
+
+
+@in_loop
+async def test_a_service_left_by_enable_stays_in_the_group_until_the_extension_goes(
+        machine: Machine) -> None:
+    pids = machine.trace.with_suffix(".pids")
+    machine.publish("1.0.0", {"enable": f"sleep 300 > /dev/null 2>&1 & echo $! >> {pids}; "
+                                        f"{OK}"})
+    started = time.monotonic()
+    await converge(machine, machine.goal("1.0.0"))
+    assert machine.record().state == "Ready"
+    assert time.monotonic() - started < 10  # not held up by the service it left running
+    [service] = [int(p) for p in pids.read_text().split()]
+    assert procgroup.state(service) not in (None, "Z")
+    if machine.hierarchy is not None:
+        group = machine.reconciler.runtime.group(NAME)  # type: ignore[union-attr]
+        assert group is not None and service in group.members()
+    await converge(machine)  # removed: disable, then whatever is left in its group goes
+    assert procgroup.state(service) in (None, "Z") or machine.hierarchy is None
