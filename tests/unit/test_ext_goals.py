@@ -254,6 +254,10 @@ async def test_a_package_goes_only_to_machines_whose_goals_name_it(
     assert got.headers["content-type"] == "application/gzip"
     assert got.headers["x-outpost-sha256"] == info["sha256"]
     assert hashlib.sha256(got.content).hexdigest() == info["sha256"]
+    reads = hub.hub.extensions.package_reads
+    again = await m1.call("GET", "/v1/agent/extensions/hello/1.0.0/package")
+    assert again.content == got.content  # the second machine's download costs no read
+    assert hub.hub.extensions.package_reads == reads
     for machine, path in ((db1, "hello/1.0.0"), (m1, "other/1.0.0"), (m1, "hello/2.0.0")):
         refused = await machine.call("GET", f"/v1/agent/extensions/{path}/package")
         assert refused.status_code == 404, refused.text
@@ -357,6 +361,6 @@ async def test_a_flush_of_every_cache_drops_the_goals_too(fast_hub: InprocHub) -
     ("1.9", "1.10"), ("1.0.0-rc1", "1.0.0"), ("1.0", "1.0.1"), ("2", "10.0"),
     ("1.0.0", "1.0.0+build2")])
 def test_versions_are_ordered_as_people_read_them(older: str, newer: str) -> None:
-    from outpost.hub.extensions import version_key
+    from outpost.hub.extension_goals import version_key
 
     assert version_key(older) < version_key(newer)

@@ -20,7 +20,7 @@ from outpost.protocol.errors import OutpostError
 from outpost.protocol.extensions import ExtensionStatus
 
 from .db import extension_packages, extension_states, machines
-from .extensions import AccountGoals, Resolved, load
+from .extension_goals import AccountGoals, Resolved, load
 
 
 def _values(status: ExtensionStatus, now: float) -> dict[str, Any]:

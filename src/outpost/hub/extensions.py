@@ -12,18 +12,16 @@ an extension overrides its group's.
 Every agent learns whether its goals changed from its heartbeat's ``extensions_etag``: a
 fleet of 10,000 agents sends 333 heartbeats a second, so the etag comes from ``GoalCache``,
 each account's goals held in memory and dropped when any replica changes them (notify,
-"extensions"); ``GoalCache.TTL`` bounds what a lost notification costs.
+"extensions", in ``extension_goals``); ``GoalCache.TTL`` bounds what a lost notification
+costs.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import logging
-import re
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from typing import Any
 
 import jsonschema
@@ -41,23 +39,13 @@ from outpost.protocol.signing import b64, unb64
 from . import notify
 from .config import random_id
 from .db import extension_goals, extension_packages, extension_retries, groups, machines
+from .extension_goals import Goal, GoalCache, Published, load, version_key
 from .groups import USER_RE
 from .vault import Vault
 
 log = logging.getLogger("outpost.hub.extensions")
 
 TARGET_KINDS = ("group", "machine")
-_VERSION_PARTS = re.compile(r"^(\d+(?:\.\d+)*)(?:([-+])(.*))?$")
-
-
-def version_key(version: str) -> tuple[Any, ...]:
-    """Orders versions as people read them: 1.10 after 1.9, and 1.0-rc1 before 1.0."""
-    match = _VERSION_PARTS.match(version)
-    if match is None:
-        return ((), 0, version)
-    numbers = tuple(int(p) for p in match.group(1).split("."))
-    numbers += (0,) * (4 - len(numbers))
-    return (numbers, 0 if match.group(2) == "-" else 1, match.group(3) or "")
 
 
 def seal_to_machine(public_key: str, plaintext: bytes) -> str:
@@ -116,163 +104,6 @@ def check_settings(schema: dict[str, Any] | None, value: dict[str, Any], *, fiel
         f"its schema: {problem}.", field=where, name=name, version=version)
 
 
-# --- the in-memory goals of each account ----------------------------------------------------
-
-@dataclass(frozen=True)
-class Goal:
-    name: str
-    kind: str
-    target: str
-    version: str | None
-    settings: dict[str, Any]
-    protected: str | None  # sealed by the vault
-    enabled: bool
-    run_as: str | None
-    seq: int
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class Published:
-    name: str
-    version: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """The goal that applies to one machine for one extension, and its package."""
-
-    goal: Goal
-    package: Published
-    retry: int
-
-
-@dataclass
-class AccountGoals:
-    """One account's goals, packages (without their bytes) and machines' retry counters."""
-
-    by_target: dict[tuple[str, str], dict[str, Goal]] = field(default_factory=dict)
-    packages: dict[tuple[str, str], Published] = field(default_factory=dict)
-    newest: dict[str, Published] = field(default_factory=dict)
-    retries: dict[tuple[str, str], int] = field(default_factory=dict)
-    loaded_at: float = 0.0
-    _etags: dict[str, str] = field(default_factory=dict)
-
-    def resolve(self, machine: Any) -> list[Resolved]:
-        """The goals that apply to ``machine`` (a machines row), by extension name: its own
-        goal, else its group's; a goal whose version is not published is skipped."""
-        own = self.by_target.get(("machine", machine.name), {})
-        group = self.by_target.get(("group", machine.group_name), {})
-        found = []
-        for name in sorted(set(own) | set(group)):
-            goal = own.get(name) or group[name]
-            package = (self.packages.get((name, goal.version)) if goal.version
-                       else self.newest.get(name))
-            if package is not None:
-                found.append(Resolved(goal, package,
-                                      self.retries.get((machine.id, name), 0)))
-        return found
-
-    def etag(self, machine: Any) -> str:
-        """A digest of what the machine should have; '' when nothing applies."""
-        known = self._etags.get(machine.id)
-        if known is not None:
-            return known
-        resolved = self.resolve(machine)
-        etag = ""
-        if resolved:
-            text = json.dumps([[r.goal.name, r.package.sha256, r.goal.seq, r.retry,
-                                r.goal.enabled, r.goal.run_as] for r in resolved])
-            etag = hashlib.sha256(text.encode()).hexdigest()[:32]
-        self._etags[machine.id] = etag
-        return etag
-
-
-async def load(conn: AsyncConnection, account_id: str) -> AccountGoals:
-    found = AccountGoals(loaded_at=time.monotonic())
-    rows = await conn.execute(sa.select(extension_goals).where(
-        extension_goals.c.account_id == account_id))
-    for r in rows:
-        found.by_target.setdefault((r.target_kind, r.target), {})[r.name] = Goal(
-            r.name, r.target_kind, r.target, r.version, r.settings or {}, r.protected,
-            bool(r.enabled), r.run_as, int(r.seq), r.updated_at)
-    rows = await conn.execute(sa.select(
-        extension_packages.c.name, extension_packages.c.version, extension_packages.c.sha256,
-        extension_packages.c.size).where(extension_packages.c.account_id == account_id))
-    for r in rows:
-        package = Published(r.name, r.version, r.sha256, int(r.size))
-        found.packages[(r.name, r.version)] = package
-        newest = found.newest.get(r.name)
-        if newest is None or version_key(r.version) > version_key(newest.version):
-            found.newest[r.name] = package
-    rows = await conn.execute(
-        sa.select(extension_retries).join(machines, machines.c.id == extension_retries.c.machine_id)
-        .where(machines.c.account_id == account_id))
-    for r in rows:
-        found.retries[(r.machine_id, r.name)] = int(r.retry)
-    return found
-
-
-class GoalCache:
-    """Each account's ``AccountGoals``, read once and kept until a change (from any
-    replica) drops it, or for ``TTL`` seconds at most. Concurrent heartbeats of an account
-    whose goals are not held share one read."""
-
-    TTL = 30.0
-    MAX_ACCOUNTS = 10_000
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._held: dict[str, AccountGoals] = {}
-        self._loading: dict[str, asyncio.Future[AccountGoals]] = {}
-        self._forgets: dict[str, int] = {}
-        self.loads = 0  # reads of the database, for tests
-
-    def forget(self, account_id: str) -> None:
-        """Drop an account's goals (``notify.ALL``: every account's)."""
-        if account_id == notify.ALL:
-            self._held.clear()
-            self._loading.clear()
-            self._forgets = {k: v + 1 for k, v in self._forgets.items()}
-            return
-        self._held.pop(account_id, None)
-        self._loading.pop(account_id, None)
-        self._forgets[account_id] = self._forgets.get(account_id, 0) + 1
-
-    def follow(self, notifier: notify.Notifier) -> None:
-        notifier.on_invalidate("extensions", self.forget)
-
-    async def get(self, account_id: str) -> AccountGoals:
-        held = self._held.get(account_id)
-        if held is not None and time.monotonic() - held.loaded_at < self.TTL:
-            return held
-        loading = self._loading.get(account_id)
-        if loading is None or loading.get_loop() is not asyncio.get_running_loop():
-            loading = asyncio.ensure_future(self._load(account_id))
-            loading.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._loading[account_id] = loading
-        return await asyncio.shield(loading)
-
-    async def _load(self, account_id: str) -> AccountGoals:
-        forgets = self._forgets.get(account_id, 0)
-        try:
-            async with self._engine.connect() as conn:
-                found = await load(conn, account_id)
-            self.loads += 1
-        finally:
-            if self._loading.get(account_id) is asyncio.current_task():
-                del self._loading[account_id]
-        # A read that a change overtook (forgotten meanwhile) answers its callers but is
-        # not kept: it may predate the change's commit.
-        if forgets == self._forgets.get(account_id, 0):
-            if len(self._held) >= self.MAX_ACCOUNTS:
-                self._held.clear()
-            self._held[account_id] = found
-        return found
-
-
 # --- the operator's side --------------------------------------------------------------------
 
 def _package_view(row: Any) -> dict[str, Any]:
@@ -293,10 +124,17 @@ def goal_view(goal: Goal, newest: Published | None) -> dict[str, Any]:
 class Extensions:
     """Publishing, goals, and what agents fetch; one per hub process."""
 
+    # Packages served to agents, by SHA-256 (a digest names its bytes, whatever the
+    # account): a fleet that updates at once reads each package from the database once.
+    PACKAGES_HELD_BYTES = 256 * 1024 * 1024
+
     def __init__(self, engine: AsyncEngine, vault: Vault) -> None:
         self.engine = engine
         self.vault = vault
         self.cache = GoalCache(engine)
+        self._packages: OrderedDict[str, bytes] = OrderedDict()
+        self._packages_size = 0
+        self.package_reads = 0  # reads of a package's bytes from the database, for tests
 
     async def _changed(self, conn: AsyncConnection, account_id: str) -> None:
         """Inside the change's transaction: every replica drops the account's goals."""
@@ -598,11 +436,16 @@ class Extensions:
         """The bytes and SHA-256 of a package one of ``machine``'s goals names; E9009
         for any other (another account's included)."""
         goals = await self.cache.get(machine.account_id)
-        if not any(r.package.name == name and r.package.version == version
-                   for r in goals.resolve(machine)):
+        named = [r.package for r in goals.resolve(machine)
+                 if r.package.name == name and r.package.version == version]
+        if not named:
             raise OutpostError("ext_package_not_assigned", f"This machine has no goal "
                                f"naming extension {name} {version}.", name=name,
                                version=version)
+        held = self._packages.get(named[0].sha256)
+        if held is not None:
+            self._packages.move_to_end(named[0].sha256)
+            return held, named[0].sha256
         async with self.engine.connect() as conn:
             row = (await conn.execute(sa.select(
                 extension_packages.c.blob, extension_packages.c.sha256).where(
@@ -613,4 +456,16 @@ class Extensions:
             raise OutpostError("ext_package_not_assigned", f"This machine has no goal "
                                f"naming extension {name} {version}.", name=name,
                                version=version)
-        return bytes(row.blob), str(row.sha256)
+        self.package_reads += 1
+        data, sha256 = bytes(row.blob), str(row.sha256)
+        self._hold(sha256, data)
+        return data, sha256
+
+    def _hold(self, sha256: str, data: bytes) -> None:
+        if len(data) > self.PACKAGES_HELD_BYTES // 4 or sha256 in self._packages:
+            return
+        self._packages[sha256] = data
+        self._packages_size += len(data)
+        while self._packages_size > self.PACKAGES_HELD_BYTES:
+            _, dropped = self._packages.popitem(last=False)
+            self._packages_size -= len(dropped)
