@@ -712,6 +712,12 @@ async def test_the_support_bundle_holds_the_states_and_logs_but_no_protected_val
     # stopped after the update handler: nothing of the new one to undo; the old one is
     # disabled already and still to uninstall
     (["disable", "started:update", "update"], [("uninstall", "1.0.0")]),
+    # stopped in a rollback that had undone the new version and installed the old one
+    # again: only the old one is left to uninstall
+    (["disable", "started:update", "update", "started:uninstall", "uninstall",
+      "started:install", "install", "started:enable", "started:undo:disable-new",
+      "undo:disable-new", "started:undo:uninstall-new", "undo:uninstall-new",
+      "started:undo:install-old", "undo:install-old"], [("uninstall", "1.0.0")]),
 ])
 @in_loop
 async def test_a_goal_removed_mid_update_undoes_each_version_as_far_as_it_got(

@@ -447,6 +447,8 @@ class Reconciler:
             if label in up.done:
                 continue
             undoing_new = version == up.new
+            up.done.append(f"started:{label}")
+            self.store.save()
             try:
                 outcome = await self._command(rec, goal, version, which, "Transitioning",
                                               target=up.old, step="rollback")
@@ -506,14 +508,22 @@ class Reconciler:
     def _teardown_steps(self, rec: Record, version: str) -> list[HandlerName]:
         """The handlers that undo ``version`` as far as it got."""
         up = rec.update
-        undo: tuple[tuple[HandlerName, str], ...] = (("disable", "enable"),
-                                                     ("uninstall", "install"))
         if up is not None and version == up.new:
+            undo: tuple[tuple[HandlerName, str], ...] = (("disable", "enable"),
+                                                         ("uninstall", "install"))
             started = {s.removeprefix("started:") for s in up.done}
-            return [h for h, s in undo if s in started]
-        if up is not None and version == up.old:  # what the update had not done yet
-            return [h for h, s in undo if h not in up.done
-                    and (h != "disable" or rec.enabled or rec.enabling)]
+            return [h for h, s in undo if s in started  # and a rollback did not undo it
+                    and f"undo:{h}-new" not in up.done]
+        if up is not None and version == up.old:
+            # Enabled unless the update disabled it (and a rollback did not enable it
+            # again); installed unless it uninstalled it (and no rollback began to install
+            # it again).
+            done = set(up.done)
+            enabled = "disable" not in done or "started:undo:enable-old" in done
+            installed = "uninstall" not in done or "started:undo:install-old" in done
+            wanted: tuple[tuple[HandlerName, bool], ...] = (("disable", enabled),
+                                                            ("uninstall", installed))
+            return [h for h, needed in wanted if needed]
         steps: list[HandlerName] = []
         if rec.enabled or rec.enabling:
             steps.append("disable")
