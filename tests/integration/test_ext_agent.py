@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pwd
+import re
 import shutil
 import tarfile
 import time
@@ -144,8 +145,15 @@ def test_an_extension_installs_updates_rolls_back_and_uninstalls(
                    what=f"the goals fetched again\n{agent.log()[-2000:]}")
         assert len(ran(trace)) == count, ran(trace)[count:]
         assert state(hub, "m1")["state"] == "Ready"  # type: ignore[index]
-        response = hub.api("POST", f"/v1/machines/m1/extensions/{NAME}/retry")
-        assert response.status_code == 200, response.text
+        # What the operator sees of it...
+        shown = hub.cli("extension", "show", NAME, "--machine", "m1")
+        assert shown.returncode == 0, shown.stderr
+        assert re.search(r"^state: +Ready$", shown.stdout, re.M), shown.stdout
+        assert re.search(r"^failed: +2\.0\.0$", shown.stdout, re.M), shown.stdout
+        assert "rolled back to 1.0.0" in shown.stdout
+        # ...and asks for the retry.
+        retried = hub.cli("extension", "retry", NAME, "--machine", "m1")
+        assert retried.returncode == 0, retried.stderr
         wait_until(lambda: ran(trace).count(("enable", "2.0.0")) == 2, 30,
                    what=f"the retry of 2.0.0\n{agent.log()[-2000:]}")
         wait_state(hub, agent, "m1", {"state": "Ready", "version": "1.0.0"})
