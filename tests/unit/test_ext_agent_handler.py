@@ -80,9 +80,11 @@ def test_cancelling_a_run_ends_its_whole_process_group(tmp_path: Path) -> None:
         while (not pids.exists() or len(pids.read_text().split()) < 2) and \
                 time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        assert list(handler.running.values()) == ["extension backup 1.2.0: snapshot"]
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert handler.running == {}
 
     asyncio.run(scenario())
     found = [int(p) for p in pids.read_text().split()]

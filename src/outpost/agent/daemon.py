@@ -32,6 +32,7 @@ from outpost.protocol.models import HeartbeatAck
 from . import cache, facts, joblogs, work
 from .cgroups import Limits
 from .config import AgentConfig
+from .extensions import handler as ext_handler
 from .extensions.channel import HttpChannel
 from .extensions.reconcile import Reconciler
 from .extensions.runtime import Runtime
@@ -505,7 +506,8 @@ class Agent:
             "extensions_fetched_at": self.extensions.fetched_at if self.extensions else None,
             "processes": [{"pid": os.getpid(), "role": "agent", "started_at": self.started}]
             + [{"pid": run.proc.pid, "role": f"job {job_id}"}
-               for job_id, run in self.jobs.items() if run.proc is not None],
+               for job_id, run in self.jobs.items() if run.proc is not None]
+            + [{"pid": pid, "role": role} for pid, role in ext_handler.running.items()],
         }
 
     async def _status_server(self) -> asyncio.AbstractServer:

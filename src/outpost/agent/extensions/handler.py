@@ -50,6 +50,8 @@ OUTPUT_DRAIN = 2.0  # seconds to read what is left in the output pipe after the 
 
 # Output of processes that commands left running, read until they close it (close_all).
 _lingering: set[asyncio.Task[None]] = set()
+# The commands running now: pid -> what it is, for 'outpost agent status'.
+running: dict[int, str] = {}
 
 Result = Literal["success", "warning", "error", "transitioning", "timeout", "cancelled"]
 
@@ -226,6 +228,7 @@ async def run(spec: Spec) -> Outcome:
         spec.output.write(spec.handler, f"--- {message}")
         return Outcome("error", message)
     group = ProcessGroup(_Leader(proc))
+    running[proc.pid] = f"extension {spec.name} {spec.version}: {spec.handler}"
     feeder = asyncio.create_task(_feed(proc, _stdin_payload(spec)), name="ext-stdin")
     copier = asyncio.create_task(_copy(proc, spec), name="ext-output")
     try:
@@ -235,6 +238,7 @@ async def run(spec: Spec) -> Outcome:
         spec.output.write(spec.handler, "--- ended: the agent cancelled it")
         raise
     finally:
+        running.pop(proc.pid, None)
         feeder.cancel()
         # What is left in the pipe: read for a moment, a shorter one when processes of the
         # command's group are still there (they may hold it for as long as they run).
