@@ -12,7 +12,10 @@ Members, under one folder named after the machine and the time::
     environment.json        the variables that change the agent's behaviour, redacted
     state-dir.json          the state directory's files: names, sizes, modes (no content)
     joblogs.json            the index of the job logs kept on the machine (no output)
+    extensions.json         each extension's state, step and message (state.json's)
     logs/agent.log[.N]      the agent's log files, every line redacted
+    logs/extensions/NAME.log[.1]
+                            each extension's own log (its handlers' output), redacted
 
 Secrets never leave: the machine key is not read into the bundle at all; values of any
 setting, field or variable whose name is a secret's (``token``, ``account_key``,
@@ -218,6 +221,12 @@ def write(state: StateDir, output: Path, config_path: Path | None,
         or agent_config.AgentConfig().job_log_retention
     add("joblogs.json", {"retention_seconds": retention,
                          "jobs": joblogs.index(state.root, float(retention))})
+    # Extensions: their states and their own logs. Protected settings are never on disk
+    # (and their values are redacted from the handlers' output before it is written).
+    from .extensions.outlog import log_dir as extension_logs
+    from .extensions.reconcile import read_states
+
+    add("extensions.json", {"extensions": read_states(state.root)})
     progress("logs")
     for path in logs.log_files(state.root):
         try:
@@ -225,6 +234,12 @@ def write(state: StateDir, output: Path, config_path: Path | None,
         except OSError:
             continue
         add(f"logs/{path.name}", red.log_text(raw))
+    for path in sorted(extension_logs(state.root).glob("*.log*")):
+        try:
+            raw = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        add(f"logs/extensions/{path.name}", red.log_text(raw))
     add("README.txt", _readme(folder, [name for name, _ in members]))
     progress("writing")
     try:

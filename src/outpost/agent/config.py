@@ -54,6 +54,11 @@ class AgentConfig:
     job_memory_mb: int = 512
     job_cpus: float = 1.0
     job_processes: int = 256
+    # An extension's limits where its manifest sets none (0: no limit): its handlers and
+    # what they leave running share one control group (extensions/runtime.py).
+    extension_memory_mb: int = 256
+    extension_cpus: float = 1.0
+    extension_processes: int = 128
 
     def effective(self) -> AgentConfig:
         """The settings the daemon runs with: constrained mode (ED-8) lowers the limits a
@@ -92,6 +97,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "job_memory_mb": (0, 2**22),
     "job_cpus": (0.0, 1024.0),
     "job_processes": (0, 2**22),
+    "extension_memory_mb": (0, 2**22),
+    "extension_cpus": (0.0, 1024.0),
+    "extension_processes": (0, 2**22),
 }
 _TYPES = {f.name: f.type for f in fields(AgentConfig)}
 

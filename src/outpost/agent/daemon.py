@@ -32,6 +32,11 @@ from outpost.protocol.models import HeartbeatAck
 from . import cache, facts, joblogs, work
 from .cgroups import Limits
 from .config import AgentConfig
+from .extensions import handler as ext_handler
+from .extensions.channel import HttpChannel
+from .extensions.reconcile import Reconciler
+from .extensions.runtime import Runtime
+from .extensions.store import Store
 from .pressure import Pressure, own_cpu_seconds
 from .reporter import Reporter
 from .runner import JobRun, Uploader, end_leftover, leftover_spools, watch_children_with_pidfd
@@ -87,6 +92,7 @@ class Agent:
         self.sandbox = Sandbox(state.root, self.config.max_concurrent_jobs,
                                Limits(self.config.job_memory_mb, self.config.job_cpus,
                                       self.config.job_processes), self.config.job_users)
+        self.extensions: Reconciler | None = None  # made once the hub client is
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -113,6 +119,7 @@ class Agent:
             if not await self._connect(key, reg, identity):
                 return  # stopped before any hub answered
             self._recover()
+            self._start_extensions(key)
             self.supervisor.start("heartbeat", self._heartbeat_loop)
             self.supervisor.start("poll", self._poll_loop)
             self.supervisor.start("prune-job-logs", lambda: joblogs.prune_forever(
@@ -125,6 +132,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             server.close()
+            if self.extensions is not None:
+                self.extensions.runtime.close()
             self.sandbox.close()
             if self.client is not None:
                 await self.client.aclose()
@@ -154,6 +163,8 @@ class Agent:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=GRACE_SECONDS)
+        if self.extensions is not None:
+            await self.extensions.close()  # a handler running now is ended with its group
         await self.reporter.close()
 
     async def _tell_hub_stopping(self) -> None:
@@ -211,6 +222,19 @@ class Agent:
                  self.sandbox.defaults.text())
         return True
 
+    def _start_extensions(self, key: SigningKey) -> None:
+        """The extensions' reconciler and its reports, beside heartbeats and jobs."""
+        assert self.client is not None
+        cfg = self.config
+        runtime = Runtime(self.state.root, Limits(cfg.extension_memory_mb, cfg.extension_cpus,
+                                                  cfg.extension_processes),
+                          self.sandbox.hierarchy, self.sandbox.why_no_cgroups)
+        self.extensions = Reconciler(Store(runtime.state_dir), runtime,
+                                     HttpChannel(self.client), key,
+                                     log_max_bytes=cfg.log_bytes[0])
+        self.supervisor.start("extensions", self.extensions.run)
+        self.supervisor.start("extension-reports", self.extensions.reporter.run)
+
     def _note_failure(self, exc: OutpostError) -> None:
         kind = exc.kind if isinstance(exc, TransportError) else exc.reason
         self.last_error = {"at": time.time(), "code": exc.code, "kind": kind,
@@ -263,7 +287,10 @@ class Agent:
             self.last_error = None
             if self.cache is not None and self.client is not None:
                 await self.cache.check(self.client, answer)  # HW-9: heal what went bad
-            for job_id in HeartbeatAck.model_validate(answer).abandon:
+            ack = HeartbeatAck.model_validate(answer)
+            if self.extensions is not None:
+                self.extensions.note_etag(ack.extensions_etag)
+            for job_id in ack.abandon:
                 run = self.jobs.get(job_id)
                 # Only the attempt this heartbeat listed: the job's next attempt may have
                 # started here since (its previous one ended and the hub gave it back).
@@ -484,9 +511,12 @@ class Agent:
                      for run in self.jobs.values()],
             "not_taking_work": self.not_taking_work(),
             "sandbox": self.sandbox.status(),
+            "extensions": self.extensions.status() if self.extensions is not None else [],
+            "extensions_fetched_at": self.extensions.fetched_at if self.extensions else None,
             "processes": [{"pid": os.getpid(), "role": "agent", "started_at": self.started}]
             + [{"pid": run.proc.pid, "role": f"job {job_id}"}
-               for job_id, run in self.jobs.items() if run.proc is not None],
+               for job_id, run in self.jobs.items() if run.proc is not None]
+            + [{"pid": pid, "role": role} for pid, role in ext_handler.running.items()],
         }
 
     async def _status_server(self) -> asyncio.AbstractServer:

@@ -34,7 +34,7 @@ class JobUser:
     gid: int
 
 
-def _useradd(name: str) -> None:
+def _useradd(name: str, comment: str = "Outpost runbook job") -> None:
     """Make the system user ``name`` (and its group). useradd refuses while another holds
     the lock on /etc/passwd (several agents starting at once): tried again for a while."""
     useradd = shutil.which("useradd", path="/usr/sbin:/sbin:/usr/bin:/bin")
@@ -44,7 +44,7 @@ def _useradd(name: str) -> None:
             "is not installed.", user=name)
     shell = next((s for s in NOLOGIN if shutil.which(s)), "/bin/false")
     argv = [useradd, "--system", "--user-group", "--no-create-home", "--home-dir",
-            "/nonexistent", "--shell", shell, "--comment", "Outpost runbook job", name]
+            "/nonexistent", "--shell", shell, "--comment", comment, name]
     done: subprocess.CompletedProcess[str] | None = None
     for _ in range(50):
         done = subprocess.run(argv, capture_output=True, text=True, check=False)

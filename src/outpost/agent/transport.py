@@ -246,6 +246,29 @@ class HubClient:
         assert last is not None
         raise last
 
+    async def fetch_bytes(self, path: str, *, timeout: float | None = None
+                          ) -> tuple[bytes, dict[str, str]]:
+        """A signed GET whose answer is not JSON (an extension package): its body and
+        headers. Errors as ``request`` raises them; tried on each hub URL alike."""
+        last: TransportError | None = None
+        order = [self.active] + [i for i in range(len(self.urls)) if i != self.active]
+        for index in order:
+            base = self.urls[index]
+            try:
+                response = await self._client.request(
+                    "GET", base + path, headers=self._sign("GET", path, b"", None),
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+            except httpx.HTTPError as exc:
+                kind, detail = classify(exc)
+                last = TransportError(kind, base, detail)
+                continue
+            if not response.is_success:
+                self._decode(response)  # raises HubRefused with the hub's error body
+            self.active = index
+            return response.content, dict(response.headers)
+        assert last is not None
+        raise last
+
     @staticmethod
     def _decode(response: httpx.Response) -> Any:
         try:

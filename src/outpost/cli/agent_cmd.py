@@ -168,6 +168,19 @@ def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
     out.print("  processes:")
     for proc in info["processes"]:
         out.print(f"    {proc['pid']:>7}  {proc['role']}")
+    extensions = info.get("extensions") or []
+    out.print("  extensions:" if extensions else "  extensions:     none")
+    for ext in extensions:
+        version = ext.get("version") or "-"
+        target = ext.get("target_version")
+        towards = f" -> {target}" if target and target != ext.get("version") else ""
+        step = f" ({ext['step']})" if ext.get("step") else ""
+        out.print(f"    {ext['name']} {version}{towards}: {ext['state']}{step}", markup=False)
+        if ext.get("message"):
+            say(f"      {ext['message']}")
+        if ext.get("failed_versions"):
+            out.print(f"      not tried again until retried: "
+                      f"{', '.join(ext['failed_versions'])}", markup=False)
 
 
 # ED-1, EX-9: the agent's logs, each job's kept log, and the support bundle.

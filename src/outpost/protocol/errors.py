@@ -918,6 +918,103 @@ _ENTRIES += (
         409, None),
 )
 
+_ENTRIES += (
+    # --- extensions on the machine (E9030-E9059) ------------------------------------------
+    Entry(
+        "E9030", "ext_handler_hung", "The {handler} handler of extension {name} hung and was "
+        "killed.",
+        ("The handler command ran past its timeout_seconds (the manifest's), or exited "
+         "leaving its status file at 'transitioning' (or without one) until then. The agent "
+         "killed its whole process group and whatever else ran in the extension's control "
+         "group; the extension is Failed with the step that hung.",),
+        ("Read the extension's log on the machine (<state>/logs/extensions/NAME.log) to see "
+         "where it stopped; fix the handler or raise its timeout_seconds, publish a new "
+         "version, or run 'outpost extension retry' once the cause is gone.",
+         "Uninstall works in this state: 'outpost extension remove' ends it and cleans up."),
+        409, "EX-5"),
+    Entry(
+        "E9031", "ext_handler_failed", "The {handler} handler of extension {name} failed.",
+        ("The handler exited with a non-zero code, or wrote 'error' in its status file "
+         "(its own code and message are shown), or could not be started.",),
+        ("Read the extension's log on the machine (<state>/logs/extensions/NAME.log); fix "
+         "the cause and run 'outpost extension retry', or publish a fixed version.",),
+        409, "EX-5"),
+    Entry(
+        "E9032", "ext_status_malformed", "The status file {path} of extension {name} is "
+        "malformed.",
+        ("A handler writes $OUTPOST_EXT_STATUS_DIR/<seq>.status as JSON: {\"status\": "
+         "\"transitioning\"|\"success\"|\"warning\"|\"error\", \"code\": N, "
+         "\"message\": \"...\"}; this one is not JSON, or a field is wrong (the message "
+         "names the file and the field).",),
+        ("Fix the handler so that it writes the status file as described in "
+         "docs/extensions.md, publish a new version, and set it.",),
+        409, "EX-5"),
+    Entry(
+        "E9033", "ext_update_rolled_back", "The update of extension {name} failed and was "
+        "rolled back.",
+        ("A step of the update (disable the old version, the new one's update, uninstall "
+         "the old, install or enable the new) failed, so the agent undid it and enabled "
+         "the last version that was Ready again. The failed version is not tried again on "
+         "this machine until the operator asks.",),
+        ("Read why in the message and the extension's log, publish a fixed version, or run "
+         "'outpost extension retry NAME --machine M' to try the same one again.",),
+        409, "EX-8"),
+    Entry(
+        "E9034", "ext_run_as_unknown", "The user '{user}' that extension handlers should run "
+        "as does not exist on this machine.",
+        ("The extension's goal names a user ('extension set --run-as') that this machine "
+         "does not have.",),
+        ("Create the user on the machine, or set the extension without --run-as so that "
+         "its handlers run as the agent's unprivileged user outpost-ext.",),
+        409, None),
+    Entry(
+        "E9035", "ext_user_unavailable", "The agent cannot use the extension user "
+        "'{user}'.",
+        ("A root agent runs extension handlers as the system user outpost-ext, made with "
+         "useradd the first time; useradd is missing or failed, or the user has uid 0.",),
+        ("Install useradd (the passwd package) or create the user by hand ('useradd "
+         "--system --user-group --no-create-home --shell /usr/sbin/nologin outpost-ext').",),
+        409, None),
+    Entry(
+        "E9036", "ext_protected_not_for_machine", "The protected settings of an extension cannot "
+        "be read on this machine.",
+        ("Protected settings are sealed to the machine's key: these were sealed to another "
+         "machine's key (the machine was registered again since), or damaged.",),
+        ("Set the extension's protected settings again ('outpost extension set NAME "
+         "--protected-settings FILE'); the hub seals them to the machine's current key.",),
+        409, None),
+    Entry(
+        "E9037", "ext_download_failed", "The package of extension {name} {version} could not "
+        "be downloaded.",
+        ("The hub could not be reached, or refused the download (the package or version "
+         "was removed). The agent keeps what is installed and tries again later.",),
+        ("Check the machine's path to the hub with 'outpost check'; make sure the version "
+         "is published ('outpost extension list').",),
+        502, None),
+    Entry(
+        "E9038", "ext_agent_too_old", "Extension {name} {version} needs a newer agent.",
+        ("The package's manifest sets min_agent_version above this agent's version.",),
+        ("Upgrade the agent on the machine (run the install line of 'outpost machine "
+         "install-line' again), then 'outpost extension retry'.",),
+        409, "EX-4"),
+    Entry(
+        "E9039", "ext_tree_unsafe", "The directory {path} for extensions is not safe to use.",
+        ("A root agent keeps extensions beside its state directory (STATE-extensions) so "
+         "that the extension user can reach them; that directory exists but is not root's, "
+         "or others may write it.",),
+        ("Remove the directory (or give it to root with mode 0711) and restart the agent.",),
+        409, None),
+    Entry(
+        "E9040", "ext_rollback_failed", "The update of extension {name} failed, and so did "
+        "its rollback.",
+        ("After a failed update the agent installs (if it had been uninstalled) and enables "
+         "the last Ready version again; that failed too, so the extension is Failed with "
+         "step 'rollback'.",),
+        ("Read the extension's log on the machine; remove the extension ('outpost extension "
+         "remove', which works in every state) and set a version that works.",),
+        409, "EX-8"),
+)
+
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 BY_NAME: dict[str, Entry] = {e.name: e for e in _ENTRIES}
 # Codes retired into another entry (E6003, spread_invalid, is now E7051): an older hub may
