@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import ssl
 import sys
@@ -282,10 +283,19 @@ class Bridge:
                 self.conn.send_headers(stream.id, answer, end_stream=True)
                 self.flush()
                 return
-            self.conn.send_headers(stream.id, answer)
-            self.flush()
-            async for chunk in response.aiter_raw():
-                await self._send(stream.id, chunk)
+            if response.status_code >= 400 and response.status_code != 404:
+                # A refusal (restic shows only its status): its reason goes to stderr, which
+                # restic prints, before restic sees the status and may stop. 404 is an
+                # answer restic expects, not a failure.
+                text = await response.aread()
+                _say(f"{stream.method} {stream.path}: {_refusal(response.status_code, text)}")
+                self.conn.send_headers(stream.id, answer)
+                await self._send(stream.id, text)
+            else:
+                self.conn.send_headers(stream.id, answer)
+                self.flush()
+                async for chunk in response.aiter_raw():
+                    await self._send(stream.id, chunk)
             self.conn.end_stream(stream.id)
             self.flush()
         finally:
@@ -305,6 +315,15 @@ class Bridge:
             view = view[room:]
             self.flush()
         await self.writer.drain()
+
+
+def _refusal(status: int, body: bytes) -> str:
+    """The hub's error body as one line: code, message and fix."""
+    try:
+        found = json.loads(body)
+        return f"{found['code']} {found['message']} Fix: {found['fix']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
 
 
 def _say(text: str) -> None:

@@ -135,7 +135,8 @@ def check_name(kind: str, name: str) -> None:
         raise invalid_path(f"{kind}/{name}")
 
 
-def parse_range(header: str, size: int) -> tuple[int, int] | None:
+def parse_range(header: str, size: int, kind: str = "", name: str = ""
+                ) -> tuple[int, int] | None:
     """The (start, end inclusive) of one ``bytes=`` range within ``size`` bytes; None for
     no header. A range past the end or of another form is E9067 (416)."""
     if not header:
@@ -151,7 +152,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start == 0 and size == 0:
         return None  # the whole of an empty file
     if start < 0 or start >= size or end < start:
-        raise refusal("backup_range_invalid", range=header, size=size)
+        raise refusal("backup_range_invalid", range=header, size=size, type=kind, name=name)
     return start, min(end, size - 1)
 
 

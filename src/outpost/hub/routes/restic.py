@@ -134,7 +134,8 @@ async def _file(request: Request, hub: HubDep, machine_id: str, kind: str,
     if method == "HEAD":
         return Response(status_code=200, media_type=BINARY,
                         headers={"Content-Length": str(size)})
-    wanted = backupstore.parse_range(request.headers.get("range", ""), size)
+    wanted = backupstore.parse_range(request.headers.get("range", ""), size, kind,
+                                    name)
     start, end = wanted if wanted is not None else (0, size - 1)
     length = end - start + 1
     headers = {"Content-Length": str(length), "Accept-Ranges": "bytes"}
