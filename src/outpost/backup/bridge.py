@@ -127,7 +127,9 @@ class Forwarder:
         self.prefix = options.prefix
         self.client = httpx.AsyncClient(
             verify=context, timeout=httpx.Timeout(options.timeout, connect=30.0),
-            headers={"Authorization": f"Bearer {options.token}",
+            # identity: the bytes restic gets are the file's, as the hub's
+            # Content-Length says (aiter_bytes would undo a compression).
+            headers={"Authorization": f"Bearer {options.token}", "Accept-Encoding": "identity",
                      "User-Agent": f"outpost-restic-bridge/{__version__}"},
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
 
@@ -172,6 +174,10 @@ class Bridge:
         self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
                                    h2.settings.SettingCodes.MAX_FRAME_SIZE: FRAME})
         self.conn.increment_flow_control_window(WINDOW)
+        # Taken at once, not from restic's acknowledgement on: h2 sizes its frame reader
+        # once per receive_data, and restic's acknowledgement and its first larger frame
+        # can arrive in one read.
+        self.conn.max_inbound_frame_size = FRAME
         self.flush()
         try:
             while True:
@@ -196,6 +202,7 @@ class Bridge:
                     stream.task.cancel()
             tasks = [s.task for s in self.streams.values() if s.task is not None]
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.writer.close()
 
     def on_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -255,6 +262,9 @@ class Bridge:
             self._respond_error(stream, 502, f"the hub could not be reached: {exc}\n")
         except h2.exceptions.H2Error:
             pass  # restic reset or closed the stream: nobody to answer
+        except Exception as exc:  # noqa: BLE001 - restic must get an answer, not a hang
+            _say(f"{stream.method} {stream.path}: the bridge failed: {exc!r}")
+            self._respond_error(stream, 500, f"the bridge failed: {exc!r}\n")
         finally:
             self.streams.pop(stream.id, None)
             self.flush()
@@ -294,7 +304,7 @@ class Bridge:
             else:
                 self.conn.send_headers(stream.id, answer)
                 self.flush()
-                async for chunk in response.aiter_raw():
+                async for chunk in response.aiter_bytes():
                     await self._send(stream.id, chunk)
             self.conn.end_stream(stream.id)
             self.flush()

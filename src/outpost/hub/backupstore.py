@@ -30,10 +30,10 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -44,6 +44,7 @@ from . import machines
 from .db import backup_credentials
 from .vault import token_hash
 
+T = TypeVar("T")
 TYPES = ("data", "keys", "locks", "snapshots", "index")
 NAME_RE = re.compile(r"^[0-9a-f]{64}$")
 ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -266,7 +267,7 @@ class Repository:
         used = await self.store.used(self.root) if quota else 0
         if quota and declared is not None and used + declared > quota:
             raise refusal("backup_quota_exceeded", machine_id=self.root.name,
-                               quota=quota, used=used)
+                          quota=quota, used=used)
         try:
             await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
             fd, temp = await asyncio.to_thread(_temp_file, path)
@@ -282,22 +283,20 @@ class Repository:
                 written += len(chunk)
                 if quota and used + written > quota:
                     raise refusal("backup_quota_exceeded", machine_id=self.root.name,
-                                       quota=quota, used=used)
+                                  quota=quota, used=used)
                 digest.update(chunk)
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= WRITE_CHUNK:
-                    await asyncio.to_thread(_write_all, fd, b"".join(pending))
+                    await _on_disk(_write_all, fd, b"".join(pending))
                     pending, pending_size = [], 0
             if pending:
-                await asyncio.to_thread(_write_all, fd, b"".join(pending))
+                await _on_disk(_write_all, fd, b"".join(pending))
             if kind != "config" and digest.hexdigest() != name:
                 raise refusal("backup_blob_mismatch", type=kind, name=name,
-                                   actual=digest.hexdigest())
-            kept = await asyncio.to_thread(_settle, fd, temp, path, kind == "config")
-            fd = -1
-        except OSError as exc:
-            raise _storage_failed(exc) from exc
+                              actual=digest.hexdigest())
+            closing, fd = fd, -1  # _settle closes it, whatever happens
+            kept = await _on_disk(_settle, closing, temp, path, kind == "config")
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -308,6 +307,15 @@ class Repository:
         elif kind == "config":
             raise refusal("backup_file_exists", type=kind, name=name)
         return written
+
+
+async def _on_disk(call: Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` in a worker thread; a failure of the file system is E9068 (an error
+    of the body's own stream, such as the client leaving, passes as it is)."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    except OSError as exc:
+        raise _storage_failed(exc) from exc
 
 
 def _temp_file(path: Path) -> tuple[int, Path]:

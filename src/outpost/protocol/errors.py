@@ -878,9 +878,10 @@ _ENTRIES += (
         400, None),
     Entry(
         "E9064", "backup_quota_exceeded",
-        "Machine {machine_id}'s backup repository would exceed its quota of {quota} bytes.",
-        ("The repository holds {used} bytes and this file would take it past the quota "
-         "set for the machine (backup-token's quota_bytes, or backup_quota_bytes in "
+        "Machine {machine_id}'s backup repository would exceed its quota of {quota} bytes "
+        "(it holds {used}).",
+        ("The repository's files and this one would take it past the quota set for the "
+         "machine (backup-token's quota_bytes, or backup_quota_bytes in "
          "hub.yaml).",),
         ("Forget and prune old snapshots ('restic forget --prune'), or raise the machine's "
          "quota.",),
