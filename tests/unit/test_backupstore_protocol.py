@@ -113,8 +113,6 @@ async def test_tokens_open_their_own_machine_only(fast_hub_any: InprocHub) -> No
                             json={})
     assert foreign.status_code == 404
     # The hub keeps the token's hash only.
-    from sqlalchemy import text
-
     async with hub.hub.engine.connect() as conn:
         stored = [row[0] for row in await conn.execute(
             text("SELECT token_hash FROM backup_credentials"))]

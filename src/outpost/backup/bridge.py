@@ -206,7 +206,8 @@ class Bridge:
 
     def on_event(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
-            headers = {k: v for k, v in (event.headers or [])}  # type: ignore[misc]
+            # Text, as header_encoding="utf-8" decodes every name and value.
+            headers = {str(k): str(v) for k, v in (event.headers or [])}
             stream = Stream(event.stream_id, headers.get(":method", "GET"),
                             headers.get(":path", "/"), headers)
             self.streams[event.stream_id] = stream
