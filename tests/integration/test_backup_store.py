@@ -109,6 +109,15 @@ def test_backup_restore_and_check_through_the_hub(hub: Hub, tmp_path: Path) -> N
     assert same_tree(source, tmp_path / "restored" / str(source).lstrip("/")) == []
     assert "no errors were found" in restic.ok("check", "--read-data")
 
+    # A second snapshot, then the first forgotten and pruned: restic deletes files (packs,
+    # index, snapshot, its locks) through the hub and the repository still checks.
+    (source / "random.bin").write_bytes(os.urandom(2 * 1024 * 1024))
+    restic.ok("backup", str(source))
+    pruned = restic.ok("forget", "--keep-last", "1", "--prune")
+    assert "remove 1 snapshots" in pruned or "removed 1 snapshots" in pruned, pruned
+    assert restic.ok("snapshots", "--json").count('"id"') == 1
+    assert "no errors were found" in restic.ok("check", "--read-data")
+
     # The repository is on the hub's disk, in restic's layout, under account and machine.
     repo = hub.data_dir / "backup" / hub.account_id / issued["machine_id"]
     assert (repo / "config").is_file()
