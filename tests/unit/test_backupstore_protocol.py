@@ -4,6 +4,7 @@ restic through the real bridge: tests/integration/test_backup_store.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from typing import Any
@@ -136,3 +137,29 @@ async def test_the_quota_bounds_the_repository(fast_hub: InprocHub) -> None:
     fits = await repo.call("POST", f"/data/{hashlib.sha256(second).hexdigest()}",
                            content=second)
     assert fits.status_code == 200
+
+
+async def test_another_accounts_repository_is_refused(fast_hub_any: InprocHub) -> None:
+    hub = fast_hub_any
+    mine = await _repo(hub, "m1")
+    # A second account with a machine of its own, registered with that account's key.
+    account = await hub.ok("POST", "/v1/accounts", json={"name": "tenant-b"})
+    original = hub.init
+    hub.init = dataclasses.replace(original, account_id=account["id"],
+                                   primary_key=account["primary_key"])
+    try:
+        theirs = await hub.machine("b1")
+    finally:
+        hub.init = original
+    issued = await hub.api("POST", "/v1/machines/b1/backup-token", token=account["token"],
+                           json={})
+    assert issued.status_code == 201, issued.text
+    # Account B's token on account A's repository, and A's token on B's: 403 both ways.
+    for machine_id, token in ((mine.base.rsplit("/", 1)[1], issued.json()["token"]),
+                              (theirs.id, mine.headers["Authorization"][7:])):
+        refused = await Repo(hub, machine_id, token).call("POST", "/?create=true")
+        assert refused.status_code == 403 and refused.json()["code"] == "E9061"
+    # B's repository is its own directory under B's account.
+    assert (await Repo(hub, theirs.id, issued.json()["token"]).call(
+        "POST", "/?create=true")).status_code == 200
+    assert (hub.hub.paths.root / "backup" / account["id"] / theirs.id / "keys").is_dir()
