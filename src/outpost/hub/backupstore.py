@@ -178,6 +178,8 @@ def _tree_size(root: Path) -> int:
     total = 0
     for folder, _dirs, files in os.walk(root):
         for name in files:
+            if name.startswith(".tmp-"):
+                continue  # an upload under way, or left by a hub that was killed
             try:
                 total += os.stat(os.path.join(folder, name)).st_size
             except FileNotFoundError:
