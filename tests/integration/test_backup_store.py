@@ -5,8 +5,10 @@ are tested in the fast tier: tests/unit/test_backupstore_protocol.py."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Hub, clean_env, register
+from tests.support import Hub, clean_env, register, wait_until
 
 def require_restic() -> str:
     found = shutil.which("restic")
@@ -61,6 +63,11 @@ def issue(hub: Hub, machine: str, **body: Any) -> dict[str, Any]:
     assert answer.status_code == 201, answer.text
     issued: dict[str, Any] = answer.json()
     return issued
+
+
+def stored_packs(repo: Path) -> list[Path]:
+    """The data files on the hub's disk (not the temporary files of uploads under way)."""
+    return sorted(p for p in repo.glob("data/*/*") if not p.name.startswith("."))
 
 
 def mixed_tree(root: Path) -> Path:
@@ -121,7 +128,7 @@ def test_backup_restore_and_check_through_the_hub(hub: Hub, tmp_path: Path) -> N
     # The repository is on the hub's disk, in restic's layout, under account and machine.
     repo = hub.data_dir / "backup" / hub.account_id / issued["machine_id"]
     assert (repo / "config").is_file()
-    packs = sorted((repo / "data").glob("*/*"))
+    packs = stored_packs(repo)
     assert packs and all(p.parent.name == p.name[:2] for p in packs)
     assert not list(repo.rglob(".tmp-*")), "a temporary file was left behind"
 
@@ -133,6 +140,38 @@ def test_backup_restore_and_check_through_the_hub(hub: Hub, tmp_path: Path) -> N
     damaged = restic("check", "--read-data")
     assert damaged.returncode != 0, damaged.stdout
     assert biggest.name[:8] in damaged.stdout + damaged.stderr
+
+
+def test_a_backup_killed_midway_leaves_no_partial_file(sqlite_hub: Hub,
+                                                      tmp_path: Path) -> None:
+    hub = sqlite_hub
+    assert register(hub, tmp_path / "m1", "m1").returncode == 0
+    issued = issue(hub, "m1")
+    restic = Restic(hub, issued["machine_id"], issued["token"])
+    restic.ok("init")
+    source = tmp_path / "big"
+    source.mkdir()
+    for index in range(12):
+        (source / f"part{index}").write_bytes(os.urandom(8 * 1024 * 1024))
+    repo = hub.data_dir / "backup" / hub.account_id / issued["machine_id"]
+    # restic and its bridge in a process group of their own, killed together once the
+    # first packs are on the hub: uploads are cut off in the middle.
+    proc = subprocess.Popen([require_restic(), *restic.args, "--no-cache", "backup",
+                             str(source)], env=restic.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: len(stored_packs(repo)) >= 2, 60, what="packs on the hub")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    wait_until(lambda: not list(repo.rglob(".tmp-*")), 30, what="the hub to drop partial files")
+    packs = stored_packs(repo)
+    assert packs and all(hashlib.sha256(p.read_bytes()).hexdigest() == p.name for p in packs)
+    # The stale lock aside, the repository is whole: back up again and check every byte.
+    assert "Traceback" not in hub.log(), hub.log()[-3000:]
+    restic.ok("unlock", "--remove-all")
+    restic.ok("backup", str(source))
+    assert "no errors were found" in restic.ok("check", "--read-data")
 
 
 def test_wrong_tokens_and_other_repositories_are_refused(sqlite_hub: Hub,
