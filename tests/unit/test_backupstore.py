@@ -78,8 +78,11 @@ async def test_a_file_is_stored_whole_where_restic_looks(tmp_path: Path) -> None
     stored = tmp_path / "backup" / ACCOUNT / MACHINE / "data" / name[:2] / name
     assert stored.read_bytes() == content
     assert repo.listing("data") == [{"name": name, "size": len(content)}]
-    read = b"".join([piece async for piece in repo.read("data", name, 7, 1000)])
-    assert read == content[7:1007]
+    fh, size = await repo.open("data", name)
+    assert size == len(content)
+    repo.delete("data", name)  # an open file stays readable whole
+    read = b"".join([piece async for piece in repo.pieces(fh, 7, 1000)])
+    assert read == content[7:1007] and fh.closed
 
 
 @pytest.mark.parametrize("fail_after", [1, 3])
@@ -138,6 +141,9 @@ async def test_a_missing_file_is_reported_as_such(tmp_path: Path) -> None:
         with pytest.raises(OutpostError) as caught:
             call()
         assert _code(caught) == "E9065"
+    with pytest.raises(OutpostError) as caught:
+        await repo.open("keys", "a" * 64)
+    assert _code(caught) == "E9065"
 
 
 def test_listings_leave_out_temporary_and_foreign_files(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -234,17 +234,25 @@ class Repository:
                             pass  # deleted while listed
         return found
 
-    async def read(self, kind: str, name: str, start: int,
-                   length: int) -> AsyncIterator[bytes]:
-        """``length`` bytes of a file from ``start``, in pieces."""
-        fh = await asyncio.to_thread(open, self.path(kind, name), "rb")
+    async def open(self, kind: str, name: str) -> tuple[BinaryIO, int]:
+        """A file opened for reading, and its size. Once open, its bytes stay readable
+        whole even when a delete removes its name meanwhile."""
+        try:
+            fh = await asyncio.to_thread(open, self.path(kind, name), "rb")
+        except FileNotFoundError:
+            raise refusal("backup_file_missing", type=kind, name=name) from None
+        return fh, os.fstat(fh.fileno()).st_size
+
+    @staticmethod
+    async def pieces(fh: BinaryIO, start: int, length: int) -> AsyncIterator[bytes]:
+        """``length`` bytes of an opened file from ``start``, in pieces; closes it."""
         try:
             await asyncio.to_thread(fh.seek, start)
             left = length
             while left > 0:
                 piece = await asyncio.to_thread(fh.read, min(READ_CHUNK, left))
                 if not piece:
-                    return  # cut short by a concurrent delete: the client sees a short body
+                    return
                 left -= len(piece)
                 yield piece
         finally:

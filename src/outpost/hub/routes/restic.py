@@ -20,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import Field
 from starlette.requests import ClientDisconnect
 
+from outpost.protocol.errors import OutpostError
 from outpost.protocol.models import View, Wire
 
 from .. import backupstore
@@ -131,17 +132,21 @@ async def _file(request: Request, hub: HubDep, machine_id: str, kind: str,
     if method == "DELETE":
         repository.delete(kind, name)
         return Response(status_code=200)
-    size = repository.size(kind, name)
     if method == "HEAD":
         return Response(status_code=200, media_type=BINARY,
-                        headers={"Content-Length": str(size)})
-    wanted = backupstore.parse_range(request.headers.get("range", ""), size, kind,
-                                    name)
+                        headers={"Content-Length": str(repository.size(kind, name))})
+    fh, size = await repository.open(kind, name)
+    try:
+        wanted = backupstore.parse_range(request.headers.get("range", ""), size, kind,
+                                        name)
+    except OutpostError:
+        fh.close()
+        raise
     start, end = wanted if wanted is not None else (0, size - 1)
     length = end - start + 1
     headers = {"Content-Length": str(length), "Accept-Ranges": "bytes"}
     if wanted is not None:
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    body: AsyncIterator[bytes] = repository.read(kind, name, start, length)
+    body: AsyncIterator[bytes] = repository.pieces(fh, start, length)
     return StreamingResponse(body, status_code=206 if wanted is not None else 200,
                              media_type=BINARY, headers=headers)
