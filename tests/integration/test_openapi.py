@@ -160,6 +160,8 @@ def test_real_answers_match_the_declared_models(
     api.call("GET", "/v1/heartbeats")
     api.call("GET", "/v1/machines/{name}", "/v1/machines/w1")
     api.call("POST", "/v1/machines/{name}/ping", "/v1/machines/w1/ping")
+    api.call("POST", "/v1/machines/{name}/backup-token", "/v1/machines/idle/backup-token",
+             status=201, json={"quota_bytes": 1 << 30})
     api.call("DELETE", "/v1/machines/{name}", "/v1/machines/idle")
 
     api.call("POST", "/v1/runbooks", status=201, json={

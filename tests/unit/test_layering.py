@@ -21,6 +21,8 @@ FORBIDDEN = {
     "agent": ("hub", "cli"),
     "protocol": ("hub", "agent", "cli"),
     "common": ("hub", "agent", "cli"),
+    # outpost-restic-bridge runs on a machine beside restic, with the base dependencies.
+    "backup": ("hub", "agent", "cli"),
 }
 
 

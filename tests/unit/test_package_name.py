@@ -63,9 +63,12 @@ def test_the_error_catalog_names_the_right_package() -> None:
 def test_the_distribution_is_outpost_fleet_with_the_outpost_command() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == NAME
-    assert project["scripts"] == {"outpost": "outpost.cli.main:main"}
+    # outpost-restic-bridge: the program restic starts for the hub's backup store.
+    assert project["scripts"] == {"outpost": "outpost.cli.main:main",
+                                  "outpost-restic-bridge": "outpost.backup.bridge:main"}
     dist = metadata.distribution(NAME)
     assert dist.metadata["Name"] == NAME
     assert install.DIST_NAME == NAME
-    assert [ep.name for ep in dist.entry_points if ep.group == "console_scripts"] == ["outpost"]
+    assert sorted(ep.name for ep in dist.entry_points if ep.group == "console_scripts") == [
+        "outpost", "outpost-restic-bridge"]
     assert any(f"{NAME}[hub]" in r for r in metadata.requires(NAME) or [])

@@ -17,7 +17,7 @@ from outpost import __version__
 from outpost.protocol import signing, versions
 from outpost.protocol.errors import OutpostError
 
-from . import accounts, machines, webhooks
+from . import accounts, backupstore, machines, webhooks
 from .batching import Batch, Batcher
 from .db import nonces
 from .vault import Vault
@@ -205,8 +205,13 @@ def caller_checks(engine: AsyncEngine, vault: Vault) -> dict[str, Any]:
     async def webhook_exists(scope: Any, _headers: Any) -> None:
         await webhooks.find(engine, scope["path"][len(webhooks.PATH):])
 
+    async def backup_allowed(scope: Any, headers: Any) -> None:
+        # /v1/backup/{machine_id}/...: the token opens that machine's repository.
+        machine_id = scope["path"][len("/v1/backup/"):].split("/", 1)[0]
+        await backupstore.authorize(engine, headers.get("authorization"), machine_id)
+
     return {"operator": operator_exists, "machine": machine_exists,
-            "account": account_exists, "webhook": webhook_exists}
+            "account": account_exists, "webhook": webhook_exists, "backup": backup_allowed}
 
 
 async def operator(engine: AsyncEngine, authorization: str | None) -> accounts.Principal:

@@ -63,6 +63,9 @@ class HubConfig(BaseModel):
     # root CA, which agents pin (docs/hub.md, "Your own certificate").
     tls_cert: str = ""
     tls_key: str = ""
+    # The bytes each machine's backup repository may hold unless its credential sets its
+    # own quota (docs/backup.md); 0 is unlimited.
+    backup_quota_bytes: int = Field(default=0, ge=0)
 
     def listener_files(self, paths: HubPaths) -> tuple[Path, Path]:
         """The certificate chain and key the hub serves HTTPS with."""

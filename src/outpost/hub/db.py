@@ -663,3 +663,18 @@ extension_states = sa.Table(
     sa.Column("last_ready_version", sa.String(64)),
     sa.Column("reported_at", sa.Float, nullable=False),
 )
+
+# --- the backup store (docs/backup.md) ------------------------------------------------------
+# One credential per machine for its restic repository on the hub: the token's SHA-256 only.
+# Removing the machine removes its credential (the repository's files stay on disk).
+backup_credentials = sa.Table(
+    "backup_credentials", metadata,
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    # Bytes the repository may hold; NULL: the hub's backup_quota_bytes (0: unlimited).
+    sa.Column("quota_bytes", sa.BigInteger),
+    sa.Column("created_at", sa.Float, nullable=False),
+)

@@ -60,12 +60,20 @@ class Rule:
     kind: str  # what the limit is called in hub.yaml and in the refusal
     limit: int
     caller: str  # "operator", "machine", "account", "webhook" or "" (anyone)
+    # The route reads its body as it streams in (the backup store's files, any size up to
+    # the machine's quota): nothing is buffered or scanned here.
+    stream: bool = False
 
 
 # Up to this size a refused body is left for the server to read and throw away after the
 # answer (uvicorn discards a finished request's body), so the client can read the answer;
 # a larger one closes the connection, and the client may see a reset instead.
 DRAIN_MAX = 64 * 1024 * 1024
+
+# restic's files through the backup store (hub/routes/restic.py): bounded by each
+# machine's quota, not here.
+BACKUP_PATH = "/v1/backup/"
+BACKUP_BODY_MAX = 1 << 62
 
 _REPORTS = re.compile(r"^/v1/agent/(?:reports|jobs/[^/]+/report)$")
 
@@ -82,6 +90,8 @@ def rule_for(path: str, limits: BodyLimits) -> Rule:
         return Rule("webhook", WEBHOOK_BODY_MAX, "webhook")
     if path == "/v1/extensions":  # a package, read whole (protocol.extensions)
         return Rule("extension package", PACKAGE_MAX_BYTES, "operator")
+    if path.startswith(BACKUP_PATH):
+        return Rule("backup", BACKUP_BODY_MAX, "backup", stream=True)
     if path.startswith("/v1/job/"):  # a running job's token; these routes take no body
         return Rule("registration", limits.registration, "")
     if path.startswith("/v1/"):
@@ -261,8 +271,8 @@ class Edge:
                 # at most the limit, and its error handlers answer as they do everywhere.
             except Exception:  # noqa: BLE001 - as above
                 pass
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)  # no route reads a body here
+        if rule.stream or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)  # the route streams it, or takes none
             return
         chunks, size, more = [], 0, True
         while more:

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outpost.common.supervise import Supervisor
 
-from . import accounts, db, extensions, install, jobs, leader, machines, metrics, notify
+from . import (accounts, backupstore, db, extensions, install, jobs, leader, machines, metrics,
+               notify)
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -60,6 +61,8 @@ class Hub:
         self.dispatcher = Dispatcher(engine, self.notifier)
         self.scheduler = Scheduler(engine, self.dispatcher)
         self.wheel = Wheel(paths.root / "agent-dist")
+        # Each machine's restic repository (hub/backupstore.py, docs/backup.md).
+        self.backups = backupstore.Store(paths.root / "backup")
         self.tasks: Supervisor | None = None  # the background tasks, while the app runs
         self.ca_pem = paths.ca_cert.read_text()
         self.ca_fingerprint = ca_fingerprint(paths)

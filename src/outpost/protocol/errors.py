@@ -1015,6 +1015,91 @@ _ENTRIES += (
         409, "EX-8"),
 )
 
+_ENTRIES += (
+    # --- the backup store: restic's REST protocol served by the hub (E9060-E9079) --------
+    Entry(
+        "E9060", "backup_token_invalid",
+        "The backup credential is missing or not valid for machine {machine_id}.",
+        ("The request carries no 'Authorization: Bearer' header, or a token the hub did not "
+         "issue or has since replaced ('backup-token' issues a new one and retires the old).",
+         "The machine was removed from the hub, which deletes its backup credential."),
+        ("Issue the machine a backup token (POST /v1/machines/NAME/backup-token) and give "
+         "it to the backup bridge (OUTPOST_BACKUP_TOKEN or --token-file).",),
+        401, None),
+    Entry(
+        "E9061", "backup_forbidden",
+        "This backup credential is for another machine's repository.",
+        ("Each machine's backup token opens that machine's repository only: the request "
+         "named another machine (of this account or another).",),
+        ("Use the token of the machine whose repository the request names, or restore "
+         "through that machine's own credential.",),
+        403, None),
+    Entry(
+        "E9062", "backup_path_invalid", "Not a path of a restic repository: {path}.",
+        ("The path names no file type restic uses (config, data, keys, locks, snapshots, "
+         "index), or a file name that is not 64 lower-case hexadecimal characters, or "
+         "holds '..', a slash or another character no restic file has.",),
+        ("Point restic at the repository URL the hub gave (/v1/backup/MACHINE_ID/) and "
+         "leave the paths under it to restic.",),
+        400, None),
+    Entry(
+        "E9063", "backup_blob_mismatch",
+        "The content of {type}/{name} does not match its name: its SHA-256 is {actual}.",
+        ("restic names every file of a repository (but config) by the SHA-256 of its "
+         "content; the body was changed or cut short on its way (a proxy, a network "
+         "fault), or a client wrote the wrong name.",),
+        ("Nothing was stored: run the backup again. If it keeps failing, check what "
+         "stands between the machine and the hub.",),
+        400, None),
+    Entry(
+        "E9064", "backup_quota_exceeded",
+        "Machine {machine_id}'s backup repository would exceed its quota of {quota} bytes "
+        "(it holds {used}).",
+        ("The repository's files and this one would take it past the quota set for the "
+         "machine (backup-token's quota_bytes, or backup_quota_bytes in "
+         "hub.yaml).",),
+        ("Forget and prune old snapshots ('restic forget --prune'), or raise the machine's "
+         "quota.",),
+        413, None),
+    Entry(
+        "E9065", "backup_file_missing", "The repository has no file {type}/{name}.",
+        ("restic asks for files that may not exist (it tests a repository's config "
+         "before it creates one); or the file was deleted.",),
+        ("Nothing to do when restic goes on; when 'restic check' reports it missing, the "
+         "repository lost data: run 'restic check' and 'restic repair' as restic says.",),
+        404, None),
+    Entry(
+        "E9066", "backup_file_exists", "The repository already has {type}/{name}.",
+        ("restic never replaces a file of a repository; a file of that name is already "
+         "stored with other content (only config and a file whose name is not its hash "
+         "can differ).",),
+        ("Delete the file first if it really must be replaced; for config, initialise a "
+         "new repository instead.",),
+        409, None),
+    Entry(
+        "E9067", "backup_range_invalid",
+        "The range {range} cannot be served from {type}/{name} ({size} bytes).",
+        ("The Range header is not one 'bytes=START-END' range, or it starts past the end "
+         "of the file.",),
+        ("Ask for one range inside the file; restic itself always does.",),
+        416, None),
+    Entry(
+        "E9068", "backup_storage_failed",
+        "The hub could not store the backup file: {problem}.",
+        ("The file system under the hub's data directory is full, read-only or failing.",),
+        ("Free space under the hub's data directory (backup/ there holds the "
+         "repositories), then run the backup again; nothing half-written was kept.",),
+        507, None),
+    Entry(
+        "E9069", "backup_bridge_failed", "The backup bridge could not start: {problem}.",
+        ("outpost-restic-bridge was started without the hub's URL, the machine id, a "
+         "readable CA file, or the backup token (OUTPOST_BACKUP_TOKEN or --token-file).",),
+        ("Start it as docs/backup.md shows: restic -r rclone:outpost -o "
+         "rclone.program=outpost-restic-bridge -o 'rclone.args=--hub URL --machine-id ID "
+         "--ca-file CA'.",),
+        400, None),
+)
+
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 BY_NAME: dict[str, Entry] = {e.name: e for e in _ENTRIES}
 # Codes retired into another entry (E6003, spread_invalid, is now E7051): an older hub may
