@@ -54,3 +54,30 @@ def test_stop_cancels_a_running_task() -> None:
         assert supervisor.tasks == {}
 
     asyncio.run(scenario())
+
+
+def test_stop_ends_a_task_that_swallowed_its_cancellation() -> None:
+    """A loop whose wait swallowed one cancellation (as Python 3.11's wait_for does when the
+    waited event is set in the same turn) is cancelled again: stop does not hang."""
+    swallowed = 0
+
+    async def loop() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1  # the bug: carries on as if the wait had ended
+
+    async def scenario() -> float:
+        supervisor = Supervisor(logging.getLogger("test.supervise"))
+        task = supervisor.start("loop", loop)
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await asyncio.wait_for(supervisor.stop(), 10)
+        assert task.cancelled() and swallowed == 1
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < Supervisor.RECANCEL + 1.0

@@ -4,7 +4,8 @@ A supervised task is a coroutine function run in a loop: ``period`` says how lon
 between runs (a periodic task) or ``None`` when the body is itself a loop that should run
 once and only be started again if it fails. A failure is logged with the task's name and
 the body is started again after a backoff that doubles up to ``backoff_cap``; cancelling the
-supervisor (``stop``) cancels every task and waits for them.
+supervisor (``stop``) cancels every task and waits for them, cancelling again any task
+that swallowed its cancellation.
 """
 
 from __future__ import annotations
@@ -55,8 +56,19 @@ class Supervisor:
         self.tasks[name] = task
         return task
 
+    # A task that swallowed its cancellation is cancelled again this often: Python 3.11's
+    # asyncio.wait_for returns the result of an inner wait that finished in the same turn as
+    # the cancellation instead of raising it, and a loop around it then sleeps on.
+    RECANCEL = 0.5
+
     async def stop(self) -> None:
-        for task in self.tasks.values():
-            task.cancel()
+        pending = {task for task in self.tasks.values() if not task.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=self.RECANCEL)
+            for task in pending:
+                self._log.debug("task %s did not end when cancelled; cancelling it again",
+                                task.get_name())
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.tasks.clear()
