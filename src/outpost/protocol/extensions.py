@@ -101,6 +101,10 @@ class Manifest(Wire):
                     "required, a missing other one does nothing.")
     operations: dict[str, Operation] = Field(default_factory=dict, max_length=64)
     limits: Limits = Field(default_factory=Limits)
+    credentials: list[Literal["backup"]] = Field(
+        default_factory=list, description="Credentials the agent fetches for this machine "
+        "before each handler or operation and hands it on standard input (never on disk): "
+        "'backup', the machine's own repository on the hub's backup store.")
     settings_schema: dict[str, Any] | None = Field(
         default=None, description="A JSON Schema the public settings must satisfy.")
     protected_settings_schema: dict[str, Any] | None = None
