@@ -679,6 +679,7 @@ class Reconciler:
             raise StepFailed(the_step, f"the extension's directories could not be prepared "
                              f"({exc.filename}: {exc.strerror or exc})") from None
         protected = self._protected(goal, the_step)
+        credentials = await self._credentials(rec, manifest, the_step, state, version)
         group = self.runtime.group(rec.name)
         extra = {"OUTPOST_EXT_UPDATE_FROM": update_from} if update_from and \
             which == "update" else {}
@@ -689,10 +690,11 @@ class Reconciler:
             status_dir=self.runtime.status_dir(rec.name),
             log_dir=self.runtime.log_dir(rec.name),
             output=ExtensionLog(log_dir(self.runtime.state_root) / f"{rec.name}.log",
-                                self.log_max_bytes, secret_values(protected)),
+                                self.log_max_bytes,
+                                secret_values([protected or {}, credentials])),
             settings=settings, protected=protected, identity=identity, group=group,
             limits=self.runtime.limits(manifest.limits) if group is not None else None,
-            extra_env=extra)
+            extra_env=extra, credentials=credentials)
         self._set(rec, state, the_step, f"running the {which} handler of {version}",
                   target=target or version)
         outcome = await handler.run(spec)
@@ -709,6 +711,27 @@ class Reconciler:
             message = coded("ext_handler_failed", f"the {which} handler of {version} "
                             f"failed: {outcome.message}")
         raise StepFailed(the_step, message, outcome.code)
+
+    async def _credentials(self, rec: Record, manifest: Manifest, step: Step, state: State,
+                           version: str) -> dict[str, Any]:
+        """The per-machine credentials the manifest asks for, issued afresh by the hub for
+        this command (in memory only: they reach the command on stdin)."""
+        found: dict[str, Any] = {}
+        for kind in manifest.credentials:
+            if self.channel is None:
+                raise StepFailed(step, coded("ext_credentials_unavailable",
+                                 f"{rec.name} needs the machine's {kind} credentials and the "
+                                 "agent has no hub to ask", kind=kind, name=rec.name))
+            try:
+                found[kind] = await self.channel.fetch_credentials(kind)
+            except (OutpostError, ValueError) as exc:
+                why = f"{exc.code} {exc.message}" if isinstance(exc, OutpostError) else str(exc)
+                text = coded("ext_credentials_unavailable", f"{rec.name} needs the machine's "
+                             f"{kind} credentials and the hub did not give them ({why}); "
+                             "tried again later", kind=kind, name=rec.name)
+                self._set(rec, state, step, text, target=version)
+                raise Transient(text) from exc
+        return found
 
     # --- what 'outpost agent status' shows ---------------------------------------------
     def status(self) -> list[dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""The extensions shipped with Outpost (each a package the hub publishes at ``hub init``)."""
