@@ -2,7 +2,8 @@
 
 ``HubChannel`` is what the reconciler needs; ``HttpChannel`` is it over the agent's signed
 HTTPS client (``GET /v1/agent/extensions``, ``GET /v1/agent/extensions/NAME/VERSION/package``,
-``POST /v1/agent/extensions/status``, ``POST /v1/agent/credentials/KIND``). Unit tests give the reconciler a fake of this seam.
+``POST /v1/agent/extensions/status``, ``POST /v1/agent/credentials/KIND``). Unit tests
+give the reconciler a fake of this seam.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ What the command sees: the package's directory as its working directory; an envi
 agent's own interpreter, which has the ``outpost`` package) only (the agent's own
 environment, its proxy settings and tokens included, never reaches it); on stdin one JSON
 object ``{"settings": {...}, "protected": {...}}``, the protected settings decrypted in
-memory only, and ``"credentials": {"backup": {...}}`` when the manifest asks for them. It reports through ``$OUTPOST_EXT_STATUS_DIR/<seq>.status``
+memory only, and ``"credentials": {"backup": {...}}`` when the manifest asks for them.
+It reports through ``$OUTPOST_EXT_STATUS_DIR/<seq>.status``
 (``HandlerStatusFile``): missing is ``transitioning``, malformed is an error naming the
 file and why. A command that exits 0 while its status says ``transitioning`` (work it left
 running) is waited for until its status file says how it ended or its timeout passes.
