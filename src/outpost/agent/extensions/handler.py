@@ -81,6 +81,7 @@ class Spec:
     extra_env: dict[str, str] = field(default_factory=dict)
     # Per-machine credentials the manifest asks for ({"backup": {...}}): on stdin only.
     credentials: dict[str, Any] = field(default_factory=dict, repr=False)
+    params: dict[str, Any] | None = None  # an operation's parameters, on stdin as "params"
 
     @property
     def status_file(self) -> Path:
@@ -142,6 +143,8 @@ def _stdin_payload(spec: Spec) -> bytes:
     payload: dict[str, Any] = {"settings": spec.settings, "protected": spec.protected or {}}
     if spec.credentials:
         payload["credentials"] = spec.credentials
+    if spec.params is not None:
+        payload["params"] = spec.params
     return json.dumps(payload).encode()
 
 
