@@ -175,25 +175,48 @@ def test_an_agent_installs_and_enables_it_to_ready(sqlite_hub: Hub, agents: list
     require_restic()
     hub = sqlite_hub
     agent = healthy_agent(hub, tmp_path, agents, "m1")
-    answer = hub.api("PUT", "/v1/extensions/backup/targets/machine/m1", json={
-        "settings": {"paths": [str(tmp_path)]},
-        "protected_settings": {"repository_password": PASSWORD}, "run_as": "root"})
-    assert answer.status_code == 200, answer.text
+    relative = hub.cli("backup", "enable", "--machine", "m1", "--paths", "srv")
+    assert relative.returncode == 2 and "absolute" in relative.stderr, relative.stderr
+    done = hub.cli("backup", "enable", "--machine", "m1", "--paths", str(tmp_path),
+                   "--exclude", "*.tmp")
+    assert done.returncode == 0, done.stderr
+    assert "run as root" in done.stdout and "shown this once" in done.stdout, done.stdout
+    password = done.stdout.strip().splitlines()[-1].strip()
+    assert len(password) >= 32
 
-    def ready() -> dict[str, Any] | None:
+    def state(want: str) -> dict[str, Any] | None:
         rows = hub.api("GET", "/v1/machines/m1/extensions").json()
         row = next((r for r in rows if r["name"] == "backup"), None)
-        return row if row is not None and row["state"] == "Ready" else None
+        return row if row is not None and row["state"] == want else None
 
-    row = wait_until(ready, 90, 0.2, what=f"backup Ready on m1\n{agent.log()[-3000:]}")
+    row = wait_until(lambda: state("Ready"), 90, 0.2,
+                     what=f"backup Ready on m1\n{agent.log()[-3000:]}")
     assert row["version"] == backup.version(), row
+    goal = hub.api("GET", "/v1/extensions/backup").json()["goals"][0]
+    assert (goal["run_as"], goal["protected"], goal["settings"]) == (
+        "root", True, {"paths": [str(tmp_path)], "exclude": ["*.tmp"],
+                       "consistency": "crash"})
+    # Enabling again keeps the password (a new one would not open the repository).
+    again = hub.cli("backup", "enable", "--machine", "m1", "--paths", str(tmp_path))
+    assert again.returncode == 0 and "set before is kept" in again.stdout, again.stdout
+    assert password not in again.stdout
     # enable made the repository on the hub, through the bridge, with a fresh token.
     [config] = list((hub.data_dir / "backup").glob("*/*/config"))
     assert config.stat().st_size > 0
     log = agent.state_dir / "logs" / "extensions" / "backup.log"
     text = log.read_text()
     assert "repository was created on the hub" in text, text
-    assert PASSWORD not in text and "obk_" not in text
+    assert password not in text and "obk_" not in text
+    # The repository opens with the password the command printed.
+    token = hub.api("POST", "/v1/machines/m1/backup-token", json={}).json()
+    restic = Restic(hub, token["machine_id"], token["token"])
+    restic.env["RESTIC_PASSWORD"] = password
+    assert json.loads(restic.ok("snapshots", "--json")) == []
+
+    disabled = hub.cli("backup", "disable", "--machine", "m1", "--json")
+    assert disabled.returncode == 0 and json.loads(disabled.stdout)["enabled"] is False
+    wait_until(lambda: state("NotReady"), 60, 0.2,
+               what=f"backup NotReady on m1\n{agent.log()[-3000:]}")
 
 
 def test_install_names_the_package_when_restic_is_missing(
