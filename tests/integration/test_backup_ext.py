@@ -200,6 +200,10 @@ def test_an_agent_installs_and_enables_it_to_ready(sqlite_hub: Hub, agents: list
     again = hub.cli("backup", "enable", "--machine", "m1", "--paths", str(tmp_path))
     assert again.returncode == 0 and "set before is kept" in again.stdout, again.stdout
     assert password not in again.stdout
+    # (its enable runs again with the new settings: waited for, as it rotates the token)
+    seq = hub.api("GET", "/v1/extensions/backup").json()["goals"][0]["seq"]
+    wait_until(lambda: (found := state("Ready")) is not None and found["seq"] == seq, 90,
+               0.2, what=f"backup Ready at seq {seq}\n{agent.log()[-3000:]}")
     # enable made the repository on the hub, through the bridge, with a fresh token.
     [config] = list((hub.data_dir / "backup").glob("*/*/config"))
     assert config.stat().st_size > 0

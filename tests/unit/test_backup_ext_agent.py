@@ -106,3 +106,29 @@ async def test_a_hub_that_gives_no_credentials_leaves_a_retry(machine: Machine) 
     r.retry_at = r.clock() - 1
     r.note_etag(r.store.etag)
     assert r.wake.is_set()
+
+
+@in_loop
+async def test_commands_running_together_share_one_issue(machine: Machine) -> None:
+    # Each issue rotates the machine's token, which would cut off a command still using the
+    # one before: two extensions' installs, each waiting for the other to have started,
+    # hold the same credentials.
+    hub = with_credentials(machine)
+    seen = machine.trace.with_name("seen")
+    seen.mkdir()
+    seen.chmod(0o1777)  # the extension user writes there
+    for name, other in (("one", "two"), ("two", "one")):
+        body = (f"#!/bin/sh\ncat > {seen}/{name}.$OUTPOST_EXT_HANDLER\n"
+                f"n=0; while [ ! -f {seen}/{other}.install ] && [ $n -lt 200 ]; do "
+                f"sleep 0.05; n=$((n+1)); done\n{STATUS}\n")
+        machine.hub.packages[(name, "1.0.0")] = package(
+            manifest(name, "1.0.0", credentials=["backup"]), files={
+                f"bin/{h}": (body.encode(), 0o755)
+                for h in ("install", "enable", "disable", "update", "uninstall")})
+    await converge(machine, machine.goal("1.0.0", name="one"),
+                   machine.goal("1.0.0", name="two"))
+    tokens = {path.name: json.loads(path.read_text())["credentials"]["backup"]["token"]
+              for path in seen.iterdir()}
+    assert tokens["one.install"] == tokens["two.install"], tokens
+    assert tokens["one.install"] == hub.issued[0]
+    assert machine.reconciler is not None and machine.reconciler._held == {}
