@@ -202,7 +202,7 @@ def test_an_agent_installs_and_enables_it_to_ready(sqlite_hub: Hub, agents: list
     assert password not in again.stdout
     # (its enable runs again with the new settings: waited for, as it rotates the token)
     seq = hub.api("GET", "/v1/extensions/backup").json()["goals"][0]["seq"]
-    wait_until(lambda: (found := state("Ready")) is not None and found["seq"] == seq, 90,
+    wait_until(lambda: (found := state("Ready")) is not None and found["reported_seq"] == seq, 90,
                0.2, what=f"backup Ready at seq {seq}\n{agent.log()[-3000:]}")
     # enable made the repository on the hub, through the bridge, with a fresh token.
     [config] = list((hub.data_dir / "backup").glob("*/*/config"))
