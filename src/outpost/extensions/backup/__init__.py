@@ -58,7 +58,9 @@ def build() -> bytes:
             data = path.read_bytes()
             info = tarfile.TarInfo(rel)
             info.size, info.mtime = len(data), MTIME
-            info.mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
+            # By place, not by the file's mode here: an installed wheel may not keep the
+            # executable bit, and the digest must not depend on how Outpost was installed.
+            info.mode = 0o755 if rel.startswith("bin/") else 0o644
             archive.addfile(info, io.BytesIO(data))
     out = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as gz:
