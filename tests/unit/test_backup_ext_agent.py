@@ -83,7 +83,7 @@ async def test_credentials_reach_each_command_on_stdin_and_not_the_log(
         Path(f"{copy}.{handler_name}").unlink()
     # The handlers echoed their stdin: the log keeps neither the token nor the password.
     log = (machine.state / "logs" / "extensions" / f"{NAME}.log").read_text()
-    assert "[redacted]" in log and "machine_id" in log
+    assert "[redacted]" in log and '"machine_id": "m-1"' in log  # not a secret
     for secret in [*hub.issued, "pw-secret-1"]:
         assert secret not in log
         for root in (machine.state, machine.tree):
