@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def test_the_environment_names_the_update_source_only_when_given(tmp_path: Path)
     env = handler.environment(s)
     assert env["OUTPOST_EXT_UPDATE_FROM"] == "1.1.0"
     assert env["OUTPOST_EXT_SEQ"] == "3" and "HOME" not in env
-    assert set(env) - {"PATH", "OUTPOST_EXT_UPDATE_FROM"} == {
+    assert env["OUTPOST_AGENT_PYTHON"] == sys.executable
+    assert set(env) - {"PATH", "OUTPOST_EXT_UPDATE_FROM", "OUTPOST_AGENT_PYTHON"} == {
         f"OUTPOST_EXT_{k}" for k in ("NAME", "VERSION", "HANDLER", "SEQ", "CONFIG_DIR",
                                      "STATUS_DIR", "LOG_DIR")}
     assert os.environ.get("OUTPOST_EXT_NAME") is None

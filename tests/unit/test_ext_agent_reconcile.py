@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pwd
+import sys
 import tarfile
 import time
 import uuid
@@ -292,6 +293,7 @@ async def test_the_handler_environment_holds_only_what_it_should(machine: Machin
     assert env.pop("OUTPOST_EXT_STATUS_DIR") == str(tree / "status")
     assert env.pop("OUTPOST_EXT_LOG_DIR") == str(tree / "logs")
     assert env.pop("PATH") == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert env.pop("OUTPOST_AGENT_PYTHON") == sys.executable
     # What the shell adds by itself, and nothing of the agent's environment.
     assert set(env) <= {"PWD", "SHLVL", "_", "OLDPWD"}, env
 

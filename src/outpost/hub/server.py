@@ -13,6 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
+from outpost.extensions import publish_shipped
 from outpost.protocol import ports
 from outpost.protocol.errors import OutpostError
 
@@ -53,7 +54,9 @@ async def prepare(paths: HubPaths, database_url: str) -> Hub:
             raise OutpostError("database_unavailable",
                                f"The hub's database could not be reached: {exc}") from exc
         raise
-    return Hub(paths, config, engine)
+    hub = Hub(paths, config, engine)
+    await publish_shipped(hub.extensions, read_seed(paths)["account_id"])
+    return hub
 
 
 # Each agent holds up to two connections (its long-poll and its heartbeat's, both kept alive

@@ -1098,6 +1098,43 @@ _ENTRIES += (
          "rclone.program=outpost-restic-bridge -o 'rclone.args=--hub URL --machine-id ID "
          "--ca-file CA'.",),
         400, None),
+    # --- the backup extension (E9100-E9119) ------------------------------------------------
+    Entry(
+        "E9100", "ext_credentials_unavailable",
+        "The extension needs the machine's {kind} credentials and could not get them.",
+        ("The hub could not be reached, refused the machine's signed request, or is older "
+         "than the credentials route (POST /v1/agent/credentials/KIND).",),
+        ("Check 'outpost agent status' and the agent's log on the machine; the agent asks "
+         "again on its own once the hub answers.",),
+        503, "EX-12"),
+    Entry(
+        "E9101", "backup_restic_missing",
+        "restic is not installed on this machine, and the backup extension runs it.",
+        ("Neither PATH nor /usr/bin/restic has a restic program.",),
+        ("Install the package restic (Debian and Ubuntu: 'apt-get install restic'; Fedora: "
+         "'dnf install restic'), then 'outpost extension retry backup --machine M'.",),
+        400, None),
+    Entry(
+        "E9102", "backup_restic_failed", "restic failed: {problem}.",
+        ("restic could not reach the repository through the hub, the repository password is "
+         "wrong, or a path could not be read.",),
+        ("Read the message and the extension's log (outpost extension show backup --machine "
+         "M); the repository password is the one 'outpost backup enable' printed.",),
+        400, None),
+    Entry(
+        "E9103", "backup_settings_invalid", "The backup settings are not usable: {problem}.",
+        ("A setting is missing or of the wrong kind (paths, exclude, pre_snapshot, "
+         "repository_password).",),
+        ("Set the extension again with 'outpost backup enable --paths ...'.",),
+        400, None),
+    Entry(
+        "E9104", "backup_pre_snapshot_failed",
+        "The pre-snapshot step did not finish: {problem}.",
+        ("The application's consistency command (pre_snapshot) failed or outlived "
+         "pre_snapshot_timeout, and consistency 'application' was required.",),
+        ("Make the command finish within pre_snapshot_timeout, raise the timeout, or allow "
+         "crash-consistent snapshots (consistency 'crash', the default).",),
+        400, "EX-11"),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

@@ -19,6 +19,8 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ('asset_too_large', 'The certificate file is {} bytes; the hub accepts at most {}.'),
     ('asset_too_large', 'The {} is {} bytes; the hub accepts at most {}.'),
     ('backup_path_invalid', 'Not a path of a restic repository: {}.'),
+    ('backup_settings_invalid', 'The backup settings are not usable: the password file {} cannot be read ({}).'),
+    ('backup_settings_invalid', 'The backup settings are not usable: the password in {} is shorter than {} characters.'),
     ('body_too_large', 'The request body is larger than the hub accepts for this route: {}, at most {} bytes ({} requests).'),
     ('body_too_large', 'The request carries {} output records; the hub takes at most {} in one request.'),
     ('bundle_failed', 'Cannot write the support bundle to {}: {}.'),

@@ -2,12 +2,13 @@
 
 ``HubChannel`` is what the reconciler needs; ``HttpChannel`` is it over the agent's signed
 HTTPS client (``GET /v1/agent/extensions``, ``GET /v1/agent/extensions/NAME/VERSION/package``,
-``POST /v1/agent/extensions/status``). Unit tests give the reconciler a fake of this seam.
+``POST /v1/agent/extensions/status``, ``POST /v1/agent/credentials/KIND``). Unit tests
+give the reconciler a fake of this seam.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from outpost.protocol.extensions import ExtensionGoals, ExtensionStatusReport
@@ -23,6 +24,8 @@ class HubChannel(Protocol):
     async def fetch_package(self, name: str, version: str) -> bytes: ...
 
     async def report(self, report: ExtensionStatusReport) -> None: ...
+
+    async def fetch_credentials(self, kind: str) -> dict[str, Any]: ...
 
 
 class HttpChannel:
@@ -41,3 +44,12 @@ class HttpChannel:
     async def report(self, report: ExtensionStatusReport) -> None:
         await self.client.request("POST", "/v1/agent/extensions/status",
                                   report.model_dump(mode="json"))
+
+    async def fetch_credentials(self, kind: str) -> dict[str, Any]:
+        """This machine's credentials of ``kind`` (a manifest's ``credentials``), issued
+        afresh; kept in memory only."""
+        answer = await self.client.request("POST", f"/v1/agent/credentials/{quote(kind, safe='')}",
+                                           {})
+        if not isinstance(answer, dict):
+            raise ValueError(f"the hub answered the {kind} credentials with {type(answer)}")
+        return answer

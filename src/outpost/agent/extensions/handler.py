@@ -5,10 +5,12 @@ waits for it within its timeout, and returns an ``Outcome`` read from its exit s
 its status file.
 
 What the command sees: the package's directory as its working directory; an environment of
-``PATH`` (a minimal one) and the ``OUTPOST_EXT_*`` variables only (the agent's own
+``PATH`` (a minimal one), the ``OUTPOST_EXT_*`` variables and ``OUTPOST_AGENT_PYTHON`` (the
+agent's own interpreter, which has the ``outpost`` package) only (the agent's own
 environment, its proxy settings and tokens included, never reaches it); on stdin one JSON
 object ``{"settings": {...}, "protected": {...}}``, the protected settings decrypted in
-memory only. It reports through ``$OUTPOST_EXT_STATUS_DIR/<seq>.status``
+memory only, and ``"credentials": {"backup": {...}}`` when the manifest asks for them.
+It reports through ``$OUTPOST_EXT_STATUS_DIR/<seq>.status``
 (``HandlerStatusFile``): missing is ``transitioning``, malformed is an error naming the
 file and why. A command that exits 0 while its status says ``transitioning`` (work it left
 running) is waited for until its status file says how it ended or its timeout passes.
@@ -26,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +79,9 @@ class Spec:
     group: cgroups.Group | None = None
     limits: cgroups.Limits | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Per-machine credentials the manifest asks for ({"backup": {...}}): on stdin only.
+    credentials: dict[str, Any] = field(default_factory=dict, repr=False)
+    params: dict[str, Any] | None = None  # an operation's parameters, on stdin as "params"
 
     @property
     def status_file(self) -> Path:
@@ -101,7 +107,8 @@ def environment(spec: Spec) -> dict[str, str]:
            "OUTPOST_EXT_VERSION": spec.version, "OUTPOST_EXT_HANDLER": spec.handler,
            "OUTPOST_EXT_SEQ": str(spec.seq), "OUTPOST_EXT_CONFIG_DIR": str(spec.config_dir),
            "OUTPOST_EXT_STATUS_DIR": str(spec.status_dir),
-           "OUTPOST_EXT_LOG_DIR": str(spec.log_dir)}
+           "OUTPOST_EXT_LOG_DIR": str(spec.log_dir),
+           "OUTPOST_AGENT_PYTHON": sys.executable}
     env.update(spec.extra_env)
     return env
 
@@ -133,7 +140,12 @@ def read_status(path: Path) -> tuple[HandlerStatusFile | None, str | None]:
 
 
 def _stdin_payload(spec: Spec) -> bytes:
-    return json.dumps({"settings": spec.settings, "protected": spec.protected or {}}).encode()
+    payload: dict[str, Any] = {"settings": spec.settings, "protected": spec.protected or {}}
+    if spec.credentials:
+        payload["credentials"] = spec.credentials
+    if spec.params is not None:
+        payload["params"] = spec.params
+    return json.dumps(payload).encode()
 
 
 def _preexec(spec: Spec) -> Callable[[], None] | None:

@@ -147,6 +147,12 @@ class Reconciler:
         self._transient = False
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._generation: dict[str, int] = {}  # grows with each goals applied, per name
+        # Credentials held by commands running now, per kind: (the credentials, how many
+        # commands hold them). Asking the hub again rotates them, which would cut off a
+        # command still using the old ones, so a command that starts while another holds
+        # them shares those.
+        self._held: dict[str, tuple[dict[str, Any], int]] = {}
+        self._credential_lock = asyncio.Lock()
         store.load()
         for record in store.records.values():
             self.reporter.put(record.status())  # the hub hears the states after a restart
@@ -682,20 +688,26 @@ class Reconciler:
         group = self.runtime.group(rec.name)
         extra = {"OUTPOST_EXT_UPDATE_FROM": update_from} if update_from and \
             which == "update" else {}
-        spec = handler.Spec(
-            name=rec.name, version=version, handler=which, seq=seq, command=command,
-            package_dir=self.runtime.package_dir(rec.name, version),
-            config_dir=self.runtime.config_dir(rec.name),
-            status_dir=self.runtime.status_dir(rec.name),
-            log_dir=self.runtime.log_dir(rec.name),
-            output=ExtensionLog(log_dir(self.runtime.state_root) / f"{rec.name}.log",
-                                self.log_max_bytes, secret_values(protected)),
-            settings=settings, protected=protected, identity=identity, group=group,
-            limits=self.runtime.limits(manifest.limits) if group is not None else None,
-            extra_env=extra)
-        self._set(rec, state, the_step, f"running the {which} handler of {version}",
-                  target=target or version)
-        outcome = await handler.run(spec)
+        async with self._credential_lock:  # one request to the hub at a time: each rotates
+            credentials = await self._credentials(rec, manifest, the_step, state, version)
+        try:
+            spec = handler.Spec(
+                name=rec.name, version=version, handler=which, seq=seq, command=command,
+                package_dir=self.runtime.package_dir(rec.name, version),
+                config_dir=self.runtime.config_dir(rec.name),
+                status_dir=self.runtime.status_dir(rec.name),
+                log_dir=self.runtime.log_dir(rec.name),
+                output=ExtensionLog(log_dir(self.runtime.state_root) / f"{rec.name}.log",
+                                    self.log_max_bytes,
+                                    secret_values([protected or {}, _secrets(credentials)])),
+                settings=settings, protected=protected, identity=identity, group=group,
+                limits=self.runtime.limits(manifest.limits) if group is not None else None,
+                extra_env=extra, credentials=credentials)
+            self._set(rec, state, the_step, f"running the {which} handler of {version}",
+                      target=target or version)
+            outcome = await handler.run(spec)
+        finally:
+            self.release_credentials(manifest)
         if outcome.ok:
             return outcome
         if outcome.result == "timeout":
@@ -710,6 +722,48 @@ class Reconciler:
                             f"failed: {outcome.message}")
         raise StepFailed(the_step, message, outcome.code)
 
+    async def _credentials(self, rec: Record, manifest: Manifest, step: Step, state: State,
+                           version: str) -> dict[str, Any]:
+        """The per-machine credentials the manifest asks for, held until
+        ``release_credentials``: issued afresh by the hub, or the ones a command running now
+        holds (in memory only: they reach the command on stdin)."""
+        found: dict[str, Any] = {}
+        for kind in manifest.credentials:
+            held = self._held.get(kind)
+            if held is not None:
+                found[kind] = held[0]
+                continue
+            if self.channel is None:
+                raise StepFailed(step, coded("ext_credentials_unavailable",
+                                 f"{rec.name} needs the machine's {kind} credentials and the "
+                                 "agent has no hub to ask", kind=kind, name=rec.name))
+            try:
+                found[kind] = await self.channel.fetch_credentials(kind)
+            except (OutpostError, ValueError) as exc:
+                why = f"{exc.code} {exc.message}" if isinstance(exc, OutpostError) else str(exc)
+                text = coded("ext_credentials_unavailable", f"{rec.name} needs the machine's "
+                             f"{kind} credentials and the hub did not give them ({why}); "
+                             "tried again later", kind=kind, name=rec.name)
+                self._set(rec, state, step, text, target=version)
+                raise Transient(text) from exc
+        for name, value in found.items():
+            self._held[name] = (value, self._held.get(name, (value, 0))[1] + 1)
+        return found
+
+    def release_credentials(self, manifest: Manifest) -> None:
+        """A command that held ``manifest``'s credentials ended."""
+        for kind in manifest.credentials:
+            self._release(kind)
+
+    def _release(self, kind: str) -> None:
+        held = self._held.get(kind)
+        if held is None:
+            return
+        if held[1] <= 1:
+            del self._held[kind]
+        else:
+            self._held[kind] = (held[0], held[1] - 1)
+
     # --- what 'outpost agent status' shows ---------------------------------------------
     def status(self) -> list[dict[str, Any]]:
         rows = []
@@ -718,6 +772,12 @@ class Reconciler:
             shown["running"] = rec.name in self.workers
             rows.append(shown)
         return rows
+
+
+def _secrets(credentials: dict[str, Any]) -> list[Any]:
+    """The secret values of the credentials (their tokens), for the log's redaction: the
+    hub's URL, the machine id and the CA stay readable there."""
+    return [value.get("token") for value in credentials.values() if isinstance(value, dict)]
 
 
 def _unpack(data: bytes, dest: Path, sha256: str) -> Any:

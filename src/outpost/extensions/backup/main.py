@@ -1,0 +1,396 @@
+"""The backup extension's programs: ``python -m outpost.extensions.backup.main COMMAND``,
+started by the package's ``bin/backup`` with the agent's Python (``$OUTPOST_AGENT_PYTHON``).
+
+COMMAND is a handler (install, enable, disable, update, uninstall) or an operation
+(snapshot, restore, forget). Standard input holds one JSON object from the agent:
+``settings`` (paths, exclude, pre_snapshot, pre_snapshot_timeout, consistency),
+``protected`` (repository_password), ``credentials.backup`` (the machine's backup token,
+the hub's URL, its machine id and the hub's CA) and, for an operation, ``params``. Each
+command ends by writing ``$OUTPOST_EXT_STATUS_DIR/$OUTPOST_EXT_SEQ.status``; an operation
+also writes its result as JSON to ``<seq>.result.json`` beside it.
+
+restic reaches the hub through ``outpost.backup.bridge`` (restic's rclone backend). The
+token and the repository password are put into restic's own environment only
+(``OUTPOST_BACKUP_TOKEN``, ``RESTIC_PASSWORD``), never into an argument, a file or this
+process's output; the hub's CA, which is public, goes into a temporary file for the bridge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESTIC_FALLBACK = "/usr/bin/restic"
+DEFAULT_PRE_SNAPSHOT_TIMEOUT = 300.0
+STOP_GRACE = 3.0
+HANDLERS = ("install", "enable", "disable", "update", "uninstall")
+OPERATIONS = ("snapshot", "restore", "forget")
+KEEP = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+# The catalog's codes (outpost.protocol.errors), as status-file codes.
+RESTIC_MISSING = 9101
+RESTIC_FAILED = 9102
+SETTINGS_INVALID = 9103
+PRE_SNAPSHOT_FAILED = 9104
+
+
+class Failed(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Context:
+    command: str
+    settings: dict[str, Any]
+    protected: dict[str, Any]
+    credential: dict[str, Any]
+    params: dict[str, Any]
+    status_dir: Path
+    seq: str
+    secrets: list[str] = field(default_factory=list)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+
+# --- reporting ------------------------------------------------------------------------------
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def report(ctx: Context, status: str, message: str, code: int = 0,
+           result: dict[str, Any] | None = None) -> None:
+    message = ctx.redact(message)[:4000]
+    if result is not None:
+        _write_json(ctx.status_dir / f"{ctx.seq}.result.json", result)
+    _write_json(ctx.status_dir / f"{ctx.seq}.status",
+                {"status": status, "code": code, "message": message})
+    print(f"{status}: {message}", flush=True)
+
+
+# --- restic -----------------------------------------------------------------------------------
+def find_restic() -> str:
+    found = shutil.which("restic") or (RESTIC_FALLBACK if os.access(RESTIC_FALLBACK, os.X_OK)
+                                       else None)
+    if found is None:
+        raise Failed(RESTIC_MISSING, "E9101: restic is not installed on this machine (not on "
+                     f"PATH, not at {RESTIC_FALLBACK}); install the package 'restic' "
+                     "(apt-get install restic, or dnf install restic), then retry the "
+                     "extension")
+    return found
+
+
+class Restic:
+    """restic with the machine's repository on the hub, through the bridge."""
+
+    def __init__(self, ctx: Context, workdir: Path) -> None:
+        cred = ctx.credential
+        missing = [k for k in ("token", "hub", "machine_id", "ca_pem") if not cred.get(k)]
+        if missing:
+            raise Failed(SETTINGS_INVALID, "E9103: the agent handed no backup credentials "
+                         f"(missing {', '.join(missing)}); this agent or hub is too old for "
+                         "the backup extension")
+        password = ctx.protected.get("repository_password")
+        if not isinstance(password, str) or not password:
+            raise Failed(SETTINGS_INVALID, "E9103: the protected setting repository_password "
+                         "is missing; set the extension with 'outpost backup enable'")
+        self.program = find_restic()
+        ca_file = workdir / "hub-ca.pem"
+        ca_file.write_text(str(cred["ca_pem"]))
+        bridge = [sys.executable, "-m", "outpost.backup.bridge", "--hub", str(cred["hub"]),
+                  "--machine-id", str(cred["machine_id"]), "--ca-file", str(ca_file)]
+        self.base = [self.program, "-r", "rclone:outpost",
+                     "-o", f"rclone.program={shlex.quote(bridge[0])}",
+                     "-o", "rclone.args=" + shlex.join(bridge[1:]),
+                     "--cache-dir", str(workdir / "cache")]
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "HOME": str(workdir), "OUTPOST_BACKUP_TOKEN": str(cred["token"]),
+                    "RESTIC_PASSWORD": password}
+        ctx.secrets += [str(cred["token"]), password]
+        self.ctx = ctx
+
+    def run(self, args: Sequence[str], what: str) -> str:
+        """restic ARGS; its standard output (stderr goes to the extension's log)."""
+        proc = subprocess.run([*self.base, *args], env=self.env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              check=False)
+        for line in proc.stderr.splitlines():
+            print(self.ctx.redact(line), flush=True)
+        if proc.returncode != 0:
+            last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-3:]
+            raise Failed(RESTIC_FAILED, f"E9102: restic failed to {what} (exit "
+                         f"{proc.returncode}): {' / '.join(last) or 'no message'}")
+        return proc.stdout
+
+    def initialized(self) -> bool:
+        proc = subprocess.run([*self.base, "cat", "config"], env=self.env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, check=False)
+        return proc.returncode == 0
+
+
+@contextmanager
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="outpost-backup-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- settings -------------------------------------------------------------------------------
+def _strings(value: Any, name: str, required: bool = False) -> list[str]:
+    if value is None and not required:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) \
+            or (required and not value):
+        raise Failed(SETTINGS_INVALID, f"E9103: {name} must be a list of paths or patterns "
+                     f"(got {value!r})")
+    return list(value)
+
+
+# --- EX-11: the application's own consistency step -----------------------------------------
+@dataclass
+class PreSnapshot:
+    ran: bool = False
+    seconds: float = 0.0
+    timed_out: bool = False
+    exit_code: int | None = None
+    consistency: str = "crash"
+    note: str = ""
+
+
+def pre_snapshot(ctx: Context) -> PreSnapshot:
+    command = ctx.settings.get("pre_snapshot")
+    required = ctx.settings.get("consistency", "crash") == "application"
+    found = PreSnapshot()
+    if not command:
+        if required:
+            raise Failed(PRE_SNAPSHOT_FAILED, "E9104: consistency 'application' is required "
+                         "but no pre_snapshot command is set")
+        return found
+    timeout = float(ctx.settings.get("pre_snapshot_timeout") or DEFAULT_PRE_SNAPSHOT_TIMEOUT)
+    found.ran = True
+    started = time.monotonic()
+    print(f"pre_snapshot: running {command!r} (timeout {timeout:g} s)", flush=True)
+    proc = subprocess.Popen(["/bin/sh", "-c", str(command)], stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        found.exit_code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        found.timed_out = True
+        _end_group(proc)
+    found.seconds = round(time.monotonic() - started, 3)
+    if found.timed_out:
+        problem = (f"the pre_snapshot step ({command!r}) was still running after "
+                   f"{found.seconds:g} s, over its pre_snapshot_timeout of {timeout:g} s, "
+                   "and was ended")
+    elif found.exit_code != 0:
+        problem = (f"the pre_snapshot step ({command!r}) exited with {found.exit_code} "
+                   f"after {found.seconds:g} s")
+    else:
+        found.consistency = "application"
+        found.note = f"pre_snapshot step took {found.seconds:g} s"
+        return found
+    if required:
+        raise Failed(PRE_SNAPSHOT_FAILED, f"E9104: {problem}; consistency 'application' is "
+                     "required, so no snapshot was taken")
+    found.note = f"{problem}; the snapshot is crash-consistent"
+    print(f"pre_snapshot: {found.note}", flush=True)
+    return found
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# --- the commands ---------------------------------------------------------------------------
+def do_install(ctx: Context) -> None:
+    program = find_restic()
+    out = subprocess.run([program, "version"], capture_output=True, text=True, check=False)
+    report(ctx, "success", f"restic found at {program} ({out.stdout.strip()})")
+
+
+def do_enable(ctx: Context) -> None:
+    _strings(ctx.settings.get("paths"), "paths", required=True)
+    with workdir() as tmp:
+        restic = Restic(ctx, tmp)
+        if restic.initialized():
+            report(ctx, "success", "the machine's repository on the hub is ready")
+            return
+        restic.run(["init"], "create the repository on the hub")
+        report(ctx, "success", "the machine's repository was created on the hub")
+
+
+def do_nothing(ctx: Context) -> None:
+    report(ctx, "success", f"{ctx.command}: nothing to do (the repository on the hub stays)")
+
+
+def _summary(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.splitlines()):
+        try:
+            found = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(found, dict) and found.get("message_type") == "summary":
+            return found
+    raise Failed(RESTIC_FAILED, "E9102: restic backup ended without its summary")
+
+
+def do_snapshot(ctx: Context) -> None:
+    started = time.monotonic()
+    paths = _strings(ctx.settings.get("paths"), "paths", required=True)
+    exclude = _strings(ctx.settings.get("exclude"), "exclude")
+    with workdir() as tmp:
+        restic = Restic(ctx, tmp)
+        pre = pre_snapshot(ctx)
+        args = ["backup", "--json", "--tag", "outpost"]
+        for pattern in exclude:
+            args += ["--exclude", pattern]
+        summary = _summary(restic.run([*args, "--", *paths], "take the snapshot"))
+    result = {
+        "snapshot": summary.get("snapshot_id"),
+        "files": summary.get("total_files_processed"),
+        "files_new": summary.get("files_new"),
+        "files_changed": summary.get("files_changed"),
+        "bytes_added": summary.get("data_added"),
+        "total_bytes": summary.get("total_bytes_processed"),
+        "duration_seconds": round(time.monotonic() - started, 3),
+        "paths": paths,
+        "consistency": pre.consistency,
+        "pre_snapshot": None if not pre.ran else {
+            "seconds": pre.seconds, "timed_out": pre.timed_out, "exit_code": pre.exit_code,
+            "note": pre.note},
+    }
+    message = (f"snapshot {str(result['snapshot'])[:8]}: {result['files']} files, "
+               f"{result['bytes_added']} bytes added, {result['total_bytes']} bytes in all, "
+               f"in {result['duration_seconds']:g} s, {pre.consistency}-consistent")
+    if pre.ran and pre.consistency != "application":
+        report(ctx, "warning", f"{message} ({pre.note})", result=result)
+    else:
+        report(ctx, "success", message + (f" ({pre.note})" if pre.note else ""),
+               result=result)
+
+
+def do_restore(ctx: Context) -> None:
+    started = time.monotonic()
+    snapshot = str(ctx.params.get("snapshot") or "latest")
+    target = str(ctx.params.get("target") or "/")
+    include = _strings(ctx.params.get("include"), "include")
+    if snapshot.startswith("-") or not target.startswith("/"):
+        raise Failed(SETTINGS_INVALID, "E9103: restore needs a snapshot id (or 'latest') and "
+                     f"an absolute target path (got {snapshot!r}, {target!r})")
+    with workdir() as tmp:
+        restic = Restic(ctx, tmp)
+        args = ["restore", snapshot, "--target", target]
+        for pattern in include:
+            args += ["--include", pattern]
+        restic.run(args, f"restore {snapshot} into {target}")
+    seconds = round(time.monotonic() - started, 3)
+    report(ctx, "success", f"restored {snapshot} into {target} in {seconds:g} s",
+           result={"snapshot": snapshot, "target": target, "include": include,
+                   "duration_seconds": seconds})
+
+
+def do_forget(ctx: Context) -> None:
+    snapshot = ctx.params.get("snapshot")
+    keep = {k: ctx.params.get(f"keep_{k}") for k in KEEP if ctx.params.get(f"keep_{k}")}
+    if not snapshot and not keep:
+        raise Failed(SETTINGS_INVALID, "E9103: forget needs a snapshot id or a keep policy "
+                     "(keep_last, keep_daily, ...)")
+    args = ["forget", "--prune", "--tag", "outpost"] if keep else ["forget", "--prune"]
+    for k, n in keep.items():
+        if not isinstance(n, int) or n < 1:
+            raise Failed(SETTINGS_INVALID, f"E9103: keep_{k} must be a whole number of 1 or "
+                         f"more (got {n!r})")
+        args += [f"--keep-{k}", str(n)]
+    if snapshot:
+        if not isinstance(snapshot, str) or snapshot.startswith("-"):
+            raise Failed(SETTINGS_INVALID, f"E9103: not a snapshot id: {snapshot!r}")
+        args.append(snapshot)
+    started = time.monotonic()
+    with workdir() as tmp:
+        Restic(ctx, tmp).run(args, "forget snapshots")
+    seconds = round(time.monotonic() - started, 3)
+    what = f"snapshot {snapshot}" if snapshot else "snapshots outside " + ", ".join(
+        f"keep_{k}={n}" for k, n in keep.items())
+    report(ctx, "success", f"forgot {what} and pruned the repository in {seconds:g} s",
+           result={"snapshot": snapshot, "keep": keep, "duration_seconds": seconds})
+
+
+COMMANDS = {"install": do_install, "enable": do_enable, "disable": do_nothing,
+            "update": do_nothing, "uninstall": do_nothing, "snapshot": do_snapshot,
+            "restore": do_restore, "forget": do_forget}
+
+
+def _context(command: str, raw: str) -> Context:
+    try:
+        payload = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        payload = {}
+    if not isinstance(payload, dict):
+        payload = {}
+
+    def part(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    credentials = part(payload.get("credentials"))
+    return Context(command=command, settings=part(payload.get("settings")),
+                   protected=part(payload.get("protected")),
+                   credential=part(credentials.get("backup")),
+                   params=part(payload.get("params")),
+                   status_dir=Path(os.environ.get("OUTPOST_EXT_STATUS_DIR", ".")),
+                   seq=os.environ.get("OUTPOST_EXT_SEQ", "0"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args else os.environ.get("OUTPOST_EXT_HANDLER", "")
+    ctx = _context(command, sys.stdin.read())
+    if command not in COMMANDS:
+        report(ctx, "error", f"E9103: unknown command {command!r}; one of "
+               f"{', '.join(COMMANDS)}", SETTINGS_INVALID)
+        return 2
+    try:
+        COMMANDS[command](ctx)
+    except Failed as exc:
+        report(ctx, "error", exc.message, exc.code)
+        return 1
+    except OSError as exc:
+        report(ctx, "error", f"E9102: {command} failed: {exc}", RESTIC_FAILED)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
