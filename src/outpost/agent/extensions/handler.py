@@ -76,6 +76,7 @@ class Spec:
     group: cgroups.Group | None = None
     limits: cgroups.Limits | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] | None = None  # an operation's parameters, on stdin beside settings
 
     @property
     def status_file(self) -> Path:
@@ -133,7 +134,10 @@ def read_status(path: Path) -> tuple[HandlerStatusFile | None, str | None]:
 
 
 def _stdin_payload(spec: Spec) -> bytes:
-    return json.dumps({"settings": spec.settings, "protected": spec.protected or {}}).encode()
+    sent: dict[str, Any] = {"settings": spec.settings, "protected": spec.protected or {}}
+    if spec.params is not None:
+        sent["params"] = spec.params
+    return json.dumps(sent).encode()
 
 
 def _preexec(spec: Spec) -> Callable[[], None] | None:
