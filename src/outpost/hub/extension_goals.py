@@ -80,14 +80,15 @@ class AccountGoals:
     loaded_at: float = 0.0
     _etags: dict[str, str] = field(default_factory=dict)
 
-    def resolve(self, machine: Any) -> list[Resolved]:
+    def resolve(self, machine: Any, *, held: bool = False) -> list[Resolved]:
         """The goals that apply to ``machine`` (a machines row), by extension name: its own
-        goal, else its group's; a goal whose version is not published is skipped."""
+        goal, else its group's; a goal whose version is not published is skipped, and so is
+        one held back for the machine (uninstalled there) unless ``held``."""
         own = self.by_target.get(("machine", machine.name), {})
         group = self.by_target.get(("group", machine.group_name), {})
         found = []
         for name in sorted(set(own) | set(group)):
-            if (machine.id, name) in self.holds:
+            if not held and (machine.id, name) in self.holds:
                 continue  # uninstalled there by the operator (extension_ops.hold)
             goal = own.get(name) or group[name]
             package = (self.packages.get((name, goal.version)) if goal.version

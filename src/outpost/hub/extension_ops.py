@@ -90,7 +90,7 @@ class ExtensionOps:
                 machine=machine.name, status=status,
                 last_heartbeat_at=machine.last_heartbeat_at)
         goals = await self._goals.get(account_id)
-        resolved = {r.goal.name: r for r in goals.resolve(machine)}.get(name)
+        resolved = {r.goal.name: r for r in goals.resolve(machine, held=True)}.get(name)
         if resolved is None:
             raise OutpostError("ext_op_no_goal", f"Extension {name} is not set for machine "
                                f"{machine.name}.", name=name, machine=machine.name)
@@ -204,12 +204,16 @@ class ExtensionOps:
                 names[r.id] = r.name
         return [view(r) | {"machine": names.get(r.machine_id, r.machine_id)} for r in rows]
 
-    async def _manifest(self, account_id: str, name: str, version: str) -> Manifest:
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(sa.select(extension_packages.c.manifest).where(
-                extension_packages.c.account_id == account_id,
-                extension_packages.c.name == name,
-                extension_packages.c.version == version))).first()
+    async def _manifest(self, account_id: str, name: str, version: str,
+                        conn: AsyncConnection | None = None) -> Manifest:
+        query = sa.select(extension_packages.c.manifest).where(
+            extension_packages.c.account_id == account_id,
+            extension_packages.c.name == name, extension_packages.c.version == version)
+        if conn is not None:
+            row = (await conn.execute(query)).first()
+        else:
+            async with self._engine.connect() as own:
+                row = (await own.execute(query)).first()
         if row is None:  # removed since the goals were read
             raise OutpostError("ext_op_no_goal", f"Extension {name} {version} is no longer "
                                "published.", name=name, machine="")
@@ -302,7 +306,7 @@ class ExtensionOps:
                 values: dict[str, Any] = {"status": "Waiting", "message": body.message}
             else:
                 manifest = await self._manifest(row.account_id, row.extension,
-                                                row.version or "")
+                                                row.version or "", conn)
                 op = manifest.operations.get(row.operation)
                 expected = op.expected_seconds if op is not None else None
                 values = {"status": "Running", "message": body.message,
@@ -322,7 +326,7 @@ class ExtensionOps:
             if body.status == "failed" and body.transient and row.attempt < row.max_attempts:
                 delay = min(RETRY_CAP, RETRY_BASE * 2 ** (int(row.attempt) - 1))
                 manifest = await self._manifest(row.account_id, row.extension,
-                                                row.version or "")
+                                                row.version or "", conn)
                 op = manifest.operations.get(row.operation)
                 start_timeout = op.start_timeout_seconds if op is not None else 600.0
                 values: dict[str, Any] = {

@@ -216,3 +216,6 @@ class HandlerStatusFile(Wire):
     result: dict[str, Any] | None = Field(
         default=None, description="What an operation returned (for a snapshot: its id, "
         "size, files); shown with the operation on the hub.")
+    transient: bool = Field(
+        default=False, description="For an operation's error: it may pass (a repository "
+        "locked, a network down); the hub tries the operation again with backoff.")

@@ -204,7 +204,8 @@ class Operations:
             code, message = str(outcome.code), outcome.message
         else:
             code, message = _coded("ext_op_failed", outcome.message)
-        await self._end(asked, False, code, message, tail, result)
+        transient = outcome.status is not None and outcome.status.transient
+        await self._end(asked, False, code, message, tail, result, transient)
 
 
 _attached: dict[int, Operations] = {}
