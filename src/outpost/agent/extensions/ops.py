@@ -125,6 +125,25 @@ class Operations:
             finally:
                 self.running.pop(asked.op_id, None)
 
+    async def wait_for_load(self, asked: wire.ExtOpPayload) -> bool:
+        """While the machine is over its CPU or memory threshold, report ``waiting`` and
+        why (again when the reason changes); True once it is not, False (the operation
+        ended failed, E9091) when its deadline passes first (EX-7)."""
+        why = self.pressure()
+        reported: str | None = None
+        while why is not None:
+            if asked.deadline is not None and time.time() >= asked.deadline:
+                await self._end(asked, False, *_coded(
+                    "ext_op_pressure", f"the operation did not start by its deadline: "
+                    f"waiting: {why}"))
+                return False
+            if why != reported:
+                await self._progress(asked, "waiting", f"waiting: {why}")
+                reported = why
+            await asyncio.sleep(PRESSURE_LOOK)
+            why = self.pressure()
+        return True
+
     async def _one(self, asked: wire.ExtOpPayload) -> None:
         rec = self.reconciler.store.records.get(asked.extension)
         goal = self.reconciler.goals.get(asked.extension)
@@ -152,20 +171,8 @@ class Operations:
                 "ext_op_unknown_operation", f"extension {name} {version} has no operation "
                 f"'{operation}'"))
             return
-        if op.pressure:
-            why = self.pressure()
-            reported: str | None = None
-            while why is not None:
-                if asked.deadline is not None and time.time() >= asked.deadline:
-                    await self._end(asked, False, *_coded(
-                        "ext_op_pressure", f"the operation did not start by its deadline: "
-                        f"waiting: {why}"))
-                    return
-                if why != reported:
-                    await self._progress(asked, "waiting", f"waiting: {why}")
-                    reported = why
-                await asyncio.sleep(PRESSURE_LOOK)
-                why = self.pressure()
+        if op.pressure and not await self.wait_for_load(asked):
+            return
         await self._progress(asked, "started")
         rc = self.reconciler
         try:
