@@ -259,8 +259,7 @@ class ExtensionOps:
         now = time.time()
         t = extension_operations
         async with self._engine.begin() as conn:
-            late = (await conn.execute(sa.select(t.c.id, t.c.message, t.c.machine_id,
-                                                 t.c.extension).where(
+            late = (await conn.execute(sa.select(t.c.id, t.c.message, t.c.item_id).where(
                 t.c.status.in_(("Queued", "Waiting")), t.c.start_deadline.is_not(None),
                 t.c.start_deadline < now))).all()
             for row in late:
@@ -269,6 +268,9 @@ class ExtensionOps:
                     t.c.id == row.id, t.c.status.in_(("Queued", "Waiting"))).values(
                         status="Failed", code=_alias("ext_op_start_timeout"), ended_at=now,
                         message=f"{START_TIMEOUT_TEXT}{why}.", next_try_at=None))
+                if row.item_id is not None:  # not to be run by an agent that comes back
+                    await conn.execute(work_items.delete().where(
+                        work_items.c.id == row.item_id, work_items.c.claimed_by.is_(None)))
             # Waiting for the extension to be installed again (after an uninstall).
             waiting = (await conn.execute(sa.select(t.c.id, t.c.machine_id, t.c.extension,
                                                     t.c.version).where(

@@ -83,23 +83,26 @@ class Operations:
             except (asyncio.CancelledError, Exception):
                 pass
 
-    async def _report(self, op_id: str, what: str, body: dict[str, Any]) -> None:
+    async def _report(self, op_id: str, what: str, body: dict[str, Any]) -> bool:
+        """Send a report; False when the hub says the attempt is over (E9092)."""
         delay = 0.5
         for attempt in range(REPORT_TRIES):
             try:
                 await self.call("POST", f"/v1/agent/ext-ops/{quote(op_id, safe='')}/{what}",
                                 body)
-                return
+                return True
             except OutpostError as exc:
-                if exc.reason == "ext_op_stale_report" or attempt == REPORT_TRIES - 1:
+                stale = exc.reason == "ext_op_stale_report"
+                if stale or attempt == REPORT_TRIES - 1:
                     log.warning("operation %s: the hub did not take its %s: %s", op_id, what,
                                 exc.message)
-                    return
+                    return not stale
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+        return True
 
-    async def _progress(self, asked: wire.ExtOpPayload, state: str, message: str = "") -> None:
-        await self._report(asked.op_id, "progress", {
+    async def _progress(self, asked: wire.ExtOpPayload, state: str, message: str = "") -> bool:
+        return await self._report(asked.op_id, "progress", {
             "attempt": asked.attempt, "state": state, "message": message, "at": time.time()})
 
     async def _end(self, asked: wire.ExtOpPayload, ok: bool, code: str | None = None,
@@ -173,7 +176,10 @@ class Operations:
             return
         if op.pressure and not await self.wait_for_load(asked):
             return
-        await self._progress(asked, "started")
+        if not await self._progress(asked, "started"):
+            log.info("operation %s of %s: the hub ended this attempt (timed out or retried); "
+                     "not run", asked.op_id, name)
+            return
         rc = self.reconciler
         try:
             identity, _said = rc.runtime.identity(goal.run_as if goal else rec.run_as)
