@@ -113,6 +113,7 @@ def test_operations_run_retry_queue_and_are_refused_when_they_cannot_run(
         assert shown["status"] == "Succeeded" and shown["result"] == {"id": "snap-1",
                                                                       "files": 3}, shown
         assert "snapshot taken" in shown["output"], shown
+        assert shown["requested_by"] == "admin" and shown["attempt"] == 1, shown
         assert json.loads((shared / "snap-stdin").read_text()) == {
             "settings": {"where": "/srv"}, "protected": {}, "params": {"path": "/data"}}
         listed = hub.cli("extension", "operations", "--machine", "m1", "--json")

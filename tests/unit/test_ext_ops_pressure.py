@@ -13,6 +13,7 @@ from typing import Any
 from outpost.agent.extensions.ops import Operations
 from outpost.agent.pressure import Pressure
 from outpost.protocol import work as wire
+from tests.support import wait_until
 
 
 class Hub:
@@ -28,15 +29,23 @@ def _asked(deadline: float | None) -> wire.ExtOpPayload:
                              deadline=deadline)
 
 
-def _busy() -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+def _busy(pressure: Pressure) -> subprocess.Popen[bytes]:
+    """A real busy loop, once the real sampling sees it over the threshold."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        wait_until(lambda: pressure.reason() is not None, 15, 0.2, what="the busy loop seen")
+    except BaseException:
+        busy.kill()
+        busy.wait()
+        raise
+    return busy
 
 
 def test_an_operation_waits_saying_why_then_starts_when_the_load_passes() -> None:
     hub = Hub()
     pressure = Pressure(max_cpu=5, max_memory=100, seconds=0)
     ops = Operations(None, hub.call, pressure.reason)  # type: ignore[arg-type]
-    busy = _busy()
+    busy = _busy(pressure)
 
     async def scenario() -> bool:
         gate = asyncio.create_task(ops.wait_for_load(_asked(time.time() + 60)))
@@ -64,7 +73,7 @@ def test_an_operation_still_waiting_at_its_deadline_ends_failed_saying_why() -> 
     hub = Hub()
     pressure = Pressure(max_cpu=5, max_memory=100, seconds=0)
     ops = Operations(None, hub.call, pressure.reason)  # type: ignore[arg-type]
-    busy = _busy()
+    busy = _busy(pressure)
     try:
         assert asyncio.run(ops.wait_for_load(_asked(time.time() + 2.5))) is False
     finally:

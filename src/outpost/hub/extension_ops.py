@@ -31,7 +31,7 @@ from outpost.protocol.extensions import Manifest
 from . import machines, notify
 from .config import random_id
 from .db import (extension_holds, extension_operations, extension_packages, extension_states,
-                 work_items)
+                 tokens, work_items)
 from .db import machines as machine_rows
 from .extension_goals import GoalCache, version_key
 
@@ -113,6 +113,10 @@ class ExtensionOps:
                 agent_version=agent, machine=machine.name)
         op_id = random_id()
         async with self._engine.begin() as conn:
+            if requested_by:  # the token's name, as the operator knows it
+                named = (await conn.execute(sa.select(tokens.c.name).where(
+                    tokens.c.id == requested_by))).scalar()
+                requested_by = named or requested_by
             previous = (await conn.execute(
                 sa.select(extension_operations).where(
                     extension_operations.c.machine_id == machine.id,
