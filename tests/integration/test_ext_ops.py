@@ -36,6 +36,7 @@ def build(shared: Path) -> bytes:
         "flaky": {"run": "bin/flaky", "pressure": False},
         "slow": {"run": "bin/slow", "expected_seconds": 3, "pressure": False},
         "quick": {"run": "bin/quick", "start_timeout_seconds": 2, "pressure": False},
+        "broken": {"run": "bin/broken", "pressure": False},
     }
     files = {f"bin/{h}": _script(ok) for h in
              ("install", "enable", "disable", "update", "uninstall")}
@@ -49,6 +50,7 @@ def build(shared: Path) -> bytes:
         "status error 7 'repository locked' ',\"transient\":true'")
     files["bin/slow"] = _script(f"sleep 6\ndate +%s.%N >> {shared}/slow-end\n{ok}")
     files["bin/quick"] = _script(ok)
+    files["bin/broken"] = _script("echo disk on fire >&2\nexit 3")
     manifest = extbuild.manifest(NAME, "1.0.0", operations=operations)
     return extbuild.package(manifest, files=files)
 
@@ -163,6 +165,12 @@ def test_operations_run_retry_queue_and_are_refused_when_they_cannot_run(
         wait_op(hub, agent, again["id"], "Succeeded")
         assert ext_state(hub, "m1") == "Ready"
 
+        # A failing operation: --wait exits 1 and shows why.
+        failing = hub.cli("extension", "run", NAME, "broken", "--machine", "m1", "--wait")
+        assert failing.returncode == 1, failing.stdout + failing.stderr
+        assert "Failed" in failing.stdout and "E9089" in failing.stdout, failing.stdout
+        assert "disk on fire" in failing.stdout, failing.stdout
+
         # The agent killed: an operation asked before the hub notices is not started within
         # its start timeout (151076); once the heartbeats are missed, refused at once (151099).
         agent.stop(signal.SIGKILL)
@@ -185,6 +193,8 @@ def test_operations_run_retry_queue_and_are_refused_when_they_cannot_run(
         wait_until(lambda: hub.machines()["m1"]["status"] == "Stopped", 15)
         body = refused(ask(hub, "m1", "quick"), 409, "E9081")
         assert "stopping at" in body["message"], body
+        cli = hub.cli("extension", "run", NAME, "quick", "--machine", "m1")
+        assert cli.returncode == 1 and "E9081" in cli.stdout + cli.stderr, cli
         explained = run_cli("explain", "151076")
         assert explained.returncode == 0 and "E9084" in explained.stdout, explained.stdout
     finally:
