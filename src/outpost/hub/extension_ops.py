@@ -277,14 +277,16 @@ class ExtensionOps:
                         work_items.c.id == row.item_id, work_items.c.claimed_by.is_(None)))
             # Waiting for the extension to be installed again (after an uninstall).
             waiting = (await conn.execute(sa.select(t.c.id, t.c.machine_id, t.c.extension,
-                                                    t.c.version).where(
+                                                    t.c.created_at).where(
                 t.c.status == "Waiting", t.c.item_id.is_(None)))).all()
             for row in waiting:
                 state = (await conn.execute(sa.select(
-                    extension_states.c.state, extension_states.c.version).where(
+                    extension_states.c.state, extension_states.c.reported_at).where(
                     extension_states.c.machine_id == row.machine_id,
                     extension_states.c.name == row.extension))).first()
-                if state is not None and state.state == "Ready":
+                # Ready as reported since it was asked: not a Ready from before the uninstall.
+                if state is not None and state.state == "Ready" \
+                        and state.reported_at >= row.created_at:
                     await conn.execute(t.update().where(
                         t.c.id == row.id, t.c.status == "Waiting",
                         t.c.item_id.is_(None)).values(status="Queued", message=""))
