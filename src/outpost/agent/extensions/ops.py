@@ -28,7 +28,7 @@ from outpost.protocol.errors import OutpostError, entry
 
 from .. import work
 from . import handler
-from .outlog import ExtensionLog, log_dir, secret_values
+from .outlog import REDACTED, ExtensionLog, log_dir, secret_values
 from .reconcile import Reconciler, StepFailed
 
 log = logging.getLogger("outpost.agent.extensions.ops")
@@ -48,7 +48,7 @@ class _Captured(ExtensionLog):
     def write(self, handler_name: str, text: str) -> None:
         super().write(handler_name, text)
         for secret in self.secrets:
-            text = text.replace(secret, "[redacted]")
+            text = text.replace(secret, REDACTED)
         if not text.startswith("--- "):
             self.lines.append(text)
 
