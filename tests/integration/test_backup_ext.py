@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -57,8 +58,7 @@ class Runner:
             settings={**self.settings, **settings}, protected=self.protected,
             credentials={"backup": self.credentials}, params=params)
         outcome = asyncio.run(handler.run(spec))
-        result_file = spec.status_dir / f"{spec.seq}.result.json"
-        result = json.loads(result_file.read_text()) if result_file.exists() else None
+        result = outcome.status.result if outcome.status is not None else None
         return outcome, result
 
 
@@ -243,3 +243,41 @@ class _Stdin:
 
     def read(self) -> str:
         return self.text
+
+
+def test_snapshot_and_restore_as_operations_asked_on_the_hub(
+        sqlite_hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+    """The whole path: 'outpost backup enable', then 'outpost extension run backup snapshot'
+    dispatched to the real agent (which fetches the machine's credentials for it), then a
+    restore into another directory that holds every file's bytes."""
+    require_restic()
+    hub = sqlite_hub
+    agent = healthy_agent(hub, tmp_path, agents, "m1")
+    data = tmp_path / "data"
+    (data / "nested" / "deeper").mkdir(parents=True)
+    files = {"a.txt": b"hello\n", "empty": b"", "nested/b.bin": os.urandom(300_000),
+             "nested/deeper/c.txt": b"x" * 70_000}
+    for rel, content in files.items():
+        (data / rel).write_bytes(content)
+    done = hub.cli("backup", "enable", "--machine", "m1", "--paths", str(data))
+    assert done.returncode == 0, done.stderr
+
+    def ready() -> bool:
+        rows = hub.api("GET", "/v1/machines/m1/extensions").json()
+        return any(r["name"] == "backup" and r["state"] == "Ready" for r in rows)
+
+    wait_until(ready, 90, 0.2, what=f"backup Ready on m1\n{agent.log()[-3000:]}")
+    snap = hub.cli("extension", "run", "backup", "snapshot", "--machine", "m1", "--wait",
+                   "--json", timeout=180)
+    assert snap.returncode == 0, snap.stdout + snap.stderr
+    result = json.loads(snap.stdout)["result"]
+    assert result["files"] == len(files) and result["snapshot"], result
+    target = tmp_path / "restored"
+    back = hub.cli("extension", "run", "backup", "restore", "--machine", "m1",
+                   "--param", f"target={target}", "--wait", "--json", timeout=180)
+    assert back.returncode == 0, back.stdout + back.stderr
+    for rel, content in files.items():
+        # restic restores a path under the target as it was (absolute path kept).
+        assert (target / str(data).lstrip("/") / rel).read_bytes() == content, rel
+    log = (agent.state_dir / "logs" / "extensions" / "backup.log").read_text()
+    assert "obk_" not in log

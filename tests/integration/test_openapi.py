@@ -230,7 +230,8 @@ def test_real_answers_match_the_declared_models(
         api.call("DELETE", f"/v1/assets/{plural}/{{name}}", f"/v1/assets/{plural}/{name}")
 
     gzip = {"Content-Type": "application/gzip"}
-    data = package(manifest("hello", "1.0.0", settings_schema={"type": "object"}))
+    data = package(manifest("hello", "1.0.0", settings_schema={"type": "object"},
+                            operations={"snap": {"run": "bin/snap"}}))
     api.call("POST", "/v1/extensions", status=201, content=data, headers=gzip)
     api.call("POST", "/v1/extensions", content=data, headers=gzip)  # 200: the same again
     api.call("GET", "/v1/extensions")
@@ -242,6 +243,13 @@ def test_real_answers_match_the_declared_models(
     api.call("GET", "/v1/machines/{machine}/extensions", "/v1/machines/w1/extensions")
     api.call("POST", "/v1/machines/{machine}/extensions/{name}/retry",
              "/v1/machines/w1/extensions/hello/retry")
+    asked = api.call("POST", "/v1/machines/{machine}/extensions/{name}/operations/{operation}",
+                     "/v1/machines/w1/extensions/hello/operations/snap", status=201,
+                     json={"params": {"path": "/srv"}})
+    api.call("GET", "/v1/extension-operations")
+    api.call("GET", "/v1/extension-operations/{op_id}", f"/v1/extension-operations/{asked['id']}")
+    api.call("POST", "/v1/machines/{machine}/extensions/{name}/uninstall",
+             "/v1/machines/w1/extensions/hello/uninstall")
     api.call("DELETE", goal, "/v1/extensions/hello/targets/group/web")
 
     api.call("POST", "/v1/schedules", status=201, json={

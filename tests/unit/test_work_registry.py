@@ -167,7 +167,9 @@ def test_a_registered_kind_is_handled_without_the_daemon_knowing_it(tmp_path: Pa
     assert seen == [daemon.ctx]
     assert daemon.calls == [("POST", "/v1/agent/work/g1/done",
                              {"result": {"text": "hello web-1"}})]
-    assert set(work.registry.kinds()) == {"job", "ping", "job_control"}
+    # The private registry left the agent's own alone (which extensions add ext_op to).
+    assert "greet" not in work.registry.kinds()
+    assert {"job", "ping", "job_control"} <= set(work.registry.kinds())
 
 
 def test_an_answer_the_hub_does_not_take_is_noted_not_raised(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from .cgroups import Limits
 from .config import AgentConfig
 from .extensions import handler as ext_handler
 from .extensions.channel import HttpChannel
+from .extensions import ops as ext_ops
 from .extensions.reconcile import Reconciler
 from .extensions.runtime import Runtime
 from .extensions.store import Store
@@ -92,6 +93,7 @@ class Agent:
         self.sandbox = Sandbox(state.root, self.config.max_concurrent_jobs,
                                Limits(self.config.job_memory_mb, self.config.job_cpus,
                                       self.config.job_processes), self.config.job_users)
+        self.ext_ops: ext_ops.Operations | None = None
         self.extensions: Reconciler | None = None  # made once the hub client is
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -163,6 +165,9 @@ class Agent:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=GRACE_SECONDS)
+        if self.ext_ops is not None:
+            ext_ops.detach(self.state)
+            await self.ext_ops.close()
         if self.extensions is not None:
             await self.extensions.close()  # a handler running now is ended with its group
         await self.reporter.close()
@@ -234,6 +239,9 @@ class Agent:
                                      log_max_bytes=cfg.log_bytes[0])
         self.supervisor.start("extensions", self.extensions.run)
         self.supervisor.start("extension-reports", self.extensions.reporter.run)
+        # Operations (the ext_op work kind): run beside the reconciler, through its records.
+        self.ext_ops = ext_ops.Operations(self.extensions, self._call, self.pressure.reason)
+        ext_ops.attach(self.state, self.ext_ops)
 
     def _note_failure(self, exc: OutpostError) -> None:
         kind = exc.kind if isinstance(exc, TransportError) else exc.reason

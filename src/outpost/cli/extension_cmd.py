@@ -312,3 +312,141 @@ def extension_retry(
         return
     say(f"Machine '{done['machine']}' will try extension {done['name']} again at its next "
         f"heartbeat (retry {done['retry']}).")
+
+
+# --- operations -------------------------------------------------------------------------------
+ENDED = ("Succeeded", "Failed")
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"'{pair}' is not KEY=VALUE (as --param path=/srv).",
+                                     param_hint="'--param'")
+        params[key] = value
+    return params
+
+
+def _op_lines(op: dict[str, Any]) -> None:
+    attempt = f"{op['attempt']} of {op['max_attempts']}"
+    if op["status"] == "Queued" and op["next_try_at"]:
+        attempt += f" (next try at {_when(op['next_try_at'])})"
+    lines = [
+        ("operation", f"{op['operation']} of {op['extension']} {op['version'] or ''}".rstrip()),
+        ("id", op["id"]),
+        ("machine", op["machine"]),
+        ("status", op["status"]),
+        ("code", op["code"] or ""),
+        ("message", op["message"]),
+        ("attempt", attempt),
+        ("params", op["params"] or ""),
+        ("asked", f"{_when(op['created_at'])} ({ago(op['created_at'])})"),
+        ("started", _when(op["started_at"])),
+        ("ended", _when(op["ended_at"])),
+        ("result", op["result"] or ""),
+    ]
+    for label, value in lines:
+        say(f"{label + ':':<10} {cell(value)}")
+    if op["output"]:
+        say("output (last lines):")
+        out.print(op["output"], markup=False, highlight=False)
+
+
+@app.command("run")
+def extension_run(
+    name: Name,
+    operation: Annotated[str, typer.Argument(metavar="OPERATION", help="One of the "
+                                             "operations the extension's manifest declares "
+                                             "('outpost extension versions NAME').")],
+    machine: Annotated[str, typer.Option("--machine", metavar="M",
+                                         help="The machine (its name or id) to run it on.")],
+    param: Annotated[Optional[list[str]], typer.Option(
+        "--param", metavar="K=V", help="A parameter of the operation (repeatable); "
+        "public, never a secret.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the operation to its end: "
+                                       "exit 0 when it succeeded, 1 when it failed.")] = False,
+    hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+    data_dir: DataDir = None, json: Json = False,
+) -> None:
+    """Run OPERATION of extension NAME on machine M. It is refused at once when the
+    machine's agent is unresponsive or stopped, too old for the extension, or a previous
+    operation of NAME there runs past its expected time."""
+    client = api(hub, token, ca_fingerprint, data_dir)
+    op = client.post(f"/v1/machines/{_q(machine)}/extensions/{_q(name)}/operations/"
+                     f"{_q(operation)}", {"params": _params(param or [])})
+    if wait:
+        shown = ""
+        while op["status"] not in ENDED:
+            line = f"{op['status']}: {op['message']}" if op["message"] else op["status"]
+            if line != shown and not json:
+                say(line)
+                shown = line
+            time.sleep(1.0)
+            op = client.get(f"/v1/extension-operations/{_q(op['id'])}")
+    if json:
+        print_json(op)
+    else:
+        _op_lines(op)
+    if wait and op["status"] != "Succeeded":
+        raise typer.Exit(1)
+
+
+@app.command("operations")
+def extension_operations(
+    machine: Annotated[Optional[str], typer.Option("--machine", metavar="M",
+                                                   help="Only machine M's.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", metavar="N",
+                                                help="Only extension N's.")] = None,
+    hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+    data_dir: DataDir = None, json: Json = False,
+) -> None:
+    """Extension operations, newest first (at most 200)."""
+    query = "&".join(f"{k}={_q(v)}" for k, v in (("machine", machine), ("extension", name))
+                     if v is not None)
+    rows = api(hub, token, ca_fingerprint, data_dir).get(
+        "/v1/extension-operations" + (f"?{query}" if query else ""))
+    if json:
+        print_json(rows)
+        return
+    if not rows:
+        out.print("No extension operations.", markup=False)
+        return
+    table(["ID", "MACHINE", "EXTENSION", "OPERATION", "STATUS", "ATTEMPT", "ASKED", "MESSAGE"],
+          [[r["id"], r["machine"], r["extension"], r["operation"], r["status"],
+            f"{r['attempt']}/{r['max_attempts']}", ago(r["created_at"]),
+            (f"{r['code']}: " if r["code"] else "") + r["message"]] for r in rows])
+
+
+@app.command("operation")
+def extension_operation(
+    op_id: Annotated[str, typer.Argument(metavar="ID", help="The operation's id.")],
+    hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+    data_dir: DataDir = None, json: Json = False,
+) -> None:
+    """One extension operation: status, attempts, output tail and result."""
+    op = api(hub, token, ca_fingerprint, data_dir).get(f"/v1/extension-operations/{_q(op_id)}")
+    if json:
+        print_json(op)
+        return
+    _op_lines(op)
+
+
+@app.command("uninstall")
+def extension_uninstall(
+    name: Name,
+    machine: Annotated[str, typer.Option("--machine", metavar="M", help="The machine (its "
+                                         "name or id) to uninstall it from.")],
+    hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
+    data_dir: DataDir = None, json: Json = False,
+) -> None:
+    """Uninstall NAME from machine M whatever its state there (its goal stays for other
+    machines). The next operation asked of NAME on M installs it again first."""
+    done = api(hub, token, ca_fingerprint, data_dir).post(
+        f"/v1/machines/{_q(machine)}/extensions/{_q(name)}/uninstall")
+    if json:
+        print_json(done)
+        return
+    say(f"Machine '{done['machine']}' uninstalls extension {done['name']} at its next "
+        "heartbeat; the next operation asked of it there installs it again.")

@@ -163,6 +163,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Work whose notification was lost (dispatcher.py): found within RECHECK seconds.
     tasks.start("catch-up", hub.dispatcher.catch_up, period=dispatcher.RECHECK)
     tasks.start("scheduler", hub.scheduler.run, backoff_cap=5.0)
+    # Extension operations: start timeouts (EX-1), retries (EX-12), the next in line.
+    tasks.start("extension-operations", hub.ext_ops.tick, period=1.0)
     try:
         yield
     finally:

@@ -664,6 +664,49 @@ extension_states = sa.Table(
     sa.Column("reported_at", sa.Float, nullable=False),
 )
 
+# --- extension operations (docs/extensions.md, "Operations") -------------------------------
+# An operation asked of an extension on one machine, run by its agent as an ext_op work
+# item; item_id is the work item of the current attempt (None: not handed out yet).
+extension_operations = sa.Table(
+    "extension_operations", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("extension", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(64)),
+    sa.Column("operation", sa.String(64), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # Queued|Waiting|Running|Succeeded|Failed
+    sa.Column("code", sa.String(32)),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("next_try_at", sa.Float),
+    sa.Column("item_id", sa.String(36)),
+    sa.Column("requested_by", sa.String(128)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("ended_at", sa.Float),
+    sa.Column("output", sa.Text, nullable=False),
+    sa.Column("result", sa.JSON),
+    sa.Column("start_deadline", sa.Float),
+    sa.Column("expected_end", sa.Float),
+    sa.Index("ix_extension_operations_target", "machine_id", "extension", "status"),
+    sa.Index("ix_extension_operations_status", "status"),
+)
+
+# An extension uninstalled from one machine while its goal stays (the goal is held back for
+# that machine until the next operation asked of it there).
+extension_holds = sa.Table(
+    "extension_holds", metadata,
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("held_at", sa.Float, nullable=False),
+)
+
 # --- the backup store (docs/backup.md) ------------------------------------------------------
 # One credential per machine for its restic repository on the hub: the token's SHA-256 only.
 # Removing the machine removes its credential (the repository's files stay on disk).

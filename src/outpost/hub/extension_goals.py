@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import notify
-from .db import extension_goals, extension_packages, extension_retries, machines
+from .db import extension_goals, extension_holds, extension_packages, extension_retries, machines
 
 _VERSION_PARTS = re.compile(r"^(\d+(?:\.\d+)*)(?:([-+])(.*))?$")
 
@@ -75,16 +75,21 @@ class AccountGoals:
     packages: dict[tuple[str, str], Published] = field(default_factory=dict)
     newest: dict[str, Published] = field(default_factory=dict)
     retries: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (machine id, name): uninstalled from that machine until its next operation
+    holds: set[tuple[str, str]] = field(default_factory=set)
     loaded_at: float = 0.0
     _etags: dict[str, str] = field(default_factory=dict)
 
-    def resolve(self, machine: Any) -> list[Resolved]:
+    def resolve(self, machine: Any, *, held: bool = False) -> list[Resolved]:
         """The goals that apply to ``machine`` (a machines row), by extension name: its own
-        goal, else its group's; a goal whose version is not published is skipped."""
+        goal, else its group's; a goal whose version is not published is skipped, and so is
+        one held back for the machine (uninstalled there) unless ``held``."""
         own = self.by_target.get(("machine", machine.name), {})
         group = self.by_target.get(("group", machine.group_name), {})
         found = []
         for name in sorted(set(own) | set(group)):
+            if not held and (machine.id, name) in self.holds:
+                continue  # uninstalled there by the operator (extension_ops.hold)
             goal = own.get(name) or group[name]
             package = (self.packages.get((name, goal.version)) if goal.version
                        else self.newest.get(name))
@@ -130,6 +135,10 @@ async def load(conn: AsyncConnection, account_id: str) -> AccountGoals:
         .where(machines.c.account_id == account_id))
     for r in rows:
         found.retries[(r.machine_id, r.name)] = int(r.retry)
+    rows = await conn.execute(
+        sa.select(extension_holds).join(machines, machines.c.id == extension_holds.c.machine_id)
+        .where(machines.c.account_id == account_id))
+    found.holds = {(r.machine_id, r.name) for r in rows}
     return found
 
 

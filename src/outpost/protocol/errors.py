@@ -1016,6 +1016,111 @@ _ENTRIES += (
 )
 
 _ENTRIES += (
+    # --- extension operations (E9080-E9099) ----------------------------------------------
+    Entry(
+        "E9080", "ext_op_agent_unresponsive", "The agent is not ready / unresponsive: "
+        "machine {machine} is {status}.",
+        ("The machine's agent missed its heartbeats (it was killed, the machine is down, or "
+         "its path to the hub is broken), or it never sent one; an operation would only wait "
+         "for an agent that does not answer.",),
+        ("Start the agent on the machine ('systemctl start outpost-agent') or fix its path "
+         "to the hub ('outpost check' there), wait for 'outpost machine list' to show it "
+         "Healthy, then ask for the operation again.",),
+        409, "EX-3", aliases=("151099",)),
+    Entry(
+        "E9081", "ext_op_machine_stopped", "The agent of machine {machine} is stopped.",
+        ("The machine's agent told the hub it was stopping (a service stop, a shutdown); "
+         "nothing would start the operation.",),
+        ("Start the agent on the machine again; it shows Healthy from its next heartbeat. "
+         "Then ask for the operation again.",),
+        409, "EX-10"),
+    Entry(
+        "E9082", "ext_op_agent_too_old", "The Linux agent is out of date: extension {name} "
+        "{version} needs agent {needed} or newer.",
+        ("The extension's manifest sets min_agent_version above the version of the agent "
+         "on the machine.",),
+        ("Upgrade the agent on the machine (run the install line of 'outpost machine "
+         "install-line' there again), then ask for the operation again.",),
+        409, "EX-4", aliases=("151095",)),
+    Entry(
+        "E9083", "ext_op_previous_overdue", "The previous extension operation is taking "
+        "longer than expected.",
+        ("An operation of the same extension on the same machine is still running past the "
+         "expected_seconds its manifest gives; operations of one extension run one at a "
+         "time, and a new one would wait behind it for an unknown time.",),
+        ("Look at the running operation ('outpost extension operation ID') and at the "
+         "extension's log on the machine; wait for it to end, or remove and set the "
+         "extension again to stop it.",),
+        409, "EX-2", aliases=("150066",)),
+    Entry(
+        "E9084", "ext_op_start_timeout", "Job execution timed out while tracking for "
+        "extension operation to be started.",
+        ("No agent started the operation within its start_timeout_seconds: the agent "
+         "stopped or lost its path to the hub after it was asked, or it waited for the "
+         "machine's load or for the extension to be installed again for too long.",),
+        ("Check the machine with 'outpost machine show' and its agent with 'outpost agent "
+         "status'; ask for the operation again once it is Healthy.",),
+        409, "EX-1", aliases=("151076",)),
+    Entry(
+        "E9085", "ext_op_no_goal", "Extension {name} is not set for machine {machine}.",
+        ("Operations run only on machines the extension is set for (by the machine's own "
+         "goal or its group's).",),
+        ("Set it with 'outpost extension set NAME --machine M' (or --group), then ask "
+         "again.",),
+        404, None),
+    Entry(
+        "E9086", "ext_op_unknown_operation", "Extension {name} {version} has no operation "
+        "'{operation}'.",
+        ("The operation is not among the operations of the manifest of the version set for "
+         "the machine.",),
+        ("See the extension's operations with 'outpost extension show NAME'.",),
+        404, None),
+    Entry(
+        "E9087", "ext_op_not_found", "No extension operation '{op_id}'.",
+        ("The id is mistyped, or the operation belongs to another account.",),
+        ("List operations with 'outpost extension operations'.",),
+        404, None),
+    Entry(
+        "E9088", "ext_op_not_ready", "Extension {name} is not Ready on this machine.",
+        ("The agent runs an operation only with the extension installed, enabled and Ready "
+         "at the version the hub expects; it is being installed, updated, or it failed.",),
+        ("See its state with 'outpost extension show NAME --machine M'; fix what failed, "
+         "then ask again.",),
+        409, None),
+    Entry(
+        "E9089", "ext_op_failed", "The operation {operation} of extension {name} failed.",
+        ("The operation's command exited with an error or its status file said error; the "
+         "message carries its own code and text.",),
+        ("Read the operation's output ('outpost extension operation ID') and the "
+         "extension's log on the machine.",),
+        409, None),
+    Entry(
+        "E9090", "ext_op_hung", "The operation {operation} of extension {name} did not end "
+        "within its timeout.",
+        ("The command ran past its manifest's timeout_seconds; the agent ended its process "
+         "group.",),
+        ("Read the extension's log on the machine; raise timeout_seconds in the manifest if "
+         "the work needs longer.",),
+        409, None),
+    Entry(
+        "E9091", "ext_op_pressure", "The operation {operation} of extension {name} waited "
+        "for the machine's load to pass until its start deadline.",
+        ("The operation's manifest says pressure: true, and the machine's CPU or memory "
+         "stayed over the agent's thresholds (max_cpu_percent, max_memory_percent) until "
+         "the operation had to have started.",),
+        ("Ask again when the machine is less busy, or raise the agent's thresholds.",),
+        409, "EX-7"),
+    Entry(
+        "E9092", "ext_op_stale_report", "Extension operation {op_id} is not at attempt "
+        "{attempt} on this machine.",
+        ("A progress or end report arrived for an attempt that is over (retried, timed "
+         "out) or for an operation of another machine.",),
+        ("Nothing to do: the report is ignored; the operation's own state is in 'outpost "
+         "extension operation ID'.",),
+        409, None),
+)
+
+_ENTRIES += (
     # --- the backup store: restic's REST protocol served by the hub (E9060-E9079) --------
     Entry(
         "E9060", "backup_token_invalid",

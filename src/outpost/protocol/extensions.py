@@ -213,3 +213,9 @@ class HandlerStatusFile(Wire):
     status: HandlerStatus
     code: int = Field(default=0, ge=-INT32_MAX, le=INT32_MAX)
     message: str = Field(default="", max_length=4000)
+    result: dict[str, Any] | None = Field(
+        default=None, description="What an operation returned (for a snapshot: its id, "
+        "size, files); shown with the operation on the hub.")
+    transient: bool = Field(
+        default=False, description="For an operation's error: it may pass (a repository "
+        "locked, a network down); the hub tries the operation again with backoff.")

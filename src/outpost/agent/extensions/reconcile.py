@@ -699,7 +699,7 @@ class Reconciler:
                 log_dir=self.runtime.log_dir(rec.name),
                 output=ExtensionLog(log_dir(self.runtime.state_root) / f"{rec.name}.log",
                                     self.log_max_bytes,
-                                    secret_values([protected or {}, _secrets(credentials)])),
+                                    secret_values([protected or {}, secrets_of(credentials)])),
                 settings=settings, protected=protected, identity=identity, group=group,
                 limits=self.runtime.limits(manifest.limits) if group is not None else None,
                 extra_env=extra, credentials=credentials)
@@ -774,7 +774,7 @@ class Reconciler:
         return rows
 
 
-def _secrets(credentials: dict[str, Any]) -> list[Any]:
+def secrets_of(credentials: dict[str, Any]) -> list[Any]:
     """The secret values of the credentials (their tokens), for the log's redaction: the
     hub's URL, the machine id and the CA stay readable there."""
     return [value.get("token") for value in credentials.values() if isinstance(value, dict)]

@@ -6,8 +6,8 @@ COMMAND is a handler (install, enable, disable, update, uninstall) or an operati
 ``settings`` (paths, exclude, pre_snapshot, pre_snapshot_timeout, consistency),
 ``protected`` (repository_password), ``credentials.backup`` (the machine's backup token,
 the hub's URL, its machine id and the hub's CA) and, for an operation, ``params``. Each
-command ends by writing ``$OUTPOST_EXT_STATUS_DIR/$OUTPOST_EXT_SEQ.status``; an operation
-also writes its result as JSON to ``<seq>.result.json`` beside it.
+command ends by writing ``$OUTPOST_EXT_STATUS_DIR/$OUTPOST_EXT_SEQ.status``, an operation's
+with its ``result`` (which the agent sends to the hub with the operation's end).
 
 restic reaches the hub through ``outpost.backup.bridge`` (restic's rclone backend). The
 token and the repository password are put into restic's own environment only
@@ -79,10 +79,10 @@ def _write_json(path: Path, value: Any) -> None:
 def report(ctx: Context, status: str, message: str, code: int = 0,
            result: dict[str, Any] | None = None) -> None:
     message = ctx.redact(message)[:4000]
+    written: dict[str, Any] = {"status": status, "code": code, "message": message}
     if result is not None:
-        _write_json(ctx.status_dir / f"{ctx.seq}.result.json", result)
-    _write_json(ctx.status_dir / f"{ctx.seq}.status",
-                {"status": status, "code": code, "message": message})
+        written["result"] = result
+    _write_json(ctx.status_dir / f"{ctx.seq}.status", written)
     print(f"{status}: {message}", flush=True)
 
 

@@ -1,0 +1,359 @@
+"""Extension operations on the hub: asked by an operator, handed to the machine's agent as an
+``ext_op`` work item, tracked like jobs (docs/extensions.md, "Operations").
+
+``ask`` refuses at once what could only wait for nothing: a machine whose agent is
+unresponsive (E9080, 151099) or stopped (E9081), an agent older than the extension needs
+(E9082, 151095), a previous operation of the extension on the machine still running past its
+expected time (E9083, 150066). One still within its expected time: the new one is Queued
+behind it. Operations of one extension on one machine are handed out one at a time.
+
+``tick`` is the periodic pass, safe on every replica at once (each change is a conditional
+UPDATE): it fails what no agent started within its start timeout (E9084, 151076), hands out
+the next Queued operation of each extension and machine whose turn has come (a retry whose
+backoff passed, one behind another that ended, one Waiting for its extension to be Ready
+again), and nothing else.
+
+An end with ``transient: true`` is retried with backoff up to ``MAX_ATTEMPTS`` (EX-12).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from outpost.protocol import work as wire
+from outpost.protocol.errors import OutpostError, entry
+from outpost.protocol.extensions import Manifest
+
+from . import machines, notify
+from .config import random_id
+from .db import (extension_holds, extension_operations, extension_packages, extension_states,
+                 tokens, work_items)
+from .db import machines as machine_rows
+from .extension_goals import GoalCache, version_key
+
+MAX_ATTEMPTS = 3
+RETRY_BASE = 2.0  # seconds before the second attempt; doubled for each next one
+RETRY_CAP = 300.0
+OUTPUT_KEPT = 64 * 1024
+ACTIVE = ("Queued", "Waiting", "Running")
+START_TIMEOUT_TEXT = entry("ext_op_start_timeout").message.rstrip(".")
+
+
+def _alias(key: str) -> str:
+    return entry(key).aliases[0]
+
+
+def view(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id, "machine_id": row.machine_id, "extension": row.extension,
+        "version": row.version, "operation": row.operation, "params": row.params or {},
+        "status": row.status, "code": row.code, "message": row.message,
+        "attempt": int(row.attempt), "max_attempts": int(row.max_attempts),
+        "next_try_at": row.next_try_at, "requested_by": row.requested_by,
+        "created_at": row.created_at, "started_at": row.started_at,
+        "ended_at": row.ended_at, "output": row.output, "result": row.result,
+        "start_deadline": row.start_deadline, "expected_end": row.expected_end,
+    }
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+class ExtensionOps:
+    def __init__(self, engine: AsyncEngine, goals: GoalCache) -> None:
+        self._engine = engine
+        self._goals = goals
+
+    # --- operators -----------------------------------------------------------------------
+    async def ask(self, account_id: str, machine: Any, name: str, operation: str,
+                  params: dict[str, Any], requested_by: str | None) -> dict[str, Any]:
+        now = time.time()
+        status = machines.status(machine, now)
+        if status == "Stopped":
+            raise OutpostError(
+                "ext_op_machine_stopped", f"The agent of machine {machine.name} is stopped: "
+                f"it told the hub it was stopping at {_when(machine.stopped_at)} (its service "
+                "was stopped or the machine shut down); the operation would never start.",
+                machine=machine.name, stopped_at=machine.stopped_at)
+        if status != "Healthy":
+            raise OutpostError(
+                "ext_op_agent_unresponsive", f"The agent is not ready / unresponsive "
+                f"({_alias('ext_op_agent_unresponsive')}): machine {machine.name} is "
+                f"{status}, last heard from {_when(machine.last_heartbeat_at)}.",
+                machine=machine.name, status=status,
+                last_heartbeat_at=machine.last_heartbeat_at)
+        goals = await self._goals.get(account_id)
+        resolved = {r.goal.name: r for r in goals.resolve(machine, held=True)}.get(name)
+        if resolved is None:
+            raise OutpostError("ext_op_no_goal", f"Extension {name} is not set for machine "
+                               f"{machine.name}.", name=name, machine=machine.name)
+        version = resolved.package.version
+        manifest = await self._manifest(account_id, name, version)
+        op = manifest.operations.get(operation)
+        if op is None:
+            known = ", ".join(sorted(manifest.operations)) or "none"
+            raise OutpostError(
+                "ext_op_unknown_operation", f"Extension {name} {version} has no operation "
+                f"'{operation}' (its operations: {known}).", name=name, version=version,
+                operation=operation)
+        agent = machine.agent_version or "0"
+        if version_key(agent) < version_key(manifest.min_agent_version):
+            raise OutpostError(
+                "ext_op_agent_too_old", f"The Linux agent is out of date "
+                f"({_alias('ext_op_agent_too_old')}): extension {name} {version} needs agent "
+                f"{manifest.min_agent_version} or newer; machine {machine.name} runs "
+                f"{agent}.", name=name, version=version, needed=manifest.min_agent_version,
+                agent_version=agent, machine=machine.name)
+        op_id = random_id()
+        async with self._engine.begin() as conn:
+            if requested_by:  # the token's name, as the operator knows it
+                named = (await conn.execute(sa.select(tokens.c.name).where(
+                    tokens.c.id == requested_by))).scalar()
+                requested_by = named or requested_by
+            previous = (await conn.execute(
+                sa.select(extension_operations).where(
+                    extension_operations.c.machine_id == machine.id,
+                    extension_operations.c.extension == name,
+                    extension_operations.c.status == "Running")
+                .order_by(extension_operations.c.started_at))).first()
+            if previous is not None and previous.expected_end is not None \
+                    and previous.expected_end < now:
+                raise OutpostError(
+                    "ext_op_previous_overdue", f"The previous extension operation is taking "
+                    f"longer than expected ({_alias('ext_op_previous_overdue')}): "
+                    f"{previous.operation} {previous.id} of extension {name} on "
+                    f"{machine.name} started at {_when(previous.started_at)} and was "
+                    f"expected to end by {_when(previous.expected_end)}.",
+                    previous=previous.id, name=name, machine=machine.name)
+            held = (await conn.execute(extension_holds.delete().where(
+                extension_holds.c.machine_id == machine.id,
+                extension_holds.c.name == name))).rowcount
+            status_now, message = "Queued", ""
+            if held:
+                status_now = "Waiting"
+                message = (f"waiting for extension {name} to be installed again on "
+                           f"{machine.name} (it was uninstalled there)")
+            await conn.execute(extension_operations.insert().values(
+                id=op_id, account_id=account_id, machine_id=machine.id, extension=name,
+                version=version, operation=operation, params=params, status=status_now,
+                code=None, message=message, attempt=1, max_attempts=MAX_ATTEMPTS,
+                next_try_at=None, item_id=None, requested_by=requested_by, created_at=now,
+                output="", result=None, start_deadline=now + op.start_timeout_seconds,
+                expected_end=None))
+            if held:
+                await notify.invalidate(conn, "extensions", account_id)
+            else:
+                await self._hand_out(conn, machine.id, name, now)
+        if held:
+            self._goals.forget(account_id)
+        return await self.show(account_id, op_id)
+
+    async def show(self, account_id: str, op_id: str) -> dict[str, Any]:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(extension_operations).where(
+                extension_operations.c.id == op_id,
+                extension_operations.c.account_id == account_id))).first()
+            if row is None:
+                raise OutpostError("ext_op_not_found", f"No extension operation '{op_id}' in "
+                                   "this account.", op_id=op_id)
+            return (await self._named(conn, [row]))[0]
+
+    async def listing(self, account_id: str, machine: Any | None = None,
+                      extension: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        query = sa.select(extension_operations).where(
+            extension_operations.c.account_id == account_id)
+        if machine is not None:
+            query = query.where(extension_operations.c.machine_id == machine.id)
+        if extension is not None:
+            query = query.where(extension_operations.c.extension == extension)
+        query = query.order_by(extension_operations.c.created_at.desc()).limit(limit)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            return await self._named(conn, rows)
+
+    async def hold(self, account_id: str, machine: Any, name: str) -> dict[str, Any]:
+        """Uninstall extension ``name`` from one machine, whatever its state: its goal is
+        held back for that machine until the next operation asked of it there."""
+        goals = await self._goals.get(account_id)
+        if name not in goals.by_target.get(("machine", machine.name), {}) and \
+                name not in goals.by_target.get(("group", machine.group_name), {}):
+            raise OutpostError("ext_op_no_goal", f"Extension {name} is not set for machine "
+                               f"{machine.name}.", name=name, machine=machine.name)
+        now = time.time()
+        async with self._engine.begin() as conn:
+            exists = (await conn.execute(sa.select(extension_holds.c.name).where(
+                extension_holds.c.machine_id == machine.id,
+                extension_holds.c.name == name))).first()
+            if exists is None:
+                await conn.execute(extension_holds.insert().values(
+                    machine_id=machine.id, name=name, held_at=now))
+            await notify.invalidate(conn, "extensions", account_id)
+        self._goals.forget(account_id)
+        return {"name": name, "machine": machine.name, "machine_id": machine.id,
+                "uninstalling": True}
+
+    async def _named(self, conn: AsyncConnection, rows: Any) -> list[dict[str, Any]]:
+        ids = {r.machine_id for r in rows}
+        names: dict[str, str] = {}
+        if ids:
+            for r in await conn.execute(sa.select(machine_rows.c.id, machine_rows.c.name)
+                                        .where(machine_rows.c.id.in_(ids))):
+                names[r.id] = r.name
+        return [view(r) | {"machine": names.get(r.machine_id, r.machine_id)} for r in rows]
+
+    async def _manifest(self, account_id: str, name: str, version: str,
+                        conn: AsyncConnection | None = None) -> Manifest:
+        query = sa.select(extension_packages.c.manifest).where(
+            extension_packages.c.account_id == account_id,
+            extension_packages.c.name == name, extension_packages.c.version == version)
+        if conn is not None:
+            row = (await conn.execute(query)).first()
+        else:
+            async with self._engine.connect() as own:
+                row = (await own.execute(query)).first()
+        if row is None:  # removed since the goals were read
+            raise OutpostError("ext_op_no_goal", f"Extension {name} {version} is no longer "
+                               "published.", name=name, machine="")
+        return Manifest.model_validate(row.manifest)
+
+    # --- handing out ---------------------------------------------------------------------
+    async def _hand_out(self, conn: AsyncConnection, machine_id: str, name: str,
+                        now: float) -> None:
+        """The oldest Queued operation of ``name`` on the machine gets a work item, unless
+        another one of them is handed out or running."""
+        t = extension_operations
+        busy = (await conn.execute(sa.select(t.c.id).where(
+            t.c.machine_id == machine_id, t.c.extension == name,
+            sa.or_(t.c.status == "Running",
+                   sa.and_(t.c.status.in_(("Queued", "Waiting")),
+                           t.c.item_id.is_not(None)))).limit(1))).first()
+        if busy is not None:
+            return
+        row = (await conn.execute(sa.select(t).where(
+            t.c.machine_id == machine_id, t.c.extension == name, t.c.status == "Queued",
+            t.c.item_id.is_(None),
+            sa.or_(t.c.next_try_at.is_(None), t.c.next_try_at <= now))
+            .order_by(t.c.created_at).limit(1))).first()
+        if row is None:
+            return
+        item_id = random_id()
+        claimed = (await conn.execute(t.update().where(
+            t.c.id == row.id, t.c.item_id.is_(None), t.c.status == "Queued").values(
+                item_id=item_id))).rowcount
+        if not claimed:
+            return
+        payload = wire.ExtOpPayload(
+            op_id=row.id, extension=row.extension, version=row.version,
+            operation=row.operation, attempt=int(row.attempt), params=row.params or {},
+            deadline=row.start_deadline).model_dump()
+        await conn.execute(work_items.insert().values(
+            id=item_id, account_id=row.account_id, machine_id=machine_id, group_name=None,
+            kind=wire.EXT_OP, payload=payload, created_at=now))
+        await notify.wake(conn, notify.machine(machine_id))
+
+    async def tick(self) -> None:
+        """The periodic pass (every replica may run it: each change is conditional)."""
+        now = time.time()
+        t = extension_operations
+        async with self._engine.begin() as conn:
+            late = (await conn.execute(sa.select(t.c.id, t.c.message, t.c.item_id).where(
+                t.c.status.in_(("Queued", "Waiting")), t.c.start_deadline.is_not(None),
+                t.c.start_deadline < now))).all()
+            for row in late:
+                why = f" (it was {row.message})" if row.message else ""
+                await conn.execute(t.update().where(
+                    t.c.id == row.id, t.c.status.in_(("Queued", "Waiting"))).values(
+                        status="Failed", code=_alias("ext_op_start_timeout"), ended_at=now,
+                        message=f"{START_TIMEOUT_TEXT}{why}.", next_try_at=None))
+                if row.item_id is not None:  # not to be run by an agent that comes back
+                    await conn.execute(work_items.delete().where(
+                        work_items.c.id == row.item_id, work_items.c.claimed_by.is_(None)))
+            # Waiting for the extension to be installed again (after an uninstall).
+            waiting = (await conn.execute(sa.select(t.c.id, t.c.machine_id, t.c.extension,
+                                                    t.c.created_at).where(
+                t.c.status == "Waiting", t.c.item_id.is_(None)))).all()
+            for row in waiting:
+                state = (await conn.execute(sa.select(
+                    extension_states.c.state, extension_states.c.reported_at).where(
+                    extension_states.c.machine_id == row.machine_id,
+                    extension_states.c.name == row.extension))).first()
+                # Ready as reported since it was asked: not a Ready from before the uninstall.
+                if state is not None and state.state == "Ready" \
+                        and state.reported_at >= row.created_at:
+                    await conn.execute(t.update().where(
+                        t.c.id == row.id, t.c.status == "Waiting",
+                        t.c.item_id.is_(None)).values(status="Queued", message=""))
+            pending = (await conn.execute(sa.select(t.c.machine_id, t.c.extension).where(
+                t.c.status == "Queued", t.c.item_id.is_(None),
+                sa.or_(t.c.next_try_at.is_(None), t.c.next_try_at <= now)).distinct())).all()
+            for row in pending:
+                await self._hand_out(conn, row.machine_id, row.extension, now)
+
+    # --- agents --------------------------------------------------------------------------
+    async def _mine(self, conn: AsyncConnection, machine: Any, op_id: str,
+                    attempt: int) -> Any:
+        row = (await conn.execute(sa.select(extension_operations).where(
+            extension_operations.c.id == op_id,
+            extension_operations.c.machine_id == machine.id))).first()
+        if row is None or int(row.attempt) != attempt or row.status not in ACTIVE:
+            raise OutpostError("ext_op_stale_report", op_id=op_id, attempt=attempt)
+        return row
+
+    async def progress(self, machine: Any, op_id: str, body: wire.ExtOpProgress) -> None:
+        t = extension_operations
+        async with self._engine.begin() as conn:
+            row = await self._mine(conn, machine, op_id, body.attempt)
+            if body.state == "waiting":
+                values: dict[str, Any] = {"status": "Waiting", "message": body.message}
+            else:
+                manifest = await self._manifest(row.account_id, row.extension,
+                                                row.version or "", conn)
+                op = manifest.operations.get(row.operation)
+                expected = op.expected_seconds if op is not None else None
+                values = {"status": "Running", "message": body.message,
+                          "started_at": row.started_at or body.at}
+                if expected is not None:
+                    values["expected_end"] = values["started_at"] + expected
+            await conn.execute(t.update().where(t.c.id == op_id,
+                                                t.c.attempt == body.attempt,
+                                                t.c.status.in_(ACTIVE)).values(**values))
+
+    async def end(self, machine: Any, op_id: str, body: wire.ExtOpEnd) -> None:
+        t = extension_operations
+        now = time.time()
+        async with self._engine.begin() as conn:
+            row = await self._mine(conn, machine, op_id, body.attempt)
+            output = body.output[-OUTPUT_KEPT:]
+            if body.status == "failed" and body.transient and row.attempt < row.max_attempts:
+                delay = min(RETRY_CAP, RETRY_BASE * 2 ** (int(row.attempt) - 1))
+                manifest = await self._manifest(row.account_id, row.extension,
+                                                row.version or "", conn)
+                op = manifest.operations.get(row.operation)
+                start_timeout = op.start_timeout_seconds if op is not None else 600.0
+                values: dict[str, Any] = {
+                    "status": "Queued", "attempt": int(row.attempt) + 1, "item_id": None,
+                    "next_try_at": now + delay, "code": body.code, "output": output,
+                    "started_at": None, "expected_end": None,
+                    "start_deadline": now + delay + start_timeout,
+                    "message": f"attempt {row.attempt} of {row.max_attempts} failed "
+                               f"({body.code or 'no code'}: {body.message}); attempt "
+                               f"{int(row.attempt) + 1} at {_when(now + delay)}"}
+            else:
+                values = {"status": "Succeeded" if body.status == "succeeded" else "Failed",
+                          "code": body.code, "message": body.message, "output": output,
+                          "result": body.result, "ended_at": body.at or now,
+                          "next_try_at": None}
+                if body.status == "failed" and body.transient:
+                    values["message"] = (f"{body.message} (attempt {row.attempt} of "
+                                         f"{row.max_attempts}; no attempts left)")
+            await conn.execute(t.update().where(t.c.id == op_id,
+                                                t.c.attempt == body.attempt,
+                                                t.c.status.in_(ACTIVE)).values(**values))
+            await self._hand_out(conn, machine.id, row.extension, now)
