@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shlex
 import shutil
@@ -241,8 +240,17 @@ class Agent:
         return stop_process(self.proc, sig)
 
     def status(self) -> dict[str, Any] | None:
-        result = run_cli("agent", "status", "--state-dir", str(self.state_dir), "--json")
-        return json.loads(result.stdout) if result.returncode == 0 else None
+        """What ``outpost agent status --json`` prints of a running agent, or None when it is
+        not running. Read from the agent's status socket in this process, by the function
+        behind the command (tests wait on it often; a command would cost a Python process
+        each time): the command itself is tested in test_agent_daemon.py."""
+        from outpost.agent.daemon import read_status
+        from outpost.agent.state import StateDir
+
+        info = read_status(StateDir(self.state_dir))
+        if info is not None:
+            info["running"] = True
+        return info
 
 
 def register(hub: Hub, state_dir: Path, name: str, group: str = "web",

@@ -181,8 +181,11 @@ def test_status_of_a_running_agent(module_hub: Hub, agents: list[Agent],
     agents.append(agent.start())
     assert agent.proc is not None
     _running(agent)
-    info: Any = wait_until(lambda: (s := agent.status()) and s["last_heartbeat_ack_at"] and s, 15,
-                      0.2, "a heartbeat to be acknowledged")
+    wait_until(lambda: (s := agent.status()) and s["last_heartbeat_ack_at"], 15, 0.2,
+               "a heartbeat to be acknowledged")
+    shown = _status(agent.state_dir, "--json")  # the command's own JSON
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
     assert info["running"] is True
     assert info["pid"] == agent.proc.pid  # 'agent run' became the daemon: same pid
     assert info["uptime_seconds"] >= 0
