@@ -44,22 +44,6 @@ def _postgres_problem() -> str | None:
     return _pg_error
 
 
-def _long(item: pytest.Item) -> bool:
-    """A test known to take long: marked ``slow``, or given more than the default timeout."""
-    if item.get_closest_marker("slow") is not None:
-        return True
-    mark = item.get_closest_marker("timeout")
-    return mark is not None and bool(mark.args) and float(mark.args[0]) > 120
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest tests first, the rest in their order (faults, integration, unit). Under
-    ``--dist worksteal`` each worker gets a third of this list and an idle one takes the
-    back half of the longest queue: a long test left near the end of a queue would run
-    alone at the end of the run, the other workers idle."""
-    items.sort(key=lambda item: not _long(item))
-
-
 def require_postgres() -> None:
     problem = _postgres_problem()
     if problem:
