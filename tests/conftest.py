@@ -2,12 +2,14 @@
 fast tier's hub in this process (``fast_hub``, ``fast_hub_any``: tests/inproc.py).
 
 PostgreSQL tests use the server at 127.0.0.1:5432 (user postgres, trust auth), each in a
-database created for it and dropped after. Where no PostgreSQL answers they skip with the
-reason, except under CI=true, where a missing PostgreSQL fails the run.
+database created for it and dropped after (``module_hub``: one for the module). Where no
+PostgreSQL answers they skip with the reason, except under CI=true, where a missing
+PostgreSQL fails the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -50,9 +52,9 @@ def require_postgres() -> None:
         pytest.skip(problem)
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A freshly created PostgreSQL database, dropped after the test."""
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """The URL of a PostgreSQL database created for the caller and dropped after."""
     require_postgres()
     import psycopg
 
@@ -64,6 +66,13 @@ def postgres_url() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A freshly created PostgreSQL database, dropped after the test."""
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -93,6 +102,23 @@ def new_hub(hub_dir: Path, database_url: str) -> Iterator[Hub]:
 def hub(new_hub: Hub) -> Hub:
     """A running hub on the database of the test's parameter."""
     return new_hub.start()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def module_hub(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """One running hub per module and database, shared by the module's tests that use it:
+    for tests that look at the hub's answers and leave nothing another of them reads (each
+    still starts from what it needs, not from an empty hub)."""
+    root = tmp_path_factory.mktemp("module-hub")
+    with contextlib.ExitStack() as stack:
+        url = (stack.enter_context(postgres_database()) if request.param == "postgres"
+               else f"sqlite:///{root / 'hub.db'}")
+        hub = init_hub(root / "hub", url)
+        try:
+            yield hub.start()
+        finally:
+            hub.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shlex
 import shutil
@@ -241,8 +240,17 @@ class Agent:
         return stop_process(self.proc, sig)
 
     def status(self) -> dict[str, Any] | None:
-        result = run_cli("agent", "status", "--state-dir", str(self.state_dir), "--json")
-        return json.loads(result.stdout) if result.returncode == 0 else None
+        """What ``outpost agent status --json`` prints of a running agent, or None when it is
+        not running. Read from the agent's status socket in this process, by the function
+        behind the command (tests wait on it often; a command would cost a Python process
+        each time): the command itself is tested in test_agent_daemon.py."""
+        from outpost.agent.daemon import read_status
+        from outpost.agent.state import StateDir
+
+        info = read_status(StateDir(self.state_dir))
+        if info is not None:
+            info["running"] = True
+        return info
 
 
 def register(hub: Hub, state_dir: Path, name: str, group: str = "web",
@@ -274,19 +282,24 @@ def registered_agent(hub: Hub, tmp: Path, name: str, group: str = "web",
 
 
 def machine_calls(hub: Hub, state_root: Path, name: str = "m1",
-                  urls: list[str] | None = None) -> Callable[..., Any]:
-    """Register machine ``name`` for real and return ``call(method, path, payload=None)``,
-    which sends one request signed with its own key (no agent daemon: the test decides
-    exactly what the machine says) to ``hub``, or to ``urls`` (other replicas)."""
+                  urls: list[str] | None = None, group: str = "web") -> Callable[..., Any]:
+    """Register machine ``name`` (in ``group``) for real and return ``call(method, path,
+    payload=None)``, which sends one request signed with its own key (no agent daemon: the
+    test decides exactly what the machine says) to ``hub``, or to ``urls`` (other
+    replicas)."""
     import asyncio
 
-    from outpost.agent.registration import client_for
+    from outpost.agent.registration import RegisterOptions, client_for
+    from outpost.agent.registration import register as register_machine
     from outpost.agent.state import StateDir
     from outpost.agent.transport import Clock
 
     state = StateDir(state_root)
-    done = register(hub, state.root, name)
-    assert done.returncode == 0, done.stderr
+    # Registered in this process, as registered_agent does (the command is tested through
+    # the CLI in test_registration.py).
+    asyncio.run(register_machine(state, RegisterOptions(
+        hub=hub.url, account_id=hub.account_id, account_key=hub.primary_key, group=group,
+        ca_fingerprint=hub.fingerprint, name=name), Clock()))
     reg = state.registration()
     assert reg is not None
 
@@ -384,12 +397,14 @@ def last_beat(hub: Hub, name: str) -> float:
     return float(hub.machines()[name]["last_heartbeat_at"] or 0)
 
 
-def claimed_job(hub: Hub, call: Any) -> str:
-    """A no-op job queued on ``hub`` and claimed by the machine that ``call`` speaks for
-    (machine_calls)."""
-    assert hub.api("POST", "/v1/runbooks", json={"name": "noop", "type": "bash",
-                                                 "content": "true"}).status_code == 201
-    job = hub.api("POST", "/v1/jobs", json={"runbook": "noop", "group": "web"})
+def claimed_job(hub: Hub, call: Any, group: str = "web") -> str:
+    """A no-op job queued on ``hub`` in ``group`` and claimed by the machine that ``call``
+    speaks for (machine_calls, registered in that group)."""
+    published = hub.api("POST", "/v1/runbooks", json={"name": "noop", "type": "bash",
+                                                      "content": "true"})
+    # 200: a hub shared by several tests has it already, unchanged.
+    assert published.status_code in (200, 201), published.text
+    job = hub.api("POST", "/v1/jobs", json={"runbook": "noop", "group": group})
     assert job.status_code == 201, job.text
     items = call("POST", "/v1/agent/poll?wait=0&capacity=1")["items"]
     assert [i["payload"]["job_id"] for i in items] == [job.json()["id"]]

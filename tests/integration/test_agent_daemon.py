@@ -1,6 +1,9 @@
 """The agent daemon as a user meets it: config errors (ED-2), ``agent status`` (HW-3),
 signals, network failures that never stop it (ED-4), OUTPOST_LOG, and an outdated agent
-(HW-5). Real hub and agent processes over HTTPS."""
+(HW-5). Real hub and agent processes over HTTPS.
+
+The tests that leave the hub running share one a database (``module_hub``), each with
+machines of its own names; the two that stop or restart it have their own."""
 
 from __future__ import annotations
 
@@ -119,7 +122,9 @@ def test_missing_config_file_is_bad_input(tmp_path: Path) -> None:
     assert "does not exist" in err
 
 
-def test_registered_agent_with_a_bad_config_does_not_start(hub: Hub, tmp_path: Path) -> None:
+def test_registered_agent_with_a_bad_config_does_not_start(module_hub: Hub,
+                                                           tmp_path: Path) -> None:
+    hub = module_hub
     agent = registered_agent(hub, tmp_path, "badcfg")
     cfg = _write(agent.state_dir / "agent.yaml", "heartbeat_interval: 0\n")
     err = _assert_config_error(_run(agent.state_dir), f"{cfg}:1:21: heartbeat_interval: must be "
@@ -169,13 +174,18 @@ def test_status_with_a_stale_pidfile_is_not_running(tmp_path: Path) -> None:
         other.wait()
 
 
-def test_status_of_a_running_agent(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+def test_status_of_a_running_agent(module_hub: Hub, agents: list[Agent],
+                                   tmp_path: Path) -> None:
+    hub = module_hub
     agent = registered_agent(hub, tmp_path, "st1", group="db")
     agents.append(agent.start())
     assert agent.proc is not None
     _running(agent)
-    info: Any = wait_until(lambda: (s := agent.status()) and s["last_heartbeat_ack_at"] and s, 15,
-                      0.2, "a heartbeat to be acknowledged")
+    wait_until(lambda: (s := agent.status()) and s["last_heartbeat_ack_at"], 15, 0.2,
+               "a heartbeat to be acknowledged")
+    shown = _status(agent.state_dir, "--json")  # the command's own JSON
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
     assert info["running"] is True
     assert info["pid"] == agent.proc.pid  # 'agent run' became the daemon: same pid
     assert info["uptime_seconds"] >= 0
@@ -197,8 +207,9 @@ def test_status_of_a_running_agent(hub: Hub, agents: list[Agent], tmp_path: Path
 
 # --- signals and the pidfile ---------------------------------------------------------------
 
-def test_one_agent_per_state_dir_and_sigterm_stops_it(hub: Hub, agents: list[Agent],
+def test_one_agent_per_state_dir_and_sigterm_stops_it(module_hub: Hub, agents: list[Agent],
                                                      tmp_path: Path) -> None:
+    hub = module_hub
     agent = registered_agent(hub, tmp_path, "sig1")
     agents.append(agent.start())
     assert agent.proc is not None
@@ -226,7 +237,9 @@ def test_one_agent_per_state_dir_and_sigterm_stops_it(hub: Hub, agents: list[Age
     assert _status(agent.state_dir).returncode == 3
 
 
-def test_sigint_twice_exits_promptly(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+def test_sigint_twice_exits_promptly(module_hub: Hub, agents: list[Agent],
+                                    tmp_path: Path) -> None:
+    hub = module_hub
     agent = registered_agent(hub, tmp_path, "sig2")
     agents.append(agent.start())
     assert agent.proc is not None
@@ -267,8 +280,9 @@ def test_agent_outlives_a_hub_outage(hub: Hub, agents: list[Agent], tmp_path: Pa
     _in_log(agent, "heartbeat acknowledged again")
 
 
-def test_unresolvable_hub_and_fail_over(hub: Hub, agents: list[Agent],
+def test_unresolvable_hub_and_fail_over(module_hub: Hub, agents: list[Agent],
                                        tmp_path: Path) -> None:
+    hub = module_hub
     lost = registered_agent(hub, tmp_path, "net2", backoff_max=2,
                             hub_urls=["https://no-such-host.invalid:8443"])
     dead = f"https://localhost:{free_port()}"
@@ -292,8 +306,9 @@ def test_unresolvable_hub_and_fail_over(hub: Hub, agents: list[Agent],
 
 # --- OUTPOST_LOG ---------------------------------------------------------------------------
 
-def test_outpost_log_overrides_the_config_log_level(hub: Hub, agents: list[Agent],
+def test_outpost_log_overrides_the_config_log_level(module_hub: Hub, agents: list[Agent],
                                                     tmp_path: Path) -> None:
+    hub = module_hub
     loud = registered_agent(hub, tmp_path, "log1", log_level="error")
     loud.env = {"OUTPOST_LOG": "debug"}
     quiet = registered_agent(hub, tmp_path, "log2", log_level="warning")
@@ -341,8 +356,9 @@ def test_outdated_agent_is_told_and_keeps_running(hub: Hub, agents: list[Agent],
     assert "E1007" in text.stdout and "99.0" in text.stdout
 
 
-def test_constrained_mode_lowers_the_agent_s_limits(hub: Hub, agents: list[Agent],
+def test_constrained_mode_lowers_the_agent_s_limits(module_hub: Hub, agents: list[Agent],
                                                     tmp_path: Path) -> None:
+    hub = module_hub
     """ED-8: a constrained device runs one job at a time with a smaller footprint."""
     agent = registered_agent(hub, tmp_path, "small", constrained=True, max_concurrent_jobs=8)
     agents.append(agent.start())

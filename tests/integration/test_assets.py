@@ -12,7 +12,6 @@ import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,11 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from outpost.agent import helper
-from outpost.protocol.errors import CATALOG
 from tests.support import Agent, Hub, clean_env, registered_agent, run_cli, wait_until
 
 MISSING = "No certificate was found in the certificate store with thumbprint"
@@ -219,32 +214,7 @@ def test_another_accounts_assets_answer_404(hub: Hub) -> None:
         assert response.status_code == 401 and response.json()["code"] == "E5002"
 
 
-segments = st.text(min_size=1, max_size=60).filter(lambda s: s not in (".", ".."))
-bodies = st.fixed_dictionaries({}, optional={
-    "value": st.none() | st.integers() | st.text(max_size=30),
-    "secret": st.none() | st.text(max_size=5) | st.booleans(),
-    "username": st.none() | st.text(max_size=10), "description": st.text(max_size=20),
-    "data": st.text(max_size=40) | st.binary(max_size=60).map(
-        lambda b: base64.b64encode(b).decode()),
-    "password": st.none() | st.text(max_size=10)})
-
-
-@settings(max_examples=30, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(kind=st.sampled_from(["variables", "credentials", "certificates"]) | segments,
-       name=segments, body=bodies)
-def test_generated_asset_requests_get_clean_errors(hub: Hub, kind: str, name: str,
-                                                   body: dict[str, Any]) -> None:
-    path = f"/v1/assets/{quote(kind, safe='')}/{quote(name, safe='')}"
-    with hub.client(hub.admin_token) as client:
-        for method, url, payload in (("PUT", path, body), ("GET", path, None),
-                                     ("DELETE", path, None),
-                                     ("GET", "/v1/job/" + path[4:], None)):
-            response = client.request(method, url, json=payload)
-            if response.status_code < 300:
-                continue
-            assert response.status_code < 500, (method, url, response.text)
-            assert response.json()["code"] in CATALOG and response.json()["fix"]
+# Generated asset requests: tests/unit/test_api_bad_input.py (the fast tier).
 
 
 def test_the_helper_directory_keeps_the_token_out_of_the_environment(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Request bodies have limits, checked before they are read, and callers are checked before
 their body is read. A real hub over real TLS; the bodies are sent by hand on raw sockets so
 the test decides what the hub is told (a Content-Length with no body behind it, a chunked
-body that does not end)."""
+body that does not end). One hub (SQLite) serves the module: each test registers a machine
+of its own name in a group of its own, so no test sees another's machines or jobs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -22,10 +24,20 @@ import pytest
 from outpost import __version__
 from outpost.protocol.errors import HubRefused
 
-from tests.support import Hub, claimed_job, machine_calls
+from tests.support import Hub, claimed_job, init_hub, machine_calls
 
 MIB = 1024 * 1024
 RECORD_TEXT_MAX = MIB  # the longest record text, in characters (as the agent cuts lines)
+
+
+@pytest.fixture(scope="module")
+def edge_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    root = tmp_path_factory.mktemp("edge-hub")
+    hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}")
+    try:
+        yield hub.start()
+    finally:
+        hub.stop()
 
 
 def _connect(hub: Hub) -> ssl.SSLSocket:
@@ -94,10 +106,10 @@ def _assert_refused(answer: tuple[int, dict[str, str], Any], status: int, code: 
     assert body["code"] == code and body["message"] and body["fix"], body
 
 
-def test_bodies_over_their_limit_are_refused_before_they_are_read(sqlite_hub: Hub,
+def test_bodies_over_their_limit_are_refused_before_they_are_read(edge_hub: Hub,
                                                                    tmp_path: Path) -> None:
-    hub = sqlite_hub
-    call = machine_calls(hub, tmp_path / "agent-m1")
+    hub = edge_hub
+    call = machine_calls(hub, tmp_path / "agent-m1", "limits", group="limits")
     reg = (tmp_path / "agent-m1" / "registration.json")
     machine_id = json.loads(reg.read_text())["data"]["machine_id"] if "data" in \
         json.loads(reg.read_text()) else json.loads(reg.read_text())["machine_id"]
@@ -132,10 +144,10 @@ def test_bodies_over_their_limit_are_refused_before_they_are_read(sqlite_hub: Hu
     assert call("POST", "/v1/agent/heartbeat", {"agent_version": __version__})
 
 
-def test_unknown_callers_are_refused_before_their_body_is_read(sqlite_hub: Hub) -> None:
+def test_unknown_callers_are_refused_before_their_body_is_read(edge_hub: Hub) -> None:
     """Within the limits, but from nobody the hub knows: the answer comes without the body
     (a hub that read it first would wait here for bytes that never come)."""
-    hub = sqlite_hub
+    hub = edge_hub
     for method, path, headers, status, code in (
             ("POST", "/v1/runbooks", {}, 401, "E3001"),
             ("POST", "/v1/jobs", {"Authorization": "Bearer not-a-token"}, 401, "E3001"),
@@ -155,10 +167,10 @@ def _rss(hub: Hub) -> int:
     return int(psutil.Process(hub.proc.pid).memory_info().rss)
 
 
-def test_big_unauthenticated_posts_do_not_grow_the_hub(sqlite_hub: Hub) -> None:
+def test_big_unauthenticated_posts_do_not_grow_the_hub(edge_hub: Hub) -> None:
     """Four 200 MB posts to a webhook address: the hub grew from 368 MB to 1.5 GB when it
     read each body whole before looking at the address."""
-    hub = sqlite_hub
+    hub = edge_hub
     before = _rss(hub)
     results: list[Any] = []
 
@@ -196,10 +208,10 @@ def _records(count: int, start: int = 0, text: str = "y" * 80) -> list[dict[str,
             for n in range(start, start + count)]
 
 
-def test_records_and_labels_are_bounded(sqlite_hub: Hub, tmp_path: Path) -> None:
-    hub = sqlite_hub
-    call = machine_calls(hub, tmp_path / "agent-m1")
-    job_id = claimed_job(hub, call)
+def test_records_and_labels_are_bounded(edge_hub: Hub, tmp_path: Path) -> None:
+    hub = edge_hub
+    call = machine_calls(hub, tmp_path / "agent-m1", "records", group="records")
+    job_id = claimed_job(hub, call, group="records")
     report = f"/v1/agent/jobs/{job_id}/report"
 
     # One record of 50 MB: refused as a body, unread.
@@ -271,14 +283,14 @@ print(json.dumps(out))
 """
 
 
-def test_healthz_answers_while_a_large_report_is_stored(sqlite_hub: Hub, tmp_path: Path) -> None:
+def test_healthz_answers_while_a_large_report_is_stored(edge_hub: Hub, tmp_path: Path) -> None:
     """A report at the limits (20,000 records in one request, 100 characters each) is
     stored while /healthz goes on answering in milliseconds. /healthz is asked from a
     process of its own, so what is measured is the hub, not this process's interpreter
     lock."""
-    hub = sqlite_hub
-    call = machine_calls(hub, tmp_path / "agent-m1")
-    job_id = claimed_job(hub, call)
+    hub = edge_hub
+    call = machine_calls(hub, tmp_path / "agent-m1", "healthz", group="healthz")
+    job_id = claimed_job(hub, call, group="healthz")
     body = json.dumps({"reports": [{"job_id": job_id, "attempt": 1,
                                     "records": _records(10_000, start=n * 10_000)}
                                    for n in range(2)]}).encode()

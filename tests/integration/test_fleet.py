@@ -24,7 +24,9 @@ def _listed(hub: Hub, token: str | None = None) -> dict[str, dict[str, Any]]:
 
 
 def _status(hub: Hub, name: str) -> str | None:
-    machine = _listed(hub).get(name)
+    """The machine's status as GET /v1/machines gives it (what ``machine list --json``
+    prints): waited on every 0.2 s, where a command would take longer than the interval."""
+    machine = hub.machines().get(name)
     return machine["status"] if machine else None
 
 

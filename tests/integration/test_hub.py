@@ -1,5 +1,9 @@
 """The hub itself: ``outpost hub init``, what a running hub serves, ED-5 (port taken), error
-bodies on bad input, migrations on both databases, and secrets at rest."""
+bodies on bad input, migrations on both databases, and secrets at rest.
+
+The tests of bad input, migrations and secrets share one hub a database (``module_hub``):
+none of them reads what another stores. The metrics test counts machines and registrations
+from zero, so it has a hub of its own."""
 
 from __future__ import annotations
 
@@ -163,7 +167,8 @@ def test_port_already_allocated_names_the_holder(tmp_path: Path) -> None:
 
 # --- bad input: JSON errors with a code, never a traceback or a bare 500 ----------------------
 
-def test_bad_input_answers_json_with_code(hub: Hub) -> None:
+def test_bad_input_answers_json_with_code(module_hub: Hub) -> None:
+    hub = module_hub
     with hub.client() as anon, hub.client(hub.admin_token) as admin:
         body = _assert_error_body(
             anon.post("/v1/agent/register", content=b"{not json",
@@ -220,7 +225,8 @@ def _head_revision() -> str:
     return head
 
 
-def test_migrations_reach_head(hub: Hub) -> None:
+def test_migrations_reach_head(module_hub: Hub) -> None:
+    hub = module_hub
     head = _head_revision()
     if hub.database_url.startswith("sqlite:///"):
         conn = sqlite3.connect(hub.database_url[len("sqlite:///"):])
@@ -253,7 +259,8 @@ def _secret_forms(secret: str) -> list[bytes]:
     return forms
 
 
-def test_secrets_are_not_stored_in_plain_text(hub: Hub, tmp_path: Path) -> None:
+def test_secrets_are_not_stored_in_plain_text(module_hub: Hub, tmp_path: Path) -> None:
+    hub = module_hub
     made = hub.cli("account", "create", "second", "--json")
     assert made.returncode == 0, made.stderr
     second = json.loads(made.stdout)

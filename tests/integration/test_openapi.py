@@ -1,7 +1,7 @@
-"""``/openapi.json`` describes the API as it is: who may call each operation (security
-schemes, not an optional ``authorization`` header), what each operator route answers (checked
+"""``/openapi.json`` describes the API as it is: what each operator route answers (checked
 against real answers of a live hub, no field missing and none undeclared), and the real error
-body on every 4xx/5xx."""
+body on every 4xx/5xx. Who may call each operation (the security schemes) is read from the
+hub's app in the fast tier: tests/unit/test_api_openapi.py."""
 
 from __future__ import annotations
 
@@ -83,45 +83,6 @@ def _certificate_b64() -> str:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption())
     return base64.b64encode(pem).decode()
-
-
-def test_security_schemes_replace_the_authorization_header(sqlite_hub: Hub) -> None:
-    spec = Checker(sqlite_hub).spec
-    schemes = spec["components"]["securitySchemes"]
-    assert schemes["operatorToken"] == {**schemes["operatorToken"], "type": "http",
-                                        "scheme": "bearer"}
-    assert schemes["jobToken"]["type"] == "http" and schemes["jobToken"]["scheme"] == "bearer"
-    for name in ("machineSignature", "accountSignature"):
-        assert schemes[name]["type"] == "apiKey" and schemes[name]["in"] == "header"
-        assert schemes[name]["name"] == "X-Outpost-Signature"
-    for path, operations in spec["paths"].items():
-        for method, operation in operations.items():
-            headers = [p["name"].lower() for p in operation.get("parameters", [])
-                       if p["in"] == "header"]
-            assert "authorization" not in headers, (method, path)
-            security = operation.get("security")
-            if path == "/v1/agent/register":
-                assert security == [{"accountSignature": []}], (method, path)
-            elif path == "/v1/agent/install.sh" or path.endswith(".whl"):
-                assert not security, (method, path)  # public, like /v1/ca
-            elif path.startswith("/v1/agent/"):
-                assert security == [{"machineSignature": []}], (method, path)
-            elif path.startswith("/v1/job/"):
-                assert security == [{"jobToken": []}], (method, path)
-            elif path.startswith("/v1/hooks/") or not path.startswith("/v1/") \
-                    or path == "/v1/ca":
-                assert not security, (method, path)  # public
-            else:
-                assert security == [{"operatorToken": []}], (method, path)
-            # Every 4xx and 5xx is the real error body, in JSON, 500 included.
-            statuses = operation["responses"]
-            assert "500" in statuses and "401" in statuses, (method, path)
-            for status, response in statuses.items():
-                if status[0] in "45":
-                    assert response["content"] == {"application/json": {"schema": {
-                        "$ref": "#/components/schemas/ErrorBody"}}}, (method, path, status)
-    error = spec["components"]["schemas"]["ErrorBody"]
-    assert set(error["required"]) == {"code", "reason", "message", "fix", "details"}
 
 
 def test_real_answers_match_the_declared_models(

@@ -1,6 +1,9 @@
 """Output that is safe and faithful: a runbook's control characters are shown escaped in
 the text view and kept as they are in --json; a line longer than a record comes back as
-pieces marked ``continues`` in --json and joined in the text view."""
+pieces marked ``continues`` in --json and joined in the text view.
+
+One hub a database serves the module (``module_hub``): each test publishes its own runbook
+and starts its own agent, under its own name."""
 
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ def _run(hub: Hub, name: str) -> str:
 
 
 def test_control_characters_are_escaped_in_the_text_view_and_raw_in_json(
-        hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+        module_hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+    hub = module_hub
     publish_script(hub, tmp_path, "paint",
                    r"printf '\033[31mred\033[0m bell\a nul\0 tab\tend\r\n'" "\n"
                    r"printf 'clear\033[2J\n' >&2" "\n")
-    agent = healthy_agent(hub, tmp_path, agents)
+    agent = healthy_agent(hub, tmp_path, agents, "paint-w")
     job_id = _run(hub, "paint")
 
     raw = json.loads(hub.cli("job", "output", job_id, "--json").stdout)
@@ -57,11 +61,12 @@ def test_control_characters_are_escaped_in_the_text_view_and_raw_in_json(
 
 
 def test_a_line_longer_than_a_record_is_marked_and_joined(
-        hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+        module_hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+    hub = module_hub
     size = 3 * LINE_MAX + 100
     publish_script(hub, tmp_path, "long",
                    f"echo before\nhead -c {size} /dev/zero | tr '\\0' x\necho\necho after\n")
-    healthy_agent(hub, tmp_path, agents)
+    healthy_agent(hub, tmp_path, agents, "long-w")
     job_id = _run(hub, "long")
 
     records = json.loads(hub.cli("job", "output", job_id, "--json").stdout)
@@ -77,8 +82,10 @@ def test_a_line_longer_than_a_record_is_marked_and_joined(
     assert followed.stdout.split("\n")[:3] == ["before", "x" * size, "after"]
 
 
-def test_values_are_shown_as_json_and_quoted_text_escaped(hub: Hub, agents: list[Agent],
+def test_values_are_shown_as_json_and_quoted_text_escaped(module_hub: Hub,
+                                                          agents: list[Agent],
                                                           tmp_path: Path) -> None:
+    hub = module_hub
     publish_script(hub, tmp_path, "hello", 'echo "Hello $name"\n', "--param",
                    "name=World", "--param", "verbose:bool=false", "--param", 'cfg:json={"a": 1}',
                    "--log-verbose")
@@ -88,7 +95,7 @@ def test_values_are_shown_as_json_and_quoted_text_escaped(hub: Hub, agents: list
         in shown.stdout, shown.stdout
     assert "log verbose:  true   log progress: false" in shown.stdout, shown.stdout
 
-    healthy_agent(hub, tmp_path, agents)
+    healthy_agent(hub, tmp_path, agents, "hello-w")
     job_id = _run(hub, "hello")
     job = hub.cli("job", "show", job_id)
     assert 'params: {"name": "World", "verbose": false, "cfg": {"a": 1}}' in job.stdout, \

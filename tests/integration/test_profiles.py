@@ -1,12 +1,29 @@
-"""Profiles: the CLI remembers the hubs 'outpost hub init' and 'outpost up' made."""
+"""Profiles: the CLI remembers the hubs 'outpost hub init' and 'outpost up' made.
+
+No test here changes the hub (each writes profiles in a config directory of its own), so
+one hub serves the module."""
 
 from __future__ import annotations
 
 import json
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support import Hub, clean_env, config_home, run_cli
+import pytest
+
+from tests.support import Hub, clean_env, config_home, init_hub, run_cli
+
+
+@pytest.fixture(scope="module")
+def sqlite_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """The module's one running hub, on SQLite (conftest's ``sqlite_hub``, for the module)."""
+    root = tmp_path_factory.mktemp("profiles-hub")
+    hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}")
+    try:
+        yield hub.start()
+    finally:
+        hub.stop()
 
 
 def _init_profile(hub: Hub, env: dict[str, str], *extra: str) -> dict[str, object]:

@@ -1,4 +1,7 @@
-"""EX-6: the agent works through an HTTP(S) proxy that tunnels without intercepting."""
+"""EX-6: the agent works through an HTTP(S) proxy that tunnels without intercepting.
+
+One hub a database serves the module (``module_hub``): each test registers a machine of
+its own name and reads nothing else of the hub."""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ from tests.proxy import connect_proxy
 from tests.support import Agent, Hub, clean_env, run_cli, wait_until
 
 
-def test_register_and_heartbeat_through_a_proxy(hub: Hub, agents: list[Agent],
+def test_register_and_heartbeat_through_a_proxy(module_hub: Hub, agents: list[Agent],
                                                 tmp_path: Path) -> None:
+    hub = module_hub
     with connect_proxy() as proxy:
         state = tmp_path / "agent"
         done = run_cli(*hub.register_args(state, "behind-proxy"), "--proxy", proxy.url)
@@ -23,7 +27,8 @@ def test_register_and_heartbeat_through_a_proxy(hub: Hub, agents: list[Agent],
         assert len(proxy.tunnels) > before  # the agent's own connection went through it
 
 
-def test_https_proxy_variable_is_honoured(hub: Hub, tmp_path: Path) -> None:
+def test_https_proxy_variable_is_honoured(module_hub: Hub, tmp_path: Path) -> None:
+    hub = module_hub
     with connect_proxy() as proxy:
         env = clean_env(HTTPS_PROXY=proxy.url)
         done = run_cli(*hub.register_args(tmp_path / "agent", "env-proxy"), env=env)
@@ -31,8 +36,9 @@ def test_https_proxy_variable_is_honoured(hub: Hub, tmp_path: Path) -> None:
         assert proxy.tunnels, "registration did not use HTTPS_PROXY"
 
 
-def test_a_refusing_proxy_is_reported_as_a_proxy_failure(hub: Hub, agents: list[Agent],
+def test_a_refusing_proxy_is_reported_as_a_proxy_failure(module_hub: Hub, agents: list[Agent],
                                                          tmp_path: Path) -> None:
+    hub = module_hub
     state = tmp_path / "agent"
     done = run_cli(*hub.register_args(state, "refused-by-proxy"))
     assert done.returncode == 0, done.stderr

@@ -88,8 +88,8 @@ def test_a_runbook_cannot_read_the_agents_or_the_hubs_secrets_or_another_jobs_to
 
     # A job that runs on while another tries to take its token.
     held = _start(hub, "hold")
-    wait_until(lambda: json.loads(hub.cli("job", "show", held, "--json").stdout)["status"]
-               == "Running", 20, what="the held job running")
+    wait_until(lambda: hub.api("GET", f"/v1/jobs/{held}").json()["status"] == "Running", 20,
+               0.2, what="the held job running")
     status = agent.status()
     assert status is not None
     jobs_dir = Path(status.get("sandbox", {}).get("jobs_dir") or state / "jobs")

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
-import httpx
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from outpost.protocol.errors import CATALOG
 from tests.support import (Agent, Hub, clean_env, free_port, query, registered_agent, run_cli,
                            wait_until)
 
@@ -338,48 +331,8 @@ def test_another_accounts_schedules_answer_404(hub: Hub, tmp_path: Path) -> None
     assert mine["name"] == "mine" and mine["enabled"] is True
 
 
-# Generated bad input: every answer is a catalog error below 500, never a traceback.
-_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=3),
-    max_leaves=8)
-_crons = st.lists(st.text("0123456789*/,-?LW#HRa@ MONJAN", max_size=6), min_size=1,
-                  max_size=7).map(" ".join)
-_bodies = st.fixed_dictionaries({"name": st.just("s"), "runbook": st.just("p"),
-                                 "group": st.just("web")}, optional={
-    "cron": _crons | _values, "timezone": _values | st.sampled_from(["UTC", "Europe/Berlin"]),
-    "spread": _values | st.sampled_from(["10m", "1h30m", "7d"]), "params": _values,
-    "expires": _values | st.sampled_from(["2001-01-01", "3000-01-01T00:00:00+01:00"])})
-
-
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "40")), deadline=None,
-          database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-# A newline never matches a route, so such a path gets the hub's general 404 (E3002).
-@given(body=_bodies, secret=st.text(min_size=1, max_size=60).filter(
-    lambda s: s not in (".", "..") and "\n" not in s))
-def test_generated_schedule_and_webhook_requests(hub: Hub, body: dict[str, Any],
-                                                 secret: str) -> None:
-    with hub.client(hub.admin_token) as client:
-        published = client.post("/v1/runbooks", json={
-            "name": "p", "content": "#!/bin/sh\ntrue\n", "params": ["body:string=", "n:int=1"]})
-        # The first example stores version 1; the same content again stores nothing (200).
-        assert published.status_code in (200, 201), published.text
-        for path in ("/v1/schedules", "/v1/webhooks"):
-            response = client.post(path, json=body)
-            if response.status_code == 201:  # generated and valid: remove it again
-                assert client.delete(f"{path}/s").status_code == 200
-                continue
-            assert response.status_code < 500, (path, body, response.text)
-            assert response.json()["code"] in CATALOG, response.text
-    with httpx.Client(verify=hub.ssl_context(), timeout=30) as anonymous:
-        hook = anonymous.post(f"{hub.url}/v1/hooks/{quote(secret, safe='')}", content=b"{}")
-    if "\x00" in secret:  # refused at the edge, as NUL in any path
-        assert hook.status_code == 422 and hook.json()["code"] == "E3003", hook.text
-        return
-    assert hook.status_code == 404 and hook.json()["code"] == "E6006", hook.text
+# Generated schedule and webhook requests: tests/unit/test_api_bad_input.py (the fast
+# tier).
 
 
 def test_schedule_parameters_are_typed_as_a_jobs_are(hub: Hub, agents: list[Agent],
