@@ -15,7 +15,7 @@ import os
 from typing import Any
 from urllib.parse import quote
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from outpost.protocol.errors import CATALOG
@@ -122,6 +122,9 @@ asset_bodies = st.fixed_dictionaries({}, optional={
 @settings(FUZZ, max_examples=30)
 @given(kind=st.sampled_from(["variables", "credentials", "certificates"]) | asset_segments,
        name=asset_segments, body=asset_bodies)
+# A name ending in '/' was answered with a bare 307 to the path without it (found by this
+# test once): it must get the hub's 404 with a catalog code like any unknown path.
+@example(kind="variables", name="0/", body={"value": "x"})
 async def test_generated_asset_requests_get_clean_errors(fast_hub_any: InprocHub, kind: str,
                                                          name: str,
                                                          body: dict[str, Any]) -> None:

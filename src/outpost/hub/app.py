@@ -178,6 +178,9 @@ def create_app(hub: Hub) -> FastAPI:
     app = FastAPI(title="Outpost hub", version=__version__, lifespan=_lifespan,
                   docs_url=None, redoc_url=None, responses=errors(*COMMON_ERRORS))
     app.state.hub = hub
+    # A path with a trailing slash is another path: answered 404 with a catalog error, not
+    # a bare 307 to the path without it (an asset named '0/' came back as an empty 307).
+    app.router.redirect_slashes = False
     serve_docs(app)
     openapi.json_errors(app)
 
