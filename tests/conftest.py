@@ -104,6 +104,17 @@ def hub(new_hub: Hub) -> Hub:
     return new_hub.start()
 
 
+@pytest.fixture(scope="module")
+def module_sqlite_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """One running hub on SQLite for the whole module (its tests share it)."""
+    root = tmp_path_factory.mktemp("module-sqlite-hub")
+    hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}")
+    try:
+        yield hub.start()
+    finally:
+        hub.stop()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def module_hub(request: pytest.FixtureRequest,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:

@@ -78,13 +78,9 @@ def assert_problem(result: dict[str, Any], outcome: str, code: str, *texts: str)
 
 # --- module fixtures: one hub, one running agent, one registered stopped state --------------
 @pytest.fixture(scope="module")
-def mhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    root = tmp_path_factory.mktemp("check-hub")
-    hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}")
-    try:
-        yield hub.start()
-    finally:
-        hub.stop()
+def mhub(module_sqlite_hub: Hub) -> Hub:
+    """The module's one running hub (conftest's module_sqlite_hub)."""
+    return module_sqlite_hub
 
 
 @pytest.fixture(scope="module")

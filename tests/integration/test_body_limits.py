@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -24,20 +23,16 @@ import pytest
 from outpost import __version__
 from outpost.protocol.errors import HubRefused
 
-from tests.support import Hub, claimed_job, init_hub, machine_calls
+from tests.support import Hub, claimed_job, machine_calls
 
 MIB = 1024 * 1024
 RECORD_TEXT_MAX = MIB  # the longest record text, in characters (as the agent cuts lines)
 
 
 @pytest.fixture(scope="module")
-def edge_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    root = tmp_path_factory.mktemp("edge-hub")
-    hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}")
-    try:
-        yield hub.start()
-    finally:
-        hub.stop()
+def edge_hub(module_sqlite_hub: Hub) -> Hub:
+    """The module's one running hub (conftest's module_sqlite_hub)."""
+    return module_sqlite_hub
 
 
 def _connect(hub: Hub) -> ssl.SSLSocket:

@@ -7,23 +7,17 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import Hub, clean_env, config_home, init_hub, run_cli
+from tests.support import Hub, clean_env, config_home, run_cli
 
 
 @pytest.fixture(scope="module")
-def sqlite_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    """The module's one running hub, on SQLite (conftest's ``sqlite_hub``, for the module)."""
-    root = tmp_path_factory.mktemp("profiles-hub")
-    hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}")
-    try:
-        yield hub.start()
-    finally:
-        hub.stop()
+def sqlite_hub(module_sqlite_hub: Hub) -> Hub:
+    """The module's one running hub, on SQLite (conftest's sqlite_hub, for the module)."""
+    return module_sqlite_hub
 
 
 def _init_profile(hub: Hub, env: dict[str, str], *extra: str) -> dict[str, object]:

@@ -23,6 +23,9 @@ FORBIDDEN = {
     "common": ("hub", "agent", "cli"),
     # outpost-restic-bridge runs on a machine beside restic, with the base dependencies.
     "backup": ("hub", "agent", "cli"),
+    # The shipped extensions' programs run on machines as extension handlers, with the
+    # agent's Python: they may use protocol and backup (the bridge), nothing of the daemons.
+    "extensions": ("hub", "agent", "cli"),
 }
 
 

@@ -68,3 +68,21 @@ async def test_a_replayed_batched_request_is_refused(fast_hub: InprocHub, path: 
     assert first.status_code == 200, first.text
     again = await machine.replay(first.request)
     assert again.status_code == 401 and again.json()["code"] == "E1009", again.text
+
+
+async def test_an_outage_while_storing_a_nonce_is_an_outage_not_a_replay(
+        fast_hub: InprocHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that fails because the database is gone answers E3007 (so the agent tries the
+    next hub), never E1009 (which it would take as its own fault)."""
+    from outpost.hub.db import DatabaseUnavailable
+
+    machine = await fast_hub.machine("m1")
+
+    async def gone(self: auth.NonceWriter, batch: object) -> None:
+        raise DatabaseUnavailable("refused", "the test cut it")
+
+    monkeypatch.setattr(auth.NonceWriter, "write", gone)
+    for wait in (True, False):
+        with pytest.raises(DatabaseUnavailable):
+            await auth._first_seen(fast_hub.hub.engine, machine.id, f"n-{wait}", wait=wait,
+                                   machine_id=machine.id)

@@ -94,6 +94,10 @@ async def registration(
     return account_id
 
 
+class _Replayed(Exception):
+    """A nonce its signer used before (the batch's outcome for that row)."""
+
+
 class NonceWriter(Batcher[tuple[str, str]]):
     """Nonces stored in batches: one transaction for the requests of a ``window``. A
     batch that meets a nonce already stored stores its rows one by one to find which."""
@@ -106,14 +110,14 @@ class NonceWriter(Batcher[tuple[str, str]]):
             return
         except IntegrityError:
             if len(rows) == 1:
-                batch.outcome[next(iter(batch.rows))] = OutpostError("replayed_request")
+                batch.outcome[next(iter(batch.rows))] = _Replayed()
                 return
         for key, row in batch.rows.items():
             try:
                 async with self.engine.begin() as conn:
                     await conn.execute(_NEW_NONCE, row)
             except IntegrityError:
-                batch.outcome[key] = OutpostError("replayed_request")
+                batch.outcome[key] = _Replayed()
 
 
 # A heartbeat or a long-poll may wait this long for other requests' nonces to share its
@@ -143,7 +147,7 @@ async def _first_seen(engine: AsyncEngine, signer: str, nonce: str, *, wait: boo
     try:
         await writer.add(key, {"machine_id": signer, "nonce": nonce, "seen_at": time.time()},
                          now=not wait)
-    except OutpostError as exc:
+    except _Replayed as exc:  # (an outage, say, is raised as it is: E3007, not a replay)
         raise OutpostError("replayed_request", **details) from exc
 
 
