@@ -14,6 +14,7 @@ agent daemon): those stay with the integration tests.
 
 from __future__ import annotations
 
+
 import json
 import shutil
 import tempfile
@@ -171,6 +172,12 @@ class InprocHub:
     @property
     def admin_token(self) -> str:
         return self.init.admin_token
+
+    async def stop_task(self, name: str) -> None:
+        """Stop one of the hub's background tasks (``reap-leases``, say), so that only the
+        test runs what it did: a test that moves the clock and judges leases with its own
+        Reaper must not race the hub's, which also sees real time pass under load."""
+        await self.hub.tasks.end(name)
 
     async def api(self, method: str, path: str, token: str | None = None,
                   **kw: Any) -> httpx.Response:

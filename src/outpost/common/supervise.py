@@ -26,13 +26,16 @@ class Supervisor:
         self._log = log
         self._quiet = quiet
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._busy: set[str] = set()  # tasks inside their body (not between turns)
+        self._ending: set[str] = set()
 
     def start(self, name: str, body: Body, *, period: float | None = None,
               backoff_cap: float = 30.0) -> asyncio.Task[None]:
         async def supervised() -> None:
             delay = 0.0
-            while True:
+            while name not in self._ending:
                 try:
+                    self._busy.add(name)
                     await body()
                 except asyncio.CancelledError:
                     raise
@@ -47,6 +50,10 @@ class Supervisor:
                     if period is None:
                         return
                     delay = 0.0
+                finally:
+                    self._busy.discard(name)
+                if name in self._ending:
+                    return
                 # Jittered, and never past the cap.
                 wait = period if period is not None \
                     else min(delay * random.uniform(0.8, 1.2), backoff_cap)
@@ -60,6 +67,16 @@ class Supervisor:
     # asyncio.wait_for returns the result of an inner wait that finished in the same turn as
     # the cancellation instead of raising it, and a loop around it then sleeps on.
     RECANCEL = 0.5
+
+    async def end(self, name: str) -> None:
+        """End one task between two turns of its body (a turn that is running finishes
+        first: cancelling it could cut a database connection in the middle of a query)."""
+        task = self.tasks.pop(name)
+        self._ending.add(name)
+        if name not in self._busy:
+            task.cancel()  # it is sleeping between turns
+        await asyncio.gather(task, return_exceptions=True)
+        self._ending.discard(name)
 
     async def stop(self) -> None:
         pending = {task for task in self.tasks.values() if not task.done()}
