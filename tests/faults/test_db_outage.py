@@ -251,7 +251,14 @@ def test_waiting_commands_ride_out_an_outage(pg_hub: Hub, proxy: TcpProxy,
     job_id = json.loads(hub.cli("job", "list", "--json").stdout)[0]["id"]
     output = _waiting_cli(hub, "job", "output", job_id, "--follow")
     wait = _waiting_cli(hub, "job", "start", "count", "--group", "web", "--wait")
-    time.sleep(1)
+    # The outage is for the waiting, not the submitting: a start that met it would fail
+    # at once (a submission is not repeated), so the second job must be in first. A CLI
+    # process starts in about a second, more on a loaded machine.
+    deadline = time.monotonic() + 30
+    while len(json.loads(hub.cli("job", "list", "--json").stdout)) < 2:
+        assert time.monotonic() < deadline, "job start --wait submitted nothing in 30 s"
+        time.sleep(0.2)
+    time.sleep(0.5)
     with proxy.outage():
         time.sleep(10)
     expected = [f"line {i}" for i in range(1, 17)]
