@@ -225,5 +225,6 @@ exit 0
     wait_until(lambda: _job_processes(agent) == 0, 10, what="the bomb's processes killed")
     # And the agent still runs jobs.
     publish_script(hub, tmp_path, "after", "echo fine\n")
-    done = hub.cli("job", "start", "after", "--group", "web", "--wait", "--json")
-    assert json.loads(done.stdout)["status"] == "Completed"
+    done = json.loads(hub.cli("job", "start", "after", "--group", "web", "--wait",
+                              "--json").stdout)
+    assert done["status"] == "Completed", (done, agent.log()[-3000:])
