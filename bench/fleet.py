@@ -138,12 +138,14 @@ class SimAgent:
         self.held: dict[str, int] = {}
         self.rng = random.Random(spec.seed * 1_000_003 + index)
         self.started = time.time()
-        try:  # the agent's turn-taking, where the build under test has it
+        # The agent's heartbeat rides on its poll (turns.py) where the build under test has
+        # that; an older build gets heartbeats on their own, beside the poll.
+        try:
             from outpost.agent.turns import Turns
         except ImportError:
             self.turns: Any = None
         else:
-            self.turns = Turns()
+            self.turns = Turns() if hasattr(Turns, "beat_lost") else None
 
     async def register(self) -> None:
         from nacl.signing import SigningKey
@@ -163,74 +165,97 @@ class SimAgent:
         self.client.machine_key = key
         self.interval = self.spec.heartbeat_interval or float(answer["heartbeat_interval"])
 
+    def _beat(self, sent: float) -> dict[str, Any]:
+        return {"agent_version": self.facts["agent_version"],
+                "uptime_seconds": sent - self.started, "heartbeat_interval": self.interval,
+                "running_jobs": len(self.held),
+                "jobs": [{"id": j, "attempt": a} for j, a in self.held.items()]}
+
+    def _answered(self, due: float) -> None:
+        st = self.stats
+        answered = time.time()
+        st.heartbeats_answered += 1
+        st.heartbeat_answer.append(answered - due)
+        if answered - due > self.spec.late_seconds:
+            st.heartbeats_late += 1
+
     async def heartbeats(self) -> None:
+        """Heartbeats on their own: every one (an older build), or those no poll carried."""
         from outpost.protocol.errors import OutpostError
 
         st = self.stats
+        turns = self.turns
         due = time.time() + self.rng.uniform(0, self.interval)  # spread the fleet's beats
-        if self.turns is not None:
-            self.turns.next_beat(due - time.time(), self.interval)
+        if turns is not None:
+            turns.cadence = self.interval
+            turns.next_beat(due - time.time(), self.interval)
         while True:
-            if self.turns is None:
+            if turns is None:
                 await asyncio.sleep(max(0.0, due - time.time()))
-            else:  # or sooner, when the poll loop asks for it between two polls
-                try:
-                    await asyncio.wait_for(self.turns.early.wait(), max(0.0, due - time.time()))
-                except TimeoutError:
-                    pass
-                else:
-                    due = time.time()  # sent early: never late
+            else:
+                await turns.until_due(self.interval)
+                if not turns.due():
+                    continue
+                await turns.beat_turn()
+                if not turns.due():
+                    continue
+                due = time.time()
             sent = time.time()
             st.heartbeat_lag_max = max(st.heartbeat_lag_max, sent - due)
             st.heartbeats_sent += 1
-            beat = {"agent_version": self.facts["agent_version"],
-                    "uptime_seconds": sent - self.started, "heartbeat_interval": self.interval,
-                    "running_jobs": len(self.held),
-                    "jobs": [{"id": j, "attempt": a} for j, a in self.held.items()]}
-            if self.turns is not None:
-                await self.turns.beat_turn()
             try:
-                await self.client.request("POST", "/v1/agent/heartbeat", beat)
+                await self.client.request("POST", "/v1/agent/heartbeat", self._beat(sent))
             except OutpostError as exc:
                 st.heartbeat_errors += 1
                 st.error(f"heartbeat {self.name}: {exc.code} {exc.message}")
             else:
-                answered = time.time()
-                st.heartbeats_answered += 1
-                st.heartbeat_answer.append(answered - due)
-                if answered - due > self.spec.late_seconds:
-                    st.heartbeats_late += 1
+                self._answered(due)
+            if turns is not None:
+                turns.next_beat(self.interval * self.rng.uniform(0.95, 1.05), self.interval)
+                continue
             # The real agent sleeps an interval after each answer; a schedule that does not
             # drift keeps the expected count exact. Jitter: +-5 % of the interval.
             due += self.interval * self.rng.uniform(0.95, 1.05)
             if due < time.time():
                 due = time.time()
-            if self.turns is not None:
-                self.turns.next_beat(due - time.time(), self.interval)
 
     async def polls(self) -> None:
         from outpost.protocol.errors import OutpostError
 
         st = self.stats
         while True:
-            hold = self.spec.poll_wait
-            if self.turns is not None:  # as the agent: the heartbeat between two polls
-                hold = round(await self.turns.poll_turn(hold), 3)
+            hold, carry = self.spec.poll_wait, False
+            if self.turns is not None:  # as the agent: the heartbeat rides on the poll
+                hold, carry = self.turns.poll_turn(hold)
+                hold = round(hold, 3)
+            body = None
+            if carry:
+                sent = time.time()
+                st.heartbeats_sent += 1
+                body = {"heartbeat": self._beat(sent)}
             st.polls_open += 1
             try:
                 answer = await self.client.request(
-                    "POST", f"/v1/agent/poll?wait={hold:g}&capacity=1",
+                    "POST", f"/v1/agent/poll?wait={hold:g}&capacity=1", body,
                     timeout=hold + 30)
             except OutpostError as exc:
                 st.poll_errors += 1
                 st.error(f"poll {self.name}: {exc.code} {exc.message}")
+                if carry:
+                    st.heartbeat_errors += 1
+                    self.turns.beat_lost()
                 await asyncio.sleep(self.rng.uniform(1, 3))
                 continue
             finally:
                 st.polls_open -= 1
-                if self.turns is not None:
-                    self.turns.poll_back()
             st.polls_answered += 1
+            if carry:
+                if answer.get("heartbeat") is None:
+                    self.turns.beat_lost(refused=True)
+                else:
+                    # Recorded as the poll arrived: its lateness is the time to send it,
+                    # which the hub's answer does not show; counted as on time.
+                    self._answered(time.time())
             for item in answer.get("items", []):
                 if item.get("kind") == "job":
                     await self.run_job(item["payload"])
@@ -586,6 +611,7 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
         time.sleep(settle)  # the fleet runs on its own schedule: nothing to wait on
         fleet.reset()
         beats_before = sum(_metric(h, "outpost_heartbeats_total") for h in hubs)
+        requests_before = sum(_metric(h, "outpost_http_requests_total") for h in hubs)
         before = [_hub_sample(pid) for pid in pids]
         started = time.monotonic()
         latencies, lost = asyncio.run(_job_latency(hubs, probe, latency_jobs, 0.2))
@@ -594,6 +620,7 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
             time.sleep(remaining)  # the measured window is a length of time
         after = [_hub_sample(pid) for pid in pids]
         beats_after = sum(_metric(h, "outpost_heartbeats_total") for h in hubs)
+        requests_after = sum(_metric(h, "outpost_http_requests_total") for h in hubs)
         stats = fleet.snapshot()
         polls_metric = sum(_metric(h, "outpost_long_polls_open") for h in hubs)
     elapsed = after[0]["at"] - before[0]["at"]
@@ -610,6 +637,9 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
         "window_s": elapsed, "hub_cpu_percent": cpu, "hub_rss_mb": rss / 2**20,
         "hub_fds": fds, "hub_connections": conns,
         "heartbeats_expected": expected, "heartbeats_received": beats_after - beats_before,
+        # Every request the hub served in the window (the /metrics reads are 2 per hub).
+        "requests_per_agent_minute": (requests_after - requests_before) / size
+        / elapsed * 60,
         "heartbeats_answered": stats["heartbeats_answered"],
         "heartbeats_late": stats["heartbeats_late"],
         "heartbeat_errors": stats["heartbeat_errors"],
@@ -665,6 +695,7 @@ def _print(r: dict[str, Any], late: float) -> None:
     print(f"  window {r['window_s']:.0f} s: hub CPU {r['hub_cpu_percent']:.1f} % of one core, "
           f"RSS {r['hub_rss_mb']:.0f} MiB, {r['hub_fds']} fds, "
           f"{r['hub_connections']} established connections")
+    print(f"  requests per agent per minute: {r['requests_per_agent_minute']:.2f}")
     print(f"  heartbeats: expected {r['heartbeats_expected']:.0f}, received by the hub "
           f"{r['heartbeats_received']:.0f}, answered {r['heartbeats_answered']}, late (> "
           f"{late:g} s after due) {r['heartbeats_late']}, errors {r['heartbeat_errors']}; "

@@ -81,7 +81,8 @@ class Agent:
         self.spool_dir = state.root / "spool"
         # The long-poll in flight and the capacity it offered (see _recheck_poll).
         self._poll: tuple[asyncio.Future[Any] | None, int] = (None, 0)
-        self.turns = Turns()  # the heartbeat and the long-poll share one connection
+        # The long-poll carries the heartbeat (turns.py): one request for both.
+        self.turns = Turns(cadence=self.config.heartbeat_interval)
         self._poll_withdrawn = False
         # Set by each heartbeat the hub acknowledges: a poll waiting out its backoff after
         # failures asks again at once (the hub, or its database, is back), so work queued
@@ -263,52 +264,69 @@ class Agent:
             for waiting in waits:
                 waiting.cancel()
 
+    # How often the heartbeat loop looks at the open poll's capacity (_recheck_poll) while
+    # polls carry the heartbeats.
+    RECHECK = 5.0
+
+    def _beat(self) -> tuple[dict[str, Any], dict[str, int]]:
+        """The heartbeat to send now, and the attempts it lists."""
+        beat = facts.heartbeat(self.state.root, self.started, self.config.heartbeat_interval,
+                               len(self.jobs), self.not_taking_work())
+        listed = {run.id: run.attempt for run in self.jobs.values()}
+        beat["jobs"] = [{"id": job_id, "attempt": attempt}
+                        for job_id, attempt in listed.items()]
+        return beat, listed
+
     async def _heartbeat_loop(self) -> None:
+        """Heartbeats that no poll carries (turns.py): while polls fail and back off, or
+        when a poll is held past the time a heartbeat is due."""
         backoff = Backoff(cap=min(self.config.backoff_max, max(self.config.heartbeat_interval,
                                                                  1.0)))
         interval = self.config.heartbeat_interval
         facts.heartbeat(self.state.root, self.started, interval)  # prime cpu_percent
         while not self.stop_requested.is_set():
-            beat = facts.heartbeat(self.state.root, self.started, interval, len(self.jobs),
-                                   self.not_taking_work())
-            listed = {run.id: run.attempt for run in self.jobs.values()}
-            beat["jobs"] = [{"id": job_id, "attempt": attempt}
-                            for job_id, attempt in listed.items()]
+            await self.turns.until_due(min(interval, self.RECHECK), self.stop_requested)
             self._recheck_poll()  # pressure or a short disk since the poll was opened
-            await self.turns.beat_turn()  # on the connection the poll has just freed
+            if self.stop_requested.is_set() or not self.turns.due():
+                continue
+            await self.turns.beat_turn()  # the next poll may carry it yet
+            if not self.turns.due():
+                continue
+            beat, listed = self._beat()
             try:
                 answer = await self._call("POST", "/v1/agent/heartbeat", beat)
             except OutpostError as exc:
                 self._note_failure(exc)
                 delay = min(self._log_failure("heartbeat", exc, backoff), interval)
                 self.turns.next_beat(delay, interval)
-                await self._sleep(delay)
                 continue
             self.turns.next_beat(interval)
             if backoff.failures:
                 log.info("heartbeat acknowledged again by %s", self.client.url
                          if self.client else "?")
             backoff.reset()
-            self._hub_answered.set()
-            log.debug("heartbeat acknowledged by %s", self.client.url if self.client else "?")
-            self.last_ack = time.time()
-            self.last_error = None
-            if self.cache is not None and self.client is not None:
-                await self.cache.check(self.client, answer)  # HW-9: heal what went bad
-            ack = HeartbeatAck.model_validate(answer)
-            if self.extensions is not None:
-                self.extensions.note_etag(ack.extensions_etag)
-            for job_id in ack.abandon:
-                run = self.jobs.get(job_id)
-                # Only the attempt this heartbeat listed: the job's next attempt may have
-                # started here since (its previous one ended and the hub gave it back).
-                if run is not None and run.attempt == listed.get(job_id):
-                    log.warning("job %s: the hub gave this attempt up (its lease expired); "
-                                "ending it", job_id)
-                    self._spawn(run.control("abandon", "the hub gave this attempt up after "
-                                            "its lease expired"), f"abandon-{job_id}")
-            # Or sooner, when the poll loop asks for it between two polls (turns.py).
-            await self._sleep(interval, self.turns.early)
+            await self._acknowledged(answer, listed)
+
+    async def _acknowledged(self, answer: Any, listed: dict[str, int]) -> None:
+        """A heartbeat the hub acknowledged (on its own or carried by a poll)."""
+        self._hub_answered.set()
+        log.debug("heartbeat acknowledged by %s", self.client.url if self.client else "?")
+        self.last_ack = time.time()
+        self.last_error = None
+        if self.cache is not None and self.client is not None:
+            await self.cache.check(self.client, answer)  # HW-9: heal what went bad
+        ack = HeartbeatAck.model_validate(answer)
+        if self.extensions is not None:
+            self.extensions.note_etag(ack.extensions_etag)
+        for job_id in ack.abandon:
+            run = self.jobs.get(job_id)
+            # Only the attempt this heartbeat listed: the job's next attempt may have
+            # started here since (its previous one ended and the hub gave it back).
+            if run is not None and run.attempt == listed.get(job_id):
+                log.warning("job %s: the hub gave this attempt up (its lease expired); "
+                            "ending it", job_id)
+                self._spawn(run.control("abandon", "the hub gave this attempt up after "
+                                        "its lease expired"), f"abandon-{job_id}")
 
     def _log_failure(self, what: str, exc: OutpostError, backoff: Backoff) -> float:
         delay = backoff.next()
@@ -333,29 +351,47 @@ class Agent:
             capacity = self._capacity()
             busy = capacity == 0
             hold = min(wait, 5.0) if busy else wait  # look at the pressure again soon
-            # The heartbeat takes this connection between two polls (turns.py).
-            hold = round(await self.turns.poll_turn(hold), 3)
+            # The poll carries the heartbeat when one falls due (turns.py).
+            hold, carry = self.turns.poll_turn(hold)
+            hold = round(hold, 3)
+            beat, listed = self._beat() if carry else (None, {})
             request = asyncio.ensure_future(self._call(
                 "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}",
+                {"heartbeat": beat} if carry else None,
                 timeout=hold + self.config.request_timeout))
-            request.add_done_callback(lambda _: self.turns.poll_back())
             self._poll = (request, capacity)
             try:
                 answer = await request
             except asyncio.CancelledError:
+                if carry:
+                    self.turns.beat_lost()
                 current = asyncio.current_task()
                 if self._poll_withdrawn and not (current and current.cancelling()):
                     self._poll_withdrawn = False  # _recheck_poll: ask again, with 0
                     continue
                 raise
             except OutpostError as exc:
+                if carry:
+                    self.turns.beat_lost()
                 self._note_failure(exc)
                 delay = self._log_failure("poll", exc, backoff)
                 self._hub_answered.clear()
                 await self._sleep(delay, self._hub_answered)
                 continue
             backoff.reset()
-            for item in wire.PollAnswer.model_validate(answer).items:
+            polled = wire.PollAnswer.model_validate(answer)
+            if carry and polled.heartbeat_error is not None:
+                log.warning("the heartbeat carried by the poll was not recorded: %s %s",
+                            polled.heartbeat_error.get("code"),
+                            polled.heartbeat_error.get("message"))
+                self.turns.beat_lost()
+            elif carry and polled.heartbeat is None:
+                log.info("the hub at %s does not take heartbeats in polls; sending them on "
+                         "their own", self.client.url if self.client else "?")
+                self.turns.beat_lost(refused=True)
+            elif carry and polled.heartbeat is not None:
+                await self._acknowledged(polled.heartbeat, listed)
+            for item in polled.items:
                 await self.handlers.handle(item, self.work)
 
     def _capacity(self) -> int:

@@ -94,6 +94,15 @@ class HeartbeatAck(Wire):
                                  "the agent fetches GET /v1/agent/extensions.")
 
 
+class PollRequest(Wire):
+    """The body of ``POST /v1/agent/poll`` (optional: an empty body is a poll alone)."""
+
+    heartbeat: Heartbeat | None = Field(default=None, description="A heartbeat carried by the "
+                                        "poll: recorded when the poll arrives, as "
+                                        "``POST /v1/agent/heartbeat`` would record it, and "
+                                        "acknowledged in the poll's answer.")
+
+
 class OutputRecord(Wire):
     """One output record of a job attempt, as the agent reports it."""
 

@@ -172,6 +172,12 @@ class PollAnswer(Wire):
     malformed item is answered with an error and the others are still taken."""
 
     items: list[dict[str, Any]] = Field(default_factory=list)
+    heartbeat: dict[str, Any] | None = Field(
+        default=None, description="The acknowledgement (HeartbeatAck) of the heartbeat the "
+        "poll carried; absent when it carried none, or from a hub that does not take one.")
+    heartbeat_error: dict[str, Any] | None = Field(
+        default=None, description="Why the heartbeat the poll carried was not recorded (its "
+        "code and message); the agent sends it again on its own.")
 
 
 def parse_item(raw: dict[str, Any], model: type[Wire] | None = None) -> WorkItem:

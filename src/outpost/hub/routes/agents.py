@@ -6,6 +6,7 @@ key and checked by ``deps.Machine`` or ``deps.agent_body``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.models import Heartbeat, JobAttempt, JobReport, JobReports
+from outpost.protocol.models import Heartbeat, JobAttempt, JobReport, JobReports, PollRequest
 from outpost.protocol.models import RegisterRequest, WorkDone
 
 from .. import auth, job_identity, jobs, machines, openapi
@@ -59,17 +60,27 @@ async def registration(signed: Machine) -> dict[str, Any]:
             "registered_at": row.registered_at}
 
 
-@router.post("/v1/agent/heartbeat", **SIGNED)
-async def heartbeat(signed: Machine, hub: HubDep) -> dict[str, Any]:
-    row = signed.machine
-    beat = parse(Heartbeat, signed.body)
+async def _record_heartbeat(hub: Hub, row: Any, beat: Heartbeat) -> tuple[float, list[str]]:
+    """A heartbeat recorded and the leases it lists renewed: the hub's time, and the jobs
+    the agent should let go of."""
     now = await machines.record_heartbeat(hub.engine, row.id, beat)
     abandon = await jobs.renew(hub.engine, row, [(h.id, h.attempt) for h in beat.jobs])
     hub.heartbeats.inc()
-    return {"hub_time": now, "min_agent_version": hub.config.min_agent_version,
+    return now, abandon
+
+
+async def _heartbeat_ack(hub: Hub, row: Any, abandon: list[str]) -> dict[str, Any]:
+    return {"hub_time": time.time(), "min_agent_version": hub.config.min_agent_version,
             "machine_id": row.id, "abandon": abandon,
             # From the account's goals held in memory: no read per heartbeat.
             "extensions_etag": await hub.extensions.etag(row)}
+
+
+@router.post("/v1/agent/heartbeat", **SIGNED)
+async def heartbeat(signed: Machine, hub: HubDep) -> dict[str, Any]:
+    row = signed.machine
+    now, abandon = await _record_heartbeat(hub, row, parse(Heartbeat, signed.body))
+    return {**await _heartbeat_ack(hub, row, abandon), "hub_time": now}
 
 
 @router.post("/v1/agent/stopping", **SIGNED)
@@ -89,15 +100,36 @@ async def poll(request: Request, hub: HubDep,
     """Hold until work for this machine appears.
 
     ``capacity`` is how many jobs the agent runs at once (0 while it takes none); the
-    jobs the hub sees it holding count against it.
+    jobs the hub sees it holding count against it. The body may carry the agent's
+    heartbeat (``PollRequest``): it is recorded as the poll arrives and acknowledged in the
+    answer (``heartbeat``), so an idle agent needs one request per poll, not two.
     """
     signed = await signed_machine(request)  # after the query's check (see deps.Machine)
-    with hub.job_metrics.long_polls.track_inprogress():
-        items = await hub.dispatcher.poll(signed.machine, min(wait, hub.config.poll_timeout),
-                                          capacity=capacity, gone=request.is_disconnected)
-    hub.job_metrics.claimed(items, time.time())
-    await job_identity.add_tokens(hub.engine, hub.vault, items)
-    return {"items": items}
+    row = signed.machine
+    beat = parse(PollRequest, signed.body).heartbeat if signed.body.strip() else None
+    # Recorded beside the poll, not before it: the claim does not wait for the heartbeats'
+    # batch to commit.
+    recording = asyncio.ensure_future(_record_heartbeat(hub, row, beat)) \
+        if beat is not None else None
+    try:
+        with hub.job_metrics.long_polls.track_inprogress():
+            items = await hub.dispatcher.poll(row, min(wait, hub.config.poll_timeout),
+                                              capacity=capacity, gone=request.is_disconnected)
+        hub.job_metrics.claimed(items, time.time())
+        await job_identity.add_tokens(hub.engine, hub.vault, items)
+    except BaseException:
+        if recording is not None:  # it ends on its own; its failure is the poll's too
+            recording.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise
+    if recording is None:
+        return {"items": items}
+    try:
+        _, abandon = await recording
+    except OutpostError as exc:
+        # The items are claimed: they are answered; the agent sends the heartbeat again
+        # on its own.
+        return {"items": items, "heartbeat_error": {"code": exc.code, "message": exc.message}}
+    return {"items": items, "heartbeat": await _heartbeat_ack(hub, row, abandon)}
 
 
 def _bound_records(hub: Hub, count: int) -> None:
