@@ -226,7 +226,7 @@ class SimAgent:
         while True:
             hold, carry = self.spec.poll_wait, False
             if self.turns is not None:  # as the agent: the heartbeat rides on the poll
-                hold, carry = self.turns.poll_turn(hold)
+                hold, carry = await self.turns.poll_turn(hold)
                 hold = round(hold, 3)
             body = None
             if carry:
@@ -248,6 +248,8 @@ class SimAgent:
                 continue
             finally:
                 st.polls_open -= 1
+                if self.turns is not None:
+                    self.turns.poll_back()
             st.polls_answered += 1
             if carry:
                 if answer.get("heartbeat") is None:

@@ -1,7 +1,7 @@
 """The long-poll carries the heartbeat (agent/turns.py): an idle agent makes one request per
 poll, never two on the wire at once; a heartbeat is never late for it; the heartbeat loop
 sends one on its own only when no poll carried it (a poll held past its time, a carried one
-lost, a hub that takes none in polls)."""
+lost, a hub that takes none in polls, where the two take turns on one connection)."""
 
 from __future__ import annotations
 
@@ -58,11 +58,14 @@ async def _agent(turns: Turns, wire: Wire, interval: float, wait: float,
 
     async def polls() -> None:
         while True:
-            hold, carry = turns.poll_turn(wait)
+            hold, carry = await turns.poll_turn(wait)
             wire.polls.append(hold)
             if carry:
                 wire.beats.append(time.monotonic())
-            await wire.send(hold + poll_extra)
+            try:
+                await wire.send(hold + poll_extra)
+            finally:
+                turns.poll_back()
             if carry and not acknowledged:
                 turns.beat_lost(refused=True)
 
@@ -118,32 +121,34 @@ async def test_a_poll_held_past_the_heartbeat_delays_it_by_the_grace_at_most(
     assert wire.most == 2
 
 
+@pytest.mark.parametrize("interval,wait", [(0.5, 1.0), (0.6, 0.5)])
 async def test_a_hub_that_takes_no_heartbeat_in_a_poll_gets_them_on_their_own(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, interval: float, wait: float) -> None:
     """After one unacknowledged carried heartbeat the agent stops carrying them; polls are
     then held only until the next heartbeat is due, so it goes between two polls."""
     monkeypatch.setattr(turns_mod, "MIN_HOLD", 0.1)
     monkeypatch.setattr(turns_mod, "GRACE", 0.3)
-    turns, wire = await _run(2.5, interval=0.5, wait=1.0, acknowledged=False)
+    turns, wire = await _run(3.0, interval=interval, wait=wait, acknowledged=False)
     assert turns.carried == 1 and not turns.carrying
     assert len(wire.alone) >= 3
     gaps = _gaps(wire.alone)
-    assert max(gaps) < 0.5 + 0.3 + 0.2, gaps
+    assert max(gaps) < interval + 0.2, gaps  # none late
+    assert wire.most == 1, "a heartbeat went out while a poll was on the wire"
 
 
 async def test_a_lost_carried_heartbeat_is_due_again_at_once() -> None:
     turns = Turns(cadence=30.0)
-    hold, carry = turns.poll_turn(25.0)  # the first heartbeat is due at once: carried
+    hold, carry = await turns.poll_turn(25.0)  # the first heartbeat is due at once: carried
     assert (hold, carry) == (25.0, True)
     assert not turns.due()  # the next one is scheduled a cadence on
-    hold, carry = turns.poll_turn(25.0)  # due in 30 s: after this poll's 25, not carried
+    hold, carry = await turns.poll_turn(25.0)  # due in 30 s: after this poll's 25, not carried
     assert (hold, carry) == (25.0, False)
     turns.beat_lost()  # say the first poll's answer never came
     assert turns.due()
     started = time.monotonic()
     await turns.until_due(5.0)
     assert time.monotonic() - started < 0.1
-    hold, carry = turns.poll_turn(25.0)
+    hold, carry = await turns.poll_turn(25.0)
     assert carry and not turns.due()
 
 

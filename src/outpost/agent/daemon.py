@@ -352,13 +352,14 @@ class Agent:
             busy = capacity == 0
             hold = min(wait, 5.0) if busy else wait  # look at the pressure again soon
             # The poll carries the heartbeat when one falls due (turns.py).
-            hold, carry = self.turns.poll_turn(hold)
+            hold, carry = await self.turns.poll_turn(hold)
             hold = round(hold, 3)
             beat, listed = self._beat() if carry else (None, {})
             request = asyncio.ensure_future(self._call(
                 "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}",
                 {"heartbeat": beat} if carry else None,
                 timeout=hold + self.config.request_timeout))
+            request.add_done_callback(lambda _: self.turns.poll_back())
             self._poll = (request, capacity)
             try:
                 answer = await request

@@ -22,6 +22,11 @@ carried it: the poll loop is backing off after a failure, a poll that carried on
 time. It first gives the poll loop ``GRACE`` seconds to carry the heartbeat (a poll on the
 wire comes back and the next one takes it), so two requests are on the wire at once only
 when a poll is held past its time; neither loop waits for the other longer than that.
+
+A hub that answers a carrying poll without an acknowledgement takes no heartbeat in a poll
+(it is older than the agent): from then on (``carrying`` False) each poll is held only
+until the next heartbeat is due, and the heartbeat goes on the connection that poll frees,
+before the next poll starts: still one connection, two requests.
 """
 
 from __future__ import annotations
@@ -60,6 +65,11 @@ class Turns:
         # this agent): heartbeats then go on their own, between polls.
         self.carrying = True
         self._changed = asyncio.Event()  # set when beat_due moves
+        # Without carrying: set when a heartbeat was sent (next_beat), and while no poll is
+        # on the wire; the two loops take turns on the connection with them.
+        self._beat_sent = asyncio.Event()
+        self._poll_free = asyncio.Event()
+        self._poll_free.set()
 
     def _move(self, due: float) -> None:
         self.beat_due = due
@@ -92,12 +102,21 @@ class Turns:
         now (``cadence``: the usual time between them, by default ``delay``)."""
         self.cadence = delay if cadence is None else cadence
         self._move(self._clock() + delay)
+        self._beat_sent.set()
 
     async def beat_turn(self) -> None:
         """A heartbeat is due: give the poll loop GRACE seconds to carry it (the poll on
         the wire comes back and the next one takes it); the caller sends it on its own if
-        it is still due after that."""
+        it is still due after that. Without carrying: wait (GRACE at most) for the poll on
+        the wire to come back, and send it on the connection that poll frees."""
         end = self._clock() + GRACE
+        if not self.carrying:
+            if not self._poll_free.is_set():
+                try:
+                    await asyncio.wait_for(self._poll_free.wait(), GRACE)
+                except TimeoutError:
+                    pass  # it goes on a connection of its own
+            return
         while self.due() and self._clock() < end:
             self._changed.clear()
             try:
@@ -106,14 +125,23 @@ class Turns:
                 pass
 
     # --- the poll loop -------------------------------------------------------------------
-    def poll_turn(self, wait: float) -> tuple[float, bool]:
+    async def poll_turn(self, wait: float) -> tuple[float, bool]:
         """Before a poll that would be held ``wait`` seconds: how long to hold it, and
-        whether it carries the heartbeat (the next one is then scheduled)."""
+        whether it carries the heartbeat (the next one is then scheduled). Marks the poll
+        on the wire until ``poll_back``."""
+        if not self.carrying:  # the heartbeat goes first, on this connection (GRACE at most)
+            if self.due():
+                self._beat_sent.clear()
+                try:
+                    await asyncio.wait_for(self._beat_sent.wait(), GRACE)
+                except TimeoutError:
+                    pass
+            left = self.beat_due - self._clock()
+            self._poll_free.clear()
+            return (wait if left >= wait else max(MIN_HOLD, left)), False
         now = self._clock()
         left = self.beat_due - now
         cadence = self.cadence
-        if not self.carrying:  # held until the heartbeat, which goes between two polls
-            return (wait if left >= wait else max(MIN_HOLD, left)), False
         # Carried now: a heartbeat due (or about to be), one that would fall due during a
         # poll when heartbeats are no more frequent than polls, or one due sooner than a
         # poll worth holding (MIN_HOLD, or half the cadence when that is shorter).
@@ -125,7 +153,12 @@ class Turns:
             # The next one a cadence on (before the first answer: after this poll).
             left = cadence if cadence is not None else wait + GRACE
             self._move(now + left)
+        self._poll_free.clear()
         return min(wait, left), carry
+
+    def poll_back(self) -> None:
+        """The poll is no longer on the wire."""
+        self._poll_free.set()
 
     def beat_lost(self, refused: bool = False) -> None:
         """The heartbeat a poll carried was not acknowledged: it is due again at once.
