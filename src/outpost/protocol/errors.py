@@ -1240,6 +1240,53 @@ _ENTRIES += (
         ("Make the command finish within pre_snapshot_timeout, raise the timeout, or allow "
          "crash-consistent snapshots (consistency 'crash', the default).",),
         400, "EX-11"),
+    # --- the backup catalog and the 'outpost backup' commands (E9110-E9119) ---------------
+    Entry(
+        "E9110", "backup_snapshot_not_found", "No snapshot '{snapshot}' of machine {machine}.",
+        ("The id (or its start) names no snapshot in the hub's catalog of that machine: it is "
+         "mistyped, of another machine, or was taken before the catalog knew it.",
+         "A start of an id needs at least 4 characters.",),
+        ("List the machine's snapshots with 'outpost backup list MACHINE'.",),
+        404, None),
+    Entry(
+        "E9111", "backup_snapshot_ambiguous",
+        "The snapshot id prefix '{snapshot}' matches several snapshots of machine {machine}.",
+        ("A snapshot may be named by the start of its id, and more than one snapshot of the "
+         "machine begins with what was given.",),
+        ("Give more characters of the id; 'outpost backup list MACHINE --json' shows the "
+         "full ids.",),
+        409, None),
+    Entry(
+        "E9112", "backup_snapshot_forgotten", "Snapshot {snapshot} of machine {machine} was "
+        "forgotten.",
+        ("A forget operation removed the snapshot from the machine's repository; it can no "
+         "longer be restored or forgotten.",),
+        ("Pick another snapshot from 'outpost backup list MACHINE'.",),
+        409, None),
+    Entry(
+        "E9113", "backup_wait_timeout", "The {operation} operation {op_id} did not end within "
+        "{seconds} s.",
+        ("The command stopped following the operation at its --timeout; the operation itself "
+         "goes on on the machine (it may be waiting for the machine's load to pass).",),
+        ("Follow it with 'outpost extension operation ID', or run the command again with a "
+         "longer --timeout.",),
+        409, None),
+    Entry(
+        "E9114", "backup_restore_elsewhere_unsupported",
+        "Restoring a snapshot of machine {machine} on another machine ({to}) is not "
+        "supported yet.",
+        ("'outpost backup restore --to' would need the other machine to read the source "
+         "machine's repository, with a read-only credential of its own; the hub does not "
+         "issue one yet.",),
+        ("Restore on the machine itself into another directory (--target), then copy the "
+         "files with a job or another tool.",),
+        400, None),
+    Entry(
+        "E9115", "backup_forget_args", "Say which snapshots to forget: {problem}.",
+        ("'outpost backup forget' takes one snapshot id or a keep policy (--keep-last N, "
+         "--keep-daily N, ...), not both and not neither.",),
+        ("Give SNAPSHOT, or one or more --keep-* options.",),
+        400, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -277,8 +278,13 @@ def do_snapshot(ctx: Context) -> None:
         for pattern in exclude:
             args += ["--exclude", pattern]
         summary = _summary(restic.run([*args, "--", *paths], "take the snapshot"))
+        short = str(summary.get("snapshot_id") or "")
+        taken = _listed(restic, [short]) if short else []
     result = {
-        "snapshot": summary.get("snapshot_id"),
+        "snapshot": short or None,
+        # restic's summary names the snapshot by its short id; the catalog keeps both.
+        "snapshot_id": taken[0]["id"] if taken else None,
+        "time": taken[0]["time"] if taken else None,
         "files": summary.get("total_files_processed"),
         "files_new": summary.get("files_new"),
         "files_changed": summary.get("files_changed"),
@@ -299,6 +305,26 @@ def do_snapshot(ctx: Context) -> None:
     else:
         report(ctx, "success", message + (f" ({pre.note})" if pre.note else ""),
                result=result)
+
+
+def _epoch(stamp: str) -> float | None:
+    """restic's RFC 3339 time (nanoseconds, an offset) as seconds since the epoch."""
+    text = stamp.strip().replace("Z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:  # Python takes at most 6 digits of a fraction
+        digits = rest[:len(rest) - len(rest.lstrip("0123456789"))]
+        text = f"{head}.{digits[:6]}{rest[len(digits):]}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _listed(restic: Restic, ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The repository's snapshots (or those ``ids`` name): full id and time."""
+    found = json.loads(restic.run(["snapshots", "--json", *ids], "list the snapshots") or "[]")
+    return [{"id": str(s["id"]), "time": _epoch(str(s.get("time", "")))}
+            for s in found or [] if isinstance(s, dict) and s.get("id")]
 
 
 def do_restore(ctx: Context) -> None:
@@ -339,12 +365,17 @@ def do_forget(ctx: Context) -> None:
         args.append(snapshot)
     started = time.monotonic()
     with workdir() as tmp:
-        Restic(ctx, tmp).run(args, "forget snapshots")
+        restic = Restic(ctx, tmp)
+        before = {s["id"] for s in _listed(restic)}
+        restic.run(args, "forget snapshots")
+        removed = sorted(before - {s["id"] for s in _listed(restic)})
     seconds = round(time.monotonic() - started, 3)
     what = f"snapshot {snapshot}" if snapshot else "snapshots outside " + ", ".join(
         f"keep_{k}={n}" for k, n in keep.items())
-    report(ctx, "success", f"forgot {what} and pruned the repository in {seconds:g} s",
-           result={"snapshot": snapshot, "keep": keep, "duration_seconds": seconds})
+    report(ctx, "success", f"forgot {what} ({len(removed)} removed) and pruned the "
+           f"repository in {seconds:g} s",
+           result={"snapshot": snapshot, "keep": keep, "removed": removed,
+                   "duration_seconds": seconds})
 
 
 COMMANDS = {"install": do_install, "enable": do_enable, "disable": do_nothing,
