@@ -295,7 +295,7 @@ def backup_list(
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
     """The snapshots the hub's catalog holds, newest first: id, machine, time, files, size,
-    duration, consistency and the load they waited for."""
+    duration and how long the machine's load held them back ('show' and --json say more)."""
     client = api(hub, token, ca_fingerprint, data_dir)
     query = "?forgotten=true" if forgotten else ""
     rows = client.get((f"/v1/machines/{_q(machine)}/backups" if machine
@@ -307,13 +307,15 @@ def backup_list(
         out.print("No snapshots" + (f" of {machine}" if machine else "") + "; take one with "
                   "'outpost backup now MACHINE --wait'.", markup=False)
         return
-    table(["SNAPSHOT", "MACHINE", "TAKEN", "FILES", "SIZE", "ADDED", "DURATION",
-           "CONSISTENCY", "WAITED"] + (["FORGOTTEN"] if forgotten else []),
+    # Fits 80 columns: the bytes added, consistency and wait reason are in 'show'.
+    table(["SNAPSHOT", "MACHINE", "TAKEN", "FILES", "SIZE", "TOOK", "WAITED"]
+          + (["FORGOTTEN"] if forgotten else []),
           [[r["short_id"], r["machine"], ago(r["taken_at"] or r["created_at"]), r["files"],
-            _size(r["total_bytes"]), _size(r["bytes_added"]),
-            f"{r['duration_seconds']:g} s" if r["duration_seconds"] is not None else "",
-            r["consistency"] or "", _waited(r)]
-           + ([_when(r["forgotten_at"])] if forgotten else []) for r in rows])
+            _size(r["total_bytes"]),
+            f"{r['duration_seconds']:.1f} s" if r["duration_seconds"] is not None else "",
+            f"{r['waited_seconds']:.0f} s" if r["waited_seconds"] else ""]
+           + ([ago(r["forgotten_at"]) if r["forgotten_at"] else ""] if forgotten else [])
+           for r in rows])
 
 
 @app.command("show")

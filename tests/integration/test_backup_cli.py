@@ -1,0 +1,194 @@
+"""'outpost backup now|list|show|restore|forget' and the hub's snapshot catalog, with a real
+hub (SQLite and PostgreSQL), a real agent, restic through the bridge, and the CLI as a
+user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from outpost.hub import backup_catalog
+from outpost.protocol.errors import OutpostError
+from tests.integration.test_backup_store import require_restic
+from tests.support import Agent, Hub, healthy_agent, register, wait_until
+
+
+def _ready(hub: Hub, agent: Agent, name: str) -> None:
+    def ready() -> bool:
+        rows = hub.api("GET", f"/v1/machines/{name}/extensions").json()
+        return any(r["name"] == "backup" and r["state"] == "Ready" for r in rows)
+
+    wait_until(ready, 90, 0.2, what=f"backup Ready on {name}\n{agent.log()[-3000:]}")
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    (root / "nested").mkdir(parents=True)
+    files = {"a.txt": b"hello\n", "empty": b"", "nested/b.bin": os.urandom(200_000),
+             "nested/c.txt": b"x" * 50_000}
+    for rel, content in files.items():
+        (root / rel).write_bytes(content)
+    return files
+
+
+def test_now_list_show_restore_forget(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+    require_restic()
+    agent = healthy_agent(hub, tmp_path, agents, "m1")
+    data = tmp_path / "data"
+    files = _files(data)
+    assert hub.cli("backup", "enable", "--machine", "m1", "--paths", str(data)).returncode == 0
+    _ready(hub, agent, "m1")
+    empty = hub.cli("backup", "list")
+    assert empty.returncode == 0 and "No snapshots" in empty.stdout, empty.stdout
+
+    # now: the snapshot's summary, and its row in the catalog.
+    now = hub.cli("backup", "now", "m1", "--wait", timeout=180)
+    assert now.returncode == 0, now.stdout + now.stderr
+    assert "4 files" in now.stdout and "crash-consistent" in now.stdout, now.stdout
+    rows = json.loads(hub.cli("backup", "list", "--json").stdout)
+    assert len(rows) == 1, rows
+    snap = rows[0]
+    assert snap["machine"] == "m1" and snap["files"] == len(files)
+    assert snap["total_bytes"] == sum(len(c) for c in files.values())
+    assert snap["bytes_added"] > 0 and snap["duration_seconds"] > 0
+    assert len(snap["snapshot_id"]) == 64 and snap["snapshot_id"].startswith(snap["short_id"])
+    assert snap["paths"] == [str(data)] and snap["consistency"] == "crash"
+    assert snap["waited_seconds"] is None and snap["forgotten_at"] is None
+    assert abs(snap["taken_at"] - snap["created_at"]) < 120
+    op = hub.api("GET", f"/v1/extension-operations/{snap['op_id']}").json()
+    assert op["operation"] == "snapshot" and op["result"]["snapshot_id"] == snap["snapshot_id"]
+    assert json.loads(hub.cli("backup", "list", "m1", "--json").stdout) == rows
+    text = hub.cli("backup", "list", "m1").stdout
+    assert snap["short_id"] in text and "244.1 KiB" in text, text
+
+    # show: by a start of the id, by 'latest'; a wrong or too short id is refused, coded.
+    shown = hub.cli("backup", "show", "m1", snap["short_id"][:5])
+    assert shown.returncode == 0, shown.stderr
+    assert f"files:        {len(files)}" in shown.stdout and snap["snapshot_id"] in shown.stdout
+    latest = json.loads(hub.cli("backup", "show", "m1", "latest", "--json").stdout)
+    assert latest == snap
+    for ref in ("abc", "ffffffff", "not-hex"):
+        wrong = hub.cli("backup", "show", "m1", ref)
+        assert wrong.returncode == 1 and "E9110" in wrong.stderr, (ref, wrong.stderr)
+    assert hub.api("GET", "/v1/machines/m1/backups/ffffffff").json()["code"] == "E9110"
+
+    # restore into another directory: every file's bytes.
+    target = tmp_path / "restored"
+    back = hub.cli("backup", "restore", "m1", snap["short_id"][:6], "--target", str(target),
+                   "--wait", timeout=180)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert f"Restored {snap['snapshot_id']} on m1" in back.stdout, back.stdout
+    for rel, content in files.items():
+        assert (target / str(data).lstrip("/") / rel).read_bytes() == content, rel
+    relative = hub.cli("backup", "restore", "m1", "--target", "here")
+    assert relative.returncode == 2 and "absolute" in relative.stderr
+    # Elsewhere: refused, coded, before anything is asked.
+    register(hub, tmp_path / "m2-state", "m2")
+    elsewhere = hub.cli("backup", "restore", "m1", "--to", "m2", "--target", str(target))
+    assert elsewhere.returncode == 1 and "E9114" in elsewhere.stderr, elsewhere.stderr
+
+    # forget: wrong arguments are refused; then the snapshot leaves the listing.
+    neither = hub.cli("backup", "forget", "m1")
+    assert neither.returncode == 2 and "E9115" in neither.stderr, neither.stderr
+    both = hub.cli("backup", "forget", "m1", snap["short_id"], "--keep-last", "1")
+    assert both.returncode == 2 and "not both" in both.stderr
+    gone = hub.cli("backup", "forget", "m1", snap["short_id"], "--wait", timeout=180)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert f"Forgot 1 snapshot of m1: {snap['short_id']}" in gone.stdout, gone.stdout
+    assert json.loads(hub.cli("backup", "list", "--json").stdout) == []
+    kept = json.loads(hub.cli("backup", "list", "--forgotten", "--json").stdout)
+    assert len(kept) == 1 and kept[0]["forgotten_at"] is not None
+    assert kept[0]["forgotten_by"] != snap["op_id"]
+    again = hub.cli("backup", "restore", "m1", snap["short_id"], "--wait")
+    assert again.returncode == 1 and "E9112" in again.stderr, again.stderr
+    ops = hub.api("GET", "/v1/extension-operations?machine=m1").json()
+    assert [o["operation"] for o in ops] == ["forget", "restore", "snapshot"]
+
+
+def test_another_accounts_snapshots_are_not_found(hub: Hub, agents: list[Agent],
+                                                  tmp_path: Path) -> None:
+    require_restic()
+    agent = healthy_agent(hub, tmp_path, agents, "m1")
+    data = tmp_path / "data"
+    _files(data)
+    assert hub.cli("backup", "enable", "--machine", "m1", "--paths", str(data)).returncode == 0
+    _ready(hub, agent, "m1")
+    assert hub.cli("backup", "now", "m1", "--wait", timeout=180).returncode == 0
+    [snap] = hub.api("GET", "/v1/backups").json()
+    other = hub.api("POST", "/v1/accounts", json={"name": "second"}).json()["token"]
+
+    assert hub.api("GET", "/v1/backups", other).json() == []
+    for path in ("/v1/backups?machine=m1", "/v1/machines/m1/backups",
+                 f"/v1/machines/m1/backups/{snap['short_id']}",
+                 f"/v1/machines/{snap['machine_id']}/backups/latest"):
+        response = hub.api("GET", path, other)
+        assert response.status_code == 404 and response.json()["code"] == "E3002", path
+    for args in (("backup", "list", "m1"), ("backup", "show", "m1", "latest"),
+                 ("backup", "now", "m1"), ("backup", "restore", "m1", "--target", "/tmp/x"),
+                 ("backup", "forget", "m1", "--keep-last", "1")):
+        refused = hub.cli(*args, token=other)
+        assert refused.returncode == 1 and "No machine named 'm1'" in refused.stderr, args
+    # --to another account's machine: not found either (the same name, not its machine).
+    refused = hub.cli("backup", "restore", "m1", "--to", "m1", token=other)
+    assert refused.returncode == 1 and "E3002" in refused.stderr
+    assert len(hub.api("GET", "/v1/backups").json()) == 1
+
+
+def test_a_snapshot_held_back_by_load_says_why(sqlite_hub: Hub, agents: list[Agent],
+                                               tmp_path: Path) -> None:
+    """The machine's memory is over its threshold (0.1 %, always): the snapshot waits,
+    'backup now --wait' says why while it waits, stops at its --timeout with E9113, and the
+    operation's record keeps the reason."""
+    require_restic()
+    hub = sqlite_hub
+    agent = healthy_agent(hub, tmp_path, agents, "m1", max_memory_percent=0.1,
+                          pressure_seconds=0, max_cpu_percent=100)
+    data = tmp_path / "data"
+    _files(data)
+    assert hub.cli("backup", "enable", "--machine", "m1", "--paths", str(data)).returncode == 0
+    _ready(hub, agent, "m1")
+    waited = hub.cli("backup", "now", "m1", "--wait", "--timeout", "6s", timeout=60)
+    assert waited.returncode == 1 and "E9113" in waited.stderr, waited.stderr
+    assert "Waiting: waiting: memory at" in waited.stderr, waited.stderr
+    [op] = hub.api("GET", "/v1/extension-operations?machine=m1").json()
+    assert op["status"] == "Waiting" and op["wait_reason"].startswith("waiting: memory at")
+    assert hub.api("GET", "/v1/backups").json() == []
+
+
+# --- naming a snapshot ----------------------------------------------------------------------
+def _row(short: str, full: str | None, forgotten: float | None = None) -> Any:
+    return SimpleNamespace(short_id=short, snapshot_id=full, forgotten_at=forgotten)
+
+
+ROWS = [_row("abcd1234", "abcd1234" + "0" * 56), _row("abce5678", "abce5678" + "1" * 56),
+        _row("0badf00d", None, forgotten=1.0)]
+
+
+@pytest.mark.parametrize(("ref", "want"), [
+    ("latest", "abcd1234"), ("LATEST", "abcd1234"), ("abcd", "abcd1234"),
+    ("ABCE5", "abce5678"), ("abce5678" + "1" * 56, "abce5678"), ("0badf00d", "0badf00d"),
+    ("0bad", "0badf00d")])
+def test_a_snapshot_is_named_by_its_id_a_start_of_it_or_latest(ref: str, want: str) -> None:
+    assert backup_catalog.pick(ROWS, ref, "m1").short_id == want
+
+
+@pytest.mark.parametrize(("rows", "ref", "code"), [
+    (ROWS, "abc", "E9110"), (ROWS, "abc-", "E9110"), (ROWS, "ffff", "E9110"),
+    (ROWS, "abc" + "d" * 70, "E9110"), (ROWS, "abc1", "E9110"), (ROWS, "ab", "E9110"),
+    (ROWS[2:], "latest", "E9110"), (ROWS, "abcd12341", "E9110")])
+def test_a_name_that_matches_none_is_refused(rows: list[Any], ref: str, code: str) -> None:
+    with pytest.raises(OutpostError) as raised:
+        backup_catalog.pick(rows, ref, "m1")
+    assert raised.value.code == code and "m1" in raised.value.message
+
+
+def test_an_ambiguous_start_names_the_candidates() -> None:
+    rows = [*ROWS, _row("abcd9999", None)]
+    with pytest.raises(OutpostError) as raised:
+        backup_catalog.pick(rows, "abcd", "m1")
+    assert raised.value.code == "E9111"
+    assert "abcd1234, abcd9999" in raised.value.message
