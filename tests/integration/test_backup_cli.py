@@ -35,6 +35,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.timeout(300)  # a snapshot, a restore and a forget through restic, on a busy host
 def test_now_list_show_restore_forget(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
     require_restic()
     agent = healthy_agent(hub, tmp_path, agents, "m1")
