@@ -15,7 +15,7 @@ import pytest
 from outpost.hub import backup_catalog
 from outpost.protocol.errors import OutpostError
 from tests.integration.test_backup_store import require_restic
-from tests.support import Agent, Hub, healthy_agent, register, wait_until
+from tests.support import Agent, Hub, healthy_agent, query, wait_until
 
 
 def _ready(hub: Hub, agent: Agent, name: str) -> None:
@@ -82,15 +82,14 @@ def test_now_list_show_restore_forget(hub: Hub, agents: list[Agent], tmp_path: P
     back = hub.cli("backup", "restore", "m1", snap["short_id"][:6], "--target", str(target),
                    "--wait", timeout=180)
     assert back.returncode == 0, back.stdout + back.stderr
-    assert f"Restored {snap['snapshot_id']} on m1" in back.stdout, back.stdout
+    assert f"Restored snapshot {snap['short_id']} of m1 into {target} in" in back.stdout, \
+        back.stdout
     for rel, content in files.items():
         assert (target / str(data).lstrip("/") / rel).read_bytes() == content, rel
     relative = hub.cli("backup", "restore", "m1", "--target", "here")
     assert relative.returncode == 2 and "absolute" in relative.stderr
-    # Elsewhere: refused, coded, before anything is asked.
-    register(hub, tmp_path / "m2-state", "m2")
-    elsewhere = hub.cli("backup", "restore", "m1", "--to", "m2", "--target", str(target))
-    assert elsewhere.returncode == 1 and "E9114" in elsewhere.stderr, elsewhere.stderr
+    nowhere = hub.cli("backup", "restore", "m1", "--to", "m9", "--target", str(target))
+    assert nowhere.returncode == 1 and "No machine named 'm9'" in nowhere.stderr
 
     # forget: wrong arguments are refused; then the snapshot leaves the listing.
     neither = hub.cli("backup", "forget", "m1")
@@ -137,6 +136,51 @@ def test_another_accounts_snapshots_are_not_found(hub: Hub, agents: list[Agent],
     refused = hub.cli("backup", "restore", "m1", "--to", "m1", token=other)
     assert refused.returncode == 1 and "E3002" in refused.stderr
     assert len(hub.api("GET", "/v1/backups").json()) == 1
+
+
+@pytest.mark.timeout(300)
+def test_restore_on_another_machine_of_the_account(sqlite_hub: Hub, agents: list[Agent],
+                                                    tmp_path: Path) -> None:
+    """m2 restores a snapshot of m1: it reads m1's repository through a read-only grant
+    for that one operation, with m1's password (its own goal holds another)."""
+    require_restic()
+    hub = sqlite_hub
+    one = healthy_agent(hub, tmp_path, agents, "m1")
+    two = healthy_agent(hub, tmp_path, agents, "m2")
+    data = tmp_path / "data"
+    files = _files(data)
+    enabled = hub.cli("backup", "enable", "--machine", "m1", "--paths", str(data))
+    password = enabled.stdout.strip().splitlines()[-1].strip()
+    assert hub.cli("backup", "enable", "--machine", "m2", "--paths", str(tmp_path / "other")
+                   ).returncode == 0
+    _ready(hub, one, "m1")
+    _ready(hub, two, "m2")
+    assert hub.cli("backup", "now", "m1", "--wait", timeout=180).returncode == 0
+    [snap] = hub.api("GET", "/v1/backups").json()
+
+    target = tmp_path / "on-m2"
+    moved = hub.cli("backup", "restore", "m1", snap["short_id"], "--to", "m2", "--target",
+                    str(target), "--wait", timeout=180)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert f"Restored snapshot {snap['short_id']} of m1 on m2 into {target}" in moved.stdout, \
+        moved.stdout
+    for rel, content in files.items():
+        assert (target / str(data).lstrip("/") / rel).read_bytes() == content, rel
+    [op] = [o for o in hub.api("GET", "/v1/extension-operations?machine=m2").json()
+            if o["operation"] == "restore"]
+    assert op["params"]["source_machine"] == "m1" and op["status"] == "Succeeded"
+    assert op["result"]["source_machine_id"] == snap["machine_id"]
+    # The grant served that operation only: it was issued once, and is no longer valid.
+    grants = query(hub.database_url, "SELECT op_id, source_machine_id FROM backup_grants")
+    assert grants == [(op["id"], snap["machine_id"])]
+    # Neither the grant nor m1's password reached m2's extension log.
+    log = (two.state_dir / "logs" / "extensions" / "backup.log").read_text()
+    assert "obg_" not in log and password not in log and "obk_" not in log
+    # m2's own token asks for a grant outside a restore: refused.
+    mine = hub.api("POST", "/v1/machines/m2/backup-token", json={}).json()["token"]
+    with hub.client() as client:
+        refused = client.post("/v1/backup-grants", headers={"Authorization": f"Bearer {mine}"})
+    assert refused.status_code == 403 and refused.json()["code"] == "E9116", refused.text
 
 
 def test_a_snapshot_held_back_by_load_says_why(sqlite_hub: Hub, agents: list[Agent],

@@ -177,13 +177,20 @@ def _waited(row: dict[str, Any]) -> str:
 def _run(client: Any, machine: str, operation: str, params: dict[str, Any], wait: bool,
          timeout: str | None, json: bool) -> dict[str, Any]:
     """Ask for ``operation`` of the backup extension on ``machine``; with ``wait`` follow it
-    to its end, saying each change of its state (why it waits) on stderr."""
-    limit = durations.parse(timeout, "--timeout", positive=True) if timeout else None
+    to its end."""
     op: dict[str, Any] = client.post(f"/v1/machines/{_q(machine)}/extensions/{NAME}/"
                                      f"operations/{operation}", {"params": params})
+    return _follow(client, op, wait, timeout, json)
+
+
+def _follow(client: Any, op: dict[str, Any], wait: bool, timeout: str | None,
+            json: bool) -> dict[str, Any]:
+    """With ``wait``, the operation at its end, each change of its state (why it waits)
+    said on stderr meanwhile; E9113 past ``timeout``."""
+    limit = durations.parse(timeout, "--timeout", positive=True) if timeout else None
     if not wait:
         return op
-    started, shown = time.monotonic(), ""
+    started, shown, operation = time.monotonic(), "", op["operation"]
     while op["status"] not in ENDED:
         line = f"{op['status']}: {op['message']}" if op["message"] else op["status"]
         if line != shown and not json:
@@ -220,9 +227,9 @@ def _resolve(client: Any, machine: str, snapshot: str) -> dict[str, Any]:
     row: dict[str, Any] = client.get(f"/v1/machines/{_q(machine)}/backups/{_q(snapshot)}")
     if row["forgotten_at"] is not None:
         raise OutpostError("backup_snapshot_forgotten", f"Snapshot {row['short_id']} of "
-                           f"machine {row['machine']} was forgotten at "
-                           f"{_when(row['forgotten_at'])} (operation {row['forgotten_by']}).",
-                           snapshot=row["short_id"], machine=row["machine"])
+                           f"machine {row['machine']} was forgotten (operation "
+                           f"{row['forgotten_by']}).", snapshot=row["short_id"],
+                           machine=row["machine"])
     return row
 
 
@@ -349,34 +356,23 @@ def backup_restore(
         "--include", metavar="PAT", help="Only what this restic pattern matches; "
         "repeatable.")] = None,
     to: Annotated[Optional[str], typer.Option(
-        "--to", metavar="MACHINE2", help="Restore on another machine of the account (not "
-        "supported yet: E9114).")] = None,
+        "--to", metavar="MACHINE2", help="Restore on another machine of the account; it "
+        "reads MACHINE's repository through a read-only grant for this one operation.")]
+    = None,
     wait: Wait = False, timeout: Timeout = None,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
-    """Put a snapshot of MACHINE back on MACHINE, in the files' own places or under
-    --target, as root (owners and modes as they were)."""
+    """Put a snapshot of MACHINE back, as root (owners and modes as they were): on MACHINE,
+    or with --to on another machine of the account (which needs the backup extension set
+    too), in the files' own places or under --target."""
     if target is not None and not target.startswith("/"):
         raise typer.BadParameter(f"give an absolute path (not {target})",
                                  param_hint="'--target'")
     client = api(hub, token, ca_fingerprint, data_dir)
-    if to is not None:
-        other = client.get(f"/v1/machines/{_q(to)}")  # another account's: not found
-        source = client.get(f"/v1/machines/{_q(machine)}")
-        if other["id"] != source["id"]:
-            raise OutpostError("backup_restore_elsewhere_unsupported", "Restoring a snapshot "
-                               f"of machine {source['name']} on another machine "
-                               f"({other['name']}) is not supported yet.",
-                               machine=source["name"], to=other["name"])
-    params: dict[str, Any] = {"snapshot": "latest"}
-    if snapshot.strip().lower() != "latest":
-        params["snapshot"] = _resolve(client, machine, snapshot)["id"]
-    if target is not None:
-        params["target"] = target
-    if include:
-        params["include"] = include
-    op = _run(client, machine, "restore", params, wait, timeout, json)
+    body: dict[str, Any] = {"to": to, "target": target, "include": include or []}
+    op = _follow(client, client.post(f"/v1/machines/{_q(machine)}/backups/{_q(snapshot)}/"
+                                     "restore", body), wait, timeout, json)
     if json:
         print_json(op)
     elif not wait:
@@ -385,7 +381,10 @@ def backup_restore(
         return
     _failed(op)
     if not json:
-        say(f"Restored {params['snapshot']} on {op['machine']}: {op['message']}.")
+        result = op["result"] or {}
+        elsewhere = f" on {op['machine']}" if op["params"].get("source_machine") else ""
+        say(f"Restored snapshot {str(op['params']['snapshot'])[:8]} of {machine}{elsewhere} "
+            f"into {result.get('target') or '/'} in {result.get('duration_seconds', 0):g} s.")
 
 
 @app.command("forget")

@@ -9,10 +9,15 @@ its result lists as removed; they stay in the catalog, forgotten.
 
 A snapshot is named by its id, full or short, or by any start of it of at least
 ``PREFIX_MIN`` characters (as git names commits), or ``latest``.
+
+``restore`` asks the extension's restore operation for a catalogued snapshot, on its own
+machine or on another machine of the account (``source_machine_id`` in its parameters: the
+restoring machine then asks for a read-only grant, backupstore.issue_grant).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -24,6 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from outpost.protocol.errors import OutpostError
 
 from .config import random_id
+from .extension_ops import ExtensionOps
+from .extensions import Extensions
 from .db import backup_snapshots
 from .db import machines as machine_rows
 
@@ -158,3 +165,40 @@ async def show(engine: AsyncEngine, account_id: str, machine: Any, ref: str) -> 
             t.c.account_id == account_id, t.c.machine_id == machine.id)
             .order_by(t.c.created_at.desc(), t.c.id))).all()
     return view(pick(rows, ref, machine.name), machine.name)
+
+
+async def restore(engine: AsyncEngine, ops: ExtensionOps, account_id: str, source: Any,
+                  ref: str, to: Any | None, target: str | None, include: list[str],
+                  requested_by: str | None) -> dict[str, Any]:
+    """Ask for the restore of snapshot ``ref`` of machine ``source`` on ``to`` (another
+    machine of the account) or on ``source`` itself; the operation as asked."""
+    shown = await show(engine, account_id, source, ref)
+    if shown["forgotten_at"] is not None:
+        raise OutpostError("backup_snapshot_forgotten", f"Snapshot {shown['short_id']} of "
+                           f"machine {source.name} was forgotten (operation "
+                           f"{shown['forgotten_by']}).", snapshot=shown["short_id"],
+                           machine=source.name)
+    params: dict[str, Any] = {"snapshot": shown["id"]}
+    if target is not None:
+        params["target"] = target
+    if include:
+        params["include"] = include
+    where = source
+    if to is not None and to.id != source.id:
+        params |= {"source_machine_id": source.id, "source_machine": source.name}
+        where = to
+    return await ops.ask(account_id, where, EXTENSION, "restore", params, requested_by)
+
+
+async def password_for(extensions: Extensions, machine: Any) -> str | None:
+    """The repository password the backup goal of ``machine`` holds (opened from the vault),
+    or None."""
+    goals = await extensions.cache.get(machine.account_id)
+    found = {r.goal.name: r for r in goals.resolve(machine, held=True)}.get(EXTENSION)
+    sealed = found.goal.protected if found is not None else None
+    if found is None or sealed is None:
+        return None
+    goal = found.goal
+    plain = extensions._open(machine.account_id, goal.name, goal.kind, goal.target, sealed)
+    value = json.loads(plain).get("repository_password")
+    return value if isinstance(value, str) and value else None

@@ -753,3 +753,22 @@ backup_snapshots = sa.Table(
     sa.UniqueConstraint("machine_id", "short_id", name="uq_backup_snapshots_machine_short"),
     sa.Index("ix_backup_snapshots_account", "account_id", "created_at"),
 )
+
+# A read-only grant to one machine's repository for one restore operation running on another
+# machine of the account (``outpost backup restore --to``): the token's SHA-256 only. It
+# opens the source repository while that operation runs, until expires_at at the latest.
+backup_grants = sa.Table(
+    "backup_grants", metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("op_id", sa.String(36), sa.ForeignKey("extension_operations.id",
+                                                    ondelete="CASCADE"),
+              nullable=False, unique=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              nullable=False),  # the machine that restores
+    sa.Column("source_machine_id", sa.String(36),
+              sa.ForeignKey("machines.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)

@@ -1272,21 +1272,29 @@ _ENTRIES += (
          "longer --timeout.",),
         409, None),
     Entry(
-        "E9114", "backup_restore_elsewhere_unsupported",
-        "Restoring a snapshot of machine {machine} on another machine ({to}) is not "
-        "supported yet.",
-        ("'outpost backup restore --to' would need the other machine to read the source "
-         "machine's repository, with a read-only credential of its own; the hub does not "
-         "issue one yet.",),
-        ("Restore on the machine itself into another directory (--target), then copy the "
-         "files with a job or another tool.",),
-        400, None),
+        "E9114", "backup_grant_read_only", "A restore grant opens the repository of machine "
+        "{machine_id} read-only.",
+        ("The request came with a restore grant (obg_...), which another machine of the "
+         "account holds while it restores a snapshot of this one: it may read every file and "
+         "take and release restic's locks, and nothing else.",),
+        ("Nothing to do on the machine: restic only reads during a restore. Writing to a "
+         "machine's repository needs that machine's own backup token.",),
+        403, None),
     Entry(
         "E9115", "backup_forget_args", "Say which snapshots to forget: {problem}.",
         ("'outpost backup forget' takes one snapshot id or a keep policy (--keep-last N, "
          "--keep-daily N, ...), not both and not neither.",),
         ("Give SNAPSHOT, or one or more --keep-* options.",),
         400, None),
+    Entry(
+        "E9116", "backup_grant_refused", "No restore grant for this machine: {problem}.",
+        ("A machine asks for a read-only grant to another machine's repository only while it "
+         "runs a restore operation that names that machine as its source ('outpost backup "
+         "restore SOURCE --to MACHINE'); there is none running, the source is not a machine "
+         "of the same account, or the grant of this operation was already issued.",),
+        ("Ask for the restore again with 'outpost backup restore SOURCE SNAPSHOT --to "
+         "MACHINE'; it is refused at once when the machines are of different accounts.",),
+        403, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

@@ -1,5 +1,6 @@
-"""The backup catalog: one row per snapshot the backup extension took; and how long each
-extension operation waited on its machine, and why.
+"""The backup catalog: one row per snapshot the backup extension took; the read-only grants
+that let one machine restore another's snapshot; and how long each extension operation waited
+on its machine, and why.
 
 Revision ID: 0012
 Revises: 0011
@@ -43,9 +44,25 @@ def upgrade() -> None:
     )
     op.create_index("ix_backup_snapshots_account", "backup_snapshots",
                     ["account_id", "created_at"])
+    op.create_table(
+        "backup_grants",
+        sa.Column("token_hash", sa.String(64), primary_key=True),
+        sa.Column("op_id", sa.String(36), sa.ForeignKey("extension_operations.id",
+                                                        ondelete="CASCADE"),
+                  nullable=False, unique=True),
+        sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+                  nullable=False),
+        sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+                  nullable=False),
+        sa.Column("source_machine_id", sa.String(36),
+                  sa.ForeignKey("machines.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("expires_at", sa.Float, nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("backup_grants")
     op.drop_index("ix_backup_snapshots_account", "backup_snapshots")
     op.drop_table("backup_snapshots")
     with op.batch_alter_table("extension_operations") as batch:
