@@ -4,18 +4,23 @@ user runs it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 
+from outpost import __version__
 from outpost.hub import backup_catalog
 from outpost.protocol.errors import OutpostError
 from tests.integration.test_backup_store import require_restic
-from tests.support import Agent, Hub, healthy_agent, query, wait_until
+from tests.support import (Agent, Hub, healthy_agent, machine_calls, query, run_cli,
+                           wait_until)
 
 
 def _ready(hub: Hub, agent: Agent, name: str) -> None:
@@ -181,6 +186,79 @@ def test_restore_on_another_machine_of_the_account(sqlite_hub: Hub, agents: list
     with hub.client() as client:
         refused = client.post("/v1/backup-grants", headers={"Authorization": f"Bearer {mine}"})
     assert refused.status_code == 403 and refused.json()["code"] == "E9116", refused.text
+
+
+def test_a_restore_grant_reads_the_source_only_while_its_operation_runs(
+        hub: Hub, tmp_path: Path) -> None:
+    """The grant's rules at the hub, the restoring machine played by signed requests: read
+    and lock the source's repository, write nothing, open no other repository, one grant
+    per operation, none after the operation ended, none for another account's machine."""
+    sim = machine_calls(hub, tmp_path / "sim", "sim")
+    sim("POST", "/v1/agent/heartbeat", {"agent_version": __version__})
+    machine_calls(hub, tmp_path / "src", "src")
+    ids = {m["name"]: m["id"] for m in hub.api("GET", "/v1/machines").json()}
+    assert hub.cli("backup", "enable", "--machine", "sim", "--paths", "/srv").returncode == 0
+    second = hub.api("POST", "/v1/accounts", json={"name": "second"}).json()
+    theirs = run_cli("agent", "register", "--hub", hub.url, "--account-id", second["id"],
+                     "--account-key", second["primary_key"], "--group", "web",
+                     "--ca-fingerprint", hub.fingerprint, "--name", "theirs",
+                     "--state-dir", str(tmp_path / "theirs"))
+    assert theirs.returncode == 0, theirs.stderr
+    foreign = hub.api("GET", "/v1/machines", second["token"]).json()[0]["id"]
+    token = hub.api("POST", "/v1/machines/sim/backup-token", json={}).json()["token"]
+
+    def grant() -> httpx.Response:
+        with hub.client() as client:
+            return client.post("/v1/backup-grants", headers={"Authorization": f"Bearer {token}"})
+
+    def started(source_id: str) -> str:
+        op = hub.api("POST", "/v1/machines/sim/extensions/backup/operations/restore",
+                     json={"params": {"snapshot": "latest", "source_machine_id": source_id}})
+        assert op.status_code == 201, op.text
+        sim("POST", f"/v1/agent/ext-ops/{op.json()['id']}/progress",
+            {"attempt": 1, "state": "started", "at": time.time()})
+        return str(op.json()["id"])
+
+    def repo(method: str, grant_token: str, path: str, body: bytes = b"") -> httpx.Response:
+        with hub.client() as client:
+            return client.request(method, f"/v1/backup/{path}", content=body,
+                                  headers={"Authorization": f"Bearer {grant_token}"})
+
+    assert grant().json()["code"] == "E9116"  # no restore runs
+    op_id = started(ids["src"])
+    answer = grant()
+    assert answer.status_code == 201, answer.text
+    given = answer.json()
+    assert given["machine_id"] == ids["src"] and given["op_id"] == op_id
+    assert given["token"].startswith("obg_") and given["password"] is None  # src has none
+    granted = given["token"]
+    assert grant().json()["code"] == "E9116"  # one grant per operation
+    lock = b'{"lock": 1}'
+    name = hashlib.sha256(lock).hexdigest()
+    src = ids["src"]
+    assert repo("GET", granted, f"{src}/config").json()["code"] == "E9065"  # read: allowed
+    assert repo("GET", granted, f"{src}/keys/").status_code == 200
+    assert repo("POST", granted, f"{src}/locks/{name}", lock).status_code == 200
+    assert repo("DELETE", granted, f"{src}/locks/{name}").status_code == 200
+    for method, path in (("POST", f"{src}/data/{name}"), ("DELETE", f"{src}/keys/{name}"),
+                         ("POST", f"{src}/config"), ("POST", f"{src}/?create=true")):
+        refused = repo(method, granted, path, lock)
+        assert refused.status_code == 403 and refused.json()["code"] == "E9114", path
+    other = repo("GET", granted, f"{ids['sim']}/config")
+    assert other.status_code == 403 and other.json()["code"] == "E9061"
+    # The operation ends: the grant opens nothing any more.
+    sim("POST", f"/v1/agent/ext-ops/{op_id}/end",
+        {"attempt": 1, "status": "succeeded", "at": time.time()})
+    assert repo("GET", granted, f"{src}/keys/").json()["code"] == "E9060"
+    # A source of another account (asked by hand through the generic route): refused.
+    started(foreign)
+    refused = grant()
+    assert refused.status_code == 403 and "not a machine of its account" in \
+        refused.json()["message"]
+    # And an operator of the other account cannot name this account's machine at all.
+    restore = hub.api("POST", "/v1/machines/src/backups/latest/restore", second["token"],
+                      json={"to": "theirs"})
+    assert restore.status_code == 404 and restore.json()["code"] == "E3002"
 
 
 def test_a_snapshot_held_back_by_load_says_why(sqlite_hub: Hub, agents: list[Agent],

@@ -240,6 +240,8 @@ def test_real_answers_match_the_declared_models(
              params={"forgotten": "true"})
     api.call("GET", "/v1/machines/{machine}/backups/{snapshot}",
              "/v1/machines/w1/backups/latest")
+    api.call("POST", "/v1/machines/{machine}/backups/{snapshot}/restore",  # (backup not set)
+             "/v1/machines/w1/backups/0123/restore", json={"target": "/srv"}, status=404)
 
     api.call("POST", "/v1/schedules", status=201, json={
         "name": "nightly", "runbook": "hello", "group": "web", "cron": "0 3 * * *"})
