@@ -261,6 +261,55 @@ def test_a_restore_grant_reads_the_source_only_while_its_operation_runs(
     assert restore.status_code == 404 and restore.json()["code"] == "E3002"
 
 
+def test_the_catalog_records_what_the_operations_report(hub: Hub, tmp_path: Path) -> None:
+    """The catalog as the operations' ends fill it, the machine played by signed requests:
+    how long the snapshot waited for the load and why, what its result says; a failed one
+    leaves nothing; a forget marks what it removed."""
+    sim = machine_calls(hub, tmp_path / "sim", "sim")
+    sim("POST", "/v1/agent/heartbeat", {"agent_version": __version__})
+    assert hub.cli("backup", "enable", "--machine", "sim", "--paths", "/srv").returncode == 0
+    full = "0123abcd" + "5" * 56
+
+    def run(operation: str, end: dict[str, Any], waited: float = 0.0, **params: Any) -> None:
+        op = hub.api("POST", f"/v1/machines/sim/extensions/backup/operations/{operation}",
+                     json={"params": params}).json()
+        at = time.time()
+        if waited:
+            sim("POST", f"/v1/agent/ext-ops/{op['id']}/progress", {
+                "attempt": 1, "state": "waiting", "at": at,
+                "message": "waiting: CPU at 97% has been above the 90% threshold for 0 s"})
+            sim("POST", f"/v1/agent/ext-ops/{op['id']}/progress", {
+                "attempt": 1, "state": "waiting", "at": at + 20,
+                "message": "waiting: CPU at 95% has been above the 90% threshold for 20 s"})
+        sim("POST", f"/v1/agent/ext-ops/{op['id']}/progress",
+            {"attempt": 1, "state": "started", "at": at + waited})
+        sim("POST", f"/v1/agent/ext-ops/{op['id']}/end",
+            {"attempt": 1, "at": at + waited + 5, **end})
+
+    run("snapshot", {"status": "failed", "code": "9102", "message": "E9102: restic failed"})
+    assert hub.api("GET", "/v1/backups").json() == []
+    run("snapshot", {"status": "succeeded", "result": {
+        "snapshot": "0123abcd", "snapshot_id": full, "time": 1_800_000_000.25, "files": 7,
+        "bytes_added": 2 ** 33, "total_bytes": 2 ** 34, "duration_seconds": 4.5,
+        "paths": ["/srv"], "consistency": "application"}}, waited=42.5)
+    [row] = json.loads(hub.cli("backup", "list", "sim", "--json").stdout)
+    assert (row["id"], row["short_id"], row["files"], row["total_bytes"], row["taken_at"]) == (
+        full, "0123abcd", 7, 2 ** 34, 1_800_000_000.25)
+    assert row["waited_seconds"] == 42.5 and "CPU at 95%" in row["wait_reason"]
+    shown = hub.cli("backup", "show", "sim", "0123").stdout
+    assert "waited:       42.5 s (waiting: CPU at 95%" in shown, shown
+    assert "16.0 GiB (17179869184 bytes)" in shown and "application" in shown, shown
+    op = hub.api("GET", f"/v1/extension-operations/{row['op_id']}").json()
+    assert op["waited_seconds"] == 42.5 and op["wait_reason"].startswith("waiting: CPU at 95%")
+
+    run("forget", {"status": "succeeded", "result": {"removed": [full]}}, keep_last=1)
+    assert hub.api("GET", "/v1/backups").json() == []
+    [gone] = hub.api("GET", "/v1/backups?forgotten=true").json()
+    assert gone["forgotten_at"] is not None and gone["forgotten_by"] != row["op_id"]
+    listed = hub.cli("backup", "list", "--forgotten").stdout
+    assert "0123abcd" in listed and "FORGOTTEN" in listed, listed
+
+
 def test_a_snapshot_held_back_by_load_says_why(sqlite_hub: Hub, agents: list[Agent],
                                                tmp_path: Path) -> None:
     """The machine's memory is over its threshold (0.1 %, always): the snapshot waits,
