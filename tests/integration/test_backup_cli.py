@@ -364,3 +364,13 @@ def test_an_ambiguous_start_names_the_candidates() -> None:
         backup_catalog.pick(rows, "abcd", "m1")
     assert raised.value.code == "E9111"
     assert "abcd1234, abcd9999" in raised.value.message
+
+
+@pytest.mark.parametrize(("stamp", "seconds"), [
+    ("2026-12-05T11:40:01.123456789+00:00", 1796470801.123456),
+    ("2026-12-05T12:40:01.5+01:00", 1796470801.5), ("2026-12-05T11:40:01Z", 1796470801.0),
+    ("not a time", None)])
+def test_restics_times_are_read_to_the_microsecond(stamp: str, seconds: float | None) -> None:
+    from outpost.extensions.backup.main import _epoch
+
+    assert _epoch(stamp) == seconds

@@ -294,7 +294,7 @@ def backup_now(machine: MachineArg, wait: Wait = False, timeout: Timeout = None,
 @app.command("list")
 def backup_list(
     machine: Annotated[Optional[str], typer.Argument(
-        metavar="[MACHINE]", help="Only this machine's snapshots (default: every machine of "
+        metavar="MACHINE", help="Only this machine's snapshots (default: every machine of "
         "the account).")] = None,
     forgotten: Annotated[bool, typer.Option(
         "--forgotten", help="Also the snapshots a forget removed.")] = False,
@@ -346,7 +346,7 @@ def backup_show(
 @app.command("restore")
 def backup_restore(
     machine: MachineArg,
-    snapshot: Annotated[str, typer.Argument(metavar="[SNAPSHOT]", help="Its id, a unique "
+    snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT", help="Its id, a unique "
                                             "start of it, or 'latest' (the default).")]
     = "latest",
     target: Annotated[Optional[str], typer.Option(
@@ -391,7 +391,7 @@ def backup_restore(
 def backup_forget(
     machine: MachineArg,
     snapshot: Annotated[Optional[str], typer.Argument(
-        metavar="[SNAPSHOT]", help="The one snapshot to forget: its id or a unique start of "
+        metavar="SNAPSHOT", help="The one snapshot to forget: its id or a unique start of "
         "it. Or give a keep policy instead.")] = None,
     keep_last: Annotated[Optional[int], typer.Option(
         "--keep-last", min=1, metavar="N", help="Keep the newest N snapshots.")] = None,
