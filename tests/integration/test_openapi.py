@@ -13,11 +13,13 @@ from typing import Any
 
 import httpx
 import jsonschema_rs
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from outpost.hub import db
 from tests.extbuild import manifest, package
 from tests.support import Agent, Hub, healthy_agent, publish_script, register, wait_until
 
@@ -83,6 +85,26 @@ def _certificate_b64() -> str:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption())
     return base64.b64encode(pem).decode()
+
+
+def _catalog_row(hub: Hub, machine_id: str, op_id: str) -> None:
+    """A snapshot in the backup catalog as a backup snapshot operation's end writes it (the
+    backup extension end to end is tests/integration/test_backup_cli.py)."""
+    url = hub.database_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            account = conn.execute(sa.select(db.machines.c.account_id).where(
+                db.machines.c.id == machine_id)).scalar()
+            conn.execute(db.backup_snapshots.insert().values(
+                id="catalog-row", account_id=account, machine_id=machine_id,
+                short_id="0123abcd", snapshot_id="0123abcd" + "e" * 56, op_id=op_id,
+                paths=["/srv"], files=3, bytes_added=3_000_000_000, total_bytes=5_000_000_000,
+                duration_seconds=1.5, consistency="crash", waited_seconds=2.25,
+                wait_reason="waiting: CPU at 97% has been above the 90% threshold for 2 s",
+                taken_at=1.5e9, created_at=1.5e9, forgotten_at=None, forgotten_by=None))
+    finally:
+        engine.dispose()
 
 
 def test_real_answers_match_the_declared_models(
@@ -212,6 +234,14 @@ def test_real_answers_match_the_declared_models(
     api.call("POST", "/v1/machines/{machine}/extensions/{name}/uninstall",
              "/v1/machines/w1/extensions/hello/uninstall")
     api.call("DELETE", goal, "/v1/extensions/hello/targets/group/web")
+    _catalog_row(hub, asked["machine_id"], asked["id"])
+    api.call("GET", "/v1/backups")
+    api.call("GET", "/v1/machines/{machine}/backups", "/v1/machines/w1/backups",
+             params={"forgotten": "true"})
+    api.call("GET", "/v1/machines/{machine}/backups/{snapshot}",
+             "/v1/machines/w1/backups/latest")
+    api.call("POST", "/v1/machines/{machine}/backups/{snapshot}/restore",  # (backup not set)
+             "/v1/machines/w1/backups/0123/restore", json={"target": "/srv"}, status=404)
 
     api.call("POST", "/v1/schedules", status=201, json={
         "name": "nightly", "runbook": "hello", "group": "web", "cron": "0 3 * * *"})

@@ -54,7 +54,7 @@ _USAGE_REASONS = {"config_invalid", "config_tab", "invalid_hostname", "account_k
                   "fingerprint_malformed", "profile_unknown", "profiles_file_invalid",
                   "profile_token_missing", "profile_name_invalid",
                   "ext_package_invalid", "ext_package_too_large", "ext_settings_invalid",
-                  "ext_settings_file_invalid"}
+                  "ext_settings_file_invalid", "backup_forget_args"}
 
 
 # C0 controls but tab and newline, DEL, C1 controls (0x9b is a one-byte CSI on some

@@ -18,7 +18,9 @@ What the store promises restic (docs/backup.md):
 - The bytes a repository holds are bounded by its machine's quota (E9064), when one is set.
 
 Credentials: each machine has at most one backup token (``obk_...``); the hub keeps its
-SHA-256 only (``backup_credentials``). Issuing a new one retires the old at once.
+SHA-256 only (``backup_credentials``). Issuing a new one retires the old at once. A restore
+grant (``obg_...``, ``backup_grants``) opens another machine's repository read-only (every
+read, and restic's locks) for one restore operation, while it runs.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outpost.protocol.errors import OutpostError, entry
 
 from . import machines
-from .db import backup_credentials
+from .db import backup_credentials, backup_grants, extension_operations
+from .db import machines as machine_rows
 from .vault import token_hash
 
 T = TypeVar("T")
@@ -49,6 +52,7 @@ TYPES = ("data", "keys", "locks", "snapshots", "index")
 NAME_RE = re.compile(r"^[0-9a-f]{64}$")
 ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 TOKEN_PREFIX = "obk_"
+GRANT_PREFIX = "obg_"
 # Bodies are written to disk in pieces of this size, each in a worker thread: the event loop
 # never waits on the disk, and a GiB body costs a few hundred thread hops, not thousands.
 WRITE_CHUNK = 1024 * 1024
@@ -62,6 +66,12 @@ class Credential:
     machine_id: str
     account_id: str
     quota_bytes: int | None
+    read_only: bool = False  # a restore grant: reads, and restic's locks
+
+    def check_write(self, method: str, kind: str) -> None:
+        """E9114 for a change a read-only credential may not make."""
+        if self.read_only and method in ("POST", "DELETE") and kind != "locks":
+            raise refusal("backup_grant_read_only", machine_id=self.machine_id)
 
 
 def refusal(key: str, **details: Any) -> OutpostError:
@@ -102,6 +112,8 @@ async def authorize(engine: AsyncEngine, authorization: str | None,
     E9060 (401) without a valid token, E9061 (403) when it is another machine's."""
     scheme, _, token = (authorization or "").partition(" ")
     token = token.strip()
+    if scheme.lower() == "bearer" and token.startswith(GRANT_PREFIX):
+        return await _granted(engine, token, machine_id)
     if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIX):
         raise refusal("backup_token_invalid", machine_id=machine_id)
     async with engine.connect() as conn:
@@ -115,6 +127,65 @@ async def authorize(engine: AsyncEngine, authorization: str | None,
 
 
 # --- paths ----------------------------------------------------------------------------------
+async def authorize_any(engine: AsyncEngine, token: str) -> Credential:
+    """The credential of a machine's own backup token, whichever machine (E9060)."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(backup_credentials).where(
+            backup_credentials.c.token_hash == token_hash(token)))).first()
+    if row is None:
+        raise refusal("backup_token_invalid", machine_id="(unknown)")
+    return Credential(row.machine_id, row.account_id, row.quota_bytes)
+
+
+async def _granted(engine: AsyncEngine, token: str, machine_id: str) -> Credential:
+    """A restore grant: valid while its operation runs and before it expires."""
+    g, ops = backup_grants, extension_operations
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(g, ops.c.status).join(
+            ops, ops.c.id == g.c.op_id).where(g.c.token_hash == token_hash(token)))).first()
+    if row is None or row.status != "Running" or row.expires_at < time.time():
+        raise refusal("backup_token_invalid", machine_id=machine_id)
+    if row.source_machine_id != machine_id:
+        raise refusal("backup_forbidden", machine_id=machine_id)
+    return Credential(row.source_machine_id, row.account_id, None, read_only=True)
+
+
+async def issue_grant(engine: AsyncEngine, holder: Credential,
+                      ttl: float = 86400.0) -> dict[str, Any]:
+    """A read-only grant to the source repository of the restore operation of extension
+    ``backup`` that runs on the holder's machine (E9116 when none does, its source is not of
+    the same account, or its grant was issued already: one per operation)."""
+    def refused(problem: str) -> OutpostError:
+        return OutpostError("backup_grant_refused", "No restore grant for this machine: "
+                            f"{problem}.", problem=problem)
+
+    if holder.read_only:
+        raise refused("a grant does not lead to another")
+    ops = extension_operations
+    async with engine.begin() as conn:
+        running = (await conn.execute(sa.select(ops).where(
+            ops.c.machine_id == holder.machine_id, ops.c.extension == "backup",
+            ops.c.operation == "restore", ops.c.status == "Running"))).all()
+        op = next((r for r in running if (r.params or {}).get("source_machine_id")), None)
+        if op is None:
+            raise refused("no restore from another machine's repository runs on it")
+        source_id = str(op.params["source_machine_id"])
+        source = (await conn.execute(sa.select(machine_rows).where(
+            machine_rows.c.id == source_id))).first()
+        if source is None or source.account_id != op.account_id:
+            raise refused(f"the source machine {source_id} is not a machine of its account")
+        if (await conn.execute(sa.select(backup_grants.c.op_id).where(
+                backup_grants.c.op_id == op.id))).first() is not None:
+            raise refused(f"the grant of operation {op.id} was issued already")
+        token, now = GRANT_PREFIX + secrets.token_urlsafe(32), time.time()
+        await conn.execute(backup_grants.insert().values(
+            token_hash=token_hash(token), op_id=op.id, account_id=op.account_id,
+            machine_id=holder.machine_id, source_machine_id=source.id, created_at=now,
+            expires_at=now + ttl))
+    return {"token": token, "machine_id": source.id, "machine": source.name, "op_id": op.id,
+            "expires_at": now + ttl}
+
+
 def invalid_path(path: str) -> OutpostError:
     return OutpostError("backup_path_invalid", f"Not a path of a restic repository: {path}.",
                         path=path)

@@ -693,6 +693,10 @@ extension_operations = sa.Table(
     sa.Column("result", sa.JSON),
     sa.Column("start_deadline", sa.Float),
     sa.Column("expected_end", sa.Float),
+    # How long the agent held it back for the machine's load, and its last reason (EX-7).
+    sa.Column("waiting_since", sa.Float),
+    sa.Column("waited_seconds", sa.Float),
+    sa.Column("wait_reason", sa.Text),
     sa.Index("ix_extension_operations_target", "machine_id", "extension", "status"),
     sa.Index("ix_extension_operations_status", "status"),
 )
@@ -720,4 +724,51 @@ backup_credentials = sa.Table(
     # Bytes the repository may hold; NULL: the hub's backup_quota_bytes (0: unlimited).
     sa.Column("quota_bytes", sa.BigInteger),
     sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# The backup catalog (hub/backup_catalog.py): one row per snapshot the backup extension took,
+# filled as its snapshot operation ends; a forget operation marks the rows it removed.
+backup_snapshots = sa.Table(
+    "backup_snapshots", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("short_id", sa.String(16), nullable=False),  # restic's short id
+    sa.Column("snapshot_id", sa.String(64)),  # restic's full id
+    sa.Column("op_id", sa.String(36)),  # the operation that took it
+    sa.Column("paths", sa.JSON, nullable=False),
+    sa.Column("files", sa.BigInteger),
+    sa.Column("bytes_added", sa.BigInteger),
+    sa.Column("total_bytes", sa.BigInteger),
+    sa.Column("duration_seconds", sa.Float),
+    sa.Column("consistency", sa.String(16)),  # crash | application
+    sa.Column("waited_seconds", sa.Float),
+    sa.Column("wait_reason", sa.Text),
+    sa.Column("taken_at", sa.Float),  # restic's snapshot time
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("forgotten_at", sa.Float),
+    sa.Column("forgotten_by", sa.String(36)),  # the forget operation
+    sa.UniqueConstraint("machine_id", "short_id", name="uq_backup_snapshots_machine_short"),
+    sa.Index("ix_backup_snapshots_account", "account_id", "created_at"),
+)
+
+# A read-only grant to one machine's repository for one restore operation running on another
+# machine of the account (``outpost backup restore --to``): the token's SHA-256 only. It
+# opens the source repository while that operation runs, until expires_at at the latest.
+backup_grants = sa.Table(
+    "backup_grants", metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("op_id", sa.String(36), sa.ForeignKey("extension_operations.id",
+                                                    ondelete="CASCADE"),
+              nullable=False, unique=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              nullable=False),  # the machine that restores
+    sa.Column("source_machine_id", sa.String(36),
+              sa.ForeignKey("machines.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
 )

@@ -14,11 +14,16 @@ backoff passed, one behind another that ended, one Waiting for its extension to 
 again), and nothing else.
 
 An end with ``transient: true`` is retried with backoff up to ``MAX_ATTEMPTS`` (EX-12).
+
+``ExtensionOps.ended`` holds listeners called with each operation's final end (Succeeded or
+Failed, no attempt left), inside the transaction that records it: what they write is kept
+exactly when the end is (the backup catalog, hub/backup_catalog.py).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -42,6 +47,9 @@ OUTPUT_KEPT = 64 * 1024
 ACTIVE = ("Queued", "Waiting", "Running")
 START_TIMEOUT_TEXT = entry("ext_op_start_timeout").message.rstrip(".")
 
+# (connection, the operation's row before its end, the values its end wrote)
+EndListener = Callable[[AsyncConnection, Any, dict[str, Any]], Awaitable[None]]
+
 
 def _alias(key: str) -> str:
     return entry(key).aliases[0]
@@ -57,6 +65,7 @@ def view(row: Any) -> dict[str, Any]:
         "created_at": row.created_at, "started_at": row.started_at,
         "ended_at": row.ended_at, "output": row.output, "result": row.result,
         "start_deadline": row.start_deadline, "expected_end": row.expected_end,
+        "waited_seconds": row.waited_seconds, "wait_reason": row.wait_reason,
     }
 
 
@@ -70,6 +79,7 @@ class ExtensionOps:
     def __init__(self, engine: AsyncEngine, goals: GoalCache) -> None:
         self._engine = engine
         self._goals = goals
+        self.ended: list[EndListener] = []
 
     # --- operators -----------------------------------------------------------------------
     async def ask(self, account_id: str, machine: Any, name: str, operation: str,
@@ -311,7 +321,9 @@ class ExtensionOps:
         async with self._engine.begin() as conn:
             row = await self._mine(conn, machine, op_id, body.attempt)
             if body.state == "waiting":
-                values: dict[str, Any] = {"status": "Waiting", "message": body.message}
+                values: dict[str, Any] = {"status": "Waiting", "message": body.message,
+                                          "wait_reason": body.message,
+                                          "waiting_since": row.waiting_since or body.at}
             else:
                 manifest = await self._manifest(row.account_id, row.extension,
                                                 row.version or "", conn)
@@ -321,6 +333,10 @@ class ExtensionOps:
                           "started_at": row.started_at or body.at}
                 if expected is not None:
                     values["expected_end"] = values["started_at"] + expected
+                if row.waiting_since is not None:  # the load passed: how long it held it
+                    values["waiting_since"] = None
+                    values["waited_seconds"] = round(
+                        (row.waited_seconds or 0.0) + max(0.0, body.at - row.waiting_since), 3)
             await conn.execute(t.update().where(t.c.id == op_id,
                                                 t.c.attempt == body.attempt,
                                                 t.c.status.in_(ACTIVE)).values(**values))
@@ -353,7 +369,10 @@ class ExtensionOps:
                 if body.status == "failed" and body.transient:
                     values["message"] = (f"{body.message} (attempt {row.attempt} of "
                                          f"{row.max_attempts}; no attempts left)")
-            await conn.execute(t.update().where(t.c.id == op_id,
-                                                t.c.attempt == body.attempt,
-                                                t.c.status.in_(ACTIVE)).values(**values))
+            done = (await conn.execute(t.update().where(
+                t.c.id == op_id, t.c.attempt == body.attempt,
+                t.c.status.in_(ACTIVE)).values(**values))).rowcount
+            if done and values["status"] != "Queued":
+                for listener in self.ended:
+                    await listener(conn, row, values)
             await self._hand_out(conn, machine.id, row.extension, now)

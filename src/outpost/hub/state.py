@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outpost.common.supervise import Supervisor
 
-from . import (accounts, backupstore, db, extension_ops, extensions, install, jobs, leader,
-               machines, metrics, notify)
+from . import (accounts, backup_catalog, backupstore, db, extension_ops, extensions, install,
+               jobs, leader, machines, metrics, notify)
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -59,6 +59,7 @@ class Hub:
         self.extensions.cache.follow(self.notifier)
         # Operations asked of extensions (hub/extension_ops.py).
         self.ext_ops = extension_ops.ExtensionOps(engine, self.extensions.cache)
+        self.ext_ops.ended.append(backup_catalog.on_end)  # the snapshots backup ops took
         self.leadership = leader.Leadership(engine)
         self.dispatcher = Dispatcher(engine, self.notifier)
         self.scheduler = Scheduler(engine, self.dispatcher)

@@ -1240,6 +1240,61 @@ _ENTRIES += (
         ("Make the command finish within pre_snapshot_timeout, raise the timeout, or allow "
          "crash-consistent snapshots (consistency 'crash', the default).",),
         400, "EX-11"),
+    # --- the backup catalog and the 'outpost backup' commands (E9110-E9119) ---------------
+    Entry(
+        "E9110", "backup_snapshot_not_found", "No snapshot '{snapshot}' of machine {machine}.",
+        ("The id (or its start) names no snapshot in the hub's catalog of that machine: it is "
+         "mistyped, of another machine, or was taken before the catalog knew it.",
+         "A start of an id needs at least 4 characters.",),
+        ("List the machine's snapshots with 'outpost backup list MACHINE'.",),
+        404, None),
+    Entry(
+        "E9111", "backup_snapshot_ambiguous",
+        "The snapshot id prefix '{snapshot}' matches several snapshots of machine {machine}.",
+        ("A snapshot may be named by the start of its id, and more than one snapshot of the "
+         "machine begins with what was given.",),
+        ("Give more characters of the id; 'outpost backup list MACHINE --json' shows the "
+         "full ids.",),
+        409, None),
+    Entry(
+        "E9112", "backup_snapshot_forgotten", "Snapshot {snapshot} of machine {machine} was "
+        "forgotten.",
+        ("A forget operation removed the snapshot from the machine's repository; it can no "
+         "longer be restored or forgotten.",),
+        ("Pick another snapshot from 'outpost backup list MACHINE'.",),
+        409, None),
+    Entry(
+        "E9113", "backup_wait_timeout", "The {operation} operation {op_id} did not end within "
+        "{seconds} s.",
+        ("The command stopped following the operation at its --timeout; the operation itself "
+         "goes on on the machine (it may be waiting for the machine's load to pass).",),
+        ("Follow it with 'outpost extension operation ID', or run the command again with a "
+         "longer --timeout.",),
+        409, None),
+    Entry(
+        "E9114", "backup_grant_read_only", "A restore grant opens the repository of machine "
+        "{machine_id} read-only.",
+        ("The request came with a restore grant (obg_...), which another machine of the "
+         "account holds while it restores a snapshot of this one: it may read every file and "
+         "take and release restic's locks, and nothing else.",),
+        ("Nothing to do on the machine: restic only reads during a restore. Writing to a "
+         "machine's repository needs that machine's own backup token.",),
+        403, None),
+    Entry(
+        "E9115", "backup_forget_args", "Say which snapshots to forget: {problem}.",
+        ("'outpost backup forget' takes one snapshot id or a keep policy (--keep-last N, "
+         "--keep-daily N, ...), not both and not neither.",),
+        ("Give SNAPSHOT, or one or more --keep-* options.",),
+        400, None),
+    Entry(
+        "E9116", "backup_grant_refused", "No restore grant for this machine: {problem}.",
+        ("A machine asks for a read-only grant to another machine's repository only while it "
+         "runs a restore operation that names that machine as its source ('outpost backup "
+         "restore SOURCE --to MACHINE'); there is none running, the source is not a machine "
+         "of the same account, or the grant of this operation was already issued.",),
+        ("Ask for the restore again with 'outpost backup restore SOURCE SNAPSHOT --to "
+         "MACHINE'; it is refused at once when the machines are of different accounts.",),
+        403, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ RESTIC_MISSING = 9101
 RESTIC_FAILED = 9102
 SETTINGS_INVALID = 9103
 PRE_SNAPSHOT_FAILED = 9104
+GRANT_REFUSED = 9116
 
 
 class Failed(Exception):
@@ -101,7 +103,8 @@ def find_restic() -> str:
 class Restic:
     """restic with the machine's repository on the hub, through the bridge."""
 
-    def __init__(self, ctx: Context, workdir: Path) -> None:
+    def __init__(self, ctx: Context, workdir: Path,
+                 source: dict[str, Any] | None = None) -> None:
         cred = ctx.credential
         missing = [k for k in ("token", "hub", "machine_id", "ca_pem") if not cred.get(k)]
         if missing:
@@ -109,6 +112,10 @@ class Restic:
                          f"(missing {', '.join(missing)}); this agent or hub is too old for "
                          "the backup extension")
         password = ctx.protected.get("repository_password")
+        machine_id, token = str(cred["machine_id"]), str(cred["token"])
+        if source is not None:  # another machine's repository, through a restore grant
+            machine_id, token = str(source["machine_id"]), str(source["token"])
+            password = source.get("password") or password
         if not isinstance(password, str) or not password:
             raise Failed(SETTINGS_INVALID, "E9103: the protected setting repository_password "
                          "is missing; set the extension with 'outpost backup enable'")
@@ -116,15 +123,15 @@ class Restic:
         ca_file = workdir / "hub-ca.pem"
         ca_file.write_text(str(cred["ca_pem"]))
         bridge = [sys.executable, "-m", "outpost.backup.bridge", "--hub", str(cred["hub"]),
-                  "--machine-id", str(cred["machine_id"]), "--ca-file", str(ca_file)]
+                  "--machine-id", machine_id, "--ca-file", str(ca_file)]
         self.base = [self.program, "-r", "rclone:outpost",
                      "-o", f"rclone.program={shlex.quote(bridge[0])}",
                      "-o", "rclone.args=" + shlex.join(bridge[1:]),
                      "--cache-dir", str(workdir / "cache")]
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                    "HOME": str(workdir), "OUTPOST_BACKUP_TOKEN": str(cred["token"]),
+                    "HOME": str(workdir), "OUTPOST_BACKUP_TOKEN": token,
                     "RESTIC_PASSWORD": password}
-        ctx.secrets += [str(cred["token"]), password]
+        ctx.secrets += [str(cred["token"]), token, password]
         self.ctx = ctx
 
     def run(self, args: Sequence[str], what: str) -> str:
@@ -277,8 +284,13 @@ def do_snapshot(ctx: Context) -> None:
         for pattern in exclude:
             args += ["--exclude", pattern]
         summary = _summary(restic.run([*args, "--", *paths], "take the snapshot"))
+        short = str(summary.get("snapshot_id") or "")
+        taken = _listed(restic, [short]) if short else []
     result = {
-        "snapshot": summary.get("snapshot_id"),
+        "snapshot": short or None,
+        # restic's summary names the snapshot by its short id; the catalog keeps both.
+        "snapshot_id": taken[0]["id"] if taken else None,
+        "time": taken[0]["time"] if taken else None,
         "files": summary.get("total_files_processed"),
         "files_new": summary.get("files_new"),
         "files_changed": summary.get("files_changed"),
@@ -301,6 +313,55 @@ def do_snapshot(ctx: Context) -> None:
                result=result)
 
 
+def _epoch(stamp: str) -> float | None:
+    """restic's RFC 3339 time (nanoseconds, an offset) as seconds since the epoch."""
+    text = stamp.strip().replace("Z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:  # Python takes at most 6 digits of a fraction
+        digits = rest[:len(rest) - len(rest.lstrip("0123456789"))]
+        text = f"{head}.{digits[:6]}{rest[len(digits):]}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _listed(restic: Restic, ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The repository's snapshots (or those ``ids`` name): full id and time."""
+    found = json.loads(restic.run(["snapshots", "--json", *ids], "list the snapshots") or "[]")
+    return [{"id": str(s["id"]), "time": _epoch(str(s.get("time", "")))}
+            for s in found or [] if isinstance(s, dict) and s.get("id")]
+
+
+def grant(ctx: Context, workdir: Path) -> dict[str, Any]:
+    """A read-only grant to the source machine's repository, asked of the hub with this
+    machine's own backup token (``POST /v1/backup-grants``); its token and, when this
+    machine's password differs, the source's password."""
+    import httpx  # the agent's dependency; only a restore from another machine needs it
+
+    cred = ctx.credential
+    ca_file = workdir / "grant-ca.pem"
+    ca_file.write_text(str(cred.get("ca_pem") or ""))
+    try:
+        with httpx.Client(verify=str(ca_file), timeout=60, trust_env=False) as client:
+            answer = client.post(f"{str(cred.get('hub')).rstrip('/')}/v1/backup-grants",
+                                 headers={"Authorization": f"Bearer {cred.get('token')}"})
+    except httpx.HTTPError as exc:
+        raise Failed(RESTIC_FAILED, f"E9102: the hub could not be asked for a grant to the "
+                     f"source machine's repository: {exc}") from None
+    try:
+        body = answer.json()
+    except ValueError:
+        body = {}
+    if answer.status_code != 201 or not isinstance(body, dict) or not body.get("token"):
+        raise Failed(GRANT_REFUSED, f"{body.get('code', 'E9116')}: the hub refused a grant "
+                     f"to the source machine's repository ({answer.status_code}): "
+                     f"{body.get('message', answer.text[:200])}")
+    ctx.secrets += [str(body["token"])] + ([str(body["password"])] if body.get("password")
+                                           else [])
+    return body
+
+
 def do_restore(ctx: Context) -> None:
     started = time.monotonic()
     snapshot = str(ctx.params.get("snapshot") or "latest")
@@ -309,16 +370,19 @@ def do_restore(ctx: Context) -> None:
     if snapshot.startswith("-") or not target.startswith("/"):
         raise Failed(SETTINGS_INVALID, "E9103: restore needs a snapshot id (or 'latest') and "
                      f"an absolute target path (got {snapshot!r}, {target!r})")
+    source_id = ctx.params.get("source_machine_id")
     with workdir() as tmp:
-        restic = Restic(ctx, tmp)
+        source = grant(ctx, tmp) if source_id else None
+        restic = Restic(ctx, tmp, source)
         args = ["restore", snapshot, "--target", target]
         for pattern in include:
             args += ["--include", pattern]
         restic.run(args, f"restore {snapshot} into {target}")
     seconds = round(time.monotonic() - started, 3)
-    report(ctx, "success", f"restored {snapshot} into {target} in {seconds:g} s",
+    origin = f" of machine {ctx.params.get('source_machine') or source_id}" if source_id else ""
+    report(ctx, "success", f"restored {snapshot}{origin} into {target} in {seconds:g} s",
            result={"snapshot": snapshot, "target": target, "include": include,
-                   "duration_seconds": seconds})
+                   "source_machine_id": source_id, "duration_seconds": seconds})
 
 
 def do_forget(ctx: Context) -> None:
@@ -339,12 +403,17 @@ def do_forget(ctx: Context) -> None:
         args.append(snapshot)
     started = time.monotonic()
     with workdir() as tmp:
-        Restic(ctx, tmp).run(args, "forget snapshots")
+        restic = Restic(ctx, tmp)
+        before = {s["id"] for s in _listed(restic)}
+        restic.run(args, "forget snapshots")
+        removed = sorted(before - {s["id"] for s in _listed(restic)})
     seconds = round(time.monotonic() - started, 3)
     what = f"snapshot {snapshot}" if snapshot else "snapshots outside " + ", ".join(
         f"keep_{k}={n}" for k, n in keep.items())
-    report(ctx, "success", f"forgot {what} and pruned the repository in {seconds:g} s",
-           result={"snapshot": snapshot, "keep": keep, "duration_seconds": seconds})
+    report(ctx, "success", f"forgot {what} ({len(removed)} removed) and pruned the "
+           f"repository in {seconds:g} s",
+           result={"snapshot": snapshot, "keep": keep, "removed": removed,
+                   "duration_seconds": seconds})
 
 
 COMMANDS = {"install": do_install, "enable": do_enable, "disable": do_nothing,

@@ -48,6 +48,10 @@ class Operation(View):
     result: dict[str, Any] | None
     start_deadline: float | None
     expected_end: float | None
+    waited_seconds: float | None = Field(description="How long the agent held it back for "
+                                         "the machine's load before starting it (EX-7).")
+    wait_reason: str | None = Field(description="The last reason the agent gave for holding "
+                                    "it back (\"waiting: CPU 94 % over 90 % for 2 min\").")
 
 
 class Uninstalling(View):

@@ -84,7 +84,8 @@ _PROTOCOL: dict[str, Any] = {"include_in_schema": False, "responses": errors(400
 async def repository_create(request: Request, hub: HubDep, machine_id: str,
                             create: bool = False) -> Response:
     """``POST {path}?create=true``: the repository's directories (kept when they exist)."""
-    repository, _ = await _opened(request, hub, machine_id)
+    repository, credential = await _opened(request, hub, machine_id)
+    credential.check_write("POST", "")
     if not create:
         raise backupstore.invalid_path(f"/v1/backup/{machine_id}/ without ?create=true")
     repository.create()
@@ -120,6 +121,7 @@ async def _file(request: Request, hub: HubDep, machine_id: str, kind: str,
     if kind != "config":
         backupstore.check_name(kind, name)
     method = request.method
+    credential.check_write(method, kind)
     if method == "POST":
         declared_text = request.headers.get("content-length", "")
         declared = int(declared_text) if declared_text.isdigit() else None
