@@ -27,19 +27,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from outpost.protocol import work as wire
 from outpost.protocol.errors import OutpostError, entry
 from outpost.protocol.extensions import Manifest
+from outpost.protocol.extensions import Operation as OperationSpec
 
 from . import machines, notify
 from .config import random_id
 from .db import (extension_holds, extension_operations, extension_packages, extension_states,
                  tokens, work_items)
 from .db import machines as machine_rows
-from .extension_goals import GoalCache, version_key
+from .extension_goals import AccountGoals, GoalCache, version_key
 
 MAX_ATTEMPTS = 3
 RETRY_BASE = 2.0  # seconds before the second attempt; doubled for each next one
 RETRY_CAP = 300.0
 OUTPUT_KEPT = 64 * 1024
 ACTIVE = ("Queued", "Waiting", "Running")
+SCHEDULED = "scheduled: "  # the reason of an operation waiting for its scheduled start
 START_TIMEOUT_TEXT = entry("ext_op_start_timeout").message.rstrip(".")
 
 
@@ -57,7 +59,15 @@ def view(row: Any) -> dict[str, Any]:
         "created_at": row.created_at, "started_at": row.started_at,
         "ended_at": row.ended_at, "output": row.output, "result": row.result,
         "start_deadline": row.start_deadline, "expected_end": row.expected_end,
+        "not_before": row.not_before, "schedule_id": row.schedule_id,
     }
+
+
+def _due(now: float) -> tuple[Any, ...]:
+    """A Queued operation whose retry backoff and scheduled start (not_before) have passed."""
+    t = extension_operations
+    return (sa.or_(t.c.next_try_at.is_(None), t.c.next_try_at <= now),
+            sa.or_(t.c.not_before.is_(None), t.c.not_before <= now))
 
 
 def _when(at: float | None) -> str:
@@ -75,6 +85,64 @@ class ExtensionOps:
     async def ask(self, account_id: str, machine: Any, name: str, operation: str,
                   params: dict[str, Any], requested_by: str | None) -> dict[str, Any]:
         now = time.time()
+        goals = await self._goals.get(account_id)
+        version, op = await self._checked(account_id, machine, name, operation, now, goals)
+        op_id = random_id()
+        async with self._engine.begin() as conn:
+            if requested_by:  # the token's name, as the operator knows it
+                named = (await conn.execute(sa.select(tokens.c.name).where(
+                    tokens.c.id == requested_by))).scalar()
+                requested_by = named or requested_by
+            held = await self._insert(conn, account_id, machine, name, version, op, now, {
+                "id": op_id, "operation": operation, "params": params,
+                "requested_by": requested_by})
+        if held:
+            self._goals.forget(account_id)
+        return await self.show(account_id, op_id)
+
+    async def goals(self, account_id: str) -> AccountGoals:
+        """The account's goals, read before a transaction that asks operations (on SQLite
+        the one connection is that transaction's)."""
+        return await self._goals.get(account_id)
+
+    async def ask_scheduled(self, conn: AsyncConnection, goals: AccountGoals,
+                            account_id: str, machine: Any, name: str, operation: str,
+                            params: dict[str, Any], *, not_before: float, reason: str,
+                            schedule_id: str, due_at: float, requested_by: str) -> str | None:
+        """The operation a schedule run asks of one machine, in the run's transaction
+        (hub/schedules.py): handed out at ``not_before``, Queued with ``reason`` until then,
+        its start timeout counted from then. What ``ask`` refuses at once is recorded as an
+        operation that Failed at once with that code. None: the extension is not set for the
+        machine (the run counts it as skipped)."""
+        now = time.time()
+        values = {"id": random_id(), "operation": operation, "params": params,
+                  "requested_by": requested_by, "not_before": not_before,
+                  "schedule_id": schedule_id, "schedule_due_at": due_at}
+        version = None
+        try:
+            version, op = await self._checked(account_id, machine, name, operation, now,
+                                              goals, conn)
+            held = await self._insert(conn, account_id, machine, name, version, op, now,
+                                      values, reason)
+        except OutpostError as exc:
+            if exc.reason == "ext_op_no_goal":
+                return None
+            await conn.execute(extension_operations.insert().values(
+                **values, account_id=account_id, machine_id=machine.id, extension=name,
+                version=version, status="Failed", code=exc.code, message=exc.message,
+                attempt=1, max_attempts=MAX_ATTEMPTS, next_try_at=None, item_id=None,
+                created_at=now, ended_at=now, output="", result=None, start_deadline=None,
+                expected_end=None))
+            return str(values["id"])
+        if held:
+            self._goals.forget(account_id)
+        return str(values["id"])
+
+    async def _checked(self, account_id: str, machine: Any, name: str, operation: str,
+                       now: float, goals: AccountGoals, conn: AsyncConnection | None = None,
+                       ) -> tuple[str, OperationSpec]:
+        """The version set for the machine and its operation, or the refusal (EX-3, EX-4,
+        EX-10) ``ask`` answers at once."""
         status = machines.status(machine, now)
         if status == "Stopped":
             raise OutpostError(
@@ -89,13 +157,12 @@ class ExtensionOps:
                 f"{status}, last heard from {_when(machine.last_heartbeat_at)}.",
                 machine=machine.name, status=status,
                 last_heartbeat_at=machine.last_heartbeat_at)
-        goals = await self._goals.get(account_id)
         resolved = {r.goal.name: r for r in goals.resolve(machine, held=True)}.get(name)
         if resolved is None:
             raise OutpostError("ext_op_no_goal", f"Extension {name} is not set for machine "
                                f"{machine.name}.", name=name, machine=machine.name)
         version = resolved.package.version
-        manifest = await self._manifest(account_id, name, version)
+        manifest = await self._manifest(account_id, name, version, conn)
         op = manifest.operations.get(operation)
         if op is None:
             known = ", ".join(sorted(manifest.operations)) or "none"
@@ -111,49 +178,51 @@ class ExtensionOps:
                 f"{manifest.min_agent_version} or newer; machine {machine.name} runs "
                 f"{agent}.", name=name, version=version, needed=manifest.min_agent_version,
                 agent_version=agent, machine=machine.name)
-        op_id = random_id()
-        async with self._engine.begin() as conn:
-            if requested_by:  # the token's name, as the operator knows it
-                named = (await conn.execute(sa.select(tokens.c.name).where(
-                    tokens.c.id == requested_by))).scalar()
-                requested_by = named or requested_by
-            previous = (await conn.execute(
-                sa.select(extension_operations).where(
-                    extension_operations.c.machine_id == machine.id,
-                    extension_operations.c.extension == name,
-                    extension_operations.c.status == "Running")
-                .order_by(extension_operations.c.started_at))).first()
-            if previous is not None and previous.expected_end is not None \
-                    and previous.expected_end < now:
-                raise OutpostError(
-                    "ext_op_previous_overdue", f"The previous extension operation is taking "
-                    f"longer than expected ({_alias('ext_op_previous_overdue')}): "
-                    f"{previous.operation} {previous.id} of extension {name} on "
-                    f"{machine.name} started at {_when(previous.started_at)} and was "
-                    f"expected to end by {_when(previous.expected_end)}.",
-                    previous=previous.id, name=name, machine=machine.name)
-            held = (await conn.execute(extension_holds.delete().where(
-                extension_holds.c.machine_id == machine.id,
-                extension_holds.c.name == name))).rowcount
-            status_now, message = "Queued", ""
-            if held:
-                status_now = "Waiting"
-                message = (f"waiting for extension {name} to be installed again on "
-                           f"{machine.name} (it was uninstalled there)")
-            await conn.execute(extension_operations.insert().values(
-                id=op_id, account_id=account_id, machine_id=machine.id, extension=name,
-                version=version, operation=operation, params=params, status=status_now,
-                code=None, message=message, attempt=1, max_attempts=MAX_ATTEMPTS,
-                next_try_at=None, item_id=None, requested_by=requested_by, created_at=now,
-                output="", result=None, start_deadline=now + op.start_timeout_seconds,
-                expected_end=None))
-            if held:
-                await notify.invalidate(conn, "extensions", account_id)
-            else:
-                await self._hand_out(conn, machine.id, name, now)
+        return version, op
+
+    async def _insert(self, conn: AsyncConnection, account_id: str, machine: Any, name: str,
+                      version: str, op: OperationSpec, now: float, values: dict[str, Any],
+                      reason: str = "") -> bool:
+        """Store a checked operation (``values``: id, operation, params, requested_by and
+        any schedule fields) and hand it out if its turn has come; True if it released a
+        hold (the caller forgets the account's goals after its commit)."""
+        previous = (await conn.execute(
+            sa.select(extension_operations).where(
+                extension_operations.c.machine_id == machine.id,
+                extension_operations.c.extension == name,
+                extension_operations.c.status == "Running")
+            .order_by(extension_operations.c.started_at))).first()
+        if previous is not None and previous.expected_end is not None \
+                and previous.expected_end < now:
+            raise OutpostError(
+                "ext_op_previous_overdue", f"The previous extension operation is taking "
+                f"longer than expected ({_alias('ext_op_previous_overdue')}): "
+                f"{previous.operation} {previous.id} of extension {name} on "
+                f"{machine.name} started at {_when(previous.started_at)} and was "
+                f"expected to end by {_when(previous.expected_end)}.",
+                previous=previous.id, name=name, machine=machine.name)
+        held = (await conn.execute(extension_holds.delete().where(
+            extension_holds.c.machine_id == machine.id,
+            extension_holds.c.name == name))).rowcount
+        status_now, message = "Queued", reason
         if held:
-            self._goals.forget(account_id)
-        return await self.show(account_id, op_id)
+            status_now = "Waiting"
+            message = (f"waiting for extension {name} to be installed again on "
+                       f"{machine.name} (it was uninstalled there)")
+            message += f"; {reason}" if reason else ""
+        # The start timeout counts from when the operation may start (EX-1, EX-7).
+        starts = max(now, values.get("not_before") or now)
+        await conn.execute(extension_operations.insert().values(
+            **values, account_id=account_id, machine_id=machine.id, extension=name,
+            version=version, status=status_now, code=None, message=message, attempt=1,
+            max_attempts=MAX_ATTEMPTS, next_try_at=None, item_id=None, created_at=now,
+            output="", result=None, start_deadline=starts + op.start_timeout_seconds,
+            expected_end=None))
+        if held:
+            await notify.invalidate(conn, "extensions", account_id)
+        else:
+            await self._hand_out(conn, machine.id, name, now)
+        return bool(held)
 
     async def show(self, account_id: str, op_id: str) -> dict[str, Any]:
         async with self._engine.connect() as conn:
@@ -238,15 +307,17 @@ class ExtensionOps:
             return
         row = (await conn.execute(sa.select(t).where(
             t.c.machine_id == machine_id, t.c.extension == name, t.c.status == "Queued",
-            t.c.item_id.is_(None),
-            sa.or_(t.c.next_try_at.is_(None), t.c.next_try_at <= now))
+            t.c.item_id.is_(None), *_due(now))
             .order_by(t.c.created_at).limit(1))).first()
         if row is None:
             return
         item_id = random_id()
+        values: dict[str, Any] = {"item_id": item_id}
+        if row.not_before is not None and row.message.startswith(SCHEDULED):
+            values["message"] = ""  # its time has come
         claimed = (await conn.execute(t.update().where(
             t.c.id == row.id, t.c.item_id.is_(None), t.c.status == "Queued").values(
-                item_id=item_id))).rowcount
+                **values))).rowcount
         if not claimed:
             return
         payload = wire.ExtOpPayload(
@@ -291,8 +362,7 @@ class ExtensionOps:
                         t.c.id == row.id, t.c.status == "Waiting",
                         t.c.item_id.is_(None)).values(status="Queued", message=""))
             pending = (await conn.execute(sa.select(t.c.machine_id, t.c.extension).where(
-                t.c.status == "Queued", t.c.item_id.is_(None),
-                sa.or_(t.c.next_try_at.is_(None), t.c.next_try_at <= now)).distinct())).all()
+                t.c.status == "Queued", t.c.item_id.is_(None), *_due(now)).distinct())).all()
             for row in pending:
                 await self._hand_out(conn, row.machine_id, row.extension, now)
 

@@ -48,6 +48,9 @@ class Operation(View):
     result: dict[str, Any] | None
     start_deadline: float | None
     expected_end: float | None
+    not_before: float | None = Field(description="Not started before this time (a "
+                                     "schedule's offset for the machine); null: at once.")
+    schedule_id: str | None = Field(description="The schedule that asked it, if one did.")
 
 
 class Uninstalling(View):
