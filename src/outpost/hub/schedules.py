@@ -228,8 +228,8 @@ async def _check_operation(engine: AsyncEngine, account_id: str, extension: str,
             extension_packages.c.account_id == account_id,
             extension_packages.c.name == extension))).all()
     if not rows:
-        raise OutpostError("schedule_extension_unknown", f"No extension '{extension[:64]}' "
-                           "is published in this account.", name=extension[:64])
+        raise OutpostError("ext_not_found", f"No extension '{extension[:64]}' is published "
+                           "in this account.", name=extension[:64])
     known: set[str] = set()
     for row in rows:
         known |= set(Manifest.model_validate(row.manifest).operations)

@@ -782,15 +782,7 @@ _ENTRIES += (
         ("Give --group G, or --machine M with --extension.",),
         422, "EX-7"),
     Entry(
-        "E8127", "schedule_extension_unknown", "No extension '{name}' is published in this "
-        "account.",
-        ("The extension's name is mistyped, or no version of it was published in this "
-         "account.",),
-        ("See the published extensions with 'outpost extension list'; publish it with "
-         "'outpost extension publish', then create the schedule.",),
-        404, "EX-7"),
-    Entry(
-        "E8128", "schedule_operation_unknown", "No published version of extension {name} "
+        "E8127", "schedule_operation_unknown", "No published version of extension {name} "
         "has an operation '{operation}'.",
         ("The operation's name is mistyped, or it is not among the operations of any "
          "published version's manifest; the message lists the operations there are.",),
