@@ -59,6 +59,18 @@ def test_a_scheduled_operation_runs_once_on_each_machine_spread_over_the_window(
         wait_until(lambda: all(_states(hub).get(n) == "Ready" for n in ("w1", "w2", "w3")),
                    60, 0.3, f"tiny Ready on w1-w3: {_states(hub)}")
 
+        # Exactly one of --runbook and --extension (with --operation), of --group and
+        # --machine: refused with its code, exit 2, nothing stored.
+        for flags, code in ((["--group", "web"], "E8125"),
+                            (["--runbook", "r", "--extension", "tiny", "--operation", "snap",
+                              "--group", "web"], "E8125"),
+                            (["--extension", "tiny", "--operation", "snap", "--group", "web",
+                              "--machine", "w1"], "E8126")):
+            refused = hub.cli("schedule", "create", "bad", "--cron", "@daily", *flags)
+            assert refused.returncode == 2, (refused.stdout, refused.stderr)
+            assert f"code:   {code}" in refused.stderr and "Traceback" not in refused.stderr
+        assert _api(hub, "GET", "/v1/schedules") == []
+
         # A cron time a few seconds ahead, to the second (6 fields): one run, then a year.
         due = datetime.fromtimestamp(int(time.time()) + 8, timezone.utc)
         cron = f"{due.second} {due.minute} {due.hour} {due.day} {due.month} *"

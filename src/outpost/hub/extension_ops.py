@@ -11,7 +11,12 @@ behind it. Operations of one extension on one machine are handed out one at a ti
 UPDATE): it fails what no agent started within its start timeout (E9084, 151076), hands out
 the next Queued operation of each extension and machine whose turn has come (a retry whose
 backoff passed, one behind another that ended, one Waiting for its extension to be Ready
-again), and nothing else.
+again, a scheduled one whose ``not_before`` has come), and nothing else.
+
+A schedule's run asks an operation of each machine of its target through ``ask_scheduled``
+(hub/schedules.py), with ``not_before`` at the machine's offset within the spread (EX-7):
+Queued until then, its start timeout counted from then; a refusal ``ask`` would answer is
+stored as an operation that Failed at once, so one machine does not stop the run.
 
 An end with ``transient: true`` is retried with backoff up to ``MAX_ATTEMPTS`` (EX-12).
 """
