@@ -113,12 +113,15 @@ class ExtensionOps:
     async def ask_scheduled(self, conn: AsyncConnection, goals: AccountGoals,
                             account_id: str, machine: Any, name: str, operation: str,
                             params: dict[str, Any], *, not_before: float, reason: str,
-                            schedule_id: str, due_at: float, requested_by: str) -> str | None:
+                            schedule_id: str, due_at: float, requested_by: str,
+                            manifests: dict[tuple[str, str], Manifest] | None = None,
+                            ) -> str | None:
         """The operation a schedule run asks of one machine, in the run's transaction
         (hub/schedules.py): handed out at ``not_before``, Queued with ``reason`` until then,
         its start timeout counted from then. What ``ask`` refuses at once is recorded as an
         operation that Failed at once with that code. None: the extension is not set for the
-        machine (the run counts it as skipped)."""
+        machine (the run counts it as skipped). ``manifests`` keeps the manifests read, for
+        a run asking many machines."""
         now = time.time()
         values = {"id": random_id(), "operation": operation, "params": params,
                   "requested_by": requested_by, "not_before": not_before,
@@ -126,7 +129,7 @@ class ExtensionOps:
         version = None
         try:
             version, op = await self._checked(account_id, machine, name, operation, now,
-                                              goals, conn)
+                                              goals, conn, manifests)
             held = await self._insert(conn, account_id, machine, name, version, op, now,
                                       values, reason)
         except OutpostError as exc:
@@ -145,6 +148,7 @@ class ExtensionOps:
 
     async def _checked(self, account_id: str, machine: Any, name: str, operation: str,
                        now: float, goals: AccountGoals, conn: AsyncConnection | None = None,
+                       manifests: dict[tuple[str, str], Manifest] | None = None,
                        ) -> tuple[str, OperationSpec]:
         """The version set for the machine and its operation, or the refusal (EX-3, EX-4,
         EX-10) ``ask`` answers at once."""
@@ -167,7 +171,10 @@ class ExtensionOps:
             raise OutpostError("ext_op_no_goal", f"Extension {name} is not set for machine "
                                f"{machine.name}.", name=name, machine=machine.name)
         version = resolved.package.version
-        manifest = await self._manifest(account_id, name, version, conn)
+        manifests = {} if manifests is None else manifests
+        if (name, version) not in manifests:
+            manifests[(name, version)] = await self._manifest(account_id, name, version, conn)
+        manifest = manifests[(name, version)]
         op = manifest.operations.get(operation)
         if op is None:
             known = ", ".join(sorted(manifest.operations)) or "none"
@@ -225,7 +232,7 @@ class ExtensionOps:
             expected_end=None))
         if held:
             await notify.invalidate(conn, "extensions", account_id)
-        else:
+        elif starts <= now:  # a later start is handed out by the periodic pass
             await self._hand_out(conn, machine.id, name, now)
         return bool(held)
 

@@ -523,6 +523,7 @@ class Scheduler:
                 else query.where(m.group_name == row.group_name)
             targets = (await conn.execute(query.order_by(m.name))).all()
             asked = skipped = 0
+            manifests: dict[tuple[str, str], Manifest] = {}
             for machine in targets:
                 offset = machine_offset(row.id, machine.id, spread)
                 starts = due_at + offset
@@ -533,7 +534,8 @@ class Scheduler:
                 op_id = await self._ext_ops.ask_scheduled(
                     conn, goals, row.account_id, machine, row.extension, row.operation,
                     dict(row.params), not_before=starts, reason=reason,
-                    schedule_id=row.id, due_at=due_at, requested_by=f"schedule {row.name}")
+                    schedule_id=row.id, due_at=due_at, requested_by=f"schedule {row.name}",
+                    manifests=manifests)
                 asked, skipped = (asked + 1, skipped) if op_id else (asked, skipped + 1)
             error = None
             if not targets:
