@@ -113,6 +113,12 @@ def test_a_scheduled_operation_runs_once_on_each_machine_spread_over_the_window(
             op = by_machine[name]
             assert op["not_before"] - 0.05 <= ran[op["id"]] < op["not_before"] + 10, (op, ran)
 
+        listed_text = run_cli("schedule", "list", "--hub", hub.url, "--token",
+                              hub.admin_token, "--ca-fingerprint", hub.fingerprint,
+                              env=clean_env(COLUMNS="220"))
+        assert listed_text.returncode == 0, listed_text.stderr
+        for piece in ("snaps", "tiny snap", "every machine of group web", "6s (each machine"):
+            assert piece in listed_text.stdout, listed_text.stdout
         shown = _api(hub, "GET", "/v1/schedules/snaps")
         [run] = shown["runs"]
         assert (run["due_at"], run["operations"], run["skipped"]) == (due.timestamp(), 4, 0)

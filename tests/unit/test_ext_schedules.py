@@ -41,11 +41,13 @@ def test_machine_offsets_are_stable_within_the_spread_and_spread_evenly() -> Non
     assert {machine_offset("schedule-a", m, 0) for m in machines} == {0.0}
 
 
-async def _fleet(hub: InprocHub, *, start_timeout: float = 600) -> None:
+async def _fleet(hub: InprocHub, *, start_timeout: float = 600,
+                 expected: float = 3600) -> None:
     """m1..m3 Healthy with extension ops set; m4 set but never heard from; m5 in the group
     without it."""
     data = package(manifest("ops", "1.0.0", operations={
-        "snap": {"run": "bin/snap", "start_timeout_seconds": start_timeout}}))
+        "snap": {"run": "bin/snap", "start_timeout_seconds": start_timeout,
+                 "expected_seconds": expected}}))
     await hub.ok("POST", "/v1/extensions", content=data,
                  headers={"Content-Type": "application/gzip"})
     for name in ("m1", "m2", "m3", "m4", "m5"):
@@ -168,6 +170,44 @@ async def test_a_scheduled_operation_starts_at_its_offset_and_times_out_from_it(
     await hub.hub.ext_ops.tick()
     failed = (await _ops(hub))["m2"]
     assert (failed["status"], failed["code"]) == ("Failed", "151076"), failed
+
+
+async def test_a_run_refuses_an_overdue_machine_and_reinstalls_an_uninstalled_one(
+        fast_hub_any: InprocHub, hub_clock: Clock) -> None:
+    hub = fast_hub_any
+    await _fleet(hub, expected=5)
+    m1 = hub.machines["m1"]
+    # m1 runs an operation asked by hand, past its expected 5 s (150066 for the next one).
+    asked = await hub.ok("POST", "/v1/machines/m1/extensions/ops/operations/snap", json={})
+    [item] = await m1.poll()
+    assert item["payload"]["op_id"] == asked["id"]
+    started = await m1.call("POST", f"/v1/agent/ext-ops/{asked['id']}/progress", {
+        "attempt": 1, "state": "started", "at": time.time()})
+    assert started.status_code == 204, started.text
+    # m2: uninstalled from the machine by the operator; the next operation reinstalls it.
+    await hub.ok("POST", "/v1/machines/m2/extensions/ops/uninstall")
+    hub_clock.advance(10)
+    for name in ("m1", "m2", "m3"):
+        await hub.machines[name].heartbeat()
+    made = await _schedule(hub, "1h")
+    row = await _make_due(hub, made["id"])
+    assert await hub.hub.scheduler._fire(row) is True
+    ops = {o["machine"]: o for o in await hub.ok("GET", "/v1/extension-operations")
+           if o["schedule_id"] == made["id"]}
+    assert sorted(ops) == ["m1", "m2", "m3", "m4"]
+    assert (ops["m1"]["status"], ops["m1"]["code"]) == ("Failed", "E9083"), ops["m1"]
+    assert "150066" in ops["m1"]["message"] and asked["id"] in ops["m1"]["message"]
+    assert ops["m1"]["version"] == "1.0.0"
+    assert ops["m2"]["status"] == "Waiting", ops["m2"]
+    assert ops["m2"]["message"].startswith("waiting for extension ops to be installed "
+                                           "again on m2"), ops["m2"]
+    assert "; scheduled: starts at" in ops["m2"]["message"], ops["m2"]
+    assert ops["m3"]["status"] == "Queued" and ops["m4"]["status"] == "Failed"
+    async with hub.hub.engine.connect() as conn:
+        holds = (await conn.execute(sa.text("SELECT count(*) FROM extension_holds"))).scalar()
+    assert holds == 0  # released: m2's agent installs it again
+    shown = await hub.ok("GET", "/v1/schedules/nightly")
+    assert shown["runs"][0]["operation_states"] == {"Failed": 2, "Waiting": 1, "Queued": 1}
 
 
 async def test_bad_targets_are_refused_with_their_codes(fast_hub: InprocHub) -> None:

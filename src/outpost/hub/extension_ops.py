@@ -75,6 +75,20 @@ def _due(now: float) -> tuple[Any, ...]:
             sa.or_(t.c.not_before.is_(None), t.c.not_before <= now))
 
 
+def _overdue(previous: Any, name: str, machine: Any) -> OutpostError:
+    return OutpostError(
+        "ext_op_previous_overdue", f"The previous extension operation is taking longer than "
+        f"expected ({_alias('ext_op_previous_overdue')}): {previous.operation} {previous.id} "
+        f"of extension {name} on {machine.name} started at {_when(previous.started_at)} and "
+        f"was expected to end by {_when(previous.expected_end)}.",
+        previous=previous.id, name=name, machine=machine.name)
+
+
+def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:
+    """Ids for ``IN (...)`` a few hundred at a time (SQLite's limit on parameters)."""
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
 def _when(at: float | None) -> str:
     if at is None:
         return "never"
@@ -111,40 +125,96 @@ class ExtensionOps:
         return await self._goals.get(account_id)
 
     async def ask_scheduled(self, conn: AsyncConnection, goals: AccountGoals,
-                            account_id: str, machine: Any, name: str, operation: str,
-                            params: dict[str, Any], *, not_before: float, reason: str,
+                            account_id: str, name: str, operation: str,
+                            params: dict[str, Any], slots: list[tuple[Any, float, str]], *,
                             schedule_id: str, due_at: float, requested_by: str,
-                            manifests: dict[tuple[str, str], Manifest] | None = None,
-                            ) -> str | None:
-        """The operation a schedule run asks of one machine, in the run's transaction
-        (hub/schedules.py): handed out at ``not_before``, Queued with ``reason`` until then,
-        its start timeout counted from then. What ``ask`` refuses at once is recorded as an
-        operation that Failed at once with that code. None: the extension is not set for the
-        machine (the run counts it as skipped). ``manifests`` keeps the manifests read, for
-        a run asking many machines."""
+                            ) -> list[str | None]:
+        """The operations a schedule's run asks, one for each ``(machine row, not_before,
+        reason)`` of ``slots``, in the run's transaction (hub/schedules.py): each handed out
+        at its ``not_before``, Queued with its ``reason`` until then, its start timeout
+        counted from then. What ``ask`` refuses at once is stored as an operation that
+        Failed at once with that code. The id of each, or None for a machine the extension
+        is not set for (the run counts it as skipped).
+
+        A few statements for the whole run rather than a few per machine: on PostgreSQL
+        each is a round trip, and the run holds its transaction (and on SQLite the hub's
+        one connection) until it commits."""
         now = time.time()
-        values = {"id": random_id(), "operation": operation, "params": params,
-                  "requested_by": requested_by, "not_before": not_before,
-                  "schedule_id": schedule_id, "schedule_due_at": due_at}
-        version = None
-        try:
-            version, op = await self._checked(account_id, machine, name, operation, now,
-                                              goals, conn, manifests)
-            held = await self._insert(conn, account_id, machine, name, version, op, now,
-                                      values, reason)
-        except OutpostError as exc:
-            if exc.reason == "ext_op_no_goal":
-                return None
-            await conn.execute(extension_operations.insert().values(
-                **values, account_id=account_id, machine_id=machine.id, extension=name,
-                version=version, status="Failed", code=exc.code, message=exc.message,
-                attempt=1, max_attempts=MAX_ATTEMPTS, next_try_at=None, item_id=None,
-                created_at=now, ended_at=now, output="", result=None, start_deadline=None,
-                expected_end=None))
-            return str(values["id"])
+        t, h = extension_operations, extension_holds
+        manifests: dict[tuple[str, str], Manifest] = {}
+        checked: dict[str, tuple[str, OperationSpec]] = {}
+        refused: dict[str, OutpostError] = {}
+        skipped: set[str] = set()
+        for machine, _, _ in slots:
+            # Not set for the machine: skipped, whatever its agent's state.
+            if name not in {r.goal.name for r in goals.resolve(machine, held=True)}:
+                skipped.add(machine.id)
+                continue
+            try:
+                checked[machine.id] = await self._checked(
+                    account_id, machine, name, operation, now, goals, conn, manifests)
+            except OutpostError as exc:
+                refused[machine.id] = exc
+        versions = {m: v for m, (v, _) in checked.items()}
+        versions |= {m: e.details["version"] for m, e in refused.items()
+                     if "version" in e.details}
+        running: dict[str, Any] = {}
+        held: set[str] = set()
+        for chunk in _chunks(list(checked)):
+            for r in await conn.execute(sa.select(t).where(
+                    t.c.machine_id.in_(chunk), t.c.extension == name,
+                    t.c.status == "Running").order_by(t.c.started_at)):
+                running.setdefault(r.machine_id, r)
+        for machine, _, _ in slots:
+            previous = running.get(machine.id)
+            if machine.id in checked and previous is not None \
+                    and previous.expected_end is not None and previous.expected_end < now:
+                refused[machine.id] = _overdue(previous, name, machine)
+                del checked[machine.id]
+        for chunk in _chunks(list(checked)):
+            held |= {r.machine_id for r in await conn.execute(sa.select(h.c.machine_id).where(
+                h.c.machine_id.in_(chunk), h.c.name == name))}
+            await conn.execute(h.delete().where(h.c.machine_id.in_(chunk), h.c.name == name))
+        rows: list[dict[str, Any]] = []
+        ids: list[str | None] = []
+        for machine, not_before, reason in slots:
+            refusal = refused.get(machine.id)
+            if machine.id in skipped or (refusal is not None
+                                         and refusal.reason == "ext_op_no_goal"):
+                ids.append(None)
+                continue
+            values: dict[str, Any] = {
+                "id": random_id(), "account_id": account_id, "machine_id": machine.id,
+                "extension": name, "operation": operation, "params": params,
+                "requested_by": requested_by, "not_before": not_before,
+                "schedule_id": schedule_id, "schedule_due_at": due_at, "attempt": 1,
+                "max_attempts": MAX_ATTEMPTS, "next_try_at": None, "item_id": None,
+                "created_at": now, "output": "", "result": None, "expected_end": None}
+            if refusal is not None:
+                values.update(version=versions.get(machine.id), status="Failed",
+                              code=refusal.code, message=refusal.message, ended_at=now,
+                              start_deadline=None)
+            else:
+                version, op = checked[machine.id]
+                message = reason
+                if machine.id in held:
+                    message = (f"waiting for extension {name} to be installed again on "
+                               f"{machine.name} (it was uninstalled there); {reason}")
+                values.update(
+                    version=version, status="Waiting" if machine.id in held else "Queued",
+                    code=None, message=message, ended_at=None,
+                    start_deadline=max(now, not_before) + op.start_timeout_seconds)
+            rows.append(values)
+            ids.append(values["id"])
+        if rows:
+            await conn.execute(t.insert(), rows)
         if held:
+            await notify.invalidate(conn, "extensions", account_id)
             self._goals.forget(account_id)
-        return str(values["id"])
+        for machine, not_before, _ in slots:
+            if machine.id in checked and machine.id not in held and not_before <= now:
+                await self._hand_out(conn, machine.id, name, now)
+        return ids
 
     async def _checked(self, account_id: str, machine: Any, name: str, operation: str,
                        now: float, goals: AccountGoals, conn: AsyncConnection | None = None,
@@ -193,11 +263,11 @@ class ExtensionOps:
         return version, op
 
     async def _insert(self, conn: AsyncConnection, account_id: str, machine: Any, name: str,
-                      version: str, op: OperationSpec, now: float, values: dict[str, Any],
-                      reason: str = "") -> bool:
-        """Store a checked operation (``values``: id, operation, params, requested_by and
-        any schedule fields) and hand it out if its turn has come; True if it released a
-        hold (the caller forgets the account's goals after its commit)."""
+                      version: str, op: OperationSpec, now: float,
+                      values: dict[str, Any]) -> bool:
+        """Store a checked operation (``values``: id, operation, params, requested_by) and
+        hand it out if its turn has come; True if it released a hold (the caller forgets
+        the account's goals after its commit)."""
         previous = (await conn.execute(
             sa.select(extension_operations).where(
                 extension_operations.c.machine_id == machine.id,
@@ -206,33 +276,24 @@ class ExtensionOps:
             .order_by(extension_operations.c.started_at))).first()
         if previous is not None and previous.expected_end is not None \
                 and previous.expected_end < now:
-            raise OutpostError(
-                "ext_op_previous_overdue", f"The previous extension operation is taking "
-                f"longer than expected ({_alias('ext_op_previous_overdue')}): "
-                f"{previous.operation} {previous.id} of extension {name} on "
-                f"{machine.name} started at {_when(previous.started_at)} and was "
-                f"expected to end by {_when(previous.expected_end)}.",
-                previous=previous.id, name=name, machine=machine.name)
+            raise _overdue(previous, name, machine)
         held = (await conn.execute(extension_holds.delete().where(
             extension_holds.c.machine_id == machine.id,
             extension_holds.c.name == name))).rowcount
-        status_now, message = "Queued", reason
+        status_now, message = "Queued", ""
         if held:
             status_now = "Waiting"
             message = (f"waiting for extension {name} to be installed again on "
                        f"{machine.name} (it was uninstalled there)")
-            message += f"; {reason}" if reason else ""
-        # The start timeout counts from when the operation may start (EX-1, EX-7).
-        starts = max(now, values.get("not_before") or now)
         await conn.execute(extension_operations.insert().values(
             **values, account_id=account_id, machine_id=machine.id, extension=name,
             version=version, status=status_now, code=None, message=message, attempt=1,
             max_attempts=MAX_ATTEMPTS, next_try_at=None, item_id=None, created_at=now,
-            output="", result=None, start_deadline=starts + op.start_timeout_seconds,
+            output="", result=None, start_deadline=now + op.start_timeout_seconds,
             expected_end=None))
         if held:
             await notify.invalidate(conn, "extensions", account_id)
-        elif starts <= now:  # a later start is handed out by the periodic pass
+        else:
             await self._hand_out(conn, machine.id, name, now)
         return bool(held)
 

@@ -522,21 +522,20 @@ class Scheduler:
             query = query.where(m.name == row.machine_name) if row.machine_name \
                 else query.where(m.group_name == row.group_name)
             targets = (await conn.execute(query.order_by(m.name))).all()
-            asked = skipped = 0
-            manifests: dict[tuple[str, str], Manifest] = {}
+            slots = []
             for machine in targets:
                 offset = machine_offset(row.id, machine.id, spread)
                 starts = due_at + offset
                 clock = datetime.fromtimestamp(starts, expr.tz).strftime("%H:%M:%S")
-                reason = (f"{SCHEDULED}starts at {clock} (offset "
-                          f"{durations.describe(offset)} of spread "
-                          f"{durations.describe(spread)})")
-                op_id = await self._ext_ops.ask_scheduled(
-                    conn, goals, row.account_id, machine, row.extension, row.operation,
-                    dict(row.params), not_before=starts, reason=reason,
-                    schedule_id=row.id, due_at=due_at, requested_by=f"schedule {row.name}",
-                    manifests=manifests)
-                asked, skipped = (asked + 1, skipped) if op_id else (asked, skipped + 1)
+                slots.append((machine, starts, f"{SCHEDULED}starts at {clock} (offset "
+                              f"{durations.describe(offset)} of spread "
+                              f"{durations.describe(spread)})"))
+            ids = await self._ext_ops.ask_scheduled(
+                conn, goals, row.account_id, row.extension, row.operation, dict(row.params),
+                slots, schedule_id=row.id, due_at=due_at,
+                requested_by=f"schedule {row.name}")
+            asked = sum(1 for i in ids if i is not None)
+            skipped = len(ids) - asked
             error = None
             if not targets:
                 error = (f"no machine named {row.machine_name}" if row.machine_name
