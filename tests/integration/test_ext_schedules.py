@@ -72,7 +72,7 @@ def test_a_scheduled_operation_runs_once_on_each_machine_spread_over_the_window(
         assert _api(hub, "GET", "/v1/schedules") == []
 
         # A cron time a few seconds ahead, to the second (6 fields): one run, then a year.
-        due = datetime.fromtimestamp(int(time.time()) + 8, timezone.utc)
+        due = datetime.fromtimestamp(int(time.time()) + 12, timezone.utc)
         cron = f"{due.second} {due.minute} {due.hour} {due.day} {due.month} *"
         made = hub.cli("schedule", "create", "snaps", "--extension", "tiny", "--operation",
                        "snap", "--group", "web", "--cron", cron, "--spread", f"{SPREAD:g}s",
