@@ -48,7 +48,7 @@ _USAGE_REASONS = {"config_invalid", "config_tab", "invalid_hostname", "account_k
                   "timezone_unknown", "expiry_invalid", "webhook_param_missing",
                   "log_level_invalid", "duration_invalid", "param_duplicate", "value_empty",
                   "job_id_ambiguous", "fanout_options_invalid", "fanout_limit_invalid",
-                  "fanout_group_empty",
+                  "fanout_group_empty", "schedule_kind_invalid", "schedule_target_invalid",
                   "tls_files_unreadable", "tls_key_mismatch", "tls_hostname_not_covered",
                   "tls_chain_incomplete",
                   "fingerprint_malformed", "profile_unknown", "profiles_file_invalid",

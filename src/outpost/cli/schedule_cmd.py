@@ -1,10 +1,13 @@
-"""``outpost schedule ...``: start runbooks at the times of a cron expression."""
+"""``outpost schedule ...``: start runbooks, or ask extensions' operations of machines, at
+the times of a cron expression."""
 
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Annotated, Any, Optional
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 import typer
 
@@ -15,8 +18,10 @@ from .job_cmd import short_ids
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
 from .output import out, print_json, say, table, value_text
 
-app = typer.Typer(no_args_is_help=True, help="Schedules: start a runbook on a group at the "
-                  "times of a cron expression, once per due time.")
+app = typer.Typer(no_args_is_help=True, help="Schedules: at the times of a cron expression, "
+                  "once per due time, start a runbook on a group, or ask an extension's "
+                  "operation of every machine of a group (each at its own offset within the "
+                  "spread).")
 
 MAX_SPREAD = 7 * 86400.0
 
@@ -51,7 +56,35 @@ def _local(iso: str | None) -> str:
 def _spread(s: dict[str, Any]) -> str:
     if not s["spread_seconds"]:
         return "-"
+    if s.get("kind") == "extension":
+        return f"{duration(s['spread_seconds'])} (each machine at its own offset)"
     return f"{duration(s['spread_seconds'])} (offset {duration(s['offset_seconds'])})"
+
+
+def _what(s: dict[str, Any]) -> str:
+    if s.get("kind") == "extension":
+        return f"{s['extension']} {s['operation']}"
+    return f"runbook {s['runbook_name']}"
+
+
+def _on(s: dict[str, Any]) -> str:
+    if s.get("kind") != "extension":
+        return f"group {s['group_name']}"
+    if s.get("target_kind") == "machine":
+        return f"machine {s['target']}"
+    return f"every machine of group {s['target']}"
+
+
+def _summary(s: dict[str, Any]) -> str:
+    """'nightly on group web', or 'operation snapshot of extension backup on every machine
+    of group web'."""
+    if s.get("kind") == "extension":
+        return f"operation {s['operation']} of extension {s['extension']} on {_on(s)}"
+    return f"{s['runbook_name']} on group {s['group_name']}"
+
+
+def _states(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{n} {state}" for state, n in sorted((counts or {}).items())) or "-"
 
 
 def _next(s: dict[str, Any]) -> str:
@@ -67,33 +100,56 @@ def _path(name: str) -> str:
 @app.command()
 def create(
     name: str,
-    runbook: Annotated[str, typer.Option(help="The runbook to start (its latest version "
-                                         "at each run).")],
-    group: Annotated[str, typer.Option(help="The group whose machines may run it.")],
     cron: Annotated[str, typer.Option(help="When: 'MIN HOUR DAY MONTH WEEKDAY', 6 fields "
                                       "with seconds first, or @hourly, @daily, @weekly...")],
+    runbook: Annotated[Optional[str], typer.Option(help="The runbook to start on one "
+                                                   "machine of the group (its latest "
+                                                   "version at each run).")] = None,
+    extension: Annotated[Optional[str], typer.Option(help="Instead of a runbook: the "
+                                                     "extension whose --operation is asked "
+                                                     "of every machine of the group (or of "
+                                                     "--machine).")] = None,
+    operation: Annotated[Optional[str], typer.Option(help="The extension's operation, "
+                                                     "e.g. snapshot.")] = None,
+    group: Annotated[Optional[str], typer.Option(help="The group: a runbook runs on one "
+                                                 "of its machines, an operation on each "
+                                                 "machine the extension is set for.")] = None,
+    machine: Annotated[Optional[str], typer.Option(help="One machine (name or id), for an "
+                                                   "extension's operation, instead of "
+                                                   "--group.")] = None,
     timezone: Annotated[str, typer.Option(help="IANA time zone the cron times are read "
                                           "in, e.g. Europe/Berlin.")] = "UTC",
     spread: Annotated[str, typer.Option(help="Start each run at a stable offset within "
                                         "this window (10m, 10min, 1h30m; at most 7d), so a "
-                                        "fleet does not fire at one second (EX-7).")] = "0",
-    param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE; repeatable.")]
+                                        "fleet does not fire at one second (EX-7); an "
+                                        "operation starts on each machine at that machine's "
+                                        "own offset.")] = "0",
+    param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE; repeatable (the "
+                                                       "runbook's or the operation's; an "
+                                                       "operation's are public, never a "
+                                                       "secret).")]
     = None,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
-    """Start RUNBOOK on a machine of GROUP at every time CRON names, once per due time."""
-    body = {"name": name, "runbook": runbook, "group": group, "cron": cron,
+    """At every time CRON names, once per due time: start RUNBOOK on a machine of GROUP, or
+    ask OPERATION of EXTENSION on every machine of GROUP (or on MACHINE), each machine at
+    its own offset within the spread.
+
+    Example: outpost schedule create nightly --extension backup --operation snapshot
+    --group web --cron '0 2 * * *' --spread 2h"""
+    body = {"name": name, "runbook": runbook, "extension": extension,
+            "operation": operation, "group": group, "machine": machine, "cron": cron,
             "timezone": timezone, "spread": durations.parse(spread, "--spread",
                                                             maximum=MAX_SPREAD),
             "params": split_assignments(param or [])}
-    made = api(hub, token, ca_fingerprint, data_dir).post("/v1/schedules", body)
+    made = api(hub, token, ca_fingerprint, data_dir).post(
+        "/v1/schedules", {k: v for k, v in body.items() if v is not None})
     if json:
         print_json(made)
         return
-    say(f"Created schedule {made['name']}: {made['runbook_name']} on group "
-        f"{made['group_name']}, cron '{made['cron']}' ({made['timezone']}), spread "
-        f"{_spread(made)}.")
+    say(f"Created schedule {made['name']}: {_summary(made)}, cron '{made['cron']}' "
+        f"({made['timezone']}), spread {_spread(made)}.")
     if made.get("params"):
         say(f"  params:   {value_text(made['params'])}")
     say(f"  next run: {_next(made)}")
@@ -102,7 +158,7 @@ def create(
 @app.command("list")
 def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
           data_dir: DataDir = None, json: Json = False) -> None:
-    """Every schedule of the account with its next run."""
+    """Every schedule of the account: what it starts, on what, and its next run."""
     rows = api(hub, token, ca_fingerprint, data_dir).get("/v1/schedules")
     if json:
         print_json(rows)
@@ -110,9 +166,9 @@ def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = 
     if not rows:
         out.print("No schedules in this account.")
         return
-    table(["NAME", "RUNBOOK", "GROUP", "CRON (TIME ZONE)", "SPREAD", "PARAMS", "NEXT RUN",
+    table(["NAME", "STARTS", "ON", "CRON (TIME ZONE)", "SPREAD", "PARAMS", "NEXT RUN",
            "LAST RUN"],
-          [[s["name"], s["runbook_name"], s["group_name"], f"{s['cron']} ({s['timezone']})",
+          [[s["name"], _what(s), _on(s), f"{s['cron']} ({s['timezone']})",
             _spread(s), s["params"] or "-", _next(s), _local(s["last_run"])] for s in rows])
 
 
@@ -120,12 +176,12 @@ def list_(hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = 
 def show(name: str, hub: Hub = None, token: Token = None,
          ca_fingerprint: CaFingerprint = None, data_dir: DataDir = None,
          json: Json = False) -> None:
-    """A schedule, its next run, and its newest runs with their jobs."""
+    """A schedule, its next run, and its newest runs with their jobs (or operations)."""
     s = api(hub, token, ca_fingerprint, data_dir).get(_path(name))
     if json:
         print_json(s)
         return
-    say(f"Schedule {s['name']}: {s['runbook_name']} on group {s['group_name']}")
+    say(f"Schedule {s['name']}: {_summary(s)}")
     say(f"  cron:      {s['cron']} ({s['timezone']})")
     say(f"  spread:    {_spread(s)}")
     say(f"  params:    {value_text(s['params']) if s['params'] else '-'}")
@@ -134,10 +190,32 @@ def show(name: str, hub: Hub = None, token: Token = None,
     if not s["runs"]:
         out.print("  no runs yet")
         return
+    if s.get("kind") == "extension":
+        _operation_runs(s)
+        return
     short = short_ids([r["job_id"] for r in s["runs"] if r["job_id"]])
     table(["DUE", "JOB", "STATUS", "MISSED BEFORE IT", "ERROR"], [
         [_local(r["due"]), short.get(r["job_id"]) or "-", r["job_status"] or "-", r["missed"] or "",
          r["error"] or ""] for r in s["runs"]], title="newest runs")
+
+
+def _operation_runs(s: dict[str, Any]) -> None:
+    table(["DUE", "OPERATIONS", "SKIPPED", "MISSED BEFORE IT", "ERROR"], [
+        [_local(r["due"]), _states(r["operation_states"]), r["skipped"] or "",
+         r["missed"] or "", r["error"] or ""] for r in s["runs"]], title="newest runs")
+    ops = s.get("latest_operations") or []
+    if not ops:
+        return
+    due = s["runs"][0]["due_at"]
+    table(["MACHINE", "STARTS AT", "OFFSET", "STATUS", "CODE", "OPERATION", "MESSAGE"], [
+        [o["machine"] or "-", _clock(o["not_before"] or due, s["timezone"]),
+         duration(o["offset_seconds"] or 0), o["status"], o["code"] or "",
+         o["id"], o["message"] or ""] for o in ops],
+        title="operations of the newest run")
+
+
+def _clock(moment: float, zone: str) -> str:
+    return datetime.fromtimestamp(moment, ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @app.command()

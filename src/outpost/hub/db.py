@@ -549,8 +549,13 @@ schedules = sa.Table(
     sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
               nullable=False),
     sa.Column("name", sa.String(128), nullable=False),
-    sa.Column("runbook_name", sa.String(128), nullable=False),
-    sa.Column("group_name", sa.String(64), nullable=False),
+    # What it starts: a runbook (on one machine of the group), or an extension's operation
+    # (on every machine of the group, or on one machine by name).
+    sa.Column("runbook_name", sa.String(128)),
+    sa.Column("group_name", sa.String(64)),
+    sa.Column("machine_name", sa.String(64)),
+    sa.Column("extension", sa.String(64)),
+    sa.Column("operation", sa.String(64)),
     sa.Column("params", sa.JSON, nullable=False),
     sa.Column("cron", sa.String(128), nullable=False),
     sa.Column("timezone", sa.String(64), nullable=False),
@@ -576,6 +581,9 @@ schedule_runs = sa.Table(
     # Due runs before this one that were skipped because the hub was down (or late).
     sa.Column("missed", sa.Integer, nullable=False),
     sa.Column("error", sa.Text),
+    # An extension operation's run: operations asked (one per machine), machines skipped.
+    sa.Column("operations", sa.Integer),
+    sa.Column("skipped", sa.Integer),
 )
 
 webhooks = sa.Table(
@@ -697,7 +705,14 @@ extension_operations = sa.Table(
     sa.Column("waiting_since", sa.Float),
     sa.Column("waited_seconds", sa.Float),
     sa.Column("wait_reason", sa.Text),
+    # Not handed out before this time (a schedule's offset for the machine); None: at once.
+    sa.Column("not_before", sa.Float),
+    # The schedule run that asked it: one operation per (run, machine), whoever fires it.
+    sa.Column("schedule_id", sa.String(36)),
+    sa.Column("schedule_due_at", sa.Float),
     sa.Index("ix_extension_operations_target", "machine_id", "extension", "status"),
+    sa.Index("uq_extension_operations_schedule_run", "schedule_id", "schedule_due_at",
+             "machine_id", unique=True),
     sa.Index("ix_extension_operations_status", "status"),
 )
 

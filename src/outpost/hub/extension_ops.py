@@ -11,7 +11,12 @@ behind it. Operations of one extension on one machine are handed out one at a ti
 UPDATE): it fails what no agent started within its start timeout (E9084, 151076), hands out
 the next Queued operation of each extension and machine whose turn has come (a retry whose
 backoff passed, one behind another that ended, one Waiting for its extension to be Ready
-again), and nothing else.
+again, a scheduled one whose ``not_before`` has come), and nothing else.
+
+A schedule's run asks an operation of each machine of its target through ``ask_scheduled``
+(hub/schedules.py), with ``not_before`` at the machine's offset within the spread (EX-7):
+Queued until then, its start timeout counted from then; a refusal ``ask`` would answer is
+stored as an operation that Failed at once, so one machine does not stop the run.
 
 An end with ``transient: true`` is retried with backoff up to ``MAX_ATTEMPTS`` (EX-12).
 
@@ -32,19 +37,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from outpost.protocol import work as wire
 from outpost.protocol.errors import OutpostError, entry
 from outpost.protocol.extensions import Manifest
+from outpost.protocol.extensions import Operation as OperationSpec
 
 from . import machines, notify
 from .config import random_id
 from .db import (extension_holds, extension_operations, extension_packages, extension_states,
                  tokens, work_items)
 from .db import machines as machine_rows
-from .extension_goals import GoalCache, version_key
+from .extension_goals import AccountGoals, GoalCache, version_key
 
 MAX_ATTEMPTS = 3
 RETRY_BASE = 2.0  # seconds before the second attempt; doubled for each next one
 RETRY_CAP = 300.0
 OUTPUT_KEPT = 64 * 1024
 ACTIVE = ("Queued", "Waiting", "Running")
+SCHEDULED = "scheduled: "  # the reason of an operation waiting for its scheduled start
 START_TIMEOUT_TEXT = entry("ext_op_start_timeout").message.rstrip(".")
 
 # (connection, the operation's row before its end, the values its end wrote)
@@ -66,7 +73,29 @@ def view(row: Any) -> dict[str, Any]:
         "ended_at": row.ended_at, "output": row.output, "result": row.result,
         "start_deadline": row.start_deadline, "expected_end": row.expected_end,
         "waited_seconds": row.waited_seconds, "wait_reason": row.wait_reason,
+        "not_before": row.not_before, "schedule_id": row.schedule_id,
     }
+
+
+def _due(now: float) -> tuple[Any, ...]:
+    """A Queued operation whose retry backoff and scheduled start (not_before) have passed."""
+    t = extension_operations
+    return (sa.or_(t.c.next_try_at.is_(None), t.c.next_try_at <= now),
+            sa.or_(t.c.not_before.is_(None), t.c.not_before <= now))
+
+
+def _overdue(previous: Any, name: str, machine: Any) -> OutpostError:
+    return OutpostError(
+        "ext_op_previous_overdue", f"The previous extension operation is taking longer than "
+        f"expected ({_alias('ext_op_previous_overdue')}): {previous.operation} {previous.id} "
+        f"of extension {name} on {machine.name} started at {_when(previous.started_at)} and "
+        f"was expected to end by {_when(previous.expected_end)}.",
+        previous=previous.id, name=name, machine=machine.name)
+
+
+def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:
+    """Ids for ``IN (...)`` a few hundred at a time (SQLite's limit on parameters)."""
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
 def _when(at: float | None) -> str:
@@ -85,6 +114,124 @@ class ExtensionOps:
     async def ask(self, account_id: str, machine: Any, name: str, operation: str,
                   params: dict[str, Any], requested_by: str | None) -> dict[str, Any]:
         now = time.time()
+        goals = await self._goals.get(account_id)
+        version, op = await self._checked(account_id, machine, name, operation, now, goals)
+        op_id = random_id()
+        async with self._engine.begin() as conn:
+            if requested_by:  # the token's name, as the operator knows it
+                named = (await conn.execute(sa.select(tokens.c.name).where(
+                    tokens.c.id == requested_by))).scalar()
+                requested_by = named or requested_by
+            held = await self._insert(conn, account_id, machine, name, version, op, now, {
+                "id": op_id, "operation": operation, "params": params,
+                "requested_by": requested_by})
+        if held:
+            self._goals.forget(account_id)
+        return await self.show(account_id, op_id)
+
+    async def goals(self, account_id: str) -> AccountGoals:
+        """The account's goals, read before a transaction that asks operations (on SQLite
+        the one connection is that transaction's)."""
+        return await self._goals.get(account_id)
+
+    async def ask_scheduled(self, conn: AsyncConnection, goals: AccountGoals,
+                            account_id: str, name: str, operation: str,
+                            params: dict[str, Any], slots: list[tuple[Any, float, str]], *,
+                            schedule_id: str, due_at: float, requested_by: str,
+                            ) -> list[str | None]:
+        """The operations a schedule's run asks, one for each ``(machine row, not_before,
+        reason)`` of ``slots``, in the run's transaction (hub/schedules.py): each handed out
+        at its ``not_before``, Queued with its ``reason`` until then, its start timeout
+        counted from then. What ``ask`` refuses at once is stored as an operation that
+        Failed at once with that code. The id of each, or None for a machine the extension
+        is not set for (the run counts it as skipped).
+
+        A few statements for the whole run rather than a few per machine: on PostgreSQL
+        each is a round trip, and the run holds its transaction (and on SQLite the hub's
+        one connection) until it commits."""
+        now = time.time()
+        t, h = extension_operations, extension_holds
+        manifests: dict[tuple[str, str], Manifest] = {}
+        checked: dict[str, tuple[str, OperationSpec]] = {}
+        refused: dict[str, OutpostError] = {}
+        skipped: set[str] = set()
+        for machine, _, _ in slots:
+            # Not set for the machine: skipped, whatever its agent's state.
+            if name not in {r.goal.name for r in goals.resolve(machine, held=True)}:
+                skipped.add(machine.id)
+                continue
+            try:
+                checked[machine.id] = await self._checked(
+                    account_id, machine, name, operation, now, goals, conn, manifests)
+            except OutpostError as exc:
+                refused[machine.id] = exc
+        versions = {m: v for m, (v, _) in checked.items()}
+        versions |= {m: e.details["version"] for m, e in refused.items()
+                     if "version" in e.details}
+        running: dict[str, Any] = {}
+        held: set[str] = set()
+        for chunk in _chunks(list(checked)):
+            for r in await conn.execute(sa.select(t).where(
+                    t.c.machine_id.in_(chunk), t.c.extension == name,
+                    t.c.status == "Running").order_by(t.c.started_at)):
+                running.setdefault(r.machine_id, r)
+        for machine, _, _ in slots:
+            previous = running.get(machine.id)
+            if machine.id in checked and previous is not None \
+                    and previous.expected_end is not None and previous.expected_end < now:
+                refused[machine.id] = _overdue(previous, name, machine)
+                del checked[machine.id]
+        for chunk in _chunks(list(checked)):
+            held |= {r.machine_id for r in await conn.execute(sa.select(h.c.machine_id).where(
+                h.c.machine_id.in_(chunk), h.c.name == name))}
+            await conn.execute(h.delete().where(h.c.machine_id.in_(chunk), h.c.name == name))
+        rows: list[dict[str, Any]] = []
+        ids: list[str | None] = []
+        for machine, not_before, reason in slots:
+            refusal = refused.get(machine.id)
+            if machine.id in skipped or (refusal is not None
+                                         and refusal.reason == "ext_op_no_goal"):
+                ids.append(None)
+                continue
+            values: dict[str, Any] = {
+                "id": random_id(), "account_id": account_id, "machine_id": machine.id,
+                "extension": name, "operation": operation, "params": params,
+                "requested_by": requested_by, "not_before": not_before,
+                "schedule_id": schedule_id, "schedule_due_at": due_at, "attempt": 1,
+                "max_attempts": MAX_ATTEMPTS, "next_try_at": None, "item_id": None,
+                "created_at": now, "output": "", "result": None, "expected_end": None}
+            if refusal is not None:
+                values.update(version=versions.get(machine.id), status="Failed",
+                              code=refusal.code, message=refusal.message, ended_at=now,
+                              start_deadline=None)
+            else:
+                version, op = checked[machine.id]
+                message = reason
+                if machine.id in held:
+                    message = (f"waiting for extension {name} to be installed again on "
+                               f"{machine.name} (it was uninstalled there); {reason}")
+                values.update(
+                    version=version, status="Waiting" if machine.id in held else "Queued",
+                    code=None, message=message, ended_at=None,
+                    start_deadline=max(now, not_before) + op.start_timeout_seconds)
+            rows.append(values)
+            ids.append(values["id"])
+        if rows:
+            await conn.execute(t.insert(), rows)
+        if held:
+            await notify.invalidate(conn, "extensions", account_id)
+            self._goals.forget(account_id)
+        for machine, not_before, _ in slots:
+            if machine.id in checked and machine.id not in held and not_before <= now:
+                await self._hand_out(conn, machine.id, name, now)
+        return ids
+
+    async def _checked(self, account_id: str, machine: Any, name: str, operation: str,
+                       now: float, goals: AccountGoals, conn: AsyncConnection | None = None,
+                       manifests: dict[tuple[str, str], Manifest] | None = None,
+                       ) -> tuple[str, OperationSpec]:
+        """The version set for the machine and its operation, or the refusal (EX-3, EX-4,
+        EX-10) ``ask`` answers at once."""
         status = machines.status(machine, now)
         if status == "Stopped":
             raise OutpostError(
@@ -99,13 +246,15 @@ class ExtensionOps:
                 f"{status}, last heard from {_when(machine.last_heartbeat_at)}.",
                 machine=machine.name, status=status,
                 last_heartbeat_at=machine.last_heartbeat_at)
-        goals = await self._goals.get(account_id)
         resolved = {r.goal.name: r for r in goals.resolve(machine, held=True)}.get(name)
         if resolved is None:
             raise OutpostError("ext_op_no_goal", f"Extension {name} is not set for machine "
                                f"{machine.name}.", name=name, machine=machine.name)
         version = resolved.package.version
-        manifest = await self._manifest(account_id, name, version)
+        manifests = {} if manifests is None else manifests
+        if (name, version) not in manifests:
+            manifests[(name, version)] = await self._manifest(account_id, name, version, conn)
+        manifest = manifests[(name, version)]
         op = manifest.operations.get(operation)
         if op is None:
             known = ", ".join(sorted(manifest.operations)) or "none"
@@ -121,49 +270,42 @@ class ExtensionOps:
                 f"{manifest.min_agent_version} or newer; machine {machine.name} runs "
                 f"{agent}.", name=name, version=version, needed=manifest.min_agent_version,
                 agent_version=agent, machine=machine.name)
-        op_id = random_id()
-        async with self._engine.begin() as conn:
-            if requested_by:  # the token's name, as the operator knows it
-                named = (await conn.execute(sa.select(tokens.c.name).where(
-                    tokens.c.id == requested_by))).scalar()
-                requested_by = named or requested_by
-            previous = (await conn.execute(
-                sa.select(extension_operations).where(
-                    extension_operations.c.machine_id == machine.id,
-                    extension_operations.c.extension == name,
-                    extension_operations.c.status == "Running")
-                .order_by(extension_operations.c.started_at))).first()
-            if previous is not None and previous.expected_end is not None \
-                    and previous.expected_end < now:
-                raise OutpostError(
-                    "ext_op_previous_overdue", f"The previous extension operation is taking "
-                    f"longer than expected ({_alias('ext_op_previous_overdue')}): "
-                    f"{previous.operation} {previous.id} of extension {name} on "
-                    f"{machine.name} started at {_when(previous.started_at)} and was "
-                    f"expected to end by {_when(previous.expected_end)}.",
-                    previous=previous.id, name=name, machine=machine.name)
-            held = (await conn.execute(extension_holds.delete().where(
-                extension_holds.c.machine_id == machine.id,
-                extension_holds.c.name == name))).rowcount
-            status_now, message = "Queued", ""
-            if held:
-                status_now = "Waiting"
-                message = (f"waiting for extension {name} to be installed again on "
-                           f"{machine.name} (it was uninstalled there)")
-            await conn.execute(extension_operations.insert().values(
-                id=op_id, account_id=account_id, machine_id=machine.id, extension=name,
-                version=version, operation=operation, params=params, status=status_now,
-                code=None, message=message, attempt=1, max_attempts=MAX_ATTEMPTS,
-                next_try_at=None, item_id=None, requested_by=requested_by, created_at=now,
-                output="", result=None, start_deadline=now + op.start_timeout_seconds,
-                expected_end=None))
-            if held:
-                await notify.invalidate(conn, "extensions", account_id)
-            else:
-                await self._hand_out(conn, machine.id, name, now)
+        return version, op
+
+    async def _insert(self, conn: AsyncConnection, account_id: str, machine: Any, name: str,
+                      version: str, op: OperationSpec, now: float,
+                      values: dict[str, Any]) -> bool:
+        """Store a checked operation (``values``: id, operation, params, requested_by) and
+        hand it out if its turn has come; True if it released a hold (the caller forgets
+        the account's goals after its commit)."""
+        previous = (await conn.execute(
+            sa.select(extension_operations).where(
+                extension_operations.c.machine_id == machine.id,
+                extension_operations.c.extension == name,
+                extension_operations.c.status == "Running")
+            .order_by(extension_operations.c.started_at))).first()
+        if previous is not None and previous.expected_end is not None \
+                and previous.expected_end < now:
+            raise _overdue(previous, name, machine)
+        held = (await conn.execute(extension_holds.delete().where(
+            extension_holds.c.machine_id == machine.id,
+            extension_holds.c.name == name))).rowcount
+        status_now, message = "Queued", ""
         if held:
-            self._goals.forget(account_id)
-        return await self.show(account_id, op_id)
+            status_now = "Waiting"
+            message = (f"waiting for extension {name} to be installed again on "
+                       f"{machine.name} (it was uninstalled there)")
+        await conn.execute(extension_operations.insert().values(
+            **values, account_id=account_id, machine_id=machine.id, extension=name,
+            version=version, status=status_now, code=None, message=message, attempt=1,
+            max_attempts=MAX_ATTEMPTS, next_try_at=None, item_id=None, created_at=now,
+            output="", result=None, start_deadline=now + op.start_timeout_seconds,
+            expected_end=None))
+        if held:
+            await notify.invalidate(conn, "extensions", account_id)
+        else:
+            await self._hand_out(conn, machine.id, name, now)
+        return bool(held)
 
     async def show(self, account_id: str, op_id: str) -> dict[str, Any]:
         async with self._engine.connect() as conn:
@@ -248,15 +390,17 @@ class ExtensionOps:
             return
         row = (await conn.execute(sa.select(t).where(
             t.c.machine_id == machine_id, t.c.extension == name, t.c.status == "Queued",
-            t.c.item_id.is_(None),
-            sa.or_(t.c.next_try_at.is_(None), t.c.next_try_at <= now))
+            t.c.item_id.is_(None), *_due(now))
             .order_by(t.c.created_at).limit(1))).first()
         if row is None:
             return
         item_id = random_id()
+        values: dict[str, Any] = {"item_id": item_id}
+        if row.not_before is not None and row.message.startswith(SCHEDULED):
+            values["message"] = ""  # its time has come
         claimed = (await conn.execute(t.update().where(
             t.c.id == row.id, t.c.item_id.is_(None), t.c.status == "Queued").values(
-                item_id=item_id))).rowcount
+                **values))).rowcount
         if not claimed:
             return
         payload = wire.ExtOpPayload(
@@ -301,8 +445,7 @@ class ExtensionOps:
                         t.c.id == row.id, t.c.status == "Waiting",
                         t.c.item_id.is_(None)).values(status="Queued", message=""))
             pending = (await conn.execute(sa.select(t.c.machine_id, t.c.extension).where(
-                t.c.status == "Queued", t.c.item_id.is_(None),
-                sa.or_(t.c.next_try_at.is_(None), t.c.next_try_at <= now)).distinct())).all()
+                t.c.status == "Queued", t.c.item_id.is_(None), *_due(now)).distinct())).all()
             for row in pending:
                 await self._hand_out(conn, row.machine_id, row.extension, now)
 

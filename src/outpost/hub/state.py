@@ -62,7 +62,7 @@ class Hub:
         self.ext_ops.ended.append(backup_catalog.on_end)  # the snapshots backup ops took
         self.leadership = leader.Leadership(engine)
         self.dispatcher = Dispatcher(engine, self.notifier)
-        self.scheduler = Scheduler(engine, self.dispatcher)
+        self.scheduler = Scheduler(engine, self.dispatcher, ext_ops=self.ext_ops)
         self.wheel = Wheel(paths.root / "agent-dist")
         # Each machine's restic repository (hub/backupstore.py, docs/backup.md).
         self.backups = backupstore.Store(paths.root / "backup")

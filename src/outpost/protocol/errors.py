@@ -760,6 +760,35 @@ _ENTRIES += (
         ("Suspend or resume a child by its id (shown by 'outpost job show PARENT'), or stop "
          "the whole run with 'outpost job stop PARENT'.",),
         409, None),
+    # --- schedules of extension operations (E8125-E8134) ---------------------------------
+    Entry(
+        "E8125", "schedule_kind_invalid", "Give a schedule exactly one of a runbook and an "
+        "extension's operation.",
+        ("A schedule starts a runbook (--runbook, a job on one machine of the group) or "
+         "asks an extension's operation (--extension with --operation, on every machine of "
+         "the group or on one machine); both were given, or neither.",
+         "--operation was given without --extension, or --extension without --operation."),
+        ("Give --runbook R, or --extension NAME --operation OP (for example 'outpost "
+         "schedule create nightly --extension backup --operation snapshot --group web "
+         "--cron \"0 2 * * *\" --spread 2h').",),
+        422, "EX-7"),
+    Entry(
+        "E8126", "schedule_target_invalid", "Give a schedule exactly one of a group and a "
+        "machine.",
+        ("An extension operation's schedule runs on every machine of a group (--group) or "
+         "on one machine (--machine); both were given, or neither.",
+         "A runbook's schedule starts its job on one machine of a group: it takes --group, "
+         "not --machine."),
+        ("Give --group G, or --machine M with --extension.",),
+        422, "EX-7"),
+    Entry(
+        "E8127", "schedule_operation_unknown", "No published version of extension {name} "
+        "has an operation '{operation}'.",
+        ("The operation's name is mistyped, or it is not among the operations of any "
+         "published version's manifest; the message lists the operations there are.",),
+        ("See the extension's operations with 'outpost extension versions NAME', and give "
+         "one of them with --operation.",),
+        404, "EX-7"),
     # --- API tokens and hub replicas (E8100-E8119) ----------------------------------------
     Entry(
         "E8100", "token_admin_forbidden", "Only an admin token can create an admin token.",

@@ -452,13 +452,39 @@ class ScheduleRun(View):
     job_status: str | None
     missed: bool
     error: str | None
+    operations: int | None = Field(description="An extension operation's run: the "
+                                   "operations asked, one per machine.")
+    skipped: int | None = Field(description="An extension operation's run: the machines "
+                                "of the target the extension is not set for.")
+    operation_states: dict[str, int] | None = Field(description="An extension operation's "
+                                                    "run: its operations by state.")
+
+
+class ScheduledOperation(View):
+    id: str
+    machine: str | None
+    status: str
+    code: str | None
+    message: str
+    not_before: float | None = Field(description="When it may start: the run's due time "
+                                     "plus the machine's offset within the spread.")
+    offset_seconds: float | None
+    started_at: float | None
+    ended_at: float | None
 
 
 class ScheduleView(View):
     id: str
     name: str
-    runbook_name: str
-    group_name: str
+    kind: str = Field(description="runbook (a job on one machine of the group) or extension "
+                      "(an operation on every machine of the target).")
+    runbook_name: str | None
+    extension: str | None
+    operation: str | None
+    target_kind: str = Field(description="group or machine")
+    target: str | None
+    group_name: str | None
+    machine_name: str | None
     params: dict[str, Any]
     cron: str
     timezone: str
@@ -474,6 +500,9 @@ class ScheduleView(View):
 
 class ScheduleDetail(ScheduleView):
     runs: list[ScheduleRun]
+    latest_operations: list[ScheduledOperation] | None = Field(
+        default=None, description="An extension operation's schedule: the operations of "
+        "its newest run, one per machine, by start time.")
 
 
 class Removed(View):

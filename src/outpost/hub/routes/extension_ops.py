@@ -52,6 +52,9 @@ class Operation(View):
                                          "the machine's load before starting it (EX-7).")
     wait_reason: str | None = Field(description="The last reason the agent gave for holding "
                                     "it back (\"waiting: CPU 94 % over 90 % for 2 min\").")
+    not_before: float | None = Field(description="Not started before this time (a "
+                                     "schedule's offset for the machine); null: at once.")
+    schedule_id: str | None = Field(description="The schedule that asked it, if one did.")
 
 
 class Uninstalling(View):
