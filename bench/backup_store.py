@@ -15,8 +15,9 @@ trees are compared with the source (sizes and SHA-256 of every file) once per va
 
     .venv/bin/python bench/backup_store.py --megabytes 1024 --rounds 3
 
-``--profile DIR`` writes cProfile files of the hub (``hub.prof``, its main thread) and of
-every bridge process restic starts (``bridge-PID.prof``): ``python -m pstats FILE``.
+``--profile DIR`` writes cProfile files, timed by CPU time, of the hub (``hub.prof``, its
+main thread) and of every bridge process restic starts (``bridge-PID.prof``): ``python -m
+pstats FILE``.
 
 Not a test: it exits 0 even when the target is missed, and gives up after --max-seconds.
 """
@@ -42,7 +43,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench._common import Hooks, TimeBound, cancel_time_bound, time_bound  # noqa: E402
+from bench._common import TimeBound, cancel_time_bound, time_bound  # noqa: E402
 from tests.support import Hub, clean_env, init_hub, register  # noqa: E402
 
 PASSWORD = "bench"
@@ -185,6 +186,24 @@ def profiled(where: Path, root: Path) -> Path:
     return script
 
 
+def profiled_hub(where: Path, root: Path) -> dict[str, str]:
+    """The environment of a hub that profiles its main thread by CPU time, written to
+    ``hub.prof`` on SIGUSR1 (the hub's server re-raises SIGTERM, so atexit never runs)."""
+    where.mkdir(parents=True, exist_ok=True)
+    hook = root / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(
+        "import cProfile, signal, time\n"
+        "profile = cProfile.Profile(time.process_time)\n"
+        "def dump(*_):\n"
+        "    profile.disable()\n"
+        f"    profile.dump_stats('{where}/hub.prof')\n"
+        "    profile.enable()\n"
+        "signal.signal(signal.SIGUSR1, dump)\n"
+        "profile.enable()\n")
+    return {"PYTHONPATH": str(hook)}
+
+
 @contextlib.contextmanager
 def hook_env(env: dict[str, str]) -> Iterator[None]:
     """``env`` in this process's environment while a hub starts (it inherits it)."""
@@ -225,7 +244,7 @@ def main() -> int:
         bridge = Path(sys.executable).parent / "outpost-restic-bridge"
         if args.profile is not None:
             bridge = profiled(args.profile.resolve(), root)
-        with hook_env(Hooks(cprofile=args.profile.resolve()).env("hub")
+        with hook_env(profiled_hub(args.profile.resolve(), root)
                       if args.profile is not None else {}):
             hub.start()
         assert register(hub, root / "machine", "bench").returncode == 0

@@ -62,6 +62,7 @@ READ_SIZE = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
 COALESCE = 256 * 1024
 HUB_READ = 256 * 1024
+HUB_WRITE = 1024 * 1024
 
 
 def _short_repr(frame: hyperframe.frame.DataFrame) -> str:
@@ -278,16 +279,21 @@ class Bridge:
         # Set when restic opens a send window (any stream's, or the connection's).
         self.window = asyncio.Event()
         self.closed = False  # restic sent GOAWAY
-        self.pending = bytearray()
+        self.pending: list[bytes] = []
+        self.pending_size = 0
 
     def flush(self, force: bool = True) -> None:
         """Write what h2 has to send; unless ``force``, only once COALESCE bytes are
         waiting (a file's answer: the hub's TLS records come 16 KiB at a time, and a write
         to restic's pipe costs more than its bytes)."""
-        self.pending += self.conn.data_to_send()
-        if self.pending and (force or len(self.pending) >= COALESCE):
-            self.writer.write(bytes(self.pending))
-            self.pending.clear()
+        data = self.conn.data_to_send()
+        if data:
+            self.pending.append(data)
+            self.pending_size += len(data)
+        if self.pending and (force or self.pending_size >= COALESCE):
+            pending = self.pending
+            self.writer.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            self.pending, self.pending_size = [], 0
 
     async def run(self) -> None:
         self.conn.initiate_connection()
@@ -360,15 +366,27 @@ class Bridge:
             self.closed = True
 
     async def body(self, stream: Stream) -> AsyncIterator[bytes]:
-        """restic's request body, acknowledged (its window reopened) as the hub takes it."""
-        while True:
+        """restic's request body, acknowledged (its window reopened) as the hub takes it.
+        What has arrived meanwhile goes as one piece (restic's frames are 16 KiB, and each
+        piece costs httpx and h11 a write)."""
+        ended = False
+        while not ended:
             chunk = await stream.body.get()
             if chunk is None:
                 return
-            yield chunk
+            parts = [chunk]
+            size = len(chunk)
+            while size < HUB_WRITE and not stream.body.empty():
+                more = stream.body.get_nowait()
+                if more is None:
+                    ended = True
+                    break
+                parts.append(more)
+                size += len(more)
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
             if stream.id in self.streams:
                 try:
-                    self.conn.acknowledge_received_data(len(chunk), stream.id)
+                    self.conn.acknowledge_received_data(size, stream.id)
                 except h2.exceptions.StreamClosedError:
                     pass
                 self.flush()
@@ -443,7 +461,7 @@ class Bridge:
                 await self.writer.drain()
                 await self.window.wait()
                 continue
-            self.conn.send_data(stream_id, view[:room].tobytes())
+            self.conn.send_data(stream_id, view[:room])  # h2 copies it as it frames it
             view = view[room:]
         self.flush(force=False)
         await self.writer.drain()

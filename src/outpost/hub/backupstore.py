@@ -340,14 +340,13 @@ class Repository:
                 if quota and used + written > quota:
                     raise refusal("backup_quota_exceeded", machine_id=self.root.name,
                                   quota=quota, used=used)
-                digest.update(chunk)
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= WRITE_CHUNK:
-                    await _on_disk(_write_all, fd, b"".join(pending))
+                    await _on_disk(_hash_and_write, digest, fd, b"".join(pending))
                     pending, pending_size = [], 0
             if pending:
-                await _on_disk(_write_all, fd, b"".join(pending))
+                await _on_disk(_hash_and_write, digest, fd, b"".join(pending))
             if kind != "config" and digest.hexdigest() != name:
                 raise refusal("backup_blob_mismatch", type=kind, name=name,
                               actual=digest.hexdigest())
@@ -377,6 +376,14 @@ async def _on_disk(call: Callable[..., T], *args: Any) -> T:
 def _temp_file(path: Path) -> tuple[int, Path]:
     temp = path.parent / f".tmp-{path.name[:16]}-{secrets.token_hex(8)}"
     return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), temp
+
+
+def _hash_and_write(digest: Any, fd: int, data: bytes) -> None:
+    """Hashed in the worker thread that writes it: hashlib lets go of the GIL for a large
+    buffer, so the event loop goes on meanwhile (the pieces of one body are written one
+    after another, so the digest sees them in order)."""
+    digest.update(data)
+    _write_all(fd, data)
 
 
 def _write_all(fd: int, data: bytes) -> None:
