@@ -10,8 +10,10 @@ directories) is backed up and restored by the real restic:
 
 The two run alternately (hub, local, hub, local... ``--rounds`` times, each round a fresh
 repository), so the machine's load hits both alike; the medians and the ratio hub/local of
-backup and restore times are printed, with the target (within 20 %: ratio ≤ 1.20). Restored
-trees are compared with the source (sizes and SHA-256 of every file) once per variant.
+backup and restore times are printed, with the target (within 20 %: ratio ≤ 1.20), and the
+CPU time of each step's processes: restic, the bridge and the hub (on a busy machine the
+wall-time ratio swings from run to run; the CPU time does not). Restored trees are compared
+with the source (sizes and SHA-256 of every file) once per variant.
 
     .venv/bin/python bench/backup_store.py --megabytes 1024 --rounds 3
 
@@ -132,12 +134,12 @@ class Variant:
         self.restore: list[float] = []
         # CPU seconds of each step: (restic, the bridge, the hub)
         self.cpu: dict[str, list[tuple[float, float, float]]] = {"backup": [], "restore": []}
+        self.checked = False
 
     def step(self, name: str, args: list[str]) -> None:
         elapsed, restic, bridge, server = run(args, self.env, self.server)
         getattr(self, name).append(elapsed)
         self.cpu[name].append((restic, bridge, server))
-        self.checked = False
 
     def round(self, source: Path, scratch: Path, fresh: Callable[[], None]) -> None:
         fresh()
