@@ -284,8 +284,8 @@ class Bridge:
 
     def flush(self, force: bool = True) -> None:
         """Write what h2 has to send; unless ``force``, only once COALESCE bytes are
-        waiting (a file's answer: the hub's TLS records come 16 KiB at a time, and a write
-        to restic's pipe costs more than its bytes)."""
+        waiting (a file's answer, framed 16 KiB at a time: a write to restic's pipe, and
+        waking restic for it, costs more than its bytes)."""
         data = self.conn.data_to_send()
         if data:
             self.pending.append(data)
