@@ -10,10 +10,16 @@ directories) is backed up and restored by the real restic:
 
 The two run alternately (hub, local, hub, local... ``--rounds`` times, each round a fresh
 repository), so the machine's load hits both alike; the medians and the ratio hub/local of
-backup and restore times are printed, with the target (within 20 %: ratio ≤ 1.20). Restored
-trees are compared with the source (sizes and SHA-256 of every file) once per variant.
+backup and restore times are printed, with the target (within 20 %: ratio ≤ 1.20), and the
+CPU time of each step's processes: restic, the bridge and the hub (on a busy machine the
+wall-time ratio swings from run to run; the CPU time does not). Restored trees are compared
+with the source (sizes and SHA-256 of every file) once per variant.
 
     .venv/bin/python bench/backup_store.py --megabytes 1024 --rounds 3
+
+``--profile DIR`` writes cProfile files, timed by CPU time, of the hub (``hub.prof``, its
+main thread) and of every bridge process restic starts (``bridge-PID.prof``): ``python -m
+pstats FILE``.
 
 Not a test: it exits 0 even when the target is missed, and gives up after --max-seconds.
 """
@@ -21,17 +27,21 @@ Not a test: it exits 0 even when the target is missed, and gives up after --max-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -74,38 +84,141 @@ def digest_tree(root: Path) -> dict[str, str]:
     return found
 
 
-def run(args: list[str], env: dict[str, str]) -> float:
+def _cpu(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def run(args: list[str], env: dict[str, str], server: psutil.Process | None = None
+        ) -> tuple[float, float, float, float]:
+    """Seconds of wall time, and of CPU of: the command (restic), its children (the bridge),
+    and ``server`` (the hub) meanwhile. The command and its children are sampled every 20 ms
+    (their last few ms are missed): restic need not wait for the bridge, so the bridge's
+    time may never reach the rusage of restic's exit."""
+    server_before = _cpu(server)
+    children: dict[int, float] = {}
+    own = 0.0
     started = time.perf_counter()
-    done = subprocess.run(args, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:6])}...: {done.returncode}\n{done.stderr[-2000:]}")
-    return elapsed
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        command = psutil.Process(proc.pid)
+        while True:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            with contextlib.suppress(psutil.Error):
+                own = _cpu(command)
+                for child in command.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        children[child.pid] = _cpu(child)
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(args[:6])}...: {proc.returncode}\n"
+                               f"{err.read()[-2000:].decode(errors='replace')}")
+    return elapsed, own, sum(children.values()), _cpu(server) - server_before
 
 
 class Variant:
-    def __init__(self, name: str, repo_args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, name: str, repo_args: list[str], env: dict[str, str],
+                 server: psutil.Process | None = None) -> None:
         self.name = name
         self.repo_args = repo_args
         self.env = env
+        self.server = server
         self.backup: list[float] = []
         self.restore: list[float] = []
+        # CPU seconds of each step: (restic, the bridge, the hub)
+        self.cpu: dict[str, list[tuple[float, float, float]]] = {"backup": [], "restore": []}
         self.checked = False
+
+    def step(self, name: str, args: list[str]) -> None:
+        elapsed, restic, bridge, server = run(args, self.env, self.server)
+        getattr(self, name).append(elapsed)
+        self.cpu[name].append((restic, bridge, server))
 
     def round(self, source: Path, scratch: Path, fresh: Callable[[], None]) -> None:
         fresh()
         restic = ["restic", *self.repo_args, "--no-cache"]
         run([*restic, "init"], self.env)
-        self.backup.append(run([*restic, "backup", "--quiet", str(source)], self.env))
+        self.step("backup", [*restic, "backup", "--quiet", str(source)])
         target = scratch / f"restore-{self.name}"
         shutil.rmtree(target, ignore_errors=True)
-        self.restore.append(run([*restic, "restore", "latest", "--target", str(target)],
-                                self.env))
+        self.step("restore", [*restic, "restore", "latest", "--target", str(target)])
         if not self.checked:
             restored = target / str(source).lstrip("/")
             assert digest_tree(restored) == digest_tree(source), f"{self.name}: other bytes"
             self.checked = True
         shutil.rmtree(target, ignore_errors=True)
+
+
+def _cpu_text(variant: Variant, step: str) -> str:
+    restic, bridge, hub = variant.cpu[step][-1]
+    if variant.server is None:
+        return f"CPU: restic {restic:.2f} s"
+    return f"CPU: restic {restic:.2f} s, bridge {bridge:.2f} s, hub {hub:.2f} s"
+
+
+def _median_cpu(variant: Variant, step: str) -> str:
+    found = variant.cpu[step]
+    values = [statistics.median(c[i] for c in found) for i in range(3)]
+    return ", ".join(f"{v:.2f}" for v in (values if variant.server else values[:1]))
+
+
+def profiled(where: Path, root: Path) -> Path:
+    """A stand-in for outpost-restic-bridge that runs it under cProfile, timed by CPU (not
+    wall) time, one file a run."""
+    where.mkdir(parents=True, exist_ok=True)
+    script = root / "bridge-profiled"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import cProfile, os, sys, time\n"
+        "from outpost.backup.bridge import main\n"
+        "profile = cProfile.Profile(time.process_time)\n"
+        "try:\n"
+        "    code = profile.runcall(main)\n"
+        "finally:\n"
+        f"    profile.dump_stats(f'{where}/bridge-{{os.getpid()}}.prof')\n"
+        "sys.exit(code)\n")
+    script.chmod(0o755)
+    return script
+
+
+def profiled_hub(where: Path, root: Path) -> dict[str, str]:
+    """The environment of a hub that profiles its main thread by CPU time, written to
+    ``hub.prof`` on SIGUSR1 (the hub's server re-raises SIGTERM, so atexit never runs)."""
+    where.mkdir(parents=True, exist_ok=True)
+    hook = root / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(
+        "import cProfile, signal, time\n"
+        "profile = cProfile.Profile(time.process_time)\n"
+        "def dump(*_):\n"
+        "    profile.disable()\n"
+        f"    profile.dump_stats('{where}/hub.prof')\n"
+        "    profile.enable()\n"
+        "signal.signal(signal.SIGUSR1, dump)\n"
+        "profile.enable()\n")
+    return {"PYTHONPATH": str(hook)}
+
+
+@contextlib.contextmanager
+def hook_env(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in this process's environment while a hub starts (it inherits it)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def main() -> int:
@@ -115,6 +228,8 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where the tree, the hub "
                         "and the repositories go (default: a new directory in /var/tmp)")
     parser.add_argument("--max-seconds", type=float, default=3600)
+    parser.add_argument("--profile", type=Path, default=None, help="a directory for "
+                        "cProfile files of the hub and of each bridge process")
     args = parser.parse_args()
     if shutil.which("restic") is None:
         print("restic is not installed (apt-get install restic)")
@@ -127,16 +242,22 @@ def main() -> int:
         files = make_tree(source, args.megabytes)
         print(f"tree: {files} files, {args.megabytes} MiB; load average "
               f"{os.getloadavg()[0]:.2f}", flush=True)
-        hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}").start()
+        hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}")
+        bridge = Path(sys.executable).parent / "outpost-restic-bridge"
+        if args.profile is not None:
+            bridge = profiled(args.profile.resolve(), root)
+        with hook_env(profiled_hub(args.profile.resolve(), root)
+                      if args.profile is not None else {}):
+            hub.start()
         assert register(hub, root / "machine", "bench").returncode == 0
         issued = hub.api("POST", "/v1/machines/bench/backup-token", json={}).json()
         repo_dir = hub.data_dir / "backup" / hub.account_id / issued["machine_id"]
-        bridge = Path(sys.executable).parent / "outpost-restic-bridge"
         through_hub = Variant("hub", [
             "-r", "rclone:outpost", "-o", f"rclone.program={bridge}", "-o",
             f"rclone.args=--hub {hub.url} --machine-id {issued['machine_id']} "
             f"--ca-file {hub.data_dir / 'ca.pem'}"],
-            clean_env(RESTIC_PASSWORD=PASSWORD, OUTPOST_BACKUP_TOKEN=issued["token"]))
+            clean_env(RESTIC_PASSWORD=PASSWORD, OUTPOST_BACKUP_TOKEN=issued["token"]),
+            psutil.Process(hub.proc.pid) if hub.proc is not None else None)
         local_dir = root / "local-repo"
         local = Variant("local", ["-r", str(local_dir)], clean_env(RESTIC_PASSWORD=PASSWORD))
         for number in range(args.rounds):
@@ -144,23 +265,29 @@ def main() -> int:
                 variant.round(source, root, lambda where=where: shutil.rmtree(
                     where, ignore_errors=True))
                 print(f"round {number + 1} {variant.name:5}: backup "
-                      f"{variant.backup[-1]:6.2f} s, restore {variant.restore[-1]:6.2f} s",
-                      flush=True)
+                      f"{variant.backup[-1]:6.2f} s ({_cpu_text(variant, 'backup')}), "
+                      f"restore {variant.restore[-1]:6.2f} s "
+                      f"({_cpu_text(variant, 'restore')})", flush=True)
         cancel_time_bound()
         print()
-        print("| step | hub (median s) | local (median s) | hub/local | target |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| step | hub (median s) | local (median s) | hub/local | target | CPU s: "
+              "restic, bridge, hub / restic |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for step in ("backup", "restore"):
             a = statistics.median(getattr(through_hub, step))
             b = statistics.median(getattr(local, step))
             mib = args.megabytes / a
             print(f"| {step} | {a:.2f} ({mib:.0f} MiB/s) | {b:.2f} | {a / b:.2f} | "
-                  f"≤ 1.20 {'met' if a / b <= 1.20 else 'MISSED'} |")
+                  f"≤ 1.20 {'met' if a / b <= 1.20 else 'MISSED'} | "
+                  f"{_median_cpu(through_hub, step)} / {_median_cpu(local, step)} |")
     except TimeBound as exc:
         print(f"gave up: {exc}")
     finally:
         cancel_time_bound()
         if hub is not None:
+            if args.profile is not None and hub.proc is not None:
+                hub.proc.send_signal(signal.SIGUSR1)  # the hook writes hub.prof
+                time.sleep(1)
             hub.stop()
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Hub, clean_env, register, wait_until
+from tests.support import Hub, clean_env, free_port, register, wait_until
 
 def require_restic() -> str:
     found = shutil.which("restic")
@@ -198,3 +198,55 @@ def test_wrong_tokens_and_other_repositories_are_refused(sqlite_hub: Hub,
     assert Restic(hub, first["machine_id"], first["token"])("cat", "config").returncode != 0
     assert '"version"' in Restic(hub, first["machine_id"], rotated["token"]).ok("cat",
                                                                              "config")
+
+
+def test_the_bridge_reads_the_hub_many_records_at_once_and_trusts_only_its_ca(
+        sqlite_hub: Hub, tmp_path: Path) -> None:
+    """The bridge's own connections to a real hub: an answer arrives in pieces of many TLS
+    records (asyncio's TLS transport; one 16 KiB record a read cost the bridge most of its
+    time on a restore), a hub whose certificate is not of the pinned CA is not trusted, and
+    a hub that is not there is a connection error (the bridge answers restic 502)."""
+    import asyncio
+
+    import httpx
+
+    from outpost.backup import bridge
+    from outpost.hub.pki import create_ca
+
+    hub = sqlite_hub
+    assert register(hub, tmp_path / "m1", "m1").returncode == 0
+    issued = issue(hub, "m1")
+    blob = os.urandom(4 * 1024 * 1024)
+    name = hashlib.sha256(blob).hexdigest()
+    with hub.client(issued["token"]) as client:
+        base = f"/v1/backup/{issued['machine_id']}"
+        assert client.post(f"{base}/?create=true").status_code == 200
+        assert client.post(f"{base}/data/{name}", content=blob).status_code == 200
+    other_ca = tmp_path / "other-ca.pem"
+    create_ca("another CA", other_ca, tmp_path / "other-ca.key")
+
+    async def fetch(url: str, ca_file: Path, path: str, wanted: str = "") -> list[bytes]:
+        forwarder = bridge.Forwarder(bridge.Options(url, issued["machine_id"], ca_file,
+                                                    issued["token"], timeout=30))
+        try:
+            headers = {"range": wanted} if wanted else {}
+            request = forwarder.client.build_request("GET", forwarder.prefix + path,
+                                                     headers=headers)
+            response = await forwarder.client.send(request, stream=True)
+            assert response.status_code in (200, 206), response.status_code
+            pieces = [piece async for piece in response.aiter_bytes()]
+            await response.aclose()
+            return pieces
+        finally:
+            await forwarder.aclose()
+
+    ca = hub.data_dir / "ca.pem"
+    pieces = asyncio.run(fetch(hub.url, ca, f"/data/{name}"))
+    assert b"".join(pieces) == blob
+    assert max(len(p) for p in pieces) > 16 * 1024, [len(p) for p in pieces][:20]
+    assert b"".join(asyncio.run(fetch(hub.url, ca, f"/data/{name}", "bytes=5-9"))) == blob[5:10]
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        asyncio.run(fetch(hub.url, other_ca, f"/data/{name}"))
+    closed = f"https://localhost:{free_port()}"
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(fetch(closed, ca, f"/data/{name}"))

@@ -78,11 +78,17 @@ async def test_a_file_is_stored_whole_where_restic_looks(tmp_path: Path) -> None
     stored = tmp_path / "backup" / ACCOUNT / MACHINE / "data" / name[:2] / name
     assert stored.read_bytes() == content
     assert repo.listing("data") == [{"name": name, "size": len(content)}]
-    fh, size = await repo.open("data", name)
-    assert size == len(content)
+    small = await repo.read("data", name, "bytes=7-1006")  # read at once, the file closed
+    assert (small.size, small.start, small.length, small.ranged) == (len(content), 7, 1000,
+                                                                      True)
+    assert small.data == content[7:1007] and small.fh is None
+    whole = await repo.read("data", name)  # larger than WHOLE_READ: left open to stream
+    assert (whole.start, whole.length, whole.ranged, whole.data) == (0, len(content), False,
+                                                                     None)
+    assert whole.fh is not None
     repo.delete("data", name)  # an open file stays readable whole
-    read = b"".join([piece async for piece in repo.pieces(fh, 7, 1000)])
-    assert read == content[7:1007] and fh.closed
+    read = b"".join([piece async for piece in repo.pieces(whole.fh, 7, len(content) - 7)])
+    assert read == content[7:] and whole.fh.closed
 
 
 @pytest.mark.parametrize("fail_after", [1, 3])
@@ -142,7 +148,7 @@ async def test_a_missing_file_is_reported_as_such(tmp_path: Path) -> None:
             call()
         assert _code(caught) == "E9065"
     with pytest.raises(OutpostError) as caught:
-        await repo.open("keys", "a" * 64)
+        await repo.read("keys", "a" * 64)
     assert _code(caught) == "E9065"
 
 

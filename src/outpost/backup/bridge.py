@@ -32,15 +32,17 @@ import json
 import os
 import ssl
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import httpcore
 import httpx
 import hyperframe.frame
 
@@ -59,6 +61,8 @@ FRAME = 1024 * 1024
 READ_SIZE = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
 COALESCE = 256 * 1024
+HUB_READ = 256 * 1024
+HUB_WRITE = 1024 * 1024
 
 
 def _short_repr(frame: hyperframe.frame.DataFrame) -> str:
@@ -133,6 +137,104 @@ def parse_args(argv: Sequence[str], environ: dict[str, str]) -> Options:
                    args.timeout)
 
 
+class _Connection(httpcore.AsyncNetworkStream):
+    """One connection to the hub on asyncio's own streams. Its TLS transport decrypts every
+    record that has arrived in one go (up to 256 KiB), where anyio's stream, httpx's
+    default, hands over one 16 KiB record a read, and each read costs httpcore, h11 and
+    anyio far more than its bytes: most of the bridge's time on a restore."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            async with asyncio.timeout(timeout):
+                # At least HUB_READ: h11 takes what it is given, whatever it asked for.
+                return await self.reader.read(max(max_bytes, HUB_READ))
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(str(exc) or "timed out reading from the hub") from exc
+        except OSError as exc:
+            raise httpcore.ReadError(str(exc)) from exc
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        try:
+            self.writer.write(buffer)
+            async with asyncio.timeout(timeout):
+                await self.writer.drain()
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout(str(exc) or "timed out writing to the hub") from exc
+        except OSError as exc:
+            raise httpcore.WriteError(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        self.writer.close()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                await self.writer.start_tls(ssl_context, server_hostname=server_hostname)
+        except TimeoutError as exc:
+            self.writer.close()
+            raise httpcore.ConnectTimeout(str(exc) or "TLS handshake timed out") from exc
+        except OSError as exc:  # ssl.SSLError among them: a certificate not of the CA
+            self.writer.close()
+            raise httpcore.ConnectError(str(exc)) from exc
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":  # asked of an idle connection: has the hub closed it?
+            return self.reader.at_eof() or self.writer.is_closing()
+        names = {"ssl_object": "ssl_object", "client_addr": "sockname",
+                 "server_addr": "peername", "socket": "socket"}
+        return self.writer.get_extra_info(names[info]) if info in names else None
+
+
+class _Backend(httpcore.AsyncNetworkBackend):
+    """httpcore's connections to the hub, on _Connection."""
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None
+                          ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, limit=2 * HUB_READ,
+                    local_addr=(local_address, 0) if local_address else None)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(str(exc) or "connecting timed out") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        sock = writer.get_extra_info("socket")
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return _Connection(reader, writer)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None
+                                  ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.UnsupportedProtocol("the hub is reached over TCP")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class _Transport(httpx.AsyncHTTPTransport):
+    """httpx's transport, its connections on _Backend (httpx has no setting for that: the
+    pool it builds is replaced by the same pool on ours)."""
+
+    def __init__(self, context: ssl.SSLContext, connections: int) -> None:
+        super().__init__(verify=context)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=context, max_connections=connections,
+            max_keepalive_connections=connections, keepalive_expiry=5.0,
+            network_backend=_Backend())
+
+
 class Forwarder:
     """The hub side: one HTTPS client, its CA pinned, the token in every request."""
 
@@ -140,12 +242,12 @@ class Forwarder:
         context = ssl.create_default_context(cafile=str(options.ca_file))
         self.prefix = options.prefix
         self.client = httpx.AsyncClient(
-            verify=context, timeout=httpx.Timeout(options.timeout, connect=30.0),
+            transport=_Transport(context, 16),
+            timeout=httpx.Timeout(options.timeout, connect=30.0),
             # identity: the bytes restic gets are the file's, as the hub's
             # Content-Length says (aiter_bytes would undo a compression).
             headers={"Authorization": f"Bearer {options.token}", "Accept-Encoding": "identity",
-                     "User-Agent": f"outpost-restic-bridge/{__version__}"},
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+                     "User-Agent": f"outpost-restic-bridge/{__version__}"})
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -177,16 +279,21 @@ class Bridge:
         # Set when restic opens a send window (any stream's, or the connection's).
         self.window = asyncio.Event()
         self.closed = False  # restic sent GOAWAY
-        self.pending = bytearray()
+        self.pending: list[bytes] = []
+        self.pending_size = 0
 
     def flush(self, force: bool = True) -> None:
         """Write what h2 has to send; unless ``force``, only once COALESCE bytes are
-        waiting (a file's answer: the hub's TLS records come 16 KiB at a time, and a write
-        to restic's pipe costs more than its bytes)."""
-        self.pending += self.conn.data_to_send()
-        if self.pending and (force or len(self.pending) >= COALESCE):
-            self.writer.write(bytes(self.pending))
-            self.pending.clear()
+        waiting (a file's answer, framed 16 KiB at a time: a write to restic's pipe, and
+        waking restic for it, costs more than its bytes)."""
+        data = self.conn.data_to_send()
+        if data:
+            self.pending.append(data)
+            self.pending_size += len(data)
+        if self.pending and (force or self.pending_size >= COALESCE):
+            pending = self.pending
+            self.writer.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            self.pending, self.pending_size = [], 0
 
     async def run(self) -> None:
         self.conn.initiate_connection()
@@ -259,15 +366,27 @@ class Bridge:
             self.closed = True
 
     async def body(self, stream: Stream) -> AsyncIterator[bytes]:
-        """restic's request body, acknowledged (its window reopened) as the hub takes it."""
-        while True:
+        """restic's request body, acknowledged (its window reopened) as the hub takes it.
+        What has arrived meanwhile goes as one piece (restic's frames are 16 KiB, and each
+        piece costs httpx and h11 a write)."""
+        ended = False
+        while not ended:
             chunk = await stream.body.get()
             if chunk is None:
                 return
-            yield chunk
+            parts = [chunk]
+            size = len(chunk)
+            while size < HUB_WRITE and not stream.body.empty():
+                more = stream.body.get_nowait()
+                if more is None:
+                    ended = True
+                    break
+                parts.append(more)
+                size += len(more)
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
             if stream.id in self.streams:
                 try:
-                    self.conn.acknowledge_received_data(len(chunk), stream.id)
+                    self.conn.acknowledge_received_data(size, stream.id)
                 except h2.exceptions.StreamClosedError:
                     pass
                 self.flush()
@@ -342,7 +461,7 @@ class Bridge:
                 await self.writer.drain()
                 await self.window.wait()
                 continue
-            self.conn.send_data(stream_id, view[:room].tobytes())
+            self.conn.send_data(stream_id, view[:room])  # h2 copies it as it frames it
             view = view[room:]
         self.flush(force=False)
         await self.writer.drain()

@@ -57,6 +57,9 @@ GRANT_PREFIX = "obg_"
 # never waits on the disk, and a GiB body costs a few hundred thread hops, not thousands.
 WRITE_CHUNK = 1024 * 1024
 READ_CHUNK = 1024 * 1024
+# A range of at most this many bytes is read in the same worker-thread call that opens the
+# file, and answered whole (restic's trees, indexes, keys and snapshots are all smaller).
+WHOLE_READ = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,30 @@ async def authorize(engine: AsyncEngine, authorization: str | None,
     if row.machine_id != machine_id:
         raise refusal("backup_forbidden", machine_id=machine_id)
     return Credential(row.machine_id, row.account_id, row.quota_bytes)
+
+
+@dataclass
+class Reading:
+    """What a GET of a file answers: ``length`` bytes from ``start`` of a file of ``size``
+    bytes, either read (``data``) or to stream from an open file (``fh``)."""
+
+    size: int
+    start: int
+    length: int
+    ranged: bool
+    data: bytes | None = None
+    fh: BinaryIO | None = None
+
+
+def _pread(fd: int, start: int, length: int) -> bytes:
+    parts, offset, end = [], start, start + length
+    while offset < end:
+        part = os.pread(fd, end - offset, offset)
+        if not part:
+            break  # shorter than its size said: truncated meanwhile (not by this store)
+        parts.append(part)
+        offset += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -305,29 +332,48 @@ class Repository:
                             pass  # deleted while listed
         return found
 
-    async def open(self, kind: str, name: str) -> tuple[BinaryIO, int]:
-        """A file opened for reading, and its size. Once open, its bytes stay readable
-        whole even when a delete removes its name meanwhile."""
+    async def read(self, kind: str, name: str, range_header: str = "") -> Reading:
+        """The bytes of a file that ``range_header`` asks for (all of it without one): read
+        at once when they are at most WHOLE_READ, else the file left open for ``pieces``.
+        One trip to a worker thread either way: restic's restore asks for its trees one
+        small range at a time, each waiting for the last. Once open, a file's bytes stay
+        readable whole even when a delete removes its name meanwhile."""
+        return await asyncio.to_thread(self._read, kind, name, range_header)
+
+    def _read(self, kind: str, name: str, range_header: str) -> Reading:
         try:
-            fh = await asyncio.to_thread(open, self.path(kind, name), "rb")
+            fh = open(self.path(kind, name), "rb")  # noqa: SIM115 - closed here or by pieces
         except FileNotFoundError:
             raise refusal("backup_file_missing", type=kind, name=name) from None
-        return fh, os.fstat(fh.fileno()).st_size
+        kept = False
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            wanted = parse_range(range_header, size, kind, name)
+            start, end = wanted if wanted is not None else (0, size - 1)
+            reading = Reading(size, start, end - start + 1, wanted is not None)
+            if reading.length <= WHOLE_READ:
+                reading.data = _pread(fh.fileno(), start, reading.length)
+            else:
+                reading.fh, kept = fh, True
+            return reading
+        finally:
+            if not kept:
+                fh.close()
 
     @staticmethod
     async def pieces(fh: BinaryIO, start: int, length: int) -> AsyncIterator[bytes]:
         """``length`` bytes of an opened file from ``start``, in pieces; closes it."""
         try:
-            await asyncio.to_thread(fh.seek, start)
-            left = length
-            while left > 0:
-                piece = await asyncio.to_thread(fh.read, min(READ_CHUNK, left))
+            offset, end = start, start + length
+            while offset < end:
+                piece = await asyncio.to_thread(os.pread, fh.fileno(),
+                                                min(READ_CHUNK, end - offset), offset)
                 if not piece:
                     return
-                left -= len(piece)
+                offset += len(piece)
                 yield piece
         finally:
-            await asyncio.to_thread(fh.close)
+            fh.close()  # a descriptor opened for reading: closing it does not wait on the disk
 
     def delete(self, kind: str, name: str) -> None:
         path = self.path(kind, name)
@@ -365,14 +411,13 @@ class Repository:
                 if quota and used + written > quota:
                     raise refusal("backup_quota_exceeded", machine_id=self.root.name,
                                   quota=quota, used=used)
-                digest.update(chunk)
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= WRITE_CHUNK:
-                    await _on_disk(_write_all, fd, b"".join(pending))
+                    await _on_disk(_hash_and_write, digest, fd, b"".join(pending))
                     pending, pending_size = [], 0
             if pending:
-                await _on_disk(_write_all, fd, b"".join(pending))
+                await _on_disk(_hash_and_write, digest, fd, b"".join(pending))
             if kind != "config" and digest.hexdigest() != name:
                 raise refusal("backup_blob_mismatch", type=kind, name=name,
                               actual=digest.hexdigest())
@@ -402,6 +447,14 @@ async def _on_disk(call: Callable[..., T], *args: Any) -> T:
 def _temp_file(path: Path) -> tuple[int, Path]:
     temp = path.parent / f".tmp-{path.name[:16]}-{secrets.token_hex(8)}"
     return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), temp
+
+
+def _hash_and_write(digest: Any, fd: int, data: bytes) -> None:
+    """Hashed in the worker thread that writes it: hashlib lets go of the GIL for a large
+    buffer, so the event loop goes on meanwhile (the pieces of one body are written one
+    after another, so the digest sees them in order)."""
+    digest.update(data)
+    _write_all(fd, data)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -20,7 +20,6 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import Field
 from starlette.requests import ClientDisconnect
 
-from outpost.protocol.errors import OutpostError
 from outpost.protocol.models import View, Wire
 
 from .. import backupstore
@@ -137,18 +136,14 @@ async def _file(request: Request, hub: HubDep, machine_id: str, kind: str,
     if method == "HEAD":
         return Response(status_code=200, media_type=BINARY,
                         headers={"Content-Length": str(repository.size(kind, name))})
-    fh, size = await repository.open(kind, name)
-    try:
-        wanted = backupstore.parse_range(request.headers.get("range", ""), size, kind,
-                                        name)
-    except OutpostError:
-        fh.close()
-        raise
-    start, end = wanted if wanted is not None else (0, size - 1)
-    length = end - start + 1
-    headers = {"Content-Length": str(length), "Accept-Ranges": "bytes"}
-    if wanted is not None:
-        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    body: AsyncIterator[bytes] = repository.pieces(fh, start, length)
-    return StreamingResponse(body, status_code=206 if wanted is not None else 200,
-                             media_type=BINARY, headers=headers)
+    reading = await repository.read(kind, name, request.headers.get("range", ""))
+    headers = {"Content-Length": str(reading.length), "Accept-Ranges": "bytes"}
+    if reading.ranged:
+        end = reading.start + reading.length - 1
+        headers["Content-Range"] = f"bytes {reading.start}-{end}/{reading.size}"
+    status = 206 if reading.ranged else 200
+    if reading.fh is None:
+        return Response(reading.data or b"", status_code=status, media_type=BINARY,
+                        headers=headers)
+    body: AsyncIterator[bytes] = repository.pieces(reading.fh, reading.start, reading.length)
+    return StreamingResponse(body, status_code=status, media_type=BINARY, headers=headers)
