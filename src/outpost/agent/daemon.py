@@ -362,8 +362,10 @@ class Agent:
             hold = min(wait, 5.0) if busy else wait  # look at the pressure again soon
             # The heartbeat takes this connection between two polls (turns.py).
             hold = round(await self.turns.poll_turn(hold), 3)
+            told = self.extensions.told_etag if self.extensions is not None else None
+            etag = "" if told is None else f"&extensions_etag={quote(told, safe='')}"
             request = asyncio.ensure_future(self._call(
-                "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}",
+                "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}{etag}",
                 timeout=hold + self.config.request_timeout))
             request.add_done_callback(lambda _: self.turns.poll_back())
             self._poll = (request, capacity)
@@ -382,7 +384,10 @@ class Agent:
                 await self._sleep(delay, self._hub_answered)
                 continue
             backoff.reset()
-            for item in wire.PollAnswer.model_validate(answer).items:
+            polled = wire.PollAnswer.model_validate(answer)
+            if polled.extensions_etag is not None and self.extensions is not None:
+                self.extensions.note_etag(polled.extensions_etag)  # its own goal changed
+            for item in polled.items:
                 await self.handlers.handle(item, self.work)
 
     def _capacity(self) -> int:

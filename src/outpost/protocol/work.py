@@ -172,6 +172,10 @@ class PollAnswer(Wire):
     malformed item is answered with an error and the others are still taken."""
 
     items: list[dict[str, Any]] = Field(default_factory=list)
+    # The machine's extensions etag now, when the poll sent the one its agent holds: the
+    # poll ends early, without items, when a change of the machine's own goal makes them
+    # differ (docs/extensions.md, "How agents learn their goals").
+    extensions_etag: str | None = None
 
 
 def parse_item(raw: dict[str, Any], model: type[Wire] | None = None) -> WorkItem:

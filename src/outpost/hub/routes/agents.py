@@ -85,19 +85,33 @@ async def stopping(signed: Machine, hub: HubDep) -> dict[str, Any]:
 @router.post("/v1/agent/poll", **SIGNED)
 async def poll(request: Request, hub: HubDep,
                wait: Annotated[float, Query(ge=0, le=300)] = 25.0,
-               capacity: Annotated[int, Query(ge=0, le=256)] = 0) -> dict[str, Any]:
+               capacity: Annotated[int, Query(ge=0, le=256)] = 0,
+               extensions_etag: Annotated[str | None, Query(max_length=128)] = None
+               ) -> dict[str, Any]:
     """Hold until work for this machine appears.
 
     ``capacity`` is how many jobs the agent runs at once (0 while it takes none); the
-    jobs the hub sees it holding count against it.
+    jobs the hub sees it holding count against it. ``extensions_etag``, the etag of the
+    goals the agent was last told of: the poll also ends, with no item and the new etag,
+    when the machine's goals change (woken by a change of its own goal).
     """
     signed = await signed_machine(request)  # after the query's check (see deps.Machine)
+    machine = signed.machine
+
+    async def done() -> bool:
+        if await request.is_disconnected():
+            return True
+        return extensions_etag is not None and \
+            await hub.extensions.etag(machine) != extensions_etag
+
     with hub.job_metrics.long_polls.track_inprogress():
-        items = await hub.dispatcher.poll(signed.machine, min(wait, hub.config.poll_timeout),
-                                          capacity=capacity, gone=request.is_disconnected)
+        items = await hub.dispatcher.poll(machine, min(wait, hub.config.poll_timeout),
+                                          capacity=capacity, gone=done)
     hub.job_metrics.claimed(items, time.time())
     await job_identity.add_tokens(hub.engine, hub.vault, items)
-    return {"items": items}
+    if extensions_etag is None:
+        return {"items": items}
+    return {"items": items, "extensions_etag": await hub.extensions.etag(machine)}
 
 
 def _bound_records(hub: Hub, count: int) -> None:
