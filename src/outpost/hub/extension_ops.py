@@ -338,7 +338,9 @@ class ExtensionOps:
             lease = max(LEASE_BEATS * float(row.heartbeat_interval or 30.0), LEASE_MIN)
             heard = row.last_heartbeat_at or 0.0
             uptime = (row.heartbeat or {}).get("uptime_seconds")
-            began_at = heard - float(uptime) if isinstance(uptime, (int, float)) else None
+            # 0 or none: an agent that does not say (every agent's uptime is above 0).
+            began_at = heard - float(uptime) if isinstance(uptime, (int, float)) \
+                and uptime > 0 else None
             what = f"{row.operation} of extension {row.extension} on {row.name}"
             if now - max(heard, self._trusted_from) > lease:
                 stop = (f"; it told the hub it was stopping at {_when(row.stopped_at)}"
