@@ -3,7 +3,9 @@ its next heartbeat: a real hub (SQLite and PostgreSQL, whose notifiers differ) a
 agent heartbeating only every 30 s.
 
 Each change is made just after a heartbeat, so that the next one is 30 s away; the agent must
-report the result well before it, and the hub must have heard no heartbeat in between.
+report the result well before it, and the hub must have heard no heartbeat in between. The
+hub holds a long-poll up to 120 s here (25 s by default), so that a poll ending on its own
+cannot bring the change either: only the wake-up can.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tests import extbuild
 from tests.support import Agent, Hub, healthy_agent, last_beat, wait_until
@@ -36,7 +40,13 @@ def _after_a_heartbeat(hub: Hub) -> float:
 
 def test_a_machine_goal_reaches_the_agent_without_waiting_for_a_heartbeat(
         hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
-    agent = healthy_agent(hub, tmp_path, agents, "m1", heartbeat_interval=INTERVAL)
+    hub.stop()
+    config = hub.data_dir / "hub.yaml"
+    settings = yaml.safe_load(config.read_text()) | {"poll_timeout": 120}
+    config.write_text(yaml.safe_dump(settings))
+    hub.start()
+    agent = healthy_agent(hub, tmp_path, agents, "m1", heartbeat_interval=INTERVAL,
+                          poll_timeout=120)
     files = {f"bin/{h}": (OK, 0o755) for h in
              ("install", "enable", "disable", "update", "uninstall")}
     published = hub.api("POST", "/v1/extensions", headers={"Content-Type": "application/gzip"},
