@@ -106,3 +106,52 @@ async def test_two_replicas_fail_a_late_operation_once_and_withdraw_its_item(
     assert [r["id"] for r in listed] == [asked["id"]]
     missing = await hub.api("GET", "/v1/extension-operations/nope")
     assert missing.status_code == 404 and missing.json()["code"] == "E9087"
+
+
+async def test_a_running_operation_whose_agent_went_away_ends_failed_and_the_next_runs(
+        fast_hub_any: InprocHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """E9093: silent for a lease, counted only from when this process could record
+    heartbeats (its first pass); or heard from an agent started after the claim."""
+    hub = fast_hub_any
+    await hub.stop_task("extension-operations")  # this test runs the passes itself
+    monkeypatch.setattr(extension_ops, "LEASE_MIN", 0.5)
+    monkeypatch.setattr(extension_ops, "RESTART_MARGIN", 0.2)
+    monkeypatch.setattr(extension_ops, "REAP_GAP", 60.0)  # a slow sleep is no outage here
+    machine = await _setup(hub)
+    first, second = await _ask(hub), await _ask(hub)
+    [item] = await machine.poll()
+    assert item["payload"]["op_id"] == first["id"]
+    path = f"/v1/agent/ext-ops/{first['id']}/progress"
+    started = await machine.call("POST", path, {"attempt": 1, "state": "started",
+                                                "at": time.time()})
+    assert started.status_code == 204, started.text
+    await machine.heartbeat(interval=0.1)  # its last: a lease of 0.5 s
+    ops = ExtensionOps(hub.hub.engine, hub.hub.extensions.cache)
+    await asyncio.sleep(0.8)
+    await ops.tick()  # its first pass: the silence before it is not counted
+    shown = await hub.ok("GET", f"/v1/extension-operations/{first['id']}")
+    assert shown["status"] == "Running", shown
+    await asyncio.sleep(0.8)
+    await ops.tick()
+    shown = await hub.ok("GET", f"/v1/extension-operations/{first['id']}")
+    assert (shown["status"], shown["code"]) == ("Failed", "E9093"), shown
+    assert shown["message"].startswith("The agent stopped heartbeating while the operation "
+                                       "snap of extension ops on m1 ran"), shown
+    # The next one in line is handed out.
+    [item] = await machine.poll()
+    assert item["payload"]["op_id"] == second["id"]
+    path = f"/v1/agent/ext-ops/{second['id']}/progress"
+    started = await machine.call("POST", path, {"attempt": 1, "state": "started",
+                                                "at": time.time()})
+    assert started.status_code == 204, started.text
+    await asyncio.sleep(0.5)
+    beat = {"agent_version": "0.1.0", "heartbeat_interval": 30}
+    await machine.ok("POST", "/v1/agent/heartbeat", beat)  # no uptime: it says nothing
+    await ops.tick()
+    assert (await hub.ok("GET", f"/v1/extension-operations/{second['id']}"))["status"] == \
+        "Running"
+    await machine.ok("POST", "/v1/agent/heartbeat", beat | {"uptime_seconds": 0.1})
+    await ops.tick()
+    shown = await hub.ok("GET", f"/v1/extension-operations/{second['id']}")
+    assert (shown["status"], shown["code"]) == ("Failed", "E9093"), shown
+    assert "ran and started again at" in shown["message"], shown

@@ -47,7 +47,7 @@ def test_an_operation_waits_saying_why_then_starts_when_the_load_passes() -> Non
     ops = Operations(None, hub.call, pressure.reason)  # type: ignore[arg-type]
     busy = _busy(pressure)
 
-    async def scenario() -> bool:
+    async def scenario() -> str | None:
         gate = asyncio.create_task(ops.wait_for_load(_asked(time.time() + 60)))
         started = time.monotonic()
         while not hub.calls and time.monotonic() - started < 20:
@@ -57,7 +57,9 @@ def test_an_operation_waits_saying_why_then_starts_when_the_load_passes() -> Non
         return await asyncio.wait_for(gate, 10)
 
     try:
-        assert asyncio.run(scenario()) is True
+        said = asyncio.run(scenario())
+        assert said is not None and said.startswith("started after waiting "), said
+        assert " s for the machine's load to pass (CPU at " in said, said
     finally:
         busy.kill()
         busy.wait()
@@ -75,7 +77,7 @@ def test_an_operation_still_waiting_at_its_deadline_ends_failed_saying_why() -> 
     ops = Operations(None, hub.call, pressure.reason)  # type: ignore[arg-type]
     busy = _busy(pressure)
     try:
-        assert asyncio.run(ops.wait_for_load(_asked(time.time() + 2.5))) is False
+        assert asyncio.run(ops.wait_for_load(_asked(time.time() + 2.5))) is None
     finally:
         busy.kill()
         busy.wait()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
+import re
 import socket
 import ssl
 import time
@@ -27,6 +29,9 @@ import psutil
 from outpost import __version__
 from outpost.protocol import versions
 from outpost.protocol.checks import (
+    ERROR,
+    OK,
+    WARNING,
     Outcome,
     Registry,
     Result,
@@ -34,6 +39,7 @@ from outpost.protocol.checks import (
     error,
     from_error,
     ok,
+    problem,
     run_checks,
     warning,
 )
@@ -578,6 +584,181 @@ def sandbox(ctx: AgentContext) -> Outcome:
     if limits.startswith("rlimits"):
         return warning("sandbox_weak", f"{text}: no CPU limit, and processes a job detaches "
                        "outlive it", None, **data)
+    return ok(text, **data)
+
+
+# --- extensions: what <state>/extensions/state.json says of each ---------------------------
+# A step's longest normal run: a handler's timeout_seconds (from its manifest) plus this, and
+# for the steps that fetch the package, FETCH_SECONDS.
+STEP_GRACE_SECONDS = 60.0
+FETCH_SECONDS = 600.0
+DEFAULT_HANDLER_TIMEOUT = 300.0
+_CODE = re.compile(r"^(E\d{4}): ")
+
+
+@dataclass
+class ExtensionVerdict:
+    """One extension's line of the 'extensions' check."""
+
+    name: str
+    result: str  # ok, warning or error
+    text: str
+    code: str | None = None
+    fix: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _machine_name(ctx: AgentContext) -> str:
+    if ctx.registration is not None:
+        return ctx.registration.name
+    try:
+        reg = ctx.state.registration()
+    except CorruptFile:
+        reg = None
+    return reg.name if reg is not None else socket.gethostname()
+
+
+def _step_limit(state_root: Path, name: str, version: str | None, step: str | None) -> float:
+    """How long ``step`` may normally take: the handler's timeout_seconds from the unpacked
+    manifest (in either place the agent keeps packages) plus a grace, else the defaults."""
+    if step in (None, "download", "verify", "unpack") or version is None:
+        return FETCH_SECONDS
+    timeout = DEFAULT_HANDLER_TIMEOUT
+    for root in (state_root / "extensions", state_root.parent / f"{state_root.name}-extensions"):
+        path = root / name / version / "outpost-extension.json"
+        try:
+            manifest = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        handlers = manifest.get("handlers") if isinstance(manifest, dict) else None
+        which = step if step != "rollback" else "enable"
+        found = handlers.get(which) if isinstance(handlers, dict) else None
+        if isinstance(found, dict) and isinstance(found.get("timeout_seconds"), (int, float)):
+            timeout = float(found["timeout_seconds"])
+        break
+    return timeout + STEP_GRACE_SECONDS
+
+
+def judge_extension(row: dict[str, Any], *, now: float, machine: str, state_root: Path,
+                    agent_running: bool) -> ExtensionVerdict:
+    """The verdict on one extension's record (the fields of its status report)."""
+    name, state = str(row["name"]), str(row.get("state") or "NotInstalled")
+    step, message = row.get("step"), str(row.get("message") or "")
+    version = row.get("version") or row.get("target_version") or row.get("on_disk")
+    failed = list(row.get("failed_versions") or [])
+    age = max(0.0, now - float(row.get("changed_at") or now))
+    found = _CODE.match(message)
+    code = found.group(1) if found and found.group(1) in CATALOG else None
+    retry = f"outpost extension retry {name} --machine {machine}"
+    log_file = state_root / "logs" / "extensions" / f"{name}.log"
+    data: dict[str, Any] = {"name": name, "state": state, "step": step, "version": version,
+                            "message": message, "code": code, "since_seconds": round(age),
+                            "failed_versions": failed,
+                            "last_ready_version": row.get("last_ready_version")}
+    at = f" at {version}" if version else ""
+    said = f": {message}" if message else ""
+
+    def verdict(result: str, text: str, key: str | None = None,
+                fix: str | None = None) -> ExtensionVerdict:
+        item = CATALOG.get(key) if key else None
+        shown = item.code if item else key
+        data.update(result=result, code=shown, fix=fix)
+        return ExtensionVerdict(name, result, text, shown, fix, data)
+
+    if state == "Ready":
+        if code == "E9033":
+            return verdict(WARNING, f"{name}: Ready{at}, rolled back{said}", code,
+                           f"The failed version is not tried again here. Publish a fixed "
+                           f"version and set it, or try the same one again: {retry}")
+        if failed:
+            return verdict(WARNING, f"{name}: Ready{at}; version(s) {', '.join(failed)} "
+                           f"failed here and are not tried again{said}", code or "E9094",
+                           f"Read {log_file}; once the cause is fixed: {retry}")
+        return verdict(OK, f"{name}: Ready{at}")
+    if state == "NotInstalled":
+        return verdict(OK, f"{name}: not installed{said}")
+    if state == "NotReady":
+        if "enabled=false" in message:
+            return verdict(OK, f"{name}: installed{at} and disabled, as its goal says")
+        return verdict(WARNING, f"{name}: NotReady{at}{said}", code or "E9095",
+                       f"Read {log_file}; fix what the enable handler warns about, then set "
+                       f"the extension again (a new seq runs its enable again)")
+    if state == "Failed":
+        where = f" at step {step}" if step else ""
+        text = f"{name}: Failed{where}{at}{said}"
+        if code == "E9038":
+            fix = (f"Upgrade the agent on this machine (run the install line of 'outpost "
+                   f"machine install-line' again), then: {retry}")
+        elif code == "E9030":
+            fix = (f"The {step} handler hung and was killed at its timeout_seconds. Read "
+                   f"{log_file}; fix the handler or raise its timeout_seconds and publish a "
+                   f"new version, or once the cause is gone: {retry}")
+        elif code == "E9040":
+            fix = (f"Read {log_file}; remove the extension ('outpost extension remove {name} "
+                   f"--machine {machine}', which works in every state) and set a version "
+                   f"that works")
+        else:
+            fix = f"Read {log_file}; fix the cause, then: {retry}"
+        return verdict(ERROR, text, code or "E9094", fix)
+    # Installing or Transitioning: fine while the step may still be running.
+    limit = _step_limit(state_root, name, version, step)
+    where = f" at step {step}" if step else ""
+    text = f"{name}: {state}{where}{at} for {age:.0f} s{said}"
+    if not agent_running:
+        return verdict(WARNING, text + " (the agent is not running: the step goes on when it "
+                       "starts)", code or "E9096",
+                       "Start the agent; it goes on from the step it was in.")
+    if code is not None:  # a download or the hub's credentials, tried again later
+        return verdict(WARNING, text, code, f"The agent tries again by itself; if it keeps "
+                       f"failing, check its path to the hub above and read {log_file}")
+    if age > limit:
+        return verdict(WARNING, f"{text}; longer than the step may take ({limit:.0f} s)",
+                       "E9096", f"Read {log_file}; remove the extension ('outpost extension "
+                       f"remove', which works in every state) or, once the cause is fixed: "
+                       f"{retry}")
+    return verdict(OK, text)
+
+
+def read_extension_states(state_root: Path) -> list[dict[str, Any]] | None:
+    """The records of ``<state>/extensions/state.json`` as status reports, None when the file
+    does not exist; OutpostError when it cannot be read."""
+    from .extensions.store import Record, Store
+
+    store = Store(state_root / "extensions")
+    try:
+        raw = json.loads(store.path.read_bytes())
+        records = [Record.from_dict(dict(v)) for v in raw["extensions"].values()]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise OutpostError("ext_failed_here", f"{store.path} cannot be read ({exc}); the "
+                           f"agent moves it aside when it starts and installs what its "
+                           f"goals want again", name="(all)", step="none") from exc
+    # The version on disk too, installed or not yet (the report shows only an installed one).
+    return [r.status().model_dump(mode="json") | {"on_disk": r.version} for r in records]
+
+
+@checks.add("extensions", "Extensions are Ready (EX-5, EX-8)",
+            "each extension in <state>/extensions/state.json: its state, step, code and fix",
+            scenarios=("EX-4", "EX-5", "EX-8"))
+def extensions(ctx: AgentContext) -> Outcome:
+    rows = read_extension_states(ctx.state.root)
+    if not rows:
+        return ok("no extension on this machine", extensions=[])
+    running = ctx.status is not None or ctx.state.running_pid() is not None
+    machine = _machine_name(ctx)
+    now = time.time()
+    found = [judge_extension(r, now=now, machine=machine, state_root=ctx.state.root,
+                             agent_running=running) for r in sorted(rows,
+                                                                    key=lambda r: r["name"])]
+    data = {"extensions": [v.data for v in found]}
+    text = "; ".join(v.text for v in found)
+    for level in (ERROR, WARNING):
+        bad = [v for v in found if v.result == level]
+        if bad:
+            fix = " | ".join(f"{v.name}: {v.fix}" for v in bad) if len(bad) > 1 \
+                else bad[0].fix
+            return problem(level, bad[0].code or "E9094", text, fix, **data)
     return ok(text, **data)
 
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import time
 from collections.abc import Awaitable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,6 +31,7 @@ from outpost.protocol.errors import HubRefused, OutpostError, TransportError
 from outpost.protocol.models import HeartbeatAck
 
 from . import cache, facts, joblogs, work
+from . import config as agent_config
 from .cgroups import Limits
 from .config import AgentConfig
 from .extensions import handler as ext_handler
@@ -88,6 +90,7 @@ class Agent:
         # failures asks again at once (the hub, or its database, is back), so work queued
         # after an outage starts in milliseconds, not after a backoff of up to backoff_max.
         self._hub_answered = asyncio.Event()
+        self._reload = asyncio.Event()  # SIGHUP: read the backpressure thresholds again
         self.pressure = Pressure(self.config.max_cpu_percent, self.config.max_memory_percent,
                                  self.config.pressure_seconds, own_cpu_seconds(self._leaders))
         self.reporter = Reporter(self._call, self._capacity, self._take)
@@ -118,6 +121,7 @@ class Agent:
         watch_children_with_pidfd(loop)
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
             if not await self._connect(key, reg, identity):
                 return  # stopped before any hub answered
@@ -125,6 +129,7 @@ class Agent:
             self._start_extensions(key)
             self.supervisor.start("heartbeat", self._heartbeat_loop)
             self.supervisor.start("poll", self._poll_loop)
+            self.supervisor.start("reload-thresholds", self._reload_thresholds)
             self.supervisor.start("prune-job-logs", lambda: joblogs.prune_forever(
                 self.state.root, self.config.job_log_retention, self.stop_requested))
             await self.stop_requested.wait()
@@ -132,7 +137,7 @@ class Agent:
             await self._shutdown()
             await self._tell_hub_stopping()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             server.close()
             if self.extensions is not None:
@@ -144,6 +149,28 @@ class Agent:
             if not self.state.socket_address.startswith("\0"):
                 Path(self.state.socket_address).unlink(missing_ok=True)
             log.info("stopped")
+
+    async def _reload_thresholds(self) -> None:
+        """On SIGHUP, the backpressure thresholds (max_cpu_percent, max_memory_percent,
+        pressure_seconds) are read again from the config file, so that an operation waiting
+        for the load to pass (E9091's fix: raise them) need not be cut off by a restart;
+        every other setting still needs one."""
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            try:
+                cfg = agent_config.load(self.config_path).effective()
+            except OutpostError as exc:
+                log.error("SIGHUP: %s was not read again (%s %s); the thresholds stay as "
+                          "they were", self.config_path, exc.code, exc.message)
+                continue
+            self.config = replace(self.config, max_cpu_percent=cfg.max_cpu_percent,
+                                  max_memory_percent=cfg.max_memory_percent,
+                                  pressure_seconds=cfg.pressure_seconds)
+            self.pressure.retune(cfg.max_cpu_percent, cfg.max_memory_percent,
+                                 cfg.pressure_seconds)
+            log.info("SIGHUP: thresholds now CPU %g%%, memory %g%%, for %g s",
+                     cfg.max_cpu_percent, cfg.max_memory_percent, cfg.pressure_seconds)
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -355,8 +382,10 @@ class Agent:
             hold, carry = await self.turns.poll_turn(hold)
             hold = round(hold, 3)
             beat, listed = self._beat() if carry else (None, {})
+            told = self.extensions.told_etag if self.extensions is not None else None
+            etag = "" if told is None else f"&extensions_etag={quote(told, safe='')}"
             request = asyncio.ensure_future(self._call(
-                "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}",
+                "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}{etag}",
                 {"heartbeat": beat} if carry else None,
                 timeout=hold + self.config.request_timeout))
             request.add_done_callback(lambda _: self.turns.poll_back())
@@ -392,6 +421,8 @@ class Agent:
                 self.turns.beat_lost(refused=True)
             elif carry and polled.heartbeat is not None:
                 await self._acknowledged(polled.heartbeat, listed)
+            if polled.extensions_etag is not None and self.extensions is not None:
+                self.extensions.note_etag(polled.extensions_etag)  # its own goal changed
             for item in polled.items:
                 await self.handlers.handle(item, self.work)
 

@@ -49,6 +49,12 @@ class Pressure:
         self._own_at = (time.monotonic(), own_cpu() if own_cpu else 0.0)
         psutil.cpu_percent(interval=None)  # the first reading only starts the count
 
+    def retune(self, max_cpu: float, max_memory: float, seconds: float) -> None:
+        """New thresholds, judged from the next look on (the config read again on SIGHUP);
+        how long each reading has been over its threshold is kept."""
+        self.max_cpu, self.max_memory, self.seconds = max_cpu, max_memory, seconds
+        self._last = (0.0, None)
+
     def _cpu_of_others(self, now: float) -> float:
         busy = psutil.cpu_percent(interval=None)
         if self._own is None:

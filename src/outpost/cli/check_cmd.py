@@ -107,7 +107,8 @@ def check(
 ) -> None:
     """Diagnose this machine's agent: config, name, process, registration, DNS, TCP
     through the proxy, TLS pin, clock, signature, version, cache, heartbeat, hardware,
-    pressure, disk and ports. Exit 0 with only oks and warnings, 1 on any error.
+    pressure, disk, ports, sandbox and each extension's state. Exit 0 with only oks and
+    warnings, 1 on any error.
 
     A failing check prints its cause, fix and error code. A check whose prerequisite
     failed is skipped and names it. 'outpost check-list' lists the checks.

@@ -23,6 +23,11 @@ An end with ``transient: true`` is retried with backoff up to ``MAX_ATTEMPTS`` (
 ``ExtensionOps.ended`` holds listeners called with each operation's final end (Succeeded or
 Failed, no attempt left), inside the transaction that records it: what they write is kept
 exactly when the end is (the backup catalog, hub/backup_catalog.py).
+
+A Running operation whose agent is gone ends Failed with E9093 (``_end_lost``), like a job's
+lease (HW-1): its machine sent no heartbeat for a lease (3 intervals, at least 5 s), or its
+agent started again after it claimed the operation (a new process runs no operation of the
+old one). The next one in line is then handed out.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from .db import (extension_holds, extension_operations, extension_packages, exte
                  tokens, work_items)
 from .db import machines as machine_rows
 from .extension_goals import AccountGoals, GoalCache, version_key
+from .jobs.leases import REAP_GAP
+from .jobs.states import LEASE_BEATS, LEASE_MIN
 
 MAX_ATTEMPTS = 3
 RETRY_BASE = 2.0  # seconds before the second attempt; doubled for each next one
@@ -53,6 +60,10 @@ OUTPUT_KEPT = 64 * 1024
 ACTIVE = ("Queued", "Waiting", "Running")
 SCHEDULED = "scheduled: "  # the reason of an operation waiting for its scheduled start
 START_TIMEOUT_TEXT = entry("ext_op_start_timeout").message.rstrip(".")
+# An agent's start, as the hub reckons it from a heartbeat (its time less the uptime it
+# carries), is late by the heartbeat's time in transit: only a start this much after the
+# claim says that another process claimed it.
+RESTART_MARGIN = 5.0
 
 # (connection, the operation's row before its end, the values its end wrote)
 EndListener = Callable[[AsyncConnection, Any, dict[str, Any]], Awaitable[None]]
@@ -109,6 +120,10 @@ class ExtensionOps:
         self._engine = engine
         self._goals = goals
         self.ended: list[EndListener] = []
+        # Heartbeats are trusted to be recorded from this time (wall clock) on: see _end_lost.
+        self._trusted_from: float | None = None
+        self._tick_ended: float | None = None  # time.monotonic() as the last pass ended
+        self._failures = 0  # the engine's failures as that pass began
 
     # --- operators -----------------------------------------------------------------------
     async def ask(self, account_id: str, machine: Any, name: str, operation: str,
@@ -416,7 +431,10 @@ class ExtensionOps:
         """The periodic pass (every replica may run it: each change is conditional)."""
         now = time.time()
         t = extension_operations
+        health = getattr(self._engine, "health", None)
+        failures = health.failures if health is not None else 0
         async with self._engine.begin() as conn:
+            await self._end_lost(conn, time.time(), failures)
             late = (await conn.execute(sa.select(t.c.id, t.c.message, t.c.item_id).where(
                 t.c.status.in_(("Queued", "Waiting")), t.c.start_deadline.is_not(None),
                 t.c.start_deadline < now))).all()
@@ -447,6 +465,56 @@ class ExtensionOps:
             pending = (await conn.execute(sa.select(t.c.machine_id, t.c.extension).where(
                 t.c.status == "Queued", t.c.item_id.is_(None), *_due(now)).distinct())).all()
             for row in pending:
+                await self._hand_out(conn, row.machine_id, row.extension, now)
+        self._tick_ended, self._failures = time.monotonic(), failures
+
+    async def _end_lost(self, conn: AsyncConnection, now: float, failures: int) -> None:
+        """End Failed (E9093) each Running operation whose agent is gone: no heartbeat from
+        its machine for a lease, or a heartbeat from an agent process started after the
+        operation was claimed. As the jobs' reaper does (jobs/leases.py), a silence is
+        counted only from when this process could record heartbeats: its first pass, a
+        database failure it saw, or a pass late by more than REAP_GAP moves that time to now,
+        so a hub or database outage fails nothing by itself."""
+        began = time.monotonic()
+        if self._trusted_from is None or self._tick_ended is None \
+                or began - self._tick_ended > REAP_GAP or failures != self._failures:
+            self._trusted_from = now
+        t, m = extension_operations, machine_rows
+        rows = (await conn.execute(
+            sa.select(t.c.id, t.c.machine_id, t.c.extension, t.c.operation, t.c.attempt,
+                      t.c.started_at, m.c.name, m.c.last_heartbeat_at, m.c.heartbeat_interval,
+                      m.c.heartbeat, m.c.stopped_at, work_items.c.claimed_at)
+            .select_from(t.join(m, m.c.id == t.c.machine_id)
+                         .outerjoin(work_items, work_items.c.id == t.c.item_id))
+            .where(t.c.status == "Running"))).all()
+        for row in rows:
+            lease = max(LEASE_BEATS * float(row.heartbeat_interval or 30.0), LEASE_MIN)
+            heard = row.last_heartbeat_at or 0.0
+            uptime = (row.heartbeat or {}).get("uptime_seconds")
+            # 0 or none: an agent that does not say (every agent's uptime is above 0).
+            began_at = heard - float(uptime) if isinstance(uptime, (int, float)) \
+                and uptime > 0 else None
+            what = f"{row.operation} of extension {row.extension} on {row.name}"
+            if now - max(heard, self._trusted_from) > lease:
+                stop = (f"; it told the hub it was stopping at {_when(row.stopped_at)}"
+                        if row.stopped_at else "")
+                why = (f"the agent stopped heartbeating while the operation {what} ran: "
+                       f"last heard from at {_when(row.last_heartbeat_at)}, over "
+                       f"{lease:.0f} s ago (3 heartbeat intervals){stop}; how far it got "
+                       "is unknown")
+            elif began_at is not None and row.claimed_at is not None \
+                    and began_at > row.claimed_at + RESTART_MARGIN:
+                why = (f"the agent stopped while the operation {what} ran and started again "
+                       f"at {_when(began_at)} (after the operation was handed to it at "
+                       f"{_when(row.claimed_at)}); the new agent does not run it, and how "
+                       "far it got is unknown")
+            else:
+                continue
+            ended = (await conn.execute(t.update().where(
+                t.c.id == row.id, t.c.status == "Running", t.c.attempt == row.attempt).values(
+                    status="Failed", code=entry("ext_op_agent_lost").code, ended_at=now,
+                    message=why[:1].upper() + why[1:] + ".", next_try_at=None))).rowcount
+            if ended:
                 await self._hand_out(conn, row.machine_id, row.extension, now)
 
     # --- agents --------------------------------------------------------------------------

@@ -296,6 +296,8 @@ class Extensions:
             raise OutpostError("conflict", f"Could not set extension {name} for {kind} "
                                f"'{target}'; try again.")
         self.cache.forget(account_id)
+        if kind == "machine":
+            await self._wake(account_id, view["target"])
         log.info("extension %s set for %s '%s' in account %s (seq %d)", name, kind,
                  view["target"], account_id, view["seq"])
         return view
@@ -379,6 +381,8 @@ class Extensions:
                 extension_goals.c.target_kind == kind, extension_goals.c.target == stored))
             await self._changed(conn, account_id)
         self.cache.forget(account_id)
+        if kind == "machine":
+            await self._wake(account_id, stored)
         log.info("extension %s removed from %s '%s' in account %s", name, kind, stored,
                  account_id)
         return {"name": name, "target_kind": kind, "target": stored, "removed": True}
@@ -404,11 +408,24 @@ class Extensions:
                 await conn.execute(extension_retries.update().where(key).values(retry=count))
             await self._changed(conn, account_id)
         self.cache.forget(account_id)
+        notify.of(self.engine).wake_committed(notify.machine(machine.id))
         log.info("extension %s: retry %d asked on machine %s", name, count, machine.name)
         return {"name": name, "machine": machine.name, "machine_id": machine.id,
                 "retry": count}
 
     # --- the agent's side -------------------------------------------------------------
+    async def _wake(self, account_id: str, machine_name: str) -> None:
+        """A machine's own goal changed (committed, and the account's goals dropped): its
+        agent's long-poll answers at once with the new etag (routes/agents.py), so the change
+        reaches the machine in milliseconds rather than at its next heartbeat. A group's goal
+        is left to each machine's heartbeat, which spreads a fleet's goal fetches and
+        downloads over a heartbeat interval instead of all at once."""
+        async with self.engine.connect() as conn:
+            found = await conn.scalar(sa.select(machines.c.id).where(
+                machines.c.account_id == account_id, machines.c.name == machine_name))
+        if found is not None:
+            notify.of(self.engine).wake_committed(notify.machine(str(found)))
+
     async def etag(self, machine: Any) -> str:
         """The heartbeat's ``extensions_etag`` for ``machine``: no database read while the
         account's goals are held."""

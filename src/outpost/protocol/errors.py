@@ -1147,6 +1147,43 @@ _ENTRIES += (
         ("Nothing to do: the report is ignored; the operation's own state is in 'outpost "
          "extension operation ID'.",),
         409, None),
+    Entry(
+        "E9093", "ext_op_agent_lost", "The agent of machine {machine} stopped heartbeating "
+        "while the operation {operation} of extension {name} ran.",
+        ("The operation was Running when the machine's agent went silent for longer than its "
+         "lease (3 heartbeat intervals, at least 5 s): it was killed, the machine went down "
+         "or lost its path to the hub. Whatever the operation was doing is unknown; the "
+         "operation ended Failed so that the next one of the extension on the machine can "
+         "be handed out.",),
+        ("Check the machine ('outpost machine show M') and its agent ('outpost check' there); "
+         "read the extension's log on the machine to see how far it got, then ask for the "
+         "operation again.",),
+        409, "HW-1"),
+    Entry(
+        "E9094", "ext_failed_here", "Extension {name} failed on this machine at step {step}.",
+        ("A step of bringing the extension to its goal failed (the message says which and "
+         "why); the agent does not try that version again until the operator asks.",),
+        ("Read the extension's log on the machine (<state>/logs/extensions/NAME.log), fix "
+         "the cause, then run 'outpost extension retry NAME --machine M'.",),
+        409, "EX-5"),
+    Entry(
+        "E9095", "ext_not_ready_here", "Extension {name} is NotReady on this machine.",
+        ("Its enable handler reported a warning, or an update left it enabled without the "
+         "version being Ready.",),
+        ("Read the message and the extension's log on the machine; fix the cause and set "
+         "the extension again (a new seq runs its enable again).",),
+        409, None),
+    Entry(
+        "E9096", "ext_step_overdue", "Extension {name} has been {state} at step {step} for "
+        "longer than the step may take.",
+        ("The agent is not running (the step goes on from where it was when it starts), or "
+         "a handler runs past its timeout_seconds without having been ended, or the "
+         "package cannot be fetched.",),
+        ("Start the agent if it is stopped ('outpost agent run' or 'systemctl start "
+         "outpost-agent'); otherwise read the extension's log on the machine, and remove "
+         "the extension ('outpost extension remove', which works in every state) or run "
+         "'outpost extension retry NAME --machine M'.",),
+        409, "EX-5"),
 )
 
 _ENTRIES += (

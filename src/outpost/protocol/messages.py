@@ -65,6 +65,7 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ('duration_invalid', "{} '{}' is out of range: give {}{}."),
     ('expiry_invalid', "Expiry '{}' is already past."),
     ('expiry_invalid', "Expiry '{}' is not an ISO 8601 date."),
+    ('ext_failed_here', '{} cannot be read ({}); the agent moves it aside when it starts and installs what its goals want again'),
     ('ext_goal_not_found', "Extension {} has no goal for machine '{}', and its agent reported none."),
     ('ext_goal_not_found', "Extension {} has no goal for machine '{}'."),
     ('ext_goal_not_found', "Extension {} has no goal for {} '{}'."),

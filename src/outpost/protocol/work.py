@@ -178,6 +178,10 @@ class PollAnswer(Wire):
     heartbeat_error: dict[str, Any] | None = Field(
         default=None, description="Why the heartbeat the poll carried was not recorded (its "
         "code and message); the agent sends it again on its own.")
+    # The machine's extensions etag now, when the poll sent the one its agent holds: the
+    # poll ends early, without items, when a change of the machine's own goal makes them
+    # differ (docs/extensions.md, "How agents learn their goals").
+    extensions_etag: str | None = None
 
 
 def parse_item(raw: dict[str, Any], model: type[Wire] | None = None) -> WorkItem:

@@ -128,24 +128,29 @@ class Operations:
             finally:
                 self.running.pop(asked.op_id, None)
 
-    async def wait_for_load(self, asked: wire.ExtOpPayload) -> bool:
+    async def wait_for_load(self, asked: wire.ExtOpPayload) -> str | None:
         """While the machine is over its CPU or memory threshold, report ``waiting`` and
-        why (again when the reason changes); True once it is not, False (the operation
-        ended failed, E9091) when its deadline passes first (EX-7)."""
+        why (again when the reason changes). Once it is not: what the operation's record
+        should say of the wait ("" when there was none); None (the operation ended failed,
+        E9091) when its deadline passes first (EX-7)."""
         why = self.pressure()
+        first, began = why, time.monotonic()
         reported: str | None = None
         while why is not None:
             if asked.deadline is not None and time.time() >= asked.deadline:
                 await self._end(asked, False, *_coded(
                     "ext_op_pressure", f"the operation did not start by its deadline: "
                     f"waiting: {why}"))
-                return False
+                return None
             if why != reported:
                 await self._progress(asked, "waiting", f"waiting: {why}")
                 reported = why
             await asyncio.sleep(PRESSURE_LOOK)
             why = self.pressure()
-        return True
+        if first is None:
+            return ""
+        return (f"started after waiting {time.monotonic() - began:.0f} s for the machine's "
+                f"load to pass ({first})")
 
     async def _one(self, asked: wire.ExtOpPayload) -> None:
         rec = self.reconciler.store.records.get(asked.extension)
@@ -174,9 +179,10 @@ class Operations:
                 "ext_op_unknown_operation", f"extension {name} {version} has no operation "
                 f"'{operation}'"))
             return
-        if op.pressure and not await self.wait_for_load(asked):
+        waited = await self.wait_for_load(asked) if op.pressure else ""
+        if waited is None:
             return
-        if not await self._progress(asked, "started"):
+        if not await self._progress(asked, "started", waited):
             log.info("operation %s of %s: the hub ended this attempt (timed out or retried); "
                      "not run", asked.op_id, name)
             return
@@ -201,13 +207,14 @@ class Operations:
             return
         try:
             await self._run_command(asked, rec, manifest, op, version, identity, settings,
-                                    protected, credentials)
+                                    protected, credentials, waited)
         finally:
             rc.release_credentials(manifest)
 
     async def _run_command(self, asked: wire.ExtOpPayload, rec: Any, manifest: Any, op: Any,
                            version: str, identity: Any, settings: dict[str, Any],
-                           protected: Any, credentials: dict[str, Any]) -> None:
+                           protected: Any, credentials: dict[str, Any],
+                           waited: str = "") -> None:
         rc = self.reconciler
         name, operation = asked.extension, asked.operation
         group = rc.runtime.group(name)
@@ -229,7 +236,9 @@ class Operations:
         tail = "\n".join(output.lines)
         result = outcome.status.result if outcome.status is not None else None
         if outcome.ok:
-            await self._end(asked, True, None, outcome.message, tail, result)
+            said = f"{outcome.message} ({waited})" if outcome.message and waited else \
+                outcome.message or waited
+            await self._end(asked, True, None, said, tail, result)
             return
         if outcome.result == "timeout":
             code, message = _coded("ext_op_hung", outcome.message)

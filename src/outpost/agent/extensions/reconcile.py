@@ -135,6 +135,9 @@ class Reconciler:
         self.clock = clock
         self.goals: dict[str, ExtensionGoal] = {}
         self.goals_etag: str | None = None  # of the goals being worked towards
+        # The hub's etag last heard (a heartbeat or a long-poll): the long-poll sends it, and
+        # the hub ends the poll early when the machine's goals no longer match it.
+        self.told_etag: str | None = None
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()  # no worker runs (tests and 'status' wait on it)
@@ -161,7 +164,8 @@ class Reconciler:
 
     # --- driving -----------------------------------------------------------------------
     def note_etag(self, etag: str) -> None:
-        """A heartbeat answer's etag: wake when it is new, or a retry is due."""
+        """A heartbeat's or a long-poll's etag: wake when it is new, or a retry is due."""
+        self.told_etag = etag
         due = self.retry_at is not None and self.clock() >= self.retry_at
         if (etag != self.store.etag and etag != self.goals_etag) or due:
             self.retry_at = None if due else self.retry_at

@@ -96,17 +96,29 @@ async def stopping(signed: Machine, hub: HubDep) -> dict[str, Any]:
 @router.post("/v1/agent/poll", **SIGNED)
 async def poll(request: Request, hub: HubDep,
                wait: Annotated[float, Query(ge=0, le=300)] = 25.0,
-               capacity: Annotated[int, Query(ge=0, le=256)] = 0) -> dict[str, Any]:
+               capacity: Annotated[int, Query(ge=0, le=256)] = 0,
+               extensions_etag: Annotated[str | None, Query(max_length=128)] = None
+               ) -> dict[str, Any]:
     """Hold until work for this machine appears.
 
     ``capacity`` is how many jobs the agent runs at once (0 while it takes none); the
     jobs the hub sees it holding count against it. The body may carry the agent's
     heartbeat (``PollRequest``): it is recorded as the poll arrives and acknowledged in the
     answer (``heartbeat``), so an idle agent needs one request per poll, not two.
+    ``extensions_etag``, the etag of the goals the agent was last told of: the poll also
+    ends, with no item and the new etag, when the machine's goals change (woken by a change
+    of its own goal).
     """
     signed = await signed_machine(request)  # after the query's check (see deps.Machine)
     row = signed.machine
     beat = parse(PollRequest, signed.body).heartbeat if signed.body.strip() else None
+
+    async def done() -> bool:
+        if await request.is_disconnected():
+            return True
+        return extensions_etag is not None and \
+            await hub.extensions.etag(row) != extensions_etag
+
     # Recorded beside the poll, not before it: the claim does not wait for the heartbeats'
     # batch to commit.
     recording = asyncio.ensure_future(_record_heartbeat(hub, row, beat)) \
@@ -114,22 +126,27 @@ async def poll(request: Request, hub: HubDep,
     try:
         with hub.job_metrics.long_polls.track_inprogress():
             items = await hub.dispatcher.poll(row, min(wait, hub.config.poll_timeout),
-                                              capacity=capacity, gone=request.is_disconnected)
+                                              capacity=capacity, gone=done)
         hub.job_metrics.claimed(items, time.time())
         await job_identity.add_tokens(hub.engine, hub.vault, items)
     except BaseException:
         if recording is not None:  # it ends on its own; its failure is the poll's too
             recording.add_done_callback(lambda done: done.cancelled() or done.exception())
         raise
+    answer: dict[str, Any] = {"items": items}
+    if extensions_etag is not None:
+        answer["extensions_etag"] = await hub.extensions.etag(row)
     if recording is None:
-        return {"items": items}
+        return answer
     try:
         _, abandon = await recording
     except OutpostError as exc:
         # The items are claimed: they are answered; the agent sends the heartbeat again
         # on its own.
-        return {"items": items, "heartbeat_error": {"code": exc.code, "message": exc.message}}
-    return {"items": items, "heartbeat": await _heartbeat_ack(hub, row, abandon)}
+        answer["heartbeat_error"] = {"code": exc.code, "message": exc.message}
+        return answer
+    answer["heartbeat"] = await _heartbeat_ack(hub, row, abandon)
+    return answer
 
 
 def _bound_records(hub: Hub, count: int) -> None:
