@@ -40,7 +40,10 @@ def test_an_agent_started_while_the_hub_is_down_connects_when_it_comes_up(
     wait_until(lambda: last_beat(hub, "f1") > started, 30, what="a heartbeat after the outage")
     assert agent.proc.poll() is None and agent.proc.pid == pid  # never restarted
     assert hub.machines()["f1"]["status"] == "Healthy"
-    assert "heartbeat acknowledged again" in agent.log()
+    # The hub records a heartbeat carried by a poll as the poll arrives, and acknowledges
+    # it when the poll returns (a second here, the agent's heartbeat interval).
+    wait_until(lambda: "heartbeat acknowledged again" in agent.log(), 10,
+               what="the acknowledgement logged")
 
 
 def test_the_agent_fails_over_from_a_closed_port_to_the_second_hub_url(

@@ -85,3 +85,30 @@ async def test_a_malformed_carried_heartbeat_is_refused_and_records_nothing(
         assert refused.status_code == 422, (body, refused.text)
         assert refused.json()["code"] == "E3003", refused.json()  # invalid_request
     assert await _last_beat(hub, "m1") is None
+
+
+async def test_a_heartbeat_that_arrived_before_a_stop_notice_does_not_undo_it(
+        fast_hub_any: InprocHub) -> None:
+    """A poll that carries a heartbeat is written in a batch, and may commit after the stop
+    notice its agent sent next: the stop stands. A heartbeat that arrives after the stop
+    ends it, as before."""
+    from outpost.hub import heartbeats
+
+    hub = fast_hub_any
+    machine = await hub.machine("m1")
+    await machine.ok("POST", "/v1/agent/poll?wait=0&capacity=1", {"heartbeat": _beat()})
+    arrived = time.time()
+    await machine.ok("POST", "/v1/agent/stopping", {})
+    # Committed now, but received before the stop notice.
+    await heartbeats.writer(hub.hub.engine).record(machine.id, {
+        "b_at": arrived, "b_at_stop": arrived, "b_beat": _beat(),
+        "b_interval": 1.0, "b_version": __version__})
+    assert await _status(hub, "m1") == "Stopped"
+    await machine.ok("POST", "/v1/agent/poll?wait=0&capacity=1", {"heartbeat": _beat()})
+    assert await _status(hub, "m1") == "Healthy"
+
+
+async def _status(hub: InprocHub, name: str) -> str:
+    answer = await hub.http.get("/v1/machines", headers={
+        "Authorization": f"Bearer {hub.admin_token}"})
+    return str(next(m for m in answer.json() if m["name"] == name)["status"])

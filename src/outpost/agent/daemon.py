@@ -86,6 +86,7 @@ class Agent:
         # The long-poll carries the heartbeat (turns.py): one request for both.
         self.turns = Turns(cadence=self.config.heartbeat_interval)
         self._poll_withdrawn = False
+        self._beats_failed = False  # since the last acknowledged heartbeat
         # Set by each heartbeat the hub acknowledges: a poll waiting out its backoff after
         # failures asks again at once (the hub, or its database, is back), so work queued
         # after an outage starts in milliseconds, not after a backoff of up to backoff_max.
@@ -324,19 +325,21 @@ class Agent:
                 answer = await self._call("POST", "/v1/agent/heartbeat", beat)
             except OutpostError as exc:
                 self._note_failure(exc)
+                self._beats_failed = True
                 delay = min(self._log_failure("heartbeat", exc, backoff), interval)
                 self.turns.next_beat(delay, interval)
                 continue
             self.turns.next_beat(interval)
-            if backoff.failures:
-                log.info("heartbeat acknowledged again by %s", self.client.url
-                         if self.client else "?")
             backoff.reset()
             await self._acknowledged(answer, listed)
 
     async def _acknowledged(self, answer: Any, listed: dict[str, int]) -> None:
         """A heartbeat the hub acknowledged (on its own or carried by a poll)."""
         self._hub_answered.set()
+        if self._beats_failed:
+            log.info("heartbeat acknowledged again by %s", self.client.url
+                     if self.client else "?")
+            self._beats_failed = False
         log.debug("heartbeat acknowledged by %s", self.client.url if self.client else "?")
         self.last_ack = time.time()
         self.last_error = None
@@ -381,7 +384,12 @@ class Agent:
             # The poll carries the heartbeat when one falls due (turns.py).
             hold, carry = await self.turns.poll_turn(hold)
             hold = round(hold, 3)
+            # A stopping agent sends no heartbeat after it told the hub (_tell_stopping).
+            carry = carry and not self.stop_requested.is_set()
             beat, listed = self._beat() if carry else (None, {})
+            if carry:
+                log.debug("heartbeat sent with the poll to %s", self.client.url
+                          if self.client else "?")
             told = self.extensions.told_etag if self.extensions is not None else None
             etag = "" if told is None else f"&extensions_etag={quote(told, safe='')}"
             request = asyncio.ensure_future(self._call(
@@ -401,10 +409,12 @@ class Agent:
                     continue
                 raise
             except OutpostError as exc:
-                if carry:
+                if carry:  # the heartbeat failed with it, and is due again
                     self.turns.beat_lost()
+                    self._beats_failed = True
                 self._note_failure(exc)
-                delay = self._log_failure("poll", exc, backoff)
+                delay = self._log_failure("heartbeat" if carry else "poll",
+                                          exc, backoff)
                 self._hub_answered.clear()
                 await self._sleep(delay, self._hub_answered)
                 continue

@@ -205,8 +205,10 @@ class HubClient:
             body = b"" if payload is None else json.dumps(payload).encode()
         last: TransportError | None = None
         cut_off: httpx.Response | None = None  # a hub that answered 503 E3007
-        order = [self.active] + [i for i in range(len(self.urls)) if i != self.active]
-        for index in order:
+        first = self.active
+        moved: int | None = None  # where this request moved ``active`` to
+        order = [first] + [i for i in range(len(self.urls)) if i != first]
+        for pos, index in enumerate(order):
             base = self.urls[index]
             headers = self._sign(method, path, body, account)
             if body:
@@ -226,6 +228,10 @@ class HubClient:
                 if len(order) > 1:  # ED-4: each hub tried is named with its kind of failure
                     log.warning("hub %s unreachable (%s): %s%s", base, kind, detail,
                                 "; trying the next hub URL" if index != order[-1] else "")
+                if pos + 1 < len(order) and self.active == index:
+                    # The next one is the hub this agent talks to while it answers (a
+                    # long-poll there is held for many seconds before its answer comes).
+                    self.active = moved = order[pos + 1]
                 continue
             if len(order) > 1 and _database_down(response):
                 # A replica cut off from the database: another may reach it, and this
@@ -236,11 +242,13 @@ class HubClient:
                             "; trying the next hub URL" if index != order[-1] else "")
                 cut_off = cut_off or response
                 continue
-            if index != self.active:
+            if index != first:
                 log.warning("now talking to hub %s (%s did not answer)", base,
-                            self.urls[self.active])
+                            self.urls[first])
             self.active = index
             return self._decode(response)
+        if moved is not None and self.active == moved:
+            self.active = first  # none answered: the next request starts where this one did
         if cut_off is not None:
             return self._decode(cut_off)  # raises: the database is the matter, not the network
         assert last is not None

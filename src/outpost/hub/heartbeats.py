@@ -34,7 +34,10 @@ _WRITE = (
             heartbeat=sa.bindparam("b_beat", type_=machines.c.heartbeat.type),
             heartbeat_interval=sa.bindparam("b_interval"),
             agent_version=sa.bindparam("b_version"),
-            stopped_at=None)
+            # A heartbeat ends a stop its agent told of before it arrived; not one told of
+            # after it (a poll that carried it may commit after the stop notice: batched).
+            stopped_at=sa.case((machines.c.stopped_at > sa.bindparam("b_at_stop"),
+                                machines.c.stopped_at), else_=None))
 )
 
 
@@ -72,7 +75,7 @@ async def record(engine: AsyncEngine, machine_id: str, beat: dict[str, Any],
     """Record a heartbeat received now; returns when it is durable, with the time it was
     received (its ``last_heartbeat_at``)."""
     now = time.time()
-    await writer(engine).record(machine_id, {"b_at": now, "b_beat": beat,
+    await writer(engine).record(machine_id, {"b_at": now, "b_at_stop": now, "b_beat": beat,
                                              "b_interval": interval,
                                              "b_version": agent_version})
     return now
