@@ -5,6 +5,11 @@ PostgreSQL tests use the server at 127.0.0.1:5432 (user postgres, trust auth), e
 database created for it and dropped after (``module_hub``: one for the module). Where no
 PostgreSQL answers they skip with the reason, except under CI=true, where a missing
 PostgreSQL fails the run.
+
+A hub's database (``database_url``, ``sqlite_hub``, ``fast_hub_any``) starts as a copy of one
+migrated once per test process, so a test does not pay for the migrations; ``module_hub``,
+``empty_database_url`` and ``postgres_url`` start empty, and the hubs on them run the
+migrations themselves, on both databases.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.inproc import Clock, InprocHub, running_hub
-from tests.support import PG_ADMIN, Agent, Hub, config_home, init_hub, shared_dir
+from tests.support import (PG_ADMIN, Agent, Hub, config_home, init_hub, migrate_outside_loop,
+                           migrated_sqlite, shared_dir)
 
 for _name in [k for k in os.environ if k.startswith("OUTPOST_")]:
     del os.environ[_name]
@@ -52,15 +58,47 @@ def require_postgres() -> None:
         pytest.skip(problem)
 
 
+_pg_template: str | None = None
+
+
+def _postgres_template() -> str:
+    """A database this test process migrated once to the newest revision, empty otherwise (no
+    account seeded), dropped when the process ends: the template of ``migrated`` ones."""
+    global _pg_template
+    if _pg_template is None:
+        import atexit
+
+        import psycopg
+
+        from outpost.hub import db
+
+        name = f"outpost_tpl_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+        def drop() -> None:
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+        atexit.register(drop)
+        migrate_outside_loop(db.migrate_sync, f"postgresql://postgres@127.0.0.1:5432/{name}")
+        _pg_template = name
+    return _pg_template
+
+
 @contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """The URL of a PostgreSQL database created for the caller and dropped after."""
+def postgres_database(migrated: bool = False) -> Iterator[str]:
+    """The URL of a PostgreSQL database created for the caller and dropped after: empty, or
+    with ``migrated`` at the newest revision (a copy of a template migrated once per test
+    process: PostgreSQL copies it in a fraction of the seconds its migrations take; the hub
+    started on it finds the schema current and seeds its account)."""
     require_postgres()
     import psycopg
 
     name = f"outpost_t_{uuid.uuid4().hex[:12]}"
+    template = f' TEMPLATE "{_postgres_template()}"' if migrated else ""
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{template}')
     try:
         yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     finally:
@@ -70,17 +108,29 @@ def postgres_database() -> Iterator[str]:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A freshly created PostgreSQL database, dropped after the test."""
+    """A freshly created PostgreSQL database, empty, dropped after the test."""
     with postgres_database() as url:
         yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new empty database, SQLite then PostgreSQL (for the migrations themselves)."""
     if request.param == "postgres":
         url: str = request.getfixturevalue("postgres_url")
         return url
-    return f"sqlite:///{tmp_path / 'hub-under-test.db'}"
+    return f"sqlite:///{tmp_path / 'empty.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The hub's database, SQLite then PostgreSQL: new, at the newest revision, no account
+    in it yet (the hub seeds its own as it starts)."""
+    if request.param == "postgres":
+        with postgres_database(migrated=True) as url:
+            yield url
+        return
+    yield migrated_sqlite(tmp_path / "hub-under-test.db")
 
 
 @pytest.fixture
@@ -108,7 +158,7 @@ def hub(new_hub: Hub) -> Hub:
 def module_sqlite_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     """One running hub on SQLite for the whole module (its tests share it)."""
     root = tmp_path_factory.mktemp("module-sqlite-hub")
-    hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}")
+    hub = init_hub(root / "hub", migrated_sqlite(root / "hub.db"))
     try:
         yield hub.start()
     finally:
@@ -135,7 +185,7 @@ def module_hub(request: pytest.FixtureRequest,
 @pytest.fixture
 def sqlite_hub(tmp_path: Path) -> Iterator[Hub]:
     """A running hub on SQLite only, for tests of what happens on the machine."""
-    hub = init_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}")
+    hub = init_hub(tmp_path / "hub", migrated_sqlite(tmp_path / "hub.db"))
     try:
         yield hub.start()
     finally:
@@ -177,9 +227,11 @@ async def fast_hub(tmp_path: Path, anyio_backend: str) -> AsyncIterator[InprocHu
 async def fast_hub_any(request: pytest.FixtureRequest, tmp_path: Path,
                        anyio_backend: str) -> AsyncIterator[InprocHub]:
     """``fast_hub`` on SQLite, then on a new PostgreSQL database."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
-    async with running_hub(tmp_path, url) as hub:
-        yield hub
+    with contextlib.ExitStack() as stack:
+        url = (stack.enter_context(postgres_database(migrated=True))
+               if request.param == "postgres" else None)
+        async with running_hub(tmp_path, url) as hub:
+            yield hub
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from alembic.runtime.migration import MigrationContext
 from outpost.hub import db
 
 
-def test_migrations_match_the_metadata(database_url: str) -> None:
+def test_migrations_match_the_metadata(empty_database_url: str) -> None:
+    database_url = empty_database_url
     db.migrate_sync(database_url)
     sync_url = database_url.replace("postgresql://", "postgresql+psycopg://", 1)
     engine = sa.create_engine(sync_url)

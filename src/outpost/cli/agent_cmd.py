@@ -8,19 +8,22 @@ import socket
 import time
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from outpost.agent import registration as reg_mod
-from outpost.agent.daemon import read_status
-from outpost.agent.state import StateDir
-from outpost.agent.transport import Clock
 from outpost.protocol.errors import OutpostError
 
 from . import signals
 from .options import ClockSkew, Json, StateDirOpt, profile_state_dir, state_dir
 from .output import EXIT_NOT_RUNNING, ago, out, print_json, say
+
+if TYPE_CHECKING:
+    from outpost.agent.state import StateDir
+
+# The agent's modules (registration, daemon, transport: pydantic, cryptography, httpx) are
+# imported by the commands that use them: every other command, and the agent daemon this
+# process becomes, would pay for them at each start.
 
 app = typer.Typer(no_args_is_help=True, help="The agent on a managed machine.")
 
@@ -67,6 +70,9 @@ def register(
     clock_skew: ClockSkew = 0.0,
 ) -> None:
     """Register this machine with a hub (once). The private key never leaves the machine."""
+    from outpost.agent import registration as reg_mod
+    from outpost.agent.transport import Clock
+
     state = state_dir(state_dir_)
     opts = reg_mod.RegisterOptions(
         hub=hub[0], extra_hubs=hub[1:], account_id=account_id, account_key=account_key,
@@ -89,6 +95,9 @@ def register(
 def deregister(state_dir_: StateDirOpt = None, json: Json = False,
                clock_skew: ClockSkew = 0.0) -> None:
     """Remove this machine's registration, on the hub and here."""
+    from outpost.agent import registration as reg_mod
+    from outpost.agent.transport import Clock
+
     state = state_dir(state_dir_)
     reg, at_hub = asyncio.run(reg_mod.deregister(state, Clock(clock_skew)))
     if json:
@@ -123,6 +132,8 @@ def run(state_dir_: StateDirOpt = None, config: ConfigOpt = None,
 @app.command()
 def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
     """Show whether the agent runs, its processes, hub, and last heartbeat."""
+    from outpost.agent.daemon import read_status
+
     state = state_dir(state_dir_)
     info = read_status(state)
     if info is None:
@@ -204,6 +215,7 @@ def reset_cache(
     systemctl; an agent started by hand is started again detached, with the same command.
     """
     from outpost.agent import service
+    from outpost.agent.daemon import read_status
 
     state = state_dir(state_dir_)
     lines: list[str] = []

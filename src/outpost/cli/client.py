@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from outpost.protocol import fingerprint
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError, entry
@@ -28,6 +26,9 @@ class Target:
 
 
 def _fingerprint(pem: str) -> str:
+    from cryptography import x509  # only where a CA is pinned by its certificate
+    from cryptography.hazmat.primitives import serialization
+
     cert = x509.load_pem_x509_certificate(pem.encode())
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 

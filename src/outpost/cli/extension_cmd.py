@@ -16,7 +16,6 @@ from urllib.parse import quote
 import typer
 import yaml
 
-from outpost.protocol import extpackage
 from outpost.protocol.errors import OutpostError
 
 from .options import CaFingerprint, DataDir, Hub, Json, Token, api
@@ -94,6 +93,8 @@ def extension_publish(
     except OSError as exc:
         raise OutpostError("invalid_request", f"Cannot read {file}: {exc.strerror}.",
                            fix="Give the path of the package's .tar.gz file.") from None
+    from outpost.protocol import extpackage  # pydantic: only where a package is read
+
     package = extpackage.read(data)
     client = api(hub, token, ca_fingerprint, data_dir)
     known = {v["version"]: v["sha256"] for v in _versions(client, package.manifest.name)}

@@ -12,7 +12,7 @@ import typer
 
 from outpost.protocol import durations
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
-from outpost.protocol.models import BATCH_MAX
+from outpost.protocol.params import BATCH_MAX
 from outpost.protocol.params import split_assignments
 
 from . import signals

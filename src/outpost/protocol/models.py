@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from .params import BATCH_MAX
+
 # Ranges at the edge: a number the database cannot hold (an INTEGER column is 32 bits on
 # PostgreSQL, 64 on SQLite) or JSON cannot carry (NaN, Infinity) is refused as bad input
 # with the field named, never left to fail in the database or in the answer.
@@ -114,8 +116,6 @@ class OutputRecord(Wire):
                             "than a record but its last: join the pieces to get the line.")
 
 
-
-BATCH_MAX = 1000
 
 
 class JobBatch(Wire):

@@ -17,6 +17,9 @@ TYPES = ("string", "int", "bool", "json")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+# Job starts in one batch (POST /v1/jobs/batch, `job start --count`); here rather than in
+# models.py, which the CLI does not import (pydantic costs every command its start-up).
+BATCH_MAX = 1000
 
 
 def parse_spec(spec: str) -> dict[str, Any]:
