@@ -299,7 +299,9 @@ def test_spread_gives_each_schedule_a_stable_offset(hub: Hub, tmp_path: Path) ->
     after = {s["name"]: s for s in _api(hub, "GET", "/v1/schedules")}
     for name in names:
         assert after[name]["offset_seconds"] == before[name]["offset_seconds"]
-        assert after[name]["next_run_at"] == before[name]["next_run_at"]
+        was, now = before[name]["next_run_at"], after[name]["next_run_at"]
+        # Unchanged; or it fell due during the restart, fired, and is an hour on.
+        assert now == was or (was <= time.time() and now == was + 3600), (was, now)
 
     # Runs really start at the offset: every 2 s, spread over 2 s.
     offset = _create(hub, "pulse", "snap", "*/2 * * * * *", spread="2s")["offset_seconds"]
