@@ -25,6 +25,7 @@ from urllib.parse import quote
 from nacl.signing import SigningKey
 
 from outpost import __version__
+from outpost.common.events import first_of
 from outpost.common.supervise import Supervisor
 from outpost.protocol import work as wire
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
@@ -284,13 +285,7 @@ class Agent:
 
     async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         """``seconds``, or until the agent stops or ``wake`` is set."""
-        waits = [asyncio.ensure_future(event.wait())
-                 for event in (self.stop_requested, wake) if event is not None]
-        try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiting in waits:
-                waiting.cancel()
+        await first_of([self.stop_requested, wake], seconds)
 
     # How often the heartbeat loop looks at the open poll's capacity (_recheck_poll) while
     # polls carry the heartbeats.

@@ -35,6 +35,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from outpost.common.events import first_of
+
 # How long the heartbeat loop waits for a poll on the wire to come back, at most.
 GRACE = 2.0
 # A poll is not held for less than this (or half the heartbeats' cadence, when shorter): a
@@ -89,13 +91,7 @@ class Turns:
             if left <= 0:
                 return
             self._changed.clear()
-            waits = [asyncio.ensure_future(event.wait())
-                     for event in (self._changed, stop) if event is not None]
-            try:
-                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiting in waits:
-                    waiting.cancel()
+            await first_of([self._changed, stop], left)
 
     def next_beat(self, delay: float, cadence: float | None = None) -> None:
         """A heartbeat was answered (or failed); the next one is due ``delay`` seconds from
