@@ -102,9 +102,36 @@ async def test_a_heartbeat_that_arrived_before_a_stop_notice_does_not_undo_it(
     # Committed now, but received before the stop notice.
     await heartbeats.writer(hub.hub.engine).record(machine.id, {
         "b_at": arrived, "b_at_stop": arrived, "b_beat": _beat(),
-        "b_interval": 1.0, "b_version": __version__})
+        "b_interval": 1.0, "b_version": __version__, "b_run": None})
     assert await _status(hub, "m1") == "Stopped"
     await machine.ok("POST", "/v1/agent/poll?wait=0&capacity=1", {"heartbeat": _beat()})
+    assert await _status(hub, "m1") == "Healthy"
+
+
+async def test_a_heartbeat_of_the_run_that_stopped_never_undoes_the_stop(
+        fast_hub_any: InprocHub) -> None:
+    """An agent names its run in heartbeats and in its stop notice. A heartbeat it sent
+    before the notice may reach the hub after it (a poll cancelled in flight, handled late):
+    however late it arrives, the stop stands. The next run's first heartbeat ends it."""
+    hub = fast_hub_any
+    machine = await hub.machine("m1")
+    await machine.ok("POST", "/v1/agent/poll?wait=0&capacity=1",
+                     {"heartbeat": {**_beat(), "run": "run-one"}})
+    await machine.ok("POST", "/v1/agent/stopping", {"run": "run-one"})
+    assert await _status(hub, "m1") == "Stopped"
+    # Arrives after the notice, from the same run: on its own and carried by a poll.
+    await machine.ok("POST", "/v1/agent/heartbeat", {**_beat(), "run": "run-one"})
+    await machine.ok("POST", "/v1/agent/poll?wait=0&capacity=1",
+                     {"heartbeat": {**_beat(), "run": "run-one"}})
+    assert await _status(hub, "m1") == "Stopped"
+    await machine.ok("POST", "/v1/agent/poll?wait=0&capacity=1",
+                     {"heartbeat": {**_beat(), "run": "run-two"}})
+    assert await _status(hub, "m1") == "Healthy"
+    # Stopped again by the second run; a heartbeat that names no run (an older agent)
+    # arriving after the notice ends it, as before.
+    await machine.ok("POST", "/v1/agent/stopping", {"run": "run-two"})
+    assert await _status(hub, "m1") == "Stopped"
+    await machine.ok("POST", "/v1/agent/heartbeat", _beat())
     assert await _status(hub, "m1") == "Healthy"
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import secrets
 import signal
 import time
 from collections.abc import Awaitable
@@ -66,6 +67,9 @@ class Agent:
         self.clock = clock
         self.config_path = config_path
         self.started = time.time()
+        # This run, named in its heartbeats and its stop notice: a heartbeat of this run
+        # that reaches the hub after the stop notice does not end the stop.
+        self.run_id = secrets.token_hex(8)
         self.stop_requested = asyncio.Event()
         self.forced = False
         self.last_ack: float | None = None
@@ -209,7 +213,8 @@ class Agent:
         told: str | None = None
         try:
             await asyncio.wait_for(
-                self._call("POST", "/v1/agent/stopping", {}, timeout=STOP_NOTICE_SECONDS),
+                self._call("POST", "/v1/agent/stopping", {"run": self.run_id},
+                           timeout=STOP_NOTICE_SECONDS),
                 STOP_NOTICE_SECONDS)
             told = self.client.url if self.client else None
             log.info("the hub was told this agent is stopping")
@@ -295,6 +300,7 @@ class Agent:
         """The heartbeat to send now, and the attempts it lists."""
         beat = facts.heartbeat(self.state.root, self.started, self.config.heartbeat_interval,
                                len(self.jobs), self.not_taking_work())
+        beat["run"] = self.run_id
         listed = {run.id: run.attempt for run in self.jobs.values()}
         beat["jobs"] = [{"id": job_id, "attempt": attempt}
                         for job_id, attempt in listed.items()]

@@ -71,8 +71,10 @@ machines = sa.Table(
     sa.Column("last_heartbeat_at", sa.Float),
     sa.Column("heartbeat_interval", sa.Float, nullable=False),
     sa.Column("heartbeat", sa.JSON),
-    # When its agent said it was stopping (a graceful stop); cleared by its next heartbeat.
+    # When its agent said it was stopping (a graceful stop); cleared by its next heartbeat
+    # from another run of the agent (stopped_run: the run that stopped).
     sa.Column("stopped_at", sa.Float),
+    sa.Column("stopped_run", sa.String(32)),
     sa.UniqueConstraint("account_id", "name", name="uq_machines_account_name"),
 )
 

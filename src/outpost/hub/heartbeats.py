@@ -34,10 +34,20 @@ _WRITE = (
             heartbeat=sa.bindparam("b_beat", type_=machines.c.heartbeat.type),
             heartbeat_interval=sa.bindparam("b_interval"),
             agent_version=sa.bindparam("b_version"),
-            # A heartbeat ends a stop its agent told of before it arrived; not one told of
-            # after it (a poll that carried it may commit after the stop notice: batched).
-            stopped_at=sa.case((machines.c.stopped_at > sa.bindparam("b_at_stop"),
-                                machines.c.stopped_at), else_=None))
+            # A heartbeat ends a stop told of by another run of the agent (a restart), never
+            # one told of by its own run: sent before the stop notice, it can arrive after
+            # it (a poll cancelled in flight, another connection). From an agent that names
+            # no run, it ends a stop told of before it arrived, not one told of after it (a
+            # poll that carried it may commit after the stop notice: batched).
+            stopped_at=sa.case(
+                (machines.c.stopped_run == sa.bindparam("b_run"), machines.c.stopped_at),
+                (sa.and_(machines.c.stopped_run.is_(None),
+                         machines.c.stopped_at > sa.bindparam("b_at_stop")),
+                 machines.c.stopped_at),
+                else_=None),
+            stopped_run=sa.case(
+                (machines.c.stopped_run == sa.bindparam("b_run"), machines.c.stopped_run),
+                else_=None))
 )
 
 
@@ -77,5 +87,6 @@ async def record(engine: AsyncEngine, machine_id: str, beat: dict[str, Any],
     now = time.time()
     await writer(engine).record(machine_id, {"b_at": now, "b_at_stop": now, "b_beat": beat,
                                              "b_interval": interval,
-                                             "b_version": agent_version})
+                                             "b_version": agent_version,
+                                             "b_run": beat.get("run")})
     return now

@@ -179,14 +179,15 @@ async def record_heartbeat(engine: AsyncEngine, machine_id: str, beat: Heartbeat
     return now
 
 
-async def record_stop(engine: AsyncEngine, machine_id: str) -> float:
-    """The machine's agent is stopping gracefully: it shows Stopped from now until its next
-    heartbeat. Its jobs are left to their leases, as for a machine that went silent."""
+async def record_stop(engine: AsyncEngine, machine_id: str, run: str | None = None) -> float:
+    """The machine's agent (its run ``run``) is stopping gracefully: it shows Stopped from
+    now until a heartbeat of another run. Its jobs are left to their leases, as for a
+    machine that went silent."""
     now = time.time()
     _known.pop(machine_id, None)
     async with engine.begin() as conn:
         await conn.execute(machines.update().where(machines.c.id == machine_id).values(
-            stopped_at=now))
+            stopped_at=now, stopped_run=run))
     return now
 
 

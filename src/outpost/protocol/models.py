@@ -80,6 +80,16 @@ class Heartbeat(Wire):
     not_taking_work: str | None = Field(default=None, max_length=2000)
     jobs: list[HeldJob] = Field(default_factory=list, max_length=1024,
                                 description="The jobs the agent runs; their leases renew.")
+    run: str | None = Field(default=None, max_length=32, description=(
+        "This run of the agent (an id it makes at start): a heartbeat of the run that told "
+        "the hub it was stopping does not end that stop, whenever it arrives."))
+
+
+class StopNotice(Wire):
+    """The body of ``POST /v1/agent/stopping``."""
+
+    run: str | None = Field(default=None, max_length=32, description=(
+        "The run of the agent that is stopping (as its heartbeats name it)."))
 
 
 class HeartbeatAck(Wire):

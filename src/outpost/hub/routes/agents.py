@@ -14,7 +14,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.models import Heartbeat, JobAttempt, JobReport, JobReports, PollRequest
+from outpost.protocol.models import (Heartbeat, JobAttempt, JobReport, JobReports, PollRequest,
+                                     StopNotice)
 from outpost.protocol.models import RegisterRequest, WorkDone
 
 from .. import auth, job_identity, jobs, machines, openapi
@@ -86,9 +87,11 @@ async def heartbeat(signed: Machine, hub: HubDep) -> dict[str, Any]:
 @router.post("/v1/agent/stopping", **SIGNED)
 async def stopping(signed: Machine, hub: HubDep) -> dict[str, Any]:
     """The agent is stopping gracefully: the machine shows Stopped until its next
-    heartbeat (a machine that dies silently turns Unresponsive after missed ones)."""
+    heartbeat from another run of its agent (a machine that dies silently turns
+    Unresponsive after missed ones). The body (``StopNotice``) names the run."""
     row = signed.machine
-    now = await machines.record_stop(hub.engine, row.id)
+    notice = parse(StopNotice, signed.body) if signed.body.strip() else StopNotice()
+    now = await machines.record_stop(hub.engine, row.id, notice.run)
     log.info("machine %s (%s) is stopping", row.name, row.id)
     return {"machine_id": row.id, "stopped_at": now}
 
