@@ -449,5 +449,5 @@ def extension_uninstall(
     if json:
         print_json(done)
         return
-    say(f"Machine '{done['machine']}' uninstalls extension {done['name']} at its next "
-        "heartbeat; the next operation asked of it there installs it again.")
+    say(f"Machine '{done['machine']}' uninstalls extension {done['name']} now (its agent is "
+        "told at once); the next operation asked of it there installs it again.")

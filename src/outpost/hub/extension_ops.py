@@ -233,8 +233,9 @@ class ExtensionOps:
             ids.append(values["id"])
         if rows:
             await conn.execute(t.insert(), rows)
-        if held:
+        if held:  # installed again: the machine's long-poll answers with the new etag
             await notify.invalidate(conn, "extensions", account_id)
+            await notify.wake(conn, notify.machine(machine.id))
             self._goals.forget(account_id)
         for machine, not_before, _ in slots:
             if machine.id in checked and machine.id not in held and not_before <= now:
@@ -316,8 +317,9 @@ class ExtensionOps:
             max_attempts=MAX_ATTEMPTS, next_try_at=None, item_id=None, created_at=now,
             output="", result=None, start_deadline=now + op.start_timeout_seconds,
             expected_end=None))
-        if held:
+        if held:  # installed again: the machine's long-poll answers with the new etag
             await notify.invalidate(conn, "extensions", account_id)
+            await notify.wake(conn, notify.machine(machine.id))
         else:
             await self._hand_out(conn, machine.id, name, now)
         return bool(held)
@@ -362,6 +364,9 @@ class ExtensionOps:
                 await conn.execute(extension_holds.insert().values(
                     machine_id=machine.id, name=name, held_at=now))
             await notify.invalidate(conn, "extensions", account_id)
+            # Its long-poll answers with the new etag: uninstalled in milliseconds, not at
+            # the next heartbeat.
+            await notify.wake(conn, notify.machine(machine.id))
         self._goals.forget(account_id)
         return {"name": name, "machine": machine.name, "machine_id": machine.id,
                 "uninstalling": True}
