@@ -549,6 +549,7 @@ async def _job_latency(hubs: list[Any], probe: Fleet, count: int, interval: floa
     import httpx
 
     latencies: list[float] = []
+    slow: list[tuple[Any, str, float, float, float]] = []
     lost = 0
     clients = [httpx.AsyncClient(base_url=h.url, verify=h.ssl_context(), timeout=30,
                                  headers={"Authorization": f"Bearer {h.admin_token}"})
@@ -568,6 +569,7 @@ async def _job_latency(hubs: list[Any], probe: Fleet, count: int, interval: floa
                 print(f"  (a submit was refused: {response.status_code} {response.text[:200]})")
                 lost += 1
                 continue
+            answered = time.time()
             job_id = response.json()["id"]
             deadline = time.monotonic() + 10
             claimed = None
@@ -581,11 +583,34 @@ async def _job_latency(hubs: list[Any], probe: Fleet, count: int, interval: floa
                 lost += 1
             else:
                 latencies.append((claimed - sent) * 1e3)
+                if claimed - sent > SLOW_START:
+                    slow.append((client, job_id, sent, answered, claimed))
             await asyncio.sleep(interval)
+        for client, job_id, sent, answered, claimed in slow:
+            await _explain_slow_start(client, job_id, sent, answered, claimed)
     finally:
         for client in clients:
             await client.aclose()
     return latencies, lost
+
+
+SLOW_START = 0.1  # seconds: a job start slower than this is taken apart
+
+
+async def _explain_slow_start(client: Any, job_id: str, sent: float, answered: float,
+                              claimed: float) -> None:
+    """Where a slow job start's time went: the submit's answer, the hub's claim (the
+    attempt's ``started_at``, the hub's clock: the same machine's), the agent's receipt."""
+    try:
+        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        at_hub = float(job["attempts"][0]["started_at"])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        print(f"  (slow start of {job_id}: its claim time unknown: {exc!r})")
+        return
+    print(f"  slow start {job_id}: {(claimed - sent) * 1e3:.0f} ms = submit answered "
+          f"{(answered - sent) * 1e3:.0f} ms, then claimed at the hub "
+          f"{(at_hub - answered) * 1e3:.0f} ms, then at the agent "
+          f"{(claimed - at_hub) * 1e3:.0f} ms")
 
 
 def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,

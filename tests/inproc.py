@@ -239,9 +239,11 @@ class InprocHub:
 
 
 @asynccontextmanager
-async def running_hub(root: Path, database_url: str | None = None) -> AsyncIterator[InprocHub]:
+async def running_hub(root: Path, database_url: str | None = None, *,
+                      lean_routes: bool = True) -> AsyncIterator[InprocHub]:
     """A hub on ``database_url`` (a new SQLite file under ``root`` by default), its
-    lifespan running, for the length of the ``async with``."""
+    lifespan running, for the length of the ``async with`` (``lean_routes``: as
+    ``create_app`` takes it)."""
     template, init = _template()
     data_dir = root / "hub"
     shutil.copytree(template, data_dir)
@@ -251,7 +253,7 @@ async def running_hub(root: Path, database_url: str | None = None) -> AsyncItera
         shutil.copyfile(await _template_database(), root / "hub.db")
     url = database_url or f"sqlite:///{root / 'hub.db'}"
     hub = await prepare(HubPaths(data_dir), url)
-    app = create_app(hub)
+    app = create_app(hub, lean_routes=lean_routes)
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

@@ -21,6 +21,7 @@ from outpost.common.supervise import Supervisor
 from outpost.protocol.errors import OutpostError
 
 from . import auth, db, dispatcher, edge, jobs, openapi, routes
+from .routes import lean
 from .routes.deps import COMMON_ERRORS, errors
 from .routes.hub import serve_docs
 from .state import Hub
@@ -174,7 +175,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await hub.engine.dispose()
 
 
-def create_app(hub: Hub) -> FastAPI:
+def create_app(hub: Hub, *, lean_routes: bool = True) -> FastAPI:
+    """The hub's ASGI app (``lean_routes=False``: every request through the framework, for
+    benchmarks that compare the two)."""
     app = FastAPI(title="Outpost hub", version=__version__, lifespan=_lifespan,
                   docs_url=None, redoc_url=None, responses=errors(*COMMON_ERRORS))
     app.state.hub = hub
@@ -186,7 +189,8 @@ def create_app(hub: Hub) -> FastAPI:
 
     app.add_middleware(edge.Edge, limits=lambda: hub.config.body_limits,
                        checks=auth.caller_checks(hub.engine, hub.vault),
-                       render=lambda exc: _error_response(hub, exc))
+                       render=lambda exc: _error_response(hub, exc),
+                       lean=lean.ROUTES if lean_routes else None)
     app.add_middleware(CountRequests, counter=hub.requests)
 
     app.add_exception_handler(OutpostError, _outpost_error)

@@ -20,7 +20,7 @@ from outpost.protocol.models import RegisterRequest, WorkDone
 
 from .. import auth, job_identity, jobs, machines, openapi
 from ..state import Hub
-from .deps import HubDep, Machine, agent_body, errors, parse, signed_machine
+from .deps import HubDep, Machine, Signed, agent_body, errors, parse, signed_machine
 
 log = logging.getLogger("outpost.hub")
 router = APIRouter()
@@ -79,6 +79,11 @@ async def _heartbeat_ack(hub: Hub, row: Any, abandon: list[str]) -> dict[str, An
 
 @router.post("/v1/agent/heartbeat", **SIGNED)
 async def heartbeat(signed: Machine, hub: HubDep) -> dict[str, Any]:
+    """A heartbeat on its own (served without the web framework too: ``lean.py``)."""
+    return await heartbeat_answer(hub, signed)
+
+
+async def heartbeat_answer(hub: Hub, signed: Signed) -> dict[str, Any]:
     row = signed.machine
     now, abandon = await _record_heartbeat(hub, row, parse(Heartbeat, signed.body))
     return {**await _heartbeat_ack(hub, row, abandon), "hub_time": now}
@@ -111,8 +116,17 @@ async def poll(request: Request, hub: HubDep,
     ``extensions_etag``, the etag of the goals the agent was last told of: the poll also
     ends, with no item and the new etag, when the machine's goals change (woken by a change
     of its own goal).
+
+    The hub serves this path without the web framework (``lean.py``); this route declares
+    it in the OpenAPI schema and answers the same way.
     """
     signed = await signed_machine(request)  # after the query's check (see deps.Machine)
+    return await poll_answer(request, hub, signed, wait, capacity, extensions_etag)
+
+
+async def poll_answer(request: Request, hub: Hub, signed: Signed, wait: float,
+                      capacity: int, extensions_etag: str | None) -> dict[str, Any]:
+    """The long-poll of ``signed``'s machine, its parameters checked."""
     row = signed.machine
     beat = parse(PollRequest, signed.body).heartbeat if signed.body.strip() else None
 
