@@ -18,10 +18,11 @@ What the store promises restic (docs/backup.md):
 - The bytes a repository holds are bounded by its machine's quota (E9064), when one is set.
 
 Credentials: each machine has at most one backup token (``obk_...``); the hub keeps its
-SHA-256 only (``backup_credentials``). A request carries it as ``Bearer`` (the bridge) or as
-HTTP Basic's password with the machine id as user name (restic's own REST backend). Issuing a new one retires the old at once. A restore
-grant (``obg_...``, ``backup_grants``) opens another machine's repository read-only (every
-read, and restic's locks) for one restore operation, while it runs.
+SHA-256 only (``backup_credentials``). A request carries it as ``Bearer`` (the bridge) or
+as HTTP Basic's password with the machine id as user name (restic's own REST backend).
+Issuing a new one retires the old at once. A restore grant (``obg_...``,
+``backup_grants``) opens another machine's repository read-only (every read, and restic's
+locks) for one restore operation, while it runs.
 """
 
 from __future__ import annotations

@@ -308,11 +308,13 @@ def do_snapshot(ctx: Context) -> None:
         for pattern in exclude:
             args += ["--exclude", pattern]
         summary = _summary(restic.run([*args, "--", *paths], "take the snapshot"))
-        short = str(summary.get("snapshot_id") or "")
+        # restic's short id is the first 8 hex digits of the full one; its summary names the
+        # snapshot by the short id before 0.17 and by the full id since.
+        short = str(summary.get("snapshot_id") or "")[:8]
         taken = _listed(restic, [short]) if short else []
     result = {
         "snapshot": short or None,
-        # restic's summary names the snapshot by its short id; the catalog keeps both.
+        # the full id read back with 'restic snapshots'; the catalog keeps both.
         "snapshot_id": taken[0]["id"] if taken else None,
         "time": taken[0]["time"] if taken else None,
         "files": summary.get("total_files_processed"),
