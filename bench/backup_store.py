@@ -4,18 +4,22 @@ A tree of mixed files (``--megabytes`` in all, 1024 by default: a few files of t
 random bytes, many of a few KB to a few hundred KB, some of them compressible text, nested
 directories) is backed up and restored by the real restic:
 
-- ``hub``: through outpost-restic-bridge to a real hub process on 127.0.0.1 (HTTPS, the
-  machine's backup token), the repository on the hub's disk;
+- ``direct``: restic's own REST backend to a real hub process on 127.0.0.1 (HTTPS, the
+  machine's backup token as HTTP Basic's password; restic 0.17 or later);
+- ``bridge``: through outpost-restic-bridge to the same hub, the repository on the hub's
+  disk;
 - ``local``: ``restic -r DIR``, a repository on the same disk.
 
-The two run alternately (hub, local, hub, local... ``--rounds`` times, each round a fresh
-repository), so the machine's load hits both alike; the medians and the ratio hub/local of
-backup and restore times are printed, with the target (within 20 %: ratio ≤ 1.20), and the
-CPU time of each step's processes: restic, the bridge and the hub (on a busy machine the
-wall-time ratio swings from run to run; the CPU time does not). Restored trees are compared
-with the source (sizes and SHA-256 of every file) once per variant.
+``--transport`` picks the hub's variants (``both`` by default with restic 0.17 or later,
+``bridge`` otherwise). They run alternately (direct, bridge, local, direct... ``--rounds``
+times, each round a fresh repository), so the machine's load hits all alike; the medians
+and the ratio to local of backup and restore times are printed for each, with the target
+(within 20 %: ratio ≤ 1.20), and the CPU time of each step's processes: restic, the bridge
+(0 when direct) and the hub (on a busy machine the wall-time ratio swings from run to run;
+the CPU time does not). Restored trees are compared with the source (sizes and SHA-256 of
+every file) once per variant.
 
-    .venv/bin/python bench/backup_store.py --megabytes 1024 --rounds 3
+    .venv/bin/python bench/backup_store.py --megabytes 1024 --rounds 3 [--transport both]
 
 ``--profile DIR`` writes cProfile files, timed by CPU time, of the hub (``hub.prof``, its
 main thread) and of every bridge process restic starts (``bridge-PID.prof``): ``python -m
@@ -46,6 +50,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench._common import TimeBound, cancel_time_bound, time_bound  # noqa: E402
+from outpost.backup import transport  # noqa: E402
 from tests.support import Hub, clean_env, init_hub, register  # noqa: E402
 
 PASSWORD = "bench"
@@ -230,10 +235,23 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=3600)
     parser.add_argument("--profile", type=Path, default=None, help="a directory for "
                         "cProfile files of the hub and of each bridge process")
+    parser.add_argument("--transport", choices=("direct", "bridge", "both"), default=None,
+                        help="how restic reaches the hub: directly (restic 0.17 or later), "
+                        "through the bridge, or both in turn (the default with restic 0.17 "
+                        "or later; bridge otherwise)")
     args = parser.parse_args()
-    if shutil.which("restic") is None:
+    found = shutil.which("restic")
+    if found is None:
         print("restic is not installed (apt-get install restic)")
         return 0
+    version = transport.restic_version(found)
+    direct_ok = version is not None and version >= transport.DIRECT_SINCE
+    if args.transport is None:
+        args.transport = "both" if direct_ok else "bridge"
+    if args.transport in ("direct", "both") and not direct_ok:
+        print(f"restic {transport.shown(version)} cannot reach the hub directly (0.17 or "
+              "later); use --transport bridge")
+        return 2
     root = Path(tempfile.mkdtemp(prefix="outpost-bench-backup-", dir=args.dir or "/var/tmp"))
     hub: Hub | None = None
     time_bound(args.max_seconds)
@@ -252,34 +270,38 @@ def main() -> int:
         assert register(hub, root / "machine", "bench").returncode == 0
         issued = hub.api("POST", "/v1/machines/bench/backup-token", json={}).json()
         repo_dir = hub.data_dir / "backup" / hub.account_id / issued["machine_id"]
-        through_hub = Variant("hub", [
-            "-r", "rclone:outpost", "-o", f"rclone.program={bridge}", "-o",
-            f"rclone.args=--hub {hub.url} --machine-id {issued['machine_id']} "
-            f"--ca-file {hub.data_dir / 'ca.pem'}"],
-            clean_env(RESTIC_PASSWORD=PASSWORD, OUTPOST_BACKUP_TOKEN=issued["token"]),
-            psutil.Process(hub.proc.pid) if hub.proc is not None else None)
+        ca = str(hub.data_dir / "ca.pem")
+        server = psutil.Process(hub.proc.pid) if hub.proc is not None else None
+        chosen = ["direct", "bridge"] if args.transport == "both" else [args.transport]
+        through_hub: list[Variant] = []
+        for how in chosen:
+            opened = transport.connection(how, hub.url, issued["machine_id"], ca,
+                                          issued["token"], [str(bridge)])
+            through_hub.append(Variant(how, opened.args, clean_env(
+                RESTIC_PASSWORD=PASSWORD, **opened.env), server))
         local_dir = root / "local-repo"
         local = Variant("local", ["-r", str(local_dir)], clean_env(RESTIC_PASSWORD=PASSWORD))
         for number in range(args.rounds):
-            for variant, where in ((through_hub, repo_dir), (local, local_dir)):
+            for variant, where in [*((v, repo_dir) for v in through_hub), (local, local_dir)]:
                 variant.round(source, root, lambda where=where: shutil.rmtree(
                     where, ignore_errors=True))
-                print(f"round {number + 1} {variant.name:5}: backup "
+                print(f"round {number + 1} {variant.name:6}: backup "
                       f"{variant.backup[-1]:6.2f} s ({_cpu_text(variant, 'backup')}), "
                       f"restore {variant.restore[-1]:6.2f} s "
                       f"({_cpu_text(variant, 'restore')})", flush=True)
         cancel_time_bound()
         print()
-        print("| step | hub (median s) | local (median s) | hub/local | target | CPU s: "
-              "restic, bridge, hub / restic |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| step | transport | hub (median s) | local (median s) | hub/local | target | "
+              "CPU s: restic, bridge, hub / restic |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for step in ("backup", "restore"):
-            a = statistics.median(getattr(through_hub, step))
             b = statistics.median(getattr(local, step))
-            mib = args.megabytes / a
-            print(f"| {step} | {a:.2f} ({mib:.0f} MiB/s) | {b:.2f} | {a / b:.2f} | "
-                  f"≤ 1.20 {'met' if a / b <= 1.20 else 'MISSED'} | "
-                  f"{_median_cpu(through_hub, step)} / {_median_cpu(local, step)} |")
+            for variant in through_hub:
+                a = statistics.median(getattr(variant, step))
+                mib = args.megabytes / a
+                print(f"| {step} | {variant.name} | {a:.2f} ({mib:.0f} MiB/s) | {b:.2f} | "
+                      f"{a / b:.2f} | ≤ 1.20 {'met' if a / b <= 1.20 else 'MISSED'} | "
+                      f"{_median_cpu(variant, step)} / {_median_cpu(local, step)} |")
     except TimeBound as exc:
         print(f"gave up: {exc}")
     finally:

@@ -219,8 +219,13 @@ def test_a_restore_grant_reads_the_source_only_while_its_operation_runs(
             {"attempt": 1, "state": "started", "at": time.time()})
         return str(op.json()["id"])
 
-    def repo(method: str, grant_token: str, path: str, body: bytes = b"") -> httpx.Response:
+    def repo(method: str, grant_token: str, path: str, body: bytes = b"",
+             user: str | None = None) -> httpx.Response:
+        # user: HTTP Basic (restic's own REST backend), that user name and the grant.
         with hub.client() as client:
+            if user is not None:
+                return client.request(method, f"/v1/backup/{path}", content=body,
+                                      auth=(user, grant_token))
             return client.request(method, f"/v1/backup/{path}", content=body,
                                   headers={"Authorization": f"Bearer {grant_token}"})
 
@@ -246,6 +251,17 @@ def test_a_restore_grant_reads_the_source_only_while_its_operation_runs(
         assert refused.status_code == 403 and refused.json()["code"] == "E9114", path
     other = repo("GET", granted, f"{ids['sim']}/config")
     assert other.status_code == 403 and other.json()["code"] == "E9061"
+    # The same through HTTP Basic, the source's id as user name: reads and locks only.
+    assert repo("GET", granted, f"{src}/keys/", user=src).status_code == 200
+    assert repo("POST", granted, f"{src}/locks/{name}", lock, user=src).status_code == 200
+    assert repo("DELETE", granted, f"{src}/locks/{name}", user=src).status_code == 200
+    for method, path in (("POST", f"{src}/data/{name}"), ("DELETE", f"{src}/keys/{name}"),
+                         ("POST", f"{src}/config")):
+        refused = repo(method, granted, path, lock, user=src)
+        assert refused.status_code == 403 and refused.json()["code"] == "E9114", path
+    for user, path in ((ids["sim"], f"{src}/keys/"), (ids["sim"], f"{ids['sim']}/keys/")):
+        other = repo("GET", granted, path, user=user)
+        assert other.status_code == 403 and other.json()["code"] == "E9061", (user, path)
     # The operation ends: the grant opens nothing any more.
     sim("POST", f"/v1/agent/ext-ops/{op_id}/end",
         {"attempt": 1, "status": "succeeded", "at": time.time()})

@@ -21,7 +21,13 @@ from outpost.agent.extensions.outlog import ExtensionLog, secret_values
 from outpost.extensions import backup
 from outpost.extensions.backup import main as programs
 from outpost.protocol import extpackage
-from tests.integration.test_backup_store import Restic, mixed_tree, require_restic, same_tree
+from tests.integration.test_backup_store import (
+    Restic,
+    mixed_tree,
+    require_direct_restic,
+    require_restic,
+    same_tree,
+)
 from tests.support import Agent, Hub, healthy_agent, machine_calls, wait_until
 
 ROUTE = "/v1/agent/credentials/backup"
@@ -69,17 +75,25 @@ def credentials(hub: Hub, tmp_path: Path) -> dict[str, Any]:
     return issued
 
 
-def test_snapshot_then_restore_through_the_hub(sqlite_hub: Hub, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["auto", "bridge"])
+def test_snapshot_then_restore_through_the_hub(sqlite_hub: Hub, tmp_path: Path,
+                                               how: str) -> None:
+    # auto: restic 0.17 or later speaks to the hub directly; bridge: forced, as any restic
+    # (Debian 12's 0.14) does.
+    if how == "auto":
+        require_direct_restic()
     require_restic()
     hub = sqlite_hub
     issued = credentials(hub, tmp_path)
     source = mixed_tree(tmp_path / "source")
     runner = Runner(tmp_path / "ext", issued, {"paths": [str(source)],
-                                               "exclude": ["*.skip"]})
+                                               "exclude": ["*.skip"], "transport": how})
     (source / "scratch.skip").write_text("not backed up\n")
 
     outcome, _ = runner.run("install")
-    assert outcome.result == "success" and "restic found at" in outcome.message, outcome
+    assert outcome.result == "success" and "found at" in outcome.message, outcome
+    said = "directly" if how == "auto" else "through the bridge"
+    assert f"reaches the hub {said} (transport {how})" in outcome.message, outcome
     outcome, _ = runner.run("enable")
     assert outcome.result == "success", outcome
     assert "created on the hub" in outcome.message

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from outpost.backup import transport
 from tests.support import Hub, clean_env, free_port, register, wait_until
 
 def require_restic() -> str:
@@ -34,17 +35,43 @@ def bridge_program() -> str:
     return str(script) if script.exists() else f"{sys.executable} -m outpost.backup.bridge"
 
 
-class Restic:
-    """restic on one machine's repository on the hub, through the bridge."""
+def require_direct_restic() -> str:
+    """restic that reaches the hub directly: 0.17 or later (.ci/run installs 0.18)."""
+    found = require_restic()
+    version = transport.restic_version(found)
+    if version is None or version < transport.DIRECT_SINCE:
+        reason = (f"restic {transport.shown(version)} is older than 0.17, which these tests "
+                  "run directly (.ci/run installs it from Debian trixie)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: they may not be skipped)")
+        pytest.skip(reason)
+    return found
 
-    def __init__(self, hub: Hub, machine_id: str, token: str | None) -> None:
-        self.args = ["-r", "rclone:outpost", "-o", f"rclone.program={bridge_program()}",
-                     "-o", f"rclone.args=--hub {hub.url} --machine-id {machine_id} "
-                     f"--ca-file {hub.data_dir / 'ca.pem'} --timeout 60"]
+
+TRANSPORTS = ["direct", "bridge"]
+
+
+class Restic:
+    """restic on one machine's repository on the hub, directly (restic's REST backend, the
+    token as HTTP Basic's password from its environment) or through the bridge."""
+
+    def __init__(self, hub: Hub, machine_id: str, token: str | None,
+                 transport: str = "bridge", user: str | None = None) -> None:
         extra = {"RESTIC_PASSWORD": "correct horse", "RESTIC_CACHE_DIR": "",
                  "HOME": str(hub.data_dir.parent)}
-        if token is not None:
-            extra["OUTPOST_BACKUP_TOKEN"] = token
+        if transport == "direct":
+            require_direct_restic()
+            self.args = ["-r", f"rest:{hub.url.rstrip('/')}/v1/backup/{machine_id}/",
+                         "--cacert", str(hub.data_dir / "ca.pem")]
+            extra["RESTIC_REST_USERNAME"] = user or machine_id
+            if token is not None:
+                extra["RESTIC_REST_PASSWORD"] = token
+        else:
+            self.args = ["-r", "rclone:outpost", "-o", f"rclone.program={bridge_program()}",
+                         "-o", f"rclone.args=--hub {hub.url} --machine-id {machine_id} "
+                         f"--ca-file {hub.data_dir / 'ca.pem'} --timeout 60"]
+            if token is not None:
+                extra["OUTPOST_BACKUP_TOKEN"] = token
         self.env = clean_env(**extra)
         self.env.pop("RESTIC_CACHE_DIR")
 
@@ -101,11 +128,13 @@ def same_tree(left: Path, right: Path) -> list[str]:
     return problems
 
 
-def test_backup_restore_and_check_through_the_hub(hub: Hub, tmp_path: Path) -> None:
-    # On SQLite and PostgreSQL (the token's hash is in the hub's database).
+@pytest.mark.parametrize("how", TRANSPORTS)
+def test_backup_restore_and_check_through_the_hub(hub: Hub, tmp_path: Path, how: str) -> None:
+    # On SQLite and PostgreSQL (the token's hash is in the hub's database), restic directly
+    # and through the bridge.
     assert register(hub, tmp_path / "m1", "m1").returncode == 0
     issued = issue(hub, "m1")
-    restic = Restic(hub, issued["machine_id"], issued["token"])
+    restic = Restic(hub, issued["machine_id"], issued["token"], how)
     source = mixed_tree(tmp_path / "source")
 
     assert "created restic repository" in restic.ok("init")
@@ -250,3 +279,60 @@ def test_the_bridge_reads_the_hub_many_records_at_once_and_trusts_only_its_ca(
     closed = f"https://localhost:{free_port()}"
     with pytest.raises(httpx.ConnectError):
         asyncio.run(fetch(closed, ca, f"/data/{name}"))
+
+
+def test_restic_directly_refused_for_wrong_credentials_and_never_shows_the_token(
+        sqlite_hub: Hub, tmp_path: Path) -> None:
+    """restic's own REST backend with HTTP Basic: a wrong token, another machine's id as
+    user name, another machine's token are refused with the codes of a Bearer token; the
+    token is in restic's environment only, not in its command line nor in the hub's log."""
+    hub = sqlite_hub
+    for name in ("m1", "m2"):
+        assert register(hub, tmp_path / name, name).returncode == 0
+    first, second = issue(hub, "m1"), issue(hub, "m2")
+    mine = Restic(hub, first["machine_id"], first["token"], "direct")
+    mine.ok("init")
+
+    for restic, status in (
+            (Restic(hub, first["machine_id"], "obk_" + "x" * 43, "direct"), 401),
+            (Restic(hub, first["machine_id"], None, "direct"), 401),
+            (Restic(hub, first["machine_id"], second["token"], "direct"), 403),
+            (Restic(hub, first["machine_id"], first["token"], "direct",
+                    user=second["machine_id"]), 403)):
+        refused = restic("cat", "config", timeout=120)
+        assert refused.returncode != 0, refused.stdout
+        assert f"{status}" in refused.stderr, refused.stderr
+    # What the hub answered, with its code, as restic's requests see it.
+    with hub.client() as client:
+        base = f"/v1/backup/{first['machine_id']}"
+        crossed = client.get(f"{base}/keys/", auth=(second["machine_id"], first["token"]))
+        assert crossed.status_code == 403 and crossed.json()["code"] == "E9061"
+        assert second["machine_id"] in crossed.json()["message"]
+        assert client.get(f"{base}/keys/", auth=(first["machine_id"], "obk_x")).json()[
+            "code"] == "E9060"
+
+    # A backup running directly: its command line names the hub and the machine, never
+    # the token; its environment holds it.
+    source = tmp_path / "big"
+    source.mkdir()
+    for index in range(4):
+        (source / f"part{index}").write_bytes(os.urandom(8 * 1024 * 1024))
+    proc = subprocess.Popen([require_restic(), *mine.args, "--no-cache", "backup",
+                             str(source)], env=mine.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert first["machine_id"].encode() in cmdline and b"rest:https://" in cmdline
+    assert first["token"].encode() not in cmdline
+    assert f"RESTIC_REST_PASSWORD={first['token']}".encode() in environ
+    assert "obk_" not in err
+    log = hub.log()
+    assert first["token"] not in log and second["token"] not in log and "obk_" not in log
+    assert "Traceback" not in log

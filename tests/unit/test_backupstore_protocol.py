@@ -4,6 +4,7 @@ restic through the real bridge: tests/integration/test_backup_store.py."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import os
@@ -163,3 +164,52 @@ async def test_another_accounts_repository_is_refused(fast_hub_any: InprocHub) -
     assert (await Repo(hub, theirs.id, issued.json()["token"]).call(
         "POST", "/?create=true")).status_code == 200
     assert (hub.hub.paths.root / "backup" / account["id"] / theirs.id / "keys").is_dir()
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {pair}"}
+
+
+async def test_http_basic_carries_the_token_with_the_machine_id(fast_hub_any: InprocHub
+                                                               ) -> None:
+    """restic's own REST backend sends RESTIC_REST_USERNAME and RESTIC_REST_PASSWORD as HTTP
+    Basic: the user name must be the path's machine id, the password the token; the same
+    checks and codes as a Bearer token."""
+    hub = fast_hub_any
+    mine, other = await _repo(hub, "m1"), await _repo(hub, "m2")
+    mine_id, other_id = mine.base.rsplit("/", 1)[1], other.base.rsplit("/", 1)[1]
+    token, other_token = mine.headers["Authorization"][7:], other.headers["Authorization"][7:]
+    basic = Repo(hub, mine_id, token)
+    basic.headers = _basic(mine_id, token)
+    assert (await basic.call("POST", "/?create=true")).status_code == 200
+    blob = os.urandom(70_000)
+    name = hashlib.sha256(blob).hexdigest()
+    assert (await basic.call("POST", f"/data/{name}", content=blob)).status_code == 200
+    assert (await mine.call("GET", f"/data/{name}")).content == blob  # the same repository
+    assert (await basic.call("GET", "/data/")).json() == [name]
+
+    def refused(answer: Any, status: int, code: str) -> str:
+        assert answer.status_code == status and answer.json()["code"] == code, answer.text
+        message: str = answer.json()["message"]
+        assert "obk_" not in answer.text
+        return message
+
+    # Another machine's id as user name, with this machine's own token: 403, saying so.
+    message = refused(await hub.http.get(mine.base + "/keys/", headers=_basic(other_id, token)),
+                      403, "E9061")
+    assert f"the user name '{other_id}' is not the machine id {mine_id}" in message
+    # The user name of the path, with another machine's token: 403 as for Bearer.
+    refused(await hub.http.get(mine.base + "/keys/", headers=_basic(mine_id, other_token)),
+            403, "E9061")
+    # A wrong or missing token, an operator's token, a header that is not Basic's form: 401.
+    for headers in (_basic(mine_id, "obk_" + "x" * 43), _basic(mine_id, ""),
+                    _basic(mine_id, hub.admin_token), {"Authorization": "Basic !!notbase64"},
+                    {"Authorization": "Basic " + base64.b64encode(b"no-colon").decode()},
+                    {"Authorization": "Digest abc"}):
+        refused(await hub.http.get(mine.base + "/keys/", headers=headers), 401, "E9060")
+    # Writes with a wrong credential keep nothing.
+    written = await hub.http.post(mine.base + "/data/" + "c" * 64, content=b"x" * 1000,
+                                  headers=_basic(other_id, other_token))
+    refused(written, 403, "E9061")
+    assert (await mine.call("GET", "/data/")).json() == [name]

@@ -1,7 +1,8 @@
 """outpost-restic-bridge: restic on a machine, the machine's repository on the hub.
 
-restic's REST backend can carry credentials only in the repository URL, which the hub
-refuses (a secret in a URL ends up in logs and process lists). Its rclone backend instead
+restic before 0.17 can give its REST backend credentials only in the repository URL, which
+the hub refuses (a secret in a URL ends up in logs and process lists); restic 0.17 and later
+reach the hub directly (outpost.backup.transport). The rclone backend of any restic
 starts a program and speaks HTTP/2 to it over the program's stdin and stdout (cleartext,
 with prior knowledge: restic sends the connection preface at once), using the same REST
 protocol. This program is that program::

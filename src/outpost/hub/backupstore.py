@@ -18,14 +18,17 @@ What the store promises restic (docs/backup.md):
 - The bytes a repository holds are bounded by its machine's quota (E9064), when one is set.
 
 Credentials: each machine has at most one backup token (``obk_...``); the hub keeps its
-SHA-256 only (``backup_credentials``). Issuing a new one retires the old at once. A restore
-grant (``obg_...``, ``backup_grants``) opens another machine's repository read-only (every
-read, and restic's locks) for one restore operation, while it runs.
+SHA-256 only (``backup_credentials``). A request carries it as ``Bearer`` (the bridge) or
+as HTTP Basic's password with the machine id as user name (restic's own REST backend).
+Issuing a new one retires the old at once. A restore grant (``obg_...``,
+``backup_grants``) opens another machine's repository read-only (every read, and restic's
+locks) for one restore operation, while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import hashlib
 import os
@@ -109,15 +112,42 @@ async def issue_token(engine: AsyncEngine, account_id: str, machine: str,
             "created_at": now}
 
 
+def presented_token(authorization: str | None, machine_id: str) -> str:
+    """The token an ``Authorization`` header carries for the repository of ``machine_id``:
+    ``Bearer TOKEN``, or HTTP Basic with the machine id as user name and the token as
+    password (restic's own REST backend, RESTIC_REST_USERNAME and RESTIC_REST_PASSWORD).
+    E9060 for no token or a header of another form; E9061 for a user name that is not the
+    path's machine id. The token is never part of a refusal."""
+    scheme, _, value = (authorization or "").partition(" ")
+    scheme, value = scheme.lower(), value.strip()
+    if scheme == "bearer":
+        return value
+    if scheme != "basic":
+        raise refusal("backup_token_invalid", machine_id=machine_id)
+    try:
+        user, colon, token = base64.b64decode(value, validate=True).decode().partition(":")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise refusal("backup_token_invalid", machine_id=machine_id) from None
+    if not colon:
+        raise refusal("backup_token_invalid", machine_id=machine_id)
+    if user != machine_id:
+        shown = user if len(user) <= 64 else user[:64] + "..."
+        raise OutpostError("backup_forbidden", "This backup credential is for another "
+                           f"machine's repository: the user name {shown!r} is not the "
+                           f"machine id {machine_id} the path names.", machine_id=machine_id,
+                           user=shown)
+    return token
+
+
 async def authorize(engine: AsyncEngine, authorization: str | None,
                     machine_id: str) -> Credential:
-    """The credential of a bearer backup token, for the repository of ``machine_id``:
-    E9060 (401) without a valid token, E9061 (403) when it is another machine's."""
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() == "bearer" and token.startswith(GRANT_PREFIX):
+    """The credential of a backup token (``Bearer``, or HTTP Basic with the machine id as
+    user name), for the repository of ``machine_id``: E9060 (401) without a valid token,
+    E9061 (403) when it is another machine's."""
+    token = presented_token(authorization, machine_id)
+    if token.startswith(GRANT_PREFIX):
         return await _granted(engine, token, machine_id)
-    if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIX):
+    if not token.startswith(TOKEN_PREFIX):
         raise refusal("backup_token_invalid", machine_id=machine_id)
     async with engine.connect() as conn:
         row = (await conn.execute(sa.select(backup_credentials).where(

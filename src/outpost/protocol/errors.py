@@ -1191,17 +1191,22 @@ _ENTRIES += (
     Entry(
         "E9060", "backup_token_invalid",
         "The backup credential is missing or not valid for machine {machine_id}.",
-        ("The request carries no 'Authorization: Bearer' header, or a token the hub did not "
-         "issue or has since replaced ('backup-token' issues a new one and retires the old).",
+        ("The request carries no token ('Authorization: Bearer TOKEN', or HTTP Basic with "
+         "the machine id as user name and the token as password), or a token the hub did "
+         "not issue or has since replaced ('backup-token' issues a new one and retires the "
+         "old).",
          "The machine was removed from the hub, which deletes its backup credential."),
         ("Issue the machine a backup token (POST /v1/machines/NAME/backup-token) and give "
-         "it to the backup bridge (OUTPOST_BACKUP_TOKEN or --token-file).",),
+         "it to restic (RESTIC_REST_PASSWORD, with RESTIC_REST_USERNAME the machine id) or "
+         "to the backup bridge (OUTPOST_BACKUP_TOKEN or --token-file).",),
         401, None),
     Entry(
         "E9061", "backup_forbidden",
         "This backup credential is for another machine's repository.",
         ("Each machine's backup token opens that machine's repository only: the request "
-         "named another machine (of this account or another).",),
+         "named another machine (of this account or another).",
+         "With HTTP Basic, the user name must be the machine id the path names "
+         "(RESTIC_REST_USERNAME).",),
         ("Use the token of the machine whose repository the request names, or restore "
          "through that machine's own credential.",),
         403, None),

@@ -18,6 +18,7 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ('already_registered', "Machine is already registered: this machine is registered as '{}' in account {}, group '{}' (state dir {})."),
     ('asset_too_large', 'The certificate file is {} bytes; the hub accepts at most {}.'),
     ('asset_too_large', 'The {} is {} bytes; the hub accepts at most {}.'),
+    ('backup_forbidden', "This backup credential is for another machine's repository: the user name {} is not the machine id {} the path names."),
     ('backup_forget_args', 'Say which snapshots to forget: {}.'),
     ('backup_grant_refused', 'No restore grant for this machine: {}.'),
     ('backup_path_invalid', 'Not a path of a restic repository: {}.'),

@@ -3,23 +3,25 @@ started by the package's ``bin/backup`` with the agent's Python (``$OUTPOST_AGEN
 
 COMMAND is a handler (install, enable, disable, update, uninstall) or an operation
 (snapshot, restore, forget). Standard input holds one JSON object from the agent:
-``settings`` (paths, exclude, pre_snapshot, pre_snapshot_timeout, consistency),
+``settings`` (paths, exclude, pre_snapshot, pre_snapshot_timeout, consistency, transport),
 ``protected`` (repository_password), ``credentials.backup`` (the machine's backup token,
 the hub's URL, its machine id and the hub's CA) and, for an operation, ``params``. Each
 command ends by writing ``$OUTPOST_EXT_STATUS_DIR/$OUTPOST_EXT_SEQ.status``, an operation's
 with its ``result`` (which the agent sends to the hub with the operation's end).
 
-restic reaches the hub through ``outpost.backup.bridge`` (restic's rclone backend). The
-token and the repository password are put into restic's own environment only
-(``OUTPOST_BACKUP_TOKEN``, ``RESTIC_PASSWORD``), never into an argument, a file or this
-process's output; the hub's CA, which is public, goes into a temporary file for the bridge.
+restic reaches the hub directly (its REST backend, restic 0.17 and later) or through
+``outpost.backup.bridge`` (its rclone backend), as the ``transport`` setting (auto, direct,
+bridge; outpost.backup.transport) and restic's version decide. The token and the repository
+password are put into restic's own environment only (``RESTIC_REST_PASSWORD`` or
+``OUTPOST_BACKUP_TOKEN``, ``RESTIC_PASSWORD``), never into an argument, a file or this
+process's output; the hub's CA, which is public, goes into a temporary file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from outpost.backup import transport
 
 RESTIC_FALLBACK = "/usr/bin/restic"
 DEFAULT_PRE_SNAPSHOT_TIMEOUT = 300.0
@@ -100,8 +104,28 @@ def find_restic() -> str:
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def version_of(program: str) -> transport.Version | None:
+    """restic's version, asked once per program (``restic version``)."""
+    return transport.restic_version(program)
+
+
+def chosen_transport(ctx: Context, program: str) -> str:
+    """``direct`` or ``bridge``: the ``transport`` setting (auto by default) for this
+    restic; E9103 for another value, or ``direct`` with a restic older than 0.17."""
+    setting = ctx.settings.get("transport")
+    if setting is not None and not isinstance(setting, str):
+        raise Failed(SETTINGS_INVALID, f"E9103: transport must be one of "
+                     f"{', '.join(transport.TRANSPORTS)} (got {setting!r})")
+    try:
+        return transport.choose(setting, version_of(program))
+    except transport.TransportError as exc:
+        raise Failed(SETTINGS_INVALID, f"E9103: {exc}") from None
+
+
 class Restic:
-    """restic with the machine's repository on the hub, through the bridge."""
+    """restic with the machine's repository on the hub: directly (restic 0.17 and later) or
+    through the bridge (outpost.backup.transport)."""
 
     def __init__(self, ctx: Context, workdir: Path,
                  source: dict[str, Any] | None = None) -> None:
@@ -120,17 +144,15 @@ class Restic:
             raise Failed(SETTINGS_INVALID, "E9103: the protected setting repository_password "
                          "is missing; set the extension with 'outpost backup enable'")
         self.program = find_restic()
+        self.transport = chosen_transport(ctx, self.program)
         ca_file = workdir / "hub-ca.pem"
         ca_file.write_text(str(cred["ca_pem"]))
-        bridge = [sys.executable, "-m", "outpost.backup.bridge", "--hub", str(cred["hub"]),
-                  "--machine-id", machine_id, "--ca-file", str(ca_file)]
-        self.base = [self.program, "-r", "rclone:outpost",
-                     "-o", f"rclone.program={shlex.quote(bridge[0])}",
-                     "-o", "rclone.args=" + shlex.join(bridge[1:]),
-                     "--cache-dir", str(workdir / "cache")]
+        opened = transport.connection(
+            self.transport, str(cred["hub"]), machine_id, str(ca_file), token,
+            [sys.executable, "-m", "outpost.backup.bridge"])
+        self.base = [self.program, *opened.args, "--cache-dir", str(workdir / "cache")]
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                    "HOME": str(workdir), "OUTPOST_BACKUP_TOKEN": token,
-                    "RESTIC_PASSWORD": password}
+                    "HOME": str(workdir), "RESTIC_PASSWORD": password, **opened.env}
         ctx.secrets += [str(cred["token"]), token, password]
         self.ctx = ctx
 
@@ -243,8 +265,10 @@ def _end_group(proc: subprocess.Popen[bytes]) -> None:
 # --- the commands ---------------------------------------------------------------------------
 def do_install(ctx: Context) -> None:
     program = find_restic()
-    out = subprocess.run([program, "version"], capture_output=True, text=True, check=False)
-    report(ctx, "success", f"restic found at {program} ({out.stdout.strip()})")
+    how = "directly" if chosen_transport(ctx, program) == "direct" else "through the bridge"
+    report(ctx, "success", f"restic {transport.shown(version_of(program))} found at "
+           f"{program}; it reaches the hub {how} (transport "
+           f"{ctx.settings.get('transport') or 'auto'})")
 
 
 def do_enable(ctx: Context) -> None:
@@ -284,11 +308,13 @@ def do_snapshot(ctx: Context) -> None:
         for pattern in exclude:
             args += ["--exclude", pattern]
         summary = _summary(restic.run([*args, "--", *paths], "take the snapshot"))
-        short = str(summary.get("snapshot_id") or "")
+        # restic's short id is the first 8 hex digits of the full one; its summary names the
+        # snapshot by the short id before 0.17 and by the full id since.
+        short = str(summary.get("snapshot_id") or "")[:8]
         taken = _listed(restic, [short]) if short else []
     result = {
         "snapshot": short or None,
-        # restic's summary names the snapshot by its short id; the catalog keeps both.
+        # the full id read back with 'restic snapshots'; the catalog keeps both.
         "snapshot_id": taken[0]["id"] if taken else None,
         "time": taken[0]["time"] if taken else None,
         "files": summary.get("total_files_processed"),
