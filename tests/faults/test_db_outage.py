@@ -43,7 +43,7 @@ from tests.support import (
 from tests.tcp_proxy import TcpProxy, tcp_proxy
 
 JOBS = 8
-OUTAGE = 20.0
+OUTAGE = 12.0  # more than two leases (5 s): none runs out for time the hub could not write
 
 
 @pytest.fixture
