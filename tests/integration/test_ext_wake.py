@@ -6,7 +6,8 @@ Both changes are made after the agent's first heartbeat, so that its next one is
 away; the agent must report each result within seconds, and the hub must have heard no
 heartbeat in between. The hub holds a long-poll up to 120 s here (25 s by default), longer
 than the whole test, so that a poll ending on its own cannot bring a change either: only the
-wake-up can.
+wake-up can. The first change comes while the agent's first poll, which carried its first
+heartbeat, is still held: that poll is woken too.
 """
 
 from __future__ import annotations
