@@ -8,13 +8,13 @@ themselves, not a private temporary directory of the test's."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,16 +67,39 @@ echo "uid $(id -u) $(id -un)"
 """
 
 
+ENDED = ("Completed", "Failed", "Stopped", "Suspended")
+
+
+# Jobs are started, waited for and read through the API: the commands are tested in
+# test_jobs.py, and each would cost a Python process here. 'job show' stays a command where its
+# text is what is asserted.
 def _output(hub: Hub, job_id: str) -> list[str]:
-    done = hub.cli("job", "output", job_id, "--json")
-    assert done.returncode == 0, done.stderr
-    return [r["text"] for r in json.loads(done.stdout)]
+    done = hub.api("GET", f"/v1/jobs/{job_id}/output")
+    assert done.status_code == 200, done.text
+    return [r["text"] for r in done.json()]
 
 
-def _start(hub: Hub, *args: str) -> str:
-    done = hub.cli("job", "start", *args, "--group", "web", "--json")
-    assert done.returncode == 0, done.stderr
-    return str(json.loads(done.stdout)["id"])
+def _job(hub: Hub, job_id: str) -> dict[str, Any]:
+    done = hub.api("GET", f"/v1/jobs/{job_id}")
+    assert done.status_code == 200, done.text
+    job: dict[str, Any] = done.json()
+    return job
+
+
+def _start(hub: Hub, runbook: str, **params: str) -> str:
+    done = hub.api("POST", "/v1/jobs", json={"runbook": runbook, "group": "web",
+                                             "params": params})
+    assert done.status_code == 201, done.text
+    return str(done.json()["id"])
+
+
+def _run(hub: Hub, runbook: str, timeout: float = 60, **params: str) -> dict[str, Any]:
+    """Start a job and wait for its end."""
+    job_id = _start(hub, runbook, **params)
+    wait_until(lambda: _job(hub, job_id)["status"] in ENDED, timeout, 0.2,
+               what=f"job {job_id} to end")
+    return _job(hub, job_id)
+
 
 
 def test_a_runbook_cannot_read_the_agents_or_the_hubs_secrets_or_another_jobs_token(
@@ -110,9 +133,7 @@ def test_a_runbook_cannot_read_the_agents_or_the_hubs_secrets_or_another_jobs_to
     for what, path in targets.items():
         assert path.exists(), f"{what}: {path} should exist for the test to mean anything"
 
-    done = hub.cli("job", "start", "snoop", "--group", "web", "--wait", "--json",
-                   "--param", "targets=" + ",".join(str(p) for p in targets.values()))
-    job = json.loads(done.stdout)
+    job = _run(hub, "snoop", targets=",".join(str(p) for p in targets.values()))
     assert job["status"] == "Completed", (job, agent.log()[-3000:])
     lines = _output(hub, job["id"])
     read = [what for what, path in targets.items() if f"READ {path}" in lines]
@@ -122,21 +143,18 @@ def test_a_runbook_cannot_read_the_agents_or_the_hubs_secrets_or_another_jobs_to
     assert "uid" in lines[-1] and lines[-1].endswith("outpost-job2"), lines
     show = hub.cli("job", "show", job["id"])
     assert "run as: outpost-job2" in show.stdout, show.stdout
-    assert json.loads(hub.cli("job", "show", job["id"], "--json").stdout)[
-        "attempts"][0]["run_as"] == "outpost-job2"
+    assert _job(hub, job["id"])["attempts"][0]["run_as"] == "outpost-job2"
 
     # A group that asks for root gets root, and 'job show' says so.
     assert hub.cli("group", "set", "web", "--run-as", "root").returncode == 0
-    done = hub.cli("job", "start", "snoop", "--group", "web", "--wait", "--json",
-                   "--param", f"targets={state / 'machine.key'}")
-    job = json.loads(done.stdout)
+    job = _run(hub, "snoop", targets=str(state / "machine.key"))
     assert job["status"] == "Completed", job
     lines = _output(hub, job["id"])
     assert f"READ {state / 'machine.key'}" in lines and lines[-1] == "uid 0 root", lines
     show = hub.cli("job", "show", job["id"])
     assert "run as: root (group web asks for root)" in show.stdout, show.stdout
 
-    assert hub.cli("job", "stop", held).returncode == 0
+    assert hub.api("POST", f"/v1/jobs/{held}/stop").status_code == 200
     # Modes: nothing of the hub's or the agent's is open to other users.
     assert os.stat(data).st_mode & 0o777 == 0o700
     assert os.stat(state).st_mode & 0o777 == 0o700
@@ -155,14 +173,13 @@ def test_a_job_over_its_memory_limit_fails_naming_the_limit(
     # The interpreter's process is killed; the runbook ends with its status (137).
     publish_script(hub, tmp_path, "hog", "python3 -c 'x = bytearray(200 * 2**20); "
                                          "print(len(x))'\n")
-    done = hub.cli("job", "start", "hog", "--group", "web", "--wait", "--json", timeout=120)
-    job = json.loads(done.stdout)
+    job = _run(hub, "hog", timeout=120)
     assert job["status"] == "Failed", job
     assert "out of memory (limit 64 MiB)" in job["reason"], job
     # A runbook that stays within the limit is not touched.
     _group_set(hub, "--memory-mb", "0")  # back to the agent's default, 512 MiB
-    done = hub.cli("job", "start", "hog", "--group", "web", "--wait", "--json", timeout=120)
-    assert json.loads(done.stdout)["status"] == "Completed", done.stdout
+    job = _run(hub, "hog", timeout=120)
+    assert job["status"] == "Completed", job
     status = agent.status()
     assert status is not None and status["sandbox"]["limits_by"].startswith("cgroup v"), status
 
@@ -211,9 +228,10 @@ exit 0
     most = 0
     while time.monotonic() - started < 90:
         most = max(most, _job_processes(agent))
-        job = json.loads(hub.cli("job", "show", job_id, "--json").stdout)
-        if job["status"] in ("Completed", "Failed", "Stopped"):
+        job = _job(hub, job_id)
+        if job["status"] in ENDED:
             break
+        time.sleep(0.1)
     assert job["status"] in ("Completed", "Failed"), job
     assert time.monotonic() - started < 60
     assert 10 < most <= 40, most  # the bomb ran, and no further than its limit
@@ -225,6 +243,5 @@ exit 0
     wait_until(lambda: _job_processes(agent) == 0, 10, what="the bomb's processes killed")
     # And the agent still runs jobs.
     publish_script(hub, tmp_path, "after", "echo fine\n")
-    done = json.loads(hub.cli("job", "start", "after", "--group", "web", "--wait",
-                              "--json").stdout)
+    done = _run(hub, "after")
     assert done["status"] == "Completed", (done, agent.log()[-3000:])

@@ -667,6 +667,22 @@ async def test_only_a_new_etag_or_a_due_retry_wakes_the_reconciler(machine: Mach
 
 
 @in_loop
+async def test_the_long_poll_sends_the_etag_last_told_or_else_that_of_the_goals_reconciled(
+        machine: Machine) -> None:
+    """So the agent's first poll, sent before any heartbeat answer, is woken by a change of
+    its machine's own goal too (the hub ends a poll only when it carries an etag)."""
+    machine.publish("1.0.0")
+    r = machine.start()
+    assert r.poll_etag == ""  # nothing reconciled: the hub's etag of no goals
+    await converge(machine, machine.goal("1.0.0"), etag="e1")
+    assert r.poll_etag == "e1"
+    r.note_etag("e2")
+    assert r.poll_etag == "e2"  # the hub's, as last heard
+    again = machine.start()  # the agent started again: nothing heard yet
+    assert again.poll_etag == "e1"
+
+
+@in_loop
 async def test_reports_are_coalesced_and_a_removal_is_told_once(machine: Machine) -> None:
     machine.publish("1.0.0")
     r = await converge(machine, machine.goal("1.0.0"))

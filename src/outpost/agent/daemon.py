@@ -391,7 +391,7 @@ class Agent:
             if carry:
                 log.debug("heartbeat sent with the poll to %s", self.client.url
                           if self.client else "?")
-            told = self.extensions.told_etag if self.extensions is not None else None
+            told = self.extensions.poll_etag if self.extensions is not None else None
             etag = "" if told is None else f"&extensions_etag={quote(told, safe='')}"
             request = asyncio.ensure_future(self._call(
                 "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}{etag}",

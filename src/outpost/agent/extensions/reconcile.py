@@ -163,6 +163,14 @@ class Reconciler:
             self.wake.set()  # a step cut short by a stop goes on without waiting for a change
 
     # --- driving -----------------------------------------------------------------------
+    @property
+    def poll_etag(self) -> str:
+        """The etag the long-poll sends: the hub's last heard, or before any (the agent's
+        first poll, which carries its first heartbeat) that of the goals last reconciled
+        ("" for none), so the first poll too ends when the machine's own goal changes (or at
+        once, when it differs already) rather than at the end of its hold."""
+        return self.told_etag if self.told_etag is not None else self.store.etag
+
     def note_etag(self, etag: str) -> None:
         """A heartbeat's or a long-poll's etag: wake when it is new, or a retry is due."""
         self.told_etag = etag
