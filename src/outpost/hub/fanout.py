@@ -9,19 +9,33 @@ which only that machine claims. A child is one of::
     Queued ... (the normal life of a job) ... Completed | Failed | Stopped
     New:     held back; released to Queued when a child ends and a slot is free
     Stopped: not started (the error threshold passed, the parent stopped, or the machine
-             was Unresponsive or Disconnected at submission), the reason saying which
+             was lost: Unresponsive or Disconnected at submission, removed or Disconnected
+             by the time its turn came), the reason saying which
 
-At most ``max_concurrency`` children are released and not ended at once. A child that ends
-calls :func:`ended` inside the transaction that ended it; that takes the parent's row lock
-(after the child's: every path takes the children's locks first, so none waits in a
-circle), stops dispatching once more than ``max_errors`` children Failed, otherwise
-releases the next held children and wakes their machines, and settles the parent's status:
-Running (Stopping once stopped) while a child has not ended; then Completed when every
-child Completed, Stopped when the operator stopped it, Failed otherwise.
+Its ``slot`` says which running count of the parent's ``fanouts`` row holds it: ``held``
+(``waiting``), ``busy`` (released and not ended: it holds one of ``max_concurrency``
+slots, Suspended too, so resuming it queues it within the limit) or ``done`` (its end is
+counted in ``completed``, ``failed`` or ``stopped``). Only the rate control moves a child
+out of New (suspend and resume of a held child are refused, E8128), and once dispatching
+stopped no Suspended child is queued again (resume refused, E8129).
 
-Two children that end at once on PostgreSQL each count the other's end only once it is
-committed; the parent's lock makes the second count after the first commits, so the last
-end always settles the parent and no slot is released twice.
+A child that ends calls :func:`ended` inside the transaction that ended it: marking the
+child ``done`` and adding to the counts are one statement each, so a child is counted once
+even when its end is reported twice; the counts' update takes the parent's ``fanouts`` row
+lock (after the child's: every path takes the children's locks first, so none waits in a
+circle), and the next end on another replica waits for it and adds to what it committed.
+With the counts it stops dispatching once more than ``max_errors`` children Failed,
+otherwise releases the next held children into ``max_concurrency - busy`` free slots and
+wakes their machines, and settles the parent's status: Running (Stopping once stopped)
+while a child has not ended; then Completed when every child Completed, Stopped when the
+operator stopped it, Failed otherwise. An end costs the same with ten children or ten
+thousand: no statement counts the siblings.
+
+A child can no longer run when its machine is lost: one holding a lease (Activating,
+Running, ...) ends Failed when the reaper finds its lease expired (jobs/leases.py; not
+queued again for a machine that may not come back); a released one not yet claimed ends
+Stopped when :func:`sweep` finds its machine removed or Disconnected; a held one, when its
+turn comes. Each frees its slot for the next held child.
 """
 
 from __future__ import annotations
