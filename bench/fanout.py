@@ -59,9 +59,16 @@ def run_one(hub: Any, fleet: Fleet, machines: int, concurrency: str,
     parent = answer.json()
     submitted = time.monotonic() - began
     deadline = time.monotonic() + timeout
+    refused: list[str] = []  # answers other than 200 (a loaded hub may answer 503)
     while True:  # the listing shows the parent only: a cheap look
-        listed = api.get("/v1/jobs", params={"limit": 5}).json()
-        status = next(j["status"] for j in listed if j["id"] == parent["id"])
+        answer = api.get("/v1/jobs", params={"limit": 5})
+        if answer.status_code != 200:
+            refused.append(f"{answer.status_code} {answer.text[:200]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the listing was refused: {refused[-3:]}")
+            time.sleep(1)
+            continue
+        status = next(j["status"] for j in answer.json() if j["id"] == parent["id"])
         if status in ("Completed", "Failed", "Stopped"):
             break
         if time.monotonic() > deadline:
@@ -83,7 +90,7 @@ def run_one(hub: Any, fleet: Fleet, machines: int, concurrency: str,
         "hub_s": shown["ended_at"] - shown["created_at"],
         "most_at_once": _most_at_once(children), "claimed": len(claimed),
         "one_per_machine": len(names) == len(children) == machines,
-        "hub_cpu_s": cpu,
+        "hub_cpu_s": cpu, "refused": refused,
     }
 
 
@@ -122,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"machine: {r['one_per_machine']}; hub CPU {r['hub_cpu_s']:.1f} s "
                           f"({r['hub_cpu_s'] / r['children'] * 1000:.1f} ms a child); "
                           f"{load()}", flush=True)
+                    if r["refused"]:
+                        print(f"  {len(r['refused'])} looks refused, the first: "
+                              f"{r['refused'][0]}", flush=True)
     except TimeBound as exc:
         print(f"stopped: {exc}")
     finally:
