@@ -201,6 +201,17 @@ def _delta() -> dict[str, int]:
     return dict.fromkeys(COUNTERS, 0)
 
 
+# The statements of a child's end are built once, with bound parameters: building one and
+# its cache key cost more than SQLite takes to run it (as in jobs/claims.py).
+_MARK = {slot: jobs.update().where(
+    jobs.c.id.in_(sa.bindparam("b_ids", expanding=True)), jobs.c.slot == slot,
+    jobs.c.status.in_(FINAL)).values(slot="done").returning(jobs.c.parent_id, jobs.c.status)
+    for slot in _SLOT_COUNTER}
+_ADD = (fanouts.update().where(fanouts.c.job_id == sa.bindparam("b_parent"))
+        .values(**{name: fanouts.c[name] + sa.bindparam(f"b_{name}") for name in COUNTERS})
+        .returning(*fanouts.c))
+
+
 async def ended(conn: AsyncConnection,
                 children: Iterable[tuple[str, str | None]]) -> None:
     """These jobs, (id, parent id), may have reached a final status in this transaction:
@@ -210,18 +221,20 @@ async def ended(conn: AsyncConnection,
     if not ids:
         return
     deltas: dict[str, dict[str, int]] = {}
+    counted = 0
     for slot, counter in _SLOT_COUNTER.items():
         # Marking the child counted in the statement that counts it: a second end of the
         # same child (a report repeated on another replica) finds it counted and adds
-        # nothing.
-        rows = (await conn.execute(
-            jobs.update().where(jobs.c.id.in_(ids), jobs.c.slot == slot,
-                                jobs.c.status.in_(FINAL))
-            .values(slot="done").returning(jobs.c.parent_id, jobs.c.status))).all()
+        # nothing. A child ends from 'busy' but for a held one the operator stops, so the
+        # second statement runs only when the first did not find them all.
+        if counted == len(ids):
+            break
+        rows = (await conn.execute(_MARK[slot], {"b_ids": ids})).all()
         for row in rows:
             delta = deltas.setdefault(str(row.parent_id), _delta())
             delta[counter] -= 1
             delta[str(row.status).lower()] += 1
+        counted += len(rows)
     for parent_id in sorted(deltas):
         await _settle(conn, parent_id, deltas[parent_id])
 
@@ -231,11 +244,8 @@ async def _add(conn: AsyncConnection, parent_id: str, delta: dict[str, int]) -> 
     statement takes the row's lock (after every child's lock this transaction holds: each
     path moves its children first), so two ends on two replicas count one after the other,
     and the last one sees every end before it."""
-    values = {name: fanouts.c[name] + delta[name] for name in COUNTERS if delta.get(name)}
-    if not values:
-        values = {"children": fanouts.c.children}  # no change; still takes the lock
-    return (await conn.execute(fanouts.update().where(fanouts.c.job_id == parent_id)
-                               .values(**values).returning(*fanouts.c))).first()
+    return (await conn.execute(_ADD, {"b_parent": parent_id, **{
+        f"b_{name}": delta.get(name, 0) for name in COUNTERS}})).first()
 
 
 async def _settle(conn: AsyncConnection, parent_id: str, delta: dict[str, int]) -> None:
@@ -295,6 +305,10 @@ _HELD = (sa.select(jobs.c.id, jobs.c.target_machine_id, machines.c.name,
          .with_for_update(of=jobs, skip_locked=True))
 
 
+_QUEUE = jobs.update().where(jobs.c.id.in_(sa.bindparam("b_ids", expanding=True))).values(
+    status="Queued", slot="busy", reason=None)
+
+
 def lost(row: Any, now: float) -> str | None:
     """Why a child's machine can no longer take it (``row``: the machine's columns, ``name``
     null once it is removed); None while it may. A machine whose agent said it was stopping
@@ -328,9 +342,7 @@ async def _release(conn: AsyncConnection, parent_id: str, free: int,
         change["stopped"] += len(gone)
         ready = [row for row in picked if lost(row, now) is None]
         if ready:
-            await conn.execute(jobs.update().where(
-                jobs.c.id.in_([row.id for row in ready])).values(
-                status="Queued", slot="busy", reason=None))
+            await conn.execute(_QUEUE, {"b_ids": [row.id for row in ready]})
             for row in ready:
                 await notify.wake(conn, notify.machine(row.target_machine_id))
             change["waiting"] -= len(ready)
@@ -400,8 +412,17 @@ async def _update_parent(conn: AsyncConnection, fan: Any, now: float) -> None:
         if fan.halted and fan.stopped_at is None:
             reason += f"; dispatching stopped: {fan.halted}"
         values = {"status": status, "ended_at": now, "reason": reason}
-    await conn.execute(jobs.update().where(jobs.c.id == fan.job_id,
-                                           jobs.c.status.notin_(FINAL)).values(**values))
+    await conn.execute(_PARENT_OPEN if "ended_at" not in values else _PARENT_END,
+                       {"b_parent": fan.job_id, **{f"b_{k}": v for k, v in values.items()}})
+
+
+_PARENT_OPEN = jobs.update().where(jobs.c.id == sa.bindparam("b_parent"),
+                                   jobs.c.status.notin_(FINAL)).values(
+    status=sa.bindparam("b_status"), reason=sa.bindparam("b_reason"))
+_PARENT_END = jobs.update().where(jobs.c.id == sa.bindparam("b_parent"),
+                                  jobs.c.status.notin_(FINAL)).values(
+    status=sa.bindparam("b_status"), reason=sa.bindparam("b_reason"),
+    ended_at=sa.bindparam("b_ended_at"))
 
 
 async def check_control(conn: AsyncConnection, row: Any, action: str) -> None:
