@@ -356,7 +356,8 @@ async def _release(conn: AsyncConnection, parent_id: str, free: int,
 # after DISCONNECTED_AFTER heartbeat intervals, so seconds more do not matter).
 SWEEP_SECONDS = 5.0
 
-_QUEUED = (sa.select(jobs.c.id, jobs.c.parent_id, machines.c.name, machines.c.stopped_at,
+_QUEUED = (sa.select(jobs.c.id, jobs.c.parent_id, jobs.c.started_at, machines.c.name,
+                    machines.c.stopped_at,
                     machines.c.heartbeat_interval, machines.c.last_heartbeat_at,
                     machines.c.registered_at)
            .select_from(fanouts.join(jobs, jobs.c.parent_id == fanouts.c.job_id)
@@ -378,9 +379,12 @@ async def sweep(engine: AsyncEngine) -> int:
             if why is None:
                 continue
             # Unless it was claimed meanwhile (the claim holds the row until it commits).
+            # (one queued again after a failed activation had started before)
+            reason = f"not started: {why}" if row.started_at is None else \
+                f"stopped before it was claimed again: {why}"
             done = await conn.execute(jobs.update().where(
                 jobs.c.id == row.id, jobs.c.status == "Queued").values(
-                status="Stopped", ended_at=now, reason=f"not started: {why}"))
+                status="Stopped", ended_at=now, reason=reason))
             if done.rowcount:
                 gone.append((row.id, row.parent_id))
         _tell_stopped(len(gone), now)
