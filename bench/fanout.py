@@ -11,6 +11,16 @@ child was claimed once and by its own machine, and the hub's CPU meanwhile.
 
     .venv/bin/python bench/fanout.py [--machines 1000] [--concurrency 100,10%]
         [--database sqlite|postgres] [--max-seconds 900]
+
+``--in-process`` measures the hub's own work for each child instead, with no fleet, HTTP or
+other process: in this process, on a fresh database, ``fanout.start`` on ``--machines``
+machines, then each child claimed by its machine and its end reported (``jobs.claim``,
+``jobs.report``), the released ones in turn, as the hub runs them; it prints the CPU time
+this process spent per end (``time.process_time``, so other work on the machine counts
+little) for each ``--machines`` value, comma-separated: an end whose cost grows with the
+group's size shows here.
+
+    .venv/bin/python bench/fanout.py --in-process --machines 1000,4000 --concurrency 100
 """
 
 from __future__ import annotations
@@ -59,9 +69,16 @@ def run_one(hub: Any, fleet: Fleet, machines: int, concurrency: str,
     parent = answer.json()
     submitted = time.monotonic() - began
     deadline = time.monotonic() + timeout
+    refused: list[str] = []  # answers other than 200 (a loaded hub may answer 503)
     while True:  # the listing shows the parent only: a cheap look
-        listed = api.get("/v1/jobs", params={"limit": 5}).json()
-        status = next(j["status"] for j in listed if j["id"] == parent["id"])
+        answer = api.get("/v1/jobs", params={"limit": 5})
+        if answer.status_code != 200:
+            refused.append(f"{answer.status_code} {answer.text[:200]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the listing was refused: {refused[-3:]}")
+            time.sleep(1)
+            continue
+        status = next(j["status"] for j in answer.json() if j["id"] == parent["id"])
         if status in ("Completed", "Failed", "Stopped"):
             break
         if time.monotonic() > deadline:
@@ -83,18 +100,95 @@ def run_one(hub: Any, fleet: Fleet, machines: int, concurrency: str,
         "hub_s": shown["ended_at"] - shown["created_at"],
         "most_at_once": _most_at_once(children), "claimed": len(claimed),
         "one_per_machine": len(names) == len(children) == machines,
-        "hub_cpu_s": cpu,
+        "hub_cpu_s": cpu, "refused": refused,
     }
+
+
+async def _in_process(url: str, machines: int, concurrency: str) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    import sqlalchemy as sa
+
+    from outpost.hub import db, fanout, jobs, runbooks
+
+    engine = db.make_engine(url)
+    try:
+        await db.migrate(engine)
+        now = time.time()
+        async with engine.begin() as conn:
+            await conn.execute(db.accounts.insert().values(
+                id="acct", name="acct", primary_key="-", secondary_key="-", created_at=now))
+            await conn.execute(db.machines.insert(), [
+                {"id": f"m{i:05d}", "account_id": "acct", "name": f"m{i:05d}",
+                 "group_name": GROUP, "labels": {}, "public_key": "-", "facts": {},
+                 "agent_version": "1", "registered_at": now, "last_heartbeat_at": now,
+                 "heartbeat_interval": 3600.0} for i in range(machines)])
+        await runbooks.publish(engine, "acct", "noop", "#!/bin/bash\ntrue\n", kind=None,
+                               filename="noop.sh", description="", param_specs=[],
+                               log_verbose=False, log_progress=False)
+        values = await jobs.prepare(engine, "acct", "noop", GROUP, {})
+        cpu0 = time.process_time()
+        await fanout.start(engine, "acct", values, concurrency, None)
+        start_cpu = time.process_time() - cpu0
+        queued = sa.select(db.jobs.c.target_machine_id, db.jobs.c.id).where(
+            db.jobs.c.parent_id == values["id"], db.jobs.c.status == "Queued")
+        end_cpu, ends = 0.0, 0
+        while True:
+            async with engine.connect() as conn:
+                batch = (await conn.execute(queued)).all()
+            if not batch:
+                break
+            for machine_id, job_id in batch:
+                machine = SimpleNamespace(id=machine_id, account_id="acct", group_name=GROUP,
+                                          heartbeat_interval=3600.0)
+                async with engine.begin() as conn:
+                    await jobs.claim(conn, machine, 1)
+                cpu = time.process_time()
+                await jobs.report(engine, machine_id, job_id, 1, started=True, end={
+                    "exit_code": 0, "signal": None, "reason": "exit code 0"})
+                end_cpu += time.process_time() - cpu
+                ends += 1
+        shown = await jobs.get(engine, "acct", values["id"])
+    finally:
+        await engine.dispose()
+    return {"machines": machines, "ends": ends, "status": shown["status"],
+            "start_s": start_cpu, "end_ms": end_cpu / max(ends, 1) * 1000}
+
+
+def in_process(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bench._common import database
+
+    sizes = [int(v) for v in str(args.machines).split(",") if v.strip()]
+    concurrency = args.concurrency.split(",")[0].strip()
+    print(f"fan-out in this process, --max-concurrency {concurrency}, {args.database}; "
+          f"{load()}", flush=True)
+    print("| machines | parent | fanout.start CPU | CPU per child's end (report) |")
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="outpost-fanout-") as tmp, \
+                database(args.database, Path(tmp)) as url:
+            r = asyncio.run(_in_process(url, size, concurrency))
+        print(f"| {r['machines']} | {r['status']} ({r['ends']} ends) | "
+              f"{r['start_s'] * 1000:.0f} ms | {r['end_ms']:.2f} ms |", flush=True)
+    print(f"done; {load()}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--machines", type=int, default=1000)
+    parser.add_argument("--machines", default="1000",
+                        help="machines in the group (--in-process: comma-separated sizes)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure the hub's work per child in this process (above)")
     parser.add_argument("--concurrency", default="100,10%",
                         help="--max-concurrency values, comma-separated (default 100,10%%)")
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--max-seconds", type=float, default=900.0)
     args = parser.parse_args(argv)
+    if args.in_process:
+        return in_process(args)
+    args.machines = int(args.machines)
     values = [v.strip() for v in args.concurrency.split(",") if v.strip()]
     _raise_fd_limit()
     print(f"fan-out benchmark: {args.machines} simulated machines, --max-concurrency "
@@ -122,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"machine: {r['one_per_machine']}; hub CPU {r['hub_cpu_s']:.1f} s "
                           f"({r['hub_cpu_s'] / r['children'] * 1000:.1f} ms a child); "
                           f"{load()}", flush=True)
+                    if r["refused"]:
+                        print(f"  {len(r['refused'])} looks refused, the first: "
+                              f"{r['refused'][0]}", flush=True)
     except TimeBound as exc:
         print(f"stopped: {exc}")
     finally:

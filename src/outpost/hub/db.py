@@ -147,8 +147,11 @@ jobs = sa.Table(
     # machine that may claim it.
     sa.Column("parent_id", sa.String(36)),
     sa.Column("target_machine_id", sa.String(36)),
+    # Which count of its parent's fanouts row holds a child: 'held' (waiting), 'busy'
+    # (released, holding a slot) or 'done' (its end is counted); null for other jobs.
+    sa.Column("slot", sa.String(8)),
     sa.Index("ix_jobs_queue", "account_id", "group_name", "status", "created_at"),
-    sa.Index("ix_jobs_parent", "parent_id", "status"),
+    sa.Index("ix_jobs_parent", "parent_id", "status", "created_at"),
     sa.Index("ix_jobs_machine", "machine_id", "status"),
     sa.Index("ix_jobs_lease", "status", "lease_expires_at"),
 )
@@ -170,6 +173,13 @@ fanouts = sa.Table(
     sa.Column("halted", sa.Text),
     sa.Column("halted_at", sa.Float),
     sa.Column("stopped_at", sa.Float),
+    # Running counts of the children, kept in the transaction that moves one (hub/fanout.py):
+    # held back, released and not ended (holding a slot), and ended by final status.
+    sa.Column("waiting", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("busy", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("stopped", sa.Integer, nullable=False, server_default="0"),
 )
 
 job_attempts = sa.Table(

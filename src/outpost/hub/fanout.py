@@ -9,19 +9,33 @@ which only that machine claims. A child is one of::
     Queued ... (the normal life of a job) ... Completed | Failed | Stopped
     New:     held back; released to Queued when a child ends and a slot is free
     Stopped: not started (the error threshold passed, the parent stopped, or the machine
-             was Unresponsive or Disconnected at submission), the reason saying which
+             was lost: Unresponsive or Disconnected at submission, removed or Disconnected
+             by the time its turn came), the reason saying which
 
-At most ``max_concurrency`` children are released and not ended at once. A child that ends
-calls :func:`ended` inside the transaction that ended it; that takes the parent's row lock
-(after the child's: every path takes the children's locks first, so none waits in a
-circle), stops dispatching once more than ``max_errors`` children Failed, otherwise
-releases the next held children and wakes their machines, and settles the parent's status:
-Running (Stopping once stopped) while a child has not ended; then Completed when every
-child Completed, Stopped when the operator stopped it, Failed otherwise.
+Its ``slot`` says which running count of the parent's ``fanouts`` row holds it: ``held``
+(``waiting``), ``busy`` (released and not ended: it holds one of ``max_concurrency``
+slots, Suspended too, so resuming it queues it within the limit) or ``done`` (its end is
+counted in ``completed``, ``failed`` or ``stopped``). Only the rate control moves a child
+out of New (suspend and resume of a held child are refused, E8128), and once dispatching
+stopped no Suspended child is queued again (resume refused, E8129).
 
-Two children that end at once on PostgreSQL each count the other's end only once it is
-committed; the parent's lock makes the second count after the first commits, so the last
-end always settles the parent and no slot is released twice.
+A child that ends calls :func:`ended` inside the transaction that ended it: marking the
+child ``done`` and adding to the counts are one statement each, so a child is counted once
+even when its end is reported twice; the counts' update takes the parent's ``fanouts`` row
+lock (after the child's: every path takes the children's locks first, so none waits in a
+circle), and the next end on another replica waits for it and adds to what it committed.
+With the counts it stops dispatching once more than ``max_errors`` children Failed,
+otherwise releases the next held children into ``max_concurrency - busy`` free slots and
+wakes their machines, and settles the parent's status: Running (Stopping once stopped)
+while a child has not ended; then Completed when every child Completed, Stopped when the
+operator stopped it, Failed otherwise. An end costs the same with ten children or ten
+thousand: no statement counts the siblings.
+
+A child can no longer run when its machine is lost: one holding a lease (Activating,
+Running, ...) ends Failed when the reaper finds its lease expired (jobs/leases.py; not
+queued again for a machine that may not come back); a released one not yet claimed ends
+Stopped when :func:`sweep` finds its machine removed or Disconnected; a held one, when its
+turn comes. Each frees its slot for the next held child.
 """
 
 from __future__ import annotations
@@ -41,13 +55,11 @@ from . import notify
 from .config import random_id
 from .db import fanouts, jobs, machines, work_items
 from .jobs.states import FINAL, VIEW_KEYS, _tell_ended
+from .machines import DISCONNECTED_AFTER
 from .machines import status as machine_status
 
 # A child on a machine in these states is stopped through its agent (as 'job stop' does).
 ON_MACHINE = ("Activating", "Running", "Suspending", "Suspended", "Resuming")
-# The order counts are shown in.
-ORDER = ("Completed", "Failed", "Stopped", "Stopping", "Running", "Activating", "Queued",
-         "Suspending", "Suspended", "Resuming", "New")
 _LIMIT = re.compile(r"^\s*(\d{1,9})\s*(%?)\s*$")
 
 
@@ -133,25 +145,28 @@ async def start(engine: AsyncEngine, account_id: str, values: dict[str, Any],
         parent = {**values, "status": "Running", "started_at": now,
                   "reason": f"{count} children, at most {max_concurrency} at a time"}
         await conn.execute(jobs.insert(), parent)
-        await conn.execute(fanouts.insert().values(
-            job_id=parent_id, children=count, concurrency_given=given_c,
-            max_concurrency=max_concurrency, errors_given=None if errors is None else given_e,
-            max_errors=max_errors))
         children, warnings = [], []
         for index, member in enumerate(ready + late):
             # One set of keys for every child: they are inserted in one statement.
             child = {**values, "id": random_id(), "parent_id": parent_id,
                      "target_machine_id": member.id, "created_at": now + index * 1e-6,
-                     "ended_at": None, "status": "New",
+                     "ended_at": None, "status": "New", "slot": "held",
                      "reason": f"waiting for a free slot (at most {max_concurrency} at a time)"}
             if index < max_concurrency and states[member.id] in ("Healthy", "Pending"):
-                child.update(status="Queued", reason=None)
+                child.update(status="Queued", slot="busy", reason=None)
             elif member in late:
                 why = (f"not started: machine {member.name} was {states[member.id]} at "
                        f"submission")
-                child.update(status="Stopped", ended_at=now, reason=why)
+                child.update(status="Stopped", slot="done", ended_at=now, reason=why)
                 warnings.append(f"{why}; its child job {child['id']} is Stopped")
             children.append(child)
+        by_slot = {slot: sum(c["slot"] == slot for c in children)
+                   for slot in ("held", "busy", "done")}
+        await conn.execute(fanouts.insert().values(
+            job_id=parent_id, children=count, concurrency_given=given_c,
+            max_concurrency=max_concurrency, errors_given=None if errors is None else given_e,
+            max_errors=max_errors, waiting=by_slot["held"], busy=by_slot["busy"],
+            completed=0, failed=0, stopped=by_slot["done"]))
         await conn.execute(jobs.insert(), children)
         _tell_stopped(sum(child["status"] == "Stopped" for child in children), now)
         for child in children:
@@ -162,7 +177,7 @@ async def start(engine: AsyncEngine, account_id: str, values: dict[str, Any],
             more = " and more" if len(left_out) > 20 else ""
             warnings.append(f"left out (Stopped: their agents said they were stopping): "
                             f"{', '.join(left_out[:20])}{more}")
-        await _settle(conn, parent_id)  # the parent's reason counts its children
+        await _settle(conn, parent_id, _delta())  # the parent's reason counts its children
         view = await detail(conn, account_id, parent_id)
     assert view is not None
     view["warnings"] = warnings
@@ -175,51 +190,102 @@ _PARENT = (sa.select(jobs.c.id, jobs.c.status, jobs.c.account_id, jobs.c.started
                      fanouts.c.stopped_at)
            .select_from(jobs.join(fanouts, fanouts.c.job_id == jobs.c.id))
            .where(jobs.c.id == sa.bindparam("b_parent")))
-_COUNTS = (sa.select(jobs.c.status, sa.func.count()).where(
-    jobs.c.parent_id == sa.bindparam("b_parent")).group_by(jobs.c.status))
+
+COUNTERS = ("waiting", "busy", "completed", "failed", "stopped")
+# The count that holds a child in each slot it may be in; an ended child is counted by its
+# final status.
+_SLOT_COUNTER = {"held": "waiting", "busy": "busy"}
 
 
-async def _counts(conn: AsyncConnection, parent_id: str) -> dict[str, int]:
-    rows = (await conn.execute(_COUNTS, {"b_parent": parent_id})).all()
-    return {str(r[0]): int(r[1]) for r in rows}
+def _delta() -> dict[str, int]:
+    return dict.fromkeys(COUNTERS, 0)
 
 
-async def ended(conn: AsyncConnection, parent_ids: Iterable[str | None]) -> None:
-    """Children of these parents reached a final status in this transaction: release the
-    next held ones, or stop dispatching, and settle each parent (module docstring)."""
-    for parent_id in sorted({p for p in parent_ids if p}):
-        await _settle(conn, parent_id)
+# The statements of a child's end are built once, with bound parameters: building one and
+# its cache key cost more than SQLite takes to run it (as in jobs/claims.py).
+_MARK = {slot: jobs.update().where(
+    jobs.c.id.in_(sa.bindparam("b_ids", expanding=True)), jobs.c.slot == slot,
+    jobs.c.status.in_(FINAL)).values(slot="done").returning(jobs.c.parent_id, jobs.c.status)
+    for slot in _SLOT_COUNTER}
+_ADD = (fanouts.update().where(fanouts.c.job_id == sa.bindparam("b_parent"))
+        .values(**{name: fanouts.c[name] + sa.bindparam(f"b_{name}") for name in COUNTERS})
+        .returning(*fanouts.c))
 
 
-async def _settle(conn: AsyncConnection, parent_id: str) -> None:
-    parent = (await conn.execute(_PARENT.with_for_update(of=jobs),
-                                 {"b_parent": parent_id})).first()
-    if parent is None or parent.status in FINAL:
+async def ended(conn: AsyncConnection,
+                children: Iterable[tuple[str, str | None]]) -> None:
+    """These jobs, (id, parent id), may have reached a final status in this transaction:
+    count the ends of those that are children (each once), release the next held ones or
+    stop dispatching, and settle each parent (module docstring)."""
+    ids = sorted({job_id for job_id, parent_id in children if parent_id})
+    if not ids:
+        return
+    deltas: dict[str, dict[str, int]] = {}
+    counted = 0
+    for slot, counter in _SLOT_COUNTER.items():
+        # Marking the child counted in the statement that counts it: a second end of the
+        # same child (a report repeated on another replica) finds it counted and adds
+        # nothing. A child ends from 'busy' but for a held one the operator stops, so the
+        # second statement runs only when the first did not find them all.
+        if counted == len(ids):
+            break
+        rows = (await conn.execute(_MARK[slot], {"b_ids": ids})).all()
+        for row in rows:
+            delta = deltas.setdefault(str(row.parent_id), _delta())
+            delta[counter] -= 1
+            delta[str(row.status).lower()] += 1
+        counted += len(rows)
+    for parent_id in sorted(deltas):
+        await _settle(conn, parent_id, deltas[parent_id])
+
+
+async def _add(conn: AsyncConnection, parent_id: str, delta: dict[str, int]) -> Any:
+    """Add ``delta`` to the parent's counts; returns its fanouts row as it is then. The
+    statement takes the row's lock (after every child's lock this transaction holds: each
+    path moves its children first), so two ends on two replicas count one after the other,
+    and the last one sees every end before it."""
+    return (await conn.execute(_ADD, {"b_parent": parent_id, **{
+        f"b_{name}": delta.get(name, 0) for name in COUNTERS}})).first()
+
+
+async def _settle(conn: AsyncConnection, parent_id: str, delta: dict[str, int]) -> None:
+    fan = await _add(conn, parent_id, delta)
+    if fan is None:
         return
     now = time.time()
-    counts = await _counts(conn, parent_id)
-    if counts.get("New") and parent.halted is None:
-        failed = counts.get("Failed", 0)
-        if parent.max_errors is not None and failed > parent.max_errors:
-            why = (f"{failed} children failed, more than --max-errors {parent.errors_given} "
-                   f"lets pass ({parent.max_errors})")
-            await _halt(conn, parent_id, why, now)
-        else:
-            busy = sum(n for status, n in counts.items()
-                       if status not in FINAL and status != "New")
-            if parent.max_concurrency > busy:
-                await _release(conn, parent_id, parent.max_concurrency - busy)
-        counts = await _counts(conn, parent_id)
-    await _update_parent(conn, parent, counts, now)
+    if fan.waiting:
+        change = _delta()
+        halted = fan.halted
+        if halted is None and fan.max_errors is not None and fan.failed > fan.max_errors:
+            halted = (f"{fan.failed} children failed, more than --max-errors "
+                      f"{fan.errors_given} lets pass ({fan.max_errors})")
+            await conn.execute(fanouts.update().where(fanouts.c.job_id == parent_id).values(
+                halted=halted, halted_at=now))
+        if halted is not None:
+            await _stop_held(conn, parent_id, f"not started: {halted}", change, now)
+        elif fan.max_concurrency > fan.busy:
+            await _release(conn, parent_id, fan.max_concurrency - fan.busy, change, now)
+        if any(change.values()):
+            fan = await _add(conn, parent_id, change)
+        fan = SimpleNamespace(**{**fan._mapping, "halted": halted})
+    await _update_parent(conn, fan, now)
 
 
-async def _halt(conn: AsyncConnection, parent_id: str, why: str, now: float) -> None:
-    """No further child starts: the held ones end Stopped, saying why."""
-    await conn.execute(fanouts.update().where(fanouts.c.job_id == parent_id).values(
-        halted=why, halted_at=now))
+async def _stop_held(conn: AsyncConnection, parent_id: str, reason: str,
+                     change: dict[str, int], now: float) -> None:
+    """No further child starts: the held ones end Stopped, saying why. One that another
+    transaction holds is skipped (it is ending there, or is stopped at the next end)."""
+    picked: list[str] = list((await conn.execute(
+        sa.select(jobs.c.id).where(jobs.c.parent_id == parent_id, jobs.c.status == "New",
+                                   jobs.c.slot == "held")
+        .with_for_update(skip_locked=True))).scalars().all())
+    if not picked:
+        return
     done = await conn.execute(jobs.update().where(
-        jobs.c.parent_id == parent_id, jobs.c.status == "New").values(
-        status="Stopped", ended_at=now, reason=f"not started: {why}"))
+        jobs.c.id.in_(picked), jobs.c.status == "New", jobs.c.slot == "held").values(
+        status="Stopped", slot="done", ended_at=now, reason=reason))
+    change["waiting"] -= done.rowcount
+    change["stopped"] += done.rowcount
     _tell_stopped(done.rowcount, now)
 
 
@@ -229,49 +295,161 @@ def _tell_stopped(count: int, now: float) -> None:
         _tell_ended("Stopped", None, now)
 
 
-async def _release(conn: AsyncConnection, parent_id: str, free: int) -> None:
-    picked = (await conn.execute(
-        sa.select(jobs.c.id, jobs.c.target_machine_id)
-        .where(jobs.c.parent_id == parent_id, jobs.c.status == "New")
-        .order_by(jobs.c.created_at).limit(free)
-        .with_for_update(skip_locked=True))).all()
-    if not picked:
-        return
-    await conn.execute(jobs.update().where(
-        jobs.c.id.in_([p.id for p in picked]), jobs.c.status == "New").values(
-        status="Queued", reason=None))
-    for row in picked:
-        await notify.wake(conn, notify.machine(row.target_machine_id))
+_HELD = (sa.select(jobs.c.id, jobs.c.target_machine_id, machines.c.name,
+                   machines.c.stopped_at, machines.c.heartbeat_interval,
+                   machines.c.last_heartbeat_at, machines.c.registered_at)
+         .select_from(jobs.outerjoin(machines, machines.c.id == jobs.c.target_machine_id))
+         .where(jobs.c.parent_id == sa.bindparam("b_parent"), jobs.c.status == "New",
+                jobs.c.slot == "held")
+         .order_by(jobs.c.created_at).limit(sa.bindparam("b_free"))
+         .with_for_update(of=jobs, skip_locked=True))
 
 
-def summary(counts: dict[str, int]) -> str:
-    """'3 Completed, 1 Failed, 2 waiting': children by status, held ones as waiting."""
-    shown = [f"{counts[s]} {'waiting' if s == 'New' else s}" for s in ORDER if counts.get(s)]
-    shown += [f"{n} {s}" for s, n in sorted(counts.items()) if s not in ORDER and n]
-    return ", ".join(shown) or "none"
+_QUEUE = jobs.update().where(jobs.c.id.in_(sa.bindparam("b_ids", expanding=True))).values(
+    status="Queued", slot="busy", reason=None)
 
 
-async def _update_parent(conn: AsyncConnection, parent: Any, counts: dict[str, int],
-                         now: float) -> None:
-    open_ = sum(n for status, n in counts.items() if status not in FINAL)
+def lost(row: Any, now: float) -> str | None:
+    """Why a child's machine can no longer take it (``row``: the machine's columns, ``name``
+    null once it is removed); None while it may. A machine whose agent said it was stopping
+    counts as lost only once it has been silent as long as a Disconnected one: an agent's
+    restart must not cost its child."""
+    if row.name is None:
+        return "its machine was removed"
+    interval = max(float(row.heartbeat_interval), 0.001)
+    last = row.last_heartbeat_at if row.last_heartbeat_at is not None else row.registered_at
+    if now - last < DISCONNECTED_AFTER * interval:
+        return None
+    if row.stopped_at is not None:
+        return f"machine {row.name} stopped (its agent said so) and has not come back"
+    return f"machine {row.name} is Disconnected"
+
+
+async def _release(conn: AsyncConnection, parent_id: str, free: int,
+                   change: dict[str, int], now: float) -> None:
+    """Release the oldest held children into ``free`` slots and wake their machines; one
+    whose machine is lost ends Stopped instead, and the next one takes its slot."""
+    while free > 0:
+        picked = (await conn.execute(_HELD, {"b_parent": parent_id, "b_free": free})).all()
+        if not picked:
+            return
+        gone = [(row, why) for row in picked if (why := lost(row, now)) is not None]
+        for row, why in gone:
+            await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
+                status="Stopped", slot="done", ended_at=now, reason=f"not started: {why}"))
+        _tell_stopped(len(gone), now)
+        change["waiting"] -= len(gone)
+        change["stopped"] += len(gone)
+        ready = [row for row in picked if lost(row, now) is None]
+        if ready:
+            await conn.execute(_QUEUE, {"b_ids": [row.id for row in ready]})
+            for row in ready:
+                await notify.wake(conn, notify.machine(row.target_machine_id))
+            change["waiting"] -= len(ready)
+            change["busy"] += len(ready)
+            free -= len(ready)
+        if len(picked) < free + len(ready):
+            return  # every held child was looked at
+
+
+# How often the reaper looks for children released to lost machines (a machine is lost
+# after DISCONNECTED_AFTER heartbeat intervals, so seconds more do not matter).
+SWEEP_SECONDS = 5.0
+
+_QUEUED = (sa.select(jobs.c.id, jobs.c.parent_id, jobs.c.started_at, machines.c.name,
+                    machines.c.stopped_at,
+                    machines.c.heartbeat_interval, machines.c.last_heartbeat_at,
+                    machines.c.registered_at)
+           .select_from(fanouts.join(jobs, jobs.c.parent_id == fanouts.c.job_id)
+                        .outerjoin(machines, machines.c.id == jobs.c.target_machine_id))
+           .where(fanouts.c.busy > 0, jobs.c.status == "Queued", jobs.c.slot == "busy"))
+
+
+async def sweep(engine: AsyncEngine) -> int:
+    """Children released to a machine that is lost (removed, Disconnected, or stopped and
+    silent as long) and not yet claimed end Stopped, freeing their slots for the next held
+    ones; returns how many. The hub's reaper runs this every few seconds. (A child on a
+    machine that goes silent ends when its lease is reaped: jobs/leases.py.)"""
+    async with engine.begin() as conn:
+        now = time.time()
+        rows = (await conn.execute(_QUEUED)).all()
+        gone = []
+        for row in rows:
+            why = lost(row, now)
+            if why is None:
+                continue
+            # Unless it was claimed meanwhile (the claim holds the row until it commits).
+            # (one queued again after a failed activation had started before)
+            reason = f"not started: {why}" if row.started_at is None else \
+                f"stopped before it was claimed again: {why}"
+            done = await conn.execute(jobs.update().where(
+                jobs.c.id == row.id, jobs.c.status == "Queued").values(
+                status="Stopped", ended_at=now, reason=reason))
+            if done.rowcount:
+                gone.append((row.id, row.parent_id))
+        _tell_stopped(len(gone), now)
+        await ended(conn, gone)
+    return len(gone)
+
+
+def summary(fan: Any) -> str:
+    """'3 Completed, 1 Failed, 2 in progress, 4 waiting': the children by their counts
+    (in progress: released and not ended; waiting: held back)."""
+    shown = [(fan.completed, "Completed"), (fan.failed, "Failed"), (fan.stopped, "Stopped"),
+             (fan.busy, "in progress"), (fan.waiting, "waiting")]
+    return ", ".join(f"{n} {name}" for n, name in shown if n) or "none"
+
+
+async def _update_parent(conn: AsyncConnection, fan: Any, now: float) -> None:
     values: dict[str, Any]
-    if open_:
-        values = {"status": "Stopping" if parent.stopped_at is not None else "Running",
-                  "reason": f"{parent.children} children: {summary(counts)}"}
+    reason = f"{fan.children} children: {summary(fan)}"
+    if fan.waiting or fan.busy:
+        values = {"status": "Stopping" if fan.stopped_at is not None else "Running",
+                  "reason": reason}
     else:
-        if parent.stopped_at is not None:
+        if fan.stopped_at is not None:
             status = "Stopped"
-        elif counts.get("Completed", 0) == parent.children:
+        elif fan.completed == fan.children:
             status = "Completed"
         else:
             status = "Failed"
-        halted = (await conn.scalar(sa.select(fanouts.c.halted).where(
-            fanouts.c.job_id == parent.id)))
-        reason = f"{parent.children} children: {summary(counts)}"
-        if halted and parent.stopped_at is None:
-            reason += f"; dispatching stopped: {halted}"
+        if fan.halted and fan.stopped_at is None:
+            reason += f"; dispatching stopped: {fan.halted}"
         values = {"status": status, "ended_at": now, "reason": reason}
-    await conn.execute(jobs.update().where(jobs.c.id == parent.id).values(**values))
+    await conn.execute(_PARENT_OPEN if "ended_at" not in values else _PARENT_END,
+                       {"b_parent": fan.job_id, **{f"b_{k}": v for k, v in values.items()}})
+
+
+_PARENT_OPEN = jobs.update().where(jobs.c.id == sa.bindparam("b_parent"),
+                                   jobs.c.status.notin_(FINAL)).values(
+    status=sa.bindparam("b_status"), reason=sa.bindparam("b_reason"))
+_PARENT_END = jobs.update().where(jobs.c.id == sa.bindparam("b_parent"),
+                                  jobs.c.status.notin_(FINAL)).values(
+    status=sa.bindparam("b_status"), reason=sa.bindparam("b_reason"),
+    ended_at=sa.bindparam("b_ended_at"))
+
+
+async def check_control(conn: AsyncConnection, row: Any, action: str) -> None:
+    """Refuse an operator's action on a child (``row``: its job) that would queue it
+    outside its parent's rate control: suspending or resuming a held child (E8128), and
+    resuming a Suspended one once dispatching stopped (E8129). A Suspended child keeps its
+    slot, so resuming it otherwise queues it within the limit."""
+    if row.parent_id is None or action == "stop":
+        return
+    if row.status == "New":
+        raise OutpostError(
+            "fanout_child_held", f"Job '{row.id}' is held back by the rate control of its "
+            f"parent job '{row.parent_id}' (waiting for a free slot); only that rate control "
+            f"starts it, so '{action}' does not apply to it.", job=row.id,
+            parent=row.parent_id, status=row.status, action=action)
+    if action == "resume" and row.status == "Suspended" and row.machine_id is None:
+        halted = await conn.scalar(sa.select(fanouts.c.halted).where(
+            fanouts.c.job_id == row.parent_id))
+        if halted is not None:
+            raise OutpostError(
+                "fanout_dispatch_halted", f"Job '{row.id}' is not resumed: no further child "
+                f"of job '{row.parent_id}' starts ({halted}).", job=row.id,
+                parent=row.parent_id, halted=halted, action=action)
 
 
 async def is_parent(conn: AsyncConnection, account_id: str, job_id: str) -> bool:
@@ -296,18 +474,22 @@ async def stop(engine: AsyncEngine, account_id: str, parent_id: str) -> None:
         now = time.time()
         # The children's locks first, the parent's last (in _settle), as every child's end
         # takes them.
+        change = _delta()
         held_back = await conn.execute(jobs.update().where(
-            jobs.c.parent_id == parent_id, jobs.c.status == "New").values(
-            status="Stopped", ended_at=now,
+            jobs.c.parent_id == parent_id, jobs.c.status == "New",
+            jobs.c.slot == "held").values(
+            status="Stopped", slot="done", ended_at=now,
             reason="not started: the operator stopped its parent job"))
-        _tell_stopped(held_back.rowcount, now)
+        change["waiting"] -= held_back.rowcount
         queued = await conn.execute(jobs.update().where(
-            jobs.c.parent_id == parent_id,
+            jobs.c.parent_id == parent_id, jobs.c.slot == "busy",
             sa.or_(jobs.c.status == "Queued",
                    sa.and_(jobs.c.status == "Suspended", jobs.c.machine_id.is_(None)))
-        ).values(status="Stopped", ended_at=now,
+        ).values(status="Stopped", slot="done", ended_at=now,
                  reason="stopped by the operator, with its parent job"))
-        _tell_stopped(queued.rowcount, now)
+        change["busy"] -= queued.rowcount
+        change["stopped"] += held_back.rowcount + queued.rowcount
+        _tell_stopped(held_back.rowcount + queued.rowcount, now)
         held = (await conn.execute(sa.select(jobs.c.id, jobs.c.attempt, jobs.c.machine_id)
                                    .where(jobs.c.parent_id == parent_id,
                                           jobs.c.status.in_(ON_MACHINE),
@@ -328,7 +510,7 @@ async def stop(engine: AsyncEngine, account_id: str, parent_id: str) -> None:
             stopped_at=now, halted=sa.func.coalesce(fanouts.c.halted,
                                                     "the operator stopped the job"),
             halted_at=sa.func.coalesce(fanouts.c.halted_at, now)))
-        await _settle(conn, parent_id)
+        await _settle(conn, parent_id, change)
 
 
 async def detail(conn: AsyncConnection, account_id: str, parent_id: str

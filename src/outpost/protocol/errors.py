@@ -789,6 +789,25 @@ _ENTRIES += (
         ("See the extension's operations with 'outpost extension versions NAME', and give "
          "one of them with --operation.",),
         404, "EX-7"),
+    # --- a child of a job on every machine of a group (E8128-E8130) ----------------------
+    Entry(
+        "E8128", "fanout_child_held", "Job '{job}' is held back by the rate control of its "
+        "parent job '{parent}'; only that rate control starts it.",
+        ("The child job is New: it waits for a free slot of its parent's --max-concurrency. "
+         "Suspending it, then resuming it, would queue it outside that limit, so 'job "
+         "suspend' and 'job resume' do not apply to it.",),
+        ("Let the parent release it (see 'outpost job show PARENT'), stop it with 'outpost "
+         "job stop CHILD', or stop the whole run with 'outpost job stop PARENT'.",),
+        409, None),
+    Entry(
+        "E8129", "fanout_dispatch_halted", "No further child of job '{parent}' starts: "
+        "{halted}.",
+        ("The child job is Suspended and not on a machine: resuming it would queue it "
+         "again, and its parent stopped dispatching (more children failed than "
+         "--max-errors lets pass).",),
+        ("Stop the child with 'outpost job stop CHILD'; to run the runbook on that machine "
+         "again, start a new job once the cause of the failures is fixed.",),
+        409, None),
     # --- API tokens and hub replicas (E8100-E8119) ----------------------------------------
     Entry(
         "E8100", "token_admin_forbidden", "Only an admin token can create an admin token.",

@@ -94,6 +94,8 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ('ext_user_unavailable', "The extension user '{}' has uid 0 on this machine; the agent will not run extensions as root under another name."),
     ('ext_version_exists', 'Extension {} {} is already published with other content (SHA-256 {}, not {}).'),
     ('ext_version_not_found', 'Extension {} has no version {}.'),
+    ('fanout_child_held', "Job '{}' is held back by the rate control of its parent job '{}' (waiting for a free slot); only that rate control starts it, so '{}' does not apply to it."),
+    ('fanout_dispatch_halted', "Job '{}' is not resumed: no further child of job '{}' starts ({})."),
     ('fanout_group_empty', "No machine is registered in group '{}': there is no machine to run the job on."),
     ('fanout_limit_invalid', "The value '{}' of {} is not valid: give a whole number {} or a percentage from 1% to 100% (P%)."),
     ('fanout_no_machine_ready', "No machine of group '{}' can take the job now ({})."),

@@ -33,6 +33,7 @@ async def control(engine: AsyncEngine, account_id: str, job_id: str,
         if row is None:
             raise OutpostError("not_found", f"No job '{job_id}' in this account.",
                                fix="See 'outpost job list'.")
+        await fanout.check_control(conn, row, action)
         now = time.time()
         on_machine = row.machine_id is not None and row.status in HELD
         values: dict[str, Any]
@@ -60,7 +61,7 @@ async def control(engine: AsyncEngine, account_id: str, job_id: str,
                                job=job_id, status=row.status, action=action)
         await conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         if values["status"] == "Stopped":
-            await fanout.ended(conn, [row.parent_id])
+            await fanout.ended(conn, [(row.id, row.parent_id)])
         if values["status"] == "Queued":
             await notify.wake(conn, notify.group(account_id, row.group_name))
     if values["status"] == "Stopped":

@@ -105,6 +105,7 @@ class Reaper:
         self.engine = engine
         self._ended: float | None = None  # time.monotonic() as the last completed pass ended
         self._failures = 0  # the engine's failures as that pass began
+        self._swept = 0.0  # time.monotonic() at the last fanout.sweep
 
     async def __call__(self) -> list[tuple[str, str]]:
         """One pass; returns the (account, group) pairs whose jobs were queued again (their
@@ -122,6 +123,10 @@ class Reaper:
             for account_id, group in dict.fromkeys(woken):
                 await notify.wake(conn, notify.group(account_id, group))
         self._ended, self._failures = time.monotonic(), failures
+        if self._ended - self._swept >= fanout.SWEEP_SECONDS:
+            # Children released to machines lost before they claimed them (hub/fanout.py).
+            await fanout.sweep(self.engine)
+            self._swept = self._ended
         return woken
 
 
@@ -149,8 +154,19 @@ async def _reap(conn: AsyncConnection, now: float) -> list[tuple[str, str]]:
             await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
                 status="Stopped", ended_at=now, lease_expires_at=None,
                 reason="stopped; the machine was lost before it confirmed"))
-            await fanout.ended(conn, [row.parent_id])
+            await fanout.ended(conn, [(row.id, row.parent_id)])
             _tell_ended("Stopped", row.started_at, now)
+        elif row.target_machine_id is not None:
+            # A child of a job on every machine runs on its own machine only: queued again,
+            # it would wait for a machine that may never come back, holding its parent's
+            # slot. It ends Failed (the runbook did not run to its end there).
+            await _close_attempt(conn, row.id, row.attempt, now, None, None, reason)
+            await conn.execute(jobs.update().where(jobs.c.id == row.id).values(
+                status="Failed", ended_at=now, lease_expires_at=None,
+                reason=f"{reason}; a child job runs on its own machine only, so it is not "
+                       "queued again"))
+            await fanout.ended(conn, [(row.id, row.parent_id)])
+            _tell_ended("Failed", row.started_at, now)
         elif row.status in ("Suspending", "Suspended", "Resuming"):
             await _close_attempt(conn, row.id, row.attempt, now, None, None, reason)
             await conn.execute(jobs.update().where(jobs.c.id == row.id).values(

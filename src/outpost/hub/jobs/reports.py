@@ -82,7 +82,7 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
         records: list[dict[str, Any]] = []
         closing: list[dict[str, Any]] = []
         finishing: list[dict[str, Any]] = []
-        parents: list[str | None] = []
+        parents: list[tuple[str, str | None]] = []
         for index, item, rows in checked:
             job_id, attempt, end = item["job_id"], item["attempt"], item.get("end")
             row = made.get((job_id, attempt))
@@ -118,7 +118,7 @@ async def report_many(engine: AsyncEngine, machine: Any, reports: list[dict[str,
                     finishing.append(_ended_values(row, final, now, end, started_at))
                     status = final
                     if final in FINAL:
-                        parents.append(row.parent_id)
+                        parents.append((row.id, row.parent_id))
             elif end is not None:
                 ended = True
             results[index] = {"id": job_id, "status": status}
@@ -370,6 +370,6 @@ async def _finish(conn: AsyncConnection, row: Any, status: str, exit_code: int |
         signal=signal, reason=reason, lease_expires_at=None,
         machine_id=None if final == "Suspended" else row.machine_id))
     if final in FINAL:
-        await fanout.ended(conn, [row.parent_id])
+        await fanout.ended(conn, [(row.id, row.parent_id)])
         _tell_ended(final, started_at if started_at is not None else row.started_at, now)
     return final
