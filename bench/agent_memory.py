@@ -1,7 +1,9 @@
 """Resident memory of an idle registered agent after a minute of heartbeats.
 
 Starts a real hub (SQLite) and a real agent heartbeating every second, samples the agent's
-RSS once a second, and prints the figures. Target: at most 40 MB.
+RSS once a second, and prints the figures. Target: at most 40 MB. It also says whether the
+idle agent loaded pydantic (its compiled core mapped in the process): it should not, see
+docs/agent.md, "Memory".
 
     python bench/agent_memory.py [--seconds 60] [--interval 1]
 """
@@ -45,6 +47,7 @@ def main() -> None:
                 samples.append(proc.memory_info().rss)
                 time.sleep(1)
             uss = proc.memory_full_info().uss
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
             beats = hub.api("GET", "/v1/heartbeats").json()[0]
         finally:
             agent.stop()
@@ -54,6 +57,7 @@ def main() -> None:
     print(f"  rss at end      {samples[-1] / MB:6.1f} MB")
     print(f"  rss peak        {max(samples) / MB:6.1f} MB")
     print(f"  uss at end      {uss / MB:6.1f} MB")
+    print(f"  pydantic loaded {'yes' if '_pydantic_core' in maps else 'no'}")
     print(f"  last heartbeat  {beats['seconds_ago']} s before the end, status {beats['status']}")
     print(f"  target          40.0 MB: {'met' if max(samples) <= 40 * MB else 'NOT met'}")
 

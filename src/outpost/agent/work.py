@@ -7,9 +7,12 @@ item and a ``Context``: the daemon's facilities a handler may use. A handler ret
 result to answer the item with (``POST /v1/agent/work/{id}/done``), or None when the item
 is answered some other way (a job attempt, by its reports).
 
-Built in: ``job`` (start the claimed attempt), ``ping`` (answer at once) and
-``job_control`` (stop, suspend or resume a running attempt). Extensions and modules add a
-kind with ``register(kind, handler, payload=Model)``, without touching the daemon.
+Built in: ``job`` (start the claimed attempt), ``ping`` (answer at once),
+``job_control`` (stop, suspend or resume a running attempt) and ``ext_op`` (an extension
+operation, extensions/ops.py). Their payload models, and pydantic with them, are imported
+when the first work item arrives, not by an idle agent (protocol/answers.py says why).
+Extensions and modules add a kind with ``register(kind, handler, payload=Model)``, without
+touching the daemon.
 
 An item of a kind nothing is registered for, or whose payload does not parse, is answered
 with an error result (E8150, E8151; logged once per kind) and never stops the daemon; a
@@ -20,28 +23,31 @@ traceback and its item answered with E8152; the items after it are still taken.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 from urllib.parse import quote
 
-from pydantic import BaseModel
-
-from outpost.protocol import work as wire
+from outpost.protocol import kinds
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.models import Wire
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from outpost.protocol import work as wire
+    from outpost.protocol.models import Wire
+
     from .runner import JobRun
     from .state import StateDir
 
 log = logging.getLogger("outpost.agent.work")
 
 Call = Callable[..., Awaitable[Any]]
-Result = BaseModel | dict[str, Any] | None
-Run = Callable[[wire.WorkItem, "Context"], Awaitable[Result]]
+Result = Union["BaseModel", dict[str, Any], None]
+Run = Callable[["wire.WorkItem", "Context"], Awaitable[Result]]
 Refuse = Callable[[dict[str, Any], OutpostError, "Context"], Awaitable[None]]
 
 
@@ -56,16 +62,31 @@ class Context:
     spawn: Callable[[Awaitable[Any], str], None]
     start_job: Callable[[wire.JobClaim], None]
     note_failure: Callable[[OutpostError], None] = lambda exc: None
+    # Start the extensions' reconciler and operations if they do not run yet (the daemon
+    # starts them only on a machine that has extensions: daemon.py).
+    start_extensions: Callable[[], None] = lambda: None
+
+
+# A payload model, or where to find it ("module:Name"), imported when the first item of its
+# kind arrives: the built-in kinds' models are pydantic's, which an idle agent does not load.
+Payload = Union[type["Wire"], str]
 
 
 @dataclass(frozen=True)
 class Handler:
     kind: str
     run: Run
-    payload: type[Wire]
+    payload: Payload
     # How to answer an item of this kind that does not parse; by default an error result
     # on the work item.
     refuse: Refuse | None = None
+
+    def model(self) -> type[Wire]:
+        if not isinstance(self.payload, str):
+            return self.payload
+        module, _, name = self.payload.partition(":")
+        found: type[Wire] = getattr(importlib.import_module(module), name)
+        return found
 
 
 class Registry:
@@ -73,10 +94,11 @@ class Registry:
         self._handlers: dict[str, Handler] = {}
         self._warned: set[str] = set()
 
-    def register(self, kind: str, handler: Run, *, payload: type[Wire],
+    def register(self, kind: str, handler: Run, *, payload: Payload,
                  refuse: Refuse | None = None) -> None:
         """Handle work items of ``kind`` with ``handler``, their payload parsed with
-        ``payload``. A kind is registered once."""
+        ``payload`` (a model, or ``"module:Name"`` to import it at the first item). A kind
+        is registered once."""
         if kind in self._handlers:
             raise ValueError(f"a handler for work of kind '{kind}' is already registered")
         self._handlers[kind] = Handler(kind, handler, payload, refuse)
@@ -86,13 +108,17 @@ class Registry:
 
     async def handle(self, raw: dict[str, Any], ctx: Context) -> None:
         """Take one work item; never raises for what the hub sent."""
+        from pydantic import BaseModel
+
+        from outpost.protocol import work as wire
+
         kind = str(raw.get("kind"))
         handler = self._handlers.get(kind)
         try:
             if handler is None:
                 raise OutpostError("work_kind_unknown", f"This agent does not handle work of "
                                    f"kind '{kind}'.", kind=kind, item=str(raw.get("id")))
-            item = wire.parse_item(raw, handler.payload)
+            item = wire.parse_item(raw, handler.model())
         except OutpostError as exc:
             self._warn_once(kind, exc)
             if handler is not None and handler.refuse is not None:
@@ -136,10 +162,14 @@ async def answer(ctx: Context, item_id: str, result: dict[str, Any]) -> None:
 
 # --- the built-in kinds -----------------------------------------------------------------
 async def _ping(item: wire.WorkItem, ctx: Context) -> Result:
+    from outpost.protocol import work as wire
+
     return wire.PingResult(received_at=time.time())
 
 
 async def _job_control(item: wire.WorkItem, ctx: Context) -> Result:
+    from outpost.protocol import work as wire
+
     asked: wire.JobControlPayload = item.payload
     run = ctx.jobs.get(asked.job_id)
     if run is None or run.attempt != asked.attempt:
@@ -173,8 +203,19 @@ async def _refuse_job(raw: dict[str, Any], exc: OutpostError, ctx: Context) -> N
               f"refuse-{job_id}")
 
 
+async def _ext_op(item: wire.WorkItem, ctx: Context) -> Result:
+    """An extension operation (extensions/ops.py), on a machine whose extensions may not
+    have started yet: one that has none answers as it would with them started (E9088)."""
+    ctx.start_extensions()
+    from .extensions import ops
+
+    return await ops.take_item(item, ctx)
+
+
+_MODELS = "outpost.protocol.work"
 registry = Registry()
 register = registry.register
-register(wire.JOB, _job, payload=wire.JobClaim, refuse=_refuse_job)
-register(wire.PING, _ping, payload=wire.PingPayload)
-register(wire.JOB_CONTROL, _job_control, payload=wire.JobControlPayload)
+register(kinds.JOB, _job, payload=f"{_MODELS}:JobClaim", refuse=_refuse_job)
+register(kinds.PING, _ping, payload=f"{_MODELS}:PingPayload")
+register(kinds.JOB_CONTROL, _job_control, payload=f"{_MODELS}:JobControlPayload")
+register(kinds.EXT_OP, _ext_op, payload=f"{_MODELS}:ExtOpPayload")

@@ -24,12 +24,11 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from .errors import OutpostError
+from .kinds import EXT_OP as EXT_OP
+from .kinds import JOB as JOB
+from .kinds import JOB_CONTROL as JOB_CONTROL
+from .kinds import PING as PING
 from .models import INT32_MAX, INT64_MAX, ErrorBody, Wire
-
-JOB = "job"
-PING = "ping"
-JOB_CONTROL = "job_control"
-EXT_OP = "ext_op"
 
 
 class PingPayload(Wire):

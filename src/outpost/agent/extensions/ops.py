@@ -262,7 +262,9 @@ def detach(state: Any) -> None:
     _attached.pop(id(state), None)
 
 
-async def _ext_op(item: wire.WorkItem, ctx: work.Context) -> work.Result:
+async def take_item(item: wire.WorkItem, ctx: work.Context) -> work.Result:
+    """The ``ext_op`` work kind (registered in work.py): hand the operation to the daemon's
+    runner, which answers it on its own routes."""
     asked: wire.ExtOpPayload = item.payload
     runner = _attached.get(id(ctx.state))
     if runner is None:
@@ -272,5 +274,3 @@ async def _ext_op(item: wire.WorkItem, ctx: work.Context) -> work.Result:
     runner.take(asked)
     return {"accepted": True}
 
-
-work.register(wire.EXT_OP, _ext_op, payload=wire.ExtOpPayload)
