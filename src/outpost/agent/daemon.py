@@ -28,7 +28,7 @@ from nacl.signing import SigningKey
 from outpost import __version__
 from outpost.common.events import first_of
 from outpost.common.supervise import Supervisor
-from outpost.protocol.answers import HeartbeatAck, PollAnswer
+from outpost.protocol.readers import HeartbeatAck, JobClaim, PollAnswer
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
 
 from . import cache, facts, joblogs, work
@@ -45,8 +45,6 @@ from .transport import Backoff, Clock, HubClient
 from .turns import Turns
 
 if TYPE_CHECKING:
-    from outpost.protocol import work as wire
-
     from .extensions import ops as ext_ops
     from .extensions.reconcile import Reconciler
     from .runner import JobRun
@@ -570,7 +568,7 @@ class Agent:
                                 self.reporter)
             self._spawn(uploader.run(announce=False), f"deliver-{meta['job_id']}")
 
-    def _start_job(self, claim: wire.JobClaim) -> None:
+    def _start_job(self, claim: JobClaim) -> None:
         """The ``job`` work kind's handler: run the claimed attempt (work.py)."""
         assert self.client is not None and self.registration is not None
         from .runner import JobRun
@@ -605,7 +603,7 @@ class Agent:
         self._job_tasks[(run.id, run.attempt)] = asyncio.create_task(body(),
                                                                      name=f"job-{run.id}")
 
-    def _cannot_spool(self, claim: wire.JobClaim, exc: OSError) -> None:
+    def _cannot_spool(self, claim: JobClaim, exc: OSError) -> None:
         """A claimed job whose spool cannot be made is given back at once as a failed
         activation (the machine's fault: the hub queues it again), rather than left to
         wait out its lease."""

@@ -1,7 +1,7 @@
 """The kinds of work item (work.py has their payload and result models).
 
 Apart from the models so that the agent can register its handlers by kind without building
-pydantic's validators: an idle agent never parses a work item (see answers.py).
+pydantic's validators: an idle agent never parses a work item (see readers.py).
 """
 
 from __future__ import annotations

@@ -7,12 +7,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .params import BATCH_MAX
+from .readers import INT32_MAX as INT32_MAX
+from .readers import INT64_MAX as INT64_MAX
 
 # Ranges at the edge: a number the database cannot hold (an INTEGER column is 32 bits on
 # PostgreSQL, 64 on SQLite) or JSON cannot carry (NaN, Infinity) is refused as bad input
-# with the field named, never left to fail in the database or in the answer.
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
+# with the field named, never left to fail in the database or in the answer. INT32_MAX and
+# INT64_MAX are defined with the agent's readers (readers.py), which check them too.
 LABELS_MAX = 64
 LABEL_KEY_MAX = 64
 LABEL_VALUE_MAX = 256

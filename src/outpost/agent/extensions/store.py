@@ -65,7 +65,7 @@ class Record:
 
     def status(self) -> ExtensionStatus:
         # Imported here: the daemon reads the store at start, before it knows whether the
-        # machine has extensions at all, without the wire models (protocol/answers.py).
+        # machine has extensions at all, without the wire models (protocol/readers.py).
         from outpost.protocol.extensions import ExtensionStatus
 
         return ExtensionStatus(
