@@ -106,7 +106,8 @@ class Agent:
         # The extensions' reconciler and operations, started with the hub client on a
         # machine that has extensions, else once the hub names some (a heartbeat's
         # extensions_etag) or asks for an operation: until then the agent does not load
-        # them, nor the wire models they read (docs/agent.md, "Memory").
+        # them, nor the wire models they read (docs/architecture.md, "The agent's memory
+        # budget").
         self.ext_ops: ext_ops.Operations | None = None
         self.extensions: Reconciler | None = None
         self._ext_store = Store(state.root / "extensions")  # extensions/runtime.py STATE_DIR

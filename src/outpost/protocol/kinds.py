@@ -1,7 +1,7 @@
 """The kinds of work item (work.py has their payload and result models).
 
-Apart from the models so that the agent can register its handlers by kind without building
-pydantic's validators: an idle agent never parses a work item (see readers.py).
+Apart from the models so that the agent registers its handlers by kind without importing
+them: it reads the built-in kinds' payloads without pydantic (readers.py says why).
 """
 
 from __future__ import annotations
