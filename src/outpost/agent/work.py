@@ -37,7 +37,7 @@ from outpost.protocol.errors import OutpostError
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from outpost.protocol.models import Wire
+    from outpost.protocol.base import Wire
 
     from .runner import JobRun
     from .state import StateDir

@@ -25,12 +25,13 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from .base import ErrorBody, Wire
 from .errors import OutpostError
 from .kinds import EXT_OP as EXT_OP
 from .kinds import JOB as JOB
 from .kinds import JOB_CONTROL as JOB_CONTROL
 from .kinds import PING as PING
-from .models import INT32_MAX, INT64_MAX, ErrorBody, Wire
+from .readers import INT32_MAX, INT64_MAX
 
 
 class PingPayload(Wire):
