@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from nacl.signing import SigningKey
@@ -28,27 +28,26 @@ from nacl.signing import SigningKey
 from outpost import __version__
 from outpost.common.events import first_of
 from outpost.common.supervise import Supervisor
-from outpost.protocol import work as wire
+from outpost.protocol.readers import HeartbeatAck, JobClaim, PollAnswer
 from outpost.protocol.errors import HubRefused, OutpostError, TransportError
-from outpost.protocol.models import HeartbeatAck
 
 from . import cache, facts, joblogs, work
 from . import config as agent_config
 from .cgroups import Limits
 from .config import AgentConfig
-from .extensions import handler as ext_handler
-from .extensions.channel import HttpChannel
-from .extensions import ops as ext_ops
-from .extensions.reconcile import Reconciler
-from .extensions.runtime import Runtime
 from .extensions.store import Store
 from .pressure import Pressure, own_cpu_seconds
+from .process import watch_children_with_pidfd
 from .reporter import Reporter
-from .runner import JobRun, Uploader, end_leftover, leftover_spools, watch_children_with_pidfd
 from .sandbox import Sandbox
 from .state import Registration, StateDir
 from .transport import Backoff, Clock, HubClient
 from .turns import Turns
+
+if TYPE_CHECKING:
+    from .extensions import ops as ext_ops
+    from .extensions.reconcile import Reconciler
+    from .runner import JobRun
 
 log = logging.getLogger("outpost.agent")
 
@@ -82,7 +81,8 @@ class Agent:
         self.handlers = handlers or work.registry
         self.work = work.Context(call=self._call, jobs=self.jobs, state=state,
                                  spawn=self._spawn, start_job=self._start_job,
-                                 note_failure=self._note_failure)
+                                 note_failure=self._note_failure,
+                                 start_extensions=self._start_extensions)
         self._job_tasks: dict[tuple[str, int], asyncio.Task[None]] = {}  # (job, attempt)
         self._deliveries: set[asyncio.Task[Any]] = set()
         self.spool_dir = state.root / "spool"
@@ -103,8 +103,16 @@ class Agent:
         self.sandbox = Sandbox(state.root, self.config.max_concurrent_jobs,
                                Limits(self.config.job_memory_mb, self.config.job_cpus,
                                       self.config.job_processes), self.config.job_users)
+        # The extensions' reconciler and operations, started with the hub client on a
+        # machine that has extensions, else once the hub names some (a heartbeat's
+        # extensions_etag) or asks for an operation: until then the agent does not load
+        # them, nor the wire models they read (docs/architecture.md, "The agent's memory
+        # budget").
         self.ext_ops: ext_ops.Operations | None = None
-        self.extensions: Reconciler | None = None  # made once the hub client is
+        self.extensions: Reconciler | None = None
+        self._ext_store = Store(state.root / "extensions")  # extensions/runtime.py STATE_DIR
+        self._ext_etag: str | None = None  # the hub's, while the extensions do not run
+        self._key: SigningKey | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -132,7 +140,10 @@ class Agent:
             if not await self._connect(key, reg, identity):
                 return  # stopped before any hub answered
             self._recover()
-            self._start_extensions(key)
+            self._key = key
+            self._ext_store.load()
+            if self._ext_store.records:
+                self._start_extensions()
             self.supervisor.start("heartbeat", self._heartbeat_loop)
             self.supervisor.start("poll", self._poll_loop)
             self.supervisor.start("reload-thresholds", self._reload_thresholds)
@@ -200,6 +211,8 @@ class Agent:
         if tasks:
             await asyncio.wait(tasks, timeout=GRACE_SECONDS)
         if self.ext_ops is not None:
+            from .extensions import ops as ext_ops
+
             ext_ops.detach(self.state)
             await self.ext_ops.close()
         if self.extensions is not None:
@@ -262,21 +275,48 @@ class Agent:
                  self.sandbox.defaults.text())
         return True
 
-    def _start_extensions(self, key: SigningKey) -> None:
-        """The extensions' reconciler and its reports, beside heartbeats and jobs."""
-        assert self.client is not None
+    def _start_extensions(self) -> None:
+        """The extensions' reconciler and its reports, beside heartbeats and jobs; once."""
+        if self.extensions is not None or self.client is None or self._key is None:
+            return
+        from .extensions import ops as ext_ops
+        from .extensions.channel import HttpChannel
+        from .extensions.reconcile import Reconciler
+        from .extensions.runtime import Runtime
+
         cfg = self.config
         runtime = Runtime(self.state.root, Limits(cfg.extension_memory_mb, cfg.extension_cpus,
                                                   cfg.extension_processes),
                           self.sandbox.hierarchy, self.sandbox.why_no_cgroups)
-        self.extensions = Reconciler(Store(runtime.state_dir), runtime,
-                                     HttpChannel(self.client), key,
-                                     log_max_bytes=cfg.log_bytes[0])
+        assert runtime.state_dir == self._ext_store.directory
+        self.extensions = Reconciler(self._ext_store, runtime, HttpChannel(self.client),
+                                     self._key, log_max_bytes=cfg.log_bytes[0])
+        if self._ext_etag is not None:
+            self.extensions.note_etag(self._ext_etag)
         self.supervisor.start("extensions", self.extensions.run)
         self.supervisor.start("extension-reports", self.extensions.reporter.run)
         # Operations (the ext_op work kind): run beside the reconciler, through its records.
         self.ext_ops = ext_ops.Operations(self.extensions, self._call, self.pressure.reason)
         ext_ops.attach(self.state, self.ext_ops)
+        log.info("extensions started")
+
+    def _note_extensions_etag(self, etag: str) -> None:
+        """The hub's etag of the machine's extensions: a machine that has none is told ''
+        (hub/extension_goals.py); any other value starts the extensions here."""
+        if self.extensions is None:
+            self._ext_etag = etag
+            if etag:
+                self._start_extensions()  # which notes it
+            return
+        self.extensions.note_etag(etag)
+
+    def _handler_roles(self) -> list[tuple[int, str]]:
+        """The extension commands running now (none before the extensions started)."""
+        if self.extensions is None:
+            return []
+        from .extensions import handler
+
+        return list(handler.running.items())
 
     def _note_failure(self, exc: OutpostError) -> None:
         kind = exc.kind if isinstance(exc, TransportError) else exc.reason
@@ -346,9 +386,8 @@ class Agent:
         self.last_error = None
         if self.cache is not None and self.client is not None:
             await self.cache.check(self.client, answer)  # HW-9: heal what went bad
-        ack = HeartbeatAck.model_validate(answer)
-        if self.extensions is not None:
-            self.extensions.note_etag(ack.extensions_etag)
+        ack = HeartbeatAck.read(answer)
+        self._note_extensions_etag(ack.extensions_etag)
         for job_id in ack.abandon:
             run = self.jobs.get(job_id)
             # Only the attempt this heartbeat listed: the job's next attempt may have
@@ -391,7 +430,12 @@ class Agent:
             if carry:
                 log.debug("heartbeat sent with the poll to %s", self.client.url
                           if self.client else "?")
-            told = self.extensions.poll_etag if self.extensions is not None else None
+            # The extensions' poll etag (reconcile.py); while they do not run, the hub's
+            # last one, or before any that of the goals last reconciled ("" for none).
+            if self.extensions is not None:
+                told: str | None = self.extensions.poll_etag
+            else:
+                told = self._ext_etag if self._ext_etag is not None else self._ext_store.etag
             etag = "" if told is None else f"&extensions_etag={quote(told, safe='')}"
             request = asyncio.ensure_future(self._call(
                 "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}{etag}",
@@ -420,7 +464,7 @@ class Agent:
                 await self._sleep(delay, self._hub_answered)
                 continue
             backoff.reset()
-            polled = wire.PollAnswer.model_validate(answer)
+            polled = PollAnswer.read(answer)
             if carry and polled.heartbeat_error is not None:
                 log.warning("the heartbeat carried by the poll was not recorded: %s %s",
                             polled.heartbeat_error.get("code"),
@@ -432,8 +476,8 @@ class Agent:
                 self.turns.beat_lost(refused=True)
             elif carry and polled.heartbeat is not None:
                 await self._acknowledged(polled.heartbeat, listed)
-            if polled.extensions_etag is not None and self.extensions is not None:
-                self.extensions.note_etag(polled.extensions_etag)  # its own goal changed
+            if polled.extensions_etag is not None:
+                self._note_extensions_etag(polled.extensions_etag)  # its own goal changed
             for item in polled.items:
                 await self.handlers.handle(item, self.work)
 
@@ -511,6 +555,10 @@ class Agent:
         An attempt it left running is ended first (its process group too); the hub treats
         that as a failed activation and queues the job again (HW-1).
         """
+        if not any(self.spool_dir.glob("*.jsonl")):  # runner.leftover_spools' files
+            return  # nothing left over: the job runner loads with the first job
+        from .runner import Uploader, end_leftover, leftover_spools
+
         for spool in leftover_spools(self.spool_dir):
             try:
                 end_leftover(spool)
@@ -525,9 +573,11 @@ class Agent:
                                 self.reporter)
             self._spawn(uploader.run(announce=False), f"deliver-{meta['job_id']}")
 
-    def _start_job(self, claim: wire.JobClaim) -> None:
+    def _start_job(self, claim: JobClaim) -> None:
         """The ``job`` work kind's handler: run the claimed attempt (work.py)."""
         assert self.client is not None and self.registration is not None
+        from .runner import JobRun
+
         try:
             self.sandbox.group_name = self.registration.group
             run = JobRun(claim.as_job(), self.state.root / "jobs", self.spool_dir,
@@ -558,7 +608,7 @@ class Agent:
         self._job_tasks[(run.id, run.attempt)] = asyncio.create_task(body(),
                                                                      name=f"job-{run.id}")
 
-    def _cannot_spool(self, claim: wire.JobClaim, exc: OSError) -> None:
+    def _cannot_spool(self, claim: JobClaim, exc: OSError) -> None:
         """A claimed job whose spool cannot be made is given back at once as a failed
         activation (the machine's fault: the hub queues it again), rather than left to
         wait out its lease."""
@@ -603,7 +653,7 @@ class Agent:
             "processes": [{"pid": os.getpid(), "role": "agent", "started_at": self.started}]
             + [{"pid": run.proc.pid, "role": f"job {job_id}"}
                for job_id, run in self.jobs.items() if run.proc is not None]
-            + [{"pid": pid, "role": role} for pid, role in ext_handler.running.items()],
+            + [{"pid": pid, "role": role} for pid, role in self._handler_roles()],
         }
 
     async def _status_server(self) -> asyncio.AbstractServer:

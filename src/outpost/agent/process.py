@@ -26,6 +26,7 @@ import fcntl
 import functools
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -248,3 +249,19 @@ class Process:
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
             self._pidfd = None
+
+
+def watch_children_with_pidfd(loop: asyncio.AbstractEventLoop) -> bool:
+    """On Python 3.11, learn of a runbook's exit through a pidfd in the event loop instead
+    of a thread per child waiting in waitpid() (3.12 and later do this by themselves).
+    Returns whether it is in use; where pidfds cannot be opened the default stays."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    return True

@@ -58,22 +58,6 @@ def _lean() -> bool:
     return process.available()
 
 
-def watch_children_with_pidfd(loop: asyncio.AbstractEventLoop) -> bool:
-    """On Python 3.11, learn of a runbook's exit through a pidfd in the event loop instead
-    of a thread per child waiting in waitpid() (3.12 and later do this by themselves).
-    Returns whether it is in use; where pidfds cannot be opened the default stays."""
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
-        return False
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except OSError:
-        return False
-    watcher = asyncio.PidfdChildWatcher()
-    watcher.attach_loop(loop)
-    asyncio.get_event_loop_policy().set_child_watcher(watcher)
-    return True
-
-
 def command(kind: str, script: str) -> list[str]:
     """The command line for a runbook type; a missing interpreter is named."""
     if kind == "pwsh":

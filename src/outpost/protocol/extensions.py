@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from .models import INT32_MAX, INT64_MAX, Wire
+from .base import Wire
+from .readers import INT32_MAX, INT64_MAX
 
 MANIFEST_NAME = "outpost-extension.json"
 SCHEMA_VERSION = 1

@@ -6,22 +6,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from .base import ErrorBody as ErrorBody
+from .base import Wire as Wire
 from .params import BATCH_MAX
+from .readers import INT32_MAX as INT32_MAX
+from .readers import INT64_MAX as INT64_MAX
 
 # Ranges at the edge: a number the database cannot hold (an INTEGER column is 32 bits on
 # PostgreSQL, 64 on SQLite) or JSON cannot carry (NaN, Infinity) is refused as bad input
-# with the field named, never left to fail in the database or in the answer.
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
+# with the field named, never left to fail in the database or in the answer. INT32_MAX and
+# INT64_MAX are defined with the agent's readers (readers.py), which check them too.
 LABELS_MAX = 64
 LABEL_KEY_MAX = 64
 LABEL_VALUE_MAX = 256
 # The agent cuts a longer output line into records of 1 MiB (agent/runner.py LINE_MAX).
 RECORD_TEXT_MAX = 1024 * 1024
-
-
-class Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class MachineFacts(Wire):
@@ -139,16 +138,6 @@ class JobBatch(Wire):
         min_length=1, max_length=BATCH_MAX,
         description=f"1 to {BATCH_MAX} job starts, each as POST /v1/jobs takes it "
                     "(runbook, group, params, version, timeout).")
-
-
-class ErrorBody(Wire):
-    """Every error answer of the hub (4xx and 5xx), whatever the route."""
-
-    code: str = Field(description="The stable code, E1001 to E9999 (docs/errors.md).")
-    reason: str = Field(description="The code's name, such as clock_skew.")
-    message: str
-    fix: str
-    details: dict[str, Any] = Field(description="Facts of this error (names, limits, ids).")
 
 
 # --- What the operator API answers ---------------------------------------------------------

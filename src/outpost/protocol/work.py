@@ -2,9 +2,11 @@
 claimed a freed slot), their payloads, and the results the agent answers them with.
 
 The hub stores and sends plain dicts of these shapes (``dispatcher.submit``,
-``jobs.claim``); the agent parses each item with ``parse_item`` before a handler
-(agent/work.py) sees it. Each kind has a payload model and, for items the agent answers on
-``POST /v1/agent/work/{id}/done``, a result model:
+``jobs.claim``); ``parse_item`` reads an item with these models. The agent reads the
+``job``, ``ping`` and ``job_control`` items with readers.py instead (held to these models by
+tests/unit/test_agent_imports.py, without pydantic's memory) and ``ext_op`` with its model,
+before a handler (agent/work.py) sees it. Each kind has a payload model and, for items the
+agent answers on ``POST /v1/agent/work/{id}/done``, a result model:
 
 - ``ping``: ``{sent_at}`` -> ``{received_at}``
 - ``job_control``: ``{job_id, attempt, action}`` -> ``{applied, why}``
@@ -23,13 +25,13 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from .base import ErrorBody, Wire
 from .errors import OutpostError
-from .models import INT32_MAX, INT64_MAX, ErrorBody, Wire
-
-JOB = "job"
-PING = "ping"
-JOB_CONTROL = "job_control"
-EXT_OP = "ext_op"
+from .kinds import EXT_OP as EXT_OP
+from .kinds import JOB as JOB
+from .kinds import JOB_CONTROL as JOB_CONTROL
+from .kinds import PING as PING
+from .readers import INT32_MAX, INT64_MAX
 
 
 class PingPayload(Wire):

@@ -262,15 +262,15 @@ def detach(state: Any) -> None:
     _attached.pop(id(state), None)
 
 
-async def _ext_op(item: wire.WorkItem, ctx: work.Context) -> work.Result:
+async def take_item(item: work.Item, ctx: work.Context) -> work.Result:
+    """The ``ext_op`` work kind (registered in work.py): hand the operation to the daemon's
+    runner, which answers it on its own routes."""
     asked: wire.ExtOpPayload = item.payload
     runner = _attached.get(id(ctx.state))
     if runner is None:
-        return wire.error_result(OutpostError(
+        return work.error_result(OutpostError(
             "ext_op_not_ready", "This agent runs no extensions (they did not start).",
             name=asked.extension))
     runner.take(asked)
     return {"accepted": True}
 
-
-work.register(wire.EXT_OP, _ext_op, payload=wire.ExtOpPayload)

@@ -16,11 +16,12 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from outpost.protocol.extensions import ExtensionStatus, State, Step
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..state import atomic_write
+
+if TYPE_CHECKING:
+    from outpost.protocol.extensions import ExtensionStatus, State, Step
 
 log = logging.getLogger("outpost.agent.extensions")
 
@@ -63,6 +64,10 @@ class Record:
     run_as: str | None = None
 
     def status(self) -> ExtensionStatus:
+        # Imported here: the daemon reads the store at start, before it knows whether the
+        # machine has extensions at all, without the wire models (protocol/readers.py).
+        from outpost.protocol.extensions import ExtensionStatus
+
         return ExtensionStatus(
             name=self.name, version=self.version if self.stage == "installed" else None,
             target_version=self.target, state=self.state, step=self.step,
