@@ -321,6 +321,10 @@ def test_restic_directly_refused_for_wrong_credentials_and_never_shows_the_token
                              str(source)], env=mine.env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
+        # Read once the new program is in place: right after the exec, /proc can still
+        # show an empty command line.
+        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes() != b"", 10,
+                   0.01, "restic's command line to show")
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
         _, err = proc.communicate(timeout=300)

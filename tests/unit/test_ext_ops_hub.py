@@ -21,7 +21,8 @@ pytestmark = FAST
 
 async def _setup(hub: InprocHub, **op: Any) -> Machine:
     machine = await hub.machine("m1")
-    await machine.heartbeat()
+    # Healthy for 3 intervals: a loaded machine may take seconds to reach the first ask.
+    await machine.heartbeat(interval=30)
     data = package(manifest("ops", "1.0.0", operations={"snap": {"run": "bin/snap", **op}}))
     await hub.ok("POST", "/v1/extensions", content=data,
                  headers={"Content-Type": "application/gzip"})
