@@ -524,9 +524,10 @@ def _hub_sample(pid: int) -> dict[str, float]:
                 "at": time.monotonic()}
 
 
-def _metric(hub: Any, name: str) -> float:
-    """A counter or gauge of the hub's /metrics, summed over its labels (NaN when the hub
-    did not answer in time: an overloaded hub is a result too)."""
+def _metric(hub: Any, name: str, having: str = "") -> float:
+    """A counter or gauge of the hub's /metrics, summed over its labels (those of lines
+    that contain ``having``; NaN when the hub did not answer in time: an overloaded hub is a
+    result too)."""
     try:
         text = hub.api("GET", "/metrics", timeout=120).text
     except Exception as exc:  # noqa: BLE001 - printed, and the figure shows as nan
@@ -536,7 +537,7 @@ def _metric(hub: Any, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
             head, _, value = line.rpartition(" ")
-            if head == name or head.startswith(name + "{"):
+            if (head == name or head.startswith(name + "{")) and having in head:
                 total += float(value)
     return total
 
@@ -638,6 +639,8 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
         time.sleep(settle)  # the fleet runs on its own schedule: nothing to wait on
         fleet.reset()
         beats_before = sum(_metric(h, "outpost_heartbeats_total") for h in hubs)
+        gc_before = [sum(_metric(h, f"outpost_gc_pause_seconds_{part}", 'generation="2"')
+                         for h in hubs) for part in ("count", "sum")]
         requests_before = sum(_metric(h, "outpost_http_requests_total") for h in hubs)
         before = [_hub_sample(pid) for pid in pids]
         started = time.monotonic()
@@ -647,6 +650,8 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
             time.sleep(remaining)  # the measured window is a length of time
         after = [_hub_sample(pid) for pid in pids]
         beats_after = sum(_metric(h, "outpost_heartbeats_total") for h in hubs)
+        gc_after = [sum(_metric(h, f"outpost_gc_pause_seconds_{part}", 'generation="2"')
+                        for h in hubs) for part in ("count", "sum")]
         requests_after = sum(_metric(h, "outpost_http_requests_total") for h in hubs)
         stats = fleet.snapshot()
         polls_metric = sum(_metric(h, "outpost_long_polls_open") for h in hubs)
@@ -678,6 +683,8 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
         "job_start_p50_ms": percentile(latencies, 50) if latencies else None,
         "job_start_p99_ms": percentile(latencies, 99) if latencies else None,
         "job_start_lost": lost, "job_start_count": len(latencies),
+        "full_collections": gc_after[0] - gc_before[0],
+        "full_collection_seconds": gc_after[1] - gc_before[1],
         "per_agent_cpu_percent": cpu / size,
         "per_agent_rss_kib": (rss - idle_rss) / size / 1024,
         "per_agent_fds": (fds - idle_fds) / size,
@@ -736,6 +743,10 @@ def _print(r: dict[str, Any], late: float) -> None:
           f"p50 {ms(r['job_start_p50_ms'])}, p99 {ms(p99)} (target p99 < 100 ms: "
           f"{'met' if p99 is not None and p99 < 100 else 'NOT met'}); "
           f"never arrived: {r['job_start_lost']}")
+    if r["full_collections"]:
+        print(f"  full garbage collections: {r['full_collections']:.0f}, the hub stopped "
+              f"{r['full_collection_seconds'] / r['full_collections'] * 1e3:.0f} ms each "
+              "on average")
     print(f"  per agent: {r['per_agent_cpu_percent'] * 1000:.2f} milli-% CPU "
           f"({r['per_agent_cpu_percent']:.4f} %), {r['per_agent_rss_kib']:.1f} KiB RSS, "
           f"{r['per_agent_fds']:.2f} fds")

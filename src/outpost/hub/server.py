@@ -17,7 +17,7 @@ from outpost.extensions import publish_shipped
 from outpost.protocol import ports
 from outpost.protocol.errors import OutpostError
 
-from . import accounts, db
+from . import accounts, db, gcwatch
 from .app import create_app
 from .state import Hub
 from .config import HubPaths, load_config, read_seed
@@ -69,6 +69,15 @@ FDS_SPARE = 200
 # most 16 KiB, so a 16 KiB buffer reads whole records; an idle connection then costs about
 # 49 KiB (bench/fleet.py --tls-memory; bench/README.md, "A fleet of agents").
 TLS_READ_BUFFER = 16 * 1024
+
+
+# The collector's thresholds. With Python's (700, 10, 10) a young collection ran every 700
+# allocations, so whatever a request held for a millisecond was seen alive twice and moved
+# to the oldest generation, and full collections, each walking every object of every
+# connection, came every few seconds: at 5,000 agents nine in 65 s, each stopping the hub
+# for about half a second (gcwatch.py; bench/fleet.py prints them). Short-lived objects
+# now die by their reference counts before a collection sees them.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -143,6 +152,8 @@ def run(options: RunOptions) -> None:
         # what requests made since. It walked everything, for 190 ms with the event loop
         # stopped, in the middle of a large report (/healthz waited that long).
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        gcwatch.install(hub.registry)
         await server.serve(sockets=[sock])
 
     try:

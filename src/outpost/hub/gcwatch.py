@@ -1,0 +1,59 @@
+"""How long the garbage collector stops the hub.
+
+A collection runs in whatever request allocated last, with the event loop stopped: every
+request the hub holds waits for it. A full collection walks every object the collector
+tracks, and a hub serving thousands of agents holds many (each connection's transport,
+protocol and buffers), so its pauses grow with the fleet. ``outpost_gc_pause_seconds`` (a
+histogram by generation) shows them on ``/metrics``, and a pause of ``SLOW`` seconds or more
+is logged (at most once a minute).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+
+log = logging.getLogger("outpost.hub")
+
+SLOW = 0.1  # seconds
+LOG_EVERY = 60.0  # seconds between two logged pauses
+
+
+class GcWatch:
+    """A ``gc.callbacks`` entry that times each collection."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pauses = Histogram(
+            "outpost_gc_pause_seconds", "How long each garbage collection stopped the hub, "
+            "by generation", ["generation"], registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self._began: float | None = None
+        self._logged = float("-inf")
+        self.longest = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        if self._began is None:
+            return
+        took, self._began = time.perf_counter() - self._began, None
+        generation = int(info.get("generation", -1))
+        self.pauses.labels(str(generation)).observe(took)
+        self.longest = max(self.longest, took)
+        now = time.monotonic()
+        if took >= SLOW and now - self._logged >= LOG_EVERY:
+            self._logged = now
+            log.warning("the garbage collector stopped the hub for %.0f ms (generation %d, "
+                        "%d objects collected)", took * 1e3, generation,
+                        int(info.get("collected", 0)))
+
+
+def install(registry: CollectorRegistry) -> GcWatch:
+    watch = GcWatch(registry)
+    gc.callbacks.append(watch)
+    return watch
