@@ -1,0 +1,564 @@
+"""A fork server for the processes the tests start: the "zygote".
+
+Starting ``python -m outpost ...`` costs most of its CPU before the command does anything:
+importing FastAPI, pydantic, SQLAlchemy, typer and the product's modules (about 1.7 s of CPU
+for a hub, 0.6 s for an agent, 0.65 s for a CLI command). A zygote is a Python process that
+imported those modules once, holds no thread and no event loop, and forks a child for each
+process a test starts. The child is a real OS process running the product's real entry
+point exactly as ``python -m MODULE ARGS`` would: it takes the requested arguments,
+environment (cleared and replaced), working directory, standard streams (passed over a Unix
+socket with SCM_RIGHTS), the signal dispositions a fresh interpreter would have, a new
+session if asked, then runs the module as ``__main__`` and ends as the interpreter ends
+(non-daemon threads joined, atexit handlers run, standard streams flushed).
+
+Two kinds per test process, each started when first needed: ``outpost`` (the CLI and the
+hub: ``python -m outpost ...``) and ``agentd`` (``python -m outpost.cli.agentd``, with only
+the agent's lean imports: the daemon keeps typer, rich and the hub's libraries out of its
+memory, so its zygote does too).
+
+The zygote is the child's parent: it reaps it (``wait4``, no zombie) and writes the wait
+status and the child's CPU seconds on the request's connection, which the test side
+(``Process``, a ``subprocess.Popen`` look-alike) reads in ``poll()`` and ``wait()``. Signals
+go to the child's real pid (through a pidfd, so a reaped pid is never signalled).
+
+A request falls back to a plain ``subprocess`` (``spawn`` decides) when it is not ``python
+-m outpost ...`` or ``-m outpost.cli.agentd`` with this interpreter, when it asks for a
+``Popen`` option the zygote does not reproduce, when a standard stream is a terminal, when
+its environment differs from the zygote's in a variable read at interpreter start-up or at
+import (``IMPORT_TIME_ENV``), or when the zygote is unavailable. ``OUTPOST_TEST_ZYGOTE=0``
+turns the zygote off. The zygote ends when its test process does (the pipe it reads from
+closes).
+
+Per-process state made at import and inherited by every child: Python's ``random`` reseeds
+in a forked child; ``uuid4``, ``secrets``, PyNaCl and OpenSSL draw from the kernel
+(``getrandom``) at use; the product reads no environment variable and makes no id, key,
+clock reading, thread or handler at import (its module-level loggers have no handler until
+the command sets logging up); ``tempfile``'s cached directory is cleared in the child.
+"""
+
+from __future__ import annotations
+
+import array
+import atexit
+import contextlib
+import json
+import locale
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+SWITCH = "OUTPOST_TEST_ZYGOTE"
+ROOT = Path(__file__).resolve().parents[1]
+# What each kind imports before it forks, as the real process would import it on its way.
+PRELOAD = {
+    "outpost": ["outpost.cli.main", "outpost.cli.client", "outpost.hub.server",
+                "outpost.hub.app", "outpost.hub.config", "outpost.hub.db"],
+    "agentd": ["outpost.cli.agentd", "outpost.agent.config", "outpost.agent.joblogs",
+               "outpost.agent.logs", "outpost.agent.daemon", "outpost.agent.state",
+               "outpost.agent.transport"],
+}
+MODULES = {"outpost": "outpost", "outpost.cli.agentd": "agentd"}
+# Environment variables (or prefixes) read by the interpreter as it starts or by a library
+# as it is imported (rich's and typer's consoles, prometheus_client's value class, the time
+# module's zone, the locale): a request whose value differs from the zygote's starts as a
+# plain subprocess. The product itself reads its variables (OUTPOST_*) at use, none at import.
+IMPORT_TIME_ENV = ("PYTHON", "LC_", "LANG", "TZ", "TERM", "COLORTERM", "NO_COLOR",
+                   "FORCE_COLOR", "PY_COLORS", "TTY_", "GITHUB_ACTIONS", "TERMINAL_WIDTH",
+                   "COLUMNS", "LINES", "JUPYTER_", "_TYPER", "PROMETHEUS_", "COV_", "COVERAGE",
+                   "LD_", "MALLOC", "SSL_CERT", "REQUESTS_CA", "CURL_CA", "VIRTUAL_ENV")
+_READY = b"ready\n"
+
+
+def import_time_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``env`` a started process reads before it runs (see IMPORT_TIME_ENV);
+    HOME too where the interpreter adds the user's site directory to its path."""
+    import site
+
+    keys = IMPORT_TIME_ENV + (("HOME",) if site.ENABLE_USER_SITE else ())
+    return {k: v for k, v in env.items() if k.startswith(keys)}
+
+
+# --- the server --------------------------------------------------------------------------
+def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    while len(data) < 8 or len(data) < 8 + int(data[:8]):
+        more = conn.recv(1 << 16)
+        if not more:
+            raise EOFError("request cut short")
+        data += more
+    return json.loads(data[8:8 + int(data[:8])]), list(fds)
+
+
+def _signals_as_started(ignored: Sequence[int]) -> None:
+    """The dispositions a fresh interpreter has when a Popen of the test process starts it:
+    what the test process ignores stays ignored (exec keeps SIG_IGN), everything else is
+    default; then the interpreter's own: SIGPIPE and SIGXFSZ ignored, SIGINT raising
+    KeyboardInterrupt unless ignored."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if signal.SIGINT not in ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _child(request: dict[str, Any], fds: list[int], server_fds: list[int]) -> NoReturn:
+    """In the forked child: become the requested process, run it, exit as Python would."""
+    import runpy
+    import tempfile
+    import traceback
+
+    code, interrupted = 1, False
+    try:
+        signal.set_wakeup_fd(-1)
+        for fd in server_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        _signals_as_started(request["ignored_signals"])
+        if request["new_session"]:
+            os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in set(fds):
+            if fd > 2:
+                os.close(fd)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        sys.path[0] = os.getcwd()  # what `python -m` puts first on its path
+        tempfile.tempdir = None
+        sys.argv = [request["module"], *request["args"]]
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    except BaseException:  # the child could not become the process: say why, exit 1
+        traceback.print_exc()
+        os._exit(1)
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        interrupted = True
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    # The interpreter's own way out: join non-daemon threads, run atexit, flush.
+    with contextlib.suppress(BaseException):
+        threading._shutdown()  # type: ignore[attr-defined]
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            code = code or 120
+    if interrupted:  # an uncaught KeyboardInterrupt ends Python by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code)
+
+
+def serve(kind: str, listen_fd: int, parent_fd: int) -> None:
+    """The zygote's loop: accept a request, fork its child, answer its pid (and a pidfd);
+    reap children and write each one's wait status and CPU seconds on its connection."""
+    for name in PRELOAD[kind]:
+        __import__(name)
+    if threading.active_count() != 1:
+        raise SystemExit(f"zygote {kind}: a preloaded module started a thread")
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    listener = socket.socket(fileno=listen_fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    waiting: dict[int, socket.socket] = {}
+    poller = select.poll()
+    for fd in (listen_fd, parent_fd, wake_r):
+        poller.register(fd, select.POLLIN)
+    # The test side waits for this line on the zygote's stdout, then closes that pipe.
+    os.write(1, _READY)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    while True:
+        for fd, _event in poller.poll():
+            if fd == parent_fd:  # the test process ended
+                return
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+                _reap(waiting)
+            elif fd == listen_fd:
+                conn, _ = listener.accept()
+                _fork(conn, waiting, [listen_fd, parent_fd, wake_r, wake_w])
+        _reap(waiting)
+
+
+def _fork(conn: socket.socket, waiting: dict[int, socket.socket],
+          server_fds: list[int]) -> None:
+    try:
+        request, fds = _recv_request(conn)
+    except (OSError, EOFError, ValueError):
+        conn.close()
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request, fds, [*server_fds, conn.fileno(),
+                                  *(c.fileno() for c in waiting.values())])
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    for fd in fds:
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    try:
+        socket.send_fds(conn, [json.dumps({"pid": pid}).encode() + b"\n"], [pidfd])
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
+    waiting[pid] = conn
+
+
+def _reap(waiting: dict[int, socket.socket]) -> None:
+    while waiting:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = waiting.pop(pid, None)
+        if conn is None:
+            continue
+        line = {"status": status, "cpu": usage.ru_utime + usage.ru_stime}
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps(line).encode() + b"\n")
+        conn.close()
+
+
+# --- the test side -----------------------------------------------------------------------
+class Unavailable(Exception):
+    """The zygote could not take the request: start a plain subprocess instead."""
+
+
+_reported_cpu = 0.0
+_lock = threading.Lock()
+_servers: dict[str, Server | None] = {}
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of the zygotes' children reaped and read so far, and of the zygotes
+    themselves (their imports and forks): what RUSAGE_CHILDREN no longer sees."""
+    return _reported_cpu + sum(s.own_cpu() for s in list(_servers.values()) if s is not None)
+
+
+class Server:
+    """The test process's handle on one zygote of a kind."""
+
+    def __init__(self, kind: str, env: dict[str, str]) -> None:
+        self.kind = kind
+        self.env = import_time_env(env)
+        self.address = f"\0outpost-zygote-{os.getpid()}-{kind}-{os.urandom(6).hex()}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.address)
+        listener.listen(64)
+        parent_r, self._parent_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.zygote", kind, str(listener.fileno()),
+             str(parent_r)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, pass_fds=(listener.fileno(), parent_r))
+        listener.close()
+        os.close(parent_r)
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline()
+        if ready != _READY:
+            self.proc.wait()
+            raise Unavailable(f"the {kind} zygote did not start ({self.proc.returncode})")
+        self.proc.stdout.close()
+
+    def own_cpu(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def spawn(self, module: str, args: Sequence[str], env: dict[str, str], cwd: str,
+              stdio: tuple[int, int, int], new_session: bool) -> Process:
+        ignored = []
+        for sig in signal.valid_signals():
+            if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                if signal.getsignal(sig) == signal.SIG_IGN:
+                    ignored.append(int(sig))
+        body = json.dumps({"module": module, "args": list(args), "env": env, "cwd": cwd,
+                           "new_session": new_session, "ignored_signals": ignored}).encode()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(self.address)
+            socket.send_fds(conn, [b"%08d" % len(body) + body], list(stdio))
+            data, fds, _flags, _addr = socket.recv_fds(conn, 4096, 1)
+        except OSError as exc:
+            conn.close()
+            raise Unavailable(f"the {self.kind} zygote did not answer: {exc}") from exc
+        if not data.endswith(b"\n") or not fds:
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+            raise Unavailable(f"the {self.kind} zygote did not answer")
+        return Process([sys.executable, "-m", module, *args], conn, json.loads(data)["pid"],
+                       fds[0])
+
+    def close(self) -> None:
+        os.close(self._parent_w)
+        self.proc.wait()
+
+
+def _server(kind: str, env: dict[str, str]) -> Server | None:
+    with _lock:
+        if kind not in _servers:
+            try:
+                _servers[kind] = Server(kind, env)
+            except (Unavailable, OSError) as exc:
+                print(f"outpost tests: {exc}; starting processes without it", file=sys.stderr)
+                _servers[kind] = None
+        return _servers[kind]
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH, "1") != "0"
+
+
+class Process:
+    """What ``subprocess.Popen`` offers the tests, for a child of a zygote: ``pid``,
+    ``poll()``, ``wait(timeout)``, ``returncode`` (``-N`` for a death by signal N),
+    ``send_signal``, ``terminate`` and ``kill``. The status comes from the zygote."""
+
+    stdin: IO[Any] | None = None
+    stdout: IO[Any] | None = None
+    stderr: IO[Any] | None = None
+
+    def __init__(self, args: list[str], conn: socket.socket, pid: int, pidfd: int) -> None:
+        self.args = args
+        self.pid = pid
+        self.returncode: int | None = None
+        self._conn = conn
+        self._pidfd = pidfd
+        self._buffer = b""
+
+    def __repr__(self) -> str:
+        return f"<zygote.Process: returncode: {self.returncode} args: {self.args!r}>"
+
+    def _read_status(self, timeout: float | None) -> bool:
+        global _reported_cpu
+        if self.returncode is not None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._conn], [], [], left)
+            if not ready:
+                return False
+            chunk = self._conn.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"the zygote went away before process {self.pid} ended")
+            self._buffer += chunk
+        line = json.loads(self._buffer.split(b"\n", 1)[0])
+        with _lock:
+            _reported_cpu += float(line["cpu"])
+        self.returncode = os.waitstatus_to_exitcode(int(line["status"]))
+        self._conn.close()
+        os.close(self._pidfd)
+        return True
+
+    def poll(self) -> int | None:
+        self._read_status(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._read_status(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def __del__(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+                os.close(self._pidfd)
+
+
+def _fd(stream: Any, default: int) -> int | None:
+    """The descriptor of a Popen stream argument, or None when the zygote cannot take it."""
+    if stream is None:
+        return default
+    if stream == subprocess.DEVNULL:
+        return -2
+    if isinstance(stream, int) and stream >= 0:
+        return stream
+    if hasattr(stream, "fileno"):
+        return int(stream.fileno())
+    return None
+
+
+def spawn(args: Sequence[str], *, env: dict[str, str], stdin: Any = None, stdout: Any = None,
+          stderr: Any = None, cwd: str | os.PathLike[str] | None = None,
+          start_new_session: bool = False) -> subprocess.Popen[bytes] | Process:
+    """``subprocess.Popen(args, ...)`` with these options, forked from a zygote when it
+    may be (see the module's docstring), a plain subprocess otherwise."""
+    def plain() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(list(args), env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                                cwd=cwd, start_new_session=start_new_session)
+
+    args = list(args)
+    if any(k.startswith(("COV_CORE_", "COVERAGE_PROCESS_START")) for k in env):
+        return plain()  # a process measured for coverage starts as itself
+    if (not enabled() or len(args) < 3 or args[0] != sys.executable or args[1] != "-m"
+            or args[2] not in MODULES):
+        return plain()
+    fds = [_fd(stdin, 0), _fd(stdout, 1),
+           _fd(stdout, 1) if stderr == subprocess.STDOUT else _fd(stderr, 2)]
+    if any(fd is None for fd in fds):
+        return plain()
+    with contextlib.ExitStack() as stack:
+        stdio = []
+        for fd in fds:
+            assert fd is not None
+            if fd == -2:
+                fd = os.open(os.devnull, os.O_RDWR)
+                stack.callback(os.close, fd)
+            stdio.append(fd)
+        if any(os.isatty(fd) for fd in stdio):
+            return plain()
+        server = _server(MODULES[args[2]], env)
+        if server is None or server.env != import_time_env(env):
+            return plain()
+        try:
+            return server.spawn(args[2], args[3:], env, os.path.abspath(cwd or os.getcwd()),
+                                (stdio[0], stdio[1], stdio[2]), start_new_session)
+        except Unavailable as exc:
+            print(f"outpost tests: {exc}; a plain subprocess instead", file=sys.stderr)
+            return plain()
+
+
+def run(args: Sequence[str], *, env: dict[str, str], timeout: float | None = None,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout,
+    input=input)``, its process from a zygote when it may be."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe() if input is not None else (None, None)
+    try:
+        proc = spawn(args, env=env, stdin=in_r, stdout=out_w, stderr=err_w)
+    except BaseException:
+        for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
+            if fd is not None:
+                os.close(fd)
+        raise
+    for fd in (out_w, err_w, in_r):
+        if fd is not None:
+            os.close(fd)
+    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = (input or "").encode(locale.getpreferredencoding(False))
+    open_fds = [out_r, err_r]
+    writers = [in_w] if in_w is not None else []
+    try:
+        while open_fds or writers:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                proc.kill()
+                proc.wait()
+                raise subprocess.TimeoutExpired(list(args), timeout or 0,
+                                                _text(b"".join(chunks[out_r])),
+                                                _text(b"".join(chunks[err_r])))
+            readable, writable, _ = select.select(open_fds, writers, [], left)
+            for fd in writable:
+                try:
+                    written = os.write(fd, pending[:1 << 16])
+                except BrokenPipeError:
+                    written = len(pending)
+                pending = pending[written:]
+                if not pending:
+                    writers.remove(fd)
+                    os.close(fd)
+                    in_w = None
+            for fd in readable:
+                data = os.read(fd, 1 << 16)
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    open_fds.remove(fd)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            code = proc.wait(left)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    finally:
+        for fd in (out_r, err_r, in_w):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    return subprocess.CompletedProcess(list(args), code, _text(b"".join(chunks[out_r])),
+                                       _text(b"".join(chunks[err_r])))
+
+
+def _text(data: bytes) -> str:
+    """Bytes decoded as ``subprocess`` does with ``text=True`` (universal newlines)."""
+    return data.decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace(
+        "\r", "\n")
+
+
+def stop_all() -> None:
+    """End this process's zygotes (their running children go on, as orphans do)."""
+    with _lock:
+        for server in _servers.values():
+            if server is not None:
+                with contextlib.suppress(OSError):
+                    server.close()
+        _servers.clear()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
