@@ -38,7 +38,6 @@ the command sets logging up); ``tempfile``'s cached directory is cleared in the 
 
 from __future__ import annotations
 
-import array
 import atexit
 import contextlib
 import json
@@ -342,7 +341,9 @@ class Server:
         self.proc.wait()
 
 
-def _server(kind: str, env: dict[str, str]) -> Server | None:
+def server(kind: str, env: dict[str, str]) -> Server | None:
+    """This process's zygote of ``kind`` (started on first use with ``env``), or None when
+    it could not start."""
     with _lock:
         if kind not in _servers:
             try:
@@ -351,6 +352,10 @@ def _server(kind: str, env: dict[str, str]) -> Server | None:
                 print(f"outpost tests: {exc}; starting processes without it", file=sys.stderr)
                 _servers[kind] = None
         return _servers[kind]
+
+
+def _server_for(module: str, env: dict[str, str]) -> Server | None:
+    return server(MODULES[module], env)
 
 
 def enabled() -> bool:
@@ -469,7 +474,7 @@ def spawn(args: Sequence[str], *, env: dict[str, str], stdin: Any = None, stdout
             stdio.append(fd)
         if any(os.isatty(fd) for fd in stdio):
             return plain()
-        server = _server(MODULES[args[2]], env)
+        server = _server_for(args[2], env)
         if server is None or server.env != import_time_env(env):
             return plain()
         try:
@@ -560,5 +565,38 @@ def stop_all() -> None:
         _servers.clear()
 
 
+def probe() -> dict[str, Any]:
+    """What a process knows of how it was started, and a draw of each source of
+    randomness: ``python -m tests.zygote probe`` prints it (tests/integration/test_zygote.py
+    compares a zygote's child with a plain process)."""
+    import logging
+    import random
+    import secrets
+    import tempfile
+    import uuid
+
+    import nacl.signing
+
+    status = dict(line.split(":", 1) for line in
+                  Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    return {
+        "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "env": dict(os.environ),
+        "ppid": os.getppid(), "pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0),
+        "signals": {k: status[k].strip() for k in ("SigBlk", "SigIgn", "SigCgt")},
+        "sigint": repr(signal.getsignal(signal.SIGINT)),
+        "fds": [fd for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")],
+        "threads": threading.active_count(), "handlers": len(logging.getLogger().handlers),
+        "tempdir": tempfile.gettempdir(), "stdout_buffered": not getattr(sys.stdout, "write_through", False),
+        "isatty": [os.isatty(fd) for fd in (0, 1, 2)],
+        "random": random.random(), "uuid": uuid.uuid4().hex, "urandom": os.urandom(8).hex(),
+        "secret": secrets.token_hex(8),
+        "nacl": bytes(nacl.signing.SigningKey.generate().verify_key).hex(),
+    }
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    if sys.argv[1:] == ["probe"]:
+        print(json.dumps(probe()))
+    else:
+        serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
