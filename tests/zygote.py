@@ -25,9 +25,9 @@ A request falls back to a plain ``subprocess`` (``spawn`` decides) when it is no
 -m outpost ...`` or ``-m outpost.cli.agentd`` with this interpreter, when it asks for a
 ``Popen`` option the zygote does not reproduce, when a standard stream is a terminal, when
 its environment differs from the zygote's in a variable read at interpreter start-up or at
-import (``IMPORT_TIME_ENV``), or when the zygote is unavailable. ``OUTPOST_TEST_ZYGOTE=0``
-turns the zygote off. The zygote ends when its test process does (the pipe it reads from
-closes).
+import (``IMPORT_TIME_ENV``), or when the zygote is unavailable. Only a test run uses zygotes
+(tests/conftest.py calls ``activate``), and ``OUTPOST_TEST_ZYGOTE=0`` turns them off there.
+A zygote ends when its test process does (the pipe it reads from closes).
 
 Per-process state made at import and inherited by every child: Python's ``random`` reseeds
 in a forked child; ``uuid4``, ``secrets``, PyNaCl and OpenSSL draw from the kernel
@@ -346,6 +346,8 @@ def server(kind: str, env: dict[str, str]) -> Server | None:
     it could not start."""
     with _lock:
         if kind not in _servers:
+            if not _servers:
+                atexit.register(stop_all, os.getpid())
             try:
                 _servers[kind] = Server(kind, env)
             except (Unavailable, OSError) as exc:
@@ -358,8 +360,19 @@ def _server_for(module: str, env: dict[str, str]) -> Server | None:
     return server(MODULES[module], env)
 
 
+_active = False
+
+
+def activate() -> None:
+    """Use zygotes in this process (tests/conftest.py does, for the test run): a script that
+    imports tests.support (the benchmarks, which measure the processes' own memory and CPU)
+    starts plain processes."""
+    global _active
+    _active = True
+
+
 def enabled() -> bool:
-    return os.environ.get(SWITCH, "1") != "0"
+    return _active and os.environ.get(SWITCH, "1") != "0"
 
 
 class Process:
@@ -555,8 +568,10 @@ def _text(data: bytes) -> str:
         "\r", "\n")
 
 
-def stop_all() -> None:
+def stop_all(owner: int | None = None) -> None:
     """End this process's zygotes (their running children go on, as orphans do)."""
+    if owner is not None and owner != os.getpid():
+        return  # a fork of the test process: the zygotes are not its own
     with _lock:
         for server in _servers.values():
             if server is not None:
@@ -587,7 +602,8 @@ def probe() -> dict[str, Any]:
         "sigint": repr(signal.getsignal(signal.SIGINT)),
         "fds": [fd for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")],
         "threads": threading.active_count(), "handlers": len(logging.getLogger().handlers),
-        "tempdir": tempfile.gettempdir(), "stdout_buffered": not getattr(sys.stdout, "write_through", False),
+        "tempdir": tempfile.gettempdir(),
+        "stdout_buffered": not getattr(sys.stdout, "write_through", False),
         "isatty": [os.isatty(fd) for fd in (0, 1, 2)],
         "random": random.random(), "uuid": uuid.uuid4().hex, "urandom": os.urandom(8).hex(),
         "secret": secrets.token_hex(8),

@@ -187,7 +187,8 @@ def test_what_it_may_not_reproduce_starts_plainly(monkeypatch: pytest.MonkeyPatc
 
 def test_the_zygote_ends_with_its_test_process(tmp_path: Path) -> None:
     """A test process killed with SIGKILL leaves no zygote behind."""
-    script = ("import sys; from tests import support, zygote; support.run_cli('--version');"
+    script = ("from tests import support, zygote; zygote.activate();"
+              "support.run_cli('--version');"
               "print(zygote.server('outpost', support.clean_env()).proc.pid, flush=True);"
               "import time; time.sleep(60)")
     with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
