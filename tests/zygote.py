@@ -24,10 +24,12 @@ go to the child's real pid (through a pidfd, so a reaped pid is never signalled)
 A request falls back to a plain ``subprocess`` (``spawn`` decides) when it is not ``python
 -m outpost ...`` or ``-m outpost.cli.agentd`` with this interpreter, when it asks for a
 ``Popen`` option the zygote does not reproduce, when a standard stream is a terminal, when
-its environment differs from the zygote's in a variable read at interpreter start-up or at
-import (``IMPORT_TIME_ENV``), or when the zygote is unavailable. Only a test run uses zygotes
-(tests/conftest.py calls ``activate``), and ``OUTPOST_TEST_ZYGOTE=0`` turns them off there.
-A zygote ends when its test process does (the pipe it reads from closes).
+its environment differs from a test's usual one in a variable that changes how the
+interpreter starts (``STARTUP_ENV``: PYTHONPATH, PYTHONNOUSERSITE, coverage...), or when the
+zygote is unavailable. A variable read by a module as it is imported (``IMPORT_TIME_ENV``:
+COLUMNS, TERM, the locale...) picks a zygote started with the same values. Only a test run
+uses zygotes (tests/conftest.py calls ``activate``), and ``OUTPOST_TEST_ZYGOTE=0`` turns them
+off there. A zygote ends when its test process does (the pipe it reads from closes).
 
 Per-process state made at import and inherited by every child: Python's ``random`` reseeds
 in a forked child; ``uuid4``, ``secrets``, PyNaCl and OpenSSL draw from the kernel
@@ -65,24 +67,36 @@ PRELOAD = {
                "outpost.agent.transport"],
 }
 MODULES = {"outpost": "outpost", "outpost.cli.agentd": "agentd"}
-# Environment variables (or prefixes) read by the interpreter as it starts or by a library
-# as it is imported (rich's and typer's consoles, prometheus_client's value class, the time
-# module's zone, the locale): a request whose value differs from the zygote's starts as a
-# plain subprocess. The product itself reads its variables (OUTPOST_*) at use, none at import.
-IMPORT_TIME_ENV = ("PYTHON", "LC_", "LANG", "TZ", "TERM", "COLORTERM", "NO_COLOR",
-                   "FORCE_COLOR", "PY_COLORS", "TTY_", "GITHUB_ACTIONS", "TERMINAL_WIDTH",
-                   "COLUMNS", "LINES", "JUPYTER_", "_TYPER", "PROMETHEUS_", "COV_", "COVERAGE",
-                   "LD_", "MALLOC", "SSL_CERT", "REQUESTS_CA", "CURL_CA", "VIRTUAL_ENV")
+# Environment variables (or prefixes) that change what the interpreter loads or how it
+# starts: a request whose values differ from those of a test's usual environment
+# (``clean_env()``) starts as a plain subprocess.
+STARTUP_ENV = ("PYTHON", "LD_", "MALLOC", "COV_", "COVERAGE", "VIRTUAL_ENV")
+# Those read as a module is imported (rich's and typer's consoles: the terminal's width and
+# colours; prometheus_client's value class; the time module's zone; the locale): each set of
+# their values has a zygote of its own (at most MAX_VARIANTS a kind, then plain processes).
+# The product itself reads its variables (OUTPOST_*) at use, none at import.
+IMPORT_TIME_ENV = ("LC_", "LANG", "TZ", "TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR",
+                   "PY_COLORS", "TTY_", "GITHUB_ACTIONS", "TERMINAL_WIDTH", "COLUMNS", "LINES",
+                   "JUPYTER_", "_TYPER", "PROMETHEUS_", "SSL_CERT", "REQUESTS_CA", "CURL_CA")
+MAX_VARIANTS = 4
 _READY = b"ready\n"
 
 
-def import_time_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The part of ``env`` a started process reads before it runs (see IMPORT_TIME_ENV);
-    HOME too where the interpreter adds the user's site directory to its path."""
+def _part(env: Mapping[str, str], prefixes: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(prefixes)))
+
+
+def startup_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """What of ``env`` decides how the interpreter starts (STARTUP_ENV); HOME too where it
+    adds the user's site directory to its path."""
     import site
 
-    keys = IMPORT_TIME_ENV + (("HOME",) if site.ENABLE_USER_SITE else ())
-    return {k: v for k, v in env.items() if k.startswith(keys)}
+    return _part(env, STARTUP_ENV + (("HOME",) if site.ENABLE_USER_SITE else ()))
+
+
+def import_time_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """What of ``env`` the preloaded modules read as they are imported (IMPORT_TIME_ENV)."""
+    return _part(env, IMPORT_TIME_ENV)
 
 
 # --- the server --------------------------------------------------------------------------
@@ -269,7 +283,7 @@ class Unavailable(Exception):
 
 _reported_cpu = 0.0
 _lock = threading.Lock()
-_servers: dict[str, Server | None] = {}
+_servers: dict[tuple[str, tuple[tuple[str, str], ...]], Server | None] = {}
 
 
 def cpu_seconds() -> float:
@@ -283,7 +297,6 @@ class Server:
 
     def __init__(self, kind: str, env: dict[str, str]) -> None:
         self.kind = kind
-        self.env = import_time_env(env)
         self.address = f"\0outpost-zygote-{os.getpid()}-{kind}-{os.urandom(6).hex()}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.address)
@@ -342,22 +355,28 @@ class Server:
 
 
 def server(kind: str, env: dict[str, str]) -> Server | None:
-    """This process's zygote of ``kind`` (started on first use with ``env``), or None when
-    it could not start."""
+    """This process's zygote of ``kind`` for the import-time values of ``env`` (started on
+    first use, with ``env``), or None: it could not start, or there are MAX_VARIANTS of the
+    kind already, or ``env`` would start the interpreter differently (STARTUP_ENV) from a
+    test's usual environment."""
+    from tests.support import clean_env
+
+    startup = startup_env(env)
+    if startup != startup_env(clean_env()):
+        return None
+    key = (kind, startup + import_time_env(env))
     with _lock:
-        if kind not in _servers:
+        if key not in _servers:
+            if sum(1 for k in _servers if k[0] == kind) >= MAX_VARIANTS:
+                return None
             if not _servers:
                 atexit.register(stop_all, os.getpid())
             try:
-                _servers[kind] = Server(kind, env)
+                _servers[key] = Server(kind, env)
             except (Unavailable, OSError) as exc:
                 print(f"outpost tests: {exc}; starting processes without it", file=sys.stderr)
-                _servers[kind] = None
-        return _servers[kind]
-
-
-def _server_for(module: str, env: dict[str, str]) -> Server | None:
-    return server(MODULES[module], env)
+                _servers[key] = None
+        return _servers[key]
 
 
 _active = False
@@ -487,12 +506,12 @@ def spawn(args: Sequence[str], *, env: dict[str, str], stdin: Any = None, stdout
             stdio.append(fd)
         if any(os.isatty(fd) for fd in stdio):
             return plain()
-        server = _server_for(args[2], env)
-        if server is None or server.env != import_time_env(env):
+        server_ = server(MODULES[args[2]], env)
+        if server_ is None:
             return plain()
         try:
-            return server.spawn(args[2], args[3:], env, os.path.abspath(cwd or os.getcwd()),
-                                (stdio[0], stdio[1], stdio[2]), start_new_session)
+            return server_.spawn(args[2], args[3:], env, os.path.abspath(cwd or os.getcwd()),
+                                 (stdio[0], stdio[1], stdio[2]), start_new_session)
         except Unavailable as exc:
             print(f"outpost tests: {exc}; a plain subprocess instead", file=sys.stderr)
             return plain()

@@ -168,7 +168,7 @@ def test_what_it_may_not_reproduce_starts_plainly(monkeypatch: pytest.MonkeyPatc
     assert isinstance(zygote.spawn(args, env=clean_env(), stdout=subprocess.DEVNULL),
                       zygote.Process)
     for env in (clean_env(PYTHONPATH=str(tmp_path)), clean_env(PYTHONNOUSERSITE="1"),
-                clean_env(LC_ALL="C"), clean_env(COVERAGE_PROCESS_START="x")):
+                clean_env(PYTHONUNBUFFERED="0"), clean_env(COVERAGE_PROCESS_START="x")):
         proc = zygote.spawn(args, env=env, stdout=subprocess.DEVNULL)
         assert isinstance(proc, subprocess.Popen) and proc.wait(30) == 0
     proc = zygote.spawn(["/usr/bin/env", *args], env=clean_env(), stdout=subprocess.DEVNULL)
@@ -183,6 +183,17 @@ def test_what_it_may_not_reproduce_starts_plainly(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(zygote.SWITCH, "0")
     proc = zygote.spawn(args, env=clean_env(), stdout=subprocess.DEVNULL)
     assert isinstance(proc, subprocess.Popen) and proc.wait(30) == 0
+
+
+def test_a_variable_read_at_import_picks_a_zygote_of_its_own() -> None:
+    """COLUMNS is read as the CLI's console is made (at import): a command with another
+    width forks from a zygote that imported with that width, and prints at that width."""
+    wide, narrow = (zygote.server("outpost", clean_env(COLUMNS=str(n))) for n in (200, 50))
+    assert wide is not None and narrow is not None and wide is not narrow
+    assert zygote.server("outpost", clean_env(COLUMNS="200")) is wide
+    shown = {n: run_cli("hub", "run", "--help", env=clean_env(COLUMNS=str(n))).stdout
+             for n in (200, 50)}
+    assert max(map(len, shown[200].splitlines())) > 60 >= max(map(len, shown[50].splitlines()))
 
 
 def test_the_zygote_ends_with_its_test_process(tmp_path: Path) -> None:
