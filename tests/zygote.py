@@ -545,9 +545,10 @@ def run(args: Sequence[str], *, env: dict[str, str], timeout: float | None = Non
             if left is not None and left <= 0:
                 proc.kill()
                 proc.wait()
+                # As subprocess.run: the output so far, as bytes.
                 raise subprocess.TimeoutExpired(list(args), timeout or 0,
-                                                _text(b"".join(chunks[out_r])),
-                                                _text(b"".join(chunks[err_r])))
+                                                b"".join(chunks[out_r]),
+                                                b"".join(chunks[err_r]))
             readable, writable, _ = select.select(open_fds, writers, [], left)
             for fd in writable:
                 try:
