@@ -24,6 +24,8 @@ go to the child's real pid (through a pidfd, so a reaped pid is never signalled)
 A request falls back to a plain ``subprocess`` (``spawn`` decides) when it is not ``python
 -m outpost ...`` or ``-m outpost.cli.agentd`` with this interpreter, when it asks for a
 ``Popen`` option the zygote does not reproduce, when a standard stream is a terminal, when
+a resource limit is above the zygote's (which its children inherit: each is given the test
+process's limits and umask, as a Popen child inherits them), when
 its environment differs from a test's usual one in a variable that changes how the
 interpreter starts (``STARTUP_ENV``: PYTHONPATH, PYTHONNOUSERSITE, coverage...), or when the
 zygote is unavailable. A variable read by a module as it is imported (``IMPORT_TIME_ENV``:
@@ -45,6 +47,7 @@ import contextlib
 import json
 import locale
 import os
+import resource
 import select
 import signal
 import socket
@@ -155,6 +158,9 @@ def _child(request: dict[str, Any], fds: list[int], server_fds: list[int]) -> No
         for fd in set(fds):
             if fd > 2:
                 os.close(fd)
+        for name, limits in request["rlimits"].items():
+            resource.setrlimit(getattr(resource, name), tuple(limits))
+        os.umask(request["umask"])
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
@@ -297,6 +303,7 @@ class Server:
 
     def __init__(self, kind: str, env: dict[str, str]) -> None:
         self.kind = kind
+        self.rlimits = _rlimits()  # the zygote's, which its children may lower, not raise
         self.address = f"\0outpost-zygote-{os.getpid()}-{kind}-{os.urandom(6).hex()}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.address)
@@ -331,8 +338,15 @@ class Server:
             with contextlib.suppress(OSError, ValueError):
                 if signal.getsignal(sig) == signal.SIG_IGN:
                     ignored.append(int(sig))
+        rlimits = _rlimits()
+        if os.geteuid() != 0 and any(rlimits[name][1] > hard for name, (_soft, hard)
+                                     in self.rlimits.items()):
+            raise Unavailable(f"a resource limit above the {self.kind} zygote's")
+        umask = os.umask(0o022)
+        os.umask(umask)
         body = json.dumps({"module": module, "args": list(args), "env": env, "cwd": cwd,
-                           "new_session": new_session, "ignored_signals": ignored}).encode()
+                           "new_session": new_session, "ignored_signals": ignored,
+                           "rlimits": rlimits, "umask": umask}).encode()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(self.address)
@@ -352,6 +366,13 @@ class Server:
     def close(self) -> None:
         os.close(self._parent_w)
         self.proc.wait()
+
+
+def _rlimits() -> dict[str, tuple[int, int]]:
+    """This process's resource limits, which a child of Popen inherits (and a zygote's child
+    is given)."""
+    return {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource)
+            if name.startswith("RLIMIT_")}
 
 
 def server(kind: str, env: dict[str, str]) -> Server | None:
@@ -625,6 +646,7 @@ def probe() -> dict[str, Any]:
         "tempdir": tempfile.gettempdir(),
         "stdout_buffered": not getattr(sys.stdout, "write_through", False),
         "isatty": [os.isatty(fd) for fd in (0, 1, 2)],
+        "rlimits": _rlimits(), "umask": os.umask(0o022),
         "random": random.random(), "uuid": uuid.uuid4().hex, "urandom": os.urandom(8).hex(),
         "secret": secrets.token_hex(8),
         "nacl": bytes(nacl.signing.SigningKey.generate().verify_key).hex(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import resource
 import signal
 import socket
 import subprocess
@@ -50,7 +51,7 @@ def _probe_plain(env: dict[str, str], cwd: Path, **kw: Any) -> dict[str, Any]:
 
 
 SAME = ("path0", "cwd", "env", "signals", "sigint", "fds", "threads", "handlers", "tempdir",
-        "stdout_buffered", "isatty")
+        "stdout_buffered", "isatty", "rlimits", "umask")
 RANDOM = ("random", "uuid", "urandom", "secret", "nacl")
 
 
@@ -59,15 +60,23 @@ def test_a_child_starts_as_a_plain_process_would(tmp_path: Path, sigint: str) ->
     """Environment (replaced, not merged), working directory and its place on sys.path,
     signal dispositions, mask and handlers (SIGINT ignored by the test process stays
     ignored), open descriptors (none of the zygote's), threads, logging handlers, the
-    temporary directory: as in a plain ``python -m``."""
+    temporary directory, the test process's resource limits and umask (changed after the
+    zygote started): as in a plain ``python -m``."""
     env = clean_env(OUTPOST_LOG="debug", TMPDIR=str(tmp_path))
     cwd = ROOT
+    zygote.server("outpost", clean_env())  # started before the changes below
     previous = signal.signal(signal.SIGINT,
                              signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    umask = os.umask(0o027)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
     try:
         forked, plain = _probe_from_zygote(env, cwd), _probe_plain(env, cwd)
     finally:
         signal.signal(signal.SIGINT, previous)
+        os.umask(umask)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert forked["umask"] == 0o027 and forked["rlimits"]["RLIMIT_NOFILE"][0] <= 512
     for key in SAME:
         assert forked[key] == plain[key], key
     assert forked["argv"] == plain["argv"]
