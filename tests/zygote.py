@@ -82,6 +82,9 @@ IMPORT_TIME_ENV = ("LC_", "LANG", "TZ", "TERM", "COLORTERM", "NO_COLOR", "FORCE_
                    "PY_COLORS", "TTY_", "GITHUB_ACTIONS", "TERMINAL_WIDTH", "COLUMNS", "LINES",
                    "JUPYTER_", "_TYPER", "PROMETHEUS_", "SSL_CERT", "REQUESTS_CA", "CURL_CA")
 MAX_VARIANTS = 4
+# A zygote's command line is padded so that its children can write their own over it
+# (/proc/PID/cmdline, read by ps, psutil and the agent's check of its pid file).
+CMDLINE_ROOM = 4096
 _READY = b"ready\n"
 
 
@@ -129,6 +132,19 @@ def _signals_as_started(ignored: Sequence[int]) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _set_cmdline(argv: list[str]) -> None:
+    """Write ``argv`` over this process's original arguments, the memory /proc/PID/cmdline
+    shows (the zygote's, padded with CMDLINE_ROOM; the test side checked that it fits). The
+    rest of that memory is zeroed: the command line reads as ``argv`` and then empty
+    arguments."""
+    import ctypes
+
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end
+    data = b"".join(os.fsencode(arg) + b"\0" for arg in argv)[:end - start]
+    ctypes.memmove(start, data.ljust(end - start, b"\0"), end - start)
+
+
 def _exit_code(code: object) -> int:
     if code is None:
         return 0
@@ -167,6 +183,7 @@ def _child(request: dict[str, Any], fds: list[int], server_fds: list[int]) -> No
         sys.path[0] = os.getcwd()  # what `python -m` puts first on its path
         tempfile.tempdir = None
         sys.argv = [request["module"], *request["args"]]
+        _set_cmdline([sys.executable, "-m", request["module"], *request["args"]])
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
     except BaseException:  # the child could not become the process: say why, exit 1
         traceback.print_exc()
@@ -309,9 +326,11 @@ class Server:
         listener.bind(self.address)
         listener.listen(64)
         parent_r, self._parent_w = os.pipe()
+        argv = [sys.executable, "-m", "tests.zygote", kind, str(listener.fileno()),
+                str(parent_r), "-" * CMDLINE_ROOM]
+        self.cmdline_room = sum(len(os.fsencode(arg)) + 1 for arg in argv)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.zygote", kind, str(listener.fileno()),
-             str(parent_r)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, pass_fds=(listener.fileno(), parent_r))
         listener.close()
         os.close(parent_r)
@@ -338,6 +357,9 @@ class Server:
             with contextlib.suppress(OSError, ValueError):
                 if signal.getsignal(sig) == signal.SIG_IGN:
                     ignored.append(int(sig))
+        if sum(len(os.fsencode(arg)) + 1 for arg in (sys.executable, "-m", module, *args)) \
+                > self.cmdline_room:
+            raise Unavailable("a command line longer than the zygote's room for it")
         rlimits = _rlimits()
         if os.geteuid() != 0 and any(rlimits[name][1] > hard for name, (_soft, hard)
                                      in self.rlimits.items()):
@@ -647,6 +669,8 @@ def probe() -> dict[str, Any]:
         "stdout_buffered": not getattr(sys.stdout, "write_through", False),
         "isatty": [os.isatty(fd) for fd in (0, 1, 2)],
         "rlimits": _rlimits(), "umask": os.umask(0o022),
+        "cmdline": [arg.decode() for arg in
+                    Path("/proc/self/cmdline").read_bytes().rstrip(b"\0").split(b"\0")],
         "random": random.random(), "uuid": uuid.uuid4().hex, "urandom": os.urandom(8).hex(),
         "secret": secrets.token_hex(8),
         "nacl": bytes(nacl.signing.SigningKey.generate().verify_key).hex(),
@@ -656,5 +680,5 @@ def probe() -> dict[str, Any]:
 if __name__ == "__main__":
     if sys.argv[1:] == ["probe"]:
         print(json.dumps(probe()))
-    else:
+    else:  # KIND LISTEN_FD PARENT_FD PADDING
         serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

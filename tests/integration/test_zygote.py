@@ -51,7 +51,7 @@ def _probe_plain(env: dict[str, str], cwd: Path, **kw: Any) -> dict[str, Any]:
 
 
 SAME = ("path0", "cwd", "env", "signals", "sigint", "fds", "threads", "handlers", "tempdir",
-        "stdout_buffered", "isatty", "rlimits", "umask")
+        "stdout_buffered", "isatty", "rlimits", "umask", "cmdline")
 RANDOM = ("random", "uuid", "urandom", "secret", "nacl")
 
 
@@ -61,7 +61,8 @@ def test_a_child_starts_as_a_plain_process_would(tmp_path: Path, sigint: str) ->
     signal dispositions, mask and handlers (SIGINT ignored by the test process stays
     ignored), open descriptors (none of the zygote's), threads, logging handlers, the
     temporary directory, the test process's resource limits and umask (changed after the
-    zygote started): as in a plain ``python -m``."""
+    zygote started), /proc/PID/cmdline (then empty arguments): as in a plain ``python
+    -m``."""
     env = clean_env(OUTPOST_LOG="debug", TMPDIR=str(tmp_path))
     cwd = ROOT
     zygote.server("outpost", clean_env())  # started before the changes below
