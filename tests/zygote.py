@@ -84,7 +84,8 @@ IMPORT_TIME_ENV = ("LC_", "LANG", "TZ", "TERM", "COLORTERM", "NO_COLOR", "FORCE_
 MAX_VARIANTS = 4
 # A zygote's command line is padded so that its children can write their own over it
 # (/proc/PID/cmdline, read by ps, psutil and the agent's check of its pid file).
-CMDLINE_ROOM = 4096
+CMDLINE_ROOM = 3072
+ENV_ROOM = 16384
 _READY = b"ready\n"
 
 
@@ -132,17 +133,24 @@ def _signals_as_started(ignored: Sequence[int]) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _set_cmdline(argv: list[str]) -> None:
-    """Write ``argv`` over this process's original arguments, the memory /proc/PID/cmdline
-    shows (the zygote's, padded with CMDLINE_ROOM; the test side checked that it fits). The
-    rest of that memory is zeroed: the command line reads as ``argv`` and then empty
-    arguments."""
+def _show_as(argv: list[str], env: dict[str, str]) -> None:
+    """Write ``argv`` and ``env`` over this process's original arguments and environment,
+    the memory /proc/PID/cmdline and /proc/PID/environ show (the zygote's, with room to
+    spare: CMDLINE_ROOM, ENV_ROOM; the test side checked that they fit), so that ps,
+    psutil and the agent's own checks (its pid file's owner, ``reset-cache`` starting it
+    again as it ran) see this process. The command line is written as setproctitle does,
+    its words separated by spaces (psutil splits them again); the environment as it was,
+    each variable ended by a NUL."""
     import ctypes
 
     fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end
-    data = b"".join(os.fsencode(arg) + b"\0" for arg in argv)[:end - start]
-    ctypes.memmove(start, data.ljust(end - start, b"\0"), end - start)
+    start, end, env_start, env_end = (int(fields[i]) for i in (45, 46, 47, 48))
+    title = " ".join(argv).encode()[:end - start - 2] + b"\0"
+    # A last byte that is not NUL tells the kernel to show the title up to its NUL.
+    ctypes.memmove(start, title.ljust(end - start, b" "), end - start)
+    block = b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items())
+    ctypes.memmove(env_start, block[:env_end - env_start].ljust(env_end - env_start, b"\0"),
+                   env_end - env_start)
 
 
 def _exit_code(code: object) -> int:
@@ -183,12 +191,15 @@ def _child(request: dict[str, Any], fds: list[int], server_fds: list[int]) -> No
         sys.path[0] = os.getcwd()  # what `python -m` puts first on its path
         tempfile.tempdir = None
         sys.argv = [request["module"], *request["args"]]
-        _set_cmdline([sys.executable, "-m", request["module"], *request["args"]])
+        _show_as([sys.executable, "-m", request["module"], *request["args"]], request["env"])
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
     except BaseException:  # the child could not become the process: say why, exit 1
         traceback.print_exc()
         os._exit(1)
     try:
+        # As under `python -m`, the module runs as __main__ without having been imported
+        # (a preloaded agentd would make runpy warn).
+        sys.modules.pop(request["module"], None)
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exc:
@@ -329,6 +340,8 @@ class Server:
         argv = [sys.executable, "-m", "tests.zygote", kind, str(listener.fileno()),
                 str(parent_r), "-" * CMDLINE_ROOM]
         self.cmdline_room = sum(len(os.fsencode(arg)) + 1 for arg in argv)
+        env = {**env, "OUTPOST_TEST_ZYGOTE_ROOM": "-" * ENV_ROOM}
+        self.env_room = _env_size(env)
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, pass_fds=(listener.fileno(), parent_r))
@@ -358,8 +371,8 @@ class Server:
                 if signal.getsignal(sig) == signal.SIG_IGN:
                     ignored.append(int(sig))
         if sum(len(os.fsencode(arg)) + 1 for arg in (sys.executable, "-m", module, *args)) \
-                > self.cmdline_room:
-            raise Unavailable("a command line longer than the zygote's room for it")
+                > self.cmdline_room - 2 or _env_size(env) > self.env_room:
+            raise Unavailable("a command line or environment larger than the zygote's room")
         rlimits = _rlimits()
         if os.geteuid() != 0 and any(rlimits[name][1] > hard for name, (_soft, hard)
                                      in self.rlimits.items()):
@@ -388,6 +401,10 @@ class Server:
     def close(self) -> None:
         os.close(self._parent_w)
         self.proc.wait()
+
+
+def _env_size(env: Mapping[str, str]) -> int:
+    return sum(len(os.fsencode(f"{k}={v}")) + 1 for k, v in env.items())
 
 
 def _rlimits() -> dict[str, tuple[int, int]]:
@@ -654,6 +671,7 @@ def probe() -> dict[str, Any]:
     import uuid
 
     import nacl.signing
+    import psutil
 
     status = dict(line.split(":", 1) for line in
                   Path("/proc/self/status").read_text().splitlines() if ":" in line)
@@ -669,8 +687,7 @@ def probe() -> dict[str, Any]:
         "stdout_buffered": not getattr(sys.stdout, "write_through", False),
         "isatty": [os.isatty(fd) for fd in (0, 1, 2)],
         "rlimits": _rlimits(), "umask": os.umask(0o022),
-        "cmdline": [arg.decode() for arg in
-                    Path("/proc/self/cmdline").read_bytes().rstrip(b"\0").split(b"\0")],
+        "cmdline": psutil.Process().cmdline(), "environ": psutil.Process().environ(),
         "random": random.random(), "uuid": uuid.uuid4().hex, "urandom": os.urandom(8).hex(),
         "secret": secrets.token_hex(8),
         "nacl": bytes(nacl.signing.SigningKey.generate().verify_key).hex(),

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests import zygote
-from tests.support import OUTPOST, Hub, clean_env, run_cli, wait_until
+from tests.support import OUTPOST, Agent, Hub, clean_env, healthy_agent, run_cli, wait_until
 
 pytestmark = pytest.mark.skipif(not zygote.enabled(), reason="OUTPOST_TEST_ZYGOTE=0")
 ROOT = Path(__file__).resolve().parents[2]  # where tests.zygote imports from
@@ -51,7 +52,7 @@ def _probe_plain(env: dict[str, str], cwd: Path, **kw: Any) -> dict[str, Any]:
 
 
 SAME = ("path0", "cwd", "env", "signals", "sigint", "fds", "threads", "handlers", "tempdir",
-        "stdout_buffered", "isatty", "rlimits", "umask", "cmdline")
+        "stdout_buffered", "isatty", "rlimits", "umask", "cmdline", "environ")
 RANDOM = ("random", "uuid", "urandom", "secret", "nacl")
 
 
@@ -61,8 +62,8 @@ def test_a_child_starts_as_a_plain_process_would(tmp_path: Path, sigint: str) ->
     signal dispositions, mask and handlers (SIGINT ignored by the test process stays
     ignored), open descriptors (none of the zygote's), threads, logging handlers, the
     temporary directory, the test process's resource limits and umask (changed after the
-    zygote started), /proc/PID/cmdline (then empty arguments): as in a plain ``python
-    -m``."""
+    zygote started), its command line and environment as psutil reads them from /proc: as
+    in a plain ``python -m``."""
     env = clean_env(OUTPOST_LOG="debug", TMPDIR=str(tmp_path))
     cwd = ROOT
     zygote.server("outpost", clean_env())  # started before the changes below
@@ -112,9 +113,15 @@ def test_two_hubs_initialised_from_one_zygote_hold_different_keys(tmp_path: Path
         assert made[0][key] != made[1][key], key
 
 
-def test_popen_contract(sqlite_hub: Hub) -> None:
-    """A hub from the zygote: a real pid, poll/wait with a timeout, -9 after SIGKILL, and
-    reaped by the zygote (no zombie left)."""
+def test_popen_contract(sqlite_hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
+    """A hub and an agent from their zygotes: real pids, their own command lines, nothing
+    said of how they started (no runpy warning); poll/wait with a timeout, -9 after SIGKILL,
+    and reaped by the zygote (no zombie left)."""
+    agent = healthy_agent(sqlite_hub, tmp_path, agents, "z1")
+    assert isinstance(agent.proc, zygote.Process)
+    assert psutil.Process(agent.proc.pid).cmdline()[1:3] == ["-m", "outpost.cli.agentd"]
+    assert "Warning" not in agent.log() and "Warning" not in sqlite_hub.log()
+    assert agent.stop() == 0
     proc = sqlite_hub.proc
     assert isinstance(proc, zygote.Process)
     assert proc.poll() is None and proc.returncode is None
