@@ -153,24 +153,20 @@ def _show_as(argv: list[str], env: dict[str, str]) -> None:
                    env_end - env_start)
 
 
-def _exit_code(code: object) -> int:
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
-
-
-def _child(request: dict[str, Any], fds: list[int], server_fds: list[int]) -> NoReturn:
-    """In the forked child: become the requested process, run it, exit as Python would."""
+def _child(request: dict[str, Any], fds: list[int], server_fds: list[int],
+           sockets: list[socket.socket]) -> NoReturn:
+    """In the forked child: become the requested process and run it. Its end (a return, a
+    SystemExit, an uncaught exception or KeyboardInterrupt) unwinds out of the zygote's loop
+    to the interpreter, which ends as it ends ``python -m``: its traceback if any,
+    non-daemon threads joined, atexit handlers, streams flushed, modules torn down."""
     import runpy
     import tempfile
     import traceback
 
-    code, interrupted = 1, False
     try:
         signal.set_wakeup_fd(-1)
+        for sock in sockets:  # detached: the interpreter's teardown must not close them
+            os.close(sock.detach())
         for fd in server_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -196,41 +192,18 @@ def _child(request: dict[str, Any], fds: list[int], server_fds: list[int]) -> No
     except BaseException:  # the child could not become the process: say why, exit 1
         traceback.print_exc()
         os._exit(1)
-    try:
-        # As under `python -m`, the module runs as __main__ without having been imported
-        # (a preloaded agentd would make runpy warn).
-        sys.modules.pop(request["module"], None)
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-        code = 0
-    except SystemExit as exc:
-        code = _exit_code(exc.code)
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        interrupted = True
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
-        code = 1
-    # The interpreter's own way out: join non-daemon threads, run atexit, flush.
-    with contextlib.suppress(BaseException):
-        threading._shutdown()  # type: ignore[attr-defined]
-    with contextlib.suppress(BaseException):
-        atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            code = code or 120
-    if interrupted:  # an uncaught KeyboardInterrupt ends Python by SIGINT
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    os._exit(code)
+    # As under `python -m`, the module runs as __main__ without having been imported
+    # (a preloaded agentd would make runpy warn).
+    sys.modules.pop(request["module"], None)
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    sys.exit(0)
 
 
 def serve(kind: str, listen_fd: int, parent_fd: int) -> None:
     """The zygote's loop: accept a request, fork its child, answer its pid (and a pidfd);
     reap children and write each one's wait status and CPU seconds on its connection."""
-    for name in PRELOAD[kind]:
-        __import__(name)
+    for name in [*PRELOAD[kind], "ctypes", "runpy", "tempfile", "traceback"]:
+        __import__(name)  # the last ones for the child's own use
     if threading.active_count() != 1:
         raise SystemExit(f"zygote {kind}: a preloaded module started a thread")
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -260,11 +233,11 @@ def serve(kind: str, listen_fd: int, parent_fd: int) -> None:
                 _reap(waiting)
             elif fd == listen_fd:
                 conn, _ = listener.accept()
-                _fork(conn, waiting, [listen_fd, parent_fd, wake_r, wake_w])
+                _fork(conn, waiting, listener, [parent_fd, wake_r, wake_w])
         _reap(waiting)
 
 
-def _fork(conn: socket.socket, waiting: dict[int, socket.socket],
+def _fork(conn: socket.socket, waiting: dict[int, socket.socket], listener: socket.socket,
           server_fds: list[int]) -> None:
     try:
         request, fds = _recv_request(conn)
@@ -277,8 +250,7 @@ def _fork(conn: socket.socket, waiting: dict[int, socket.socket],
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(request, fds, [*server_fds, conn.fileno(),
-                                  *(c.fileno() for c in waiting.values())])
+            _child(request, fds, server_fds, [listener, conn, *waiting.values()])
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     for fd in fds:
