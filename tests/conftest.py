@@ -23,11 +23,16 @@ from pathlib import Path
 
 import pytest
 
+from tests import zygote
 from tests.inproc import Clock, InprocHub, running_hub
 from tests.support import (PG_ADMIN, Agent, Hub, config_home, init_hub, migrate_outside_loop,
                            migrated_sqlite, shared_dir)
 
-for _name in [k for k in os.environ if k.startswith("OUTPOST_")]:
+# The processes the tests start fork from a zygote (tests/zygote.py) unless
+# OUTPOST_TEST_ZYGOTE=0, the one OUTPOST_* variable kept here (the xdist workers inherit
+# this process's environment; clean_env leaves it out of the processes under test).
+zygote.activate()
+for _name in [k for k in os.environ if k.startswith("OUTPOST_") and k != zygote.SWITCH]:
     del os.environ[_name]
 # Commands run in this process (CliRunner) keep their profiles away from ~/.config too.
 os.environ["XDG_CONFIG_HOME"] = config_home()

@@ -3,7 +3,8 @@
 ``-p tests.cputime --cpu-log=PATH`` appends one JSON line per test to PATH (every xdist
 worker to the same file): its id, its wall seconds (setup, call and teardown) and the CPU
 seconds of the test process and of the processes it started and waited for (hubs, agents,
-CLI commands, the runbooks under the agents), from ``getrusage``. On a machine shared with
+CLI commands, the runbooks under the agents), from ``getrusage``, and those the test process's
+zygote forked for it (tests/zygote.py reports them). On a machine shared with
 other work the wall time swells with the load and the CPU time does not, so the CPU time is
 what to compare between runs; wall time well above CPU time is time spent waiting (sleeps,
 timeouts, a hub held down). A module-scoped hub is counted in the test whose teardown stops
@@ -29,9 +30,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _cpu() -> tuple[float, float]:
+    from tests import zygote
+
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+    # The zygote's children are not this process's: the zygote reports their CPU (and its
+    # own, which RUSAGE_CHILDREN would only see once it ends).
+    return (own.ru_utime + own.ru_stime,
+            children.ru_utime + children.ru_stime + zygote.cpu_seconds())
 
 
 @pytest.hookimpl(hookwrapper=True)

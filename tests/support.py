@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from tests import zygote
+
 T = TypeVar("T")
 OUTPOST = [sys.executable, "-m", "outpost"]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -59,10 +61,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# A process a test started: a plain subprocess, or a child of the test process's zygote
+# (tests/zygote.py), which offers what the tests use of Popen.
+Proc = subprocess.Popen[bytes] | zygote.Process
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*OUTPOST, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or clean_env(), input=input)
+    """``outpost ARGS``, its output captured as text: forked from the zygote when it may be
+    (tests/zygote.py; ``OUTPOST_TEST_ZYGOTE=0``: always ``subprocess.run``)."""
+    return zygote.run([*OUTPOST, *args], env=env or clean_env(), timeout=timeout, input=input)
 
 
 def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
@@ -81,7 +89,8 @@ def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
 
 
-def stop_process(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM,
+def stop_process(proc: subprocess.Popen[Any] | zygote.Process | None,
+                 sig: int = signal.SIGTERM,
                  timeout: float = 10.0) -> int | None:
     if proc is None:
         return None
@@ -101,7 +110,7 @@ class Hub:
     port: int
     database_url: str
     init: dict[str, Any]
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Proc | None = None
     extra_args: list[str] = field(default_factory=list)
     log_name: str = "hub-test.log"
 
@@ -143,8 +152,8 @@ class Hub:
         args = [*OUTPOST, "hub", "run", "--data-dir", str(self.data_dir), "--bind",
                 f"127.0.0.1:{self.port}", "--database-url", self.database_url, *self.extra_args]
         with self.log_path.open("ab") as fh:
-            self.proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT,
-                                         env=clean_env())
+            self.proc = zygote.spawn(args, stdout=fh, stderr=subprocess.STDOUT,
+                                     env=clean_env())
         wait_until(self._ready, timeout, 0.05, f"the hub on port {self.port}:\n{self.log()}")
         return self
 
@@ -254,7 +263,7 @@ class Agent:
     # (the backup snapshot); the tests of backpressure set their own thresholds.
     config: dict[str, Any] = field(default_factory=lambda: {"heartbeat_interval": 1,
                                                             "max_cpu_percent": 100})
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Proc | None = None
     env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -280,7 +289,7 @@ class Agent:
         test_logs.py."""
         config = self.write_config()
         with self.log_path.open("ab") as fh:
-            self.proc = subprocess.Popen(
+            self.proc = zygote.spawn(
                 [sys.executable, "-m", "outpost.cli.agentd", "--state-dir", str(self.state_dir),
                  "--config", str(config)], stdout=fh, stderr=subprocess.STDOUT,
                 env=clean_env(**self.env))
