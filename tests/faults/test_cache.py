@@ -25,6 +25,21 @@ def beats_after(hub: Hub, name: str, moment: float, timeout: float = 30) -> None
                what=f"a heartbeat of {name} after {moment}")
 
 
+def beat_after_stop(hub: Hub, name: str) -> float:
+    """The machine's last heartbeat once its stopped agent's last one has landed: a
+    heartbeat sent before the stop (carried by a poll cut short) can still be recorded a
+    moment after ``agent.stop()`` returns."""
+    seen = [last_beat(hub, name)]
+
+    def settled() -> bool:
+        time.sleep(0.3)
+        seen.append(last_beat(hub, name))
+        return seen[-1] == seen[-2]
+
+    wait_until(settled, 10, 0, what=f"the last heartbeat of {name} to land")
+    return seen[-1]
+
+
 def running(hub: Hub, tmp_path: Path, agents: list[Agent], name: str = "c1") -> Agent:
     agent = registered_agent(hub, tmp_path, name)
     agents.append(agent.start())
@@ -95,7 +110,7 @@ def test_an_agent_started_on_a_corrupt_registration_fetches_it_again(
     """The seed's symptom: the worker runs yet no heartbeat arrives. Here, it heals."""
     agent = running(hub, tmp_path, agents)
     agent.stop()
-    before = last_beat(hub, "c1")
+    before = beat_after_stop(hub, "c1")
     state = StateDir(agent.state_dir)
     good = state.registration()
     truncate(state.registration_path)
@@ -120,7 +135,7 @@ def test_a_corrupt_machine_key_refuses_to_start_and_says_how_to_register(
     agent = running(sqlite_hub, tmp_path, agents)
     agent.stop()
     truncate(agent.state_dir / "machine.key")
-    before = last_beat(sqlite_hub, "c1")
+    before = beat_after_stop(sqlite_hub, "c1")
     result = run_cli("agent", "run", "--state-dir", str(agent.state_dir), timeout=30)
     assert result.returncode == 2, result.stderr  # the service unit does not restart on 2
     assert "E1013" in result.stderr
@@ -146,8 +161,9 @@ def test_a_machine_key_corrupted_under_a_running_agent_is_written_back_from_memo
     assert "E1013 machine_key_corrupt" in agent.log()
     beats_after(sqlite_hub, "c1", moment)
     agent.stop()
+    stopped = beat_after_stop(sqlite_hub, "c1")
     agent.start()  # and it starts again on the key it wrote back
-    beats_after(sqlite_hub, "c1", time.time())
+    beats_after(sqlite_hub, "c1", stopped)
 
 
 def test_registration_and_identity_both_corrupt_needs_registering_again(
