@@ -313,8 +313,12 @@ def test_an_idle_agent_takes_work_at_once_after_an_outage(
     agent = healthy_agent(hub, tmp_path, agents, "w1", heartbeat_interval=1, backoff_max=8)
     proxy.cut()
     try:
+        # A poll that carried the heartbeat logs its failure as the heartbeat's; the
+        # heartbeat loop's own retries are at most its 1 s interval apart, so 4 s or more
+        # is the poll's backoff either way.
         wait_until(lambda: max([float(d) for d in re.findall(
-            r"poll \S+ [^\n]*retrying in ([0-9.]+) s", agent.log())] or [0]) >= 4, 60,
+            r"(?:poll|heartbeat) \S+ [^\n]*retrying in ([0-9.]+) s", agent.log())] or [0])
+            >= 4, 60,
             what="the poll to back off for 4 s or more")
     finally:
         proxy.restore()

@@ -51,7 +51,14 @@ def test_fuzz_the_whole_api(sqlite_hub: Hub, tmp_path: Path) -> None:
     # A known fault of the fuzzer itself, not of the hub: on Python 3.11 describing one of
     # its own filter lambdas may fail inside the ast module ("AST constructor recursion
     # depth mismatch"); it ends that operation's phase, not the run.
+    # The report names such an error only by its title ("Runtime Error"); the text that
+    # tells it apart is in the run's output, once per error.
+    known = done.stdout.count("AST constructor recursion depth mismatch")
     errors = [e for e in result["errors"] if "recursion depth mismatch" not in json.dumps(e)]
+    fuzzer_faults = sum(int(e.get("count", 1)) for e in errors
+                        if e.get("title") == "Runtime Error")
+    if 0 < fuzzer_faults <= known:
+        errors = [e for e in errors if e.get("title") != "Runtime Error"]
     assert errors == [], done.stdout[-12000:]
     assert result["test_cases"]["generated"] >= 1000, result["test_cases"]
     assert result["operations"]["tested"] == result["operations"]["total"], result["operations"]
