@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -468,3 +469,13 @@ def claimed_job(hub: Hub, call: Any, group: str = "web") -> str:
     items = call("POST", "/v1/agent/poll?wait=0&capacity=1")["items"]
     assert [i["payload"]["job_id"] for i in items] == [job.json()["id"]]
     return str(job.json()["id"])
+
+
+def loaded_modules(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport json, sys\n"
+         "print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True, text=True, timeout=60, env=clean_env())
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))

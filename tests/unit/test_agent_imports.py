@@ -11,9 +11,6 @@ the models: the tests at the end hold each reader to the model it stands for.
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -23,7 +20,7 @@ from outpost.protocol import readers
 from outpost.protocol import work as wire
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.models import HeartbeatAck
-from tests.support import clean_env
+from tests.support import loaded_modules as _loaded_by
 
 # Pydantic and the models it builds cost an agent about 10 MB, the extensions about 2 MB,
 # the job runner about 1.5 MB; the CLI's libraries several MB (cli/agentd.py).
@@ -69,14 +66,6 @@ assert sent[1]["result"] == {"applied": False, "why": "the agent does not run th
 assert claims[0].as_job()["runbook"] == "r", claims
 """
 
-
-def _loaded_by(code: str) -> set[str]:
-    done = subprocess.run(
-        [sys.executable, "-c", f"{code}\nimport json, sys\n"
-         "print(json.dumps(sorted(sys.modules)))"],
-        capture_output=True, text=True, timeout=60, env=clean_env())
-    assert done.returncode == 0, done.stderr
-    return set(json.loads(done.stdout.splitlines()[-1]))
 
 
 def test_an_idle_agent_loads_none_of_the_heavy_modules() -> None:

@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 from outpost.cli.output import EXIT_NOT_RUNNING
 from tests.support import OUTPOST, clean_env
+from tests.support import loaded_modules as _loaded_by
 
 # Each costs a command tens of milliseconds of CPU or more at start-up.
 HEAVY = ("pydantic", "cryptography", "sqlalchemy", "fastapi", "uvicorn", "psutil",
          "outpost.protocol.models", "outpost.agent.daemon", "outpost.agent.registration",
          "outpost.agent.transport", "outpost.hub.app")
 
-
-def _loaded_by(code: str) -> set[str]:
-    done = subprocess.run(
-        [sys.executable, "-c", f"{code}\nimport json, sys\n"
-         "print(json.dumps(sorted(sys.modules)))"],
-        capture_output=True, text=True, timeout=60, env=clean_env())
-    assert done.returncode == 0, done.stderr
-    return set(json.loads(done.stdout.splitlines()[-1]))
 
 
 def test_the_cli_loads_no_heavy_library_before_its_command_runs() -> None:
