@@ -36,7 +36,7 @@ class RunOptions:
 
 async def prepare(paths: HubPaths, database_url: str) -> Hub:
     config = load_config(paths)
-    engine = db.make_engine(database_url)
+    engine = db.make_engine(database_url, checkpoint_off_loop=True)
     try:
         await db.migrate(engine)
         await accounts.seed(engine, read_seed(paths))
