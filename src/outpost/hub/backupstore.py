@@ -35,7 +35,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -391,7 +391,7 @@ class Repository:
                 fh.close()
 
     @staticmethod
-    async def pieces(fh: BinaryIO, start: int, length: int) -> AsyncIterator[bytes]:
+    async def pieces(fh: BinaryIO, start: int, length: int) -> AsyncGenerator[bytes, None]:
         """``length`` bytes of an opened file from ``start``, in pieces; closes it."""
         try:
             offset, end = start, start + length
