@@ -104,7 +104,7 @@ def shape(path: str) -> tuple[str, str, str, tuple[str, ...]] | None:
     kind, slash, name = rest.partition("/")
     if not kind or not slash or "/" in name:
         return None
-    return machine_id, kind, name, FILE_METHODS if name else ("GET",)
+    return machine_id, kind, name, FILE_METHODS if name else ("HEAD", "GET")
 
 
 def _quota(hub: Hub, credential: Credential) -> int:
