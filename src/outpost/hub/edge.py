@@ -16,7 +16,9 @@ hang-up from a long-poll) does, in order:
    caller's headers and that their principal exists do not: an unknown operator token,
    machine, account or webhook address is refused before a byte of the body is read. When
    that look-up itself fails (the database is down) the route decides, as it would anyway,
-   so such an answer comes from the one error-handler table.
+   so such an answer comes from the one error-handler table. The backup store's protocol
+   (``/v1/backup/``) checks its token itself, also before it reads a byte of the body, and
+   streams the body: the edge hands those requests on after step 1 and the declared size.
 4. **JSON text the hub will not store.** A body is scanned for the escapes that need a
    closer look (``\\u0000``, a lone UTF-16 surrogate such as ``\\ud800``, the non-JSON
    constants ``NaN`` and ``Infinity``); only a body that has one is parsed, and the first
