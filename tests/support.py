@@ -23,12 +23,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 
 from tests import zygote
 
 T = TypeVar("T")
 OUTPOST = [sys.executable, "-m", "outpost"]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+# A test whose subject is not what the database does (the sandbox, the agent's processes, the
+# CLI's output, validation before anything is stored) runs on SQLite only: the hub's fixture
+# is ``hub``/``new_hub``/``database_url`` (SQLITE_ONLY) or ``module_hub``
+# (MODULE_HUB_SQLITE_ONLY). Each use says why in a comment; what the database does (claims,
+# leases, conditional updates, catalogs, migrations...) is tested on both.
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+MODULE_HUB_SQLITE_ONLY = pytest.mark.parametrize("module_hub", ["sqlite"], indirect=True)
 
 
 def free_port() -> int:
@@ -394,7 +403,6 @@ def shared_dir() -> Iterator[Path]:
 def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` (such as "1m") mounted at ``mount`` for the test, unmounted after;
     the test is skipped, saying why, where mounting is not allowed."""
-    import pytest
 
     mount.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],

@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from outpost.agent.runner import LINE_MAX
-from tests.support import Agent, Hub, healthy_agent, publish_script, run_cli
+from tests.support import (MODULE_HUB_SQLITE_ONLY, Agent, Hub, healthy_agent, publish_script,
+                           run_cli)
+
+# SQLite only: the CLI's output and the agent's records, not the database.
+pytestmark = MODULE_HUB_SQLITE_ONLY
 
 
 def _run(hub: Hub, name: str) -> str:
