@@ -2,8 +2,9 @@
 signals, network failures that never stop it (ED-4), OUTPOST_LOG, and an outdated agent
 (HW-5). Real hub and agent processes over HTTPS.
 
-The tests that leave the hub running share one a database (``module_hub``), each with
-machines of its own names; the two that stop or restart it have their own."""
+The tests that leave the hub running share one (``module_hub``), each with machines of its
+own names; the two that stop or restart it have their own. All run on SQLite: the agent is
+the subject here, not the database."""
 
 from __future__ import annotations
 

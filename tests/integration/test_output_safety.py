@@ -2,7 +2,7 @@
 the text view and kept as they are in --json; a line longer than a record comes back as
 pieces marked ``continues`` in --json and joined in the text view.
 
-One hub a database serves the module (``module_hub``): each test publishes its own runbook
+One SQLite hub serves the module (``module_hub``): each test publishes its own runbook
 and starts its own agent, under its own name."""
 
 from __future__ import annotations

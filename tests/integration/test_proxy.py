@@ -1,6 +1,6 @@
 """EX-6: the agent works through an HTTP(S) proxy that tunnels without intercepting.
 
-One hub a database serves the module (``module_hub``): each test registers a machine of
+One SQLite hub serves the module (``module_hub``): each test registers a machine of
 its own name and reads nothing else of the hub."""
 
 from __future__ import annotations
