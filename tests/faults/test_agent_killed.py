@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.test_hw1 import healthy, job, publish, start, wait_status
-from tests.support import Agent, Hub, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, wait_until
 
 JOBS = 4
 
@@ -47,6 +47,9 @@ def printed(witness: Path, job_id: str, attempt: int) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+# SQLite only: the agent's spool across kill -9 (a report sent twice, on both databases:
+# tests/unit/test_jobs_reports.py).
+@SQLITE_ONLY
 def test_everything_an_attempt_wrote_reaches_the_hub_after_kill_9(
         hub: Hub, agents: list[Agent], tmp_path: Path, witness: Path) -> None:
     # Attempt 1 prints until it is ended; a later attempt prints one line and ends.

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from outpost.agent.state import StateDir, read_checked
-from tests.support import last_beat, Agent, Hub, registered_agent, run_cli, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, last_beat, registered_agent, run_cli, wait_until
 
 
 def beats_after(hub: Hub, name: str, moment: float, timeout: float = 30) -> None:
@@ -105,6 +105,8 @@ def test_a_corrupt_cache_file_heals_while_the_agent_runs(
     assert agent.proc is not None and agent.proc.poll() is None  # it never stopped
 
 
+# SQLite only: the agent's state directory, not the database.
+@SQLITE_ONLY
 def test_an_agent_started_on_a_corrupt_registration_fetches_it_again(
         hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
     """The seed's symptom: the worker runs yet no heartbeat arrives. Here, it heals."""

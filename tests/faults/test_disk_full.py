@@ -16,7 +16,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.support import Agent, Hub, publish_script, register, small_tmpfs, wait_until
+from tests.support import (SQLITE_ONLY, Agent, Hub, publish_script, register, small_tmpfs,
+                           wait_until)
 
 ACTIVATE_FAILED = ("The job action 'Activate' cannot be run, because the process stopped "
                    "unexpectedly. The job action was attempted three times.")
@@ -40,6 +41,8 @@ def _runbooks_under(path: Path) -> list[int]:
     return found
 
 
+# SQLite only: a full disk on the agent's machine, not the database.
+@SQLITE_ONLY
 def test_a_full_disk_ends_the_attempt_and_the_job_resumes_once_freed(
         hub: Hub, agents: list[Agent], tmp_path: Path, shared: Path) -> None:
     agent: Agent | None = None

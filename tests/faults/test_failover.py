@@ -10,17 +10,12 @@ import time
 from pathlib import Path
 
 
-from tests.support import (
-    last_beat,
-    Agent,
-    Hub,
-    free_port,
-    registered_agent,
-    run_cli,
-    wait_until,
-)
+from tests.support import (SQLITE_ONLY, Agent, Hub, free_port, last_beat, registered_agent,
+                           run_cli, wait_until)
 
 
+# SQLite only: the agent waiting for a hub, not the database.
+@SQLITE_ONLY
 def test_an_agent_started_while_the_hub_is_down_connects_when_it_comes_up(
         hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
     agent = registered_agent(hub, tmp_path, "f1", backoff_max=2)

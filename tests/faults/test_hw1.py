@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.support import Agent, Hub, publish_script, registered_agent, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, publish_script, registered_agent, wait_until
 
 ACTIVATE_FAILED = ("The job action 'Activate' cannot be run, because the process stopped "
                    "unexpectedly. The job action was attempted three times.")
@@ -167,6 +167,8 @@ def test_queued_jobs_are_stopped_and_suspended_without_a_machine(hub: Hub) -> No
     assert job(hub, second)["status"] == "Queued"
 
 
+# SQLite only: the agent's run-as user on the machine, not the database.
+@SQLITE_ONLY
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
 def test_run_as_user_of_the_group(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
     """HW-1a: a root agent runs the group's runbooks as its run-as user, who cannot read
@@ -194,6 +196,8 @@ def test_run_as_user_of_the_group(hub: Hub, agents: list[Agent], tmp_path: Path)
     assert any("no-such-user-x" in t for t in texts(hub, result["id"]))
 
 
+# SQLite only: the agent's reading of an exit code, not the database.
+@SQLITE_ONLY
 def test_exit_code_255_is_explained(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
     """HW-1a: 4294967295 is -1 seen as unsigned; the job says so, and is not retried."""
     publish(hub, tmp_path, "minus1", "exit -1\n")
@@ -204,6 +208,8 @@ def test_exit_code_255_is_explained(hub: Hub, agents: list[Agent], tmp_path: Pat
     assert "4294967295" in result["reason"] and len(result["attempts"]) == 1
 
 
+# SQLite only: the agent's memory pressure, not the database.
+@SQLITE_ONLY
 def test_a_machine_under_memory_pressure_takes_no_job(hub: Hub, agents: list[Agent],
                                                       tmp_path: Path) -> None:
     """HW-1b: above its memory threshold the agent claims nothing and the machine list says

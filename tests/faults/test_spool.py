@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests.faults.test_hw1 import healthy, job, publish, start, wait_status
-from tests.support import Agent, Hub, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, wait_until
 
 
 def records(hub: Hub, job_id: str) -> list[dict[str, object]]:
@@ -23,6 +23,8 @@ OUTAGE = 15.0
 LINES = 250  # printed over 25 s: before, through and after the outage
 
 
+# SQLite only: the agent's spool while the hub is away, not the database.
+@SQLITE_ONLY
 def test_output_survives_15_seconds_without_the_hub(hub: Hub, agents: list[Agent],
                                                     tmp_path: Path) -> None:
     publish(hub, tmp_path, "steady", f'for i in $(seq 1 {LINES}); do echo "line $i"; '
@@ -46,6 +48,8 @@ def test_output_survives_15_seconds_without_the_hub(hub: Hub, agents: list[Agent
         [f"err {i}" for i in range(1, LINES + 1)]
 
 
+# SQLite only: the agent's spool across kill -9, not the database.
+@SQLITE_ONLY
 def test_spooled_output_survives_kill_9_of_the_agent(hub: Hub, agents: list[Agent],
                                                      tmp_path: Path) -> None:
     publish(hub, tmp_path, "burst",

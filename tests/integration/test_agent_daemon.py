@@ -2,8 +2,9 @@
 signals, network failures that never stop it (ED-4), OUTPOST_LOG, and an outdated agent
 (HW-5). Real hub and agent processes over HTTPS.
 
-The tests that leave the hub running share one a database (``module_hub``), each with
-machines of its own names; the two that stop or restart it have their own."""
+The tests that leave the hub running share one (``module_hub``), each with machines of its
+own names; the two that stop or restart it have their own. All run on SQLite: the agent is
+the subject here, not the database."""
 
 from __future__ import annotations
 
@@ -14,15 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support import (
-    Agent,
-    Hub,
-    clean_env,
-    free_port,
-    registered_agent,
-    run_cli,
-    wait_until,
-)
+from tests.support import (MODULE_HUB_SQLITE_ONLY, SQLITE_ONLY, Agent, Hub, clean_env, free_port,
+                           registered_agent, run_cli, wait_until)
 
 
 def _run(state: Path, *extra: str, env: dict[str, str] | None = None,
@@ -122,6 +116,8 @@ def test_missing_config_file_is_bad_input(tmp_path: Path) -> None:
     assert "does not exist" in err
 
 
+# SQLite only: the agent's config check, not the database.
+@MODULE_HUB_SQLITE_ONLY
 def test_registered_agent_with_a_bad_config_does_not_start(module_hub: Hub,
                                                            tmp_path: Path) -> None:
     hub = module_hub
@@ -174,6 +170,8 @@ def test_status_with_a_stale_pidfile_is_not_running(tmp_path: Path) -> None:
         other.wait()
 
 
+# SQLite only: the agent's status socket, not the database.
+@MODULE_HUB_SQLITE_ONLY
 def test_status_of_a_running_agent(module_hub: Hub, agents: list[Agent],
                                    tmp_path: Path) -> None:
     hub = module_hub
@@ -207,6 +205,8 @@ def test_status_of_a_running_agent(module_hub: Hub, agents: list[Agent],
 
 # --- signals and the pidfile ---------------------------------------------------------------
 
+# SQLite only: the agent's pid file and signals, not the database.
+@MODULE_HUB_SQLITE_ONLY
 def test_one_agent_per_state_dir_and_sigterm_stops_it(module_hub: Hub, agents: list[Agent],
                                                      tmp_path: Path) -> None:
     hub = module_hub
@@ -237,6 +237,8 @@ def test_one_agent_per_state_dir_and_sigterm_stops_it(module_hub: Hub, agents: l
     assert _status(agent.state_dir).returncode == 3
 
 
+# SQLite only: the agent's signal handling, not the database.
+@MODULE_HUB_SQLITE_ONLY
 def test_sigint_twice_exits_promptly(module_hub: Hub, agents: list[Agent],
                                     tmp_path: Path) -> None:
     hub = module_hub
@@ -260,6 +262,9 @@ def test_sigint_twice_exits_promptly(module_hub: Hub, agents: list[Agent],
 
 # --- ED-4: network failures never stop the agent -------------------------------------------
 
+# SQLite only: the agent riding out a hub that is down (the database's outages:
+# tests/faults/test_db_outage.py).
+@SQLITE_ONLY
 def test_agent_outlives_a_hub_outage(hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
     agent = registered_agent(hub, tmp_path, "net1", backoff_max=2)
     hub.stop()
@@ -282,6 +287,8 @@ def test_agent_outlives_a_hub_outage(hub: Hub, agents: list[Agent], tmp_path: Pa
     assert after["last_error"] is None
 
 
+# SQLite only: the agent's name resolution and fail-over, not the database.
+@MODULE_HUB_SQLITE_ONLY
 def test_unresolvable_hub_and_fail_over(module_hub: Hub, agents: list[Agent],
                                        tmp_path: Path) -> None:
     hub = module_hub
@@ -308,6 +315,8 @@ def test_unresolvable_hub_and_fail_over(module_hub: Hub, agents: list[Agent],
 
 # --- OUTPOST_LOG ---------------------------------------------------------------------------
 
+# SQLite only: the agent's logging, not the database.
+@MODULE_HUB_SQLITE_ONLY
 def test_outpost_log_overrides_the_config_log_level(module_hub: Hub, agents: list[Agent],
                                                     tmp_path: Path) -> None:
     hub = module_hub
@@ -338,6 +347,8 @@ def test_invalid_outpost_log_is_bad_input(tmp_path: Path) -> None:
 
 # --- HW-5: the hub starts requiring a newer agent -----------------------------------------
 
+# SQLite only: the version check and the agent's answer to it, not the database.
+@SQLITE_ONLY
 def test_outdated_agent_is_told_and_keeps_running(hub: Hub, agents: list[Agent],
                                                   tmp_path: Path) -> None:
     agent = registered_agent(hub, tmp_path, "old1", backoff_max=2)
@@ -358,6 +369,8 @@ def test_outdated_agent_is_told_and_keeps_running(hub: Hub, agents: list[Agent],
     assert "E1007" in text.stdout and "99.0" in text.stdout
 
 
+# SQLite only: the agent's own limits, not the database.
+@MODULE_HUB_SQLITE_ONLY
 def test_constrained_mode_lowers_the_agent_s_limits(module_hub: Hub, agents: list[Agent],
                                                     tmp_path: Path) -> None:
     hub = module_hub

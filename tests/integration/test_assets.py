@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from outpost.agent import helper
-from tests.support import Agent, Hub, clean_env, registered_agent, run_cli, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, clean_env, registered_agent, run_cli, wait_until
 
 MISSING = "No certificate was found in the certificate store with thumbprint"
 
@@ -75,6 +75,9 @@ def _json(result: subprocess.CompletedProcess[str]) -> Any:
 
 # --- the operator's view ------------------------------------------------------------------
 
+# SQLite only: the CLI's commands and output (the assets stored and read on both databases:
+# test_another_accounts_assets_answer_404).
+@SQLITE_ONLY
 def test_assets_through_the_cli(hub: Hub, tmp_path: Path) -> None:
     hidden = f"hidden-{uuid.uuid4().hex}"
     password = f"pw-{uuid.uuid4().hex}"
@@ -143,6 +146,8 @@ def test_assets_through_the_cli(hub: Hub, tmp_path: Path) -> None:
     assert f"{MISSING} {'00' * 20}" in err
 
 
+# SQLite only: validation, before anything is stored.
+@SQLITE_ONLY
 def test_bad_certificates_and_input_get_clean_errors(hub: Hub, tmp_path: Path) -> None:
     """Each gets its catalog code (exit 2 in the CLI), and nothing is stored."""
     cert, _ = _certificate("web.example")
@@ -291,6 +296,8 @@ outpost_progress 100
 """
 
 
+# SQLite only: the job's sandbox and helper on the machine, not the database.
+@SQLITE_ONLY
 def test_a_job_reads_assets_with_its_own_identity_and_nothing_leaks(
         hub: Hub, agents: list[Agent], tmp_path: Path, database_url: str,
         shared: Path) -> None:
@@ -369,6 +376,8 @@ for asked in ("{missing}", "no-such-cert"):
 """
 
 
+# SQLite only: the helper on the machine, not the database.
+@SQLITE_ONLY
 def test_python_helper_and_a_missing_certificate(hub: Hub, agents: list[Agent],
                                                   tmp_path: Path) -> None:
     secret = f"s-{uuid.uuid4().hex}"

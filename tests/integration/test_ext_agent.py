@@ -1,5 +1,6 @@
-"""Extensions end to end: a real hub (SQLite and PostgreSQL) and a real agent process. The
-operator publishes packages and sets goals through the hub's API; the agent notices the
+"""Extensions end to end: a real hub and a real agent process, on SQLite (the agent's side is
+the subject; the hub's goals and reports run on both databases in tests/unit/test_ext_goals.py).
+The operator publishes packages and sets goals through the hub's API; the agent notices the
 heartbeat's etag, fetches its goals and packages, runs the handlers (as the extension user
 when root, in the extension's control group) and reports each state, which the hub shows.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from outpost.agent.extensions.runtime import shared_root
-from tests.support import Agent, Hub, healthy_agent, run_cli, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, healthy_agent, run_cli, wait_until
 
 NAME = "demo"
 OK = 'status success 0 "all good"'
@@ -90,6 +91,9 @@ def wait_state(hub: Hub, agent: Agent, machine: str, want: dict[str, Any],
     return found
 
 
+# SQLite only: the agent's handlers (the hub's goals and reports on both databases:
+# tests/unit/test_ext_goals.py).
+@SQLITE_ONLY
 def test_an_extension_installs_updates_rolls_back_and_uninstalls(
         hub: Hub, agents: list[Agent], shared: Path, tmp_path: Path) -> None:
     agent = healthy_agent(hub, tmp_path, agents, "m1")
@@ -180,6 +184,8 @@ def _settled_since(agent: Agent, since: float) -> bool:
                 and not any(e["running"] for e in status["extensions"]))
 
 
+# SQLite only: the agent's handler timeout, not the database.
+@SQLITE_ONLY
 def test_a_hung_enable_is_failed_at_its_timeout_and_removal_still_works(
         hub: Hub, agents: list[Agent], shared: Path, tmp_path: Path) -> None:
     agent = healthy_agent(hub, tmp_path, agents, "m2")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from outpost.hub import db, fanout, jobs, runbooks
-from tests.support import Agent, Hub, healthy_agent, publish_script, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, healthy_agent, publish_script, wait_until
 
 # Waits for its go file (so the test can look before any child runs), stamps its start and
 # end (with pair=yes, the first waits until a second has started, so two are seen side by
@@ -202,6 +202,8 @@ def test_every_machine_runs_it_once_at_most_n_at_a_time_and_stops_as_told(
     assert line == (f"Job {parent_id} Failed (4 children: 3 Completed, 1 Stopped).")
 
 
+# SQLite only: the CLI's validation of the options, before anything is queued.
+@SQLITE_ONLY
 def test_bad_options_are_refused_with_their_codes(hub: Hub, tmp_path: Path) -> None:
     publish_script(hub, tmp_path, "fleet", "true\n")
     cases = [

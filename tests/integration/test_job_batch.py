@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from outpost.hub import db, jobs, runbooks
-from tests.support import Agent, Hub, healthy_agent, publish_script, query, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, healthy_agent, publish_script, query, wait_until
 
 
 _publish = publish_script
@@ -163,6 +163,8 @@ def test_a_bad_entry_refuses_the_whole_batch(hub: Hub, tmp_path: Path) -> None:
     assert "Traceback" not in hub.log()
 
 
+# SQLite only: validation of the batch, before anything is queued.
+@SQLITE_ONLY
 def test_empty_and_oversized_batches_are_refused_with_a_stable_code(hub: Hub,
                                                                     tmp_path: Path) -> None:
     _publish(hub, tmp_path, "noop", "true\n")

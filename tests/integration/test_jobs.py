@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.support import Agent, Hub, healthy_agent, publish_script, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, healthy_agent, publish_script, wait_until
 
 
 _publish = publish_script
@@ -58,6 +58,8 @@ def test_a_job_runs_and_its_streams_arrive_in_order(hub: Hub, agents: list[Agent
     assert unknown.returncode == 2 and "Unknown job status 'done'" in unknown.stderr
 
 
+# SQLite only: validation, before anything is queued.
+@SQLITE_ONLY
 def test_bad_parameters_are_refused_before_anything_is_queued(hub: Hub, tmp_path: Path) -> None:
     _publish(hub, tmp_path, "p", "true\n", "--param", "n:int")
     missing = hub.cli("job", "start", "p", "--group", "web")
@@ -67,6 +69,8 @@ def test_bad_parameters_are_refused_before_anything_is_queued(hub: Hub, tmp_path
     assert json.loads(hub.cli("job", "list", "--json").stdout) == []
 
 
+# SQLite only: the agent's timeout and sandbox, not the database.
+@SQLITE_ONLY
 def test_failure_timeout_and_the_sandbox(hub: Hub, agents: list[Agent],
                                          tmp_path: Path) -> None:
     agent = _healthy_agent(hub, tmp_path, agents)
@@ -183,6 +187,8 @@ def test_a_job_queued_where_no_machine_can_take_it_says_so(hub: Hub, agents: lis
     assert "warning: No machine of group 'web' is Healthy (w9 " in late.stderr
 
 
+# SQLite only: the CLI's follow across a hub restart, not the database.
+@SQLITE_ONLY
 def test_follow_rides_out_a_hub_restart(hub: Hub, agents: list[Agent], tmp_path: Path,
                                         shared: Path) -> None:
     """`job start --follow` waits for a hub that restarts mid-job: every line once, in

@@ -2,7 +2,7 @@
 the text view and kept as they are in --json; a line longer than a record comes back as
 pieces marked ``continues`` in --json and joined in the text view.
 
-One hub a database serves the module (``module_hub``): each test publishes its own runbook
+One SQLite hub serves the module (``module_hub``): each test publishes its own runbook
 and starts its own agent, under its own name."""
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from outpost.agent.runner import LINE_MAX
-from tests.support import Agent, Hub, healthy_agent, publish_script, run_cli
+from tests.support import (MODULE_HUB_SQLITE_ONLY, Agent, Hub, healthy_agent, publish_script,
+                           run_cli)
+
+# SQLite only: the CLI's output and the agent's records, not the database.
+pytestmark = MODULE_HUB_SQLITE_ONLY
 
 
 def _run(hub: Hub, name: str) -> str:

@@ -1,6 +1,6 @@
 """EX-6: the agent works through an HTTP(S) proxy that tunnels without intercepting.
 
-One hub a database serves the module (``module_hub``): each test registers a machine of
+One SQLite hub serves the module (``module_hub``): each test registers a machine of
 its own name and reads nothing else of the hub."""
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.proxy import connect_proxy
-from tests.support import Agent, Hub, clean_env, run_cli, wait_until
+from tests.support import MODULE_HUB_SQLITE_ONLY, Agent, Hub, clean_env, run_cli, wait_until
+
+# SQLite only: the agent's way through a proxy, not the database.
+pytestmark = MODULE_HUB_SQLITE_ONLY
 
 
 def test_register_and_heartbeat_through_a_proxy(module_hub: Hub, agents: list[Agent],

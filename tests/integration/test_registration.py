@@ -32,7 +32,7 @@ from outpost.protocol.errors import (
     INVALID_HOSTNAME_TEXT,
     entry,
 )
-from tests.support import Agent, Hub, clean_env, register, run_cli, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, clean_env, register, run_cli, wait_until
 
 FOREIGN_CA_CN = "Intercepting Proxy CA"
 
@@ -54,6 +54,8 @@ def _fresh_state(tmp_path: Path, name: str) -> Path:
 
 # --- HW-4: refusals -------------------------------------------------------------------------
 
+# SQLite only: the reasons for a refusal, checked before anything is stored.
+@SQLITE_ONLY
 def test_refused_registrations_answer_403_with_reason(hub: Hub, tmp_path: Path) -> None:
     # The raw answer: no signature headers at all.
     with hub.client() as client:
@@ -165,6 +167,8 @@ def test_already_registered_force_and_deregister(hub: Hub, tmp_path: Path) -> No
 
 # --- ED-7: machine name length ----------------------------------------------------------------
 
+# SQLite only: validation of the name, before anything is stored.
+@SQLITE_ONLY
 def test_machine_name_must_be_1_to_64_characters(hub: Hub, tmp_path: Path) -> None:
     for name in ("", "n" * 65):
         result = register(hub, _fresh_state(tmp_path, "bad"), name)
@@ -204,6 +208,8 @@ def _start_with_foreign_cert(hub: Hub, tmp_path: Path, monkeypatch: pytest.Monke
     hub.start()
 
 
+# SQLite only: TLS interception seen by the agent, not the database.
+@SQLITE_ONLY
 def test_registration_through_tls_interception_names_the_issuer(
         new_hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _start_with_foreign_cert(new_hub, tmp_path, monkeypatch)
@@ -216,6 +222,8 @@ def test_registration_through_tls_interception_names_the_issuer(
     assert new_hub.machines() == {}
 
 
+# SQLite only: TLS interception seen by the agent, not the database.
+@SQLITE_ONLY
 def test_running_agent_reports_tls_interception_and_keeps_running(
         new_hub: Hub, agents: list[Agent], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,6 +271,8 @@ def _assert_401(response: httpx.Response, reason: str) -> None:
     assert body["fix"]
 
 
+# SQLite only: the signatures of the machine's requests, not the database.
+@SQLITE_ONLY
 def test_machine_signed_requests(hub: Hub, tmp_path: Path) -> None:
     state_dir = tmp_path / "agent-signed"
     assert register(hub, state_dir, "m-signed").returncode == 0
@@ -351,6 +361,8 @@ def test_secondary_key_keeps_working_when_primary_is_regenerated(
 
 # --- HW-5: outdated agent ---------------------------------------------------------------------
 
+# SQLite only: the version check, before anything is stored.
+@SQLITE_ONLY
 def test_outdated_agent_is_refused_with_the_versions(new_hub: Hub, tmp_path: Path) -> None:
     new_hub.extra_args = ["--min-agent-version", "99.0"]
     new_hub.start()

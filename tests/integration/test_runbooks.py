@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.support import Hub
+from tests.support import SQLITE_ONLY, Hub
 
 
 def test_publish_versions_list_show_and_get(hub: Hub, tmp_path: Path) -> None:
@@ -46,6 +46,8 @@ def test_publish_versions_list_show_and_get(hub: Hub, tmp_path: Path) -> None:
     assert target.read_text() == old["content"]
 
 
+# SQLite only: validation, before anything is stored.
+@SQLITE_ONLY
 def test_bad_runbooks_are_refused_and_nothing_is_stored(hub: Hub, tmp_path: Path) -> None:
     plain = tmp_path / "script"
     plain.write_text("echo no shebang\n")

@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 
-from tests.support import Agent, Hub, init_hub, publish_script, register, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, init_hub, publish_script, register, wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs a root agent")
+# SQLite only: the sandbox on the machine is the subject here, not the database.
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs a root agent"),
+              SQLITE_ONLY]
 
 
 @pytest.fixture

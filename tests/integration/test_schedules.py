@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from tests.support import (Agent, Hub, clean_env, free_port, query, registered_agent, run_cli,
-                           wait_until)
+from tests.support import (SQLITE_ONLY, Agent, Hub, clean_env, free_port, query,
+                           registered_agent, run_cli, wait_until)
 
 
 def _publish(hub: Hub, tmp_path: Path, name: str, body: str, *extra: str) -> None:
@@ -151,6 +151,8 @@ def test_create_list_show_disable_and_remove(hub: Hub, tmp_path: Path) -> None:
     assert _api(hub, "DELETE", "/v1/schedules/backup", status=404)["code"] == "E3002"
 
 
+# SQLite only: validation, before anything is stored.
+@SQLITE_ONLY
 def test_bad_input_is_refused_with_its_code_and_nothing_is_stored(hub: Hub,
                                                                   tmp_path: Path) -> None:
     _publish(hub, tmp_path, "p", "true\n", "--param", "n:int")

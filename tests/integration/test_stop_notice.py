@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support import Agent, Hub, healthy_agent, run_cli, wait_until
+from tests.support import SQLITE_ONLY, Agent, Hub, healthy_agent, run_cli, wait_until
 
 
 def _machine(hub: Hub, name: str) -> dict[str, Any]:
@@ -33,6 +33,9 @@ def _table_status(hub: Hub, name: str) -> str:
     return [cell.strip() for cell in line.split("\u2502")][4]
 
 
+# SQLite only: the agent's stop notice on SIGTERM (the conditional update behind it runs on both
+# databases in tests/unit/test_poll_heartbeat.py).
+@SQLITE_ONLY
 def test_sigterm_shows_stopped_at_once_and_a_heartbeat_heals_it(
         hub: Hub, agents: list[Agent], tmp_path: Path) -> None:
     agent = healthy_agent(hub, tmp_path, agents, "m1")
@@ -70,6 +73,8 @@ def test_sigterm_shows_stopped_at_once_and_a_heartbeat_heals_it(
     assert _table_status(hub, "m1") == "Healthy"
 
 
+# SQLite only: the agent killed without a notice, not the database.
+@SQLITE_ONLY
 def test_kill_9_waits_for_missed_heartbeats(hub: Hub, agents: list[Agent],
                                             tmp_path: Path) -> None:
     agent = healthy_agent(hub, tmp_path, agents, "m1")
@@ -85,6 +90,8 @@ def test_kill_9_waits_for_missed_heartbeats(hub: Hub, agents: list[Agent],
     assert _machine(hub, "m1")["stopped_at"] is None
 
 
+# SQLite only: the agent's stop without a hub, not the database.
+@SQLITE_ONLY
 def test_an_absent_hub_does_not_hold_the_stop_up(hub: Hub, agents: list[Agent],
                                                  tmp_path: Path) -> None:
     agent = healthy_agent(hub, tmp_path, agents, "m1")

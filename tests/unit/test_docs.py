@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.support import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +52,8 @@ def test_every_dependency_has_an_upper_bound() -> None:
 def test_cli_help_works_for_every_command() -> None:
     for args in (["--help"], ["hub", "--help"], ["agent", "--help"], ["machine", "--help"],
                  ["account", "--help"], ["agent", "register", "--help"]):
-        done = subprocess.run([sys.executable, "-m", "outpost", *args], capture_output=True,
-                              text=True, timeout=30)
+        # Forked from the test process's zygote (a fresh interpreter's start is
+        # tests/unit/test_cli_startup.py's).
+        done = run_cli(*args, timeout=30)
         assert done.returncode == 0, done.stderr
         assert "Usage" in done.stdout
