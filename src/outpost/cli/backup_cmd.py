@@ -50,10 +50,22 @@ def _password(path: Path) -> str:
     return text
 
 
-def _has_password(client: Any, kind: str, target: str) -> bool:
-    shown = client.get(f"/v1/extensions/{_q(NAME)}")
-    return any(g["target_kind"] == kind and g["target"] == target and g["protected"]
-               for g in shown.get("goals", []))
+def _has_password(client: Any, kind: str, target: str,
+                  names: tuple[str, ...] = (NAME, "recovery")) -> bool:
+    """Whether the goal of the backup (or recovery) extension for the target holds a
+    repository password already: the two share the machine's repository, and the hub gives
+    a goal without one the other's."""
+    for name in names:
+        try:
+            shown = client.get(f"/v1/extensions/{_q(name)}")
+        except OutpostError as exc:
+            if exc.reason == "ext_not_found":
+                continue
+            raise
+        if any(g["target_kind"] == kind and g["target"] == target and g["protected"]
+               for g in shown.get("goals", [])):
+            return True
+    return False
 
 
 @app.command("enable")

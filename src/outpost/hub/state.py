@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outpost.common.supervise import Supervisor
 
 from . import (accounts, backup_catalog, backupstore, db, extension_ops, extensions, install,
-               jobs, leader, machines, metrics, notify)
+               jobs, leader, machines, metrics, notify, recovery)
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -60,6 +60,8 @@ class Hub:
         # Operations asked of extensions (hub/extension_ops.py).
         self.ext_ops = extension_ops.ExtensionOps(engine, self.extensions.cache)
         self.ext_ops.ended.append(backup_catalog.on_end)  # the snapshots backup ops took
+        # Protections, their points and failover/failback actions (hub/recovery.py).
+        self.recovery = recovery.Recovery(engine, self.extensions, self.ext_ops)
         self.leadership = leader.Leadership(engine)
         self.dispatcher = Dispatcher(engine, self.notifier)
         self.scheduler = Scheduler(engine, self.dispatcher, ext_ops=self.ext_ops)
