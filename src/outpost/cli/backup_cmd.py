@@ -335,12 +335,12 @@ def backup_list(
         return
     # Fits 80 columns: the bytes added, consistency and wait reason are in 'show'.
     table(["SNAPSHOT", "MACHINE", "TAKEN", "FILES", "SIZE", "TOOK", "WAITED"]
-          + (["FORGOTTEN"] if forgotten else []),
-          [[r["short_id"] + ("*" if r.get("kind") == "recovery" and kind == "all" else ""),
-            r["machine"], ago(r["taken_at"] or r["created_at"]), r["files"],
+          + (["KIND"] if kind == "all" else []) + (["FORGOTTEN"] if forgotten else []),
+          [[r["short_id"], r["machine"], ago(r["taken_at"] or r["created_at"]), r["files"],
             _size(r["total_bytes"]),
             f"{r['duration_seconds']:.1f} s" if r["duration_seconds"] is not None else "",
             f"{r['waited_seconds']:.0f} s" if r["waited_seconds"] else ""]
+           + ([r.get("kind", "backup")] if kind == "all" else [])
            + ([ago(r["forgotten_at"]) if r["forgotten_at"] else ""] if forgotten else [])
            for r in rows])
 
