@@ -364,8 +364,8 @@ def _asked_or_follow(client: Any, action: dict[str, Any], wait: bool, timeout: s
 def unprotect(
     machine: MachineArg,
     delete_points: Annotated[bool, typer.Option(
-        "--delete-points", help="Forget every recovery point of MACHINE too (a prune that "
-        "keeps none). Default: the points stay in its repository.")] = False,
+        "--delete-points", help="Forget every recovery point of MACHINE too. Default: the "
+        "points stay in its repository.")] = False,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
@@ -377,8 +377,8 @@ def unprotect(
     if json:
         print_json(gone)
         return
-    if gone["deleting_points"]:
-        say(f"Unprotecting {gone['machine']}: its points are being forgotten (operation "
-            f"{gone['op_id']}); the extension is uninstalled after.")
+    if delete_points:
+        say(f"Machine {gone['machine']} is no longer protected; {gone['points_forgotten']} "
+            "points were forgotten (their data is freed by the repository's next prune).")
     else:
         say(f"Machine {gone['machine']} is no longer protected; its points stay.")

@@ -824,7 +824,7 @@ protections = sa.Table(
     sa.Column("post_failover_runbook", sa.String(128)),
     sa.Column("target_group", sa.String(64)),
     sa.Column("retention", sa.String(32)),  # a restic duration (24h, 7d); None: keep all
-    sa.Column("state", sa.String(16), nullable=False),  # Protecting|Paused|FailedOver|Removing
+    sa.Column("state", sa.String(16), nullable=False),  # Protecting | FailedOver
     sa.Column("active_machine_id", sa.String(36)),  # the machine failed over to
     sa.Column("next_point_at", sa.Float),
     sa.Column("point_op_id", sa.String(36)),

@@ -31,6 +31,7 @@ machine (tag ``failback``), recovers it on the source and resumes protection.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -42,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outpost.protocol import durations
 from outpost.protocol.errors import OutpostError, entry
 
-from . import actions, backup_catalog, machines, runbooks
+from . import actions, backup_catalog, backupstore, machines, runbooks
 from .config import random_id
 from .db import (backup_snapshots, extension_holds, extension_operations, extension_states,
                  protections, recovery_actions, tokens)
@@ -103,10 +104,9 @@ def health(p: Any, machine: Any, newest: Any | None, op: Any | None, ext: Any | 
         where = active.name if active is not None else p.active_machine_id
         return "FailedOver", (f"failed over to {where}; no points are taken until 'outpost "
                               "failback'")
-    if p.state == "Removing":
-        return "Paused", "unprotecting: the points are being forgotten"
-    if p.state == "Paused":
-        return "Paused", "paused; no points are taken"
+    if ext is not None and ext.state == "NotReady" and str(ext.message).startswith("disabled"):
+        return "Paused", ("the recovery extension is disabled on the machine ('outpost "
+                          "extension set recovery --machine M --enabled' resumes)")
     rpo = f"RPO {durations.describe(p.rpo_seconds)}"
     taken = None if newest is None else (newest.taken_at or newest.created_at)
     last = "no point yet" if taken is None else f"last point {span(now - taken)} ago"
@@ -200,9 +200,10 @@ def action_view(row: Any, names: dict[str, str]) -> dict[str, Any]:
 class Recovery:
     """Protections, the point pass and the recovery actions; one per hub process."""
 
-    def __init__(self, engine: AsyncEngine, extensions: Extensions,
-                 ext_ops: ExtensionOps) -> None:
+    def __init__(self, engine: AsyncEngine, extensions: Extensions, ext_ops: ExtensionOps,
+                 store: backupstore.Store) -> None:
         self._engine = engine
+        self._store = store
         self._extensions = extensions
         self._ops = ext_ops
 
@@ -332,22 +333,41 @@ class Recovery:
                         requested_by: str | None) -> dict[str, Any]:
         """End the protection: the machine's recovery goal goes (the extension uninstalls),
         and the target group's when no other protection names it. With ``delete_points``
-        a prune that keeps none runs first; the pass removes the goal once it has ended."""
+        every point is forgotten: the hub deletes each point's snapshot file from the
+        machine's repository (what ``restic forget`` does; it needs no password) and marks
+        its catalog row forgotten. The data only they used is freed by the repository's next
+        prune (a backup ``forget`` or a recovery ``prune``)."""
         p = await self._row(account_id, machine)
         await self._idle(account_id, machine)
-        who = await self._who(requested_by)
-        if delete_points:
-            op = await self._ops.ask(account_id, machine, NAME, "prune", {"keep_last": 0},
-                                     requested_by)
-            async with self._engine.begin() as conn:
-                await conn.execute(protections.update().where(protections.c.id == p.id).values(
-                    state="Removing", point_op_id=op["id"], updated_by=who,
-                    updated_at=time.time()))
-            return {"machine": machine.name, "removed": False, "deleting_points": True,
-                    "op_id": op["id"]}
         await self._remove(account_id, p, machine.name)
-        return {"machine": machine.name, "removed": True, "deleting_points": False,
-                "op_id": None}
+        forgotten = await self._forget_points(account_id, machine) if delete_points else 0
+        return {"machine": machine.name, "removed": True, "points_forgotten": forgotten}
+
+    async def _forget_points(self, account_id: str, machine: Any) -> int:
+        s = backup_snapshots
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(sa.select(s.c.id, s.c.snapshot_id).where(
+                s.c.machine_id == machine.id, s.c.kind == "recovery",
+                s.c.forgotten_at.is_(None)))).all()
+        repo = backupstore.Repository(self._store, self._store.root / account_id / machine.id)
+
+        def delete(snapshot_id: str) -> None:
+            try:
+                repo.delete("snapshots", snapshot_id)
+            except OutpostError:  # gone already (forgotten by hand)
+                pass
+
+        done = []
+        for r in rows:
+            if r.snapshot_id:
+                await asyncio.to_thread(delete, r.snapshot_id)
+                done.append(r.id)
+        if done:
+            async with self._engine.begin() as conn:
+                await conn.execute(s.update().where(s.c.id.in_(done)).values(
+                    forgotten_at=time.time(), forgotten_by="unprotect"))
+        log.info("%d recovery points of %s forgotten", len(done), machine.name)
+        return len(done)
 
     async def _remove(self, account_id: str, p: Any, machine_name: str) -> None:
         async with self._engine.begin() as conn:
@@ -543,10 +563,9 @@ class Recovery:
 
     # --- the pass ------------------------------------------------------------------------
     async def tick(self) -> None:
-        """The periodic pass: points due, protections being removed, actions' next steps.
+        """The periodic pass: points due, and the actions' next steps.
         Every replica may run it: each change is a conditional update."""
         await self._points()
-        await self._removals()
         await self._actions()
 
     async def _points(self) -> None:
@@ -617,22 +636,6 @@ class Recovery:
         async with self._engine.begin() as conn:
             await conn.execute(protections.update().where(protections.c.id == p.id).values(
                 reason=reason[:2000]))
-
-    async def _removals(self) -> None:
-        t = protections
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(sa.select(t).where(t.c.state == "Removing"))).all()
-            ended = []
-            for p in rows:
-                if p.point_op_id is None or (await actions.op_outcome(conn, p.point_op_id)).done:
-                    ended.append(p)
-        for p in ended:
-            machine = await machines.by_id(self._engine, p.machine_id)
-            async with self._engine.begin() as conn:  # one replica removes it
-                taken = (await conn.execute(t.update().where(
-                    t.c.id == p.id, t.c.state == "Removing").values(state="Removed"))).rowcount
-            if taken and machine is not None:
-                await self._remove(p.account_id, p, machine.name)
 
     async def _actions(self) -> None:
         t = recovery_actions

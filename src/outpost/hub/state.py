@@ -60,14 +60,14 @@ class Hub:
         # Operations asked of extensions (hub/extension_ops.py).
         self.ext_ops = extension_ops.ExtensionOps(engine, self.extensions.cache)
         self.ext_ops.ended.append(backup_catalog.on_end)  # the snapshots backup ops took
-        # Protections, their points and failover/failback actions (hub/recovery.py).
-        self.recovery = recovery.Recovery(engine, self.extensions, self.ext_ops)
         self.leadership = leader.Leadership(engine)
         self.dispatcher = Dispatcher(engine, self.notifier)
         self.scheduler = Scheduler(engine, self.dispatcher, ext_ops=self.ext_ops)
         self.wheel = Wheel(paths.root / "agent-dist")
         # Each machine's restic repository (hub/backupstore.py, docs/backup.md).
         self.backups = backupstore.Store(paths.root / "backup")
+        # Protections, their points and failover/failback actions (hub/recovery.py).
+        self.recovery = recovery.Recovery(engine, self.extensions, self.ext_ops, self.backups)
         self.tasks: Supervisor | None = None  # the background tasks, while the app runs
         self.ca_pem = paths.ca_cert.read_text()
         self.ca_fingerprint = ca_fingerprint(paths)

@@ -56,7 +56,7 @@ class Protection(View):
     machine_id: str
     health: str = Field(description="Protecting, Behind, Paused, FailedOver or Failed.")
     message: str = Field(description="'RPO 5m, last point 12m ago: behind because ...'")
-    state: str = Field(description="Protecting, Paused, FailedOver or Removing.")
+    state: str = Field(description="Protecting, or FailedOver (no points are taken).")
     paths: list[str]
     exclude: list[str]
     rpo_seconds: float
@@ -97,8 +97,7 @@ class Protected(Protection):
 class Unprotected(View):
     machine: str
     removed: bool
-    deleting_points: bool
-    op_id: str | None = Field(description="The prune operation that forgets every point.")
+    points_forgotten: int = Field(description="With delete_points: the points forgotten.")
 
 
 class FailoverAsked(Wire):
@@ -170,7 +169,7 @@ async def protection_show(principal: Op, hub: HubDep, machine: str) -> dict[str,
                responses=ok(Unprotected))
 async def unprotect(principal: Op, hub: HubDep, machine: str,
                     delete_points: Annotated[bool, Query(description="Forget every point "
-                                                         "first (a prune keeping none).")]
+                                                         "of the machine too.")]
                     = False) -> dict[str, Any]:
     """End a machine's protection: the recovery extension is uninstalled from it."""
     row = await machines.find(hub.engine, principal.account_id, machine)
