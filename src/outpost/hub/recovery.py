@@ -197,6 +197,52 @@ def action_view(row: Any, names: dict[str, str]) -> dict[str, Any]:
     }
 
 
+async def views(engine: AsyncEngine, account_id: str | None, machine: Any | None = None
+                ) -> list[dict[str, Any]]:
+    """The protections of an account (of one machine; of every account with None), each
+    with its health computed now."""
+    now = time.time()
+    query = sa.select(protections)
+    if account_id is not None:
+        query = query.where(protections.c.account_id == account_id)
+    if machine is not None:
+        query = query.where(protections.c.machine_id == machine.id)
+    s, o, e = backup_snapshots, extension_operations, extension_states
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query.order_by(protections.c.created_at))).all()
+        if not rows:
+            return []
+        ids = [r.machine_id for r in rows]
+        wanted = ids + [r.active_machine_id for r in rows if r.active_machine_id]
+        fleet = {m.id: m for m in await conn.execute(sa.select(machine_rows).where(
+            machine_rows.c.id.in_(wanted)))}
+        points = (await conn.execute(sa.select(s).where(
+            s.c.machine_id.in_(ids), s.c.kind == "recovery", s.c.forgotten_at.is_(None))
+            .order_by(s.c.created_at))).all()
+        op_ids = [r.point_op_id for r in rows if r.point_op_id]
+        ops = {r.id: r for r in await conn.execute(
+            sa.select(o).where(o.c.id.in_(op_ids)))} if op_ids else {}
+        exts = {r.machine_id: r for r in await conn.execute(sa.select(e).where(
+            e.c.machine_id.in_(ids), e.c.name == NAME))}
+    newest: dict[str, Any] = {}
+    kept: dict[str, list[int]] = {}
+    for r in points:
+        newest[r.machine_id] = r
+        count = kept.setdefault(r.machine_id, [0, 0])
+        count[0] += 1
+        count[1] += int(r.bytes_added or 0)
+    found = []
+    for p in rows:
+        m = fleet.get(p.machine_id)
+        if m is None:
+            continue
+        k = kept.get(p.machine_id, [0, 0])
+        found.append(_view(p, m, newest.get(p.machine_id), ops.get(p.point_op_id or ""),
+                           exts.get(p.machine_id), fleet.get(p.active_machine_id or ""),
+                           (k[0], k[1]), now))
+    return found
+
+
 class Recovery:
     """Protections, the point pass and the recovery actions; one per hub process."""
 
@@ -388,43 +434,7 @@ class Recovery:
     # --- reading -------------------------------------------------------------------------
     async def listing(self, account_id: str, machine: Any | None = None
                       ) -> list[dict[str, Any]]:
-        now = time.time()
-        query = sa.select(protections).where(protections.c.account_id == account_id)
-        if machine is not None:
-            query = query.where(protections.c.machine_id == machine.id)
-        s, o, e = backup_snapshots, extension_operations, extension_states
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(query.order_by(protections.c.created_at))).all()
-            if not rows:
-                return []
-            ids = [r.machine_id for r in rows]
-            fleet = {m.id: m for m in await conn.execute(sa.select(machine_rows).where(
-                machine_rows.c.account_id == account_id))}
-            points = (await conn.execute(sa.select(s).where(
-                s.c.machine_id.in_(ids), s.c.kind == "recovery", s.c.forgotten_at.is_(None))
-                .order_by(s.c.created_at))).all()
-            op_ids = [r.point_op_id for r in rows if r.point_op_id]
-            ops = {r.id: r for r in await conn.execute(
-                sa.select(o).where(o.c.id.in_(op_ids)))} if op_ids else {}
-            exts = {r.machine_id: r for r in await conn.execute(sa.select(e).where(
-                e.c.machine_id.in_(ids), e.c.name == NAME))}
-        newest: dict[str, Any] = {}
-        kept: dict[str, list[int]] = {}
-        for r in points:
-            newest[r.machine_id] = r
-            count = kept.setdefault(r.machine_id, [0, 0])
-            count[0] += 1
-            count[1] += int(r.bytes_added or 0)
-        found = []
-        for p in rows:
-            m = fleet.get(p.machine_id)
-            if m is None:
-                continue
-            k = kept.get(p.machine_id, [0, 0])
-            found.append(_view(p, m, newest.get(p.machine_id), ops.get(p.point_op_id or ""),
-                               exts.get(p.machine_id), fleet.get(p.active_machine_id or ""),
-                               (k[0], k[1]), now))
-        return found
+        return await views(self._engine, account_id, machine)
 
     async def show(self, account_id: str, machine: Any) -> dict[str, Any]:
         await self._row(account_id, machine)
