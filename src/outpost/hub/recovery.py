@@ -346,8 +346,10 @@ class Recovery:
                 await conn.execute(protections.update().where(
                     protections.c.id == existing.id).values(**values))
         if repair:
-            # The extension's own uninstall for this machine; the next point releases the
-            # hold and installs it again (docs/extensions.md, "Uninstall from one machine").
+            # The version that failed there may be tried again, and the extension's own
+            # uninstall for this machine; the next point releases the hold and installs it
+            # again (docs/extensions.md, "Uninstall from one machine").
+            await self._extensions.retry(account_id, machine, NAME)
             await self._ops.hold(account_id, machine, NAME)
         log.info("machine %s protected (rpo %gs) in account %s%s", machine.name, rpo,
                  account_id, " (repair)" if repair else "")
