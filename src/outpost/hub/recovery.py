@@ -56,6 +56,8 @@ log = logging.getLogger("outpost.hub.recovery")
 
 NAME = "recovery"
 MIN_INTERVAL = 5.0
+RECHECK = 1.0  # seconds before a point that could not be asked yet is looked at again
+FAILED_RETRY = 10.0  # seconds after a failed point before the next one
 DEFAULT_RPO = 300.0
 PRUNE_EVERY = 3600.0  # at most this long between prunes (half the retention when shorter)
 MIN_PRUNE_EVERY = 60.0
@@ -250,6 +252,8 @@ class Recovery:
                  store: backupstore.Store) -> None:
         self._engine = engine
         self._store = store
+        # (SQLite's two-argument min() is PostgreSQL's least())
+        self._sqlite = engine.dialect.name == "sqlite"
         self._extensions = extensions
         self._ops = ext_ops
 
@@ -582,10 +586,19 @@ class Recovery:
 
     async def _points(self) -> None:
         now = time.time()
-        t = protections
+        t, o = protections, extension_operations
         async with self._engine.connect() as conn:
             due = (await conn.execute(sa.select(t).where(
                 t.c.state == "Protecting", t.c.next_point_at <= now))).all()
+            # A point that failed is tried again after FAILED_RETRY (or the interval, if
+            # shorter), not a whole interval later: the RPO is what matters.
+            least = sa.func.min if self._sqlite else sa.func.least
+            failed = (await conn.execute(sa.select(t).join(o, o.c.id == t.c.point_op_id).where(
+                t.c.state == "Protecting", t.c.next_point_at > now, o.c.status == "Failed",
+                o.c.ended_at + least(t.c.interval_seconds, FAILED_RETRY) <= now,
+                # not claimed since it failed (a refused retry waits for its turn)
+                t.c.next_point_at - t.c.interval_seconds < o.c.ended_at))).all()
+            due = [*due, *failed]
         for p in due:
             try:
                 await self._point(p, now)
@@ -604,16 +617,19 @@ class Recovery:
             held = (await conn.execute(sa.select(extension_holds.c.name).where(
                 extension_holds.c.machine_id == p.machine_id,
                 extension_holds.c.name == NAME))).first() is not None
+        busy = op is not None and op.status in ("Queued", "Waiting", "Running")
+        ready = held or (ext is not None and ext.state == "Ready")
+        # Not yet (the last point has not ended, the extension is not Ready): look again in
+        # RECHECK seconds, so the point starts as soon as it can rather than a whole
+        # interval later.
+        later = now + (float(p.interval_seconds) if ready and not busy else RECHECK)
         async with self._engine.begin() as conn:  # this replica's turn, or none
             claimed = (await conn.execute(t.update().where(
                 t.c.id == p.id, t.c.state == "Protecting",
-                t.c.next_point_at == p.next_point_at).values(
-                    next_point_at=now + float(p.interval_seconds)))).rowcount
-        if not claimed:
-            return
-        if op is not None and op.status in ("Queued", "Waiting", "Running"):
-            return  # the last one has not ended: the next waits for it (health says why)
-        if not held and (ext is None or ext.state != "Ready"):
+                t.c.next_point_at == p.next_point_at).values(next_point_at=later))).rowcount
+        if not claimed or busy:
+            return  # (while one runs, health says why the newest point is old)
+        if not ready:
             await self._reason(p, "waiting for the recovery extension to be Ready: "
                                + (_extension_note(ext) or "it has not reported yet"))
             return
