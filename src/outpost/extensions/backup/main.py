@@ -297,7 +297,16 @@ def open_repository(ctx: Context) -> None:
         if restic.initialized():
             report(ctx, "success", "the machine's repository on the hub is ready")
             return
-        restic.run(["init"], "create the repository on the hub")
+        try:
+            restic.run(["init"], "create the repository on the hub")
+        except Failed:
+            # The backup and recovery extensions share the repository: when both are
+            # enabled at once, the other one's init may have won (the hub keeps the first
+            # config, 409 to the second).
+            if not restic.initialized():
+                raise
+            report(ctx, "success", "the machine's repository on the hub is ready")
+            return
         report(ctx, "success", "the machine's repository was created on the hub")
 
 
