@@ -1379,11 +1379,14 @@ _ENTRIES += (
     Entry(
         "E9116", "backup_grant_refused", "No restore grant for this machine: {problem}.",
         ("A machine asks for a read-only grant to another machine's repository only while it "
-         "runs a restore operation that names that machine as its source ('outpost backup "
-         "restore SOURCE --to MACHINE'); there is none running, the source is not a machine "
-         "of the same account, or the grant of this operation was already issued.",),
+         "runs an operation that names that machine as its source: the backup extension's "
+         "restore ('outpost backup restore SOURCE --to MACHINE') or the recovery extension's "
+         "recover (a point of SOURCE recovered on MACHINE); there is none running, the "
+         "source is not a machine of the same account, or the grant of this operation was "
+         "already issued.",),
         ("Ask for the restore again with 'outpost backup restore SOURCE SNAPSHOT --to "
-         "MACHINE'; it is refused at once when the machines are of different accounts.",),
+         "MACHINE', or the recovery again; it is refused at once when the machines are of "
+         "different accounts.",),
         403, None),
     # --- disaster recovery: protections, points, failover (E9120-E9149) -------------------
     Entry(
