@@ -193,7 +193,7 @@ async def failover(principal: Op, hub: HubDep, machine: str, body: FailoverAsked
     untouched. A target whose agent is silent is refused at once (E9080, 151099)."""
     row = await machines.find(hub.engine, principal.account_id, machine)
     target = await machines.find(hub.engine, principal.account_id, body.to)
-    return await hub.recovery.failover(principal.account_id, row, target, body.point,
+    return await hub.recovery.failovers.failover(principal.account_id, row, target, body.point,
                                        body.test, body.target_dir, principal.token_id or None)
 
 
@@ -204,7 +204,7 @@ async def failback(principal: Op, hub: HubDep, machine: str, body: FailbackAsked
     """Bring a failed-over machine's data back from the machine it failed over to, then
     protect it again (E9122 when it is not failed over)."""
     row = await machines.find(hub.engine, principal.account_id, machine)
-    return await hub.recovery.failback(principal.account_id, row, body.target_dir,
+    return await hub.recovery.failovers.failback(principal.account_id, row, body.target_dir,
                                        principal.token_id or None)
 
 
@@ -215,11 +215,11 @@ async def action_list(principal: Op, hub: HubDep,
                       ) -> list[dict[str, Any]]:
     """The newest 200 recovery actions, of one machine with ``machine``."""
     row = await machines.find(hub.engine, principal.account_id, machine) if machine else None
-    return await hub.recovery.list_actions(principal.account_id, row)
+    return await hub.recovery.failovers.list_actions(principal.account_id, row)
 
 
 @router.get("/v1/recovery-actions/{action_id}", tags=TAGS, response_model=None,
             responses=ok(Action))
 async def action_show(principal: Op, hub: HubDep, action_id: str) -> dict[str, Any]:
     """One recovery action: status, step, the operation or job it waits on, output."""
-    return await hub.recovery.action(principal.account_id, action_id)
+    return await hub.recovery.failovers.action(principal.account_id, action_id)
