@@ -229,3 +229,29 @@ async def test_bad_input_each_with_its_code(fast_hub: InprocHub) -> None:
     assert (await hub.api("GET", "/v1/machines/m1/protection",
                           token=other["token"])).status_code == 404
     assert await hub.ok("GET", "/v1/protections", token=other["token"]) == []
+
+
+async def test_a_failed_point_is_tried_again_well_before_the_interval(
+        fast_hub_any: InprocHub, hub_clock: Clock) -> None:
+    hub = fast_hub_any
+    version = await recovery_package(hub)
+    m1 = await hub.machine("m1", "web")
+    await m1.heartbeat(interval=30)
+    await ready(m1, version)
+    await hub.stop_task("recovery")
+    await hub.ok("POST", "/v1/machines/m1/protection", json={"paths": ["/srv"], "rpo": "1h"})
+    rec = hub.hub.recovery
+    await rec.tick()
+    [first] = await _ops(hub, "m1", "point")
+    await end_op(m1, first["id"], ok=False, code="E9102", message="restic failed: locked")
+    await rec.tick()
+    assert len(await _ops(hub, "m1", "point")) == 1  # not at once
+    hub_clock.advance(11)  # FAILED_RETRY, not the 30 min interval
+    await asyncio.gather(rec.tick(), _second(hub).tick())
+    points = await _ops(hub, "m1", "point")
+    assert len(points) == 2, points
+    shown = await hub.ok("GET", "/v1/machines/m1/protection")
+    assert shown["point_op_status"] == "Queued"
+    hub_clock.advance(11)  # the retry has not failed: the interval again
+    await rec.tick()
+    assert len(await _ops(hub, "m1", "point")) == 2
