@@ -255,3 +255,40 @@ async def test_a_failed_point_is_tried_again_well_before_the_interval(
     hub_clock.advance(11)  # the retry has not failed: the interval again
     await rec.tick()
     assert len(await _ops(hub, "m1", "point")) == 2
+
+
+async def test_retention_prunes_and_unprotect_keeps_or_forgets_the_points(
+        fast_hub: InprocHub) -> None:
+    hub = fast_hub
+    version = await recovery_package(hub)
+    m1 = await hub.machine("m1", "web")
+    await m1.heartbeat(interval=30)
+    await ready(m1, version)
+    await hub.stop_task("recovery")
+    await hub.ok("POST", "/v1/machines/m1/protection",
+                 json={"paths": ["/srv"], "rpo": "1h", "retention": "24h"})
+    await hub.hub.recovery.tick()
+    [prune] = await _ops(hub, "m1", "prune")
+    assert prune["params"] == {"keep_within": "24h"}
+    [point] = await _ops(hub, "m1", "point")
+    await end_op(m1, point["id"], result=point_result("ab12cd34", ["/srv"]))
+    full = "ab12cd34" + "0" * 56
+    # The point's snapshot file in the machine's repository on the hub.
+    snapshots = hub.hub.backups.root / hub.init.account_id / m1.id / "snapshots"
+    snapshots.mkdir(parents=True)
+    (snapshots / full).write_bytes(b"{}")
+
+    kept = await hub.ok("DELETE", "/v1/machines/m1/protection")
+    assert kept == {"machine": "m1", "removed": True, "points_forgotten": 0}
+    assert [g for g in (await hub.ok("GET", "/v1/extensions/recovery"))["goals"]] == []
+    assert len(await hub.ok("GET", "/v1/backups?kind=recovery")) == 1
+    assert (snapshots / full).exists()
+
+    await hub.ok("POST", "/v1/machines/m1/protection", json={"paths": ["/srv"]})
+    gone = await hub.ok("DELETE", "/v1/machines/m1/protection?delete_points=true")
+    assert gone["points_forgotten"] == 1
+    assert not (snapshots / full).exists()
+    assert await hub.ok("GET", "/v1/backups?kind=recovery") == []
+    [forgotten] = await hub.ok("GET", "/v1/backups?kind=recovery&forgotten=true")
+    assert forgotten["forgotten_by"] == "unprotect"
+    assert (await hub.api("GET", "/v1/machines/m1/protection")).json()["code"] == "E9121"
