@@ -542,6 +542,15 @@ def _metric(hub: Any, name: str, having: str = "") -> float:
     return total
 
 
+def _lags(hubs: list[Any]) -> list[float]:
+    """The hubs' event-loop lag samples: in all, and those over 50 and over 100 ms."""
+    name = "outpost_event_loop_lag_seconds"
+    total = sum(_metric(h, name + "_count") for h in hubs)
+    within = [sum(_metric(h, name + "_bucket", f'le="{le}"') for h in hubs)
+              for le in ("0.05", "0.1")]
+    return [total, total - within[0], total - within[1]]
+
+
 async def _job_latency(hubs: list[Any], probe: Fleet, count: int, interval: float
                        ) -> tuple[list[float], int]:
     """Submit ``count`` jobs, one at a time, to the group that holds only the probe machine
@@ -642,6 +651,7 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
         gc_before = [sum(_metric(h, f"outpost_gc_pause_seconds_{part}", 'generation="2"')
                          for h in hubs) for part in ("count", "sum")]
         requests_before = sum(_metric(h, "outpost_http_requests_total") for h in hubs)
+        lag_before = _lags(hubs)
         before = [_hub_sample(pid) for pid in pids]
         started = time.monotonic()
         latencies, lost = asyncio.run(_job_latency(hubs, probe, latency_jobs, 0.2))
@@ -653,6 +663,7 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
         gc_after = [sum(_metric(h, f"outpost_gc_pause_seconds_{part}", 'generation="2"')
                         for h in hubs) for part in ("count", "sum")]
         requests_after = sum(_metric(h, "outpost_http_requests_total") for h in hubs)
+        lag_after = _lags(hubs)
         stats = fleet.snapshot()
         polls_metric = sum(_metric(h, "outpost_long_polls_open") for h in hubs)
     elapsed = after[0]["at"] - before[0]["at"]
@@ -685,6 +696,8 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
         "job_start_lost": lost, "job_start_count": len(latencies),
         "full_collections": gc_after[0] - gc_before[0],
         "full_collection_seconds": gc_after[1] - gc_before[1],
+        # Samples of the event loop's lag (every 50 ms): in all, over 50 ms, over 100 ms.
+        "loop_lag_samples": [a - b for a, b in zip(lag_after, lag_before, strict=True)],
         "per_agent_cpu_percent": cpu / size,
         "per_agent_rss_kib": (rss - idle_rss) / size / 1024,
         "per_agent_fds": (fds - idle_fds) / size,
@@ -743,6 +756,10 @@ def _print(r: dict[str, Any], late: float) -> None:
           f"p50 {ms(r['job_start_p50_ms'])}, p99 {ms(p99)} (target p99 < 100 ms: "
           f"{'met' if p99 is not None and p99 < 100 else 'NOT met'}); "
           f"never arrived: {r['job_start_lost']}")
+    samples, over50, over100 = r["loop_lag_samples"]
+    if samples:  # a build that measures it
+        print(f"  event loop held: {over50:.0f} of {samples:.0f} samples over 50 ms, "
+              f"{over100:.0f} over 100 ms")
     if r["full_collections"]:
         print(f"  full garbage collections: {r['full_collections']:.0f}, the hub stopped "
               f"{r['full_collection_seconds'] / r['full_collections'] * 1e3:.0f} ms each "
@@ -809,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="hubs on one PostgreSQL, agents split between them")
     parser.add_argument("--window", type=float, default=65.0,
                         help="measured seconds per size (at least two heartbeat intervals)")
-    parser.add_argument("--latency-jobs", type=int, default=60)
+    parser.add_argument("--latency-jobs", type=int, default=200)
     parser.add_argument("--late", type=float, default=LATE_SECONDS,
                         help="a heartbeat answered this many seconds after due is late")
     parser.add_argument("--max-seconds", type=float, default=1800.0)

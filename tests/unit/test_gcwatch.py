@@ -36,3 +36,30 @@ def test_each_collection_is_timed_and_a_slow_one_is_logged_once_a_minute(
         assert 'outpost_gc_pause_seconds_bucket{generation="2",le="0.1"}' in text
     finally:
         gc.callbacks.remove(watch)
+
+
+def test_a_loop_held_by_blocking_work_shows_as_lag_and_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import time
+
+    registry = CollectorRegistry()
+    lag = gcwatch.LoopLag(registry)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(lag.run())
+        await asyncio.sleep(0.12)  # a few samples of an idle loop
+        quiet = lag.longest
+        time.sleep(0.3)  # the loop held: what a checkpoint or a collection inline does
+        await asyncio.sleep(0.12)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert quiet < 0.1, quiet
+        assert 0.2 < lag.longest < 1.0, lag.longest
+
+    with caplog.at_level(logging.WARNING, logger="outpost.hub"):
+        asyncio.run(main())
+    held = [r.message for r in caplog.records if "event loop was held" in r.message]
+    assert len(held) == 1, held
+    count = registry.get_sample_value("outpost_event_loop_lag_seconds_count")
+    assert count is not None and count >= 3

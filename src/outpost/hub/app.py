@@ -168,6 +168,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     tasks.start("extension-operations", hub.ext_ops.tick, period=1.0)
     # Recovery points at each protection's interval, and failover/failback steps.
     tasks.start("recovery", hub.recovery.tick, period=1.0)
+    tasks.start("loop-lag", hub.loop_lag.run)
+    checkpointer = getattr(hub.engine, "checkpointer", None)
+    if checkpointer is not None:  # SQLite's log, checkpointed off the event loop
+        tasks.start("wal-checkpoint", checkpointer.run)
     try:
         yield
     finally:
@@ -175,6 +179,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await tasks.stop()
         await hub.leadership.close()
         await hub.engine.dispose()
+        if checkpointer is not None:
+            checkpointer.close()
 
 
 def create_app(hub: Hub, *, lean_routes: bool = True) -> FastAPI:

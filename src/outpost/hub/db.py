@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from outpost.protocol.errors import OutpostError
 
-from . import sqlite_inline
+from . import sqlite_inline, walcheck
 
 log = logging.getLogger("outpost.hub.db")
 
@@ -438,16 +438,21 @@ class Engine(AsyncEngine):
     """The hub's engine: connections translate the drivers' outages (Connection), and
     ``health`` tells what this process has seen of them."""
 
-    __slots__ = ("health", "notifier")
+    __slots__ = ("health", "notifier", "checkpointer")
     _connection_cls = Connection
 
     def __init__(self, sync_engine: sa.Engine) -> None:
         super().__init__(sync_engine)
         self.health = Health()
         self.notifier: Any = None  # notify.Notifier, attached by the hub (notify.attach)
+        # walcheck.Checkpointer: SQLite's log checkpointed off the event loop (the hub's).
+        self.checkpointer: Any = None
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, checkpoint_off_loop: bool = False) -> Engine:
+    """The engine for ``url``. ``checkpoint_off_loop`` (the hub server, on an SQLite file):
+    its connection never checkpoints SQLite's log on commit, and ``engine.checkpointer``
+    does it on a worker thread once started (walcheck.py)."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         # One connection: SQLite has one writer at a time, and with several connections a
@@ -463,6 +468,9 @@ def make_engine(url: str) -> Engine:
         engine = Engine(create_async_engine(
             url, pool_size=1, max_overflow=0,
             async_creator=lambda: sqlite_inline.connect(path, timeout=5)).sync_engine)
+        off_loop = checkpoint_off_loop and path != ":memory:" and not path.startswith("file:")
+        if off_loop:
+            engine.checkpointer = walcheck.Checkpointer(path)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -472,6 +480,7 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            walcheck.connection_pragmas(cur, checkpoints_elsewhere=off_loop)
             cur.close()
 
         return engine

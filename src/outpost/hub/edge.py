@@ -16,7 +16,9 @@ hang-up from a long-poll) does, in order:
    caller's headers and that their principal exists do not: an unknown operator token,
    machine, account or webhook address is refused before a byte of the body is read. When
    that look-up itself fails (the database is down) the route decides, as it would anyway,
-   so such an answer comes from the one error-handler table.
+   so such an answer comes from the one error-handler table. The backup store's protocol
+   (``/v1/backup/``) checks its token itself, also before it reads a byte of the body, and
+   streams the body: the edge hands those requests on after step 1 and the declared size.
 4. **JSON text the hub will not store.** A body is scanned for the escapes that need a
    closer look (``\\u0000``, a lone UTF-16 surrogate such as ``\\ud800``, the non-JSON
    constants ``NaN`` and ``Infinity``); only a body that has one is parsed, and the first
@@ -233,7 +235,8 @@ class Edge:
         self.checks = checks
         self.render = render
         # (method, path) -> the handler that serves it once its body passed these checks,
-        # in place of the app (routes/lean.py: the agents' most frequent requests).
+        # in place of the app (routes/lean.py: the agents' most frequent requests); ("*",
+        # BACKUP_PATH) -> the one that serves every path under it, whose bodies it streams.
         self.lean = lean or {}
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, err: OutpostError,
@@ -260,6 +263,11 @@ class Edge:
         if declared is not None and declared > rule.limit:
             await self._refuse(scope, receive, send, too_large(rule, declared), declared)
             return
+        if rule.stream:
+            # The backup store's protocol checks its caller before it reads a body, and
+            # streams it (routes/restic.py): nothing to check or buffer here.
+            await self.lean.get(("*", BACKUP_PATH), self.app)(scope, receive, send)
+            return
         app = self.lean.get((scope["method"], scope["path"]), self.app)
         if not has_body:
             await app(scope, receive, send)
@@ -276,8 +284,8 @@ class Edge:
                 # at most the limit, and its error handlers answer as they do everywhere.
             except Exception:  # noqa: BLE001 - as above
                 pass
-        if rule.stream or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)  # the route streams it, or takes none
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)  # the route takes none
             return
         chunks, size, more = [], 0, True
         while more:

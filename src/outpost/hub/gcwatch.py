@@ -57,3 +57,34 @@ def install(registry: CollectorRegistry) -> GcWatch:
     watch = GcWatch(registry)
     gc.callbacks.append(watch)
     return watch
+
+
+class LoopLag:
+    """How late the event loop runs a callback it was asked to run ``PERIOD`` seconds on:
+    whatever held the loop (a statement, a collection, a checkpoint, a slow handler) for
+    longer shows as lag. ``outpost_event_loop_lag_seconds`` on ``/metrics``; a lag of
+    ``SLOW`` seconds or more is logged (at most once a minute)."""
+
+    PERIOD = 0.05  # seconds
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lags = Histogram(
+            "outpost_event_loop_lag_seconds", "How late the hub's event loop ran a timer, "
+            "sampled every 50 ms", registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self._logged = float("-inf")
+        self.longest = 0.0
+
+    async def run(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(self.PERIOD)
+            lag = max(loop.time() - asked - self.PERIOD, 0.0)
+            self.lags.observe(lag)
+            self.longest = max(self.longest, lag)
+            if lag >= SLOW and asked - self._logged >= LOG_EVERY:
+                self._logged = asked
+                log.warning("the hub's event loop was held for %.0f ms", lag * 1e3)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import gc
 import logging
 import resource
@@ -17,7 +16,7 @@ from outpost.extensions import publish_shipped
 from outpost.protocol import ports
 from outpost.protocol.errors import OutpostError
 
-from . import accounts, db, gcwatch
+from . import accounts, db, gcwatch, tlsread
 from .app import create_app
 from .state import Hub
 from .config import HubPaths, load_config, read_seed
@@ -36,7 +35,7 @@ class RunOptions:
 
 async def prepare(paths: HubPaths, database_url: str) -> Hub:
     config = load_config(paths)
-    engine = db.make_engine(database_url)
+    engine = db.make_engine(database_url, checkpoint_off_loop=True)
     try:
         await db.migrate(engine)
         await accounts.seed(engine, read_seed(paths))
@@ -99,8 +98,8 @@ def agents_for(fds: int) -> int:
 
 
 def small_tls_buffers() -> None:
-    if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER:
-        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+    # Larger only while a connection's reads fill it (a large body): tlsread.py.
+    tlsread.install(TLS_READ_BUFFER)
 
 
 class _Server(uvicorn.Server):

@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outpost.common.supervise import Supervisor
 
-from . import (accounts, backup_catalog, backupstore, db, extension_ops, extensions, install,
-               jobs, leader, machines, metrics, notify, recovery)
+from . import (accounts, backup_catalog, backupstore, db, extension_ops, extensions, gcwatch,
+               install, jobs, leader, machines, metrics, notify, recovery)
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -89,4 +89,5 @@ class Hub:
         Gauge("outpost_scheduler_leader", "1 while this replica runs the scheduler",
               registry=self.registry).set_function(lambda: float(self.leadership.leader))
         self.job_metrics = metrics.JobMetrics(self.registry)
+        self.loop_lag = gcwatch.LoopLag(self.registry)  # sampled while the app runs
         jobs.ended_listeners.append(self.job_metrics.ended)

@@ -14,6 +14,10 @@ constraints as the routes' declarations (so a bad one is refused with the same 4
 problems), the query is checked before the signature, as the routes do, and every error is
 answered by the app's own exception handlers. The routes stay declared in ``agents.py``,
 which is what the OpenAPI schema documents.
+
+The table also holds, under ``("*", "/v1/backup/")``, restic's REST protocol (every method
+and path under that prefix, ``routes/restic.py``): a backup or a restore is hundreds to
+thousands of requests, and its handler streams their bodies itself.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from ..edge import BACKUP_PATH
 from .agents import heartbeat_answer, poll_answer
 from .deps import hub_of, signed_machine
+from .restic import PROTOCOL
 
 Lean = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -113,4 +119,6 @@ async def heartbeat(scope: Scope, receive: Receive, send: Send) -> None:
 ROUTES: dict[tuple[str, str], Lean] = {
     ("POST", "/v1/agent/poll"): poll,
     ("POST", "/v1/agent/heartbeat"): heartbeat,
+    # restic's REST protocol, every method and path under it (routes/restic.py).
+    ("*", BACKUP_PATH): PROTOCOL,
 }
