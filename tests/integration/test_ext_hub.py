@@ -30,11 +30,13 @@ def _json(done: Any) -> Any:
 
 
 def test_publish_set_show_retry_and_remove(hub: Hub, tmp_path: Path) -> None:
-    # The hub publishes the shipped backup extension at its start; nothing else yet.
+    # The hub publishes the shipped backup and recovery extensions at its start; nothing
+    # else yet.
     shipped = hub.cli("extension", "list")
     assert shipped.returncode == 0, shipped.stderr
     assert "backup" in shipped.stdout, shipped.stdout
-    assert [e["name"] for e in _json(hub.cli("extension", "list", "--json"))] == ["backup"]
+    assert [e["name"] for e in _json(hub.cli("extension", "list", "--json"))] == [
+        "backup", "recovery"]
 
     bad = hub.cli("extension", "publish", _write(tmp_path / "bad.tar.gz", package(
         manifest("snapper", "1.0.0", settings_schema=SCHEMA), links={"bin/x": "/etc"})))
@@ -56,7 +58,7 @@ def test_publish_set_show_retry_and_remove(hub: Hub, tmp_path: Path) -> None:
     assert _json(newer)["version"] == "1.1.0"
     assert [(e["name"], e["versions"]) for e in _json(hub.cli("extension", "list",
                                                               "--json"))
-            if e["name"] != "backup"] == [("snapper", ["1.0.0", "1.1.0"])]
+            if e["name"] not in ("backup", "recovery")] == [("snapper", ["1.0.0", "1.1.0"])]
     versions = hub.cli("extension", "versions", "snapper")
     assert versions.returncode == 0 and "1.1.0" in versions.stdout, versions.stderr
 

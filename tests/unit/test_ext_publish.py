@@ -37,9 +37,11 @@ async def test_a_package_is_published_once_per_version_and_listed(
     assert (await publish(hub, package(manifest("hello", "1.10.0")))).status_code == 201
     assert (await publish(hub, package(manifest("hello", "1.9.0")))).status_code == 201
     listed = await hub.ok("GET", "/v1/extensions")
-    # The shipped backup extension is published at the hub's start (tests/*backup_ext*).
+    # The shipped backup and recovery extensions are published at the hub's start
+    # (tests/*backup_ext*, tests/*recovery_ext*).
     assert [(e["name"], e["newest"], e["versions"]) for e in listed
-            if e["name"] != "backup"] == [("hello", "1.10.0", ["1.0.0", "1.9.0", "1.10.0"])]
+            if e["name"] not in ("backup", "recovery")] == [
+        ("hello", "1.10.0", ["1.0.0", "1.9.0", "1.10.0"])]
     shown = await hub.ok("GET", "/v1/extensions/hello")
     first = shown["versions"][0]
     assert (first["version"], first["sha256"], first["size"], first["min_agent_version"],
@@ -93,7 +95,8 @@ async def test_a_bad_package_is_refused_naming_what_is_wrong(fast_hub: InprocHub
     body = refused.json()
     assert body["code"] == "E9000", body
     assert named in body["message"], body["message"]
-    assert [e["name"] for e in await fast_hub.ok("GET", "/v1/extensions")] == ["backup"]
+    assert [e["name"] for e in await fast_hub.ok("GET", "/v1/extensions")] == [
+        "backup", "recovery"]
 
 
 async def test_a_version_is_immutable(fast_hub_any: InprocHub) -> None:

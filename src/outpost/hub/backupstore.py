@@ -209,11 +209,16 @@ async def _granted(engine: AsyncEngine, token: str, machine_id: str) -> Credenti
     return Credential(row.source_machine_id, row.account_id, None, read_only=True)
 
 
+# The operations that read another machine's repository through a grant: (extension, name).
+GRANTED = (("backup", "restore"), ("recovery", "recover"))
+
+
 async def issue_grant(engine: AsyncEngine, holder: Credential,
                       ttl: float = 86400.0) -> dict[str, Any]:
-    """A read-only grant to the source repository of the restore operation of extension
-    ``backup`` that runs on the holder's machine (E9116 when none does, its source is not of
-    the same account, or its grant was issued already: one per operation)."""
+    """A read-only grant to the source repository of the operation that reads another
+    machine's repository on the holder's machine: the backup extension's ``restore`` or the
+    recovery extension's ``recover`` with a ``source_machine_id`` (E9116 when none runs, its
+    source is not of the same account, or its grant was issued already: one per operation)."""
     def refused(problem: str) -> OutpostError:
         return OutpostError("backup_grant_refused", "No restore grant for this machine: "
                             f"{problem}.", problem=problem)
@@ -223,18 +228,23 @@ async def issue_grant(engine: AsyncEngine, holder: Credential,
     ops = extension_operations
     async with engine.begin() as conn:
         running = (await conn.execute(sa.select(ops).where(
-            ops.c.machine_id == holder.machine_id, ops.c.extension == "backup",
-            ops.c.operation == "restore", ops.c.status == "Running"))).all()
-        op = next((r for r in running if (r.params or {}).get("source_machine_id")), None)
-        if op is None:
-            raise refused("no restore from another machine's repository runs on it")
+            ops.c.machine_id == holder.machine_id, ops.c.status == "Running",
+            sa.or_(*(sa.and_(ops.c.extension == extension, ops.c.operation == operation)
+                     for extension, operation in GRANTED))))).all()
+        reading = [r for r in running if (r.params or {}).get("source_machine_id")]
+        if not reading:
+            raise refused("no restore (backup) or recover (recovery) from another machine's "
+                          "repository runs on it")
+        issued = {r.op_id for r in (await conn.execute(sa.select(backup_grants.c.op_id).where(
+            backup_grants.c.op_id.in_([r.id for r in reading])))).all()}
+        # A backup restore and a recovery may run at once: the one without its grant yet.
+        op = next((r for r in reading if r.id not in issued), reading[0])
         source_id = str(op.params["source_machine_id"])
         source = (await conn.execute(sa.select(machine_rows).where(
             machine_rows.c.id == source_id))).first()
         if source is None or source.account_id != op.account_id:
             raise refused(f"the source machine {source_id} is not a machine of its account")
-        if (await conn.execute(sa.select(backup_grants.c.op_id).where(
-                backup_grants.c.op_id == op.id))).first() is not None:
+        if op.id in issued:
             raise refused(f"the grant of operation {op.id} was issued already")
         token, now = GRANT_PREFIX + secrets.token_urlsafe(32), time.time()
         await conn.execute(backup_grants.insert().values(

@@ -4,65 +4,28 @@ backing a machine's paths up into that machine's repository on its hub (docs/bac
 
 ``package/`` holds the package's files (its manifest and ``bin/backup``, a shell wrapper
 that runs ``outpost.extensions.backup.main`` with the agent's own Python); ``build()`` makes
-the archive the hub publishes. The archive is deterministic: members sorted, owner, modes
-and times fixed, gzip without a name or time, so a version's SHA-256 is the same wherever
-and whenever it is built, and publishing it again is the same package.
+the archive the hub publishes, deterministically (outpost.extensions.archive).
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
-import tarfile
 from pathlib import Path
 
-from outpost.protocol.extensions import MANIFEST_NAME
+from outpost.extensions import archive
+from outpost.extensions.archive import MTIME as MTIME
 
 NAME = "backup"
 PACKAGE_DIR = Path(__file__).parent / "package"
-MTIME = 1_700_000_000  # fixed member times: the archive depends on the files only
 
 
 def manifest() -> dict[str, object]:
-    value = json.loads((PACKAGE_DIR / MANIFEST_NAME).read_text())
-    assert isinstance(value, dict)
-    return value
+    return archive.manifest(PACKAGE_DIR)
 
 
 def version() -> str:
     return str(manifest()["version"])
 
 
-def _files() -> list[Path]:
-    return sorted((p for p in PACKAGE_DIR.rglob("*")
-                   if p.is_file() and "__pycache__" not in p.parts),
-                  key=lambda p: p.relative_to(PACKAGE_DIR).as_posix())
-
-
 def build() -> bytes:
     """The package as a .tar.gz, byte for byte the same for the same files."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        dirs: set[str] = set()
-        for path in _files():
-            rel = path.relative_to(PACKAGE_DIR).as_posix()
-            parts = rel.split("/")[:-1]
-            for i in range(1, len(parts) + 1):
-                directory = "/".join(parts[:i])
-                if directory not in dirs:
-                    dirs.add(directory)
-                    info = tarfile.TarInfo(directory)
-                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, MTIME
-                    archive.addfile(info)
-            data = path.read_bytes()
-            info = tarfile.TarInfo(rel)
-            info.size, info.mtime = len(data), MTIME
-            # By place, not by the file's mode here: an installed wheel may not keep the
-            # executable bit, and the digest must not depend on how Outpost was installed.
-            info.mode = 0o755 if rel.startswith("bin/") else 0o644
-            archive.addfile(info, io.BytesIO(data))
-    out = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as gz:
-        gz.write(raw.getvalue())
-    return out.getvalue()
+    return archive.build(PACKAGE_DIR)

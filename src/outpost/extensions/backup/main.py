@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -68,6 +68,7 @@ class Context:
     status_dir: Path
     seq: str
     secrets: list[str] = field(default_factory=list)
+    extension: str = "backup"
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -141,8 +142,10 @@ class Restic:
             machine_id, token = str(source["machine_id"]), str(source["token"])
             password = source.get("password") or password
         if not isinstance(password, str) or not password:
+            how = ("'outpost backup enable'" if ctx.extension == "backup" else
+                   f"'outpost extension set {ctx.extension} --protected-settings FILE'")
             raise Failed(SETTINGS_INVALID, "E9103: the protected setting repository_password "
-                         "is missing; set the extension with 'outpost backup enable'")
+                         f"is missing; set the extension with {how}")
         self.program = find_restic()
         self.transport = chosen_transport(ctx, self.program)
         ca_file = workdir / "hub-ca.pem"
@@ -210,18 +213,29 @@ class PreSnapshot:
 
 
 def pre_snapshot(ctx: Context) -> PreSnapshot:
-    command = ctx.settings.get("pre_snapshot")
-    required = ctx.settings.get("consistency", "crash") == "application"
+    """The backup extension's ``pre_snapshot`` step (settings ``pre_snapshot``,
+    ``pre_snapshot_timeout``, ``consistency``)."""
+    return pre_step(ctx.settings.get("pre_snapshot"),
+                    float(ctx.settings.get("pre_snapshot_timeout")
+                          or DEFAULT_PRE_SNAPSHOT_TIMEOUT),
+                    required=ctx.settings.get("consistency", "crash") == "application")
+
+
+def pre_step(command: Any, timeout: float, required: bool, setting: str = "pre_snapshot",
+             taken: str = "snapshot") -> PreSnapshot:
+    """Run ``command`` (the ``setting`` step) with ``sh -c`` in its own process group for at
+    most ``timeout`` seconds before a ``taken`` (a snapshot, a point): application-consistent
+    when it ends with 0 in time; otherwise crash-consistent with a note that names the step,
+    or, when ``required``, E9104 and nothing taken."""
     found = PreSnapshot()
     if not command:
         if required:
             raise Failed(PRE_SNAPSHOT_FAILED, "E9104: consistency 'application' is required "
-                         "but no pre_snapshot command is set")
+                         f"but no {setting} command is set")
         return found
-    timeout = float(ctx.settings.get("pre_snapshot_timeout") or DEFAULT_PRE_SNAPSHOT_TIMEOUT)
     found.ran = True
     started = time.monotonic()
-    print(f"pre_snapshot: running {command!r} (timeout {timeout:g} s)", flush=True)
+    print(f"{setting}: running {command!r} (timeout {timeout:g} s)", flush=True)
     proc = subprocess.Popen(["/bin/sh", "-c", str(command)], stdin=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -231,21 +245,21 @@ def pre_snapshot(ctx: Context) -> PreSnapshot:
         _end_group(proc)
     found.seconds = round(time.monotonic() - started, 3)
     if found.timed_out:
-        problem = (f"the pre_snapshot step ({command!r}) was still running after "
-                   f"{found.seconds:g} s, over its pre_snapshot_timeout of {timeout:g} s, "
+        problem = (f"the {setting} step ({command!r}) was still running after "
+                   f"{found.seconds:g} s, over its {setting}_timeout of {timeout:g} s, "
                    "and was ended")
     elif found.exit_code != 0:
-        problem = (f"the pre_snapshot step ({command!r}) exited with {found.exit_code} "
+        problem = (f"the {setting} step ({command!r}) exited with {found.exit_code} "
                    f"after {found.seconds:g} s")
     else:
         found.consistency = "application"
-        found.note = f"pre_snapshot step took {found.seconds:g} s"
+        found.note = f"{setting} step took {found.seconds:g} s"
         return found
     if required:
         raise Failed(PRE_SNAPSHOT_FAILED, f"E9104: {problem}; consistency 'application' is "
-                     "required, so no snapshot was taken")
-    found.note = f"{problem}; the snapshot is crash-consistent"
-    print(f"pre_snapshot: {found.note}", flush=True)
+                     f"required, so no {taken} was taken")
+    found.note = f"{problem}; the {taken} is crash-consistent"
+    print(f"{setting}: {found.note}", flush=True)
     return found
 
 
@@ -273,12 +287,26 @@ def do_install(ctx: Context) -> None:
 
 def do_enable(ctx: Context) -> None:
     _strings(ctx.settings.get("paths"), "paths", required=True)
+    open_repository(ctx)
+
+
+def open_repository(ctx: Context) -> None:
+    """Open the machine's repository on the hub, creating it when there is none."""
     with workdir() as tmp:
         restic = Restic(ctx, tmp)
         if restic.initialized():
             report(ctx, "success", "the machine's repository on the hub is ready")
             return
-        restic.run(["init"], "create the repository on the hub")
+        try:
+            restic.run(["init"], "create the repository on the hub")
+        except Failed:
+            # The backup and recovery extensions share the repository: when both are
+            # enabled at once, the other one's init may have won (the hub keeps the first
+            # config, 409 to the second).
+            if not restic.initialized():
+                raise
+            report(ctx, "success", "the machine's repository on the hub is ready")
+            return
         report(ctx, "success", "the machine's repository was created on the hub")
 
 
@@ -298,16 +326,28 @@ def _summary(stdout: str) -> dict[str, Any]:
 
 
 def do_snapshot(ctx: Context) -> None:
+    back_up(ctx, _strings(ctx.settings.get("paths"), "paths", required=True),
+            _strings(ctx.settings.get("exclude"), "exclude"), ["outpost"],
+            functools.partial(pre_snapshot, ctx))
+
+
+def back_up(ctx: Context, paths: list[str], exclude: list[str], tags: Sequence[str],
+            pre_step: Callable[[], PreSnapshot], pre_key: str = "pre_snapshot",
+            noun: str = "snapshot") -> None:
+    """``restic backup`` of ``paths`` tagged ``tags``, after ``pre_step`` (which may raise
+    Failed), reported with its result: the snapshot's ids and time, its counts and sizes,
+    its consistency and, under ``pre_key``, how the step went. A step that ran and did not
+    make it application-consistent makes the status ``warning``."""
     started = time.monotonic()
-    paths = _strings(ctx.settings.get("paths"), "paths", required=True)
-    exclude = _strings(ctx.settings.get("exclude"), "exclude")
     with workdir() as tmp:
         restic = Restic(ctx, tmp)
-        pre = pre_snapshot(ctx)
-        args = ["backup", "--json", "--tag", "outpost"]
+        pre = pre_step()
+        args = ["backup", "--json"]
+        for tag in tags:
+            args += ["--tag", tag]
         for pattern in exclude:
             args += ["--exclude", pattern]
-        summary = _summary(restic.run([*args, "--", *paths], "take the snapshot"))
+        summary = _summary(restic.run([*args, "--", *paths], f"take the {noun}"))
         # restic's short id is the first 8 hex digits of the full one; its summary names the
         # snapshot by the short id before 0.17 and by the full id since.
         short = str(summary.get("snapshot_id") or "")[:8]
@@ -325,11 +365,11 @@ def do_snapshot(ctx: Context) -> None:
         "duration_seconds": round(time.monotonic() - started, 3),
         "paths": paths,
         "consistency": pre.consistency,
-        "pre_snapshot": None if not pre.ran else {
+        pre_key: None if not pre.ran else {
             "seconds": pre.seconds, "timed_out": pre.timed_out, "exit_code": pre.exit_code,
             "note": pre.note},
     }
-    message = (f"snapshot {str(result['snapshot'])[:8]}: {result['files']} files, "
+    message = (f"{noun} {str(result['snapshot'])[:8]}: {result['files']} files, "
                f"{result['bytes_added']} bytes added, {result['total_bytes']} bytes in all, "
                f"in {result['duration_seconds']:g} s, {pre.consistency}-consistent")
     if pre.ran and pre.consistency != "application":
@@ -397,18 +437,30 @@ def do_restore(ctx: Context) -> None:
         raise Failed(SETTINGS_INVALID, "E9103: restore needs a snapshot id (or 'latest') and "
                      f"an absolute target path (got {snapshot!r}, {target!r})")
     source_id = ctx.params.get("source_machine_id")
-    with workdir() as tmp:
-        source = grant(ctx, tmp) if source_id else None
-        restic = Restic(ctx, tmp, source)
-        args = ["restore", snapshot, "--target", target]
-        for pattern in include:
-            args += ["--include", pattern]
-        restic.run(args, f"restore {snapshot} into {target}")
+    restore(ctx, snapshot, target, include, source_id)
     seconds = round(time.monotonic() - started, 3)
     origin = f" of machine {ctx.params.get('source_machine') or source_id}" if source_id else ""
     report(ctx, "success", f"restored {snapshot}{origin} into {target} in {seconds:g} s",
            result={"snapshot": snapshot, "target": target, "include": include,
                    "source_machine_id": source_id, "duration_seconds": seconds})
+
+
+def restore(ctx: Context, snapshot: str, target: str, include: Sequence[str] = (),
+            source_id: Any = None) -> dict[str, Any]:
+    """``restic restore SNAPSHOT --target TARGET`` from this machine's repository or, with
+    ``source_id``, from that machine's through a restore grant; restic's summary (restic 0.17
+    and later print one: ``total_files``, ``total_bytes``, ...), or {} from older ones."""
+    with workdir() as tmp:
+        source = grant(ctx, tmp) if source_id else None
+        restic = Restic(ctx, tmp, source)
+        args = ["restore", "--json", snapshot, "--target", target]
+        for pattern in include:
+            args += ["--include", pattern]
+        out = restic.run(args, f"restore {snapshot} into {target}")
+    try:
+        return _summary(out)
+    except Failed:
+        return {}
 
 
 def do_forget(ctx: Context) -> None:
@@ -428,11 +480,7 @@ def do_forget(ctx: Context) -> None:
             raise Failed(SETTINGS_INVALID, f"E9103: not a snapshot id: {snapshot!r}")
         args.append(snapshot)
     started = time.monotonic()
-    with workdir() as tmp:
-        restic = Restic(ctx, tmp)
-        before = {s["id"] for s in _listed(restic)}
-        restic.run(args, "forget snapshots")
-        removed = sorted(before - {s["id"] for s in _listed(restic)})
+    removed = forget(ctx, args)
     seconds = round(time.monotonic() - started, 3)
     what = f"snapshot {snapshot}" if snapshot else "snapshots outside " + ", ".join(
         f"keep_{k}={n}" for k, n in keep.items())
@@ -442,12 +490,23 @@ def do_forget(ctx: Context) -> None:
                    "duration_seconds": seconds})
 
 
+def forget(ctx: Context, args: Sequence[str]) -> list[str]:
+    """``restic ARGS`` (a ``forget --prune ...``); the full ids of the snapshots it removed."""
+    with workdir() as tmp:
+        restic = Restic(ctx, tmp)
+        before = {s["id"] for s in _listed(restic)}
+        restic.run(args, "forget snapshots")
+        return sorted(before - {s["id"] for s in _listed(restic)})
+
+
 COMMANDS = {"install": do_install, "enable": do_enable, "disable": do_nothing,
             "update": do_nothing, "uninstall": do_nothing, "snapshot": do_snapshot,
             "restore": do_restore, "forget": do_forget}
 
 
-def _context(command: str, raw: str) -> Context:
+def context(command: str, raw: str, extension: str = "backup") -> Context:
+    """The command's context from the JSON object the agent wrote on its stdin (anything
+    else reads as empty)."""
     try:
         payload = json.loads(raw) if raw.strip() else {}
     except ValueError:
@@ -464,19 +523,26 @@ def _context(command: str, raw: str) -> Context:
                    credential=part(credentials.get("backup")),
                    params=part(payload.get("params")),
                    status_dir=Path(os.environ.get("OUTPOST_EXT_STATUS_DIR", ".")),
-                   seq=os.environ.get("OUTPOST_EXT_SEQ", "0"))
+                   seq=os.environ.get("OUTPOST_EXT_SEQ", "0"), extension=extension)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run(COMMANDS, argv)
+
+
+def run(commands: Mapping[str, Callable[[Context], None]], argv: Sequence[str] | None = None,
+        extension: str = "backup") -> int:
+    """Run the command ``argv`` names (a handler's or an operation's, from ``commands``)
+    and write its status file; the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[0] if args else os.environ.get("OUTPOST_EXT_HANDLER", "")
-    ctx = _context(command, sys.stdin.read())
-    if command not in COMMANDS:
+    ctx = context(command, sys.stdin.read(), extension)
+    if command not in commands:
         report(ctx, "error", f"E9103: unknown command {command!r}; one of "
-               f"{', '.join(COMMANDS)}", SETTINGS_INVALID)
+               f"{', '.join(commands)}", SETTINGS_INVALID)
         return 2
     try:
-        COMMANDS[command](ctx)
+        commands[command](ctx)
     except Failed as exc:
         report(ctx, "error", exc.message, exc.code)
         return 1
