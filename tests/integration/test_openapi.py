@@ -87,7 +87,10 @@ def _certificate_b64() -> str:
     return base64.b64encode(pem).decode()
 
 
-def _catalog_row(hub: Hub, machine_id: str, op_id: str) -> None:
+RECOVERY_OPS = {name: {"run": "bin/install"} for name in ("point", "recover", "prune")}
+
+
+def _catalog_row(hub: Hub, machine_id: str, op_id: str, kind: str = "backup") -> None:
     """A snapshot in the backup catalog as a backup snapshot operation's end writes it (the
     backup extension end to end is tests/integration/test_backup_cli.py)."""
     url = hub.database_url.replace("postgresql://", "postgresql+psycopg://", 1)
@@ -97,8 +100,10 @@ def _catalog_row(hub: Hub, machine_id: str, op_id: str) -> None:
             account = conn.execute(sa.select(db.machines.c.account_id).where(
                 db.machines.c.id == machine_id)).scalar()
             conn.execute(db.backup_snapshots.insert().values(
-                id="catalog-row", account_id=account, machine_id=machine_id,
-                short_id="0123abcd", snapshot_id="0123abcd" + "e" * 56, op_id=op_id,
+                id=f"catalog-row-{kind}", account_id=account, machine_id=machine_id,
+                short_id="0123abcd" if kind == "backup" else "4567abcd",
+                snapshot_id=("0123abcd" if kind == "backup" else "4567abcd") + "e" * 56,
+                op_id=op_id, kind=kind,
                 paths=["/srv"], files=3, bytes_added=3_000_000_000, total_bytes=5_000_000_000,
                 duration_seconds=1.5, consistency="crash", waited_seconds=2.25,
                 wait_reason="waiting: CPU at 97% has been above the 90% threshold for 2 s",
@@ -242,6 +247,29 @@ def test_real_answers_match_the_declared_models(
              "/v1/machines/w1/backups/latest")
     api.call("POST", "/v1/machines/{machine}/backups/{snapshot}/restore",  # (backup not set)
              "/v1/machines/w1/backups/0123/restore", json={"target": "/srv"}, status=404)
+
+    # Disaster recovery (docs/recovery.md), with the shipped recovery extension or, on a hub
+    # that does not ship one yet, a stand-in with its operations.
+    if hub.api("GET", "/v1/extensions/recovery").status_code == 404:
+        made = hub.api("POST", "/v1/extensions", headers=gzip, content=package(
+            manifest("recovery", "1.0.0", operations=RECOVERY_OPS)))
+        assert made.status_code == 201, made.text
+    healthy_agent(hub, tmp_path, agents, "w2")
+    protect = {"paths": ["/srv"], "rpo": "1h", "target_group": "web"}
+    api.call("POST", "/v1/machines/{machine}/protection", "/v1/machines/w1/protection",
+             json=protect)
+    api.call("DELETE", "/v1/machines/{machine}/protection", "/v1/machines/w1/protection")
+    api.call("POST", "/v1/machines/{machine}/protection", "/v1/machines/w1/protection",
+             json=protect)
+    api.call("GET", "/v1/machines/{machine}/protection", "/v1/machines/w1/protection")
+    api.call("GET", "/v1/protections")
+    _catalog_row(hub, asked["machine_id"], asked["id"], "recovery")
+    drill = api.call("POST", "/v1/machines/{machine}/failover", "/v1/machines/w1/failover",
+                     status=201, json={"to": "w2", "test": True})
+    api.call("GET", "/v1/recovery-actions", params={"machine": "w1"})
+    api.call("GET", "/v1/recovery-actions/{action_id}", f"/v1/recovery-actions/{drill['id']}")
+    api.call("POST", "/v1/machines/{machine}/failback", "/v1/machines/w1/failback", json={},
+             status=409)
 
     api.call("POST", "/v1/schedules", status=201, json={
         "name": "nightly", "runbook": "hello", "group": "web", "cron": "0 3 * * *"})

@@ -662,6 +662,10 @@ def judge_extension(row: dict[str, Any], *, now: float, machine: str, state_root
                 fix: str | None = None) -> ExtensionVerdict:
         item = CATALOG.get(key) if key else None
         shown = item.code if item else key
+        if name == "recovery" and result != OK and fix:
+            # The hub's protection drives it (docs/recovery.md): its repair reinstalls it.
+            fix += (f". For the recovery extension: 'outpost protect {machine} --repair' "
+                    "reinstalls it; the points already taken stay")
         data.update(result=result, code=shown, fix=fix)
         return ExtensionVerdict(name, result, text, shown, fix, data)
 

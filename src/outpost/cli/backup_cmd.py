@@ -50,10 +50,22 @@ def _password(path: Path) -> str:
     return text
 
 
-def _has_password(client: Any, kind: str, target: str) -> bool:
-    shown = client.get(f"/v1/extensions/{_q(NAME)}")
-    return any(g["target_kind"] == kind and g["target"] == target and g["protected"]
-               for g in shown.get("goals", []))
+def _has_password(client: Any, kind: str, target: str,
+                  names: tuple[str, ...] = (NAME, "recovery")) -> bool:
+    """Whether the goal of the backup (or recovery) extension for the target holds a
+    repository password already: the two share the machine's repository, and the hub gives
+    a goal without one the other's."""
+    for name in names:
+        try:
+            shown = client.get(f"/v1/extensions/{_q(name)}")
+        except OutpostError as exc:
+            if exc.reason == "ext_not_found":
+                continue
+            raise
+        if any(g["target_kind"] == kind and g["target"] == target and g["protected"]
+               for g in shown.get("goals", [])):
+            return True
+    return False
 
 
 @app.command("enable")
@@ -298,13 +310,20 @@ def backup_list(
         "the account).")] = None,
     forgotten: Annotated[bool, typer.Option(
         "--forgotten", help="Also the snapshots a forget removed.")] = False,
+    kind: Annotated[str, typer.Option(
+        "--kind", metavar="backup|recovery|all", help="backup (the default): the backup "
+        "extension's snapshots; recovery: the recovery points of protected machines; all: "
+        "both.")] = "backup",
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
     """The snapshots the hub's catalog holds, newest first: id, machine, time, files, size,
     duration and how long the machine's load held them back ('show' and --json say more)."""
+    if kind not in ("backup", "recovery", "all"):
+        raise typer.BadParameter(f"give backup, recovery or all (not {kind})",
+                                 param_hint="'--kind'")
     client = api(hub, token, ca_fingerprint, data_dir)
-    query = "?forgotten=true" if forgotten else ""
+    query = "?" + "&".join(["kind=" + kind] + (["forgotten=true"] if forgotten else []))
     rows = client.get((f"/v1/machines/{_q(machine)}/backups" if machine
                        else "/v1/backups") + query)
     if json:
@@ -316,11 +335,12 @@ def backup_list(
         return
     # Fits 80 columns: the bytes added, consistency and wait reason are in 'show'.
     table(["SNAPSHOT", "MACHINE", "TAKEN", "FILES", "SIZE", "TOOK", "WAITED"]
-          + (["FORGOTTEN"] if forgotten else []),
+          + (["KIND"] if kind == "all" else []) + (["FORGOTTEN"] if forgotten else []),
           [[r["short_id"], r["machine"], ago(r["taken_at"] or r["created_at"]), r["files"],
             _size(r["total_bytes"]),
             f"{r['duration_seconds']:.1f} s" if r["duration_seconds"] is not None else "",
             f"{r['waited_seconds']:.0f} s" if r["waited_seconds"] else ""]
+           + ([r.get("kind", "backup")] if kind == "all" else [])
            + ([ago(r["forgotten_at"]) if r["forgotten_at"] else ""] if forgotten else [])
            for r in rows])
 

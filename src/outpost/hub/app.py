@@ -167,6 +167,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     tasks.start("scheduler", hub.scheduler.run, backoff_cap=5.0)
     # Extension operations: start timeouts (EX-1), retries (EX-12), the next in line.
     tasks.start("extension-operations", hub.ext_ops.tick, period=1.0)
+    # Recovery points at each protection's interval, and failover/failback steps.
+    tasks.start("recovery", hub.recovery.tick, period=1.0)
     tasks.start("loop-lag", hub.loop_lag.run)
     checkpointer = getattr(hub.engine, "checkpointer", None)
     if checkpointer is not None:  # SQLite's log, checkpointed off the event loop

@@ -4,8 +4,10 @@ the repository (it cannot: the password is the machine's).
 A row is written when an operation ``snapshot`` of extension ``backup`` ends Succeeded, in the
 transaction that records the end (``ExtensionOps.ended``), from the operation's result (restic's
 ids and time, files, bytes, duration, consistency) and its record (how long it waited for the
-machine's load, and why). A ``forget`` operation that succeeds marks the rows of the snapshots
-its result lists as removed; they stay in the catalog, forgotten.
+machine's load, and why). A ``point`` of extension ``recovery`` is recorded the same way with
+kind ``recovery`` (hub/recovery.py). A ``forget`` (backup) or ``prune`` (recovery) operation
+that succeeds marks the rows of the snapshots its result lists as removed; they stay in the
+catalog, forgotten.
 
 A snapshot is named by its id, full or short, or by any start of it of at least
 ``PREFIX_MIN`` characters (as git names commits), or ``latest``.
@@ -35,6 +37,11 @@ from .db import backup_snapshots
 from .db import machines as machine_rows
 
 EXTENSION = "backup"
+RECOVERY = "recovery"  # the recovery extension's points share the catalog (kind recovery)
+# The extensions whose goals hold a machine's repository password: one repository per
+# machine, whichever of them created it (docs/recovery.md).
+REPOSITORY_EXTENSIONS = (EXTENSION, RECOVERY)
+KINDS = ("backup", "recovery")
 PREFIX_MIN = 4
 _HEX = re.compile(r"^[0-9a-f]{1,64}$")
 _CANDIDATES = 5
@@ -51,13 +58,16 @@ def _float(value: Any) -> float | None:
 
 
 async def on_end(conn: AsyncConnection, op: Any, values: dict[str, Any]) -> None:
-    """``ExtensionOps.ended`` listener: a backup snapshot into the catalog, a forget out."""
-    if op.extension != EXTENSION or values.get("status") != "Succeeded":
+    """``ExtensionOps.ended`` listener: a backup snapshot or a recovery point into the
+    catalog, what a forget (or a recovery prune) removed out."""
+    if op.extension not in REPOSITORY_EXTENSIONS or values.get("status") != "Succeeded":
         return
     result = values.get("result") or {}
-    if op.operation == "snapshot":
-        await _record(conn, op, values, result)
-    elif op.operation == "forget":
+    if (op.extension, op.operation) == (EXTENSION, "snapshot"):
+        await _record(conn, op, values, result, "backup")
+    elif (op.extension, op.operation) == (RECOVERY, "point"):
+        await _record(conn, op, values, result, "recovery")
+    elif (op.extension, op.operation) in ((EXTENSION, "forget"), (RECOVERY, "prune")):
         removed = [r for r in result.get("removed") or [] if isinstance(r, str) and r]
         if removed:
             t = backup_snapshots
@@ -68,7 +78,7 @@ async def on_end(conn: AsyncConnection, op: Any, values: dict[str, Any]) -> None
 
 
 async def _record(conn: AsyncConnection, op: Any, values: dict[str, Any],
-                  result: dict[str, Any]) -> None:
+                  result: dict[str, Any], kind: str) -> None:
     full = result.get("snapshot_id")
     short = result.get("snapshot")
     if not isinstance(short, str) or not _HEX.match(short):
@@ -90,7 +100,7 @@ async def _record(conn: AsyncConnection, op: Any, values: dict[str, Any],
         consistency=str(result.get("consistency") or "")[:16] or None,
         waited_seconds=op.waited_seconds, wait_reason=op.wait_reason,
         taken_at=_float(result.get("time")), created_at=values.get("ended_at") or time.time(),
-        forgotten_at=None, forgotten_by=None))
+        forgotten_at=None, forgotten_by=None, kind=kind))
 
 
 def view(row: Any, machine: str) -> dict[str, Any]:
@@ -103,6 +113,7 @@ def view(row: Any, machine: str) -> dict[str, Any]:
         "waited_seconds": row.waited_seconds, "wait_reason": row.wait_reason,
         "taken_at": row.taken_at, "created_at": row.created_at,
         "forgotten_at": row.forgotten_at, "forgotten_by": row.forgotten_by,
+        "kind": row.kind,
     }
 
 
@@ -141,9 +152,10 @@ def pick(rows: Sequence[Any], ref: str, machine: str) -> Any:
 
 
 async def listing(engine: AsyncEngine, account_id: str, machine: Any | None = None,
-                  forgotten: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+                  forgotten: bool = False, limit: int = 1000,
+                  kind: str | None = "backup") -> list[dict[str, Any]]:
     """The account's snapshots (or one machine's), newest first; forgotten ones too with
-    ``forgotten``."""
+    ``forgotten``; of one ``kind`` (backup, recovery) or, with None, of both."""
     t = backup_snapshots
     query = sa.select(t, machine_rows.c.name.label("machine_name")).join(
         machine_rows, machine_rows.c.id == t.c.machine_id).where(t.c.account_id == account_id)
@@ -151,19 +163,24 @@ async def listing(engine: AsyncEngine, account_id: str, machine: Any | None = No
         query = query.where(t.c.machine_id == machine.id)
     if not forgotten:
         query = query.where(t.c.forgotten_at.is_(None))
+    if kind is not None:
+        query = query.where(t.c.kind == kind)
     query = query.order_by(t.c.created_at.desc(), t.c.id).limit(limit)
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     return [view(r, r.machine_name) for r in rows]
 
 
-async def show(engine: AsyncEngine, account_id: str, machine: Any, ref: str) -> dict[str, Any]:
-    """One snapshot of ``machine`` (forgotten ones included, marked so)."""
+async def show(engine: AsyncEngine, account_id: str, machine: Any, ref: str,
+               kind: str | None = None) -> dict[str, Any]:
+    """One snapshot of ``machine`` (forgotten ones included, marked so); ``latest`` and
+    prefixes among those of ``kind`` when given."""
     t = backup_snapshots
+    query = sa.select(t).where(t.c.account_id == account_id, t.c.machine_id == machine.id)
+    if kind is not None:
+        query = query.where(t.c.kind == kind)
     async with engine.connect() as conn:
-        rows = (await conn.execute(sa.select(t).where(
-            t.c.account_id == account_id, t.c.machine_id == machine.id)
-            .order_by(t.c.created_at.desc(), t.c.id))).all()
+        rows = (await conn.execute(query.order_by(t.c.created_at.desc(), t.c.id))).all()
     return view(pick(rows, ref, machine.name), machine.name)
 
 
@@ -172,7 +189,7 @@ async def restore(engine: AsyncEngine, ops: ExtensionOps, account_id: str, sourc
                   requested_by: str | None) -> dict[str, Any]:
     """Ask for the restore of snapshot ``ref`` of machine ``source`` on ``to`` (another
     machine of the account) or on ``source`` itself; the operation as asked."""
-    shown = await show(engine, account_id, source, ref)
+    shown = await show(engine, account_id, source, ref, "backup")
     if shown["forgotten_at"] is not None:
         raise OutpostError("backup_snapshot_forgotten", f"Snapshot {shown['short_id']} of "
                            f"machine {source.name} was forgotten (operation "
@@ -191,14 +208,20 @@ async def restore(engine: AsyncEngine, ops: ExtensionOps, account_id: str, sourc
 
 
 async def password_for(extensions: Extensions, machine: Any) -> str | None:
-    """The repository password the backup goal of ``machine`` holds (opened from the vault),
-    or None."""
+    """The repository password the goals that apply to ``machine`` hold (opened from the
+    vault): its backup goal's, else its recovery goal's; None when neither has one. The two
+    extensions share the machine's one repository, so they share its password."""
     goals = await extensions.cache.get(machine.account_id)
-    found = {r.goal.name: r for r in goals.resolve(machine, held=True)}.get(EXTENSION)
-    sealed = found.goal.protected if found is not None else None
-    if found is None or sealed is None:
-        return None
-    goal = found.goal
-    plain = extensions._open(machine.account_id, goal.name, goal.kind, goal.target, sealed)
-    value = json.loads(plain).get("repository_password")
-    return value if isinstance(value, str) and value else None
+    applying = {r.goal.name: r for r in goals.resolve(machine, held=True)}
+    for name in REPOSITORY_EXTENSIONS:
+        found = applying.get(name)
+        sealed = found.goal.protected if found is not None else None
+        if found is None or sealed is None:
+            continue
+        goal = found.goal
+        plain = extensions._open(machine.account_id, goal.name, goal.kind, goal.target,
+                                 sealed)
+        value = json.loads(plain).get("repository_password")
+        if isinstance(value, str) and value:
+            return value
+    return None

@@ -254,6 +254,47 @@ def disk(ctx: HubContext) -> Outcome:
     return disk_outcome(ctx.data_dir, "hub's data directory")
 
 
+@checks.add("protections", "Protected machines are Protecting",
+            "each protection's health: the newest recovery point's age against its RPO, the "
+            "recovery extension's state (docs/recovery.md)",
+            needs=("migrations",))
+async def protections(ctx: HubContext) -> Outcome:
+    from . import recovery
+
+    rows = await recovery.views(ctx.engine, None)
+    lines = [f"{r['machine']}: {r['health']}: {r['message']}" for r in rows]
+    data = {"protections": [{k: r[k] for k in ("machine", "machine_id", "health", "message",
+                                                "state", "last_point_age_seconds",
+                                                "extension_state", "extension_step")}
+                            for r in rows]}
+    if not rows:
+        return ok("no machine is protected", **data)
+    failed = [r for r in rows if r["health"] == "Failed"]
+    behind = [r for r in rows if r["health"] == "Behind"]
+    other = [r for r in rows if r["health"] in ("FailedOver", "Paused")]
+    text = "; ".join(lines)
+    if failed:
+        first = failed[0]["machine"]
+        return error("recovery_extension_failed", text, f"Read 'outpost protection show "
+                     f"{first}' and the extension's log on {first}; once the cause is fixed, "
+                     f"reinstall it with 'outpost protect {first} --repair' (the points "
+                     "stay).", **data)
+    if behind:
+        first = behind[0]["machine"]
+        return warning("recovery_behind", text, f"Read 'outpost protection show {first}' "
+                       "for the cause: start its agent, let the load pass (or raise the "
+                       "agent's max_cpu_percent), or repair the extension with 'outpost "
+                       f"protect {first} --repair'.", **data)
+    if other:
+        first = other[0]
+        fix = (f"Fail it back once it is Healthy: 'outpost failback {first['machine']} "
+               "--wait'." if first["health"] == "FailedOver" else
+               f"Enable the extension again: 'outpost extension set recovery --machine "
+               f"{first['machine']} --enabled'.")
+        return warning("recovery_behind", text, fix, **data)
+    return ok(text, **data)
+
+
 async def _run(ctx: HubContext, on_result: Callable[[Result], None] | None) -> list[Result]:
     try:
         return await run_checks(checks.checks, ctx, on_result)

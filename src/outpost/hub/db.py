@@ -799,6 +799,8 @@ backup_snapshots = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("forgotten_at", sa.Float),
     sa.Column("forgotten_by", sa.String(36)),  # the forget operation
+    # backup (a backup snapshot) | recovery (a recovery point, hub/recovery.py)
+    sa.Column("kind", sa.String(16), nullable=False, server_default="backup"),
     sa.UniqueConstraint("machine_id", "short_id", name="uq_backup_snapshots_machine_short"),
     sa.Index("ix_backup_snapshots_account", "account_id", "created_at"),
 )
@@ -820,4 +822,69 @@ backup_grants = sa.Table(
               sa.ForeignKey("machines.id", ondelete="CASCADE"), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+# --- disaster recovery (hub/recovery.py, docs/recovery.md) ---------------------------------
+# One protection per machine: what its recovery points hold, how often they are taken, where
+# it fails over to, and where it stands (Protecting, Paused, FailedOver). ``point_op_id`` is
+# the last operation the point pass asked (a point or a prune) and ``next_point_at`` when it
+# asks the next; the pass claims a turn by a conditional update of ``next_point_at``.
+protections = sa.Table(
+    "protections", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              nullable=False, unique=True),
+    sa.Column("paths", sa.JSON, nullable=False),
+    sa.Column("exclude", sa.JSON, nullable=False),
+    sa.Column("rpo_seconds", sa.Float, nullable=False),
+    sa.Column("interval_seconds", sa.Float, nullable=False),
+    sa.Column("app_consistent_every", sa.Integer, nullable=False),  # 0: never
+    sa.Column("points_asked", sa.Integer, nullable=False),
+    sa.Column("pre_script_runbook", sa.String(128)),
+    sa.Column("post_failover_runbook", sa.String(128)),
+    sa.Column("target_group", sa.String(64)),
+    sa.Column("retention", sa.String(32)),  # a restic duration (24h, 7d); None: keep all
+    sa.Column("state", sa.String(16), nullable=False),  # Protecting | FailedOver
+    sa.Column("active_machine_id", sa.String(36)),  # the machine failed over to
+    sa.Column("next_point_at", sa.Float),
+    sa.Column("point_op_id", sa.String(36)),
+    sa.Column("last_prune_at", sa.Float),
+    sa.Column("reason", sa.Text),  # why the last point could not be asked
+    sa.Column("created_by", sa.String(128)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_by", sa.String(128)),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# A failover, test failover or failback: a multi-step action the hub's periodic pass
+# advances (hub/actions.py). ``op_id``/``job_id``: the extension operation or job the
+# current step waits on.
+recovery_actions = sa.Table(
+    "recovery_actions", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              nullable=False),  # the protected machine
+    sa.Column("kind", sa.String(16), nullable=False),  # failover | test | failback
+    sa.Column("target_machine_id", sa.String(36), nullable=False),  # where it recovers
+    sa.Column("point", sa.String(64)),  # the recovery point (restic's full id)
+    sa.Column("target_dir", sa.String(4096)),  # where the point is restored
+    sa.Column("status", sa.String(16), nullable=False),
+    # Queued|Restoring|RunningRunbook|Succeeded|Failed
+    sa.Column("step", sa.String(32), nullable=False),
+    sa.Column("op_id", sa.String(36)),
+    sa.Column("job_id", sa.String(36)),
+    sa.Column("code", sa.String(32)),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("output", sa.JSON, nullable=False),  # lines
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("requested_by", sa.String(128)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("ended_at", sa.Float),
+    sa.Index("ix_recovery_actions_account", "account_id", "created_at"),
+    sa.Index("ix_recovery_actions_status", "status"),
 )

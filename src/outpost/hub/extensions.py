@@ -46,6 +46,9 @@ from .vault import Vault
 log = logging.getLogger("outpost.hub.extensions")
 
 TARGET_KINDS = ("group", "machine")
+# Extensions that write into the machine's one restic repository on the hub: a goal of one
+# that has no password of its own takes the other's for the same target (docs/recovery.md).
+SHARED_REPOSITORY = ("backup", "recovery")
 
 
 def seal_to_machine(public_key: str, plaintext: bytes) -> str:
@@ -269,6 +272,25 @@ class Extensions:
                 f"for {kind} '{target}' cannot be opened.", name=name, kind=kind,
                 target=target) from exc
 
+    async def _sibling_password(self, conn: AsyncConnection, account_id: str, name: str,
+                                kind: str, target: str) -> str | None:
+        """The repository password of the other extension of ``SHARED_REPOSITORY`` for the
+        same target, sealed for ``name``'s goal; None when it has none."""
+        for other in SHARED_REPOSITORY:
+            if other == name:
+                continue
+            sealed = await conn.scalar(sa.select(extension_goals.c.protected).where(
+                extension_goals.c.account_id == account_id, extension_goals.c.name == other,
+                extension_goals.c.target_kind == kind, extension_goals.c.target == target))
+            if sealed is None:
+                continue
+            password = json.loads(self._open(account_id, other, kind, target, sealed)).get(
+                "repository_password")
+            if isinstance(password, str) and password:
+                return self.vault.seal(json.dumps({"repository_password": password}).encode(),
+                                       _context(account_id, name, kind, target))
+        return None
+
     async def set_goal(self, account_id: str, name: str, kind: str, target: str,
                        changes: dict[str, Any]) -> dict[str, Any]:
         """Create or change the goal of extension ``name`` for a group or machine. Only
@@ -329,6 +351,8 @@ class Extensions:
                 json.dumps(protected).encode(), context)
         else:
             sealed = old.protected if old else None
+            if sealed is None and name in SHARED_REPOSITORY:
+                sealed = await self._sibling_password(conn, account_id, name, kind, target)
             protected = (None if sealed is None else
                          json.loads(self._open(account_id, name, kind, target, sealed)))
         if protected is not None:

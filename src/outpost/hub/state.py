@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outpost.common.supervise import Supervisor
 
 from . import (accounts, backup_catalog, backupstore, db, extension_ops, extensions, gcwatch,
-               install, jobs, leader, machines, metrics, notify)
+               install, jobs, leader, machines, metrics, notify, recovery)
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -66,6 +66,8 @@ class Hub:
         self.wheel = Wheel(paths.root / "agent-dist")
         # Each machine's restic repository (hub/backupstore.py, docs/backup.md).
         self.backups = backupstore.Store(paths.root / "backup")
+        # Protections, their points and failover/failback actions (hub/recovery.py).
+        self.recovery = recovery.Recovery(engine, self.extensions, self.ext_ops, self.backups)
         self.tasks: Supervisor | None = None  # the background tasks, while the app runs
         self.ca_pem = paths.ca_cert.read_text()
         self.ca_fingerprint = ca_fingerprint(paths)

@@ -1398,6 +1398,94 @@ _ENTRIES += (
         ("Ask for the restore again with 'outpost backup restore SOURCE SNAPSHOT --to "
          "MACHINE'; it is refused at once when the machines are of different accounts.",),
         403, None),
+    # --- disaster recovery: protections, points, failover (E9120-E9149) -------------------
+    Entry(
+        "E9120", "recovery_settings_invalid", "The protection's settings are not usable: "
+        "{problem}.",
+        ("A path is not absolute, no path was given, the interval or the application-"
+         "consistent count is out of range, or the retention is not a duration.",),
+        ("Run 'outpost protect MACHINE --paths /abs/path ...' again with valid options "
+         "('outpost protect --help').",),
+        400, None),
+    Entry(
+        "E9121", "recovery_not_protected", "Machine {machine} is not protected.",
+        ("No protection exists for the machine ('outpost protect' was never run for it, or "
+         "'outpost unprotect' ended it).",),
+        ("Protect it first: 'outpost protect MACHINE --paths ...'; 'outpost protection list' "
+         "shows the protected machines.",),
+        404, None),
+    Entry(
+        "E9122", "recovery_not_failed_over", "Machine {machine} is not failed over.",
+        ("Failback brings a failed-over machine's data back from the machine it failed over "
+         "to; this protection is not in state FailedOver (a test failover does not change "
+         "it).",),
+        ("See 'outpost protection show MACHINE'; run 'outpost failover MACHINE --to TARGET' "
+         "first if a failover is what is wanted.",),
+        409, None),
+    Entry(
+        "E9123", "recovery_failed_over", "Machine {machine} is failed over to {target}.",
+        ("The machine's protection is FailedOver: its data is served by the target, no "
+         "points are taken of it, and another failover or a change of its protection would "
+         "lose track of where the newest data is.",),
+        ("Bring it back first with 'outpost failback MACHINE' once the machine is Healthy, "
+         "or end the protection with 'outpost unprotect MACHINE'.",),
+        409, None),
+    Entry(
+        "E9124", "recovery_target_invalid", "Machine {target} cannot be the target: "
+        "{problem}.",
+        ("The target is the protected machine itself, or not a machine of the protection's "
+         "target group.",),
+        ("Pick a Healthy machine of the target group ('outpost machine list'); 'outpost "
+         "protection show MACHINE' names the group.",),
+        409, None),
+    Entry(
+        "E9125", "recovery_action_busy", "A recovery action of machine {machine} is still "
+        "running.",
+        ("A failover, test failover or failback of the machine has not ended; the actions of "
+         "one machine run one at a time.",),
+        ("Follow it with 'outpost protection action ID' and ask again once it has ended.",),
+        409, None),
+    Entry(
+        "E9126", "recovery_action_not_found", "No recovery action '{action}' in this "
+        "account.",
+        ("The id is mistyped, or of another account.",),
+        ("List the actions with 'outpost protection actions'.",),
+        404, None),
+    Entry(
+        "E9127", "recovery_behind", "The newest recovery point of machine {machine} is older "
+        "than its RPO.",
+        ("Points are not being taken or not finishing: the machine's load holds them back, "
+         "its agent is silent, the recovery extension is not Ready, or the last point "
+         "failed; the protection's health message names the cause.",),
+        ("Read 'outpost protection show MACHINE' for the cause: start the agent, let the "
+         "load pass (or raise max_cpu_percent), or repair the extension with 'outpost "
+         "protect MACHINE --repair'.",),
+        409, None),
+    Entry(
+        "E9128", "recovery_extension_failed", "The recovery extension on machine {machine} "
+        "is {state}.",
+        ("The recovery extension failed a step on the machine (its install, enable, a hung "
+         "handler, a malformed status file) and no point can be taken until it is Ready "
+         "again.",),
+        ("Reinstall it with 'outpost protect MACHINE --repair' (the points already taken "
+         "stay), after fixing what its message names (restic missing: install restic).",),
+        409, None),
+    Entry(
+        "E9129", "recovery_action_failed", "The {kind} of machine {machine} failed at step "
+        "{step}: {problem}.",
+        ("A step of the action failed: the recover operation on the target (its code is "
+         "the operation's), the point on the active machine for a failback, or the "
+         "post-failover runbook's job.",),
+        ("Read 'outpost protection action ID' (its output and the operation or job it "
+         "names), fix the cause, and ask for the action again.",),
+        409, None),
+    Entry(
+        "E9130", "recovery_wait_timeout", "The recovery action {action} did not end within "
+        "{seconds} s.",
+        ("The command stopped following the action at its --timeout; the action itself goes "
+         "on, driven by the hub.",),
+        ("Follow it with 'outpost protection action ID'.",),
+        409, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

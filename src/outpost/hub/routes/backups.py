@@ -11,7 +11,7 @@ operator (docs/backup.md, "Restoring on another machine").
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import Field
@@ -27,6 +27,9 @@ router = APIRouter()
 TAGS: list[Any] = ["backups"]
 Forgotten = Annotated[bool, Query(description="Include the snapshots a forget operation "
                                               "removed.")]
+Kind = Annotated[Literal["backup", "recovery", "all"], Query(
+    description="backup (the default): the backup extension's snapshots; recovery: the "
+    "recovery extension's points (docs/recovery.md); all: both.")]
 
 
 class Snapshot(View):
@@ -51,24 +54,29 @@ class Snapshot(View):
     created_at: float
     forgotten_at: float | None
     forgotten_by: str | None = Field(description="The forget operation that removed it.")
+    kind: str = Field(description="backup (a snapshot) or recovery (a recovery point).")
 
 
 @router.get("/v1/backups", tags=TAGS, response_model=None, responses=ok(list[Snapshot]))
 async def backup_list(principal: Op, hub: HubDep,
                       machine: Annotated[str | None, Query(max_length=64)] = None,
-                      forgotten: Forgotten = False) -> list[dict[str, Any]]:
+                      forgotten: Forgotten = False, kind: Kind = "backup"
+                      ) -> list[dict[str, Any]]:
     """The account's snapshots, newest first; of one machine with ``machine``."""
     row = await machines.find(hub.engine, principal.account_id, machine) if machine else None
-    return await backup_catalog.listing(hub.engine, principal.account_id, row, forgotten)
+    return await backup_catalog.listing(hub.engine, principal.account_id, row, forgotten,
+                                        kind=None if kind == "all" else kind)
 
 
 @router.get("/v1/machines/{machine}/backups", tags=TAGS, response_model=None,
             responses=ok(list[Snapshot]))
 async def machine_backup_list(principal: Op, hub: HubDep, machine: str,
-                              forgotten: Forgotten = False) -> list[dict[str, Any]]:
+                              forgotten: Forgotten = False, kind: Kind = "backup"
+                              ) -> list[dict[str, Any]]:
     """One machine's snapshots, newest first."""
     row = await machines.find(hub.engine, principal.account_id, machine)
-    return await backup_catalog.listing(hub.engine, principal.account_id, row, forgotten)
+    return await backup_catalog.listing(hub.engine, principal.account_id, row, forgotten,
+                                        kind=None if kind == "all" else kind)
 
 
 @router.get("/v1/machines/{machine}/backups/{snapshot}", tags=TAGS, response_model=None,
