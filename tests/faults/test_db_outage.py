@@ -250,9 +250,9 @@ def test_waiting_commands_ride_out_an_outage(pg_hub: Hub, proxy: TcpProxy,
     job_id = hub.api("GET", "/v1/jobs").json()[0]["id"]  # the waits read the API
     output = _waiting_cli(hub, "job", "output", job_id, "--follow")
     wait = _waiting_cli(hub, "job", "start", "count", "--group", "web", "--wait")
-    # The outage is for the waiting, not the submitting: a start that met it would fail
-    # at once (a submission is not repeated), so the second job must be in first. A CLI
-    # process starts in about a second, more on a loaded machine.
+    # The outage is for the waiting, not the submitting (a start that meets one is the
+    # next test's), so the second job must be in first. A CLI process starts in about a
+    # second, more on a loaded machine.
     deadline = time.monotonic() + 30
     while len(hub.api("GET", "/v1/jobs").json()) < 2:
         assert time.monotonic() < deadline, "job start --wait submitted nothing in 30 s"
@@ -334,3 +334,25 @@ def test_an_idle_agent_takes_work_at_once_after_an_outage(
     wait_until(lambda: hub.api("GET", f"/v1/jobs/{job_id}").json()["status"] == "Completed",
                20, what="the job to complete")
     assert time.monotonic() - submitted < 4, "the poll was still backing off"
+
+
+def test_a_job_start_during_an_outage_is_queued_once_after_it(
+        pg_hub: Hub, proxy: TcpProxy, tmp_path: Path) -> None:
+    """``job start`` sends its request again, with the same Idempotency-Key, while the hub
+    answers 503 for its database, and the job is queued once the database is back (a try
+    whose answer is lost after the hub committed it is answered with that job:
+    tests/unit/test_idempotency.py)."""
+    hub = pg_hub
+    publish_script(hub, tmp_path, "once", "true\n")
+    with proxy.outage():
+        start = _waiting_cli(hub, "job", "start", "once", "--group", "web")
+        assert start.stderr is not None
+        line = start.stderr.readline()  # said once, when the first try met the outage
+        assert "warning: lost the hub" in line, line
+        assert start.poll() is None  # still trying
+        time.sleep(2)
+    printed, errors = start.communicate(timeout=60)
+    assert start.returncode == 0, errors
+    listed = hub.api("GET", "/v1/jobs").json()
+    assert [j["id"] for j in listed] == [printed.strip()], (listed, printed)
+    assert "the hub answers again" in errors

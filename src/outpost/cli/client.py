@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import ssl
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,10 +140,13 @@ class Api:
 
     def call(self, method: str, path: str, json: Any = None,
              params: dict[str, Any] | None = None, timeout: float | None = None,
-             content: bytes | None = None, content_type: str | None = None) -> Any:
+             content: bytes | None = None, content_type: str | None = None,
+             headers: dict[str, str] | None = None) -> Any:
         """One request: a JSON body (``json``), or raw bytes (``content``) of
         ``content_type``."""
-        headers = {"Content-Type": content_type} if content_type else None
+        headers = dict(headers or {})
+        if content_type:
+            headers["Content-Type"] = content_type
         try:
             response = self._client.request(
                 method, path, json=json, params=params, content=content, headers=headers,
@@ -164,10 +169,22 @@ class Api:
         (restarting, or the network between is down) it tries again, with backoff, for up to
         RIDE_OUT seconds in a row, saying so once on stderr. A wrong address, CA or token
         still fails at once."""
+        return self._riding_out(lambda: self.get(path, **kw))
+
+    def post_once(self, path: str, json: Any = None, **kw: Any) -> Any:
+        """``post`` of a request that creates work (a job start), made safe to send again: it
+        carries a new Idempotency-Key, and while the hub is away it is sent again with the
+        same key as ``get_riding_out`` does, so the hub creates the work once whether or not
+        an earlier answer was lost (hub/idempotency.py)."""
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        return self._riding_out(lambda: self.call("POST", path, json=json, headers=headers,
+                                                  **kw))
+
+    def _riding_out(self, request: Callable[[], Any]) -> Any:
         delay = 0.2
         while True:
             try:
-                answer = self.get(path, **kw)
+                answer = request()
             except (TransportError, HubRefused) as exc:
                 away = (isinstance(exc, TransportError) and exc.kind in AWAY_KINDS) or \
                     (isinstance(exc, HubRefused) and exc.status in (502, 503, 504))

@@ -149,7 +149,7 @@ def start(
     if count > 1:
         _start_many(client, body, count, wait, json)
         return
-    job = client.post("/v1/jobs", body)
+    job = client.post_once("/v1/jobs", body)
     _warn(job.get("warnings"))
     _warn_if_waiting(client, job)
     if not (wait or follow):
@@ -192,7 +192,7 @@ def _check_fanout_options(group: str | None, all_: bool, count: int, follow: boo
 
 def _start_all(client: Api, body: dict[str, Any], wait: bool, json: bool) -> None:
     """``job start --all``: the parent job, one child per machine; with ``wait``, its end."""
-    parent = client.post("/v1/fanouts", body)
+    parent = client.post_once("/v1/fanouts", body)
     _warn(parent.get("warnings"))
     if not wait:
         if json:
@@ -234,7 +234,7 @@ def _warn_if_waiting(client: Api, job: dict[str, Any]) -> None:
 def _start_many(client: Api, body: dict[str, Any], count: int, wait: bool,
                 json: bool) -> None:
     """``job start --count N``: one batch request; with ``wait``, every job's end."""
-    answer = client.post("/v1/jobs/batch", {"jobs": [body] * count})
+    answer = client.post_once("/v1/jobs/batch", {"jobs": [body] * count})
     queued: list[dict[str, Any]] = answer["jobs"]
     _warn(answer.get("warnings"))
     if queued:  # all went to one group: the first tells for all

@@ -20,7 +20,7 @@ from outpost import __version__
 from outpost.common.supervise import Supervisor
 from outpost.protocol.errors import OutpostError
 
-from . import auth, db, dispatcher, edge, jobs, openapi, routes
+from . import auth, db, dispatcher, edge, idempotency, jobs, openapi, routes
 from .routes import lean
 from .routes.deps import COMMON_ERRORS, errors
 from .routes.hub import serve_docs
@@ -153,6 +153,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     async def prune_nonces() -> None:
         await auth.prune_nonces(hub.engine)
+        await idempotency.prune(hub.engine)
 
     await hub.notifier.start()
     await hub.leadership.start()

@@ -85,6 +85,19 @@ nonces = sa.Table(
     sa.Column("seen_at", sa.Float, nullable=False, index=True),
 )
 
+# Keys of requests that create work (hub/idempotency.py): a repeat gets what the first made.
+idempotency_keys = sa.Table(
+    "idempotency_keys", metadata,
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("route", sa.String(64), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # job, jobs, fanout
+    sa.Column("ids", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+)
+
 work_items = sa.Table(
     "work_items", metadata,
     sa.Column("id", sa.String(36), primary_key=True),

@@ -51,7 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outpost.protocol.errors import OutpostError
 
-from . import notify
+from . import idempotency, notify
 from .config import random_id
 from .db import fanouts, jobs, machines, work_items
 from .jobs.states import FINAL, VIEW_KEYS, _tell_ended
@@ -105,7 +105,8 @@ def resolve(number: int | None, percent: int | None, children: int, *,
 
 async def start(engine: AsyncEngine, account_id: str, values: dict[str, Any],
                 concurrency: int | str | None = None,
-                errors: int | str | None = None) -> dict[str, Any]:
+                errors: int | str | None = None,
+                key: idempotency.Key | None = None) -> dict[str, Any]:
     """Create the parent (``values``: a row prepared by ``jobs.prepare``) and one child per
     machine of its group, and release the first ``concurrency`` of them. Returns the
     parent's view with ``fanout`` and ``warnings``.
@@ -119,6 +120,7 @@ async def start(engine: AsyncEngine, account_id: str, values: dict[str, Any],
     given_e, number_e, percent_e = parse_limit(errors, "--max-errors", 0)
     group = values["group_name"]
     async with engine.begin() as conn:
+        await idempotency.record(conn, key, "fanout", [values["id"]])
         members = (await conn.execute(
             sa.select(machines.c.id, machines.c.name, machines.c.stopped_at,
                       machines.c.heartbeat_interval, machines.c.last_heartbeat_at,

@@ -254,6 +254,19 @@ _ENTRIES: tuple[Entry, ...] = (
          "'Several replicas') or give agents a longer heartbeat interval.",),
         503, None),
     Entry(
+        "E3014", "idempotency_key_reused", "The Idempotency-Key was used for another request.",
+        ("A key names one request: the same key came before with another body or to "
+         "another route (within 24 hours), so the two requests disagree and the hub cannot "
+         "tell which one was meant.",),
+        ("Send a new key with a new request ('outpost job start' makes one per command); "
+         "send a key again only with the very request it was made for.",),
+        422, None),
+    Entry(
+        "E3015", "idempotency_key_invalid", "The Idempotency-Key header is not a key.",
+        ("The header must hold 1 to 255 printable ASCII characters.",),
+        ("Send a random key such as a UUID, or leave the header out.",),
+        400, None),
+    Entry(
         "E3008", "hub_cli_unconfigured", "No hub to talk to.",
         ("Neither --hub/--token nor OUTPOST_HUB/OUTPOST_TOKEN nor --data-dir was given, and "
          "no profile is current (or the one picked has no hub).",),

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from outpost.protocol import durations, params
 from outpost.protocol.errors import OutpostError
 
-from .. import notify, runbooks
+from .. import idempotency, notify, runbooks
 from ..config import random_id
 from ..db import jobs
 from ..machines import check_group
@@ -20,10 +20,14 @@ from .states import MAX_TIMEOUT, VIEW_KEYS
 
 async def start(engine: AsyncEngine, account_id: str, runbook: str, group: str,
                 given: dict[str, Any], version: int | None = None,
-                timeout: float | str | None = None) -> dict[str, Any]:
-    """Check everything, then queue: a bad parameter is refused before anything is stored."""
+                timeout: float | str | None = None,
+                key: idempotency.Key | None = None) -> dict[str, Any]:
+    """Check everything, then queue: a bad parameter is refused before anything is stored.
+    ``key``: stored with the job in its transaction (``idempotency.Raced`` when another
+    request with it committed first)."""
     values = await prepare(engine, account_id, runbook, group, given, version, timeout)
     async with engine.begin() as conn:
+        await idempotency.record(conn, key, "job", [values["id"]])
         await insert(conn, values)
     # What was stored is known: the answer is made from it, not read back.
     view = {key: values.get(key) for key in VIEW_KEYS}
@@ -32,7 +36,8 @@ async def start(engine: AsyncEngine, account_id: str, runbook: str, group: str,
 
 
 async def start_many(engine: AsyncEngine, account_id: str,
-                     entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+                     entries: Iterable[dict[str, Any]],
+                     key: idempotency.Key | None = None) -> list[dict[str, Any]]:
     """Queue every entry or none: each is checked as ``start`` checks one, before anything is
     stored, then all are inserted in one transaction. Returns their views in order.
 
@@ -59,6 +64,7 @@ async def start_many(engine: AsyncEngine, account_id: str,
     if not rows:
         return []
     async with engine.begin() as conn:
+        await idempotency.record(conn, key, "jobs", [row["id"] for row in rows])
         await conn.execute(jobs.insert(), rows)
         for group in dict.fromkeys(row["group_name"] for row in rows):
             await notify.wake(conn, notify.group(account_id, group))

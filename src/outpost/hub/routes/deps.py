@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, NamedTuple, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
@@ -127,3 +127,13 @@ def agent_body(model: type[M]) -> Callable[[Request], Awaitable[tuple[Any, M]]]:
         return signed.machine, parse(model, signed.body or b"{}")
 
     return dependency
+
+
+# A request that creates work may carry a key, so that sending it again is safe
+# (hub/idempotency.py).
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", description="A key of your choosing (1 to 255 printable ASCII "
+    "characters, a UUID say) that names this request: sent again with the same key and "
+    "body within 24 hours, the request is answered with what it created the first time "
+    "(header Idempotent-Replayed: true) and creates nothing more; the same key with "
+    "another body is refused (E3014).")]

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import Field
 
 from outpost.protocol import models as m
 
-from .. import fanout, jobs
+from .. import fanout, idempotency, jobs
 from ..openapi import ok
-from .deps import HubDep, Op
-from .jobs import JobStart
+from .deps import HubDep, IdempotencyKey, Op
+from .jobs import JobStart, replay
 
 router = APIRouter()
 
@@ -36,12 +36,21 @@ class FanoutStart(JobStart):
 
 @router.post("/v1/fanouts", tags=["jobs"], status_code=201, response_model=None,
              responses=ok(m.FanoutStarted, 201))
-async def fanout_start(principal: Op, hub: HubDep, body: FanoutStart) -> dict[str, Any]:
+async def fanout_start(principal: Op, hub: HubDep, body: FanoutStart, response: Response,
+                       idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Run a runbook on every machine of a group: one child job per machine, at most
     ``max_concurrency`` at a time, no further child started once more than ``max_errors``
     have failed. The answer is the parent job; 'GET /v1/jobs/{id}' shows it with its
     children."""
-    values = await jobs.prepare(hub.engine, principal.account_id, body.runbook, body.group,
-                                body.params, body.version, body.timeout)
-    return await fanout.start(hub.engine, principal.account_id, values, body.max_concurrency,
-                              body.max_errors)
+    key = idempotency.key(principal.account_id, idempotency_key, "POST /v1/fanouts",
+                          body.model_dump(mode="json"))
+    try:
+        before = await idempotency.earlier(hub.engine, key)
+        if before is None:
+            values = await jobs.prepare(hub.engine, principal.account_id, body.runbook,
+                                        body.group, body.params, body.version, body.timeout)
+            return await fanout.start(hub.engine, principal.account_id, values,
+                                      body.max_concurrency, body.max_errors, key=key)
+    except idempotency.Raced as raced:
+        before = await idempotency.after_race(hub.engine, raced)
+    return await replay(hub, principal.account_id, before, response)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from pydantic import Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -13,10 +13,10 @@ from outpost.protocol import models as m
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.models import INT32_MAX, INT64_MAX, JobBatch, Wire
 
-from .. import accounts, groups, jobs
+from .. import accounts, groups, idempotency, jobs
 from ..openapi import ok
 from ..state import Hub
-from .deps import HubDep, Op
+from .deps import HubDep, IdempotencyKey, Op
 
 router = APIRouter()
 
@@ -33,10 +33,22 @@ class JobStart(Wire):
 
 @router.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=None,
              responses=ok(m.JobStarted, 201))
-async def job_start(principal: Op, hub: HubDep, body: JobStart) -> dict[str, Any]:
-    """Queue a job; parameters are checked first, so a bad one queues nothing."""
-    job = await jobs.start(hub.engine, principal.account_id, body.runbook, body.group,
-                           body.params, body.version, body.timeout)
+async def job_start(principal: Op, hub: HubDep, body: JobStart, response: Response,
+                    idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Queue a job; parameters are checked first, so a bad one queues nothing. With an
+    Idempotency-Key, sending it again queues nothing more."""
+    key = idempotency.key(principal.account_id, idempotency_key, "POST /v1/jobs",
+                          body.model_dump(mode="json"))
+    try:
+        before = await idempotency.earlier(hub.engine, key)
+        if before is None:
+            job = await jobs.start(hub.engine, principal.account_id, body.runbook,
+                                   body.group, body.params, body.version, body.timeout,
+                                   key=key)
+    except idempotency.Raced as raced:
+        before = await idempotency.after_race(hub.engine, raced)
+    if before is not None:
+        return await replay(hub, principal.account_id, before, response)
     warnings = await groups.unknown_group_warnings(hub.engine, principal.account_id,
                                                    [body.group])
     return {**job, "warnings": warnings}
@@ -44,7 +56,8 @@ async def job_start(principal: Op, hub: HubDep, body: JobStart) -> dict[str, Any
 
 @router.post("/v1/jobs/batch", tags=["jobs"], status_code=201, response_model=None,
              responses=ok(m.JobBatchResult, 201))
-async def job_start_batch(principal: Op, hub: HubDep, body: JobBatch) -> dict[str, Any]:
+async def job_start_batch(principal: Op, hub: HubDep, body: JobBatch, response: Response,
+                          idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Queue 1 to 1000 jobs, all or none: every entry is checked as ``POST /v1/jobs``
     checks one before anything is stored, and the first bad one refuses the batch."""
     def entries() -> Iterator[dict[str, Any]]:
@@ -61,10 +74,30 @@ async def job_start_batch(principal: Op, hub: HubDep, body: JobBatch) -> dict[st
                     index=index, problems=problems) from exc
             yield start.model_dump()
 
-    views = await jobs.start_many(hub.engine, principal.account_id, entries())
+    key = idempotency.key(principal.account_id, idempotency_key, "POST /v1/jobs/batch",
+                          body.model_dump(mode="json"))
+    try:
+        before = await idempotency.earlier(hub.engine, key)
+        if before is None:
+            views = await jobs.start_many(hub.engine, principal.account_id, entries(), key=key)
+    except idempotency.Raced as raced:
+        before = await idempotency.after_race(hub.engine, raced)
+    if before is not None:
+        return await replay(hub, principal.account_id, before, response)
     named = list(dict.fromkeys(view["group_name"] for view in views))
     warnings = await groups.unknown_group_warnings(hub.engine, principal.account_id, named)
     return {"jobs": views, "warnings": warnings}
+
+
+async def replay(hub: Hub, account_id: str, before: idempotency.Earlier,
+                 response: Response) -> dict[str, Any]:
+    """The answer to a request sent again with its key: what the first one created, as it
+    is now (a job, a batch's jobs, or a job on every machine of a group)."""
+    response.headers[idempotency.REPLAYED] = "true"
+    views = [await jobs.get(hub.engine, account_id, job_id) for job_id in before.ids]
+    if before.kind == "jobs":
+        return {"jobs": views, "warnings": []}
+    return {**views[0], "warnings": []}
 
 
 async def _control(hub: Hub, principal: accounts.Principal, job_id: str,
