@@ -1,27 +1,34 @@
 """Disaster recovery (issue 14): recovery time and the achieved RPO, with the shipped
-recovery extension on a real hub (SQLite) and two real agents on this machine.
+recovery extension on a real hub (SQLite) and two real agents on this machine: ``src``
+(protected with ``outpost protect``) and ``dst`` (group ``dr``, its target group).
 
 Recovery time. A tree of mixed files (``--megabytes``, 1024 by default; bench/backup_store.py's
-``make_tree``) on machine ``src`` gets a ``point``; then, ``--rounds`` times, alternately:
+``make_tree``) on ``src`` gets its first point from ``outpost protect src --paths TREE --rpo 1h
+--interval 10s --target-group dr --post-failover-runbook post-failover --wait``, then is
+protected again without ``--interval`` (an RPO of an hour, its next point half an hour away:
+no point runs during the rounds). Then, ``--rounds`` times, alternately:
 
-- ``recover``: the recovery extension's ``recover`` of that point asked on machine ``dst``
-  (a restore grant to src's repository, restic directly to the hub with 0.17 or later), timed
-  from the request (``POST .../operations/recover``) to the operation's end as the hub
-  reports it (polled every 50 ms);
+- ``failover``: ``outpost failover src --to dst --test --point ID --target-dir DIR --wait``,
+  a drill: the recover operation on dst (a restore grant to src's repository; restic
+  directly to the hub with 0.17 or later), then the post-failover runbook as a job on dst;
+  timed from the command's start to its end, the command's own Python start included, and
+  from the action's creation to its end as the hub records them;
+- ``recover``: the same point's ``recover`` operation asked on dst alone (what the failover's
+  first step asks), from the request to the operation's end as the hub reports it (polled
+  every 50 ms): the difference to ``failover`` is the action's own steps and the runbook;
 - ``restic``: plain ``restic restore`` of the same data from a local repository
   (``restic -r DIR``, one ``restic backup`` of the tree made beforehand).
 
-Each restored tree is compared with the source once (SHA-256 of every file) and deleted.
-When ``outpost failover`` exists (issue 14's hub side) it is timed instead of the bare
-``recover``, from the command to its post-failover runbook's end (``--failover``); otherwise
-the output says that the recover operation was timed.
+Each restored tree is compared with the source once per kind (SHA-256 of every file) and
+deleted.
 
-Achieved RPO. A writer changes ``--write-mb-per-minute`` (10) MB a minute under the source's
-tree (a 1 MiB file rewritten every 6 s, over 20 files), while points are asked every RPO/2
-(the next one asked when the previous one ended, at the earliest RPO/2 after it was asked).
-Every second, the age of the newest point (now minus restic's time of the newest point whose
-operation succeeded: the data it holds is as of that time) is sampled for ``--minutes``; p50,
-p99 and the largest against ``--rpo`` (target: p99 under the RPO).
+Achieved RPO. ``outpost protect`` again with ``--rpo`` (5m; its point pass asks a point every
+half of it) while a writer changes ``--write-mb-per-minute`` (10) MB a minute under the
+source's tree (a 1 MiB file rewritten every 6 s, over 20 files). Every second, the age of
+the newest point (``last_point_age_seconds`` of ``GET /v1/machines/src/protection``: now
+minus restic's time of the newest point in the catalog, so the data it holds is as of that
+time) and the protection's health are sampled for ``--minutes``; p50, p99 and the largest
+age against the RPO (target: p99 under the RPO).
 
     .venv/bin/python bench/recovery.py [--megabytes 1024] [--rounds 3] [--rpo 5m]
         [--minutes 20] [--only recovery|rpo|both]
@@ -43,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -89,21 +97,35 @@ class Fleet:
 
     def start(self) -> None:
         self.hub.start()
-        for name in ("src", "dst"):
-            agent = registered_agent(self.hub, self.root, name)
+        for name, group in (("src", "web"), ("dst", "dr")):
+            agent = registered_agent(self.hub, self.root, name, group)
             self.agents[name] = agent.start()
         wait_until(lambda: all(m["status"] == "Healthy" for m in self.hub.machines().values()),
                    60, what="both agents Healthy")
         self.ids = {name: m["id"] for name, m in self.hub.machines().items()}
-        for name, settings in (("src", {"role": "source", "paths": [str(self.source)]}),
-                               ("dst", {"role": "target"})):
-            # what 'outpost extension set recovery --machine NAME ...' sends
-            answer = self.hub.api("PUT", f"/v1/extensions/recovery/targets/machine/{name}",
-                                  json={"settings": settings, "run_as": "root",
-                                        "protected_settings": {"repository_password": PASSWORD}})
-            assert answer.status_code == 200, answer.text
+        stored = self.hub.api("POST", "/v1/runbooks", json={
+            "name": "post-failover", "content": 'echo "the application started"\n',
+            "type": "bash"})
+        assert stored.status_code == 201, stored.text
+
+    def protect(self, rpo: str, *extra: str) -> float:
+        """``outpost protect src ...``, then the extension Ready again on both machines (a
+        changed goal runs its enable again); the seconds the command took."""
+        started = time.perf_counter()
+        done = self.hub.cli("protect", "src", "--paths", str(self.source), "--rpo", rpo,
+                            "--target-group", "dr", "--post-failover-runbook",
+                            "post-failover", *extra, timeout=3600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        took = time.perf_counter() - started
+        for name in ("src", "dst"):
             wait_until(lambda name=name: self._ready(name), 180, 0.2,
                        what=f"recovery Ready on {name}")
+        return took
+
+    def points(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.hub.api(
+            "GET", "/v1/backups?machine=src&kind=recovery").json()
+        return found
 
     def _ready(self, name: str) -> bool:
         rows = self.hub.api("GET", f"/v1/machines/{name}/extensions").json()
@@ -141,13 +163,17 @@ def restic_local(args: list[str], repo: Path) -> float:
     return time.perf_counter() - started
 
 
-def recovery_time(fleet: Fleet, args: argparse.Namespace) -> str:
-    """The point's id; prints each round and the medians."""
-    started = time.perf_counter()
-    point = fleet.wait(fleet.ask("src", "point"))["result"]
-    print(f"first point of src: {point['files']} files, {point['total_bytes'] / 2**20:.0f} "
-          f"MiB in {time.perf_counter() - started:.1f} s (restic's own "
-          f"{point['duration_seconds']:.1f} s); {load()}", flush=True)
+def recovery_time(fleet: Fleet, args: argparse.Namespace) -> None:
+    # The hub's point pass, finding the extension not Ready yet at a protection's first
+    # turn, moves that turn a whole interval on: a short interval for the first point, then
+    # the RPO of an hour alone (its next turn half an hour away) so that no point runs
+    # during the rounds.
+    took = fleet.protect("1h", "--interval", "10s", "--wait")
+    point = fleet.points()[0]
+    fleet.protect("1h")
+    print(f"outpost protect --interval 10s --wait (the first point of src: {point['files']} files, "
+          f"{point['total_bytes'] / 2**20:.0f} MiB, restic's own {point['duration_seconds']:.1f}"
+          f" s): {took:.1f} s; {load()}", flush=True)
     local = fleet.root / "local-repo"
     restic_local(["init"], local)
     took = restic_local(["backup", "--tag", "bench", str(fleet.source)], local)
@@ -157,39 +183,50 @@ def recovery_time(fleet: Fleet, args: argparse.Namespace) -> str:
         capture_output=True, env=clean_env(RESTIC_PASSWORD=PASSWORD)).stdout
     local_id = json.loads(snapshots)[-1]["id"]
     expected = digest_tree(fleet.source)
-    via_hub: list[float] = []
-    plain: list[float] = []
+    times: dict[str, list[float]] = {"failover": [], "action": [], "recover": [], "restic": []}
     checked: set[str] = set()
-    print("timed: the recover operation on dst (no 'outpost failover' on this branch)",
-          flush=True)
     for number in range(args.rounds):
-        for how in ("recover", "restic"):
+        for how in ("failover", "recover", "restic"):
             target = fleet.root / f"restored-{how}"
-            if how == "recover":
-                began = time.perf_counter()
+            began = time.perf_counter()
+            if how == "failover":
+                done = fleet.hub.cli("failover", "src", "--to", "dst", "--test", "--point",
+                                     point["snapshot_id"], "--target-dir", str(target),
+                                     "--wait", "--json", timeout=3600)
+                seconds = time.perf_counter() - began
+                assert done.returncode == 0, done.stdout + done.stderr
+                action = fleet.hub.api("GET", "/v1/recovery-actions?machine=src").json()[0]
+                assert action["status"] == "Succeeded" and action["kind"] == "test", action
+                times["action"].append(action["ended_at"] - action["created_at"])
+            elif how == "recover":
                 fleet.wait(fleet.ask("dst", "recover", point=point["snapshot_id"],
                                      target=str(target), source_machine_id=fleet.ids["src"],
                                      source_machine="src"))
                 seconds = time.perf_counter() - began
-                via_hub.append(seconds)
             else:
                 seconds = restic_local(["restore", local_id, "--target", str(target)], local)
-                plain.append(seconds)
+            times[how].append(seconds)
             if how not in checked:
                 got = digest_tree(target / str(fleet.source).lstrip("/"))
                 assert got == expected, f"{how}: the restored tree differs from the source"
                 checked.add(how)
             shutil.rmtree(target)
-            print(f"round {number + 1} {how:8}: {seconds:6.2f} s", flush=True)
-    a, b = statistics.median(via_hub), statistics.median(plain)
+            extra = f" (the action: {times['action'][-1]:.2f} s)" if how == "failover" else ""
+            print(f"round {number + 1} {how:8}: {seconds:6.2f} s{extra}", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["restic"]
     print()
-    print("| recovery of | recover on another machine (median s) | plain restic restore, "
-          "local repository (median s) | ratio |")
+    print(f"| {point['files']} files, {args.megabytes} MiB, on another machine | median s | "
+          "MiB/s | / plain restic |")
     print("| --- | --- | --- | --- |")
-    print(f"| {point['files']} files, {args.megabytes} MiB | {a:.2f} ({args.megabytes / a:.0f} "
-          f"MiB/s) | {b:.2f} ({args.megabytes / b:.0f} MiB/s) | {a / b:.2f} |")
+    for key, label in (("failover", "`outpost failover --test --wait` (command, to the "
+                        "runbook's end)"),
+                       ("action", "the failover action, created to ended (hub's times)"),
+                       ("recover", "the recover operation alone"),
+                       ("restic", "plain `restic restore`, local repository")):
+        print(f"| {label} | {med[key]:.2f} | {args.megabytes / med[key]:.0f} | "
+              f"{med[key] / base:.2f} |")
     print(f"({args.rounds} rounds, alternating; {load()})", flush=True)
-    return str(point["snapshot_id"])
 
 
 class Writer(threading.Thread):
@@ -215,50 +252,43 @@ class Writer(threading.Thread):
 
 def achieved_rpo(fleet: Fleet, args: argparse.Namespace) -> None:
     rpo = seconds_of(args.rpo)
-    every = rpo / 2
-    print(f"\nRPO {rpo:g} s: a point asked every {every:g} s (by this benchmark: no "
-          f"'outpost protect' on this branch), a writer changing {args.write_mb_per_minute:g} "
-          f"MB a minute, for {args.minutes:g} minutes; {load()}", flush=True)
-    newest: list[float] = []  # restic's time of the newest point that succeeded
-    durations: list[float] = []
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def points() -> None:
-        while not stop.is_set():
-            asked = time.monotonic()
-            try:
-                op = fleet.wait(fleet.ask("src", "point"))
-                newest.append(float(op["result"]["time"]))
-                durations.append(float(op["result"]["duration_seconds"]))
-            except (RuntimeError, AssertionError) as exc:
-                failures.append(str(exc))
-            stop.wait(max(0.0, asked + every - time.monotonic()))
-
+    since = time.time()
+    fleet.protect(args.rpo)
+    # steady state: from the first point the new protection's pass took
+    wait_until(lambda: any(p["created_at"] > since for p in fleet.points()), rpo * 2, 0.5,
+               what="the first point of the new protection")
+    print(f"\nRPO {args.rpo} ({rpo:g} s): outpost protect's point pass (a point every "
+          f"{rpo / 2:g} s), a writer changing {args.write_mb_per_minute:g} MB a minute, for "
+          f"{args.minutes:g} minutes; {load()}", flush=True)
     writer = Writer(fleet.source / "busy", args.write_mb_per_minute)
     writer.start()
-    taker = threading.Thread(target=points, name="points", daemon=True)
-    taker.start()
-    wait_until(lambda: bool(newest), 600, 0.2, what="the first point under load")
     ages: list[float] = []
+    health: Counter[str] = Counter()
+    seen: set[str] = set()
     end = time.monotonic() + args.minutes * 60
     while time.monotonic() < end:
-        ages.append(time.time() - max(newest))
+        shown = fleet.hub.api("GET", "/v1/machines/src/protection").json()
+        if shown.get("last_point_age_seconds") is not None:
+            ages.append(float(shown["last_point_age_seconds"]))
+        health[shown["health"]] += 1
+        if shown["health"] != "Protecting" and shown["message"] not in seen:
+            seen.add(shown["message"])
         time.sleep(1)
-    stop.set()
     writer.done.set()
-    taker.join(timeout=600)
+    points = [p for p in fleet.points() if p["created_at"] >= time.time() - args.minutes * 60 - 5]
+    durations = [float(p["duration_seconds"]) for p in points] or [0.0]
     p50, p99 = percentile(ages, 50), percentile(ages, 99)
     print()
     print("| RPO | points | point duration (median, max s) | newest point's age p50 | p99 | "
           "max | p99 under the RPO |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {rpo:g} s | {len(durations)} | {statistics.median(durations):.1f}, "
+    print(f"| {rpo:g} s | {len(points)} | {statistics.median(durations):.1f}, "
           f"{max(durations):.1f} | {p50:.1f} s | {p99:.1f} s | {max(ages):.1f} s | "
           f"{verdict(p99 < rpo)} |")
-    print(f"({len(ages)} samples, one a second; {writer.written} MiB written; "
-          f"{len(failures)} points failed{': ' + failures[0] if failures else ''}; {load()})",
-          flush=True)
+    print(f"({len(ages)} samples, one a second; health {dict(health)}; {writer.written} MiB "
+          f"written; {load()})", flush=True)
+    for message in sorted(seen)[:5]:
+        print(f"  not Protecting: {message}")
 
 
 def main() -> int:
@@ -287,8 +317,6 @@ def main() -> int:
         fleet.start()
         if args.only in ("recovery", "both"):
             recovery_time(fleet, args)
-        else:
-            fleet.wait(fleet.ask("src", "point"))
         if args.only in ("rpo", "both"):
             achieved_rpo(fleet, args)
     except TimeBound as exc:

@@ -43,6 +43,8 @@ def test_the_package_builds_deterministically_and_is_valid() -> None:
             ops["recover"].expected_seconds, ops["recover"].timeout_seconds) == (
         False, 600, 7200, 86400)
     assert ops["prune"].pressure is True
+    # restic restoring a GiB needs more than the agent's default 256 MiB for an extension
+    assert manifest.limits is not None and manifest.limits.memory_mb == 1024
     assert extpackage.read(first).executables == {"bin/recovery"}
     with tarfile.open(fileobj=io.BytesIO(first), mode="r:gz") as archived:
         assert [m.name for m in archived.getmembers()] == [
