@@ -70,6 +70,10 @@ async def test_points_at_the_interval_once_across_replicas(
     [row] = await hub.ok("GET", "/v1/backups?kind=recovery")
     assert row["kind"] == "recovery" and row["op_id"] == first["id"]
     assert len(await hub.ok("GET", "/v1/backups?kind=all")) == 1
+    # 'latest' is the newest backup (there is none); a point is shown by its id.
+    latest = await hub.api("GET", "/v1/machines/m1/backups/latest")
+    assert latest.status_code == 404 and latest.json()["code"] == "E9110"
+    assert (await hub.ok("GET", "/v1/machines/m1/backups/abcdef12"))["kind"] == "recovery"
 
     hub_clock.advance(6)
     await asyncio.gather(a.tick(), b.tick())

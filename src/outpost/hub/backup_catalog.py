@@ -174,7 +174,9 @@ async def listing(engine: AsyncEngine, account_id: str, machine: Any | None = No
 async def show(engine: AsyncEngine, account_id: str, machine: Any, ref: str,
                kind: str | None = None) -> dict[str, Any]:
     """One snapshot of ``machine`` (forgotten ones included, marked so); ``latest`` and
-    prefixes among those of ``kind`` when given."""
+    prefixes among those of ``kind`` when given (``latest`` alone: the newest backup)."""
+    if kind is None and ref.strip().lower() == "latest":
+        kind = "backup"
     t = backup_snapshots
     query = sa.select(t).where(t.c.account_id == account_id, t.c.machine_id == machine.id)
     if kind is not None:
