@@ -215,16 +215,21 @@ def test_wrong_tokens_and_other_repositories_are_refused(sqlite_hub: Hub,
     missing = Restic(hub, first["machine_id"], None)("snapshots")
     assert missing.returncode != 0
     assert "E9069" in missing.stderr and "OUTPOST_BACKUP_TOKEN" in missing.stderr
-    # A token the hub did not issue, and m2's token on m1's repository: refused.
-    # (restic reports the status; the bridge's line with the hub's code, printed by restic
-    # as "rclone: ...", may be cut off when restic exits first: the fast tier checks codes.)
-    for token, status in (("obk_" + "x" * 43, 401), (second["token"], 403)):
-        refused = Restic(hub, first["machine_id"], token)("snapshots", timeout=120)
-        assert refused.returncode != 0, refused.stdout
-        assert f"unexpected HTTP response ({status})" in refused.stderr, refused.stderr
+    # m2's token on m1's repository: refused, and restic says so. (restic reports the
+    # status; the bridge's line with the hub's code, printed by restic as "rclone: ...", may
+    # be cut off when restic exits first: the fast tier checks codes. restic tries a refused
+    # request again for some 15 s before it gives up, so one such run is made here; a token
+    # the hub did not issue gets its 401 from the hub itself below.)
+    refused = Restic(hub, first["machine_id"], second["token"])("snapshots", timeout=120)
+    assert refused.returncode != 0, refused.stdout
+    assert "unexpected HTTP response (403)" in refused.stderr, refused.stderr
+    config = f"/v1/backup/{first['machine_id']}/config"
+    with hub.client("obk_" + "x" * 43) as client:
+        assert client.get(config).status_code == 401
     # Rotated: the old token no longer opens the repository, the new one does.
     rotated = issue(hub, "m1")
-    assert Restic(hub, first["machine_id"], first["token"])("cat", "config").returncode != 0
+    with hub.client(first["token"]) as client:
+        assert client.get(config).status_code == 401
     assert '"version"' in Restic(hub, first["machine_id"], rotated["token"]).ok("cat",
                                                                              "config")
 
