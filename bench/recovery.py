@@ -1,4 +1,4 @@
-"""Disaster recovery (issue 14): recovery time and the achieved RPO, with the shipped
+"""Disaster recovery: recovery time and the achieved RPO, with the shipped
 recovery extension on a real hub (SQLite) and two real agents on this machine: ``src``
 (protected with ``outpost protect``) and ``dst`` (group ``dr``, its target group).
 
