@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 from outpost.hub.recovery import Recovery
+from tests.extbuild import manifest, package
 from tests.inproc import FAST, Clock, InprocHub
-from tests.recovery_support import end_op, point_result, ready, recovery_package
+from tests.recovery_support import OPS, end_op, point_result, ready, recovery_package
 
 pytestmark = FAST
 
@@ -296,3 +297,81 @@ async def test_retention_prunes_and_unprotect_keeps_or_forgets_the_points(
     [forgotten] = await hub.ok("GET", "/v1/backups?kind=recovery&forgotten=true")
     assert forgotten["forgotten_by"] == "unprotect"
     assert (await hub.api("GET", "/v1/machines/m1/protection")).json()["code"] == "E9121"
+
+
+async def test_the_extension_codes_appear_in_the_recovery_flow(
+        fast_hub: InprocHub, hub_clock: Clock) -> None:
+    """151076, 150066 and 151095 for the causes docs/extensions.md gives them, met by
+    recovery's own points and failovers (151099: the tests above): the hub's clock moved
+    with a test hook, the agents simulated."""
+    hub = fast_hub
+    version = await recovery_package(hub)
+    m1, m2 = await hub.machine("m1", "web"), await hub.machine("m2", "dr")
+    m3 = await hub.machine("m3", "web")
+    for m in (m1, m2, m3):
+        await m.heartbeat(interval=30)
+        await ready(m, version)
+    await hub.stop_task("recovery")  # the test runs the passes
+    await hub.stop_task("extension-operations")
+    rec, ops = hub.hub.recovery, hub.hub.ext_ops
+    await hub.ok("POST", "/v1/machines/m1/protection",
+                 json={"paths": ["/srv"], "rpo": "10m", "target_group": "dr"})
+    await rec.tick()
+    [point] = await _ops(hub, "m1", "point")
+
+    # 151076: the agent heartbeats but never starts the point; at its start timeout it ends
+    # with the code, and the protection says so.
+    for _ in range(7):
+        hub_clock.advance(100)
+        for m in (m1, m2, m3):
+            await m.heartbeat(interval=30)
+        await ops.tick()
+    ended = await hub.ok("GET", f"/v1/extension-operations/{point['id']}")
+    assert (ended["status"], ended["code"]) == ("Failed", "151076"), ended
+    shown = await hub.ok("GET", "/v1/machines/m1/protection")
+    assert shown["health"] == "Behind" and "151076" in shown["message"], shown
+
+    # Points that succeed, of m1 and of m3 (protected to the same target group), for the
+    # failovers below.
+    await hub.ok("POST", "/v1/machines/m3/protection",
+                 json={"paths": ["/srv"], "rpo": "10m", "target_group": "dr"})
+    hub_clock.advance(11)
+    await rec.tick()
+    for m, short in ((m1, "cc33dd44"), (m3, "ee55ff66")):
+        pending = [p for p in await _ops(hub, m.name, "point") if p["status"] != "Failed"]
+        assert len(pending) == 1, pending
+        await end_op(m, pending[0]["id"], result=point_result(short, ["/srv"]))
+
+    # 150066: m1's test failover's recover on m2 runs past its expected time; m3's failover
+    # to m2 is refused at once, naming it.
+    drill = await hub.ok("POST", "/v1/machines/m1/failover", json={"to": "m2", "test": True})
+    [recover] = await _ops(hub, "m2", "recover")
+    started = await m2.call("POST", f"/v1/agent/ext-ops/{recover['id']}/progress",
+                            {"attempt": 1, "state": "started", "at": time.time()})
+    assert started.is_success, started.text
+    hub_clock.advance(7300)  # past the recover operation's expected 7200 s
+    for m in (m1, m2, m3):
+        await m.heartbeat(interval=30)
+    overdue = await hub.api("POST", "/v1/machines/m3/failover", json={"to": "m2", "test": True})
+    assert overdue.status_code == 409, overdue.text
+    assert overdue.json()["code"] == "E9083" and "150066" in overdue.json()["message"]
+    assert recover["id"] in overdue.json()["message"]
+    assert [a["id"] for a in await hub.ok("GET", "/v1/recovery-actions")] == [drill["id"]]
+
+    # 151095: a recovery version that needs a newer agent than m1's; its next point is
+    # refused at once with the code and both versions, recorded as the reason.
+    newer = await hub.api("POST", "/v1/extensions",
+                          headers={"Content-Type": "application/gzip"},
+                          content=package(manifest("recovery", "9.9.9",
+                                                   min_agent_version="99.0.0",
+                                                   operations=OPS)))
+    assert newer.status_code == 201, newer.text
+    set_newer = await hub.api("PUT", "/v1/extensions/recovery/targets/machine/m1",
+                              json={"version": "9.9.9"})
+    assert set_newer.is_success, set_newer.text
+    await ready(m1, "9.9.9")
+    hub_clock.advance(3700)
+    await m1.heartbeat(interval=30)
+    await rec.tick()
+    shown = await hub.ok("GET", "/v1/machines/m1/protection")
+    assert "151095" in shown["reason"] and "99.0.0" in shown["reason"], shown
