@@ -76,6 +76,8 @@ machines = sa.Table(
     sa.Column("stopped_at", sa.Float),
     sa.Column("stopped_run", sa.String(32)),
     sa.UniqueConstraint("account_id", "name", name="uq_machines_account_name"),
+    # A group's machines: a job's group checked at submission, a fan-out's members.
+    sa.Index("ix_machines_group", "account_id", "group_name"),
 )
 
 nonces = sa.Table(
