@@ -528,10 +528,19 @@ def _metric(hub: Any, name: str, having: str = "") -> float:
     """A counter or gauge of the hub's /metrics, summed over its labels (those of lines
     that contain ``having``; NaN when the hub did not answer in time: an overloaded hub is a
     result too)."""
+    return _parse(_metrics_text(hub), name, having)
+
+
+def _metrics_text(hub: Any) -> str | None:
     try:
-        text = hub.api("GET", "/metrics", timeout=120).text
+        return str(hub.api("GET", "/metrics", timeout=120).text)
     except Exception as exc:  # noqa: BLE001 - printed, and the figure shows as nan
         print(f"  (/metrics did not answer: {type(exc).__name__})")
+        return None
+
+
+def _parse(text: str | None, name: str, having: str = "") -> float:
+    if text is None:
         return float("nan")
     total = 0.0
     for line in text.splitlines():
@@ -545,8 +554,9 @@ def _metric(hub: Any, name: str, having: str = "") -> float:
 def _lags(hubs: list[Any]) -> list[float]:
     """The hubs' event-loop lag samples: in all, and those over 50 and over 100 ms."""
     name = "outpost_event_loop_lag_seconds"
-    total = sum(_metric(h, name + "_count") for h in hubs)
-    within = [sum(_metric(h, name + "_bucket", f'le="{le}"') for h in hubs)
+    texts = [_metrics_text(h) for h in hubs]  # one read per hub: its figures agree
+    total = sum(_parse(t, name + "_count") for t in texts)
+    within = [sum(_parse(t, name + "_bucket", f'le="{le}"') for t in texts)
               for le in ("0.05", "0.1")]
     return [total, total - within[0], total - within[1]]
 
