@@ -67,6 +67,18 @@ def action_view(row: Any, names: dict[str, str]) -> dict[str, Any]:
     }
 
 
+async def protection_row(engine: AsyncEngine, account_id: str, machine: Any) -> Any:
+    """The protection of ``machine`` (E9121 when it has none)."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(sa.select(protections).where(
+            protections.c.account_id == account_id,
+            protections.c.machine_id == machine.id))).first()
+    if row is None:
+        raise OutpostError("recovery_not_protected", f"Machine {machine.name} is not "
+                           "protected.", machine=machine.name)
+    return row
+
+
 class Failovers:
     """The recovery actions of every account; one per hub process (``Recovery.failovers``)."""
 
@@ -75,14 +87,7 @@ class Failovers:
         self._ops = ext_ops
 
     async def _row(self, account_id: str, machine: Any) -> Any:
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(sa.select(protections).where(
-                protections.c.account_id == account_id,
-                protections.c.machine_id == machine.id))).first()
-        if row is None:
-            raise OutpostError("recovery_not_protected", f"Machine {machine.name} is not "
-                               "protected.", machine=machine.name)
-        return row
+        return await protection_row(self._engine, account_id, machine)
 
     async def list_actions(self, account_id: str, machine: Any | None = None,
                       limit: int = 200) -> list[dict[str, Any]]:

@@ -46,7 +46,7 @@ from .db import (backup_snapshots, extension_holds, extension_operations, extens
 from .db import machines as machine_rows
 from .extension_ops import ExtensionOps
 from .extensions import Extensions
-from .failover import Failovers
+from .failover import Failovers, protection_row
 
 log = logging.getLogger("outpost.hub.recovery")
 
@@ -238,14 +238,7 @@ class Recovery:
         return str(named or requested_by)
 
     async def _row(self, account_id: str, machine: Any) -> Any:
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(sa.select(protections).where(
-                protections.c.account_id == account_id,
-                protections.c.machine_id == machine.id))).first()
-        if row is None:
-            raise OutpostError("recovery_not_protected", f"Machine {machine.name} is not "
-                               "protected.", machine=machine.name)
-        return row
+        return await protection_row(self._engine, account_id, machine)
 
     async def protect(self, account_id: str, machine: Any, *, paths: list[str],
                       exclude: list[str], rpo: float, interval: float | None,
