@@ -1489,6 +1489,17 @@ _ENTRIES += (
          "on, driven by the hub.",),
         ("Follow it with 'outpost protection action ID'.",),
         409, None),
+    # --- edge modules: deployments (E9150-E9164), the agent's modules (E9165-E9179), ------
+    # --- messages on the machine (E9180-E9189) and at the hub (E9190-E9199) ---------------
+    Entry(
+        "E9150", "deployment_invalid", "The deployment manifest is not valid: {problem}.",
+        ("A field of the manifest is missing, of the wrong type or out of range, a route "
+         "does not parse or names a module the deployment does not have, or the file is "
+         "not YAML or JSON (a tab in the indentation, say).",),
+        ("Fix the field at the line and column the message names ('outpost deployment "
+         "schema' prints the JSON Schema; docs/modules.md describes every field) and "
+         "create the deployment again.",),
+        422, "ED-2"),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

@@ -1,5 +1,8 @@
-"""Reading and unpacking an extension package: the same checks at publish (the hub) and
-before unpacking (the agent), so a bad package never reaches a machine half-way.
+"""Reading and unpacking an extension or module package: the same checks at publish (the
+hub) and before unpacking (the agent), so a bad package never reaches a machine half-way.
+
+The two kinds differ only in the manifest at the archive's root (``outpost-extension.json``,
+``outpost-module.json``) and the commands it names; ``kind="module"`` reads the second.
 
 ``read(data)`` validates the whole archive in memory and returns its ``Package``;
 ``unpack(data, dest, expected_sha256)`` checks the digest, validates again, and writes the
@@ -18,6 +21,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -27,9 +31,12 @@ from .extensions import (
 )
 
 
+Kind = Literal["extension", "module"]
+
+
 @dataclass(frozen=True)
 class Package:
-    manifest: Manifest
+    manifest: Any  # extensions.Manifest, or modules.ModulePackageManifest for a module
     sha256: str
     size: int
     files: frozenset[str]  # regular files, as paths relative to the package's root
@@ -40,9 +47,9 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _bad(problem: str) -> OutpostError:
-    return OutpostError("ext_package_invalid", f"The extension package is not valid: "
-                        f"{problem}.", problem=problem)
+def _bad(problem: str, kind: Kind = "extension") -> OutpostError:
+    return OutpostError("ext_package_invalid", f"The {kind} package is not valid: "
+                        f"{problem}.", problem=problem, package_kind=kind)
 
 
 def _member_path(name: str) -> str:
@@ -55,23 +62,40 @@ def _member_path(name: str) -> str:
     return str(path) if str(path) != "." else ""
 
 
-def _field(error: ValidationError) -> str:
+def _field(error: ValidationError, manifest_name: str) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(the manifest)"
-    return f"{MANIFEST_NAME}: {where}: {first['msg']}"
+    return f"{manifest_name}: {where}: {first['msg']}"
 
 
-def read(data: bytes) -> Package:
+def _format(kind: Kind) -> tuple[str, Any]:
+    """The manifest's file name and model of a package kind."""
+    if kind == "module":
+        from .modules import MODULE_MANIFEST_NAME, ModulePackageManifest
+
+        return MODULE_MANIFEST_NAME, ModulePackageManifest
+    return MANIFEST_NAME, Manifest
+
+
+def _commands(manifest: Any, kind: Kind) -> list[tuple[str, Any]]:
+    if kind == "module":
+        return [("run", manifest.run)]
+    commands = [(f"handlers.{k}", c) for k, c in manifest.handlers.items()]
+    return commands + [(f"operations.{k}", c) for k, c in manifest.operations.items()]
+
+
+def read(data: bytes, kind: Kind = "extension") -> Package:
     """The package in ``data``, validated; E9000/E9002 naming what is wrong otherwise."""
+    manifest_name, model = _format(kind)
     if len(data) > PACKAGE_MAX_BYTES:
         raise OutpostError("ext_package_too_large",
-                           f"The extension package is larger than "
+                           f"The {kind} package is larger than "
                            f"{PACKAGE_MAX_BYTES // (1024 * 1024)} MiB.",
                            limit=PACKAGE_MAX_BYTES, size=len(data))
     try:
         archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise _bad(f"it is not a gzip-compressed tar archive ({exc})") from None
+        raise _bad(f"it is not a gzip-compressed tar archive ({exc})", kind) from None
     files: set[str] = set()
     executables: set[str] = set()
     manifest_bytes: bytes | None = None
@@ -80,53 +104,54 @@ def read(data: bytes) -> Package:
         try:
             members = archive.getmembers()
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise _bad(f"the archive is damaged ({exc})") from None
+            raise _bad(f"the archive is damaged ({exc})", kind) from None
         if len(members) > PACKAGE_MAX_MEMBERS:
-            raise _bad(f"it holds {len(members)} members, more than {PACKAGE_MAX_MEMBERS}")
+            raise _bad(f"it holds {len(members)} members, more than "
+                       f"{PACKAGE_MAX_MEMBERS}", kind)
         for member in members:
             path = _member_path(member.name)
             if member.isdir():
                 continue
             if not member.isfile():
-                kind = "a link" if member.issym() or member.islnk() else "not a regular file"
-                raise _bad(f"the member '{member.name}' is {kind}; a package holds only "
-                           "regular files and directories")
+                what = "a link" if member.issym() or member.islnk() else "not a regular file"
+                raise _bad(f"the member '{member.name}' is {what}; a package holds only "
+                           "regular files and directories", kind)
             if path in files:
-                raise _bad(f"the member '{member.name}' appears twice")
+                raise _bad(f"the member '{member.name}' appears twice", kind)
             total += member.size
             if total > UNPACKED_MAX_BYTES:
-                raise _bad(f"it unpacks to more than {UNPACKED_MAX_BYTES // (1024 * 1024)} MiB")
+                raise _bad(f"it unpacks to more than {UNPACKED_MAX_BYTES // (1024 * 1024)} MiB",
+                           kind)
             files.add(path)
             if member.mode & 0o111:
                 executables.add(path)
-            if path == MANIFEST_NAME:
+            if path == manifest_name:
                 handle = archive.extractfile(member)
                 manifest_bytes = handle.read() if handle else b""
     if manifest_bytes is None:
-        raise _bad(f"{MANIFEST_NAME} is missing at the archive's root")
+        raise _bad(f"{manifest_name} is missing at the archive's root", kind)
     try:
         raw = json.loads(manifest_bytes)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad(f"{MANIFEST_NAME} is not JSON ({exc})") from None
+        raise _bad(f"{manifest_name} is not JSON ({exc})", kind) from None
     try:
-        manifest = Manifest.model_validate(raw)
+        manifest = model.model_validate(raw)
     except ValidationError as exc:
-        raise _bad(_field(exc)) from None
-    commands = [(f"handlers.{k}", c) for k, c in manifest.handlers.items()]
-    commands += [(f"operations.{k}", c) for k, c in manifest.operations.items()]
-    for field, command in commands:
+        raise _bad(_field(exc, manifest_name), kind) from None
+    for field, command in _commands(manifest, kind):
         run = str(PurePosixPath(command.run))
         if run not in files:
-            raise _bad(f"{MANIFEST_NAME}: {field}.run: '{command.run}' is not a file in the "
-                       "package")
+            raise _bad(f"{manifest_name}: {field}.run: '{command.run}' is not a file in the "
+                       "package", kind)
         if run not in executables:
-            raise _bad(f"{MANIFEST_NAME}: {field}.run: '{command.run}' is not executable "
-                       "(chmod +x it before building the archive)")
+            raise _bad(f"{manifest_name}: {field}.run: '{command.run}' is not executable "
+                       "(chmod +x it before building the archive)", kind)
     return Package(manifest=manifest, sha256=digest(data), size=len(data),
                    files=frozenset(files), executables=frozenset(executables))
 
 
-def unpack(data: bytes, dest: Path, expected_sha256: str | None = None) -> Package:
+def unpack(data: bytes, dest: Path, expected_sha256: str | None = None,
+           kind: Kind = "extension") -> Package:
     """Check, validate and unpack ``data`` into the new directory ``dest`` (which must not
     exist); nothing is left behind when a check fails."""
     if expected_sha256 is not None:
@@ -134,7 +159,7 @@ def unpack(data: bytes, dest: Path, expected_sha256: str | None = None) -> Packa
         if actual != expected_sha256:
             raise OutpostError("ext_package_digest", expected=expected_sha256, actual=actual,
                                name=dest.parent.name, version=dest.name)
-    package = read(data)
+    package = read(data, kind)
     dest.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:

@@ -103,6 +103,9 @@ class HeartbeatAck(Wire):
     extensions_etag: str = Field(default="", description="The etag of the extensions this "
                                  "machine should have; when it differs from the agent's, "
                                  "the agent fetches GET /v1/agent/extensions.")
+    deployment_etag: str = Field(default="", description="The etag of the deployment this "
+                                 "machine should run; when it differs from the agent's, the "
+                                 "agent fetches GET /v1/agent/deployment.")
 
 
 class PollRequest(Wire):

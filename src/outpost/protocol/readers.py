@@ -153,13 +153,14 @@ class HeartbeatAck:
     machine_id: str = ""
     abandon: list[str] = field(default_factory=list)
     extensions_etag: str = ""
+    deployment_etag: str = ""
 
     @classmethod
     def read(cls, data: Any) -> HeartbeatAck:
         return read(cls, "heartbeat acknowledgement", data, {
             "hub_time": (number(), None), "min_agent_version": (text(), ""),
             "machine_id": (text(), ""), "abandon": (list_of(text()), list),
-            "extensions_etag": (text(), "")})
+            "extensions_etag": (text(), ""), "deployment_etag": (text(), "")})
 
 
 @dataclass

@@ -30,6 +30,7 @@ from .errors import OutpostError
 from .kinds import EXT_OP as EXT_OP
 from .kinds import JOB as JOB
 from .kinds import JOB_CONTROL as JOB_CONTROL
+from .kinds import MODULE_CALL as MODULE_CALL
 from .kinds import PING as PING
 from .readers import INT32_MAX, INT64_MAX
 
@@ -139,6 +140,23 @@ class ExtOpEnd(Wire):
     at: float = Field(ge=0)
 
 
+class ModuleCallPayload(Wire):
+    """A direct call of a module's method (``POST /v1/machines/M/modules/A/methods/NAME``):
+    the agent hands it to the module through the local message hub and answers the work item
+    with a ``ModuleCallResult`` once the module replies, or with an error when it is not
+    connected or does not reply before ``timeout_seconds``."""
+
+    module: str = Field(max_length=64)
+    method: str = Field(max_length=128)
+    payload: Any = None
+    timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+
+
+class ModuleCallResult(Wire):
+    status: int = Field(description="The module's own status (200 for success, as HTTP).")
+    payload: Any = None
+
+
 class WorkError(Wire):
     """The result of an item the agent could not take."""
 
@@ -147,6 +165,7 @@ class WorkError(Wire):
 
 PAYLOADS: dict[str, type[Wire]] = {
     JOB: JobClaim, PING: PingPayload, JOB_CONTROL: JobControlPayload, EXT_OP: ExtOpPayload,
+    MODULE_CALL: ModuleCallPayload,
 }
 
 
