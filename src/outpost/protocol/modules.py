@@ -355,10 +355,9 @@ def parse_document(text: str) -> tuple[Any, dict[tuple[Any, ...], Position]]:
         if text.lstrip().startswith("{"):
             try:
                 return json.loads(text), {}
-            except ValueError as json_exc:
-                err = json_exc
-                raise _invalid(str(err.args[0]).split(":")[0], "(the file)",
-                               (getattr(err, "lineno", 0), getattr(err, "colno", 0))) from None
+            except json.JSONDecodeError as json_exc:
+                raise _invalid(f"it is not YAML or JSON ({json_exc.msg})", "(the file)",
+                               (json_exc.lineno, json_exc.colno)) from None
         tab = _tab(text)
         if tab is not None:
             raise tab from None
@@ -385,6 +384,16 @@ def validate_manifest(data: Any, positions: dict[tuple[Any, ...], Position] | No
     if not isinstance(data, dict):
         raise _invalid("the manifest is a mapping with 'modules' and 'routes'", "(the file)",
                        positions.get(()))
+    # Names are checked here, not by the model, so that the refusal names the key's place.
+    for section, valid, letters in (("modules", NAME_RE.match, "lowercase letters"),
+                                    ("routes", routes_lang.valid_name, "letters")):
+        names = data.get(section)
+        for name in names if isinstance(names, dict) else ():
+            if not isinstance(name, str) or not valid(name):
+                raise _invalid(f"'{name}' is not a {section[:-1]} name: use 1 to 64 "
+                               f"{letters}, digits, '.', '_' or '-', starting with a letter "
+                               "or digit", f"{section}.{name}",
+                               positions.get((section, str(name), "__key__")))
     try:
         manifest = DeploymentManifest.model_validate(data)
     except ValidationError as exc:
