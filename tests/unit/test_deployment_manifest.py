@@ -26,7 +26,9 @@ modules:
     dns: [10.0.0.2]
     order: 1
 routes:
-  hot: FROM /messages/modules/sensor/outputs/* WHERE t > 3 INTO BrokeredEndpoint("/modules/filter/inputs/in")  # noqa: E501
+  hot: >-
+    FROM /messages/modules/sensor/outputs/* WHERE t > 3
+    INTO BrokeredEndpoint("/modules/filter/inputs/in")
   up: {route: "FROM /messages/modules/filter/* INTO $upstream", priority: 1, ttl_seconds: 60}
 """
 
