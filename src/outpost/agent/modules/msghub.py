@@ -286,6 +286,8 @@ class MessageHub:
                 if self.connections.get(conn.module) is conn:
                     del self.connections[conn.module]
             writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
             if task is not None:
                 self._tasks.discard(task)
 
