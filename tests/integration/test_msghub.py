@@ -177,7 +177,7 @@ def test_two_modules_exchange_messages_through_a_route_with_a_condition(
     # Delivered at once while connected.
     assert sensor.ask(op="send", output="temp", body="live", properties=hot) == {"ok": True}
     assert filt.ask(op="recv", timeout=5)["body"] == "live"
-    counters = hub.hub.counters()
+    counters = wait_until(lambda: (c := hub.hub.counters()).delivered == 4 and c, 5)
     assert (counters.received, counters.delivered, counters.refused) == (8, 4, 4)
     sensor.close()
     filt.close()
@@ -250,7 +250,8 @@ def test_store_and_forward_keeps_order_while_the_hub_is_away_and_drops_only_the_
         seqs = [m.seq for b in hub_side.batches for m in b.messages]
         assert seqs == sorted(seqs)
         assert sum(b.dropped_expired for b in hub_side.batches) == 3
-        counters = running.hub.counters()
+        counters = wait_until(lambda: (c := running.hub.counters()).upstream_queued == 0 and c,
+                              5)
         assert (counters.upstream_sent, counters.upstream_queued, counters.expired) == (20, 0, 3)
         assert not list((tmp_path / "state" / "messages" / "upstream").glob("*.seg"))
         sensor.close()
