@@ -166,6 +166,7 @@ class MessageHub:
         self.store: upstream.Store | None = None
         self.uploader: upstream.Uploader | None = None
         self.send_upstream: upstream.SendUpstream | None = None
+        self._backoff = (1.0, 60.0)
         self._counters = MessageCounters()
         self._server: asyncio.AbstractServer | None = None
         self._order = itertools.count()
@@ -192,9 +193,20 @@ class MessageHub:
 
     def set_upstream(self, send_upstream: upstream.SendUpstream, *,
                      backoff_base: float = 1.0, backoff_cap: float = 60.0) -> None:
-        """Where ``$upstream`` messages go (the hub's ``POST /v1/agent/messages``)."""
+        """Where ``$upstream`` messages go (the hub's ``POST /v1/agent/messages``); the
+        uploader starts with the hub, or now if it listens already."""
         self.send_upstream = send_upstream
         self._backoff = (backoff_base, backoff_cap)
+        if self._server is not None:
+            self._start_uploader()
+
+    def _start_uploader(self) -> None:
+        if self.send_upstream is None or self.store is None or self.uploader is not None:
+            return
+        base, cap = self._backoff
+        self.uploader = upstream.Uploader(self.store, self.send_upstream,
+                                          backoff_base=base, backoff_cap=cap)
+        self.uploader.start()
 
     async def start(self) -> Path:
         """Listen; the socket's path."""
@@ -217,11 +229,7 @@ class MessageHub:
         self.path = path
         if self.store is None:
             self.configure(DeploymentManifest(), {})
-        if self.send_upstream is not None and self.store is not None:
-            base, cap = getattr(self, "_backoff", (1.0, 60.0))
-            self.uploader = upstream.Uploader(self.store, self.send_upstream,
-                                              backoff_base=base, backoff_cap=cap)
-            self.uploader.start()
+        self._start_uploader()
         log.info("the modules' message hub listens on %s", path)
         return path
 
