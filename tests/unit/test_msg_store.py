@@ -69,3 +69,19 @@ def test_frames_round_trip_and_bad_ones_are_named() -> None:
         left.sendall(modwire.PREFIX.pack(modwire.MAX_HEADER + 1, 0))
         with pytest.raises(modwire.FrameError, match="header is at most"):
             modwire.read_frame(right)
+
+
+def test_the_client_imports_with_the_standard_library_only() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('pydantic', 'yaml', 'httpx', 'cryptography', 'typer', 'rich', "
+            "'psutil'):\n"
+            "    sys.modules[name] = None  # importing it now fails\n"
+            "import outpost.modules\n"
+            "print(outpost.modules.ModuleClient.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ModuleClient"
