@@ -359,3 +359,27 @@ def test_a_direct_call_is_answered_or_times_out(hub: HubThread) -> None:
                            {"result": {"status": 200, "payload": {"echo": [1]}}})
     assert answered[1][1]["result"]["error"]["code"] == "E9182"
     filt.close()
+
+
+def test_a_module_connects_again_when_the_agent_restarts(tmp_path: Path) -> None:
+    first = HubThread(tmp_path)
+    sensor = Module(first, "sensor")
+    hot = {"temperature": 35, "unit": "C"}
+    try:
+        assert sensor.ask(op="send", output="temp", body="before", properties=hot) == {
+            "ok": True}
+    finally:
+        first.close()
+    second = HubThread(tmp_path)
+    second.pids.update(first.pids)
+    try:
+        # The send waits for the new agent (the client connects again with a backoff).
+        assert sensor.ask(op="send", output="temp", body="after", properties=hot) == {
+            "ok": True}
+        assert second.hub.counters().received == 1
+        filt = Module(second, "filter")
+        assert filt.ask(op="recv", timeout=5)["body"] == "after"
+        filt.close()
+        sensor.close()
+    finally:
+        second.close()
