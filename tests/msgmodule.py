@@ -9,9 +9,12 @@ stdin, answering one JSON line on stdout:
     {"op": "flood", "output": O, "count": N} -> sends N numbered messages, printing
                                                 {"acked": i} after each
 
-``msgmodule.py raw NAME`` instead speaks the wire by hand: hello as NAME, then a send, and
-prints the frames it gets back. ``msgmodule.py server STATE SOCKET`` runs a message hub whose
-upstream never answers (for the kill -9 test); it prints {"ready": true}.
+``msgmodule.py aio`` is a module on the asyncio client: it answers calls of ``echo``, sends
+``aio`` on ``out``, prints {"ready": true} and the first message it receives, then serves
+calls until stdin closes. ``msgmodule.py raw NAME`` instead speaks the wire by hand: hello
+as NAME, then a send, and prints the frames it gets back. ``msgmodule.py server STATE
+SOCKET`` runs a message hub whose upstream never answers (for the kill -9 test); it prints
+{"ready": true}.
 """
 
 from __future__ import annotations
@@ -92,6 +95,28 @@ def _raw(name: str, path: str) -> None:
     print(json.dumps(frames), flush=True)
 
 
+def _aio() -> None:
+    from outpost.modules.aio import AsyncModuleClient
+
+    async def main() -> None:
+        async with await AsyncModuleClient.connect(backoff_cap=0.2) as client:
+
+            async def echo(payload: Any) -> Any:
+                await asyncio.sleep(0)
+                return {"echo": payload}
+
+            client.method("echo", echo)
+            await client.send("out", b"aio")
+            print(json.dumps({"ready": True}), flush=True)
+            async for message in client.messages():
+                print(json.dumps({"input": message.input, "body": message.body.decode()}),
+                      flush=True)
+                break
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+
+
 def _server(state: str, path: str) -> None:
     from outpost.agent.modules.msghub import MessageHub
     from outpost.protocol.modules import load_manifest
@@ -117,6 +142,8 @@ def _server(state: str, path: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "raw":
         _raw(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "aio":
+        _aio()
     elif len(sys.argv) > 1 and sys.argv[1] == "server":
         _server(sys.argv[2], sys.argv[3])
     else:

@@ -89,9 +89,10 @@ class HubThread:
 class Module:
     """A module process driven by JSON lines (tests/msgmodule.py)."""
 
-    def __init__(self, hub: HubThread, name: str, *, known: bool = True) -> None:
+    def __init__(self, hub: HubThread, name: str, *, known: bool = True,
+                 args: tuple[str, ...] = ()) -> None:
         env = dict(os.environ, OUTPOST_MODULE_SOCKET=str(hub.path), OUTPOST_MODULE_NAME=name)
-        self.proc = subprocess.Popen([sys.executable, MODULE], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, MODULE, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         if known:
             hub.pids[self.proc.pid] = name
@@ -383,3 +384,15 @@ def test_a_module_connects_again_when_the_agent_restarts(tmp_path: Path) -> None
         sensor.close()
     finally:
         second.close()
+
+
+def test_the_asyncio_client_sends_receives_and_answers_calls(hub: HubThread) -> None:
+    filt = Module(hub, "filter", args=("aio",))
+    assert filt.first == {"ready": True}
+    assert hub.hub.counters().upstream_queued == 1  # its send, taken by the route "up"
+    assert hub.run(hub.hub.call("filter", "echo", "hi", 5)) == (200, {"echo": "hi"})
+    sensor = Module(hub, "sensor")
+    assert sensor.ask(op="send", output="alarm", body="fire") == {"ok": True}
+    assert filt.line() == {"input": "hot", "body": "fire"}
+    sensor.close()
+    filt.close()
