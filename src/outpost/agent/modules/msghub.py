@@ -3,7 +3,8 @@
 The socket is ``<state>-messages/hub.sock`` (``socket_path``): the state directory is the
 agent's alone (0700) while modules run as ``outpost-mod``, so it lives in a directory beside
 it (0711, made as the extensions' tree is: extensions/runtime.py ``beside_state``), with mode
-0666. Who may talk is decided per connection: the kernel's peer credentials (SO_PEERCRED)
+0666 (an agent that is not root runs modules as itself: ``<state>/messages/hub.sock``).
+Who may talk is decided per connection: the kernel's peer credentials (SO_PEERCRED)
 give the connecting process's pid, and the module it claims in its ``hello`` must be
 ``identify(pid)`` (the supervisor's: the module's process or a descendant); otherwise it is
 answered 404 ``Module not found``, logged with the pid and the name, counted
@@ -70,8 +71,14 @@ CONSTRAINED = Bounds(input_messages=100, input_bytes=1 << 20, read_buffer=16 << 
 
 
 def socket_path(state_root: Path) -> Path:
-    """Where modules find the hub: in a directory beside the state directory that the
-    modules' user may pass through."""
+    """Where modules find the hub. A root agent runs modules as another user, who cannot
+    enter the state directory: the socket is in a directory beside it that others may pass
+    through. An agent that is not root runs them as itself: the socket is in
+    ``<state>/messages/``."""
+    if os.geteuid() != 0:
+        directory = state_root / "messages"
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return directory / SOCKET_NAME
     directory = beside_state(state_root, "messages", lambda path: OutpostError(
         "msg_socket_unsafe", f"The directory {path} for the modules' message socket is not "
         "the agent's own, or others may write it; the agent will not listen there.",
