@@ -26,7 +26,12 @@ FORBIDDEN = {
     # The shipped extensions' programs run on machines as extension handlers, with the
     # agent's Python: they may use protocol and backup (the bridge), nothing of the daemons.
     "extensions": ("hub", "agent", "cli"),
+    # The modules' client runs inside module processes, which may have nothing of Outpost's
+    # dependencies: of Outpost it may import only the wire format (ALLOWED).
+    "modules": ("hub", "agent", "cli", "common", "backup", "extensions"),
 }
+# A layer that may import nothing of Outpost but these modules (and the packages above them).
+ALLOWED = {"modules": ("outpost.protocol.modwire",)}
 
 
 def _module_name(path: Path, src: Path) -> str:
@@ -66,13 +71,26 @@ def violations(src: Path = SRC) -> list[str]:
         if layer not in FORBIDDEN:
             continue
         banned = tuple(f"outpost.{other}" for other in FORBIDDEN[layer])
+        allowed = ALLOWED.get(layer)
         for line, modules in imported(path, src):
             crossing = [m for m in modules if m in banned or m.startswith(
                 tuple(b + "." for b in banned))]
+            if allowed is not None:
+                crossing += [m for m in modules if _outside(m, layer, allowed)]
             if crossing:
                 found.append(f"{path.relative_to(src)}:{line}: outpost.{layer} imports "
                              f"{crossing[0]}")
     return found
+
+
+def _outside(module: str, layer: str, allowed: tuple[str, ...]) -> bool:
+    """Whether ``module`` is of Outpost, neither ``layer`` itself nor an allowed module
+    (nor a package that holds one: ``from outpost.protocol import modwire``)."""
+    if module != "outpost" and not module.startswith("outpost."):
+        return False
+    if module == f"outpost.{layer}" or module.startswith(f"outpost.{layer}."):
+        return False
+    return not any(module == a or a.startswith(module + ".") for a in allowed)
 
 
 def test_no_layer_imports_one_it_must_not() -> None:
@@ -105,3 +123,16 @@ def test_a_crossing_import_is_named_with_its_file_and_line(
                                           "from . import deep\nimport json\n")
     assert violations(tmp_path) == [
         f"outpost/{layer}/deep/bad.py:{line}: outpost.{layer} imports {module}"]
+
+
+def test_the_modules_client_may_import_only_the_wire_format(tmp_path: Path) -> None:
+    root = tmp_path / "outpost"
+    (root / "modules").mkdir(parents=True)
+    (root / "protocol").mkdir()
+    for folder in (root, root / "modules", root / "protocol"):
+        (folder / "__init__.py").write_text("")
+    (root / "modules" / "fine.py").write_text("from outpost.protocol import modwire\n"
+                                              "from . import fine\nimport json\n")
+    (root / "modules" / "bad.py").write_text("import os\nfrom ..protocol import models\n")
+    assert violations(tmp_path) == [
+        "outpost/modules/bad.py:2: outpost.modules imports outpost.protocol.models"]

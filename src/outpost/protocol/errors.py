@@ -1500,6 +1500,39 @@ _ENTRIES += (
          "schema' prints the JSON Schema; docs/modules.md describes every field) and "
          "create the deployment again.",),
         422, "ED-2"),
+    Entry(
+        "E9180", "msg_socket_unsafe", "The directory {path} for the modules' message socket "
+        "is not the agent's own, or others may write it; the agent will not listen there.",
+        ("The directory beside the state directory (<state>-messages/) exists and belongs "
+         "to another user, is a link, or is writable by others.",),
+        ("Remove the directory (or give it to the agent's user, mode 0711) and restart the "
+         "agent.",),
+        500, None),
+    Entry(
+        "E9181", "msg_socket_unavailable", "The modules' message socket cannot be made at "
+        "{path}: {reason}.",
+        ("The socket's path is longer than the system allows (107 bytes), or the directory "
+         "cannot be written.",),
+        ("Use a shorter state directory path ('state_dir' in the agent's configuration), or "
+         "fix the directory's permissions, and restart the agent.",),
+        500, None),
+    Entry(
+        "E9182", "msg_module_not_connected", "The module {module} is not connected to the "
+        "agent's message hub.",
+        ("The module is not running, has not connected yet (it does so with "
+         "outpost.modules.ModuleClient or the wire format of docs/messages.md), or its "
+         "connection closed before it answered.",),
+        ("Check the module's state and logs ('outpost agent status', 'outpost agent logs "
+         "MODULE') and call it again once it runs.",),
+        409, None),
+    Entry(
+        "E9183", "msg_call_timeout", "The module {module} did not answer the call of "
+        "{method} within {seconds} s.",
+        ("The module has no handler for the method's frames, is busy, or its handler takes "
+         "longer than the call's timeout.",),
+        ("Give the call a longer timeout_seconds, or make the module's handler answer "
+         "sooner (a handler runs on its own thread in the Python client).",),
+        504, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

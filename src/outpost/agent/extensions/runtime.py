@@ -53,21 +53,31 @@ LIB = Path("/var/lib")
 
 def shared_root(state_root: Path) -> Path:
     """The tree for commands that run as another user (see the module docstring)."""
+    return beside_state(state_root, "extensions", lambda candidate: OutpostError(
+        "ext_tree_unsafe", f"The directory {candidate} for extensions is not the "
+        "agent's own, or others may write it; the agent will not run extensions "
+        "from it.", path=str(candidate)))
+
+
+def beside_state(state_root: Path, suffix: str,
+                 unsafe: Callable[[Path], OutpostError]) -> Path:
+    """A directory (root's or the agent user's, 0711) that other users may pass through,
+    beside the private state directory: ``<state>-SUFFIX/``, or
+    ``/var/lib/outpost-SUFFIX-HASH/`` when the state directory's parent is private. The
+    extensions' tree and the message hub's socket (agent/modules/msghub.py) live in one.
+    ``unsafe(path)`` is the error when it is not the agent's own or others may write it."""
     state_root = state_root.resolve()
     if _reachable(state_root.parent):
-        candidate = state_root.parent / f"{state_root.name}-extensions"
+        candidate = state_root.parent / f"{state_root.name}-{suffix}"
     else:
         # Not the temporary directory, whose cleaners would take installed packages away.
         tag = hashlib.sha256(str(state_root).encode()).hexdigest()[:10]
         base = LIB if _reachable(LIB) else Path(tempfile.gettempdir())
-        candidate = base / f"outpost-extensions-{tag}"
+        candidate = base / f"outpost-{suffix}-{tag}"
     with contextlib.suppress(FileExistsError):
         candidate.mkdir(mode=0o711)
     if not _safe_root(candidate):
-        raise OutpostError(
-            "ext_tree_unsafe", f"The directory {candidate} for extensions is not the "
-            "agent's own, or others may write it; the agent will not run extensions "
-            "from it.", path=str(candidate))
+        raise unsafe(candidate)
     os.chmod(candidate, 0o711)
     return candidate
 

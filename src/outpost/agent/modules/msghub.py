@@ -1,0 +1,529 @@
+"""The local message hub: the Unix socket where modules send and receive messages.
+
+The socket is ``<state>-messages/hub.sock`` (``socket_path``): the state directory is the
+agent's alone (0700) while modules run as ``outpost-mod``, so it lives in a directory beside
+it (0711, made as the extensions' tree is: extensions/runtime.py ``beside_state``), with mode
+0666 (an agent that is not root runs modules as itself: ``<state>/messages/hub.sock``).
+Who may talk is decided per connection: the kernel's peer credentials (SO_PEERCRED)
+give the connecting process's pid, and the module it claims in its ``hello`` must be
+``identify(pid)`` (the supervisor's: the module's process or a descendant); otherwise it is
+answered 404 ``Module not found``, logged with the pid and the name, counted
+(``rejected_identity``) and closed (ED-9).
+
+Each ``send`` is matched against every route of the deployment (``configure``); each route
+that takes it delivers it to its sink: a module's input (a bounded queue in memory per
+module, ordered by the route's priority then by arrival, each message with the route's time
+to live; delivered in order while the module is connected) or ``$upstream`` (the store on
+disk, upstream.py; one copy however many upstream routes take it). A send is answered once
+every sink took it, or refused as a whole, never partly: 413 over ``max_message_kb``, 404
+when no route takes it, 507 when the store or an input's queue is full. Nothing is dropped
+but what outlives its time to live (``expired``).
+
+``call`` hands a direct call to the module's connection and waits for its reply (the
+``module_call`` work kind, ``register_calls``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from outpost.protocol import modwire
+from outpost.protocol.errors import OutpostError
+from outpost.protocol.modules import (DeploymentManifest, MessageCounters,
+                                      MessageHubSettings)
+from outpost.protocol.routes import Message as RouteMessage
+from outpost.protocol.routes import Route
+
+from ..extensions.runtime import beside_state
+from . import upstream
+
+log = logging.getLogger("outpost.agent.messages")
+
+SOCKET_NAME = "hub.sock"
+SOCKET_PATH_MAX = 107  # sun_path's bytes, less the terminating zero
+Identify = Callable[[int], "str | None"]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What one module's inputs may hold in memory, and the read buffer of a connection."""
+
+    input_messages: int
+    input_bytes: int
+    read_buffer: int
+
+
+NORMAL = Bounds(input_messages=1000, input_bytes=16 << 20, read_buffer=256 << 10)
+CONSTRAINED = Bounds(input_messages=100, input_bytes=1 << 20, read_buffer=16 << 10)
+
+
+def socket_path(state_root: Path) -> Path:
+    """Where modules find the hub. A root agent runs modules as another user, who cannot
+    enter the state directory: the socket is in a directory beside it that others may pass
+    through. An agent that is not root runs them as itself: the socket is in
+    ``<state>/messages/``."""
+    if os.geteuid() != 0:
+        directory = state_root / "messages"
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return directory / SOCKET_NAME
+    directory = beside_state(state_root, "messages", lambda path: OutpostError(
+        "msg_socket_unsafe", f"The directory {path} for the modules' message socket is not "
+        "the agent's own, or others may write it; the agent will not listen there.",
+        path=str(path)))
+    return directory / SOCKET_NAME
+
+
+@dataclass(order=True)
+class _Queued:
+    priority: int
+    order: int
+    input: str = field(compare=False)
+    header: dict[str, Any] = field(compare=False)
+    body: bytes = field(compare=False)
+    expires_at: float = field(compare=False)
+
+
+class Inbox:
+    """One module's input messages: a heap by (route priority, arrival), bounded per
+    input in messages and bytes."""
+
+    def __init__(self) -> None:
+        self.heap: list[_Queued] = []
+        self.count: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
+        self.ready = asyncio.Event()
+
+    def room(self, name: str, size: int, bounds: Bounds) -> bool:
+        return (self.count.get(name, 0) < bounds.input_messages
+                and self.bytes.get(name, 0) + size <= bounds.input_bytes)
+
+    def put(self, item: _Queued) -> None:
+        heapq.heappush(self.heap, item)
+        self.count[item.input] = self.count.get(item.input, 0) + 1
+        self.bytes[item.input] = self.bytes.get(item.input, 0) + len(item.body)
+        self.ready.set()
+
+    def pop(self) -> _Queued | None:
+        if not self.heap:
+            self.ready.clear()
+            return None
+        item = heapq.heappop(self.heap)
+        self.count[item.input] -= 1
+        self.bytes[item.input] -= len(item.body)
+        return item
+
+    def drop_expired(self, now: float) -> int:
+        keep = [q for q in self.heap if q.expires_at > now]
+        gone = len(self.heap) - len(keep)
+        if gone:
+            self.heap = keep
+            heapq.heapify(self.heap)
+            self.count, self.bytes = {}, {}
+            for q in keep:
+                self.count[q.input] = self.count.get(q.input, 0) + 1
+                self.bytes[q.input] = self.bytes.get(q.input, 0) + len(q.body)
+        return gone
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Connection:
+    def __init__(self, module: str, pid: int, writer: asyncio.StreamWriter) -> None:
+        self.module = module
+        self.pid = pid
+        self.writer = writer
+        self.calls: dict[int, asyncio.Future[tuple[int, Any]]] = {}
+        self.lock = asyncio.Lock()
+
+    async def write(self, frame: bytes) -> None:
+        async with self.lock:
+            self.writer.write(frame)
+            await self.writer.drain()
+
+
+class MessageHub:
+    def __init__(self, identify: Identify, state_root: Path, *,
+                 path: Path | None = None) -> None:
+        self.identify = identify
+        self.state_root = state_root
+        self.path = path
+        self.settings = MessageHubSettings()
+        self.bounds = NORMAL
+        self.routes: list[tuple[str, Route, int, int]] = []  # name, route, priority, ttl
+        self.inboxes: dict[str, Inbox] = {}
+        self.connections: dict[str, Connection] = {}
+        self.store: upstream.Store | None = None
+        self.uploader: upstream.Uploader | None = None
+        self.send_upstream: upstream.SendUpstream | None = None
+        self._backoff = (1.0, 60.0)
+        self._counters = MessageCounters()
+        self._server: asyncio.AbstractServer | None = None
+        self._order = itertools.count()
+        self._call_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- the daemon's seam ----------------------------------------------------------------
+    def configure(self, manifest: DeploymentManifest, routes: dict[str, Route]) -> None:
+        """Take a deployment's routes and settings (called at every applied deployment)."""
+        settings = manifest.message_hub
+        self.settings = settings
+        self.bounds = CONSTRAINED if settings.constrained else NORMAL
+        self.routes = sorted(
+            ((name, route, manifest.routes[name].priority,
+              manifest.routes[name].ttl_seconds or settings.ttl_seconds)
+             for name, route in routes.items()), key=lambda r: (r[2], r[0]))
+        max_bytes = settings.store_max_mb << 20
+        sizes = upstream.CONSTRAINED if settings.constrained else upstream.NORMAL
+        if self.store is None:
+            self.store = upstream.Store(self.state_root / "messages" / "upstream", max_bytes,
+                                        sizes)
+        else:
+            self.store.max_bytes, self.store.sizes = max_bytes, sizes
+
+    def set_upstream(self, send_upstream: upstream.SendUpstream, *,
+                     backoff_base: float = 1.0, backoff_cap: float = 60.0) -> None:
+        """Where ``$upstream`` messages go (the hub's ``POST /v1/agent/messages``); the
+        uploader starts with the hub, or now if it listens already."""
+        self.send_upstream = send_upstream
+        self._backoff = (backoff_base, backoff_cap)
+        if self._server is not None:
+            self._start_uploader()
+
+    def _start_uploader(self) -> None:
+        if self.send_upstream is None or self.store is None or self.uploader is not None:
+            return
+        base, cap = self._backoff
+        self.uploader = upstream.Uploader(self.store, self.send_upstream,
+                                          backoff_base=base, backoff_cap=cap)
+        self.uploader.start()
+
+    async def start(self) -> Path:
+        """Listen; the socket's path."""
+        path = self.path or socket_path(self.state_root)
+        if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+            raise OutpostError("msg_socket_unavailable", f"The modules' message socket "
+                               f"cannot be made at {path}: a socket path is at most "
+                               f"{SOCKET_PATH_MAX} bytes.", path=str(path),
+                               reason="the path is too long")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(path), limit=self.bounds.read_buffer)
+        except OSError as exc:
+            raise OutpostError("msg_socket_unavailable", f"The modules' message socket "
+                               f"cannot be made at {path}: {exc.strerror}.", path=str(path),
+                               reason=str(exc.strerror)) from exc
+        os.chmod(path, 0o666)
+        self.path = path
+        if self.store is None:
+            self.configure(DeploymentManifest(), {})
+        self._start_uploader()
+        log.info("the modules' message hub listens on %s", path)
+        return path
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections.values()):
+            conn.writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.uploader is not None:
+            await self.uploader.close()
+        elif self.store is not None:
+            self.store.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def counters(self) -> MessageCounters:
+        out = self._counters.model_copy()
+        if self.store is not None:
+            out.upstream_queued = self.store.queued
+            out.upstream_queued_bytes = self.store.size
+            out.expired += self.store.expired_total
+        if self.uploader is not None:
+            out.upstream_sent = self.uploader.sent
+        return out
+
+    # --- a connection -------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        conn: Connection | None = None
+        try:
+            conn = await self._hello(reader, writer)
+            if conn is None:
+                return
+            delivery = asyncio.get_running_loop().create_task(self._deliver(conn))
+            try:
+                await self._read(conn, reader)
+            finally:
+                delivery.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await delivery
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except modwire.FrameError as exc:
+            with contextlib.suppress(Exception):
+                writer.write(modwire.encode({"op": modwire.ERROR, "status":
+                                             modwire.BAD_FRAME, "reason": str(exc)}))
+                await writer.drain()
+        finally:
+            if conn is not None:
+                for future in conn.calls.values():
+                    if not future.done():
+                        future.set_result((-1, None))
+                if self.connections.get(conn.module) is conn:
+                    del self.connections[conn.module]
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                     ) -> Connection | None:
+        pid, uid = _peer(writer)
+        header_length, body_length = await modwire.read_prefix(reader)
+        header = await modwire.read_header(reader, header_length)
+        claimed = header.get("module") if header.get("op") == modwire.HELLO else None
+        try:
+            owner = self.identify(pid) if pid > 0 else None
+        except Exception:  # the supervisor's bug must not open the door
+            log.exception("could not tell which module process %d belongs to", pid)
+            owner = None
+        if not isinstance(claimed, str) or owner is None or owner != claimed:
+            self._counters.rejected_identity += 1
+            log.warning("refused a connection to the modules' message socket: process %d "
+                        "(uid %d) claims to be module %r, which it is not (404 Module not "
+                        "found)", pid, uid, claimed)
+            writer.write(modwire.encode({"op": modwire.ERROR, "status": modwire.NOT_FOUND,
+                                         "reason": modwire.MODULE_NOT_FOUND}))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            return None
+        if body_length:
+            await modwire.skip(reader, body_length)
+        conn = Connection(claimed, pid, writer)
+        self.connections[claimed] = conn
+        self.inboxes.setdefault(claimed, Inbox())
+        await conn.write(modwire.encode({"op": modwire.WELCOME, "module": claimed,
+                                         "max_message_kb": self.settings.max_message_kb}))
+        return conn
+
+    async def _read(self, conn: Connection, reader: asyncio.StreamReader) -> None:
+        while True:
+            header_length, body_length = await modwire.read_prefix(reader)
+            header = await modwire.read_header(reader, header_length)
+            op = header["op"]
+            if body_length > modwire.MAX_BODY:
+                raise modwire.FrameError(f"a frame's body is at most {modwire.MAX_BODY} "
+                                         f"bytes, not {body_length}")
+            limit = self.settings.max_message_kb * 1024
+            if op == modwire.SEND and body_length > limit:
+                await modwire.skip(reader, body_length)
+                self._counters.received += 1
+                self._counters.refused += 1
+                await self._ack(conn, header, modwire.TOO_LARGE,
+                                f"the message is {body_length} bytes, over the limit of "
+                                f"{self.settings.max_message_kb} KiB (max_message_kb)")
+                continue
+            body = await reader.readexactly(body_length) if body_length else b""
+            if op == modwire.SEND:
+                self._counters.received += 1
+                try:
+                    self.route(conn.module, header, body)
+                except Refusal as exc:
+                    self._counters.refused += 1
+                    await self._ack(conn, header, exc.status, exc.reason)
+                else:
+                    await self._ack(conn, header, modwire.OK, "")
+            elif op == modwire.REPLY:
+                future = conn.calls.get(header.get("id", -1))
+                if future is not None and not future.done():
+                    try:
+                        answer = json.loads(body) if body else None
+                    except ValueError:
+                        answer = body.decode(errors="replace")
+                    future.set_result((int(header.get("status", 200)), answer))
+            else:
+                raise modwire.FrameError(f"'{op}' is not an operation a module sends "
+                                         "after hello")
+
+    async def _ack(self, conn: Connection, header: dict[str, Any], status: int,
+                   reason: str) -> None:
+        answer: dict[str, Any] = {"op": modwire.ACK, "id": header.get("id"), "status": status}
+        if reason:
+            answer["reason"] = reason
+        await conn.write(modwire.encode(answer))
+
+    # --- routing ----------------------------------------------------------------------------
+    def route(self, module: str, header: dict[str, Any], body: bytes) -> None:
+        """Deliver one message to every sink a route takes it to, or raise Refusal."""
+        output = header.get("output")
+        if not isinstance(output, str) or not output:
+            raise Refusal(modwire.BAD_FRAME, "a send names its output")
+        properties = header.get("properties") or {}
+        if not isinstance(properties, dict):
+            raise Refusal(modwire.BAD_FRAME, "properties is a JSON object")
+        system = {k: header.get(k) for k in ("content_type", "message_id", "correlation_id")}
+        message = RouteMessage(module, output, properties, system, body)
+        taken = [r for r in self.routes if r[1].takes(message)]
+        if not taken:
+            raise Refusal(modwire.NOT_FOUND,
+                          f"no route takes output {output} of module {module}")
+        now = time.time()
+        inputs: dict[tuple[str, str], tuple[int, int]] = {}
+        upstream_route: tuple[str, int] | None = None
+        for name, route, priority, ttl in taken:
+            sink = route.sink
+            if sink.upstream:
+                upstream_route = upstream_route or (name, ttl)
+            else:
+                key = (str(sink.module), str(sink.input))
+                inputs.setdefault(key, (priority, ttl))
+        for (target, name), _ in inputs.items():
+            inbox = self.inboxes.setdefault(target, Inbox())
+            if not inbox.room(name, len(body), self.bounds):
+                self._counters.expired += inbox.drop_expired(now)
+                if not inbox.room(name, len(body), self.bounds):
+                    raise Refusal(modwire.STORE_FULL,
+                                  f"input {name} of module {target} is full "
+                                  f"({inbox.count.get(name, 0)} messages wait)")
+        if upstream_route is not None:
+            self._upstream(module, output, header, body, upstream_route, now)
+        message_header = {"op": modwire.MESSAGE, "module": module, "output": output,
+                          "properties": properties, **system, "created_at": now}
+        for (target, name), (priority, ttl) in inputs.items():
+            self.inboxes[target].put(_Queued(priority, next(self._order), name,
+                                             dict(message_header, input=name), body,
+                                             now + ttl))
+
+    def _upstream(self, module: str, output: str, header: dict[str, Any], body: bytes,
+                  route: tuple[str, int], now: float) -> None:
+        import base64
+
+        if self.store is None:
+            raise Refusal(modwire.STORE_FULL, "upstream store full")
+        record = {"module": module, "output": output,
+                  "properties": header.get("properties") or {},
+                  "content_type": header.get("content_type"),
+                  "message_id": header.get("message_id"),
+                  "correlation_id": header.get("correlation_id"),
+                  "body": base64.b64encode(body).decode(), "created_at": now,
+                  "route": route[0]}
+        try:
+            self.store.append(record, route[1])
+        except upstream.StoreFull:
+            raise Refusal(modwire.STORE_FULL, "upstream store full") from None
+        except OSError as exc:
+            raise Refusal(modwire.STORE_FULL, f"upstream store full ({exc.strerror})"
+                          ) from None
+        if self.uploader is not None:
+            self.uploader.wake()
+
+    async def _deliver(self, conn: Connection) -> None:
+        inbox = self.inboxes.setdefault(conn.module, Inbox())
+        while True:
+            await inbox.ready.wait()
+            if self.connections.get(conn.module) is not conn:
+                return  # a newer connection of the module takes its messages
+            item = inbox.pop()
+            if item is None:
+                continue
+            if item.expires_at <= time.time():
+                self._counters.expired += 1
+                continue
+            try:
+                await conn.write(modwire.encode(item.header, item.body))
+            except (ConnectionError, asyncio.CancelledError):
+                inbox.put(item)  # back at its place: the next connection gets it
+                raise
+            self._counters.delivered += 1
+
+    # --- direct calls -------------------------------------------------------------------
+    async def call(self, module: str, method: str, payload: Any, timeout: float
+                   ) -> tuple[int, Any]:
+        """The module's (status, answer) to a direct call; OutpostError when it is not
+        connected (E9182) or does not answer within ``timeout`` (E9183)."""
+        conn = self.connections.get(module)
+        if conn is None:
+            raise OutpostError("msg_module_not_connected", f"The module {module} is not "
+                               "connected to the agent's message hub.", module=module)
+        ident = next(self._call_ids)
+        future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        conn.calls[ident] = future
+        try:
+            await conn.write(modwire.encode({"op": modwire.CALL, "id": ident,
+                                             "method": method},
+                                            json.dumps(payload).encode()))
+            status, answer = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise OutpostError("msg_call_timeout", f"The module {module} did not answer "
+                               f"the call of {method} within {timeout:g} s.", module=module,
+                               method=method, seconds=timeout) from None
+        except ConnectionError:
+            status, answer = -1, None
+        finally:
+            conn.calls.pop(ident, None)
+        if status == -1:
+            raise OutpostError("msg_module_not_connected", f"The module {module} is not "
+                               "connected to the agent's message hub.", module=module)
+        return status, answer
+
+
+def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end (SO_PEERCRED); (0, -1) if unknown."""
+    sock = writer.get_extra_info("socket")
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return 0, -1
+    pid, uid, _ = struct.unpack("3i", data)
+    return pid, uid
+
+
+def register_calls(registry: Any, hub: MessageHub) -> None:
+    """Handle ``module_call`` work items with ``hub`` (work.py's registry)."""
+    from outpost.protocol import kinds
+
+    from .. import work
+
+    async def handle(item: work.Item, ctx: work.Context) -> work.Result:
+        from outpost.protocol.work import ModuleCallResult
+
+        asked = item.payload
+        try:
+            status, answer = await hub.call(asked.module, asked.method, asked.payload,
+                                            asked.timeout_seconds)
+        except OutpostError as exc:
+            return work.error_result(exc)
+        return ModuleCallResult(status=status, payload=answer)
+
+    registry.register(kinds.MODULE_CALL, handle,
+                      payload="outpost.protocol.work:ModuleCallPayload")

@@ -1,0 +1,150 @@
+"""A module process for the message hub's tests: it connects with ``ModuleClient`` (from
+``OUTPOST_MODULE_SOCKET`` and ``OUTPOST_MODULE_NAME``) and takes one JSON command a line on
+stdin, answering one JSON line on stdout:
+
+    {"op": "send", "output": O, "body": TEXT, "properties": {...}}  -> {"ok": true} | refusal
+    {"op": "recv", "timeout": S}   -> the message ({"input", "body", "properties", ...})
+    {"op": "method", "name": N, "sleep": S}  -> {"ok": true}; calls of N answer their
+                                                payload after S seconds
+    {"op": "flood", "output": O, "count": N} -> sends N numbered messages, printing
+                                                {"acked": i} after each
+
+``msgmodule.py aio`` is a module on the asyncio client: it answers calls of ``echo``, sends
+``aio`` on ``out``, prints {"ready": true} and the first message it receives, then serves
+calls until stdin closes. ``msgmodule.py raw NAME`` instead speaks the wire by hand: hello
+as NAME, then a send, and prints the frames it gets back. ``msgmodule.py server STATE
+SOCKET`` runs a message hub whose upstream never answers (for the kill -9 test); it prints
+{"ready": true}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _module() -> None:
+    from outpost.modules import IdentityRefused, ModuleClient, Refused
+
+    try:
+        client = ModuleClient(backoff_cap=0.2)
+    except IdentityRefused as exc:
+        print(json.dumps({"refused": exc.status, "reason": exc.reason}), flush=True)
+        return
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        asked: dict[str, Any] = json.loads(line)
+        op = asked["op"]
+        if op == "send":
+            try:
+                client.send(asked["output"], asked.get("body", "").encode() * asked.get(
+                    "repeat", 1), properties=asked.get("properties"))
+                answer: dict[str, Any] = {"ok": True}
+            except Refused as exc:
+                answer = {"status": exc.status, "reason": exc.reason}
+        elif op == "recv":
+            message = client.receive(asked.get("timeout", 5))
+            answer = {"none": True} if message is None else {
+                "input": message.input, "body": message.body.decode(),
+                "properties": message.properties, "module": message.module,
+                "output": message.output}
+        elif op == "method":
+            pause = float(asked.get("sleep", 0))
+
+            def run(payload: Any, pause: float = pause) -> Any:
+                time.sleep(pause)
+                return {"echo": payload}
+
+            client.method(asked["name"], run)
+            answer = {"ok": True}
+        elif op == "flood":
+            for i in range(asked["count"]):
+                try:
+                    client.send(asked["output"], f"m{i}".encode(), timeout=2)
+                except Exception as exc:
+                    print(json.dumps({"error": str(exc)}), flush=True)
+                    break
+                print(json.dumps({"acked": i}), flush=True)
+            answer = {"done": True}
+        else:
+            answer = {"unknown": op}
+        print(json.dumps(answer), flush=True)
+    client.close()
+
+
+def _raw(name: str, path: str) -> None:
+    from outpost.protocol import modwire
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.sendall(modwire.encode({"op": "hello", "module": name})
+                 + modwire.encode({"op": "send", "id": 1, "output": "temp",
+                                   "properties": {"temperature": 99}}, b"x"))
+    frames = []
+    try:
+        while True:
+            header, _ = modwire.read_frame(sock)
+            frames.append(header)
+    except (EOFError, OSError):
+        pass
+    print(json.dumps(frames), flush=True)
+
+
+def _aio() -> None:
+    from outpost.modules.aio import AsyncModuleClient
+
+    async def main() -> None:
+        async with await AsyncModuleClient.connect(backoff_cap=0.2) as client:
+
+            async def echo(payload: Any) -> Any:
+                await asyncio.sleep(0)
+                return {"echo": payload}
+
+            client.method("echo", echo)
+            await client.send("out", b"aio")
+            print(json.dumps({"ready": True}), flush=True)
+            async for message in client.messages():
+                print(json.dumps({"input": message.input, "body": message.body.decode()}),
+                      flush=True)
+                break
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+
+
+def _server(state: str, path: str) -> None:
+    from outpost.agent.modules.msghub import MessageHub
+    from outpost.protocol.modules import load_manifest
+
+    manifest, routes = load_manifest(
+        "modules:\n  sensor: {command: [/bin/true]}\n"
+        "routes:\n  up: FROM /messages/* INTO $upstream\n")
+
+    async def away(batch: Any) -> Any:
+        raise ConnectionError("the hub is away")
+
+    async def main() -> None:
+        hub = MessageHub(lambda pid: "sensor", Path(state), path=Path(path))
+        hub.configure(manifest, routes)
+        hub.set_upstream(away, backoff_base=0.05, backoff_cap=0.1)
+        await hub.start()
+        print(json.dumps({"ready": True}), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "raw":
+        _raw(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "aio":
+        _aio()
+    elif len(sys.argv) > 1 and sys.argv[1] == "server":
+        _server(sys.argv[2], sys.argv[3])
+    else:
+        _module()
