@@ -1500,6 +1500,31 @@ _ENTRIES += (
          "schema' prints the JSON Schema; docs/modules.md describes every field) and "
          "create the deployment again.",),
         422, "ED-2"),
+    Entry(
+        "E9190", "upstream_batch_invalid", "The batch of upstream messages is not valid: "
+        "{problem}.",
+        ("The messages of a batch are not in increasing seq order (a seq twice, or one "
+         "lower than the one before it), or a body is not base64.",),
+        ("Send the messages in the order the agent took them, each seq once, bodies in "
+         "base64 (the agent does; a hand-written client must too).",),
+        422, None),
+    Entry(
+        "E9191", "module_call_timeout", "Module {module} on machine {machine} did not "
+        "answer the call of {method} in time.",
+        ("The machine's agent is stopped, cannot reach the hub or is not polling, or the "
+         "module is not running or did not reply before the call's timeout_seconds.",),
+        ("Check the machine with 'outpost machine show MACHINE' and the module with "
+         "'outpost agent status' on the machine; call again with a longer --timeout if the "
+         "method is slow.",),
+        504, None),
+    Entry(
+        "E9192", "module_call_failed", "The call of {method} on module {module} of machine "
+        "{machine} failed: {problem}.",
+        ("The agent answered the call with an error that has no code of its own (an agent "
+         "that does not know module calls, say).",),
+        ("Read the message; update the machine's agent ('outpost agent update') if it does "
+         "not know module calls.",),
+        502, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
