@@ -1525,6 +1525,15 @@ _ENTRIES += (
         ("Read the message; update the machine's agent ('outpost agent update') if it does "
          "not know module calls.",),
         502, None),
+    Entry(
+        "E9193", "message_forwarding_failing", "Forwarding upstream messages to the broker "
+        "has been failing since {since}: {problem}.",
+        ("The broker (messages.forward.nats in hub.yaml) is down, unreachable from the "
+         "hub, or refuses the hub's messages; messages are kept and forwarded from the "
+         "cursor once it answers again, unless retention prunes them first.",),
+        ("Start the broker or correct messages.forward in hub.yaml and restart the hub; "
+         "'outpost hub check' and the outpost_messages_forward_* metrics show the lag.",),
+        503, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
