@@ -134,18 +134,22 @@ def test_cli_tail_follow_and_call(module_hub: Hub, tmp_path: Path) -> None:
     follow = zygote.spawn([*OUTPOST, "messages", "tail", "--machine", name, "-f",
                            "--limit", "1", "--json", "--hub", hub.url, "--token",
                            hub.admin_token, "--ca-fingerprint", hub.fingerprint],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=clean_env())
     try:
-        time.sleep(1.0)
-        call("POST", "/v1/agent/messages", batch(range(4, 5), module="late"))
         assert follow.stdout is not None
         first = json.loads(follow.stdout.readline())
         assert first["seq"] == 3
+        time.sleep(0.5)  # in its long-poll now
+        started = time.monotonic()
+        call("POST", "/v1/agent/messages", batch(range(4, 5), module="late"))
         late = json.loads(follow.stdout.readline())
         assert late["seq"] == 4 and late["module"] == "late"
+        assert time.monotonic() - started < 10
     finally:
         follow.kill()
         follow.wait()
+        if follow.stdout is not None:
+            follow.stdout.close()
 
     timed_out = hub.cli("messages", "call", name, "sensor", "reset", "--timeout", "0.3")
     assert timed_out.returncode != 0 and "E9191" in timed_out.stderr, timed_out.stderr

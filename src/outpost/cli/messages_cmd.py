@@ -67,8 +67,9 @@ def tail(
                                        "print first.")] = 20,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None,
-    json: Annotated[bool, typer.Option("--json", help="One JSON object a line (the body "
-                                       "in base64), as the API gives it.")] = False,
+    json: Annotated[bool, typer.Option("--json", help="JSON as the API gives it (the body "
+                                       "in base64): a list, or with -f one object a "
+                                       "line.")] = False,
 ) -> None:
     """Print the newest upstream messages, oldest first: time, machine, module/output,
     properties, body (text when it is printable UTF-8, else base64:...)."""
@@ -79,7 +80,10 @@ def tail(
     if module is not None:
         params["module"] = module
     page = client.get("/v1/messages", params=params)
-    if not follow and not json and not page["messages"]:
+    if json and not follow:
+        print_json(list(reversed(page["messages"])))
+        return
+    if not follow and not page["messages"]:
         out.print("No upstream messages" + (" match." if machine or module else " yet."))
         return
     _show(list(reversed(page["messages"])), json)
