@@ -50,7 +50,8 @@ async def test_a_batch_sent_twice_is_stored_once_in_order(fast_hub_any: InprocHu
     assert held == {"accepted_through": 4, "dropped_expired": 3}  # the repeat not counted
 
 
-async def test_batches_out_of_order_are_refused(fast_hub: InprocHub) -> None:
+async def test_bad_batches_are_refused(fast_hub_any: InprocHub) -> None:
+    fast_hub = fast_hub_any
     m1 = await fast_hub.machine("m1")
     refused = await m1.call("POST", "/v1/agent/messages", batch([3, 2]))
     assert refused.status_code == 422 and refused.json()["code"] == "E9190", refused.text
@@ -58,6 +59,11 @@ async def test_batches_out_of_order_are_refused(fast_hub: InprocHub) -> None:
     bad["messages"][0]["body"] = "not base64!"
     refused = await m1.call("POST", "/v1/agent/messages", bad)
     assert refused.status_code == 422 and refused.json()["code"] == "E9190", refused.text
+    for field, value in (("seq", 2**63), ("module", "m" * 129), ("message_id", "i" * 256)):
+        bad = batch([0])
+        bad["messages"][0][field] = value
+        refused = await m1.call("POST", "/v1/agent/messages", bad)
+        assert refused.status_code == 422 and refused.json()["code"] == "E9190", refused.text
     unsigned = await fast_hub.http.post("/v1/agent/messages", json=batch([0]))
     assert unsigned.status_code == 401
     assert (await fast_hub.ok("GET", "/v1/messages"))["messages"] == []
@@ -182,3 +188,16 @@ async def test_a_direct_call_nobody_answers_times_out(fast_hub: InprocHub) -> No
     ("x.{output}", "x.out")])
 def test_subjects_are_single_tokens(template: str, want: str) -> None:
     assert messages.subject_for(template, "web.1", "temp sensor", "out") == want
+
+
+@pytest.mark.parametrize("forward", [
+    {"nats": "http://127.0.0.1:4222"}, {"nats": "nats://127.0.0.1"},
+    {"nats": "nats://127.0.0.1:4222", "subject": "a.{host}"},
+    {"nats": "nats://127.0.0.1:4222", "subject": "a.>"}, {"nats": "nats://h:1", "x": 1}])
+def test_bad_forward_settings_are_refused(forward: dict[str, Any]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        MessagesSettings.model_validate({"forward": forward})
+    assert MessagesSettings.model_validate(
+        {"forward": {"nats": "nats://127.0.0.1:4222"}}).forward is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.signing import b64
@@ -56,6 +56,16 @@ class NatsForward(BaseModel):
     subject: str = Field(default="outpost.{machine}.{module}.{output}", min_length=1,
                          max_length=200, pattern=r"^[^\s*>]+$", description=(
         "The subject of each message; {machine}, {module} and {output} are replaced"))
+
+    @field_validator("subject")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        try:
+            value.format(machine="m", module="a", output="o")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"the subject may name only {{machine}}, {{module}} and "
+                             f"{{output}} ({exc!r})") from None
+        return value
 
 
 class MessagesSettings(BaseModel):

@@ -60,24 +60,37 @@ LIMIT_MAX = 1000
 
 
 # --- storing ----------------------------------------------------------------------------
+SEQ_MAX = 2**63 - 1  # the column's range
+# The longest value each text column holds.
+TEXT_MAX = {"module": 128, "output": 128, "content_type": 255, "message_id": 255,
+            "correlation_id": 255}
+
+
+def _invalid(index: int, problem: str, **details: Any) -> OutpostError:
+    return OutpostError("upstream_batch_invalid", f"The batch of upstream messages is not "
+                        f"valid: messages[{index}]{problem}.", index=index, **details)
+
+
 def _decoded(batch: UpstreamBatch) -> list[dict[str, Any]]:
-    """The batch's messages as rows, their order and bodies checked (E9190)."""
+    """The batch's messages as rows, their order, sizes and bodies checked (E9190)."""
     rows: list[dict[str, Any]] = []
     last = -1
     for index, message in enumerate(batch.messages):
+        if message.seq > SEQ_MAX:
+            raise _invalid(index, f" has seq {message.seq}, above {SEQ_MAX}")
+        for name, most in TEXT_MAX.items():
+            value = getattr(message, name)
+            if value is not None and len(value) > most:
+                raise _invalid(index, f".{name} is {len(value)} characters long, at most "
+                               f"{most}", field=name)
         if message.seq <= last:
-            raise OutpostError(
-                "upstream_batch_invalid", f"The batch of upstream messages is not valid: "
-                f"messages[{index}] has seq {message.seq}, not above the {last} before it.",
-                index=index, seq=message.seq)
+            raise _invalid(index, f" has seq {message.seq}, not above the {last} before "
+                           "it", seq=message.seq)
         last = message.seq
         try:
             body = base64.b64decode(message.body, validate=True)
         except (binascii.Error, ValueError):
-            raise OutpostError(
-                "upstream_batch_invalid", f"The batch of upstream messages is not valid: "
-                f"messages[{index}].body is not base64.", index=index, seq=message.seq
-            ) from None
+            raise _invalid(index, ".body is not base64", seq=message.seq) from None
         rows.append({"seq": message.seq, "module": message.module, "output": message.output,
                      "properties": message.properties, "content_type": message.content_type,
                      "message_id": message.message_id,

@@ -76,7 +76,7 @@ async def message_list(
         principal: Op, hub: HubDep,
         machine: Annotated[str | None, Query(max_length=64)] = None,
         module: Annotated[str | None, Query(max_length=128)] = None,
-        after: Annotated[int | None, Query(ge=0, description=(
+        after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description=(
             "Messages after this id, oldest first; without it the newest, newest first."))
         ] = None,
         limit: Annotated[int, Query(ge=1, le=LIMIT_MAX)] = 100,
