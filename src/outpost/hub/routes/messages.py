@@ -14,7 +14,7 @@ from outpost.protocol.modules import UpstreamAck, UpstreamBatch
 from outpost.protocol.work import MODULE_CALL, ModuleCallPayload, ModuleCallResult
 
 from .. import machines
-from ..messages import LIMIT_MAX
+from ..messages import LIMIT_MAX, counters
 from ..openapi import ok
 from .agents import SIGNED
 from .deps import HubDep, Op, agent_body, errors
@@ -41,9 +41,17 @@ class MessageView(BaseModel):
     received_at: float
 
 
+class MachineCounters(BaseModel):
+    accepted_through: int = Field(description="The highest seq the hub holds (-1: none).")
+    dropped_expired: int = Field(description="Messages the agent dropped when their "
+                                 "time-to-live passed before the hub could take them.")
+
+
 class MessagesPage(BaseModel):
     messages: list[MessageView]
     cursor: int = Field(description="Pass as ``after`` to read the messages after these.")
+    counters: MachineCounters | None = Field(default=None, description=(
+        "With ``machine``: that machine's counters."))
 
 
 class ModuleCall(BaseModel):
@@ -90,7 +98,10 @@ async def message_list(
                                     module=module, after=after, limit=limit,
                                     wait=min(wait, hub.config.poll_timeout))
     cursor = max([after or 0, *(m["id"] for m in found)])
-    return {"messages": found, "cursor": cursor}
+    answer: dict[str, Any] = {"messages": found, "cursor": cursor}
+    if machine_id is not None:
+        answer["counters"] = await counters(hub.engine, machine_id)
+    return answer
 
 
 def _passed_through(error: dict[str, Any], module: str, method: str,
