@@ -133,7 +133,7 @@ def test_healthy_machine_passes_every_check(hub: Hub, agents: list[Agent],
     code, hres = hub_check(hub.data_dir, "--database-url", hub.database_url)
     assert code == 0 and all(r["result"] == "ok" for r in hres.values()), hres
     assert list(hres) == ["hub-config", "database", "migrations", "tls-certificate", "clock",
-                          "disk", "protections"]
+                          "disk", "protections", "message-forwarding"]
 
 
 def test_check_list_names_every_check() -> None:

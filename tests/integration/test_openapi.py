@@ -148,6 +148,10 @@ def test_real_answers_match_the_declared_models(
     api.call("GET", "/v1/heartbeats")
     api.call("GET", "/v1/machines/{name}", "/v1/machines/w1")
     api.call("POST", "/v1/machines/{name}/ping", "/v1/machines/w1/ping")
+    api.call("GET", "/v1/messages", params={"machine": "w1"})
+    api.call("POST", "/v1/machines/{name}/modules/{module}/methods/{method}",  # no agent: 504
+             "/v1/machines/idle/modules/sensor/methods/reset", status=504,
+             json={"timeout_seconds": 0.2})
     api.call("POST", "/v1/machines/{name}/backup-token", "/v1/machines/idle/backup-token",
              status=201, json={"quota_bytes": 1 << 30})
     api.call("DELETE", "/v1/machines/{name}", "/v1/machines/idle")

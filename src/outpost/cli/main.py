@@ -25,7 +25,7 @@ from outpost.protocol import errors
 from . import agent_cmd, fleet_cmd, hub_cmd, job_cmd, runbook_cmd
 from . import asset_cmd
 from . import check_cmd, profile_cmd, profiles, schedule_cmd, signals, webhook_cmd
-from . import backup_cmd, extension_cmd, recovery_cmd, token_cmd
+from . import backup_cmd, extension_cmd, messages_cmd, recovery_cmd, token_cmd
 from .output import EXIT_FAILED, EXIT_USAGE, exit_code, out, print_json, render_error
 
 app = typer.Typer(
@@ -48,6 +48,7 @@ app.add_typer(profile_cmd.app, name="profile")
 app.add_typer(token_cmd.app, name="token")
 app.add_typer(extension_cmd.app, name="extension")
 app.add_typer(backup_cmd.app, name="backup")
+app.add_typer(messages_cmd.app, name="messages")
 app.add_typer(recovery_cmd.protection, name="protection")
 app.command("protect")(recovery_cmd.protect)
 app.command("unprotect")(recovery_cmd.unprotect)

@@ -170,6 +170,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Recovery points at each protection's interval, and failover/failback steps.
     tasks.start("recovery", hub.recovery.tick, period=1.0)
     tasks.start("loop-lag", hub.loop_lag.run)
+    # Upstream messages: retention and forwarding, each on the leading replica only.
+    tasks.start("messages-retention", hub.messages.retain, period=60.0)
+    if hub.messages.forwarder is not None:
+        tasks.start("messages-forward", hub.messages.forwarder.run, backoff_cap=5.0)
     checkpointer = getattr(hub.engine, "checkpointer", None)
     if checkpointer is not None:  # SQLite's log, checkpointed off the event loop
         tasks.start("wal-checkpoint", checkpointer.run)

@@ -295,6 +295,36 @@ async def protections(ctx: HubContext) -> Outcome:
     return ok(text, **data)
 
 
+# A forwarding that failed for longer than this is an error (a short blip is a warning).
+FORWARD_FAILING_ERROR_SECONDS = 60.0
+
+
+@checks.add("message-forwarding", "Upstream messages reach the broker",
+            "the forwarder's last error and lag (messages.forward in hub.yaml, "
+            "docs/messages.md)", needs=("migrations",))
+async def message_forwarding(ctx: HubContext) -> Outcome:
+    from . import messages
+
+    settings = ctx.config.messages.forward if ctx.config is not None else None
+    if settings is None:
+        return ok("not configured (messages.forward in hub.yaml)")
+    state = await messages.forwarding_state(ctx.engine)
+    if state is None:
+        return warning("message_forwarding_failing", f"forwarding to {settings.nats} has "
+                       "not run yet", "Start the hub ('outpost hub run'); its leading "
+                       "replica forwards.", target=settings.nats)
+    data = {"target": settings.nats, **state}
+    if state["failing_since"] is None:
+        return ok(f"forwarding to {settings.nats}: {state['forwarded']} forwarded, "
+                  f"{state['lag']} waiting", **data)
+    since = ctx.now() - state["failing_since"]
+    text = (f"forwarding to {settings.nats} has been failing for {since:.0f} s: "
+            f"{state['last_error']}; {state['lag']} messages waiting")
+    if since >= FORWARD_FAILING_ERROR_SECONDS:
+        return error("message_forwarding_failing", text, **data)
+    return warning("message_forwarding_failing", text, **data)
+
+
 async def _run(ctx: HubContext, on_result: Callable[[Result], None] | None) -> list[Result]:
     try:
         return await run_checks(checks.checks, ctx, on_result)

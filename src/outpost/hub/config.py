@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.signing import b64
@@ -42,6 +42,41 @@ class BodyLimits(BaseModel):
         "an agent's job reports (it sends about 1 MiB at a time, a record at most 1 MiB)"))
     report_records: int = Field(default=20_000, ge=1000, description=(
         "output records in one reports request"))
+    messages: int = Field(default=4 * MIB, ge=256 * KIB, description=(
+        "an agent's batch of upstream messages (bodies in base64)"))
+
+
+class NatsForward(BaseModel):
+    """Where stored upstream messages are published (hub/messages.py, docs/messages.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nats: str = Field(pattern=r"^nats://[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$", description=(
+        "The NATS server, nats://HOST:PORT (no credentials: a server on the hub's network)"))
+    subject: str = Field(default="outpost.{machine}.{module}.{output}", min_length=1,
+                         max_length=200, pattern=r"^[^\s*>]+$", description=(
+        "The subject of each message; {machine}, {module} and {output} are replaced"))
+
+    @field_validator("subject")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        try:
+            value.format(machine="m", module="a", output="o")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"the subject may name only {{machine}}, {{module}} and "
+                             f"{{output}} ({exc!r})") from None
+        return value
+
+
+class MessagesSettings(BaseModel):
+    """Upstream messages at the hub: how long they are kept, and where they are forwarded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Retention: the older or the more numerous are pruned (once across replicas).
+    max_age_seconds: float = Field(default=7 * 86400.0, gt=0)
+    max_count: int = Field(default=1_000_000, ge=1)
+    forward: NatsForward | None = None
 
 
 class HubConfig(BaseModel):
@@ -66,6 +101,8 @@ class HubConfig(BaseModel):
     # The bytes each machine's backup repository may hold unless its credential sets its
     # own quota (docs/backup.md); 0 is unlimited.
     backup_quota_bytes: int = Field(default=0, ge=0)
+    # Upstream messages from machines' modules (hub/messages.py).
+    messages: MessagesSettings = Field(default_factory=MessagesSettings)
 
     def listener_files(self, paths: HubPaths) -> tuple[Path, Path]:
         """The certificate chain and key the hub serves HTTPS with."""

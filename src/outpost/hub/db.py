@@ -890,3 +890,51 @@ recovery_actions = sa.Table(
     sa.Index("ix_recovery_actions_account", "account_id", "created_at"),
     sa.Index("ix_recovery_actions_status", "status"),
 )
+
+# Upstream messages: what machines' modules sent ``INTO $upstream`` (hub/messages.py). The id
+# orders them as they were committed (writes take a lock on PostgreSQL), so a reader's or the
+# forwarder's cursor never passes a row that commits later.
+ROW_ID = sa.BigInteger().with_variant(sa.Integer, "sqlite")  # SQLite's rowid autoincrements
+upstream_messages = sa.Table(
+    "upstream_messages", metadata,
+    sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("module", sa.String(128), nullable=False),
+    sa.Column("output", sa.String(128), nullable=False),
+    sa.Column("properties", sa.JSON, nullable=False),
+    sa.Column("content_type", sa.String(255)),
+    sa.Column("message_id", sa.String(255)),
+    sa.Column("correlation_id", sa.String(255)),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("machine_id", "seq", name="uq_upstream_messages_machine_seq"),
+    sa.Index("ix_upstream_messages_account", "account_id", "id"),
+    sa.Index("ix_upstream_messages_received_at", "received_at"),
+)
+
+# Per machine: the highest seq the hub holds (what a batch is acknowledged with, kept when
+# retention prunes the rows) and the messages its agent dropped when their TTL passed.
+upstream_machines = sa.Table(
+    "upstream_machines", metadata,
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("accepted_through", sa.BigInteger, nullable=False),
+    sa.Column("dropped_expired", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# The forwarder's cursor (the last message id published and confirmed) and its state.
+message_forwarding = sa.Table(
+    "message_forwarding", metadata,
+    sa.Column("target", sa.String(64), primary_key=True),  # "nats"
+    sa.Column("cursor", sa.BigInteger, nullable=False),
+    sa.Column("forwarded", sa.BigInteger, nullable=False),
+    sa.Column("last_error", sa.Text),
+    sa.Column("failing_since", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)

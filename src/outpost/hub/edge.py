@@ -86,6 +86,8 @@ def rule_for(path: str, limits: BodyLimits) -> Rule:
         return Rule("registration", limits.registration, "account")
     if _REPORTS.match(path):
         return Rule("reports", limits.reports, "machine")
+    if path == "/v1/agent/messages":
+        return Rule("messages", limits.messages, "machine")
     if path.startswith("/v1/agent/"):
         return Rule("agent", limits.agent, "machine")
     if path.startswith(WEBHOOK_PATH):

@@ -66,6 +66,15 @@ def item(item_id: str) -> str:
     return f"i:{item_id}"
 
 
+def messages(account_id: str) -> str:
+    """The key a reader of an account's upstream messages waits on (``messages tail -f``)."""
+    return f"u:{account_id}"
+
+
+# The key the forwarder of upstream messages waits on: any account's new message.
+MESSAGES_ANY = "u:*"
+
+
 class Notifier:
     """This process's waiters and cache listeners; in-process delivery."""
 

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outpost.common.supervise import Supervisor
 
 from . import (accounts, backup_catalog, backupstore, db, extension_ops, extensions, gcwatch,
-               install, jobs, leader, machines, metrics, notify, recovery)
+               install, jobs, leader, machines, messages, metrics, notify, recovery)
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -91,3 +91,6 @@ class Hub:
         self.job_metrics = metrics.JobMetrics(self.registry)
         self.loop_lag = gcwatch.LoopLag(self.registry)  # sampled while the app runs
         jobs.ended_listeners.append(self.job_metrics.ended)
+        # Upstream messages from machines' modules: stored, read, pruned, forwarded.
+        self.messages = messages.Messages(engine, config.messages, self.notifier,
+                                          lambda: self.leadership.leader, self.registry)

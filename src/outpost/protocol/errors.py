@@ -1533,6 +1533,40 @@ _ENTRIES += (
         ("Give the call a longer timeout_seconds, or make the module's handler answer "
          "sooner (a handler runs on its own thread in the Python client).",),
         504, None),
+    Entry(
+        "E9190", "upstream_batch_invalid", "The batch of upstream messages is not valid: "
+        "{problem}.",
+        ("The messages of a batch are not in increasing seq order (a seq twice, or one "
+         "lower than the one before it), or a body is not base64.",),
+        ("Send the messages in the order the agent took them, each seq once, bodies in "
+         "base64 (the agent does; a hand-written client must too).",),
+        422, None),
+    Entry(
+        "E9191", "module_call_timeout", "Module {module} on machine {machine} did not "
+        "answer the call of {method} in time.",
+        ("The machine's agent is stopped, cannot reach the hub or is not polling, or the "
+         "module is not running or did not reply before the call's timeout_seconds.",),
+        ("Check the machine with 'outpost machine show MACHINE' and the module with "
+         "'outpost agent status' on the machine; call again with a longer --timeout if the "
+         "method is slow.",),
+        504, None),
+    Entry(
+        "E9192", "module_call_failed", "The call of {method} on module {module} of machine "
+        "{machine} failed: {problem}.",
+        ("The agent answered the call with an error that has no code of its own (an agent "
+         "that does not know module calls, say).",),
+        ("Read the message; update the machine's agent ('outpost agent update') if it does "
+         "not know module calls.",),
+        502, None),
+    Entry(
+        "E9193", "message_forwarding_failing", "Forwarding upstream messages to the broker "
+        "has been failing since {since}: {problem}.",
+        ("The broker (messages.forward.nats in hub.yaml) is down, unreachable from the "
+         "hub, or refuses the hub's messages; messages are kept and forwarded from the "
+         "cursor once it answers again, unless retention prunes them first.",),
+        ("Start the broker or correct messages.forward in hub.yaml and restart the hub; "
+         "'outpost hub check' and the outpost_messages_forward_* metrics show the lag.",),
+        503, None),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}

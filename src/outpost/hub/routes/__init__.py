@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import accounts, agents, assets, groups, hub, jobs, machines, runbooks, schedules
+from . import accounts, agents, assets, groups, hub, jobs, machines, messages, runbooks, schedules
 from . import (backups, credentials, extension_ops, extensions, fanouts, recovery, restic,
                tokens, webhooks)
 
@@ -17,6 +17,7 @@ from . import (backups, credentials, extension_ops, extensions, fanouts, recover
 # (/v1/assets/variables/{name}) before the pattern that would also take it.
 ROUTERS: tuple[APIRouter, ...] = (
     hub.router, agents.router, accounts.router, tokens.router, machines.router,
+    messages.router,
     runbooks.router, jobs.router, fanouts.router, groups.router, assets.router, schedules.router,
     webhooks.router, extensions.router, extension_ops.router, backups.router, recovery.router,
     restic.router,
