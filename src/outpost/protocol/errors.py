@@ -1757,7 +1757,9 @@ def describe(exc: OutpostError) -> list[str]:
     if shown:
         lines.append("  details: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     for problem in exc.details.get("problems", [])[:10]:
-        lines.append(f"  - {problem.get('field')}: {problem.get('problem')}")
+        where = (f" (line {problem['line']}, column {problem.get('column')})"
+                 if isinstance(problem, dict) and problem.get("line") else "")
+        lines.append(f"  - {problem.get('field')}{where}: {problem.get('problem')}")
     lines.append(f"  more:   outpost explain {exc.code}")
     return lines
 
