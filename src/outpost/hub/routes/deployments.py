@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import Field, model_validator
 
 from outpost.protocol import modules as mp
-from outpost.protocol.extensions import PackageInfo
 from outpost.protocol.models import View, Wire
 from outpost.protocol.readers import INT32_MAX
 
@@ -40,6 +39,17 @@ class DeploymentCreate(Wire):
         if (self.group is None) == (self.machine is None):
             raise ValueError("give exactly one of 'group' and 'machine'")
         return self
+
+
+class ModulePackageInfo(View):
+    """A published module package."""
+
+    name: str
+    version: str
+    sha256: str
+    size: int
+    published_at: float
+    manifest: mp.ModulePackageManifest
 
 
 class ModulePackageRow(View):
@@ -145,6 +155,16 @@ class Rollout(View):
     machines: list[RolloutMachine]
 
 
+class ManifestSchema(View):
+    """The JSON Schema (draft 2020-12) of a deployment manifest."""
+
+    schema_uri: str = Field(alias="$schema")
+    title: str
+    type: str
+    properties: dict[str, Any]
+    defs: dict[str, Any] = Field(alias="$defs")
+
+
 class DeploymentDeleted(View):
     name: str
     deleted: bool
@@ -152,8 +172,8 @@ class DeploymentDeleted(View):
 
 # --- operators --------------------------------------------------------------------------
 @router.post("/v1/modules", tags=TAGS, status_code=201, response_model=None,
-             responses=ok(PackageInfo, 201, "Published.") | ok(
-                 PackageInfo, 200, "That version was already published with the same "
+             responses=ok(ModulePackageInfo, 201, "Published.") | ok(
+                 ModulePackageInfo, 200, "That version was already published with the same "
                  "bytes; nothing changed."),
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/octet-stream": {"schema": {"type": "string",
@@ -184,7 +204,7 @@ async def module_versions(principal: Op, hub: HubDep, name: str) -> dict[str, An
 
 
 @router.get("/v1/deployments/schema", tags=TAGS, response_model=None,
-            responses=ok(dict[str, Any]))
+            responses=ok(ManifestSchema))
 async def deployment_schema(principal: Op) -> dict[str, Any]:
     """The JSON Schema of a deployment manifest."""
     return mp.manifest_schema()
