@@ -154,7 +154,9 @@ def test_publish_create_rollout_and_delete_through_the_cli(hub: Hub, tmp_path: P
     shown = _json(hub.cli("machine", "show", "m1", "--json"))["deployment"]
     assert (shown["name"], shown["reason"], shown["modules"]) == ("edge", None,
                                                                  {"running": 2})
-    assert "deployment" in hub.cli("machine", "show", "m1").stdout
+    shown_text = hub.cli("machine", "show", "m1").stdout
+    assert "edge version 1; reported edge version 1" in shown_text, shown_text
+    assert "2 running" in shown_text
 
     # Another account sees none of it.
     other = hub.api("POST", "/v1/accounts", json={"name": "other"})
@@ -173,7 +175,9 @@ def test_publish_create_rollout_and_delete_through_the_cli(hub: Hub, tmp_path: P
     gone = _json(hub.cli("deployment", "delete", "edge", "--json"))
     assert gone == {"name": "edge", "deleted": True}
     assert m1("GET", "/v1/agent/deployment")["deployment"] is None
-    assert "No deployment targets" in json.dumps(
-        _json(hub.cli("machine", "show", "m1", "--json"))["deployment"])
+    assert _json(hub.cli("machine", "show", "m1", "--json"))["deployment"]["reason"][
+        "code"] == "E9158"
+    assert "No deployment targets this machine. (E9158)" in hub.cli(
+        "machine", "show", "m1").stdout
     absent = hub.cli("deployment", "show", "edge")
     assert absent.returncode != 0 and "E9154" in absent.stderr

@@ -4,14 +4,16 @@ fetch and report, why a machine has no deployment, bad input, and accounts kept 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 
 from tests.deploybuild import manifest_yaml, module_package
-from tests.inproc import FAST, InprocHub, Machine
+from tests.inproc import FAST, InprocHub, Machine, running_hub
 
 pytestmark = FAST
 GZIP = {"Content-Type": "application/gzip"}
@@ -281,3 +283,33 @@ async def test_another_accounts_deployments_machines_and_packages_are_not_found(
     await publish(hub, token=theirs)
     assert (await create(hub, "mine", group="web", token=theirs)).status_code == 200
     assert (await foreign.ok("GET", "/v1/agent/deployment"))["deployment"] == "mine"
+
+
+async def test_a_change_on_one_replica_reaches_the_others_heartbeats(
+        tmp_path: Path, postgres_url: str, anyio_backend: str) -> None:
+    # Two replicas in this process on one PostgreSQL database: the invalidation sent in the
+    # change's transaction drops replica b's held deployments well within their TTL.
+    async with running_hub(tmp_path / "a", postgres_url) as a, \
+            running_hub(tmp_path / "b", postgres_url) as b:
+        await publish(a)
+        on_a = await a.machine("m1", "web")
+        on_b = Machine(b, on_a.id, on_a.name, on_a.group, on_a.key)
+        assert await etag(on_b) == ""  # b now holds the account's (no) deployments
+
+        async def changes(old: str) -> tuple[str, float]:
+            started = time.monotonic()
+            while time.monotonic() - started < 5:
+                now = await etag(on_b)
+                if now != old:
+                    return now, time.monotonic() - started
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"the etag stayed {old!r}")
+
+        assert (await create(a, "edge")).status_code == 200
+        first, took = await changes("")
+        assert took < b.hub.deployments.cache.TTL / 10 and first == await etag(on_a)
+        assert (await create(a, "edge")).status_code == 200  # replaced: version 2
+        second, _ = await changes(first)
+        assert (await on_b.ok("GET", "/v1/agent/deployment"))["version"] == 2
+        await a.ok("DELETE", "/v1/deployments/edge")
+        assert (await changes(second))[0] == ""
