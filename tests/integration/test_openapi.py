@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from outpost.hub import db
+from tests.deploybuild import manifest_yaml, module_package
 from tests.extbuild import manifest, package
 from tests.support import Agent, Hub, healthy_agent, publish_script, register, wait_until
 
@@ -243,6 +244,19 @@ def test_real_answers_match_the_declared_models(
     api.call("POST", "/v1/machines/{machine}/extensions/{name}/uninstall",
              "/v1/machines/w1/extensions/hello/uninstall")
     api.call("DELETE", goal, "/v1/extensions/hello/targets/group/web")
+    # Edge modules (docs/modules.md).
+    module = module_package("sensor", "1.0.0")
+    api.call("POST", "/v1/modules", status=201, content=module, headers=gzip)
+    api.call("POST", "/v1/modules", content=module, headers=gzip)  # 200: the same again
+    api.call("GET", "/v1/modules")
+    api.call("GET", "/v1/modules/{name}", "/v1/modules/sensor")
+    api.call("GET", "/v1/deployments/schema")
+    api.call("POST", "/v1/deployments", json={"name": "edge", "manifest": manifest_yaml(),
+                                              "group": "web"})
+    api.call("GET", "/v1/deployments")
+    api.call("GET", "/v1/deployments/{name}", "/v1/deployments/edge")
+    api.call("GET", "/v1/deployments/{name}/rollout", "/v1/deployments/edge/rollout")
+    api.call("DELETE", "/v1/deployments/{name}", "/v1/deployments/edge")
     _catalog_row(hub, asked["machine_id"], asked["id"])
     api.call("GET", "/v1/backups")
     api.call("GET", "/v1/machines/{machine}/backups", "/v1/machines/w1/backups",

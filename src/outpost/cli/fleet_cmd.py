@@ -105,9 +105,28 @@ def machine_show(name: str, hub: Hub = None, token: Token = None,
             value = ", ".join(f"{k}={cell(v)}" for k, v in sorted(value.items()))
         elif key == "labels" and isinstance(value, dict):
             value = ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+        elif key == "deployment" and isinstance(value, dict):
+            value = _deployment_line(value)
         elif value is None:
             value = "-"
         say(f"{key + ':':20} {cell(value)}")
+
+
+def _deployment_line(d: dict[str, Any]) -> str:
+    """What the machine runs, or why nothing (docs/modules.md, ED-11)."""
+    parts = []
+    if d.get("name"):
+        parts.append(f"{d['name']} version {d.get('version')}")
+        if d.get("reported_version") is not None:
+            parts.append(f"reported {d.get('reported_deployment')} version "
+                         f"{d['reported_version']} {ago(d.get('reported_at'))}")
+        states = d.get("modules") or {}
+        if states:
+            parts.append(", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+    reason = d.get("reason")
+    if reason:
+        parts.append(f"{reason.get('message')} ({reason.get('code')})")
+    return "; ".join(parts) or "-"
 
 
 @machines.command("heartbeats")

@@ -26,6 +26,7 @@ from . import agent_cmd, fleet_cmd, hub_cmd, job_cmd, runbook_cmd
 from . import asset_cmd
 from . import check_cmd, profile_cmd, profiles, schedule_cmd, signals, webhook_cmd
 from . import backup_cmd, extension_cmd, messages_cmd, recovery_cmd, token_cmd
+from . import deployment_cmd, module_cmd
 from .output import EXIT_FAILED, EXIT_USAGE, exit_code, out, print_json, render_error
 
 app = typer.Typer(
@@ -47,6 +48,8 @@ app.add_typer(webhook_cmd.app, name="webhook")
 app.add_typer(profile_cmd.app, name="profile")
 app.add_typer(token_cmd.app, name="token")
 app.add_typer(extension_cmd.app, name="extension")
+app.add_typer(module_cmd.app, name="module")
+app.add_typer(deployment_cmd.app, name="deployment")
 app.add_typer(backup_cmd.app, name="backup")
 app.add_typer(messages_cmd.app, name="messages")
 app.add_typer(recovery_cmd.protection, name="protection")

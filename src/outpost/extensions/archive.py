@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 from outpost.protocol.extensions import MANIFEST_NAME
@@ -28,8 +29,9 @@ def _files(package_dir: Path) -> list[Path]:
                   key=lambda p: p.relative_to(package_dir).as_posix())
 
 
-def build(package_dir: Path) -> bytes:
-    """The package as a .tar.gz, byte for byte the same for the same files."""
+def build(package_dir: Path, executable: Callable[[str], bool] | None = None) -> bytes:
+    """The package as a .tar.gz, byte for byte the same for the same files. ``executable``
+    says which members (relative paths) get mode 755; by default those under bin/."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
         dirs: set[str] = set()
@@ -48,7 +50,8 @@ def build(package_dir: Path) -> bytes:
             info.size, info.mtime = len(data), MTIME
             # By place, not by the file's mode here: an installed wheel may not keep the
             # executable bit, and the digest must not depend on how Outpost was installed.
-            info.mode = 0o755 if rel.startswith("bin/") else 0o644
+            runs = executable(rel) if executable is not None else rel.startswith("bin/")
+            info.mode = 0o755 if runs else 0o644
             archive.addfile(info, io.BytesIO(data))
     out = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as gz:

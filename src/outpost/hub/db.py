@@ -708,6 +708,57 @@ extension_states = sa.Table(
     sa.Column("reported_at", sa.Float, nullable=False),
 )
 
+# --- edge modules (docs/modules.md) ----------------------------------------------------------
+# A published module package: as extension_packages, its bytes in the shared database.
+module_packages = sa.Table(
+    "module_packages", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("manifest", sa.JSON, nullable=False),
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+    sa.Column("published_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("account_id", "name", "version", name="uq_module_packages_version"),
+)
+
+# A deployment aimed at a group or a machine (by name); the highest priority that targets a
+# machine is the one it runs. ``source``: the manifest as the operator sent it; ``manifest``:
+# as validated, every package pinned to a version and SHA-256.
+deployments = sa.Table(
+    "deployments", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("account_id", sa.String(36), sa.ForeignKey("accounts.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("target_kind", sa.String(16), nullable=False),  # group or machine
+    sa.Column("target", sa.String(64), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("manifest", sa.JSON, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("account_id", "name", name="uq_deployments_name"),
+)
+
+# What each machine's agent last fetched of its deployment and last reported of its modules
+# (a ModulesReport; replaced only by one whose reported_at is not older).
+module_reports = sa.Table(
+    "module_reports", metadata,
+    sa.Column("machine_id", sa.String(36), sa.ForeignKey("machines.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("fetched_at", sa.Float),
+    sa.Column("fetched_deployment", sa.String(64)),
+    sa.Column("fetched_version", sa.Integer),
+    sa.Column("report", sa.JSON),
+    sa.Column("reported_at", sa.Float),
+    sa.Column("received_at", sa.Float),
+)
+
 # --- extension operations (docs/extensions.md, "Operations") -------------------------------
 # An operation asked of an extension on one machine, run by its agent as an ext_op work
 # item; item_id is the work item of the current attempt (None: not handed out yet).

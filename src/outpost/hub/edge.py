@@ -94,6 +94,8 @@ def rule_for(path: str, limits: BodyLimits) -> Rule:
         return Rule("webhook", WEBHOOK_BODY_MAX, "webhook")
     if path == "/v1/extensions":  # a package, read whole (protocol.extensions)
         return Rule("extension package", PACKAGE_MAX_BYTES, "operator")
+    if path == "/v1/modules":  # a module package: the same format and limit
+        return Rule("module package", PACKAGE_MAX_BYTES, "operator")
     if path.startswith(BACKUP_PATH):
         return Rule("backup", BACKUP_BODY_MAX, "backup", stream=True)
     if path.startswith("/v1/job/"):  # a running job's token; these routes take no body

@@ -15,7 +15,8 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -142,23 +143,30 @@ async def load(conn: AsyncConnection, account_id: str) -> AccountGoals:
     return found
 
 
-class GoalCache:
-    """Each account's ``AccountGoals``, read once and kept until a change (from any
-    replica) drops it, or for ``TTL`` seconds at most. Concurrent heartbeats of an account
-    whose goals are not held share one read."""
+T = TypeVar("T")
+
+
+class AccountCache(Generic[T]):
+    """Each account's value as ``loader`` reads it, kept until a change (from any replica,
+    notified as ``kind``) drops it, or for ``TTL`` seconds at most. Concurrent callers for
+    an account not held share one read. Extension goals and deployments both use it."""
 
     TTL = 30.0
     MAX_ACCOUNTS = 10_000
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine,
+                 loader: Callable[[AsyncConnection, str], Awaitable[T]],
+                 kind: notify.Kind) -> None:
         self._engine = engine
-        self._held: dict[str, AccountGoals] = {}
-        self._loading: dict[str, asyncio.Future[AccountGoals]] = {}
+        self._loader = loader
+        self._kind: notify.Kind = kind
+        self._held: dict[str, tuple[float, T]] = {}
+        self._loading: dict[str, asyncio.Future[T]] = {}
         self._forgets: dict[str, int] = {}
         self.loads = 0  # reads of the database, for tests
 
     def forget(self, account_id: str) -> None:
-        """Drop an account's goals (``notify.ALL``: every account's)."""
+        """Drop an account's value (``notify.ALL``: every account's)."""
         if account_id == notify.ALL:
             self._held.clear()
             self._loading.clear()
@@ -169,12 +177,12 @@ class GoalCache:
         self._forgets[account_id] = self._forgets.get(account_id, 0) + 1
 
     def follow(self, notifier: notify.Notifier) -> None:
-        notifier.on_invalidate("extensions", self.forget)
+        notifier.on_invalidate(self._kind, self.forget)
 
-    async def get(self, account_id: str) -> AccountGoals:
+    async def get(self, account_id: str) -> T:
         held = self._held.get(account_id)
-        if held is not None and time.monotonic() - held.loaded_at < self.TTL:
-            return held
+        if held is not None and time.monotonic() - held[0] < self.TTL:
+            return held[1]
         loading = self._loading.get(account_id)
         if loading is None or loading.get_loop() is not asyncio.get_running_loop():
             loading = asyncio.ensure_future(self._load(account_id))
@@ -182,11 +190,12 @@ class GoalCache:
             self._loading[account_id] = loading
         return await asyncio.shield(loading)
 
-    async def _load(self, account_id: str) -> AccountGoals:
+    async def _load(self, account_id: str) -> T:
         forgets = self._forgets.get(account_id, 0)
+        loaded_at = time.monotonic()
         try:
             async with self._engine.connect() as conn:
-                found = await load(conn, account_id)
+                found = await self._loader(conn, account_id)
             self.loads += 1
         finally:
             if self._loading.get(account_id) is asyncio.current_task():
@@ -196,5 +205,12 @@ class GoalCache:
         if forgets == self._forgets.get(account_id, 0):
             if len(self._held) >= self.MAX_ACCOUNTS:
                 self._held.clear()
-            self._held[account_id] = found
+            self._held[account_id] = (loaded_at, found)
         return found
+
+
+class GoalCache(AccountCache[AccountGoals]):
+    """Each account's ``AccountGoals`` (notified as "extensions")."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine, load, "extensions")

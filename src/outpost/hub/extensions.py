@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
 import jsonschema
@@ -36,7 +35,7 @@ from outpost.protocol.errors import OutpostError
 from outpost.protocol.extensions import MANIFEST_NAME, ExtensionGoal, ExtensionGoals, Manifest
 from outpost.protocol.signing import b64, unb64
 
-from . import notify
+from . import notify, packages
 from .config import random_id
 from .db import extension_goals, extension_packages, extension_retries, groups, machines
 from .extension_goals import Goal, GoalCache, Published, load, version_key
@@ -109,12 +108,6 @@ def check_settings(schema: dict[str, Any] | None, value: dict[str, Any], *, fiel
 
 # --- the operator's side --------------------------------------------------------------------
 
-def _package_view(row: Any) -> dict[str, Any]:
-    return {"name": row.name, "version": row.version, "sha256": row.sha256,
-            "size": int(row.size), "published_at": row.published_at,
-            "manifest": row.manifest}
-
-
 def goal_view(goal: Goal, newest: Published | None) -> dict[str, Any]:
     return {"name": goal.name, "target_kind": goal.kind, "target": goal.target,
             "version": goal.version,
@@ -127,16 +120,14 @@ def goal_view(goal: Goal, newest: Published | None) -> dict[str, Any]:
 class Extensions:
     """Publishing, goals, and what agents fetch; one per hub process."""
 
-    # Packages served to agents, by SHA-256 (a digest names its bytes, whatever the
-    # account): a fleet that updates at once reads each package from the database once.
-    PACKAGES_HELD_BYTES = 256 * 1024 * 1024
-
-    def __init__(self, engine: AsyncEngine, vault: Vault) -> None:
+    def __init__(self, engine: AsyncEngine, vault: Vault,
+                 held: packages.HeldPackages | None = None) -> None:
         self.engine = engine
         self.vault = vault
         self.cache = GoalCache(engine)
-        self._packages: OrderedDict[str, bytes] = OrderedDict()
-        self._packages_size = 0
+        # Packages served to agents, by SHA-256, shared with module packages (hub/packages):
+        # a fleet that updates at once reads each package from the database once.
+        self.held = held or packages.HeldPackages()
         self.package_reads = 0  # reads of a package's bytes from the database, for tests
 
     async def _changed(self, conn: AsyncConnection, account_id: str) -> None:
@@ -151,42 +142,23 @@ class Extensions:
         package = extpackage.read(data)
         manifest = package.manifest
         _check_schemas(manifest)
-        mine = sa.and_(extension_packages.c.account_id == account_id,
-                       extension_packages.c.name == manifest.name,
-                       extension_packages.c.version == manifest.version)
-        columns = [c for c in extension_packages.c if c.name != "blob"]
-        for _attempt in range(3):  # two publishers racing with the same version
-            try:
-                async with self.engine.begin() as conn:
-                    row = (await conn.execute(sa.select(*columns).where(mine))).first()
-                    if row is not None:
-                        if row.sha256 != package.sha256:
-                            raise OutpostError(
-                                "ext_version_exists", f"Extension {manifest.name} "
-                                f"{manifest.version} is already published with other "
-                                f"content (SHA-256 {row.sha256}, not {package.sha256}).",
-                                name=manifest.name, version=manifest.version,
-                                published_sha256=row.sha256, sha256=package.sha256)
-                        return _package_view(row), False
-                    now = time.time()
-                    await conn.execute(extension_packages.insert().values(
-                        id=random_id(), account_id=account_id, name=manifest.name,
-                        version=manifest.version, sha256=package.sha256, size=package.size,
-                        manifest=manifest.model_dump(mode="json"), blob=data,
-                        published_at=now))
-                    await self._changed(conn, account_id)
-                break
-            except IntegrityError:
-                continue
-        else:
-            raise OutpostError("conflict", f"Could not publish {manifest.name} "
-                               f"{manifest.version}; try again.")
-        self.cache.forget(account_id)
-        log.info("extension %s %s published in account %s (sha256 %s, %d bytes)",
-                 manifest.name, manifest.version, account_id, package.sha256, package.size)
-        return {"name": manifest.name, "version": manifest.version,
-                "sha256": package.sha256, "size": package.size, "published_at": now,
-                "manifest": manifest.model_dump(mode="json")}, True
+
+        def other_bytes(row: Any) -> OutpostError:
+            return OutpostError(
+                "ext_version_exists", f"Extension {manifest.name} {manifest.version} is "
+                f"already published with other content (SHA-256 {row.sha256}, not "
+                f"{package.sha256}).", name=manifest.name, version=manifest.version,
+                published_sha256=row.sha256, sha256=package.sha256)
+
+        info, created = await packages.store(
+            self.engine, extension_packages, account_id, data, package,
+            other_bytes=other_bytes, changed=lambda conn: self._changed(conn, account_id))
+        if created:
+            self.cache.forget(account_id)
+            log.info("extension %s %s published in account %s (sha256 %s, %d bytes)",
+                     manifest.name, manifest.version, account_id, package.sha256,
+                     package.size)
+        return info, created
 
     async def listing(self, account_id: str) -> list[dict[str, Any]]:
         """Each extension of the account: its versions (oldest first) and the newest."""
@@ -483,30 +455,14 @@ class Extensions:
             raise OutpostError("ext_package_not_assigned", f"This machine has no goal "
                                f"naming extension {name} {version}.", name=name,
                                version=version)
-        held = self._packages.get(named[0].sha256)
+        held = self.held.get(named[0].sha256)
         if held is not None:
-            self._packages.move_to_end(named[0].sha256)
             return held, named[0].sha256
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(sa.select(
-                extension_packages.c.blob, extension_packages.c.sha256).where(
-                extension_packages.c.account_id == machine.account_id,
-                extension_packages.c.name == name,
-                extension_packages.c.version == version))).first()
-        if row is None:  # held goals older than a removal
+        found = await packages.read_bytes(self.engine, extension_packages, self.held,
+                                          machine.account_id, name, version)
+        if found is None:  # held goals older than a removal
             raise OutpostError("ext_package_not_assigned", f"This machine has no goal "
                                f"naming extension {name} {version}.", name=name,
                                version=version)
         self.package_reads += 1
-        data, sha256 = bytes(row.blob), str(row.sha256)
-        self._hold(sha256, data)
-        return data, sha256
-
-    def _hold(self, sha256: str, data: bytes) -> None:
-        if len(data) > self.PACKAGES_HELD_BYTES // 4 or sha256 in self._packages:
-            return
-        self._packages[sha256] = data
-        self._packages_size += len(data)
-        while self._packages_size > self.PACKAGES_HELD_BYTES:
-            _, dropped = self._packages.popitem(last=False)
-            self._packages_size -= len(dropped)
+        return found

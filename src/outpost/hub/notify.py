@@ -37,9 +37,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from outpost.common.supervise import Supervisor
 
 # What a cache holds: a machine's row, a token's principal, a runbook, an account's
-# extension goals (keyed by the account's id).
-Kind = Literal["machine", "token", "runbook", "extensions"]
-KINDS: tuple[Kind, ...] = ("machine", "token", "runbook", "extensions")
+# extension goals or deployments (keyed by the account's id).
+Kind = Literal["machine", "token", "runbook", "extensions", "deployments"]
+KINDS: tuple[Kind, ...] = ("machine", "token", "runbook", "extensions", "deployments")
 # The key an invalidation listener receives when it must forget everything it holds (the
 # notifications of a while may have been missed).
 ALL = "*"

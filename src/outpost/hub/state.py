@@ -14,8 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outpost.common.supervise import Supervisor
 
-from . import (accounts, backup_catalog, backupstore, db, extension_ops, extensions, gcwatch,
-               install, jobs, leader, machines, messages, metrics, notify, recovery)
+from . import (accounts, backup_catalog, backupstore, db, deployments, extension_ops, extensions,
+               gcwatch, install, jobs, leader, machines, messages, metrics, notify, packages,
+               recovery)
 from .config import HubConfig, HubPaths, ca_fingerprint, vault_for
 from .dispatcher import Dispatcher
 from .schedules import Scheduler
@@ -55,8 +56,12 @@ class Hub:
         accounts.follow(self.notifier)
         machines.follow(self.notifier)
         # Extension packages and goals; each account's goals held for heartbeats' etags.
-        self.extensions = extensions.Extensions(engine, self.vault)
+        held = packages.HeldPackages()  # packages served to agents, of either kind
+        self.extensions = extensions.Extensions(engine, self.vault, held)
         self.extensions.cache.follow(self.notifier)
+        # Module packages and deployments; each account's deployments held for heartbeats.
+        self.deployments = deployments.Deployments(engine, held)
+        self.deployments.cache.follow(self.notifier)
         # Operations asked of extensions (hub/extension_ops.py).
         self.ext_ops = extension_ops.ExtensionOps(engine, self.extensions.cache)
         self.ext_ops.ended.append(backup_catalog.on_end)  # the snapshots backup ops took

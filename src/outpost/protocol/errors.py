@@ -1500,6 +1500,99 @@ _ENTRIES += (
          "schema' prints the JSON Schema; docs/modules.md describes every field) and "
          "create the deployment again.",),
         422, "ED-2"),
+    # --- deployments and module packages on the hub (E9151-E9164) --------------------------
+    Entry(
+        "E9151", "module_version_exists",
+        "Module package {name} {version} is already published with other content.",
+        ("A published version is immutable: the package sent has the same name and version "
+         "as one the account has, but a different SHA-256.",),
+        ("Raise the version in outpost-module.json, build the archive again and publish "
+         "that; 'outpost module list' lists what is published.",),
+        409, None),
+    Entry(
+        "E9152", "module_not_found", "No module package '{name}' is published in this "
+        "account.",
+        ("The name is misspelt, or the package was published in another account (each "
+         "account has its own module packages).",),
+        ("See 'outpost module list' for the packages of this account, or publish it first "
+         "('outpost module publish FILE|DIR').",),
+        404, None),
+    Entry(
+        "E9153", "deployment_package_unknown",
+        "The deployment names module package {name} {version}, which is not published in "
+        "this account.",
+        ("A module's 'package' names a package, or a version of it, that this account has "
+         "not published, or its 'sha256' is not the published version's.",),
+        ("Publish the package first ('outpost module publish FILE|DIR'), or correct the "
+         "name or version in the manifest ('outpost module list' shows what is published); "
+         "then create the deployment again.",),
+        422, "ED-6"),
+    Entry(
+        "E9154", "deployment_not_found", "No deployment '{name}' in this account.",
+        ("The name is misspelt, the deployment was deleted, or it belongs to another "
+         "account.",),
+        ("See 'outpost deployment list' for the deployments of this account.",),
+        404, None),
+    Entry(
+        "E9155", "deployment_target_unknown",
+        "Cannot aim a deployment at {kind} '{target}': this account has none by that name.",
+        ("The group or machine named by --group or --machine does not exist in this "
+         "account (a group exists once a machine registers in it or it is created).",),
+        ("See 'outpost machine list' and 'outpost group list', and give an existing group "
+         "or machine.",),
+        404, None),
+    Entry(
+        "E9156", "module_package_forbidden",
+        "This machine's deployment does not name module package {name} {version}.",
+        ("The agent asked for a package that the deployment this machine runs does not "
+         "name: the name or version in the deployment manifest is wrong, the package is not "
+         "published in this account, or the deployment changed since the agent fetched it.",),
+        ("Check the package's name and version in the deployment manifest ('outpost "
+         "deployment show NAME') and that it is published in this account ('outpost module "
+         "list'); the agent fetches the deployment again at its next heartbeat.",),
+        403, "ED-6"),
+    Entry(
+        "E9157", "deployment_rollout_timeout",
+        "The deployment {name} did not reach every targeted machine in {seconds} s.",
+        ("Some targeted machine has not reported the deployment's version yet, or a module "
+         "that should run is not running there (backoff, unhealthy, failed).",),
+        ("Run 'outpost deployment rollout NAME' to see each machine's modules and their "
+         "reasons; 'outpost machine show M' says why a machine has no deployment.",),
+        504, None),
+    Entry(
+        "E9158", "deployment_none",
+        "No deployment targets this machine.",
+        ("No deployment of the account names this machine or its group, so its agent runs "
+         "no modules.",),
+        ("Create one for the machine or its group: 'outpost deployment create NAME FILE "
+         "--group G' (or --machine M).",),
+        409, "ED-11"),
+    Entry(
+        "E9159", "deployment_never_fetched",
+        "The agent has never fetched its deployment.",
+        ("A deployment targets this machine, but its agent has not asked for it: the agent "
+         "is not running, is older than edge modules, or cannot resolve or reach the hub "
+         "(DNS, a proxy, a firewall).",),
+        ("Run 'outpost agent status' and 'outpost check' on the machine: they say whether "
+         "the hub resolves and answers.",),
+        409, "ED-11"),
+    Entry(
+        "E9160", "deployment_not_reported",
+        "The agent last fetched its deployment {ago} and has not reported its modules since.",
+        ("The agent fetched the deployment but has not sent the state of its modules: it is "
+         "still fetching packages or starting modules, it stopped, or it cannot reach the "
+         "hub now.",),
+        ("Wait a heartbeat; if it stays so, look at 'outpost agent status' and 'outpost "
+         "agent logs' on the machine.",),
+        409, "ED-11"),
+    Entry(
+        "E9161", "deployment_not_applied",
+        "The agent could not apply the deployment: {error}.",
+        ("The agent reported that the deployment could not be applied as a whole (the "
+         "message says why, with its code).",),
+        ("Fix what the reported error names and create the deployment again; 'outpost "
+         "deployment rollout NAME' shows every module's reason.",),
+        409, "ED-11"),
     Entry(
         "E9180", "msg_socket_unsafe", "The directory {path} for the modules' message socket "
         "is not the agent's own, or others may write it; the agent will not listen there.",
@@ -1731,7 +1824,9 @@ def describe(exc: OutpostError) -> list[str]:
     if shown:
         lines.append("  details: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     for problem in exc.details.get("problems", [])[:10]:
-        lines.append(f"  - {problem.get('field')}: {problem.get('problem')}")
+        where = (f" (line {problem['line']}, column {problem.get('column')})"
+                 if isinstance(problem, dict) and problem.get("line") else "")
+        lines.append(f"  - {problem.get('field')}{where}: {problem.get('problem')}")
     lines.append(f"  more:   outpost explain {exc.code}")
     return lines
 

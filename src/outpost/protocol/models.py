@@ -205,6 +205,9 @@ class MachineView(View):
     heartbeat_interval: float
     facts: dict[str, Any]
     not_taking_work: str | None
+    deployment: dict[str, Any] | None = Field(None, description=(
+        "GET /v1/machines/{name} only: the deployment it should run, what its agent fetched "
+        "and reported, and when none runs, why (reason: code, reason, message)."))
 
 
 class MachineHeartbeat(View):

@@ -10,8 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from . import accounts, agents, assets, groups, hub, jobs, machines, messages, runbooks, schedules
-from . import (backups, credentials, extension_ops, extensions, fanouts, recovery, restic,
-               tokens, webhooks)
+from . import (backups, credentials, deployments, extension_ops, extensions, fanouts, recovery,
+               restic, tokens, webhooks)
 
 # The order of the paths in /openapi.json, and of matching: a literal path
 # (/v1/assets/variables/{name}) before the pattern that would also take it.
@@ -19,6 +19,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     hub.router, agents.router, accounts.router, tokens.router, machines.router,
     messages.router,
     runbooks.router, jobs.router, fanouts.router, groups.router, assets.router, schedules.router,
-    webhooks.router, extensions.router, extension_ops.router, backups.router, recovery.router,
+    webhooks.router, extensions.router, extension_ops.router, deployments.router, backups.router,
+    recovery.router,
     restic.router,
     credentials.router, hub.dist)

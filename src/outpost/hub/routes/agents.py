@@ -73,8 +73,9 @@ async def _record_heartbeat(hub: Hub, row: Any, beat: Heartbeat) -> tuple[float,
 async def _heartbeat_ack(hub: Hub, row: Any, abandon: list[str]) -> dict[str, Any]:
     return {"hub_time": time.time(), "min_agent_version": hub.config.min_agent_version,
             "machine_id": row.id, "abandon": abandon,
-            # From the account's goals held in memory: no read per heartbeat.
-            "extensions_etag": await hub.extensions.etag(row)}
+            # From the account's goals and deployments held in memory: no read per heartbeat.
+            "extensions_etag": await hub.extensions.etag(row),
+            "deployment_etag": await hub.deployments.etag(row)}
 
 
 @router.post("/v1/agent/heartbeat", **SIGNED)

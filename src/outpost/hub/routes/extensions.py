@@ -125,6 +125,23 @@ class RetryDone(View):
     retry: int
 
 
+async def package_body(request: Request, kind: str) -> bytes:
+    """A published package's bytes (extension or module): sent as its own bytes, at most
+    PACKAGE_MAX_BYTES (the edge refuses a larger body first; a direct caller here)."""
+    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if sent not in PACKAGE_TYPES:
+        raise OutpostError("invalid_request", f"The body's Content-Type is '{sent or 'none'}'; "
+                           "a package is sent as its own bytes.",
+                           fix=f"Send the .tar.gz file as the body with 'Content-Type: "
+                               f"application/gzip' ('outpost {kind} publish FILE' does).")
+    body = await request.body()
+    if len(body) > PACKAGE_MAX_BYTES:
+        raise OutpostError("ext_package_too_large", f"The {kind} package is larger than "
+                           f"{PACKAGE_MAX_BYTES} bytes.", limit=PACKAGE_MAX_BYTES,
+                           size=len(body))
+    return body
+
+
 # --- operators --------------------------------------------------------------------------
 @router.post("/v1/extensions", tags=TAGS, status_code=201, response_model=None,
              responses=ok(PackageInfo, 201, "Published.") | ok(
@@ -139,15 +156,7 @@ async def extension_publish(principal: Op, hub: HubDep, request: Request,
                             response: Response) -> dict[str, Any]:
     """Publish an extension package: the .tar.gz file as the body (Content-Type
     application/gzip), at most 64 MiB. A version is immutable."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind not in PACKAGE_TYPES:
-        raise OutpostError("invalid_request", f"The body's Content-Type is '{kind or 'none'}'; "
-                           "a package is sent as its own bytes.",
-                           fix="Send the .tar.gz file as the body with 'Content-Type: "
-                               "application/gzip' ('outpost extension publish FILE' does).")
-    body = await request.body()
-    if len(body) > PACKAGE_MAX_BYTES:  # the edge refuses it first; a direct caller too
-        raise OutpostError("ext_package_too_large", limit=PACKAGE_MAX_BYTES, size=len(body))
+    body = await package_body(request, "extension")
     info, created = await hub.extensions.publish(principal.account_id, body)
     if not created:
         response.status_code = 200

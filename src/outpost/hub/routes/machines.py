@@ -34,7 +34,8 @@ async def machine_heartbeats(principal: Op, hub: HubDep) -> list[dict[str, Any]]
             responses=ok(m.MachineView))
 async def machine_show(principal: Op, hub: HubDep, name: str) -> dict[str, Any]:
     row = await machines.find(hub.engine, principal.account_id, name)
-    return machines.view(row, time.time())
+    return {**machines.view(row, time.time()),
+            "deployment": await hub.deployments.machine_summary(row)}
 
 
 @router.delete("/v1/machines/{name}", tags=["operator"], response_model=None,

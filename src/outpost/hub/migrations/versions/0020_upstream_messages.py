@@ -2,14 +2,14 @@
 count, and the forwarder's cursor (hub/messages.py).
 
 Revision ID: 0020
-Revises: 0018
+Revises: 0019
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0020"
-down_revision = "0018"
+down_revision = "0019"
 
 ROW_ID = sa.BigInteger().with_variant(sa.Integer, "sqlite")
 
