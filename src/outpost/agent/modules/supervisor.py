@@ -171,7 +171,8 @@ class _Module:
 
 
 class Supervisor:
-    def __init__(self, state_root: Path, channel: ModuleChannel, socket_path: Path, *,
+    def __init__(self, state_root: Path, channel: ModuleChannel,
+                 socket_path: Path | None = None, *,
                  hierarchy: cgroups.Hierarchy | None = None,
                  defaults: cgroups.Limits | None = None,
                  make_user: Callable[[str], None] = _make_user,
@@ -223,6 +224,15 @@ class Supervisor:
                              version=doc.version if doc else 0, etag=doc.etag if doc else "",
                              reported_at=self.clock(), modules=self.statuses(),
                              error=self.error, **extra)
+
+    @property
+    def module_socket(self) -> Path:
+        """Where modules reach the local message hub (``OUTPOST_MODULE_SOCKET``): the
+        constructor's, else ``msghub.sock`` in the modules' tree (which their user can
+        pass through; the state directory is the agent's alone)."""
+        if self.socket_path is None:
+            self.socket_path = self.runtime.root / "msghub.sock"
+        return self.socket_path
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
@@ -665,7 +675,7 @@ class Supervisor:
         env = {"PATH": PATH, "HOME": str(home), "LANG": "C.UTF-8"}
         env.update(m.spec.env)
         env["OUTPOST_MODULE_NAME"] = m.name
-        env["OUTPOST_MODULE_SOCKET"] = str(self.socket_path)
+        env["OUTPOST_MODULE_SOCKET"] = str(self.module_socket)
         return env
 
     def _resolv(self, m: _Module, home: Path) -> bytes:
