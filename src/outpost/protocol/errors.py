@@ -1570,6 +1570,14 @@ _ENTRIES += (
          "as the last deployment it applied says and tries again with backoff.",),
         ("Run 'outpost check' for the connectivity findings.",),
         503, "ED-11"),
+    Entry(
+        "E9174", "deployment_none", "This machine runs no deployment: {why}.",
+        ("The agent never fetched one (it has not run since the machine was registered, or "
+         "the hub named none yet), or no deployment targets this machine's group or the "
+         "machine itself (the seed's 'Empty config file').",),
+        ("Create a deployment for the machine or its group ('outpost deployment create NAME "
+         "FILE --group G'), and check the agent runs and reaches the hub.",),
+        404, "ED-11"),
 )
 
 CATALOG: dict[str, Entry] = {e.code: e for e in _ENTRIES}
