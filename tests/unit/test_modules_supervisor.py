@@ -525,3 +525,89 @@ def test_the_log_is_bounded(machine: Machine) -> None:
         await asyncio.sleep(0.1)
         assert sup.log_path("m").stat().st_size < 40_000
     run(machine, body)
+
+
+# --- the daemon's side: fetch on a new etag, batched reports, restart over the socket ----------
+def test_the_hook_fetches_on_a_new_etag_reports_and_restarts_on_request(
+        machine: Machine) -> None:
+    from outpost.agent.modules import hook
+
+    async def body() -> None:
+        machine.channel.doc = deployment({"m": sh("exec sleep 300")}, etag="e7")
+        modules = hook.Modules(machine.state, None, channel=machine.channel,
+                               hierarchy=machine.hierarchy)
+        modules.supervisor.runtime._root = machine.shared / "tree"
+        machine.made.append(modules.supervisor)
+        tasks = [asyncio.create_task(modules.run()), asyncio.create_task(modules.report_loop()),
+                 asyncio.create_task(modules.control())]
+        try:
+            modules.note_etag("e7")
+            pid = await until(lambda: "m" in {s.name for s in modules.supervisor.statuses()}
+                              and running_pid(modules.supervisor, "m"), what="applied")
+            report = await until(lambda: [r for r in machine.channel.reports
+                                          if r.modules and r.modules[0].state == "running"],
+                                 3, "a report")
+            assert report[-1].etag == "e7" and report[-1].deployment == "d"
+            assert len(machine.channel.reports) <= 3  # batched, not one per change
+            assert modules.status()["modules"][0]["pid"] == pid
+            await until(lambda: hook.control_path(machine.state).exists(), what="socket")
+            answer = await asyncio.to_thread(hook.ask_restart, machine.state, "m")
+            assert answer == {"ok": True}
+            await until(lambda: running_pid(modules.supervisor, "m", pid), what="restarted")
+            answer = await asyncio.to_thread(hook.ask_restart, machine.state, "nope")
+            assert answer["ok"] is False and answer["error"]["code"] == "E9172"
+            # The same etag again fetches nothing; a deployment that names nothing removes.
+            machine.channel.doc = DeploymentDoc(etag="e8")
+            modules.note_etag("e8")
+            await until(lambda: modules.supervisor.statuses() == [], what="removed")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    run(machine, body)
+
+
+# --- outpost check and the logs --------------------------------------------------------------
+def test_the_modules_check_names_failed_ones_with_reason_and_fix() -> None:
+    from outpost.agent.checks import judge_modules
+
+    good = judge_modules({"live": True, "modules": [
+        {"name": "a", "state": "running", "reason": None, "code": None}]})
+    assert good.result == "ok"
+    bad = judge_modules({"live": True, "modules": [
+        {"name": "a", "state": "running", "reason": None, "code": None},
+        {"name": "b", "state": "backoff", "code": "E9166",
+         "reason": "Bind for 0.0.0.0:80 failed: port is already allocated. It is held by "
+                   "nginx (pid 12)."},
+        {"name": "c", "state": "failed", "code": "E9165", "reason": "... returned 403 ..."}]})
+    assert bad.result == "error"
+    assert "nginx (pid 12)" in (bad.fix or "") and "returned 403" in (bad.fix or "")
+    assert "outpost agent restart b" in (bad.fix or "")
+
+
+def test_a_module_log_since_and_follow_across_rotation(tmp_path: Path) -> None:
+    from outpost.agent.modules import logview
+
+    assert logview.path(tmp_path, "../etc") is None
+    path = logview.path(tmp_path, "m")
+    assert path is not None
+    assert logview.read(path) is None
+    path.parent.mkdir(parents=True)
+    old = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    new = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+    path.with_name("m.log.1").write_text(f"--- {old} outpost: starting m\nold line\n")
+    path.write_text(f"--- {new} outpost: starting m\nnew line\n")
+    assert logview.read(path) == [f"--- {old} outpost: starting m", "old line",
+                                  f"--- {new} outpost: starting m", "new line"]
+    assert logview.read(path, time.time() - 600) == [f"--- {old} outpost: starting m",
+                                                     "old line", f"--- {new} outpost: "
+                                                     "starting m", "new line"][0:4]
+    assert logview.read(path, time.time() - 30)[0] == f"--- {new} outpost: starting m"
+    lines = logview.follow(path, 0.01)
+    with open(path, "a") as fh:
+        fh.write("later\n")
+    assert next(lines) == "later"
+    os.truncate(path, 0)  # rotated
+    with open(path, "a") as fh:
+        fh.write("after rotation\n")
+    assert next(lines) == "after rotation"

@@ -1511,8 +1511,8 @@ _ENTRIES += (
          "the deployment again.",),
         502, "ED-6"),
     Entry(
-        "E9166", "module_port_allocated", "Bind for 0.0.0.0:{port} failed: port is already "
-        "allocated.",
+        "E9166", "module_port_allocated", "The module {module} cannot start: Bind for "
+        "0.0.0.0:{port} failed: port is already allocated.",
         ("Another process on the machine (named in the message where the agent can see it) "
          "listens on a port the module's manifest lists in 'ports'.",),
         ("Stop the process that holds the port, or give the module another port in the "

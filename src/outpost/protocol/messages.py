@@ -171,7 +171,7 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ('method_not_allowed', '{} is not allowed on {}; it takes {}.'),
     ('module_dns_unprivileged', 'The module {} names DNS servers, which an agent that does not run as root cannot give it.'),
     ('module_package_refused', 'The package {} {} of module {} could not be downloaded: the hub returned {}{}; {}.'),
-    ('module_port_allocated', 'Bind for 0.0.0.0:{} failed: port is already allocated.{}'),
+    ('module_port_allocated', 'The module {} cannot start: Bind for 0.0.0.0:{} failed: port is already allocated.{}'),
     ('module_restarts_exhausted', "The module {} ended {} times in a row (last: {}); it is failed until the next deployment or 'outpost agent restart {}'."),
     ('module_start_failed', 'The module {} could not be started: its package has no pinned version (the hub pins it when the deployment is made).'),
     ('module_start_failed', 'The module {} could not be started: {}'),

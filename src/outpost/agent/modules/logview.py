@@ -63,8 +63,11 @@ def read(file: Path, since: float | None = None) -> list[str] | None:
 
 def follow(file: Path, interval: float) -> Iterator[str]:
     """New lines as they are written; from the start again when the file was emptied
-    (rotated)."""
-    position = file.stat().st_size if file.exists() else 0
+    (rotated). Counts from the file's end now, not at the first ``next``."""
+    return _follow(file, interval, file.stat().st_size if file.exists() else 0)
+
+
+def _follow(file: Path, interval: float, position: int) -> Iterator[str]:
     pending = b""
     while True:
         time.sleep(interval)

@@ -656,7 +656,8 @@ class Supervisor:
                 held = f" It is held by {who}." if who else ""
                 raise OutpostError(
                     "module_port_allocated",
-                    f"Bind for 0.0.0.0:{port} failed: port is already allocated.{held}",
+                    f"The module {m.name} cannot start: Bind for 0.0.0.0:{port} failed: "
+                    f"port is already allocated.{held}",
                     module=m.name, port=port, holder=who) from None
             finally:
                 sock.close()
