@@ -30,7 +30,8 @@ import pytest
 
 from outpost.agent import cgroups
 from outpost.agent.modules.channel import package_refused
-from outpost.agent.modules.supervisor import Supervisor, proc_stat
+from outpost.agent.modules.procs import proc_stat
+from outpost.agent.modules.supervisor import Supervisor
 from outpost.protocol.extpackage import digest
 from outpost.protocol.modules import DeploymentDoc, DeploymentManifest, ModulesReport
 from tests.support import shared_dir
@@ -456,20 +457,26 @@ def test_a_new_supervisor_adopts_running_modules_and_sees_a_later_kill(
 # --- owner_of --------------------------------------------------------------------------------
 def test_owner_of_a_child_and_not_of_a_foreign_process(machine: Machine) -> None:
     kids = machine.shared / "kids"
+    # A child, a child in a session of its own, and an orphan in a session of its own
+    # (its parent gone: only the control group tells whose it is).
     script = (f"sleep 300 & echo $! >> {kids}; setsid sleep 300 & echo $! >> {kids}; "
-              "exec sleep 300")
+              f"(setsid sleep 300 & echo $! >> {kids}); exec sleep 300")
 
     async def body() -> None:
         sup = machine.supervisor()
         await sup.apply(deployment({"m": sh(script)}))
         leader = await until(lambda: running_pid(sup, "m"))
-        await until(lambda: kids.exists() and len(kids.read_text().split()) == 2)
-        child, escaped = (int(p) for p in kids.read_text().split())
+        await until(lambda: kids.exists() and len(kids.read_text().split()) == 3)
+        child, escaped, orphan = (int(p) for p in kids.read_text().split())
         await until(lambda: proc_stat(escaped) and proc_stat(escaped)[2] == escaped,  # type: ignore[index]
                     what="setsid done")
         assert sup.owner_of(leader) == "m"
         assert sup.owner_of(child) == "m"
         assert sup.owner_of(escaped) == "m"  # its own session: found by cgroup or parent
+        await until(lambda: proc_stat(orphan) and proc_stat(orphan)[2] == orphan  # type: ignore[index]
+                    and proc_stat(orphan)[0] != leader, what="orphaned")  # type: ignore[index]
+        if machine.hierarchy is not None:
+            assert sup.owner_of(orphan) == "m"
         # A process of the test's (another user when root) calling itself the module.
         foreign = subprocess.Popen(["/bin/bash", "-c", "exec -a m sleep 300"],
                                    start_new_session=True)

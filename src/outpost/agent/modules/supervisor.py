@@ -33,15 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -50,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from outpost.protocol import extpackage
-from outpost.protocol import ports as ports_mod
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.modules import (
     MODULE_MANIFEST_NAME,
@@ -69,7 +65,7 @@ from .. import cgroups
 from ..extensions.runtime import Runtime
 from ..jobusers import _useradd
 from ..state import CorruptFile, read_checked, write_checked
-from . import health
+from . import health, procs
 from .backoff import Schedule
 from .channel import ModuleChannel, package_refused
 
@@ -81,8 +77,6 @@ STATE_FILE = "supervisor.json"
 LOG_MAX_BYTES = 4 * 1024 * 1024
 ROTATE_EVERY = 2.0  # seconds between looks at a running module's log size
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CLONE_NEWNS = 0x00020000
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 
 ChangeHook = Callable[[DeploymentManifest, dict[str, Route]], None]
 
@@ -91,38 +85,9 @@ def _make_user(name: str) -> None:
     _useradd(name, "Outpost edge modules")
 
 
-def proc_stat(pid: int) -> tuple[int, int, int, int] | None:
-    """(ppid, process group, session, start time in clock ticks) of ``pid``; None: gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = text[text.rfind(")") + 2:].split()
-    try:
-        return int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int, start_time: int | None) -> bool:
-    stat = proc_stat(pid)
-    if stat is None or (start_time is not None and stat[3] != start_time):
-        return False
-    try:  # a zombie has ended: its pidfd is readable at once, but say so here too
-        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
-    except OSError:
-        return False
-
-
 def spec_hash(spec: ModuleSpec) -> str:
     body = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()[:16]
-
-
-def _exit_code(returncode: int) -> int:
-    """A shell's number: 128 + the signal for a process a signal ended."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 _DONE: Any = object()  # the task of a module that is not to run
@@ -195,7 +160,6 @@ class Supervisor:
         self._modules: dict[str, _Module] = {}
         self._records: dict[str, dict[str, Any]] = {}
         self._changed = asyncio.Event()
-        self._libc: Any = None
 
     # --- public ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -321,8 +285,8 @@ class Supervisor:
         start time), never a name a process gives itself."""
         leaders = {m.pid: m for m in self._modules.values()
                    if m.pid is not None and m.start_time is not None}
-        live = {p: m for p, m in leaders.items() if _alive(p, m.start_time)}
-        stat = proc_stat(pid)
+        live = {p: m for p, m in leaders.items() if procs.alive(p, m.start_time)}
+        stat = procs.proc_stat(pid)
         if stat is None:
             return None
         if pid in live:
@@ -330,14 +294,15 @@ class Supervisor:
         for candidate in (stat[2], stat[1]):
             if candidate in live:
                 return live[candidate].name
-        found = self._cgroup_owner(pid)
+        found = procs.cgroup_owner(pid, self.runtime.hierarchy, self.runtime.group_prefix,
+                                   self._modules)
         if found is not None:
             return found
         current, seen = stat[0], 0
         while current > 1 and seen < 256:
             if current in live:
                 return live[current].name
-            parent = proc_stat(current)
+            parent = procs.proc_stat(current)
             if parent is None:
                 return None
             current, seen = parent[0], seen + 1
@@ -349,7 +314,7 @@ class Supervisor:
         if not record or record.get("hash") != module.hash:
             return
         pid, start_time = record.get("pid"), record.get("start_time")
-        if not isinstance(pid, int) or not _alive(pid, start_time):
+        if not isinstance(pid, int) or not procs.alive(pid, start_time):
             return
         try:
             pidfd = os.pidfd_open(pid)
@@ -435,7 +400,7 @@ class Supervisor:
     async def _start(self, m: _Module) -> None:
         self._set(m, "starting", None, None)
         argv, cwd, version = await self._program(m)
-        self._check_ports(m)
+        procs.check_ports(m.name, m.spec.ports)
         if m.spec.dns and os.geteuid() != 0:
             raise StartRefused(OutpostError(
                 "module_dns_unprivileged", f"The module {m.name} names DNS servers, which an "
@@ -451,7 +416,7 @@ class Supervisor:
             os.chown(data, *identity)
         resolv = self._resolv(m, home) if m.spec.dns else None
         env = self._env(m, data)
-        preexec = self._preexec(group, identity, resolv)
+        preexec = procs.preexec(group, identity, resolv)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logfd = os.open(self.log_path(m.name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -469,7 +434,7 @@ class Supervisor:
                                f"started: {exc}.", module=m.name) from None
         finally:
             os.close(logfd)
-        stat = proc_stat(proc.pid)
+        stat = procs.proc_stat(proc.pid)
         m.proc, m.pid, m.adopted = proc, proc.pid, False
         m.start_time = stat[3] if stat else None
         m.version = version
@@ -513,7 +478,7 @@ class Supervisor:
         failures = 0
         while True:
             await asyncio.sleep(spec.interval_seconds)
-            ok, why = await health.probe(spec, env, self._preexec(group, identity, None))
+            ok, why = await health.probe(spec, env, procs.preexec(group, identity, None))
             if ok:
                 failures = 0
                 was, m.healthy = m.healthy, True
@@ -545,7 +510,7 @@ class Supervisor:
             self._unwatch(m)
             if m.proc is not None:
                 code = m.proc.poll()
-                m.exit_code = _exit_code(code) if code is not None else None
+                m.exit_code = procs.exit_code(code) if code is not None else None
             else:
                 m.exit_code = None  # adopted: not the agent's child, its status is not known
             m.last_exit_at = self.clock()
@@ -643,25 +608,6 @@ class Supervisor:
         argv = [str(directory / manifest.run.run), *manifest.run.args, *spec.args]
         return argv, str(directory), ref.version
 
-    def _check_ports(self, m: _Module) -> None:
-        for port in m.spec.ports:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    continue  # not ours to judge (a privileged port as non-root, say)
-                who = ports_mod.holder(port)
-                held = f" It is held by {who}." if who else ""
-                raise OutpostError(
-                    "module_port_allocated",
-                    f"The module {m.name} cannot start: Bind for 0.0.0.0:{port} failed: "
-                    f"port is already allocated.{held}",
-                    module=m.name, port=port, holder=who) from None
-            finally:
-                sock.close()
-
     def _identity(self, m: _Module) -> tuple[int, int] | None:
         try:
             identity, _said = self.runtime.identity(m.spec.run_as)
@@ -685,52 +631,6 @@ class Supervisor:
         path.write_text(f"# written by the Outpost agent for module {m.name}\n{text}")
         os.chmod(path, 0o644)
         return str(path).encode()
-
-    def _preexec(self, group: cgroups.Group | None, identity: tuple[int, int] | None,
-                 resolv: bytes | None) -> Callable[[], None] | None:
-        """In the child, before exec: its control group, its own resolv.conf (a mount
-        namespace of its own), then its user. Everything is prepared here, in the agent."""
-        fds = group.open_procs() if group is not None else []
-        if resolv is not None and self._libc is None:
-            self._libc = ctypes.CDLL(None, use_errno=True)
-        libc = self._libc
-        if not fds and identity is None and resolv is None:
-            return None
-
-        def child() -> None:
-            if fds:
-                cgroups.join(fds)
-            if resolv is not None:
-                if libc.unshare(CLONE_NEWNS) != 0:
-                    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-                if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-                    raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
-                if libc.mount(resolv, b"/etc/resolv.conf", None, MS_BIND, None) != 0:
-                    raise OSError(ctypes.get_errno(), "mount --bind resolv.conf")
-            if identity is not None:
-                os.setgroups([])
-                os.setgid(identity[1])
-                os.setuid(identity[0])
-
-        return child
-
-    def _cgroup_owner(self, pid: int) -> str | None:
-        try:
-            text = Path(f"/proc/{pid}/cgroup").read_text()
-        except OSError:
-            return None
-        prefix = self.runtime.group_prefix
-        hierarchy = self.runtime.hierarchy
-        if hierarchy is None:
-            return None
-        bases = {str(b) for b in hierarchy.bases.values()}
-        for line in text.splitlines():
-            path = line.split(":", 2)[-1]
-            leaf = path.rstrip("/").rsplit("/", 1)[-1]
-            if leaf.startswith(prefix) and leaf[len(prefix):] in self._modules and any(
-                    b.endswith(path.rsplit("/", 1)[0]) for b in bases):
-                return leaf[len(prefix):]
-        return None
 
     def _rotate(self, name: str) -> None:
         """Past its bound the log is copied to NAME.log.1 and emptied: the module's
