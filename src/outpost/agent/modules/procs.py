@@ -7,7 +7,6 @@ mount namespace of its own, then the module's user).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
@@ -22,7 +21,7 @@ from .. import cgroups
 
 CLONE_NEWNS = 0x00020000
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-_libc: Any = None
+_libc: Any = None  # (libc, ctypes.get_errno), loaded at the first module with dns
 
 
 def proc_stat(pid: int) -> tuple[int, int, int, int] | None:
@@ -83,8 +82,12 @@ def preexec(group: cgroups.Group | None, identity: tuple[int, int] | None,
     global _libc
     fds = group.open_procs() if group is not None else []
     if resolv is not None and _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    libc = _libc
+        import ctypes  # only for a module with its own DNS servers
+
+        _libc = (ctypes.CDLL(None, use_errno=True), ctypes.get_errno)
+    libc: Any
+    get_errno: Any
+    libc, get_errno = _libc if _libc is not None else (None, None)
     if not fds and identity is None and resolv is None:
         return None
 
@@ -93,11 +96,11 @@ def preexec(group: cgroups.Group | None, identity: tuple[int, int] | None,
             cgroups.join(fds)
         if resolv is not None:
             if libc.unshare(CLONE_NEWNS) != 0:
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+                raise OSError(get_errno(), "unshare(CLONE_NEWNS)")
             if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-                raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+                raise OSError(get_errno(), "mount --make-rprivate /")
             if libc.mount(resolv, b"/etc/resolv.conf", None, MS_BIND, None) != 0:
-                raise OSError(ctypes.get_errno(), "mount --bind resolv.conf")
+                raise OSError(get_errno(), "mount --bind resolv.conf")
         if identity is not None:
             os.setgroups([])
             os.setgid(identity[1])

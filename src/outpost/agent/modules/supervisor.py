@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from outpost.protocol import extpackage
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.modules import (
     MODULE_MANIFEST_NAME,
@@ -588,6 +587,7 @@ class Supervisor:
                 "made).", module=m.name))
         directory = self.runtime.root / "packages" / ref.name / ref.version
         if not directory.is_dir():
+            from outpost.protocol import extpackage  # tarfile: at the first download
             try:
                 data, sha = await self.channel.fetch_package(ref.name, ref.version)
             except OutpostError as exc:
