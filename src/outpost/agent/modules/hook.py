@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,12 @@ class Modules:
         self._dirty = asyncio.Event()
         self._started = False
         self.supervisor.on_state.append(self._dirty.set)
+        # The local message hub's counters (a MessageCounters), for the reports; it sets this.
+        self.counters: Callable[[], Any] | None = None
+
+    def changed(self) -> None:
+        """Something to report besides a module's state (the message hub's counters)."""
+        self._dirty.set()
 
     def note_etag(self, etag: str) -> None:
         """A heartbeat's ``deployment_etag``: fetch when it is not the one applied."""
@@ -98,7 +105,8 @@ class Modules:
             if self.supervisor.doc is None:
                 continue
             try:
-                await self.channel.report(self.supervisor.report())
+                counters = self.counters() if self.counters is not None else None
+                await self.channel.report(self.supervisor.report(counters))
                 wait = FETCH_BACKOFF[0]
             except OutpostError as exc:
                 log.info("modules: the report was not taken (%s); sent again later",
