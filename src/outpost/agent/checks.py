@@ -842,17 +842,15 @@ def deployment(ctx: AgentContext) -> Outcome:
     if info is not None and info.get("deployment"):
         return ok(f"deployment {info['deployment']} version {info['version']}",
                   deployment=info["deployment"])
+    # No deployment is no fault (a machine may run none): the line says why (ED-11).
     if info is not None:
-        return warning("deployment_none", "This machine runs no deployment: no deployment "
-                       "targets this machine or its group (the hub said so)",
-                       deployment=None, why="none_targets")
+        return ok("no deployment: none targets this machine or its group (the hub said so)",
+                  deployment=None, why="none_targets")
     if ctx.status is None:
-        return warning("deployment_none", "This machine runs no deployment: the agent never "
-                       "fetched one (it is not running)", deployment=None,
-                       why="never_fetched")
-    return warning("deployment_none", "This machine runs no deployment: the hub has named "
-                   "none for it (no deployment targets this machine or its group)",
-                   deployment=None, why="none_targets")
+        return ok("no deployment: never fetched (the agent is not running)",
+                  deployment=None, why="never_fetched")
+    return ok("no deployment: the hub has named none for this machine (none targets it or "
+              "its group)", deployment=None, why="none_targets")
 
 
 def run(ctx: AgentContext,
