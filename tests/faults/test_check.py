@@ -127,8 +127,8 @@ def test_healthy_machine_passes_every_check(hub: Hub, agents: list[Agent],
 
     text = run_cli("check", "--state-dir", str(agent.state_dir))
     assert text.returncode == 0, text.stdout + text.stderr
-    assert text.stdout.count("[ OK ]") == 18
-    assert "18 ok, 0 warnings, 0 errors, 0 skipped" in text.stdout
+    assert text.stdout.count("[ OK ]") == 20
+    assert "20 ok, 0 warnings, 0 errors, 0 skipped" in text.stdout
 
     code, hres = hub_check(hub.data_dir, "--database-url", hub.database_url)
     assert code == 0 and all(r["result"] == "ok" for r in hres.values()), hres
