@@ -121,14 +121,14 @@ def test_healthy_machine_passes_every_check(hub: Hub, agents: list[Agent],
     code, res = check(agent.state_dir, "--warnings-as-errors")
     counts = res.pop("counts")
     assert {k: v["result"] for k, v in res.items()} == {k: "ok" for k in res}, res
-    assert code == 0 and counts["ok"] == len(res) == 18
+    assert code == 0 and counts["ok"] == len(res) == 20
     assert "directly" in res["tcp"]["details"]
     assert res["signed-request"]["details"].startswith("accepted as 'healthy'")
 
     text = run_cli("check", "--state-dir", str(agent.state_dir))
     assert text.returncode == 0, text.stdout + text.stderr
-    assert text.stdout.count("[ OK ]") == 18
-    assert "18 ok, 0 warnings, 0 errors, 0 skipped" in text.stdout
+    assert text.stdout.count("[ OK ]") == 20
+    assert "20 ok, 0 warnings, 0 errors, 0 skipped" in text.stdout
 
     code, hres = hub_check(hub.data_dir, "--database-url", hub.database_url)
     assert code == 0 and all(r["result"] == "ok" for r in hres.values()), hres
@@ -142,7 +142,7 @@ def test_check_list_names_every_check() -> None:
     listing = json.loads(done.stdout)
     assert [c["id"] for c in listing][:4] == ["config", "machine-name", "agent-running",
                                               "registration"]
-    assert all(c["looks_at"] for c in listing) and len(listing) == 18
+    assert all(c["looks_at"] for c in listing) and len(listing) == 20
     hub = json.loads(run_cli("check-list", "--hub", "--json").stdout)
     assert "migrations" in [c["id"] for c in hub]
 

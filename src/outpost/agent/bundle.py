@@ -16,6 +16,9 @@ Members, under one folder named after the machine and the time::
     logs/agent.log[.N]      the agent's log files, every line redacted
     logs/extensions/NAME.log[.1]
                             each extension's own log (its handlers' output), redacted
+    modules.json            the deployment last applied and each module's recorded process
+                            (the supervisor's state file), every env value removed
+    logs/modules/NAME.log   the last lines of each module's own log, redacted
 
 Secrets never leave: the machine key is not read into the bundle at all; values of any
 setting, field or variable whose name is a secret's (``token``, ``account_key``,
@@ -176,6 +179,27 @@ def default_name(now: float | None = None) -> str:
     return f"outpost-support-{host}-{stamp}"
 
 
+MODULE_LOG_LINES = 500
+
+
+def _modules(state: StateDir) -> dict[str, Any]:
+    """The supervisor's state file, each module's env values removed (a manifest's env may
+    hold anything a module needs, secrets among it)."""
+    from .state import CorruptFile, read_checked
+
+    try:
+        saved = read_checked(state.root / "modules" / "supervisor.json")
+    except FileNotFoundError:
+        return {"deployment": None, "note": "no deployment was ever applied here"}
+    except CorruptFile as exc:
+        return {"deployment": None, "note": f"the state file is unreadable: {exc}"}
+    manifest = (saved.get("doc") or {}).get("manifest") or {}
+    for spec in (manifest.get("modules") or {}).values():
+        if isinstance(spec, dict) and isinstance(spec.get("env"), dict):
+            spec["env"] = {key: "[redacted]" for key in spec["env"]}
+    return saved
+
+
 def write(state: StateDir, output: Path, config_path: Path | None,
           environ: dict[str, str], progress: Callable[[str], None] = lambda _: None,
           run_checks: bool = True) -> dict[str, Any]:
@@ -227,6 +251,7 @@ def write(state: StateDir, output: Path, config_path: Path | None,
     from .extensions.reconcile import read_states
 
     add("extensions.json", {"extensions": read_states(state.root)})
+    add("modules.json", _modules(state))
     progress("logs")
     for path in logs.log_files(state.root):
         try:
@@ -240,6 +265,13 @@ def write(state: StateDir, output: Path, config_path: Path | None,
         except OSError:
             continue
         add(f"logs/extensions/{path.name}", red.log_text(raw))
+    for path in sorted((state.root / "logs" / "modules").glob("*.log")):
+        try:
+            tail = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        add(f"logs/modules/{path.name}", red.log_text("\n".join(tail[-MODULE_LOG_LINES:])
+                                                      + "\n"))
     add("README.txt", _readme(folder, [name for name, _ in members]))
     progress("writing")
     try:

@@ -766,6 +766,93 @@ def extensions(ctx: AgentContext) -> Outcome:
     return ok(text, **data)
 
 
+# --- modules: the daemon's status, else <state>/modules/supervisor.json -----------------------
+def read_module_states(ctx: AgentContext) -> dict[str, Any] | None:
+    """What the running agent says of its deployment and modules; when it does not run (or
+    never loaded its modules), what the supervisor's state file last recorded (states are
+    then unknown: only whether each recorded process is still alive). None: nothing."""
+    if ctx.status is not None and ctx.status.get("modules") is not None:
+        return dict(ctx.status["modules"]) | {"live": True}
+    from .state import read_checked
+
+    try:
+        saved = read_checked(ctx.state.root / "modules" / "supervisor.json")
+    except (FileNotFoundError, CorruptFile):
+        return None
+    doc = saved.get("doc") or {}
+    rows = []
+    for name in ((doc.get("manifest") or {}).get("modules") or {}):
+        record = (saved.get("modules") or {}).get(name) or {}
+        pid = record.get("pid")
+        alive = isinstance(pid, int) and psutil.pid_exists(pid)
+        rows.append({"name": name, "state": "running" if alive else "stopped", "pid": pid
+                     if alive else None, "restart_count": record.get("restarts", 0),
+                     "reason": None if alive else "not running (no agent watches it)",
+                     "code": None})
+    return {"deployment": doc.get("deployment"), "version": doc.get("version", 0),
+            "modules": rows, "live": False}
+
+
+def judge_modules(info: dict[str, Any]) -> Outcome:
+    """Failed, backoff and unhealthy modules, each with its reason and the fix."""
+    rows = sorted(info.get("modules") or [], key=lambda r: r["name"])
+    if not rows:
+        return ok("no module on this machine", modules=[])
+    text = "; ".join(f"{r['name']} {r['state']}" for r in rows)
+    bad = [r for r in rows if r["state"] in ("failed", "backoff", "unhealthy")]
+    if not info.get("live"):
+        text += " (the agent does not run: these are the last recorded)"
+    if not bad:
+        return ok(text, modules=rows)
+    first = bad[0]
+    fixes = []
+    for r in bad:
+        fix = (f"read its log ('outpost agent logs {r['name']}'), fix the cause, then "
+               f"'outpost agent restart {r['name']}'")
+        if r.get("code") == "E9166":
+            fix = "stop the process holding the port (named above) or give the module " \
+                  "another port; " + fix
+        elif r.get("code") == "E9165":
+            fix = "check the package name and version in the deployment and that it is " \
+                  "published to this account"
+        fixes.append(f"{r['name']}: {r.get('reason') or r['state']} -> {fix}")
+    level = ERROR if any(r["state"] == "failed" for r in bad) else WARNING
+    return problem(level, first.get("code") or "E9169", text, " | ".join(fixes), modules=rows)
+
+
+@checks.add("modules", "Modules run as the deployment says (ED-3, ED-5, ED-6)",
+            "each module the running agent (or the supervisor's state file) knows: state, "
+            "reason, code", scenarios=("ED-3", "ED-5", "ED-6"))
+def modules(ctx: AgentContext) -> Outcome:
+    info = read_module_states(ctx)
+    if info is None:
+        return ok("no module on this machine", modules=[])
+    return judge_modules(info)
+
+
+@checks.add("deployment", "A deployment targets this machine (ED-11)",
+            "the deployment the agent applied, or why it has none (the hub unreachable: "
+            "this check is then skipped, naming the check that failed)",
+            needs=("tcp",), scenarios=("ED-11",))
+def deployment(ctx: AgentContext) -> Outcome:
+    info = read_module_states(ctx)
+    if info is not None and info.get("fetch_error"):
+        return error("deployment_fetch_failed", "The agent could not fetch its deployment: "
+                     f"{info['fetch_error']}")
+    if info is not None and info.get("deployment"):
+        return ok(f"deployment {info['deployment']} version {info['version']}",
+                  deployment=info["deployment"])
+    # No deployment is no fault (a machine may run none): the line says why (ED-11).
+    if info is not None:
+        return ok("no deployment: none targets this machine or its group (the hub said so)",
+                  deployment=None, why="none_targets")
+    if ctx.status is None:
+        return ok("no deployment: never fetched (the agent is not running)",
+                  deployment=None, why="never_fetched")
+    return ok("no deployment: the hub has named none for this machine (none targets it or "
+              "its group)", deployment=None, why="none_targets")
+
+
 def run(ctx: AgentContext,
         on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Every agent check in order (blocking; the CLI's entry point)."""

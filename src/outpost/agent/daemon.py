@@ -47,6 +47,7 @@ from .turns import Turns
 if TYPE_CHECKING:
     from .extensions import ops as ext_ops
     from .extensions.reconcile import Reconciler
+    from .modules.hook import Modules
     from .runner import JobRun
 
 log = logging.getLogger("outpost.agent")
@@ -113,6 +114,9 @@ class Agent:
         self._ext_store = Store(state.root / "extensions")  # extensions/runtime.py STATE_DIR
         self._ext_etag: str | None = None  # the hub's, while the extensions do not run
         self._key: SigningKey | None = None
+        # Edge modules (modules/hook.py): loaded once a heartbeat names a deployment or the
+        # state directory records one (its modules may still run: they are adopted).
+        self.modules: Modules | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -144,6 +148,8 @@ class Agent:
             self._ext_store.load()
             if self._ext_store.records:
                 self._start_extensions()
+            if (self.state.root / "modules" / "supervisor.json").exists():
+                self._start_modules()  # adopts the modules still running
             self.supervisor.start("heartbeat", self._heartbeat_loop)
             self.supervisor.start("poll", self._poll_loop)
             self.supervisor.start("reload-thresholds", self._reload_thresholds)
@@ -217,6 +223,8 @@ class Agent:
             await self.ext_ops.close()
         if self.extensions is not None:
             await self.extensions.close()  # a handler running now is ended with its group
+        if self.modules is not None:
+            await self.modules.close()  # the modules keep running (adopted by the next)
         await self.reporter.close()
 
     async def _tell_hub_stopping(self) -> None:
@@ -299,6 +307,31 @@ class Agent:
         self.ext_ops = ext_ops.Operations(self.extensions, self._call, self.pressure.reason)
         ext_ops.attach(self.state, self.ext_ops)
         log.info("extensions started")
+
+    def _start_modules(self) -> None:
+        """The module supervisor, its reports and its control socket; once."""
+        if self.modules is not None or self.client is None:
+            return
+        from .modules.hook import Modules
+
+        cfg = self.config
+        self.modules = Modules(self.state.root, self.client,
+                               hierarchy=self.sandbox.hierarchy,
+                               defaults=Limits(cfg.extension_memory_mb, cfg.extension_cpus,
+                                               cfg.extension_processes))
+        self.supervisor.start("modules", self.modules.run)
+        self.supervisor.start("module-reports", self.modules.report_loop)
+        self.supervisor.start("module-control", self.modules.control)
+        log.info("modules started")
+
+    def _note_deployment_etag(self, etag: str) -> None:
+        """The hub's etag of the machine's deployment: '' while none was ever made for it."""
+        if self.modules is None:
+            if not etag:
+                return
+            self._start_modules()
+        if self.modules is not None:
+            self.modules.note_etag(etag)
 
     def _note_extensions_etag(self, etag: str) -> None:
         """The hub's etag of the machine's extensions: a machine that has none is told ''
@@ -388,6 +421,7 @@ class Agent:
             await self.cache.check(self.client, answer)  # HW-9: heal what went bad
         ack = HeartbeatAck.read(answer)
         self._note_extensions_etag(ack.extensions_etag)
+        self._note_deployment_etag(ack.deployment_etag)
         for job_id in ack.abandon:
             run = self.jobs.get(job_id)
             # Only the attempt this heartbeat listed: the job's next attempt may have
@@ -650,10 +684,14 @@ class Agent:
             "sandbox": self.sandbox.status(),
             "extensions": self.extensions.status() if self.extensions is not None else [],
             "extensions_fetched_at": self.extensions.fetched_at if self.extensions else None,
+            "modules": self.modules.status() if self.modules is not None else None,
             "processes": [{"pid": os.getpid(), "role": "agent", "started_at": self.started}]
             + [{"pid": run.proc.pid, "role": f"job {job_id}"}
                for job_id, run in self.jobs.items() if run.proc is not None]
-            + [{"pid": pid, "role": role} for pid, role in self._handler_roles()],
+            + [{"pid": pid, "role": role} for pid, role in self._handler_roles()]
+            + [{"pid": m.pid, "role": f"module {m.name}"} for m in (
+                self.modules.supervisor.statuses() if self.modules is not None else [])
+               if m.pid is not None],
         }
 
     async def _status_server(self) -> asyncio.AbstractServer:

@@ -194,6 +194,70 @@ def status(state_dir_: StateDirOpt = None, json: Json = False) -> None:
                       f"{', '.join(ext['failed_versions'])}", markup=False)
 
 
+    modules = info.get("modules")
+    if modules:
+        name = modules.get("deployment") or "none"
+        out.print(f"  deployment:     {name} (version {modules.get('version')})", markup=False)
+        if modules.get("fetch_error"):
+            say(f"      last fetch failed: {modules['fetch_error']}")
+        for m in modules.get("modules") or []:
+            shown_pid = f" pid {m['pid']}" if m.get("pid") else ""
+            code = f" exit {m['exit_code']}" if m.get("exit_code") is not None else ""
+            out.print(f"    module {m['name']}: {m['state']}{shown_pid}{code}, "
+                      f"{m['restart_count']} restarts", markup=False)
+            if m.get("reason"):
+                say(f"      {m['reason']}")
+
+
+@app.command()
+def restart(
+    module: Annotated[Optional[str], typer.Argument(
+        help="Restart this module only (its restart count too); the agent keeps running.")]
+    = None,
+    state_dir_: StateDirOpt = None, json: Json = False,
+) -> None:
+    """Restart the agent, or one module (ED-3).
+
+    Without MODULE the agent alone is stopped and started again (as a systemd unit with
+    systemctl, else with its own command line); its modules keep running and the new agent
+    adopts them. With MODULE the running agent stops that module and starts it afresh.
+    """
+    state = state_dir(state_dir_)
+    if module is not None:
+        from outpost.agent.modules.hook import ask_restart
+
+        answer = ask_restart(state.root, module)
+        if not answer.get("ok"):
+            body = answer.get("error") or {}
+            raise OutpostError("module_unknown", str(body.get("message") or
+                                                     f"The agent refused: {answer}"),
+                               module=module[:64])
+        if json:
+            print_json({"restarted": module})
+        else:
+            out.print(f"Module {module} restarted.", markup=False)
+        return
+    from outpost.agent import service
+
+    lines: list[str] = []
+
+    def tell(line: str) -> None:
+        lines.append(line)
+        if not json:
+            out.print(line, markup=False)
+
+    running = service.inspect(state)
+    if running is None:
+        raise OutpostError("agent_not_running", f"The agent is not running (state dir "
+                           f"{state.root}).",
+                           fix=f"Start it: outpost agent run --state-dir {state.root}")
+    tell(f"The agent runs as pid {running.pid}, started by {running.how}.")
+    service.stop(running, tell)
+    service.start_again(running, tell)
+    if json:
+        print_json({"restarted": "agent", "lines": lines})
+
+
 # ED-1, EX-9: the agent's logs, each job's kept log, and the support bundle.
 from . import agent_logs_cmd  # noqa: E402
 

@@ -100,6 +100,8 @@ def _identity(record: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def logs(
+    module: Annotated[Optional[str], typer.Argument(
+        help="A module's log (what it prints) instead of the agent's own.")] = None,
     follow: Annotated[bool, typer.Option(
         "--follow", "-f", help="Keep printing new lines as they are written, across log "
         "rotations, until Ctrl-C.")] = False,
@@ -115,7 +117,8 @@ def logs(
         "--level", help="Only lines at this level or above: debug, info, warning, error.")]
     = None,
     lines: Annotated[Optional[int], typer.Option(
-        "--lines", "-n", min=1, help="Only the last N lines (before following).")] = None,
+        "--lines", "-n", "--tail", min=1, help="Only the last N lines (before following).")]
+    = None,
     state_dir_: StateDirOpt = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help="Agent config file, for job_log_retention (default: "
@@ -129,13 +132,19 @@ def logs(
     at is the config's log_level; OUTPOST_LOG=debug in the agent's environment wins
     (restart it). Examples: 'outpost agent logs -f', 'outpost agent logs --since 10m
     --level warning', 'outpost agent logs --job ID'.
+
+    With MODULE: that module's stdout and stderr (STATE_DIR/logs/modules/MODULE.log and
+    the rotated .1 before it), with the agent's '---' line at each start; --since counts
+    from those lines (the module's own lines carry no time of the agent's).
     """
     state = state_dir(state_dir_)
     if follow:
         signals.daemon(term_interrupts=True)
     keep = agent_logs.Filter(since=_since(since), level=_level(level))
     try:
-        if jobs:
+        if module is not None:
+            _module_log(state, module, _since(since), lines, follow)
+        elif jobs:
             _job_index(state, config, json)
         elif job is not None:
             _job_log(state, job, keep, lines, follow, json)
@@ -164,6 +173,26 @@ def _agent_log(state: StateDir, keep: agent_logs.Filter, lines: int | None, foll
         for record in agent_logs.follow(state.root, keep, lambda: False, position,
                                         FOLLOW_INTERVAL):
             _emit([record], json)
+
+
+def _module_log(state: StateDir, module: str, since: float | None, lines: int | None,
+                follow: bool) -> None:
+    from outpost.agent.modules import logview
+
+    path = logview.path(state.root, module)
+    found = logview.read(path, since) if path is not None else None
+    if path is None or found is None:
+        raise OutpostError("module_unknown", f"No log of a module named '{module}' is kept "
+                           f"in {state.root} (this machine runs no such module).",
+                           module=module[:64])
+    shown = found[-lines:] if lines else found
+    for line in shown:
+        sys.stdout.write(safe(line) + "\n")
+    sys.stdout.flush()
+    if follow:
+        for line in logview.follow(path, FOLLOW_INTERVAL):
+            sys.stdout.write(safe(line) + "\n")
+            sys.stdout.flush()
 
 
 def _job_index(state: StateDir, config: Path | None, json: bool) -> None:

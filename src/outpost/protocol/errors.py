@@ -1594,6 +1594,76 @@ _ENTRIES += (
          "deployment rollout NAME' shows every module's reason.",),
         409, "ED-11"),
     Entry(
+        "E9165", "module_package_refused", "The package {name} {version} of module {module} "
+        "could not be downloaded: the hub returned {status}.",
+        ("The deployment names a package version that is not published (404), or the "
+         "machine's account may not read it (403): the package belongs to another account, "
+         "or the credentials the deployment manifest gives for it are wrong.",),
+        ("Check the package name and version in the deployment manifest ('outpost module "
+         "list'), and that the package is published to this machine's account; then create "
+         "the deployment again.",),
+        502, "ED-6"),
+    Entry(
+        "E9166", "module_port_allocated", "The module {module} cannot start: Bind for "
+        "0.0.0.0:{port} failed: port is already allocated.",
+        ("Another process on the machine (named in the message where the agent can see it) "
+         "listens on a port the module's manifest lists in 'ports'.",),
+        ("Stop the process that holds the port, or give the module another port in the "
+         "deployment manifest; the agent tries again on its backoff schedule.",),
+        409, "ED-5"),
+    Entry(
+        "E9167", "module_start_failed", "The module {module} could not be started: {problem}.",
+        ("The program is missing or not executable, the user it runs as cannot run it, or "
+         "its package could not be unpacked.",),
+        ("Read the module's log ('outpost agent logs MODULE') and fix the program or the "
+         "manifest's command.",),
+        409, None),
+    Entry(
+        "E9168", "module_dns_unprivileged", "The module {module} names DNS servers, which "
+        "an agent that does not run as root cannot give it.",
+        ("A module's own DNS servers need a mount namespace of its own with its own "
+         "resolv.conf, which only a root agent can make.",),
+        ("Run the agent as root, or remove 'dns' from the module in the deployment "
+         "manifest (it then uses the machine's resolvers).",),
+        409, "ED-11"),
+    Entry(
+        "E9169", "module_restarts_exhausted", "The module {module} ended {count} times in "
+        "a row; it is failed until the next deployment or 'outpost agent restart {module}'.",
+        ("The module's program keeps exiting (or its probe keeps failing) shortly after it "
+         "starts.",),
+        ("Read its log ('outpost agent logs {module}'), fix the cause, and run 'outpost "
+         "agent restart MODULE' or deploy again.",),
+        409, None),
+    Entry(
+        "E9170", "module_unhealthy", "The module {module} failed its health probe {count} "
+        "times in a row: {problem}.",
+        ("The module runs but does not answer its probe (command or HTTP on loopback) "
+         "within the probe's timeout, or answers with an error.",),
+        ("Read its log ('outpost agent logs MODULE') and check the probe in the deployment "
+         "manifest.",),
+        409, None),
+    Entry(
+        "E9171", "module_user_unavailable", "The module {module} cannot run as '{user}': "
+        "{problem}.",
+        ("The manifest's run_as names a user this machine does not have, or the agent "
+         "could not make its unprivileged module user.",),
+        ("Create the user, or remove run_as from the module so it runs as the agent's "
+         "module user (outpost-mod).",),
+        409, None),
+    Entry(
+        "E9172", "module_unknown", "This machine runs no module named '{module}'.",
+        ("The name is misspelled, or the deployment that named the module no longer "
+         "targets this machine.",),
+        ("'outpost agent status' lists the modules the machine runs.",),
+        404, None),
+    Entry(
+        "E9173", "deployment_fetch_failed", "The agent could not fetch its deployment: "
+        "{problem}.",
+        ("The hub cannot be reached or refused the request; the agent keeps its modules "
+         "as the last deployment it applied says and tries again with backoff.",),
+        ("Run 'outpost check' for the connectivity findings.",),
+        503, "ED-11"),
+    Entry(
         "E9180", "msg_socket_unsafe", "The directory {path} for the modules' message socket "
         "is not the agent's own, or others may write it; the agent will not listen there.",
         ("The directory beside the state directory (<state>-messages/) exists and belongs "

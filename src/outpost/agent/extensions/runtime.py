@@ -51,9 +51,10 @@ STATE_DIR = "extensions"  # <state>/extensions/: state.json
 LIB = Path("/var/lib")
 
 
-def shared_root(state_root: Path) -> Path:
-    """The tree for commands that run as another user (see the module docstring)."""
-    return beside_state(state_root, "extensions", lambda candidate: OutpostError(
+def shared_root(state_root: Path, tree: str = STATE_DIR) -> Path:
+    """The tree for commands that run as another user (see the module docstring); ``tree``
+    names it (the module supervisor keeps its packages in a tree of its own, ``modules``)."""
+    return beside_state(state_root, tree, lambda candidate: OutpostError(
         "ext_tree_unsafe", f"The directory {candidate} for extensions is not the "
         "agent's own, or others may write it; the agent will not run extensions "
         "from it.", path=str(candidate)))
@@ -90,9 +91,12 @@ class Runtime:
     def __init__(self, state_root: Path, defaults: cgroups.Limits,
                  hierarchy: cgroups.Hierarchy | None = None, why_no_cgroups: str = "",
                  root: Path | None = None, make_user: Callable[[str], None] = _make_user,
-                 ext_user: str = EXT_USER) -> None:
+                 ext_user: str = EXT_USER, tree: str = STATE_DIR,
+                 group_prefix: str = "ext-") -> None:
         self.state_root = state_root
-        self.state_dir = state_root / STATE_DIR
+        self.tree = tree
+        self.group_prefix = group_prefix
+        self.state_dir = state_root / tree
         self.privileged = os.geteuid() == 0
         self.defaults = defaults
         self.hierarchy = hierarchy
@@ -106,7 +110,8 @@ class Runtime:
     @property
     def root(self) -> Path:
         if self._root is None:
-            self._root = shared_root(self.state_root) if self.privileged else self.state_dir
+            self._root = (shared_root(self.state_root, self.tree) if self.privileged
+                          else self.state_dir)
             self._root.mkdir(parents=True, exist_ok=True)
         return self._root
 
@@ -213,7 +218,7 @@ class Runtime:
         try:
             for controller, base in self.hierarchy.bases.items():
                 if base not in made:
-                    path = base / f"ext-{name}"
+                    path = base / f"{self.group_prefix}{name}"
                     path.mkdir(exist_ok=True)
                     made[base] = path
                 dirs[controller] = made[base]
