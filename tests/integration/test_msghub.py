@@ -31,7 +31,8 @@ import pytest
 
 from outpost.agent import work
 from outpost.agent.modules import upstream
-from outpost.agent.modules.msghub import MessageHub, register_calls, socket_path
+from outpost.agent.modules import msghub
+from outpost.agent.modules.msghub import MessageHub, socket_path
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.modules import UpstreamAck, UpstreamBatch, load_manifest
 from tests.support import wait_until
@@ -345,22 +346,32 @@ def test_a_direct_call_is_answered_or_times_out(hub: HubThread) -> None:
     with pytest.raises(OutpostError) as caught:
         hub.run(hub.hub.call("sensor", "echo", None, 1))
     assert caught.value.code == "E9182"
-    # Through the agent's work registry, as the hub's long-poll hands it.
-    registry = work.Registry()
-    register_calls(registry, hub.hub)
+    # Through the agent's work registry, as the hub's long-poll hands it: the built-in
+    # module_call kind finds the message hub attached to the daemon's state directory.
     answered: list[tuple[str, Any]] = []
 
     async def call(method: str, path: str, payload: Any) -> None:
         answered.append((path, payload))
 
-    ctx = work.Context(call=call, jobs={}, state=None,  # type: ignore[arg-type]
-                       spawn=lambda coro, name: None, start_job=lambda claim: None)
-    for ident, payload in (("w1", {"module": "filter", "method": "echo", "payload": [1]}),
-                           ("w2", {"module": "sensor", "method": "echo"})):
-        hub.run(registry.handle({"id": ident, "kind": "module_call", "payload": payload}, ctx))
+    state, other_state = object(), object()
+    msghub.attach(state, hub.hub)
+    try:
+        for ident, payload, where in (
+                ("w1", {"module": "filter", "method": "echo", "payload": [1]}, state),
+                ("w2", {"module": "sensor", "method": "echo"}, state),
+                ("w3", {"module": "filter", "method": "echo"}, other_state)):
+            ctx = work.Context(call=call, jobs={}, state=where,  # type: ignore[arg-type]
+                               spawn=lambda coro, name: None, start_job=lambda claim: None)
+            hub.run(work.registry.handle(
+                {"id": ident, "kind": "module_call", "payload": payload}, ctx))
+    finally:
+        msghub.detach(state)
     assert answered[0] == ("/v1/agent/work/w1/done",
                            {"result": {"status": 200, "payload": {"echo": [1]}}})
     assert answered[1][1]["result"]["error"]["code"] == "E9182"
+    # A daemon that runs no modules has no message hub attached.
+    assert answered[2][1]["result"]["error"]["code"] == "E9182"
+    assert "runs no modules" in answered[2][1]["result"]["error"]["message"]
     filt.close()
 
 

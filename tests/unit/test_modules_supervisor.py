@@ -542,7 +542,8 @@ def test_the_hook_fetches_on_a_new_etag_reports_and_restarts_on_request(
     async def body() -> None:
         machine.channel.doc = deployment({"m": sh("exec sleep 300")}, etag="e7")
         modules = hook.Modules(machine.state, None, channel=machine.channel,
-                               hierarchy=machine.hierarchy)
+                               hierarchy=machine.hierarchy,
+                               socket_path=machine.shared / "hub.sock")
         modules.supervisor.runtime._root = machine.shared / "tree"
         machine.made.append(modules.supervisor)
         tasks = [asyncio.create_task(modules.run()), asyncio.create_task(modules.report_loop()),
@@ -551,6 +552,10 @@ def test_the_hook_fetches_on_a_new_etag_reports_and_restarts_on_request(
             modules.note_etag("e7")
             pid = await until(lambda: "m" in {s.name for s in modules.supervisor.statuses()}
                               and running_pid(modules.supervisor, "m"), what="applied")
+            # The message hub listens where the module was told to connect.
+            assert modules.status()["socket"] == str(machine.shared / "hub.sock")
+            assert (machine.shared / "hub.sock").is_socket()
+            assert modules.supervisor.module_socket == machine.shared / "hub.sock"
             report = await until(lambda: [r for r in machine.channel.reports
                                           if r.modules and r.modules[0].state == "running"],
                                  3, "a report")
@@ -571,6 +576,7 @@ def test_the_hook_fetches_on_a_new_etag_reports_and_restarts_on_request(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await modules.messages.close()
     run(machine, body)
 
 

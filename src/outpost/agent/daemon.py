@@ -224,6 +224,9 @@ class Agent:
         if self.extensions is not None:
             await self.extensions.close()  # a handler running now is ended with its group
         if self.modules is not None:
+            from .modules import msghub
+
+            msghub.detach(self.state)
             await self.modules.close()  # the modules keep running (adopted by the next)
         await self.reporter.close()
 
@@ -319,6 +322,9 @@ class Agent:
                                hierarchy=self.sandbox.hierarchy,
                                defaults=Limits(cfg.extension_memory_mb, cfg.extension_cpus,
                                                cfg.extension_processes))
+        from .modules import msghub
+
+        msghub.attach(self.state, self.modules.messages)  # for module_call work items
         self.supervisor.start("modules", self.modules.run)
         self.supervisor.start("module-reports", self.modules.report_loop)
         self.supervisor.start("module-control", self.modules.control)

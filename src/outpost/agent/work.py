@@ -8,9 +8,10 @@ use. A handler returns the result to answer the item with (``POST /v1/agent/work
 done``), or None when the item is answered some other way (a job attempt, by its reports).
 
 Built in: ``job`` (start the claimed attempt), ``ping`` (answer at once),
-``job_control`` (stop, suspend or resume a running attempt) and ``ext_op`` (an extension
-operation, extensions/ops.py). The first three read their payloads with protocol/readers.py,
-without pydantic (which says why); ``ext_op`` with its model, imported at its first item.
+``job_control`` (stop, suspend or resume a running attempt), ``ext_op`` (an extension
+operation, extensions/ops.py) and ``module_call`` (a module's method, modules/msghub.py).
+The first three read their payloads with protocol/readers.py, without pydantic (which says
+why); ``ext_op`` and ``module_call`` with their models, imported at their first item.
 Extensions and modules add a kind with ``register(kind, handler, payload=Model)``, without
 touching the daemon.
 
@@ -245,9 +246,19 @@ async def _ext_op(item: Item, ctx: Context) -> Result:
     return await ops.take_item(item, ctx)
 
 
+async def _module_call(item: Item, ctx: Context) -> Result:
+    """A direct call of a module's method, through the local message hub of the machine's
+    modules (modules/msghub.py); a machine that runs none answers E9182."""
+    from .modules import msghub
+
+    result: Result = await msghub.take_call(item, ctx)
+    return result
+
+
 registry = Registry()
 register = registry.register
 register(kinds.JOB, _job, payload=readers.JobClaim.read, refuse=_refuse_job)
 register(kinds.PING, _ping, payload=readers.PingPayload.read)
 register(kinds.JOB_CONTROL, _job_control, payload=readers.JobControlPayload.read)
 register(kinds.EXT_OP, _ext_op, payload="outpost.protocol.work:ExtOpPayload")
+register(kinds.MODULE_CALL, _module_call, payload="outpost.protocol.work:ModuleCallPayload")

@@ -12,7 +12,7 @@ from typing import Protocol
 from urllib.parse import quote
 
 from outpost.protocol.errors import HubRefused, OutpostError
-from outpost.protocol.modules import DeploymentDoc, ModulesReport
+from outpost.protocol.modules import DeploymentDoc, ModulesReport, UpstreamAck, UpstreamBatch
 
 from ..transport import HubClient
 
@@ -28,6 +28,8 @@ class ModuleChannel(Protocol):
         ...
 
     async def report(self, report: ModulesReport) -> None: ...
+
+    async def send_messages(self, batch: UpstreamBatch) -> UpstreamAck: ...
 
 
 def package_refused(module: str, name: str, version: str, status: int,
@@ -70,3 +72,9 @@ class HttpChannel:
     async def report(self, report: ModulesReport) -> None:
         await self.client.request("POST", "/v1/agent/modules/report",
                                   report.model_dump(mode="json"))
+
+    async def send_messages(self, batch: UpstreamBatch) -> UpstreamAck:
+        """``$upstream`` messages, in order (the message hub's uploader)."""
+        answer = await self.client.request("POST", "/v1/agent/messages",
+                                           batch.model_dump(mode="json"))
+        return UpstreamAck.model_validate(answer)

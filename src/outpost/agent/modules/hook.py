@@ -27,12 +27,14 @@ from outpost.protocol.errors import OutpostError
 
 from .. import cgroups
 from ..transport import HubClient
+from . import msghub
 from .channel import HttpChannel, ModuleChannel
 from .supervisor import TREE, Supervisor
 
 log = logging.getLogger("outpost.agent.modules")
 
 REPORT_EVERY = 1.0  # seconds: state changes within it go in one report
+COUNTERS_EVERY = 10.0  # seconds: the message counters are reported at most this often
 FETCH_BACKOFF = (1.0, 60.0)  # the first wait after a failed fetch, and its cap
 CONTROL = "control.sock"
 
@@ -50,8 +52,16 @@ class Modules:
         assert client is not None or channel is not None
         self.state_root = state_root
         self.channel = channel or HttpChannel(client)  # type: ignore[arg-type]
-        self.supervisor = Supervisor(state_root, self.channel, socket_path,
+        path = socket_path or msghub.socket_path(state_root)
+        self.supervisor = Supervisor(state_root, self.channel, path,
                                      hierarchy=hierarchy, defaults=defaults)
+        # The local message hub: it knows a module's process by the supervisor's owner_of,
+        # takes each applied deployment's routes, and sends $upstream through the channel.
+        self.messages = msghub.MessageHub(self.supervisor.owner_of, state_root, path=path)
+        self.supervisor.on_change.append(self.messages.configure)
+        send = getattr(self.channel, "send_messages", None)
+        if send is not None:
+            self.messages.set_upstream(send)
         self.wanted: str | None = None  # the hub's etag, once a heartbeat gave one
         self.fetched_at: float | None = None
         self.fetch_error: str | None = None
@@ -59,8 +69,8 @@ class Modules:
         self._dirty = asyncio.Event()
         self._started = False
         self.supervisor.on_state.append(self._dirty.set)
-        # The local message hub's counters (a MessageCounters), for the reports; it sets this.
-        self.counters: Callable[[], Any] | None = None
+        # The local message hub's counters (a MessageCounters), for the reports.
+        self.counters: Callable[[], Any] | None = self.messages.counters
 
     def changed(self) -> None:
         """Something to report besides a module's state (the message hub's counters)."""
@@ -76,6 +86,12 @@ class Modules:
     async def run(self) -> None:
         if not self._started:
             self._started = True
+            try:
+                await self.messages.start()  # before the modules, which connect at start
+            except OutpostError as exc:
+                log.error("modules: the message hub is not available (%s %s); the modules "
+                          "run without it", exc.code, exc.message)
+                self.supervisor.error = f"{exc.code} {exc.message}"
             await self.supervisor.start()
         wait = FETCH_BACKOFF[0]
         while True:
@@ -98,14 +114,22 @@ class Modules:
 
     async def report_loop(self) -> None:
         wait = FETCH_BACKOFF[0]
+        reported: Any = None  # the message counters last reported
         while True:
-            await self._dirty.wait()
+            # A module's change is reported within REPORT_EVERY; the message counters,
+            # which change with every message, at most every COUNTERS_EVERY.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), COUNTERS_EVERY)
+            counters = self.counters() if self.counters is not None else None
+            if not self._dirty.is_set() and counters == reported:
+                continue
             await asyncio.sleep(REPORT_EVERY)
             self._dirty.clear()
             if self.supervisor.doc is None:
                 continue
             try:
                 counters = self.counters() if self.counters is not None else None
+                reported = counters
                 await self.channel.report(self.supervisor.report(counters))
                 wait = FETCH_BACKOFF[0]
             except OutpostError as exc:
@@ -149,7 +173,10 @@ class Modules:
             writer.close()
 
     async def close(self) -> None:
-        """The agent stops; its modules do not (docs/modules.md, "On the machine")."""
+        """The agent stops; its modules do not (docs/modules.md, "On the machine"). They
+        lose the message hub until the next agent listens again (their client reconnects);
+        what waits to go upstream stays on disk."""
+        await self.messages.close()
         await self.supervisor.close()
 
     def status(self) -> dict[str, Any]:
@@ -158,7 +185,9 @@ class Modules:
                 "version": doc.version if doc else 0, "etag": doc.etag if doc else None,
                 "hub_etag": self.wanted, "fetched_at": self.fetched_at,
                 "fetch_error": self.fetch_error, "error": self.supervisor.error,
-                "modules": [s.model_dump(mode="json") for s in self.supervisor.statuses()]}
+                "modules": [s.model_dump(mode="json") for s in self.supervisor.statuses()],
+                "messages": self.messages.counters().model_dump(mode="json"),
+                "socket": str(self.messages.path) if self.messages.path else None}
 
 
 def ask_restart(state_root: Path, module: str, timeout: float = 30.0) -> dict[str, Any]:

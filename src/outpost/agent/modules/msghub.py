@@ -508,22 +508,36 @@ def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:
     return pid, uid
 
 
-def register_calls(registry: Any, hub: MessageHub) -> None:
-    """Handle ``module_call`` work items with ``hub`` (work.py's registry)."""
-    from outpost.protocol import kinds
+# The message hub of each running daemon, by its state directory object: the
+# ``module_call`` work kind (agent/work.py, built in) finds it here.
+_attached: dict[int, MessageHub] = {}
+
+
+def attach(state: Any, hub: MessageHub) -> None:
+    _attached[id(state)] = hub
+
+
+def detach(state: Any) -> None:
+    _attached.pop(id(state), None)
+
+
+async def take_call(item: Any, ctx: Any) -> Any:
+    """A ``module_call`` work item: the module's reply (a ModuleCallResult), or the error
+    that it is not connected (E9182; also on a machine that runs no modules) or did not
+    answer in time (E9183)."""
+    from outpost.protocol.work import ModuleCallResult
 
     from .. import work
 
-    async def handle(item: work.Item, ctx: work.Context) -> work.Result:
-        from outpost.protocol.work import ModuleCallResult
-
-        asked = item.payload
-        try:
-            status, answer = await hub.call(asked.module, asked.method, asked.payload,
-                                            asked.timeout_seconds)
-        except OutpostError as exc:
-            return work.error_result(exc)
-        return ModuleCallResult(status=status, payload=answer)
-
-    registry.register(kinds.MODULE_CALL, handle,
-                      payload="outpost.protocol.work:ModuleCallPayload")
+    asked = item.payload
+    hub = _attached.get(id(ctx.state))
+    try:
+        if hub is None:
+            raise OutpostError("msg_module_not_connected", f"The module {asked.module} is "
+                               "not connected to the agent's message hub (this machine "
+                               "runs no modules).", module=asked.module)
+        status, answer = await hub.call(asked.module, asked.method, asked.payload,
+                                        asked.timeout_seconds)
+    except OutpostError as exc:
+        return work.error_result(exc)
+    return ModuleCallResult(status=status, payload=answer)
