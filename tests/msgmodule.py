@@ -2,7 +2,8 @@
 ``OUTPOST_MODULE_SOCKET`` and ``OUTPOST_MODULE_NAME``) and takes one JSON command a line on
 stdin, answering one JSON line on stdout:
 
-    {"op": "send", "output": O, "body": TEXT, "properties": {...}}  -> {"ok": true} | refusal
+    {"op": "send", "output": O, "body": TEXT, "properties": {...}}  -> {"ok": true} |
+        {"filtered": true} (routes read O, no condition took it) | refusal
     {"op": "recv", "timeout": S}   -> the message ({"input", "body", "properties", ...})
     {"op": "method", "name": N, "sleep": S}  -> {"ok": true}; calls of N answer their
                                                 payload after S seconds
@@ -42,9 +43,9 @@ def _module() -> None:
         op = asked["op"]
         if op == "send":
             try:
-                client.send(asked["output"], asked.get("body", "").encode() * asked.get(
+                ack = client.send(asked["output"], asked.get("body", "").encode() * asked.get(
                     "repeat", 1), properties=asked.get("properties"))
-                answer: dict[str, Any] = {"ok": True}
+                answer: dict[str, Any] = {"ok": True} if ack.routes else {"filtered": True}
             except Refused as exc:
                 answer = {"status": exc.status, "reason": exc.reason}
         elif op == "recv":

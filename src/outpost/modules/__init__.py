@@ -64,6 +64,7 @@ class NotConnected(ClientError):
 @dataclass(frozen=True)
 class Ack:
     status: int
+    routes: int = 1  # how many routes took the message; 0: their conditions filtered it
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class ModuleClient:
             raise NotConnected("the connection to the agent closed before it answered")
         if answer.get("status") != modwire.OK:
             raise Refused(int(answer.get("status", 0)), str(answer.get("reason", "")))
-        return Ack(modwire.OK)
+        return Ack(modwire.OK, int(answer.get("routes", 1)))
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next input message, or None after ``timeout`` (or once closed)."""

@@ -80,7 +80,7 @@ class AsyncModuleClient:
             raise NotConnected("the connection to the agent closed before it answered")
         if answer.get("status") != modwire.OK:
             raise Refused(int(answer.get("status", 0)), str(answer.get("reason", "")))
-        return Ack(modwire.OK)
+        return Ack(modwire.OK, int(answer.get("routes", 1)))
 
     async def messages(self) -> AsyncIterator[Message]:
         while True:

@@ -470,6 +470,9 @@ class MessageCounters(Wire):
     upstream_queued_bytes: int = 0
     expired: int = 0
     refused: int = 0
+    filtered: int = Field(default=0, description=(
+        "Sends that routes read but whose conditions all said no: acknowledged, delivered "
+        "nowhere."))
     rejected_identity: int = 0
 
 

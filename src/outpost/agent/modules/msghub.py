@@ -357,12 +357,12 @@ class MessageHub:
             if op == modwire.SEND:
                 self._counters.received += 1
                 try:
-                    self.route(conn.module, header, body)
+                    routes = self.route(conn.module, header, body)
                 except Refusal as exc:
                     self._counters.refused += 1
                     await self._ack(conn, header, exc.status, exc.reason)
                 else:
-                    await self._ack(conn, header, modwire.OK, "")
+                    await self._ack(conn, header, modwire.OK, "", routes=routes)
             elif op == modwire.REPLY:
                 future = conn.calls.get(header.get("id", -1))
                 if future is not None and not future.done():
@@ -376,15 +376,20 @@ class MessageHub:
                                          "after hello")
 
     async def _ack(self, conn: Connection, header: dict[str, Any], status: int,
-                   reason: str) -> None:
+                   reason: str, routes: int | None = None) -> None:
         answer: dict[str, Any] = {"op": modwire.ACK, "id": header.get("id"), "status": status}
+        if routes is not None:
+            answer["routes"] = routes  # 0: filtered by the routes' conditions
         if reason:
             answer["reason"] = reason
         await conn.write(modwire.encode(answer))
 
     # --- routing ----------------------------------------------------------------------------
-    def route(self, module: str, header: dict[str, Any], body: bytes) -> None:
-        """Deliver one message to every sink a route takes it to, or raise Refusal."""
+    def route(self, module: str, header: dict[str, Any], body: bytes) -> int:
+        """Deliver one message to every sink a route takes it to; how many routes took it.
+        Refusal when no route reads the output at all (a mistake in the deployment or the
+        module); a message that routes read but whose conditions all said no is filtered,
+        as the routes meant: acknowledged, counted, delivered nowhere."""
         output = header.get("output")
         if not isinstance(output, str) or not output:
             raise Refusal(modwire.BAD_FRAME, "a send names its output")
@@ -395,6 +400,9 @@ class MessageHub:
         message = RouteMessage(module, output, properties, system, body)
         taken = [r for r in self.routes if r[1].takes(message)]
         if not taken:
+            if any(r[1].source.takes(module, output) for r in self.routes):
+                self._counters.filtered += 1
+                return 0
             raise Refusal(modwire.NOT_FOUND,
                           f"no route takes output {output} of module {module}")
         now = time.time()
@@ -423,6 +431,7 @@ class MessageHub:
             self.inboxes[target].put(_Queued(priority, next(self._order), name,
                                              dict(message_header, input=name), body,
                                              now + ttl))
+        return len(taken)
 
     def _upstream(self, module: str, output: str, header: dict[str, Any], body: bytes,
                   route: tuple[str, int], now: float) -> None:
