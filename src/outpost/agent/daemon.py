@@ -117,6 +117,7 @@ class Agent:
         # Edge modules (modules/hook.py): loaded once a heartbeat names a deployment or the
         # state directory records one (its modules may still run: they are adopted).
         self.modules: Modules | None = None
+        self._deploy_etag: str | None = None  # the hub's, while the modules do not run
 
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -333,6 +334,7 @@ class Agent:
     def _note_deployment_etag(self, etag: str) -> None:
         """The hub's etag of the machine's deployment: '' while none was ever made for it."""
         if self.modules is None:
+            self._deploy_etag = etag
             if not etag:
                 return
             self._start_modules()
@@ -477,6 +479,10 @@ class Agent:
             else:
                 told = self._ext_etag if self._ext_etag is not None else self._ext_store.etag
             etag = "" if told is None else f"&extensions_etag={quote(told, safe='')}"
+            # The deployment's likewise (modules/hook.py poll_etag; "" for none known).
+            deployed = self.modules.poll_etag if self.modules is not None else (
+                self._deploy_etag or "")
+            etag += f"&deployment_etag={quote(deployed, safe='')}"
             request = asyncio.ensure_future(self._call(
                 "POST", f"/v1/agent/poll?wait={hold:g}&capacity={capacity}{etag}",
                 {"heartbeat": beat} if carry else None,
@@ -518,6 +524,8 @@ class Agent:
                 await self._acknowledged(polled.heartbeat, listed)
             if polled.extensions_etag is not None:
                 self._note_extensions_etag(polled.extensions_etag)  # its own goal changed
+            if polled.deployment_etag is not None:
+                self._note_deployment_etag(polled.deployment_etag)
             for item in polled.items:
                 await self.handlers.handle(item, self.work)
 

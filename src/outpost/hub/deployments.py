@@ -38,6 +38,7 @@ from . import notify, packages
 from .config import random_id
 from .db import deployments, groups, machines, module_packages, module_reports
 from .extension_goals import AccountCache, version_key
+from .machines import wake_named
 
 log = logging.getLogger("outpost.hub.deployments")
 
@@ -335,6 +336,8 @@ class Deployments:
         else:
             raise OutpostError("conflict", f"Could not create deployment {name}; try again.")
         self.cache.forget(account_id)
+        if kind == "machine":
+            await wake_named(self.engine, account_id, stored)  # see extensions._wake
         log.info("deployment %s version %d aimed at %s '%s' (priority %d) in account %s",
                  name, version, kind, stored, priority, account_id)
         return {"name": name, "target_kind": kind, "target": stored, "priority": priority,
@@ -438,12 +441,17 @@ class Deployments:
 
     async def delete(self, account_id: str, name: str) -> dict[str, Any]:
         async with self.engine.begin() as conn:
-            gone = await conn.execute(deployments.delete().where(
-                deployments.c.account_id == account_id, deployments.c.name == name))
-            if not gone.rowcount:
+            mine = sa.and_(deployments.c.account_id == account_id,
+                           deployments.c.name == name)
+            target = (await conn.execute(sa.select(deployments.c.target_kind,
+                                                   deployments.c.target).where(mine))).first()
+            gone = await conn.execute(deployments.delete().where(mine))
+            if target is None or not gone.rowcount:
                 raise _not_found(name)
             await self._changed(conn, account_id)
         self.cache.forget(account_id)
+        if target.target_kind == "machine":
+            await wake_named(self.engine, account_id, target.target)
         log.info("deployment %s deleted in account %s", name, account_id)
         return {"name": name, "deleted": True}
 

@@ -40,6 +40,7 @@ from .config import random_id
 from .db import extension_goals, extension_packages, extension_retries, groups, machines
 from .extension_goals import Goal, GoalCache, Published, load, version_key
 from .groups import USER_RE
+from .machines import wake_named
 from .vault import Vault
 
 log = logging.getLogger("outpost.hub.extensions")
@@ -416,11 +417,7 @@ class Extensions:
         reaches the machine in milliseconds rather than at its next heartbeat. A group's goal
         is left to each machine's heartbeat, which spreads a fleet's goal fetches and
         downloads over a heartbeat interval instead of all at once."""
-        async with self.engine.connect() as conn:
-            found = await conn.scalar(sa.select(machines.c.id).where(
-                machines.c.account_id == account_id, machines.c.name == machine_name))
-        if found is not None:
-            notify.of(self.engine).wake_committed(notify.machine(str(found)))
+        await wake_named(self.engine, account_id, machine_name)
 
     async def etag(self, machine: Any) -> str:
         """The heartbeat's ``extensions_etag`` for ``machine``: no database read while the

@@ -259,3 +259,14 @@ async def counts_by_status(engine: AsyncEngine) -> dict[str, int]:
             key = status(row, now)
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+async def wake_named(engine: AsyncEngine, account_id: str, name: str) -> None:
+    """Wake the long-poll of machine ``name`` (after a commit that changed what it should
+    run: its extension goal, its deployment): its agent hears the new etag in milliseconds
+    rather than at its next heartbeat. Nothing when no such machine is registered."""
+    async with engine.connect() as conn:
+        found = await conn.scalar(sa.select(machines.c.id).where(
+            machines.c.account_id == account_id, machines.c.name == name))
+    if found is not None:
+        notify.of(engine).wake_committed(notify.machine(str(found)))

@@ -172,12 +172,14 @@ class PollAnswer:
     heartbeat: dict[str, Any] | None = None
     heartbeat_error: dict[str, Any] | None = None
     extensions_etag: str | None = None
+    deployment_etag: str | None = None
 
     @classmethod
     def read(cls, data: Any) -> PollAnswer:
         return read(cls, "poll answer", data, {
             "items": (list_of(obj), list), "heartbeat": (obj, None),
-            "heartbeat_error": (obj, None), "extensions_etag": (text(), None)})
+            "heartbeat_error": (obj, None), "extensions_etag": (text(), None),
+            "deployment_etag": (text(), None)})
 
 
 # --- work items (work.py has the kinds' models and what each means) ---------------------

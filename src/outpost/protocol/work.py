@@ -203,6 +203,8 @@ class PollAnswer(Wire):
     # poll ends early, without items, when a change of the machine's own goal makes them
     # differ (docs/extensions.md, "How agents learn their goals").
     extensions_etag: str | None = None
+    # Likewise the machine's deployment etag, when the poll sent the one its agent holds.
+    deployment_etag: str | None = None
 
 
 def parse_item(raw: dict[str, Any], model: type[Wire] | None = None) -> WorkItem:

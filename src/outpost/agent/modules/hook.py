@@ -76,6 +76,15 @@ class Modules:
         """Something to report besides a module's state (the message hub's counters)."""
         self._dirty.set()
 
+    @property
+    def poll_etag(self) -> str:
+        """The etag the long-poll sends: the hub's last heard, else that of the deployment
+        applied ("" for none), so the poll ends when the machine's deployment changes."""
+        if self.wanted is not None:
+            return self.wanted
+        doc = self.supervisor.doc
+        return doc.etag if doc is not None else ""
+
     def note_etag(self, etag: str) -> None:
         """A heartbeat's ``deployment_etag``: fetch when it is not the one applied."""
         self.wanted = etag

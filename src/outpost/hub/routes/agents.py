@@ -106,7 +106,8 @@ async def stopping(signed: Machine, hub: HubDep) -> dict[str, Any]:
 async def poll(request: Request, hub: HubDep,
                wait: Annotated[float, Query(ge=0, le=300)] = 25.0,
                capacity: Annotated[int, Query(ge=0, le=256)] = 0,
-               extensions_etag: Annotated[str | None, Query(max_length=128)] = None
+               extensions_etag: Annotated[str | None, Query(max_length=128)] = None,
+               deployment_etag: Annotated[str | None, Query(max_length=128)] = None
                ) -> dict[str, Any]:
     """Hold until work for this machine appears.
 
@@ -116,23 +117,29 @@ async def poll(request: Request, hub: HubDep,
     answer (``heartbeat``), so an idle agent needs one request per poll, not two.
     ``extensions_etag``, the etag of the goals the agent was last told of: the poll also
     ends, with no item and the new etag, when the machine's goals change (woken by a change
-    of its own goal).
+    of its own goal). ``deployment_etag`` likewise for the machine's deployment (woken by
+    a deployment aimed at the machine itself).
 
     The hub serves this path without the web framework (``lean.py``); this route declares
     it in the OpenAPI schema and answers the same way.
     """
     signed = await signed_machine(request)  # after the query's check (see deps.Machine)
-    return await poll_answer(request, hub, signed, wait, capacity, extensions_etag)
+    return await poll_answer(request, hub, signed, wait, capacity, extensions_etag,
+                             deployment_etag)
 
 
 async def poll_answer(request: Request, hub: Hub, signed: Signed, wait: float,
-                      capacity: int, extensions_etag: str | None) -> dict[str, Any]:
+                      capacity: int, extensions_etag: str | None,
+                      deployment_etag: str | None = None) -> dict[str, Any]:
     """The long-poll of ``signed``'s machine, its parameters checked."""
     row = signed.machine
     beat = parse(PollRequest, signed.body).heartbeat if signed.body.strip() else None
 
     async def done() -> bool:
         if await request.is_disconnected():
+            return True
+        if deployment_etag is not None and \
+                await hub.deployments.etag(row) != deployment_etag:
             return True
         return extensions_etag is not None and \
             await hub.extensions.etag(row) != extensions_etag
@@ -154,6 +161,8 @@ async def poll_answer(request: Request, hub: Hub, signed: Signed, wait: float,
     answer: dict[str, Any] = {"items": items}
     if extensions_etag is not None:
         answer["extensions_etag"] = await hub.extensions.etag(row)
+    if deployment_etag is not None:
+        answer["deployment_etag"] = await hub.deployments.etag(row)
     if recording is None:
         return answer
     try:

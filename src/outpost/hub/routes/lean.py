@@ -49,6 +49,7 @@ class PollQuery(BaseModel):
     wait: float = Field(25.0, ge=0, le=300)
     capacity: int = Field(0, ge=0, le=256)
     extensions_etag: str | None = Field(None, max_length=128)
+    deployment_etag: str | None = Field(None, max_length=128)
 
 
 def _query(scope: Scope) -> PollQuery:
@@ -102,7 +103,8 @@ async def poll(scope: Scope, receive: Receive, send: Send) -> None:
         query = _query(scope)
         signed = await signed_machine(request)
         return await poll_answer(request, hub_of(request), signed, query.wait,
-                                 query.capacity, query.extensions_etag)
+                                 query.capacity, query.extensions_etag,
+                                 query.deployment_etag)
 
     await _answer(request, send, work)
 
