@@ -36,9 +36,9 @@ from outpost.protocol.extensions import NAME_RE
 
 from . import notify, packages
 from .config import random_id
-from .db import deployments, groups, machines, module_packages, module_reports
+from .db import deployments, machines, module_packages, module_reports
 from .extension_goals import AccountCache, version_key
-from .machines import wake_named
+from .machines import target_name, wake_named
 
 log = logging.getLogger("outpost.hub.deployments")
 
@@ -226,15 +226,7 @@ class Deployments:
     # --- deployments ------------------------------------------------------------------
     async def _target(self, conn: AsyncConnection, account_id: str, kind: str,
                       target: str) -> str:
-        if kind == "machine":
-            name = await conn.scalar(sa.select(machines.c.name).where(
-                machines.c.account_id == account_id,
-                sa.or_(machines.c.name == target, machines.c.id == target)))
-        else:
-            name = await conn.scalar(sa.select(machines.c.group_name).where(
-                machines.c.account_id == account_id, machines.c.group_name == target
-            ).limit(1)) or await conn.scalar(sa.select(groups.c.name).where(
-                groups.c.account_id == account_id, groups.c.name == target))
+        name = await target_name(conn, account_id, kind, target)
         if name is None:
             raise OutpostError("deployment_target_unknown", f"Cannot aim a deployment at "
                                f"{kind} '{target}': this account has none by that name.",

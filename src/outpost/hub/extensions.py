@@ -37,10 +37,10 @@ from outpost.protocol.signing import b64, unb64
 
 from . import notify, packages
 from .config import random_id
-from .db import extension_goals, extension_packages, extension_retries, groups, machines
+from .db import extension_goals, extension_packages, extension_retries, machines
 from .extension_goals import Goal, GoalCache, Published, load, version_key
 from .groups import USER_RE
-from .machines import wake_named
+from .machines import target_name, wake_named
 from .vault import Vault
 
 log = logging.getLogger("outpost.hub.extensions")
@@ -209,15 +209,7 @@ class Extensions:
                       target: str) -> str:
         """The name a goal is stored under: a machine's name (given its name or id), or a
         group's name; E9007 when the account has no such machine or group."""
-        if kind == "machine":
-            name = await conn.scalar(sa.select(machines.c.name).where(
-                machines.c.account_id == account_id,
-                sa.or_(machines.c.name == target, machines.c.id == target)))
-        else:
-            name = await conn.scalar(sa.select(machines.c.group_name).where(
-                machines.c.account_id == account_id, machines.c.group_name == target
-            ).limit(1)) or await conn.scalar(sa.select(groups.c.name).where(
-                groups.c.account_id == account_id, groups.c.name == target))
+        name = await target_name(conn, account_id, kind, target)
         if name is None:
             raise OutpostError("ext_target_unknown", f"Cannot set an extension on {kind} "
                                f"'{target}': this account has none by that name.",

@@ -7,14 +7,14 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from outpost.protocol.errors import ALREADY_REGISTERED_TEXT, OutpostError
 from outpost.protocol.models import Heartbeat, RegisterRequest
 
 from . import notify
 from .config import random_id
-from .db import accounts, machines, nonces, work_items
+from .db import accounts, groups, machines, nonces, work_items
 from .heartbeats import record as write_heartbeat
 
 GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -270,3 +270,20 @@ async def wake_named(engine: AsyncEngine, account_id: str, name: str) -> None:
             machines.c.account_id == account_id, machines.c.name == name))
     if found is not None:
         notify.of(engine).wake_committed(notify.machine(str(found)))
+
+
+async def target_name(conn: AsyncConnection, account_id: str, kind: str,
+                      target: str) -> str | None:
+    """The name a goal or a deployment is stored under: a machine's name (given its name or
+    id), or a group's name (a group some machine is in, or one with settings); None when the
+    account has no such machine or group."""
+    if kind == "machine":
+        name = await conn.scalar(sa.select(machines.c.name).where(
+            machines.c.account_id == account_id,
+            sa.or_(machines.c.name == target, machines.c.id == target)))
+    else:
+        name = await conn.scalar(sa.select(machines.c.group_name).where(
+            machines.c.account_id == account_id, machines.c.group_name == target
+        ).limit(1)) or await conn.scalar(sa.select(groups.c.name).where(
+            groups.c.account_id == account_id, groups.c.name == target))
+    return None if name is None else str(name)

@@ -48,6 +48,15 @@ Step = Literal["download", "verify", "unpack", "install", "enable", "disable", "
 HandlerStatus = Literal["transitioning", "success", "warning", "error"]
 
 
+def inside_package(value: str) -> str:
+    """``value`` when it is a relative path inside a package (no '..'), else ValueError."""
+    parts = value.split("/")
+    if value.startswith("/") or ".." in parts or "\\" in value or "\x00" in value:
+        raise ValueError(f"'{value}' is not a path inside the package: give a relative "
+                         "path without '..'")
+    return value
+
+
 class Command(Wire):
     """A program inside the package, run with its arguments."""
 
@@ -60,11 +69,7 @@ class Command(Wire):
     @field_validator("run")
     @classmethod
     def _inside(cls, value: str) -> str:
-        parts = value.split("/")
-        if value.startswith("/") or ".." in parts or "\\" in value or "\x00" in value:
-            raise ValueError(f"'{value}' is not a path inside the package: give a relative "
-                             "path without '..'")
-        return value
+        return inside_package(value)
 
 
 class Operation(Command):

@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from . import routes as routes_lang
 from .base import Wire
 from .errors import OutpostError
-from .extensions import NAME_RE, VERSION_RE, Limits
+from .extensions import NAME_RE, VERSION_RE, Limits, inside_package
 from .readers import INT32_MAX
 
 MODULE_MANIFEST_NAME = "outpost-module.json"
@@ -69,11 +69,7 @@ class ModuleCommand(Wire):
     @field_validator("run")
     @classmethod
     def _inside(cls, value: str) -> str:
-        parts = value.split("/")
-        if value.startswith("/") or ".." in parts or "\\" in value or "\x00" in value:
-            raise ValueError(f"'{value}' is not a path inside the package: give a relative "
-                             "path without '..'")
-        return value
+        return inside_package(value)
 
 
 class ModulePackageManifest(Wire):
