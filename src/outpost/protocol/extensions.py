@@ -48,6 +48,14 @@ Step = Literal["download", "verify", "unpack", "install", "enable", "disable", "
 HandlerStatus = Literal["transitioning", "success", "warning", "error"]
 
 
+def check_version(value: str) -> str:
+    """``value`` when it is a version (numbers separated by dots), else ValueError."""
+    if not VERSION_RE.match(value):
+        raise ValueError(f"'{value}' is not a version: use numbers separated by dots, as "
+                         "1.2.3")
+    return value
+
+
 def inside_package(value: str) -> str:
     """``value`` when it is a relative path inside a package (no '..'), else ValueError."""
     parts = value.split("/")
@@ -127,10 +135,7 @@ class Manifest(Wire):
     @field_validator("version", "min_agent_version")
     @classmethod
     def _version(cls, value: str) -> str:
-        if not VERSION_RE.match(value):
-            raise ValueError(f"'{value}' is not a version: use numbers separated by dots, "
-                             "as 1.2.3")
-        return value
+        return check_version(value)
 
     @field_validator("handlers")
     @classmethod

@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from . import routes as routes_lang
 from .base import Wire
 from .errors import OutpostError
-from .extensions import NAME_RE, VERSION_RE, Limits, inside_package
+from .extensions import NAME_RE, Limits, check_version, inside_package
 from .readers import INT32_MAX
 
 MODULE_MANIFEST_NAME = "outpost-module.json"
@@ -89,10 +89,7 @@ class ModulePackageManifest(Wire):
     @field_validator("version")
     @classmethod
     def _version(cls, value: str) -> str:
-        if not VERSION_RE.match(value):
-            raise ValueError(f"'{value}' is not a version: use numbers separated by dots, "
-                             "as 1.2.3")
-        return value
+        return check_version(value)
 
 
 class PackageRef(Wire):
