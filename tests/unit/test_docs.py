@@ -36,6 +36,11 @@ def test_systemd_units_start_the_real_commands() -> None:
     assert "outpost hub run --data-dir" in hub
     for unit in (agent, hub):
         assert "RestartPreventExitStatus=2" in unit
+    # The agent's modules outlive it (adopted by the next agent): systemd must signal the
+    # agent alone, in the packaged unit and in the one the install line writes.
+    installed = (ROOT / "src" / "outpost" / "hub" / "agent_install.sh").read_text()
+    for unit in (agent, installed):
+        assert "\nKillMode=process\n" in unit
 
 
 def test_every_dependency_has_an_upper_bound() -> None:

@@ -137,6 +137,8 @@ After=network-online.target
 Type=simple
 ExecStart=$run_command
 KillSignal=SIGTERM
+# Only the agent: its modules outlive it and the next agent adopts them (docs/modules.md).
+KillMode=process
 TimeoutStopSec=30
 Restart=always
 RestartSec=5
