@@ -138,7 +138,7 @@ def test_kill_9_backs_off_doubling_then_failed_until_restarted(
         seen = time.monotonic()
         pid = _running_again(agent, "crash", pid)["pid"]
         gaps.append(time.monotonic() - seen)
-    for wait, gap in zip((0.2, 0.4, 0.8, 1.0), gaps):
+    for wait, gap in zip((0.2, 0.4, 0.8, 1.0), gaps, strict=True):
         assert wait - 0.05 <= gap <= wait + 0.6, gaps
     assert gaps[1] > 1.5 * gaps[0] and gaps[2] > 1.5 * gaps[1], gaps
     took, m = _kill_and_see(agent, "crash", pid, "failed")
