@@ -85,21 +85,35 @@ SLEEP = '    command: ["/bin/sleep", "3600"]\n'
 
 def test_deploy_to_a_group_rollout_wait_and_status_agree(hub: Hub, tmp_path: Path,
                                                          started: list[Agent]) -> None:
+    from tests.deploybuild import module_package
+
+    archive = tmp_path / "pkg.tar.gz"
+    archive.write_bytes(module_package("pkg", "1.0.0"))
+    assert hub.cli("module", "publish", str(archive)).returncode == 0
     agent = _agent(hub, tmp_path, started, "g1", "edge")
-    _deploy(hub, tmp_path, "main", "modules:\n  s:\n" + SLEEP, "--group", "edge")
+    _deploy(hub, tmp_path, "main", "modules:\n  s:\n" + SLEEP
+            + "  p:\n    package: {name: pkg}\n", "--group", "edge")
     waited = _json(hub.cli("deployment", "rollout", "main", "--wait", "30", "--json"))
     assert waited["complete"] is True, waited
     machine = waited["machines"][0]
     assert (machine["machine"], machine["status"]) == ("g1", "applied"), waited
-    assert [(x["name"], x["state"]) for x in machine["modules"]] == [("s", "running")]
-    pid = machine["modules"][0]["pid"]
-    assert pid and os.path.exists(f"/proc/{pid}")
+    rows = {x["name"]: x for x in machine["modules"]}
+    assert {n: x["state"] for n, x in rows.items()} == {"s": "running", "p": "running"}
+    assert rows["p"]["version"] == "1.0.0"
+    for row in rows.values():
+        assert row["pid"] and os.path.exists(f"/proc/{row['pid']}")
+    if os.geteuid() == 0:  # a root agent runs the modules as the unprivileged outpost-mod
+        import pwd
+
+        owner = os.stat(f"/proc/{rows['p']['pid']}").st_uid
+        assert pwd.getpwuid(owner).pw_name == "outpost-mod"
     shown = _json(hub.cli("machine", "show", "g1", "--json"))["deployment"]
     assert (shown["name"], shown["reason"], shown["modules"]) == ("main", None,
-                                                                 {"running": 1})
+                                                                 {"running": 2})
     local = _json(run_cli("agent", "status", "--state-dir", str(agent.state_dir), "--json"))
     mods = {m["name"]: m for m in local["modules"]["modules"]}
-    assert (mods["s"]["state"], mods["s"]["pid"]) == ("running", pid), local["modules"]
+    assert {n: (m["state"], m["pid"]) for n, m in mods.items()} == {
+        n: ("running", x["pid"]) for n, x in rows.items()}, local["modules"]
 
 
 def _kill_and_see(agent: Agent, module: str, pid: int, state: str) -> tuple[float, dict[str, Any]]:
@@ -126,9 +140,10 @@ def test_kill_9_backs_off_doubling_then_failed_until_restarted(
         module_sqlite_hub: Hub, tmp_path: Path, started: list[Agent]) -> None:
     hub = module_sqlite_hub
     agent = _agent(hub, tmp_path, started, "k1", "kill")
-    _deploy(hub, tmp_path, "kill", "modules:\n  crash:\n" + SLEEP
-            + "    backoff: {base_seconds: 0.2, cap_seconds: 1, max_restarts: 4}\n",
-            "--group", "kill")
+    text = ("modules:\n  crash:\n" + SLEEP
+            + "    backoff: {base_seconds: 0.2, cap_seconds: 1, max_restarts: 4}\n"
+            + "  once:\n" + SLEEP + "    backoff: {max_restarts: 0}\n")
+    _deploy(hub, tmp_path, "kill", text, "--group", "kill")
     pid = _wait_state(agent, "crash", "running")["pid"]
     gaps = []
     for count in range(1, 5):
@@ -148,14 +163,24 @@ def test_kill_9_backs_off_doubling_then_failed_until_restarted(
         "state"] == "failed" and r, 10, 0.1, "rollout failed")
     row = rolled["machines"][0]
     assert row["status"] == "failing" and row["modules"][0]["restart_count"] == 4, row
-    text = hub.cli("deployment", "rollout", "kill")
+    once = _wait_state(agent, "once", "running")["pid"]
+    took, m = _kill_and_see(agent, "once", once, "failed")
+    assert took < 1.0 and m["code"] == "E9169", m
+    table = hub.cli("deployment", "rollout", "kill").stdout
     for said in ("crash=failed (exit 137", "(SIGKILL)) restarts=4", "(E9169)"):
-        assert said in text.stdout, text.stdout
-    # ED-3: `outpost agent restart MODULE` clears it.
-    done = run_cli("agent", "restart", "crash", "--state-dir", str(agent.state_dir))
+        assert said in table, table
+    # ED-3: `outpost agent restart MODULE` clears that module only...
+    done = run_cli("agent", "restart", "once", "--state-dir", str(agent.state_dir))
     assert done.returncode == 0, done.stdout + done.stderr
+    m = _wait_state(agent, "once", "running")
+    assert m["restart_count"] == 0 and m["code"] is None, m
+    kept = m["pid"]
+    assert _mods(agent)["crash"]["state"] == "failed"
+    # ... and a new deployment clears every failed one, leaving the running ones be.
+    _deploy(hub, tmp_path, "kill", text, "--group", "kill")
     m = _wait_state(agent, "crash", "running")
     assert m["restart_count"] == 0 and m["code"] is None, m
+    assert _mods(agent)["once"]["pid"] == kept
 
 
 def test_failing_probes_make_modules_unhealthy_and_on_unhealthy_restarts(
