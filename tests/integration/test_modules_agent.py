@@ -194,16 +194,19 @@ def test_failing_probes_make_modules_unhealthy_and_on_unhealthy_restarts(
             + f"    health: {{http: 'http://127.0.0.1:{port}/', interval_seconds: 0.2, "
             "failures: 2, timeout_seconds: 1}\n"
             "  cmd:\n" + SLEEP + "    restart_policy: on-unhealthy\n"
-            "    backoff: {base_seconds: 0.2, cap_seconds: 1}\n"
+            "    backoff: {base_seconds: 1, cap_seconds: 1}\n"
             "    health: {command: ['/bin/sh', '-c', 'echo probe says no; exit 1'], "
             "interval_seconds: 0.2, failures: 2}\n", "--group", "health")
     web = _wait_state(agent, "web", "unhealthy")
     assert web["code"] == "E9170" and str(port) in web["reason"], web
     first = wait_until(lambda: _mods(agent).get("cmd", {}).get("pid"), 10, 0.02, "cmd pid")
-    wait_until(lambda: _mods(agent)["cmd"]["restart_count"] >= 1, 10, 0.02, "cmd restarted")
+    m = wait_until(lambda: (x := _mods(agent)["cmd"])["state"] == "backoff" and x, 10, 0.02,
+                   "cmd stopped for its probe")  # its backoff: 1 s before the restart
+    assert m["restart_count"] == 1 and m["code"] == "E9170", m
+    assert "probe says no" in (m["reason"] or ""), m
     assert not os.path.exists(f"/proc/{first}") or _stat_state(first) == "Z"
-    m = _mods(agent)["cmd"]
-    assert m["code"] == "E9170" and "probe says no" in (m["reason"] or ""), m
+    wait_until(lambda: _mods(agent)["cmd"]["pid"] not in (None, first), 10, 0.02,
+               "cmd started again")
     assert _mods(agent)["web"]["restart_count"] == 0  # policy always: left running
 
 
