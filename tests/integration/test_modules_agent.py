@@ -280,6 +280,33 @@ def test_a_refused_package_says_403_and_points_at_package_and_credentials(
     assert "returned 403" in refused.message and "secret 1.0.0" in refused.message
     assert "credentials" in refused.message and "package" in refused.message
 
+    # The agent's supervisor over that channel: the module waits its backoff, its reason
+    # naming it, the package and the status (what rollout and `outpost check` then show).
+    async def supervised() -> Any:
+        from outpost.agent.modules.supervisor import Supervisor
+        from outpost.protocol.modules import DeploymentDoc
+
+        client = client_for(state, reg, Clock())
+        sup = Supervisor(agent.state_dir, HttpChannel(client), tmp_path / "hub.sock")
+        try:
+            await sup.start()
+            await sup.apply(DeploymentDoc.model_validate({
+                "deployment": "stale", "version": 1, "etag": "e", "manifest": {"modules": {
+                    "sec": {"package": {"name": "secret", "version": "1.0.0"},
+                            "backoff": {"base_seconds": 5}}}}}))
+            for _ in range(200):
+                found = {m.name: m for m in sup.statuses()}["sec"]
+                if found.state == "backoff":
+                    return found
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"no backoff: {found}")
+        finally:
+            await sup.close()
+            await client.aclose()
+    module = asyncio.run(supervised())
+    assert module.code == "E9165" and "of module sec" in (module.reason or ""), module
+    assert "returned 403" in (module.reason or "") and "credentials" in (module.reason or "")
+
 
 def test_no_deployment_is_explained_and_dns_reaches_the_module(
         module_sqlite_hub: Hub, tmp_path: Path, started: list[Agent]) -> None:
