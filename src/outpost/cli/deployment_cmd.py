@@ -113,14 +113,35 @@ def deployment_show(name: Name, hub: Hub = None, token: Token = None,
             f"{m['winner']} (priority {m['winner_priority']})"] for m in shown["machines"]])
 
 
+def _exit_text(code: int) -> str:
+    """``exit 137 (SIGKILL)``: an exit code past 128 is the signal that ended it."""
+    if code > 128:
+        import signal
+
+        try:
+            return f"exit {code} ({signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
+    return f"exit {code}"
+
+
+def _module_cell(x: dict[str, Any]) -> str:
+    """One module of a rollout: its state, exit, restarts and, when it is not as wanted,
+    the reason (with its code)."""
+    text = f"{x['name']}={x['state']}"
+    if x.get("exit_code") is not None:
+        text += f" ({_exit_text(x['exit_code'])})"
+    if x.get("restart_count"):
+        text += f" restarts={x['restart_count']}"
+    if x.get("reason") and x.get("state") in ("failed", "backoff", "unhealthy", "starting"):
+        text += f": {x['reason']}" + (f" ({x['code']})" if x.get("code") else "")
+    return text
+
+
 def _rollout_table(rollout: dict[str, Any]) -> None:
     rows = []
     for m in rollout["machines"]:
-        modules = ", ".join(
-            f"{x['name']}={x['state']}" + (f" (exit {x['exit_code']})"
-                                          if x.get("exit_code") is not None else "")
-            + (f" restarts={x['restart_count']}" if x.get("restart_count") else "")
-            for x in m["modules"]) or "-"
+        modules = ", ".join(_module_cell(x) for x in m["modules"]) or "-"
         rows.append([m["machine"], m["status"], m["desired_version"] or "-",
                      m["reported_version"] if m["reported_version"] is not None else "-",
                      modules, m["error"] or ""])

@@ -407,7 +407,7 @@ class Deployments:
             applied = winner is not None and winner.name == d.name
             reported_version = body.get("version") if body.get("deployment") == d.name else None
             modules = [{k: mod.get(k) for k in (
-                "name", "state", "desired", "version", "exit_code", "restart_count",
+                "name", "state", "desired", "version", "pid", "exit_code", "restart_count",
                 "last_start_at", "last_exit_at", "next_try_at", "healthy", "reason", "code")}
                 for mod in body.get("modules") or []] if body.get("deployment") == d.name else []
             if not applied:

@@ -44,7 +44,8 @@ def package_refused(module: str, name: str, version: str, status: int,
     said = f" ({detail})" if detail else ""
     return OutpostError(
         "module_package_refused",
-        f"The package {name} {version} of module {module} could not be downloaded: the hub "
+        f"The package {name} {version}{f' of module {module}' if module else ''} could not "
+        "be downloaded: the hub "
         f"returned {status}{said}; {why}.",
         module=module, name=name, version=version, status=status)
 

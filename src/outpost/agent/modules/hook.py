@@ -33,7 +33,8 @@ from .supervisor import TREE, Supervisor
 
 log = logging.getLogger("outpost.agent.modules")
 
-REPORT_EVERY = 1.0  # seconds: state changes within it go in one report
+REPORT_EVERY = 1.0  # seconds: at most one report of state changes in this time
+REPORT_SETTLE = 0.1  # seconds a first change waits for the changes that come with it
 COUNTERS_EVERY = 10.0  # seconds: the message counters are reported at most this often
 FETCH_BACKOFF = (1.0, 60.0)  # the first wait after a failed fetch, and its cap
 CONTROL = "control.sock"
@@ -124,6 +125,7 @@ class Modules:
     async def report_loop(self) -> None:
         wait = FETCH_BACKOFF[0]
         reported: Any = None  # the message counters last reported
+        sent = -REPORT_EVERY  # monotonic time of the last report
         while True:
             # A module's change is reported within REPORT_EVERY; the message counters,
             # which change with every message, at most every COUNTERS_EVERY.
@@ -132,7 +134,11 @@ class Modules:
             counters = self.counters() if self.counters is not None else None
             if not self._dirty.is_set() and counters == reported:
                 continue
-            await asyncio.sleep(REPORT_EVERY)
+            # A change after a quiet spell goes out at once (the modules a deployment
+            # started together in one report); changes that follow it wait out the rest of
+            # REPORT_EVERY, so a module that flaps costs one report a second.
+            await asyncio.sleep(max(REPORT_SETTLE, sent + REPORT_EVERY - time.monotonic()))
+            sent = time.monotonic()
             self._dirty.clear()
             if self.supervisor.doc is None:
                 continue

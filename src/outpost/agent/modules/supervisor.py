@@ -89,6 +89,17 @@ def spec_hash(spec: ModuleSpec) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
+def _ended(code: int | None) -> str:
+    """How a module's process ended, for its reason: ``it was killed by SIGKILL (exit
+    137)`` names the signal behind an exit code past 128."""
+    if code is None:
+        return "it exited with an unknown status (adopted)"
+    if code > 128:
+        with contextlib.suppress(ValueError):
+            return f"it was killed by {signal.Signals(code - 128).name} (exit {code})"
+    return f"it exited with {code}"
+
+
 _DONE: Any = object()  # the task of a module that is not to run
 
 
@@ -351,8 +362,7 @@ class Supervisor:
             if ended_by_probe:
                 why, code_name = m.reason or "its health probe failed", m.code
             else:
-                said = "an unknown status (adopted)" if code is None else str(code)
-                why, code_name = f"it exited with {said}", None
+                why, code_name = _ended(code), None
                 policy = spec.restart_policy
                 if policy == "never" or (policy in ("on-failure", "on-unhealthy")
                                          and code == 0):
