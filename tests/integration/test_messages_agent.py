@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.nats_sub import Subscriber
-from tests.support import Agent, Hub, free_port, registered_agent, wait_until
+from tests.support import Agent, Hub, free_port, registered_agent, run_cli, wait_until
 from tests.tcp_proxy import TcpProxy
 
 MSGMODULE = Path(__file__).resolve().parents[1] / "msgmodule.py"
@@ -216,6 +216,10 @@ def test_two_modules_on_a_real_agent_route_filter_refuse_and_count(
             "upstream_queued": 0, "rejected_identity": 0}
     wait_until(lambda: {k: edge.counters()[k] for k in want} == want, 10, 0.2,
                "the agent's counters")
+    shown = run_cli("agent", "status", "--state-dir", str(edge.agent.state_dir), "--json")
+    assert shown.returncode == 0, shown.stderr
+    messages = json.loads(shown.stdout)["modules"]["messages"]
+    assert {k: messages[k] for k in want} == want, messages
 
     def reported() -> dict[str, Any] | None:
         done = hub.cli("deployment", "rollout", edge.name, "--json")
