@@ -448,3 +448,31 @@ def test_constrained_mode_end_to_end(
         assert filt.ask(op="send", output="alerts", body=f"a{i}") == {"ok": True}
     wait_until(lambda: edge.counters()["upstream_sent"] == 60, 30, 0.3, "the alerts sent")
     assert edge.bodies() == [f"a{i}" for i in range(60)]
+
+
+def test_new_routes_apply_to_running_modules_without_a_restart(
+        sqlite_hub: Hub, tmp_path: Path, agents: list[Agent], edges: list[Edge]) -> None:
+    hub = sqlite_hub
+    edge = deploy(hub, tmp_path, agents, ["sensor", "filter"], ROUTES)
+    edges.append(edge)
+    sensor, filt = edge.modules["sensor"], edge.modules["filter"]
+    assert sensor.ask(op="send", output="humidity", body="h1")["status"] == 404
+
+    def pids() -> dict[str, int]:
+        status = edge.agent.status()
+        assert status is not None
+        return {m["name"]: m["pid"] for m in status["modules"]["modules"]}
+    before = pids()
+    path = tmp_path / f"{edge.name}.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    manifest["routes"]["wet"] = ('FROM /messages/modules/sensor/outputs/humidity '
+                                 'INTO BrokeredEndpoint("/modules/filter/inputs/wet")')
+    path.write_text(yaml.safe_dump(manifest))
+    made = hub.cli("deployment", "create", edge.name, str(path), "--machine", edge.name)
+    assert made.returncode == 0 and "version 2" in made.stdout, made.stdout + made.stderr
+    wait_until(lambda: (edge.agent.status() or {})["modules"]["version"] == 2, 20, 0.2,
+               "version 2 applied")
+    assert sensor.ask(op="send", output="humidity", body="h2") == {"ok": True}
+    got = filt.ask(op="recv", timeout=10)
+    assert (got["input"], got["body"]) == ("wet", "h2"), got
+    assert pids() == before  # the same processes, the same connections
