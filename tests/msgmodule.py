@@ -10,6 +10,9 @@ stdin, answering one JSON line on stdout:
     {"op": "flood", "output": O, "count": N} -> sends N numbered messages, printing
                                                 {"acked": i} after each
 
+``msgmodule.py tcp PORT`` takes the same commands over TCP connections to 127.0.0.1:PORT
+(a module started by a real agent).
+
 ``msgmodule.py aio`` is a module on the asyncio client: it answers calls of ``echo``, sends
 ``aio`` on ``out``, prints {"ready": true} and the first message it receives, then serves
 calls until stdin closes. ``msgmodule.py raw NAME`` instead speaks the wire by hand: hello
@@ -29,8 +32,15 @@ from pathlib import Path
 from typing import Any
 
 
-def _module() -> None:
+def _module(lines: Any = None, out: Any = None) -> None:
     from outpost.modules import IdentityRefused, ModuleClient, Refused
+
+    lines = sys.stdin if lines is None else lines
+    out = sys.stdout if out is None else out
+
+    def print(text: str, flush: bool = True) -> None:  # noqa: A001 - one line to `out`
+        out.write(text + "\n")
+        out.flush()
 
     try:
         client = ModuleClient(backoff_cap=0.2)
@@ -38,7 +48,7 @@ def _module() -> None:
         print(json.dumps({"refused": exc.status, "reason": exc.reason}), flush=True)
         return
     print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
+    for line in lines:
         asked: dict[str, Any] = json.loads(line)
         op = asked["op"]
         if op == "send":
@@ -76,6 +86,17 @@ def _module() -> None:
             answer = {"unknown": op}
         print(json.dumps(answer), flush=True)
     client.close()
+
+
+def _tcp(port: int) -> None:
+    """The same commands over a TCP connection on 127.0.0.1:PORT, for a module the agent
+    started (its stdin is not the test's): one connection at a time, each with its own
+    client, so a test may connect, drive and hang up."""
+    listener = socket.create_server(("127.0.0.1", port))
+    while True:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("r") as lines, conn.makefile("w") as out:
+            _module(lines, out)
 
 
 def _raw(name: str, path: str) -> None:
@@ -143,6 +164,8 @@ def _server(state: str, path: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "raw":
         _raw(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "tcp":
+        _tcp(int(sys.argv[2]))
     elif len(sys.argv) > 1 and sys.argv[1] == "aio":
         _aio()
     elif len(sys.argv) > 1 and sys.argv[1] == "server":

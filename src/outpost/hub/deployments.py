@@ -427,7 +427,9 @@ class Deployments:
                 "error": body.get("error"),
                 "fetched_at": report.fetched_at if report is not None else None,
                 "reported_at": report.reported_at if report is not None else None,
-                "modules": modules})
+                "modules": modules,
+                # The local message hub's counters, as the agent last reported them.
+                "messages": body.get("messages") if body.get("deployment") == d.name else None})
         return {"name": d.name, "version": d.version, "machines": found,
                 "complete": all(f["status"] in ("applied", "superseded") for f in found)}
 

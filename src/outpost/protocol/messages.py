@@ -195,6 +195,7 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ('module_user_unavailable', "The module {} cannot run as '{}': {}"),
     ('module_version_exists', 'Module package {} {} is already published with other content (SHA-256 {}, not {}).'),
     ('msg_call_timeout', 'The module {} did not answer the call of {} within {} s.'),
+    ('msg_module_not_connected', "The module {} is not connected to the agent's message hub (this machine runs no modules)."),
     ('msg_module_not_connected', "The module {} is not connected to the agent's message hub."),
     ('msg_socket_unavailable', "The modules' message socket cannot be made at {}: a socket path is at most {} bytes."),
     ('msg_socket_unavailable', "The modules' message socket cannot be made at {}: {}."),
