@@ -177,7 +177,7 @@ def test_start_order_waits_for_a_healthy_lower_order(machine: Machine) -> None:
                     health={"command": [SH, "-c", f"test -f {ready}"],
                             "interval_seconds": 0.1, "failures": 100}),
             "b": sh(f'echo "b $(id -un)" >> {trace}; cat /proc/self/cgroup >> {trace}; '
-                    'exec sleep 300', order=1),
+                    f'echo end >> {trace}; exec sleep 300', order=1),
         }))
         await until(lambda: trace.exists(), what="a started")
         await asyncio.sleep(0.5)
@@ -189,7 +189,8 @@ def test_start_order_waits_for_a_healthy_lower_order(machine: Machine) -> None:
         ready.touch()
         await until(lambda: running_pid(sup, "b"), what="b running once a is healthy")
         assert status(sup, "a").healthy is True
-        await until(lambda: trace.read_text().count("\n") >= 2, what="b wrote")
+        # Everything b writes, its control groups included (read only once it is all there).
+        await until(lambda: trace.read_text().endswith("end\n"), what="b wrote")
         lines = trace.read_text().splitlines()
         user = "outpost-mod" if ROOT else pwd.getpwuid(os.getuid()).pw_name
         assert lines[0] == f"a {user} a {machine.shared / 'hub.sock'} x1"

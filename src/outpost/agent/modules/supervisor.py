@@ -436,8 +436,12 @@ class Supervisor:
                                     stdout=logfd, stderr=logfd, start_new_session=True,
                                     close_fds=True, preexec_fn=preexec)
         except OSError as exc:
+            # Name the file (the program, or an interpreter its #! line names) that the
+            # module's user could not run or find.
+            where = f" ({exc.filename})" if exc.filename else ""
             raise OutpostError("module_start_failed", f"The module {m.name} could not be "
-                               f"started: {exc.strerror or exc}.", module=m.name) from None
+                               f"started: {exc.strerror or exc}{where}.", module=m.name,
+                               path=exc.filename) from None
         except subprocess.SubprocessError as exc:
             raise OutpostError("module_start_failed", f"The module {m.name} could not be "
                                f"started: {exc}.", module=m.name) from None
