@@ -66,6 +66,7 @@ class HubThread:
 
     def __init__(self, root: Path, manifest: str = MANIFEST, upstream_fn: Any = None) -> None:
         self.pids: dict[int, str] = {}
+        self.modules: list[Module] = []  # closed with the hub, even after a failure
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -81,6 +82,8 @@ class HubThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        for module in self.modules:
+            module.close()
         self.run(self.hub.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -95,6 +98,7 @@ class Module:
         env = dict(os.environ, OUTPOST_MODULE_SOCKET=str(hub.path), OUTPOST_MODULE_NAME=name)
         self.proc = subprocess.Popen([sys.executable, MODULE, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
+        hub.modules.append(self)
         if known:
             hub.pids[self.proc.pid] = name
         self.first = self.line()
@@ -112,7 +116,10 @@ class Module:
         return self.line()
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
+        if self.proc.returncode is not None and self.proc.stdout is not None \
+                and self.proc.stdout.closed:
+            return  # closed already
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()
         try:
             self.proc.wait(5)
@@ -381,6 +388,7 @@ def test_a_direct_call_is_answered_or_times_out(hub: HubThread) -> None:
 def test_a_module_connects_again_when_the_agent_restarts(tmp_path: Path) -> None:
     first = HubThread(tmp_path)
     sensor = Module(first, "sensor")
+    first.modules.remove(sensor)  # it outlives the first agent
     hot = {"temperature": 35, "unit": "C"}
     try:
         assert sensor.ask(op="send", output="temp", body="before", properties=hot) == {
@@ -389,6 +397,7 @@ def test_a_module_connects_again_when_the_agent_restarts(tmp_path: Path) -> None
         first.close()
     second = HubThread(tmp_path)
     second.pids.update(first.pids)
+    second.modules.append(sensor)
     try:
         # The send waits for the new agent (the client connects again with a backoff).
         assert sensor.ask(op="send", output="temp", body="after", properties=hot) == {

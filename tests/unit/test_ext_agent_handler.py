@@ -78,8 +78,10 @@ def test_cancelling_a_run_ends_its_whole_process_group(tmp_path: Path) -> None:
             tmp_path, f"sleep 300 & echo $! >> {pids}; echo $$ >> {pids}; sleep 300",
             timeout=300)))
         deadline = time.monotonic() + 60  # a loaded machine starts processes slowly
-        while (not pids.exists() or len(pids.read_text().split()) < 2) and \
-                time.monotonic() < deadline:
+        # The command may write its pids before run() has noted it as running (its start
+        # returns to run() only after the child is under way): wait for both.
+        while (not pids.exists() or len(pids.read_text().split()) < 2
+               or not handler.running) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         assert pids.exists() and len(pids.read_text().split()) == 2, "the command never ran"
         assert list(handler.running.values()) == ["extension backup 1.2.0: snapshot"]

@@ -325,5 +325,7 @@ class Uploader:
             accepted = min(ack.accepted_through, records[-1]["seq"])
             before = self.store.acked
             self.store.dropped_expired -= batch.dropped_expired
-            self.store.release(through if accepted >= records[-1]["seq"] else accepted)
+            # Counted before the store lets them go: a reader of the counters (another
+            # thread's, in tests) never sees a message neither queued nor sent.
             self.sent += sum(1 for r in records if before < r["seq"] <= accepted)
+            self.store.release(through if accepted >= records[-1]["seq"] else accepted)

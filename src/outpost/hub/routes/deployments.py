@@ -120,6 +120,7 @@ class RolloutModule(View):
     state: str | None
     desired: str | None
     version: str | None
+    pid: int | None = None
     exit_code: int | None
     restart_count: int | None
     last_start_at: float | None
@@ -146,6 +147,9 @@ class RolloutMachine(View):
     fetched_at: float | None
     reported_at: float | None
     modules: list[RolloutModule]
+    messages: dict[str, int] | None = Field(default=None, description=(
+        "The machine's local message hub counters as its agent last reported them "
+        "(MessageCounters), for this deployment."))
 
 
 class Rollout(View):
