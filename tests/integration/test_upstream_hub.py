@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from tests import mqtt_sub
 from tests.nats_sub import Subscriber
 from tests.support import (OUTPOST, Hub, clean_env, machine_calls, run_cli, wait_until,
                            zygote)
@@ -107,6 +108,69 @@ def test_forwarding_to_nats_resumes_from_the_cursor(new_hub: Hub, tmp_path: Path
         assert seqs_of(sub) == list(range(120, 125))
     finally:
         sub.close()
+
+
+def test_forwarding_to_mqtt_keeps_order_and_properties_and_resumes(
+        sqlite_hub: Hub, tmp_path: Path) -> None:
+    """The same guarantees through an MQTT 5 broker (the real Mosquitto on 1883): QoS 1,
+    the cursor moved only by PUBACKs, properties as user properties."""
+    topic = f"t{uuid.uuid4().hex[:10]}"
+    hub = sqlite_hub
+    hub.stop()
+    with tcp_proxy(("127.0.0.1", 1883)) as proxy:
+        configure(hub, {"mqtt": f"mqtt://127.0.0.1:{proxy.port}",
+                        "topic": topic + "/{machine}/{module}/{output}"})
+        hub.start()
+        sub = mqtt_sub.Subscriber(f"{topic}/#")
+        try:
+            call = machine_calls(hub, tmp_path / "m1", "edge/1")
+            assert call("POST", "/v1/agent/messages", batch(range(0, 40))) == {
+                "accepted_through": 39}
+            wait_until(lambda: len(sub.messages) >= 40, 15, 0.05, "40 messages on MQTT")
+            seqs = [int(m.properties["Outpost-Seq"]) for m in sub.messages]
+            assert seqs == list(range(40))
+            first = sub.messages[0]
+            # '/' in a name would make another topic level: it is replaced.
+            assert first.topic == f"{topic}/edge_1/sensor/temp"
+            assert first.body == b"0"
+            assert first.properties["unit"] == "C" and first.properties["n"] == "0"
+            assert first.properties["Outpost-Machine"] == "edge/1"
+            assert first.properties["Correlation-Id"] == "c0"
+            assert "Nats-Msg-Id" not in first.properties
+            state = check(hub)
+            assert state["result"] == "ok" and "mqtt://" in json.dumps(state), state
+
+            proxy.cut()
+            assert call("POST", "/v1/agent/messages", batch(range(40, 90))) == {
+                "accepted_through": 89}
+            wait_until(lambda: check(hub)["result"] in ("warning", "error"), 20, 0.3,
+                       "hub check to see the failing forwarding")
+            assert len(sub.messages) == 40
+            proxy.restore()
+            wait_until(lambda: len({m.properties["Outpost-Seq"] for m in sub.messages})
+                       >= 90, 30, 0.1, "the rest forwarded once the broker is back")
+            got = [int(m.properties["Outpost-Seq"]) for m in sub.messages]
+            assert list(dict.fromkeys(got)) == list(range(90))  # in order, at least once
+            wait_until(lambda: check(hub)["result"] == "ok", 10, 0.3, "hub check ok")
+        finally:
+            sub.close()
+
+
+def test_a_forward_setting_names_one_broker(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from outpost.hub.config import MessageForward
+
+    for bad in ({}, {"nats": "nats://127.0.0.1:4222", "mqtt": "mqtt://127.0.0.1:1883"},
+                {"mqtt": "tcp://127.0.0.1:1883"}, {"mqtt": "mqtt://h:1883", "topic": "a/#"},
+                {"mqtt": "mqtt://h:1883", "topic": "a/{nope}"}):
+        try:
+            MessageForward.model_validate(bad)
+        except ValidationError:
+            continue
+        raise AssertionError(f"{bad} was taken")
+    assert MessageForward(mqtt="mqtt://h:1883").target == "mqtt"
+    assert MessageForward(nats="nats://h:4222").url == "nats://h:4222"
 
 
 def test_cli_tail_follow_and_call(module_hub: Hub, tmp_path: Path) -> None:

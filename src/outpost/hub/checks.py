@@ -308,17 +308,17 @@ async def message_forwarding(ctx: HubContext) -> Outcome:
     settings = ctx.config.messages.forward if ctx.config is not None else None
     if settings is None:
         return ok("not configured (messages.forward in hub.yaml)")
-    state = await messages.forwarding_state(ctx.engine)
+    state = await messages.forwarding_state(ctx.engine, settings.target)
     if state is None:
-        return warning("message_forwarding_failing", f"forwarding to {settings.nats} has "
+        return warning("message_forwarding_failing", f"forwarding to {settings.url} has "
                        "not run yet", "Start the hub ('outpost hub run'); its leading "
-                       "replica forwards.", target=settings.nats)
-    data = {"target": settings.nats, **state}
+                       "replica forwards.", target=settings.url)
+    data = {"target": settings.url, **state}
     if state["failing_since"] is None:
-        return ok(f"forwarding to {settings.nats}: {state['forwarded']} forwarded, "
+        return ok(f"forwarding to {settings.url}: {state['forwarded']} forwarded, "
                   f"{state['lag']} waiting", **data)
     since = ctx.now() - state["failing_since"]
-    text = (f"forwarding to {settings.nats} has been failing for {since:.0f} s: "
+    text = (f"forwarding to {settings.url} has been failing for {since:.0f} s: "
             f"{state['last_error']}; {state['lag']} messages waiting")
     if since >= FORWARD_FAILING_ERROR_SECONDS:
         return error("message_forwarding_failing", text, **data)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.signing import b64
@@ -46,26 +46,49 @@ class BodyLimits(BaseModel):
         "an agent's batch of upstream messages (bodies in base64)"))
 
 
-class NatsForward(BaseModel):
-    """Where stored upstream messages are published (hub/messages.py, docs/messages.md)."""
+class MessageForward(BaseModel):
+    """Where stored upstream messages are published (hub/messages.py, docs/messages.md): a
+    NATS server or an MQTT 5 broker, one of the two."""
 
     model_config = ConfigDict(extra="forbid")
 
-    nats: str = Field(pattern=r"^nats://[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$", description=(
-        "The NATS server, nats://HOST:PORT (no credentials: a server on the hub's network)"))
+    nats: str | None = Field(default=None, pattern=r"^nats://[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$",
+                             description="A NATS server, nats://HOST:PORT (no credentials: a "
+                             "server on the hub's network)")
+    mqtt: str | None = Field(default=None, pattern=r"^mqtt://[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$",
+                             description="An MQTT 5 broker, mqtt://HOST:PORT (no credentials: "
+                             "a broker on the hub's network)")
     subject: str = Field(default="outpost.{machine}.{module}.{output}", min_length=1,
                          max_length=200, pattern=r"^[^\s*>]+$", description=(
-        "The subject of each message; {machine}, {module} and {output} are replaced"))
+        "NATS: the subject of each message; {machine}, {module} and {output} are replaced"))
+    topic: str = Field(default="outpost/{machine}/{module}/{output}", min_length=1,
+                       max_length=200, pattern=r"^[^+#\x00]+$", description=(
+        "MQTT: the topic of each message; {machine}, {module} and {output} are replaced"))
 
-    @field_validator("subject")
+    @field_validator("subject", "topic")
     @classmethod
     def _known_fields(cls, value: str) -> str:
         try:
             value.format(machine="m", module="a", output="o")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"the subject may name only {{machine}}, {{module}} and "
-                             f"{{output}} ({exc!r})") from None
+            raise ValueError(f"it may name only {{machine}}, {{module}} and {{output}} "
+                             f"({exc!r})") from None
         return value
+
+    @model_validator(mode="after")
+    def _one(self) -> MessageForward:
+        if (self.nats is None) == (self.mqtt is None):
+            raise ValueError("give one of 'nats' and 'mqtt'")
+        return self
+
+    @property
+    def target(self) -> str:
+        """'nats' or 'mqtt': also the name of the forwarder's cursor in the database."""
+        return "nats" if self.nats is not None else "mqtt"
+
+    @property
+    def url(self) -> str:
+        return str(self.nats or self.mqtt)
 
 
 class MessagesSettings(BaseModel):
@@ -76,7 +99,7 @@ class MessagesSettings(BaseModel):
     # Retention: the older or the more numerous are pruned (once across replicas).
     max_age_seconds: float = Field(default=7 * 86400.0, gt=0)
     max_count: int = Field(default=1_000_000, ge=1)
-    forward: NatsForward | None = None
+    forward: MessageForward | None = None
 
 
 class HubConfig(BaseModel):

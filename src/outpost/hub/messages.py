@@ -1,5 +1,5 @@
 """Upstream messages at the hub: stored once per (machine, seq), read by operators, pruned,
-and forwarded to a NATS server.
+and forwarded to a NATS server or an MQTT 5 broker.
 
 A machine's agent posts the messages its modules sent ``INTO $upstream`` in batches
 (``UpstreamBatch``). A batch sent again after a lost answer is not doubled: each machine's
@@ -19,6 +19,8 @@ taken every message before it answers), and only then moves the cursor in the da
 So a hub restart, a NATS outage or a change of leader resumes from the cursor: delivery
 is at least once (a message published before a failure and not yet confirmed is published
 again), in order, and each carries ``Nats-Msg-Id`` so a JetStream stream drops the repeat.
+To an MQTT broker (hub/mqtt.py) the same holds with QoS 1: the cursor moves once the broker
+acknowledged every message of the batch (PUBACK); the headers travel as user properties.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ from outpost.protocol.modules import UpstreamBatch
 
 from . import db, notify
 from .batching import Batch, Batcher
-from .config import MessagesSettings, NatsForward
+from .config import MessageForward, MessagesSettings
 from .db import machines, message_forwarding, upstream_machines, upstream_messages
+from .mqtt import MqttError, MqttLink
 
 log = logging.getLogger("outpost.hub.messages")
 
@@ -55,7 +58,6 @@ WINDOW = 0.005  # how long a batch of agents' writes collects before it commits
 # pg_advisory_xact_lock's key: "upmsg" in ASCII, taken by every write of messages.
 LOCK_KEY = int.from_bytes(b"upmsg", "big")
 _LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
-TARGET = "nats"
 LIMIT_MAX = 1000
 
 
@@ -242,7 +244,7 @@ def _header_value(value: Any) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
-def headers_for(row: Any) -> list[tuple[str, str]]:
+def headers_for(row: Any, target: str = "nats") -> list[tuple[str, str]]:
     """The message's properties as headers, then what Outpost says of it."""
     found: list[tuple[str, str]] = []
     for key, value in (row.properties or {}).items():
@@ -252,9 +254,10 @@ def headers_for(row: Any) -> list[tuple[str, str]]:
     found += [("Outpost-Machine", row.machine_name), ("Outpost-Module", row.module),
               ("Outpost-Output", row.output), ("Outpost-Seq", str(row.seq)),
               ("Outpost-Created-At", repr(row.created_at)),
-              ("Outpost-Received-At", repr(row.received_at)),
-              # JetStream drops a message whose id it saw within its duplicate window.
-              ("Nats-Msg-Id", f"{row.machine_id}:{row.seq}")]
+              ("Outpost-Received-At", repr(row.received_at))]
+    if target == "nats":
+        # JetStream drops a message whose id it saw within its duplicate window.
+        found.append(("Nats-Msg-Id", f"{row.machine_id}:{row.seq}"))
     for name, value in (("Content-Type", row.content_type), ("Message-Id", row.message_id),
                         ("Correlation-Id", row.correlation_id)):
         if value:
@@ -268,13 +271,15 @@ class NatsLink:
     TIMEOUT = 5.0
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 info: dict[str, Any]) -> None:
+                 info: dict[str, Any], subject: str = "") -> None:
         self._reader = reader
         self._writer = writer
+        self.subject = subject
         self.max_payload = int(info.get("max_payload", 1024 * 1024))
 
     @classmethod
-    async def connect(cls, url: str, timeout: float = TIMEOUT) -> NatsLink:
+    async def connect(cls, url: str, subject: str = "", timeout: float = TIMEOUT
+                      ) -> NatsLink:
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 4222
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
@@ -290,14 +295,18 @@ class NatsLink:
                        "lang": "python-outpost", "version": __version__, "protocol": 1,
                        "name": "outpost-hub"}
             writer.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\n")
-            link = cls(reader, writer, info)
+            link = cls(reader, writer, info, subject)
             await link.confirm(timeout)
             return link
         except BaseException:
             writer.close()
             raise
 
-    def publish(self, subject: str, headers: list[tuple[str, str]], payload: bytes) -> None:
+    def name_for(self, machine: str, module: str, output: str) -> str:
+        return subject_for(self.subject, machine, module, output)
+
+    async def publish(self, subject: str, headers: list[tuple[str, str]],
+                      payload: bytes) -> None:
         head = ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
                 ).encode()
         self._writer.write(f"HPUB {subject} {len(head)} {len(head) + len(payload)}\r\n"
@@ -329,18 +338,29 @@ class NatsLink:
 
 
 # --- forwarding ---------------------------------------------------------------------------
+Link = NatsLink | MqttLink
+
+
+async def connect(settings: MessageForward) -> Link:
+    if settings.nats is not None:
+        return await NatsLink.connect(settings.nats, settings.subject)
+    return await MqttLink.connect(settings.url, settings.topic)
+
+
 class Forwarder:
-    """Publishes stored messages to NATS from the cursor, on the leading replica only."""
+    """Publishes stored messages to the broker from the cursor, on the leading replica
+    only."""
 
     BATCH = 500
     BACKOFF_CAP = 5.0
     IDLE = 1.0  # how often an idle forwarder checks its connection and its lag
 
-    def __init__(self, engine: AsyncEngine, settings: NatsForward,
+    def __init__(self, engine: AsyncEngine, settings: MessageForward,
                  notifier: notify.Notifier, leads: Callable[[], bool],
                  registry: CollectorRegistry) -> None:
         self.engine = engine
         self.settings = settings
+        self.target = settings.target
         self.notifier = notifier
         self.leads = leads
         self.connected = False
@@ -370,24 +390,25 @@ class Forwarder:
             try:
                 await self._session()
                 delay = 0.0
-            except (OSError, TimeoutError, NatsError, db.DatabaseUnavailable) as exc:
+            except (OSError, TimeoutError, NatsError, MqttError, asyncio.IncompleteReadError,
+                    db.DatabaseUnavailable) as exc:
                 self.connected = False
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if problem != self.last_error:
                     log.warning("forwarding upstream messages to %s failed (%s); trying "
-                                "again", self.settings.nats, problem)
+                                "again", self.settings.url, problem)
                 self.last_error = problem
                 try:
-                    await _record_failure(self.engine, problem)
+                    await _record_failure(self.engine, self.target, problem)
                 except db.DatabaseUnavailable:
                     pass
                 delay = min(max(delay * 2, 0.2), self.BACKOFF_CAP)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
 
     async def _session(self) -> None:
-        link = await NatsLink.connect(self.settings.nats)
+        link = await connect(self.settings)
         try:
-            cursor = await _cursor(self.engine)
+            cursor = await _cursor(self.engine, self.target)
             self.connected = True
             while self.leads():
                 with self.notifier.waiting(notify.MESSAGES_ANY) as woken:
@@ -403,15 +424,14 @@ class Forwarder:
                                     "broker's max_payload; not forwarded", row.seq,
                                     row.machine_name)
                         continue
-                    link.publish(subject_for(self.settings.subject, row.machine_name,
-                                             row.module, row.output),
-                                 headers_for(row), row.body)
+                    await link.publish(link.name_for(row.machine_name, row.module, row.output),
+                                       headers_for(row, self.target), row.body)
                     sent += 1
                 await link.confirm()
-                cursor = await _advance(self.engine, cursor, rows[-1].id, sent)
+                cursor = await _advance(self.engine, self.target, cursor, rows[-1].id, sent)
                 self.forwarded.inc(sent)
                 if self.last_error is not None:
-                    log.info("forwarding upstream messages to %s again", self.settings.nats)
+                    log.info("forwarding upstream messages to %s again", self.settings.url)
                 self.last_error = None
         finally:
             self.connected = False
@@ -429,12 +449,12 @@ class Forwarder:
                 sa.select(sa.func.count()).where(um.c.id > cursor))).scalar() or 0)
         return rows
 
-    async def _idle(self, link: NatsLink, woken: asyncio.Event) -> None:
+    async def _idle(self, link: Link, woken: asyncio.Event) -> None:
         """Wait for a new message (or ``IDLE``), checking the broker still answers, and
         record that forwarding works."""
         await link.confirm()
-        if self.last_error is not None or not await _healthy(self.engine):
-            await _record_success(self.engine)
+        if self.last_error is not None or not await _healthy(self.engine, self.target):
+            await _record_success(self.engine, self.target)
             self.last_error = None
         try:
             await asyncio.wait_for(woken.wait(), self.IDLE)
@@ -442,63 +462,64 @@ class Forwarder:
             pass
 
 
-async def _cursor(engine: AsyncEngine) -> int:
+async def _cursor(engine: AsyncEngine, target: str) -> int:
     async with engine.begin() as conn:
         row = (await conn.execute(sa.select(message_forwarding.c.cursor).where(
-            message_forwarding.c.target == TARGET))).first()
+            message_forwarding.c.target == target))).first()
         if row is not None:
             return int(row.cursor)
         await conn.execute(message_forwarding.insert().values(
-            target=TARGET, cursor=0, forwarded=0, updated_at=time.time()))
+            target=target, cursor=0, forwarded=0, updated_at=time.time()))
         return 0
 
 
-async def _advance(engine: AsyncEngine, old: int, new: int, sent: int) -> int:
+async def _advance(engine: AsyncEngine, target: str, old: int, new: int, sent: int) -> int:
     """Move the cursor from ``old`` to ``new``; a replica that no longer leads and moved it
     meanwhile wins (its value is read back), so it never moves back."""
     async with engine.begin() as conn:
         await conn.execute(message_forwarding.update().where(
-            message_forwarding.c.target == TARGET,
+            message_forwarding.c.target == target,
             message_forwarding.c.cursor < new).values(
             cursor=new, forwarded=message_forwarding.c.forwarded + sent, last_error=None,
             failing_since=None, updated_at=time.time()))
         return int((await conn.execute(sa.select(message_forwarding.c.cursor).where(
-            message_forwarding.c.target == TARGET))).scalar() or new)
+            message_forwarding.c.target == target))).scalar() or new)
 
 
-async def _healthy(engine: AsyncEngine) -> bool:
+async def _healthy(engine: AsyncEngine, target: str) -> bool:
     async with engine.connect() as conn:
         row = (await conn.execute(sa.select(message_forwarding.c.failing_since).where(
-            message_forwarding.c.target == TARGET))).first()
+            message_forwarding.c.target == target))).first()
     return row is not None and row.failing_since is None
 
 
-async def _record_success(engine: AsyncEngine) -> None:
+async def _record_success(engine: AsyncEngine, target: str) -> None:
     async with engine.begin() as conn:
         await conn.execute(message_forwarding.update().where(
-            message_forwarding.c.target == TARGET).values(
+            message_forwarding.c.target == target).values(
             last_error=None, failing_since=None, updated_at=time.time()))
 
 
-async def _record_failure(engine: AsyncEngine, problem: str) -> None:
+async def _record_failure(engine: AsyncEngine, target: str, problem: str) -> None:
     now = time.time()
     async with engine.begin() as conn:
         done = await conn.execute(message_forwarding.update().where(
-            message_forwarding.c.target == TARGET).values(
+            message_forwarding.c.target == target).values(
             last_error=problem[:2000],
             failing_since=sa.func.coalesce(message_forwarding.c.failing_since, now),
             updated_at=now))
         if not done.rowcount:
             await conn.execute(message_forwarding.insert().values(
-                target=TARGET, cursor=0, forwarded=0, last_error=problem[:2000],
+                target=target, cursor=0, forwarded=0, last_error=problem[:2000],
                 failing_since=now, updated_at=now))
 
 
-async def forwarding_state(engine: AsyncEngine) -> dict[str, Any] | None:
+async def forwarding_state(engine: AsyncEngine, target: str = "nats"
+                           ) -> dict[str, Any] | None:
     """The forwarder's row as the database holds it, with its lag (None: never ran)."""
     async with engine.connect() as conn:
         row = (await conn.execute(sa.select(message_forwarding).where(
-            message_forwarding.c.target == TARGET))).first()
+            message_forwarding.c.target == target))).first()
         if row is None:
             return None
         lag = (await conn.execute(sa.select(sa.func.count()).where(

@@ -1724,7 +1724,7 @@ _ENTRIES += (
     Entry(
         "E9193", "message_forwarding_failing", "Forwarding upstream messages to the broker "
         "has been failing since {since}: {problem}.",
-        ("The broker (messages.forward.nats in hub.yaml) is down, unreachable from the "
+        ("The broker (messages.forward in hub.yaml: nats or mqtt) is down, unreachable from the "
          "hub, or refuses the hub's messages; messages are kept and forwarded from the "
          "cursor once it answers again, unless retention prunes them first.",),
         ("Start the broker or correct messages.forward in hub.yaml and restart the hub; "
