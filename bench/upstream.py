@@ -32,6 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import database, percentile  # noqa: E402
+from tests import mqtt_sub  # noqa: E402
 from tests.nats_sub import Subscriber  # noqa: E402
 from tests.support import init_hub, wait_until  # noqa: E402
 
@@ -78,7 +79,7 @@ async def post_all(states: list[Any], batches: int, size: int, body: bytes) -> f
     return time.perf_counter() - started
 
 
-def run(kind: str, args: argparse.Namespace) -> None:
+def run(kind: str, broker: str, args: argparse.Namespace) -> None:
     topic = f"bench{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="outpost-bench-upstream-") as tmp, \
             database(kind, Path(tmp)) as url:
@@ -86,25 +87,29 @@ def run(kind: str, args: argparse.Namespace) -> None:
         hub = init_hub(root / "hub", url)
         path = hub.data_dir / "hub.yaml"
         config = yaml.safe_load(path.read_text())
-        config["messages"] = {"forward": {"nats": "nats://127.0.0.1:4222",
-                                          "subject": topic + ".{machine}.{module}.{output}"}}
+        forward = {"nats": "nats://127.0.0.1:4222",
+                   "subject": topic + ".{machine}.{module}.{output}"} if broker == "nats" \
+            else {"mqtt": "mqtt://127.0.0.1:1883", "topic": topic + "/{machine}/{module}/{output}"}
+        config["messages"] = {"forward": forward}
         path.write_text(yaml.safe_dump(config))
         hub.start()
-        sub = Subscriber(f"{topic}.>")
+        sub: Any = Subscriber(f"{topic}.>") if broker == "nats" else \
+            mqtt_sub.Subscriber(f"{topic}/#")
         try:
             states = [register(hub, root, f"m{i}") for i in range(args.machines)]
             total = args.machines * args.batches * args.batch
             began = time.time()
             took = asyncio.run(post_all(states, args.batches, args.batch, b"x" * args.size))
             wait_until(lambda: len(sub.messages) >= total, 300, 0.05,
-                       f"{total} messages on NATS")
+                       f"{total} messages on {broker}")
             last = max(m.at for m in sub.messages)
-            latencies = [m.at - float(m.headers["sent"]) for m in sub.messages]
-            print(f"{kind}: {args.machines} machines x {args.batches} batches x "
+            latencies = [m.at - float((m.headers if broker == "nats" else m.properties)["sent"])
+                         for m in sub.messages]
+            print(f"{kind}, {broker}: {args.machines} machines x {args.batches} batches x "
                   f"{args.batch} messages of {args.size} B = {total} messages")
             print(f"  into the hub (signed batches, committed): {total / took:,.0f} "
                   f"messages/s ({took:.2f} s)")
-            print(f"  to NATS end to end: {total / (last - began):,.0f} messages/s; "
+            print(f"  to {broker} end to end: {total / (last - began):,.0f} messages/s; "
                   f"post to delivery p50 {percentile(latencies, 50) * 1e3:.0f} ms, "
                   f"p99 {percentile(latencies, 99) * 1e3:.0f} ms")
         finally:
@@ -119,10 +124,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--size", type=int, default=200)
+    parser.add_argument("--broker", choices=["nats", "mqtt", "both"], default="nats")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
+    brokers = ["nats", "mqtt"] if args.broker == "both" else [args.broker]
     for kind in kinds:
-        run(kind, args)
+        for broker in brokers:
+            run(kind, broker, args)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import struct
 import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from outpost.hub import mqtt
 
@@ -21,6 +22,7 @@ class Received:
     topic: str
     properties: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.time)
 
 
 class Subscriber:
