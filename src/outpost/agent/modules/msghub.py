@@ -182,8 +182,8 @@ class Connection:
         """Let go of the first ``count`` outstanding messages (a ``took`` frame)."""
         if not isinstance(count, int) or isinstance(count, bool) or not (
                 0 < count <= len(self.outstanding)):
-            raise modwire.FrameError(f"took counts 1 to {len(self.outstanding)} messages "
-                                     f"(those written and not yet taken), not {count!r}")
+            raise modwire.FrameError(f"a took counts some of the {len(self.outstanding)} "
+                                     f"messages written and not yet taken, not {count!r}")
         for _ in range(count):
             self.outstanding.popleft()
         self.room.set()
