@@ -11,6 +11,8 @@ stdin, answering one JSON line on stdout:
                                                 padded to B bytes), printing {"acked": i}
                                                 after each, and {"error": ...} at a refusal
     {"op": "slow", "interval": S}  -> {"ok": true}; a thread takes one message every S seconds
+    {"op": "callback"}             -> {"ok": true}; messages go to an on_message callback that
+                                      notes them (as the slow thread does)
     {"op": "stats"}                -> {"taken": [bodies the slow thread took], "pending": n,
                                        "max_pending": the most its queue held, "window": w}
     {"op": "wait_pending", "count": N, "timeout": S} -> {"pending": n} once the client's
@@ -110,6 +112,9 @@ def _module(lines: Any = None, out: Any = None) -> None:
             answer = {"done": True}
         elif op == "slow":
             threading.Thread(target=slow, args=(asked["interval"],), daemon=True).start()
+            answer = {"ok": True}
+        elif op == "callback":
+            client.on_message(lambda message: taken.append(message.body.decode().strip()))
             answer = {"ok": True}
         elif op == "stats":
             answer = {"taken": list(taken), "pending": client.pending(),

@@ -154,3 +154,50 @@ def test_the_asyncio_client_tells_what_its_loop_took_and_no_more(
         second.close()
     finally:
         running.close()
+
+
+def test_a_callback_returning_counts_as_taken(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    running = HubThread(tmp_path)
+    try:
+        monkeypatch.setenv("OUTPOST_TEST_WINDOW", "4")
+        filt = Module(running, "filter")
+        assert filt.ask(op="callback") == {"ok": True}
+        monkeypatch.delenv("OUTPOST_TEST_WINDOW")
+        sensor = Module(running, "sensor")
+        for i in range(30):
+            assert sensor.ask(op="send", output="alarm", body=f"m{i}") == {"ok": True}
+        wait_until(lambda: running.hub.counters().delivered == 30, 5, what="all 30 told")
+        assert filt.ask(op="stats")["taken"] == [f"m{i}" for i in range(30)]
+        sensor.close()
+        filt.close()
+    finally:
+        running.close()
+
+
+def test_what_a_module_holds_when_the_agent_restarts_is_still_handed_out(
+        tmp_path: Path) -> None:
+    first = HubThread(tmp_path)
+    filt = Module(first, "filter")
+    first.modules.remove(filt)  # it outlives the first agent
+    try:
+        sensor = Module(first, "sensor")
+        for i in range(5):
+            assert sensor.ask(op="send", output="alarm", body=f"m{i}") == {"ok": True}
+        assert filt.ask(op="wait_pending", count=5) == {"pending": 5}
+    finally:
+        first.close()  # its queues (in memory) go with it
+    second = HubThread(tmp_path)
+    second.pids.update(first.pids)
+    second.modules.append(filt)
+    try:
+        wait_until(lambda: "filter" in second.hub.connections, 10, what="the reconnection")
+        got = [filt.ask(op="recv", timeout=5).get("body") for _ in range(5)]
+        assert got == [f"m{i}" for i in range(5)]
+        # Told to the old connection's agent only: the new one counts nothing for them, and
+        # its window is whole.
+        assert filt.ask(op="recv", timeout=0.3) == {"none": True}
+        assert second.hub.counters().delivered == 0
+        assert not second.hub.connections["filter"].outstanding
+    finally:
+        second.close()

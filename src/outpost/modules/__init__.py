@@ -22,8 +22,9 @@ that many; the client tells the agent (``took``, a few at a time, and at once wh
 runs dry) as ``receive()``, the iterator or an ``on_message`` callback takes them. A message
 counts as taken when ``receive()`` returns it, when the iterator is asked for the next one
 (the loop's body is done with it), or when the callback returns. Messages the agent wrote
-but the code had not taken when the connection closes come again on the next one
-(at-least-once): the client drops its copies so they come once, in order.
+but the code had not taken when the connection closes come again on the next one, in order
+(at-least-once). The client still hands out the copies it holds: an agent that restarted
+has lost its own (they live in its memory), and a duplicate is better than a loss.
 
 A reader thread takes what the agent sends; when the agent goes away (it restarts) the
 client connects again with a doubling wait, and a ``send`` made meanwhile waits for it up to
@@ -162,25 +163,20 @@ class ModuleClient:
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next input message, or None after ``timeout`` (or once closed). The message
         counts as taken (told to the agent) when it is returned."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if not self._inbox.qsize():
-                self._tell()  # about to wait: let the agent write more
-            try:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                entry = self._inbox.get(timeout=left)
-            except queue.Empty:
-                return None
-            if entry is None:
-                self._inbox.put(None)  # closed: every later receive says so too
-                return None
-            generation, message = entry
-            if generation == self._generation:
-                self._taken(generation)
-                if not self._inbox.qsize():
-                    self._tell()  # all taken: the agent may write more at once
-                return message
-            # From a connection that closed: the agent delivers it again on this one.
+        if not self._inbox.qsize():
+            self._tell()  # about to wait: let the agent write more
+        try:
+            entry = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if entry is None:
+            self._inbox.put(None)  # closed: every later receive says so too
+            return None
+        generation, message = entry
+        self._taken(generation)
+        if not self._inbox.qsize():
+            self._tell()  # all taken: the agent may write more at once
+        return message
 
     def messages(self) -> Iterator[Message]:
         """Every input message, in order, until the client is closed. Each counts as taken
@@ -197,10 +193,7 @@ class ModuleClient:
                 if entry is None:
                     self._inbox.put(None)
                     return
-                generation, message = entry
-                if generation != self._generation:
-                    continue
-                taken = generation
+                taken, message = entry
                 yield message
         finally:
             if taken is not None:
@@ -238,7 +231,9 @@ class ModuleClient:
         once a batch is gathered."""
         with self._credit_lock:
             if generation != self._generation:
-                return  # that connection closed: the agent takes its messages back
+                # Of a connection that closed: an agent that still runs writes it again
+                # (at-least-once); one that restarted has lost it, so it is handed out.
+                return
             self._untold += 1
             if self._untold < modwire.credit_batch(self.window):
                 return

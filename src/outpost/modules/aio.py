@@ -105,10 +105,7 @@ class AsyncModuleClient:
                 if entry is None:
                     self._inbox.put_nowait(None)
                     return
-                generation, message = entry
-                if generation != self._generation:
-                    continue  # from a connection that closed: it comes again on this one
-                taken = generation
+                taken, message = entry  # one of a closed connection is handed out too
                 yield message
         finally:
             if taken is not None:
