@@ -14,9 +14,21 @@ and ``OUTPOST_MODULE_NAME``::
 
 ``send`` returns once the agent took the message (routed to every input or stored for the
 hub) and raises ``Refused`` with the agent's status and reason otherwise (413 too large,
-404 no route, 507 store full). A reader thread takes what the agent sends; when the agent
-goes away (it restarts) the client connects again with a doubling wait, and a ``send`` made
-meanwhile waits for it up to its timeout. The exceptions: ``ClientError`` and under it
+404 no route, 507 store full).
+
+Input messages come under flow control: the agent writes at most ``window`` of them (from
+its ``welcome``) ahead of what this module's code took, so the client's queue holds at most
+that many; the client tells the agent (``took``, a few at a time, and at once when its queue
+runs dry) as ``receive()``, the iterator or an ``on_message`` callback takes them. A message
+counts as taken when ``receive()`` returns it, when the iterator is asked for the next one
+(the loop's body is done with it), or when the callback returns. Messages the agent wrote
+but the code had not taken when the connection closes come again on the next one, in order
+(at-least-once). The client still hands out the copies it holds: an agent that restarted
+has lost its own (they live in its memory), and a duplicate is better than a loss.
+
+A reader thread takes what the agent sends; when the agent goes away (it restarts) the
+client connects again with a doubling wait, and a ``send`` made meanwhile waits for it up to
+its timeout. The exceptions: ``ClientError`` and under it
 ``Refused`` (the agent answered no), ``NotConnected`` (no agent within the timeout) and
 ``IdentityRefused`` (the agent says this process is not the module it claims: 404
 ``Module not found``; not retried).
@@ -27,6 +39,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -87,8 +100,8 @@ Method = Callable[[Any], Any]
 
 class ModuleClient:
     def __init__(self, socket_path: str | None = None, name: str | None = None, *,
-                 backoff_base: float = 0.05,
-                 backoff_cap: float = 5.0) -> None:
+                 backoff_base: float = 0.05, backoff_cap: float = 5.0,
+                 window: int | None = None) -> None:
         path = socket_path or os.environ.get(modwire.ENV_SOCKET)
         name = name or os.environ.get(modwire.ENV_NAME)
         if not path or not name:
@@ -96,11 +109,16 @@ class ModuleClient:
                               f"and {modwire.ENV_NAME} for the modules it starts")
         self.path, self.name = path, name
         self.max_message_kb = 0
+        self.asked_window = window  # None: the agent's (64, or 8 in constrained mode)
+        self.window = 0             # what the agent's welcome granted
+        self._generation = 0        # one per connection: a message's credit goes to its own
+        self._untold = 0            # taken, not yet told to the agent (took)
+        self._credit_lock = threading.Lock()
         self._backoff = (backoff_base, backoff_cap)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()          # one writer at a time
         self._pending: dict[int, tuple[threading.Event, list[Any]]] = {}
-        self._inbox: queue.Queue[Message | None] = queue.Queue()
+        self._inbox: queue.Queue[tuple[int, Message] | None] = queue.Queue()
         self._methods: dict[str, Method] = {}
         self._on_message: Callable[[Message], None] | None = None
         self._sock: socket.socket | None = None
@@ -143,19 +161,48 @@ class ModuleClient:
         return Ack(modwire.OK, int(answer.get("routes", 1)))
 
     def receive(self, timeout: float | None = None) -> Message | None:
-        """The next input message, or None after ``timeout`` (or once closed)."""
+        """The next input message, or None after ``timeout`` (or once closed). The message
+        counts as taken (told to the agent) when it is returned."""
+        if not self._inbox.qsize():
+            self._tell()  # about to wait: let the agent write more
         try:
-            return self._inbox.get(timeout=timeout)
+            entry = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        if entry is None:
+            self._inbox.put(None)  # closed: every later receive says so too
+            return None
+        generation, message = entry
+        self._taken(generation)
+        if not self._inbox.qsize():
+            self._tell()  # all taken: the agent may write more at once
+        return message
 
     def messages(self) -> Iterator[Message]:
-        """Every input message, in order, until the client is closed."""
-        while True:
-            message = self._inbox.get()
-            if message is None:
-                return
-            yield message
+        """Every input message, in order, until the client is closed. Each counts as taken
+        when the next one is asked for (or the loop ends)."""
+        taken: int | None = None
+        try:
+            while True:
+                if taken is not None:
+                    self._taken(taken)
+                    taken = None
+                if not self._inbox.qsize():
+                    self._tell()
+                entry = self._inbox.get()
+                if entry is None:
+                    self._inbox.put(None)
+                    return
+                taken, message = entry
+                yield message
+        finally:
+            if taken is not None:
+                self._taken(taken)
+                self._tell()
+
+    def pending(self) -> int:
+        """How many input messages wait in the client's queue (at most ``window``)."""
+        return self._inbox.qsize()
 
     def on_message(self, callback: Callable[[Message], None]) -> None:
         """Hand input messages to ``callback`` (on the reader thread) instead of the
@@ -178,6 +225,35 @@ class ModuleClient:
             sock.close()
         self._inbox.put(None)
 
+    # --- flow control -----------------------------------------------------------------------
+    def _taken(self, generation: int) -> None:
+        """The module's code took a message of connection ``generation``: tell the agent
+        once a batch is gathered."""
+        with self._credit_lock:
+            if generation != self._generation:
+                # Of a connection that closed: an agent that still runs writes it again
+                # (at-least-once); one that restarted has lost it, so it is handed out.
+                return
+            self._untold += 1
+            if self._untold < modwire.credit_batch(self.window):
+                return
+        self._tell()
+
+    def _tell(self) -> None:
+        """Send the gathered credit (``took``) on the current connection; a connection that
+        fails here is the reader's to notice."""
+        with self._credit_lock:
+            count, sock = self._untold, self._sock
+            if not count or sock is None:
+                return
+            self._untold = 0
+            frame = modwire.encode({"op": modwire.TOOK, "count": count})
+            try:
+                with self._lock:
+                    sock.sendall(frame)
+            except OSError:
+                pass
+
     def __enter__(self) -> ModuleClient:
         return self
 
@@ -187,9 +263,12 @@ class ModuleClient:
     # --- the connection ------------------------------------------------------------------
     def _connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hello: dict[str, Any] = {"op": modwire.HELLO, "module": self.name}
+        if self.asked_window:
+            hello["window"] = self.asked_window
         try:
             sock.connect(self.path)
-            sock.sendall(modwire.encode({"op": modwire.HELLO, "module": self.name}))
+            sock.sendall(modwire.encode(hello))
             header, _ = modwire.read_frame(sock)
         except BaseException:
             sock.close()
@@ -202,7 +281,11 @@ class ModuleClient:
                 raise self._refused
             raise Refused(status, reason)
         self.max_message_kb = int(header.get("max_message_kb", 0))
-        self._sock = sock
+        with self._credit_lock:
+            self.window = int(header.get("window", 0)) or 64
+            self._generation += 1
+            self._untold = 0
+            self._sock = sock
         self._connected.set()
 
     def _reconnect(self) -> bool:
@@ -271,10 +354,16 @@ class ModuleClient:
                 message_id=header.get("message_id"),
                 correlation_id=header.get("correlation_id"),
                 created_at=float(header.get("created_at", 0.0)))
-            if self._on_message is not None:
+            generation = self._generation
+            if self._on_message is None:
+                self._inbox.put((generation, message))
+                return
+            try:
                 self._on_message(message)
-            else:
-                self._inbox.put(message)
+            finally:
+                self._taken(generation)
+                if self._sock is not None and not _readable(self._sock):
+                    self._tell()  # nothing more has come: let the agent write more
         elif op == modwire.CALL:
             threading.Thread(target=self._answer, args=(header, body), daemon=True).start()
 
@@ -302,3 +391,10 @@ class ModuleClient:
             self._write(frame, time.monotonic() + 5)
         except ClientError:
             pass  # the agent went away: its caller times out
+
+
+def _readable(sock: socket.socket) -> bool:
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False

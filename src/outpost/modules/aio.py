@@ -10,7 +10,10 @@
 
 The same behaviour as ``ModuleClient`` (its exceptions and ``Message``): ``send`` returns
 once the agent took the message or raises ``Refused``; the client connects again with a
-doubling wait when the agent goes away.
+doubling wait when the agent goes away. Flow control as there too: the agent writes at
+most ``window`` messages ahead; each counts as taken when the iterator is asked for the next
+one (the loop's body is done with it), and the client tells the agent (``took``) a few at a
+time, at once when its queue runs dry.
 """
 
 from __future__ import annotations
@@ -29,12 +32,17 @@ from . import Ack, ClientError, IdentityRefused, Message, Method, NotConnected, 
 
 
 class AsyncModuleClient:
-    def __init__(self, path: str, name: str, backoff: tuple[float, float]) -> None:
+    def __init__(self, path: str, name: str, backoff: tuple[float, float],
+                 window: int | None = None) -> None:
         self.path, self.name = path, name
+        self.asked_window = window
+        self.window = 0
+        self._generation = 0
+        self._untold = 0
         self._backoff = backoff
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
-        self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[tuple[int, Message] | None] = asyncio.Queue()
         self._methods: dict[str, Method] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._connected = asyncio.Event()
@@ -44,14 +52,14 @@ class AsyncModuleClient:
 
     @classmethod
     async def connect(cls, socket_path: str | None = None, name: str | None = None, *,
-                      backoff_base: float = 0.05, backoff_cap: float = 5.0
-                      ) -> AsyncModuleClient:
+                      backoff_base: float = 0.05, backoff_cap: float = 5.0,
+                      window: int | None = None) -> AsyncModuleClient:
         path = socket_path or os.environ.get(modwire.ENV_SOCKET)
         name = name or os.environ.get(modwire.ENV_NAME)
         if not path or not name:
             raise ClientError(f"no socket or module name: the agent sets {modwire.ENV_SOCKET} "
                               f"and {modwire.ENV_NAME} for the modules it starts")
-        client = cls(path, name, (backoff_base, backoff_cap))
+        client = cls(path, name, (backoff_base, backoff_cap), window)
         reader = await client._connect()
         client._task = asyncio.get_running_loop().create_task(client._read_loop(reader))
         return client
@@ -83,11 +91,46 @@ class AsyncModuleClient:
         return Ack(modwire.OK, int(answer.get("routes", 1)))
 
     async def messages(self) -> AsyncIterator[Message]:
-        while True:
-            message = await self._inbox.get()
-            if message is None:
-                return
-            yield message
+        """Every input message, in order; each counts as taken when the next is asked for
+        (or the loop ends)."""
+        taken: int | None = None
+        try:
+            while True:
+                if taken is not None:
+                    self._taken(taken)
+                    taken = None
+                if self._inbox.empty():
+                    self._tell()  # about to wait: let the agent write more
+                entry = await self._inbox.get()
+                if entry is None:
+                    self._inbox.put_nowait(None)
+                    return
+                taken, message = entry  # one of a closed connection is handed out too
+                yield message
+        finally:
+            if taken is not None:
+                self._taken(taken)
+                self._tell()
+
+    def pending(self) -> int:
+        """How many input messages wait in the client's queue (at most ``window``)."""
+        return self._inbox.qsize()
+
+    def _taken(self, generation: int) -> None:
+        if generation != self._generation:
+            return
+        self._untold += 1
+        if self._untold >= modwire.credit_batch(self.window):
+            self._tell()
+
+    def _tell(self) -> None:
+        """Send the gathered credit (``took``); the transport buffers this small frame, and
+        a connection that fails is the reader's to notice."""
+        writer = self._writer
+        if not self._untold or writer is None or writer.is_closing():
+            return
+        count, self._untold = self._untold, 0
+        writer.write(modwire.encode({"op": modwire.TOOK, "count": count}))
 
     def method(self, name: str, handler: Method) -> None:
         self._methods[name] = handler
@@ -113,8 +156,11 @@ class AsyncModuleClient:
     # --- the connection ------------------------------------------------------------------
     async def _connect(self) -> asyncio.StreamReader:
         reader, writer = await asyncio.open_unix_connection(self.path)
+        hello: dict[str, Any] = {"op": modwire.HELLO, "module": self.name}
+        if self.asked_window:
+            hello["window"] = self.asked_window
         try:
-            writer.write(modwire.encode({"op": modwire.HELLO, "module": self.name}))
+            writer.write(modwire.encode(hello))
             await writer.drain()
             header = await _frame(reader)
         except BaseException:
@@ -124,6 +170,9 @@ class AsyncModuleClient:
             writer.close()
             status, reason = int(header[0].get("status", 0)), str(header[0].get("reason", ""))
             raise (IdentityRefused if status == modwire.NOT_FOUND else Refused)(status, reason)
+        self.window = int(header[0].get("window", 0)) or 64
+        self._generation += 1
+        self._untold = 0
         self._writer = writer
         self._connected.set()
         return reader
@@ -169,7 +218,7 @@ class AsyncModuleClient:
                 if waiting is not None and not waiting.done():
                     waiting.set_result(header)
             elif op == modwire.MESSAGE:
-                self._inbox.put_nowait(Message(
+                self._inbox.put_nowait((self._generation, Message(
                     input=str(header.get("input", "")), body=body,
                     module=str(header.get("module", "")),
                     output=str(header.get("output", "")),
@@ -177,7 +226,7 @@ class AsyncModuleClient:
                     content_type=header.get("content_type"),
                     message_id=header.get("message_id"),
                     correlation_id=header.get("correlation_id"),
-                    created_at=float(header.get("created_at", 0.0))))
+                    created_at=float(header.get("created_at", 0.0)))))
             elif op == modwire.CALL:
                 task = asyncio.get_running_loop().create_task(self._answer(header, body))
                 self._calls.add(task)

@@ -12,11 +12,18 @@ is::
 Operations (``op``), module -> agent: ``hello`` (``module``: the name it claims, once,
 first), ``send`` (``id``, ``output``, ``properties``, ``content_type``, ``message_id``,
 ``correlation_id``; the body), ``reply`` (``id`` of a call, ``status``; the body is the
-JSON answer). Agent -> module: ``welcome`` (``module``, ``max_message_kb``), ``ack`` (``id``
+JSON answer), ``took`` (``count``: how many more delivered messages the module's code has
+taken; the credit of the flow control below). Agent -> module: ``welcome`` (``module``,
+``max_message_kb``, ``window``), ``ack`` (``id``
 of a send, ``status`` 200, or a refusal with ``reason``), ``message`` (delivered to
 ``input``: ``module`` and ``output`` that sent it, the same fields as a send,
 ``created_at``; the body), ``call`` (``id``, ``method``; the body is the JSON payload) and
 ``error`` (``status``, ``reason``: the connection is closed after it).
+
+Flow control: the agent has at most ``window`` messages written to a connection and not yet
+taken (a ``hello`` may ask for a smaller ``window``); each ``took`` lets it write that many
+more. What is not taken when the connection closes is delivered again to the next one
+(at-least-once to a module's code).
 """
 
 from __future__ import annotations
@@ -35,8 +42,14 @@ MAX_HEADER = 64 * 1024
 MAX_BODY = 16 * 1024 * 1024 + 1  # the largest max_message_kb, and one byte to tell it
 
 # Operations.
-HELLO, WELCOME, SEND, ACK, MESSAGE, CALL, REPLY, ERROR = (
-    "hello", "welcome", "send", "ack", "message", "call", "reply", "error")
+HELLO, WELCOME, SEND, ACK, MESSAGE, CALL, REPLY, ERROR, TOOK = (
+    "hello", "welcome", "send", "ack", "message", "call", "reply", "error", "took")
+
+
+def credit_batch(window: int) -> int:
+    """How many taken messages a client gathers into one ``took`` (a quarter of the window):
+    a frame per few messages, and the agent still has three quarters of it to write ahead."""
+    return max(1, window // 4)
 
 # Statuses of an ack (as HTTP's), and of an error before the connection closes.
 OK = 200

@@ -13,11 +13,19 @@ answered 404 ``Module not found``, logged with the pid and the name, counted
 Each ``send`` is matched against every route of the deployment (``configure``); each route
 that takes it delivers it to its sink: a module's input (a bounded queue in memory per
 module, ordered by the route's priority then by arrival, each message with the route's time
-to live; delivered in order while the module is connected) or ``$upstream`` (the store on
+to live; delivered in order while the module is connected, at most ``window`` at a time
+not yet taken by the module's code: see below) or ``$upstream`` (the store on
 disk, upstream.py; one copy however many upstream routes take it). A send is answered once
 every sink took it, or refused as a whole, never partly: 413 over ``max_message_kb``, 404
 when no route takes it, 507 when the store or an input's queue is full. Nothing is dropped
 but what outlives its time to live (``expired``).
+
+Flow control: the agent writes at most ``window`` messages (``Bounds.window``, or less if
+the module's hello asks) to a connection before the module says it took them (``took``
+frames with a count, a few messages each); the rest wait in the module's inbox, whose bound
+gives senders their 507. Written messages stay with the connection (``outstanding``) until
+taken; when it closes, the untaken ones go back to the front of the inbox, in order, for the
+next connection: at-least-once to the module's code. ``delivered`` counts taken messages.
 
 ``call`` hands a direct call to the module's connection and waits for its reply (the
 ``module_call`` work kind, ``register_calls``).
@@ -32,6 +40,7 @@ import itertools
 import json
 import logging
 import os
+from collections import deque
 import socket
 import struct
 import time
@@ -59,15 +68,17 @@ Identify = Callable[[int], "str | None"]
 
 @dataclass(frozen=True)
 class Bounds:
-    """What one module's inputs may hold in memory, and the read buffer of a connection."""
+    """What one module's inputs may hold in memory, the read buffer of a connection, and
+    how many messages a connection may have written and not yet taken (``window``)."""
 
     input_messages: int
     input_bytes: int
     read_buffer: int
+    window: int = 64
 
 
-NORMAL = Bounds(input_messages=1000, input_bytes=16 << 20, read_buffer=256 << 10)
-CONSTRAINED = Bounds(input_messages=100, input_bytes=1 << 20, read_buffer=16 << 10)
+NORMAL = Bounds(input_messages=1000, input_bytes=16 << 20, read_buffer=256 << 10, window=64)
+CONSTRAINED = Bounds(input_messages=100, input_bytes=1 << 20, read_buffer=16 << 10, window=8)
 
 
 def socket_path(state_root: Path) -> Path:
@@ -102,6 +113,7 @@ class Inbox:
 
     def __init__(self) -> None:
         self.heap: list[_Queued] = []
+        self.front = 0  # the order of the earliest message given back (requeue)
         self.count: dict[str, int] = {}
         self.bytes: dict[str, int] = {}
         self.ready = asyncio.Event()
@@ -115,6 +127,15 @@ class Inbox:
         self.count[item.input] = self.count.get(item.input, 0) + 1
         self.bytes[item.input] = self.bytes.get(item.input, 0) + len(item.body)
         self.ready.set()
+
+    def requeue(self, items: list[_Queued]) -> None:
+        """Give back messages written to a connection that closed before the module took
+        them: ahead of every waiting message (even of a higher priority, which came after
+        them), in the order they were written."""
+        self.front -= len(items)
+        for offset, item in enumerate(items):
+            item.priority, item.order = -1, self.front + offset
+            self.put(item)
 
     def pop(self) -> _Queued | None:
         if not self.heap:
@@ -146,12 +167,27 @@ class Refusal(Exception):
 
 
 class Connection:
-    def __init__(self, module: str, pid: int, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, module: str, pid: int, writer: asyncio.StreamWriter,
+                 window: int) -> None:
         self.module = module
         self.pid = pid
         self.writer = writer
         self.calls: dict[int, asyncio.Future[tuple[int, Any]]] = {}
         self.lock = asyncio.Lock()
+        self.window = window
+        self.outstanding: deque[_Queued] = deque()  # written, not yet taken, in order
+        self.room = asyncio.Event()  # set when a took made room in the window
+
+    def took(self, count: Any) -> int:
+        """Let go of the first ``count`` outstanding messages (a ``took`` frame)."""
+        if not isinstance(count, int) or isinstance(count, bool) or not (
+                0 < count <= len(self.outstanding)):
+            raise modwire.FrameError(f"a took counts some of the {len(self.outstanding)} "
+                                     f"messages written and not yet taken, not {count!r}")
+        for _ in range(count):
+            self.outstanding.popleft()
+        self.room.set()
+        return count
 
     async def write(self, frame: bytes) -> None:
         async with self.lock:
@@ -300,6 +336,10 @@ class MessageHub:
                         future.set_result((-1, None))
                 if self.connections.get(conn.module) is conn:
                     del self.connections[conn.module]
+                if conn.outstanding:
+                    self.inboxes.setdefault(conn.module, Inbox()).requeue(
+                        list(conn.outstanding))
+                    conn.outstanding.clear()
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -329,11 +369,16 @@ class MessageHub:
             return None
         if body_length:
             await modwire.skip(reader, body_length)
-        conn = Connection(claimed, pid, writer)
+        window = self.bounds.window
+        asked = header.get("window")
+        if isinstance(asked, int) and not isinstance(asked, bool) and 0 < asked < window:
+            window = asked  # a module may ask for less (to hold less in its own memory)
+        conn = Connection(claimed, pid, writer, window)
         self.connections[claimed] = conn
         self.inboxes.setdefault(claimed, Inbox())
         await conn.write(modwire.encode({"op": modwire.WELCOME, "module": claimed,
-                                         "max_message_kb": self.settings.max_message_kb}))
+                                         "max_message_kb": self.settings.max_message_kb,
+                                         "window": window}))
         return conn
 
     async def _read(self, conn: Connection, reader: asyncio.StreamReader) -> None:
@@ -363,6 +408,8 @@ class MessageHub:
                     await self._ack(conn, header, exc.status, exc.reason)
                 else:
                     await self._ack(conn, header, modwire.OK, "", routes=routes)
+            elif op == modwire.TOOK:
+                self._counters.delivered += conn.took(header.get("count"))
             elif op == modwire.REPLY:
                 future = conn.calls.get(header.get("id", -1))
                 if future is not None and not future.done():
@@ -459,6 +506,9 @@ class MessageHub:
     async def _deliver(self, conn: Connection) -> None:
         inbox = self.inboxes.setdefault(conn.module, Inbox())
         while True:
+            while len(conn.outstanding) >= conn.window:
+                conn.room.clear()
+                await conn.room.wait()
             await inbox.ready.wait()
             if self.connections.get(conn.module) is not conn:
                 return  # a newer connection of the module takes its messages
@@ -468,12 +518,10 @@ class MessageHub:
             if item.expires_at <= time.time():
                 self._counters.expired += 1
                 continue
-            try:
-                await conn.write(modwire.encode(item.header, item.body))
-            except (ConnectionError, asyncio.CancelledError):
-                inbox.put(item)  # back at its place: the next connection gets it
-                raise
-            self._counters.delivered += 1
+            # Outstanding before it is written: if the connection closes, even while
+            # writing, it goes back to the inbox (_serve) for the next connection.
+            conn.outstanding.append(item)
+            await conn.write(modwire.encode(item.header, item.body))
 
     # --- direct calls -------------------------------------------------------------------
     async def call(self, module: str, method: str, payload: Any, timeout: float
