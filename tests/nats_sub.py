@@ -67,4 +67,6 @@ class Subscriber:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._thread.join(5)  # the reader returns at the shutdown
+        self._file.close()  # its reference to the socket too, or the socket stays open
         self._sock.close()
