@@ -67,4 +67,6 @@ class Subscriber:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._thread.join(2)  # its readline ends at the shutdown
+        self._file.close()  # the socket's descriptor stays open while its file is
         self._sock.close()
