@@ -233,6 +233,10 @@ def test_two_modules_on_a_real_agent_route_filter_refuse_and_count(
     assert seen is not None
     assert {k: seen[k] for k in ("received", "delivered", "filtered", "refused")} == {
         "received": 5, "delivered": 1, "filtered": 1, "refused": 2}
+    # All of it (the deployment read, routes, upstream, reports) without pydantic: the
+    # agent's 40 MB budget (protocol/modreaders.py). Its compiled core is not mapped.
+    assert edge.agent.proc is not None
+    assert "_pydantic_core" not in Path(f"/proc/{edge.agent.proc.pid}/maps").read_text()
 
 
 def test_a_foreign_process_claiming_a_module_is_refused_logged_and_counted(

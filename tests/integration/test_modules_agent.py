@@ -284,13 +284,13 @@ def test_a_refused_package_says_403_and_points_at_package_and_credentials(
     # naming it, the package and the status (what rollout and `outpost check` then show).
     async def supervised() -> Any:
         from outpost.agent.modules.supervisor import Supervisor
-        from outpost.protocol.modules import DeploymentDoc
+        from outpost.protocol.modreaders import DeploymentDoc
 
         client = client_for(state, reg, Clock())
         sup = Supervisor(agent.state_dir, HttpChannel(client), tmp_path / "hub.sock")
         try:
             await sup.start()
-            await sup.apply(DeploymentDoc.model_validate({
+            await sup.apply(DeploymentDoc.read({
                 "deployment": "stale", "version": 1, "etag": "e", "manifest": {"modules": {
                     "sec": {"package": {"name": "secret", "version": "1.0.0"},
                             "backoff": {"base_seconds": 5}}}}}))

@@ -34,7 +34,8 @@ from outpost.agent.modules import upstream
 from outpost.agent.modules import msghub
 from outpost.agent.modules.msghub import MessageHub, socket_path
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.modules import UpstreamAck, UpstreamBatch, load_manifest
+from outpost.protocol.modreaders import DeploymentManifest, UpstreamAck, UpstreamBatch
+from outpost.protocol.modules import load_manifest
 from tests.support import wait_until
 
 MODULE = str(Path(__file__).resolve().parents[1] / "msgmodule.py")
@@ -73,7 +74,9 @@ class HubThread:
         self.path = root / "sock" / "hub.sock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.hub = MessageHub(self.pids.get, root / "state", path=self.path)
-        self.hub.configure(*load_manifest(manifest))
+        # Checked as the hub checks it, then read as the agent reads it (without pydantic).
+        checked, routes = load_manifest(manifest)
+        self.hub.configure(DeploymentManifest.read(checked.model_dump(mode="json")), routes)
         if upstream_fn is not None:
             self.hub.set_upstream(upstream_fn, backoff_base=0.05, backoff_cap=0.2)
         self.run(self.hub.start())

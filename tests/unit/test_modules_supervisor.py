@@ -33,7 +33,8 @@ from outpost.agent.modules.channel import package_refused
 from outpost.agent.modules.procs import proc_stat
 from outpost.agent.modules.supervisor import Supervisor
 from outpost.protocol.extpackage import digest
-from outpost.protocol.modules import DeploymentDoc, DeploymentManifest, ModulesReport
+from outpost.protocol.modreaders import DeploymentDoc, ModulesReport
+from outpost.protocol.modules import DeploymentManifest
 from tests.support import shared_dir
 
 ROOT = os.geteuid() == 0
@@ -80,8 +81,10 @@ class FakeChannel:
 
 
 def deployment(modules: dict[str, Any], etag: str = "e1") -> DeploymentDoc:
-    return DeploymentDoc(etag=etag, deployment="d", version=1,
-                         manifest=DeploymentManifest.model_validate({"modules": modules}))
+    """As the agent reads it: checked by the hub's model, then read without pydantic."""
+    manifest = DeploymentManifest.model_validate({"modules": modules}).model_dump(mode="json")
+    return DeploymentDoc.read({"etag": etag, "deployment": "d", "version": 1,
+                               "manifest": manifest})
 
 
 def sh(script: str, **spec: Any) -> dict[str, Any]:

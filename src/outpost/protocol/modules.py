@@ -31,6 +31,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from . import routes as routes_lang
+from .routes import RouteProblem
 from .base import Wire
 from .errors import OutpostError
 from .extensions import NAME_RE, Limits, check_version, inside_package
@@ -266,27 +267,10 @@ class DeploymentManifest(Wire):
         return value
 
 
-class RouteProblem(ValueError):
-    def __init__(self, name: str, problem: str, column: int) -> None:
-        super().__init__(problem)
-        self.name = name
-        self.column = column
-
-
 def compile_routes(manifest: DeploymentManifest) -> dict[str, routes_lang.Route]:
     """Every route parsed, and checked against the modules: RouteProblem otherwise."""
-    compiled: dict[str, routes_lang.Route] = {}
-    for name, spec in manifest.routes.items():
-        try:
-            route = routes_lang.parse(spec.route)
-        except routes_lang.RouteError as exc:
-            raise RouteProblem(name, exc.problem, exc.column) from None
-        for module, column in ((route.source.module, spec.route.find("/messages") + 1),
-                               (route.sink.module, spec.route.rfind("/modules/") + 1)):
-            if module is not None and module not in manifest.modules:
-                raise RouteProblem(name, f"no module '{module}' in this deployment", column)
-        compiled[name] = route
-    return compiled
+    return routes_lang.compile_all({name: spec.route for name, spec in manifest.routes.items()},
+                                   manifest.modules)
 
 
 # --- reading a manifest with positions ------------------------------------------------------

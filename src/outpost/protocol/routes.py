@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -461,3 +461,30 @@ def _last_into(text: str, start: int) -> re.Match[str] | None:
 
 def valid_name(name: str) -> bool:
     return bool(_NAME_RE.match(name))
+
+
+class RouteProblem(ValueError):
+    """A deployment's route that does not compile: its name and the column in it."""
+
+    def __init__(self, name: str, problem: str, column: int) -> None:
+        super().__init__(problem)
+        self.name = name
+        self.column = column
+
+
+def compile_all(routes: Mapping[str, str], modules: Container[str]) -> dict[str, Route]:
+    """Every route (name to text) parsed, and checked against the deployment's module
+    names: RouteProblem otherwise. The hub's manifest model and the agent's dataclass
+    both compile through here (the agent without pydantic)."""
+    compiled: dict[str, Route] = {}
+    for name, text in routes.items():
+        try:
+            route = parse(text)
+        except RouteError as exc:
+            raise RouteProblem(name, exc.problem, exc.column) from None
+        for module, column in ((route.source.module, text.find("/messages") + 1),
+                               (route.sink.module, text.rfind("/modules/") + 1)):
+            if module is not None and module not in modules:
+                raise RouteProblem(name, f"no module '{module}' in this deployment", column)
+        compiled[name] = route
+    return compiled

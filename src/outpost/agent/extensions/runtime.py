@@ -36,13 +36,17 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.extensions import Limits as ManifestLimits
 
 from .. import cgroups
 from ..jobusers import _useradd
 from ..sandbox import _reachable, _safe_root, agent_user
+
+if TYPE_CHECKING:  # a module's limits (modreaders.Limits) are read without pydantic
+    from outpost.protocol.extensions import Limits as ManifestLimits
+    from outpost.protocol.modreaders import Limits as ModuleLimits
 
 log = logging.getLogger("outpost.agent.extensions")
 
@@ -199,7 +203,7 @@ class Runtime:
         return (entry.pw_uid, entry.pw_gid), said
 
     # --- limits ------------------------------------------------------------------------
-    def limits(self, asked: ManifestLimits) -> cgroups.Limits:
+    def limits(self, asked: ManifestLimits | ModuleLimits) -> cgroups.Limits:
         d = self.defaults
         return cgroups.Limits(
             memory_mb=asked.memory_mb if asked.memory_mb is not None else d.memory_mb,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from outpost.protocol.modules import Backoff
+from outpost.protocol.modreaders import Backoff
 
 
 @dataclass

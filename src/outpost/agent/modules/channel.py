@@ -12,7 +12,14 @@ from typing import Protocol
 from urllib.parse import quote
 
 from outpost.protocol.errors import HubRefused, OutpostError
-from outpost.protocol.modules import DeploymentDoc, ModulesReport, UpstreamAck, UpstreamBatch
+from outpost.protocol.readers import ReadError
+from outpost.protocol.modreaders import (
+    DeploymentDoc,
+    ModulesReport,
+    UpstreamAck,
+    UpstreamBatch,
+    wire,
+)
 
 from ..transport import HubClient
 
@@ -56,7 +63,12 @@ class HttpChannel:
 
     async def fetch_deployment(self) -> DeploymentDoc:
         answer = await self.client.request("GET", "/v1/agent/deployment")
-        return DeploymentDoc.model_validate(answer)
+        try:
+            return DeploymentDoc.read(answer)
+        except ReadError as exc:  # the hub validated it: a hub of another version
+            raise OutpostError("deployment_fetch_failed", "The agent could not fetch its "
+                               f"deployment: the hub's answer does not fit this agent "
+                               f"({exc}).", problem=str(exc)) from None
 
     async def fetch_package(self, name: str, version: str) -> tuple[bytes, str | None]:
         path = f"/v1/agent/modules/{quote(name, safe='')}/{quote(version, safe='')}/package"
@@ -72,10 +84,11 @@ class HttpChannel:
 
     async def report(self, report: ModulesReport) -> None:
         await self.client.request("POST", "/v1/agent/modules/report",
-                                  report.model_dump(mode="json"))
+                                  wire(report))
 
     async def send_messages(self, batch: UpstreamBatch) -> UpstreamAck:
         """``$upstream`` messages, in order (the message hub's uploader)."""
         answer = await self.client.request("POST", "/v1/agent/messages",
-                                           batch.model_dump(mode="json"))
-        return UpstreamAck.model_validate(answer)
+                                           wire(batch))
+        # An answer that does not fit raises ReadError: the uploader tries again later.
+        return UpstreamAck.read(answer)

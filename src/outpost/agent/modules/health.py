@@ -13,7 +13,7 @@ import signal
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from outpost.protocol.modules import HealthProbe
+from outpost.protocol.modreaders import HealthProbe
 
 OUTPUT_LIMIT = 400  # characters of a failing command's output kept for the reason
 

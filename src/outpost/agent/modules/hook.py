@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from outpost.protocol.errors import OutpostError
+from outpost.protocol.modreaders import wire
 
 from .. import cgroups
 from ..transport import HubClient
@@ -200,8 +201,8 @@ class Modules:
                 "version": doc.version if doc else 0, "etag": doc.etag if doc else None,
                 "hub_etag": self.wanted, "fetched_at": self.fetched_at,
                 "fetch_error": self.fetch_error, "error": self.supervisor.error,
-                "modules": [s.model_dump(mode="json") for s in self.supervisor.statuses()],
-                "messages": self.messages.counters().model_dump(mode="json"),
+                "modules": [wire(s) for s in self.supervisor.statuses()],
+                "messages": wire(self.messages.counters()),
                 "socket": str(self.messages.path) if self.messages.path else None}
 
 

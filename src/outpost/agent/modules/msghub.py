@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import json
@@ -51,8 +52,8 @@ from typing import Any
 
 from outpost.protocol import modwire
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.modules import (DeploymentManifest, MessageCounters,
-                                      MessageHubSettings)
+from outpost.protocol.modreaders import (DeploymentManifest, MessageCounters,
+                                         MessageHubSettings)
 from outpost.protocol.routes import Message as RouteMessage
 from outpost.protocol.routes import Route
 
@@ -295,7 +296,7 @@ class MessageHub:
                 self.path.unlink()
 
     def counters(self) -> MessageCounters:
-        out = self._counters.model_copy()
+        out = dataclasses.replace(self._counters)
         if self.store is not None:
             out.upstream_queued = self.store.queued
             out.upstream_queued_bytes = self.store.size

@@ -44,21 +44,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.modules import (
+from outpost.protocol.readers import ReadError
+from outpost.protocol.modreaders import (
     MODULE_MANIFEST_NAME,
     DeploymentDoc,
     DeploymentManifest,
+    MessageCounters,
     ModulePackageManifest,
     ModulesReport,
     ModuleSpec,
-    ModuleState,
     ModuleStatus,
-    compile_routes,
+    wire,
 )
-from outpost.protocol.routes import Route
+from outpost.protocol.routes import Route, compile_all
 
 from .. import cgroups
 from ..extensions.runtime import Runtime
@@ -67,6 +68,9 @@ from ..state import CorruptFile, read_checked, write_checked
 from . import health, procs
 from .backoff import Schedule
 from .channel import ModuleChannel, package_refused
+
+if TYPE_CHECKING:
+    from outpost.protocol.modules import ModuleState
 
 log = logging.getLogger("outpost.agent.modules")
 
@@ -85,7 +89,7 @@ def _make_user(name: str) -> None:
 
 
 def spec_hash(spec: ModuleSpec) -> str:
-    body = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    body = json.dumps(wire(spec), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -186,12 +190,18 @@ class Supervisor:
         self._records = dict(saved.get("modules") or {})
         doc = saved.get("doc")
         if doc:
-            await self.apply(DeploymentDoc.model_validate(doc))
+            try:
+                found = DeploymentDoc.read(doc)
+            except ReadError as exc:  # written by an agent of another version
+                log.warning("modules: the deployment in the supervisor's state is unreadable "
+                            "(%s); it is fetched again", exc)
+                return
+            await self.apply(found)
 
     def statuses(self) -> list[ModuleStatus]:
         return [m.status() for m in self._modules.values()]
 
-    def report(self, counters: Any = None) -> ModulesReport:
+    def report(self, counters: MessageCounters | None = None) -> ModulesReport:
         doc = self.doc
         extra = {"messages": counters} if counters is not None else {}
         return ModulesReport(deployment=doc.deployment if doc else None,
@@ -242,7 +252,7 @@ class Supervisor:
         self._save()
         self._notify()
         try:
-            routes = compile_routes(manifest)
+            routes = compile_all(manifest.route_texts(), manifest.modules)
         except ValueError as exc:  # the hub checked it: only a hub of another version
             self.error = f"the routes do not compile: {exc}"
             routes = {}
@@ -617,8 +627,13 @@ class Supervisor:
             except OutpostError as exc:
                 raise OutpostError("module_start_failed", f"The module {m.name} could not "
                                    f"be started: {exc.message}", module=m.name) from None
-        manifest = ModulePackageManifest.model_validate_json(
-            (directory / MODULE_MANIFEST_NAME).read_bytes())
+        try:
+            manifest = ModulePackageManifest.read(json.loads(
+                (directory / MODULE_MANIFEST_NAME).read_bytes()))
+        except (OSError, ValueError) as exc:  # ReadError, a JSON error: not as unpacked
+            raise OutpostError("module_start_failed", f"The module {m.name} could not be "
+                               f"started: {directory / MODULE_MANIFEST_NAME} cannot be read "
+                               f"({exc}).", module=m.name) from None
         argv = [str(directory / manifest.run.run), *manifest.run.args, *spec.args]
         return argv, str(directory), ref.version
 
@@ -685,7 +700,7 @@ class Supervisor:
                                    "version": m.version, "started_at": m.last_start_at,
                                    "restarts": m.schedule.restarts}
         self._records = records
-        data = {"doc": self.doc.model_dump(mode="json") if self.doc else None,
+        data = {"doc": wire(self.doc) if self.doc else None,
                 "modules": records}
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from outpost.protocol.modules import UpstreamAck, UpstreamBatch, UpstreamMessage
+from outpost.protocol.modreaders import UpstreamAck, UpstreamBatch, UpstreamMessage
 
 log = logging.getLogger("outpost.agent.messages")
 
@@ -255,9 +255,12 @@ class Store:
         self._cursor = (index - popped, offset) if index >= popped else (0, 0)
 
 
+_WIRE = tuple(UpstreamMessage.__dataclass_fields__)
+
+
 def wire(record: dict[str, Any]) -> UpstreamMessage:
-    return UpstreamMessage.model_validate({k: v for k, v in record.items()
-                                           if k != "expires_at"})
+    """A stored record as the message the hub takes (the store's own fields left out)."""
+    return UpstreamMessage(**{k: record[k] for k in _WIRE if k in record})
 
 
 class Uploader:
