@@ -83,3 +83,5 @@ class Subscriber:
                 self._writer.close()
         self._loop.call_soon_threadsafe(stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()  # its self-pipe sockets too
