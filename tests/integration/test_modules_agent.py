@@ -114,6 +114,10 @@ def test_deploy_to_a_group_rollout_wait_and_status_agree(hub: Hub, tmp_path: Pat
     mods = {m["name"]: m for m in local["modules"]["modules"]}
     assert {n: (m["state"], m["pid"]) for n, m in mods.items()} == {
         n: ("running", x["pid"]) for n, x in rows.items()}, local["modules"]
+    # A package downloaded, checked and unpacked, and still no pydantic in the agent (its
+    # memory budget: docs/architecture.md).
+    assert agent.proc is not None
+    assert "_pydantic_core" not in Path(f"/proc/{agent.proc.pid}/maps").read_text()
 
 
 def _kill_and_see(agent: Agent, module: str, pid: int, state: str) -> tuple[float, dict[str, Any]]:

@@ -3,7 +3,10 @@ every kind of bad one refused with the field, line and column."""
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +161,45 @@ def test_route_names_may_have_capitals_module_names_may_not() -> None:
     assert "sensorToFilter" in manifest.routes
     error = refusal(GOOD.replace("  hot:", "  hot route:"))
     assert error.details["field"] == "routes.hot route" and error.details["line"] == 15
+
+
+def test_the_agent_checks_a_module_package_without_pydantic(tmp_path: Path) -> None:
+    """The agent unpacks with light=True: the same packages taken, the same refused, and
+    pydantic not imported (its memory budget)."""
+    import subprocess
+    import sys
+
+    def archive(manifest: dict[str, object], mode: int = 0o755) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w:gz") as tar:
+            for name, data, bits in (("outpost-module.json", json.dumps(manifest).encode(),
+                                      0o644), ("bin/start", b"#!/bin/sh\nexec sleep 9\n", mode)):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), bits
+                tar.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+
+    good = {"name": "filt", "version": "1.0.0", "run": {"run": "bin/start", "args": ["-v"]}}
+    cases = [archive(good), archive(good, 0o644), archive({**good, "name": "Filt"}),
+             archive({**good, "version": "one"}), archive({**good, "run": {"run": "/bin/sh"}}),
+             archive({"name": "filt", "version": "1.0.0"})]
+    for data in cases:
+        heavy: object
+        try:
+            heavy = extpackage.read(data, kind="module").manifest.run.args
+        except OutpostError as exc:
+            heavy = exc.code
+        try:
+            light = extpackage.read(data, kind="module", light=True).manifest.run.args
+        except OutpostError as exc:
+            light = exc.code
+        assert heavy == light, (heavy, light)
+    (tmp_path / "pkg.tar.gz").write_bytes(cases[0])
+    code = ("import sys; from pathlib import Path; from outpost.protocol import extpackage; "
+            f"p = extpackage.unpack(Path({str(tmp_path / 'pkg.tar.gz')!r}).read_bytes(), "
+            f"Path({str(tmp_path / 'out')!r}), None, 'module', True); "
+            "print(p.manifest.name, 'pydantic' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.split() == ["filt", "False"], done.stdout + done.stderr
+    assert (tmp_path / "out" / "bin" / "start").exists()

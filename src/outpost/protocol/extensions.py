@@ -15,22 +15,23 @@ the etag of the goals it holds, it fetches ``GET /v1/agent/extensions`` (an
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from .base import Wire
+from .pkgrules import EXTENSION_MANIFEST as EXTENSION_MANIFEST
+from .pkgrules import NAME_RE as NAME_RE
+from .pkgrules import PACKAGE_MAX_BYTES as PACKAGE_MAX_BYTES
+from .pkgrules import PACKAGE_MAX_MEMBERS as PACKAGE_MAX_MEMBERS
+from .pkgrules import UNPACKED_MAX_BYTES as UNPACKED_MAX_BYTES
+from .pkgrules import VERSION_RE as VERSION_RE
+from .pkgrules import check_version as check_version
+from .pkgrules import inside_package as inside_package
 from .readers import INT32_MAX, INT64_MAX
 
-MANIFEST_NAME = "outpost-extension.json"
+MANIFEST_NAME = EXTENSION_MANIFEST
 SCHEMA_VERSION = 1
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}([-+][A-Za-z0-9.-]{1,32})?$")
-# A package is read whole into memory at publish and by the agent before unpacking.
-PACKAGE_MAX_BYTES = 64 * 1024 * 1024
-PACKAGE_MAX_MEMBERS = 10_000
-UNPACKED_MAX_BYTES = 512 * 1024 * 1024
 
 # The handler commands, in the order an update runs them (disable old, update, uninstall
 # old, install new, enable new).
@@ -46,23 +47,6 @@ Step = Literal["download", "verify", "unpack", "install", "enable", "disable", "
                "uninstall", "rollback"]
 # What a handler writes to its status file.
 HandlerStatus = Literal["transitioning", "success", "warning", "error"]
-
-
-def check_version(value: str) -> str:
-    """``value`` when it is a version (numbers separated by dots), else ValueError."""
-    if not VERSION_RE.match(value):
-        raise ValueError(f"'{value}' is not a version: use numbers separated by dots, as "
-                         "1.2.3")
-    return value
-
-
-def inside_package(value: str) -> str:
-    """``value`` when it is a relative path inside a package (no '..'), else ValueError."""
-    parts = value.split("/")
-    if value.startswith("/") or ".." in parts or "\\" in value or "\x00" in value:
-        raise ValueError(f"'{value}' is not a path inside the package: give a relative "
-                         "path without '..'")
-    return value
 
 
 class Command(Wire):

@@ -21,14 +21,16 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import OutpostError
-from .extensions import (
-    MANIFEST_NAME, PACKAGE_MAX_BYTES, PACKAGE_MAX_MEMBERS, UNPACKED_MAX_BYTES, Manifest,
+from .pkgrules import (
+    EXTENSION_MANIFEST, MODULE_MANIFEST, NAME_RE, PACKAGE_MAX_BYTES, PACKAGE_MAX_MEMBERS,
+    UNPACKED_MAX_BYTES, check_version, inside_package,
 )
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 Kind = Literal["extension", "module"]
@@ -68,13 +70,38 @@ def _field(error: ValidationError, manifest_name: str) -> str:
     return f"{manifest_name}: {where}: {first['msg']}"
 
 
-def _format(kind: Kind) -> tuple[str, Any]:
-    """The manifest's file name and model of a package kind."""
-    if kind == "module":
-        from .modules import MODULE_MANIFEST_NAME, ModulePackageManifest
+def _manifest_name(kind: Kind) -> str:
+    return MODULE_MANIFEST if kind == "module" else EXTENSION_MANIFEST
 
-        return MODULE_MANIFEST_NAME, ModulePackageManifest
-    return MANIFEST_NAME, Manifest
+
+def _validate(raw: Any, kind: Kind, light: bool) -> Any:
+    """The manifest in ``raw`` (its pydantic model; with ``light``, a module's as the
+    agent reads it, modreaders.ModulePackageManifest, with the same rules and no pydantic),
+    or E9000 naming the field."""
+    name = _manifest_name(kind)
+    if kind == "module" and light:
+        from .modreaders import ModulePackageManifest
+        from .readers import ReadError
+
+        try:
+            manifest = ModulePackageManifest.read(raw)
+            if not NAME_RE.match(manifest.name):
+                raise ValueError(f"name: '{manifest.name}' is not a module package name")
+            check_version(manifest.version)
+            inside_package(manifest.run.run)
+        except (ReadError, ValueError) as exc:
+            raise _bad(f"{name}: {exc}", kind) from None
+        return manifest
+    from pydantic import ValidationError
+
+    if kind == "module":
+        from .modules import ModulePackageManifest as Model
+    else:
+        from .extensions import Manifest as Model  # type: ignore[assignment]
+    try:
+        return Model.model_validate(raw)
+    except ValidationError as exc:
+        raise _bad(_field(exc, name), kind) from None
 
 
 def _commands(manifest: Any, kind: Kind) -> list[tuple[str, Any]]:
@@ -84,9 +111,10 @@ def _commands(manifest: Any, kind: Kind) -> list[tuple[str, Any]]:
     return commands + [(f"operations.{k}", c) for k, c in manifest.operations.items()]
 
 
-def read(data: bytes, kind: Kind = "extension") -> Package:
-    """The package in ``data``, validated; E9000/E9002 naming what is wrong otherwise."""
-    manifest_name, model = _format(kind)
+def read(data: bytes, kind: Kind = "extension", light: bool = False) -> Package:
+    """The package in ``data``, validated; E9000/E9002 naming what is wrong otherwise.
+    ``light`` (a module package, on the agent): its manifest read without pydantic."""
+    manifest_name = _manifest_name(kind)
     if len(data) > PACKAGE_MAX_BYTES:
         raise OutpostError("ext_package_too_large",
                            f"The {kind} package is larger than "
@@ -134,10 +162,7 @@ def read(data: bytes, kind: Kind = "extension") -> Package:
         raw = json.loads(manifest_bytes)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad(f"{manifest_name} is not JSON ({exc})", kind) from None
-    try:
-        manifest = model.model_validate(raw)
-    except ValidationError as exc:
-        raise _bad(_field(exc, manifest_name), kind) from None
+    manifest = _validate(raw, kind, light)
     for field, command in _commands(manifest, kind):
         run = str(PurePosixPath(command.run))
         if run not in files:
@@ -151,7 +176,7 @@ def read(data: bytes, kind: Kind = "extension") -> Package:
 
 
 def unpack(data: bytes, dest: Path, expected_sha256: str | None = None,
-           kind: Kind = "extension") -> Package:
+           kind: Kind = "extension", light: bool = False) -> Package:
     """Check, validate and unpack ``data`` into the new directory ``dest`` (which must not
     exist); nothing is left behind when a check fails."""
     if expected_sha256 is not None:
@@ -159,7 +184,7 @@ def unpack(data: bytes, dest: Path, expected_sha256: str | None = None,
         if actual != expected_sha256:
             raise OutpostError("ext_package_digest", expected=expected_sha256, actual=actual,
                                name=dest.parent.name, version=dest.name)
-    package = read(data, kind)
+    package = read(data, kind, light)
     dest.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:

@@ -34,10 +34,11 @@ from . import routes as routes_lang
 from .routes import RouteProblem
 from .base import Wire
 from .errors import OutpostError
-from .extensions import NAME_RE, Limits, check_version, inside_package
+from .extensions import Limits
+from .pkgrules import MODULE_MANIFEST, NAME_RE, check_version, inside_package
 from .readers import INT32_MAX
 
-MODULE_MANIFEST_NAME = "outpost-module.json"
+MODULE_MANIFEST_NAME = MODULE_MANIFEST
 SCHEMA_VERSION = 1
 MANIFEST_MAX_BYTES = 1024 * 1024
 MAX_MODULES = 64

@@ -620,8 +620,9 @@ class Supervisor:
                                           int(exc.details.get("status", 0))) from None
                 raise
             try:
+                # light: its manifest checked without pydantic (the agent's budget).
                 await asyncio.to_thread(extpackage.unpack, data, directory,
-                                        ref.sha256 or sha, "module")
+                                        ref.sha256 or sha, "module", True)
             except FileExistsError:
                 pass  # another module of the same package unpacked it first
             except OutpostError as exc:
