@@ -156,3 +156,31 @@ def test_a_restarted_agent_ends_the_runbook_first_and_reads_all_it_wrote(
     # Every line it wrote, in order, from the first; the kill may have cut the last one.
     assert texts[:-1] == [f"n {i}" for i in range(1, len(texts))]
     assert f"n {len(texts)}".startswith(texts[-1])
+
+
+def test_a_fork_refused_for_a_moment_is_tried_again(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """EAGAIN from the fork (the slot's process limit still counting the job before it) is
+    tried again; another error, or EAGAIN that lasts, loses the attempt as before."""
+    import errno
+
+    from outpost.agent import process
+
+    real = process.spawn
+    refusals = {"left": 2}
+
+    def spawn(*args: Any, **kw: Any) -> Any:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(process, "spawn", spawn)
+    outcome, records, _ = run_job(tmp_path / "a", "echo started\n")
+    assert outcome["exit_code"] == 0 and refusals["left"] == 0
+    assert [r["text"] for r in records] == ["started"]
+
+    refusals["left"] = 99
+    outcome, _, took = run_job(tmp_path / "b", "echo never\n")
+    assert outcome["cause"] == "lost" and "Resource temporarily unavailable" in outcome["reason"]
+    assert 1.4 < took < 10 and refusals["left"] == 99 - runner.SPAWN_TRIES

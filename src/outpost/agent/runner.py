@@ -52,6 +52,9 @@ FIRST_REPORT_WAIT = 0.02  # a job this quick is reported in one request
 _EXT = {"bash": ".sh", "sh": ".sh", "python": ".py", "pwsh": ".ps1"}
 
 
+SPAWN_TRIES = 5  # 0.1 + 0.2 + 0.4 + 0.8 s of waits for a fork refused with EAGAIN
+
+
 @functools.cache
 def _lean() -> bool:
     """Runbooks are started and watched by process.py where pidfds work."""
@@ -704,10 +707,26 @@ class JobRun:
         process.outputs(self.spool.path.parent).give_back(self._output, reuse)
         self._output = None
 
+    async def _spawn_retrying(self) -> process.Started:
+        """The runbook started. A fork refused for a moment (EAGAIN: the slot's process
+        limit still counts processes of the job before it, which the kernel is reaping, or
+        the machine is briefly out of processes) is tried again, waiting 0.1 s doubling,
+        before the attempt counts as lost."""
+        for attempt in range(SPAWN_TRIES):
+            try:
+                return self._prepare_and_spawn()
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN or attempt == SPAWN_TRIES - 1:
+                    raise
+                log.warning("job %s: the runbook could not be started (%s); trying again",
+                            self.id, exc.strerror or exc)
+                await asyncio.sleep(0.1 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
     async def _execute(self) -> dict[str, Any]:
         try:
             if _lean():
-                self.proc = process.Process(self._prepare_and_spawn())
+                self.proc = process.Process(await self._spawn_retrying())
             else:
                 argv, workdir, env, identity = self._spawn_args()
         except OutpostError as exc:
