@@ -391,6 +391,8 @@ def test_direct_calls_from_the_operator(
     # E9191 only when the agent's answer does not come at all.
     assert "E9183" in slow.stderr and "did not answer the call of slow within 1 s" in (
         slow.stderr), slow.stderr
+    # The calls were read and answered without pydantic (the agent's memory budget).
+    assert "_pydantic_core" not in Path(f"/proc/{edge.agent.proc.pid}/maps").read_text()
 
 
 @pytest.mark.skipif(not _nats_up(), reason="no NATS server at 127.0.0.1:4222")

@@ -103,7 +103,8 @@ assert sent[0]["result"]["error"]["code"] == "E9088", sent
 READERS = [(readers.HeartbeatAck, HeartbeatAck), (readers.PollAnswer, wire.PollAnswer),
            (readers.RawItem, wire.RawItem), (readers.PingPayload, wire.PingPayload),
            (readers.JobControlPayload, wire.JobControlPayload),
-           (readers.JobLimits, wire.JobLimits), (readers.JobClaim, wire.JobClaim)]
+           (readers.JobLimits, wire.JobLimits), (readers.JobClaim, wire.JobClaim),
+           (readers.ModuleCallPayload, wire.ModuleCallPayload)]
 
 
 def _defaults(model: Any) -> dict[str, Any]:
@@ -146,6 +147,9 @@ SAME = [
     (readers.JobClaim, {k: CLAIM[k] for k in ("job_id", "runbook", "version", "type",
                                               "content")}),
     (readers.JobClaim, {**CLAIM, "limits": {"cpus": 0}, "attempt": 2.0}),
+    (readers.ModuleCallPayload, {"module": "filter", "method": "echo"}),
+    (readers.ModuleCallPayload, {"module": "filter", "method": "echo",
+                                 "payload": {"a": [1, "x"]}, "timeout_seconds": 300}),
 ]
 
 
@@ -180,6 +184,10 @@ REFUSED = [
     (readers.JobClaim, {**CLAIM, "timeout": float("inf")}, ["timeout"]),
     (readers.JobClaim, {"job_id": "j1"}, ["runbook: required", "version: required",
                                           "type: required", "content: required"]),
+    (readers.ModuleCallPayload, {"method": "m" * 129, "timeout_seconds": 0},
+     ["module: required", "method: at most 128", "timeout_seconds: 0.0 is not within"]),
+    (readers.ModuleCallPayload, {"module": "f", "method": "m", "timeout_seconds": 301},
+     ["timeout_seconds: 301.0 is not within"]),
 ]
 
 

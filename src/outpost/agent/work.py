@@ -10,8 +10,9 @@ done``), or None when the item is answered some other way (a job attempt, by its
 Built in: ``job`` (start the claimed attempt), ``ping`` (answer at once),
 ``job_control`` (stop, suspend or resume a running attempt), ``ext_op`` (an extension
 operation, extensions/ops.py) and ``module_call`` (a module's method, modules/msghub.py).
-The first three read their payloads with protocol/readers.py, without pydantic (which says
-why); ``ext_op`` and ``module_call`` with their models, imported at their first item.
+``job``, ``ping``, ``job_control`` and ``module_call`` read their payloads with
+protocol/readers.py, without pydantic (which says why); ``ext_op`` with its model, imported
+at its first item.
 Extensions and modules add a kind with ``register(kind, handler, payload=Model)``, without
 touching the daemon.
 
@@ -261,4 +262,4 @@ register(kinds.JOB, _job, payload=readers.JobClaim.read, refuse=_refuse_job)
 register(kinds.PING, _ping, payload=readers.PingPayload.read)
 register(kinds.JOB_CONTROL, _job_control, payload=readers.JobControlPayload.read)
 register(kinds.EXT_OP, _ext_op, payload="outpost.protocol.work:ExtOpPayload")
-register(kinds.MODULE_CALL, _module_call, payload="outpost.protocol.work:ModuleCallPayload")
+register(kinds.MODULE_CALL, _module_call, payload=readers.ModuleCallPayload.read)

@@ -219,6 +219,31 @@ class JobControlPayload:
             "action": (one_of("stop", "suspend", "resume"), REQUIRED)})
 
 
+def timeout(value: Any) -> float:
+    """A module call's timeout: over 0, at most 300 seconds (``work.ModuleCallPayload``)."""
+    found = float(number()(value))
+    if not 0 < found <= 300:
+        raise _Bad(f"{found} is not within (0, 300] seconds")
+    return found
+
+
+@dataclass
+class ModuleCallPayload:
+    """``work.ModuleCallPayload``: a module's method called through the long-poll; read
+    without pydantic so that an agent running modules stays within its memory budget."""
+
+    module: str
+    method: str
+    payload: Any = None
+    timeout_seconds: float = 30.0
+
+    @classmethod
+    def read(cls, data: Any) -> ModuleCallPayload:
+        return read(cls, "module call", data, {
+            "module": (text(64), REQUIRED), "method": (text(128), REQUIRED),
+            "payload": (lambda value: value, None), "timeout_seconds": (timeout, 30.0)})
+
+
 @dataclass
 class JobLimits:
     memory_mb: int | None = None

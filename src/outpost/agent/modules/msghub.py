@@ -580,11 +580,9 @@ def detach(state: Any) -> None:
 
 
 async def take_call(item: Any, ctx: Any) -> Any:
-    """A ``module_call`` work item: the module's reply (a ModuleCallResult), or the error
-    that it is not connected (E9182; also on a machine that runs no modules) or did not
-    answer in time (E9183)."""
-    from outpost.protocol.work import ModuleCallResult
-
+    """A ``module_call`` work item: the module's reply (``work.ModuleCallResult``'s keys,
+    as a dict: no pydantic on the agent), or the error that it is not connected (E9182; also
+    on a machine that runs no modules) or did not answer in time (E9183)."""
     from .. import work
 
     asked = item.payload
@@ -598,4 +596,4 @@ async def take_call(item: Any, ctx: Any) -> Any:
                                         asked.timeout_seconds)
     except OutpostError as exc:
         return work.error_result(exc)
-    return ModuleCallResult(status=status, payload=answer)
+    return {"status": status, "payload": answer}
