@@ -390,3 +390,26 @@ def test_restics_times_are_read_to_the_microsecond(stamp: str, seconds: float | 
     from outpost.extensions.backup.main import _epoch
 
     assert _epoch(stamp) == seconds
+
+
+def test_enable_sets_the_transport_only_when_asked(hub: Hub, tmp_path: Path) -> None:
+    """'backup enable --transport bridge' writes the setting into the goal; without the
+    option the goal leaves it out (auto); a value it does not know is refused, naming the
+    choices, and the goal already set is kept."""
+    machine_calls(hub, tmp_path / "sim", "sim")
+
+    def settings() -> dict[str, Any]:
+        goals = hub.api("GET", "/v1/extensions/backup").json()["goals"]
+        [goal] = [g for g in goals if g["target_kind"] == "machine" and g["target"] == "sim"]
+        return dict(goal["settings"])
+
+    bridge = hub.cli("backup", "enable", "--machine", "sim", "--paths", "/srv",
+                     "--transport", "bridge")
+    assert bridge.returncode == 0, bridge.stderr
+    assert settings()["transport"] == "bridge"
+    wrong = hub.cli("backup", "enable", "--machine", "sim", "--paths", "/srv",
+                    "--transport", "carrier-pigeon")
+    assert wrong.returncode == 2 and "carrier-pigeon" in wrong.stderr, wrong.stderr
+    assert "bridge" in wrong.stderr and settings()["transport"] == "bridge"
+    assert hub.cli("backup", "enable", "--machine", "sim", "--paths", "/srv").returncode == 0
+    assert "transport" not in settings()

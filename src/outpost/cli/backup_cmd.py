@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -30,6 +31,14 @@ from .options import CaFingerprint, DataDir, Hub, Json, Token, api
 from .output import ago, cell, err, out, print_json, say, table
 
 NAME = "backup"
+
+
+class Transport(str, Enum):
+    """How restic reaches the hub (the backup extension's setting ``transport``)."""
+
+    auto = "auto"
+    direct = "direct"
+    bridge = "bridge"
 MIN_PASSWORD = 8
 
 app = typer.Typer(no_args_is_help=True, help="Backups of machines' files with the shipped "
@@ -90,6 +99,10 @@ def backup_enable(
     require_application: Annotated[bool, typer.Option(
         "--require-application-consistency", help="Fail the snapshot, rather than take a "
         "crash-consistent one, when the pre-snapshot command fails or overruns.")] = False,
+    transport: Annotated[Optional[Transport], typer.Option(
+        "--transport", case_sensitive=False, help="How restic reaches the hub: auto (the "
+        "default: directly with restic 0.17 and later, else through outpost-restic-bridge), "
+        "direct, or bridge (docs/backup.md, \"Why two ways, and which one is used\").")] = None,
     hub: Hub = None, token: Token = None, ca_fingerprint: CaFingerprint = None,
     data_dir: DataDir = None, json: Json = False,
 ) -> None:
@@ -114,6 +127,8 @@ def backup_enable(
     if pre_snapshot_timeout is not None:
         settings["pre_snapshot_timeout"] = pre_snapshot_timeout
     settings["consistency"] = "application" if require_application else "crash"
+    if transport is not None:
+        settings["transport"] = transport.value
     body: dict[str, Any] = {"settings": settings, "run_as": "root", "enabled": True}
     generated = None
     if password_file is not None:
