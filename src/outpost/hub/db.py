@@ -797,6 +797,9 @@ extension_operations = sa.Table(
     # The schedule run that asked it: one operation per (run, machine), whoever fires it.
     sa.Column("schedule_id", sa.String(36)),
     sa.Column("schedule_due_at", sa.Float),
+    # The run of the agent (its heartbeat's ``run``) that was heartbeating when the operation
+    # started: a heartbeat of another run says the process that ran it is gone.
+    sa.Column("started_run", sa.String(32)),
     sa.Index("ix_extension_operations_target", "machine_id", "extension", "status"),
     sa.Index("uq_extension_operations_schedule_run", "schedule_id", "schedule_due_at",
              "machine_id", unique=True),

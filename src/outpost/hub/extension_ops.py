@@ -26,8 +26,11 @@ exactly when the end is (the backup catalog, hub/backup_catalog.py).
 
 A Running operation whose agent is gone ends Failed with E9093 (``_end_lost``), like a job's
 lease (HW-1): its machine sent no heartbeat for a lease (3 intervals, at least 5 s), or its
-agent started again after it claimed the operation (a new process runs no operation of the
-old one). The next one in line is then handed out.
+agent started again after the operation started (a new process runs no operation of the old
+one). The start records the run of the agent heartbeating then (``started_run``, the
+heartbeat's ``run``, an id each agent process makes at start); a heartbeat of another run ends
+it at the next pass, however soon after the start the agent was restarted. The next one in
+line is then handed out.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ SCHEDULED = "scheduled: "  # the reason of an operation waiting for its schedule
 START_TIMEOUT_TEXT = entry("ext_op_start_timeout").message.rstrip(".")
 # An agent's start, as the hub reckons it from a heartbeat (its time less the uptime it
 # carries), is late by the heartbeat's time in transit: only a start this much after the
-# claim says that another process claimed it.
+# claim says that another process claimed it. Used where the run that started an operation
+# is not known (an agent that sends no ``run``).
 RESTART_MARGIN = 5.0
 
 # (connection, the operation's row before its end, the values its end wrote)
@@ -488,10 +492,12 @@ class ExtensionOps:
         rows = (await conn.execute(
             sa.select(t.c.id, t.c.machine_id, t.c.extension, t.c.operation, t.c.attempt,
                       t.c.started_at, m.c.name, m.c.last_heartbeat_at, m.c.heartbeat_interval,
-                      m.c.heartbeat, m.c.stopped_at, work_items.c.claimed_at)
+                      m.c.heartbeat, m.c.stopped_at, t.c.started_run,
+                      work_items.c.claimed_at)
             .select_from(t.join(m, m.c.id == t.c.machine_id)
                          .outerjoin(work_items, work_items.c.id == t.c.item_id))
             .where(t.c.status == "Running"))).all()
+        await self._hand_out_again(conn, now)
         for row in rows:
             lease = max(LEASE_BEATS * float(row.heartbeat_interval or 30.0), LEASE_MIN)
             heard = row.last_heartbeat_at or 0.0
@@ -499,6 +505,8 @@ class ExtensionOps:
             # 0 or none: an agent that does not say (every agent's uptime is above 0).
             began_at = heard - float(uptime) if isinstance(uptime, (int, float)) \
                 and uptime > 0 else None
+            run = (row.heartbeat or {}).get("run")
+            other_run = bool(row.started_run and run and run != row.started_run)
             what = f"{row.operation} of extension {row.extension} on {row.name}"
             if now - max(heard, self._trusted_from) > lease:
                 stop = (f"; it told the hub it was stopping at {_when(row.stopped_at)}"
@@ -507,12 +515,13 @@ class ExtensionOps:
                        f"last heard from at {_when(row.last_heartbeat_at)}, over "
                        f"{lease:.0f} s ago (3 heartbeat intervals){stop}; how far it got "
                        "is unknown")
-            elif began_at is not None and row.claimed_at is not None \
-                    and began_at > row.claimed_at + RESTART_MARGIN:
+            elif other_run or (began_at is not None and row.claimed_at is not None
+                               and began_at > row.claimed_at + RESTART_MARGIN):
+                again = f"at {_when(began_at)}" if began_at is not None else "since"
                 why = (f"the agent stopped while the operation {what} ran and started again "
-                       f"at {_when(began_at)} (after the operation was handed to it at "
-                       f"{_when(row.claimed_at)}); the new agent does not run it, and how "
-                       "far it got is unknown")
+                       f"{again} (after the operation was handed to it at "
+                       f"{_when(row.claimed_at or row.started_at)}); the new agent does not "
+                       "run it, and how far it got is unknown")
             else:
                 continue
             ended = (await conn.execute(t.update().where(
@@ -520,6 +529,33 @@ class ExtensionOps:
                     status="Failed", code=entry("ext_op_agent_lost").code, ended_at=now,
                     message=why[:1].upper() + why[1:] + ".", next_try_at=None))).rowcount
             if ended:
+                await self._hand_out(conn, row.machine_id, row.extension, now)
+
+    async def _hand_out_again(self, conn: AsyncConnection, now: float) -> None:
+        """An operation the agent held back for the machine's load (Waiting, its work item
+        taken) whose agent has since started again: it never started, so it goes back in
+        line for the new agent rather than waiting out its start timeout."""
+        t, m = extension_operations, machine_rows
+        rows = (await conn.execute(
+            sa.select(t.c.id, t.c.machine_id, t.c.extension, t.c.attempt, t.c.item_id,
+                      t.c.started_run, t.c.waiting_since, t.c.waited_seconds, m.c.heartbeat)
+            .select_from(t.join(m, m.c.id == t.c.machine_id))
+            .where(t.c.status == "Waiting", t.c.item_id.is_not(None),
+                   t.c.started_run.is_not(None)))).all()
+        for row in rows:
+            run = (row.heartbeat or {}).get("run")
+            if not run or run == row.started_run:
+                continue
+            again = (await conn.execute(t.update().where(
+                t.c.id == row.id, t.c.status == "Waiting", t.c.attempt == row.attempt,
+                t.c.item_id == row.item_id).values(
+                    status="Queued", item_id=None, started_run=None, waiting_since=None,
+                    waited_seconds=round((row.waited_seconds or 0.0) + max(
+                        0.0, now - (row.waiting_since or now)), 3),
+                    message="the agent started again while the operation waited for the "
+                            "machine's load; handed out to the new agent"))).rowcount
+            if again:
+                await conn.execute(work_items.delete().where(work_items.c.id == row.item_id))
                 await self._hand_out(conn, row.machine_id, row.extension, now)
 
     # --- agents --------------------------------------------------------------------------
@@ -531,6 +567,14 @@ class ExtensionOps:
         if row is None or int(row.attempt) != attempt or row.status not in ACTIVE:
             raise OutpostError("ext_op_stale_report", op_id=op_id, attempt=attempt)
         return row
+
+    @staticmethod
+    async def _run_of(conn: AsyncConnection, machine_id: str) -> str | None:
+        """The run of the machine's agent as its last recorded heartbeat says."""
+        beat = (await conn.execute(sa.select(machine_rows.c.heartbeat).where(
+            machine_rows.c.id == machine_id))).scalar()
+        run = (beat or {}).get("run") if isinstance(beat, dict) else None
+        return str(run)[:32] if run else None
 
     async def progress(self, machine: Any, op_id: str, body: wire.ExtOpProgress) -> None:
         t = extension_operations
@@ -553,6 +597,8 @@ class ExtensionOps:
                     values["waiting_since"] = None
                     values["waited_seconds"] = round(
                         (row.waited_seconds or 0.0) + max(0.0, body.at - row.waiting_since), 3)
+            if row.started_run is None:  # the agent process that took it
+                values["started_run"] = await self._run_of(conn, machine.id)
             await conn.execute(t.update().where(t.c.id == op_id,
                                                 t.c.attempt == body.attempt,
                                                 t.c.status.in_(ACTIVE)).values(**values))
@@ -572,7 +618,7 @@ class ExtensionOps:
                 values: dict[str, Any] = {
                     "status": "Queued", "attempt": int(row.attempt) + 1, "item_id": None,
                     "next_try_at": now + delay, "code": body.code, "output": output,
-                    "started_at": None, "expected_end": None,
+                    "started_at": None, "started_run": None, "expected_end": None,
                     "start_deadline": now + delay + start_timeout,
                     "message": f"attempt {row.attempt} of {row.max_attempts} failed "
                                f"({body.code or 'no code'}: {body.message}); attempt "
