@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,15 +24,22 @@ class Received:
 class Subscriber:
     """Subscribes to ``subject`` (wildcards allowed) and collects every message."""
 
-    def __init__(self, subject: str, address: tuple[str, int] = NATS) -> None:
+    def __init__(self, subject: str, address: tuple[str, int] = NATS, *,
+                 tls: ssl.SSLContext | None = None, user: str | None = None,
+                 password: str | None = None) -> None:
         self.messages: list[Received] = []
-        self._sock = socket.create_connection(address, timeout=5)
-        self._file = self._sock.makefile("rb")
-        info = self._file.readline()
+        sock = socket.create_connection(address, timeout=5)
+        info = b""
+        while not info.endswith(b"\n"):  # byte by byte: nothing read past INFO before TLS
+            info += sock.recv(1)
         assert info.startswith(b"INFO "), info
-        self._sock.sendall(b"CONNECT " + json.dumps(
-            {"verbose": False, "pedantic": False, "headers": True}).encode()
-            + f"\r\nSUB {subject} 1\r\nPING\r\n".encode())
+        self._sock = tls.wrap_socket(sock, server_hostname=address[0]) if tls else sock
+        self._file = self._sock.makefile("rb")
+        connect: dict[str, object] = {"verbose": False, "pedantic": False, "headers": True}
+        if user is not None:
+            connect.update(user=user, **{"pass": password})
+        self._sock.sendall(b"CONNECT " + json.dumps(connect).encode()
+                           + f"\r\nSUB {subject} 1\r\nPING\r\n".encode())
         while not self._file.readline().startswith(b"PONG"):
             pass
         self._sock.settimeout(None)

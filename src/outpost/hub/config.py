@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -52,12 +53,33 @@ class MessageForward(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    nats: str | None = Field(default=None, pattern=r"^nats://[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$",
-                             description="A NATS server, nats://HOST:PORT (no credentials: a "
-                             "server on the hub's network)")
-    mqtt: str | None = Field(default=None, pattern=r"^mqtt://[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$",
-                             description="An MQTT 5 broker, mqtt://HOST:PORT (no credentials: "
-                             "a broker on the hub's network)")
+    nats: str | None = Field(
+        default=None, pattern=r"^(nats|tls)://[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$",
+        description="A NATS server, nats://HOST:PORT (TLS when the server asks for it) or "
+        "tls://HOST:PORT (TLS required); no credentials in it: see username, password_file")
+    mqtt: str | None = Field(
+        default=None, pattern=r"^mqtts?://[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$",
+        description="An MQTT 5 broker, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS); no "
+        "credentials in it: see username, password_file")
+    username: str | None = Field(default=None, min_length=1, max_length=256, description=(
+        "The user the hub connects as (with password_file)"))
+    password_file: Path | None = Field(default=None, description=(
+        "A file holding the password (or, for NATS without username, the token), read at "
+        "each connection: never in hub.yaml, the URL or a log"))
+    ca_file: Path | None = Field(default=None, description=(
+        "PEM certificates that the broker's TLS certificate must chain to (default: the "
+        "system's trusted ones)"))
+    server_name: str | None = Field(default=None, min_length=1, max_length=253, description=(
+        "The name the broker's certificate must carry (default: the URL's host)"))
+
+    @field_validator("password_file", "ca_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file (give the path of an existing file, "
+                             "readable by the hub)")
+        return value
+
     subject: str = Field(default="outpost.{machine}.{module}.{output}", min_length=1,
                          max_length=200, pattern=r"^[^\s*>]+$", description=(
         "NATS: the subject of each message; {machine}, {module} and {output} are replaced"))
@@ -79,7 +101,34 @@ class MessageForward(BaseModel):
     def _one(self) -> MessageForward:
         if (self.nats is None) == (self.mqtt is None):
             raise ValueError("give one of 'nats' and 'mqtt'")
+        if self.username is not None and self.password_file is None:
+            raise ValueError("'username' needs 'password_file' (the file with its password)")
+        if (self.ca_file or self.server_name) and not self.tls:
+            raise ValueError("'ca_file' and 'server_name' are for TLS: use tls://HOST:PORT "
+                             "(NATS) or mqtts://HOST:PORT (MQTT)")
         return self
+
+    @property
+    def tls(self) -> bool:
+        """TLS required by the URL (a nats:// server may still ask for it)."""
+        return self.url.startswith(("tls://", "mqtts://"))
+
+    def password(self) -> str | None:
+        """The password file's text (its last line break dropped), read now."""
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OSError(f"cannot read password_file {self.password_file}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+
+    def tls_context(self) -> ssl.SSLContext:
+        """A client context that checks the broker's certificate and name."""
+        context = ssl.create_default_context(
+            cafile=str(self.ca_file) if self.ca_file is not None else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
 
     @property
     def target(self) -> str:

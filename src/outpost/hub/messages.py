@@ -32,6 +32,7 @@ import json
 import logging
 import random
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -278,8 +279,11 @@ class NatsLink:
         self.max_payload = int(info.get("max_payload", 1024 * 1024))
 
     @classmethod
-    async def connect(cls, url: str, subject: str = "", timeout: float = TIMEOUT
-                      ) -> NatsLink:
+    async def connect(cls, url: str, subject: str = "", timeout: float = TIMEOUT, *,
+                      access: MessageForward | None = None) -> NatsLink:
+        """Connect and say CONNECT; ``access`` gives the user, the password or token (its
+        file) and the TLS settings. TLS starts after the server's INFO (the NATS way): when
+        the URL is tls:// or the server requires it."""
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 4222
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
@@ -291,12 +295,32 @@ class NatsLink:
             if not info.get("headers"):
                 raise NatsError("the NATS server does not take headers (NATS 2.2 or later "
                                 "does)")
-            connect = {"verbose": False, "pedantic": False, "headers": True,
-                       "lang": "python-outpost", "version": __version__, "protocol": 1,
-                       "name": "outpost-hub"}
-            writer.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\n")
+            wants_tls = parts.scheme == "tls"
+            if wants_tls and not (info.get("tls_available") or info.get("tls_required")):
+                raise NatsError(f"the NATS server at {host}:{port} offers no TLS (the URL "
+                                "is tls://): give it a certificate, or use nats://")
+            if wants_tls or info.get("tls_required"):
+                context = (access.tls_context() if access is not None
+                           else ssl.create_default_context())
+                name = (access.server_name if access is not None else None) or host
+                await asyncio.wait_for(writer.start_tls(context, server_hostname=name),
+                                       timeout)
+            connect: dict[str, Any] = {
+                "verbose": False, "pedantic": False, "headers": True,
+                "lang": "python-outpost", "version": __version__, "protocol": 1,
+                "name": "outpost-hub", "tls_required": bool(wants_tls or
+                                                            info.get("tls_required"))}
+            secret = access.password() if access is not None else None
+            if secret is not None and access is not None and access.username is not None:
+                connect.update(user=access.username, **{"pass": secret})
+            elif secret is not None:
+                connect["auth_token"] = secret
+            # CONNECT and PING in one write: a refusal (-ERR, then the server closes) is read
+            # as the answer, not met as a broken pipe on a second write.
+            writer.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
             link = cls(reader, writer, info, subject)
-            await link.confirm(timeout)
+            await asyncio.wait_for(writer.drain(), timeout)
+            await link._pong(timeout)
             return link
         except BaseException:
             writer.close()
@@ -316,6 +340,9 @@ class NatsLink:
         """Returns once the server has processed everything sent before (its PONG)."""
         self._writer.write(b"PING\r\n")
         await asyncio.wait_for(self._writer.drain(), timeout)
+        await self._pong(timeout)
+
+    async def _pong(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             line = await asyncio.wait_for(self._reader.readline(),
@@ -327,7 +354,11 @@ class NatsLink:
             if line.startswith(b"PING"):
                 self._writer.write(b"PONG\r\n")
             elif line.startswith(b"-ERR"):
-                raise NatsError(line[4:].strip().decode(errors="replace").strip("'"))
+                said = line[4:].strip().decode(errors="replace").strip("'")
+                if "authorization" in said.lower() or "authentication" in said.lower():
+                    said += (" (the server refused the hub's credentials: check "
+                             "messages.forward's username and password_file in hub.yaml)")
+                raise NatsError(said)
 
     async def close(self) -> None:
         self._writer.close()
@@ -343,8 +374,8 @@ Link = NatsLink | MqttLink
 
 async def connect(settings: MessageForward) -> Link:
     if settings.nats is not None:
-        return await NatsLink.connect(settings.nats, settings.subject)
-    return await MqttLink.connect(settings.url, settings.topic)
+        return await NatsLink.connect(settings.nats, settings.subject, access=settings)
+    return await MqttLink.connect(settings.url, settings.topic, access=settings)
 
 
 class Forwarder:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import struct
 import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 12, 13, 14
@@ -30,6 +31,17 @@ _TEXT = {0x03, 0x08, 0x12, 0x15, 0x1A, 0x1C, 0x1F}
 _BINARY = {0x09, 0x16}
 USER_PROPERTY, RECEIVE_MAXIMUM, MAXIMUM_PACKET_SIZE, REASON_STRING = 0x26, 0x21, 0x27, 0x1F
 _LEVEL = re.compile(r"[/+#\x00]")
+
+
+class Access(Protocol):
+    """What the forward settings give a connection (hub/config.py ``MessageForward``)."""
+
+    username: str | None
+    server_name: str | None
+
+    def password(self) -> str | None: ...
+
+    def tls_context(self) -> ssl.SSLContext: ...
 
 
 class MqttError(Exception):
@@ -126,13 +138,26 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
     return first[0] >> 4, first[0] & 0x0F, body
 
 
+# Reason codes a refused CONNECT most often carries, and what to do about each.
+_REFUSALS = {
+    0x86: "bad user name or password: check messages.forward's username and password_file "
+          "in hub.yaml",
+    0x87: "not authorized: a wrong user name or password (some brokers say so with this "
+          "code), or a user the broker does not let connect: check messages.forward's "
+          "username and password_file in hub.yaml, and the broker's users",
+    0x8C: "bad authentication method",
+}
+
+
 def _reason(body: bytes, at: int, what: str) -> str:
     code = body[at] if len(body) > at else 0
     said = ""
     if len(body) > at + 1:
         length, start = _read_varint(body, at + 1)
         said = properties(body[start:start + length]).get(REASON_STRING, "")
-    return f"the broker refused {what} (reason 0x{code:02x}{': ' + said if said else ''})"
+    known = _REFUSALS.get(code, "") if what == "the connection" else ""
+    detail = "; ".join(x for x in (said, known) if x)
+    return f"the broker refused {what} (reason 0x{code:02x}{': ' + detail if detail else ''})"
 
 
 class MqttLink:
@@ -153,15 +178,34 @@ class MqttLink:
         self._pong = False
 
     @classmethod
-    async def connect(cls, url: str, topic: str, timeout: float = TIMEOUT) -> MqttLink:
+    async def connect(cls, url: str, topic: str, timeout: float = TIMEOUT, *,
+                      access: Access | None = None) -> MqttLink:
+        """Connect (TLS from the first byte for mqtts://) and say CONNECT, with the user
+        and the password (its file) of ``access`` when it names them."""
         parts = urlsplit(url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 1883
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        secure = parts.scheme == "mqtts"
+        host, port = parts.hostname or "127.0.0.1", parts.port or (8883 if secure else 1883)
+        context = access.tls_context() if secure and access is not None else (
+            ssl.create_default_context() if secure else None)
+        name = ((access.server_name if access is not None else None) or host) if secure \
+            else None
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=context, server_hostname=name), timeout)
         try:
             client = f"outpost-hub-{uuid.uuid4().hex[:12]}"
-            # Protocol MQTT level 5, clean start, keep-alive 60 s, no properties.
-            head = text("MQTT") + bytes([5, 0x02]) + struct.pack("!H", 60) + varint(0)
-            writer.write(packet(CONNECT, 0, head + text(client)))
+            user = access.username if access is not None else None
+            secret = access.password() if access is not None else None
+            # Protocol MQTT level 5, clean start, keep-alive 60 s, no properties; the user
+            # name and password flags when given.
+            flags = 0x02 | (0x80 if user is not None else 0) | (0x40 if secret is not None
+                                                                 else 0)
+            head = text("MQTT") + bytes([5, flags]) + struct.pack("!H", 60) + varint(0)
+            payload = text(client)
+            if user is not None:
+                payload += text(user)
+            if secret is not None:
+                payload += text(secret)  # binary data: the same two-byte length and bytes
+            writer.write(packet(CONNECT, 0, head + payload))
             await asyncio.wait_for(writer.drain(), timeout)
             kind, _, body = await asyncio.wait_for(read_packet(reader), timeout)
             if kind != CONNACK or len(body) < 2:
