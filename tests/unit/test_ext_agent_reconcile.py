@@ -35,7 +35,7 @@ from outpost.agent.extensions.reconcile import Reconciler
 from outpost.agent.extensions.runtime import Runtime
 from outpost.agent.extensions.store import Store
 from outpost.protocol.errors import TransportError
-from outpost.protocol.extensions import (
+from outpost.protocol.extreaders import (
     MANIFEST_NAME, ExtensionGoal, ExtensionGoals, ExtensionStatus, ExtensionStatusReport,
 )
 from outpost.protocol.extpackage import digest
