@@ -28,7 +28,8 @@ from tests.support import loaded_modules as _loaded_by
 PYDANTIC = ("pydantic", "pydantic_core", "outpost.protocol.models", "outpost.protocol.work",
             "outpost.protocol.extensions")
 EXTENSIONS = ("outpost.agent.extensions.reconcile", "outpost.agent.extensions.ops",
-              "outpost.agent.extensions.handler", "outpost.agent.extensions.runtime")
+              "outpost.agent.extensions.handler", "outpost.agent.extensions.runtime",
+              "outpost.protocol.extreaders")
 RUNNER = ("outpost.agent.runner", "outpost.agent.helper", "outpost.agent.procgroup")
 CLI = ("typer", "click", "rich")
 
