@@ -667,6 +667,32 @@ async def test_only_a_new_etag_or_a_due_retry_wakes_the_reconciler(machine: Mach
 
 
 @in_loop
+async def test_goals_the_agent_cannot_read_are_fetched_again_later(machine: Machine) -> None:
+    """A hub of another version answering goals that do not fit (read without pydantic,
+    protocol/extreaders.py): the reconciler goes on and tries again, it does not die."""
+    from outpost.agent.extensions.channel import HttpChannel
+
+    class Client:
+        async def request(self, method: str, path: str, body: Any = None) -> Any:
+            return {"etag": "e1", "goals": [{"name": "demo", "version": 1}]}
+
+    r = machine.start()
+    r.channel = HttpChannel(Client())  # type: ignore[arg-type]
+    r.wake.set()
+    task = asyncio.create_task(r.run())
+    try:
+        deadline = time.monotonic() + 10
+        while r.retry_at is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert r.retry_at is not None and not task.done()
+        assert r.goals_etag is None and r.workers == {}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@in_loop
 async def test_the_long_poll_sends_the_etag_last_told_or_else_that_of_the_goals_reconciled(
         machine: Machine) -> None:
     """So the agent's first poll, sent before any heartbeat answer, is woken by a change of

@@ -10,7 +10,9 @@ is written, so a bad package is refused whole, naming the field or the file.
 The agent learns its goals through ``HeartbeatAck.extensions_etag``: when it differs from
 the etag of the goals it holds, it fetches ``GET /v1/agent/extensions`` (an
 ``ExtensionGoals``), reconciles, and reports each extension's ``ExtensionStatus`` with
-``POST /v1/agent/extensions/status``.
+``POST /v1/agent/extensions/status``. The agent reads and writes these without pydantic,
+with the dataclasses of ``outpost.protocol.extreaders`` (held to these models by
+tests/unit/test_extreaders.py).
 """
 
 from __future__ import annotations

@@ -119,9 +119,9 @@ def _light_extension(raw: Any, name: str) -> Any:
     except ValueError as exc:
         from pydantic import ValidationError  # loaded by read_lax when it got here
 
-        if not isinstance(exc, ValidationError):
-            raise
-        raise _bad(_field(exc, name)) from None
+        if isinstance(exc, ValidationError):
+            raise _bad(_field(exc, name)) from None
+        raise _bad(f"{name}: {exc}") from None  # the reader refused the model's own dump
 
 
 def _commands(manifest: Any, kind: Kind) -> list[tuple[str, Any]]:

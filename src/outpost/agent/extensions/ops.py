@@ -1,17 +1,17 @@
 """Extension operations on the machine: the ``ext_op`` work kind.
 
 The hub hands an operation out as an ``ext_op`` work item (``ExtOpPayload``, read without
-pydantic: protocol/extreaders.py). The agent
-answers the item ``{"accepted": true}`` at once, and runs the operation in a task of its own:
-one operation at a time per extension (the next waits behind it), only with the extension
-Ready at the version the hub expects (else E9088). With the manifest's ``pressure: true`` and
-the machine over the agent's CPU or memory threshold, it reports ``waiting`` and why, and
-starts when the load passes, or ends failed at the operation's deadline (E9091, EX-7). It
-then reports ``started``, runs the operation's Command with ``handler.run`` (the
-extension's user and control group, settings, protected settings and ``params`` on stdin)
-and reports the end: the status file's code, message and ``result``, and the tail of the
-command's output. A report the hub could not take is sent again a few times; one whose
-failure is the network's is marked ``transient`` so that the hub tries the operation again.
+pydantic: protocol/extreaders.py). The agent answers the item ``{"accepted": true}`` at
+once, and runs the operation in a task of its own: one operation at a time per extension
+(the next waits behind it), only with the extension Ready at the version the hub expects
+(else E9088). With the manifest's ``pressure: true`` and the machine over the agent's CPU or
+memory threshold, it reports ``waiting`` and why, and starts when the load passes, or ends
+failed at the operation's deadline (E9091, EX-7). It then reports ``started``, runs the
+operation's Command with ``handler.run`` (the extension's user and control group, settings,
+protected settings and ``params`` on stdin) and reports the end: the status file's code,
+message and ``result``, and the tail of the command's output. A report the hub could not
+take is sent again a few times; one whose failure is the network's is marked ``transient``
+so that the hub tries the operation again.
 """
 
 from __future__ import annotations
