@@ -4,7 +4,9 @@ Starts a real hub (SQLite) and two real agents heartbeating at the same interval
 which never has an extension, and "ext", which is given two small test extensions and waits
 until both are Ready. Both then idle side by side; their RSS and PSS (psutil; PSS counts
 shared pages by their share) are sampled once a second and the medians compared: what two
-Ready extensions add to an agent, in one run (target: under 5 MB more).
+Ready extensions add to an agent, in one run (target: under 5 MB more). Before sampling, "ext"
+runs one operation of each extension to its end, so that the figure is that of an agent that
+has run operations too; whether each agent has pydantic mapped is printed beside it.
 
 Then, on "ext" (alone in its group), `--runs` times each, alternately: a goal set for a new
 extension for the machine (the request `outpost extension set NAME --machine ext` sends),
@@ -78,6 +80,23 @@ def set_goal(hub: Hub, machine: str, name: str, kind: str = "machine") -> float:
     return sent
 
 
+def run_operation(hub: Hub, machine: str, name: str) -> None:
+    """Operation "work" of ``name`` on ``machine``, waited for until it succeeded."""
+    response = hub.api("POST", f"/v1/machines/{machine}/extensions/{name}/operations/work",
+                       json={"params": {}})
+    assert response.status_code == 201, response.text
+    op_id = response.json()["id"]
+    done = wait_until(lambda: (op := hub.api("GET", f"/v1/extension-operations/{op_id}").json())
+                      ["status"] in ("Succeeded", "Failed") and op,
+                      120, 0.2)
+    assert done["status"] == "Succeeded", done
+
+
+def pydantic_mapped(agent: Agent) -> bool:
+    assert agent.proc is not None
+    return "_pydantic_core" in Path(f"/proc/{agent.proc.pid}/maps").read_text()
+
+
 def memory(agent: Agent) -> tuple[float, float]:
     assert agent.proc is not None
     info = psutil.Process(agent.proc.pid).memory_full_info()
@@ -120,7 +139,10 @@ def main() -> None:
             for name in ("small-a", "small-b"):
                 wait_until(lambda n=name: row(hub, "ext", n).get("state") == "Ready",
                            3 * args.interval + 60, 0.2)
+            for name in ("small-a", "small-b"):
+                run_operation(hub, "ext", name)
             time.sleep(args.settle)
+            mapped = {"plain": pydantic_mapped(plain), "ext": pydantic_mapped(ext)}
             samples: dict[str, list[tuple[float, float]]] = {"plain": [], "ext": []}
             end = time.monotonic() + args.seconds
             while time.monotonic() < end:
@@ -160,9 +182,11 @@ def main() -> None:
     pss_plain, pss_ext = med("plain", 1), med("ext", 1)
     print(f"agent idle memory, medians over {args.seconds:.0f} s, heartbeat every "
           f"{args.interval:g} s")
-    print(f"  {'':18} {'RSS MB':>8} {'PSS MB':>8}")
-    print(f"  {'no extension':18} {rss_plain / MB:8.1f} {pss_plain / MB:8.1f}")
-    print(f"  {'2 extensions Ready':18} {rss_ext / MB:8.1f} {pss_ext / MB:8.1f}")
+    print(f"  {'':18} {'RSS MB':>8} {'PSS MB':>8}  pydantic mapped")
+    print(f"  {'no extension':18} {rss_plain / MB:8.1f} {pss_plain / MB:8.1f}  "
+          f"{mapped['plain']}")
+    print(f"  {'2 extensions Ready':18} {rss_ext / MB:8.1f} {pss_ext / MB:8.1f}  "
+          f"{mapped['ext']} (after one operation each)")
     print(f"  {'difference':18} {(rss_ext - rss_plain) / MB:+8.1f} "
           f"{(pss_ext - pss_plain) / MB:+8.1f}   (ratio RSS {rss_ext / rss_plain:.2f})")
     print(f"  target: under {TARGET_MB:g} MB more: "

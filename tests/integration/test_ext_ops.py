@@ -171,6 +171,16 @@ def test_operations_run_retry_queue_and_are_refused_when_they_cannot_run(
         assert "Failed" in failing.stdout and "E9089" in failing.stdout, failing.stdout
         assert "disk on fire" in failing.stdout, failing.stdout
 
+        # Extensions installed (one refused as too new), Ready, reported, uninstalled and
+        # installed again, operations run, retried, queued and failed: the agent never
+        # loaded pydantic (it reads and writes the extensions' wire with
+        # protocol/extreaders.py: its memory budget, docs/architecture.md).
+        assert agent.proc is not None
+        assert "_pydantic_core" not in Path(f"/proc/{agent.proc.pid}/maps").read_text()
+        local = json.loads(run_cli("agent", "status", "--state-dir", str(agent.state_dir),
+                                   "--json").stdout)
+        assert {e["name"]: e["state"] for e in local["extensions"]}[NAME] == "Ready", local
+
         # The agent killed: an operation asked before the hub notices is not started within
         # its start timeout (151076); once the heartbeats are missed, refused at once (151099).
         agent.stop(signal.SIGKILL)

@@ -2,7 +2,8 @@
 
 The daemon's process (``python -m outpost.cli.agentd``) imports what it needs to heartbeat,
 long-poll and take the built-in work (pings, jobs, job control). Pydantic and the wire
-models built with it, and the extensions' reconciler and operations, are imported only on a
+models built with it are not imported at all (extensions read theirs with
+protocol/extreaders.py); the extensions' reconciler and operations are imported only on a
 machine that has extensions (or is asked for an operation); the code that runs a job, at
 the first job. The hub's answers and work items are read by protocol/readers.py instead of
 the models: the tests at the end hold each reader to the model it stands for.
@@ -27,7 +28,8 @@ from tests.support import loaded_modules as _loaded_by
 PYDANTIC = ("pydantic", "pydantic_core", "outpost.protocol.models", "outpost.protocol.work",
             "outpost.protocol.extensions")
 EXTENSIONS = ("outpost.agent.extensions.reconcile", "outpost.agent.extensions.ops",
-              "outpost.agent.extensions.handler", "outpost.agent.extensions.runtime")
+              "outpost.agent.extensions.handler", "outpost.agent.extensions.runtime",
+              "outpost.protocol.extreaders")
 RUNNER = ("outpost.agent.runner", "outpost.agent.helper", "outpost.agent.procgroup")
 CLI = ("typer", "click", "rich")
 
@@ -81,8 +83,8 @@ def test_the_built_in_work_kinds_are_taken_without_pydantic() -> None:
     assert sorted(m for m in PYDANTIC + EXTENSIONS + CLI if m in loaded) == []
 
 
-def test_an_extension_operation_loads_its_model_when_it_comes() -> None:
-    """The ``ext_op`` kind reads its payload with its pydantic model, imported then."""
+def test_an_extension_operation_is_read_without_pydantic() -> None:
+    """The ``ext_op`` kind reads its payload with protocol/extreaders.py, imported then."""
     loaded = _loaded_by(IDLE + """
 import asyncio
 from outpost.agent import work
@@ -96,7 +98,8 @@ asyncio.run(work.registry.handle({"id": "w1", "kind": "ext_op", "payload": {
     "op_id": "o1", "extension": "backup", "operation": "snapshot"}}, ctx))
 assert sent[0]["result"]["error"]["code"] == "E9088", sent
 """)
-    assert {"pydantic", "outpost.protocol.work"} <= loaded
+    assert "outpost.protocol.extreaders" in loaded
+    assert sorted(m for m in PYDANTIC if m in loaded) == []
 
 
 # --- each reader against its model ------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from outpost.agent import procgroup
 from outpost.agent.extensions import handler
 from outpost.agent.extensions.outlog import ExtensionLog, secret_values
-from outpost.protocol.extensions import Command
+from outpost.protocol.extreaders import Command
 
 
 def spec(tmp_path: Path, body: str, *, timeout: float = 10, name: str = "snapshot",

@@ -35,7 +35,7 @@ from outpost.agent.extensions.reconcile import Reconciler
 from outpost.agent.extensions.runtime import Runtime
 from outpost.agent.extensions.store import Store
 from outpost.protocol.errors import TransportError
-from outpost.protocol.extensions import (
+from outpost.protocol.extreaders import (
     MANIFEST_NAME, ExtensionGoal, ExtensionGoals, ExtensionStatus, ExtensionStatusReport,
 )
 from outpost.protocol.extpackage import digest
@@ -664,6 +664,32 @@ async def test_only_a_new_etag_or_a_due_retry_wakes_the_reconciler(machine: Mach
     r.retry_at = r.clock() - 1
     r.note_etag("e1")
     assert r.wake.is_set() and r.retry_at is None
+
+
+@in_loop
+async def test_goals_the_agent_cannot_read_are_fetched_again_later(machine: Machine) -> None:
+    """A hub of another version answering goals that do not fit (read without pydantic,
+    protocol/extreaders.py): the reconciler goes on and tries again, it does not die."""
+    from outpost.agent.extensions.channel import HttpChannel
+
+    class Client:
+        async def request(self, method: str, path: str, body: Any = None) -> Any:
+            return {"etag": "e1", "goals": [{"name": "demo", "version": 1}]}
+
+    r = machine.start()
+    r.channel = HttpChannel(Client())  # type: ignore[arg-type]
+    r.wake.set()
+    task = asyncio.create_task(r.run())
+    try:
+        deadline = time.monotonic() + 10
+        while r.retry_at is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert r.retry_at is not None and not task.done()
+        assert r.goals_etag is None and r.workers == {}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @in_loop

@@ -15,7 +15,7 @@ from outpost.agent import cgroups
 from outpost.agent.extensions import runtime
 from outpost.agent.extensions.runtime import Runtime
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.extensions import Limits as ManifestLimits
+from outpost.protocol.extreaders import Limits as ManifestLimits
 from tests.support import shared_dir
 
 

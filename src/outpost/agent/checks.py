@@ -739,7 +739,9 @@ def read_extension_states(state_root: Path) -> list[dict[str, Any]] | None:
                            f"agent moves it aside when it starts and installs what its "
                            f"goals want again", name="(all)", step="none") from exc
     # The version on disk too, installed or not yet (the report shows only an installed one).
-    return [r.status().model_dump(mode="json") | {"on_disk": r.version} for r in records]
+    from outpost.protocol.extreaders import wire
+
+    return [wire(r.status()) | {"on_disk": r.version} for r in records]
 
 
 @checks.add("extensions", "Extensions are Ready (EX-5, EX-8)",

@@ -11,8 +11,8 @@ Built in: ``job`` (start the claimed attempt), ``ping`` (answer at once),
 ``job_control`` (stop, suspend or resume a running attempt), ``ext_op`` (an extension
 operation, extensions/ops.py) and ``module_call`` (a module's method, modules/msghub.py).
 ``job``, ``ping``, ``job_control`` and ``module_call`` read their payloads with
-protocol/readers.py, without pydantic (which says why); ``ext_op`` with its model, imported
-at its first item.
+protocol/readers.py, without pydantic (which says why); ``ext_op`` with
+protocol/extreaders.py, imported at its first item.
 Extensions and modules add a kind with ``register(kind, handler, payload=Model)``, without
 touching the daemon.
 
@@ -50,8 +50,9 @@ Call = Callable[..., Awaitable[Any]]
 Result = Union["BaseModel", dict[str, Any], None]
 Refuse = Callable[[dict[str, Any], OutpostError, "Context"], Awaitable[None]]
 # How a kind's payload is read: a reader (protocol/readers.py: ``JobClaim.read``), a pydantic
-# model, or where to find a model (``"module:Name"``), imported when the first item of its
-# kind arrives. The built-in kinds use readers: pydantic is not loaded for them at all.
+# model, or where to find either (``"module:Name"``, ``"module:Name.read"``), imported when
+# the first item of its kind arrives. The built-in kinds use readers: pydantic is not loaded
+# for them at all.
 Payload = Union[Callable[[Any], Any], type["Wire"], str]
 
 
@@ -103,7 +104,9 @@ class Handler:
         payload: Any = self.payload
         if isinstance(payload, str):
             module, _, name = payload.partition(":")
-            payload = getattr(importlib.import_module(module), name)
+            payload = importlib.import_module(module)
+            for part in name.split("."):  # "module:Class.read": a reader
+                payload = getattr(payload, part)
         validate = getattr(payload, "model_validate", None)
         try:
             if validate is None:  # a reader
@@ -261,5 +264,5 @@ register = registry.register
 register(kinds.JOB, _job, payload=readers.JobClaim.read, refuse=_refuse_job)
 register(kinds.PING, _ping, payload=readers.PingPayload.read)
 register(kinds.JOB_CONTROL, _job_control, payload=readers.JobControlPayload.read)
-register(kinds.EXT_OP, _ext_op, payload="outpost.protocol.work:ExtOpPayload")
+register(kinds.EXT_OP, _ext_op, payload="outpost.protocol.extreaders:ExtOpPayload.read")
 register(kinds.MODULE_CALL, _module_call, payload=readers.ModuleCallPayload.read)

@@ -1,8 +1,9 @@
 """The wire models' base class and the error body, apart from models.py.
 
-models.py builds every model of the hub's API (about 7 MB of an agent's memory, pydantic's
-validators); the extension models (extensions.py) and the work models (work.py) need only
-these two, so an agent with extensions does not build the rest.
+models.py builds every model of the hub's API (about 7 MB of pydantic's validators); the
+extension models (extensions.py) and the work models (work.py) need only these two. The
+agent builds none of them: it reads and writes its wire with readers.py, modreaders.py and
+extreaders.py.
 """
 
 from __future__ import annotations

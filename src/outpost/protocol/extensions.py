@@ -10,7 +10,9 @@ is written, so a bad package is refused whole, naming the field or the file.
 The agent learns its goals through ``HeartbeatAck.extensions_etag``: when it differs from
 the etag of the goals it holds, it fetches ``GET /v1/agent/extensions`` (an
 ``ExtensionGoals``), reconciles, and reports each extension's ``ExtensionStatus`` with
-``POST /v1/agent/extensions/status``.
+``POST /v1/agent/extensions/status``. The agent reads and writes these without pydantic,
+with the dataclasses of ``outpost.protocol.extreaders`` (held to these models by
+tests/unit/test_extreaders.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from .base import Wire
+from .extreaders import DEFAULT_HANDLER_TIMEOUT as DEFAULT_HANDLER_TIMEOUT
+from .extreaders import HANDLERS as HANDLERS
+from .extreaders import MANIFEST_NAME as MANIFEST_NAME
+from .extreaders import SCHEMA_VERSION as SCHEMA_VERSION
+from .extreaders import STATES as STATES
+from .extreaders import HandlerName as HandlerName
+from .extreaders import HandlerStatus as HandlerStatus
+from .extreaders import State as State
+from .extreaders import Step as Step
 from .pkgrules import EXTENSION_MANIFEST as EXTENSION_MANIFEST
 from .pkgrules import NAME_RE as NAME_RE
 from .pkgrules import PACKAGE_MAX_BYTES as PACKAGE_MAX_BYTES
@@ -30,23 +41,8 @@ from .pkgrules import check_version as check_version
 from .pkgrules import inside_package as inside_package
 from .readers import INT32_MAX, INT64_MAX
 
-MANIFEST_NAME = EXTENSION_MANIFEST
-SCHEMA_VERSION = 1
-
-# The handler commands, in the order an update runs them (disable old, update, uninstall
-# old, install new, enable new).
-HANDLERS = ("install", "enable", "disable", "update", "uninstall")
-HandlerName = Literal["install", "enable", "disable", "update", "uninstall"]
-DEFAULT_HANDLER_TIMEOUT = 300.0
-
-State = Literal["NotInstalled", "Installing", "Transitioning", "Ready", "NotReady", "Failed"]
-STATES: tuple[State, ...] = ("NotInstalled", "Installing", "Transitioning", "Ready",
-                             "NotReady", "Failed")
-# The steps an agent takes for an extension: the handler commands, and its own.
-Step = Literal["download", "verify", "unpack", "install", "enable", "disable", "update",
-               "uninstall", "rollback"]
-# What a handler writes to its status file.
-HandlerStatus = Literal["transitioning", "success", "warning", "error"]
+# The constants and literal types above are defined with the agent's readers of these models
+# (extreaders.py, without pydantic), and taken from here by the hub.
 
 
 class Command(Wire):

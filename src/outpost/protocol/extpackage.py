@@ -38,7 +38,9 @@ Kind = Literal["extension", "module"]
 
 @dataclass(frozen=True)
 class Package:
-    manifest: Any  # extensions.Manifest, or modules.ModulePackageManifest for a module
+    # extensions.Manifest, or modules.ModulePackageManifest for a module; read ``light``,
+    # extreaders.Manifest or modreaders.ModulePackageManifest
+    manifest: Any
     sha256: str
     size: int
     files: frozenset[str]  # regular files, as paths relative to the package's root
@@ -75,10 +77,12 @@ def _manifest_name(kind: Kind) -> str:
 
 
 def _validate(raw: Any, kind: Kind, light: bool) -> Any:
-    """The manifest in ``raw`` (its pydantic model; with ``light``, a module's as the
-    agent reads it, modreaders.ModulePackageManifest, with the same rules and no pydantic),
-    or E9000 naming the field."""
+    """The manifest in ``raw`` (its pydantic model; with ``light``, as the agent reads it,
+    with the same rules and no pydantic: extreaders.Manifest for an extension,
+    modreaders.ModulePackageManifest for a module), or E9000 naming the field."""
     name = _manifest_name(kind)
+    if kind == "extension" and light:
+        return _light_extension(raw, name)
     if kind == "module" and light:
         from .modreaders import ModulePackageManifest
         from .readers import ReadError
@@ -104,6 +108,22 @@ def _validate(raw: Any, kind: Kind, light: bool) -> Any:
         raise _bad(_field(exc, name), kind) from None
 
 
+def _light_extension(raw: Any, name: str) -> Any:
+    """An extension's manifest as the agent reads it (extreaders.Manifest). What the reader
+    refuses goes to the model (``read_lax``), so the agent refuses exactly what the hub
+    refuses at publish, with the same words."""
+    from .extreaders import Manifest, read_lax
+
+    try:
+        return read_lax(Manifest.read, "Manifest", raw)
+    except ValueError as exc:
+        from pydantic import ValidationError  # loaded by read_lax when it got here
+
+        if isinstance(exc, ValidationError):
+            raise _bad(_field(exc, name)) from None
+        raise _bad(f"{name}: {exc}") from None  # the reader refused the model's own dump
+
+
 def _commands(manifest: Any, kind: Kind) -> list[tuple[str, Any]]:
     if kind == "module":
         return [("run", manifest.run)]
@@ -113,7 +133,7 @@ def _commands(manifest: Any, kind: Kind) -> list[tuple[str, Any]]:
 
 def read(data: bytes, kind: Kind = "extension", light: bool = False) -> Package:
     """The package in ``data``, validated; E9000/E9002 naming what is wrong otherwise.
-    ``light`` (a module package, on the agent): its manifest read without pydantic."""
+    ``light`` (on the agent): its manifest read without pydantic, with the same rules."""
     manifest_name = _manifest_name(kind)
     if len(data) > PACKAGE_MAX_BYTES:
         raise OutpostError("ext_package_too_large",

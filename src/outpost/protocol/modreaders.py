@@ -24,14 +24,12 @@ from typing import Any
 
 from .readers import (
     REQUIRED,
-    Check,
     ReadError,
-    _Bad,
     boolean,
+    dict_of,
     integer,
     list_of,
     number,
-    obj,
     one_of,
     read,
     text,
@@ -40,26 +38,6 @@ from .readers import (
 MODULE_MANIFEST_NAME = "outpost-module.json"  # modules.MODULE_MANIFEST_NAME
 RESTART_POLICIES = ("always", "on-failure", "on-unhealthy", "never")
 DESIRED = ("running", "stopped")
-
-
-def dict_of(each: Check) -> Check:
-    """An object whose values each pass ``each`` (a nested reader's problems are named
-    ``key.field``)."""
-    def check(value: Any) -> dict[str, Any]:
-        found = obj(value)
-        out: dict[str, Any] = {}
-        problems: list[str] = []
-        for key, item in found.items():
-            try:
-                out[str(key)] = each(item)
-            except _Bad as exc:
-                problems.append(f"{key}: {exc}")
-            except ReadError as exc:
-                problems += [f"{key}.{problem}" for problem in exc.problems]
-        if problems:
-            raise ReadError("object", problems)
-        return out
-    return check
 
 
 def wire(value: Any) -> Any:

@@ -113,6 +113,26 @@ def list_of(each: Check) -> Check:
     return check
 
 
+def dict_of(each: Check) -> Check:
+    """An object whose values each pass ``each`` (a nested reader's problems are named
+    ``key.field``)."""
+    def check(value: Any) -> dict[str, Any]:
+        found = obj(value)
+        out: dict[str, Any] = {}
+        problems: list[str] = []
+        for key, item in found.items():
+            try:
+                out[str(key)] = each(item)
+            except _Bad as exc:
+                problems.append(f"{key}: {exc}")
+            except ReadError as exc:
+                problems += [f"{key}.{problem}" for problem in exc.problems]
+        if problems:
+            raise ReadError("object", problems)
+        return out
+    return check
+
+
 REQUIRED = object()
 
 

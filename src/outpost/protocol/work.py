@@ -3,9 +3,10 @@ claimed a freed slot), their payloads, and the results the agent answers them wi
 
 The hub stores and sends plain dicts of these shapes (``dispatcher.submit``,
 ``jobs.claim``); ``parse_item`` reads an item with these models. The agent reads the
-``job``, ``ping`` and ``job_control`` items with readers.py instead (held to these models by
-tests/unit/test_agent_imports.py, without pydantic's memory) and ``ext_op`` with its model,
-before a handler (agent/work.py) sees it. Each kind has a payload model and, for items the
+``job``, ``ping``, ``job_control`` and ``module_call`` items with readers.py instead and
+``ext_op`` with extreaders.py (held to these models by tests/unit/test_agent_imports.py and
+tests/unit/test_extreaders.py, without pydantic's memory), before a handler (agent/work.py)
+sees it. Each kind has a payload model and, for items the
 agent answers on ``POST /v1/agent/work/{id}/done``, a result model:
 
 - ``ping``: ``{sent_at}`` -> ``{received_at}``

@@ -3,7 +3,8 @@
 ``HubChannel`` is what the reconciler needs; ``HttpChannel`` is it over the agent's signed
 HTTPS client (``GET /v1/agent/extensions``, ``GET /v1/agent/extensions/NAME/VERSION/package``,
 ``POST /v1/agent/extensions/status``, ``POST /v1/agent/credentials/KIND``). Unit tests
-give the reconciler a fake of this seam.
+give the reconciler a fake of this seam. The goals are read, and the reports written, without
+pydantic (protocol/extreaders.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from outpost.protocol.extensions import ExtensionGoals, ExtensionStatusReport
+from outpost.protocol.extreaders import ExtensionGoals, ExtensionStatusReport, wire
 
 from ..transport import HubClient
 
@@ -34,7 +35,7 @@ class HttpChannel:
 
     async def fetch_goals(self) -> ExtensionGoals:
         answer = await self.client.request("GET", "/v1/agent/extensions")
-        return ExtensionGoals.model_validate(answer)
+        return ExtensionGoals.read(answer)  # ReadError naming the field: a hub of another kind
 
     async def fetch_package(self, name: str, version: str) -> bytes:
         path = f"/v1/agent/extensions/{quote(name, safe='')}/{quote(version, safe='')}/package"
@@ -43,7 +44,7 @@ class HttpChannel:
 
     async def report(self, report: ExtensionStatusReport) -> None:
         await self.client.request("POST", "/v1/agent/extensions/status",
-                                  report.model_dump(mode="json"))
+                                  wire(report))
 
     async def fetch_credentials(self, kind: str) -> dict[str, Any]:
         """This machine's credentials of ``kind`` (a manifest's ``credentials``), issued

@@ -10,10 +10,10 @@ agent's own interpreter, which has the ``outpost`` package) only (the agent's ow
 environment, its proxy settings and tokens included, never reaches it); on stdin one JSON
 object ``{"settings": {...}, "protected": {...}}``, the protected settings decrypted in
 memory only, and ``"credentials": {"backup": {...}}`` when the manifest asks for them.
-It reports through ``$OUTPOST_EXT_STATUS_DIR/<seq>.status``
-(``HandlerStatusFile``): missing is ``transitioning``, malformed is an error naming the
-file and why. A command that exits 0 while its status says ``transitioning`` (work it left
-running) is waited for until its status file says how it ended or its timeout passes.
+It reports through ``$OUTPOST_EXT_STATUS_DIR/<seq>.status`` (``HandlerStatusFile``, read
+without pydantic: protocol/extreaders.py): missing is ``transitioning``, malformed is an error
+naming the file and why. A command that exits 0 while its status says ``transitioning`` (work
+it left running) is waited for until its status file says how it ended or its timeout passes.
 
 On timeout the whole process group is ended (SIGTERM, then SIGKILL) and what is left in the
 extension's control group too; the outcome says the command hung for N s (EX-5).
@@ -35,9 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
-from outpost.protocol.extensions import Command, HandlerStatusFile
+from outpost.protocol.extreaders import Command, HandlerStatusFile, read_lax
 
 from .. import cgroups
 from .. import procgroup
@@ -130,9 +128,10 @@ def read_status(path: Path) -> tuple[HandlerStatusFile | None, str | None]:
     except (ValueError, UnicodeDecodeError) as exc:
         return None, f"{path} is not JSON ({exc})"
     try:
-        return HandlerStatusFile.model_validate(data), None
-    except ValidationError as exc:
-        first = exc.errors()[0]
+        return read_lax(HandlerStatusFile.read, "HandlerStatusFile", data), None
+    except ValueError as exc:  # pydantic's ValidationError: read_lax loaded it to get here
+        errors = getattr(exc, "errors", None)
+        first = errors()[0] if errors is not None else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in first["loc"]) or "(the file)"
         return None, (f"{path} is not a status file: {where}: {first['msg']} (write "
                       '{"status": "success"|"warning"|"error"|"transitioning", '

@@ -1,16 +1,17 @@
 """Extension operations on the machine: the ``ext_op`` work kind.
 
-The hub hands an operation out as an ``ext_op`` work item (``ExtOpPayload``). The agent
-answers the item ``{"accepted": true}`` at once, and runs the operation in a task of its own:
-one operation at a time per extension (the next waits behind it), only with the extension
-Ready at the version the hub expects (else E9088). With the manifest's ``pressure: true`` and
-the machine over the agent's CPU or memory threshold, it reports ``waiting`` and why, and
-starts when the load passes, or ends failed at the operation's deadline (E9091, EX-7). It
-then reports ``started``, runs the operation's Command with ``handler.run`` (the
-extension's user and control group, settings, protected settings and ``params`` on stdin)
-and reports the end: the status file's code, message and ``result``, and the tail of the
-command's output. A report the hub could not take is sent again a few times; one whose
-failure is the network's is marked ``transient`` so that the hub tries the operation again.
+The hub hands an operation out as an ``ext_op`` work item (``ExtOpPayload``, read without
+pydantic: protocol/extreaders.py). The agent answers the item ``{"accepted": true}`` at
+once, and runs the operation in a task of its own: one operation at a time per extension
+(the next waits behind it), only with the extension Ready at the version the hub expects
+(else E9088). With the manifest's ``pressure: true`` and the machine over the agent's CPU or
+memory threshold, it reports ``waiting`` and why, and starts when the load passes, or ends
+failed at the operation's deadline (E9091, EX-7). It then reports ``started``, runs the
+operation's Command with ``handler.run`` (the extension's user and control group, settings,
+protected settings and ``params`` on stdin) and reports the end: the status file's code,
+message and ``result``, and the tail of the command's output. A report the hub could not
+take is sent again a few times; one whose failure is the network's is marked ``transient``
+so that the hub tries the operation again.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from outpost.protocol import work as wire
 from outpost.protocol.errors import OutpostError, entry
+from outpost.protocol.extreaders import ExtOpPayload
 
 from .. import work
 from . import handler
@@ -69,7 +70,7 @@ class Operations:
         self._tasks: set[asyncio.Task[None]] = set()
         self.running: dict[str, str] = {}  # op id -> extension, for status
 
-    def take(self, asked: wire.ExtOpPayload) -> None:
+    def take(self, asked: ExtOpPayload) -> None:
         task = asyncio.create_task(self._run(asked), name=f"ext-op-{asked.op_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -101,11 +102,11 @@ class Operations:
                 delay = min(delay * 2, 10.0)
         return True
 
-    async def _progress(self, asked: wire.ExtOpPayload, state: str, message: str = "") -> bool:
+    async def _progress(self, asked: ExtOpPayload, state: str, message: str = "") -> bool:
         return await self._report(asked.op_id, "progress", {
             "attempt": asked.attempt, "state": state, "message": message, "at": time.time()})
 
-    async def _end(self, asked: wire.ExtOpPayload, ok: bool, code: str | None = None,
+    async def _end(self, asked: ExtOpPayload, ok: bool, code: str | None = None,
                    message: str = "", output: str = "", result: dict[str, Any] | None = None,
                    transient: bool = False) -> None:
         await self._report(asked.op_id, "end", {
@@ -113,7 +114,7 @@ class Operations:
             "message": message[:4000], "output": output[-64 * 1024:], "result": result or {},
             "transient": transient, "at": time.time()})
 
-    async def _run(self, asked: wire.ExtOpPayload) -> None:
+    async def _run(self, asked: ExtOpPayload) -> None:
         lock = self._locks.setdefault(asked.extension, asyncio.Lock())
         async with lock:
             self.running[asked.op_id] = asked.extension
@@ -128,7 +129,7 @@ class Operations:
             finally:
                 self.running.pop(asked.op_id, None)
 
-    async def wait_for_load(self, asked: wire.ExtOpPayload) -> str | None:
+    async def wait_for_load(self, asked: ExtOpPayload) -> str | None:
         """While the machine is over its CPU or memory threshold, report ``waiting`` and
         why (again when the reason changes). Once it is not: what the operation's record
         should say of the wait ("" when there was none); None (the operation ended failed,
@@ -152,7 +153,7 @@ class Operations:
         return (f"started after waiting {time.monotonic() - began:.0f} s for the machine's "
                 f"load to pass ({first})")
 
-    async def _one(self, asked: wire.ExtOpPayload) -> None:
+    async def _one(self, asked: ExtOpPayload) -> None:
         rec = self.reconciler.store.records.get(asked.extension)
         goal = self.reconciler.goals.get(asked.extension)
         name, operation = asked.extension, asked.operation
@@ -211,7 +212,7 @@ class Operations:
         finally:
             rc.release_credentials(manifest)
 
-    async def _run_command(self, asked: wire.ExtOpPayload, rec: Any, manifest: Any, op: Any,
+    async def _run_command(self, asked: ExtOpPayload, rec: Any, manifest: Any, op: Any,
                            version: str, identity: Any, settings: dict[str, Any],
                            protected: Any, credentials: dict[str, Any],
                            waited: str = "") -> None:
@@ -265,7 +266,7 @@ def detach(state: Any) -> None:
 async def take_item(item: work.Item, ctx: work.Context) -> work.Result:
     """The ``ext_op`` work kind (registered in work.py): hand the operation to the daemon's
     runner, which answers it on its own routes."""
-    asked: wire.ExtOpPayload = item.payload
+    asked: ExtOpPayload = item.payload
     runner = _attached.get(id(ctx.state))
     if runner is None:
         return work.error_result(OutpostError(

@@ -45,10 +45,11 @@ from nacl.signing import SigningKey
 from outpost import __version__
 from outpost.protocol import versions
 from outpost.protocol.errors import OutpostError
-from outpost.protocol.extensions import (
+from outpost.protocol.extreaders import (
     MANIFEST_NAME, ExtensionGoal, ExtensionGoals, ExtensionStatus, ExtensionStatusReport,
-    HandlerName, Manifest, State, Step,
+    HandlerName, Manifest, State, Step, read_lax, wire,
 )
+from outpost.protocol.readers import ReadError
 
 from ..state import atomic_write
 from . import handler
@@ -189,6 +190,9 @@ class Reconciler:
                 goals = await self.channel.fetch_goals()
             except OutpostError as exc:
                 self._later(f"the goals could not be fetched ({exc.code} {exc.message})")
+                continue
+            except ReadError as exc:  # a hub of another version
+                self._later(f"the goals the hub sent could not be read ({exc})")
                 continue
             self.fetched_at = self.clock()
             self.apply(goals)
@@ -581,7 +585,8 @@ class Reconciler:
         key = (name, version)
         if key not in self._manifests:
             path = self.runtime.package_dir(name, version) / MANIFEST_NAME
-            self._manifests[key] = Manifest.model_validate_json(path.read_bytes())
+            self._manifests[key] = read_lax(Manifest.read, "Manifest",
+                                            json.loads(path.read_bytes()))
         return self._manifests[key]
 
     async def _fetch(self, rec: Record, goal: ExtensionGoal) -> None:
@@ -780,7 +785,7 @@ class Reconciler:
     def status(self) -> list[dict[str, Any]]:
         rows = []
         for rec in sorted(self.store.records.values(), key=lambda r: r.name):
-            shown = rec.status().model_dump(mode="json")
+            shown = wire(rec.status())
             shown["running"] = rec.name in self.workers
             rows.append(shown)
         return rows
@@ -797,7 +802,7 @@ def _unpack(data: bytes, dest: Path, sha256: str) -> Any:
     handlers' user (unpack makes them with the agent's umask, which may be 077)."""
     from outpost.protocol import extpackage
 
-    package = extpackage.unpack(data, dest, sha256)
+    package = extpackage.unpack(data, dest, sha256, light=True)
     for root, dirs, _files in os.walk(dest):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o755)
@@ -812,7 +817,7 @@ def read_states(state_root: Path) -> list[dict[str, Any]]:
         return []
     try:
         raw = json.loads(store.path.read_bytes())
-        return [Record.from_dict(dict(v)).status().model_dump(mode="json")
+        return [wire(Record.from_dict(dict(v)).status())
                 for v in raw["extensions"].values()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return [{"error": f"{store.path}: {exc}"}]

@@ -44,8 +44,8 @@ from .. import cgroups
 from ..jobusers import _useradd
 from ..sandbox import _reachable, _safe_root, agent_user
 
-if TYPE_CHECKING:  # a module's limits (modreaders.Limits) are read without pydantic
-    from outpost.protocol.extensions import Limits as ManifestLimits
+if TYPE_CHECKING:  # both read without pydantic
+    from outpost.protocol.extreaders import Limits as ManifestLimits
     from outpost.protocol.modreaders import Limits as ModuleLimits
 
 log = logging.getLogger("outpost.agent.extensions")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..state import atomic_write
 
 if TYPE_CHECKING:
-    from outpost.protocol.extensions import ExtensionStatus, State, Step
+    from outpost.protocol.extreaders import ExtensionStatus, State, Step
 
 log = logging.getLogger("outpost.agent.extensions")
 
@@ -65,8 +65,8 @@ class Record:
 
     def status(self) -> ExtensionStatus:
         # Imported here: the daemon reads the store at start, before it knows whether the
-        # machine has extensions at all, without the wire models (protocol/readers.py).
-        from outpost.protocol.extensions import ExtensionStatus
+        # machine has extensions at all, without the extensions' readers.
+        from outpost.protocol.extreaders import ExtensionStatus
 
         return ExtensionStatus(
             name=self.name, version=self.version if self.stage == "installed" else None,
