@@ -170,6 +170,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Recovery points at each protection's interval, and failover/failback steps.
     tasks.start("recovery", hub.recovery.tick, period=1.0)
     tasks.start("loop-lag", hub.loop_lag.run)
+    if hub.gc_freezer is not None:
+        tasks.start("gc-young", hub.gc_freezer.collect_young, period=1.0)
     # Upstream messages: retention and forwarding, each on the leading replica only.
     tasks.start("messages-retention", hub.messages.retain, period=60.0)
     if hub.messages.forwarder is not None:
