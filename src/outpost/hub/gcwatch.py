@@ -59,6 +59,9 @@ def install(registry: CollectorRegistry) -> GcWatch:
     return watch
 
 
+YOUNG_EVERY = 0.1  # seconds between two young collections (Freezer.collect_young)
+
+
 class Freezer:
     """A ``gc.callbacks`` entry that keeps what survived a collection out of later ones.
 
@@ -73,12 +76,17 @@ class Freezer:
     young.
 
     Here the survivors of every collection of ``generation`` or older are frozen
-    (``gc.freeze``), and ``collect_young`` (every second, the hub's "gc-young" task) makes
-    a young collection walk only what was allocated in the last second and still lives: a
-    few milliseconds. A frozen object is still freed when its last reference goes, as every
-    object is; what it cannot get is the collector's help with a reference cycle. A cycle
-    that becomes garbage after it was frozen waits until, once every ``rewalk`` seconds, a
-    full collection walks everything again (``gc.unfreeze`` at its start: the one long
+    (``gc.freeze``), and ``collect_young`` (every ``YOUNG_EVERY`` seconds, the hub's
+    "gc-young" task) makes a young collection walk only what was allocated since the last
+    one and still lives. Each survivor is walked once, so a short period costs little more
+    CPU in all (it also walks and freezes objects that were about to die, which their
+    reference counts free anyway) and bounds each pause: at 10,000 agents a second's
+    survivors (each waiting long-poll holds its objects for 25 s) took 50-145 ms to walk.
+
+    A frozen object is still freed when its last reference goes, as every object is; what
+    it cannot get is the collector's help with a reference cycle. A cycle that becomes
+    garbage after it was frozen waits until, once every ``rewalk`` seconds, a full
+    collection walks everything again (``gc.unfreeze`` at its start: the one long
     pause in that time). The hub makes little cyclic garbage (about 17,000 objects found by
     every collection of a 10,000-agent run's first five minutes).
     """
@@ -108,6 +116,8 @@ class Freezer:
 
 
 def install_freezer(generation: int = 0, rewalk: float = 3600.0) -> Freezer:
+    # No gauge of gc.get_freeze_count(): it walks the frozen list, 1.6 million objects at
+    # 10,000 agents, and a /metrics read took 230 ms with the loop stopped.
     freezer = Freezer(generation, rewalk)
     gc.callbacks.append(freezer)
     return freezer

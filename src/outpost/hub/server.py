@@ -155,7 +155,7 @@ def run(options: RunOptions) -> None:
         gc.set_threshold(*GC_THRESHOLDS)
         gcwatch.install(hub.registry)
         # And so is what lives through a collection (connections, waiting long-polls), with a
-        # young collection every second: at 10,000 agents each collection walked millions
+        # young collection ten times a second: at 10,000 agents each collection walked millions
         # of them, 0.05-1 s with the loop stopped (gcwatch.Freezer).
         hub.gc_freezer = gcwatch.install_freezer(0, GC_REWALK_SECONDS)
         await server.serve(sockets=[sock])
