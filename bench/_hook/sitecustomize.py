@@ -318,8 +318,10 @@ if _ROLE:
                     with open(_stall_path, "a") as fh:
                         # Not gc.get_freeze_count(): it walks the frozen list with the
                         # interpreter lock held (100-250 ms at 10,000 agents).
-                        fh.write(f"== gc at {time.time():.3f}: counts {_gc.get_count()}, "
-                                 f"stats {_gc.get_stats()}\n")
+                        with open("/proc/self/statm") as statm:
+                            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                        fh.write(f"== gc at {time.time():.3f}: rss {rss / 2**20:.0f} MiB, "
+                                 f"counts {_gc.get_count()}, stats {_gc.get_stats()}\n")
                 began, _cpu, _gct, _ready, stacks, queued = _turn
                 if began is None or time.perf_counter() - began < 0.02:
                     continue
