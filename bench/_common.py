@@ -81,6 +81,7 @@ class Hooks:
     cprofile: Path | None = None  # a directory: hub.prof and agent.prof
     sqlite_pool: int = 0  # the hub's SQLite connections (0: as src/ makes them)
     sqltime: Path | None = None  # a file: the hub's SQL statements, counted and timed
+    stalls: Path | None = None  # a file: the hub's event-loop turns of 50 ms+, with stacks
 
     def env(self, role: str) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -96,6 +97,8 @@ class Hooks:
             env["BENCH_SQLITE_POOL"] = str(self.sqlite_pool)
         if self.sqltime and role == "hub":
             env["BENCH_SQLTIME"] = str(self.sqltime)
+        if self.stalls and role == "hub":
+            env["BENCH_STALLS"] = str(self.stalls)
         if self.cprofile:
             env["BENCH_CPROFILE"] = str(self.cprofile / f"{role}.prof")
         if env:

@@ -634,7 +634,8 @@ async def _explain_slow_start(client: Any, job_id: str, sent: float, answered: f
 
 
 def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
-            replicas_split: bool, late_seconds: float) -> dict[str, Any]:
+            replicas_split: bool, late_seconds: float, simulator_nice: int = 0
+            ) -> dict[str, Any]:
     from bench._common import load, percentile
 
     ca = hubs[0].data_dir / "ca.pem"
@@ -648,6 +649,11 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
                late_seconds=late_seconds) as fleet, \
             Fleet(urls, ca, hubs[0].account_id, hubs[0].primary_key, "fleet-probe", 1,
                   prefix=f"probe{size}", late_seconds=late_seconds) as probe:
+        if simulator_nice:
+            # The simulated fleet stands for machines elsewhere: on this one it must not take
+            # the cores from the hub it measures (the probe agent keeps its priority).
+            for pid in fleet.pids:
+                os.setpriority(os.PRIO_PROCESS, pid, simulator_nice)
         rate = fleet.wait_registered(timeout=max(600.0, size / 5))
         probe.wait_registered(timeout=60)
         result["registrations_per_s"] = rate
@@ -664,10 +670,12 @@ def measure(hubs: list[Any], size: int, window: float, latency_jobs: int,
         lag_before = _lags(hubs)
         before = [_hub_sample(pid) for pid in pids]
         started = time.monotonic()
+        print(f"  window opens at {time.time():.3f}", flush=True)
         latencies, lost = asyncio.run(_job_latency(hubs, probe, latency_jobs, 0.2))
         remaining = window - (time.monotonic() - started)
         if remaining > 0:
             time.sleep(remaining)  # the measured window is a length of time
+        print(f"  window closes at {time.time():.3f}", flush=True)
         after = [_hub_sample(pid) for pid in pids]
         beats_after = sum(_metric(h, "outpost_heartbeats_total") for h in hubs)
         gc_after = [sum(_metric(h, f"outpost_gc_pause_seconds_{part}", 'generation="2"')
@@ -783,16 +791,20 @@ def _print(r: dict[str, Any], late: float) -> None:
 
 @contextlib.contextmanager
 def hubs(kind: str, root: Path, replicas: int, extra_args: list[str],
-         profile: Path | None = None, src: Path | None = None) -> Iterator[list[Any]]:
+         profile: Path | None = None, src: Path | None = None,
+         stalls: Path | None = None) -> Iterator[list[Any]]:
     """Running hubs on one fresh database: ``src`` runs another build's ``src`` directory,
-    ``profile`` a directory for the first hub's cProfile and SQL statement counts."""
+    ``profile`` a directory for the first hub's cProfile and SQL statement counts,
+    ``stalls`` a file for the first hub's event-loop turns of 50 ms or more, with stacks."""
     from bench._common import Hooks, _stop, database, init_hub, publish
     from tests.support import Hub, free_port
 
     env: dict[str, str] = {}
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
-        env = Hooks(cprofile=profile, sqltime=profile / "sql.txt").env("hub")
+        env = Hooks(cprofile=profile, sqltime=profile / "sql.txt", stalls=stalls).env("hub")
+    elif stalls is not None:
+        env = Hooks(stalls=stalls).env("hub")
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(src), *filter(None, [env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")])])
@@ -825,6 +837,13 @@ def hubs(kind: str, root: Path, replicas: int, extra_args: list[str],
                 _stop(hub.proc)
 
 
+def _stalls_file(directory: Path | None, size: int, run: int) -> Path | None:
+    if directory is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory.resolve() / f"stalls-{size}-{run}.txt"
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench._common import TimeBound, cancel_time_bound, load, time_bound
 
@@ -842,6 +861,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=1800.0)
     parser.add_argument("--profile", type=Path, default=None,
                         help="a directory: the hub's cProfile (hub.prof) and SQL counts")
+    parser.add_argument("--simulator-nice", type=int, default=10,
+                        help="the simulated fleet's processes' nice value, so that they do "
+                             "not take the cores from the hub (0: as started)")
+    parser.add_argument("--stalls", type=Path, default=None,
+                        help="a directory: the hub's event-loop turns of 50 ms or more, with "
+                             "the stacks seen in them (one file per size and build)")
     parser.add_argument("--compare", type=Path, action="append", default=[],
                         help="another build's src directory: each size runs on it too, "
                              "alternating with this build (repeatable)")
@@ -875,9 +900,9 @@ def main(argv: list[str] | None = None) -> int:
                 with tempfile.TemporaryDirectory(prefix="outpost-fleet-") as tmp, \
                         hubs(args.database, Path(tmp), args.replicas, [],
                              args.profile / f"{size}-{len(results)}" if args.profile else None,
-                             src) as running:
+                             src, _stalls_file(args.stalls, size, len(results))) as running:
                     result = measure(running, size, args.window, args.latency_jobs,
-                                     args.replicas > 1, args.late)
+                                     args.replicas > 1, args.late, args.simulator_nice)
                     result["build"] = label
                     results.append(result)
     except TimeBound as exc:

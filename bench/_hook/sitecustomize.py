@@ -14,6 +14,10 @@ a benchmark is asked to trace or to try an alternative; src/ is never changed. S
 - BENCH_SQLTIME=FILE: count the hub's SQL statements and their time, written every 2 s.
 - BENCH_SQLITE_POOL=N: give the hub's SQLite engine a pool of N connections (no overflow);
   1 means one connection, so writers never wait on SQLite's busy handler.
+- BENCH_STALLS=FILE: catch the event loop's stalls in the act. A watcher thread samples the
+  main thread's stack every 10 ms while one turn of the loop (from a select() returning to
+  the next) has run 20 ms or more; each turn of 50 ms or more is appended to FILE with its
+  length, the descriptors that select() returned and the stacks seen.
 """
 
 from __future__ import annotations
@@ -239,6 +243,96 @@ if _ROLE:
             return engine
 
         mod.make_engine = timed
+
+    if os.environ.get("BENCH_STALLS"):
+        import asyncio
+        import selectors
+        import threading
+        import traceback
+
+        _stall_path = os.environ["BENCH_STALLS"]
+        _main = threading.main_thread().ident
+        _main_tid = threading.get_native_id()
+        # The turn in progress: when its select() returned (None: in select), the main
+        # thread's CPU time then, the collector's time so far, the callbacks it started
+        # with; the watcher's stacks for it, and the thread's run-queue wait when the
+        # watcher first saw it long (schedstat: was the thread running, or waiting for a
+        # core?).
+        _turn: list[Any] = [None, 0.0, 0.0, 0, [], None]
+        # The collector's total time, when the current collection began, and the pauses of
+        # this turn: "generation:ms" each.
+        _gc_time: list[Any] = [0.0, 0.0, []]
+        _select = selectors.EpollSelector.select
+
+        def _gc_clock(phase: str, _info: Any) -> None:
+            if phase == "start":
+                _gc_time[1] = time.perf_counter()
+            else:
+                took = time.perf_counter() - _gc_time[1]
+                _gc_time[0] += took
+                if took >= 0.005:
+                    _gc_time[2].append(f"{_info.get('generation')}:{took * 1e3:.0f}")
+
+        import gc as _gc
+
+        _gc.callbacks.append(_gc_clock)
+
+        def _queued() -> float:
+            try:
+                with open(f"/proc/self/task/{_main_tid}/schedstat") as fh:
+                    return int(fh.read().split()[1]) / 1e9
+            except OSError:
+                return float("nan")
+
+        def _stall_select(self: Any, timeout: Any = None) -> Any:
+            began, cpu, gct, ready, stacks, queued = _turn
+            if began is not None:
+                took = time.perf_counter() - began
+                if took >= 0.05:
+                    waited = _queued() - queued if queued is not None else float("nan")
+                    with open(_stall_path, "a") as fh:
+                        fh.write(f"== turn of {took * 1e3:.0f} ms at {time.time():.3f}: "
+                                 f"cpu {(time.thread_time() - cpu) * 1e3:.0f} ms, gc "
+                                 f"{(_gc_time[0] - gct) * 1e3:.0f} ms "
+                                 f"[{' '.join(_gc_time[2])}], run-queue wait "
+                                 f"{waited * 1e3:.0f} ms (after 20 ms), {ready} callbacks "
+                                 f"at its start\n")
+                        for at, text in stacks:
+                            fh.write(f"-- at {at * 1e3:.0f} ms\n{text}")
+            _turn[0] = None
+            _gc_time[2] = []
+            events = _select(self, timeout)
+            loop = asyncio.events._get_running_loop()
+            ready = len(events) + (len(loop._ready) if loop is not None else 0)  # noqa: SLF001
+            _turn[:] = [time.perf_counter(), time.thread_time(), _gc_time[0], ready, [], None]
+            return events
+
+        selectors.EpollSelector.select = _stall_select  # type: ignore[method-assign]
+
+        def _watch() -> None:
+            stats_due = time.monotonic() + 10
+            while True:
+                time.sleep(0.01)
+                if time.monotonic() >= stats_due:
+                    stats_due += 10
+                    with open(_stall_path, "a") as fh:
+                        # Not gc.get_freeze_count(): it walks the frozen list with the
+                        # interpreter lock held (100-250 ms at 10,000 agents).
+                        with open("/proc/self/statm") as statm:
+                            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                        fh.write(f"== gc at {time.time():.3f}: rss {rss / 2**20:.0f} MiB, "
+                                 f"counts {_gc.get_count()}, stats {_gc.get_stats()}\n")
+                began, _cpu, _gct, _ready, stacks, queued = _turn
+                if began is None or time.perf_counter() - began < 0.02:
+                    continue
+                if queued is None:
+                    _turn[5] = _queued()
+                frame = sys._current_frames().get(_main)  # noqa: SLF001
+                if frame is not None and _turn[0] is began:
+                    text = "".join(traceback.format_stack(frame, limit=25))
+                    stacks.append((time.perf_counter() - began, text))
+
+        threading.Thread(target=_watch, name="bench-stalls", daemon=True).start()
 
     _PATCHES: dict[str, Any] = {}
     if os.environ.get("BENCH_SQLTIME"):

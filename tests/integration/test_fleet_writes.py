@@ -135,3 +135,29 @@ def test_the_hub_raises_its_descriptor_limit_and_keeps_idle_connections_small(
         assert per_connection < 150, f"{per_connection:.0f} KiB an idle connection"
     finally:
         hub.stop()
+
+
+def _sample(hub: Any, name: str) -> float:
+    for line in hub.api("GET", "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _young_collections(hub: Any) -> float:
+    return _sample(hub, 'outpost_gc_pause_seconds_count{generation="0"}')
+
+
+def test_the_hub_collects_its_young_generation_ten_times_a_second(tmp_path: Path) -> None:
+    """An idle hub allocates too little to reach the collector's threshold, yet its young
+    generation is collected ten times a second (its survivors frozen), so that no collection
+    walks more than the last tenth of a second's objects (gcwatch.Freezer)."""
+    hub = init_hub(tmp_path / "hub", f"sqlite:///{tmp_path / 'hub.db'}")
+    hub.start()
+    try:
+        first = _young_collections(hub)
+        # Within 10 s: one a second would take 20.
+        wait_until(lambda: _young_collections(hub) >= first + 20, 10,
+                   what="twenty more young collections")
+    finally:
+        hub.stop()

@@ -95,6 +95,9 @@ class Hub:
               registry=self.registry).set_function(lambda: float(self.leadership.leader))
         self.job_metrics = metrics.JobMetrics(self.registry)
         self.loop_lag = gcwatch.LoopLag(self.registry)  # sampled while the app runs
+        # The collector's survivors frozen, young collections ten a second: the server's
+        # (server.py), not an in-process app's.
+        self.gc_freezer: gcwatch.Freezer | None = None
         jobs.ended_listeners.append(self.job_metrics.ended)
         # Upstream messages from machines' modules: stored, read, pruned, forwarded.
         self.messages = messages.Messages(engine, config.messages, self.notifier,
