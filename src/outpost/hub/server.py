@@ -7,6 +7,7 @@ import gc
 import logging
 import resource
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class RunOptions:
     tls_key: Path | None = None
     min_agent_version: str | None = None
     heartbeat_interval: float | None = None
+    event_loop: str = "uvloop"
 
 
 async def prepare(paths: HubPaths, database_url: str) -> Hub:
@@ -97,6 +99,24 @@ def agents_for(fds: int) -> int:
     return max(0, (fds - FDS_SPARE) // FDS_PER_AGENT)
 
 
+# The event loops the hub runs on. uvloop's (libuv's) transports and TLS cost a fraction of
+# asyncio's own per read and per write: a GiB through the backup store took 2.5 s of the
+# hub's CPU to receive and 1.2 s to send on asyncio's loop (docs/backup.md, "Performance").
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """The factory of the event loop ``choice`` names (None: asyncio's own) and the name of
+    the one it gives: asyncio's where uvloop cannot be imported."""
+    if choice == "asyncio":
+        return None, "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        return None, "asyncio"
+    return uvloop.new_event_loop, "uvloop"
+
+
 def small_tls_buffers() -> None:
     # Larger only while a connection's reads fill it (a large body): tlsread.py.
     tlsread.install(TLS_READ_BUFFER)
@@ -134,7 +154,12 @@ def run(options: RunOptions) -> None:
              "they run jobs; about %d idle ones, which hold one)", after,
              f" (raised from {before})" if after != before else "", agents_for(after),
              FDS_PER_AGENT, agents_for(after) * FDS_PER_AGENT)
-    small_tls_buffers()
+    factory, loop_name = loop_factory(options.event_loop)
+    if loop_name != options.event_loop:
+        log.warning("uvloop cannot be imported here: the hub runs on asyncio's event loop "
+                    "(pip install 'outpost-fleet[hub]' brings it)")
+    if factory is None:
+        small_tls_buffers()  # uvloop's TLS has buffers of its own (docs/architecture.md)
 
     async def main() -> None:
         hub = await prepare(paths, database_url)
@@ -144,8 +169,8 @@ def run(options: RunOptions) -> None:
             log_level="warning", access_log=False, lifespan="on",
             timeout_graceful_shutdown=3, timeout_keep_alive=75,
         ))
-        log.info("hub listening on https://%s (database %s)", bind,
-                 database_url.split("@")[-1])
+        log.info("hub listening on https://%s (database %s, event loop %s)", bind,
+                 database_url.split("@")[-1], loop_name)
         # What start-up made (modules, the app, SQLAlchemy's and pydantic's tables) lives
         # as long as the process: out of the collector's sight, a full collection walks only
         # what requests made since. It walked everything, for 190 ms with the event loop
@@ -156,6 +181,7 @@ def run(options: RunOptions) -> None:
         await server.serve(sockets=[sock])
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
     finally:
         sock.close()
