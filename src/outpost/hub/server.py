@@ -68,7 +68,8 @@ FDS_SPARE = 200
 # asyncio's TLS transport gives every connection a 256 KiB read buffer, zero-filled and so
 # resident: 285 KiB an idle agent's connection, 2.8 GiB for 10,000. A TLS record carries at
 # most 16 KiB, so a 16 KiB buffer reads whole records; an idle connection then costs about
-# 49 KiB (bench/fleet.py --tls-memory; bench/README.md, "A fleet of agents").
+# 49 KiB (bench/fleet.py --tls-memory; bench/README.md, "A fleet of agents"). On uvloop's
+# loop (the default) its own TLS buffers apply: 37 KiB an idle connection.
 TLS_READ_BUFFER = 16 * 1024
 
 
