@@ -27,7 +27,8 @@ another (about 500 requests to restore 1 GiB of this tree, against 70 with a cac
 ``--connections N`` sets restic's connections to the hub (``-o rest.connections=N``).
 ``--compare-loop`` adds a variant ``asyncio``: restic directly to a second hub process on the
 same store and database, run on asyncio's own event loop (``--event-loop asyncio``) where
-the first runs on uvloop, in turn with the others.
+the first runs on uvloop, in turn with the others; ``--compare SRC`` the same with a second
+hub that runs another build's ``src`` directory (variant ``other``).
 
     .venv/bin/python bench/backup_store.py --megabytes 1024 --rounds 3 [--transport both]
 
@@ -283,6 +284,9 @@ def main() -> int:
     parser.add_argument("--compare-loop", action="store_true", help="also restic directly "
                         "to a second hub process on the same store, on asyncio's own event "
                         "loop (--event-loop asyncio), in turn with the others")
+    parser.add_argument("--compare", type=Path, default=None, metavar="SRC", help="also "
+                        "restic directly to a second hub process on the same store running "
+                        "another build's src directory (PYTHONPATH), in turn with the others")
     parser.add_argument("--transport", choices=("direct", "bridge", "both"), default=None,
                         help="how restic reaches the hub: directly (restic 0.17 or later), "
                         "through the bridge, or both in turn (the default with restic 0.17 "
@@ -335,13 +339,16 @@ def main() -> int:
                               server)
             variant.answered = lambda: _answered(hub)
             through_hub.append(variant)
-        if args.compare_loop:
+        if args.compare_loop or args.compare is not None:
             other = hub.replica()
-            other.extra_args.extend(["--event-loop", "asyncio"])
-            other.start()
+            if args.compare_loop:
+                other.extra_args.extend(["--event-loop", "asyncio"])
+            with hook_env({"PYTHONPATH": str(args.compare.resolve())}
+                          if args.compare is not None else {}):
+                other.start()
             opened = transport.connection("direct", other.url, issued["machine_id"], ca,
                                           issued["token"], [str(bridge)])
-            variant = Variant("asyncio", opened.args,
+            variant = Variant("asyncio" if args.compare_loop else "other", opened.args,
                               clean_env(RESTIC_PASSWORD=PASSWORD, **opened.env),
                               psutil.Process(other.proc.pid) if other.proc else None)
             variant.answered = lambda: _answered(other)
