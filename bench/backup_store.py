@@ -25,6 +25,10 @@ the command's temporary directory); ``--cache none`` runs them all with ``--no-c
 Without a cache restic fetches each directory's tree with a request of its own, one after
 another (about 500 requests to restore 1 GiB of this tree, against 70 with a cache).
 ``--connections N`` sets restic's connections to the hub (``-o rest.connections=N``).
+``--compare-loop`` adds a variant ``asyncio``: restic directly to a second hub process on the
+same store and database, run on asyncio's own event loop (``--event-loop asyncio``) where
+the first runs on uvloop, in turn with the others; ``--compare SRC`` the same with a second
+hub that runs another build's ``src`` directory (variant ``other``).
 
     .venv/bin/python bench/backup_store.py --megabytes 1024 --rounds 3 [--transport both]
 
@@ -277,6 +281,12 @@ def main() -> int:
                         "it (cold, the default), or --no-cache (none)")
     parser.add_argument("--connections", type=int, default=None, help="restic's "
                         "connections to the hub (-o rest.connections=N; restic's default 5)")
+    parser.add_argument("--compare-loop", action="store_true", help="also restic directly "
+                        "to a second hub process on the same store, on asyncio's own event "
+                        "loop (--event-loop asyncio), in turn with the others")
+    parser.add_argument("--compare", type=Path, default=None, metavar="SRC", help="also "
+                        "restic directly to a second hub process on the same store running "
+                        "another build's src directory (PYTHONPATH), in turn with the others")
     parser.add_argument("--transport", choices=("direct", "bridge", "both"), default=None,
                         help="how restic reaches the hub: directly (restic 0.17 or later), "
                         "through the bridge, or both in turn (the default with restic 0.17 "
@@ -296,6 +306,7 @@ def main() -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="outpost-bench-backup-", dir=args.dir or "/var/tmp"))
     hub: Hub | None = None
+    other: Hub | None = None
     time_bound(args.max_seconds)
     try:
         source = root / "source"
@@ -327,6 +338,20 @@ def main() -> int:
             variant = Variant(how, options, clean_env(RESTIC_PASSWORD=PASSWORD, **opened.env),
                               server)
             variant.answered = lambda: _answered(hub)
+            through_hub.append(variant)
+        if args.compare_loop or args.compare is not None:
+            other = hub.replica()
+            if args.compare_loop:
+                other.extra_args.extend(["--event-loop", "asyncio"])
+            with hook_env({"PYTHONPATH": str(args.compare.resolve())}
+                          if args.compare is not None else {}):
+                other.start()
+            opened = transport.connection("direct", other.url, issued["machine_id"], ca,
+                                          issued["token"], [str(bridge)])
+            variant = Variant("asyncio" if args.compare_loop else "other", opened.args,
+                              clean_env(RESTIC_PASSWORD=PASSWORD, **opened.env),
+                              psutil.Process(other.proc.pid) if other.proc else None)
+            variant.answered = lambda: _answered(other)
             through_hub.append(variant)
         local_dir = root / "local-repo"
         local = Variant("local", ["-r", str(local_dir)], clean_env(RESTIC_PASSWORD=PASSWORD))
@@ -361,6 +386,8 @@ def main() -> int:
                 hub.proc.send_signal(signal.SIGUSR1)  # the hook writes hub.prof
                 time.sleep(1)
             hub.stop()
+        if other is not None:
+            other.stop()
         shutil.rmtree(root, ignore_errors=True)
     return 0
 

@@ -212,3 +212,36 @@ def test_many_requests_on_one_connection(sqlite_hub: Hub, tmp_path: Path) -> Non
             assert client.get(f"{base}/config").status_code == 404
             assert client.get(f"{base}/snapshots/{name}").content == data
         assert sorted(client.get(f"{base}/snapshots/").json()) == sorted(n for _, n in blobs)
+
+
+def test_both_event_loops_store_whole_packs_and_refuse_a_corrupted_one(
+        sqlite_hub: Hub, tmp_path: Path) -> None:
+    """The hub runs on uvloop unless told otherwise (``--event-loop asyncio``), and either
+    way a 16 MiB pack (large TLS reads, many body pieces) is stored and read back whole, and
+    one whose last byte differs from what its name says is refused and not kept."""
+    default = sqlite_hub
+    own = default.replica()
+    own.extra_args.extend(["--event-loop", "asyncio"])
+    own.start()
+    try:
+        client, base, repo = _repository(default, tmp_path)
+        data, name = _blob(16 * 1024 * 1024)
+        corrupted = data[:-1] + bytes([data[-1] ^ 1])
+        with client:
+            token = _token_header(client)
+        for hub, loop in ((default, "uvloop"), (own, "asyncio")):
+            assert f"event loop {loop})" in hub.log()
+            with httpx.Client(base_url=hub.url, verify=hub.ssl_context(), timeout=60,
+                              headers={"Authorization": token}) as each:
+                wrong = each.post(f"{base}/data/{name}", content=corrupted)
+                assert wrong.status_code == 400 and wrong.json()["code"] == "E9063", loop
+                assert not (repo / "data" / name[:2] / name).exists()
+                assert each.post(f"{base}/data/{name}", content=data).status_code == 200
+                assert each.get(f"{base}/data/{name}").content == data
+                assert each.get(f"{base}/data/{name}", headers={
+                    "Range": "bytes=5000000-"}).content == data[5000000:]
+            (repo / "data" / name[:2] / name).unlink()
+            assert _leftovers(repo) == []
+            assert "Traceback" not in hub.log()
+    finally:
+        own.stop()

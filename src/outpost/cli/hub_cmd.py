@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 import shlex
 from pathlib import Path
@@ -126,6 +127,11 @@ def _print_install_line(url: str, fingerprint: str, account_id: str, key: str) -
               highlight=False, soft_wrap=True)
 
 
+class EventLoop(str, enum.Enum):
+    uvloop = "uvloop"
+    asyncio = "asyncio"
+
+
 @app.command()
 def run(
     data_dir: DataDirReq,
@@ -139,6 +145,9 @@ def run(
     heartbeat_interval: Annotated[Optional[str], typer.Option(
         help="Heartbeat interval assumed for newly registered machines: 30, 30s, 1m.")]
     = None,
+    event_loop: Annotated[EventLoop, typer.Option(
+        envvar="OUTPOST_HUB_EVENT_LOOP", help="The event loop to serve on: uvloop "
+        "(asyncio's where uvloop is not installed) or asyncio's own.")] = EventLoop.uvloop,
 ) -> None:
     """Serve the hub over HTTPS until interrupted."""
     _need_hub_extra()
@@ -152,6 +161,7 @@ def run(
     signals.daemon()
     serve(RunOptions(data_dir=data_dir, bind=bind, database_url=database_url,
                      tls_cert=tls_cert, tls_key=tls_key, min_agent_version=min_agent_version,
+                     event_loop=event_loop.value,
                      heartbeat_interval=None if heartbeat_interval is None else
                      durations.parse(heartbeat_interval, "--heartbeat-interval",
                                      positive=True, maximum=3600)))

@@ -7,6 +7,7 @@ import gc
 import logging
 import resource
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class RunOptions:
     tls_key: Path | None = None
     min_agent_version: str | None = None
     heartbeat_interval: float | None = None
+    event_loop: str = "uvloop"
 
 
 async def prepare(paths: HubPaths, database_url: str) -> Hub:
@@ -66,7 +68,8 @@ FDS_SPARE = 200
 # asyncio's TLS transport gives every connection a 256 KiB read buffer, zero-filled and so
 # resident: 285 KiB an idle agent's connection, 2.8 GiB for 10,000. A TLS record carries at
 # most 16 KiB, so a 16 KiB buffer reads whole records; an idle connection then costs about
-# 49 KiB (bench/fleet.py --tls-memory; bench/README.md, "A fleet of agents").
+# 49 KiB (bench/fleet.py --tls-memory; bench/README.md, "A fleet of agents"). On uvloop's
+# loop (the default) its own TLS buffers apply: 37 KiB an idle connection.
 TLS_READ_BUFFER = 16 * 1024
 
 
@@ -96,6 +99,24 @@ def raise_fd_limit() -> tuple[int, int]:
 def agents_for(fds: int) -> int:
     """How many agents a descriptor limit serves."""
     return max(0, (fds - FDS_SPARE) // FDS_PER_AGENT)
+
+
+# The event loops the hub runs on. uvloop's (libuv's) transports and TLS cost a fraction of
+# asyncio's own per read and per write: a GiB through the backup store took 2.5 s of the
+# hub's CPU to receive and 1.2 s to send on asyncio's loop (docs/backup.md, "Performance").
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """The factory of the event loop ``choice`` names (None: asyncio's own) and the name of
+    the one it gives: asyncio's where uvloop cannot be imported."""
+    if choice == "asyncio":
+        return None, "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        return None, "asyncio"
+    return uvloop.new_event_loop, "uvloop"
 
 
 def small_tls_buffers() -> None:
@@ -135,7 +156,12 @@ def run(options: RunOptions) -> None:
              "they run jobs; about %d idle ones, which hold one)", after,
              f" (raised from {before})" if after != before else "", agents_for(after),
              FDS_PER_AGENT, agents_for(after) * FDS_PER_AGENT)
-    small_tls_buffers()
+    factory, loop_name = loop_factory(options.event_loop)
+    if loop_name != options.event_loop:
+        log.warning("uvloop cannot be imported here: the hub runs on asyncio's event loop "
+                    "(pip install 'outpost-fleet[hub]' brings it)")
+    if factory is None:
+        small_tls_buffers()  # uvloop's TLS has buffers of its own (docs/architecture.md)
 
     async def main() -> None:
         hub = await prepare(paths, database_url)
@@ -145,8 +171,8 @@ def run(options: RunOptions) -> None:
             log_level="warning", access_log=False, lifespan="on",
             timeout_graceful_shutdown=3, timeout_keep_alive=75,
         ))
-        log.info("hub listening on https://%s (database %s)", bind,
-                 database_url.split("@")[-1])
+        log.info("hub listening on https://%s (database %s, event loop %s)", bind,
+                 database_url.split("@")[-1], loop_name)
         # What start-up made (modules, the app, SQLAlchemy's and pydantic's tables) lives
         # as long as the process: out of the collector's sight, a full collection walks only
         # what requests made since. It walked everything, for 190 ms with the event loop
@@ -161,6 +187,7 @@ def run(options: RunOptions) -> None:
         await server.serve(sockets=[sock])
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(main())
     finally:
         sock.close()

@@ -13,6 +13,10 @@ So a connection's buffer grows while reads fill it (16 KiB, 64 KiB, 256 KiB) and
 to 16 KiB at the first read that leaves it mostly empty (a request's end: the next
 request's headers, an idle connection's nothing): only connections in the middle of a
 large body hold a large buffer.
+
+This is asyncio's own TLS protocol: the hub installs it only when it runs on asyncio's loop.
+uvloop's TLS reads into a 256 KiB buffer it allocates without filling, so an idle
+connection holds only the pages its reads touched (docs/architecture.md, "The event loop").
 """
 
 from __future__ import annotations
