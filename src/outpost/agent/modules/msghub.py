@@ -13,9 +13,10 @@ answered 404 ``Module not found``, logged with the pid and the name, counted
 Each ``send`` is matched against every route of the deployment (``configure``); each route
 that takes it delivers it to its sink: a module's input (a bounded queue in memory per
 module, ordered by the route's priority then by arrival, each message with the route's time
-to live; delivered in order while the module is connected, at most ``window`` at a time
-not yet taken by the module's code: see below) or ``$upstream`` (the store on
-disk, upstream.py; one copy however many upstream routes take it). A send is answered once
+to live, and written to the module's store on disk before the ack, inbox_store.py, so it
+outlives a kill of the agent; delivered in order while the module is connected, at most
+``window`` at a time not yet taken by the module's code: see below) or ``$upstream`` (the
+store on disk, upstream.py; one copy however many upstream routes take it). A send is answered once
 every sink took it, or refused as a whole, never partly: 413 over ``max_message_kb``, 404
 when no route takes it, 507 when the store or an input's queue is full. Nothing is dropped
 but what outlives its time to live (``expired``).
@@ -25,7 +26,8 @@ the module's hello asks) to a connection before the module says it took them (``
 frames with a count, a few messages each); the rest wait in the module's inbox, whose bound
 gives senders their 507. Written messages stay with the connection (``outstanding``) until
 taken; when it closes, the untaken ones go back to the front of the inbox, in order, for the
-next connection: at-least-once to the module's code. ``delivered`` counts taken messages.
+next connection: at-least-once to the module's code. ``delivered`` counts taken messages;
+takes are noted in the inbox's store, which an agent that starts reads back (``_inbox``).
 
 ``call`` hands a direct call to the module's connection and waits for its reply (the
 ``module_call`` work kind, ``register_calls``).
