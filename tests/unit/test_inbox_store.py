@@ -19,7 +19,7 @@ LATER = time.time() + 3600
 
 def _append(store: InboxStore, body: str, priority: int = 0,
             expires_at: float = LATER) -> int:
-    return store.append("in", priority, expires_at, {"op": "message", "input": "in"},
+    return store.append("in", priority, expires_at, b'{"op":"message","input":"in"}',
                         body.encode())
 
 

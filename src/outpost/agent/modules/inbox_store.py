@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import base64
 import bisect
+import json
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .segments import Segment, Segments, encode, records
+from .segments import Segment, Segments, encode, frame, records
 
 log = logging.getLogger("outpost.agent.messages")
 
@@ -50,7 +50,7 @@ class Stored:
     input: str
     priority: int
     expires_at: float
-    header: dict[str, Any]
+    header: bytes  # the message frame's header, as JSON
     body: bytes
 
 
@@ -125,7 +125,8 @@ class InboxStore:
             held.live.add(seq)
             self._where[seq] = segment.first
             found.append(Stored(seq, record["input"], int(record["priority"]),
-                                float(record["expires_at"]), record["header"],
+                                float(record["expires_at"]),
+                                json.dumps(record["header"], separators=(",", ":")).encode(),
                                 base64.b64decode(record["body"])))
         for held in list(self._held.values()):
             if not held.live:
@@ -136,12 +137,15 @@ class InboxStore:
 
     # --- the ack path -----------------------------------------------------------------------
     def append(self, input_name: str, priority: int, expires_at: float,
-               header: dict[str, Any], body: bytes) -> int:
-        """Write one message (one write): its seq. OSError when the disk refuses it."""
+               header: bytes, body: bytes) -> int:
+        """Write one message (one write; ``header`` the frame's, JSON already, put in the
+        record as it is rather than encoded again): its seq. OSError when the disk
+        refuses it."""
         seq = self.next_seq
-        data = encode({"seq": seq, "input": input_name, "priority": priority,
-                       "expires_at": expires_at, "header": header,
-                       "body": base64.b64encode(body).decode()})
+        data = frame(b'{"seq":%d,"input":%s,"priority":%d,"expires_at":%s,"header":%s,'
+                     b'"body":"%s"}' % (seq, json.dumps(input_name).encode(), priority,
+                                        repr(float(expires_at)).encode(), header,
+                                        base64.b64encode(body)))
         before = self.files.tail
         segment = self.files.append(data, self.files.next_name(), self.segment_bytes)
         held = self._held.get(segment.first)

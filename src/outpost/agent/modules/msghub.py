@@ -106,7 +106,7 @@ class _Queued:
     priority: int
     order: int
     input: str = field(compare=False)
-    header: dict[str, Any] = field(compare=False)
+    header: bytes = field(compare=False)  # the message frame's, JSON: encoded once, at send
     body: bytes = field(compare=False)
     expires_at: float = field(compare=False)
     seq: int = field(compare=False)  # its record in the inbox's store
@@ -538,7 +538,8 @@ class MessageHub:
         try:
             for (target, name), (priority, ttl) in inputs.items():
                 inbox = self.inboxes[target]
-                item_header = dict(message_header, input=name)
+                item_header = json.dumps(dict(message_header, input=name),
+                                         separators=(",", ":")).encode()
                 try:
                     seq = inbox.store.append(name, priority, now + ttl, item_header, body)
                 except OSError as exc:
@@ -600,7 +601,11 @@ class MessageHub:
             # Outstanding before it is written: if the connection closes, even while
             # writing, it goes back to the inbox (_serve) for the next connection.
             conn.outstanding.append(item)
-            await conn.write(modwire.encode(item.header, item.body))
+            if len(item.header) > modwire.MAX_HEADER:
+                raise modwire.FrameError(f"a frame's header is at most {modwire.MAX_HEADER} "
+                                         f"bytes, not {len(item.header)}")
+            await conn.write(modwire.PREFIX.pack(len(item.header), len(item.body))
+                             + item.header + item.body)
 
     # --- direct calls -------------------------------------------------------------------
     async def call(self, module: str, method: str, payload: Any, timeout: float

@@ -28,7 +28,11 @@ RECORD = struct.Struct(">II")
 
 def encode(record: dict[str, Any]) -> bytes:
     """One record as it is written: the prefix and the JSON."""
-    data = json.dumps(record, separators=(",", ":")).encode()
+    return frame(json.dumps(record, separators=(",", ":")).encode())
+
+
+def frame(data: bytes) -> bytes:
+    """A record of JSON already encoded: the prefix and ``data``."""
     return RECORD.pack(len(data), zlib.crc32(data)) + data
 
 
