@@ -188,3 +188,15 @@ def test_a_rebuilt_inbox_keeps_its_order_and_its_bound(tmp_path: Path) -> None:
     high = [f"m{i}" for i in range(100) if i % 10 == 9]
     assert order == high + [f"m{i}" for i in range(100) if i % 10 != 9]
     inbox.store.close()
+
+
+def test_what_is_not_yet_synced_is_handed_out_once(tmp_path: Path) -> None:
+    store = InboxStore(tmp_path, 1 << 20)
+    assert store.to_sync() == []
+    _append(store, "m0")
+    store.take([1])
+    fds = store.to_sync()
+    assert len(fds) == 2 and store.to_sync() == []  # the segment and the taken log
+    for fd in fds:
+        msghub._fsync_all([fd])
+    store.close()

@@ -253,6 +253,15 @@ class InboxStore:
             os.fsync(self._taken_fd)
             self._taken_dirty = False
 
+    def to_sync(self) -> list[int]:
+        """Duplicates of the descriptors with writes not yet synced, for a thread to fsync
+        and close (``sync`` is the same, done here)."""
+        fds = [fd for fd in [self.files.to_sync()] if fd is not None]
+        if self._taken_fd is not None and self._taken_dirty:
+            self._taken_dirty = False
+            fds.append(os.dup(self._taken_fd))
+        return fds
+
     def close(self) -> None:
         self.sync()
         self.files.close()

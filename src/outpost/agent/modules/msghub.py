@@ -265,15 +265,15 @@ class MessageHub:
 
     async def _sync(self) -> None:
         """Flush the inboxes' files to the disk at most once a second (not per message:
-        docs/messages.md, Durability)."""
+        docs/messages.md, Durability), in a thread: an fsync may take tens of
+        milliseconds, during which the hub goes on routing."""
         while True:
             await asyncio.sleep(1.0)
-            for module, inbox in list(self.inboxes.items()):
-                try:
-                    inbox.store.sync()
-                except OSError as exc:
-                    log.warning("could not flush module %s's inbox to the disk: %s", module,
-                                exc.strerror)
+            fds: list[int] = []
+            for inbox in self.inboxes.values():
+                fds.extend(inbox.store.to_sync())
+            if fds:
+                await asyncio.to_thread(_fsync_all, fds)
 
     def set_upstream(self, send_upstream: upstream.SendUpstream, *,
                      backoff_base: float = 1.0, backoff_cap: float = 60.0) -> None:
@@ -636,6 +636,16 @@ class MessageHub:
             raise OutpostError("msg_module_not_connected", f"The module {module} is not "
                                "connected to the agent's message hub.", module=module)
         return status, answer
+
+
+def _fsync_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            log.warning("could not flush a module's inbox to the disk: %s", exc.strerror)
+        finally:
+            os.close(fd)
 
 
 def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:

@@ -156,5 +156,14 @@ class Segments:
             os.fsync(self._fd)
             self._dirty = False
 
+    def to_sync(self) -> int | None:
+        """A duplicate of the open segment's descriptor when it has writes not yet synced
+        (the caller fsyncs and closes it, in another thread: the segment may be closed
+        meanwhile), else None."""
+        if self._fd is None or not self._dirty:
+            return None
+        self._dirty = False
+        return os.dup(self._fd)
+
     def close(self) -> None:
         self._close_fd()
