@@ -13,9 +13,10 @@ answered 404 ``Module not found``, logged with the pid and the name, counted
 Each ``send`` is matched against every route of the deployment (``configure``); each route
 that takes it delivers it to its sink: a module's input (a bounded queue in memory per
 module, ordered by the route's priority then by arrival, each message with the route's time
-to live; delivered in order while the module is connected, at most ``window`` at a time
-not yet taken by the module's code: see below) or ``$upstream`` (the store on
-disk, upstream.py; one copy however many upstream routes take it). A send is answered once
+to live, and written to the module's store on disk before the ack, inbox_store.py, so it
+outlives a kill of the agent; delivered in order while the module is connected, at most
+``window`` at a time not yet taken by the module's code: see below) or ``$upstream`` (the
+store on disk, upstream.py; one copy however many upstream routes take it). A send is answered once
 every sink took it, or refused as a whole, never partly: 413 over ``max_message_kb``, 404
 when no route takes it, 507 when the store or an input's queue is full. Nothing is dropped
 but what outlives its time to live (``expired``).
@@ -25,7 +26,8 @@ the module's hello asks) to a connection before the module says it took them (``
 frames with a count, a few messages each); the rest wait in the module's inbox, whose bound
 gives senders their 507. Written messages stay with the connection (``outstanding``) until
 taken; when it closes, the untaken ones go back to the front of the inbox, in order, for the
-next connection: at-least-once to the module's code. ``delivered`` counts taken messages.
+next connection: at-least-once to the module's code. ``delivered`` counts taken messages;
+takes are noted in the inbox's store, which an agent that starts reads back (``_inbox``).
 
 ``call`` hands a direct call to the module's connection and waits for its reply (the
 ``module_call`` work kind, ``register_calls``).
@@ -59,6 +61,7 @@ from outpost.protocol.routes import Route
 
 from ..extensions.runtime import beside_state
 from . import upstream
+from .inbox_store import InboxStore
 
 log = logging.getLogger("outpost.agent.messages")
 
@@ -103,16 +106,19 @@ class _Queued:
     priority: int
     order: int
     input: str = field(compare=False)
-    header: dict[str, Any] = field(compare=False)
+    header: bytes = field(compare=False)  # the message frame's, JSON: encoded once, at send
     body: bytes = field(compare=False)
     expires_at: float = field(compare=False)
+    seq: int = field(compare=False)  # its record in the inbox's store
 
 
 class Inbox:
     """One module's input messages: a heap by (route priority, arrival), bounded per
-    input in messages and bytes."""
+    input in messages and bytes, each message also in the inbox's ``store`` on disk until
+    the module took it."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: InboxStore) -> None:
+        self.store = store
         self.heap: list[_Queued] = []
         self.front = 0  # the order of the earliest message given back (requeue)
         self.count: dict[str, int] = {}
@@ -151,6 +157,7 @@ class Inbox:
         keep = [q for q in self.heap if q.expires_at > now]
         gone = len(self.heap) - len(keep)
         if gone:
+            self.store.forget([q.seq for q in self.heap if q.expires_at <= now])
             self.heap = keep
             heapq.heapify(self.heap)
             self.count, self.bytes = {}, {}
@@ -179,16 +186,15 @@ class Connection:
         self.outstanding: deque[_Queued] = deque()  # written, not yet taken, in order
         self.room = asyncio.Event()  # set when a took made room in the window
 
-    def took(self, count: Any) -> int:
+    def took(self, count: Any) -> list[_Queued]:
         """Let go of the first ``count`` outstanding messages (a ``took`` frame)."""
         if not isinstance(count, int) or isinstance(count, bool) or not (
                 0 < count <= len(self.outstanding)):
             raise modwire.FrameError(f"a took counts some of the {len(self.outstanding)} "
                                      f"messages written and not yet taken, not {count!r}")
-        for _ in range(count):
-            self.outstanding.popleft()
+        taken = [self.outstanding.popleft() for _ in range(count)]
         self.room.set()
-        return count
+        return taken
 
     async def write(self, frame: bytes) -> None:
         async with self.lock:
@@ -213,9 +219,9 @@ class MessageHub:
         self._backoff = (1.0, 60.0)
         self._counters = MessageCounters()
         self._server: asyncio.AbstractServer | None = None
-        self._order = itertools.count()
         self._call_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sync_task: asyncio.Task[None] | None = None
 
     # --- the daemon's seam ----------------------------------------------------------------
     def configure(self, manifest: DeploymentManifest, routes: dict[str, Route]) -> None:
@@ -234,6 +240,40 @@ class MessageHub:
                                         sizes)
         else:
             self.store.max_bytes, self.store.sizes = max_bytes, sizes
+        for inbox in self.inboxes.values():
+            inbox.store.segment_bytes = sizes.segment_bytes
+
+    def _inbox(self, module: str) -> Inbox:
+        """A module's inbox; the first time, rebuilt from its store on disk (what an agent
+        killed or restarted before had acked and the module had not taken)."""
+        inbox = self.inboxes.get(module)
+        if inbox is not None:
+            return inbox
+        sizes = upstream.CONSTRAINED if self.settings.constrained else upstream.NORMAL
+        store = InboxStore(self.state_root / "messages" / "inbox" / module,
+                           sizes.segment_bytes)
+        inbox = self.inboxes[module] = Inbox(store)
+        found, expired = store.load()
+        self._counters.expired += expired
+        for stored in found:
+            inbox.put(_Queued(stored.priority, stored.seq, stored.input, stored.header,
+                              stored.body, stored.expires_at, stored.seq))
+        if found or expired:
+            log.info("module %s's inbox: %d messages read back from disk (%d expired)",
+                     module, len(found), expired)
+        return inbox
+
+    async def _sync(self) -> None:
+        """Flush the inboxes' files to the disk at most once a second (not per message:
+        docs/messages.md, Durability), in a thread: an fsync may take tens of
+        milliseconds, during which the hub goes on routing."""
+        while True:
+            await asyncio.sleep(1.0)
+            fds: list[int] = []
+            for inbox in self.inboxes.values():
+                fds.extend(inbox.store.to_sync())
+            if fds:
+                await asyncio.to_thread(_fsync_all, fds)
 
     def set_upstream(self, send_upstream: upstream.SendUpstream, *,
                      backoff_base: float = 1.0, backoff_cap: float = 60.0) -> None:
@@ -273,6 +313,12 @@ class MessageHub:
         self.path = path
         if self.store is None:
             self.configure(DeploymentManifest(), {})
+        directory = self.state_root / "messages" / "inbox"
+        if directory.is_dir():
+            for module in sorted(p.name for p in directory.iterdir() if p.is_dir()):
+                self._inbox(module)
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync(),
+                                                                 name="inbox-sync")
         self._start_uploader()
         log.info("the modules' message hub listens on %s", path)
         return path
@@ -284,6 +330,14 @@ class MessageHub:
             conn.writer.close()
         for task in list(self._tasks):
             task.cancel()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+            self._sync_task = None
+        for inbox in self.inboxes.values():
+            with contextlib.suppress(OSError):
+                inbox.store.close()
         if self.uploader is not None:
             await self.uploader.close()
         elif self.store is not None:
@@ -338,8 +392,7 @@ class MessageHub:
                 if self.connections.get(conn.module) is conn:
                     del self.connections[conn.module]
                 if conn.outstanding:
-                    self.inboxes.setdefault(conn.module, Inbox()).requeue(
-                        list(conn.outstanding))
+                    self._inbox(conn.module).requeue(list(conn.outstanding))
                     conn.outstanding.clear()
             writer.close()
             with contextlib.suppress(Exception):
@@ -376,7 +429,7 @@ class MessageHub:
             window = asked  # a module may ask for less (to hold less in its own memory)
         conn = Connection(claimed, pid, writer, window)
         self.connections[claimed] = conn
-        self.inboxes.setdefault(claimed, Inbox())
+        self._inbox(claimed)
         await conn.write(modwire.encode({"op": modwire.WELCOME, "module": claimed,
                                          "max_message_kb": self.settings.max_message_kb,
                                          "window": window}))
@@ -410,7 +463,13 @@ class MessageHub:
                 else:
                     await self._ack(conn, header, modwire.OK, "", routes=routes)
             elif op == modwire.TOOK:
-                self._counters.delivered += conn.took(header.get("count"))
+                taken = conn.took(header.get("count"))
+                self._counters.delivered += len(taken)
+                try:
+                    self._inbox(conn.module).store.take([q.seq for q in taken])
+                except OSError as exc:  # they may come again after a restart: at least once
+                    log.warning("could not note on disk that module %s took %d messages: %s",
+                                conn.module, len(taken), exc.strerror)
             elif op == modwire.REPLY:
                 future = conn.calls.get(header.get("id", -1))
                 if future is not None and not future.done():
@@ -464,21 +523,40 @@ class MessageHub:
                 key = (str(sink.module), str(sink.input))
                 inputs.setdefault(key, (priority, ttl))
         for (target, name), _ in inputs.items():
-            inbox = self.inboxes.setdefault(target, Inbox())
+            inbox = self._inbox(target)
             if not inbox.room(name, len(body), self.bounds):
                 self._counters.expired += inbox.drop_expired(now)
                 if not inbox.room(name, len(body), self.bounds):
                     raise Refusal(modwire.STORE_FULL,
                                   f"input {name} of module {target} is full "
                                   f"({inbox.count.get(name, 0)} messages wait)")
-        if upstream_route is not None:
-            self._upstream(module, output, header, body, upstream_route, now)
         message_header = {"op": modwire.MESSAGE, "module": module, "output": output,
                           "properties": properties, **system, "created_at": now}
-        for (target, name), (priority, ttl) in inputs.items():
-            self.inboxes[target].put(_Queued(priority, next(self._order), name,
-                                             dict(message_header, input=name), body,
-                                             now + ttl))
+        # On disk before the ack (one write per input), and all of them or none: what was
+        # written is marked taken again when a later write or the upstream store refuses.
+        written: list[tuple[Inbox, _Queued]] = []
+        try:
+            for (target, name), (priority, ttl) in inputs.items():
+                inbox = self.inboxes[target]
+                item_header = json.dumps(dict(message_header, input=name),
+                                         separators=(",", ":")).encode()
+                try:
+                    seq = inbox.store.append(name, priority, now + ttl, item_header, body)
+                except OSError as exc:
+                    raise Refusal(modwire.STORE_FULL,
+                                  f"input {name} of module {target} is full (its store on "
+                                  f"disk: {exc.strerror})") from None
+                written.append((inbox, _Queued(priority, seq, name, item_header, body,
+                                               now + ttl, seq)))
+            if upstream_route is not None:
+                self._upstream(module, output, header, body, upstream_route, now)
+        except Refusal:
+            for inbox, item in written:
+                with contextlib.suppress(OSError):
+                    inbox.store.take([item.seq])
+            raise
+        for inbox, item in written:
+            inbox.put(item)
         return len(taken)
 
     def _upstream(self, module: str, output: str, header: dict[str, Any], body: bytes,
@@ -505,7 +583,7 @@ class MessageHub:
             self.uploader.wake()
 
     async def _deliver(self, conn: Connection) -> None:
-        inbox = self.inboxes.setdefault(conn.module, Inbox())
+        inbox = self._inbox(conn.module)
         while True:
             while len(conn.outstanding) >= conn.window:
                 conn.room.clear()
@@ -518,11 +596,16 @@ class MessageHub:
                 continue
             if item.expires_at <= time.time():
                 self._counters.expired += 1
+                inbox.store.forget([item.seq])
                 continue
             # Outstanding before it is written: if the connection closes, even while
             # writing, it goes back to the inbox (_serve) for the next connection.
             conn.outstanding.append(item)
-            await conn.write(modwire.encode(item.header, item.body))
+            if len(item.header) > modwire.MAX_HEADER:
+                raise modwire.FrameError(f"a frame's header is at most {modwire.MAX_HEADER} "
+                                         f"bytes, not {len(item.header)}")
+            await conn.write(modwire.PREFIX.pack(len(item.header), len(item.body))
+                             + item.header + item.body)
 
     # --- direct calls -------------------------------------------------------------------
     async def call(self, module: str, method: str, payload: Any, timeout: float
@@ -553,6 +636,16 @@ class MessageHub:
             raise OutpostError("msg_module_not_connected", f"The module {module} is not "
                                "connected to the agent's message hub.", module=module)
         return status, answer
+
+
+def _fsync_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            log.warning("could not flush a module's inbox to the disk: %s", exc.strerror)
+        finally:
+            os.close(fd)
 
 
 def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:

@@ -1,8 +1,9 @@
 """Store-and-forward of the messages routes send ``INTO $upstream``.
 
 ``Store`` appends each message to a segment file in ``<state>/messages/upstream/``
-(``NNNNNNNNNNNNNNNNNNNN.seg``, named by its first seq) before the sender's ack: a record is
-``u32 length, u32 crc32, JSON`` (an ``UpstreamMessage`` plus ``expires_at``). The files
+(``NNNNNNNNNNNNNNNNNNNN.seg``, named by its first seq; segments.py, the inboxes' format
+too) before the sender's ack: a record is ``u32 length, u32 crc32, JSON`` (an
+``UpstreamMessage`` plus ``expires_at``). The files
 together are bounded by ``store_max_mb``: an append that does not fit, once the expired
 messages at the front are dropped, raises ``StoreFull`` (the sender is answered 507).
 ``acked`` holds the highest seq the hub accepted; a new store reads the segments (a record
@@ -24,12 +25,9 @@ doubling backoff while the hub cannot be reached, and drops a message only when 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import struct
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +35,10 @@ from typing import Any
 
 from outpost.protocol.modreaders import UpstreamAck, UpstreamBatch, UpstreamMessage
 
+from .segments import Segment, Segments, encode, records
+
 log = logging.getLogger("outpost.agent.messages")
 
-RECORD = struct.Struct(">II")
 ACKED = "acked"
 SendUpstream = Callable[[UpstreamBatch], Awaitable[UpstreamAck]]
 
@@ -61,51 +60,24 @@ NORMAL = Sizes(segment_bytes=4 << 20, batch_messages=500, batch_bytes=1 << 20)
 CONSTRAINED = Sizes(segment_bytes=256 << 10, batch_messages=50, batch_bytes=128 << 10)
 
 
-@dataclass
-class Segment:
-    path: Path
-    first: int
-    last: int
-    size: int
-
-
-def _records(path: Path, start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(end offset, record) for each whole record from ``start``; stops at a torn one."""
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        offset = start
-        while True:
-            prefix = handle.read(RECORD.size)
-            if len(prefix) < RECORD.size:
-                return
-            length, crc = RECORD.unpack(prefix)
-            data = handle.read(length)
-            if len(data) < length or zlib.crc32(data) != crc:
-                return
-            offset += RECORD.size + length
-            try:
-                yield offset, json.loads(data)
-            except ValueError:
-                return
-
-
 class Store:
     def __init__(self, directory: Path, max_bytes: int, sizes: Sizes = NORMAL) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.sizes = sizes
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.files = Segments(directory)
         self.acked = self._read_acked()
-        self.segments: list[Segment] = []
         self.queued = 0
         self.dropped_expired = 0  # since the last batch the hub accepted
         self.expired_total = 0
         self._counted_through = self.acked  # expired records already counted
         self._cursor: tuple[int, int] = (0, 0)  # (index in segments, offset) of the front
-        self._fd: int | None = None
-        self._dirty = False
         self._load()
         self.next_seq = max([self.acked] + [s.last for s in self.segments]) + 1
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.files.segments
 
     # --- reading what is on disk ----------------------------------------------------------
     def _read_acked(self) -> int:
@@ -115,79 +87,45 @@ class Store:
             return 0
 
     def _load(self) -> None:
-        for path in sorted(self.directory.glob("*.seg")):
-            last, end, count = -1, 0, 0
-            for offset, record in _records(path):
-                end, last = offset, record["seq"]
-                if last > self.acked:
-                    count += 1
-            if last < 0 or last <= self.acked:
-                path.unlink()
-                continue
-            if end < path.stat().st_size:
-                log.warning("cut a torn record off the end of %s (at byte %d)", path, end)
-                os.truncate(path, end)
-            self.segments.append(Segment(path, int(path.stem), last, end))
-            self.queued += count
+        for segment, record in self.files.load():
+            segment.last = record["seq"]
+            if segment.last > self.acked:
+                self.queued += 1
+        for segment in [s for s in self.segments if s.last <= self.acked]:
+            self.files.remove(segment)
 
     @property
     def size(self) -> int:
-        return sum(s.size for s in self.segments)
+        return self.files.size
 
     # --- writing --------------------------------------------------------------------------
     def append(self, message: dict[str, Any], ttl_seconds: float) -> int:
         """Write one message (``UpstreamMessage`` fields but ``seq``): its seq, once it is in
         the file; StoreFull when it does not fit."""
         seq = self.next_seq
-        record = dict(message, seq=seq, expires_at=time.time() + ttl_seconds)
-        data = json.dumps(record, separators=(",", ":")).encode()
-        needed = RECORD.size + len(data)
-        if self.size + needed > self.max_bytes:
+        data = encode(dict(message, seq=seq, expires_at=time.time() + ttl_seconds))
+        if self.size + len(data) > self.max_bytes:
             self.drop_expired_front()
-            if self.size + needed > self.max_bytes:
+            if self.size + len(data) > self.max_bytes:
                 raise StoreFull()
-        tail = self.segments[-1] if self.segments else None
-        if tail is None or tail.size + needed > self.sizes.segment_bytes or self._fd is None:
-            tail = self._open_segment(seq)
-        assert self._fd is not None
-        os.write(self._fd, RECORD.pack(len(data), zlib.crc32(data)) + data)
-        tail.size += needed
+        tail = self.files.append(data, seq, self.sizes.segment_bytes)
         tail.last = seq
         self.next_seq = seq + 1
         self.queued += 1
-        self._dirty = True
         return seq
 
-    def _open_segment(self, seq: int) -> Segment:
-        self._close_fd()
-        path = self.directory / f"{seq:020d}.seg"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        segment = Segment(path, seq, seq - 1, 0)
-        self.segments.append(segment)
-        return segment
-
-    def _close_fd(self) -> None:
-        if self._fd is not None:
-            if self._dirty:
-                os.fsync(self._fd)
-                self._dirty = False
-            os.close(self._fd)
-            self._fd = None
-
     def sync(self) -> None:
-        if self._fd is not None and self._dirty:
-            os.fsync(self._fd)
-            self._dirty = False
+        self.files.sync()
 
     def close(self) -> None:
-        self._close_fd()
+        self.files.close()
 
     # --- the front: what goes next ------------------------------------------------------
     def _front(self) -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
         """((segment index, offset after), record) from the cursor on, unacked only."""
         index, offset = self._cursor
         while index < len(self.segments):
-            for end, record in _records(self.segments[index].path, offset):
+            for end, record in records(self.segments[index].path, offset):
                 if record["seq"] > self.acked:
                     yield (index, end), record
             index, offset = index + 1, 0
@@ -246,11 +184,8 @@ class Store:
         os.replace(tmp, self.directory / ACKED)
         popped = 0
         while self.segments and self.segments[0].last <= through:
-            segment = self.segments.pop(0)
+            self.files.remove(self.segments[0])
             popped += 1
-            if not self.segments:
-                self._close_fd()
-            segment.path.unlink(missing_ok=True)
         index, offset = cursor
         self._cursor = (index - popped, offset) if index >= popped else (0, 0)
 
