@@ -25,9 +25,9 @@ the command's temporary directory); ``--cache none`` runs them all with ``--no-c
 Without a cache restic fetches each directory's tree with a request of its own, one after
 another (about 500 requests to restore 1 GiB of this tree, against 70 with a cache).
 ``--connections N`` sets restic's connections to the hub (``-o rest.connections=N``).
-``--compare-loop`` adds a variant ``asyncio``: restic directly to a second hub process on the
-same store and database, run on asyncio's own event loop (``--event-loop asyncio``) where
-the first runs on uvloop, in turn with the others; ``--compare SRC`` the same with a second
+``--compare-loop`` adds a variant ``uvloop``: restic directly to a second hub process on the
+same store and database, run on uvloop (``--event-loop uvloop``) where the first runs on
+asyncio's own loop, in turn with the others; ``--compare SRC`` the same with a second
 hub that runs another build's ``src`` directory (variant ``other``).
 
     .venv/bin/python bench/backup_store.py --megabytes 1024 --rounds 3 [--transport both]
@@ -282,8 +282,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=None, help="restic's "
                         "connections to the hub (-o rest.connections=N; restic's default 5)")
     parser.add_argument("--compare-loop", action="store_true", help="also restic directly "
-                        "to a second hub process on the same store, on asyncio's own event "
-                        "loop (--event-loop asyncio), in turn with the others")
+                        "to a second hub process on the same store, on uvloop "
+                        "(--event-loop uvloop), in turn with the others")
     parser.add_argument("--compare", type=Path, default=None, metavar="SRC", help="also "
                         "restic directly to a second hub process on the same store running "
                         "another build's src directory (PYTHONPATH), in turn with the others")
@@ -342,13 +342,13 @@ def main() -> int:
         if args.compare_loop or args.compare is not None:
             other = hub.replica()
             if args.compare_loop:
-                other.extra_args.extend(["--event-loop", "asyncio"])
+                other.extra_args.extend(["--event-loop", "uvloop"])
             with hook_env({"PYTHONPATH": str(args.compare.resolve())}
                           if args.compare is not None else {}):
                 other.start()
             opened = transport.connection("direct", other.url, issued["machine_id"], ca,
                                           issued["token"], [str(bridge)])
-            variant = Variant("asyncio" if args.compare_loop else "other", opened.args,
+            variant = Variant("uvloop" if args.compare_loop else "other", opened.args,
                               clean_env(RESTIC_PASSWORD=PASSWORD, **opened.env),
                               psutil.Process(other.proc.pid) if other.proc else None)
             variant.answered = lambda: _answered(other)

@@ -77,6 +77,14 @@ def test_a_kill_9_of_the_agent_loses_no_acked_message_between_modules(
     wait_until(lambda: edge.counters()["delivered"] == COUNT, 20, 0.1, "the new takes")
     counters = edge.counters()
     assert (counters["expired"], counters["received"]) == (0, 0), counters
-    # Everything read back was taken: its segment is deleted, the disk given back.
+    # Everything read back was taken: the disk is given back. A segment the store still
+    # appends to (one its takes moved the last waiting records into, when they came in
+    # pieces) stays open until it fills; read again at the next start, it holds nothing
+    # waiting and is deleted.
     inbox = edge.agent.state_dir / "messages" / "inbox" / "filter"
-    assert inbox.is_dir() and not list(inbox.glob("*.seg")), sorted(inbox.iterdir())
+    assert inbox.is_dir() and len(list(inbox.glob("*.seg"))) <= 1, sorted(inbox.iterdir())
+    edge.agent.stop(signal.SIGKILL)
+    edge.agent.start()
+    wait_until(lambda: not list(inbox.glob("*.seg")), 30, 0.1,
+               f"the taken segments deleted at start: {sorted(inbox.iterdir())}")
+    assert filt.ask(op="recv", timeout=1.0) == {"none": True}  # nothing comes again

@@ -216,12 +216,12 @@ def test_many_requests_on_one_connection(sqlite_hub: Hub, tmp_path: Path) -> Non
 
 def test_both_event_loops_store_whole_packs_and_refuse_a_corrupted_one(
         sqlite_hub: Hub, tmp_path: Path) -> None:
-    """The hub runs on uvloop unless told otherwise (``--event-loop asyncio``), and either
+    """The hub runs on asyncio's loop unless told otherwise (``--event-loop uvloop``), and either
     way a 16 MiB pack (large TLS reads, many body pieces) is stored and read back whole, and
     one whose last byte differs from what its name says is refused and not kept."""
     default = sqlite_hub
     own = default.replica()
-    own.extra_args.extend(["--event-loop", "asyncio"])
+    own.extra_args.extend(["--event-loop", "uvloop"])
     own.start()
     try:
         client, base, repo = _repository(default, tmp_path)
@@ -229,7 +229,7 @@ def test_both_event_loops_store_whole_packs_and_refuse_a_corrupted_one(
         corrupted = data[:-1] + bytes([data[-1] ^ 1])
         with client:
             token = _token_header(client)
-        for hub, loop in ((default, "uvloop"), (own, "asyncio")):
+        for hub, loop in ((default, "asyncio"), (own, "uvloop")):
             assert f"event loop {loop})" in hub.log()
             with httpx.Client(base_url=hub.url, verify=hub.ssl_context(), timeout=60,
                               headers={"Authorization": token}) as each:

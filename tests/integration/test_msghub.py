@@ -162,6 +162,37 @@ def test_a_process_that_is_not_the_module_it_claims_is_refused_404(
         module.close()
 
 
+def test_a_hello_waits_for_the_adoption_of_modules_at_agent_start(hub: HubThread) -> None:
+    """A new agent listens before its supervisor has adopted the modules that outlived the
+    last one (they connect again at once): a hello it cannot tell apart yet waits for the
+    adoption rather than being refused 404; once adopted it is welcomed."""
+    hub.run(_clear(hub.hub.adopted))
+
+    def adopt() -> None:
+        hub.pids[hub.modules[-1].proc.pid] = "sensor"
+        hub.loop.call_soon_threadsafe(hub.hub.adopted.set)
+
+    timer = threading.Timer(0.5, adopt)
+    started = time.monotonic()
+    timer.start()
+    try:
+        sensor = Module(hub, "sensor", known=False)
+    finally:
+        timer.cancel()
+    assert sensor.first == {"ready": True}
+    assert time.monotonic() - started >= 0.5  # it waited for the adoption
+    assert hub.hub.counters().rejected_identity == 0
+    # Once adopted, a process that is not a module is refused at once, as always.
+    stranger = Module(hub, "filter", known=False)
+    assert stranger.first == {"refused": 404, "reason": "Module not found"}
+    sensor.close()
+    stranger.close()
+
+
+async def _clear(event: asyncio.Event) -> None:
+    event.clear()
+
+
 def test_two_modules_exchange_messages_through_a_route_with_a_condition(
         hub: HubThread) -> None:
     sensor = Module(hub, "sensor")

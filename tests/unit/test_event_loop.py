@@ -1,17 +1,24 @@
-"""The hub's choice of event loop (hub/server.py): uvloop where it imports, asyncio's own
-when asked for or where uvloop is missing."""
+"""The hub's choice of event loop (hub/server.py): asyncio's own by default, uvloop when asked
+for and it imports, asyncio's where uvloop is missing."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import pytest
 
 from outpost.hub import server
 
 
-def test_uvloop_by_default_where_installed() -> None:
+def test_asyncio_by_default() -> None:
+    assert server.RunOptions(data_dir=Path("/nowhere")).event_loop == "asyncio"
+    assert server.loop_factory(server.RunOptions(data_dir=Path("/nowhere")).event_loop) == (
+        None, "asyncio")
+
+
+def test_uvloop_when_asked_for_and_installed() -> None:
     import uvloop
 
     factory, name = server.loop_factory("uvloop")

@@ -146,8 +146,9 @@ def run(
         help="Heartbeat interval assumed for newly registered machines: 30, 30s, 1m.")]
     = None,
     event_loop: Annotated[EventLoop, typer.Option(
-        envvar="OUTPOST_HUB_EVENT_LOOP", help="The event loop to serve on: uvloop "
-        "(asyncio's where uvloop is not installed) or asyncio's own.")] = EventLoop.uvloop,
+        envvar="OUTPOST_HUB_EVENT_LOOP", help="The event loop to serve on: asyncio's own "
+        "(the default: the least memory a connection) or uvloop (asyncio's where uvloop is "
+        "not installed; docs/hub.md).")] = EventLoop.asyncio,
 ) -> None:
     """Serve the hub over HTTPS until interrupted."""
     _need_hub_extra()

@@ -32,7 +32,7 @@ class RunOptions:
     tls_key: Path | None = None
     min_agent_version: str | None = None
     heartbeat_interval: float | None = None
-    event_loop: str = "uvloop"
+    event_loop: str = "asyncio"
 
 
 async def prepare(paths: HubPaths, database_url: str) -> Hub:
@@ -69,7 +69,8 @@ FDS_SPARE = 200
 # resident: 285 KiB an idle agent's connection, 2.8 GiB for 10,000. A TLS record carries at
 # most 16 KiB, so a 16 KiB buffer reads whole records; an idle connection then costs about
 # 49 KiB (bench/fleet.py --tls-memory; bench/README.md, "A fleet of agents"). On uvloop's
-# loop (the default) its own TLS buffers apply: 37 KiB an idle connection.
+# loop (--event-loop uvloop) its own TLS buffers apply: 37 KiB an idle connection, but
+# 138 KiB an agent of a busy fleet of 10,000 (1,475 MiB against 795 on asyncio's).
 TLS_READ_BUFFER = 16 * 1024
 
 
@@ -101,10 +102,12 @@ def agents_for(fds: int) -> int:
     return max(0, (fds - FDS_SPARE) // FDS_PER_AGENT)
 
 
-# The event loops the hub runs on. uvloop's (libuv's) transports and TLS cost a fraction of
-# asyncio's own per read and per write: a GiB through the backup store took 2.5 s of the
-# hub's CPU to receive and 1.2 s to send on asyncio's loop (docs/backup.md, "Performance").
-EVENT_LOOPS = ("uvloop", "asyncio")
+# The event loops the hub runs on: asyncio's own (the default) or uvloop's (libuv's). uvloop
+# changed nothing measurable in the backup store's throughput (docs/backup.md, "The event
+# loop"), cut the hub's CPU per dispatched job a little, and nearly doubled the hub's memory
+# at 10,000 agents (its TLS buffers grow as reads touch them: 1,475 MiB against 795 MiB;
+# bench/README.md): asyncio's loop with 16 KiB TLS read buffers stays the default.
+EVENT_LOOPS = ("asyncio", "uvloop")
 
 
 def loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:

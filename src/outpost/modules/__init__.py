@@ -23,8 +23,9 @@ runs dry) as ``receive()``, the iterator or an ``on_message`` callback takes the
 counts as taken when ``receive()`` returns it, when the iterator is asked for the next one
 (the loop's body is done with it), or when the callback returns. Messages the agent wrote
 but the code had not taken when the connection closes come again on the next one, in order
-(at-least-once). The client still hands out the copies it holds: an agent that restarted
-has lost its own (they live in its memory), and a duplicate is better than a loss.
+(at-least-once). So once the client is connected again it drops the copies it still holds
+of the closed connection: the agent, running or restarted, has them (a restarted agent
+reads its inboxes back from disk) and writes them again.
 
 A reader thread takes what the agent sends; when the agent goes away (it restarts) the
 client connects again with a doubling wait, and a ``send`` made meanwhile waits for it up to
@@ -163,15 +164,20 @@ class ModuleClient:
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next input message, or None after ``timeout`` (or once closed). The message
         counts as taken (told to the agent) when it is returned."""
-        if not self._inbox.qsize():
-            self._tell()  # about to wait: let the agent write more
-        try:
-            entry = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if entry is None:
-            self._inbox.put(None)  # closed: every later receive says so too
-            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self._inbox.qsize():
+                self._tell()  # about to wait: let the agent write more
+            try:
+                entry = self._inbox.get(timeout=None if deadline is None else max(
+                    0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if entry is None:
+                self._inbox.put(None)  # closed: every later receive says so too
+                return None
+            if not self._stale(entry[0]):
+                break
         generation, message = entry
         self._taken(generation)
         if not self._inbox.qsize():
@@ -193,6 +199,8 @@ class ModuleClient:
                 if entry is None:
                     self._inbox.put(None)
                     return
+                if self._stale(entry[0]):
+                    continue
                 taken, message = entry
                 yield message
         finally:
@@ -226,13 +234,17 @@ class ModuleClient:
         self._inbox.put(None)
 
     # --- flow control -----------------------------------------------------------------------
+    def _stale(self, generation: int) -> bool:
+        """A copy from a connection that closed, now that another one is open: the agent
+        writes it again on the new one."""
+        return generation != self._generation and self._connected.is_set()
+
     def _taken(self, generation: int) -> None:
         """The module's code took a message of connection ``generation``: tell the agent
         once a batch is gathered."""
         with self._credit_lock:
             if generation != self._generation:
-                # Of a connection that closed: an agent that still runs writes it again
-                # (at-least-once); one that restarted has lost it, so it is handed out.
+                # Of a connection that closed: the agent writes it again (at-least-once).
                 return
             self._untold += 1
             if self._untold < modwire.credit_batch(self.window):

@@ -105,7 +105,9 @@ class AsyncModuleClient:
                 if entry is None:
                     self._inbox.put_nowait(None)
                     return
-                taken, message = entry  # one of a closed connection is handed out too
+                if entry[0] != self._generation and self._connected.is_set():
+                    continue  # of a closed connection: the agent writes it again
+                taken, message = entry
                 yield message
         finally:
             if taken is not None:

@@ -59,7 +59,8 @@ class Modules:
                                      hierarchy=hierarchy, defaults=defaults)
         # The local message hub: it knows a module's process by the supervisor's owner_of,
         # takes each applied deployment's routes, and sends $upstream through the channel.
-        self.messages = msghub.MessageHub(self.supervisor.owner_of, state_root, path=path)
+        self.messages = msghub.MessageHub(self.supervisor.owner_of, state_root, path=path,
+                                          adopting=True)
         self.supervisor.on_change.append(self.messages.configure)
         send = getattr(self.channel, "send_messages", None)
         if send is not None:
@@ -103,7 +104,12 @@ class Modules:
                 log.error("modules: the message hub is not available (%s %s); the modules "
                           "run without it", exc.code, exc.message)
                 self.supervisor.error = f"{exc.code} {exc.message}"
-            await self.supervisor.start()
+            try:
+                await self.supervisor.start()
+            finally:
+                # Modules that outlived the last agent are known now: hellos that waited
+                # for them are told apart (msghub.MessageHub.adopted).
+                self.messages.adopted.set()
         wait = FETCH_BACKOFF[0]
         while True:
             await self._wake.wait()

@@ -202,9 +202,12 @@ class Connection:
             await self.writer.drain()
 
 
+ADOPTION_WAIT = 10.0  # seconds a hello waits for the supervisor's adoption at agent start
+
+
 class MessageHub:
     def __init__(self, identify: Identify, state_root: Path, *,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, adopting: bool = False) -> None:
         self.identify = identify
         self.state_root = state_root
         self.path = path
@@ -222,6 +225,12 @@ class MessageHub:
         self._call_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sync_task: asyncio.Task[None] | None = None
+        # Set once the supervisor has adopted the modules that outlived the last agent
+        # (hook.py): until then a module's process is not known yet, so a hello that cannot
+        # be told apart waits for it (at most ADOPTION_WAIT) rather than being refused.
+        self.adopted = asyncio.Event()
+        if not adopting:
+            self.adopted.set()
 
     # --- the daemon's seam ----------------------------------------------------------------
     def configure(self, manifest: DeploymentManifest, routes: dict[str, Route]) -> None:
@@ -406,11 +415,11 @@ class MessageHub:
         header_length, body_length = await modwire.read_prefix(reader)
         header = await modwire.read_header(reader, header_length)
         claimed = header.get("module") if header.get("op") == modwire.HELLO else None
-        try:
-            owner = self.identify(pid) if pid > 0 else None
-        except Exception:  # the supervisor's bug must not open the door
-            log.exception("could not tell which module process %d belongs to", pid)
-            owner = None
+        owner = self._owner(pid)
+        if owner is None and pid > 0 and not self.adopted.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.adopted.wait(), ADOPTION_WAIT)
+            owner = self._owner(pid)
         if not isinstance(claimed, str) or owner is None or owner != claimed:
             self._counters.rejected_identity += 1
             log.warning("refused a connection to the modules' message socket: process %d "
@@ -434,6 +443,13 @@ class MessageHub:
                                          "max_message_kb": self.settings.max_message_kb,
                                          "window": window}))
         return conn
+
+    def _owner(self, pid: int) -> str | None:
+        try:
+            return self.identify(pid) if pid > 0 else None
+        except Exception:  # the supervisor's bug must not open the door
+            log.exception("could not tell which module process %d belongs to", pid)
+            return None
 
     async def _read(self, conn: Connection, reader: asyncio.StreamReader) -> None:
         while True:
