@@ -41,8 +41,8 @@ def _package(shared: Path) -> bytes:
                             files=files)
 
 
-def _ask(hub: Hub, operation: str) -> str:
-    response = hub.api("POST", f"/v1/machines/m1/extensions/{NAME}/operations/{operation}",
+def _ask(hub: Hub, operation: str, name: str = NAME) -> str:
+    response = hub.api("POST", f"/v1/machines/m1/extensions/{name}/operations/{operation}",
                        json={"params": {}})
     assert response.status_code == 201, response.text
     return str(response.json()["id"])

@@ -22,15 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from tests import extbuild
+from tests.faults.test_ext_agent_lost import _op, _script
+from tests.faults.test_ext_agent_lost import _ask as lost_ask
 from tests.support import Agent, Hub, healthy_agent, wait_until
 
 NAME = "restart"
-STATUS = ("status() { printf '{\"status\":\"%s\",\"code\":0,\"message\":\"%s\"}' \"$1\" \"$2\" "
-          "> \"$OUTPOST_EXT_STATUS_DIR/$OUTPOST_EXT_SEQ.status\"; }\n")
-
-
-def _script(body: str) -> tuple[bytes, int]:
-    return f"#!/bin/sh\n{STATUS}{body}\n".encode(), 0o755
 
 
 def _package(shared: Path) -> bytes:
@@ -45,15 +41,7 @@ def _package(shared: Path) -> bytes:
 
 
 def _ask(hub: Hub, operation: str) -> str:
-    response = hub.api("POST", f"/v1/machines/m1/extensions/{NAME}/operations/{operation}",
-                       json={"params": {}})
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
-def _op(hub: Hub, op_id: str) -> dict[str, Any]:
-    found: dict[str, Any] = hub.api("GET", f"/v1/extension-operations/{op_id}").json()
-    return found
+    return lost_ask(hub, operation, NAME)
 
 
 def _wait(hub: Hub, agent: Agent, op_id: str, *status: str, timeout: float = 30

@@ -8,7 +8,6 @@ budget): this keeps its readers in step with the models the hub validates and se
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from outpost.protocol import extensions, extpackage, extreaders, work
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.readers import ReadError
 from tests import extbuild
+from tests.readers_fields import dataclass_defaults, model_defaults
 from tests.support import loaded_modules
 
 PAIRS = [(extreaders.Command, extensions.Command), (extreaders.Operation, extensions.Operation),
@@ -34,31 +34,11 @@ PAIRS = [(extreaders.Command, extensions.Command), (extreaders.Operation, extens
          (extreaders.ExtensionStatusReport, extensions.ExtensionStatusReport)]
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return value
-
-
-def _model_defaults(model: Any) -> dict[str, Any]:
-    return {name: _plain(info.default_factory() if info.default_factory  # type: ignore[call-arg]
-                         else "required" if info.is_required() else info.default)
-            for name, info in model.model_fields.items()}
-
-
-def _dataclass_defaults(cls: Any) -> dict[str, Any]:
-    return {f.name: _plain(f.default_factory() if f.default_factory is not dataclasses.MISSING
-                           else "required" if f.default is dataclasses.MISSING else f.default)
-            for f in dataclasses.fields(cls)}
-
-
 @pytest.mark.parametrize(("dataclass", "model"), PAIRS, ids=[m.__name__ for _, m in PAIRS])
 def test_each_dataclass_has_the_fields_and_defaults_of_its_model(dataclass: Any,
                                                                  model: Any) -> None:
     """A field added to a model fails here until the agent's dataclass has it too."""
-    assert _dataclass_defaults(dataclass) == _model_defaults(model)
+    assert dataclass_defaults(dataclass) == model_defaults(model)
 
 
 FULL_MANIFEST = {

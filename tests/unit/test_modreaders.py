@@ -7,7 +7,6 @@ readers in step with the models the hub validates, serves and documents."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -20,6 +19,7 @@ from outpost.agent.modules.supervisor import spec_hash
 from outpost.protocol import extensions, modreaders, modules, routes
 from outpost.protocol.errors import OutpostError
 from outpost.protocol.readers import ReadError
+from tests.readers_fields import dataclass_defaults, model_defaults
 
 PAIRS = [(modreaders.PackageRef, modules.PackageRef), (modreaders.Backoff, modules.Backoff),
          (modreaders.HealthProbe, modules.HealthProbe), (modreaders.Limits, extensions.Limits),
@@ -37,32 +37,11 @@ PAIRS = [(modreaders.PackageRef, modules.PackageRef), (modreaders.Backoff, modul
          (modreaders.UpstreamAck, modules.UpstreamAck)]
 
 
-def _plain(value: Any) -> Any:
-    """A default as JSON: a nested model's and a nested dataclass's compare by fields."""
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return value
-
-
-def _model_defaults(model: Any) -> dict[str, Any]:
-    return {name: _plain(info.default_factory() if info.default_factory  # type: ignore[call-arg]
-                         else "required" if info.is_required() else info.default)
-            for name, info in model.model_fields.items()}
-
-
-def _dataclass_defaults(cls: Any) -> dict[str, Any]:
-    return {f.name: _plain(f.default_factory() if f.default_factory is not dataclasses.MISSING
-                           else "required" if f.default is dataclasses.MISSING else f.default)
-            for f in dataclasses.fields(cls)}
-
-
 @pytest.mark.parametrize(("dataclass", "model"), PAIRS, ids=[m.__name__ for _, m in PAIRS])
 def test_each_dataclass_has_the_fields_and_defaults_of_its_model(dataclass: Any,
                                                                  model: Any) -> None:
     """A field added to a model fails here until the agent's dataclass has it too."""
-    assert _dataclass_defaults(dataclass) == _model_defaults(model)
+    assert dataclass_defaults(dataclass) == model_defaults(model)
 
 
 MANIFEST = """
