@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar
 
 from .pkgrules import EXTENSION_MANIFEST, NAME_RE, check_version, inside_package
 from .readers import (
+    Limits,
     INT32_MAX,
     INT64_MAX,
     REQUIRED,
@@ -144,13 +145,6 @@ def _operations(value: Any) -> dict[str, Operation]:
     return found
 
 
-def _cpus(value: Any) -> float:
-    found = float(number()(value))
-    if not 0 < found <= 1024:
-        raise _Bad(f"{found:g} is not within (0, 1024]")
-    return found
-
-
 # --- a package's outpost-extension.json ------------------------------------------------
 @dataclass
 class Command:
@@ -183,21 +177,6 @@ class Operation(Command):
             "start_timeout_seconds": (seconds(0, 86400), 600),
             "expected_seconds": (seconds(0, 7 * 86400), 3600),
             "pressure": (boolean, True)})
-
-
-@dataclass
-class Limits:
-    """``extensions.Limits``: the extension's cgroup (None: the agent's default)."""
-
-    memory_mb: int | None = None
-    cpus: float | None = None
-    processes: int | None = None
-
-    @classmethod
-    def read(cls, data: Any) -> Limits:
-        return read(cls, "limits", data, {
-            "memory_mb": (integer(1, INT32_MAX), None), "cpus": (_cpus, None),
-            "processes": (integer(1, INT32_MAX), None)})
 
 
 @dataclass

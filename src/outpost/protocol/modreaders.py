@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .readers import (
+    Limits,
     REQUIRED,
     ReadError,
     boolean,
@@ -87,21 +88,6 @@ class HealthProbe:
             "command": (list_of(text()), None), "http": (text(), None),
             "interval_seconds": (number(0), 10.0), "timeout_seconds": (number(0), 5.0),
             "failures": (integer(1), 3), "start_period_seconds": (number(0), 0.0)})
-
-
-@dataclass
-class Limits:
-    """``extensions.Limits``: a module's cgroup (None: the agent's default)."""
-
-    memory_mb: int | None = None
-    cpus: float | None = None
-    processes: int | None = None
-
-    @classmethod
-    def read(cls, data: Any) -> Limits:
-        return read(cls, "limits", data, {
-            "memory_mb": (integer(1), None), "cpus": (number(0), None),
-            "processes": (integer(1), None)})
 
 
 @dataclass

@@ -277,6 +277,29 @@ class JobLimits:
             "processes": (integer(0, INT64_MAX), None)})
 
 
+def _cpus(value: Any) -> float:
+    found = float(number()(value))
+    if not 0 < found <= 1024:
+        raise _Bad(f"{found:g} is not within (0, 1024]")
+    return found
+
+
+@dataclass
+class Limits:
+    """``extensions.Limits``: the cgroup an extension's or a module's manifest asks for
+    (None: the agent's default)."""
+
+    memory_mb: int | None = None
+    cpus: float | None = None
+    processes: int | None = None
+
+    @classmethod
+    def read(cls, data: Any) -> Limits:
+        return read(cls, "limits", data, {
+            "memory_mb": (integer(1, INT32_MAX), None), "cpus": (_cpus, None),
+            "processes": (integer(1, INT32_MAX), None)})
+
+
 @dataclass
 class JobClaim:
     """``work.JobClaim``: one job attempt claimed for this machine."""

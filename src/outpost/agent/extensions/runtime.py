@@ -44,9 +44,8 @@ from .. import cgroups
 from ..jobusers import _useradd
 from ..sandbox import _reachable, _safe_root, agent_user
 
-if TYPE_CHECKING:  # both read without pydantic
-    from outpost.protocol.extreaders import Limits as ManifestLimits
-    from outpost.protocol.modreaders import Limits as ModuleLimits
+if TYPE_CHECKING:  # read without pydantic, from an extension's or a module's manifest
+    from outpost.protocol.readers import Limits as ManifestLimits
 
 log = logging.getLogger("outpost.agent.extensions")
 
@@ -203,7 +202,7 @@ class Runtime:
         return (entry.pw_uid, entry.pw_gid), said
 
     # --- limits ------------------------------------------------------------------------
-    def limits(self, asked: ManifestLimits | ModuleLimits) -> cgroups.Limits:
+    def limits(self, asked: ManifestLimits) -> cgroups.Limits:
         d = self.defaults
         return cgroups.Limits(
             memory_mb=asked.memory_mb if asked.memory_mb is not None else d.memory_mb,
