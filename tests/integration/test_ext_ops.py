@@ -38,8 +38,8 @@ def build(shared: Path) -> bytes:
         "quick": {"run": "bin/quick", "start_timeout_seconds": 2, "pressure": False},
         "broken": {"run": "bin/broken", "pressure": False},
     }
-    files = {f"bin/{h}": _script(ok) for h in
-             ("install", "enable", "disable", "update", "uninstall")}
+    files = {f"bin/{h}": _script(ok) for h in ("install", "enable", "update", "uninstall")}
+    files["bin/disable"] = _script(f"if [ -e {shared}/slow-disable ]; then sleep 1; fi\n{ok}")
     files["bin/snap"] = _script(
         f"cat > {shared}/snap-stdin\necho snapshot taken\n"
         f"date +%s.%N >> {shared}/snap-times\n"
@@ -164,6 +164,22 @@ def test_operations_run_retry_queue_and_are_refused_when_they_cannot_run(
         assert again["status"] == "Waiting" and "installed again" in again["message"], again
         wait_op(hub, agent, again["id"], "Succeeded")
         assert ext_state(hub, "m1") == "Ready"
+        # Asked while the agent has not yet uninstalled it (its disable handler takes a
+        # second): the hold stays until the agent reports it uninstalled, so the machine
+        # still uninstalls and installs it again rather than keeping what it had.
+        uninstalled = f"extension {NAME}: uninstalled"
+        before = agent.log().count(uninstalled)
+        (shared / "slow-disable").touch()
+        held = hub.api("POST", f"/v1/machines/m1/extensions/{NAME}/uninstall")
+        assert held.status_code == 200, held.text
+        soon = ask(hub, "m1", "snap").json()
+        assert soon["status"] == "Waiting", soon
+        assert f"waiting for extension {NAME} to be uninstalled on m1 and installed again" \
+            in soon["message"], soon
+        wait_op(hub, agent, soon["id"], "Succeeded")
+        assert agent.log().count(uninstalled) == before + 1, agent.log()[-3000:]
+        assert ext_state(hub, "m1") == "Ready"
+        (shared / "slow-disable").unlink()
 
         # A failing operation: --wait exits 1 and shows why.
         failing = hub.cli("extension", "run", NAME, "broken", "--machine", "m1", "--wait")

@@ -108,6 +108,32 @@ def _overdue(previous: Any, name: str, machine: Any) -> OutpostError:
         previous=previous.id, name=name, machine=machine.name)
 
 
+async def _end_holds(conn: AsyncConnection, machine_ids: list[str],
+                     name: str) -> tuple[set[str], set[str]]:
+    """The holds of extension ``name`` on ``machine_ids`` that an operation asked now ends:
+    (ended, kept). A hold ends only once its machine has uninstalled the extension (its last
+    report says NotInstalled, or it never reported one); until then it stays, so an agent
+    that had not yet seen the hold when the operation was asked still uninstalls it before
+    installing it again, rather than never seeing the hold at all (the operation waits for
+    both; ``tick`` ends the hold when the uninstall is reported)."""
+    h, s = extension_holds, extension_states
+    rows = (await conn.execute(sa.select(h.c.machine_id, s.c.state).select_from(
+        h.outerjoin(s, sa.and_(s.c.machine_id == h.c.machine_id, s.c.name == h.c.name)))
+        .where(h.c.machine_id.in_(machine_ids), h.c.name == name))).all()
+    ended = {r.machine_id for r in rows if r.state in (None, "NotInstalled")}
+    if ended:
+        await conn.execute(h.delete().where(h.c.machine_id.in_(ended), h.c.name == name))
+    return ended, {r.machine_id for r in rows} - ended
+
+
+def _held_message(name: str, machine: Any, uninstalled: bool) -> str:
+    if uninstalled:
+        return (f"waiting for extension {name} to be installed again on {machine.name} (it "
+                "was uninstalled there)")
+    return (f"waiting for extension {name} to be uninstalled on {machine.name} and installed "
+            "again")
+
+
 def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:
     """Ids for ``IN (...)`` a few hundred at a time (SQLite's limit on parameters)."""
     return [ids[i:i + size] for i in range(0, len(ids), size)]
@@ -169,7 +195,7 @@ class ExtensionOps:
         each is a round trip, and the run holds its transaction (and on SQLite the hub's
         one connection) until it commits."""
         now = time.time()
-        t, h = extension_operations, extension_holds
+        t = extension_operations
         manifests: dict[tuple[str, str], Manifest] = {}
         checked: dict[str, tuple[str, OperationSpec]] = {}
         refused: dict[str, OutpostError] = {}
@@ -200,10 +226,11 @@ class ExtensionOps:
                     and previous.expected_end is not None and previous.expected_end < now:
                 refused[machine.id] = _overdue(previous, name, machine)
                 del checked[machine.id]
+        released: set[str] = set()
         for chunk in _chunks(list(checked)):
-            held |= {r.machine_id for r in await conn.execute(sa.select(h.c.machine_id).where(
-                h.c.machine_id.in_(chunk), h.c.name == name))}
-            await conn.execute(h.delete().where(h.c.machine_id.in_(chunk), h.c.name == name))
+            ended, kept = await _end_holds(conn, chunk, name)
+            released |= ended
+            held |= ended | kept
         rows: list[dict[str, Any]] = []
         ids: list[str | None] = []
         for machine, not_before, reason in slots:
@@ -227,8 +254,7 @@ class ExtensionOps:
                 version, op = checked[machine.id]
                 message = reason
                 if machine.id in held:
-                    message = (f"waiting for extension {name} to be installed again on "
-                               f"{machine.name} (it was uninstalled there); {reason}")
+                    message = f"{_held_message(name, machine, machine.id in released)}; {reason}"
                 values.update(
                     version=version, status="Waiting" if machine.id in held else "Queued",
                     code=None, message=message, ended_at=None,
@@ -237,9 +263,10 @@ class ExtensionOps:
             ids.append(values["id"])
         if rows:
             await conn.execute(t.insert(), rows)
-        if held:  # installed again: the machine's long-poll answers with the new etag
+        if released:  # installed again: each machine's long-poll answers with the new etag
             await notify.invalidate(conn, "extensions", account_id)
-            await notify.wake(conn, notify.machine(machine.id))
+            for machine_id in released:
+                await notify.wake(conn, notify.machine(machine_id))
             self._goals.forget(account_id)
         for machine, not_before, _ in slots:
             if machine.id in checked and machine.id not in held and not_before <= now:
@@ -307,26 +334,24 @@ class ExtensionOps:
         if previous is not None and previous.expected_end is not None \
                 and previous.expected_end < now:
             raise _overdue(previous, name, machine)
-        held = (await conn.execute(extension_holds.delete().where(
-            extension_holds.c.machine_id == machine.id,
-            extension_holds.c.name == name))).rowcount
+        released, kept = await _end_holds(conn, [machine.id], name)
+        held = bool(released or kept)
         status_now, message = "Queued", ""
         if held:
             status_now = "Waiting"
-            message = (f"waiting for extension {name} to be installed again on "
-                       f"{machine.name} (it was uninstalled there)")
+            message = _held_message(name, machine, bool(released))
         await conn.execute(extension_operations.insert().values(
             **values, account_id=account_id, machine_id=machine.id, extension=name,
             version=version, status=status_now, code=None, message=message, attempt=1,
             max_attempts=MAX_ATTEMPTS, next_try_at=None, item_id=None, created_at=now,
             output="", result=None, start_deadline=now + op.start_timeout_seconds,
             expected_end=None))
-        if held:  # installed again: the machine's long-poll answers with the new etag
+        if released:  # installed again: the machine's long-poll answers with the new etag
             await notify.invalidate(conn, "extensions", account_id)
             await notify.wake(conn, notify.machine(machine.id))
-        else:
+        elif not held:
             await self._hand_out(conn, machine.id, name, now)
-        return bool(held)
+        return bool(released)
 
     async def show(self, account_id: str, op_id: str) -> dict[str, Any]:
         async with self._engine.connect() as conn:
@@ -353,7 +378,8 @@ class ExtensionOps:
 
     async def hold(self, account_id: str, machine: Any, name: str) -> dict[str, Any]:
         """Uninstall extension ``name`` from one machine, whatever its state: its goal is
-        held back for that machine until the next operation asked of it there."""
+        held back for that machine until the next operation asked of it there finds it
+        uninstalled (``_end_holds``)."""
         goals = await self._goals.get(account_id)
         if name not in goals.by_target.get(("machine", machine.name), {}) and \
                 name not in goals.by_target.get(("group", machine.group_name), {}):
@@ -456,6 +482,7 @@ class ExtensionOps:
                 if row.item_id is not None:  # not to be run by an agent that comes back
                     await conn.execute(work_items.delete().where(
                         work_items.c.id == row.item_id, work_items.c.claimed_by.is_(None)))
+            await self._end_asked_holds(conn)
             # Waiting for the extension to be installed again (after an uninstall).
             waiting = (await conn.execute(sa.select(t.c.id, t.c.machine_id, t.c.extension,
                                                     t.c.created_at).where(
@@ -465,8 +492,12 @@ class ExtensionOps:
                     extension_states.c.state, extension_states.c.reported_at).where(
                     extension_states.c.machine_id == row.machine_id,
                     extension_states.c.name == row.extension))).first()
-                # Ready as reported since it was asked: not a Ready from before the uninstall.
-                if state is not None and state.state == "Ready" \
+                still_held = (await conn.execute(sa.select(extension_holds.c.name).where(
+                    extension_holds.c.machine_id == row.machine_id,
+                    extension_holds.c.name == row.extension))).first() is not None
+                # Ready as reported since it was asked: not a Ready from before the uninstall
+                # (nor one the agent reported before it saw the hold).
+                if state is not None and state.state == "Ready" and not still_held \
                         and state.reported_at >= row.created_at:
                     await conn.execute(t.update().where(
                         t.c.id == row.id, t.c.status == "Waiting",
@@ -476,6 +507,31 @@ class ExtensionOps:
             for row in pending:
                 await self._hand_out(conn, row.machine_id, row.extension, now)
         self._tick_ended, self._failures = time.monotonic(), failures
+
+    async def _end_asked_holds(self, conn: AsyncConnection) -> None:
+        """End each hold that an operation waits on once its machine has uninstalled the
+        extension: the goal comes back, and the agent installs it again."""
+        t, h = extension_operations, extension_holds
+        asked = (await conn.execute(sa.select(h.c.machine_id, h.c.name).join(t, sa.and_(
+            t.c.machine_id == h.c.machine_id, t.c.extension == h.c.name)).where(
+            t.c.status == "Waiting", t.c.item_id.is_(None)).distinct())).all()
+        accounts: set[str] = set()
+        for row in asked:
+            released, _ = await _end_holds(conn, [row.machine_id], row.name)
+            if not released:
+                continue
+            account_id = await conn.scalar(sa.select(machine_rows.c.account_id).where(
+                machine_rows.c.id == row.machine_id))
+            if account_id is not None:
+                accounts.add(account_id)
+            await conn.execute(t.update().where(
+                t.c.machine_id == row.machine_id, t.c.extension == row.name,
+                t.c.status == "Waiting", t.c.item_id.is_(None)).values(
+                message=f"waiting for extension {row.name} to be installed again"))
+            await notify.wake(conn, notify.machine(row.machine_id))
+        for account_id in accounts:
+            await notify.invalidate(conn, "extensions", account_id)
+            self._goals.forget(account_id)
 
     async def _end_lost(self, conn: AsyncConnection, now: float, failures: int) -> None:
         """End Failed (E9093) each Running operation whose agent is gone: no heartbeat from
