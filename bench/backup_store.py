@@ -11,8 +11,10 @@ directories) is backed up and restored by the real restic:
 - ``local``: ``restic -r DIR``, a repository on the same disk.
 
 ``--transport`` picks the hub's variants (``both`` by default with restic 0.17 or later,
-``bridge`` otherwise). They run alternately (direct, bridge, local, direct... ``--rounds``
-times, each round a fresh repository), so the machine's load hits all alike; the medians
+``bridge`` otherwise). They run alternately (direct, bridge, local, then bridge, local,
+direct... ``--rounds`` times, each round a fresh repository and starting one variant later,
+so that over as many rounds as variants each runs first, second... once), so the machine's
+load hits all alike; the medians
 and the ratio to local of backup and restore times are printed for each, with the target
 (within 20 %: ratio ≤ 1.20), and the CPU time of each step's processes: restic, the bridge
 (0 when direct) and the hub (on a busy machine the wall-time ratio swings from run to run;
@@ -107,6 +109,21 @@ def _cpu(process: psutil.Process | None) -> float:
     return times.user + times.system
 
 
+# --cores split: the CPUs restic (and the bridge) may use, and those the hub may use.
+RESTIC_CPUS: set[int] | None = None
+
+
+def _restic_cores() -> None:
+    if RESTIC_CPUS is not None:
+        os.sched_setaffinity(0, RESTIC_CPUS)
+
+
+def pin(process: psutil.Process, cpus: set[int]) -> None:
+    """Every thread of ``process`` on ``cpus`` (threads it starts later inherit it)."""
+    for thread in process.threads():
+        os.sched_setaffinity(thread.id, cpus)
+
+
 def run(args: list[str], env: dict[str, str], server: psutil.Process | None = None
         ) -> tuple[float, float, float, float]:
     """Seconds of wall time, and of CPU of: the command (restic), its children (the bridge),
@@ -118,7 +135,8 @@ def run(args: list[str], env: dict[str, str], server: psutil.Process | None = No
     own = 0.0
     started = time.perf_counter()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=_restic_cores)
         command = psutil.Process(proc.pid)
         while True:
             pid, status = os.waitpid(proc.pid, os.WNOHANG)
@@ -287,6 +305,11 @@ def main() -> int:
     parser.add_argument("--compare", type=Path, default=None, metavar="SRC", help="also "
                         "restic directly to a second hub process on the same store running "
                         "another build's src directory (PYTHONPATH), in turn with the others")
+    parser.add_argument("--cores", choices=("shared", "split"), default="shared",
+                        help="shared (the default): every process may use every CPU; split: "
+                        "restic (every variant's) on the first half of the CPUs, the hub on "
+                        "the rest, as when the hub runs on a host of its own and restic "
+                        "alone on the machine")
     parser.add_argument("--transport", choices=("direct", "bridge", "both"), default=None,
                         help="how restic reaches the hub: directly (restic 0.17 or later), "
                         "through the bridge, or both in turn (the default with restic 0.17 "
@@ -304,6 +327,15 @@ def main() -> int:
         print(f"restic {transport.shown(version)} cannot reach the hub directly (0.17 or "
               "later); use --transport bridge")
         return 2
+    cpus = sorted(os.sched_getaffinity(0))
+    hub_cpus: set[int] | None = None
+    if args.cores == "split":
+        if len(cpus) < 2:
+            print("--cores split needs at least 2 CPUs")
+            return 2
+        global RESTIC_CPUS
+        RESTIC_CPUS = set(cpus[:len(cpus) // 2])
+        hub_cpus = set(cpus[len(cpus) // 2:])
     root = Path(tempfile.mkdtemp(prefix="outpost-bench-backup-", dir=args.dir or "/var/tmp"))
     hub: Hub | None = None
     other: Hub | None = None
@@ -311,9 +343,10 @@ def main() -> int:
     try:
         source = root / "source"
         files = make_tree(source, args.megabytes)
+        split = (f"; restic on CPUs {sorted(RESTIC_CPUS or ())}, the hub on "
+                 f"{sorted(hub_cpus)}" if hub_cpus else "")
         print(f"tree: {files} files, {args.megabytes} MiB; restic's cache: {args.cache}; "
-              f"load average "
-              f"{os.getloadavg()[0]:.2f}", flush=True)
+              f"load average {os.getloadavg()[0]:.2f}{split}", flush=True)
         hub = init_hub(root / "hub", f"sqlite:///{root / 'hub.db'}")
         bridge = Path(sys.executable).parent / "outpost-restic-bridge"
         if args.profile is not None:
@@ -353,10 +386,20 @@ def main() -> int:
                               psutil.Process(other.proc.pid) if other.proc else None)
             variant.answered = lambda: _answered(other)
             through_hub.append(variant)
+        if hub_cpus is not None:
+            for process in (server, psutil.Process(other.proc.pid) if other and other.proc
+                            else None):
+                if process is not None:
+                    pin(process, hub_cpus)
         local_dir = root / "local-repo"
         local = Variant("local", ["-r", str(local_dir)], clean_env(RESTIC_PASSWORD=PASSWORD))
+        order = [*((v, repo_dir) for v in through_hub), (local, local_dir)]
         for number in range(args.rounds):
-            for variant, where in [*((v, repo_dir) for v in through_hub), (local, local_dir)]:
+            # Each round starts one variant later: a step runs a little slower or faster for
+            # the step before it (the disk's writeback of what that one wrote), so over as
+            # many rounds as variants each has each place once.
+            shift = number % len(order)
+            for variant, where in order[shift:] + order[:shift]:
                 variant.round(source, root, lambda where=where: shutil.rmtree(
                     where, ignore_errors=True), args.cache)
                 print(f"round {number + 1} {variant.name:6}: backup "
