@@ -512,9 +512,9 @@ class ExtensionOps:
         """End each hold that an operation waits on once its machine has uninstalled the
         extension: the goal comes back, and the agent installs it again."""
         t, h = extension_operations, extension_holds
-        asked = (await conn.execute(sa.select(h.c.machine_id, h.c.name).join(t, sa.and_(
-            t.c.machine_id == h.c.machine_id, t.c.extension == h.c.name)).where(
-            t.c.status == "Waiting", t.c.item_id.is_(None)).distinct())).all()
+        asked = (await conn.execute(sa.select(h.c.machine_id, h.c.name).select_from(
+            t.join(h, sa.and_(h.c.machine_id == t.c.machine_id, h.c.name == t.c.extension)))
+            .where(t.c.status == "Waiting", t.c.item_id.is_(None)).distinct())).all()
         accounts: set[str] = set()
         for row in asked:
             released, _ = await _end_holds(conn, [row.machine_id], row.name)

@@ -248,17 +248,30 @@ async def heartbeats(engine: AsyncEngine, account_id: str) -> list[dict[str, Any
         } for row in rows]
 
 
+def status_column(now: float) -> Any:
+    """``status`` as a SQL expression, for counting in the database: one row per status
+    rather than one per machine (a /metrics scrape of 10,000 machines fetched and judged
+    10,000 rows on the event loop, about 50 ms)."""
+    m = machines.c
+    interval = sa.case((m.heartbeat_interval < 0.001, 0.001), else_=m.heartbeat_interval)
+    elapsed = sa.literal(now) - sa.func.coalesce(m.last_heartbeat_at, m.registered_at)
+    return sa.case(
+        (m.stopped_at.is_not(None), "Stopped"),
+        (sa.and_(m.last_heartbeat_at.is_(None), elapsed < UNRESPONSIVE_AFTER * interval),
+         "Pending"),
+        (elapsed >= DISCONNECTED_AFTER * interval, "Disconnected"),
+        (elapsed >= UNRESPONSIVE_AFTER * interval, "Unresponsive"),
+        (m.last_heartbeat_at.is_not(None), "Healthy"),
+        else_="Pending")
+
+
 async def counts_by_status(engine: AsyncEngine) -> dict[str, int]:
-    now = time.time()
-    counts: dict[str, int] = {}
+    """How many machines have each status now (``status``, counted by the database)."""
+    judged = sa.select(status_column(time.time()).label("status")).subquery()
     async with engine.connect() as conn:
-        for row in await conn.execute(sa.select(machines.c.heartbeat_interval,
-                                                machines.c.last_heartbeat_at,
-                                                machines.c.registered_at,
-                                                machines.c.stopped_at)):
-            key = status(row, now)
-            counts[key] = counts.get(key, 0) + 1
-    return counts
+        rows = await conn.execute(sa.select(judged.c.status, sa.func.count())
+                                  .group_by(judged.c.status))
+        return {str(row[0]): int(row[1]) for row in rows}
 
 
 async def wake_named(engine: AsyncEngine, account_id: str, name: str) -> None:
