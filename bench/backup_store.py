@@ -21,9 +21,12 @@ and the ratio to local of backup and restore times are printed for each, with th
 the CPU time does not), and the requests the hub answered. Restored trees are compared with
 the source (sizes and SHA-256 of every file) once per variant.
 
-restic's local cache is the same for every variant: by default a new cache directory for
-each restic command (``--cache cold``), as the backup extension runs restic (its cache is in
-the command's temporary directory); ``--cache none`` runs them all with ``--no-cache``.
+restic's local cache is the same for every variant: by default one cache directory for all
+of a round's commands of a variant (``--cache kept``), as the backup extension runs restic
+(its cache is in the extension's data directory, which the agent keeps), new for each round
+as the repository is; ``--cache cold`` gives each command a new one (as an agent without a
+data directory for its extensions runs it), ``--cache none`` gives every command
+``--no-cache``.
 Without a cache restic fetches each directory's tree with a request of its own, one after
 another (about 500 requests to restore 1 GiB of this tree, against 70 with a cache).
 ``--connections N`` sets restic's connections to the hub (``-o rest.connections=N``).
@@ -190,12 +193,15 @@ class Variant:
         restic = ["restic", *self.repo_args]
         cache_dir = scratch / "restic-cache"
 
+        shutil.rmtree(cache_dir, ignore_errors=True)  # a new repository: a new cache
+
         def cached() -> list[str]:
-            # As the backup extension runs restic: a new cache directory for each command
+            # As the backup extension runs restic: one cache directory kept between commands
             # (cold), or none at all.
             if cache == "none":
                 return ["--no-cache"]
-            shutil.rmtree(cache_dir, ignore_errors=True)
+            if cache == "cold":
+                shutil.rmtree(cache_dir, ignore_errors=True)
             return ["--cache-dir", str(cache_dir)]
 
         run([*restic, *cached(), "init"], self.env)
@@ -293,10 +299,11 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=3600)
     parser.add_argument("--profile", type=Path, default=None, help="a directory for "
                         "cProfile files of the hub and of each bridge process")
-    parser.add_argument("--cache", choices=("cold", "none"), default="cold",
-                        help="restic's local cache, alike for every variant: a new cache "
-                        "directory for each restic command, as the backup extension runs "
-                        "it (cold, the default), or --no-cache (none)")
+    parser.add_argument("--cache", choices=("kept", "cold", "none"), default="kept",
+                        help="restic's local cache, alike for every variant: one kept between "
+                        "a round's commands, as the backup extension runs restic (kept, the "
+                        "default), a new cache directory for each restic command (cold), "
+                        "or --no-cache (none)")
     parser.add_argument("--connections", type=int, default=None, help="restic's "
                         "connections to the hub (-o rest.connections=N; restic's default 5)")
     parser.add_argument("--compare-loop", action="store_true", help="also restic directly "

@@ -48,6 +48,7 @@ class Runner:
         self.protected = {"repository_password": PASSWORD}
         self.log = root / "logs" / "backup.log"
         self.seq = 0
+        self.data_dir: Path | None = None  # OUTPOST_EXT_DATA_DIR: none, as an older agent
 
     def run(self, which: str, params: dict[str, Any] | None = None,
             **settings: Any) -> tuple[handler.Outcome, dict[str, Any] | None]:
@@ -58,7 +59,7 @@ class Runner:
             name="backup", version=manifest.version, handler=which, seq=self.seq,
             command=command, package_dir=self.root / "package",
             config_dir=self.root / "config", status_dir=self.root / "status",
-            log_dir=self.root / "ext-logs",
+            log_dir=self.root / "ext-logs", data_dir=self.data_dir,
             output=ExtensionLog(self.log, secrets=secret_values(
                 [self.protected, self.credentials])),
             settings={**self.settings, **settings}, protected=self.protected,
@@ -141,6 +142,43 @@ def test_snapshot_then_restore_through_the_hub(sqlite_hub: Hub, tmp_path: Path,
     # Neither the token nor the password reached the extension's log.
     logged = runner.log.read_text()
     assert "restore" in logged and issued["token"] not in logged and PASSWORD not in logged
+
+
+def answered(hub: Hub) -> int:
+    """The requests the hub has answered so far (its /metrics counts the one that reads it
+    once it is answered)."""
+    text = hub.api("GET", "/metrics").text
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("outpost_http_requests_total{")))
+
+
+def test_restics_cache_is_kept_between_commands(sqlite_hub: Hub, tmp_path: Path) -> None:
+    # With the agent's data directory, restic's cache outlives the command: the next
+    # snapshot reads the index and the last snapshot's trees from it, not from the hub.
+    require_direct_restic()
+    hub = sqlite_hub
+    issued = credentials(hub, tmp_path)
+    source = mixed_tree(tmp_path / "source")
+    runner = Runner(tmp_path / "ext", issued, {"paths": [str(source)]})
+    runner.data_dir = tmp_path / "ext" / "data"
+    runner.data_dir.mkdir(parents=True)
+    assert runner.run("enable")[0].result == "success"
+    assert runner.run("snapshot")[0].result == "success"
+    # One directory per repository (and restic's CACHEDIR.TAG).
+    [cache] = [p for p in (runner.data_dir / "restic-cache").iterdir() if p.is_dir()]
+    assert (cache / "snapshots").is_dir() and any((cache / "index").iterdir()), cache
+
+    def requests_of_a_snapshot(change: str) -> int:
+        (source / change).write_text(f"{change}\n")
+        before = answered(hub)
+        outcome, _ = runner.run("snapshot")
+        assert outcome.result == "success", outcome
+        return answered(hub) - before - 1
+
+    warm = requests_of_a_snapshot("one")
+    runner.data_dir = None  # a new cache in the command's temporary directory
+    cold = requests_of_a_snapshot("two")
+    assert warm < cold, (warm, cold)
 
 
 def test_a_pre_snapshot_step_over_its_timeout_is_ended_and_named(sqlite_hub: Hub,

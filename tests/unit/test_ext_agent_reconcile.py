@@ -292,6 +292,8 @@ async def test_the_handler_environment_holds_only_what_it_should(machine: Machin
     assert env.pop("OUTPOST_EXT_CONFIG_DIR") == str(tree / "config")
     assert env.pop("OUTPOST_EXT_STATUS_DIR") == str(tree / "status")
     assert env.pop("OUTPOST_EXT_LOG_DIR") == str(tree / "logs")
+    assert env.pop("OUTPOST_EXT_DATA_DIR") == str(tree / "data")
+    assert (tree / "data").is_dir()
     assert env.pop("PATH") == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     assert env.pop("OUTPOST_AGENT_PYTHON") == sys.executable
     # What the shell adds by itself, and nothing of the agent's environment.
@@ -445,7 +447,10 @@ async def test_an_update_runs_its_steps_in_order_and_drops_the_old_version(
     machine.publish("1.0.0")
     machine.publish("2.0.0")
     await converge(machine, machine.goal("1.0.0"))
+    kept = machine.tree / NAME / "data" / "cache"  # OUTPOST_EXT_DATA_DIR outlives versions
+    kept.write_text("from 1.0.0")
     await converge(machine, machine.goal("2.0.0"))
+    assert kept.read_text() == "from 1.0.0"
     assert machine.ran()[2:] == [("disable", "1.0.0"), ("update", "2.0.0"),
                                  ("uninstall", "1.0.0"), ("install", "2.0.0"),
                                  ("enable", "2.0.0")]

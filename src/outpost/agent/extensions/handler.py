@@ -77,6 +77,7 @@ class Spec:
     group: cgroups.Group | None = None
     limits: cgroups.Limits | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    data_dir: Path | None = None  # kept between commands (OUTPOST_EXT_DATA_DIR)
     # Per-machine credentials the manifest asks for ({"backup": {...}}): on stdin only.
     credentials: dict[str, Any] = field(default_factory=dict, repr=False)
     params: dict[str, Any] | None = None  # an operation's parameters, on stdin as "params"
@@ -107,6 +108,8 @@ def environment(spec: Spec) -> dict[str, str]:
            "OUTPOST_EXT_STATUS_DIR": str(spec.status_dir),
            "OUTPOST_EXT_LOG_DIR": str(spec.log_dir),
            "OUTPOST_AGENT_PYTHON": sys.executable}
+    if spec.data_dir is not None:
+        env["OUTPOST_EXT_DATA_DIR"] = str(spec.data_dir)
     env.update(spec.extra_env)
     return env
 

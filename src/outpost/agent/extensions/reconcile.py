@@ -714,6 +714,7 @@ class Reconciler:
                 config_dir=self.runtime.config_dir(rec.name),
                 status_dir=self.runtime.status_dir(rec.name),
                 log_dir=self.runtime.log_dir(rec.name),
+                data_dir=self.runtime.data_dir(rec.name),
                 output=ExtensionLog(log_dir(self.runtime.state_root) / f"{rec.name}.log",
                                     self.log_max_bytes,
                                     secret_values([protected or {}, secrets_of(credentials)])),

@@ -7,6 +7,8 @@ The tree (``Runtime.root``) holds, per extension ``NAME``::
                     written by the agent, readable by the commands' user
     NAME/status/    <seq>.status, written by the commands (OUTPOST_EXT_STATUS_DIR)
     NAME/logs/      the extension's own files of logs (OUTPOST_EXT_LOG_DIR)
+    NAME/data/      what the extension keeps between its commands and across its versions
+                    until it is uninstalled (OUTPOST_EXT_DATA_DIR): a cache, say
 
 An agent that is not root runs the commands as its own user and keeps the tree in
 ``<state>/extensions/``. A root agent runs them as the unprivileged system user
@@ -14,8 +16,8 @@ An agent that is not root runs the commands as its own user and keeps the tree i
 goal names a user (``run_as``, the operator's choice); that user must reach the tree, and the
 state directory is the agent's alone (0700), so the tree is then a directory beside it,
 ``<state>-extensions/`` (root's, 0711: passable, not listable), or, when the state
-directory's parent is itself private, ``/var/lib/outpost-extensions-HASH/``. The status and
-logs directories belong to the user the commands run as (0700).
+directory's parent is itself private, ``/var/lib/outpost-extensions-HASH/``. The status, logs
+and data directories belong to the user the commands run as (0700).
 
 Each extension has a control group of its own, ``ext-NAME`` beside the job slots' groups
 (cgroups.py, v1 and v2), with the manifest's limits or the agent's defaults
@@ -138,6 +140,9 @@ class Runtime:
     def log_dir(self, name: str) -> Path:
         return self.root / name / "logs"
 
+    def data_dir(self, name: str) -> Path:
+        return self.root / name / "data"
+
     def versions(self, name: str) -> list[str]:
         """The version directories on disk."""
         home = self.root / name
@@ -157,7 +162,7 @@ class Runtime:
             # by that user's group.
             os.chown(config, 0, identity[1])
             os.chmod(config, 0o750)
-        for path in (self.status_dir(name), self.log_dir(name)):
+        for path in (self.status_dir(name), self.log_dir(name), self.data_dir(name)):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
             if identity is not None and self.privileged:
                 _chown_tree(path, identity)

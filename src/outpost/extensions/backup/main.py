@@ -153,7 +153,7 @@ class Restic:
         opened = transport.connection(
             self.transport, str(cred["hub"]), machine_id, str(ca_file), token,
             [sys.executable, "-m", "outpost.backup.bridge"])
-        self.base = [self.program, *opened.args, "--cache-dir", str(workdir / "cache")]
+        self.base = [self.program, *opened.args, *cache_args(workdir)]
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                     "HOME": str(workdir), "RESTIC_PASSWORD": password, **opened.env}
         ctx.secrets += [str(cred["token"]), token, password]
@@ -177,6 +177,19 @@ class Restic:
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, check=False)
         return proc.returncode == 0
+
+
+def cache_args(workdir: Path) -> list[str]:
+    """restic's cache: in the extension's data directory, which the agent keeps between
+    commands (``$OUTPOST_EXT_DATA_DIR``), so a snapshot reads the repository's index and its
+    last snapshot's trees from the machine's disk rather than fetching them all from the hub
+    again. restic keeps one cache per repository in it (another machine's, for a restore
+    from it, too) and, with ``--cleanup-cache``, removes those unused for 30 days. In the
+    command's temporary directory when there is none (an older agent)."""
+    kept = os.environ.get("OUTPOST_EXT_DATA_DIR")
+    if kept and os.path.isdir(kept) and os.access(kept, os.W_OK | os.X_OK):
+        return ["--cache-dir", str(Path(kept) / "restic-cache"), "--cleanup-cache"]
+    return ["--cache-dir", str(workdir / "cache")]
 
 
 @contextmanager
