@@ -314,4 +314,11 @@ def test_healthz_answers_while_a_large_report_is_stored(edge_hub: Hub, tmp_path:
           f"{statistics.median(during) * 1000:.1f} ms, worst {worst:.1f} ms (idle: median "
           f"{statistics.median(idle) * 1000:.1f} ms, worst {max(idle) * 1000:.1f} ms)")
     assert len(during) >= 3, during
-    assert worst < 150, f"/healthz took {worst:.0f} ms while the report was stored"
+    # The store gives the loop back between its pieces: no /healthz waits for more than a
+    # fraction of it. 150 ms on a quiet machine (about 70 ms measured, the store 0.3 s);
+    # on a loaded one everything stretches alike (0.88 s and 171 ms in a full parallel run),
+    # so the bound is 40 % of the store's own time when that is longer. A store that held
+    # the loop in one piece would keep /healthz waiting for nearly all of it.
+    limit = max(150.0, 0.4 * (ended - started) * 1000)
+    assert worst < limit, (f"/healthz took {worst:.0f} ms while the report was stored "
+                           f"(in {ended - started:.2f} s; the bound {limit:.0f} ms)")
